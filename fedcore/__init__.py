@@ -1,0 +1,71 @@
+"""fedcore: privacy-preserving cross-silo federated learning.
+
+The coordinator lives in :mod:`fedcore.server`, the worker runtime in :mod:`fedcore.worker`;
+this package holds what both share: plans, strategies, models, the tensor codec and errors.
+"""
+
+from __future__ import annotations
+
+from fedcore.errors import (
+    ConfigError,
+    DataError,
+    FedcoreError,
+    ModelError,
+    ModelMismatchError,
+    PayloadError,
+    ProtocolError,
+    RejectedError,
+    RoundFailedError,
+    VersionMismatchError,
+)
+from fedcore.models import available_models, build_model, get_weights, register_model, set_weights
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.protocol import PROTOCOL_VERSION
+from fedcore.strategy import (
+    EvaluateResult,
+    Failure,
+    FedAvg,
+    FitInstruction,
+    FitResult,
+    Strategy,
+    UpdateAggregator,
+    WeightedMeanAggregator,
+    WorkerInfo,
+)
+from fedcore.weights import ModelSignature, TensorSignature, Weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ConfigError",
+    "DataError",
+    "EvaluateResult",
+    "Failure",
+    "FedAvg",
+    "FedcoreError",
+    "FitInstruction",
+    "FitResult",
+    "ModelError",
+    "ModelMismatchError",
+    "ModelSignature",
+    "ModelSpec",
+    "PayloadError",
+    "ProtocolError",
+    "RejectedError",
+    "RoundFailedError",
+    "Strategy",
+    "TensorSignature",
+    "TrainConfig",
+    "UpdateAggregator",
+    "VersionMismatchError",
+    "WeightedMeanAggregator",
+    "Weights",
+    "WorkerInfo",
+    "__version__",
+    "available_models",
+    "build_model",
+    "get_weights",
+    "register_model",
+    "set_weights",
+]

@@ -1,0 +1,99 @@
+"""Shared command-line plumbing: TOML config files, logging set-up, error exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+__all__ = ["add_common_flags", "configure_logging", "parse_args_with_config"]
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--log-level``, ``--quiet`` and ``--log-json`` for every command."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="read settings from a TOML file: keys are the long flag names (dashes or "
+        "underscores); flags given on the command line win",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default: %(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="only log warnings and errors")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+
+
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` become defaults that flags override."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    try:
+        with args.config.open("rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {args.config}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {args.config} is not valid TOML: {exc}") from None
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        action = known.get(dest)
+        if action is None:
+            raise ConfigError(
+                f"config file {args.config}: unknown setting {key!r}; "
+                f"known settings: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+            )
+        if action.type is not None and not isinstance(value, bool | list | dict):
+            try:
+                value = action.type(value)  # type: ignore[operator]
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config file {args.config}: bad value for {key!r}: {exc}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"config file {args.config}: {key!r} must be one of {list(action.choices)}")
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(args: argparse.Namespace, prefix: str) -> None:
+    """Log to stderr at the level the flags ask for."""
+    level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("fedcore").setLevel(level)

@@ -1,0 +1,273 @@
+"""Tensor payloads on the wire: typed raw little-endian bytes, cut into chunks.
+
+Sending: :func:`make_header` describes the weights, :func:`iter_chunks` yields their bytes in
+``chunk_bytes`` pieces without ever concatenating the whole model.
+
+Receiving: :class:`PayloadAssembler` checks a header *before* allocating anything (names,
+dtypes, shapes, declared sizes against the limit and, when known, against the expected model
+signature), then accepts chunks strictly in order and with exact sizes, and finally hands out
+zero-copy array views after checking that every float is finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from fedcore.errors import PayloadError
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import (
+    ModelSignature,
+    TensorSignature,
+    Weights,
+    check_signature,
+    signature_of,
+)
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "MAX_TENSORS",
+    "PayloadAssembler",
+    "header_signature",
+    "iter_chunks",
+    "make_header",
+    "num_chunks",
+    "signature_specs",
+]
+
+MAX_TENSORS = 100_000
+MAX_NAME_LENGTH = 512
+MAX_DIMS = 16
+
+# Little-endian numpy dtypes by wire code. bfloat16 has a wire code for forward compatibility
+# but no numpy type; it is refused with a clear message.
+_WIRE_TO_DTYPE: dict[int, np.dtype[np.generic]] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT16: np.dtype("<i2"),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+}
+_NAME_TO_WIRE: dict[str, int] = {dt.name: code for code, dt in _WIRE_TO_DTYPE.items()}
+
+
+def _wire_dtype(dtype: np.dtype[np.generic], name: str) -> int:
+    try:
+        return _NAME_TO_WIRE[dtype.name]
+    except KeyError:
+        raise PayloadError(
+            f"tensor {name!r} has dtype {dtype.name}, which fedcore cannot send; "
+            f"cast it to one of {sorted(_NAME_TO_WIRE)}"
+        ) from None
+
+
+def num_chunks(total: int, chunk_bytes: int) -> int:
+    """How many chunks a payload of ``total`` bytes is cut into."""
+    return math.ceil(total / chunk_bytes) if total else 0
+
+
+def signature_specs(signature: ModelSignature) -> list[pb.TensorSpec]:
+    """A model signature as wire TensorSpecs."""
+    return [
+        pb.TensorSpec(name=t.name, dtype=_wire_dtype(np.dtype(t.dtype), t.name), shape=t.shape)
+        for t in signature
+    ]
+
+
+def make_header(weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int) -> pb.PayloadHeader:
+    """Describe ``weights`` for the wire."""
+    if chunk_bytes <= 0:
+        raise PayloadError(f"chunk size must be positive, got {chunk_bytes}")
+    signature = signature_of(weights)
+    return pb.PayloadHeader(
+        tensors=signature_specs(signature),
+        total_bytes=sum(a.nbytes for a in weights.values()),
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def header_signature(header: pb.PayloadHeader) -> ModelSignature:
+    """The model signature a header declares (no validation; see PayloadAssembler)."""
+    return tuple(
+        TensorSignature(t.name, _WIRE_TO_DTYPE[t.dtype].name, tuple(t.shape)) for t in header.tensors
+    )
+
+
+def _le_bytes(array: npt.NDArray[np.generic]) -> memoryview:
+    """A flat byte view of ``array`` in little-endian order (copies only if it must)."""
+    le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return memoryview(le.reshape(-1).view(np.uint8))
+
+
+def iter_chunks(weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int) -> Iterator[bytes]:
+    """Yield the payload bytes of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter).
+
+    A piece inside one tensor costs one copy; a piece spanning tensors is joined.
+    """
+    pending: list[memoryview] = []
+    pending_len = 0
+    for array in weights.values():
+        view = _le_bytes(array)
+        offset = 0
+        while offset < len(view):
+            take = min(chunk_bytes - pending_len, len(view) - offset)
+            piece = view[offset : offset + take]
+            offset += take
+            if pending_len == 0 and take == chunk_bytes:
+                yield bytes(piece)
+                continue
+            pending.append(piece)
+            pending_len += take
+            if pending_len == chunk_bytes:
+                yield b"".join(pending)
+                pending, pending_len = [], 0
+    if pending_len:
+        yield b"".join(pending)
+
+
+class PayloadAssembler:
+    """Rebuilds a chunked payload, validating everything it is given.
+
+    Args:
+        header: the header announcing the payload.
+        max_bytes: the largest payload accepted; checked before any allocation.
+        max_chunk_bytes: the largest chunk accepted (the gRPC message limit bounds it too).
+        expected: when given, the payload must have exactly this signature.
+        what: words naming the payload in error messages ("update from worker 'a'").
+    """
+
+    def __init__(
+        self,
+        header: pb.PayloadHeader,
+        *,
+        max_bytes: int,
+        max_chunk_bytes: int,
+        expected: ModelSignature | None = None,
+        what: str = "payload",
+    ) -> None:
+        self._what = what
+        self.signature = self._validate_header(header, max_bytes, max_chunk_bytes)
+        if expected is not None:
+            check_signature(expected, self.signature, context=f"{what} does not fit the model")
+        self.total_bytes = header.total_bytes
+        self.chunk_bytes = header.chunk_bytes
+        self.expected_chunks = num_chunks(self.total_bytes, self.chunk_bytes)
+        self.received_chunks = 0
+        # Allocated only now that the size is known to be honest and within the limit.
+        self._buffer = np.empty(self.total_bytes, dtype=np.uint8)
+
+    @property
+    def complete(self) -> bool:
+        return self.received_chunks == self.expected_chunks
+
+    def _validate_header(
+        self, header: pb.PayloadHeader, max_bytes: int, max_chunk_bytes: int
+    ) -> ModelSignature:
+        what = self._what
+        if len(header.tensors) > MAX_TENSORS:
+            raise PayloadError(f"{what} declares {len(header.tensors)} tensors (limit {MAX_TENSORS})")
+        if header.total_bytes > max_bytes:
+            raise PayloadError(
+                f"{what} declares {header.total_bytes} bytes, above the limit of {max_bytes}; "
+                "raise --max-model-bytes if this model is meant to be this large"
+            )
+        if not 0 < header.chunk_bytes <= max_chunk_bytes:
+            raise PayloadError(
+                f"{what} declares chunks of {header.chunk_bytes} bytes; "
+                f"accepted: 1..{max_chunk_bytes}"
+            )
+        seen: set[str] = set()
+        specs: list[TensorSignature] = []
+        computed = 0
+        for t in header.tensors:
+            if not t.name or len(t.name) > MAX_NAME_LENGTH:
+                raise PayloadError(f"{what} has a tensor name that is empty or too long")
+            if t.name in seen:
+                raise PayloadError(f"{what} names tensor {t.name!r} twice")
+            seen.add(t.name)
+            dtype = _WIRE_TO_DTYPE.get(t.dtype)
+            if dtype is None:
+                raise PayloadError(f"{what}: tensor {t.name!r} has unsupported dtype code {t.dtype}")
+            if len(t.shape) > MAX_DIMS:
+                raise PayloadError(f"{what}: tensor {t.name!r} has {len(t.shape)} dimensions")
+            elements = 1
+            for d in t.shape:
+                elements *= d
+                # Python ints do not overflow; stop early so a lying shape costs nothing.
+                if elements * dtype.itemsize > max_bytes:
+                    raise PayloadError(f"{what}: tensor {t.name!r} is larger than the limit")
+            computed += elements * dtype.itemsize
+            specs.append(TensorSignature(t.name, dtype.name, tuple(int(d) for d in t.shape)))
+        if computed != header.total_bytes:
+            raise PayloadError(
+                f"{what} declares {header.total_bytes} bytes but its tensors need {computed}"
+            )
+        return tuple(specs)
+
+    def add(self, chunk: pb.PayloadChunk) -> bool:
+        """Accept the next chunk; return True once the payload is complete."""
+        if self.complete:
+            raise PayloadError(f"{self._what}: chunk {chunk.index} arrived after the last one")
+        if chunk.index != self.received_chunks:
+            raise PayloadError(
+                f"{self._what}: chunk {chunk.index} arrived, expected chunk {self.received_chunks}"
+            )
+        start = chunk.index * self.chunk_bytes
+        size = min(self.chunk_bytes, self.total_bytes - start)
+        if len(chunk.data) != size:
+            raise PayloadError(
+                f"{self._what}: chunk {chunk.index} has {len(chunk.data)} bytes, expected {size}"
+            )
+        self._buffer[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self.received_chunks += 1
+        return self.complete
+
+    def weights(self, *, require_finite: bool = True) -> Weights:
+        """The received tensors (views of one buffer); checks finiteness of floats."""
+        if not self.complete:
+            raise PayloadError(
+                f"{self._what} is incomplete: {self.received_chunks} of "
+                f"{self.expected_chunks} chunks arrived"
+            )
+        out: Weights = {}
+        offset = 0
+        for spec in self.signature:
+            dtype = np.dtype(spec.dtype).newbyteorder("<")
+            count = spec.num_elements
+            array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=offset)
+            offset += count * dtype.itemsize
+            if require_finite and dtype.kind == "f" and not _all_finite(array):
+                raise PayloadError(f"{self._what}: tensor {spec.name!r} contains NaN or Inf")
+            out[spec.name] = array.reshape(spec.shape)
+        return out
+
+
+def _all_finite(array: npt.NDArray[np.generic], block: int = 1 << 20) -> bool:
+    # Blockwise so the temporary boolean mask stays small for huge tensors.
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, block):
+        if not np.isfinite(flat[start : start + block]).all():
+            return False
+    return True
+
+
+def weights_from_header_and_chunks(
+    header: pb.PayloadHeader, chunks: list[bytes], *, max_bytes: int
+) -> Weights:
+    """Decode a payload already held in memory (tests and in-process tools)."""
+    assembler = PayloadAssembler(header, max_bytes=max_bytes, max_chunk_bytes=max(header.chunk_bytes, 1))
+    for i, data in enumerate(chunks):
+        assembler.add(pb.PayloadChunk(index=i, data=data))
+    return assembler.weights()
+
+
+def writable_copy(weights: Weights) -> Weights:
+    """Own, writable copies of possibly read-only views."""
+    return {name: np.array(a, copy=True) for name, a in weights.items()}

@@ -1,0 +1,73 @@
+"""The one exception tree of fedcore.
+
+Every error fedcore raises on purpose derives from :class:`FedcoreError`, so a caller can
+catch them all at once, or pick the branch it can act on::
+
+    FedcoreError
+    ├── ConfigError            a flag, config file or option is wrong (fix the command line)
+    ├── DataError              a dataset or shard cannot be read or fails its checksum
+    ├── ModelError             a model cannot be built, or two sides disagree on its shape
+    │   └── ModelMismatchError parameter names, shapes or dtypes differ between two sides
+    ├── ProtocolError          a peer sent something that breaks the fedcore v1 protocol
+    │   ├── VersionMismatchError   the peer speaks another protocol version
+    │   └── PayloadError           a tensor payload is malformed, oversized or not finite
+    ├── RejectedError          the coordinator refused this worker (the reason says why)
+    └── RoundFailedError       a round could not gather enough results, even after retries
+
+Messages say what went wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FedcoreError",
+    "ModelError",
+    "ModelMismatchError",
+    "PayloadError",
+    "ProtocolError",
+    "RejectedError",
+    "RoundFailedError",
+    "VersionMismatchError",
+]
+
+
+class FedcoreError(Exception):
+    """Base class of every error raised by fedcore on purpose."""
+
+
+class ConfigError(FedcoreError):
+    """A command-line flag, config file entry or API option is invalid."""
+
+
+class DataError(FedcoreError):
+    """A dataset or shard is missing, unreadable, or fails its checksum."""
+
+
+class ModelError(FedcoreError):
+    """A model cannot be resolved or built."""
+
+
+class ModelMismatchError(ModelError):
+    """Two sides disagree on the model's parameter names, shapes or dtypes."""
+
+
+class ProtocolError(FedcoreError):
+    """A peer sent a message that breaks the fedcore v1 protocol."""
+
+
+class VersionMismatchError(ProtocolError):
+    """The peer speaks an incompatible protocol version."""
+
+
+class PayloadError(ProtocolError):
+    """A tensor payload is malformed, oversized, or holds NaN/Inf values."""
+
+
+class RejectedError(FedcoreError):
+    """The coordinator refused this worker; the message carries its reason."""
+
+
+class RoundFailedError(FedcoreError):
+    """A round could not gather enough valid results, even after its retries."""

@@ -1,0 +1,189 @@
+"""The model registry: models are named, never shipped as code.
+
+Both sides build a model from a :class:`~fedcore.plan.ModelSpec`: a registered name such as
+``"mnist-cnn"`` or an import path ``"package.module:factory"`` for a user's own model, plus
+JSON hyper-parameters passed to the factory as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedcore.errors import ModelError
+from fedcore.plan import ModelSpec
+from fedcore.weights import Weights, check_signature, signature_of
+
+__all__ = [
+    "LogisticRegression",
+    "MnistCNN",
+    "MnistMLP",
+    "ParameterVector",
+    "available_models",
+    "build_model",
+    "get_weights",
+    "register_model",
+    "set_weights",
+]
+
+ModelFactory = Callable[..., nn.Module]
+F = TypeVar("F", bound=ModelFactory)
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Decorator registering a model factory under ``name``."""
+
+    def decorate(factory: F) -> F:
+        if name in _REGISTRY:
+            raise ModelError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    """Names of the registered models."""
+    return sorted(_REGISTRY)
+
+
+def _resolve(name: str) -> ModelFactory:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        raise ModelError(
+            f"unknown model {name!r}; registered models: {', '.join(available_models())}; "
+            "or give an import path such as 'mypackage.models:make_model'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{name!r}: module {module_name!r} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
+    """Instantiate ``spec``; with ``seed``, initial weights are deterministic."""
+    factory = _resolve(spec.name)
+    try:
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = factory(**spec.params)
+        else:
+            model = factory(**spec.params)
+    except TypeError as exc:
+        raise ModelError(f"model {spec}: bad hyper-parameters: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory for {spec.name!r} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def get_weights(model: nn.Module) -> Weights:
+    """The model's state as numpy arrays (copies, on the CPU), in state_dict order."""
+    return {
+        name: tensor.detach().to("cpu", copy=True).contiguous().numpy()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def set_weights(model: nn.Module, weights: Weights) -> None:
+    """Load ``weights`` into ``model`` after checking names, shapes and dtypes."""
+    current = model.state_dict()
+    check_signature(
+        signature_of({k: v.detach().cpu().numpy() for k, v in current.items()}),
+        signature_of(weights),
+        context="received weights do not fit the local model",
+    )
+    with torch.no_grad():
+        for name, tensor in current.items():
+            tensor.copy_(torch.from_numpy(np.asarray(weights[name])))
+
+
+# ------------------------------------------------------------------ built-in models
+
+
+class MnistCNN(nn.Module):
+    """The CNN of McMahan et al. 2017 ("Communication-Efficient Learning..."): 1,663,370 params.
+
+    conv5x5(32) -> maxpool -> conv5x5(64) -> maxpool -> fc(512) -> fc(10), ReLU activations.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(7 * 7 * 64, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)  # type: ignore[no-any-return]
+
+
+class MnistMLP(nn.Module):
+    """The 2NN of McMahan et al. 2017: 784-200-200-10 with ReLU (199,210 params)."""
+
+    def __init__(self, hidden: int = 200, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))  # type: ignore[no-any-return]
+
+
+class ParameterVector(nn.Module):
+    """A flat vector of ``size`` float32 parameters and no computation: for protocol benchmarks."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        super().__init__()
+        if size < 1:
+            raise ModelError(f"vector size must be positive, got {size}")
+        self.weight = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _register_builtins() -> None:
+    builtins: dict[str, Callable[..., Any]] = {
+        "mnist-cnn": MnistCNN,
+        "mnist-mlp": MnistMLP,
+        "logreg": LogisticRegression,
+        "vector": ParameterVector,
+    }
+    for name, factory in builtins.items():
+        register_model(name)(factory)
+
+
+_register_builtins()

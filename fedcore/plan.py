@@ -1,0 +1,93 @@
+"""Plans: what a worker is asked to run (model spec and training config), as plain dataclasses.
+
+These mirror the protobuf messages so that strategies and trainers never touch protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcore.errors import ConfigError
+from fedcore.v1 import fedcore_pb2 as pb
+
+__all__ = ["ModelSpec", "TrainConfig"]
+
+_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model name (or ``package.module:factory``) and its hyper-parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_proto(self) -> pb.ModelSpec:
+        return pb.ModelSpec(name=self.name, params_json=json.dumps(self.params, sort_keys=True))
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelSpec) -> ModelSpec:
+        try:
+            params = json.loads(msg.params_json) if msg.params_json else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model {msg.name!r} has malformed params_json: {exc}") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"model {msg.name!r}: params_json must be a JSON object")
+        return cls(msg.name, params)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings sent with every fit task."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+
+    def to_proto(self) -> pb.TrainConfig:
+        return pb.TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            extra=self.extra,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.TrainConfig) -> TrainConfig:
+        return cls(
+            epochs=msg.epochs,
+            batch_size=msg.batch_size,
+            optimizer=msg.optimizer,
+            learning_rate=msg.learning_rate,
+            momentum=msg.momentum,
+            weight_decay=msg.weight_decay,
+            seed=msg.seed,
+            extra=dict(msg.extra),
+        )

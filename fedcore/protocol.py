@@ -1,0 +1,48 @@
+"""Constants of the fedcore v1 protocol and the (de)serializers both sides register.
+
+The coordinator serializes the global weights' chunk messages *once* per round and writes the
+same bytes to every worker, so its serializer passes ``bytes`` through untouched.
+"""
+
+from __future__ import annotations
+
+from fedcore.v1 import fedcore_pb2 as pb
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_MODEL_BYTES",
+    "JOIN_METHOD",
+    "MESSAGE_OVERHEAD_BYTES",
+    "PROTOCOL_VERSION",
+    "max_message_bytes",
+    "serialize_coordinator_message",
+    "serialize_worker_message",
+]
+
+PROTOCOL_VERSION = 1
+JOIN_METHOD = "/fedcore.v1.Coordinator/Join"
+SERVICE_NAME = "fedcore.v1.Coordinator"
+
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_MODEL_BYTES = 4 * 1024**3
+# Room for everything in a message besides a chunk's data (headers, specs of many tensors).
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+
+
+def max_message_bytes(chunk_bytes: int) -> int:
+    """The gRPC message size limit that fits one chunk plus its envelope."""
+    return chunk_bytes + MESSAGE_OVERHEAD_BYTES
+
+
+def serialize_coordinator_message(message: pb.CoordinatorMessage | bytes) -> bytes:
+    """Serialize a message, or pass through one that is already serialized."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+def serialize_worker_message(message: pb.WorkerMessage | bytes) -> bytes:
+    """Serialize a message, or pass through one that is already serialized."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()

@@ -1,0 +1,8 @@
+"""fedcore's coordinator (``fedcore.server``): orchestrates rounds, never trains."""
+
+from __future__ import annotations
+
+from .config import ServerConfig
+from .coordinator import Coordinator, FederationResult
+
+__all__ = ["Coordinator", "FederationResult", "ServerConfig"]

@@ -1,0 +1,149 @@
+"""``fed-server``: run a federation's coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.errors import ConfigError, FedcoreError
+from fedcore.models import available_models
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+
+from .config import ServerConfig
+from .coordinator import Coordinator
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("fedcore.server")
+
+_DESCRIPTION = """\
+Run a fedcore coordinator. It waits for --min-workers workers (started with fed-worker
+--server HOST:PORT), runs --rounds rounds of federated training of --model, and tells the
+workers to shut down when done. Prints "listening on HOST:PORT" once ready.
+"""
+
+_EPILOG = """\
+examples:
+  fed-server --listen 127.0.0.1:50051 --min-workers 3 --rounds 3 --eval-data shards/test.npz
+  fed-server --config federation.toml --metrics-out metrics.jsonl --save-model model.safetensors
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fed-server",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("federation")
+    g.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on; port 0 picks a free port (default: %(default)s)")
+    g.add_argument("--model", default="mnist-cnn", help=f"model to train: {', '.join(available_models())}, or package.module:factory (default: %(default)s)")
+    g.add_argument("--model-params", default="{}", metavar="JSON", help="model hyper-parameters as a JSON object, e.g. '{\"hidden\": 100}'")
+    g.add_argument("--rounds", type=int, default=3, help="training rounds (default: %(default)s)")
+    g.add_argument("--min-workers", type=int, default=2, help="workers needed to start, and valid results needed for a round to count (default: %(default)s)")
+    g.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial model and of local shuffling (default: %(default)s)")
+    t = p.add_argument_group("local training (sent to workers in every plan)")
+    t.add_argument("--epochs", type=int, default=1, help="local epochs per round (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=0.05, help="learning rate (default: %(default)s)")
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--eval-data", type=Path, help="test set for centralized evaluation (.npz with x, y, or an IDX directory)")
+    e.add_argument("--fed-eval-every", type=int, help="federated evaluation on the workers every N rounds (0 = never; default: every round without --eval-data, else never)")
+    e.add_argument("--metrics-out", type=Path, help="write one JSON object per round to this file")
+    e.add_argument("--save-model", type=Path, help="write the final global weights here (safetensors)")
+    e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
+    e.add_argument("--device", default="cpu", help="device for centralized evaluation (default: %(default)s)")
+    r = p.add_argument_group("timeouts and limits")
+    r.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results (default: %(default)s)")
+    r.add_argument("--round-retries", type=int, default=3, help="retries of a round with too few results (default: %(default)s)")
+    r.add_argument("--join-timeout", type=float, help="seconds to wait for --min-workers before round 1 (default: forever)")
+    r.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats (default: %(default)s)")
+    r.add_argument("--heartbeat-timeout", type=float, default=60.0, help="drop a worker silent this long (default: %(default)s)")
+    r.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds a new stream has to send its hello (default: %(default)s)")
+    r.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload chunk size; bounds every gRPC message (default: %(default)s)")
+    r.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, help="largest model or update accepted (default: %(default)s)")
+    r.add_argument("--max-workers", type=int, default=1000, help="most workers connected at once (default: %(default)s)")
+    r.add_argument("--upload-slots", type=int, default=1, help="updates staged in memory at once besides the running sum (default: %(default)s)")
+    add_common_flags(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    try:
+        params = json.loads(args.model_params)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise ConfigError("--model-params must be a JSON object")
+    return ServerConfig(
+        model=ModelSpec(args.model, params),
+        listen=args.listen,
+        rounds=args.rounds,
+        min_workers=args.min_workers,
+        round_timeout=args.round_timeout,
+        round_retries=args.round_retries,
+        join_timeout=args.join_timeout,
+        strategy=args.strategy,
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            learning_rate=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+        ),
+        seed=args.seed,
+        eval_data=args.eval_data,
+        fed_eval_every=args.fed_eval_every,
+        metrics_out=args.metrics_out,
+        save_model=args.save_model,
+        chunk_bytes=args.chunk_bytes,
+        max_model_bytes=args.max_model_bytes,
+        max_workers=args.max_workers,
+        upload_slots=args.upload_slots,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        handshake_timeout=args.handshake_timeout,
+        threads=args.threads,
+        device=args.device,
+    )
+
+
+async def _serve(config: ServerConfig) -> None:
+    coordinator = Coordinator(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, coordinator.stop)
+    await coordinator.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_args_with_config(parser, argv)
+        configure_logging(args, "fed-server")
+        asyncio.run(_serve(config_from_args(args)))
+    except FedcoreError as exc:
+        print(f"fed-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

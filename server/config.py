@@ -1,0 +1,69 @@
+"""The coordinator's settings, as one dataclass shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcore.errors import ConfigError
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fed-server`` can be told; see ``fed-server --help`` for each field."""
+
+    model: ModelSpec = field(default_factory=lambda: ModelSpec("mnist-cnn"))
+    listen: str = "127.0.0.1:50051"
+    rounds: int = 3
+    min_workers: int = 2
+    round_timeout: float = 600.0
+    round_retries: int = 3
+    join_timeout: float | None = None
+    strategy: str = "fedavg"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    eval_data: Path | None = None
+    eval_batch_size: int = 1000
+    fed_eval_every: int | None = None
+    metrics_out: Path | None = None
+    save_model: Path | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    max_workers: int = 1000
+    upload_slots: int = 1
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    shutdown_grace: float = 5.0
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.min_workers < 1:
+            raise ConfigError(f"--min-workers must be at least 1, got {self.min_workers}")
+        if self.round_timeout <= 0:
+            raise ConfigError("--round-timeout must be positive")
+        if self.round_retries < 0:
+            raise ConfigError("--round-retries cannot be negative")
+        if not 1024 <= self.chunk_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("--chunk-bytes must be between 1 KiB and 64 MiB")
+        if self.upload_slots < 1:
+            raise ConfigError("--upload-slots must be at least 1")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("--heartbeat-timeout must be longer than the heartbeat interval")
+        if self.max_workers < self.min_workers:
+            raise ConfigError("--max-workers cannot be below --min-workers")
+
+    @property
+    def federated_eval_every(self) -> int:
+        """Federated evaluation period in rounds (0 = never); by default on when there is no
+        centralized test set."""
+        if self.fed_eval_every is not None:
+            return self.fed_eval_every
+        return 0 if self.eval_data is not None else 1

@@ -1,0 +1,280 @@
+"""The coordinator: waits for workers, runs rounds through the strategy's hooks, reports.
+
+A round sends each selected worker a plan (a Task whose weights follow as chunks serialized
+once and shared by every stream), folds valid updates into the running aggregate as they
+arrive, and completes when every worker answered or the round timeout passed. With fewer than
+``min_workers`` results the round is retried (at most ``round_retries`` times); the global
+model only ever changes from a completed round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2
+
+from fedcore.codec import iter_chunks, make_header
+from fedcore.errors import ConfigError, RoundFailedError
+from fedcore.models import build_model, get_weights
+from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights, signature_of
+
+from .config import ServerConfig
+from .evaluation import CentralEvaluator
+from .registry import Ticket, WorkerRegistry, WorkerSession
+from .reporting import MetricsWriter, RoundMetrics, save_weights
+from .rounds import EvaluateCollector, FitCollector, RoundCollector
+from .service import CoordinatorService, start_grpc_server
+
+__all__ = ["Coordinator", "FederationResult"]
+
+log = logging.getLogger("fedcore.server")
+
+
+@dataclass
+class FederationResult:
+    """What a finished federation produced."""
+
+    weights: Weights
+    rounds: list[RoundMetrics]
+
+
+class Coordinator:
+    """Runs a federation; ``await Coordinator(config).run()`` or use ``fed-server``."""
+
+    def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
+        self.config = config
+        self.strategy = strategy or strategy_by_name(config.strategy)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model = build_model(config.model, seed=config.seed)
+        self.weights: Weights = get_weights(model)
+        del model
+        self.signature = signature_of(self.weights)
+        self.registry = WorkerRegistry(config.max_workers)
+        self.service = CoordinatorService(config, self.registry, config.model, self.signature)
+        self.evaluator = (
+            CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
+            if config.eval_data is not None
+            else None
+        )
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """The workers connected now."""
+        return [s.info for s in self.registry.sessions()]
+
+    def stop(self) -> None:
+        """Ask the federation to end after telling workers (safe from signal handlers)."""
+        self._stop.set()
+
+    async def run(self) -> FederationResult:
+        """Serve, run every round, tell workers to shut down, stop serving."""
+        server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+        host = self.config.listen.rsplit(":", 1)[0]
+        print(f"listening on {host}:{self.port}", flush=True)
+        self.ready.set()
+        writer = MetricsWriter(self.config.metrics_out)
+        try:
+            runner = asyncio.create_task(self._run_rounds(writer))
+            stopper = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if runner not in done:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+                log.warning("stopped before the last round; the model of the last completed round is kept")
+            stopper.cancel()
+            if runner in done:
+                runner.result()  # re-raise a failure
+            if self.config.save_model is not None:
+                save_weights(
+                    self.weights,
+                    self.config.save_model,
+                    {"model": str(self.config.model), "rounds": str(len(writer.rows))},
+                )
+                log.info("saved the global model to %s", self.config.save_model)
+            return FederationResult(self.weights, list(writer.rows))
+        finally:
+            writer.close()
+            await self._shutdown(server, health)
+
+    async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
+        self.service.accepting = False
+        with contextlib.suppress(Exception):
+            for name in ("", "fedcore.v1.Coordinator"):
+                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
+        sessions = self.registry.sessions()
+        for s in sessions:
+            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="the federation is over")))
+            s.send(None)
+        if sessions:
+            await asyncio.wait(
+                [asyncio.create_task(s.closed.wait()) for s in sessions],
+                timeout=self.config.shutdown_grace,
+            )
+        await server.stop(self.config.shutdown_grace)
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _run_rounds(self, writer: MetricsWriter) -> None:
+        cfg = self.config
+        log.info(
+            "waiting for %d worker(s) on port %s (model %s, %d rounds)",
+            cfg.min_workers, self.port, cfg.model, cfg.rounds,
+        )
+        if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
+            raise RoundFailedError(
+                f"only {len(self.registry)} of {cfg.min_workers} workers joined within "
+                f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
+            )
+        pending_report: asyncio.Task[None] | None = None
+        for round_number in range(1, cfg.rounds + 1):
+            started = time.perf_counter()
+            sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
+            collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
+            pending_report = None
+            fed_metrics: dict[str, float] = {}
+            every = cfg.federated_eval_every
+            if every and (round_number % every == 0 or round_number == cfg.rounds):
+                fed_metrics = await self._federated_evaluate(round_number)
+            metrics = RoundMetrics(
+                round=round_number,
+                workers=len(collector.results),
+                failures=len(collector.failures),
+                duration_s=0.0,
+                bytes_sent=self.service.counters.bytes_sent - sent0,
+                bytes_received=self.service.counters.bytes_received - recv0,
+                attempts=attempts,
+                train=weighted_metrics(collector.results),
+                federated=fed_metrics,
+            )
+            # Centralized evaluation of this round's model overlaps the next round's training.
+            pending_report = asyncio.create_task(
+                self._report(writer, metrics, self.weights, started)
+            )
+        if pending_report is not None:
+            await pending_report
+
+    async def _report(
+        self, writer: MetricsWriter, metrics: RoundMetrics, weights: Weights, started: float
+    ) -> None:
+        fit_done = time.perf_counter()
+        if self.evaluator is not None:
+            result = await asyncio.to_thread(self.evaluator.evaluate, weights)
+            metrics.accuracy, metrics.loss = result.accuracy, result.loss
+        # A round's duration is its training plus its own evaluation, not the overlap.
+        metrics.duration_s = round(fit_done - started + (time.perf_counter() - fit_done), 3)
+        writer.write(metrics)
+
+    async def _fit_round_with_retries(
+        self, round_number: int, pending_report: asyncio.Task[None] | None
+    ) -> tuple[FitCollector, int]:
+        cfg = self.config
+        for attempt in range(1, cfg.round_retries + 2):
+            if not await self.registry.wait_for_idle(cfg.min_workers, cfg.round_timeout):
+                log.warning("round %d: fewer than %d workers are ready", round_number, cfg.min_workers)
+                if pending_report is not None:
+                    await pending_report
+                    pending_report = None
+                continue
+            collector = self._dispatch_fit(round_number)
+            if pending_report is not None:
+                await pending_report
+                pending_report = None
+            await collector.wait(cfg.round_timeout)
+            for failure in collector.failures:
+                log.warning("round %d: worker %r dropped: %s", round_number, failure.worker.name, failure.reason)
+            if len(collector.results) >= cfg.min_workers:
+                aggregate = collector.aggregator.result()
+                self.weights = self.strategy.aggregate_fit(
+                    round_number, self.weights, aggregate, collector.results, collector.failures
+                )
+                return collector, attempt
+            log.warning(
+                "round %d attempt %d: %d valid result(s), %d needed; the global model is unchanged",
+                round_number, attempt, len(collector.results), cfg.min_workers,
+            )
+        if pending_report is not None:
+            await pending_report
+        raise RoundFailedError(
+            f"round {round_number} failed {cfg.round_retries + 1} times: fewer than "
+            f"{cfg.min_workers} workers delivered valid results; see the warnings above"
+        )
+
+    def _encode_weights(self) -> tuple[pb.PayloadHeader, list[bytes]]:
+        """The global weights as chunk messages, serialized once for all streams."""
+        header = make_header(self.weights, self.config.chunk_bytes)
+        chunks = [
+            pb.CoordinatorMessage(chunk=pb.PayloadChunk(index=i, data=data)).SerializeToString()
+            for i, data in enumerate(iter_chunks(self.weights, self.config.chunk_bytes))
+        ]
+        return header, chunks
+
+    def _issue(
+        self,
+        session: WorkerSession,
+        collector: RoundCollector,
+        task: pb.Task,
+        chunks: Sequence[bytes],
+    ) -> None:
+        task.task_id = uuid.uuid4().hex
+        ticket = Ticket(task.task_id, task.round, task.kind, session, collector=collector)
+        session.assign(ticket)
+        collector.tickets.append(ticket)
+        session.send(pb.CoordinatorMessage(task=task))
+        for chunk in chunks:
+            session.send(chunk)
+
+    def _dispatch_fit(self, round_number: int) -> FitCollector:
+        sessions = {s.worker_id: s for s in self.registry.idle()}
+        instructions = self.strategy.configure_fit(
+            round_number, [s.info for s in sessions.values()], self.config.train
+        )
+        if not instructions:
+            raise ConfigError(f"strategy selected no workers for round {round_number}")
+        header, chunks = self._encode_weights()
+        collector = FitCollector(
+            round_number, self.strategy.start_aggregation(round_number, self.weights), self.weights
+        )
+        model = self.config.model.to_proto()
+        for instruction in instructions:
+            session = sessions.get(instruction.worker.worker_id)
+            if session is None:
+                raise ConfigError(f"strategy selected unknown or busy worker {instruction.worker.name!r}")
+            task = pb.Task(
+                round=round_number,
+                kind=pb.TASK_KIND_FIT,
+                model=model,
+                train=instruction.config.to_proto(),
+                weights=header,
+            )
+            self._issue(session, collector, task, chunks)
+        log.info("round %d: %d worker(s) training", round_number, len(instructions))
+        return collector
+
+    async def _federated_evaluate(self, round_number: int) -> dict[str, float]:
+        idle = {s.worker_id: s for s in self.registry.idle()}
+        chosen = self.strategy.configure_evaluate(round_number, [s.info for s in idle.values()])
+        if not chosen:
+            return {}
+        header, chunks = self._encode_weights()
+        collector = EvaluateCollector(round_number)
+        model = self.config.model.to_proto()
+        for worker in chosen:
+            task = pb.Task(round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=header)
+            self._issue(idle[worker.worker_id], collector, task, chunks)
+        await collector.wait(self.config.round_timeout)
+        return self.strategy.aggregate_evaluate(round_number, collector.results)

@@ -1,0 +1,31 @@
+"""Centralized evaluation of the global model on a test set held by the coordinator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedcore.data import load_shard
+from fedcore.models import build_model, set_weights
+from fedcore.plan import ModelSpec
+from fedcore.training import EvalResult, evaluate
+from fedcore.weights import Weights
+
+__all__ = ["CentralEvaluator"]
+
+
+class CentralEvaluator:
+    """Loads ``--eval-data`` once and evaluates weights on it (thread-safe per call order)."""
+
+    def __init__(self, model: ModelSpec, data: Path, batch_size: int, device: str) -> None:
+        self._dataset = load_shard(data)
+        self._model = build_model(model)
+        self._batch_size = batch_size
+        self._device = device
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._dataset)
+
+    def evaluate(self, weights: Weights) -> EvalResult:
+        set_weights(self._model, weights)
+        return evaluate(self._model, self._dataset, batch_size=self._batch_size, device=self._device)

@@ -1,0 +1,161 @@
+"""What a worker sends, routed and checked: results, payload chunks, errors, heartbeats.
+
+Anything that breaks the protocol raises :class:`~fedcore.errors.ProtocolError`; the stream
+is then ended with a clear status and nothing the worker sent in that upload is aggregated.
+Payloads are staged in an *upload slot* (a semaphore): at most ``upload_slots`` updates are
+held in memory besides the running sum, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from fedcore.codec import PayloadAssembler, num_chunks
+from fedcore.errors import PayloadError, ProtocolError
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import ModelSignature
+
+from .registry import Ticket, WorkerSession
+from .rounds import EvaluateCollector, FitCollector
+
+__all__ = ["Inbox"]
+
+log = logging.getLogger("fedcore.server")
+
+
+@dataclass
+class _Upload:
+    """An update being received: assembled, or skipped when its round already ended."""
+
+    ticket: Ticket
+    result: pb.TaskResult
+    assembler: PayloadAssembler | None  # None: discard the chunks
+    remaining: int
+    next_index: int = 0
+
+
+class Inbox:
+    """Routes one session's incoming messages; one instance per stream."""
+
+    def __init__(
+        self,
+        session: WorkerSession,
+        *,
+        signature: ModelSignature,
+        max_model_bytes: int,
+        chunk_limit: int,
+        upload_slots: asyncio.Semaphore,
+    ) -> None:
+        self.session = session
+        self._signature = signature
+        self._max_model_bytes = max_model_bytes
+        self._chunk_limit = chunk_limit
+        self._slots = upload_slots
+        self._upload: _Upload | None = None
+        self._holding_slot = False
+
+    def release(self) -> None:
+        """Give back the upload slot (stream ended or upload done)."""
+        if self._holding_slot:
+            self._holding_slot = False
+            self._slots.release()
+
+    async def handle(self, message: pb.WorkerMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            return
+        if kind == "chunk":
+            await self._on_chunk(message.chunk)
+            return
+        if self._upload is not None:
+            raise ProtocolError(f"a {kind} message arrived in the middle of an upload")
+        if kind == "result":
+            await self._on_result(message.result)
+        elif kind == "error":
+            self._on_error(message.error)
+        elif kind == "hello":
+            raise ProtocolError("hello sent twice on one stream")
+        else:
+            raise ProtocolError("empty or unknown message")
+
+    def _ticket_for(self, task_id: str) -> Ticket:
+        ticket = self.session.ticket
+        if ticket is None or ticket.task_id != task_id:
+            raise ProtocolError(f"result for task {task_id!r}, which this worker was not given")
+        return ticket
+
+    async def _on_result(self, result: pb.TaskResult) -> None:
+        ticket = self._ticket_for(result.task_id)
+        name = self.session.name
+        if ticket.kind == pb.TASK_KIND_EVALUATE:
+            if result.HasField("update"):
+                raise ProtocolError("an evaluation result must not carry an update")
+            self.session.finish_ticket()
+            if isinstance(ticket.collector, EvaluateCollector) and not ticket.stale:
+                ticket.collector.accept(ticket, self.session.info, result)
+            return
+        if not result.HasField("update"):
+            raise ProtocolError("a training result must carry an update")
+        if result.num_examples < 1:
+            raise ProtocolError("a training result must report at least one example")
+        if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
+            raise ProtocolError("a training result must say whether it sends weights or a delta")
+        header = result.update
+        if ticket.stale:
+            # Its round is over: check the framing only, and drop the chunks as they come.
+            if header.total_bytes > self._max_model_bytes or not 0 < header.chunk_bytes <= self._chunk_limit:
+                raise PayloadError(f"update from worker {name!r} has an invalid header")
+            remaining = num_chunks(header.total_bytes, header.chunk_bytes)
+            self._upload = _Upload(ticket, result, None, remaining)
+        else:
+            await self._slots.acquire()
+            self._holding_slot = True
+            assembler = PayloadAssembler(
+                header,
+                max_bytes=self._max_model_bytes,
+                max_chunk_bytes=self._chunk_limit,
+                expected=self._signature,
+                what=f"update from worker {name!r}",
+            )
+            self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
+        if self._upload.remaining == 0:
+            await self._finish_upload()
+
+    async def _on_chunk(self, chunk: pb.PayloadChunk) -> None:
+        upload = self._upload
+        if upload is None:
+            raise ProtocolError("a payload chunk arrived outside of an upload")
+        if upload.assembler is not None:
+            upload.assembler.add(chunk)
+        elif chunk.index != upload.next_index:
+            raise PayloadError(f"chunk {chunk.index} arrived, expected {upload.next_index}")
+        upload.next_index += 1
+        upload.remaining -= 1
+        if upload.remaining == 0:
+            await self._finish_upload()
+
+    async def _finish_upload(self) -> None:
+        upload, self._upload = self._upload, None
+        assert upload is not None
+        try:
+            self.session.finish_ticket()
+            collector = upload.ticket.collector
+            if upload.assembler is None or not isinstance(collector, FitCollector):
+                return
+            # Validation (finiteness) runs off the event loop; numpy releases the GIL.
+            update = await asyncio.to_thread(upload.assembler.weights)
+            await collector.accept(upload.ticket, upload.result, update)
+        finally:
+            self.release()
+
+    def _on_error(self, error: pb.TaskError) -> None:
+        ticket = self._ticket_for(error.task_id)
+        code = pb.ErrorCode.Name(error.code) if error.code in pb.ErrorCode.values() else "?"
+        log.warning("worker %r could not run its task: %s (%s)", self.session.name, error.message, code)
+        self.session.finish_ticket()
+        if ticket.collector is not None and not ticket.stale:
+            ticket.collector.fail(ticket, f"worker error: {error.message}")
+        if error.code == pb.ERROR_CODE_MODEL_MISMATCH:
+            raise ProtocolError(f"worker cannot run the federation's model: {error.message}")

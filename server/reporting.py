@@ -1,0 +1,91 @@
+"""Per-round metrics: a JSON line each in ``--metrics-out``, a table row on the console, and the
+final model in safetensors format."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from safetensors.numpy import save_file
+
+from fedcore.weights import Weights
+
+__all__ = ["MetricsWriter", "RoundMetrics", "save_weights"]
+
+
+@dataclass
+class RoundMetrics:
+    """Everything recorded about one completed round."""
+
+    round: int
+    workers: int
+    failures: int
+    duration_s: float
+    bytes_sent: int
+    bytes_received: int
+    accuracy: float | None = None
+    loss: float | None = None
+    attempts: int = 1
+    train: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["train"] = {k: _finite(v) for k, v in self.train.items()}
+        row["federated"] = {k: _finite(v) for k, v in self.federated.items()}
+        return row
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+class MetricsWriter:
+    """Writes each round as it completes: JSONL to a file (flushed), a table row to ``out``."""
+
+    _COLUMNS = ("round", "workers", "accuracy", "loss", "train_loss", "time_s", "sent_MB", "recv_MB")
+
+    def __init__(self, path: Path | None, out: IO[str] = sys.stdout) -> None:
+        self._file = path.open("w", encoding="utf-8") if path else None
+        self._out = out
+        self._header_printed = False
+        self.rows: list[RoundMetrics] = []
+
+    def write(self, metrics: RoundMetrics) -> None:
+        self.rows.append(metrics)
+        if self._file is not None:
+            self._file.write(json.dumps(metrics.to_json()) + "\n")
+            self._file.flush()
+        if not self._header_printed:
+            print("".join(f"{c:>11}" for c in self._COLUMNS), file=self._out, flush=True)
+            self._header_printed = True
+        accuracy = metrics.accuracy if metrics.accuracy is not None else metrics.federated.get("accuracy")
+        loss = metrics.loss if metrics.loss is not None else metrics.federated.get("loss")
+        cells = [
+            f"{metrics.round}",
+            f"{metrics.workers}",
+            f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
+            f"{loss:.4f}" if loss is not None else "-",
+            f"{metrics.train['loss']:.4f}" if "loss" in metrics.train else "-",
+            f"{metrics.duration_s:.1f}",
+            f"{metrics.bytes_sent / 1e6:.1f}",
+            f"{metrics.bytes_received / 1e6:.1f}",
+        ]
+        print("".join(f"{c:>11}" for c in cells), file=self._out, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def save_weights(weights: Weights, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write weights in the safetensors format (atomically: temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v for k, v in weights.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)

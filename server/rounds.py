@@ -1,0 +1,92 @@
+"""Collecting one round's results: tickets out, validated results folded in as they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights
+
+from .registry import Ticket
+
+__all__ = ["EvaluateCollector", "FitCollector", "RoundCollector"]
+
+log = logging.getLogger("fedcore.server")
+
+
+@dataclass
+class RoundCollector:
+    """Tracks the tickets of one round until each is resolved or the deadline passes."""
+
+    round_number: int
+    tickets: list[Ticket] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    closed: bool = False
+
+    def fail(self, ticket: Ticket, reason: str) -> None:
+        if not ticket.future.done():
+            self.failures.append(Failure(ticket.session.info, reason))
+            ticket.resolve(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for every ticket, at most ``timeout`` seconds; late ones become failures."""
+        pending = [t.future for t in self.tickets if not t.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self.closed = True
+        for ticket in self.tickets:
+            if not ticket.future.done():
+                ticket.stale = True
+                self.fail(ticket, f"no result within the round timeout of {timeout:g} s")
+            else:
+                outcome = ticket.future.result()
+                if isinstance(outcome, BaseException):
+                    self.failures.append(Failure(ticket.session.info, str(outcome)))
+
+
+class FitCollector(RoundCollector):
+    """Folds each valid update into the strategy's aggregator the moment it arrives."""
+
+    def __init__(
+        self, round_number: int, aggregator: UpdateAggregator, global_weights: Weights
+    ) -> None:
+        super().__init__(round_number)
+        self.aggregator = aggregator
+        self.global_weights = global_weights
+        self.results: list[FitResult] = []
+        self._lock = asyncio.Lock()
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights) -> None:
+        """Aggregate one validated update (called by the inbox, inside an upload slot)."""
+        async with self._lock:
+            if self.closed or ticket.stale or ticket.future.done():
+                log.info("discarding a late update from %r", ticket.session.name)
+                return
+            if result.update_kind == pb.UPDATE_KIND_DELTA:
+                for name, delta in update.items():
+                    np.add(delta, self.global_weights[name], out=delta, casting="unsafe")
+            # numpy releases the GIL: the event loop keeps serving streams meanwhile.
+            await asyncio.to_thread(self.aggregator.add, update, int(result.num_examples))
+            self.results.append(
+                FitResult(ticket.session.info, int(result.num_examples), dict(result.metrics))
+            )
+            ticket.resolve(True)
+
+
+class EvaluateCollector(RoundCollector):
+    """Gathers federated evaluation metrics."""
+
+    def __init__(self, round_number: int) -> None:
+        super().__init__(round_number)
+        self.results: list[EvaluateResult] = []
+
+    def accept(self, ticket: Ticket, worker: WorkerInfo, result: pb.TaskResult) -> None:
+        if self.closed or ticket.future.done():
+            return
+        self.results.append(EvaluateResult(worker, int(result.num_examples), dict(result.metrics)))
+        ticket.resolve(True)

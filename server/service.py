@@ -1,0 +1,257 @@
+"""The gRPC face of the coordinator: the Join stream handler and the server it runs in."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from fedcore.errors import ProtocolError
+from fedcore.plan import ModelSpec
+from fedcore.protocol import (
+    PROTOCOL_VERSION,
+    SERVICE_NAME,
+    max_message_bytes,
+    serialize_coordinator_message,
+)
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import ModelSignature, describe_mismatch
+
+from .config import ServerConfig
+from .inbox import Inbox
+from .registry import WorkerRegistry, WorkerSession
+
+__all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
+
+log = logging.getLogger("fedcore.server")
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class TrafficCounters:
+    """Bytes through all streams since start (messages as serialized on the wire)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class CoordinatorService:
+    """Handles ``Coordinator.Join``: the handshake, then a reader and a writer per stream."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: WorkerRegistry,
+        model: ModelSpec,
+        signature: ModelSignature,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.model = model
+        self.signature = signature
+        self.counters = TrafficCounters()
+        self.accepting = True
+        self._upload_slots = asyncio.Semaphore(config.upload_slots)
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.join,
+            request_deserializer=pb.WorkerMessage.FromString,
+            response_serializer=serialize_coordinator_message,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Join": handler})
+
+    # ------------------------------------------------------------------ handshake
+
+    def _check_hello(self, hello: pb.Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker speaks fedcore protocol v{hello.protocol_version}, this coordinator "
+                f"speaks v{PROTOCOL_VERSION}; install a matching fedcore version on both sides",
+            )
+        if not _NAME_PATTERN.match(hello.name):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"worker name {hello.name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-'",
+            )
+        if not self.accepting:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
+        if len(self.registry) >= self.config.max_workers:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the federation is full ({self.config.max_workers} workers; see --max-workers)",
+            )
+        if self.registry.by_name(hello.name) is not None:
+            raise _Abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"a worker named {hello.name!r} is already connected; names must be unique",
+            )
+        if hello.HasField("model") and hello.model.name and hello.model.name != self.model.name:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {hello.name!r} uses model {hello.model.name}, "
+                f"the federation runs {self.model.name}",
+            )
+        if hello.model_signature:
+            from fedcore.codec import header_signature
+
+            try:
+                theirs = header_signature(pb.PayloadHeader(tensors=hello.model_signature))
+            except KeyError:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "hello has an unknown dtype") from None
+            problem = describe_mismatch(self.signature, theirs)
+            if problem is not None:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"worker {hello.name!r} has a model that does not match the federation's "
+                    f"{self.model}: {problem}",
+                )
+
+    # ------------------------------------------------------------------ stream
+
+    async def join(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """One worker's session, from hello to shutdown."""
+        peer = context.peer()
+        try:
+            first = await asyncio.wait_for(context.read(), self.config.handshake_timeout)
+        except TimeoutError:
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout")
+        if first is grpc.aio.EOF:
+            return
+        if not isinstance(first, pb.WorkerMessage) or first.WhichOneof("body") != "hello":
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
+        hello = first.hello
+        try:
+            self._check_hello(hello)
+        except _Abort as refusal:
+            log.warning("refused worker %r from %s: %s", hello.name, peer, refusal.details)
+            await _abort(context, refusal.code, refusal.details)
+
+        session = self.registry.new_session(hello, peer)
+        welcome = pb.CoordinatorMessage(
+            welcome=pb.Welcome(
+                worker_id=session.worker_id,
+                protocol_version=PROTOCOL_VERSION,
+                heartbeat_interval_s=self.config.heartbeat_interval,
+                max_message_bytes=max_message_bytes(self.config.chunk_bytes),
+                chunk_bytes=self.config.chunk_bytes,
+                model=self.model.to_proto(),
+            )
+        )
+        await context.write(welcome)
+        await self.registry.activate(session)
+        log.info(
+            "worker %r joined from %s with %d examples; %d connected",
+            session.name, peer, session.num_examples, len(self.registry),
+        )
+        inbox = Inbox(
+            session,
+            signature=self.signature,
+            max_model_bytes=self.config.max_model_bytes,
+            chunk_limit=self.config.chunk_bytes,
+            upload_slots=self._upload_slots,
+        )
+        failure: list[_Abort] = []
+        reader = asyncio.create_task(self._read(session, inbox, context, failure))
+        watchdog = asyncio.create_task(self._watch(session))
+        try:
+            while True:
+                item = await session.outbox.get()
+                if item is None:
+                    break
+                size = len(item) if isinstance(item, bytes) else item.ByteSize()
+                await context.write(item)
+                self.counters.bytes_sent += size
+        finally:
+            reader.cancel()
+            watchdog.cancel()
+            inbox.release()
+            await self.registry.remove(session, failure[0].details if failure else "stream ended")
+        if failure:
+            await _abort(context, failure[0].code, failure[0].details)
+
+    async def _read(
+        self,
+        session: WorkerSession,
+        inbox: Inbox,
+        context: grpc.aio.ServicerContext[Any, Any],
+        failure: list[_Abort],
+    ) -> None:
+        reason = "worker closed the stream"
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    break
+                session.last_seen = time.monotonic()
+                self.counters.bytes_received += message.ByteSize()
+                await inbox.handle(message)
+        except ProtocolError as exc:
+            log.warning("worker %r broke the protocol: %s", session.name, exc)
+            failure.append(_Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+            reason = str(exc)
+        except grpc.RpcError:
+            reason = "connection lost"
+        finally:
+            inbox.release()
+            session.close(reason)
+
+    async def _watch(self, session: WorkerSession) -> None:
+        """Close a session whose worker has been silent for longer than the heartbeat timeout."""
+        timeout = self.config.heartbeat_timeout
+        while not session.closed.is_set():
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            if time.monotonic() - session.last_seen > timeout:
+                log.warning("worker %r silent for %.0f s; dropping it", session.name, timeout)
+                session.close("heartbeat timeout")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def start_grpc_server(
+    service: CoordinatorService, listen: str
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
+    """Start a grpc.aio server with the Join service and gRPC health checking; return the
+    server, its health servicer and the bound port."""
+    limit = max_message_bytes(service.config.chunk_bytes)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    server.add_generic_rpc_handlers((service.rpc_handler(),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        from fedcore.errors import ConfigError
+
+        raise ConfigError(f"cannot listen on {listen!r}: address in use or invalid")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health, port

@@ -1,0 +1,114 @@
+"""``fed-worker``: join a federation with a local data shard."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.data import load_shard
+from fedcore.errors import ConfigError, FedcoreError
+from fedcore.plan import ModelSpec
+from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
+
+from .runtime import Worker
+from .trainer import TorchTrainer
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("fedcore.worker")
+
+_DESCRIPTION = """\
+Join a fedcore federation. The worker connects to the coordinator (retrying with backoff
+until it is up), trains the model each round's plan names on the local shard -- the data never
+leaves this machine, only model updates do -- and exits 0 when the coordinator says the
+federation is over.
+"""
+
+_EPILOG = """\
+examples:
+  fed-worker --server 127.0.0.1:50051 --data shards/shard-0.npz --name hospital-a
+  fed-worker --server coord:50051 --data /data/mnist-idx --name lab-b --model mnist-cnn --device cuda
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fed-worker",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--server", required=False, help="the coordinator's HOST:PORT (required)")
+    p.add_argument("--data", type=Path, help="local training shard: .npz with arrays x, y, or an MNIST IDX directory (required)")
+    p.add_argument("--name", default=None, help="this worker's unique name (default: HOSTNAME-PID)")
+    p.add_argument("--eval-data", type=Path, help="local test set for federated evaluation (default: the training shard)")
+    p.add_argument("--model", help="accept only this model (checked when joining)")
+    p.add_argument("--model-params", default="{}", metavar="JSON", help="hyper-parameters of --model as a JSON object")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, help="largest model accepted (default: %(default)s)")
+    p.add_argument("--give-up-after", type=float, default=900.0, help="exit after this many seconds without reaching the coordinator; 0 = never (default: %(default)s)")
+    add_common_flags(p)
+    return p
+
+
+async def _serve(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await worker.run()
+    except asyncio.CancelledError:
+        log.info("stopped by signal")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_args_with_config(parser, argv)
+        configure_logging(args, "fed-worker")
+        if not args.server or not args.data:
+            raise ConfigError("--server and --data are required (see fed-worker --help)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            params = json.loads(args.model_params)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
+        trainer = TorchTrainer(
+            load_shard(args.data),
+            eval_data=load_shard(args.eval_data) if args.eval_data else None,
+            model=ModelSpec(args.model, params) if args.model else None,
+            device=args.device,
+        )
+        name = args.name or f"{socket.gethostname()}-{__import__('os').getpid()}"
+        worker = Worker(
+            args.server,
+            name,
+            trainer,
+            max_model_bytes=args.max_model_bytes,
+            give_up_after=args.give_up_after or None,
+        )
+        asyncio.run(_serve(worker))
+    except FedcoreError as exc:
+        print(f"fed-worker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The worker runtime: connect, say hello, run the plans the coordinator streams, reconnect.
+
+The session is an explicit state machine::
+
+    DISCONNECTED ──▶ CONNECTING ──▶ READY ◀──▶ WORKING
+         ▲               │            │           │
+         └───────────────┴────────────┴───────────┘   (connection lost: back off, retry)
+                                      │
+                                      ▼
+                                  FINISHED          (the coordinator said the federation is over)
+
+Training runs in a thread so heartbeats keep flowing on the same stream. A connection that
+cannot be made, or breaks, is retried with exponential backoff and jitter; a refusal that a
+retry cannot fix (wrong protocol version, wrong model, bad name) ends the worker with
+:class:`~fedcore.errors.RejectedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from fedcore.codec import PayloadAssembler, iter_chunks, make_header, signature_specs
+from fedcore.errors import FedcoreError, ModelMismatchError, PayloadError, RejectedError
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.protocol import (
+    DEFAULT_MAX_MODEL_BYTES,
+    JOIN_METHOD,
+    PROTOCOL_VERSION,
+    max_message_bytes,
+    serialize_worker_message,
+)
+from fedcore.v1 import fedcore_pb2 as pb
+
+from .trainer import Trainer, TrainingFailed
+
+__all__ = ["Worker", "WorkerState"]
+
+log = logging.getLogger("fedcore.worker")
+
+# Refusals a retry cannot fix.
+_PERMANENT = {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+# The largest chunk a coordinator may be configured with, plus envelope.
+_MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class WorkerState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    READY = "ready"
+    WORKING = "working"
+    FINISHED = "finished"
+
+
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.DISCONNECTED: frozenset({WorkerState.CONNECTING}),
+    WorkerState.CONNECTING: frozenset({WorkerState.READY, WorkerState.DISCONNECTED}),
+    WorkerState.READY: frozenset({WorkerState.WORKING, WorkerState.DISCONNECTED, WorkerState.FINISHED}),
+    WorkerState.WORKING: frozenset({WorkerState.READY, WorkerState.DISCONNECTED, WorkerState.FINISHED}),
+    WorkerState.FINISHED: frozenset(),
+}
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    """A plaintext channel with fedcore's message limits."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", _MAX_RECEIVE),
+            ("grpc.max_send_message_length", _MAX_RECEIVE),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ],
+    )
+
+
+class _Disconnected(Exception):
+    """The stream ended without a Shutdown: reconnect."""
+
+
+class Worker:
+    """A federation member. ``await Worker(server, name, trainer).run()`` until shutdown.
+
+    Args:
+        server: the coordinator's ``HOST:PORT``.
+        name: this worker's unique name in the federation.
+        trainer: what runs the plans (see :class:`~fedcore.worker.TorchTrainer`).
+        max_model_bytes: the largest model accepted from the coordinator.
+        backoff_initial / backoff_max: reconnect delays in seconds (exponential, jittered).
+        give_up_after: stop retrying after this many seconds without a session (None: never).
+        channel_factory: makes the gRPC channel (TLS, tests, custom options).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        name: str,
+        trainer: Trainer,
+        *,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 15.0,
+        give_up_after: float | None = 900.0,
+        channel_factory: ChannelFactory = insecure_channel,
+    ) -> None:
+        self.server = server
+        self.name = name
+        self.trainer = trainer
+        self.max_model_bytes = max_model_bytes
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.give_up_after = give_up_after
+        self._channel_factory = channel_factory
+        self.state = WorkerState.DISCONNECTED
+        self.worker_id: str | None = None
+        self.tasks_done = 0
+        self._write_lock = asyncio.Lock()
+
+    def _move(self, new: WorkerState) -> None:
+        if new is not self.state and new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"worker state {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def run(self) -> None:
+        """Serve the federation until the coordinator says it is over."""
+        attempt = 0
+        last_session = time.monotonic()
+        while True:
+            self._move(WorkerState.CONNECTING)
+            try:
+                async with self._channel_factory(self.server) as channel:
+                    finished = await self._session(channel)
+                if finished:
+                    return
+                reason = "the coordinator closed the stream"
+                attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _PERMANENT:
+                    self._move(WorkerState.DISCONNECTED)
+                    raise RejectedError(exc.details() or exc.code().name) from None
+                reason = f"{exc.code().name}: {exc.details()}"
+            except _Disconnected as exc:
+                reason = str(exc)
+            if self.state in (WorkerState.READY, WorkerState.WORKING):
+                last_session = time.monotonic()
+            self._move(WorkerState.DISCONNECTED)
+            if self.give_up_after is not None and time.monotonic() - last_session > self.give_up_after:
+                raise RejectedError(
+                    f"could not reach a coordinator at {self.server} for {self.give_up_after:g} s; "
+                    f"last error: {reason}"
+                )
+            delay = min(self.backoff_max, self.backoff_initial * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt = min(attempt + 1, 30)
+            log.info("not connected (%s); retrying in %.1f s", reason, delay)
+            await asyncio.sleep(delay)
+
+    def _hello(self) -> pb.WorkerMessage:
+        hello = pb.Hello(
+            name=self.name,
+            protocol_version=PROTOCOL_VERSION,
+            num_examples=self.trainer.num_examples,
+            capabilities=["fit", "evaluate"],
+        )
+        announced = self.trainer.announced_model()
+        if announced is not None:
+            spec, signature = announced
+            hello.model.CopyFrom(spec.to_proto())
+            hello.model_signature.extend(signature_specs(signature))
+        return pb.WorkerMessage(hello=hello)
+
+    async def _session(self, channel: grpc.aio.Channel) -> bool:
+        """One stream; True when the federation is over."""
+        call: Any = channel.stream_stream(
+            JOIN_METHOD,
+            request_serializer=serialize_worker_message,
+            response_deserializer=pb.CoordinatorMessage.FromString,
+        )()
+        await call.write(self._hello())
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise _Disconnected("stream closed during the handshake")
+        if first.WhichOneof("body") != "welcome":
+            raise _Disconnected("the coordinator did not answer with a welcome")
+        welcome = first.welcome
+        self.worker_id = welcome.worker_id
+        self._move(WorkerState.READY)
+        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
+        heartbeats = asyncio.create_task(self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1)))
+        jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
+        runner = asyncio.create_task(self._run_jobs(call, jobs))
+        pending: tuple[pb.Task, PayloadAssembler] | None = None
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    raise _Disconnected("the coordinator closed the stream")
+                kind = message.WhichOneof("body")
+                if kind == "shutdown":
+                    log.info("federation over: %s", message.shutdown.reason)
+                    self._move(WorkerState.FINISHED)
+                    return True
+                if kind == "task":
+                    pending = await self._start_task(call, message.task, welcome)
+                    if pending is not None and pending[1].complete:
+                        jobs.put_nowait(pending)
+                        pending = None
+                elif kind == "chunk":
+                    if pending is None:
+                        raise _Disconnected("the coordinator sent a chunk outside of a task")
+                    try:
+                        if pending[1].add(message.chunk):
+                            jobs.put_nowait(pending)
+                            pending = None
+                    except PayloadError as exc:
+                        await self._send_error(call, pending[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
+                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
+        finally:
+            heartbeats.cancel()
+            runner.cancel()
+            call.cancel()
+
+    async def _start_task(
+        self, call: Any, task: pb.Task, welcome: pb.Welcome
+    ) -> tuple[pb.Task, PayloadAssembler] | None:
+        try:
+            assembler = PayloadAssembler(
+                task.weights,
+                max_bytes=self.max_model_bytes,
+                max_chunk_bytes=max(welcome.chunk_bytes, 1),
+                what=f"round {task.round} weights",
+            )
+        except PayloadError as exc:
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
+            raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
+        return task, assembler
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _run_jobs(self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]) -> None:
+        while True:
+            task, assembler = await jobs.get()
+            self._move(WorkerState.WORKING)
+            try:
+                await self._run_task(call, task, assembler)
+            finally:
+                if self.state is WorkerState.WORKING:
+                    self._move(WorkerState.READY)
+
+    async def _run_task(self, call: Any, task: pb.Task, assembler: PayloadAssembler) -> None:
+        try:
+            weights = assembler.weights()
+            model = ModelSpec.from_proto(task.model)
+            if task.kind == pb.TASK_KIND_FIT:
+                config = TrainConfig.from_proto(task.train)
+                log.info("round %d: training %s on %d examples", task.round, model, self.trainer.num_examples)
+                fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
+                header = make_header(fit.weights, assembler.chunk_bytes)
+                result = pb.TaskResult(
+                    task_id=task.task_id,
+                    num_examples=fit.num_examples,
+                    metrics=fit.metrics,
+                    update=header,
+                    update_kind=pb.UPDATE_KIND_DELTA if fit.is_delta else pb.UPDATE_KIND_WEIGHTS,
+                )
+                await self._write(call, pb.WorkerMessage(result=result))
+                for index, data in enumerate(iter_chunks(fit.weights, assembler.chunk_bytes)):
+                    await self._write(call, pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data)))
+                log.info(
+                    "round %d: sent update (loss %.4f)", task.round, fit.metrics.get("loss", float("nan"))
+                )
+            elif task.kind == pb.TASK_KIND_EVALUATE:
+                ev = await asyncio.to_thread(self.trainer.evaluate, model, weights)
+                result = pb.TaskResult(task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics)
+                await self._write(call, pb.WorkerMessage(result=result))
+            else:
+                await self._send_error(call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"unknown task kind {task.kind}")
+                return
+            self.tasks_done += 1
+        except ModelMismatchError as exc:
+            log.error("cannot run round %d: %s", task.round, exc)
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_MODEL_MISMATCH, str(exc))
+        except (TrainingFailed, PayloadError) as exc:
+            log.error("round %d failed: %s", task.round, exc)
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
+        except FedcoreError as exc:
+            log.error("round %d failed: %s", task.round, exc)
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
+
+    async def _send_error(self, call: Any, task_id: str, code: int, message: str) -> None:
+        await self._write(call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message)))
+
+    async def _write(self, call: Any, message: pb.WorkerMessage) -> None:
+        async with self._write_lock:
+            await call.write(message)
+
+    async def _heartbeats(self, call: Any, interval: float) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            sequence += 1
+            await self._write(call, pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=sequence)))
