@@ -64,9 +64,13 @@ def parse_args_with_config(
             try:
                 value = action.type(value)  # type: ignore[operator]
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"config file {args.config}: bad value for {key!r}: {exc}") from None
+                raise ConfigError(
+                    f"config file {args.config}: bad value for {key!r}: {exc}"
+                ) from None
         if action.choices is not None and value not in action.choices:
-            raise ConfigError(f"config file {args.config}: {key!r} must be one of {list(action.choices)}")
+            raise ConfigError(
+                f"config file {args.config}: {key!r} must be one of {list(action.choices)}"
+            )
         defaults[dest] = value
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -92,7 +96,9 @@ def configure_logging(args: argparse.Namespace, prefix: str) -> None:
     if args.log_json:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {prefix} %(levelname)s %(message)s", "%H:%M:%S")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -44,7 +44,7 @@ MAX_DIMS = 16
 
 # Little-endian numpy dtypes by wire code. bfloat16 has a wire code for forward compatibility
 # but no numpy type; it is refused with a clear message.
-_WIRE_TO_DTYPE: dict[int, np.dtype[np.generic]] = {
+_WIRE_TO_DTYPE: dict[pb.DType.ValueType, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
@@ -55,10 +55,12 @@ _WIRE_TO_DTYPE: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_UINT8: np.dtype("u1"),
     pb.DTYPE_BOOL: np.dtype("?"),
 }
-_NAME_TO_WIRE: dict[str, int] = {dt.name: code for code, dt in _WIRE_TO_DTYPE.items()}
+_NAME_TO_WIRE: dict[str, pb.DType.ValueType] = {
+    dt.name: code for code, dt in _WIRE_TO_DTYPE.items()
+}
 
 
-def _wire_dtype(dtype: np.dtype[np.generic], name: str) -> int:
+def _wire_dtype(dtype: np.dtype[np.generic], name: str) -> pb.DType.ValueType:
     try:
         return _NAME_TO_WIRE[dtype.name]
     except KeyError:
@@ -81,7 +83,9 @@ def signature_specs(signature: ModelSignature) -> list[pb.TensorSpec]:
     ]
 
 
-def make_header(weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int) -> pb.PayloadHeader:
+def make_header(
+    weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
+) -> pb.PayloadHeader:
     """Describe ``weights`` for the wire."""
     if chunk_bytes <= 0:
         raise PayloadError(f"chunk size must be positive, got {chunk_bytes}")
@@ -96,17 +100,20 @@ def make_header(weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
 def header_signature(header: pb.PayloadHeader) -> ModelSignature:
     """The model signature a header declares (no validation; see PayloadAssembler)."""
     return tuple(
-        TensorSignature(t.name, _WIRE_TO_DTYPE[t.dtype].name, tuple(t.shape)) for t in header.tensors
+        TensorSignature(t.name, _WIRE_TO_DTYPE[t.dtype].name, tuple(t.shape))
+        for t in header.tensors
     )
 
 
 def _le_bytes(array: npt.NDArray[np.generic]) -> memoryview:
     """A flat byte view of ``array`` in little-endian order (copies only if it must)."""
     le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return memoryview(le.reshape(-1).view(np.uint8))
+    return le.reshape(-1).view(np.uint8).data
 
 
-def iter_chunks(weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int) -> Iterator[bytes]:
+def iter_chunks(
+    weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
+) -> Iterator[bytes]:
     """Yield the payload bytes of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter).
 
     A piece inside one tensor costs one copy; a piece spanning tensors is joined.
@@ -160,8 +167,13 @@ class PayloadAssembler:
         self.chunk_bytes = header.chunk_bytes
         self.expected_chunks = num_chunks(self.total_bytes, self.chunk_bytes)
         self.received_chunks = 0
-        # Allocated only now that the size is known to be honest and within the limit.
-        self._buffer = np.empty(self.total_bytes, dtype=np.uint8)
+        # Allocated at the first chunk, once the size is known to be honest and in the limit.
+        self._buffer: npt.NDArray[np.uint8] | None = None
+
+    def _storage(self) -> npt.NDArray[np.uint8]:
+        if self._buffer is None:
+            self._buffer = np.empty(self.total_bytes, dtype=np.uint8)
+        return self._buffer
 
     @property
     def complete(self) -> bool:
@@ -172,7 +184,9 @@ class PayloadAssembler:
     ) -> ModelSignature:
         what = self._what
         if len(header.tensors) > MAX_TENSORS:
-            raise PayloadError(f"{what} declares {len(header.tensors)} tensors (limit {MAX_TENSORS})")
+            raise PayloadError(
+                f"{what} declares {len(header.tensors)} tensors (limit {MAX_TENSORS})"
+            )
         if header.total_bytes > max_bytes:
             raise PayloadError(
                 f"{what} declares {header.total_bytes} bytes, above the limit of {max_bytes}; "
@@ -194,7 +208,9 @@ class PayloadAssembler:
             seen.add(t.name)
             dtype = _WIRE_TO_DTYPE.get(t.dtype)
             if dtype is None:
-                raise PayloadError(f"{what}: tensor {t.name!r} has unsupported dtype code {t.dtype}")
+                raise PayloadError(
+                    f"{what}: tensor {t.name!r} has unsupported dtype code {t.dtype}"
+                )
             if len(t.shape) > MAX_DIMS:
                 raise PayloadError(f"{what}: tensor {t.name!r} has {len(t.shape)} dimensions")
             elements = 1
@@ -225,7 +241,7 @@ class PayloadAssembler:
             raise PayloadError(
                 f"{self._what}: chunk {chunk.index} has {len(chunk.data)} bytes, expected {size}"
             )
-        self._buffer[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._storage()[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
         self.received_chunks += 1
         return self.complete
 
@@ -238,10 +254,11 @@ class PayloadAssembler:
             )
         out: Weights = {}
         offset = 0
+        buffer = self._storage()
         for spec in self.signature:
             dtype = np.dtype(spec.dtype).newbyteorder("<")
             count = spec.num_elements
-            array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=offset)
+            array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
             offset += count * dtype.itemsize
             if require_finite and dtype.kind == "f" and not _all_finite(array):
                 raise PayloadError(f"{self._what}: tensor {spec.name!r} contains NaN or Inf")
@@ -252,17 +269,18 @@ class PayloadAssembler:
 def _all_finite(array: npt.NDArray[np.generic], block: int = 1 << 20) -> bool:
     # Blockwise so the temporary boolean mask stays small for huge tensors.
     flat = array.reshape(-1)
-    for start in range(0, flat.size, block):
-        if not np.isfinite(flat[start : start + block]).all():
-            return False
-    return True
+    return all(
+        np.isfinite(flat[start : start + block]).all() for start in range(0, flat.size, block)
+    )
 
 
 def weights_from_header_and_chunks(
     header: pb.PayloadHeader, chunks: list[bytes], *, max_bytes: int
 ) -> Weights:
     """Decode a payload already held in memory (tests and in-process tools)."""
-    assembler = PayloadAssembler(header, max_bytes=max_bytes, max_chunk_bytes=max(header.chunk_bytes, 1))
+    assembler = PayloadAssembler(
+        header, max_bytes=max_bytes, max_chunk_bytes=max(header.chunk_bytes, 1)
+    )
     for i, data in enumerate(chunks):
         assembler.add(pb.PayloadChunk(index=i, data=data))
     return assembler.weights()

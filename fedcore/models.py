@@ -65,7 +65,9 @@ def _resolve(name: str) -> ModelFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from None
+        raise ModelError(
+            f"cannot import module {module_name!r} for model {name!r}: {exc}"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelError(f"{name!r}: module {module_name!r} has no callable {attr!r}")
@@ -85,7 +87,9 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
     except TypeError as exc:
         raise ModelError(f"model {spec}: bad hyper-parameters: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model factory for {spec.name!r} returned {type(model).__name__}, not nn.Module")
+        raise ModelError(
+            f"model factory for {spec.name!r} returned {type(model).__name__}, not nn.Module"
+        )
     return model
 
 

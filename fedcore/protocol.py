@@ -6,6 +6,10 @@ same bytes to every worker, so its serializer passes ``bytes`` through untouched
 
 from __future__ import annotations
 
+from typing import Any, Final
+
+import grpc
+
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = [
@@ -14,12 +18,16 @@ __all__ = [
     "JOIN_METHOD",
     "MESSAGE_OVERHEAD_BYTES",
     "PROTOCOL_VERSION",
+    "SERVICE_NAME",
+    "STREAM_END",
     "max_message_bytes",
     "serialize_coordinator_message",
     "serialize_worker_message",
 ]
 
 PROTOCOL_VERSION = 1
+# What grpc.aio returns from read() once the peer has closed its side of the stream.
+STREAM_END: Final[Any] = grpc.aio.EOF  # type: ignore[attr-defined]
 JOIN_METHOD = "/fedcore.v1.Coordinator/Join"
 SERVICE_NAME = "fedcore.v1.Coordinator"
 

@@ -123,18 +123,18 @@ class WeightedMeanAggregator(UpdateAggregator):
             raise ValueError("an update must carry a positive example count")
         w = float(num_examples)
         for name, array in update.items():
-            if name not in self._sum:
-                self._dtypes[name] = array.dtype
-                if array.dtype.kind == "f" and array.flags.writeable:
-                    np.multiply(array, w, out=array)
-                    self._sum[name] = array
-                else:
-                    self._sum[name] = array.astype(np.float64) * w
-            elif array.dtype.kind == "f" and array.flags.writeable:
-                np.multiply(array, w, out=array)
-                np.add(self._sum[name], array, out=self._sum[name])
+            is_float = array.dtype.kind == "f"
+            if is_float and array.flags.writeable:
+                scaled = np.multiply(array, w, out=array)  # in place: the buffer is ours
             else:
-                self._sum[name] += array.astype(self._sum[name].dtype) * w
+                scaled = np.array(array, dtype=array.dtype if is_float else np.float64)
+                scaled *= w
+            total = self._sum.get(name)
+            if total is None:
+                self._dtypes[name] = array.dtype
+                self._sum[name] = scaled
+            else:
+                np.add(total, scaled, out=total)
         self._total_weight += w
         self._count += 1
 
@@ -173,7 +173,9 @@ class Strategy(ABC):
         self, round_number: int, workers: Sequence[WorkerInfo], config: TrainConfig
     ) -> list[FitInstruction]:
         """Choose the workers of this round and their settings. Default: all, same config."""
-        return [FitInstruction(w, replace(config, seed=config.seed + round_number)) for w in workers]
+        return [
+            FitInstruction(w, replace(config, seed=config.seed + round_number)) for w in workers
+        ]
 
     @abstractmethod
     def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:

@@ -45,38 +45,130 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("federation")
-    g.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on; port 0 picks a free port (default: %(default)s)")
-    g.add_argument("--model", default="mnist-cnn", help=f"model to train: {', '.join(available_models())}, or package.module:factory (default: %(default)s)")
-    g.add_argument("--model-params", default="{}", metavar="JSON", help="model hyper-parameters as a JSON object, e.g. '{\"hidden\": 100}'")
+    g.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        help="address to serve on; port 0 picks a free port (default: %(default)s)",
+    )
+    g.add_argument(
+        "--model",
+        default="mnist-cnn",
+        help=f"model to train: {', '.join(available_models())}, or package.module:factory (default: %(default)s)",
+    )
+    g.add_argument(
+        "--model-params",
+        default="{}",
+        metavar="JSON",
+        help="model hyper-parameters as a JSON object, e.g. '{\"hidden\": 100}'",
+    )
     g.add_argument("--rounds", type=int, default=3, help="training rounds (default: %(default)s)")
-    g.add_argument("--min-workers", type=int, default=2, help="workers needed to start, and valid results needed for a round to count (default: %(default)s)")
-    g.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial model and of local shuffling (default: %(default)s)")
+    g.add_argument(
+        "--min-workers",
+        type=int,
+        default=2,
+        help="workers needed to start, and valid results needed for a round to count (default: %(default)s)",
+    )
+    g.add_argument(
+        "--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial model and of local shuffling (default: %(default)s)",
+    )
     t = p.add_argument_group("local training (sent to workers in every plan)")
-    t.add_argument("--epochs", type=int, default=1, help="local epochs per round (default: %(default)s)")
+    t.add_argument(
+        "--epochs", type=int, default=1, help="local epochs per round (default: %(default)s)"
+    )
     t.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="(default: %(default)s)")
+    t.add_argument(
+        "--optimizer", choices=["sgd", "adam"], default="sgd", help="(default: %(default)s)"
+    )
     t.add_argument("--lr", type=float, default=0.05, help="learning rate (default: %(default)s)")
-    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)")
+    t.add_argument(
+        "--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)"
+    )
     t.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
     e = p.add_argument_group("evaluation and output")
-    e.add_argument("--eval-data", type=Path, help="test set for centralized evaluation (.npz with x, y, or an IDX directory)")
-    e.add_argument("--fed-eval-every", type=int, help="federated evaluation on the workers every N rounds (0 = never; default: every round without --eval-data, else never)")
+    e.add_argument(
+        "--eval-data",
+        type=Path,
+        help="test set for centralized evaluation (.npz with x, y, or an IDX directory)",
+    )
+    e.add_argument(
+        "--fed-eval-every",
+        type=int,
+        help="federated evaluation on the workers every N rounds (0 = never; default: every round without --eval-data, else never)",
+    )
     e.add_argument("--metrics-out", type=Path, help="write one JSON object per round to this file")
-    e.add_argument("--save-model", type=Path, help="write the final global weights here (safetensors)")
+    e.add_argument(
+        "--save-model", type=Path, help="write the final global weights here (safetensors)"
+    )
     e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
-    e.add_argument("--device", default="cpu", help="device for centralized evaluation (default: %(default)s)")
+    e.add_argument(
+        "--device", default="cpu", help="device for centralized evaluation (default: %(default)s)"
+    )
     r = p.add_argument_group("timeouts and limits")
-    r.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for results (default: %(default)s)")
-    r.add_argument("--round-retries", type=int, default=3, help="retries of a round with too few results (default: %(default)s)")
-    r.add_argument("--join-timeout", type=float, help="seconds to wait for --min-workers before round 1 (default: forever)")
-    r.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats (default: %(default)s)")
-    r.add_argument("--heartbeat-timeout", type=float, default=60.0, help="drop a worker silent this long (default: %(default)s)")
-    r.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds a new stream has to send its hello (default: %(default)s)")
-    r.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload chunk size; bounds every gRPC message (default: %(default)s)")
-    r.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, help="largest model or update accepted (default: %(default)s)")
-    r.add_argument("--max-workers", type=int, default=1000, help="most workers connected at once (default: %(default)s)")
-    r.add_argument("--upload-slots", type=int, default=1, help="updates staged in memory at once besides the running sum (default: %(default)s)")
+    r.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for results (default: %(default)s)",
+    )
+    r.add_argument(
+        "--round-retries",
+        type=int,
+        default=3,
+        help="retries of a round with too few results (default: %(default)s)",
+    )
+    r.add_argument(
+        "--join-timeout",
+        type=float,
+        help="seconds to wait for --min-workers before round 1 (default: forever)",
+    )
+    r.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        help="seconds between worker heartbeats (default: %(default)s)",
+    )
+    r.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=60.0,
+        help="drop a worker silent this long (default: %(default)s)",
+    )
+    r.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new stream has to send its hello (default: %(default)s)",
+    )
+    r.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="payload chunk size; bounds every gRPC message (default: %(default)s)",
+    )
+    r.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=DEFAULT_MAX_MODEL_BYTES,
+        help="largest model or update accepted (default: %(default)s)",
+    )
+    r.add_argument(
+        "--max-workers",
+        type=int,
+        default=1000,
+        help="most workers connected at once (default: %(default)s)",
+    )
+    r.add_argument(
+        "--upload-slots",
+        type=int,
+        default=1,
+        help="updates staged in memory at once besides the running sum (default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,9 +36,14 @@ from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
 from .service import CoordinatorService, start_grpc_server
 
-__all__ = ["Coordinator", "FederationResult"]
+__all__ = ["Coordinator", "FederationResult", "peak_rss_bytes"]
 
 log = logging.getLogger("fedcore.server")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -95,7 +101,9 @@ class Coordinator:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
-                log.warning("stopped before the last round; the model of the last completed round is kept")
+                log.warning(
+                    "stopped before the last round; the model of the last completed round is kept"
+                )
             stopper.cancel()
             if runner in done:
                 runner.result()  # re-raise a failure
@@ -133,7 +141,10 @@ class Coordinator:
         cfg = self.config
         log.info(
             "waiting for %d worker(s) on port %s (model %s, %d rounds)",
-            cfg.min_workers, self.port, cfg.model, cfg.rounds,
+            cfg.min_workers,
+            self.port,
+            cfg.model,
+            cfg.rounds,
         )
         if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
             raise RoundFailedError(
@@ -175,8 +186,12 @@ class Coordinator:
         if self.evaluator is not None:
             result = await asyncio.to_thread(self.evaluator.evaluate, weights)
             metrics.accuracy, metrics.loss = result.accuracy, result.loss
-        # A round's duration is its training plus its own evaluation, not the overlap.
-        metrics.duration_s = round(fit_done - started + (time.perf_counter() - fit_done), 3)
+        # Evaluation overlaps the next round's training; a round's duration counts its own
+        # training and its own evaluation, not the overlap.
+        metrics.fit_s = round(fit_done - started, 3)
+        metrics.eval_s = round(time.perf_counter() - fit_done, 3)
+        metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
+        metrics.peak_rss_bytes = peak_rss_bytes()
         writer.write(metrics)
 
     async def _fit_round_with_retries(
@@ -185,7 +200,9 @@ class Coordinator:
         cfg = self.config
         for attempt in range(1, cfg.round_retries + 2):
             if not await self.registry.wait_for_idle(cfg.min_workers, cfg.round_timeout):
-                log.warning("round %d: fewer than %d workers are ready", round_number, cfg.min_workers)
+                log.warning(
+                    "round %d: fewer than %d workers are ready", round_number, cfg.min_workers
+                )
                 if pending_report is not None:
                     await pending_report
                     pending_report = None
@@ -196,7 +213,12 @@ class Coordinator:
                 pending_report = None
             await collector.wait(cfg.round_timeout)
             for failure in collector.failures:
-                log.warning("round %d: worker %r dropped: %s", round_number, failure.worker.name, failure.reason)
+                log.warning(
+                    "round %d: worker %r dropped: %s",
+                    round_number,
+                    failure.worker.name,
+                    failure.reason,
+                )
             if len(collector.results) >= cfg.min_workers:
                 aggregate = collector.aggregator.result()
                 self.weights = self.strategy.aggregate_fit(
@@ -205,7 +227,10 @@ class Coordinator:
                 return collector, attempt
             log.warning(
                 "round %d attempt %d: %d valid result(s), %d needed; the global model is unchanged",
-                round_number, attempt, len(collector.results), cfg.min_workers,
+                round_number,
+                attempt,
+                len(collector.results),
+                cfg.min_workers,
             )
         if pending_report is not None:
             await pending_report
@@ -253,7 +278,9 @@ class Coordinator:
         for instruction in instructions:
             session = sessions.get(instruction.worker.worker_id)
             if session is None:
-                raise ConfigError(f"strategy selected unknown or busy worker {instruction.worker.name!r}")
+                raise ConfigError(
+                    f"strategy selected unknown or busy worker {instruction.worker.name!r}"
+                )
             task = pb.Task(
                 round=round_number,
                 kind=pb.TASK_KIND_FIT,
@@ -274,7 +301,9 @@ class Coordinator:
         collector = EvaluateCollector(round_number)
         model = self.config.model.to_proto()
         for worker in chosen:
-            task = pb.Task(round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=header)
+            task = pb.Task(
+                round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=header
+            )
             self._issue(idle[worker.worker_id], collector, task, chunks)
         await collector.wait(self.config.round_timeout)
         return self.strategy.aggregate_evaluate(round_number, collector.results)

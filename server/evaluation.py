@@ -28,4 +28,6 @@ class CentralEvaluator:
 
     def evaluate(self, weights: Weights) -> EvalResult:
         set_weights(self._model, weights)
-        return evaluate(self._model, self._dataset, batch_size=self._batch_size, device=self._device)
+        return evaluate(
+            self._model, self._dataset, batch_size=self._batch_size, device=self._device
+        )

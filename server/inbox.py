@@ -105,13 +105,15 @@ class Inbox:
         header = result.update
         if ticket.stale:
             # Its round is over: check the framing only, and drop the chunks as they come.
-            if header.total_bytes > self._max_model_bytes or not 0 < header.chunk_bytes <= self._chunk_limit:
+            if (
+                header.total_bytes > self._max_model_bytes
+                or not 0 < header.chunk_bytes <= self._chunk_limit
+            ):
                 raise PayloadError(f"update from worker {name!r} has an invalid header")
             remaining = num_chunks(header.total_bytes, header.chunk_bytes)
             self._upload = _Upload(ticket, result, None, remaining)
         else:
-            await self._slots.acquire()
-            self._holding_slot = True
+            # Validate the header before waiting for a slot: a bad one is refused at once.
             assembler = PayloadAssembler(
                 header,
                 max_bytes=self._max_model_bytes,
@@ -119,6 +121,8 @@ class Inbox:
                 expected=self._signature,
                 what=f"update from worker {name!r}",
             )
+            await self._slots.acquire()
+            self._holding_slot = True
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
         if self._upload.remaining == 0:
             await self._finish_upload()
@@ -145,7 +149,11 @@ class Inbox:
             if upload.assembler is None or not isinstance(collector, FitCollector):
                 return
             # Validation (finiteness) runs off the event loop; numpy releases the GIL.
-            update = await asyncio.to_thread(upload.assembler.weights)
+            try:
+                update = await asyncio.to_thread(upload.assembler.weights)
+            except PayloadError as exc:
+                collector.fail(upload.ticket, str(exc))
+                raise
             await collector.accept(upload.ticket, upload.result, update)
         finally:
             self.release()
@@ -153,7 +161,9 @@ class Inbox:
     def _on_error(self, error: pb.TaskError) -> None:
         ticket = self._ticket_for(error.task_id)
         code = pb.ErrorCode.Name(error.code) if error.code in pb.ErrorCode.values() else "?"
-        log.warning("worker %r could not run its task: %s (%s)", self.session.name, error.message, code)
+        log.warning(
+            "worker %r could not run its task: %s (%s)", self.session.name, error.message, code
+        )
         self.session.finish_ticket()
         if ticket.collector is not None and not ticket.stale:
             ticket.collector.fail(ticket, f"worker error: {error.message}")

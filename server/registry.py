@@ -59,7 +59,9 @@ class Ticket:
     round_number: int
     kind: int  # pb.TaskKind
     session: WorkerSession
-    future: asyncio.Future[object] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[object] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     # The round's collector (a FitCollector or EvaluateCollector) that takes the result.
     collector: Any = None
     # Set when the round that asked for it has ended; its result will be dropped.

@@ -30,6 +30,9 @@ class RoundMetrics:
     accuracy: float | None = None
     loss: float | None = None
     attempts: int = 1
+    fit_s: float = 0.0
+    eval_s: float = 0.0
+    peak_rss_bytes: int = 0
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
 
@@ -47,7 +50,16 @@ def _finite(v: float) -> float | None:
 class MetricsWriter:
     """Writes each round as it completes: JSONL to a file (flushed), a table row to ``out``."""
 
-    _COLUMNS = ("round", "workers", "accuracy", "loss", "train_loss", "time_s", "sent_MB", "recv_MB")
+    _COLUMNS = (
+        "round",
+        "workers",
+        "accuracy",
+        "loss",
+        "train_loss",
+        "time_s",
+        "sent_MB",
+        "recv_MB",
+    )
 
     def __init__(self, path: Path | None, out: IO[str] = sys.stdout) -> None:
         self._file = path.open("w", encoding="utf-8") if path else None
@@ -63,7 +75,9 @@ class MetricsWriter:
         if not self._header_printed:
             print("".join(f"{c:>11}" for c in self._COLUMNS), file=self._out, flush=True)
             self._header_printed = True
-        accuracy = metrics.accuracy if metrics.accuracy is not None else metrics.federated.get("accuracy")
+        accuracy = (
+            metrics.accuracy if metrics.accuracy is not None else metrics.federated.get("accuracy")
+        )
         loss = metrics.loss if metrics.loss is not None else metrics.federated.get("loss")
         cells = [
             f"{metrics.round}",

@@ -11,13 +11,14 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from fedcore.errors import ProtocolError
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
     SERVICE_NAME,
+    STREAM_END,
     max_message_bytes,
     serialize_coordinator_message,
 )
@@ -68,7 +69,7 @@ class CoordinatorService:
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.upload_slots)
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler:
+    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
             self.join,
             request_deserializer=pb.WorkerMessage.FromString,
@@ -114,7 +115,9 @@ class CoordinatorService:
             try:
                 theirs = header_signature(pb.PayloadHeader(tensors=hello.model_signature))
             except KeyError:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "hello has an unknown dtype") from None
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "hello has an unknown dtype"
+                ) from None
             problem = describe_mismatch(self.signature, theirs)
             if problem is not None:
                 raise _Abort(
@@ -125,17 +128,23 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ stream
 
-    async def join(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def join(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         """One worker's session, from hello to shutdown."""
         peer = context.peer()
         try:
             first = await asyncio.wait_for(context.read(), self.config.handshake_timeout)
         except TimeoutError:
-            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout")
-        if first is grpc.aio.EOF:
+            await _abort(
+                context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout"
+            )
+        if first is STREAM_END:
             return
         if not isinstance(first, pb.WorkerMessage) or first.WhichOneof("body") != "hello":
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
+            )
         hello = first.hello
         try:
             self._check_hello(hello)
@@ -158,7 +167,10 @@ class CoordinatorService:
         await self.registry.activate(session)
         log.info(
             "worker %r joined from %s with %d examples; %d connected",
-            session.name, peer, session.num_examples, len(self.registry),
+            session.name,
+            peer,
+            session.num_examples,
+            len(self.registry),
         )
         inbox = Inbox(
             session,
@@ -197,7 +209,7 @@ class CoordinatorService:
         try:
             while True:
                 message = await context.read()
-                if message is grpc.aio.EOF:
+                if message is STREAM_END:
                     break
                 session.last_seen = time.monotonic()
                 self.counters.bytes_received += message.ByteSize()
@@ -222,7 +234,9 @@ class CoordinatorService:
                 session.close("heartbeat timeout")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
+) -> NoReturn:
     await context.abort(code, details)
     raise AssertionError("unreachable: abort raises")
 

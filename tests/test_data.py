@@ -129,8 +129,10 @@ def test_bundled_checksums_verify() -> None:
 def test_load_bundled_mnist() -> None:
     for split, n in (("train", 60000), ("test", 10000)):
         x, y = load_mnist(split)  # type: ignore[arg-type]
-        assert x.shape == (n, 28, 28) and x.dtype == np.uint8
-        assert y.shape == (n,) and y.dtype == np.uint8
+        assert x.shape == (n, 28, 28)
+        assert x.dtype == np.uint8
+        assert y.shape == (n,)
+        assert y.dtype == np.uint8
         assert set(np.unique(y).tolist()) == set(range(10))
         assert 0 < x.mean() < 255
 
@@ -148,7 +150,7 @@ def test_corrupted_copy_fails_verification(tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch") as info:
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: checksum mismatch") as info:
         verify_checksums(tmp_path)
     assert "e41c74e484045d39b462a7790a4af51301bd9b0b24f0154798d713ec68c45920" in str(info.value)
     with pytest.raises(DataError, match="checksum mismatch"):
@@ -157,7 +159,7 @@ def test_corrupted_copy_fails_verification(tmp_path: Path) -> None:
 
 def test_missing_listed_file_fails_verification(tmp_path: Path) -> None:
     shutil.copyfile(BUNDLED_MNIST_DIR / "SHA256SUMS", tmp_path / "SHA256SUMS")
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: listed in .* but missing"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: listed in .* but missing"):
         verify_checksums(tmp_path)
 
 
@@ -189,8 +191,12 @@ def _check_disjoint_cover(parts: list[npt.NDArray[np.int64]], n: int) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(labels=labels_strategy, num_shards=st.integers(1, 8), seed=st.integers(0, 2**32 - 1),
-       scheme=st.sampled_from(["iid", "dirichlet"]))
+@given(
+    labels=labels_strategy,
+    num_shards=st.integers(1, 8),
+    seed=st.integers(0, 2**32 - 1),
+    scheme=st.sampled_from(["iid", "dirichlet"]),
+)
 def test_partition_disjoint_cover_deterministic(
     labels: npt.NDArray[np.int64], num_shards: int, seed: int, scheme: Any
 ) -> None:
@@ -201,7 +207,8 @@ def test_partition_disjoint_cover_deterministic(
     try:
         parts = partition(labels, num_shards, scheme, seed=seed, alpha=1.0)
     except ConfigError as exc:  # dirichlet on a handful of examples can leave a shard empty
-        assert scheme == "dirichlet" and "left a shard empty" in str(exc)
+        assert scheme == "dirichlet"
+        assert "left a shard empty" in str(exc)  # noqa: PT017
         assert len(labels) < 4 * num_shards
         return
     assert len(parts) == num_shards
@@ -211,8 +218,12 @@ def test_partition_disjoint_cover_deterministic(
 
 
 @settings(max_examples=60, deadline=None)
-@given(labels=labels_strategy, num_shards=st.integers(1, 8), cps=st.integers(1, 4),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    labels=labels_strategy,
+    num_shards=st.integers(1, 8),
+    cps=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_partition_shards_scheme_limits_classes(
     labels: npt.NDArray[np.int64], num_shards: int, cps: int, seed: int
 ) -> None:
@@ -294,31 +305,38 @@ def test_array_dataset_normalizes_mnist_images() -> None:
     x = np.zeros((2, 28, 28), dtype=np.uint8)
     x[1] = 255
     ds = ArrayDataset(x, np.array([3, 7], dtype=np.uint8))
-    assert ds.x.shape == (2, 1, 28, 28) and ds.x.dtype == torch.float32
-    assert ds.y.dtype == torch.int64 and ds.y.tolist() == [3, 7]
+    assert ds.x.shape == (2, 1, 28, 28)
+    assert ds.x.dtype == torch.float32
+    assert ds.y.dtype == torch.int64
+    assert ds.y.tolist() == [3, 7]
     assert ds.x[0].flatten()[0].item() == pytest.approx(-0.1307 / 0.3081, rel=1e-6)
     assert ds.x[1].flatten()[0].item() == pytest.approx((1 - 0.1307) / 0.3081, rel=1e-6)
     assert len(ds) == 2
     xi, yi = ds[1]
-    assert xi.shape == (1, 28, 28) and yi.item() == 7
+    assert xi.shape == (1, 28, 28)
+    assert yi.item() == 7
 
 
 def test_array_dataset_other_inputs() -> None:
     small = ArrayDataset(np.full((3, 8, 8), 255, dtype=np.uint8), np.zeros(3, dtype=np.int64))
-    assert small.x.shape == (3, 8, 8) and torch.all(small.x == 1.0)
+    assert small.x.shape == (3, 8, 8)
+    assert torch.all(small.x == 1.0)
     floats = np.array([[0.5, -2.0]], dtype=np.float64)
     ds = ArrayDataset(floats, np.array([1]))
-    assert ds.x.dtype == torch.float32 and ds.x.tolist() == [[0.5, -2.0]]
+    assert ds.x.dtype == torch.float32
+    assert ds.x.tolist() == [[0.5, -2.0]]
 
 
 def test_save_and_load_npz_shard(tmp_path: Path) -> None:
     x = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
     y = np.array([0, 5, 9], dtype=np.uint8)
     path = save_shard(tmp_path / "sub" / "shard-0", x, y)
-    assert path == tmp_path / "sub" / "shard-0.npz" and path.is_file()
+    assert path == tmp_path / "sub" / "shard-0.npz"
+    assert path.is_file()
     ds = load_shard(path)
     expected = ArrayDataset(x, y)
-    assert torch.equal(ds.x, expected.x) and ds.y.tolist() == [0, 5, 9]
+    assert torch.equal(ds.x, expected.x)
+    assert ds.y.tolist() == [0, 5, 9]
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -330,7 +348,8 @@ def test_load_idx_directory_prefers_train(tmp_path: Path, compress: bool) -> Non
     write_idx(tmp_path / f"t10k-images-idx3-ubyte{ext}", x[:2], compress)
     write_idx(tmp_path / f"t10k-labels-idx1-ubyte{ext}", np.arange(2, dtype=np.uint8), compress)
     ds = load_shard(tmp_path)
-    assert len(ds) == 4 and ds.y.tolist() == [0, 1, 2, 3]
+    assert len(ds) == 4
+    assert ds.y.tolist() == [0, 1, 2, 3]
     assert ds.x.shape == (4, 1, 28, 28)
 
 
@@ -382,10 +401,10 @@ def test_bad_shard_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing array"):
         load_shard(tmp_path / "nox.npz")
     np.savez(tmp_path / "obj.npz", x=np.array([{}], dtype=object), y=np.zeros(1, np.int64))
-    with pytest.raises(DataError, match="obj.npz"):
+    with pytest.raises(DataError, match=r"obj.npz"):
         load_shard(tmp_path / "obj.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="junk.npz"):
+    with pytest.raises(DataError, match=r"junk.npz"):
         load_shard(tmp_path / "junk.npz")
 
 
@@ -396,12 +415,31 @@ def test_cli_split_writes_shards_and_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "shards"
-    code = main(["split", "--out", str(out), "--num-shards", "3", "--max-examples", "600",
-                 "--scheme", "dirichlet", "--alpha", "1.0", "--seed", "3"])
+    code = main(
+        [
+            "split",
+            "--out",
+            str(out),
+            "--num-shards",
+            "3",
+            "--max-examples",
+            "600",
+            "--scheme",
+            "dirichlet",
+            "--alpha",
+            "1.0",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     shards = [load_shard(out / f"shard-{i}.npz") for i in range(3)]
     assert sorted(p.name for p in out.iterdir()) == [
-        "shard-0.npz", "shard-1.npz", "shard-2.npz", "test.npz"]
+        "shard-0.npz",
+        "shard-1.npz",
+        "shard-2.npz",
+        "test.npz",
+    ]
     assert sum(len(s) for s in shards) == 600
     assert len(load_shard(out / "test.npz")) == 10000
     printed = capsys.readouterr().out
@@ -421,8 +459,20 @@ def test_cli_errors_exit_2_without_traceback(
     err = capsys.readouterr().err
     assert err.startswith("fed-data: error: the 'shards' scheme")
     assert "Traceback" not in err
-    assert main(["split", "--out", str(tmp_path), "--num-shards", "2",
-                 "--source", str(tmp_path / "nowhere")]) == 2
+    assert (
+        main(
+            [
+                "split",
+                "--out",
+                str(tmp_path),
+                "--num-shards",
+                "2",
+                "--source",
+                str(tmp_path / "nowhere"),
+            ]
+        )
+        == 2
+    )
     assert "fed-data: error:" in capsys.readouterr().err
 
 
@@ -433,11 +483,18 @@ def test_cli_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "SHA256SUMS").write_text("0" * 64 + "  a.gz\n")
     assert main(["verify", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("fed-data: error:") and "a.gz: checksum mismatch" in err
+    assert err.startswith("fed-data: error:")
+    assert "a.gz: checksum mismatch" in err
 
 
 def test_python_dash_m_runs_the_cli() -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedcore.data", "verify"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcore.data", "verify"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK")

@@ -5,4 +5,12 @@ from __future__ import annotations
 from .runtime import Worker, WorkerState
 from .trainer import EvalOutput, FitOutput, TorchTrainer, Trainer, TrainingFailed
 
-__all__ = ["EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed", "Worker", "WorkerState"]
+__all__ = [
+    "EvalOutput",
+    "FitOutput",
+    "TorchTrainer",
+    "Trainer",
+    "TrainingFailed",
+    "Worker",
+    "WorkerState",
+]

@@ -49,15 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--server", required=False, help="the coordinator's HOST:PORT (required)")
-    p.add_argument("--data", type=Path, help="local training shard: .npz with arrays x, y, or an MNIST IDX directory (required)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="local training shard: .npz with arrays x, y, or an MNIST IDX directory (required)",
+    )
     p.add_argument("--name", default=None, help="this worker's unique name (default: HOSTNAME-PID)")
-    p.add_argument("--eval-data", type=Path, help="local test set for federated evaluation (default: the training shard)")
+    p.add_argument(
+        "--eval-data",
+        type=Path,
+        help="local test set for federated evaluation (default: the training shard)",
+    )
     p.add_argument("--model", help="accept only this model (checked when joining)")
-    p.add_argument("--model-params", default="{}", metavar="JSON", help="hyper-parameters of --model as a JSON object")
+    p.add_argument(
+        "--model-params",
+        default="{}",
+        metavar="JSON",
+        help="hyper-parameters of --model as a JSON object",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES, help="largest model accepted (default: %(default)s)")
-    p.add_argument("--give-up-after", type=float, default=900.0, help="exit after this many seconds without reaching the coordinator; 0 = never (default: %(default)s)")
+    p.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=DEFAULT_MAX_MODEL_BYTES,
+        help="largest model accepted (default: %(default)s)",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=900.0,
+        help="exit after this many seconds without reaching the coordinator; 0 = never (default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 

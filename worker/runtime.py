@@ -34,6 +34,7 @@ from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
     JOIN_METHOD,
     PROTOCOL_VERSION,
+    STREAM_END,
     max_message_bytes,
     serialize_worker_message,
 )
@@ -70,8 +71,12 @@ class WorkerState(enum.Enum):
 _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.DISCONNECTED: frozenset({WorkerState.CONNECTING}),
     WorkerState.CONNECTING: frozenset({WorkerState.READY, WorkerState.DISCONNECTED}),
-    WorkerState.READY: frozenset({WorkerState.WORKING, WorkerState.DISCONNECTED, WorkerState.FINISHED}),
-    WorkerState.WORKING: frozenset({WorkerState.READY, WorkerState.DISCONNECTED, WorkerState.FINISHED}),
+    WorkerState.READY: frozenset(
+        {WorkerState.WORKING, WorkerState.DISCONNECTED, WorkerState.FINISHED}
+    ),
+    WorkerState.WORKING: frozenset(
+        {WorkerState.READY, WorkerState.DISCONNECTED, WorkerState.FINISHED}
+    ),
     WorkerState.FINISHED: frozenset(),
 }
 
@@ -161,12 +166,17 @@ class Worker:
             if self.state in (WorkerState.READY, WorkerState.WORKING):
                 last_session = time.monotonic()
             self._move(WorkerState.DISCONNECTED)
-            if self.give_up_after is not None and time.monotonic() - last_session > self.give_up_after:
+            if (
+                self.give_up_after is not None
+                and time.monotonic() - last_session > self.give_up_after
+            ):
                 raise RejectedError(
                     f"could not reach a coordinator at {self.server} for {self.give_up_after:g} s; "
                     f"last error: {reason}"
                 )
-            delay = min(self.backoff_max, self.backoff_initial * 2**attempt) * random.uniform(0.5, 1.0)
+            delay = min(self.backoff_max, self.backoff_initial * 2**attempt) * random.uniform(
+                0.5, 1.0
+            )
             attempt = min(attempt + 1, 30)
             log.info("not connected (%s); retrying in %.1f s", reason, delay)
             await asyncio.sleep(delay)
@@ -187,14 +197,15 @@ class Worker:
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream; True when the federation is over."""
-        call: Any = channel.stream_stream(
+        open_stream: Any = channel.stream_stream(
             JOIN_METHOD,
             request_serializer=serialize_worker_message,
             response_deserializer=pb.CoordinatorMessage.FromString,
-        )()
+        )
+        call = open_stream()
         await call.write(self._hello())
         first = await call.read()
-        if first is grpc.aio.EOF:
+        if first is STREAM_END:
             raise _Disconnected("stream closed during the handshake")
         if first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
@@ -202,14 +213,16 @@ class Worker:
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
-        heartbeats = asyncio.create_task(self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1)))
+        heartbeats = asyncio.create_task(
+            self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
+        )
         jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
         runner = asyncio.create_task(self._run_jobs(call, jobs))
         pending: tuple[pb.Task, PayloadAssembler] | None = None
         try:
             while True:
                 message = await call.read()
-                if message is grpc.aio.EOF:
+                if message is STREAM_END:
                     raise _Disconnected("the coordinator closed the stream")
                 kind = message.WhichOneof("body")
                 if kind == "shutdown":
@@ -222,14 +235,17 @@ class Worker:
                         jobs.put_nowait(pending)
                         pending = None
                 elif kind == "chunk":
-                    if pending is None:
+                    current = pending
+                    if current is None:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
                     try:
-                        if pending[1].add(message.chunk):
-                            jobs.put_nowait(pending)
+                        if current[1].add(message.chunk):
+                            jobs.put_nowait(current)
                             pending = None
                     except PayloadError as exc:
-                        await self._send_error(call, pending[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
+                        await self._send_error(
+                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                        )
                         raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
         finally:
             heartbeats.cancel()
@@ -253,7 +269,9 @@ class Worker:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _run_jobs(self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]) -> None:
+    async def _run_jobs(
+        self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]
+    ) -> None:
         while True:
             task, assembler = await jobs.get()
             self._move(WorkerState.WORKING)
@@ -269,7 +287,12 @@ class Worker:
             model = ModelSpec.from_proto(task.model)
             if task.kind == pb.TASK_KIND_FIT:
                 config = TrainConfig.from_proto(task.train)
-                log.info("round %d: training %s on %d examples", task.round, model, self.trainer.num_examples)
+                log.info(
+                    "round %d: training %s on %d examples",
+                    task.round,
+                    model,
+                    self.trainer.num_examples,
+                )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
                 header = make_header(fit.weights, assembler.chunk_bytes)
                 result = pb.TaskResult(
@@ -281,16 +304,24 @@ class Worker:
                 )
                 await self._write(call, pb.WorkerMessage(result=result))
                 for index, data in enumerate(iter_chunks(fit.weights, assembler.chunk_bytes)):
-                    await self._write(call, pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data)))
+                    await self._write(
+                        call, pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data))
+                    )
                 log.info(
-                    "round %d: sent update (loss %.4f)", task.round, fit.metrics.get("loss", float("nan"))
+                    "round %d: sent update (loss %.4f)",
+                    task.round,
+                    fit.metrics.get("loss", float("nan")),
                 )
             elif task.kind == pb.TASK_KIND_EVALUATE:
                 ev = await asyncio.to_thread(self.trainer.evaluate, model, weights)
-                result = pb.TaskResult(task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics)
+                result = pb.TaskResult(
+                    task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics
+                )
                 await self._write(call, pb.WorkerMessage(result=result))
             else:
-                await self._send_error(call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"unknown task kind {task.kind}")
+                await self._send_error(
+                    call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"unknown task kind {task.kind}"
+                )
                 return
             self.tasks_done += 1
         except ModelMismatchError as exc:
@@ -303,8 +334,12 @@ class Worker:
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
 
-    async def _send_error(self, call: Any, task_id: str, code: int, message: str) -> None:
-        await self._write(call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message)))
+    async def _send_error(
+        self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str
+    ) -> None:
+        await self._write(
+            call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
+        )
 
     async def _write(self, call: Any, message: pb.WorkerMessage) -> None:
         async with self._write_lock:

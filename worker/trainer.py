@@ -74,7 +74,9 @@ TrainFn = Callable[[nn.Module, Dataset[Batch], TrainConfig, torch.device], Train
 EvalFn = Callable[[nn.Module, Dataset[Batch], torch.device], EvalResult]
 
 
-def _default_train(model: nn.Module, data: Dataset[Batch], config: TrainConfig, device: torch.device) -> TrainResult:
+def _default_train(
+    model: nn.Module, data: Dataset[Batch], config: TrainConfig, device: torch.device
+) -> TrainResult:
     return train(model, data, config, device=device)
 
 
@@ -143,7 +145,11 @@ class TorchTrainer(Trainer):
                     f"training produced NaN/Inf in {name!r} (loss {result.loss:.4g}); "
                     "lower the learning rate"
                 )
-        metrics = {"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.seconds}
+        metrics = {
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+            "train_seconds": result.seconds,
+        }
         return FitOutput(updated, result.num_examples, metrics)
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:

@@ -45,26 +45,64 @@ def build_parser() -> argparse.ArgumentParser:
         "write DIR/shard-0.npz ... DIR/shard-{N-1}.npz (arrays x, y) plus DIR/test.npz (the "
         "MNIST test split). Prints a table of examples per shard and class.",
     )
-    split.add_argument("--out", required=True, type=Path, metavar="DIR",
-                       help="directory to write the shards into (created if missing)")
-    split.add_argument("--num-shards", required=True, type=_positive_int, metavar="N",
-                       help="number of shards, one per worker")
-    split.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default="iid",
-                       help="iid: uniform random; dirichlet: per-class proportions drawn "
-                       "from Dir(alpha); shards: McMahan's pathological split, each shard "
-                       "gets --classes-per-shard label-sorted pieces (default: %(default)s)")
-    split.add_argument("--alpha", type=_positive_float, default=0.5, metavar="A",
-                       help="Dirichlet concentration; smaller is more skewed (dirichlet only; "
-                       "default: %(default)s)")
-    split.add_argument("--classes-per-shard", type=_positive_int, default=2, metavar="K",
-                       help="most classes a shard may hold (shards only; default: %(default)s)")
-    split.add_argument("--seed", type=int, default=0, metavar="S",
-                       help="random seed; the same seed gives the same shards "
-                       "(default: %(default)s)")
-    split.add_argument("--source", type=Path, default=None, metavar="DIR",
-                       help="folder with the MNIST IDX files (default: the bundled copy)")
-    split.add_argument("--max-examples", type=_positive_int, default=None, metavar="M",
-                       help="use only the first M training examples (handy for quick tests)")
+    split.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory to write the shards into (created if missing)",
+    )
+    split.add_argument(
+        "--num-shards",
+        required=True,
+        type=_positive_int,
+        metavar="N",
+        help="number of shards, one per worker",
+    )
+    split.add_argument(
+        "--scheme",
+        choices=["iid", "dirichlet", "shards"],
+        default="iid",
+        help="iid: uniform random; dirichlet: per-class proportions drawn "
+        "from Dir(alpha); shards: McMahan's pathological split, each shard "
+        "gets --classes-per-shard label-sorted pieces (default: %(default)s)",
+    )
+    split.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=0.5,
+        metavar="A",
+        help="Dirichlet concentration; smaller is more skewed (dirichlet only; "
+        "default: %(default)s)",
+    )
+    split.add_argument(
+        "--classes-per-shard",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="most classes a shard may hold (shards only; default: %(default)s)",
+    )
+    split.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="random seed; the same seed gives the same shards (default: %(default)s)",
+    )
+    split.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder with the MNIST IDX files (default: the bundled copy)",
+    )
+    split.add_argument(
+        "--max-examples",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="use only the first M training examples (handy for quick tests)",
+    )
 
     verify = sub.add_parser(
         "verify",
@@ -72,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every file listed in ROOT/SHA256SUMS against its sha256 digest. "
         "Prints OK, or the first mismatch and exits with status 1.",
     )
-    verify.add_argument("--root", type=Path, default=BUNDLED_MNIST_DIR, metavar="DIR",
-                        help="folder holding SHA256SUMS (default: the bundled MNIST copy)")
+    verify.add_argument(
+        "--root",
+        type=Path,
+        default=BUNDLED_MNIST_DIR,
+        metavar="DIR",
+        help="folder holding SHA256SUMS (default: the bundled MNIST copy)",
+    )
     return parser
 
 
@@ -81,8 +124,14 @@ def _split(args: argparse.Namespace) -> int:
     x, y = load_mnist("train", root=args.source)
     if args.max_examples is not None:
         x, y = x[: args.max_examples], y[: args.max_examples]
-    parts = partition(y, args.num_shards, args.scheme, seed=args.seed,
-                      alpha=args.alpha, classes_per_shard=args.classes_per_shard)
+    parts = partition(
+        y,
+        args.num_shards,
+        args.scheme,
+        seed=args.seed,
+        alpha=args.alpha,
+        classes_per_shard=args.classes_per_shard,
+    )
     out: Path = args.out
     written = [save_shard(out / f"shard-{i}.npz", x[idx], y[idx]) for i, idx in enumerate(parts)]
     x_test, y_test = load_mnist("test", root=args.source)

@@ -45,32 +45,43 @@ def read_idx(path: str | Path) -> npt.NDArray[Any]:
     p = Path(path)
     buf = _read_maybe_gzip(p)
     if len(buf) < 4:
-        raise DataError(f"{p}: only {len(buf)} bytes, too short for an IDX header; "
-                        "the file is truncated, copy it again")
+        raise DataError(
+            f"{p}: only {len(buf)} bytes, too short for an IDX header; "
+            "the file is truncated, copy it again"
+        )
     if buf[0] != 0 or buf[1] != 0:
-        raise DataError(f"{p}: bad IDX magic {buf[:4].hex()} (expected two zero bytes first); "
-                        "this is not an IDX file")
+        raise DataError(
+            f"{p}: bad IDX magic {buf[:4].hex()} (expected two zero bytes first); "
+            "this is not an IDX file"
+        )
     code, ndim = buf[2], buf[3]
     file_dtype = _CODE_TO_DTYPE.get(code)
     if file_dtype is None:
-        raise DataError(f"{p}: unknown IDX dtype code 0x{code:02X}; supported are 0x08 uint8, "
-                        "0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64")
+        raise DataError(
+            f"{p}: unknown IDX dtype code 0x{code:02X}; supported are 0x08 uint8, "
+            "0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64"
+        )
     if ndim == 0:
         raise DataError(f"{p}: IDX header declares 0 dimensions; the file is corrupt")
     header_len = 4 + 4 * ndim
     if len(buf) < header_len:
-        raise DataError(f"{p}: truncated IDX header ({len(buf)} of {header_len} bytes); "
-                        "copy the file again")
+        raise DataError(
+            f"{p}: truncated IDX header ({len(buf)} of {header_len} bytes); copy the file again"
+        )
     shape = struct.unpack(f">{ndim}I", buf[4:header_len])
     count = math.prod(shape)
     expected = count * file_dtype.itemsize
     actual = len(buf) - header_len
     if actual < expected:
-        raise DataError(f"{p}: truncated IDX data: shape {shape} needs {expected} bytes, "
-                        f"found {actual}; copy the file again")
+        raise DataError(
+            f"{p}: truncated IDX data: shape {shape} needs {expected} bytes, "
+            f"found {actual}; copy the file again"
+        )
     if actual > expected:
-        raise DataError(f"{p}: {actual - expected} unexpected trailing bytes after the IDX data "
-                        f"of shape {shape}; the file is corrupt or not IDX")
+        raise DataError(
+            f"{p}: {actual - expected} unexpected trailing bytes after the IDX data "
+            f"of shape {shape}; the file is corrupt or not IDX"
+        )
     data = np.frombuffer(buf, dtype=file_dtype, count=count, offset=header_len)
     return data.reshape(shape).astype(file_dtype.newbyteorder("="))
 
@@ -84,8 +95,10 @@ def write_idx(path: str | Path, array: npt.ArrayLike, compress: bool = False) ->
     arr = np.asarray(array)
     code = _KIND_TO_CODE.get(arr.dtype.str[1:])
     if code is None:
-        raise ConfigError(f"cannot write dtype {arr.dtype} to IDX; supported are {_SUPPORTED}; "
-                          "convert the array with .astype() first")
+        raise ConfigError(
+            f"cannot write dtype {arr.dtype} to IDX; supported are {_SUPPORTED}; "
+            "convert the array with .astype() first"
+        )
     if not 1 <= arr.ndim <= 255:
         raise ConfigError(f"IDX stores 1 to 255 dimensions, got an array with {arr.ndim}")
     if any(d >= 2**32 for d in arr.shape):
@@ -109,5 +122,6 @@ def _read_maybe_gzip(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({exc}); "
-                        "copy the file again") from exc
+        raise DataError(
+            f"{path}: corrupt or truncated gzip data ({exc}); copy the file again"
+        ) from exc

@@ -38,12 +38,16 @@ def verify_checksums(root: Path = BUNDLED_MNIST_DIR) -> None:
     for name, expected in _read_sums(root).items():
         path = root / name
         if not path.is_file():
-            raise DataError(f"{path}: listed in {root / _SUMS_NAME} but missing; "
-                            "restore the file from a clean checkout")
+            raise DataError(
+                f"{path}: listed in {root / _SUMS_NAME} but missing; "
+                "restore the file from a clean checkout"
+            )
         actual = _sha256(path)
         if actual != expected:
-            raise DataError(f"{path}: checksum mismatch: expected sha256 {expected}, "
-                            f"got {actual}; the file is corrupt, restore it from a clean checkout")
+            raise DataError(
+                f"{path}: checksum mismatch: expected sha256 {expected}, "
+                f"got {actual}; the file is corrupt, restore it from a clean checkout"
+            )
 
 
 def load_mnist(
@@ -70,11 +74,14 @@ def load_mnist(
     x = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
     y = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte"))
     if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise DataError(f"{base}: MNIST {split} images must be uint8 (N, 28, 28), "
-                        f"got {x.dtype} {x.shape}")
+        raise DataError(
+            f"{base}: MNIST {split} images must be uint8 (N, 28, 28), got {x.dtype} {x.shape}"
+        )
     if y.dtype != np.uint8 or y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{base}: MNIST {split} labels must be uint8 ({len(x)},) to match "
-                        f"the images, got {y.dtype} {y.shape}")
+        raise DataError(
+            f"{base}: MNIST {split} labels must be uint8 ({len(x)},) to match "
+            f"the images, got {y.dtype} {y.shape}"
+        )
     return x, y
 
 
@@ -92,8 +99,10 @@ def _find(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"{root}: neither {stem}.gz nor {stem} found; point the root at a folder "
-                    "holding the four MNIST IDX files")
+    raise DataError(
+        f"{root}: neither {stem}.gz nor {stem} found; point the root at a folder "
+        "holding the four MNIST IDX files"
+    )
 
 
 def _read_sums(root: Path) -> dict[str, str]:
@@ -101,8 +110,10 @@ def _read_sums(root: Path) -> dict[str, str]:
     try:
         text = sums_path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise DataError(f"{sums_path}: cannot read checksum list ({exc.strerror}); "
-                        "restore it or point at a folder that has one") from exc
+        raise DataError(
+            f"{sums_path}: cannot read checksum list ({exc.strerror}); "
+            "restore it or point at a folder that has one"
+        ) from exc
     sums: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -57,8 +57,10 @@ def partition(
     if num_shards < 1:
         raise ConfigError(f"num_shards must be at least 1, got {num_shards}")
     if num_shards > len(y):
-        raise ConfigError(f"cannot split {len(y)} examples into {num_shards} non-empty shards; "
-                          "lower num_shards or use more examples")
+        raise ConfigError(
+            f"cannot split {len(y)} examples into {num_shards} non-empty shards; "
+            "lower num_shards or use more examples"
+        )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = np.array_split(rng.permutation(len(y)), num_shards)
@@ -138,9 +140,11 @@ def _dirichlet(
         parts = [np.concatenate(b) for b in buckets]
         if all(len(p) > 0 for p in parts):
             return parts
-    raise ConfigError(f"dirichlet split with alpha={alpha} left a shard empty in each of "
-                      f"{_MAX_DIRICHLET_ATTEMPTS} draws; raise alpha, lower num_shards "
-                      "or use more examples")
+    raise ConfigError(
+        f"dirichlet split with alpha={alpha} left a shard empty in each of "
+        f"{_MAX_DIRICHLET_ATTEMPTS} draws; raise alpha, lower num_shards "
+        "or use more examples"
+    )
 
 
 def _pathological(
@@ -154,10 +158,13 @@ def _pathological(
         raise ConfigError(
             f"the 'shards' scheme gives each shard at most {classes_per_shard} classes, so "
             f"num_shards * classes_per_shard ({num_pieces}) must be at least the number of "
-            f"classes ({len(classes)}); raise num_shards or classes_per_shard")
+            f"classes ({len(classes)}); raise num_shards or classes_per_shard"
+        )
     if num_pieces > len(y):
-        raise ConfigError(f"cannot cut {len(y)} examples into {num_pieces} non-empty pieces; "
-                          "lower num_shards or classes_per_shard")
+        raise ConfigError(
+            f"cannot cut {len(y)} examples into {num_pieces} non-empty pieces; "
+            "lower num_shards or classes_per_shard"
+        )
     pieces: list[IndexArray] = []
     for c, k in zip(classes, _pieces_per_class(sizes, num_pieces), strict=True):
         pieces.extend(np.array_split(rng.permutation(np.flatnonzero(y == c)), k))
@@ -170,11 +177,12 @@ def _pieces_per_class(sizes: npt.NDArray[np.int64], num_pieces: int) -> list[int
     total = int(sizes.sum())
     counts = [max(1, num_pieces * int(n) // total) for n in sizes]
     while sum(counts) < num_pieces:  # give a piece to the class with the biggest pieces
-        i = max((j for j in range(len(sizes)) if counts[j] < sizes[j]),
-                key=lambda j: sizes[j] / counts[j])
+        i = max(
+            (j for j in range(len(sizes)) if counts[j] < sizes[j]),
+            key=lambda j: sizes[j] / counts[j],
+        )
         counts[i] += 1
     while sum(counts) > num_pieces:  # take one from the class with the smallest pieces
-        i = min((j for j in range(len(sizes)) if counts[j] > 1),
-                key=lambda j: sizes[j] / counts[j])
+        i = min((j for j in range(len(sizes)) if counts[j] > 1), key=lambda j: sizes[j] / counts[j])
         counts[i] -= 1
     return counts

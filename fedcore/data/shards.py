@@ -65,8 +65,10 @@ def load_shard(path: str | Path) -> ArrayDataset:
     if p.is_file():
         x, y = _read_npz(p)
         return ArrayDataset(x, y, source=str(p))
-    raise DataError(f"{p}: no such shard file or directory; create shards with "
-                    "'fed-data split --out DIR --num-shards N'")
+    raise DataError(
+        f"{p}: no such shard file or directory; create shards with "
+        "'fed-data split --out DIR --num-shards N'"
+    )
 
 
 def save_shard(path: str | Path, x: npt.ArrayLike, y: npt.ArrayLike) -> Path:
@@ -84,18 +86,24 @@ def save_shard(path: str | Path, x: npt.ArrayLike, y: npt.ArrayLike) -> Path:
         with p.open("wb") as f:
             np.savez(f, x=xa, y=ya)
     except OSError as exc:
-        raise DataError(f"{p}: cannot write shard ({exc.strerror}); check that the directory "
-                        "is writable and the disk is not full") from exc
+        raise DataError(
+            f"{p}: cannot write shard ({exc.strerror}); check that the directory "
+            "is writable and the disk is not full"
+        ) from exc
     return p
 
 
 def _validate(x: npt.NDArray[Any], y: npt.NDArray[Any], source: str) -> None:
     if x.ndim < 1 or y.ndim != 1:
-        raise DataError(f"{source}: x must have a leading example axis and y must be 1-D, "
-                        f"got x {x.shape} and y {y.shape}")
+        raise DataError(
+            f"{source}: x must have a leading example axis and y must be 1-D, "
+            f"got x {x.shape} and y {y.shape}"
+        )
     if len(x) != len(y):
-        raise DataError(f"{source}: x has {len(x)} examples but y has {len(y)} labels; "
-                        "they must match one to one")
+        raise DataError(
+            f"{source}: x has {len(x)} examples but y has {len(y)} labels; "
+            "they must match one to one"
+        )
     if len(y) == 0:
         raise DataError(f"{source}: holds no examples; a shard needs at least one")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
@@ -122,16 +130,21 @@ def _read_npz(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: is a single .npy array, expected a .npz file "
-                                "with arrays 'x' and 'y'")
+                raise DataError(
+                    f"{path}: is a single .npy array, expected a .npz file with arrays 'x' and 'y'"
+                )
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)}; a shard "
-                                f"needs 'x' and 'y' (found {', '.join(npz.files) or 'none'})")
+                raise DataError(
+                    f"{path}: missing array(s) {', '.join(missing)}; a shard "
+                    f"needs 'x' and 'y' (found {', '.join(npz.files) or 'none'})"
+                )
             return npz["x"], npz["y"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz shard ({exc}); write shards with "
-                        "'fed-data split' or fedcore.data.save_shard") from exc
+        raise DataError(
+            f"{path}: not a readable .npz shard ({exc}); write shards with "
+            "'fed-data split' or fedcore.data.save_shard"
+        ) from exc
 
 
 def _find_idx_pair(root: Path) -> tuple[Path, Path]:
@@ -148,14 +161,18 @@ def _find_idx_pair(root: Path) -> tuple[Path, Path]:
                 break
     complete = {k: v for k, v in pairs.items() if v["images"] and v["labels"]}
     if not complete:
-        raise DataError(f"{root}: no IDX pair found; the directory needs one file whose name "
-                        "contains 'images' and one whose name contains 'labels'")
+        raise DataError(
+            f"{root}: no IDX pair found; the directory needs one file whose name "
+            "contains 'images' and one whose name contains 'labels'"
+        )
     if len(complete) > 1:
         train = {k: v for k, v in complete.items() if "train" in k}
         if len(train) != 1:
             names = ", ".join(f.name for v in complete.values() for f in v["images"])
-            raise DataError(f"{root}: several IDX pairs ({names}) and no single 'train' pair "
-                            "to prefer; keep one pair in the directory")
+            raise DataError(
+                f"{root}: several IDX pairs ({names}) and no single 'train' pair "
+                "to prefer; keep one pair in the directory"
+            )
         complete = train
     (group,) = complete.values()
     return _pick(root, group["images"]), _pick(root, group["labels"])
@@ -168,5 +185,6 @@ def _pick(root: Path, files: list[Path]) -> Path:
     stems = {f.name.removesuffix(".gz") for f in files}
     if len(stems) == 1:
         return next(f for f in files if f.name.endswith(".gz"))
-    raise DataError(f"{root}: ambiguous IDX files {', '.join(f.name for f in files)}; "
-                    "keep one of them")
+    raise DataError(
+        f"{root}: ambiguous IDX files {', '.join(f.name for f in files)}; keep one of them"
+    )
