@@ -20,6 +20,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     rounds: int = 3
     min_workers: int = 2
+    min_results: int | None = None
     round_timeout: float = 600.0
     round_retries: int = 3
     join_timeout: float | None = None
@@ -57,8 +58,15 @@ class ServerConfig:
             raise ConfigError("--upload-slots must be at least 1")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("--heartbeat-timeout must be longer than the heartbeat interval")
+        if self.min_results is not None and self.min_results < 1:
+            raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
+
+    @property
+    def results_needed(self) -> int:
+        """Valid results a round needs to count (``--min-results``, default ``--min-workers``)."""
+        return self.min_results if self.min_results is not None else self.min_workers
 
     @property
     def federated_eval_every(self) -> int:

@@ -198,11 +198,10 @@ class Coordinator:
         self, round_number: int, pending_report: asyncio.Task[None] | None
     ) -> tuple[FitCollector, int]:
         cfg = self.config
+        needed = cfg.results_needed
         for attempt in range(1, cfg.round_retries + 2):
-            if not await self.registry.wait_for_idle(cfg.min_workers, cfg.round_timeout):
-                log.warning(
-                    "round %d: fewer than %d workers are ready", round_number, cfg.min_workers
-                )
+            if not await self.registry.wait_for_idle(needed, cfg.round_timeout):
+                log.warning("round %d: fewer than %d workers are ready", round_number, needed)
                 if pending_report is not None:
                     await pending_report
                     pending_report = None
@@ -219,7 +218,7 @@ class Coordinator:
                     failure.worker.name,
                     failure.reason,
                 )
-            if len(collector.results) >= cfg.min_workers:
+            if len(collector.results) >= needed:
                 aggregate = collector.aggregator.result()
                 self.weights = self.strategy.aggregate_fit(
                     round_number, self.weights, aggregate, collector.results, collector.failures
@@ -230,13 +229,13 @@ class Coordinator:
                 round_number,
                 attempt,
                 len(collector.results),
-                cfg.min_workers,
+                needed,
             )
         if pending_report is not None:
             await pending_report
         raise RoundFailedError(
             f"round {round_number} failed {cfg.round_retries + 1} times: fewer than "
-            f"{cfg.min_workers} workers delivered valid results; see the warnings above"
+            f"{needed} workers delivered valid results; see the warnings above"
         )
 
     def _encode_weights(self) -> tuple[pb.PayloadHeader, list[bytes]]:

@@ -52,10 +52,11 @@ class Proc:
 
     def _read(self) -> None:
         assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+        with self.popen.stdout:
+            for line in self.popen.stdout:
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
@@ -98,7 +99,8 @@ class Proc:
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
-            self.popen.wait(10)
+        self.popen.wait(10)
+        self._reader.join(10)
 
 
 @pytest.fixture
