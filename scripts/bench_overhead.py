@@ -38,13 +38,16 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 
-from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
-from fedcore.weights import Weights
+if TYPE_CHECKING:
+    from fedcore.plan import ModelSpec, TrainConfig
+    from fedcore.weights import Weights
+
+# fedcore is imported only where needed: importing it loads torch, which the floor's processes
+# (pure gRPC) must not pay for, nor carry in their memory.
 
 SCRIPT = Path(__file__).resolve()
 FLOOR_METHOD = "/fedcore.bench.Floor/Echo"
@@ -55,6 +58,8 @@ _SLOWEST_RATE = 20e6
 _START_TIMEOUT = 120.0
 _QUICK_WORKERS = [2]
 _QUICK_SIZES = [100_000, 1_000_000]
+# Room in a gRPC message besides a chunk, as fedcore.protocol.MESSAGE_OVERHEAD_BYTES.
+_ENVELOPE_BYTES = 1024 * 1024
 
 log = logging.getLogger("bench_overhead")
 
@@ -99,7 +104,7 @@ def echo_worker_main(server: str, name: str) -> int:
 
 
 def _grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
-    limit = max_message_bytes(chunk_bytes)
+    limit = chunk_bytes + _ENVELOPE_BYTES
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
@@ -417,7 +422,7 @@ def measure_fedcore(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
 
 
 def measure_floor(
-    workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int
 ) -> dict[str, Any]:
     """The same bytes through a bare grpc.aio echo: one server, ``workers`` client processes."""
     payload = 4 * params
@@ -483,15 +488,15 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def measure(workers: int, params: int, rounds: int, tmp: Path) -> dict[str, Any]:
-    """fedcore and the floor for one (N, d)."""
+def measure(workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int) -> dict[str, Any]:
+    """fedcore and the floor (messages of ``chunk_bytes``, as fedcore's) for one (N, d)."""
     model_bytes = 4 * params
     fed = measure_fedcore(workers, params, rounds, tmp)
     _progress(
         f"N={workers} d={params:.0e}: fedcore {fed['seconds_per_round']:.3f} s/round, "
         f"peak RSS {fed['peak_rss_bytes'] / 1e6:.0f} MB ({fed['wall_seconds']:.0f} s)"
     )
-    floor = measure_floor(workers, params, rounds, tmp)
+    floor = measure_floor(workers, params, rounds, tmp, chunk_bytes)
     _progress(
         f"N={workers} d={params:.0e}: floor   {floor['seconds_per_round']:.3f} s/round "
         f"({floor['wall_seconds']:.0f} s)"
@@ -555,12 +560,14 @@ def _progress(message: str) -> None:
 
 def run_benchmark(workers: Sequence[int], sizes: Sequence[int], rounds: int) -> dict[str, Any]:
     """Every (N, d) in turn; the full report."""
+    from fedcore.protocol import DEFAULT_CHUNK_BYTES
+
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         for n in workers:
             for d in sizes:
-                entries.append(measure(n, d, rounds, Path(tmp)))
+                entries.append(measure(n, d, rounds, Path(tmp), DEFAULT_CHUNK_BYTES))
     return {
         "results": entries,
         "targets": evaluate_targets(entries),
@@ -614,12 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     fs = roles.add_parser("floor-server", help="the bare grpc.aio server of the floor")
     fs.add_argument("--clients", type=_count, required=True)
     fs.add_argument("--payload-bytes", type=_count, required=True)
-    fs.add_argument("--chunk-bytes", type=_count, default=DEFAULT_CHUNK_BYTES)
+    fs.add_argument("--chunk-bytes", type=_count, required=True)
     fs.add_argument("--rounds", type=_count, default=6)
     fs.add_argument("--timeout", type=float, default=600.0)
     fc = roles.add_parser("floor-client", help="one echo client of the floor")
     fc.add_argument("--server", required=True)
-    fc.add_argument("--chunk-bytes", type=_count, default=DEFAULT_CHUNK_BYTES)
+    fc.add_argument("--chunk-bytes", type=_count, required=True)
     fc.add_argument("--timeout", type=float, default=600.0)
     return p
 

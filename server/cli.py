@@ -66,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-workers",
         type=int,
         default=2,
-        help="workers needed to start, and valid results needed for a round to count (default: %(default)s)",
+        help="workers that must be connected before round 1 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--min-results",
+        type=int,
+        help="valid results a round needs to count; later rounds start once this many workers "
+        "are ready (default: --min-workers)",
     )
     g.add_argument(
         "--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)"
@@ -185,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         listen=args.listen,
         rounds=args.rounds,
         min_workers=args.min_workers,
+        min_results=args.min_results,
         round_timeout=args.round_timeout,
         round_retries=args.round_retries,
         join_timeout=args.join_timeout,

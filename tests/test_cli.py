@@ -85,20 +85,8 @@ def test_worker_killed_mid_round_is_dropped_and_the_round_completes(
     shards: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
     metrics = tmp_path / "metrics.jsonl"
-    server, port = start_server(
-        procs,
-        "--min-workers",
-        "2",
-        "--rounds",
-        "3",
-        "--epochs",
-        "10",
-        "--metrics-out",
-        str(metrics),
-        "--fed-eval-every",
-        "0",
-        *FAST,
-    )
+    flags = "--min-workers 3 --min-results 2 --rounds 3 --epochs 10 --fed-eval-every 0".split()
+    server, port = start_server(procs, *flags, "--metrics-out", str(metrics), *FAST)
     survivors = [
         start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)
     ]
