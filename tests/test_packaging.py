@@ -1,0 +1,51 @@
+"""The wheel installs one namespace: fedcore, fedcore.server, fedcore.worker — and the data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_maps_server_and_worker_into_fedcore(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("fedcore-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "fedcore/server/coordinator.py",
+        "fedcore/worker/runtime.py",
+        "fedcore/v1/fedcore_pb2.py",
+        "fedcore/v1/fedcore_pb2.pyi",
+        "fedcore/py.typed",
+        "fedcore/data/mnist/train-images-idx3-ubyte.gz",
+        "fedcore/data/mnist/SHA256SUMS",
+    ):
+        assert required in names, f"{required} missing from the wheel"
+    top_level = {n.split("/", 1)[0] for n in names}
+    assert top_level == {"fedcore", wheel.name.split("-")[0] + "-0.1.0.dist-info"}
+    entry_points = zipfile.ZipFile(wheel).read("fedcore-0.1.0.dist-info/entry_points.txt").decode()
+    for script in ("fed-server = fedcore.server.cli:main", "fed-worker = fedcore.worker.cli:main"):
+        assert script in entry_points
