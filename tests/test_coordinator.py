@@ -401,3 +401,18 @@ async def test_worker_with_wrong_model_is_rejected_for_good(coordinator_factory:
     )
     with pytest.raises(RejectedError, match="uses model mnist-mlp, the federation runs logreg"):
         await run_worker(coordinator.port, "wrong", trainer)
+
+
+async def test_models_far_above_the_grpc_message_limit_go_through(coordinator_factory: Any) -> None:
+    """12 MB of weights (3x gRPC's default 4 MB message limit) in 1 MiB chunks, both ways."""
+    size = 3_000_000
+    coordinator, task = await coordinator_factory(
+        config(model=ModelSpec("vector", {"size": size}), rounds=1, chunk_bytes=1 << 20)
+    )
+    await asyncio.gather(
+        run_worker(coordinator.port, "a", ScriptedTrainer(2.0, 1)),
+        run_worker(coordinator.port, "b", ScriptedTrainer(4.0, 3)),
+    )
+    result = await asyncio.wait_for(task, TIMEOUT)
+    np.testing.assert_array_equal(result.weights["weight"], np.full(size, 3.5, np.float32))
+    assert result.rounds[0].bytes_received > 2 * 4 * size
