@@ -93,10 +93,13 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
     return model
 
 
-def get_weights(model: nn.Module) -> Weights:
-    """The model's state as numpy arrays (copies, on the CPU), in state_dict order."""
+def get_weights(model: nn.Module, *, copy: bool = True) -> Weights:
+    """The model's state as numpy arrays on the CPU, in state_dict order.
+
+    With ``copy=False`` CPU tensors are shared, not copied: for a model about to be dropped.
+    """
     return {
-        name: tensor.detach().to("cpu", copy=True).contiguous().numpy()
+        name: tensor.detach().to("cpu", copy=copy).contiguous().numpy()
         for name, tensor in model.state_dict().items()
     }
 

@@ -1,7 +1,7 @@
 """The coordinator: waits for workers, runs rounds through the strategy's hooks, reports.
 
-A round sends each selected worker a plan (a Task whose weights follow as chunks serialized
-once and shared by every stream), folds valid updates into the running aggregate as they
+A round sends each selected worker a plan (a Task whose weights follow as chunks, serialized
+as each stream sends them), folds valid updates into the running aggregate as they
 arrive, and completes when every worker answered or the round timeout passed. With fewer than
 ``min_workers`` results the round is retried (at most ``round_retries`` times); the global
 model only ever changes from a completed round.
@@ -15,14 +15,12 @@ import logging
 import resource
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
-from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
@@ -31,6 +29,7 @@ from fedcore.weights import Weights, signature_of
 
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
+from .payloads import WeightsPayload
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
@@ -63,7 +62,8 @@ class Coordinator:
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
-        self.weights: Weights = get_weights(model)
+        # Shared, not copied: the model is dropped right away, so a large model costs 1x here.
+        self.weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(self.weights)
         self.registry = WorkerRegistry(config.max_workers)
@@ -238,29 +238,19 @@ class Coordinator:
             f"{needed} workers delivered valid results; see the warnings above"
         )
 
-    def _encode_weights(self) -> tuple[pb.PayloadHeader, list[bytes]]:
-        """The global weights as chunk messages, serialized once for all streams."""
-        header = make_header(self.weights, self.config.chunk_bytes)
-        chunks = [
-            pb.CoordinatorMessage(chunk=pb.PayloadChunk(index=i, data=data)).SerializeToString()
-            for i, data in enumerate(iter_chunks(self.weights, self.config.chunk_bytes))
-        ]
-        return header, chunks
-
     def _issue(
         self,
         session: WorkerSession,
         collector: RoundCollector,
         task: pb.Task,
-        chunks: Sequence[bytes],
+        payload: WeightsPayload,
     ) -> None:
         task.task_id = uuid.uuid4().hex
         ticket = Ticket(task.task_id, task.round, task.kind, session, collector=collector)
         session.assign(ticket)
         collector.tickets.append(ticket)
         session.send(pb.CoordinatorMessage(task=task))
-        for chunk in chunks:
-            session.send(chunk)
+        session.send(payload)
 
     def _dispatch_fit(self, round_number: int) -> FitCollector:
         sessions = {s.worker_id: s for s in self.registry.idle()}
@@ -269,7 +259,7 @@ class Coordinator:
         )
         if not instructions:
             raise ConfigError(f"strategy selected no workers for round {round_number}")
-        header, chunks = self._encode_weights()
+        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
         collector = FitCollector(
             round_number, self.strategy.start_aggregation(round_number, self.weights), self.weights
         )
@@ -285,9 +275,9 @@ class Coordinator:
                 kind=pb.TASK_KIND_FIT,
                 model=model,
                 train=instruction.config.to_proto(),
-                weights=header,
+                weights=payload.header,
             )
-            self._issue(session, collector, task, chunks)
+            self._issue(session, collector, task, payload)
         log.info("round %d: %d worker(s) training", round_number, len(instructions))
         return collector
 
@@ -296,13 +286,13 @@ class Coordinator:
         chosen = self.strategy.configure_evaluate(round_number, [s.info for s in idle.values()])
         if not chosen:
             return {}
-        header, chunks = self._encode_weights()
+        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
         collector = EvaluateCollector(round_number)
         model = self.config.model.to_proto()
         for worker in chosen:
             task = pb.Task(
-                round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=header
+                round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=payload.header
             )
-            self._issue(idle[worker.worker_id], collector, task, chunks)
+            self._issue(idle[worker.worker_id], collector, task, payload)
         await collector.wait(self.config.round_timeout)
         return self.strategy.aggregate_evaluate(round_number, collector.results)

@@ -24,12 +24,15 @@ from typing import Any
 from fedcore.strategy import WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
 
+from .payloads import WeightsPayload
+
 __all__ = ["Outgoing", "SessionState", "Ticket", "WorkerRegistry", "WorkerSession"]
 
 log = logging.getLogger("fedcore.server")
 
-# What the writer of a stream sends: a message, bytes already serialized, or None to end it.
-Outgoing = pb.CoordinatorMessage | bytes | None
+# What the writer of a stream sends: a message, bytes already serialized, weights to stream
+# as chunks, or None to end the stream.
+Outgoing = pb.CoordinatorMessage | bytes | WeightsPayload | None
 
 
 class SessionState(enum.Enum):

@@ -47,6 +47,11 @@ class RoundCollector:
                 outcome = ticket.future.result()
                 if isinstance(outcome, BaseException):
                     self.failures.append(Failure(ticket.session.info, str(outcome)))
+            # Break the ticket <-> collector cycle: a late result finds no collector and is
+            # dropped, and the round's model-sized state is freed now, not at the next full
+            # garbage collection.
+            ticket.collector = None
+        self.tickets.clear()
 
 
 class FitCollector(RoundCollector):

@@ -27,6 +27,7 @@ from fedcore.weights import ModelSignature, describe_mismatch
 
 from .config import ServerConfig
 from .inbox import Inbox
+from .payloads import WeightsPayload
 from .registry import WorkerRegistry, WorkerSession
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
@@ -187,6 +188,11 @@ class CoordinatorService:
                 item = await session.outbox.get()
                 if item is None:
                     break
+                if isinstance(item, WeightsPayload):
+                    for message in item.messages():
+                        await context.write(message)
+                        self.counters.bytes_sent += len(message)
+                    continue
                 size = len(item) if isinstance(item, bytes) else item.ByteSize()
                 await context.write(item)
                 self.counters.bytes_sent += size
