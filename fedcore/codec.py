@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -30,8 +32,13 @@ from fedcore.weights import (
 __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_TENSORS",
+    "ChunkLike",
     "PayloadAssembler",
+    "RawChunk",
+    "decode_chunk_message",
+    "encode_chunk_message",
     "header_signature",
+    "iter_chunk_views",
     "iter_chunks",
     "make_header",
     "num_chunks",
@@ -111,12 +118,13 @@ def _le_bytes(array: npt.NDArray[np.generic]) -> memoryview:
     return le.reshape(-1).view(np.uint8).data
 
 
-def iter_chunks(
+def iter_chunk_views(
     weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
-) -> Iterator[bytes]:
-    """Yield the payload bytes of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter).
+) -> Iterator[memoryview | bytes]:
+    """Yield the payload of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter).
 
-    A piece inside one tensor costs one copy; a piece spanning tensors is joined.
+    A piece inside one tensor is a zero-copy view (valid while the weights are unchanged); a
+    piece spanning tensors is joined into bytes.
     """
     pending: list[memoryview] = []
     pending_len = 0
@@ -128,7 +136,7 @@ def iter_chunks(
             piece = view[offset : offset + take]
             offset += take
             if pending_len == 0 and take == chunk_bytes:
-                yield bytes(piece)
+                yield piece
                 continue
             pending.append(piece)
             pending_len += take
@@ -137,6 +145,102 @@ def iter_chunks(
                 pending, pending_len = [], 0
     if pending_len:
         yield b"".join(pending)
+
+
+def iter_chunks(
+    weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
+) -> Iterator[bytes]:
+    """Like :func:`iter_chunk_views`, as bytes."""
+    for piece in iter_chunk_views(weights, chunk_bytes):
+        yield piece if isinstance(piece, bytes) else bytes(piece)
+
+
+# Field numbers of PayloadChunk inside the two stream envelopes (see the .proto).
+CHUNK_FIELD_IN_COORDINATOR_MESSAGE = 3
+CHUNK_FIELD_IN_WORKER_MESSAGE = 4
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class RawChunk:
+    """A PayloadChunk read straight off the wire: ``data`` is a view into the received bytes."""
+
+    index: int
+    data: memoryview
+    wire_size: int
+
+
+class ChunkLike(Protocol):
+    """Anything with a chunk's index and data (a ``pb.PayloadChunk`` or a :class:`RawChunk`)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def decode_chunk_message(raw: bytes, envelope_field: int) -> RawChunk | None:
+    """The chunk in ``raw`` if it is exactly ``Envelope(chunk=PayloadChunk(...))`` in canonical
+    encoding, without copying its data; None for anything else (parse that with protobuf)."""
+    if len(raw) < 2 or raw[0] != (envelope_field << 3 | 2):
+        return None
+    length, pos = _read_varint(raw, 1)
+    if pos + length != len(raw):
+        return None
+    index = 0
+    if pos < len(raw) and raw[pos] == 0x08:
+        index, pos = _read_varint(raw, pos + 1)
+        if index < 0:
+            return None
+    if pos == len(raw):
+        return RawChunk(index, memoryview(b""), len(raw))
+    if raw[pos] != 0x12:
+        return None
+    size, pos = _read_varint(raw, pos + 1)
+    if size < 0 or pos + size != len(raw):
+        return None
+    return RawChunk(index, memoryview(raw)[pos:], len(raw))
+
+
+def encode_chunk_message(envelope_field: int, index: int, data: memoryview | bytes) -> bytes:
+    """Serialize ``Envelope(chunk=PayloadChunk(index=index, data=data))`` in one copy.
+
+    This is the payload hot path: building the protobuf message and serializing it would copy
+    every chunk twice more. The bytes are exactly what protobuf produces for that message (a
+    test checks it against ``SerializeToString``): field ``envelope_field`` as a length-delimited
+    submessage holding field 1 (varint index) and field 2 (bytes), each omitted when empty as
+    proto3 does.
+    """
+    size = len(data)
+    inner_head = (b"\x08" + _varint(index) if index else b"") + (
+        b"\x12" + _varint(size) if size else b""
+    )
+    outer_head = _varint(envelope_field << 3 | 2) + _varint(len(inner_head) + size)
+    return b"".join((outer_head, inner_head, data))
 
 
 class PayloadAssembler:
@@ -227,7 +331,7 @@ class PayloadAssembler:
             )
         return tuple(specs)
 
-    def add(self, chunk: pb.PayloadChunk) -> bool:
+    def add(self, chunk: ChunkLike) -> bool:
         """Accept the next chunk; return True once the payload is complete."""
         if self.complete:
             raise PayloadError(f"{self._what}: chunk {chunk.index} arrived after the last one")

@@ -10,6 +10,12 @@ from typing import Any, Final
 
 import grpc
 
+from fedcore.codec import (
+    CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
+    CHUNK_FIELD_IN_WORKER_MESSAGE,
+    RawChunk,
+    decode_chunk_message,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = [
@@ -20,6 +26,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SERVICE_NAME",
     "STREAM_END",
+    "deserialize_coordinator_message",
+    "deserialize_worker_message",
     "max_message_bytes",
     "serialize_coordinator_message",
     "serialize_worker_message",
@@ -40,6 +48,18 @@ MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 def max_message_bytes(chunk_bytes: int) -> int:
     """The gRPC message size limit that fits one chunk plus its envelope."""
     return chunk_bytes + MESSAGE_OVERHEAD_BYTES
+
+
+def deserialize_worker_message(raw: bytes) -> pb.WorkerMessage | RawChunk:
+    """Parse a worker message; payload chunks take a zero-copy fast path."""
+    chunk = decode_chunk_message(raw, CHUNK_FIELD_IN_WORKER_MESSAGE)
+    return chunk if chunk is not None else pb.WorkerMessage.FromString(raw)
+
+
+def deserialize_coordinator_message(raw: bytes) -> pb.CoordinatorMessage | RawChunk:
+    """Parse a coordinator message; payload chunks take a zero-copy fast path."""
+    chunk = decode_chunk_message(raw, CHUNK_FIELD_IN_COORDINATOR_MESSAGE)
+    return chunk if chunk is not None else pb.CoordinatorMessage.FromString(raw)
 
 
 def serialize_coordinator_message(message: pb.CoordinatorMessage | bytes) -> bytes:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from fedcore.codec import PayloadAssembler, num_chunks
+from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
 from fedcore.errors import PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
@@ -67,7 +67,7 @@ class Inbox:
         if kind == "heartbeat":
             return
         if kind == "chunk":
-            await self._on_chunk(message.chunk)
+            await self.on_chunk(message.chunk)
             return
         if self._upload is not None:
             raise ProtocolError(f"a {kind} message arrived in the middle of an upload")
@@ -127,7 +127,8 @@ class Inbox:
         if self._upload.remaining == 0:
             await self._finish_upload()
 
-    async def _on_chunk(self, chunk: pb.PayloadChunk) -> None:
+    async def on_chunk(self, chunk: ChunkLike) -> None:
+        """Take the next chunk of the upload in progress."""
         upload = self._upload
         if upload is None:
             raise ProtocolError("a payload chunk arrived outside of an upload")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from fedcore.codec import iter_chunks, make_header
-from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.codec import (
+    CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
+    encode_chunk_message,
+    iter_chunk_views,
+    make_header,
+)
 from fedcore.weights import Weights
 
 __all__ = ["WeightsPayload"]
@@ -25,7 +29,5 @@ class WeightsPayload:
 
     def messages(self) -> Iterator[bytes]:
         """Serialized ``CoordinatorMessage(chunk=...)`` messages, in order."""
-        for index, data in enumerate(iter_chunks(self._weights, self._chunk_bytes)):
-            yield pb.CoordinatorMessage(
-                chunk=pb.PayloadChunk(index=index, data=data)
-            ).SerializeToString()
+        for index, data in enumerate(iter_chunk_views(self._weights, self._chunk_bytes)):
+            yield encode_chunk_message(CHUNK_FIELD_IN_COORDINATOR_MESSAGE, index, data)

@@ -13,12 +13,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from fedcore.codec import RawChunk
 from fedcore.errors import ProtocolError
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
     SERVICE_NAME,
     STREAM_END,
+    deserialize_worker_message,
     max_message_bytes,
     serialize_coordinator_message,
 )
@@ -73,7 +75,7 @@ class CoordinatorService:
     def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
             self.join,
-            request_deserializer=pb.WorkerMessage.FromString,
+            request_deserializer=deserialize_worker_message,
             response_serializer=serialize_coordinator_message,
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Join": handler})
@@ -218,6 +220,10 @@ class CoordinatorService:
                 if message is STREAM_END:
                     break
                 session.last_seen = time.monotonic()
+                if isinstance(message, RawChunk):
+                    self.counters.bytes_received += message.wire_size
+                    await inbox.on_chunk(message)
+                    continue
                 self.counters.bytes_received += message.ByteSize()
                 await inbox.handle(message)
         except ProtocolError as exc:

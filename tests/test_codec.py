@@ -7,8 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore.codec import PayloadAssembler, iter_chunks, make_header, num_chunks
+from fedcore.codec import (
+    CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
+    CHUNK_FIELD_IN_WORKER_MESSAGE,
+    PayloadAssembler,
+    decode_chunk_message,
+    encode_chunk_message,
+    iter_chunks,
+    make_header,
+    num_chunks,
+)
 from fedcore.errors import ModelMismatchError, PayloadError
+from fedcore.protocol import deserialize_worker_message
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -138,3 +148,56 @@ def test_chunks_never_hold_more_than_chunk_bytes_for_large_tensors() -> None:
     sizes = [len(c) for c in iter_chunks(weights, 65_536)]
     assert max(sizes) == 65_536
     assert sum(sizes) == 400_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(index=st.integers(0, 2**40), data=st.binary(max_size=300))
+def test_hand_encoded_chunk_messages_equal_protobuf(index: int, data: bytes) -> None:
+    coordinator = pb.CoordinatorMessage(chunk=pb.PayloadChunk(index=index, data=data))
+    worker = pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data))
+    assert encode_chunk_message(CHUNK_FIELD_IN_COORDINATOR_MESSAGE, index, memoryview(data)) == (
+        coordinator.SerializeToString()
+    )
+    assert (
+        encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
+        == worker.SerializeToString()
+    )
+
+
+def test_hand_encoded_large_chunk_parses_back() -> None:
+    data = np.random.default_rng(0).bytes(3 << 20)
+    raw = encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, 300, data)
+    message = pb.WorkerMessage.FromString(raw)
+    assert message.chunk.index == 300
+    assert message.chunk.data == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(index=st.integers(0, 2**40), data=st.binary(max_size=300))
+def test_chunk_fast_path_decodes_what_protobuf_encodes(index: int, data: bytes) -> None:
+    raw = pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data)).SerializeToString()
+    chunk = decode_chunk_message(raw, CHUNK_FIELD_IN_WORKER_MESSAGE)
+    assert chunk is not None
+    assert chunk.index == index
+    assert bytes(chunk.data) == data
+    assert chunk.wire_size == len(raw)
+    # The other envelope's field number never matches.
+    assert decode_chunk_message(raw, CHUNK_FIELD_IN_COORDINATOR_MESSAGE) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_chunk_fast_path_never_accepts_what_protobuf_would_not(raw: bytes) -> None:
+    """Garbage either falls back to protobuf or decodes to the same chunk protobuf sees."""
+    chunk = decode_chunk_message(raw, CHUNK_FIELD_IN_WORKER_MESSAGE)
+    if chunk is None:
+        return
+    message = pb.WorkerMessage.FromString(raw)
+    assert message.WhichOneof("body") == "chunk"
+    assert (message.chunk.index, message.chunk.data) == (chunk.index, bytes(chunk.data))
+
+
+def test_other_messages_take_the_protobuf_path() -> None:
+    hello = pb.WorkerMessage(hello=pb.Hello(name="a")).SerializeToString()
+    assert decode_chunk_message(hello, CHUNK_FIELD_IN_WORKER_MESSAGE) is None
+    assert isinstance(deserialize_worker_message(hello), pb.WorkerMessage)

@@ -27,7 +27,15 @@ from typing import Any
 
 import grpc
 
-from fedcore.codec import PayloadAssembler, iter_chunks, make_header, signature_specs
+from fedcore.codec import (
+    CHUNK_FIELD_IN_WORKER_MESSAGE,
+    PayloadAssembler,
+    RawChunk,
+    encode_chunk_message,
+    iter_chunk_views,
+    make_header,
+    signature_specs,
+)
 from fedcore.errors import FedcoreError, ModelMismatchError, PayloadError, RejectedError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
@@ -35,6 +43,7 @@ from fedcore.protocol import (
     JOIN_METHOD,
     PROTOCOL_VERSION,
     STREAM_END,
+    deserialize_coordinator_message,
     max_message_bytes,
     serialize_worker_message,
 )
@@ -200,14 +209,14 @@ class Worker:
         open_stream: Any = channel.stream_stream(
             JOIN_METHOD,
             request_serializer=serialize_worker_message,
-            response_deserializer=pb.CoordinatorMessage.FromString,
+            response_deserializer=deserialize_coordinator_message,
         )
         call = open_stream()
         await call.write(self._hello())
         first = await call.read()
         if first is STREAM_END:
             raise _Disconnected("stream closed during the handshake")
-        if first.WhichOneof("body") != "welcome":
+        if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
         self.worker_id = welcome.worker_id
@@ -224,7 +233,8 @@ class Worker:
                 message = await call.read()
                 if message is STREAM_END:
                     raise _Disconnected("the coordinator closed the stream")
-                kind = message.WhichOneof("body")
+                chunk = message if isinstance(message, RawChunk) else None
+                kind = "chunk" if chunk is not None else message.WhichOneof("body")
                 if kind == "shutdown":
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
@@ -239,7 +249,7 @@ class Worker:
                     if current is None:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
                     try:
-                        if current[1].add(message.chunk):
+                        if current[1].add(chunk if chunk is not None else message.chunk):
                             jobs.put_nowait(current)
                             pending = None
                     except PayloadError as exc:
@@ -303,9 +313,11 @@ class Worker:
                     update_kind=pb.UPDATE_KIND_DELTA if fit.is_delta else pb.UPDATE_KIND_WEIGHTS,
                 )
                 await self._write(call, pb.WorkerMessage(result=result))
-                for index, data in enumerate(iter_chunks(fit.weights, assembler.chunk_bytes)):
+                chunks = iter_chunk_views(fit.weights, assembler.chunk_bytes)
+                for index, data in enumerate(chunks):
+                    # Pre-serialized: the stream's serializer passes bytes through.
                     await self._write(
-                        call, pb.WorkerMessage(chunk=pb.PayloadChunk(index=index, data=data))
+                        call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
                     )
                 log.info(
                     "round %d: sent update (loss %.4f)",
@@ -341,7 +353,7 @@ class Worker:
             call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
         )
 
-    async def _write(self, call: Any, message: pb.WorkerMessage) -> None:
+    async def _write(self, call: Any, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:
             await call.write(message)
 
