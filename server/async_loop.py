@@ -80,9 +80,11 @@ class BufferCollector(FitCollector):
                     staleness=staleness,
                 )
             )
-            ticket.resolve(True)
+            # Apply before resolving: the loop hands this worker its next task as soon as
+            # the ticket resolves, and that task must carry the new model.
             if self.aggregator.count >= rounds.settings.buffer_size:
                 await rounds.apply()
+            ticket.resolve(True)
 
 
 def _rebase(
