@@ -4,7 +4,8 @@ A round sends each selected worker a plan (a Task whose weights follow as chunks
 once and shared by every stream), folds valid updates into the running aggregate as they
 arrive, and completes when every worker answered or the round timeout passed. With fewer than
 ``min_workers`` results the round is retried (at most ``round_retries`` times); the global
-model only ever changes from a completed round.
+model only ever changes from a completed round. A strategy with ``async_settings`` (FedBuff)
+runs the asynchronous loop of :mod:`.async_loop` instead.
 """
 
 from __future__ import annotations
