@@ -278,7 +278,9 @@ class SecAggClient:
                 v: self._self_mask_shares[v].value_bytes()
                 for v in sorted(request.survivors & group)
             },
-            key_shares={v: self._key_shares[v].value_bytes() for v in sorted(request.dropped & group)},
+            key_shares={
+                v: self._key_shares[v].value_bytes() for v in sorted(request.dropped & group)
+            },
         )
         self.state = ClientState.DONE
         self._self_mask_shares.clear()

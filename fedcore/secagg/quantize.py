@@ -64,7 +64,9 @@ class FixedPoint:
         if self.ring_bits not in (32, 64):
             raise ConfigError(f"the ring has 32 or 64 bits, got {self.ring_bits}")
         if self.bits + 1 > self.ring_bits:
-            raise ConfigError(f"{self.bits} quantization bits do not fit a {self.ring_bits}-bit ring")
+            raise ConfigError(
+                f"{self.bits} quantization bits do not fit a {self.ring_bits}-bit ring"
+            )
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger]:

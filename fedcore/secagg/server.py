@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import NoReturn
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -117,9 +117,7 @@ class SecAggServer:
 
     def _check_count(self, have: int, phase: str) -> None:
         if have < self.threshold:
-            self.abort(
-                f"{phase}: {have} worker(s) remain, below the threshold t={self.threshold}"
-            )
+            self.abort(f"{phase}: {have} worker(s) remain, below the threshold t={self.threshold}")
 
     def abort(self, reason: str) -> NoReturn:
         """Abandon the round; raises :class:`SecAggAbortedError`."""
@@ -179,6 +177,10 @@ class SecAggServer:
                 f"participant {index} must send exactly one share to each of its neighbours"
             )
         self._outgoing[index] = list(shares)
+
+    def has_shares(self, index: int) -> bool:
+        """Whether ``index`` sent its shares in phase 2."""
+        return index in self._outgoing
 
     def close_shares(self) -> dict[int, list[EncryptedShare]]:
         """End phase 2: U2 = who sent all its shares; each member of U2 gets the shares U2
@@ -241,10 +243,15 @@ class SecAggServer:
             raise SecAggError(f"participant {index} sent shares nobody asked it for")
         self._responses[index] = response
 
+    def has_unmask(self, index: int) -> bool:
+        """Whether ``index`` answered the unmasking request."""
+        return index in self._responses
+
     def finish(self) -> AggregateResult:
         """Reconstruct the missing secrets, strip every mask, decode the sum."""
         self._expect(ServerState.UNMASKING, "finish")
-        assert self.request is not None and self._sum is not None
+        assert self.request is not None
+        assert self._sum is not None
         self._check_count(len(self._responses), "unmasking")
         total = self._sum
         plus: list[bytes] = []  # seeds whose PRG is added back (subtracted masks)
@@ -252,7 +259,7 @@ class SecAggServer:
         for u in sorted(self.request.survivors):
             minus.append(self._reconstruct(u, "self_mask_shares"))
         for u in sorted(self.request.dropped):
-            survivors = sorted((self.graph[u] & self.u3))
+            survivors = sorted(self.graph[u] & self.u3)
             if not survivors:
                 continue
             private = self._reconstruct(u, "key_shares")

@@ -73,9 +73,7 @@ def split(
     if len(secret) != SECRET_BYTES:
         raise SecAggError(f"a secret must be {SECRET_BYTES} bytes, got {len(secret)}")
     if not 1 <= threshold <= len(holders):
-        raise SecAggError(
-            f"threshold {threshold} is impossible with {len(holders)} share holders"
-        )
+        raise SecAggError(f"threshold {threshold} is impossible with {len(holders)} share holders")
     _check_xs(holders)
     draw = randbelow if callable(randbelow) else secrets.randbelow
     coefficients = [int.from_bytes(secret, "big")] + [
@@ -94,7 +92,9 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
     """Reconstruct the secret from at least ``threshold`` shares (the first ``threshold``
     are used); raises :class:`SecAggError` if the shares are too few or inconsistent."""
     if threshold < 1 or len(shares) < threshold:
-        raise SecAggError(f"{len(shares)} share(s) cannot reconstruct a secret of threshold {threshold}")
+        raise SecAggError(
+            f"{len(shares)} share(s) cannot reconstruct a secret of threshold {threshold}"
+        )
     points = list(shares[:threshold])
     _check_xs([s.x for s in points])
     secret = 0

@@ -132,7 +132,9 @@ class Simulation:
         self.timings["server_unmask"] += clock() - t
         return result
 
-    def expected_ring_sum(self, contributors: set[int] | frozenset[int]) -> npt.NDArray[np.unsignedinteger]:
+    def expected_ring_sum(
+        self, contributors: set[int] | frozenset[int]
+    ) -> npt.NDArray[np.unsignedinteger]:
         """The plain (unmasked) quantized sum of ``contributors``' vectors."""
         vectors = [self.plain[u] for u in sorted(contributors)]
         total = vectors[0].copy()

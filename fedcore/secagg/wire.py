@@ -19,6 +19,7 @@ from .messages import (
 from .quantize import FixedPoint
 
 __all__ = [
+    "MASKED_TENSOR",
     "directory_from_proto",
     "directory_to_proto",
     "keys_from_proto",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 _MAX_SHARE_CIPHERTEXT = 512
+#: The name of the one tensor a masked update carries.
+MASKED_TENSOR = "secagg.masked"
 
 
 def setup_to_proto(setup: RoundSetup) -> pb.SecAggSetup:

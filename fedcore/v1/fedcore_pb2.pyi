@@ -65,6 +65,9 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_INT8: _DType.ValueType  # 8
     DTYPE_UINT8: _DType.ValueType  # 9
     DTYPE_BOOL: _DType.ValueType  # 10
+    DTYPE_UINT32: _DType.ValueType  # 11
+    """secure aggregation's ring words"""
+    DTYPE_UINT64: _DType.ValueType  # 12
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------- tensors"""
@@ -80,6 +83,9 @@ DTYPE_INT16: DType.ValueType  # 7
 DTYPE_INT8: DType.ValueType  # 8
 DTYPE_UINT8: DType.ValueType  # 9
 DTYPE_BOOL: DType.ValueType  # 10
+DTYPE_UINT32: DType.ValueType  # 11
+"""secure aggregation's ring words"""
+DTYPE_UINT64: DType.ValueType  # 12
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _TaskKind:
