@@ -256,9 +256,11 @@ class SecAggCollector(FitCollector):
         self.phase_seconds["unmask"] = time.perf_counter() - t4
         dropped = len(self.sessions) - len(result.contributors)
         log.info(
-            "round %d: securely aggregated %d masked input(s) (%d worker(s) dropped, t=%d)",
+            "round %d: securely aggregated %d masked input(s) (%d worker(s) dropped, t=%d); "
+            "phases %s",
             self.round_number,
             len(result.contributors),
             dropped,
             server.threshold,
+            ", ".join(f"{k} {v:.3f} s" for k, v in self.phase_seconds.items()),
         )

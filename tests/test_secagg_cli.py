@@ -29,9 +29,7 @@ def test_secure_fedavg_matches_plain_fedavg_accuracy(
     for mode in ("plain", "secure"):
         metrics = tmp_path / f"{mode}.jsonl"
         extra = ["--secagg"] if mode == "secure" else []
-        server, port = start_server(
-            procs, *common, *FAST, *extra, "--metrics-out", str(metrics)
-        )
+        server, port = start_server(procs, *common, *FAST, *extra, "--metrics-out", str(metrics))
         workers = [
             start_worker(procs, port, shards / f"shard-{i}.npz", f"{mode}-{i}") for i in range(3)
         ]

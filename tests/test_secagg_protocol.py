@@ -29,7 +29,9 @@ async def test_secure_fedavg_matches_plain_fedavg(coordinator_factory: Any) -> N
     mean_offset = (1.0 * 30 - 0.5 * 10 + 2.0 * 20) / 60
     step = SECAGG.clip / (2 ** (SECAGG.bits - 1) - 1)
     for name, w0 in initial_weights().items():
-        np.testing.assert_allclose(result.weights[name], w0 + 2 * mean_offset, rtol=0, atol=4 * step)
+        np.testing.assert_allclose(
+            result.weights[name], w0 + 2 * mean_offset, rtol=0, atol=4 * step
+        )
     assert [r.workers for r in result.rounds] == [3, 3]
 
 

@@ -31,13 +31,24 @@ log = logging.getLogger("fedcore.worker")
 Send = Callable[[pb.WorkerMessage], Awaitable[None]]
 
 
-def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.NDArray[np.float64]:
-    """The update as one float64 vector of deltas, in the order of the received weights."""
-    parts = []
+def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.NDArray[np.floating]:
+    """The update as one flat vector of deltas, in the order of the received weights (float32
+    for float32 models: the difference of two float32 numbers is exact enough to quantize)."""
+    dtype = np.result_type(np.float32, *(a.dtype for a in received.values()))
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    total = sum(a.size for a in received.values())
+    out = np.empty(total, dtype=dtype)
+    offset = 0
     for name, base in received.items():
-        new = np.asarray(updated[name], dtype=np.float64).reshape(-1)
-        parts.append(new if is_delta else new - np.asarray(base, dtype=np.float64).reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0)
+        part = out[offset : offset + base.size]
+        new = np.asarray(updated[name]).reshape(-1)
+        if is_delta:
+            part[...] = new
+        else:
+            np.subtract(new, np.asarray(base).reshape(-1), out=part, casting="unsafe")
+        offset += base.size
+    return out
 
 
 class _Round:

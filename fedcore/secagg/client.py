@@ -73,15 +73,16 @@ class SecAggClient:
 
     Args:
         setup: the round's parameters (from the task).
-        rng: randomness for stochastic rounding only (never for masks or keys).
+        rounding_seed: 256-bit key of the stochastic-rounding keystream (default: fresh from
+            the OS); fixed only in tests.
     """
 
-    def __init__(self, setup: RoundSetup, *, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, setup: RoundSetup, *, rounding_seed: bytes | None = None) -> None:
         self.setup = setup
         self.state = ClientState.ADVERTISED
         self._cipher = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
-        self._rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
+        self._rounding_seed = rounding_seed or os.urandom(32)
         self._self_seed = b""
         self.index = 0
         self._peers: dict[int, PeerKeys] = {}
@@ -229,7 +230,7 @@ class SecAggClient:
         count = min(num_examples, int(self.setup.weight_norm))
         weight = min(count / self.setup.weight_norm, 1.0)
         vector = np.empty(delta.size + COUNT_WORDS, dtype=fp.dtype)
-        clipped = fp.quantize(delta, weight, self._rng, vector[: delta.size])
+        clipped = fp.quantize(delta, weight, self._rounding_seed, vector[: delta.size])
         encode_count(count, vector[delta.size :])
         return vector, clipped
 

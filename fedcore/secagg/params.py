@@ -35,7 +35,9 @@ class SecAggParams:
     phase_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.threshold < 1 or (self.threshold >= 2 and float(self.threshold).is_integer())):
+        if not (
+            0 < self.threshold < 1 or (self.threshold >= 2 and float(self.threshold).is_integer())
+        ):
             raise ConfigError(
                 f"--secagg-threshold must be a fraction in (0, 1) or a whole count >= 2, "
                 f"got {self.threshold}"

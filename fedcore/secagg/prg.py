@@ -16,18 +16,35 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from fedcore.errors import SecAggError
 
-__all__ = ["BLOCK_BYTES", "apply_masks", "expand"]
+__all__ = ["BLOCK_BYTES", "Keystream", "apply_masks", "expand"]
 
 #: Keystream bytes produced per step (fits in L2 next to the vector slice).
 BLOCK_BYTES = 1 << 18
 _ZERO_IV = bytes(16)
-_ZEROS = bytes(BLOCK_BYTES)
+_ZEROS = memoryview(bytes(BLOCK_BYTES))
 
 
 def _keystream(seed: bytes) -> CipherContext:
     if len(seed) != 32:
         raise SecAggError(f"a mask seed must have 32 bytes (256 bits), got {len(seed)}")
     return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+
+
+class Keystream:
+    """Consecutive words of ``PRG(seed)``, a block at a time (at most :data:`BLOCK_BYTES`)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._stream = _keystream(seed)
+        self._buffer = bytearray(BLOCK_BYTES + 16)
+
+    def words(self, count: int, dtype: npt.DTypeLike) -> npt.NDArray[np.unsignedinteger]:
+        """The next ``count`` words; a view valid until the next call."""
+        dt = np.dtype(dtype).newbyteorder("<")
+        size = count * dt.itemsize
+        if size > BLOCK_BYTES:
+            raise SecAggError(f"at most {BLOCK_BYTES} keystream bytes at a time")
+        self._stream.update_into(_ZEROS[:size], self._buffer)
+        return np.frombuffer(self._buffer, dtype=dt, count=count)
 
 
 def expand(seed: bytes, count: int, dtype: npt.DTypeLike) -> npt.NDArray[np.unsignedinteger]:

@@ -6,8 +6,9 @@ and centred on zero, weighted by ``w = n / weight_norm`` (``n`` its example coun
 
 1. clip every coordinate to ``[-clip, clip]``;
 2. scale by ``w * Q / clip`` with ``Q = 2^(bits-1) - 1``, so ``|x| <= Q``;
-3. round *stochastically* to an integer: ``floor(x + u)`` with ``u ~ U[0, 1)``, which is
-   unbiased (``E[q] = x``) — the rounding noise averages out over workers instead of piling up;
+3. round *stochastically* to an integer: up with probability ``frac(x)``, down otherwise, so
+   ``E[q] = x`` (up to 2^-16 of a step) — the rounding noise averages out over workers instead
+   of piling up. The coin flips come from an AES-CTR keystream under a fresh 256-bit key;
 4. store ``q`` in two's complement modulo ``2^k``.
 
 The coordinator sums the ring vectors (mod ``2^k``) and reads the sum as a signed integer.
@@ -30,10 +31,13 @@ import numpy.typing as npt
 
 from fedcore.errors import ConfigError, SecAggError
 
+from . import prg
+
 __all__ = ["COUNT_WORDS", "FixedPoint", "ring_bits_for"]
 
 COUNT_WORDS = 2
 _BLOCK = 1 << 16
+_NOISE_BITS = 16
 
 
 def ring_bits_for(quant_bits: int, num_workers: int) -> int:
@@ -87,32 +91,38 @@ class FixedPoint:
         self,
         values: npt.NDArray[np.floating],
         weight: float,
-        rng: np.random.Generator,
+        noise_seed: bytes,
         out: npt.NDArray[np.unsignedinteger],
     ) -> int:
         """Write ``SR(clip(values) * weight * scale)`` as ring words into ``out``; return how
-        many coordinates were clipped."""
+        many coordinates were clipped.
+
+        Stochastic rounding in integers: ``y = floor(x * 2^16)``, then
+        ``q = (y + r) >> 16`` with ``r`` uniform in ``[0, 2^16)`` (16-bit words of the AES-CTR
+        keystream under ``noise_seed``), so ``E[q] = y / 2^16``: unbiased up to 2^-16 of a
+        quantization step.
+        """
         if not 0 < weight <= 1:
             raise SecAggError(f"a quantization weight must be in (0, 1], got {weight}")
         flat = values.reshape(-1)
         if out.size != flat.size or out.dtype != self.dtype:
             raise SecAggError("the quantization output does not match the input")
-        factor = weight * self.scale
+        factor = weight * self.scale * (1 << _NOISE_BITS)
         clipped = 0
-        signed = np.int32 if self.ring_bits == 32 else np.int64
-        noise = np.empty(min(_BLOCK, flat.size), dtype=np.float64)
+        noise = prg.Keystream(noise_seed)
         for start in range(0, flat.size, _BLOCK):
             block = flat[start : start + _BLOCK].astype(np.float64)
             n = block.size
             over = np.abs(block) > self.clip
             if over.any():
-                clipped += int(over.sum())
+                clipped += int(np.count_nonzero(over))
                 np.clip(block, -self.clip, self.clip, out=block)
             block *= factor
-            rng.random(out=noise[:n])
-            block += noise[:n]
             np.floor(block, out=block)
-            out[start : start + n] = block.astype(signed).view(self.dtype)
+            fixed = block.astype(np.int64)
+            fixed += noise.words(n, np.uint16)
+            fixed >>= _NOISE_BITS
+            out[start : start + n] = fixed.astype(self.dtype)  # two's complement mod 2^k
         return clipped
 
     def decode(self, total: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.float64]:

@@ -51,6 +51,7 @@ class Simulation:
         counts: one example count per worker.
         drop: for each phase of :data:`PHASES`, the (0-based) workers that vanish just before it.
         seed: seeds the stochastic rounding and graph (the masks stay cryptographic).
+        keep_plain: keep every worker's plain quantized vector (for exactness checks).
     """
 
     params: SecAggParams
@@ -58,6 +59,7 @@ class Simulation:
     counts: Sequence[int]
     drop: Mapping[str, set[int]] = field(default_factory=dict)
     seed: int = 0
+    keep_plain: bool = True
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     worker_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     plain: dict[int, npt.NDArray[np.unsignedinteger]] = field(default_factory=dict)
@@ -67,7 +69,8 @@ class Simulation:
         n = len(self.deltas)
         setup = make_setup(self.params, n, sum(self.counts))
         clients = {
-            i + 1: SecAggClient(setup, rng=np.random.default_rng(self.seed + i)) for i in range(n)
+            i + 1: SecAggClient(setup, rounding_seed=(self.seed * 1000 + i).to_bytes(32, "big"))
+            for i in range(n)
         }
         d = self.deltas[0].size
         server = SecAggServer(
@@ -108,7 +111,8 @@ class Simulation:
             t = clock()
             clients[u].receive_shares(inboxes[u])
             vector, _ = clients[u].quantize(self.deltas[u - 1], self.counts[u - 1])
-            self.plain[u] = vector.copy()
+            if self.keep_plain:
+                self.plain[u] = vector.copy()
             self.timings["worker_quantize"] += clock() - t
             t = clock()
             clients[u].mask_vector(vector)
