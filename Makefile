@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_overhead.py
 
 bench-secagg: $(STAMP)
-	$(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
+	mkdir -p build && $(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead as overhead
 
+from fedcore.errors import SecAggAbortedError
 from fedcore.secagg import prg
 from fedcore.secagg.params import SecAggParams
 from fedcore.secagg.simulation import Simulation
@@ -121,7 +122,18 @@ def measure_in_process(n: int, d: int, dropout: float, neighbours: int) -> dict[
     delta = np.random.default_rng(n).normal(0, 0.01, d).astype(np.float32)
     sim = Simulation(params, [delta] * n, [10] * n, drop={"input": dropped}, keep_plain=False)
     started = time.perf_counter()
-    result = sim.run()
+    try:
+        result = sim.run()
+    except SecAggAbortedError as exc:
+        # SecAgg+ with too few neighbours for this dropout rate: a neighbourhood fell below t.
+        return {
+            "n": n,
+            "d": d,
+            "dropout": dropout,
+            "graph": f"secagg+ k={params.degree(n)}",
+            "threshold": params.threshold_for(n),
+            "aborted": str(exc),
+        }
     wall = time.perf_counter() - started
     error = float(np.abs(result.mean - delta).max())
     sharing = n  # workers that advertised and shared

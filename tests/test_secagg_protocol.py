@@ -65,3 +65,66 @@ async def test_worker_lost_before_masking_is_survived(coordinator_factory: Any) 
         np.testing.assert_allclose(result.weights[name], w0 + expected, rtol=0, atol=4 * step)
     assert result.rounds[0].workers == 3
     assert result.rounds[0].failures == 1
+
+
+def test_cli_flags_and_toml_turn_secure_aggregation_on(tmp_path: Any) -> None:
+    from fedcore.server.cli import build_parser, config_from_args
+
+    from fedcore.cli_support import parse_args_with_config
+
+    plain = config_from_args(build_parser().parse_args([]))
+    assert plain.secagg is None
+    toml = tmp_path / "f.toml"
+    toml.write_text("secagg = true\nsecagg-neighbours = 6\nsecagg-clip = 0.5\n")
+    args = parse_args_with_config(
+        build_parser(), ["--config", str(toml), "--secagg-threshold", "3", "--secagg-bits", "20"]
+    )
+    assert config_from_args(args).secagg == SecAggParams(
+        threshold=3, neighbours=6, bits=20, clip=0.5
+    )
+    with pytest.raises(ConfigError, match="secagg-threshold"):
+        config_from_args(build_parser().parse_args(["--secagg", "--secagg-threshold", "1"]))
+
+
+async def test_worker_runtime_refuses_a_greedy_unmasking_request_on_the_wire() -> None:
+    """The worker's stream glue, driven by a hand-written hostile coordinator: asked for both
+    shares of a peer, it answers with an abort, not with shares."""
+    from fedcore.worker.secagg import SecAggRounds
+
+    from fedcore.secagg import SecAggClient, wire
+    from fedcore.secagg.server import SecAggServer
+    from fedcore.secagg.simulation import make_setup
+    from fedcore.v1 import fedcore_pb2 as pb
+
+    setup = make_setup(SecAggParams(), 3, 30)
+    sent: list[pb.WorkerMessage] = []
+
+    async def send(message: pb.WorkerMessage) -> None:
+        sent.append(message)
+
+    rounds = SecAggRounds(send, "victim")
+    await rounds.start(pb.Task(round=1, secagg=wire.setup_to_proto(setup)))
+    peers = {2: SecAggClient(setup), 3: SecAggClient(setup)}
+    server = SecAggServer(setup, 3, 10)
+    server.add_keys(1, wire.keys_from_proto(sent[-1].secagg.keys))
+    for u, c in peers.items():
+        server.add_keys(u, c.advertise())
+    directories = server.close_keys()
+    rid = setup.round_id
+    await rounds.handle(
+        pb.SecAggCoordinatorMessage(peers=wire.directory_to_proto(rid, directories[1]))
+    )
+    server.add_shares(1, wire.shares_from_proto(sent[-1].secagg.shares))
+    for u, c in peers.items():
+        server.add_shares(u, c.share_keys(directories[u]))
+    inboxes = server.close_shares()
+    await rounds.handle(pb.SecAggCoordinatorMessage(shares=wire.shares_to_proto(rid, inboxes[1])))
+    task = pb.Task(round=1, secagg=wire.setup_to_proto(setup))
+    weights = {"w": np.zeros(8, np.float32)}
+    await rounds.mask(task, weights, weights, is_delta=False, examples=10)
+    greedy = pb.SecAggUnmaskRequest(round_id=rid, survivors=[1, 2, 3], dropped=[3])
+    await rounds.handle(pb.SecAggCoordinatorMessage(unmask=greedy))
+    last = sent[-1].secagg
+    assert last.WhichOneof("body") == "abort"
+    assert "asked for both shares of worker(s) [3]" in last.abort.reason
+    assert not any(m.secagg.WhichOneof("body") == "unmask" for m in sent)
