@@ -5,12 +5,14 @@ catch them all at once, or pick the branch it can act on::
 
     FedcoreError
     ├── ConfigError            a flag, config file or option is wrong (fix the command line)
+    │   └── PolicyError            a worker's policy file is invalid (fix the policy file)
     ├── DataError              a dataset or shard cannot be read or fails its checksum
     ├── ModelError             a model cannot be built, or two sides disagree on its shape
     │   └── ModelMismatchError parameter names, shapes or dtypes differ between two sides
     ├── ProtocolError          a peer sent something that breaks the fedcore v1 protocol
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
+    ├── LedgerError            a worker's privacy ledger cannot be read, locked or written
     ├── RejectedError          the coordinator refused this worker (the reason says why)
     ├── RoundFailedError       a round could not gather enough results, even after retries
     └── SecAggError            secure aggregation could not complete a round
@@ -26,9 +28,11 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FedcoreError",
+    "LedgerError",
     "ModelError",
     "ModelMismatchError",
     "PayloadError",
+    "PolicyError",
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
@@ -45,6 +49,14 @@ class FedcoreError(Exception):
 
 class ConfigError(FedcoreError):
     """A command-line flag, config file entry or API option is invalid."""
+
+
+class PolicyError(ConfigError):
+    """A worker's policy file is invalid: an unknown section or key, a bad value."""
+
+
+class LedgerError(FedcoreError):
+    """A worker's privacy ledger is unreadable, corrupt, locked too long, or cannot be written."""
 
 
 class DataError(FedcoreError):

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .config import ServerConfig
 from .coordinator import Coordinator, FederationResult
+from .roster import ConnectedWorker
 
-__all__ = ["Coordinator", "FederationResult", "ServerConfig"]
+__all__ = ["ConnectedWorker", "Coordinator", "FederationResult", "ServerConfig"]

@@ -125,6 +125,9 @@ class AsyncRounds:
         self.in_flight: dict[Ticket, float] = {}  # ticket -> deadline
         self.failures: list[Failure] = []
         self.dropped = 0
+        # worker id -> the model version whose plan its policy refused: not asked again
+        # until the global model changes (a refusal would otherwise come straight back).
+        self.refused_at: dict[str, int] = {}
         self._encoded: tuple[int, WeightsPayload] | None = None
         self._report: asyncio.Task[None] | None = None
         self._update_started = time.perf_counter()
@@ -171,7 +174,11 @@ class AsyncRounds:
 
     def _dispatch_idle(self) -> None:
         c = self.coordinator
-        idle = {s.worker_id: s for s in c.registry.idle()}
+        idle = {
+            s.worker_id: s
+            for s in c.registry.idle()
+            if self.refused_at.get(s.worker_id) != self.version
+        }
         if not idle:
             return
         instructions = c.strategy.configure_fit(
@@ -220,6 +227,9 @@ class AsyncRounds:
             else:
                 continue
             del self.in_flight[ticket]
+        for failure in self.collector.failures:
+            if failure.refused:
+                self.refused_at[failure.worker.worker_id] = self.version
         self.failures.extend(self.collector.failures)
         self.collector.failures.clear()
         # Keep only the model versions some worker is still training from.
@@ -248,6 +258,7 @@ class AsyncRounds:
             bytes_sent=counters.bytes_sent - self._bytes[0],
             bytes_received=counters.bytes_received - self._bytes[1],
             train=weighted_metrics(results),
+            refused={f.worker.name: f.reason for f in self.failures if f.refused},
             staleness={
                 "mean": round(float(np.mean(staleness)), 3),
                 "max": float(max(staleness)),

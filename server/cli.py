@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the initial model and of local shuffling (default: %(default)s)",
     )
+    g.add_argument(
+        "--require-tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="select only workers whose dataset metadata carries this tag (e.g. mnist or "
+        "'#mnist'); repeat for several; others stay connected and listed but never train",
+    )
     t = p.add_argument_group("local training (sent to workers in every plan)")
     t.add_argument(
         "--epochs", type=int, default=1, help="local epochs per round (default: %(default)s)"
@@ -298,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         handshake_timeout=args.handshake_timeout,
         threads=args.threads,
         device=args.device,
+        require_tags=tuple(args.require_tag or ()),
         secagg=(
             SecAggParams(
                 threshold=args.secagg_threshold,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.data.metadata import normalize_tag
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
@@ -47,6 +48,8 @@ class ServerConfig:
     device: str = "cpu"
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
+    #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
+    require_tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -67,6 +70,7 @@ class ServerConfig:
             raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
+        self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))
 
     @property
     def results_needed(self) -> int:

@@ -33,11 +33,12 @@ from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
+from .roster import ConnectedWorker, connected_workers, format_roster
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
 from .secagg import SecAggCollector
 from .service import CoordinatorService, start_grpc_server
 
-__all__ = ["Coordinator", "FederationResult", "peak_rss_bytes"]
+__all__ = ["ConnectedWorker", "Coordinator", "FederationResult", "peak_rss_bytes"]
 
 log = logging.getLogger("fedcore.server")
 
@@ -74,7 +75,7 @@ class Coordinator:
         self.weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(self.weights)
-        self.registry = WorkerRegistry(config.max_workers)
+        self.registry = WorkerRegistry(config.max_workers, config.require_tags)
         self.service = CoordinatorService(config, self.registry, config.model, self.signature)
         self.evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
@@ -89,8 +90,12 @@ class Coordinator:
 
     @property
     def workers(self) -> list[WorkerInfo]:
-        """The workers connected now."""
+        """The workers connected now (with their datasets' metadata in ``dataset``)."""
         return [s.info for s in self.registry.sessions()]
+
+    def roster(self) -> list[ConnectedWorker]:
+        """Who is connected, with what data, and whether rounds may select them."""
+        return connected_workers(self.registry.sessions())
 
     def stop(self) -> None:
         """Ask the federation to end after telling workers (safe from signal handlers)."""
@@ -157,10 +162,13 @@ class Coordinator:
             cfg.rounds,
         )
         if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
+            tags = " ".join("#" + t for t in cfg.require_tags)
             raise RoundFailedError(
-                f"only {len(self.registry)} of {cfg.min_workers} workers joined within "
-                f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
+                f"only {len(self.registry.idle())} of {cfg.min_workers} workers"
+                f"{' tagged ' + tags if tags else ''} joined within {cfg.join_timeout:g} s; "
+                "start more workers or lower --min-workers"
             )
+        print(format_roster(self.roster(), cfg.require_tags), flush=True)
         self._started = time.perf_counter()
         if self.strategy.async_settings is not None:
             from .async_loop import AsyncRounds
@@ -195,6 +203,7 @@ class Coordinator:
                 attempts=attempts,
                 train=weighted_metrics(collector.results),
                 federated=fed_metrics,
+                refused={f.worker.name: f.reason for f in collector.failures if f.refused},
             )
             # Centralized evaluation of this round's model overlaps the next round's training.
             pending_report = asyncio.create_task(
@@ -252,10 +261,11 @@ class Coordinator:
             needed_now = min(needed, collector.issued)
             for failure in collector.failures:
                 log.warning(
-                    "round %d: worker %r dropped: %s",
+                    "round %d: worker %r %s: %s",
                     round_number,
                     failure.worker.name,
-                    failure.reason,
+                    "refused the plan" if failure.refused else "dropped",
+                    failure.reason.removeprefix("refused: "),
                 )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()

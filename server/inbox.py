@@ -174,11 +174,21 @@ class Inbox:
     def _on_error(self, error: pb.TaskError) -> None:
         ticket = self._ticket_for(error.task_id)
         code = pb.ErrorCode.Name(error.code) if error.code in pb.ErrorCode.values() else "?"
-        log.warning(
-            "worker %r could not run its task: %s (%s)", self.session.name, error.message, code
-        )
+        refused = error.code == pb.ERROR_CODE_REFUSED
+        if refused:
+            log.warning(
+                "round %d: worker %r refused its task: %s",
+                ticket.round_number,
+                self.session.name,
+                error.message,
+            )
+        else:
+            log.warning(
+                "worker %r could not run its task: %s (%s)", self.session.name, error.message, code
+            )
         self.session.finish_ticket()
         if ticket.collector is not None and not ticket.stale:
-            ticket.collector.fail(ticket, f"worker error: {error.message}")
+            reason = f"refused: {error.message}" if refused else f"worker error: {error.message}"
+            ticket.collector.fail(ticket, reason, refused=refused)
         if error.code == pb.ERROR_CODE_MODEL_MISMATCH:
             raise ProtocolError(f"worker cannot run the federation's model: {error.message}")

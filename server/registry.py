@@ -6,6 +6,10 @@
        │          │         │
        └──────────┴─────────┴──▶ CLOSED
 
+Workers are *selectable* when their advertised dataset carries every tag the federation
+requires (``--require-tag``); the others stay connected and listed, but are never idle for
+a round: they are never selected.
+
 A session is BUSY from the moment a task is assigned until its result (or error) arrives,
 even if the round that asked for it has already ended: a late result is then discarded and
 the worker becomes IDLE again, ready for the next round.
@@ -21,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedcore.data.metadata import DatasetMetadata
 from fedcore.strategy import WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
 
@@ -78,11 +83,20 @@ class Ticket:
 class WorkerSession:
     """The coordinator's view of one connected worker."""
 
-    def __init__(self, worker_id: str, hello: pb.Hello, peer: str) -> None:
+    def __init__(
+        self, worker_id: str, hello: pb.Hello, peer: str, require_tags: tuple[str, ...] = ()
+    ) -> None:
         self.worker_id = worker_id
         self.name = hello.name
         self.num_examples = int(hello.num_examples)
         self.capabilities = tuple(hello.capabilities)
+        self.dataset = (
+            DatasetMetadata.from_proto(hello.dataset) if hello.HasField("dataset") else None
+        )
+        #: The required tags it lacks (empty: it can be selected).
+        self.missing_tags = tuple(
+            t for t in require_tags if self.dataset is None or t not in self.dataset.tags
+        )
         self.peer = peer
         self.state = SessionState.JOINING
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
@@ -92,7 +106,14 @@ class WorkerSession:
 
     @property
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker_id, self.name, self.num_examples, self.capabilities)
+        return WorkerInfo(
+            self.worker_id, self.name, self.num_examples, self.capabilities, self.dataset
+        )
+
+    @property
+    def selectable(self) -> bool:
+        """Whether rounds may select it (it has every required tag)."""
+        return not self.missing_tags
 
     def transition(self, new: SessionState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -132,8 +153,9 @@ class WorkerSession:
 class WorkerRegistry:
     """All sessions, with a condition to wait until enough workers are idle."""
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, require_tags: tuple[str, ...] = ()) -> None:
         self.max_workers = max_workers
+        self.require_tags = require_tags
         self._sessions: dict[str, WorkerSession] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -155,10 +177,11 @@ class WorkerRegistry:
         return list(self._sessions.values())
 
     def idle(self) -> list[WorkerSession]:
-        return [s for s in self._sessions.values() if s.state is SessionState.IDLE]
+        """Sessions ready for a task that rounds may select (see ``selectable``)."""
+        return [s for s in self._sessions.values() if s.state is SessionState.IDLE and s.selectable]
 
     def new_session(self, hello: pb.Hello, peer: str) -> WorkerSession:
-        session = WorkerSession(f"w{next(self._ids)}", hello, peer)
+        session = WorkerSession(f"w{next(self._ids)}", hello, peer, self.require_tags)
         self._sessions[session.worker_id] = session
         return session
 

@@ -39,6 +39,8 @@ class RoundMetrics:
     # Asynchronous mode only: mean/max staleness of the buffered results, and results dropped
     # for being older than the maximum staleness.
     staleness: dict[str, float] | None = None
+    #: Workers whose policy refused the round's plan: name -> the reason they gave.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)

@@ -31,9 +31,10 @@ class RoundCollector:
     # How many tasks the round handed out (tickets are released when it closes).
     issued: int = 0
 
-    def fail(self, ticket: Ticket, reason: str) -> None:
+    def fail(self, ticket: Ticket, reason: str, *, refused: bool = False) -> None:
+        """Record that ``ticket``'s worker did not deliver (``refused``: its policy said no)."""
         if not ticket.future.done():
-            self.failures.append(Failure(ticket.session.info, reason))
+            self.failures.append(Failure(ticket.session.info, reason, refused=refused))
             ticket.resolve(None)
 
     async def wait(self, timeout: float) -> None:

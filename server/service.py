@@ -192,6 +192,14 @@ class CoordinatorService:
             session.num_examples,
             len(self.registry),
         )
+        if session.dataset is not None:
+            log.info("worker %r holds dataset %s", session.name, session.dataset.summary())
+        if session.missing_tags:
+            log.warning(
+                "worker %r lacks the required tag(s) %s: it stays connected but is never selected",
+                session.name,
+                " ".join("#" + t for t in session.missing_tags),
+            )
         inbox = Inbox(
             session,
             signature=self.signature,

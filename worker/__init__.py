@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .policy import PolicyGuard
 from .runtime import Worker, WorkerState
 from .trainer import EvalOutput, FitOutput, TorchTrainer, Trainer, TrainingFailed
 
 __all__ = [
     "EvalOutput",
     "FitOutput",
+    "PolicyGuard",
     "TorchTrainer",
     "Trainer",
     "TrainingFailed",

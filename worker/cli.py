@@ -16,10 +16,13 @@ import torch
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
 from fedcore.data import load_shard
+from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.plan import ModelSpec
+from fedcore.policy import load_policy
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 
+from .policy import PolicyGuard
 from .runtime import Worker
 from .trainer import TorchTrainer
 
@@ -38,6 +41,13 @@ _EPILOG = """\
 examples:
   fed-worker --server 127.0.0.1:50051 --data shards/shard-0.npz --name hospital-a
   fed-worker --server coord:50051 --data /data/mnist-idx --name lab-b --model mnist-cnn --device cuda
+  fed-worker --server coord:50051 --data shards/shard-0.npz --policy policy.toml
+
+The data owner's policy (--policy, a TOML file) says which plans this worker accepts: models,
+local epochs, secure aggregation, differential privacy, and the silo's privacy budget, kept in
+a ledger on this machine. A plan that breaks it is refused, with the reason sent to the
+coordinator and logged here. A shard's metadata file (shard-0.meta.toml beside shard-0.npz,
+or --metadata) is advertised to the coordinator: name, tags, license, features.
 """
 
 
@@ -81,8 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=900.0,
         help="exit after this many seconds without reaching the coordinator; 0 = never (default: %(default)s)",
     )
+    g = p.add_argument_group("data owner's controls")
+    g.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY.toml",
+        help="refuse plans that break this policy (see the README's page for data owners)",
+    )
+    g.add_argument(
+        "--metadata",
+        type=Path,
+        metavar="META.toml",
+        help="the dataset's public description to advertise (default: the shard's "
+        "NAME.meta.toml, or metadata.toml in an IDX directory, when present)",
+    )
     add_common_flags(p)
     return p
+
+
+def _dataset_metadata(args: argparse.Namespace, num_examples: int) -> DatasetMetadata | None:
+    path = args.metadata if args.metadata is not None else metadata_path_for(args.data)
+    if args.metadata is None and not path.is_file():
+        return None
+    return load_metadata(path, num_examples=num_examples)
 
 
 async def _serve(worker: Worker) -> None:
@@ -110,19 +141,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             params = json.loads(args.model_params)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
+        shard = load_shard(args.data)
         trainer = TorchTrainer(
-            load_shard(args.data),
+            shard,
             eval_data=load_shard(args.eval_data) if args.eval_data else None,
             model=ModelSpec(args.model, params) if args.model else None,
             device=args.device,
         )
         name = args.name or f"{socket.gethostname()}-{__import__('os').getpid()}"
+        dataset = _dataset_metadata(args, len(shard))
+        guard = None
+        if args.policy is not None:
+            guard = PolicyGuard(load_policy(args.policy), num_examples=len(shard))
+            log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
+            if dataset is not None:
+                dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
+        if dataset is not None:
+            log.info("advertising dataset %s", dataset.summary())
         worker = Worker(
             args.server,
             name,
             trainer,
             max_model_bytes=args.max_model_bytes,
             give_up_after=args.give_up_after or None,
+            guard=guard,
+            dataset=dataset,
         )
         asyncio.run(_serve(worker))
     except FedcoreError as exc:

@@ -9,6 +9,11 @@ The session is an explicit state machine::
                                       ▼
                                   FINISHED          (the coordinator said the federation is over)
 
+With a :class:`~.policy.PolicyGuard` every task is reviewed against the data owner's policy
+the moment it arrives: a task that breaks it is answered with ``ERROR_CODE_REFUSED`` and the
+rule it breaks (also logged here), and nothing of it runs. An accepted training round is
+charged to the silo's privacy ledger just before its update leaves.
+
 Training runs in a thread so heartbeats keep flowing on the same stream. A connection that
 cannot be made, or breaks, is retried with exponential backoff and jitter; a refusal that a
 retry cannot fix (wrong protocol version, wrong model, bad name) ends the worker with
@@ -36,14 +41,17 @@ from fedcore.codec import (
     make_header,
     signature_specs,
 )
+from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import (
     FedcoreError,
+    LedgerError,
     ModelMismatchError,
     PayloadError,
     RejectedError,
     SecAggError,
 )
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.policy import Refusal
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
     JOIN_METHOD,
@@ -57,6 +65,7 @@ from fedcore.protocol import (
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.v1 import fedcore_pb2 as pb
 
+from .policy import PolicyGuard
 from .secagg import SecAggRounds
 from .trainer import Trainer, TrainingFailed
 
@@ -131,6 +140,8 @@ class Worker:
         backoff_initial / backoff_max: reconnect delays in seconds (exponential, jittered).
         give_up_after: stop retrying after this many seconds without a session (None: never).
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
+        guard: the data owner's policy; tasks that break it are refused.
+        dataset: the local data's public description, advertised in the hello.
     """
 
     def __init__(
@@ -144,6 +155,8 @@ class Worker:
         backoff_max: float = 15.0,
         give_up_after: float | None = 900.0,
         channel_factory: ChannelFactory = insecure_channel,
+        guard: PolicyGuard | None = None,
+        dataset: DatasetMetadata | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -153,6 +166,9 @@ class Worker:
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
         self._channel_factory = channel_factory
+        self.guard = guard
+        self.dataset = dataset
+        self.tasks_refused = 0
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
@@ -216,6 +232,8 @@ class Worker:
             spec, signature = announced
             hello.model.CopyFrom(spec.to_proto())
             hello.model_signature.extend(signature_specs(signature))
+        if self.dataset is not None:
+            hello.dataset.CopyFrom(self.dataset.to_proto())
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -247,6 +265,7 @@ class Worker:
         self._secagg = SecAggRounds(send, self.name)
         runner = asyncio.create_task(self._run_jobs(call, jobs))
         pending: tuple[pb.Task, PayloadAssembler] | None = None
+        discard = False  # the pending task was refused: its weights are read and dropped
         try:
             while True:
                 message = await call.read()
@@ -262,11 +281,16 @@ class Worker:
                     await self._secagg.handle(message.secagg)
                     continue
                 if kind == "task":
-                    if message.task.HasField("secagg"):
+                    refusal = await self._review(message.task)
+                    discard = refusal is not None
+                    if refusal is not None:
+                        await self._refuse(call, message.task, refusal)
+                    elif message.task.HasField("secagg"):
                         await self._secagg.start(message.task)
                     pending = await self._start_task(call, message.task, welcome)
                     if pending is not None and pending[1].complete:
-                        jobs.put_nowait(pending)
+                        if not discard:
+                            jobs.put_nowait(pending)
                         pending = None
                 elif kind == "chunk":
                     current = pending
@@ -274,7 +298,8 @@ class Worker:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
                     try:
                         if current[1].add(chunk if chunk is not None else message.chunk):
-                            jobs.put_nowait(current)
+                            if not discard:
+                                jobs.put_nowait(current)
                             pending = None
                     except PayloadError as exc:
                         await self._send_error(
@@ -300,6 +325,22 @@ class Worker:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
             raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
         return task, assembler
+
+    # ------------------------------------------------------------------ policy
+
+    async def _review(self, task: pb.Task) -> Refusal | None:
+        if self.guard is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.guard.review, task)
+        except LedgerError as exc:  # fail closed: no ledger, no release
+            return Refusal("budget", f"the silo's privacy ledger is unusable: {exc}")
+
+    async def _refuse(self, call: Any, task: pb.Task, refusal: Refusal) -> None:
+        self.tasks_refused += 1
+        what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
+        log.warning("round %d: %s task %s", task.round, what, refusal)
+        await self._send_error(call, task.task_id, pb.ERROR_CODE_REFUSED, str(refusal))
 
     # ------------------------------------------------------------------ tasks
 
@@ -329,6 +370,14 @@ class Worker:
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
                 update = fit.weights
+                if self.guard is not None:
+                    # Charged before anything leaves; a refusal here sends nothing.
+                    refusal = await asyncio.to_thread(self.guard.pay, task)
+                    if refusal is not None:
+                        if task.HasField("secagg"):
+                            await self._secagg.abandon(str(refusal))
+                        await self._refuse(call, task, refusal)
+                        return
                 if task.HasField("secagg"):
                     masked = await self._secagg.mask(
                         task, weights, fit.weights, is_delta=fit.is_delta, examples=fit.num_examples
@@ -365,6 +414,14 @@ class Worker:
                     fit.metrics.get("loss", float("nan")),
                 )
             elif task.kind == pb.TASK_KIND_EVALUATE:
+                refusal = (
+                    await asyncio.to_thread(self.guard.pay, task)
+                    if self.guard is not None
+                    else None
+                )
+                if refusal is not None:
+                    await self._refuse(call, task, refusal)
+                    return
                 ev = await asyncio.to_thread(self.trainer.evaluate, model, weights)
                 result = pb.TaskResult(
                     task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics

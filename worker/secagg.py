@@ -89,6 +89,14 @@ class SecAggRounds:
             abort = pb.SecAggAbort(round_id=current.client.setup.round_id, reason=reason)
             await self._send(self._body(abort=abort))
 
+    async def abandon(self, reason: str) -> None:
+        """Leave the current round (telling the coordinator), e.g. when the policy refuses to
+        release this worker's update."""
+        current = self._round
+        if current is not None:
+            self._round = None
+            await self._give_up(current, reason, tell=True)
+
     async def handle(self, message: pb.SecAggCoordinatorMessage) -> None:
         """One message of the coordinator's side of the protocol."""
         kind = message.WhichOneof("body")

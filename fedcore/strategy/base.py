@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import ConfigError
 from fedcore.plan import TrainConfig
 from fedcore.weights import Weights
@@ -61,6 +62,8 @@ class WorkerInfo:
     name: str
     num_examples: int
     capabilities: tuple[str, ...] = ()
+    #: The dataset's public description from the worker's hello, if it sent one.
+    dataset: DatasetMetadata | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,12 @@ class EvaluateResult:
 
 @dataclass(frozen=True)
 class Failure:
-    """A worker that was asked to take part and did not deliver, and why."""
+    """A worker that was asked to take part and did not deliver, and why. ``refused``: the
+    worker's data owner policy refused the plan (the reason names the rule)."""
 
     worker: WorkerInfo
     reason: str
+    refused: bool = False
 
 
 class UpdateAggregator(ABC):

@@ -11,7 +11,8 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
            ◀───────────────────────────────  Task (plan + PayloadHeader), PayloadChunk × n
     Heartbeat … (any time)  ──────────────▶
     TaskResult (+ PayloadHeader), PayloadChunk × n ──▶   validated, then aggregated
-    TaskError (could not run the task) ──▶
+    TaskError (could not run the task, or ERROR_CODE_REFUSED: the plan breaks the worker's
+               policy; the reason says which rule) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
 With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the
@@ -815,6 +816,7 @@ class Hello(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MODEL_SIGNATURE_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     protocol_version: _builtins.int
     num_examples: _builtins.int
@@ -827,6 +829,10 @@ class Hello(_message.Message):
 
     @_builtins.property
     def model_signature(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def dataset(self) -> Global___DatasetInfo:
+        """Optional: what the worker's data is (its shard's metadata file); nothing about records."""
+
     def __init__(
         self,
         *,
@@ -837,14 +843,130 @@ class Hello(_message.Message):
         model: Global___ModelSpec | None = ...,
         model_signature: _abc.Iterable[Global___TensorSpec] | None = ...,
         software_version: _builtins.str = ...,
+        dataset: Global___DatasetInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class FeatureSpec(_message.Message):
+    """---------------------------------------------------------------- dataset metadata
+
+    One input feature of a dataset: its name, element type and per-example shape.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: _builtins.str
+    description: _builtins.str
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureSpec: _TypeAlias = FeatureSpec  # noqa: Y015
+
+@_typing.final
+class LabelHistogram(_message.Message):
+    """Per-label example counts with Gaussian noise, released only when the worker's policy allows
+    it; counts[i] is label i's noisy count (it may be negative or fractional).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    noise_std: _builtins.float
+    """standard deviation of the noise added to every count"""
+    epsilon: _builtins.float
+    """what the release cost, at `delta`, by the worker's own accounting"""
+    delta: _builtins.float
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[_builtins.float] | None = ...,
+        noise_std: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "delta", b"delta", "epsilon", b"epsilon", "noise_std", b"noise_std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelHistogram: _TypeAlias = LabelHistogram  # noqa: Y015
+
+@_typing.final
+class DatasetInfo(_message.Message):
+    """A dataset's public description, as its owner wrote it in the shard's metadata file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    LICENSE_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    LABEL_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    license: _builtins.str
+    num_examples: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """lower case, without '#': "mnist", "diabetes" """
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureSpec]: ...
+    @_builtins.property
+    def label_histogram(self) -> Global___LabelHistogram:
+        """present only when released"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        license: _builtins.str = ...,
+        num_examples: _builtins.int = ...,
+        features: _abc.Iterable[Global___FeatureSpec] | None = ...,
+        label_histogram: Global___LabelHistogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_histogram", b"label_histogram"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "label_histogram", b"label_histogram", "license", b"license", "name", b"name", "num_examples", b"num_examples", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetInfo: _TypeAlias = DatasetInfo  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):

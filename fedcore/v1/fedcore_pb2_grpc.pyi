@@ -11,7 +11,8 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
            ◀───────────────────────────────  Task (plan + PayloadHeader), PayloadChunk × n
     Heartbeat … (any time)  ──────────────▶
     TaskResult (+ PayloadHeader), PayloadChunk × n ──▶   validated, then aggregated
-    TaskError (could not run the task) ──▶
+    TaskError (could not run the task, or ERROR_CODE_REFUSED: the plan breaks the worker's
+               policy; the reason says which rule) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
 With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the

@@ -1,0 +1,275 @@
+"""A worker's policy: what its data owner accepts, parsed from ``policy.toml``.
+
+Every section is optional; an absent rule allows everything it would have restricted::
+
+    [models]
+    allowed = ["mnist-mlp", "mnist-cnn"]   # model names the plans may use
+    max-parameters = 2_000_000             # ... and their size (counted from the weights sent)
+
+    [training]
+    max-epochs = 2                         # local epochs per round
+    allow-evaluation = true                # run federated-evaluation tasks
+
+    [secure-aggregation]
+    required = true                        # never send an unmasked update
+
+    [differential-privacy]
+    required = "client-level"              # or "record-level", or "either"
+    min-noise-multiplier = 1.0             # client-level DP: the plan's z must be at least this
+    max-clip-norm = 1.0                    # client-level DP: the plan's clip norm at most this
+    dpsgd-min-noise-multiplier = 1.0       # record-level DP-SGD on this worker: bounds on its
+    dpsgd-max-grad-norm = 1.0              # own settings
+
+    [budget]                               # this silo's privacy budget, across federations
+    study = "mnist-2026"                   # rounds of every federation of the study count
+    epsilon = 8.0
+    delta = 1e-5
+    ledger = "privacy-ledger.json"         # relative to this file's folder
+
+    [dataset]
+    release-label-histogram = true         # advertise per-label counts, with Gaussian noise
+    label-histogram-noise-multiplier = 20.0  # of std 20 (charged to the budget, released once)
+    label-histogram-labels = 10            # labels 0..9 are counted
+
+    [coordinators]
+    allowed = ["coordinator.example.org"]  # TLS identities this worker trains for
+
+Unknown sections and keys are errors (:class:`~fedcore.errors.PolicyError`), so a typo can
+never silently drop a rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from fedcore.errors import PolicyError
+from fedcore.toml_fields import StrictTable, read_toml
+
+__all__ = [
+    "DP_KINDS",
+    "BudgetRules",
+    "DPKind",
+    "DatasetRules",
+    "ModelRules",
+    "Policy",
+    "PrivacyRules",
+    "TrainingRules",
+    "load_policy",
+    "parse_policy",
+]
+
+DPKind = Literal["client-level", "record-level", "either"]
+DP_KINDS: tuple[DPKind, ...] = ("client-level", "record-level", "either")
+
+_SECTIONS = (
+    "models",
+    "training",
+    "secure-aggregation",
+    "differential-privacy",
+    "budget",
+    "dataset",
+    "coordinators",
+)
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """Which models plans may name (None: any), and how many parameters they may have."""
+
+    allowed: tuple[str, ...] | None = None
+    max_parameters: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRules:
+    max_epochs: int | None = None
+    allow_evaluation: bool = True
+
+
+@dataclass(frozen=True)
+class PrivacyRules:
+    """Secure aggregation and differential privacy a plan must use."""
+
+    require_secagg: bool = False
+    require_dp: DPKind | None = None
+    min_noise_multiplier: float | None = None
+    max_clip_norm: float | None = None
+    dpsgd_min_noise_multiplier: float | None = None
+    dpsgd_max_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class BudgetRules:
+    """The silo's privacy budget: ``epsilon`` at ``delta`` over every round of ``study``."""
+
+    study: str
+    epsilon: float
+    delta: float
+    ledger: Path
+
+
+@dataclass(frozen=True)
+class DatasetRules:
+    release_label_histogram: bool = False
+    label_histogram_noise_multiplier: float | None = None
+    label_histogram_labels: int | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything a data owner's ``policy.toml`` says (see the module docstring)."""
+
+    models: ModelRules = field(default_factory=ModelRules)
+    training: TrainingRules = field(default_factory=TrainingRules)
+    privacy: PrivacyRules = field(default_factory=PrivacyRules)
+    budget: BudgetRules | None = None
+    dataset: DatasetRules = field(default_factory=DatasetRules)
+    allowed_coordinators: tuple[str, ...] | None = None
+    source: str = "policy"
+
+    def describe(self) -> list[str]:
+        """The rules in force, one line each (logged by the worker at start)."""
+        lines = []
+        if self.models.allowed is not None:
+            lines.append(f"models: {', '.join(self.models.allowed)}")
+        if self.models.max_parameters is not None:
+            lines.append(f"at most {self.models.max_parameters:,} parameters")
+        if self.training.max_epochs is not None:
+            lines.append(f"at most {self.training.max_epochs} local epoch(s) per round")
+        if not self.training.allow_evaluation:
+            lines.append("no federated evaluation")
+        if self.privacy.require_secagg:
+            lines.append("secure aggregation required")
+        if self.privacy.require_dp is not None:
+            lines.append(f"differential privacy required ({self.privacy.require_dp})")
+        if self.privacy.min_noise_multiplier is not None:
+            lines.append(f"client-level noise multiplier >= {self.privacy.min_noise_multiplier:g}")
+        if self.privacy.max_clip_norm is not None:
+            lines.append(f"client-level clip norm <= {self.privacy.max_clip_norm:g}")
+        if self.budget is not None:
+            b = self.budget
+            lines.append(
+                f"privacy budget epsilon {b.epsilon:g} at delta {b.delta:g} for study "
+                f"{b.study!r} (ledger {b.ledger})"
+            )
+        if self.dataset.release_label_histogram:
+            lines.append("releases a noisy label histogram")
+        if self.allowed_coordinators is not None:
+            lines.append(f"coordinators: {', '.join(self.allowed_coordinators)}")
+        return lines or ["no restrictions"]
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and check ``policy.toml``.
+
+    Raises:
+        PolicyError: unreadable, not TOML, an unknown section or key, or a bad value.
+    """
+    return parse_policy(read_toml(path, PolicyError, "policy file"), path)
+
+
+def parse_policy(document: dict[str, Any], path: Path) -> Policy:
+    """The :class:`Policy` of an already parsed TOML document read from ``path``."""
+    where = f"policy file {path}"
+    top = StrictTable(document, where, _SECTIONS, PolicyError)
+
+    def section(name: str, keys: tuple[str, ...]) -> StrictTable:
+        return StrictTable(top.table(name) or {}, f"{where} [{name}]", keys, PolicyError)
+
+    m = section("models", ("allowed", "max-parameters"))
+    models = ModelRules(m.strings("allowed"), m.integer("max-parameters", minimum=1))
+
+    t = section("training", ("max-epochs", "allow-evaluation"))
+    training = TrainingRules(
+        t.integer("max-epochs", minimum=1), _default(t.boolean("allow-evaluation"), True)
+    )
+
+    s = section("secure-aggregation", ("required",))
+    require_secagg = _default(s.boolean("required"), False)
+
+    d = section(
+        "differential-privacy",
+        (
+            "required",
+            "min-noise-multiplier",
+            "max-clip-norm",
+            "dpsgd-min-noise-multiplier",
+            "dpsgd-max-grad-norm",
+        ),
+    )
+    required = d.string("required")
+    if required is not None and required not in DP_KINDS:
+        raise d.fail("required", f"must be one of {', '.join(DP_KINDS)}, got {required!r}")
+    privacy = PrivacyRules(
+        require_secagg=require_secagg,
+        require_dp=required,
+        min_noise_multiplier=d.number("min-noise-multiplier", positive=True),
+        max_clip_norm=d.number("max-clip-norm", positive=True),
+        dpsgd_min_noise_multiplier=d.number("dpsgd-min-noise-multiplier", positive=True),
+        dpsgd_max_grad_norm=d.number("dpsgd-max-grad-norm", positive=True),
+    )
+
+    budget = None
+    if "budget" in document:
+        b = section("budget", ("study", "epsilon", "delta", "ledger"))
+        study = _required(b, "study", b.string("study"))
+        epsilon = _required(b, "epsilon", b.number("epsilon", positive=True))
+        delta = _required(b, "delta", b.number("delta", positive=True))
+        ledger = _required(b, "ledger", b.string("ledger"))
+        if not delta < 1:
+            raise b.fail("delta", f"must be below 1 (take less than 1/records), got {delta}")
+        ledger_path = Path(ledger).expanduser()
+        if not ledger_path.is_absolute():
+            ledger_path = path.parent / ledger_path
+        budget = BudgetRules(study, epsilon, delta, ledger_path)
+
+    ds = section(
+        "dataset",
+        ("release-label-histogram", "label-histogram-noise-multiplier", "label-histogram-labels"),
+    )
+    release = _default(ds.boolean("release-label-histogram"), False)
+    noise = ds.number("label-histogram-noise-multiplier", positive=True)
+    labels = ds.integer("label-histogram-labels", minimum=1)
+    if release:
+        if noise is None:
+            raise ds.fail(
+                "label-histogram-noise-multiplier",
+                "is required to release a label histogram: the counts are only released with "
+                "Gaussian noise of this standard deviation (e.g. 20)",
+            )
+        if labels is None:
+            raise ds.fail(
+                "label-histogram-labels",
+                "is required to release a label histogram: the number of labels to count "
+                "(labels 0 .. N-1), fixed in advance so the histogram's length reveals nothing",
+            )
+        if budget is None:
+            raise ds.fail(
+                "release-label-histogram",
+                "needs a [budget] section: the noisy histogram is charged to the silo's "
+                "budget and kept in its ledger, so a restart sends it again instead of "
+                "drawing new noise",
+            )
+    dataset = DatasetRules(release, noise, labels)
+
+    c = section("coordinators", ("allowed",))
+    coordinators = c.strings("allowed")
+    if coordinators is not None and not coordinators:
+        raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
+
+    return Policy(models, training, privacy, budget, dataset, coordinators, str(path))
+
+
+T = TypeVar("T")
+
+
+def _required(table: StrictTable, key: str, value: T | None) -> T:
+    if value is None or value == "":
+        raise table.fail(key, "is required in a [budget] section")
+    return value
+
+
+def _default(value: bool | None, default: bool) -> bool:
+    return default if value is None else value

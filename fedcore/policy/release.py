@@ -1,0 +1,38 @@
+"""The one statistic of the records a worker may advertise: a label histogram with DP noise.
+
+Adding or removing one record changes one count by one, so the histogram's L2 sensitivity
+is 1 and Gaussian noise of standard deviation ``z`` is the Gaussian mechanism with noise
+multiplier ``z``. The noise comes from the operating system's CSPRNG (floating-point noise
+from a seeded generator would be predictable).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import numpy.typing as npt
+
+from .ledger import Charge
+
+__all__ = ["LABEL_HISTOGRAM", "noisy_label_histogram"]
+
+#: The key of the released histogram in the ledger.
+LABEL_HISTOGRAM = "label-histogram"
+
+
+def noisy_label_histogram(
+    labels: npt.ArrayLike,
+    *,
+    num_labels: int,
+    noise_multiplier: float,
+    rng: np.random.Generator | None = None,
+) -> tuple[tuple[float, ...], Charge]:
+    """Counts of labels ``0 .. num_labels-1`` (others are not counted) plus Gaussian noise of
+    std ``noise_multiplier``, and the charge the release costs."""
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    counts = np.bincount(y[(y >= 0) & (y < num_labels)], minlength=num_labels).astype(np.float64)
+    generator = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    noisy = counts + generator.normal(0.0, noise_multiplier, size=num_labels)
+    charge = Charge(noise_multiplier=noise_multiplier, what="label histogram")
+    return tuple(float(round(c, 1)) for c in noisy), charge
