@@ -24,7 +24,13 @@ from grpc_health.v1 import health_pb2
 
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
-from fedcore.strategy import Strategy, WorkerInfo, load_strategy, weighted_metrics
+from fedcore.strategy import (
+    Strategy,
+    WorkerInfo,
+    check_secure_aggregation,
+    load_strategy,
+    weighted_metrics,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -62,12 +68,7 @@ class Coordinator:
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
         self.strategy = strategy or load_strategy(config.strategy, config.strategy_options)
-        if config.secagg is not None and self.strategy.needs_individual_updates:
-            raise ConfigError(
-                f"strategy {type(self.strategy).__name__} must see individual updates, which "
-                "secure aggregation hides; drop --secagg or choose a strategy that only needs "
-                "the weighted mean (fedavg, ...)"
-            )
+        check_secure_aggregation(self.strategy, secure_aggregation=config.secagg is not None)
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
