@@ -4,8 +4,8 @@ label histogram, dataset metadata and the coordinator's roster."""
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import dp_accounting
@@ -226,7 +226,7 @@ def test_record_level_dp_is_checked_against_its_bounds(tmp_path: Path) -> None:
     policy = load_policy(write_policy(tmp_path, text))
     with pytest.raises(PolicyError, match="DP-SGD"):
         PolicyGuard(policy, num_examples=10)  # this worker runs no DP-SGD
-    with pytest.raises(PolicyError, match="noise multiplier is 0.5"):
+    with pytest.raises(PolicyError, match=r"noise multiplier is 0\.5"):
         PolicyGuard(policy, num_examples=10, record_dp=RecordDPSetup(0.5, 1.0))
     guard = PolicyGuard(policy, num_examples=10, record_dp=RecordDPSetup(1.2, 1.0))
     assert guard.review(task(secagg=False)) is None

@@ -39,7 +39,7 @@ async def test_strategy_needing_individual_updates_is_refused() -> None:
     class Robust(FedAvg):
         needs_individual_updates = True
 
-    with pytest.raises(ConfigError, match="needs every worker.s individual update"):
+    with pytest.raises(ConfigError, match=r"needs every worker.s individual update"):
         Coordinator(config(secagg=SECAGG), strategy=Robust())
 
 
