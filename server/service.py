@@ -202,7 +202,7 @@ class CoordinatorService:
         watchdog = asyncio.create_task(self._watch(session))
         try:
             while True:
-                item = await session.outbox.get()
+                item = await session.next_outgoing()
                 if item is None:
                     break
                 size = len(item) if isinstance(item, bytes) else item.ByteSize()
