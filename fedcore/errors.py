@@ -12,6 +12,9 @@ catch them all at once, or pick the branch it can act on::
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── RejectedError          the coordinator refused this worker (the reason says why)
+    │   └── AuthenticationError    unknown, revoked or unproven worker identity
+    │       └── IdentityMismatchError  the proven identity is not the name claimed
+    ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     └── RoundFailedError       a round could not gather enough results, even after retries
 
 Messages say what went wrong *and* what to do about it.
@@ -20,9 +23,12 @@ Messages say what went wrong *and* what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "FedcoreError",
+    "IdentityMismatchError",
     "ModelError",
     "ModelMismatchError",
     "PayloadError",
@@ -67,6 +73,18 @@ class PayloadError(ProtocolError):
 
 class RejectedError(FedcoreError):
     """The coordinator refused this worker; the message carries its reason."""
+
+
+class AuthenticationError(RejectedError):
+    """A worker's identity is unknown, revoked, or not proven by its token or certificate."""
+
+
+class IdentityMismatchError(AuthenticationError):
+    """A worker proved one identity and claimed another name."""
+
+
+class CheckpointError(FedcoreError):
+    """A checkpoint cannot be written or read, or belongs to a different federation."""
 
 
 class RoundFailedError(FedcoreError):

@@ -8,6 +8,7 @@ from pathlib import Path
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.tls import ServerTLS, require_tls_or_loopback
 
 __all__ = ["ServerConfig"]
 
@@ -42,6 +43,13 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     threads: int | None = None
     device: str = "cpu"
+    # Transport security and authentication (see fedcore.tls, fedcore.enrollment).
+    tls: ServerTLS | None = None
+    enrolled: Path | None = None
+    insecure: bool = False
+    # Crash recovery (see server/checkpoint.py).
+    checkpoint_dir: Path | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -62,6 +70,15 @@ class ServerConfig:
             raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("--handshake-timeout must be positive")
+        if self.max_model_bytes < 1:
+            raise ConfigError("--max-model-bytes must be positive")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir (where the checkpoint is)")
+        require_tls_or_loopback(
+            self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
+        )
 
     @property
     def results_needed(self) -> int:

@@ -21,12 +21,14 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from fedcore.enrollment import Enrollment
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
+from .auth import Authenticator
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
@@ -67,7 +69,13 @@ class Coordinator:
         del model
         self.signature = signature_of(self.weights)
         self.registry = WorkerRegistry(config.max_workers)
-        self.service = CoordinatorService(config, self.registry, config.model, self.signature)
+        authenticator = Authenticator(
+            Enrollment(config.enrolled) if config.enrolled is not None else None,
+            mutual_tls=config.tls is not None and config.tls.mutual,
+        )
+        self.service = CoordinatorService(
+            config, self.registry, config.model, self.signature, authenticator
+        )
         self.evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
             if config.eval_data is not None

@@ -78,9 +78,13 @@ class Ticket:
 class WorkerSession:
     """The coordinator's view of one connected worker."""
 
-    def __init__(self, worker_id: str, hello: pb.Hello, peer: str) -> None:
+    def __init__(
+        self, worker_id: str, hello: pb.Hello, peer: str, identity: str | None = None
+    ) -> None:
         self.worker_id = worker_id
         self.name = hello.name
+        # The name its token or certificate proved (None when authentication is off).
+        self.identity = identity
         self.num_examples = int(hello.num_examples)
         self.capabilities = tuple(hello.capabilities)
         self.peer = peer
@@ -156,8 +160,8 @@ class WorkerRegistry:
     def idle(self) -> list[WorkerSession]:
         return [s for s in self._sessions.values() if s.state is SessionState.IDLE]
 
-    def new_session(self, hello: pb.Hello, peer: str) -> WorkerSession:
-        session = WorkerSession(f"w{next(self._ids)}", hello, peer)
+    def new_session(self, hello: pb.Hello, peer: str, identity: str | None = None) -> WorkerSession:
+        session = WorkerSession(f"w{next(self._ids)}", hello, peer, identity)
         self._sessions[session.worker_id] = session
         return session
 

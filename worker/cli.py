@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -19,13 +20,16 @@ from fedcore.data import load_shard
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.plan import ModelSpec
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
+from fedcore.tls import ClientTLS, require_tls_or_loopback
 
-from .runtime import Worker
+from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("fedcore.worker")
+
+_TOKEN_ENV = "FEDCORE_TOKEN"
 
 _DESCRIPTION = """\
 Join a fedcore federation. The worker connects to the coordinator (retrying with backoff
@@ -81,8 +85,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=900.0,
         help="exit after this many seconds without reaching the coordinator; 0 = never (default: %(default)s)",
     )
+    s = p.add_argument_group("security (see fed-certs --help)")
+    s.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate")
+    s.add_argument("--tls-cert", type=Path, help="mutual TLS: this worker's certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert")
+    s.add_argument(
+        "--tls-server-name",
+        help="name to expect in the coordinator's certificate when it differs from --server",
+    )
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding this worker's enrollment token (or set {_TOKEN_ENV})",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plaintext connection to another machine (default: refused)",
+    )
     add_common_flags(p)
     return p
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        env: str | None = os.environ.get(_TOKEN_ENV)
+        return env or None
+    try:
+        token: str = Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"--token-file {args.token_file} is empty")
+    return token
+
+
+def _channel_factory(args: argparse.Namespace) -> ChannelFactory:
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise ConfigError("--tls-cert/--tls-key need --tls-ca (the coordinator's CA)")
+        require_tls_or_loopback(args.server, tls=False, insecure=args.insecure, role="worker")
+        return insecure_channel
+    return tls_channel_factory(
+        ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    )
 
 
 async def _serve(worker: Worker) -> None:
@@ -104,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args, "fed-worker")
         if not args.server or not args.data:
             raise ConfigError("--server and --data are required (see fed-worker --help)")
+        channel_factory = _channel_factory(args)
+        token = _token(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
@@ -116,13 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=ModelSpec(args.model, params) if args.model else None,
             device=args.device,
         )
-        name = args.name or f"{socket.gethostname()}-{__import__('os').getpid()}"
+        name = args.name or f"{socket.gethostname()}-{os.getpid()}"
         worker = Worker(
             args.server,
             name,
             trainer,
             max_model_bytes=args.max_model_bytes,
             give_up_after=args.give_up_after or None,
+            channel_factory=channel_factory,
+            token=token,
         )
         asyncio.run(_serve(worker))
     except FedcoreError as exc:

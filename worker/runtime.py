@@ -36,7 +36,15 @@ from fedcore.codec import (
     make_header,
     signature_specs,
 )
-from fedcore.errors import FedcoreError, ModelMismatchError, PayloadError, RejectedError
+from fedcore.enrollment import TOKEN_METADATA_KEY
+from fedcore.errors import (
+    AuthenticationError,
+    FedcoreError,
+    IdentityMismatchError,
+    ModelMismatchError,
+    PayloadError,
+    RejectedError,
+)
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
@@ -47,11 +55,12 @@ from fedcore.protocol import (
     max_message_bytes,
     serialize_worker_message,
 )
+from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 
 from .trainer import Trainer, TrainingFailed
 
-__all__ = ["Worker", "WorkerState"]
+__all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -90,17 +99,29 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", _MAX_RECEIVE),
+    ("grpc.max_send_message_length", _MAX_RECEIVE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
 def insecure_channel(target: str) -> grpc.aio.Channel:
     """A plaintext channel with fedcore's message limits."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", _MAX_RECEIVE),
-            ("grpc.max_send_message_length", _MAX_RECEIVE),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-        ],
-    )
+    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+def tls_channel_factory(tls: ClientTLS) -> ChannelFactory:
+    """Channels that verify the coordinator against ``tls.ca`` (and present the worker's
+    certificate for mutual TLS). PEM files are read once, here, so a bad path fails at start."""
+    credentials = tls.credentials()
+    options = _CHANNEL_OPTIONS + tls.channel_options()
+
+    def make(target: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    return make
 
 
 class _Disconnected(Exception):
@@ -118,6 +139,7 @@ class Worker:
         backoff_initial / backoff_max: reconnect delays in seconds (exponential, jittered).
         give_up_after: stop retrying after this many seconds without a session (None: never).
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
+        token: this worker's enrollment token, sent with every connection attempt.
     """
 
     def __init__(
@@ -131,6 +153,7 @@ class Worker:
         backoff_max: float = 15.0,
         give_up_after: float | None = 900.0,
         channel_factory: ChannelFactory = insecure_channel,
+        token: str | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -140,6 +163,7 @@ class Worker:
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
         self._channel_factory = channel_factory
+        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
@@ -168,7 +192,12 @@ class Worker:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _PERMANENT:
                     self._move(WorkerState.DISCONNECTED)
-                    raise RejectedError(exc.details() or exc.code().name) from None
+                    details = exc.details() or exc.code().name
+                    if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+                        raise AuthenticationError(details) from None
+                    if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                        raise IdentityMismatchError(details) from None
+                    raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
             except _Disconnected as exc:
                 reason = str(exc)
@@ -211,7 +240,7 @@ class Worker:
             request_serializer=serialize_worker_message,
             response_deserializer=deserialize_coordinator_message,
         )
-        call = open_stream()
+        call = open_stream(metadata=self._metadata)
         await call.write(self._hello())
         first = await call.read()
         if first is STREAM_END:
