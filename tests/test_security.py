@@ -85,9 +85,13 @@ async def test_tls_federation_completes_and_plaintext_clients_cannot_talk_to_it(
             JOIN_METHOD, request_serializer=serialize_worker_message
         )()
         hello = pb.Hello(name="plain", protocol_version=PROTOCOL_VERSION, num_examples=1)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
+
+        async def handshake() -> None:
             await call.write(pb.WorkerMessage(hello=hello))
             await asyncio.wait_for(call.read(), TIMEOUT)
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await handshake()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     workers = [_worker(coordinator.port, n, certs) for n in ("a", "b")]
     await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), TIMEOUT)
@@ -176,12 +180,7 @@ async def test_tokens_alone_and_revocation_close_the_stream_and_refuse_the_rejoi
     )
     port = coordinator.port
     mallory = asyncio.create_task(_worker(port, "mallory", certs, token_of="mallory").run())
-
-    async def joined(count: int) -> None:
-        while len(coordinator.registry.idle()) < count:
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(joined(1), TIMEOUT)
+    assert await coordinator.registry.wait_for_idle(1, TIMEOUT)
     assert fed_certs(["revoke", "--dir", str(tmp_path), "mallory"]) == 0
     assert json.loads(enrolled.read_text())["workers"]["mallory"]["revoked"] is True
     # The next handshake notices the change: mallory's open stream is closed...
@@ -221,9 +220,9 @@ def test_enrollment_checks_tokens_by_hash_in_constant_time(tmp_path: Path) -> No
 
 
 def test_plaintext_is_refused_off_loopback_unless_insecure() -> None:
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
-    with pytest.raises(ConfigError, match="refusing to serve plaintext on '0.0.0.0:50051'"):
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "coord"))
+    with pytest.raises(ConfigError, match=r"refusing to serve plaintext on '0\.0\.0\.0:50051'"):
         ServerConfig(listen="0.0.0.0:50051")
     ServerConfig(listen="0.0.0.0:50051", insecure=True)
     ServerConfig(listen="[::]:50051", tls=ServerTLS(Path("s.pem"), Path("s.key")))
