@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import resource
 import time
@@ -22,13 +23,14 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from fedcore.enrollment import Enrollment
-from fedcore.errors import ConfigError, RoundFailedError
+from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
 from .auth import Authenticator
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
@@ -84,6 +86,80 @@ class Coordinator:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        # The first round to run: 1, or the one after the checkpoint's with --resume.
+        self.start_round = 1
+        self._restored_rows: list[RoundMetrics] = []
+        self._pending_report: asyncio.Task[None] | None = None
+        if config.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _stateful(self) -> dict[str, object]:
+        """Components whose state_dict() goes into checkpoints, by name."""
+        return {"strategy": self.strategy}
+
+    def _fingerprint(self) -> dict[str, str]:
+        return {"model": repr(self.config.model), "strategy": self.config.strategy}
+
+    def _snapshot_states(self) -> dict[str, dict[str, object]]:
+        states: dict[str, dict[str, object]] = {}
+        for name, component in self._stateful().items():
+            state_dict = getattr(component, "state_dict", None)
+            if callable(state_dict):
+                states[name] = copy.deepcopy(dict(state_dict()))
+        return states
+
+    def _resume(self) -> None:
+        assert self.config.checkpoint_dir is not None
+        checkpoint = load_checkpoint(self.config.checkpoint_dir)
+        if checkpoint is None:
+            log.info("no checkpoint in %s yet: starting from round 1", self.config.checkpoint_dir)
+            return
+        if checkpoint.fingerprint != self._fingerprint():
+            raise CheckpointError(
+                f"the checkpoint in {self.config.checkpoint_dir} belongs to another federation "
+                f"({checkpoint.fingerprint}, this one is {self._fingerprint()}); use another "
+                "--checkpoint-dir or the same --model/--model-params/--strategy"
+            )
+        # safetensors sorts tensor names: compare as sets, then restore the model's order.
+        if set(signature_of(checkpoint.weights)) != set(self.signature):
+            raise CheckpointError(
+                f"the checkpoint in {self.config.checkpoint_dir} holds weights of another shape"
+            )
+        self.weights = {spec.name: checkpoint.weights[spec.name] for spec in self.signature}
+        for name, component in self._stateful().items():
+            state = checkpoint.states.get(name)
+            load = getattr(component, "load_state_dict", None)
+            if state is not None and callable(load):
+                load(state)
+        self._restored_rows = [RoundMetrics(**row) for row in checkpoint.metrics]
+        self.start_round = checkpoint.round + 1
+        log.info(
+            "resuming from the checkpoint of round %d in %s",
+            checkpoint.round,
+            self.config.checkpoint_dir,
+        )
+
+    async def _checkpoint(
+        self,
+        round_number: int,
+        weights: Weights,
+        states: dict[str, dict[str, object]],
+        rows: list[RoundMetrics],
+    ) -> None:
+        directory = self.config.checkpoint_dir
+        if directory is None:
+            return
+        checkpoint = Checkpoint(
+            round=round_number,
+            weights=weights,
+            metrics=[r.to_json() for r in rows],
+            states=states,
+            fingerprint=self._fingerprint(),
+        )
+        path = await asyncio.to_thread(save_checkpoint, directory, checkpoint)
+        log.info("round %d checkpointed to %s", round_number, path)
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -101,6 +177,7 @@ class Coordinator:
         print(f"listening on {host}:{self.port}", flush=True)
         self.ready.set()
         writer = MetricsWriter(self.config.metrics_out)
+        writer.restore(self._restored_rows)
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -109,6 +186,10 @@ class Coordinator:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
+                # A completed round's report (metrics row, checkpoint) is still written.
+                report = self._pending_report
+                if report is not None and not report.done():
+                    await asyncio.wait({report}, timeout=self.config.shutdown_grace + 60)
                 log.warning(
                     "stopped before the last round; the model of the last completed round is kept"
                 )
@@ -154,17 +235,22 @@ class Coordinator:
             cfg.model,
             cfg.rounds,
         )
+        if self.start_round > cfg.rounds:
+            log.info("the checkpoint already holds all %d rounds", cfg.rounds)
+            return
         if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
             raise RoundFailedError(
                 f"only {len(self.registry)} of {cfg.min_workers} workers joined within "
                 f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
             )
         pending_report: asyncio.Task[None] | None = None
-        for round_number in range(1, cfg.rounds + 1):
+        for round_number in range(self.start_round, cfg.rounds + 1):
             started = time.perf_counter()
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
             collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
             pending_report = None
+            # Taken now: the next round's configure_fit may change the strategy's state.
+            states = self._snapshot_states() if cfg.checkpoint_dir is not None else {}
             fed_metrics: dict[str, float] = {}
             every = cfg.federated_eval_every
             if every and (round_number % every == 0 or round_number == cfg.rounds):
@@ -182,13 +268,19 @@ class Coordinator:
             )
             # Centralized evaluation of this round's model overlaps the next round's training.
             pending_report = asyncio.create_task(
-                self._report(writer, metrics, self.weights, started)
+                self._report(writer, metrics, self.weights, started, states)
             )
+            self._pending_report = pending_report
         if pending_report is not None:
             await pending_report
 
     async def _report(
-        self, writer: MetricsWriter, metrics: RoundMetrics, weights: Weights, started: float
+        self,
+        writer: MetricsWriter,
+        metrics: RoundMetrics,
+        weights: Weights,
+        started: float,
+        states: dict[str, dict[str, object]],
     ) -> None:
         fit_done = time.perf_counter()
         if self.evaluator is not None:
@@ -201,6 +293,7 @@ class Coordinator:
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         writer.write(metrics)
+        await self._checkpoint(metrics.round, weights, states, list(writer.rows))
 
     async def _fit_round_with_retries(
         self, round_number: int, pending_report: asyncio.Task[None] | None
