@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
-from fedcore.errors import PayloadError, ProtocolError
+from fedcore.errors import ModelMismatchError, PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
@@ -114,13 +114,17 @@ class Inbox:
             self._upload = _Upload(ticket, result, None, remaining)
         else:
             # Validate the header before waiting for a slot: a bad one is refused at once.
-            assembler = PayloadAssembler(
-                header,
-                max_bytes=self._max_model_bytes,
-                max_chunk_bytes=self._chunk_limit,
-                expected=self._signature,
-                what=f"update from worker {name!r}",
-            )
+            try:
+                assembler = PayloadAssembler(
+                    header,
+                    max_bytes=self._max_model_bytes,
+                    max_chunk_bytes=self._chunk_limit,
+                    expected=self._signature,
+                    what=f"update from worker {name!r}",
+                )
+            except ModelMismatchError as exc:
+                # Found by fuzzing: it is not a ProtocolError, so it ended the stream silently.
+                raise PayloadError(str(exc)) from None
             await self._slots.acquire()
             self._holding_slot = True
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)

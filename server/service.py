@@ -20,6 +20,7 @@ from fedcore.protocol import (
     PROTOCOL_VERSION,
     SERVICE_NAME,
     STREAM_END,
+    Undecodable,
     deserialize_worker_message,
     max_message_bytes,
     serialize_coordinator_message,
@@ -169,6 +170,9 @@ class CoordinatorService:
             )
         if first is STREAM_END:
             return
+        if isinstance(first, Undecodable):
+            log.warning("refused a stream from %s: %s", peer, first.describe())
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, first.describe())
         if not isinstance(first, pb.WorkerMessage) or first.WhichOneof("body") != "hello":
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
@@ -252,6 +256,8 @@ class CoordinatorService:
                     self.counters.bytes_received += message.wire_size
                     await inbox.on_chunk(message)
                     continue
+                if isinstance(message, Undecodable):
+                    raise ProtocolError(message.describe())
                 self.counters.bytes_received += message.ByteSize()
                 await inbox.handle(message)
         except ProtocolError as exc:
@@ -260,6 +266,15 @@ class CoordinatorService:
             reason = str(exc)
         except grpc.RpcError:
             reason = "connection lost"
+        except Exception as exc:  # a coordinator bug: end this stream, keep the federation
+            log.exception("internal error on worker %r's stream", session.name)
+            reason = f"internal error: {type(exc).__name__}"
+            failure.append(
+                _Abort(
+                    grpc.StatusCode.INTERNAL,
+                    "the coordinator failed to handle this worker's message; see its log",
+                )
+            )
         finally:
             inbox.release()
             session.close(reason)
