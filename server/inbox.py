@@ -111,6 +111,11 @@ class Inbox:
             ):
                 raise PayloadError(f"update from worker {name!r} has an invalid header")
             remaining = num_chunks(header.total_bytes, header.chunk_bytes)
+            log.info(
+                "worker %r answered round %d after it ended; its update is discarded",
+                name,
+                ticket.round_number,
+            )
             self._upload = _Upload(ticket, result, None, remaining)
         else:
             # Validate the header before waiting for a slot: a bad one is refused at once.
