@@ -15,7 +15,10 @@ catch them all at once, or pick the branch it can act on::
     │   └── AuthenticationError    unknown, revoked or unproven worker identity
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
-    └── RoundFailedError       a round could not gather enough results, even after retries
+    ├── RoundFailedError       a round could not gather enough results, even after retries
+    └── SecAggError            secure aggregation could not complete a round
+        ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
+        └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
 
 Messages say what went wrong *and* what to do about it.
 """
@@ -35,6 +38,9 @@ __all__ = [
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
+    "SecAggAbortedError",
+    "SecAggError",
+    "SecAggRefusedError",
     "VersionMismatchError",
 ]
 
@@ -89,3 +95,15 @@ class CheckpointError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class SecAggError(FedcoreError):
+    """Secure aggregation could not complete a round (bad share, tampered message, ...)."""
+
+
+class SecAggAbortedError(SecAggError):
+    """Fewer workers than the Shamir threshold remain; the round ends and reveals nothing."""
+
+
+class SecAggRefusedError(SecAggError):
+    """An honest worker refused a request that would reveal more than the protocol allows."""

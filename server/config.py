@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
 __all__ = ["ServerConfig"]
@@ -25,7 +27,8 @@ class ServerConfig:
     round_timeout: float = 600.0
     round_retries: int = 3
     join_timeout: float | None = None
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # a built-in name or package.module:Class
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     eval_data: Path | None = None
@@ -50,6 +53,8 @@ class ServerConfig:
     # Crash recovery (see server/checkpoint.py).
     checkpoint_dir: Path | None = None
     resume: bool = False
+    #: Secure aggregation settings; None runs plain aggregation.
+    secagg: SecAggParams | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
