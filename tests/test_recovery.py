@@ -124,7 +124,7 @@ async def test_resume_continues_exactly_where_the_checkpoint_left_off(
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert load_checkpoint(ckpt).round == 4  # type: ignore[union-attr]
     # Resuming a finished federation runs no round, and another model's checkpoint is refused.
-    done = Coordinator(config(rounds=4, checkpoint_dir=ckpt, resume=True))
+    done = Coordinator(config(rounds=4, checkpoint_dir=ckpt, resume=True), MomentumAvg())
     assert done.start_round == 5
     from fedcore.plan import ModelSpec
 
