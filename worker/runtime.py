@@ -412,6 +412,10 @@ class Worker:
         except FedcoreError as exc:
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
+        except Exception as exc:  # a user trainer's bug must not leave the round waiting
+            log.exception("round %d: the trainer raised", task.round)
+            message = f"the trainer raised {type(exc).__name__}: {exc}"
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
 
     async def _send_error(
         self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str
