@@ -14,6 +14,9 @@ catch them all at once, or pick the branch it can act on::
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── LedgerError            a worker's privacy ledger cannot be read, locked or written
     ├── RejectedError          the coordinator refused this worker (the reason says why)
+    │   └── AuthenticationError    unknown, revoked or unproven worker identity
+    │       └── IdentityMismatchError  the proven identity is not the name claimed
+    ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
     └── SecAggError            secure aggregation could not complete a round
         ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
@@ -25,9 +28,12 @@ Messages say what went wrong *and* what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "FedcoreError",
+    "IdentityMismatchError",
     "LedgerError",
     "ModelError",
     "ModelMismatchError",
@@ -85,6 +91,18 @@ class PayloadError(ProtocolError):
 
 class RejectedError(FedcoreError):
     """The coordinator refused this worker; the message carries its reason."""
+
+
+class AuthenticationError(RejectedError):
+    """A worker's identity is unknown, revoked, or not proven by its token or certificate."""
+
+
+class IdentityMismatchError(AuthenticationError):
+    """A worker proved one identity and claimed another name."""
+
+
+class CheckpointError(FedcoreError):
+    """A checkpoint cannot be written or read, or belongs to a different federation."""
 
 
 class RoundFailedError(FedcoreError):

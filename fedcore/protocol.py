@@ -6,9 +6,11 @@ same bytes to every worker, so its serializer passes ``bytes`` through untouched
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedcore.codec import (
     CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
@@ -27,6 +29,7 @@ __all__ = [
     "SECAGG_CAPABILITY",
     "SERVICE_NAME",
     "STREAM_END",
+    "Undecodable",
     "deserialize_coordinator_message",
     "deserialize_worker_message",
     "max_message_bytes",
@@ -53,10 +56,30 @@ def max_message_bytes(chunk_bytes: int) -> int:
     return chunk_bytes + MESSAGE_OVERHEAD_BYTES
 
 
-def deserialize_worker_message(raw: bytes) -> pb.WorkerMessage | RawChunk:
+@dataclass(frozen=True)
+class Undecodable:
+    """Bytes that are not a valid message: handed to the stream handler (instead of failing
+    inside gRPC with a bare INTERNAL) so it can end the stream with a clear error."""
+
+    size: int
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"a {self.size}-byte message is not a valid fedcore v1 WorkerMessage "
+            f"({self.reason}); the worker and coordinator must run matching fedcore versions"
+        )
+
+
+def deserialize_worker_message(raw: bytes) -> pb.WorkerMessage | RawChunk | Undecodable:
     """Parse a worker message; payload chunks take a zero-copy fast path."""
     chunk = decode_chunk_message(raw, CHUNK_FIELD_IN_WORKER_MESSAGE)
-    return chunk if chunk is not None else pb.WorkerMessage.FromString(raw)
+    if chunk is not None:
+        return chunk
+    try:
+        return pb.WorkerMessage.FromString(raw)
+    except DecodeError as exc:
+        return Undecodable(len(raw), str(exc) or "protobuf decode error")
 
 
 def deserialize_coordinator_message(raw: bytes) -> pb.CoordinatorMessage | RawChunk:

@@ -18,6 +18,7 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
+from fedcore.tls import ServerTLS
 
 from .config import ServerConfig
 from .coordinator import Coordinator
@@ -209,6 +210,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="updates staged in memory at once besides the running sum (default: %(default)s)",
     )
+    s = p.add_argument_group("security (see fed-certs --help)")
+    s.add_argument("--tls-cert", type=Path, help="the coordinator's TLS certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    s.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="mutual TLS: workers must present a certificate signed by this CA (PEM); its "
+        "common name is the worker's identity",
+    )
+    s.add_argument(
+        "--enrolled",
+        type=Path,
+        help="enrolled workers (JSON written by fed-certs): only they may join, proving their "
+        "name with a token and/or their mTLS certificate; re-read when it changes",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on an address other machines can reach (default: refused)",
+    )
+    c = p.add_argument_group("crash recovery")
+    c.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="write the global model, strategy state, round number and metrics here "
+        "atomically after every round",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (a fresh start if there is none)",
+    )
     s = p.add_argument_group(
         "secure aggregation",
         "With --secagg the coordinator learns only the sum of the workers' updates (Bonawitz "
@@ -255,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_flags(p)
     return p
+
+
+def _tls_from_args(args: argparse.Namespace) -> ServerTLS | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both")
+    return ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -307,6 +350,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         device=args.device,
         require_tags=tuple(args.require_tag or ()),
+        tls=_tls_from_args(args),
+        enrolled=args.enrolled,
+        insecure=args.insecure,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
         secagg=(
             SecAggParams(
                 threshold=args.secagg_threshold,

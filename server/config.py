@@ -11,6 +11,7 @@ from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
+from fedcore.tls import ServerTLS, require_tls_or_loopback
 
 __all__ = ["ServerConfig"]
 
@@ -46,6 +47,13 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     threads: int | None = None
     device: str = "cpu"
+    # Transport security and authentication (see fedcore.tls, fedcore.enrollment).
+    tls: ServerTLS | None = None
+    enrolled: Path | None = None
+    insecure: bool = False
+    # Crash recovery (see server/checkpoint.py).
+    checkpoint_dir: Path | None = None
+    resume: bool = False
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
@@ -71,6 +79,15 @@ class ServerConfig:
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
         self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))
+        if self.handshake_timeout <= 0:
+            raise ConfigError("--handshake-timeout must be positive")
+        if self.max_model_bytes < 1:
+            raise ConfigError("--max-model-bytes must be positive")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir (where the checkpoint is)")
+        require_tls_or_loopback(
+            self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
+        )
 
     @property
     def results_needed(self) -> int:

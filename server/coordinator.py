@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import resource
 import time
@@ -22,7 +23,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
-from fedcore.errors import ConfigError, RoundFailedError
+from fedcore.enrollment import Enrollment
+from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.strategy import (
     Strategy,
@@ -34,6 +36,8 @@ from fedcore.strategy import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
+from .auth import Authenticator
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
@@ -77,7 +81,13 @@ class Coordinator:
         del model
         self.signature = signature_of(self.weights)
         self.registry = WorkerRegistry(config.max_workers, config.require_tags)
-        self.service = CoordinatorService(config, self.registry, config.model, self.signature)
+        authenticator = Authenticator(
+            Enrollment(config.enrolled) if config.enrolled is not None else None,
+            mutual_tls=config.tls is not None and config.tls.mutual,
+        )
+        self.service = CoordinatorService(
+            config, self.registry, config.model, self.signature, authenticator
+        )
         self.evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
             if config.eval_data is not None
@@ -88,6 +98,85 @@ class Coordinator:
         self._stop = asyncio.Event()
         self._started = 0.0  # perf_counter() when round 1 began
         self._end_requested = False  # the strategy's on_round_end asked to stop
+        # The first round to run: 1, or the one after the checkpoint's with --resume.
+        self.start_round = 1
+        self._restored_rows: list[RoundMetrics] = []
+        self._pending_report: asyncio.Task[None] | None = None
+        if config.checkpoint_dir is not None and self.strategy.async_settings is not None:
+            raise ConfigError(
+                f"--checkpoint-dir does not support the asynchronous strategy "
+                f"{config.strategy!r} yet; use a synchronous strategy or drop --checkpoint-dir"
+            )
+        if config.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _stateful(self) -> dict[str, object]:
+        """Components whose state_dict() goes into checkpoints, by name."""
+        return {"strategy": self.strategy}
+
+    def _fingerprint(self) -> dict[str, str]:
+        return {"model": repr(self.config.model), "strategy": self.config.strategy}
+
+    def _snapshot_states(self) -> dict[str, dict[str, object]]:
+        states: dict[str, dict[str, object]] = {}
+        for name, component in self._stateful().items():
+            state_dict = getattr(component, "state_dict", None)
+            if callable(state_dict):
+                states[name] = copy.deepcopy(dict(state_dict()))
+        return states
+
+    def _resume(self) -> None:
+        assert self.config.checkpoint_dir is not None
+        checkpoint = load_checkpoint(self.config.checkpoint_dir)
+        if checkpoint is None:
+            log.info("no checkpoint in %s yet: starting from round 1", self.config.checkpoint_dir)
+            return
+        if checkpoint.fingerprint != self._fingerprint():
+            raise CheckpointError(
+                f"the checkpoint in {self.config.checkpoint_dir} belongs to another federation "
+                f"({checkpoint.fingerprint}, this one is {self._fingerprint()}); use another "
+                "--checkpoint-dir or the same --model/--model-params/--strategy"
+            )
+        # safetensors sorts tensor names: compare as sets, then restore the model's order.
+        if set(signature_of(checkpoint.weights)) != set(self.signature):
+            raise CheckpointError(
+                f"the checkpoint in {self.config.checkpoint_dir} holds weights of another shape"
+            )
+        self.weights = {spec.name: checkpoint.weights[spec.name] for spec in self.signature}
+        for name, component in self._stateful().items():
+            state = checkpoint.states.get(name)
+            load = getattr(component, "load_state_dict", None)
+            if state is not None and callable(load):
+                load(state)
+        self._restored_rows = [RoundMetrics(**row) for row in checkpoint.metrics]
+        self.start_round = checkpoint.round + 1
+        log.info(
+            "resuming from the checkpoint of round %d in %s",
+            checkpoint.round,
+            self.config.checkpoint_dir,
+        )
+
+    async def _checkpoint(
+        self,
+        round_number: int,
+        weights: Weights,
+        states: dict[str, dict[str, object]],
+        rows: list[RoundMetrics],
+    ) -> None:
+        directory = self.config.checkpoint_dir
+        if directory is None:
+            return
+        checkpoint = Checkpoint(
+            round=round_number,
+            weights=weights,
+            metrics=[r.to_json() for r in rows],
+            states=states,
+            fingerprint=self._fingerprint(),
+        )
+        path = await asyncio.to_thread(save_checkpoint, directory, checkpoint)
+        log.info("round %d checkpointed to %s", round_number, path)
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -109,6 +198,7 @@ class Coordinator:
         print(f"listening on {host}:{self.port}", flush=True)
         self.ready.set()
         writer = MetricsWriter(self.config.metrics_out)
+        writer.restore(self._restored_rows)
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -117,6 +207,10 @@ class Coordinator:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
+                # A completed round's report (metrics row, checkpoint) is still written.
+                report = self._pending_report
+                if report is not None and not report.done():
+                    await asyncio.wait({report}, timeout=self.config.shutdown_grace + 60)
                 log.warning(
                     "stopped before the last round; the model of the last completed round is kept"
                 )
@@ -162,6 +256,9 @@ class Coordinator:
             cfg.model,
             cfg.rounds,
         )
+        if self.start_round > cfg.rounds:
+            log.info("the checkpoint already holds all %d rounds", cfg.rounds)
+            return
         if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
             tags = " ".join("#" + t for t in cfg.require_tags)
             raise RoundFailedError(
@@ -179,7 +276,7 @@ class Coordinator:
         # A strategy that decides after each round sees that round's evaluation first.
         decides = type(self.strategy).on_round_end is not Strategy.on_round_end
         pending_report: asyncio.Task[None] | None = None
-        for round_number in range(1, cfg.rounds + 1):
+        for round_number in range(self.start_round, cfg.rounds + 1):
             if pending_report is not None and decides:
                 await pending_report
                 pending_report = None
@@ -190,6 +287,8 @@ class Coordinator:
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
             collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
             pending_report = None
+            # Taken now: the next round's configure_fit may change the strategy's state.
+            states = self._snapshot_states() if cfg.checkpoint_dir is not None else {}
             fed_metrics: dict[str, float] = {}
             every = cfg.federated_eval_every
             if every and (round_number % every == 0 or round_number == cfg.rounds):
@@ -208,8 +307,9 @@ class Coordinator:
             )
             # Centralized evaluation of this round's model overlaps the next round's training.
             pending_report = asyncio.create_task(
-                self._report(writer, metrics, self.weights, started)
+                self._report(writer, metrics, self.weights, started, states=states)
             )
+            self._pending_report = pending_report
         if pending_report is not None:
             await pending_report
 
@@ -220,6 +320,8 @@ class Coordinator:
         weights: Weights,
         started: float,
         fit_done: float | None = None,
+        *,
+        states: dict[str, dict[str, object]] | None = None,
     ) -> None:
         if fit_done is None:
             fit_done = time.perf_counter()
@@ -237,6 +339,8 @@ class Coordinator:
         writer.write(metrics)
         if self.strategy.on_round_end(metrics.round, weights, metrics.to_json()):
             self._end_requested = True
+        if states is not None:
+            await self._checkpoint(metrics.round, weights, states, list(writer.rows))
 
     async def _fit_round_with_retries(
         self, round_number: int, pending_report: asyncio.Task[None] | None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
-from fedcore.errors import PayloadError, ProtocolError
+from fedcore.errors import ModelMismatchError, PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
@@ -123,16 +123,25 @@ class Inbox:
             ):
                 raise PayloadError(f"update from worker {name!r} has an invalid header")
             remaining = num_chunks(header.total_bytes, header.chunk_bytes)
+            log.info(
+                "worker %r answered round %d after it ended; its update is discarded",
+                name,
+                ticket.round_number,
+            )
             self._upload = _Upload(ticket, result, None, remaining)
         else:
             # Validate the header before waiting for a slot: a bad one is refused at once.
-            assembler = PayloadAssembler(
-                header,
-                max_bytes=self._max_model_bytes,
-                max_chunk_bytes=self._chunk_limit,
-                expected=expected,
-                what=f"update from worker {name!r}",
-            )
+            try:
+                assembler = PayloadAssembler(
+                    header,
+                    max_bytes=self._max_model_bytes,
+                    max_chunk_bytes=self._chunk_limit,
+                    expected=expected,
+                    what=f"update from worker {name!r}",
+                )
+            except ModelMismatchError as exc:
+                # Found by fuzzing: it is not a ProtocolError, so it ended the stream silently.
+                raise PayloadError(str(exc)) from None
             await self._slots.acquire()
             self._holding_slot = True
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)

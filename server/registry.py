@@ -87,10 +87,17 @@ class WorkerSession:
     """The coordinator's view of one connected worker."""
 
     def __init__(
-        self, worker_id: str, hello: pb.Hello, peer: str, require_tags: tuple[str, ...] = ()
+        self,
+        worker_id: str,
+        hello: pb.Hello,
+        peer: str,
+        identity: str | None = None,
+        require_tags: tuple[str, ...] = (),
     ) -> None:
         self.worker_id = worker_id
         self.name = hello.name
+        # The name its token or certificate proved (None when authentication is off).
+        self.identity = identity
         self.num_examples = int(hello.num_examples)
         self.capabilities = tuple(hello.capabilities)
         self.dataset = (
@@ -200,8 +207,8 @@ class WorkerRegistry:
         """Sessions ready for a task that rounds may select (see ``selectable``)."""
         return [s for s in self._sessions.values() if s.state is SessionState.IDLE and s.selectable]
 
-    def new_session(self, hello: pb.Hello, peer: str) -> WorkerSession:
-        session = WorkerSession(f"w{next(self._ids)}", hello, peer, self.require_tags)
+    def new_session(self, hello: pb.Hello, peer: str, identity: str | None = None) -> WorkerSession:
+        session = WorkerSession(f"w{next(self._ids)}", hello, peer, identity, self.require_tags)
         self._sessions[session.worker_id] = session
         return session
 

@@ -75,6 +75,16 @@ class MetricsWriter:
         self._header_printed = False
         self.rows: list[RoundMetrics] = []
 
+    def restore(self, rows: list[RoundMetrics]) -> None:
+        """Start from the rows of a checkpoint (``--resume``): the file is rewritten with
+        them, so a round that ran after the checkpoint is not counted twice."""
+        for row in rows:
+            self.rows.append(row)
+            if self._file is not None:
+                self._file.write(json.dumps(row.to_json()) + "\n")
+        if self._file is not None:
+            self._file.flush()
+
     def write(self, metrics: RoundMetrics) -> None:
         self.rows.append(metrics)
         if self._file is not None:

@@ -14,13 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from fedcore.codec import RawChunk
-from fedcore.errors import ProtocolError
+from fedcore.errors import AuthenticationError, ConfigError, IdentityMismatchError, ProtocolError
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
     SECAGG_CAPABILITY,
     SERVICE_NAME,
     STREAM_END,
+    Undecodable,
     deserialize_worker_message,
     max_message_bytes,
     serialize_coordinator_message,
@@ -28,6 +29,7 @@ from fedcore.protocol import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
+from .auth import Authenticator
 from .config import ServerConfig
 from .inbox import Inbox, SecAggRoute
 from .payloads import WeightsPayload
@@ -64,8 +66,10 @@ class CoordinatorService:
         registry: WorkerRegistry,
         model: ModelSpec,
         signature: ModelSignature,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.config = config
+        self.authenticator = authenticator or Authenticator(None, mutual_tls=False)
         self.registry = registry
         self.model = model
         self.signature = signature
@@ -92,6 +96,28 @@ class CoordinatorService:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Join": handler})
 
     # ------------------------------------------------------------------ handshake
+
+    def _authenticate(
+        self, hello: pb.Hello, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> str | None:
+        for name in self.authenticator.refresh():
+            session = self.registry.by_name(name)
+            if session is not None:
+                log.warning("worker %r was revoked; closing its stream", name)
+                session.close("revoked")
+        try:
+            return self.authenticator.authenticate(
+                hello.name, context.invocation_metadata(), context.auth_context()
+            )
+        except IdentityMismatchError as exc:
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+        except AuthenticationError as exc:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        except ConfigError as exc:  # the enrollment file became unreadable
+            log.error("cannot check worker identities: %s", exc)
+            raise _Abort(
+                grpc.StatusCode.UNAVAILABLE, "the coordinator cannot check identities now"
+            ) from None
 
     def _check_hello(self, hello: pb.Hello) -> None:
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -161,18 +187,24 @@ class CoordinatorService:
             )
         if first is STREAM_END:
             return
+        if isinstance(first, Undecodable):
+            log.warning("refused a stream from %s: %s", peer, first.describe())
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, first.describe())
         if not isinstance(first, pb.WorkerMessage) or first.WhichOneof("body") != "hello":
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
             )
         hello = first.hello
+        identity: str | None = None
         try:
+            if hello.protocol_version == PROTOCOL_VERSION and _NAME_PATTERN.match(hello.name):
+                identity = self._authenticate(hello, context)
             self._check_hello(hello)
         except _Abort as refusal:
             log.warning("refused worker %r from %s: %s", hello.name, peer, refusal.details)
             await _abort(context, refusal.code, refusal.details)
 
-        session = self.registry.new_session(hello, peer)
+        session = self.registry.new_session(hello, peer, identity)
         welcome = pb.CoordinatorMessage(
             welcome=pb.Welcome(
                 worker_id=session.worker_id,
@@ -255,6 +287,8 @@ class CoordinatorService:
                     self.counters.bytes_received += message.wire_size
                     await inbox.on_chunk(message)
                     continue
+                if isinstance(message, Undecodable):
+                    raise ProtocolError(message.describe())
                 self.counters.bytes_received += message.ByteSize()
                 await inbox.handle(message)
         except ProtocolError as exc:
@@ -263,6 +297,15 @@ class CoordinatorService:
             reason = str(exc)
         except grpc.RpcError:
             reason = "connection lost"
+        except Exception as exc:  # a coordinator bug: end this stream, keep the federation
+            log.exception("internal error on worker %r's stream", session.name)
+            reason = f"internal error: {type(exc).__name__}"
+            failure.append(
+                _Abort(
+                    grpc.StatusCode.INTERNAL,
+                    "the coordinator failed to handle this worker's message; see its log",
+                )
+            )
         finally:
             inbox.release()
             session.close(reason)
@@ -303,10 +346,15 @@ async def start_grpc_server(
     server.add_generic_rpc_handlers((service.rpc_handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(listen)
+    tls = service.config.tls
+    try:
+        if tls is not None:
+            port = server.add_secure_port(listen, tls.credentials())
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen!r}: {exc}") from None
     if port == 0:
-        from fedcore.errors import ConfigError
-
         raise ConfigError(f"cannot listen on {listen!r}: address in use or invalid")
     await server.start()
     for name in ("", SERVICE_NAME):

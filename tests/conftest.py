@@ -82,6 +82,29 @@ class Proc:
                     )
                 self._cond.wait(min(left, 0.5))
 
+    def count(self, pattern: str) -> int:
+        """How many output lines so far match ``pattern``."""
+        regex = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def wait_for_nth_line(self, pattern: str, n: int, timeout: float = 60.0) -> re.Match[str]:
+        """The ``n``-th output line (1-based) matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for line in self.lines if (m := regex.search(line))]
+                if len(found) >= n:
+                    return found[n - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{self.name}: fewer than {n} lines matching {pattern!r} within "
+                        f"{timeout} s; output:\n{self.output}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
     def wait(self, timeout: float = 120.0) -> int:
         try:
             code = self.popen.wait(timeout)

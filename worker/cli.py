@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,14 +22,17 @@ from fedcore.errors import ConfigError, FedcoreError
 from fedcore.plan import ModelSpec
 from fedcore.policy import load_policy
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
+from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .policy import PolicyGuard
-from .runtime import Worker
+from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("fedcore.worker")
+
+_TOKEN_ENV = "FEDCORE_TOKEN"
 
 _DESCRIPTION = """\
 Join a fedcore federation. The worker connects to the coordinator (retrying with backoff
@@ -105,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the dataset's public description to advertise (default: the shard's "
         "NAME.meta.toml, or metadata.toml in an IDX directory, when present)",
     )
+    s = p.add_argument_group("security (see fed-certs --help)")
+    s.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate")
+    s.add_argument("--tls-cert", type=Path, help="mutual TLS: this worker's certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, help="mutual TLS: the private key of --tls-cert")
+    s.add_argument(
+        "--tls-server-name",
+        help="name to expect in the coordinator's certificate when it differs from --server",
+    )
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding this worker's enrollment token (or set {_TOKEN_ENV})",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plaintext connection to another machine (default: refused)",
+    )
     add_common_flags(p)
     return p
 
@@ -114,6 +136,37 @@ def _dataset_metadata(args: argparse.Namespace, num_examples: int) -> DatasetMet
     if args.metadata is None and not path.is_file():
         return None
     return load_metadata(path, num_examples=num_examples)
+
+
+def _coordinator_identity(args: argparse.Namespace) -> str | None:
+    """The name the coordinator's TLS certificate is verified against (None without TLS)."""
+    if args.tls_ca is None:
+        return None
+    return str(args.tls_server_name or host_of(args.server))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        env: str | None = os.environ.get(_TOKEN_ENV)
+        return env or None
+    try:
+        token: str = Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"--token-file {args.token_file} is empty")
+    return token
+
+
+def _channel_factory(args: argparse.Namespace) -> ChannelFactory:
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise ConfigError("--tls-cert/--tls-key need --tls-ca (the coordinator's CA)")
+        require_tls_or_loopback(args.server, tls=False, insecure=args.insecure, role="worker")
+        return insecure_channel
+    return tls_channel_factory(
+        ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    )
 
 
 async def _serve(worker: Worker) -> None:
@@ -135,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args, "fed-worker")
         if not args.server or not args.data:
             raise ConfigError("--server and --data are required (see fed-worker --help)")
+        channel_factory = _channel_factory(args)
+        token = _token(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
@@ -148,11 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=ModelSpec(args.model, params) if args.model else None,
             device=args.device,
         )
-        name = args.name or f"{socket.gethostname()}-{__import__('os').getpid()}"
+        name = args.name or f"{socket.gethostname()}-{os.getpid()}"
         dataset = _dataset_metadata(args, len(shard))
         guard = None
         if args.policy is not None:
-            guard = PolicyGuard(load_policy(args.policy), num_examples=len(shard))
+            guard = PolicyGuard(
+                load_policy(args.policy),
+                num_examples=len(shard),
+                coordinator_identity=_coordinator_identity(args),
+            )
             log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
             if dataset is not None:
                 dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
@@ -166,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             give_up_after=args.give_up_after or None,
             guard=guard,
             dataset=dataset,
+            channel_factory=channel_factory,
+            token=token,
         )
         asyncio.run(_serve(worker))
     except FedcoreError as exc:

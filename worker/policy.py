@@ -49,7 +49,8 @@ class PolicyGuard:
         policy: the data owner's rules.
         num_examples: the local training set's size (DP-SGD's sampling rate).
         record_dp: this worker's DP-SGD settings, if it trains with DP-SGD.
-        coordinator_identity: the coordinator's TLS identity, once TLS is on.
+        coordinator_identity: the name the coordinator's TLS certificate was verified
+            against (None without TLS).
 
     Raises:
         PolicyError: the worker's own set-up breaks its policy, or the policy asks for
@@ -68,8 +69,8 @@ class PolicyGuard:
         if self.policy.allowed_coordinators is not None and self.coordinator_identity is None:
             raise PolicyError(
                 f"{self.policy.source}: [coordinators] allowed needs the coordinator's TLS "
-                "identity, and this worker does not connect over TLS (this fedcore version "
-                "has no TLS yet); remove the [coordinators] section to run without it"
+                "identity, and this worker does not connect over TLS; start it with --tls-ca "
+                "(the name checked is --tls-server-name, or the host of --server)"
             )
         budget = self.policy.budget
         self.ledger = PrivacyLedger(budget.ledger, study=budget.study) if budget else None

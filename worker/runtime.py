@@ -42,8 +42,11 @@ from fedcore.codec import (
     signature_specs,
 )
 from fedcore.data.metadata import DatasetMetadata
+from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
+    AuthenticationError,
     FedcoreError,
+    IdentityMismatchError,
     LedgerError,
     ModelMismatchError,
     PayloadError,
@@ -63,13 +66,14 @@ from fedcore.protocol import (
     serialize_worker_message,
 )
 from fedcore.secagg.wire import MASKED_TENSOR
+from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 
 from .policy import PolicyGuard
 from .secagg import SecAggRounds
 from .trainer import Trainer, TrainingFailed
 
-__all__ = ["Worker", "WorkerState"]
+__all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -108,17 +112,29 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", _MAX_RECEIVE),
+    ("grpc.max_send_message_length", _MAX_RECEIVE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
 def insecure_channel(target: str) -> grpc.aio.Channel:
     """A plaintext channel with fedcore's message limits."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", _MAX_RECEIVE),
-            ("grpc.max_send_message_length", _MAX_RECEIVE),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-        ],
-    )
+    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+def tls_channel_factory(tls: ClientTLS) -> ChannelFactory:
+    """Channels that verify the coordinator against ``tls.ca`` (and present the worker's
+    certificate for mutual TLS). PEM files are read once, here, so a bad path fails at start."""
+    credentials = tls.credentials()
+    options = _CHANNEL_OPTIONS + tls.channel_options()
+
+    def make(target: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    return make
 
 
 class _Disconnected(Exception):
@@ -142,6 +158,7 @@ class Worker:
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
         guard: the data owner's policy; tasks that break it are refused.
         dataset: the local data's public description, advertised in the hello.
+        token: this worker's enrollment token, sent with every connection attempt.
     """
 
     def __init__(
@@ -157,6 +174,7 @@ class Worker:
         channel_factory: ChannelFactory = insecure_channel,
         guard: PolicyGuard | None = None,
         dataset: DatasetMetadata | None = None,
+        token: str | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -169,6 +187,7 @@ class Worker:
         self.guard = guard
         self.dataset = dataset
         self.tasks_refused = 0
+        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
@@ -198,7 +217,12 @@ class Worker:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _PERMANENT:
                     self._move(WorkerState.DISCONNECTED)
-                    raise RejectedError(exc.details() or exc.code().name) from None
+                    details = exc.details() or exc.code().name
+                    if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+                        raise AuthenticationError(details) from None
+                    if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                        raise IdentityMismatchError(details) from None
+                    raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
             except _Disconnected as exc:
                 reason = str(exc)
@@ -243,7 +267,7 @@ class Worker:
             request_serializer=serialize_worker_message,
             response_deserializer=deserialize_coordinator_message,
         )
-        call = open_stream()
+        call = open_stream(metadata=self._metadata)
         await call.write(self._hello())
         first = await call.read()
         if first is STREAM_END:

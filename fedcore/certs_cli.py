@@ -1,0 +1,140 @@
+"""``fed-certs``: a development CA, certificates and tokens for a TLS federation in one minute.
+
+See :mod:`fedcore.certs` for the directory it lays out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcore.certs import CertificateAuthority
+from fedcore.enrollment import Enrollment, EnrollmentEntry, hash_token, new_token, write_atomically
+from fedcore.errors import ConfigError, FedcoreError
+
+__all__ = ["build_parser", "main"]
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+_EPILOG = """\
+examples:
+  fed-certs init --dir certs --server-name coord.example.org --workers hospital-a,hospital-b
+  fed-certs add-worker --dir certs hospital-c
+  fed-certs revoke --dir certs hospital-b
+
+then:
+  fed-server --listen 0.0.0.0:50051 --tls-cert certs/server.pem --tls-key certs/server.key \\
+             --tls-client-ca certs/ca.pem --enrolled certs/enrolled.json ...
+  fed-worker --server coord.example.org:50051 --tls-ca certs/ca.pem --name hospital-a \\
+             --tls-cert certs/workers/hospital-a.pem --tls-key certs/workers/hospital-a.key \\
+             --token-file certs/workers/hospital-a.token ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fed-certs",
+        description="Create a development CA, the coordinator's certificate, and a client "
+        "certificate and token per worker (for fed-server --tls-* --enrolled and "
+        "fed-worker --tls-* --token-file).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create the CA, the server certificate and workers")
+    init.add_argument("--dir", type=Path, required=True, help="output directory")
+    init.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="DNS name workers use to reach the coordinator (repeatable; default: localhost "
+        "and this host's name)",
+    )
+    init.add_argument(
+        "--server-ip",
+        action="append",
+        default=[],
+        help="IP address workers use to reach the coordinator (repeatable; default: 127.0.0.1)",
+    )
+    init.add_argument("--workers", default="", help="comma-separated worker names to enroll")
+    init.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    add = sub.add_parser("add-worker", help="enroll a worker: certificate, key and token")
+    add.add_argument("--dir", type=Path, required=True)
+    add.add_argument("name")
+    add.add_argument("--no-token", action="store_true", help="identify it by certificate only")
+    rev = sub.add_parser("revoke", help="revoke a worker (the coordinator notices at once)")
+    rev.add_argument("--dir", type=Path, required=True)
+    rev.add_argument("name")
+    return p
+
+
+def _check_name(name: str) -> str:
+    if not name or len(name) > 128 or not set(name) <= _NAME_CHARS or name[0] in "._-":
+        raise ConfigError(
+            f"worker name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def _enroll(directory: Path, ca: CertificateAuthority, name: str, *, token: bool) -> None:
+    _check_name(name)
+    issued = ca.issue_worker(name)
+    workers = directory / "workers"
+    issued.write(workers / f"{name}.pem", workers / f"{name}.key")
+    digest = None
+    if token:
+        secret = new_token()
+        write_atomically(workers / f"{name}.token", (secret + "\n").encode(), mode=0o600)
+        digest = hash_token(secret)
+    path = directory / "enrolled.json"
+    enrollment = Enrollment(path) if path.exists() else Enrollment.empty(path)
+    enrollment.set(name, EnrollmentEntry(token_sha256=digest, revoked=False))
+    enrollment.save()
+    print(f"enrolled worker {name!r}: {workers / name}.pem/.key" + (", .token" if token else ""))
+
+
+def _init(args: argparse.Namespace) -> None:
+    d: Path = args.dir
+    if (d / "ca.key").exists() and not args.force:
+        raise ConfigError(f"{d / 'ca.key'} exists; pass --force to replace the CA")
+    ca = CertificateAuthority.create()
+    ca.issued.write(d / "ca.pem", d / "ca.key")
+    names = args.server_name or sorted({"localhost", socket.gethostname()})
+    ips = args.server_ip or (["127.0.0.1"] if not args.server_name else [])
+    ca.issue_server(names, ips).write(d / "server.pem", d / "server.key")
+    print(f"created CA {d / 'ca.pem'} and server certificate for {', '.join(names + ips)}")
+    (d / "enrolled.json").unlink(missing_ok=True)
+    Enrollment.empty(d / "enrolled.json").save()
+    for name in filter(None, (n.strip() for n in args.workers.split(","))):
+        _enroll(d, ca, name, token=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            _init(args)
+        else:
+            d: Path = args.dir
+            if args.command == "add-worker":
+                ca = CertificateAuthority.load(d / "ca.pem", d / "ca.key")
+                _enroll(d, ca, args.name, token=not args.no_token)
+            else:
+                enrollment = Enrollment(d / "enrolled.json")
+                entry = enrollment.entries.get(args.name)
+                if entry is None:
+                    raise ConfigError(f"worker {args.name!r} is not enrolled in {d}")
+                enrollment.set(args.name, EnrollmentEntry(entry.token_sha256, revoked=True))
+                enrollment.save()
+                print(f"revoked worker {args.name!r}")
+    except FedcoreError as exc:
+        print(f"fed-certs: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

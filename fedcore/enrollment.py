@@ -1,0 +1,196 @@
+"""Enrolled workers: who may join a federation, and how each proves it.
+
+The coordinator reads an *enrollment file* (``fed-server --enrolled FILE``), written by
+``fed-certs``::
+
+    {"version": 1,
+     "workers": {"hospital-a": {"token_sha256": "9f86d0...", "revoked": false},
+                 "hospital-b": {"token_sha256": null, "revoked": true}}}
+
+A worker proves its name with a bearer token (sent as ``x-fedcore-token`` metadata, hashed with
+SHA-256 and compared in constant time with the stored hash; the token itself is never stored
+on the coordinator), with the common name of its mTLS certificate, or with both. Tokens are
+256-bit random strings, so a plain SHA-256 is enough: there is nothing to brute-force.
+
+Revoking is an edit of the file (``fed-certs revoke NAME``); the coordinator re-reads it when
+it changes, refuses the name from then on and closes the revoked worker's open stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+__all__ = [
+    "TOKEN_METADATA_KEY",
+    "Enrollment",
+    "EnrollmentEntry",
+    "hash_token",
+    "new_token",
+    "write_atomically",
+]
+
+TOKEN_METADATA_KEY = "x-fedcore-token"
+_DUMMY_HASH = hashlib.sha256(b"fedcore: no such worker").hexdigest()
+
+
+def new_token() -> str:
+    """A fresh 256-bit token, URL-safe text."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of a token: what the coordinator stores."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``path`` so that a crash leaves the old content or the new, never a mix:
+    temp file in the same directory, fsync, rename, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class EnrollmentEntry:
+    """One enrolled worker."""
+
+    token_sha256: str | None = None
+    revoked: bool = False
+
+
+class Enrollment:
+    """The enrolled workers, kept in sync with their file (re-read when it changes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, EnrollmentEntry] = {}
+        self._stamp: tuple[int, int] | None = None
+        self.reload()
+
+    @classmethod
+    def empty(cls, path: Path) -> Enrollment:
+        """An enrollment for a file that does not exist yet (``fed-certs`` creates it)."""
+        self = cls.__new__(cls)
+        self.path, self._entries, self._stamp = path, {}, None
+        return self
+
+    @property
+    def entries(self) -> dict[str, EnrollmentEntry]:
+        return dict(self._entries)
+
+    def reload(self) -> bool:
+        """Re-read the file if it changed since the last read; True if it did."""
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the enrollment file {self.path}: {exc.strerror or exc}; "
+                "create it with `fed-certs init`"
+            ) from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return False
+        self._entries = _parse(self.path)
+        self._stamp = stamp
+        return True
+
+    def verify_token(self, name: str, token: str | None) -> str | None:
+        """None when ``token`` proves ``name``; otherwise why not. Constant time in the
+        token whether or not the name is enrolled."""
+        entry = self._entries.get(name)
+        expected = entry.token_sha256 if entry and entry.token_sha256 else _DUMMY_HASH
+        given = hash_token(token) if token is not None else ""
+        matches = hmac.compare_digest(expected.encode(), given.encode())
+        if entry is None:
+            return f"worker {name!r} is not enrolled"
+        if entry.revoked:
+            return f"worker {name!r} has been revoked"
+        if entry.token_sha256 is None:
+            return (
+                f"worker {name!r} is enrolled for certificate authentication only; the "
+                "coordinator needs --tls-client-ca and the worker --tls-cert/--tls-key"
+            )
+        if token is None:
+            return f"worker {name!r} sent no token; start it with --token-file"
+        if not matches:
+            return f"worker {name!r} sent a wrong token"
+        return None
+
+    def check_name(self, name: str) -> str | None:
+        """None when ``name`` is enrolled and not revoked; otherwise why not."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return f"worker {name!r} is not enrolled"
+        if entry.revoked:
+            return f"worker {name!r} has been revoked"
+        return None
+
+    def requires_token(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.token_sha256 is not None
+
+    # ------------------------------------------------------------------ editing (fed-certs)
+
+    def set(self, name: str, entry: EnrollmentEntry) -> None:
+        self._entries[name] = entry
+
+    def save(self) -> None:
+        body = {
+            "version": 1,
+            "workers": {
+                name: {"token_sha256": e.token_sha256, "revoked": e.revoked}
+                for name, e in sorted(self._entries.items())
+            },
+        }
+        write_atomically(self.path, (json.dumps(body, indent=2) + "\n").encode(), mode=0o600)
+        self._stamp = None
+
+
+def _parse(path: Path) -> dict[str, EnrollmentEntry]:
+    try:
+        body: Any = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"the enrollment file {path} is unreadable: {exc}") from None
+    workers = body.get("workers") if isinstance(body, dict) else None
+    if body.get("version") != 1 or not isinstance(workers, dict):
+        raise ConfigError(
+            f"the enrollment file {path} is not a fedcore v1 enrollment; "
+            "create it with `fed-certs init`"
+        )
+    out: dict[str, EnrollmentEntry] = {}
+    for name, raw in workers.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"the enrollment file {path}: entry {name!r} is not an object")
+        digest = raw.get("token_sha256")
+        if digest is not None and (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            raise ConfigError(f"the enrollment file {path}: {name!r} has a malformed token hash")
+        out[str(name)] = EnrollmentEntry(digest, bool(raw.get("revoked", False)))
+    return out

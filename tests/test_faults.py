@@ -1,0 +1,101 @@
+"""Faults injected into a live federation of real processes: a worker's connection cut before
+training (mid-download), while training and mid-upload; the same worker frozen past
+--round-timeout (a straggler); a worker and then the coordinator stopped with SIGTERM. Each
+round finishes with the others, the worker reconnects by itself and rejoins later rounds."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import Proc, start_server, start_worker
+from faults import CutAfter, CuttingProxy
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5"]
+MODEL_BYTES = 199_210 * 4
+
+
+def test_cuts_at_every_stage_a_straggler_and_sigterm_are_survived(
+    shards: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    flags = "--min-workers 3 --min-results 2 --rounds 500 --epochs 1 --fed-eval-every 0"
+    server, port = start_server(
+        procs,
+        *flags.split(),
+        "--round-timeout",
+        "8",
+        "--heartbeat-timeout",
+        "20",
+        "--metrics-out",
+        str(metrics),
+        *FAST,
+    )
+    proxy = CuttingProxy(
+        port,
+        [
+            CutAfter("down", MODEL_BYTES // 2),  # 1st connection: mid-download, before training
+            None,  # 2nd: cut by the test while it trains
+            CutAfter("up", MODEL_BYTES // 2),  # 3rd: mid-upload
+        ],
+    )
+    try:
+        silos = [
+            start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)
+        ]
+        victim = start_worker(procs, proxy.port, shards / "shard-2.npz", "victim")
+
+        victim.wait_for_nth_line(r"joined .* as 'victim'", 2, 120)
+        assert victim.count(r"round \d+: training") == 0  # the 1st cut came before training
+        victim.wait_for_nth_line(r"round \d+: training", 1, 60)
+        proxy.cut_all("while training")
+        victim.wait_for_nth_line(r"joined .* as 'victim'", 3, 60)
+        victim.wait_for_nth_line(r"joined .* as 'victim'", 4, 60)  # after the mid-upload cut
+        assert len(proxy.cuts) == 3
+        assert proxy.cuts[2].startswith("up after")
+        # Each cut dropped the victim from its round (the others completed it).
+        server.wait_for_nth_line(r"worker 'victim' dropped: .*(stream|connection|left)", 3, 60)
+        updates = victim.count(r"sent update")  # one may be logged for the cut upload
+        victim.wait_for_nth_line(r"sent update", updates + 1, 60)  # rejoined: a full round
+
+        # A straggler: frozen while training, past the round timeout.
+        trained = victim.count(r"round \d+: training")
+        straggled = int(victim.wait_for_nth_line(r"round (\d+): training", trained + 1, 60)[1])
+        victim.signal(signal.SIGSTOP)
+        server.wait_for_line(rf"round {straggled}: worker 'victim' dropped: no result within", 30)
+        server.wait_for_line(rf"^\s+{straggled}\s+2\s", 30)  # the round completed without it
+        victim.signal(signal.SIGCONT)
+        server.wait_for_line(rf"worker 'victim' answered round {straggled} after it ended", 60)
+        updates = victim.count(r"sent update")
+        victim.wait_for_nth_line(r"sent update", updates + 1, 60)  # and rejoined later rounds
+
+        # Graceful SIGTERM: a worker leaves, then the coordinator ends the federation.
+        silos[1].signal(signal.SIGTERM)
+        assert silos[1].wait(30) == 0, silos[1].output
+        assert "stopped by signal" in silos[1].output
+        server.wait_for_line(r"worker 'silo-1' left", 30)
+        server.signal(signal.SIGTERM)
+        assert server.wait(60) == 0, server.output
+        for w in (silos[0], victim):
+            assert w.wait(30) == 0, w.output
+            assert "federation over" in w.output
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- coordinator:\n{server.output[-3000:]}") from None
+    finally:
+        proxy.close()
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(r["workers"] >= 2 for r in rows)
+    # 3 cuts and 1 straggler, each a failure of the round it happened in.
+    dropped = [line for line in server.output.splitlines() if "dropped" in line]
+    assert sum(r["failures"] for r in rows) >= 4, (
+        dropped,
+        [(r["round"], r["failures"]) for r in rows],
+    )
+    assert proxy.cuts[0].startswith("down after")
+    assert proxy.cuts[1] == "while training"
