@@ -111,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--save-model", type=Path, help="write the final global weights here (safetensors)"
     )
+    e.add_argument(
+        "--progress",
+        choices=["auto", "live", "plain"],
+        default="auto",
+        help="live: a progress panel redrawn in place and a summary table at the end; plain: a "
+        "table row per round and a 'summary key=value ...' line, for scripts; auto: live when "
+        "stdout is a terminal (default: %(default)s)",
+    )
+    e.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://LISTEN-HOST:PORT/metrics (rounds, workers, "
+        "bytes, round durations, accuracy, epsilon); 0 picks a free port (default: off)",
+    )
     e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
     e.add_argument(
         "--device", default="cpu", help="device for centralized evaluation (default: %(default)s)"
@@ -219,6 +234,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         handshake_timeout=args.handshake_timeout,
         threads=args.threads,
         device=args.device,
+        progress=args.progress,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -42,6 +42,9 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     threads: int | None = None
     device: str = "cpu"
+    # "auto": a live display when stdout is a terminal, plain lines otherwise.
+    progress: str = "auto"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -60,6 +63,15 @@ class ServerConfig:
             raise ConfigError("--heartbeat-timeout must be longer than the heartbeat interval")
         if self.min_results is not None and self.min_results < 1:
             raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
+        if self.progress not in ("auto", "live", "plain"):
+            raise ConfigError(
+                f"--progress must be auto, live or plain, got {self.progress!r}"
+            )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"--metrics-port must be a TCP port (0-65535; 0 picks a free one), "
+                f"got {self.metrics_port}"
+            )
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
 

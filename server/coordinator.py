@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fedcore.weights import Weights, signature_of
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
+from .progress import CoordinatorStatus, LiveDisplay, Observer, PlainSummary
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
@@ -76,11 +78,63 @@ class Coordinator:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        # Progress, for status(): the round in progress and its collector.
+        self.observers: list[Observer] = []
+        self._phase = "waiting for workers"
+        self._round = 0
+        self._collector: RoundCollector | None = None
+        self._started_at: float | None = None
+        self._rows: list[RoundMetrics] = []
 
     @property
     def workers(self) -> list[WorkerInfo]:
         """The workers connected now."""
         return [s.info for s in self.registry.sessions()]
+
+    def status(self) -> CoordinatorStatus:
+        """A snapshot of the federation's progress (for displays and metrics exporters)."""
+        collector = self._collector
+        training = reported = 0
+        if collector is not None:
+            training = len(collector.tickets)
+            results = getattr(collector, "results", [])
+            reported = len(results) if isinstance(results, list) else 0
+        return CoordinatorStatus(
+            phase=self._phase,
+            round=self._round,
+            rounds=self.config.rounds,
+            connected=len(self.registry),
+            training=training,
+            reported=reported,
+            min_workers=self.config.min_workers,
+            bytes_sent=self.service.counters.bytes_sent,
+            bytes_received=self.service.counters.bytes_received,
+            elapsed_s=(
+                time.perf_counter() - self._started_at if self._started_at is not None else 0.0
+            ),
+            last=self._rows[-1] if self._rows else None,
+        )
+
+    def _make_observers(self) -> list[Observer]:
+        observers: list[Observer] = []
+        mode = self.config.progress
+        if mode == "live" or (mode == "auto" and sys.stdout.isatty()):
+            observers.append(LiveDisplay())
+        else:
+            observers.append(PlainSummary())
+        if self.config.metrics_port is not None:
+            from .prometheus import PrometheusExporter
+
+            host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            observers.append(PrometheusExporter(host, self.config.metrics_port))
+        return observers
+
+    async def _publish_status(self) -> None:
+        while True:
+            status = self.status()
+            for observer in self.observers:
+                observer.update(status)
+            await asyncio.sleep(0.25)
 
     def stop(self) -> None:
         """Ask the federation to end after telling workers (safe from signal handlers)."""
@@ -91,8 +145,12 @@ class Coordinator:
         server, health, self.port = await start_grpc_server(self.service, self.config.listen)
         host = self.config.listen.rsplit(":", 1)[0]
         print(f"listening on {host}:{self.port}", flush=True)
+        self.observers = self._make_observers() + self.observers
+        live = any(isinstance(o, LiveDisplay) for o in self.observers)
         self.ready.set()
-        writer = MetricsWriter(self.config.metrics_out)
+        # The live display shows rounds itself; plain mode prints a table row per round.
+        writer = MetricsWriter(self.config.metrics_out, None if live else sys.stdout)
+        publisher = asyncio.create_task(self._publish_status())
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -117,6 +175,11 @@ class Coordinator:
             return FederationResult(self.weights, list(writer.rows))
         finally:
             writer.close()
+            publisher.cancel()
+            self._phase = "finished"
+            final = self.status()
+            for observer in self.observers:
+                observer.close(final, list(writer.rows))
             await self._shutdown(server, health)
 
     async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
@@ -152,7 +215,10 @@ class Coordinator:
                 f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
             )
         pending_report: asyncio.Task[None] | None = None
+        self._started_at = time.perf_counter()
+        self._phase = "training"
         for round_number in range(1, cfg.rounds + 1):
+            self._round = round_number
             started = time.perf_counter()
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
             collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
@@ -192,7 +258,12 @@ class Coordinator:
         metrics.eval_s = round(time.perf_counter() - fit_done, 3)
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
+        if self._started_at is not None:
+            metrics.elapsed_s = round(time.perf_counter() - self._started_at, 3)
         writer.write(metrics)
+        self._rows.append(metrics)
+        for observer in self.observers:
+            observer.round_completed(metrics)
 
     async def _fit_round_with_retries(
         self, round_number: int, pending_report: asyncio.Task[None] | None
@@ -207,6 +278,7 @@ class Coordinator:
                     pending_report = None
                 continue
             collector = self._dispatch_fit(round_number)
+            self._collector = collector
             if pending_report is not None:
                 await pending_report
                 pending_report = None
