@@ -19,7 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcore.plan import TrainConfig
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "iter_batches", "make_optimizer", "train"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "iter_batches",
+    "make_optimizer",
+    "train",
+    "warm_up",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -83,6 +91,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+
+
+def warm_up() -> None:
+    """Pay torch's one-time costs now: its first optimizer imports the compiler stack lazily
+    (800+ modules; seconds, tens of seconds on a busy machine). A worker runs this while it
+    connects and waits for its first task, so round 1 does not pay for it."""
+    weight = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.sum().backward()
+    optimizer.step()
 
 
 def train(

@@ -31,6 +31,7 @@ run failed, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -171,7 +172,9 @@ def expand_preset(name: str, caps: dict[str, Any]) -> list[str]:
         return ["none"] + [f"{c}:compression={c}" for c in caps["compressions"] if c != "none"]
     if name == "strategies":
         return [f"{s}:strategy={s}" for s in caps["strategies"]] or ["fedavg"]
-    raise ValueError(f"unknown preset @{name}; use @partitions, @privacy, @compression, @strategies")
+    raise ValueError(
+        f"unknown preset @{name}; use @partitions, @privacy, @compression, @strategies"
+    )
 
 
 def dp_server_flags(caps: dict[str, Any]) -> list[str]:
@@ -225,10 +228,8 @@ def _kill_all(procs: list[subprocess.Popen[str]]) -> None:
         if p.poll() is None:
             p.kill()
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def run_one(cfg: RunConfig, out: Path, *, eval_threads: int, timeout: float) -> dict[str, Any]:
@@ -267,16 +268,17 @@ def run_one(cfg: RunConfig, out: Path, *, eval_threads: int, timeout: float) -> 
             )
         for i in range(cfg.workers):
             log = (run_dir / f"worker-{i}.log").open("w")
+            worker_cmd = [
+                str(BIN / "fed-worker"),
+                "--server", match.group(1),
+                "--data", str(shards / f"shard-{i}.npz"),
+                "--name", f"silo-{i}",
+                "--threads", str(cfg.threads),
+                *cfg.worker,
+            ]  # fmt: skip
             procs.append(
                 subprocess.Popen(
-                    [
-                        str(BIN / "fed-worker"),
-                        "--server", match.group(1),
-                        "--data", str(shards / f"shard-{i}.npz"),
-                        "--name", f"silo-{i}",
-                        "--threads", str(cfg.threads),
-                        *cfg.worker,
-                    ],  # fmt: skip
+                    worker_cmd,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,

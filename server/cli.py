@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.compression import SCHEMES
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)"
     )
     t.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    t.add_argument(
+        "--compression",
+        choices=list(SCHEMES),
+        default="none",
+        help="workers send their update as a float16 delta (2x fewer bytes) or an int8 delta "
+        "with one scale per tensor (about 4x fewer), keeping the rounding error for their next "
+        "update (error feedback); the coordinator validates and restores float32 before "
+        "aggregating (default: %(default)s)",
+    )
     e = p.add_argument_group("evaluation and output")
     e.add_argument(
         "--eval-data",
@@ -235,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         device=args.device,
         progress=args.progress,
+        compression=args.compression,
         metrics_port=args.metrics_port,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcore.compression import SCHEMES
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
@@ -44,6 +45,8 @@ class ServerConfig:
     device: str = "cpu"
     # "auto": a live display when stdout is a terminal, plain lines otherwise.
     progress: str = "auto"
+    # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
+    compression: str = "none"
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,13 +67,15 @@ class ServerConfig:
         if self.min_results is not None and self.min_results < 1:
             raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
         if self.progress not in ("auto", "live", "plain"):
-            raise ConfigError(
-                f"--progress must be auto, live or plain, got {self.progress!r}"
-            )
+            raise ConfigError(f"--progress must be auto, live or plain, got {self.progress!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(
                 f"--metrics-port must be a TCP port (0-65535; 0 picks a free one), "
                 f"got {self.metrics_port}"
+            )
+        if self.compression not in SCHEMES:
+            raise ConfigError(
+                f"--compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}"
             )
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")

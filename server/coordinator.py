@@ -22,6 +22,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
@@ -333,7 +334,10 @@ class Coordinator:
             raise ConfigError(f"strategy selected no workers for round {round_number}")
         payload = WeightsPayload(self.weights, self.config.chunk_bytes)
         collector = FitCollector(
-            round_number, self.strategy.start_aggregation(round_number, self.weights), self.weights
+            round_number,
+            self.strategy.start_aggregation(round_number, self.weights),
+            self.weights,
+            compression=self.config.compression,
         )
         model = self.config.model.to_proto()
         for instruction in instructions:
@@ -342,11 +346,14 @@ class Coordinator:
                 raise ConfigError(
                     f"strategy selected unknown or busy worker {instruction.worker.name!r}"
                 )
+            train = instruction.config.to_proto()
+            if self.config.compression != "none":
+                train.extra[EXTRA_KEY] = scheme_code(self.config.compression)
             task = pb.Task(
                 round=round_number,
                 kind=pb.TASK_KIND_FIT,
                 model=model,
-                train=instruction.config.to_proto(),
+                train=train,
                 weights=payload.header,
             )
             self._issue(session, collector, task, payload)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
+from fedcore.compression import compressed_signature
 from fedcore.errors import PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
@@ -47,9 +48,12 @@ class Inbox:
         max_model_bytes: int,
         chunk_limit: int,
         upload_slots: asyncio.Semaphore,
+        compression: str = "none",
     ) -> None:
         self.session = session
         self._signature = signature
+        self._compression = compression
+        self._compressed = compressed_signature(signature, compression)
         self._max_model_bytes = max_model_bytes
         self._chunk_limit = chunk_limit
         self._slots = upload_slots
@@ -102,6 +106,12 @@ class Inbox:
             raise ProtocolError("a training result must report at least one example")
         if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
             raise ProtocolError("a training result must say whether it sends weights or a delta")
+        if self._compression != "none" and result.update_kind != pb.UPDATE_KIND_DELTA:
+            raise ProtocolError(
+                f"the federation runs with --compression {self._compression}, but worker "
+                f"{name!r} sent full-precision weights; run the coordinator's fedcore version "
+                "on every worker"
+            )
         header = result.update
         if ticket.stale:
             # Its round is over: check the framing only, and drop the chunks as they come.
@@ -118,8 +128,9 @@ class Inbox:
                 header,
                 max_bytes=self._max_model_bytes,
                 max_chunk_bytes=self._chunk_limit,
-                expected=self._signature,
-                what=f"update from worker {name!r}",
+                expected=self._compressed,
+                what=f"update from worker {name!r}"
+                + (f" ({self._compression}-compressed)" if self._compression != "none" else ""),
             )
             await self._slots.acquire()
             self._holding_slot = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -159,7 +159,7 @@ class LiveDisplay:
         self._live.start()
         # Log records go through the live display's stderr proxy, above the panel, instead of
         # tearing it apart.
-        self._restore: list[tuple[logging.StreamHandler[IO[str]], IO[str]]] = []
+        self._restore: list[tuple[logging.StreamHandler[Any], Any]] = []
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
                 self._restore.append((handler, handler.stream))

@@ -49,9 +49,7 @@ class PrometheusExporter:
     def __init__(self, host: str, port: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.rounds_completed = Counter(
-            "fedcore_rounds_completed", "Rounds completed", registry=r
-        )
+        self.rounds_completed = Counter("fedcore_rounds_completed", "Rounds completed", registry=r)
         self.rounds_planned = Gauge("fedcore_rounds_planned", "Rounds planned", registry=r)
         self.round = Gauge("fedcore_round", "The round in progress", registry=r)
         self.workers_connected = Gauge(

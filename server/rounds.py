@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore.compression import decompress
 from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import Weights, signature_of
 
 from .registry import Ticket
 
@@ -58,11 +59,17 @@ class FitCollector(RoundCollector):
     """Folds each valid update into the strategy's aggregator the moment it arrives."""
 
     def __init__(
-        self, round_number: int, aggregator: UpdateAggregator, global_weights: Weights
+        self,
+        round_number: int,
+        aggregator: UpdateAggregator,
+        global_weights: Weights,
+        *,
+        compression: str = "none",
     ) -> None:
         super().__init__(round_number)
         self.aggregator = aggregator
         self.global_weights = global_weights
+        self.compression = compression
         self.results: list[FitResult] = []
         self._lock = asyncio.Lock()
 
@@ -72,6 +79,11 @@ class FitCollector(RoundCollector):
             if self.closed or ticket.stale or ticket.future.done():
                 log.info("discarding a late update from %r", ticket.session.name)
                 return
+            if self.compression != "none":
+                # The inbox checked the compressed signature; restore full-precision deltas.
+                update = await asyncio.to_thread(
+                    decompress, update, signature_of(self.global_weights), self.compression
+                )
             if result.update_kind == pb.UPDATE_KIND_DELTA:
                 for name, delta in update.items():
                     np.add(delta, self.global_weights[name], out=delta, casting="unsafe")

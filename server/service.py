@@ -181,6 +181,7 @@ class CoordinatorService:
             max_model_bytes=self.config.max_model_bytes,
             chunk_limit=self.config.chunk_bytes,
             upload_slots=self._upload_slots,
+            compression=self.config.compression,
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))
