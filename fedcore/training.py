@@ -99,7 +99,8 @@ def warm_up() -> None:
     connects and waits for its first task, so round 1 does not pay for it."""
     weight = nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    weight.sum().backward()
+    loss: torch.Tensor = (weight * weight).sum()
+    loss.backward()
     optimizer.step()
 
 

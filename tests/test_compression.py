@@ -40,7 +40,8 @@ def test_compressed_signature_keeps_names_and_shapes_and_adds_int8_scales() -> N
     ]
     int8 = compressed_signature(sig, "int8")
     assert [t.dtype for t in int8] == ["int8", "int8", "int64", "float32"]
-    assert int8[-1].name == SCALES_NAME and int8[-1].shape == (2,)
+    assert int8[-1].name == SCALES_NAME
+    assert int8[-1].shape == (2,)
 
 
 @pytest.mark.parametrize(("scheme", "ratio"), [("float16", 2), ("int8", 4)])
@@ -122,7 +123,7 @@ def test_refusals_name_the_problem_and_the_fix() -> None:
     with pytest.raises(ConfigError, match="install the coordinator's fedcore version"):
         scheme_from_code(9.0)
     assert scheme_from_code(scheme_code("int8")) == "int8"
-    with pytest.raises(PayloadError, match="exceeds the float16 range.*--compression int8"):
+    with pytest.raises(PayloadError, match=r"exceeds the float16 range.*--compression int8"):
         Compressor("float16").compress({"w": np.array([1e6], dtype=np.float32)})
     sig = signature_of({"w": np.zeros(2, np.float32)})
     bad = {"w": np.zeros(2, np.int8), SCALES_NAME: np.array([-1.0], np.float32)}

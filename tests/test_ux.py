@@ -279,7 +279,7 @@ def test_bench_mnist_smoke(tmp_path: Path) -> None:
             "--compare",
             "plain",
             "int8:compression=int8,scheme=dirichlet,alpha=1",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=280,
@@ -291,13 +291,15 @@ def test_bench_mnist_smoke(tmp_path: Path) -> None:
     assert int8["config"]["scheme"] == "dirichlet"
     for r in plain["rounds"] + int8["rounds"]:
         assert 0.0 < r["accuracy"] <= 1.0
-        assert r["elapsed_s"] > 0 and r["bytes_sent"] > 0
+        assert r["elapsed_s"] > 0
+        assert r["bytes_sent"] > 0
     # int8 updates: about a quarter of the upload bytes.
     up_plain = plain["rounds"][0]["bytes_received"]
     assert 3.5 < up_plain / int8["rounds"][0]["bytes_received"] < 4.5
     assert plain["target"]["round"] in (1, 2, None)
     table = (out / "results.md").read_text()
-    assert "| plain |" in table and "| int8 |" in table
+    assert "| plain |" in table
+    assert "| int8 |" in table
     assert "rounds to target" in table
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -311,7 +313,7 @@ def test_bench_mnist_explains_bad_specs(tmp_path: Path) -> None:
             str(tmp_path),
             "--compare",
             "x:lr=0.1,colour=red",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=60,
