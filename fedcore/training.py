@@ -100,7 +100,7 @@ def warm_up() -> None:
     weight = nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     loss: torch.Tensor = (weight * weight).sum()
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     optimizer.step()
 
 
