@@ -12,7 +12,10 @@ catch them all at once, or pick the branch it can act on::
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── RejectedError          the coordinator refused this worker (the reason says why)
-    └── RoundFailedError       a round could not gather enough results, even after retries
+    ├── RoundFailedError       a round could not gather enough results, even after retries
+    └── SecAggError            secure aggregation could not complete a round
+        ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
+        └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
 
 Messages say what went wrong *and* what to do about it.
 """
@@ -29,6 +32,9 @@ __all__ = [
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
+    "SecAggAbortedError",
+    "SecAggError",
+    "SecAggRefusedError",
     "VersionMismatchError",
 ]
 
@@ -71,3 +77,15 @@ class RejectedError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class SecAggError(FedcoreError):
+    """Secure aggregation could not complete a round (bad share, tampered message, ...)."""
+
+
+class SecAggAbortedError(SecAggError):
+    """Fewer workers than the Shamir threshold remain; the round ends and reveals nothing."""
+
+
+class SecAggRefusedError(SecAggError):
+    """An honest worker refused a request that would reveal more than the protocol allows."""

@@ -17,6 +17,8 @@ from fedcore.errors import ConfigError, FedcoreError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.secagg import SecAggParams
+from fedcore.strategy import describe_strategies
 
 from .config import ServerConfig
 from .coordinator import Coordinator
@@ -31,10 +33,23 @@ Run a fedcore coordinator. It waits for --min-workers workers (started with fed-
 workers to shut down when done. Prints "listening on HOST:PORT" once ready.
 """
 
-_EPILOG = """\
+_EPILOG = f"""\
+strategies (--strategy NAME, options as --strategy-options JSON or a [strategy] table):
+{describe_strategies()}
+
 examples:
   fed-server --listen 127.0.0.1:50051 --min-workers 3 --rounds 3 --eval-data shards/test.npz
   fed-server --config federation.toml --metrics-out metrics.jsonl --save-model model.safetensors
+  fed-server --strategy fedadam --strategy-options '{{"server-lr": 0.03}}'
+  fed-server --strategy my_package.strategies:MyStrategy
+
+  # federation.toml
+  rounds = 20
+  [strategy]
+  name = "trimmed-mean"
+  beta = 0.2
+  fraction-fit = 0.5
+  fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
 """
 
 
@@ -76,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         "are ready (default: --min-workers)",
     )
     g.add_argument(
-        "--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)"
+        "--strategy",
+        default="fedavg",
+        metavar="NAME",
+        help="aggregation strategy: a built-in name (listed below) or package.module:Class "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--strategy-options",
+        default="{}",
+        metavar="JSON",
+        help="the strategy's options as a JSON object, e.g. '{\"server-lr\": 0.1}' "
+        "(or a [strategy] table in --config)",
     )
     g.add_argument(
         "--seed",
@@ -200,6 +226,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="updates staged in memory at once besides the running sum (default: %(default)s)",
     )
+    s = p.add_argument_group(
+        "secure aggregation",
+        "With --secagg the coordinator learns only the sum of the workers' updates (Bonawitz "
+        "et al. 2017). Workers need no flag.",
+    )
+    s.add_argument(
+        "--secagg",
+        action="store_true",
+        help="aggregate updates with secure aggregation (masked, quantized deltas)",
+    )
+    s.add_argument(
+        "--secagg-threshold",
+        type=float,
+        default=0.5,
+        help="Shamir threshold t: a count >= 2, or a fraction f < 1 of each sharing group "
+        "(t = floor(f*m)+1); a round survives while t workers remain (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-neighbours",
+        type=int,
+        default=0,
+        help="SecAgg+: share with this many neighbours of a random regular graph "
+        "(about 2*log2(n) suffices); 0 = with every worker (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-bits",
+        type=int,
+        default=16,
+        help="signed fixed-point bits per coordinate (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-clip",
+        type=float,
+        default=1.0,
+        help="clipping range: every coordinate of a worker's delta (trained minus received "
+        "weights) is clipped to [-CLIP, CLIP] (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-phase-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the coordinator waits for each key, share and unmasking phase "
+        "(default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 
@@ -211,6 +281,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
     if not isinstance(params, dict):
         raise ConfigError("--model-params must be a JSON object")
+    options = args.strategy_options
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--strategy-options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--strategy-options must be a JSON object")
     return ServerConfig(
         model=ModelSpec(args.model, params),
         listen=args.listen,
@@ -221,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         round_retries=args.round_retries,
         join_timeout=args.join_timeout,
         strategy=args.strategy,
+        strategy_options=options,
         train=TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -247,6 +326,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         progress=args.progress,
         compression=args.compression,
         metrics_port=args.metrics_port,
+        secagg=(
+            SecAggParams(
+                threshold=args.secagg_threshold,
+                neighbours=args.secagg_neighbours,
+                bits=args.secagg_bits,
+                clip=args.secagg_clip,
+                phase_timeout=args.secagg_phase_timeout,
+            )
+            if args.secagg
+            else None
+        ),
     )
 
 

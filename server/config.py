@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedcore.compression import SCHEMES
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.secagg.params import SecAggParams
 
 __all__ = ["ServerConfig"]
 
@@ -25,7 +27,8 @@ class ServerConfig:
     round_timeout: float = 600.0
     round_retries: int = 3
     join_timeout: float | None = None
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # a built-in name or package.module:Class
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     eval_data: Path | None = None
@@ -48,6 +51,8 @@ class ServerConfig:
     # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
     compression: str = "none"
     metrics_port: int | None = None
+    #: Secure aggregation settings; None runs plain aggregation.
+    secagg: SecAggParams | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -76,6 +81,11 @@ class ServerConfig:
         if self.compression not in SCHEMES:
             raise ConfigError(
                 f"--compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}"
+            )
+        if self.compression != "none" and self.secagg is not None:
+            raise ConfigError(
+                "--compression and --secagg cannot be combined: secure aggregation masks "
+                "fixed-point updates, which cannot be compressed; drop one of the two"
             )
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")

@@ -4,7 +4,8 @@ A round sends each selected worker a plan (a Task whose weights follow as chunks
 as each stream sends them), folds valid updates into the running aggregate as they
 arrive, and completes when every worker answered or the round timeout passed. With fewer than
 ``min_workers`` results the round is retried (at most ``round_retries`` times); the global
-model only ever changes from a completed round.
+model only ever changes from a completed round. A strategy with ``async_settings`` (FedBuff)
+runs the asynchronous loop of :mod:`.async_loop` instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from grpc_health.v1 import health_pb2
 from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
-from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
+from fedcore.strategy import (
+    Strategy,
+    WorkerInfo,
+    check_secure_aggregation,
+    load_strategy,
+    weighted_metrics,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -36,6 +43,7 @@ from .progress import CoordinatorStatus, LiveDisplay, Observer, PlainSummary
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
+from .secagg import SecAggCollector
 from .service import CoordinatorService, start_grpc_server
 
 __all__ = ["Coordinator", "FederationResult", "peak_rss_bytes"]
@@ -61,7 +69,8 @@ class Coordinator:
 
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
-        self.strategy = strategy or strategy_by_name(config.strategy)
+        self.strategy = strategy or load_strategy(config.strategy, config.strategy_options)
+        check_secure_aggregation(self.strategy, secure_aggregation=config.secagg is not None)
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
@@ -69,6 +78,11 @@ class Coordinator:
         self.weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(self.weights)
+        if config.compression != "none" and self.strategy.async_settings is not None:
+            raise ConfigError(
+                f"--compression {config.compression} is not supported with the asynchronous "
+                f"strategy {config.strategy}; use a synchronous strategy or drop --compression"
+            )
         self.registry = WorkerRegistry(config.max_workers)
         self.service = CoordinatorService(config, self.registry, config.model, self.signature)
         self.evaluator = (
@@ -84,8 +98,9 @@ class Coordinator:
         self._phase = "waiting for workers"
         self._round = 0
         self._collector: RoundCollector | None = None
-        self._started_at: float | None = None
         self._rows: list[RoundMetrics] = []
+        self._started = 0.0  # perf_counter() when round 1 began
+        self._end_requested = False  # the strategy's on_round_end asked to stop
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -110,9 +125,7 @@ class Coordinator:
             min_workers=self.config.min_workers,
             bytes_sent=self.service.counters.bytes_sent,
             bytes_received=self.service.counters.bytes_received,
-            elapsed_s=(
-                time.perf_counter() - self._started_at if self._started_at is not None else 0.0
-            ),
+            elapsed_s=(time.perf_counter() - self._started if self._started else 0.0),
             last=self._rows[-1] if self._rows else None,
         )
 
@@ -215,11 +228,24 @@ class Coordinator:
                 f"only {len(self.registry)} of {cfg.min_workers} workers joined within "
                 f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
             )
-        pending_report: asyncio.Task[None] | None = None
-        self._started_at = time.perf_counter()
+        self._started = time.perf_counter()
         self._phase = "training"
+        if self.strategy.async_settings is not None:
+            from .async_loop import AsyncRounds
+
+            await AsyncRounds(self, writer, self.strategy.async_settings).run()
+            return
+        # A strategy that decides after each round sees that round's evaluation first.
+        decides = type(self.strategy).on_round_end is not Strategy.on_round_end
+        pending_report: asyncio.Task[None] | None = None
         for round_number in range(1, cfg.rounds + 1):
             self._round = round_number
+            if pending_report is not None and decides:
+                await pending_report
+                pending_report = None
+            if self._end_requested:
+                log.info("the strategy ended the federation after round %d", round_number - 1)
+                break
             started = time.perf_counter()
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
             collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
@@ -247,24 +273,32 @@ class Coordinator:
             await pending_report
 
     async def _report(
-        self, writer: MetricsWriter, metrics: RoundMetrics, weights: Weights, started: float
+        self,
+        writer: MetricsWriter,
+        metrics: RoundMetrics,
+        weights: Weights,
+        started: float,
+        fit_done: float | None = None,
     ) -> None:
-        fit_done = time.perf_counter()
+        if fit_done is None:
+            fit_done = time.perf_counter()
+        eval_started = time.perf_counter()
         if self.evaluator is not None:
             result = await asyncio.to_thread(self.evaluator.evaluate, weights)
             metrics.accuracy, metrics.loss = result.accuracy, result.loss
         # Evaluation overlaps the next round's training; a round's duration counts its own
         # training and its own evaluation, not the overlap.
         metrics.fit_s = round(fit_done - started, 3)
-        metrics.eval_s = round(time.perf_counter() - fit_done, 3)
+        metrics.eval_s = round(time.perf_counter() - eval_started, 3)
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
+        metrics.elapsed_s = round(fit_done - self._started, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
-        if self._started_at is not None:
-            metrics.elapsed_s = round(time.perf_counter() - self._started_at, 3)
         writer.write(metrics)
         self._rows.append(metrics)
         for observer in self.observers:
             observer.round_completed(metrics)
+        if self.strategy.on_round_end(metrics.round, weights, metrics.to_json()):
+            self._end_requested = True
 
     async def _fit_round_with_retries(
         self, round_number: int, pending_report: asyncio.Task[None] | None
@@ -283,7 +317,12 @@ class Coordinator:
             if pending_report is not None:
                 await pending_report
                 pending_report = None
-            await collector.wait(cfg.round_timeout)
+            try:
+                await collector.wait(cfg.round_timeout)
+            finally:
+                self.service.secagg_handler = None
+            # A strategy that samples fewer workers than --min-results needs all of them.
+            needed_now = min(needed, collector.issued)
             for failure in collector.failures:
                 log.warning(
                     "round %d: worker %r dropped: %s",
@@ -291,7 +330,7 @@ class Coordinator:
                     failure.worker.name,
                     failure.reason,
                 )
-            if len(collector.results) >= needed:
+            if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
                 self.weights = self.strategy.aggregate_fit(
                     round_number, self.weights, aggregate, collector.results, collector.failures
@@ -302,7 +341,7 @@ class Coordinator:
                 round_number,
                 attempt,
                 len(collector.results),
-                needed,
+                needed_now,
             )
         if pending_report is not None:
             await pending_report
@@ -332,20 +371,35 @@ class Coordinator:
         )
         if not instructions:
             raise ConfigError(f"strategy selected no workers for round {round_number}")
-        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
-        collector = FitCollector(
-            round_number,
-            self.strategy.start_aggregation(round_number, self.weights),
-            self.weights,
-            compression=self.config.compression,
-        )
-        model = self.config.model.to_proto()
+        selected: list[WorkerSession] = []
         for instruction in instructions:
             session = sessions.get(instruction.worker.worker_id)
             if session is None:
                 raise ConfigError(
                     f"strategy selected unknown or busy worker {instruction.worker.name!r}"
                 )
+            selected.append(session)
+        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
+        aggregator = self.strategy.start_aggregation(round_number, self.weights)
+        collector: FitCollector
+        secagg: pb.SecAggSetup | None = None
+        if self.config.secagg is not None:
+            collector = SecAggCollector(
+                round_number,
+                aggregator,
+                self.weights,
+                self.config.secagg,
+                selected,
+                self.config.results_needed,
+            )
+            secagg = collector.setup_proto()
+            self.service.secagg_handler = collector.on_message
+        else:
+            collector = FitCollector(
+                round_number, aggregator, self.weights, compression=self.config.compression
+            )
+        model = self.config.model.to_proto()
+        for instruction, session in zip(instructions, selected, strict=True):
             train = instruction.config.to_proto()
             if self.config.compression != "none":
                 train.extra[EXTRA_KEY] = scheme_code(self.config.compression)
@@ -355,8 +409,11 @@ class Coordinator:
                 model=model,
                 train=train,
                 weights=payload.header,
+                secagg=secagg,
             )
             self._issue(session, collector, task, payload)
+            if isinstance(collector, SecAggCollector):
+                collector.attach(collector.tickets[-1])
         log.info("round %d: %d worker(s) training", round_number, len(instructions))
         return collector
 

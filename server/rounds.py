@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcore.compression import decompress
+from fedcore.compression import compressed_signature, decompress
+from fedcore.errors import ProtocolError
 from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights, signature_of
+from fedcore.weights import ModelSignature, Weights, signature_of
 
 from .registry import Ticket
 
@@ -28,6 +29,8 @@ class RoundCollector:
     tickets: list[Ticket] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     closed: bool = False
+    # How many tasks the round handed out (tickets are released when it closes).
+    issued: int = 0
 
     def fail(self, ticket: Ticket, reason: str) -> None:
         if not ticket.future.done():
@@ -39,7 +42,12 @@ class RoundCollector:
         pending = [t.future for t in self.tickets if not t.future.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        self.settle(timeout)
+
+    def settle(self, timeout: float) -> None:
+        """Close the round: tickets still pending become stale failures."""
         self.closed = True
+        self.issued = len(self.tickets)
         for ticket in self.tickets:
             if not ticket.future.done():
                 ticket.stale = True
@@ -58,6 +66,22 @@ class RoundCollector:
 class FitCollector(RoundCollector):
     """Folds each valid update into the strategy's aggregator the moment it arrives."""
 
+    #: The signature updates must have; None: the model's own.
+    update_signature: ModelSignature | None = None
+
+    def check_result(self, result: pb.TaskResult) -> None:
+        """Refuse a training result whose envelope breaks the protocol."""
+        if result.num_examples < 1:
+            raise ProtocolError("a training result must report at least one example")
+        if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
+            raise ProtocolError("a training result must say whether it sends weights or a delta")
+        if self.compression != "none" and result.update_kind != pb.UPDATE_KIND_DELTA:
+            raise ProtocolError(
+                f"the federation runs with --compression {self.compression}, but this worker "
+                "sent full-precision weights; run the coordinator's fedcore version on every "
+                "worker"
+            )
+
     def __init__(
         self,
         round_number: int,
@@ -70,6 +94,8 @@ class FitCollector(RoundCollector):
         self.aggregator = aggregator
         self.global_weights = global_weights
         self.compression = compression
+        if compression != "none":
+            self.update_signature = compressed_signature(signature_of(global_weights), compression)
         self.results: list[FitResult] = []
         self._lock = asyncio.Lock()
 

@@ -236,9 +236,7 @@ async def test_full_precision_update_to_a_compressed_federation_is_refused(
         await client.send(pb.WorkerMessage(result=result))
         code, details = await client.final_status()
         assert code.name == "INVALID_ARGUMENT"
-        assert "runs with --compression int8, but worker 'old-worker' sent full-precision" in (
-            details
-        )
+        assert "runs with --compression int8, but this worker sent full-precision" in details
     finally:
         await client.close()
 
