@@ -166,7 +166,8 @@ def expand_preset(name: str, caps: dict[str, Any]) -> list[str]:
         if dp:
             specs.append("dp:server=" + " ".join(dp))
             if "--secagg" in caps["flags"]:
-                specs.append("secagg+dp:secagg=1,server=" + " ".join(dp))
+                distributed = ["--dp-mode", "distributed"] if "--dp-mode" in caps["flags"] else []
+                specs.append("secagg+dp:secagg=1,server=" + " ".join(dp + distributed))
         return specs
     if name == "compression":
         return ["none"] + [f"{c}:compression={c}" for c in caps["compressions"] if c != "none"]
@@ -178,15 +179,13 @@ def expand_preset(name: str, caps: dict[str, Any]) -> list[str]:
 
 
 def dp_server_flags(caps: dict[str, Any]) -> list[str]:
-    """Flags for a moderate DP setting, if the installed fed-server has DP."""
+    """Flags for a moderate client-level DP setting, if the installed fed-server has DP."""
     flags: set[str] = caps["flags"]
-    out: list[str] = []
-    if "--dp-noise-multiplier" in flags:
-        out += ["--dp-noise-multiplier", "0.5"]
+    if "--dp-noise-multiplier" not in flags:
+        return []
+    out = ["--dp-noise-multiplier", "0.5"]
     if "--dp-clip" in flags:
         out += ["--dp-clip", "1.0"]
-    elif "--dp-clip-norm" in flags:
-        out += ["--dp-clip-norm", "1.0"]
     return out
 
 
