@@ -110,6 +110,7 @@ class Coordinator:
     def status(self) -> CoordinatorStatus:
         """A snapshot of the federation's progress (for displays and metrics exporters)."""
         collector = self._collector
+        cfg_rounds = self.config.rounds
         training = reported = 0
         if collector is not None:
             training = len(collector.tickets)
@@ -117,7 +118,8 @@ class Coordinator:
             reported = len(results) if isinstance(results, list) else 0
         return CoordinatorStatus(
             phase=self._phase,
-            round=self._round,
+            # The asynchronous loop counts global updates as rounds.
+            round=self._round or min(len(self._rows) + (1 if self._started else 0), cfg_rounds),
             rounds=self.config.rounds,
             connected=len(self.registry),
             training=training,
@@ -129,19 +131,20 @@ class Coordinator:
             last=self._rows[-1] if self._rows else None,
         )
 
-    def _make_observers(self) -> list[Observer]:
-        observers: list[Observer] = []
+    def _make_exporters(self) -> list[Observer]:
+        """The Prometheus endpoint, when asked for (before serving: a busy port fails fast)."""
+        if self.config.metrics_port is None:
+            return []
+        from .prometheus import PrometheusExporter
+
+        host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        return [PrometheusExporter(host, self.config.metrics_port)]
+
+    def _make_display(self) -> Observer:
         mode = self.config.progress
         if mode == "live" or (mode == "auto" and sys.stdout.isatty()):
-            observers.append(LiveDisplay())
-        else:
-            observers.append(PlainSummary())
-        if self.config.metrics_port is not None:
-            from .prometheus import PrometheusExporter
-
-            host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-            observers.append(PrometheusExporter(host, self.config.metrics_port))
-        return observers
+            return LiveDisplay()
+        return PlainSummary()
 
     async def _publish_status(self) -> None:
         while True:
@@ -156,10 +159,16 @@ class Coordinator:
 
     async def run(self) -> FederationResult:
         """Serve, run every round, tell workers to shut down, stop serving."""
-        server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+        exporters = self._make_exporters()
+        try:
+            server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+        except BaseException:
+            for exporter in exporters:
+                exporter.close(self.status(), [])
+            raise
         host = self.config.listen.rsplit(":", 1)[0]
         print(f"listening on {host}:{self.port}", flush=True)
-        self.observers = self._make_observers() + self.observers
+        self.observers = [self._make_display(), *exporters, *self.observers]
         live = any(isinstance(o, LiveDisplay) for o in self.observers)
         self.ready.set()
         # The live display shows rounds itself; plain mode prints a table row per round.
