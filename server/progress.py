@@ -18,7 +18,6 @@ from typing import IO, Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -171,7 +170,12 @@ class LiveDisplay:
         head.append(f"round {status.round} of {status.rounds}", style="bold")
         head.append(f"  {status.phase}")
         head.append(f"  {status.elapsed_s:.0f} s")
-        bar = ProgressBar(total=status.rounds, completed=len(self._rows), width=40)
+        done = len(self._rows)
+        filled = round(30 * done / status.rounds) if status.rounds else 0
+        bar = Text()
+        bar.append("█" * filled, style="green")
+        bar.append("░" * (30 - filled), style="dim")
+        bar.append(f" {done}/{status.rounds} rounds done")
         workers = Text(
             f"workers: {status.connected} connected (need {status.min_workers}), "
             f"{status.reported}/{status.training} reported this round"
