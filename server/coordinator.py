@@ -323,12 +323,19 @@ class Coordinator:
                 continue
             collector = self._dispatch_fit(round_number)
             self._collector = collector
-            if pending_report is not None:
-                await pending_report
-                pending_report = None
+            # The round runs while the previous round is still being evaluated: a collector
+            # that drives phases itself (secure aggregation) must not wait behind it.
+            waiting = asyncio.create_task(collector.wait(cfg.round_timeout))
             try:
-                await collector.wait(cfg.round_timeout)
+                if pending_report is not None:
+                    await pending_report
+                    pending_report = None
+                await waiting
             finally:
+                if not waiting.done():
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiting
                 self.service.secagg_handler = None
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
