@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="n in {4,8,16}, d in {1e5,1e6}, dropout {0,0.3}"
     )
-    p.add_argument("--workers", type=_count, nargs="+", help="n for the in-process grid")
-    p.add_argument("--sizes", type=_count, nargs="+", help="d for the in-process grid")
-    p.add_argument("--dropouts", type=float, nargs="+", help="dropout rates")
+    p.add_argument("--workers", type=_count, nargs="*", help="n in process (none: skip)")
+    p.add_argument("--sizes", type=_count, nargs="*", help="d for the in-process grid")
+    p.add_argument("--dropouts", type=float, nargs="*", help="dropout rates")
     p.add_argument("--process-workers", type=_count, nargs="*", help="n over real processes")
     p.add_argument("--process-sizes", type=_count, nargs="*", help="d over real processes")
     p.add_argument("--rounds", type=_count, help="timed rounds after one warm-up round")
@@ -272,9 +272,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "settings": preset,
     }
+
+    def save() -> None:
+        if args.out is not None:  # after every measurement: a cut-short run keeps its figures
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     _progress("masking throughput")
     report["masking"] = measure_masking()
-    grid = []
+    grid: list[dict[str, Any]] = []
+    report["in_process"] = grid
     for d in preset["sizes"]:
         for n in preset["workers"]:
             graphs = [0]
@@ -285,8 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for dropout in preset["dropouts"]:
                     _progress(f"in process: n={n} d={d} dropout={dropout} k={neighbours or 'all'}")
                     grid.append(measure_in_process(n, d, dropout, neighbours))
-    report["in_process"] = grid
-    processes = []
+                    save()
+    processes: list[dict[str, Any]] = []
+    report["processes"] = processes
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         for d in preset["process_sizes"]:
             for n in preset["process_workers"]:
@@ -299,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratio = entry["secure"]["seconds_per_round"] / entry["plain"]["seconds_per_round"]
                 entry["secure_over_plain"] = round(ratio, 3)
                 processes.append(entry)
-    report["processes"] = processes
+                save()
     target = next((e for e in processes if e["n"] == 8 and e["d"] == 1_000_000), None)
     report["targets"] = {
         "masking_mb_per_s_at_least_500": report["masking"]["meets_target"],
@@ -308,16 +315,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    save()
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -14,6 +14,7 @@ the worker becomes IDLE again, ready for the next round.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import logging
@@ -33,6 +34,8 @@ log = logging.getLogger("fedcore.server")
 # What the writer of a stream sends: a message, bytes already serialized, weights to stream
 # as chunks, or None to end the stream.
 Outgoing = pb.CoordinatorMessage | bytes | WeightsPayload | None
+# Queued to wake the writer when an urgent message is waiting; never written.
+_WAKE = b""
 
 
 class SessionState(enum.Enum):
@@ -86,6 +89,8 @@ class WorkerSession:
         self.peer = peer
         self.state = SessionState.JOINING
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        # Small control messages (secure aggregation) that overtake queued payload chunks.
+        self.urgent: collections.deque[pb.CoordinatorMessage] = collections.deque()
         self.ticket: Ticket | None = None
         self.last_seen = time.monotonic()
         self.closed = asyncio.Event()
@@ -113,6 +118,21 @@ class WorkerSession:
     def send(self, item: Outgoing) -> None:
         if self.state is not SessionState.CLOSED:
             self.outbox.put_nowait(item)
+
+    def send_urgent(self, message: pb.CoordinatorMessage) -> None:
+        """Send ``message`` before whatever is queued (between two chunks of a payload)."""
+        if self.state is not SessionState.CLOSED:
+            self.urgent.append(message)
+            self.outbox.put_nowait(_WAKE)
+
+    async def next_outgoing(self) -> Outgoing:
+        """What the stream's writer sends next: urgent messages first, then the outbox."""
+        while True:
+            if self.urgent:
+                return self.urgent.popleft()
+            item = await self.outbox.get()
+            if item is not _WAKE:
+                return item
 
     def close(self, reason: str) -> None:
         """Mark closed, fail the pending ticket, and end the stream's writer."""

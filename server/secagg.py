@@ -168,7 +168,8 @@ class SecAggCollector(FitCollector):
                 return
 
     def _send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
-        self.sessions[index].send(pb.CoordinatorMessage(secagg=message))
+        # Overtakes the weights' chunks: phases 1 and 2 overlap the download.
+        self.sessions[index].send_urgent(pb.CoordinatorMessage(secagg=message))
 
     def _abort_members(self, members: Sequence[int], reason: str) -> None:
         abort = pb.SecAggCoordinatorMessage(

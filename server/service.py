@@ -205,11 +205,16 @@ class CoordinatorService:
         watchdog = asyncio.create_task(self._watch(session))
         try:
             while True:
-                item = await session.outbox.get()
+                item = await session.next_outgoing()
                 if item is None:
                     break
                 if isinstance(item, WeightsPayload):
                     for message in item.messages():
+                        # Control messages (secure aggregation) go between two chunks.
+                        while session.urgent:
+                            urgent = session.urgent.popleft()
+                            self.counters.bytes_sent += urgent.ByteSize()
+                            await context.write(urgent)
                         await context.write(message)
                         self.counters.bytes_sent += len(message)
                     continue

@@ -416,3 +416,23 @@ async def test_models_far_above_the_grpc_message_limit_go_through(coordinator_fa
     result = await asyncio.wait_for(task, TIMEOUT)
     np.testing.assert_array_equal(result.weights["weight"], np.full(size, 3.5, np.float32))
     assert result.rounds[0].bytes_received > 2 * 4 * size
+
+
+async def test_a_trainer_that_crashes_is_reported_at_once(coordinator_factory: Any) -> None:
+    """A user trainer's bug becomes a TaskError: the round does not wait for its timeout."""
+
+    class Crashing(ScriptedTrainer):
+        def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+            raise RuntimeError("boom")
+
+    coordinator, task = await coordinator_factory(
+        config(rounds=1, min_workers=2, min_results=1, round_timeout=600)
+    )
+    workers = asyncio.gather(
+        run_worker(coordinator.port, "good", ScriptedTrainer(1.0, 10)),
+        run_worker(coordinator.port, "crashing", Crashing(0.0, 10)),
+    )
+    result = await asyncio.wait_for(task, 30)
+    await workers
+    assert result.rounds[0].workers == 1
+    assert result.rounds[0].failures == 1

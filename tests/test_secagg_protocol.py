@@ -39,7 +39,7 @@ async def test_strategy_needing_individual_updates_is_refused() -> None:
     class Robust(FedAvg):
         needs_individual_updates = True
 
-    with pytest.raises(ConfigError, match=r"needs every worker.s individual update"):
+    with pytest.raises(ConfigError, match=r"needs every worker's individual update"):
         Coordinator(config(secagg=SECAGG), strategy=Robust())
 
 
@@ -128,3 +128,77 @@ async def test_worker_runtime_refuses_a_greedy_unmasking_request_on_the_wire() -
     assert last.WhichOneof("body") == "abort"
     assert "asked for both shares of worker(s) [3]" in last.abort.reason
     assert not any(m.secagg.WhichOneof("body") == "unmask" for m in sent)
+
+
+@pytest.mark.parametrize("silent_after", ["task", "keys"])
+async def test_a_silent_worker_times_out_its_phase_and_the_round_completes(
+    coordinator_factory: Any, silent_after: str
+) -> None:
+    """A worker that goes quiet in phase 1 (no keys) or phase 2 (keys, then no shares) is
+    dropped when the phase timeout expires; the others' aggregate is exact."""
+    from test_coordinator import RawClient
+
+    params = SecAggParams(clip=4.0, bits=24, phase_timeout=1.0)
+    coordinator, task = await coordinator_factory(
+        config(rounds=1, min_workers=4, min_results=3, secagg=params)
+    )
+    silent = RawClient(coordinator.port)
+    try:
+        await _stay_silent(coordinator, task, silent, silent_after, params)
+    finally:
+        await silent.close()
+
+
+async def _stay_silent(
+    coordinator: Any, task: Any, silent: Any, silent_after: str, params: SecAggParams
+) -> None:
+    from fedcore.secagg import SecAggClient, wire
+    from fedcore.v1 import fedcore_pb2 as pb
+
+    await silent.hello("silent", capabilities=["fit", "secagg-v1"])
+    honest = asyncio.gather(
+        *(
+            run_worker(coordinator.port, f"w{i}", ScriptedTrainer(float(i), 10 * (i + 1)))
+            for i in range(3)
+        )
+    )
+    task_msg, _ = await silent.receive_task()
+    assert task_msg.HasField("secagg")
+    if silent_after == "keys":
+        client = SecAggClient(wire.setup_from_proto(task_msg.secagg))
+        keys = wire.keys_to_proto(task_msg.secagg.round_id, client.advertise())
+        await silent.send(pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(keys=keys)))
+    result = await asyncio.wait_for(task, TIMEOUT)
+    await honest
+    expected = (0.0 * 10 + 1.0 * 20 + 2.0 * 30) / 60
+    step = params.clip / (2 ** (params.bits - 1) - 1)
+    for name, w0 in initial_weights().items():
+        np.testing.assert_allclose(result.weights[name], w0 + expected, rtol=0, atol=4 * step)
+    assert result.rounds[0].workers == 3
+    assert result.rounds[0].failures == 1
+
+
+async def test_below_threshold_the_round_fails_cleanly_and_keeps_the_model(
+    coordinator_factory: Any,
+) -> None:
+    from fedcore.errors import RoundFailedError
+
+    params = SecAggParams(threshold=3, phase_timeout=2.0)
+    coordinator, task = await coordinator_factory(
+        config(rounds=1, min_workers=3, min_results=2, round_retries=0, secagg=params)
+    )
+
+    class Crashing(ScriptedTrainer):
+        def fit(self, *args: Any) -> Any:
+            raise TrainingFailed("out of memory")
+
+    workers = [
+        asyncio.create_task(run_worker(coordinator.port, "a", ScriptedTrainer(1.0, 10))),
+        asyncio.create_task(run_worker(coordinator.port, "b", ScriptedTrainer(2.0, 10))),
+        asyncio.create_task(run_worker(coordinator.port, "c", Crashing(0.0, 10))),
+    ]
+    with pytest.raises(RoundFailedError, match="round 1 failed 1 times"):
+        await asyncio.wait_for(task, TIMEOUT)
+    for name, w0 in initial_weights().items():
+        np.testing.assert_array_equal(coordinator.weights[name], w0)
+    await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), TIMEOUT)

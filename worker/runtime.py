@@ -401,6 +401,10 @@ class Worker:
         except FedcoreError as exc:
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
+        except Exception as exc:  # a user trainer's bug must not leave the round waiting
+            log.exception("round %d: the trainer raised", task.round)
+            message = f"the trainer raised {type(exc).__name__}: {exc}"
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
 
     def _encode_update(
         self, fit: FitOutput, received: Weights, config: TrainConfig

@@ -29,7 +29,8 @@ same stream (Bonawitz et al., CCS 2017; see fedcore/secagg/):
 Tensors travel as typed raw bytes: a PayloadHeader lists every tensor (name, dtype, shape);
 the payload is the concatenation of the tensors' little-endian bytes in header order, cut
 into chunks of `chunk_bytes` (the last one shorter) and sent as PayloadChunk messages with
-consecutive indexes right after the message that carries the header. Nothing is pickled.
+consecutive indexes right after the message that carries the header (secure-aggregation
+messages may come in between: they never carry chunks). Nothing is pickled.
 """
 
 from collections import abc as _abc
