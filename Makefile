@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := protos/fedcore/v1/fedcore.proto
 
-.PHONY: setup demo test lint typecheck check proto bench bench-secagg clean
+.PHONY: setup demo test lint typecheck check proto bench bench-secagg bench-mnist clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ bench: $(STAMP)
 
 bench-secagg: $(STAMP)
 	mkdir -p build && $(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
+
+# The cross-silo MNIST benchmark; e.g. make bench-mnist ARGS="--compare @privacy".
+bench-mnist: $(STAMP)
+	$(PY) scripts/bench_mnist.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

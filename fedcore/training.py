@@ -22,7 +22,15 @@ from fedcore.plan import TrainConfig
 #: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
 PROXIMAL_MU = "proximal_mu"
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "iter_batches", "make_optimizer", "train"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "iter_batches",
+    "make_optimizer",
+    "train",
+    "warm_up",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,6 +94,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+
+
+def warm_up() -> None:
+    """Pay torch's one-time costs now: its first optimizer imports the compiler stack lazily
+    (800+ modules; seconds, tens of seconds on a busy machine). A worker runs this while it
+    connects and waits for its first task, so round 1 does not pay for it."""
+    weight = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    loss: torch.Tensor = (weight * weight).sum()
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
 
 
 def train(

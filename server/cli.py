@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.compression import SCHEMES
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)"
     )
     t.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    t.add_argument(
+        "--compression",
+        choices=list(SCHEMES),
+        default="none",
+        help="workers send their update as a float16 delta (2x fewer bytes) or an int8 delta "
+        "with one scale per tensor (about 4x fewer), keeping the rounding error for their next "
+        "update (error feedback); the coordinator validates and restores float32 before "
+        "aggregating (default: %(default)s)",
+    )
     e = p.add_argument_group("evaluation and output")
     e.add_argument(
         "--eval-data",
@@ -145,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics-out", type=Path, help="write one JSON object per round to this file")
     e.add_argument(
         "--save-model", type=Path, help="write the final global weights here (safetensors)"
+    )
+    e.add_argument(
+        "--progress",
+        choices=["auto", "live", "plain"],
+        default="auto",
+        help="live: a progress panel redrawn in place and a summary table at the end; plain: a "
+        "table row per round and a 'summary key=value ...' line, for scripts; auto: live when "
+        "stdout is a terminal (default: %(default)s)",
+    )
+    e.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://LISTEN-HOST:PORT/metrics (rounds, workers, "
+        "bytes, round durations, accuracy, epsilon); 0 picks a free port (default: off)",
     )
     e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
     e.add_argument(
@@ -355,6 +380,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         insecure=args.insecure,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
+        progress=args.progress,
+        compression=args.compression,
+        metrics_port=args.metrics_port,
         secagg=(
             SecAggParams(
                 threshold=args.secagg_threshold,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.compression import SCHEMES
 from fedcore.data.metadata import normalize_tag
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
@@ -54,6 +55,11 @@ class ServerConfig:
     # Crash recovery (see server/checkpoint.py).
     checkpoint_dir: Path | None = None
     resume: bool = False
+    # "auto": a live display when stdout is a terminal, plain lines otherwise.
+    progress: str = "auto"
+    # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
+    compression: str = "none"
+    metrics_port: int | None = None
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
@@ -76,6 +82,22 @@ class ServerConfig:
             raise ConfigError("--heartbeat-timeout must be longer than the heartbeat interval")
         if self.min_results is not None and self.min_results < 1:
             raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
+        if self.progress not in ("auto", "live", "plain"):
+            raise ConfigError(f"--progress must be auto, live or plain, got {self.progress!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"--metrics-port must be a TCP port (0-65535; 0 picks a free one), "
+                f"got {self.metrics_port}"
+            )
+        if self.compression not in SCHEMES:
+            raise ConfigError(
+                f"--compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}"
+            )
+        if self.compression != "none" and self.secagg is not None:
+            raise ConfigError(
+                "--compression and --secagg cannot be combined: secure aggregation masks "
+                "fixed-point updates, which cannot be compressed; drop one of the two"
+            )
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
         self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 import resource
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.enrollment import Enrollment
 from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
@@ -41,6 +43,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
+from .progress import CoordinatorStatus, LiveDisplay, Observer, PlainSummary
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .roster import ConnectedWorker, connected_workers, format_roster
@@ -80,6 +83,11 @@ class Coordinator:
         self.weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(self.weights)
+        if config.compression != "none" and self.strategy.async_settings is not None:
+            raise ConfigError(
+                f"--compression {config.compression} is not supported with the asynchronous "
+                f"strategy {config.strategy}; use a synchronous strategy or drop --compression"
+            )
         self.registry = WorkerRegistry(config.max_workers, config.require_tags)
         authenticator = Authenticator(
             Enrollment(config.enrolled) if config.enrolled is not None else None,
@@ -96,6 +104,12 @@ class Coordinator:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        # Progress, for status(): the round in progress and its collector.
+        self.observers: list[Observer] = []
+        self._phase = "waiting for workers"
+        self._round = 0
+        self._collector: RoundCollector | None = None
+        self._rows: list[RoundMetrics] = []
         self._started = 0.0  # perf_counter() when round 1 began
         self._end_requested = False  # the strategy's on_round_end asked to stop
         # The first round to run: 1, or the one after the checkpoint's with --resume.
@@ -187,18 +201,74 @@ class Coordinator:
         """Who is connected, with what data, and whether rounds may select them."""
         return connected_workers(self.registry.sessions())
 
+    def status(self) -> CoordinatorStatus:
+        """A snapshot of the federation's progress (for displays and metrics exporters)."""
+        collector = self._collector
+        cfg_rounds = self.config.rounds
+        training = reported = 0
+        if collector is not None:
+            training = len(collector.tickets)
+            results = getattr(collector, "results", [])
+            reported = len(results) if isinstance(results, list) else 0
+        return CoordinatorStatus(
+            phase=self._phase,
+            # The asynchronous loop counts global updates as rounds.
+            round=self._round or min(len(self._rows) + (1 if self._started else 0), cfg_rounds),
+            rounds=self.config.rounds,
+            connected=len(self.registry),
+            training=training,
+            reported=reported,
+            min_workers=self.config.min_workers,
+            bytes_sent=self.service.counters.bytes_sent,
+            bytes_received=self.service.counters.bytes_received,
+            elapsed_s=(time.perf_counter() - self._started if self._started else 0.0),
+            last=self._rows[-1] if self._rows else None,
+        )
+
+    def _make_exporters(self) -> list[Observer]:
+        """The Prometheus endpoint, when asked for (before serving: a busy port fails fast)."""
+        if self.config.metrics_port is None:
+            return []
+        from .prometheus import PrometheusExporter
+
+        host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        return [PrometheusExporter(host, self.config.metrics_port)]
+
+    def _make_display(self) -> Observer:
+        mode = self.config.progress
+        if mode == "live" or (mode == "auto" and sys.stdout.isatty()):
+            return LiveDisplay()
+        return PlainSummary()
+
+    async def _publish_status(self) -> None:
+        while True:
+            status = self.status()
+            for observer in self.observers:
+                observer.update(status)
+            await asyncio.sleep(0.25)
+
     def stop(self) -> None:
         """Ask the federation to end after telling workers (safe from signal handlers)."""
         self._stop.set()
 
     async def run(self) -> FederationResult:
         """Serve, run every round, tell workers to shut down, stop serving."""
-        server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+        exporters = self._make_exporters()
+        try:
+            server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+        except BaseException:
+            for exporter in exporters:
+                exporter.close(self.status(), [])
+            raise
         host = self.config.listen.rsplit(":", 1)[0]
         print(f"listening on {host}:{self.port}", flush=True)
+        self.observers = [self._make_display(), *exporters, *self.observers]
+        live = any(isinstance(o, LiveDisplay) for o in self.observers)
         self.ready.set()
-        writer = MetricsWriter(self.config.metrics_out)
+        # The live display shows rounds itself; plain mode prints a table row per round.
+        writer = MetricsWriter(self.config.metrics_out, None if live else sys.stdout)
         writer.restore(self._restored_rows)
+        publisher = asyncio.create_task(self._publish_status())
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -227,6 +297,11 @@ class Coordinator:
             return FederationResult(self.weights, list(writer.rows))
         finally:
             writer.close()
+            publisher.cancel()
+            self._phase = "finished"
+            final = self.status()
+            for observer in self.observers:
+                observer.close(final, list(writer.rows))
             await self._shutdown(server, health)
 
     async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
@@ -268,6 +343,7 @@ class Coordinator:
             )
         print(format_roster(self.roster(), cfg.require_tags), flush=True)
         self._started = time.perf_counter()
+        self._phase = "training"
         if self.strategy.async_settings is not None:
             from .async_loop import AsyncRounds
 
@@ -277,6 +353,7 @@ class Coordinator:
         decides = type(self.strategy).on_round_end is not Strategy.on_round_end
         pending_report: asyncio.Task[None] | None = None
         for round_number in range(self.start_round, cfg.rounds + 1):
+            self._round = round_number
             if pending_report is not None and decides:
                 await pending_report
                 pending_report = None
@@ -337,6 +414,9 @@ class Coordinator:
         metrics.elapsed_s = round(fit_done - self._started, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         writer.write(metrics)
+        self._rows.append(metrics)
+        for observer in self.observers:
+            observer.round_completed(metrics)
         if self.strategy.on_round_end(metrics.round, weights, metrics.to_json()):
             self._end_requested = True
         if states is not None:
@@ -355,12 +435,20 @@ class Coordinator:
                     pending_report = None
                 continue
             collector = self._dispatch_fit(round_number)
-            if pending_report is not None:
-                await pending_report
-                pending_report = None
+            self._collector = collector
+            # The round runs while the previous round is still being evaluated: a collector
+            # that drives phases itself (secure aggregation) must not wait behind it.
+            waiting = asyncio.create_task(collector.wait(cfg.round_timeout))
             try:
-                await collector.wait(cfg.round_timeout)
+                if pending_report is not None:
+                    await pending_report
+                    pending_report = None
+                await waiting
             finally:
+                if not waiting.done():
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiting
                 self.service.secagg_handler = None
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
@@ -437,14 +525,19 @@ class Coordinator:
             secagg = collector.setup_proto()
             self.service.secagg_handler = collector.on_message
         else:
-            collector = FitCollector(round_number, aggregator, self.weights)
+            collector = FitCollector(
+                round_number, aggregator, self.weights, compression=self.config.compression
+            )
         model = self.config.model.to_proto()
         for instruction, session in zip(instructions, selected, strict=True):
+            train = instruction.config.to_proto()
+            if self.config.compression != "none":
+                train.extra[EXTRA_KEY] = scheme_code(self.config.compression)
             task = pb.Task(
                 round=round_number,
                 kind=pb.TASK_KIND_FIT,
                 model=model,
-                train=instruction.config.to_proto(),
+                train=train,
                 weights=payload.header,
                 secagg=secagg,
             )

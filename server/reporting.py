@@ -69,7 +69,7 @@ class MetricsWriter:
         "recv_MB",
     )
 
-    def __init__(self, path: Path | None, out: IO[str] = sys.stdout) -> None:
+    def __init__(self, path: Path | None, out: IO[str] | None = sys.stdout) -> None:
         self._file = path.open("w", encoding="utf-8") if path else None
         self._out = out
         self._header_printed = False
@@ -90,6 +90,8 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(json.dumps(metrics.to_json()) + "\n")
             self._file.flush()
+        if self._out is None:
+            return
         if not self._header_printed:
             print("".join(f"{c:>11}" for c in self._COLUMNS), file=self._out, flush=True)
             self._header_printed = True

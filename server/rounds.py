@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore.compression import compressed_signature, decompress
 from fedcore.errors import ProtocolError
 from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import ModelSignature, Weights
+from fedcore.weights import ModelSignature, Weights, signature_of
 
 from .registry import Ticket
 
@@ -75,13 +76,27 @@ class FitCollector(RoundCollector):
             raise ProtocolError("a training result must report at least one example")
         if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
             raise ProtocolError("a training result must say whether it sends weights or a delta")
+        if self.compression != "none" and result.update_kind != pb.UPDATE_KIND_DELTA:
+            raise ProtocolError(
+                f"the federation runs with --compression {self.compression}, but this worker "
+                "sent full-precision weights; run the coordinator's fedcore version on every "
+                "worker"
+            )
 
     def __init__(
-        self, round_number: int, aggregator: UpdateAggregator, global_weights: Weights
+        self,
+        round_number: int,
+        aggregator: UpdateAggregator,
+        global_weights: Weights,
+        *,
+        compression: str = "none",
     ) -> None:
         super().__init__(round_number)
         self.aggregator = aggregator
         self.global_weights = global_weights
+        self.compression = compression
+        if compression != "none":
+            self.update_signature = compressed_signature(signature_of(global_weights), compression)
         self.results: list[FitResult] = []
         self._lock = asyncio.Lock()
 
@@ -91,6 +106,11 @@ class FitCollector(RoundCollector):
             if self.closed or ticket.stale or ticket.future.done():
                 log.info("discarding a late update from %r", ticket.session.name)
                 return
+            if self.compression != "none":
+                # The inbox checked the compressed signature; restore full-precision deltas.
+                update = await asyncio.to_thread(
+                    decompress, update, signature_of(self.global_weights), self.compression
+                )
             if result.update_kind == pb.UPDATE_KIND_DELTA:
                 for name, delta in update.items():
                     np.add(delta, self.global_weights[name], out=delta, casting="unsafe")

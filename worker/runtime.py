@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import numpy as np
 
 from fedcore.codec import (
     CHUNK_FIELD_IN_WORKER_MESSAGE,
@@ -41,6 +42,7 @@ from fedcore.codec import (
     make_header,
     signature_specs,
 )
+from fedcore.compression import EXTRA_KEY, Compressor, scheme_from_code
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
@@ -68,10 +70,11 @@ from fedcore.protocol import (
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights
 
 from .policy import PolicyGuard
 from .secagg import SecAggRounds
-from .trainer import Trainer, TrainingFailed
+from .trainer import FitOutput, Trainer, TrainingFailed
 
 __all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
@@ -191,6 +194,8 @@ class Worker:
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
+        # Update compression keeps what it lost between rounds (error feedback).
+        self._compressor: Compressor | None = None
         self._write_lock = asyncio.Lock()
         self._secagg = SecAggRounds(_not_connected, name)
 
@@ -414,16 +419,21 @@ class Worker:
                         update=make_header(update, assembler.chunk_bytes),
                         update_kind=pb.UPDATE_KIND_MASKED,
                     )
+                    what = "masked input"
                 else:
+                    update, is_delta = await asyncio.to_thread(
+                        self._encode_update, fit, weights, config
+                    )
                     result = pb.TaskResult(
                         task_id=task.task_id,
                         num_examples=fit.num_examples,
                         metrics=fit.metrics,
                         update=make_header(update, assembler.chunk_bytes),
-                        update_kind=(
-                            pb.UPDATE_KIND_DELTA if fit.is_delta else pb.UPDATE_KIND_WEIGHTS
-                        ),
+                        update_kind=pb.UPDATE_KIND_DELTA if is_delta else pb.UPDATE_KIND_WEIGHTS,
                     )
+                    what = "update"
+                    if is_delta and self._compressor is not None:
+                        what = f"{self._compressor.scheme}-compressed update"
                 await self._write(call, pb.WorkerMessage(result=result))
                 chunks = iter_chunk_views(update, assembler.chunk_bytes)
                 for index, data in enumerate(chunks):
@@ -432,10 +442,13 @@ class Worker:
                         call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
                     )
                 log.info(
-                    "round %d: sent %s (loss %.4f)",
+                    "round %d: sent %s of %.1f MB (training loss %.4f, accuracy %.2f%%, %.1f s)",
                     task.round,
-                    "masked input" if task.HasField("secagg") else "update",
+                    what,
+                    result.update.total_bytes / 1e6,
                     fit.metrics.get("loss", float("nan")),
+                    100 * fit.metrics.get("accuracy", float("nan")),
+                    fit.metrics.get("train_seconds", float("nan")),
                 )
             elif task.kind == pb.TASK_KIND_EVALUATE:
                 refusal = (
@@ -473,6 +486,25 @@ class Worker:
             log.exception("round %d: the trainer raised", task.round)
             message = f"the trainer raised {type(exc).__name__}: {exc}"
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
+
+    def _encode_update(
+        self, fit: FitOutput, received: Weights, config: TrainConfig
+    ) -> tuple[Weights, bool]:
+        """The update to send and whether it is a delta: compressed (with error feedback)
+        when the plan asks for it, else as the trainer produced it."""
+        scheme = scheme_from_code(config.extra.get(EXTRA_KEY, 0.0))
+        if scheme == "none":
+            return fit.weights, fit.is_delta
+        if self._compressor is None or self._compressor.scheme != scheme:
+            self._compressor = Compressor(scheme)
+        if fit.is_delta:
+            delta = fit.weights
+        else:
+            delta = {
+                name: np.subtract(array, received[name], dtype=array.dtype)
+                for name, array in fit.weights.items()
+            }
+        return self._compressor.compress(delta), True
 
     async def _send_error(
         self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str

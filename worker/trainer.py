@@ -11,6 +11,7 @@ loop::
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from fedcore.errors import ConfigError, FedcoreError, ModelMismatchError
 from fedcore.models import build_model, get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train
+from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
 __all__ = ["EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
@@ -117,6 +118,9 @@ class TorchTrainer(Trainer):
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         if model is not None:
             self._announced = (model, signature_of(get_weights(self._model_for(model))))
+        # Torch's one-time imports run while the worker connects (see training.warm_up).
+        self._warm = threading.Thread(target=warm_up, name="fedcore-warm-up", daemon=True)
+        self._warm.start()
 
     @property
     def num_examples(self) -> int:
@@ -134,7 +138,12 @@ class TorchTrainer(Trainer):
             self._cached = (spec, build_model(spec).to(self._device))
         return self._cached[1]
 
+    def _wait_for_warm_up(self) -> None:
+        # Never import the same modules from two threads at once.
+        self._warm.join(timeout=600)
+
     def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        self._wait_for_warm_up()
         net = self._model_for(model)
         set_weights(net, weights)
         result = self._train_fn(net, self._train_data, config, self._device)
@@ -153,6 +162,7 @@ class TorchTrainer(Trainer):
         return FitOutput(updated, result.num_examples, metrics)
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
+        self._wait_for_warm_up()
         net = self._model_for(model)
         set_weights(net, weights)
         result = self._eval_fn(net, self._eval_data, self._device)
