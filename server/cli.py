@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a worker silent this long (default: %(default)s)",
     )
     r.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=30.0,
+        help="drop a worker whose upload holds an upload slot this long without sending a "
+        "chunk, so one stalled connection cannot block the others (default: %(default)s)",
+    )
+    r.add_argument(
         "--handshake-timeout",
         type=float,
         default=10.0,
@@ -363,6 +370,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         upload_slots=args.upload_slots,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
+        upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
         threads=args.threads,
         device=args.device,

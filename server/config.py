@@ -43,6 +43,7 @@ class ServerConfig:
     upload_slots: int = 1
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
+    upload_idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     shutdown_grace: float = 5.0
     threads: int | None = None
