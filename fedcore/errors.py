@@ -12,7 +12,8 @@ catch them all at once, or pick the branch it can act on::
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── RejectedError          the coordinator refused this worker (the reason says why)
-    └── RoundFailedError       a round could not gather enough results, even after retries
+    ├── RoundFailedError       a round could not gather enough results, even after retries
+    └── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
 
 Messages say what went wrong *and* what to do about it.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "ModelError",
     "ModelMismatchError",
     "PayloadError",
+    "PrivacyBudgetExhausted",
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
@@ -71,3 +73,11 @@ class RejectedError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class PrivacyBudgetExhausted(FedcoreError):
+    """One more round would take epsilon past the configured privacy budget.
+
+    The coordinator ends the federation cleanly (keeping the last released model); a DP-SGD
+    silo refuses to train further.
+    """
