@@ -111,9 +111,10 @@ class PrivacyAccountant:
         if not history:
             return 0.0
         accountant = _fresh(self.mechanism)
-        for z, q, n in history:
-            accountant.compose(gaussian_event(noise_multiplier=z, sample_rate=q, steps=n))
-        return float(accountant.get_epsilon(delta))
+        with _quiet_absl():
+            for z, q, n in history:
+                accountant.compose(gaussian_event(noise_multiplier=z, sample_rate=q, steps=n))
+            return float(accountant.get_epsilon(delta))
 
     def get_epsilon(self, *, delta: float) -> float:
         """Epsilon spent so far at ``delta``."""

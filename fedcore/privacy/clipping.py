@@ -65,10 +65,12 @@ def clip_update(update: Weights, clip_norm: float) -> ClippedUpdate:
     out = _scaled(update, scale)
     # Rounding to float32 (or float16) can push the norm a hair above the bound: shrink until
     # the stored values satisfy it.
+    shrink = 1e-7
     for _ in range(64):
         if l2_norm(out) <= clip_norm:
             return ClippedUpdate(out, norm, scale < 1.0)
-        scale *= 1.0 - 1e-3
+        scale *= 1.0 - shrink
+        shrink = min(2 * shrink, 0.5)
         out = _scaled(update, scale)
     raise AssertionError("clipping did not converge")  # pragma: no cover
 

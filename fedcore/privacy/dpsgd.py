@@ -124,6 +124,7 @@ class DPSGD:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ConfigError("DP-SGD needs a non-empty training set")
+        model.train()
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise ConfigError(
@@ -153,7 +154,6 @@ class DPSGD:
                     "Raise --dpsgd-max-epsilon or the noise multiplier to train longer"
                 )
         model.to(device)
-        model.train()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure.*", module="opacus")
             gsm = GradSampleModule(model)
