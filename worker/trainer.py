@@ -149,6 +149,7 @@ class TorchTrainer(Trainer):
             "loss": result.loss,
             "accuracy": result.accuracy,
             "train_seconds": result.seconds,
+            **result.metrics,
         }
         return FitOutput(updated, result.num_examples, metrics)
 

@@ -182,6 +182,7 @@ class DPSGD:
             loss=total_loss / seen if seen else math.nan,
             accuracy=correct / seen if seen else math.nan,
             seconds=time.perf_counter() - started,
+            metrics=self.metrics(),
         )
 
     def metrics(self) -> dict[str, float]:

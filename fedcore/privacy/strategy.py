@@ -125,9 +125,10 @@ class UniformDeltaAggregator(UpdateAggregator):
         out: Weights = {}
         for name, base in self._global.items():
             total = self._sum.get(name)
-            out[name] = (
-                (base + total / self.units).astype(base.dtype) if total is not None else base.copy()
-            )
+            if total is None:
+                out[name] = base.copy()
+            else:
+                out[name] = np.add(base, total / self.units, dtype=np.float64).astype(base.dtype)
         return out
 
 
