@@ -95,9 +95,21 @@ def test_adaptive_noise_split_matches_andrew_et_al() -> None:
 
 def test_adaptive_clip_norm_converges_to_the_target_quantile() -> None:
     norms = np.linspace(1.0, 10.0, 100)
-    adaptive = AdaptiveClipping(clip_norm=0.1, target_quantile=0.3, learning_rate=0.2)
+    adaptive = AdaptiveClipping(
+        clip_norm=0.1, target_quantile=0.3, learning_rate=0.2, count_noise_std=1.0
+    )
     rng = np.random.default_rng(0)
     for _ in range(300):
         unclipped = float((norms <= adaptive.clip_norm).sum())
         adaptive.update(unclipped, len(norms), rng)
     assert adaptive.clip_norm == pytest.approx(np.quantile(norms, 0.3), rel=0.1)
+
+
+def test_count_noise_default_follows_andrew_et_al_but_keeps_the_update_noise_sane() -> None:
+    many = AdaptiveClipping(clip_norm=1.0)
+    many.resolve(noise_multiplier=1.0, expected_updates=1000)
+    assert many.count_noise_std == 50.0  # expected updates / 20
+    few = AdaptiveClipping(clip_norm=1.0)
+    few.resolve(noise_multiplier=1.0, expected_updates=4)
+    assert few.count_noise_std == 1.0
+    assert few.update_noise_multiplier(1.0) <= 1.16

@@ -92,7 +92,8 @@ class AdaptiveClipping:
     clip_norm: float
     target_quantile: float = 0.5
     learning_rate: float = 0.2
-    count_noise_std: float = 1.0
+    #: None: chosen when the noise multiplier is known, see :meth:`resolve`.
+    count_noise_std: float | None = None
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -101,14 +102,22 @@ class AdaptiveClipping:
             raise ConfigError(f"the target quantile must be in (0, 1), got {self.target_quantile}")
         if not self.learning_rate > 0:
             raise ConfigError(f"the clip learning rate must be positive, got {self.learning_rate}")
-        if not self.count_noise_std > 0:
+        if self.count_noise_std is not None and not self.count_noise_std > 0:
             raise ConfigError(
                 "adaptive clipping needs noise on the unclipped count "
                 f"(count_noise_std > 0), got {self.count_noise_std}"
             )
 
+    def resolve(self, noise_multiplier: float, expected_updates: int) -> None:
+        """Pick the count noise when none was given: ``expected_updates / 20`` as Andrew et al.
+        suggest, but at least ``noise_multiplier`` (so the update noise grows by <= 16%)."""
+        if self.count_noise_std is None:
+            self.count_noise_std = max(expected_updates / 20, noise_multiplier)
+
     def update_noise_multiplier(self, noise_multiplier: float) -> float:
         """The multiplier for the update sum so that update + count cost ``noise_multiplier``."""
+        if self.count_noise_std is None:
+            raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
         budget = noise_multiplier**-2 - (2 * self.count_noise_std) ** -2
         if budget <= 0:
             raise ConfigError(
@@ -125,6 +134,8 @@ class AdaptiveClipping:
         """
         if count < 1:
             raise ValueError("adaptive clipping needs at least one update")
+        if self.count_noise_std is None:
+            raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
         noisy = (unclipped + rng.normal(0.0, self.count_noise_std)) / count
         self.clip_norm *= math.exp(-self.learning_rate * (noisy - self.target_quantile))
         return float(noisy)

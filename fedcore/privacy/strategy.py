@@ -224,6 +224,7 @@ class DifferentialPrivacy(Strategy):
         if adaptive is not None:
             adaptive.clip_norm = clipping_norm
         if noise_multiplier is not None and adaptive is not None:
+            adaptive.resolve(noise_multiplier, min_updates)
             adaptive.update_noise_multiplier(noise_multiplier)  # fail early if impossible
 
     # ------------------------------------------------------------------ configuration
@@ -268,6 +269,8 @@ class DifferentialPrivacy(Strategy):
                 self.rounds,
                 q,
             )
+            if self.adaptive is not None:
+                self.adaptive.resolve(self.noise_multiplier, len(instructions))
             self._update_multiplier(self.noise_multiplier)
         z = self.noise_multiplier
         if self.target_epsilon is not None:
