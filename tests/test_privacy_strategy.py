@@ -260,3 +260,19 @@ def test_state_dict_resumes_the_budget() -> None:
     again = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
     again.load_state_dict(dp.state_dict())
     assert again.accountant.history == dp.accountant.history
+
+
+def test_worker_applies_the_plans_dp_to_any_trainer_result() -> None:
+    from fedcore.worker.privacy import apply_client_dp
+    from fedcore.worker.trainer import FitOutput
+
+    received = {"w": np.zeros(4, np.float32), "n": np.array(7)}
+    fit = FitOutput({"w": np.full(4, 2.0, np.float32), "n": np.array(9)}, 500, {"loss": 0.1})
+    assert apply_client_dp(fit, received, TrainConfig()) is fit  # no DP asked
+    config = TrainConfig(extra=ClientDP(clip_norm=1.0, report_unclipped=True).to_extra())
+    out = apply_client_dp(fit, received, config)
+    assert out.is_delta
+    assert out.num_examples == 1  # bounded weight
+    np.testing.assert_allclose(out.weights["w"], 0.5)
+    assert out.weights["n"] == 0
+    assert out.metrics == {"loss": 0.1, "dp_unclipped": 0.0}
