@@ -22,15 +22,24 @@ from fedcore.models import available_models, build_model, get_weights, register_
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import PROTOCOL_VERSION
 from fedcore.strategy import (
+    AsyncSettings,
+    ClientSampler,
     EvaluateResult,
     Failure,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedAvgM,
+    FedBuff,
+    FedProx,
+    FedYogi,
     FitInstruction,
     FitResult,
     Strategy,
     UpdateAggregator,
     WeightedMeanAggregator,
     WorkerInfo,
+    load_strategy,
 )
 from fedcore.weights import ModelSignature, TensorSignature, Weights
 
@@ -38,11 +47,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AsyncSettings",
+    "ClientSampler",
     "ConfigError",
     "DataError",
     "EvaluateResult",
     "Failure",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedBuff",
+    "FedProx",
+    "FedYogi",
     "FedcoreError",
     "FitInstruction",
     "FitResult",
@@ -66,6 +83,7 @@ __all__ = [
     "available_models",
     "build_model",
     "get_weights",
+    "load_strategy",
     "register_model",
     "set_weights",
 ]

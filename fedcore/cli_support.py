@@ -24,7 +24,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE.toml",
         help="read settings from a TOML file: keys are the long flag names (dashes or "
-        "underscores); flags given on the command line win",
+        "underscores); a table [NAME] sets --NAME from its 'name' key and --NAME-options "
+        "from the others (e.g. [strategy]); flags given on the command line win",
     )
     parser.add_argument(
         "--log-level",
@@ -54,6 +55,13 @@ def parse_args_with_config(
     defaults: dict[str, Any] = {}
     for key, value in table.items():
         dest = key.replace("-", "_")
+        if isinstance(value, dict) and f"{dest}_options" in known:
+            # [strategy] name = "fedadam", server-lr = 0.1 -> --strategy, --strategy-options
+            options = dict(value)
+            if "name" in options:
+                defaults[dest] = options.pop("name")
+            defaults[f"{dest}_options"] = options
+            continue
         action = known.get(dest)
         if action is None:
             raise ConfigError(

@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcore.plan import TrainConfig
 
+#: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
+PROXIMAL_MU = "proximal_mu"
+
 __all__ = ["EvalResult", "TrainResult", "evaluate", "iter_batches", "make_optimizer", "train"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -93,11 +96,20 @@ def train(
     *,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss."""
+    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss.
+
+    With ``config.extra["proximal_mu"] = mu > 0`` (FedProx, Li et al. 2020) the objective is
+    ``loss(w) + mu/2 ||w - w0||^2`` with ``w0`` the weights training started from; the
+    term's gradient ``mu (w - w0)`` is added to every parameter's gradient. The reported
+    loss is the data loss alone.
+    """
     device = torch.device(device)
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
+    mu = float(config.extra.get(PROXIMAL_MU, 0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
@@ -114,6 +126,11 @@ def train(
             logits = model(inputs)
             loss = loss_fn(logits, targets)
             loss.backward()
+            if anchors:
+                with torch.no_grad():
+                    for p, p0 in zip(params, anchors, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p - p0, alpha=mu)
             optimizer.step()
             # Accumulate on the device; one sync at the end instead of one per batch.
             total_loss += loss.detach() * len(targets)

@@ -16,6 +16,7 @@ from fedcore.errors import ConfigError, FedcoreError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.strategy import describe_strategies
 
 from .config import ServerConfig
 from .coordinator import Coordinator
@@ -30,10 +31,22 @@ Run a fedcore coordinator. It waits for --min-workers workers (started with fed-
 workers to shut down when done. Prints "listening on HOST:PORT" once ready.
 """
 
-_EPILOG = """\
+_EPILOG = f"""\
+strategies (--strategy NAME, options as --strategy-options JSON or a [strategy] table):
+{describe_strategies()}
+
 examples:
   fed-server --listen 127.0.0.1:50051 --min-workers 3 --rounds 3 --eval-data shards/test.npz
   fed-server --config federation.toml --metrics-out metrics.jsonl --save-model model.safetensors
+  fed-server --strategy fedadam --strategy-options '{{"server-lr": 0.03}}'
+  fed-server --strategy my_package.strategies:MyStrategy
+
+  # federation.toml
+  rounds = 20
+  [strategy]
+  name = "trimmed-mean"
+  beta = 0.2
+  fraction-fit = 0.5
 """
 
 
@@ -75,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         "are ready (default: --min-workers)",
     )
     g.add_argument(
-        "--strategy", default="fedavg", help="aggregation strategy (default: %(default)s)"
+        "--strategy",
+        default="fedavg",
+        metavar="NAME",
+        help="aggregation strategy: a built-in name (listed below) or package.module:Class "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--strategy-options",
+        default="{}",
+        metavar="JSON",
+        help="the strategy's options as a JSON object, e.g. '{\"server-lr\": 0.1}' "
+        "(or a [strategy] table in --config)",
     )
     g.add_argument(
         "--seed",
@@ -186,6 +210,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
     if not isinstance(params, dict):
         raise ConfigError("--model-params must be a JSON object")
+    options = args.strategy_options
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--strategy-options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--strategy-options must be a JSON object")
     return ServerConfig(
         model=ModelSpec(args.model, params),
         listen=args.listen,
@@ -196,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         round_retries=args.round_retries,
         join_timeout=args.join_timeout,
         strategy=args.strategy,
+        strategy_options=options,
         train=TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
@@ -24,7 +25,8 @@ class ServerConfig:
     round_timeout: float = 600.0
     round_retries: int = 3
     join_timeout: float | None = None
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # a built-in name or package.module:Class
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     eval_data: Path | None = None

@@ -4,7 +4,8 @@ A round sends each selected worker a plan (a Task whose weights follow as chunks
 as each stream sends them), folds valid updates into the running aggregate as they
 arrive, and completes when every worker answered or the round timeout passed. With fewer than
 ``min_workers`` results the round is retried (at most ``round_retries`` times); the global
-model only ever changes from a completed round.
+model only ever changes from a completed round. A strategy with ``async_settings`` (FedBuff)
+runs the asynchronous loop of :mod:`.async_loop` instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
-from fedcore.strategy import Strategy, WorkerInfo, strategy_by_name, weighted_metrics
+from fedcore.strategy import Strategy, WorkerInfo, load_strategy, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -58,7 +59,7 @@ class Coordinator:
 
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
-        self.strategy = strategy or strategy_by_name(config.strategy)
+        self.strategy = strategy or load_strategy(config.strategy, config.strategy_options)
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
@@ -76,6 +77,8 @@ class Coordinator:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._started = 0.0  # perf_counter() when round 1 began
+        self._end_requested = False  # the strategy's on_round_end asked to stop
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -151,8 +154,22 @@ class Coordinator:
                 f"only {len(self.registry)} of {cfg.min_workers} workers joined within "
                 f"{cfg.join_timeout:g} s; start more workers or lower --min-workers"
             )
+        self._started = time.perf_counter()
+        if self.strategy.async_settings is not None:
+            from .async_loop import AsyncRounds
+
+            await AsyncRounds(self, writer, self.strategy.async_settings).run()
+            return
+        # A strategy that decides after each round sees that round's evaluation first.
+        decides = type(self.strategy).on_round_end is not Strategy.on_round_end
         pending_report: asyncio.Task[None] | None = None
         for round_number in range(1, cfg.rounds + 1):
+            if pending_report is not None and decides:
+                await pending_report
+                pending_report = None
+            if self._end_requested:
+                log.info("the strategy ended the federation after round %d", round_number - 1)
+                break
             started = time.perf_counter()
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
             collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
@@ -180,19 +197,29 @@ class Coordinator:
             await pending_report
 
     async def _report(
-        self, writer: MetricsWriter, metrics: RoundMetrics, weights: Weights, started: float
+        self,
+        writer: MetricsWriter,
+        metrics: RoundMetrics,
+        weights: Weights,
+        started: float,
+        fit_done: float | None = None,
     ) -> None:
-        fit_done = time.perf_counter()
+        if fit_done is None:
+            fit_done = time.perf_counter()
+        eval_started = time.perf_counter()
         if self.evaluator is not None:
             result = await asyncio.to_thread(self.evaluator.evaluate, weights)
             metrics.accuracy, metrics.loss = result.accuracy, result.loss
         # Evaluation overlaps the next round's training; a round's duration counts its own
         # training and its own evaluation, not the overlap.
         metrics.fit_s = round(fit_done - started, 3)
-        metrics.eval_s = round(time.perf_counter() - fit_done, 3)
+        metrics.eval_s = round(time.perf_counter() - eval_started, 3)
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
+        metrics.elapsed_s = round(fit_done - self._started, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         writer.write(metrics)
+        if self.strategy.on_round_end(metrics.round, weights, metrics.to_json()):
+            self._end_requested = True
 
     async def _fit_round_with_retries(
         self, round_number: int, pending_report: asyncio.Task[None] | None
@@ -211,6 +238,8 @@ class Coordinator:
                 await pending_report
                 pending_report = None
             await collector.wait(cfg.round_timeout)
+            # A strategy that samples fewer workers than --min-results needs all of them.
+            needed_now = min(needed, collector.issued)
             for failure in collector.failures:
                 log.warning(
                     "round %d: worker %r dropped: %s",
@@ -218,7 +247,7 @@ class Coordinator:
                     failure.worker.name,
                     failure.reason,
                 )
-            if len(collector.results) >= needed:
+            if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
                 self.weights = self.strategy.aggregate_fit(
                     round_number, self.weights, aggregate, collector.results, collector.failures
@@ -229,7 +258,7 @@ class Coordinator:
                 round_number,
                 attempt,
                 len(collector.results),
-                needed,
+                needed_now,
             )
         if pending_report is not None:
             await pending_report

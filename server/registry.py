@@ -137,6 +137,7 @@ class WorkerRegistry:
         self._sessions: dict[str, WorkerSession] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
+        self.changes = 0  # bumped whenever a worker joins or leaves
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -172,8 +173,14 @@ class WorkerRegistry:
         await self.notify()
 
     async def notify(self) -> None:
+        self.changes += 1
         async with self._changed:
             self._changed.notify_all()
+
+    async def wait_for_change(self, seen: int) -> None:
+        """Wait until ``changes`` differs from ``seen`` (a worker joined or left since)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.changes != seen)
 
     async def wait_for_idle(self, count: int, timeout: float | None) -> bool:
         """Wait until at least ``count`` workers are idle; False on timeout."""

@@ -32,12 +32,18 @@ class RoundMetrics:
     attempts: int = 1
     fit_s: float = 0.0
     eval_s: float = 0.0
+    elapsed_s: float = 0.0  # wall clock from the start of round 1 to this round's model
     peak_rss_bytes: int = 0
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
+    # Asynchronous mode only: mean/max staleness of the buffered results, and results dropped
+    # for being older than the maximum staleness.
+    staleness: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
+        if self.staleness is None:
+            del row["staleness"]
         row["train"] = {k: _finite(v) for k, v in self.train.items()}
         row["federated"] = {k: _finite(v) for k, v in self.federated.items()}
         return row

@@ -27,6 +27,8 @@ class RoundCollector:
     tickets: list[Ticket] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     closed: bool = False
+    # How many tasks the round handed out (tickets are released when it closes).
+    issued: int = 0
 
     def fail(self, ticket: Ticket, reason: str) -> None:
         if not ticket.future.done():
@@ -39,6 +41,7 @@ class RoundCollector:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
         self.closed = True
+        self.issued = len(self.tickets)
         for ticket in self.tickets:
             if not ticket.future.done():
                 ticket.stale = True

@@ -1,4 +1,4 @@
-"""Strategies decide who trains, with what settings, and how results are combined.
+"""The strategy API: the records a strategy sees, the streaming aggregator, and the ABC.
 
 A strategy never touches gRPC. The coordinator's round loop calls its hooks::
 
@@ -8,16 +8,23 @@ A strategy never touches gRPC. The coordinator's round loop calls its hooks::
     aggregate_fit(round, global, aggregate, results, failures) -> the next global weights
     configure_evaluate(round, workers)           -> which workers evaluate (federated eval)
     aggregate_evaluate(round, results)           -> combined evaluation metrics
+    on_round_end(round, weights, metrics)        -> True to end the federation early
 
 Updates are combined *as they stream in*, so the coordinator holds O(model size) memory
-however many workers report.
+however many workers report. With secure aggregation the coordinator only learns the
+example-weighted mean of the updates, and feeds it to the aggregator as *one* update carrying
+the total example count: a strategy that only needs the weighted mean (FedAvg, FedAvgM,
+FedProx, the FedOpt family) runs unchanged. A strategy that must see every update (the robust
+rules) sets ``needs_individual_updates = True`` and is refused with secure aggregation
+(:func:`check_secure_aggregation`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,18 +32,25 @@ from fedcore.errors import ConfigError
 from fedcore.plan import TrainConfig
 from fedcore.weights import Weights
 
+from .sampling import ClientSampler
+
 __all__ = [
+    "AsyncSettings",
     "EvaluateResult",
     "Failure",
-    "FedAvg",
     "FitInstruction",
     "FitResult",
     "Strategy",
+    "StrategyState",
     "UpdateAggregator",
     "WeightedMeanAggregator",
     "WorkerInfo",
+    "check_secure_aggregation",
     "weighted_metrics",
 ]
+
+#: What ``Strategy.state_dict()`` returns: plain values, numpy arrays, and dicts of them.
+StrategyState = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -59,11 +73,16 @@ class FitInstruction:
 
 @dataclass(frozen=True)
 class FitResult:
-    """A valid training result (its update has already gone to the aggregator)."""
+    """A valid training result (its update has already gone to the aggregator).
+
+    ``staleness`` counts the global-model updates made since the model this result was
+    trained from (always 0 in synchronous rounds).
+    """
 
     worker: WorkerInfo
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    staleness: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,11 +103,18 @@ class Failure:
 
 
 class UpdateAggregator(ABC):
-    """Combines validated updates one at a time; sees each update once."""
+    """Combines validated updates one at a time; sees each update once.
+
+    An update is always a full set of weights expressed against the global weights the
+    aggregation started from. In asynchronous mode a stale update (trained from an older
+    model) arrives *rebased*: ``global + (its weights - the weights it was trained from)``,
+    with its ``staleness`` (the number of global updates since that older model).
+    """
 
     @abstractmethod
-    def add(self, update: Weights, num_examples: int) -> None:
-        """Fold in one update (full weights). May modify ``update`` in place."""
+    def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
+        """Fold in one update. May modify ``update`` in place (the buffer is the
+        aggregator's from now on)."""
 
     @property
     @abstractmethod
@@ -118,7 +144,7 @@ class WeightedMeanAggregator(UpdateAggregator):
     def count(self) -> int:
         return self._count
 
-    def add(self, update: Weights, num_examples: int) -> None:
+    def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
         if num_examples <= 0:
             raise ValueError("an update must carry a positive example count")
         w = float(num_examples)
@@ -162,19 +188,53 @@ def weighted_metrics(results: Sequence[FitResult | EvaluateResult]) -> dict[str,
     return {k: sum(r.metrics[k] * r.num_examples for r in results) / total for k in sorted(keys)}
 
 
+@dataclass(frozen=True)
+class AsyncSettings:
+    """Asks the coordinator for asynchronous aggregation (FedBuff, Nguyen et al. 2022).
+
+    Workers then train continuously, each on the newest global model when it becomes free;
+    the coordinator applies an update as soon as ``buffer_size`` results are in the
+    aggregator, and drops results more than ``max_staleness`` updates old.
+    """
+
+    buffer_size: int
+    max_staleness: int
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1:
+            raise ConfigError(f"buffer-size must be at least 1, got {self.buffer_size}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max-staleness cannot be negative, got {self.max_staleness}")
+
+
 class Strategy(ABC):
-    """Base class of every strategy; subclass it and override the hooks you need."""
+    """Base class of every strategy; subclass it and override the hooks you need.
+
+    Only :meth:`start_aggregation` is required. Round numbers start at 1; in asynchronous
+    mode a "round" is one update of the global model.
+    """
 
     #: Strategies that must see individual updates (robust rules) set this to True; they
     #: cannot be combined with secure aggregation.
-    needs_individual_updates: bool = False
+    needs_individual_updates: ClassVar[bool] = False
+
+    #: Which workers train each round (default: all). Replace it on an instance, e.g.
+    #: ``strategy.sampler = ClientSampler(fraction=0.5, min_workers=2, seed=1)``.
+    sampler: ClientSampler = ClientSampler()
+
+    @property
+    def async_settings(self) -> AsyncSettings | None:
+        """Not None to run asynchronously (see :class:`AsyncSettings`). Default: rounds."""
+        return None
 
     def configure_fit(
         self, round_number: int, workers: Sequence[WorkerInfo], config: TrainConfig
     ) -> list[FitInstruction]:
-        """Choose the workers of this round and their settings. Default: all, same config."""
+        """Choose the workers of this round and their settings (one config per worker).
+        Default: the sampler's choice, all with ``config`` and a per-round seed."""
         return [
-            FitInstruction(w, replace(config, seed=config.seed + round_number)) for w in workers
+            FitInstruction(w, replace(config, seed=config.seed + round_number))
+            for w in self.sampler.sample(round_number, workers)
         ]
 
     @abstractmethod
@@ -189,7 +249,11 @@ class Strategy(ABC):
         results: Sequence[FitResult],
         failures: Sequence[Failure],
     ) -> Weights:
-        """Turn the round's aggregate into the next global weights. Default: take it."""
+        """Turn the round's aggregate into the next global weights. Default: take it.
+
+        ``results`` and ``failures`` describe who delivered (with secure aggregation too);
+        the updates themselves only ever reach the strategy through its aggregator.
+        """
         return aggregate
 
     def configure_evaluate(
@@ -204,23 +268,32 @@ class Strategy(ABC):
         """Combine evaluation metrics. Default: example-weighted mean."""
         return weighted_metrics(results)
 
+    def on_round_end(self, round_number: int, weights: Weights, metrics: Mapping[str, Any]) -> bool:
+        """Called once a round's metrics are known (``metrics`` is the ``--metrics-out`` row,
+        centralized ``accuracy``/``loss`` included); return True to end the federation now.
 
-class FedAvg(Strategy):
-    """Federated Averaging (McMahan et al., AISTATS 2017): the example-weighted mean of the
-    workers' weights becomes the new global model."""
+        Overriding it makes the coordinator wait for a round's evaluation before it starts
+        the next round (instead of overlapping them), so the decision is exact.
+        """
+        return False
 
-    def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:
-        return WeightedMeanAggregator()
+    def state_dict(self) -> StrategyState:
+        """State that must survive a coordinator restart (momentum buffers, moments,
+        counters) as numpy arrays and plain values. Default: none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ConfigError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
 
-_BUILTIN: dict[str, type[Strategy]] = {"fedavg": FedAvg}
-
-
-def strategy_by_name(name: str) -> Strategy:
-    """A built-in strategy with default options."""
-    try:
-        return _BUILTIN[name.lower()]()
-    except KeyError:
+def check_secure_aggregation(strategy: Strategy, *, secure_aggregation: bool) -> None:
+    """Refuse a strategy that needs individual updates when only their sum is available."""
+    if secure_aggregation and strategy.needs_individual_updates:
         raise ConfigError(
-            f"unknown strategy {name!r}; built-in strategies: {', '.join(sorted(_BUILTIN))}"
-        ) from None
+            f"strategy {type(strategy).__name__} needs every worker's individual update, but "
+            "secure aggregation only reveals their sum; turn secure aggregation off or pick a "
+            "strategy that works on the weighted mean (fedavg, fedavgm, fedprox, fedadagrad, "
+            "fedadam, fedyogi)"
+        )
