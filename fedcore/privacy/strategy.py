@@ -23,7 +23,7 @@ Adaptive clipping (Andrew et al., NeurIPS 2021) is accounted as part of the same
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -37,6 +37,7 @@ from fedcore.strategy import (
     FitInstruction,
     FitResult,
     Strategy,
+    StrategyState,
     UpdateAggregator,
     WorkerInfo,
 )
@@ -92,7 +93,7 @@ class UniformDeltaAggregator(UpdateAggregator):
     def count(self) -> int:
         return self._count
 
-    def add(self, update: Weights, num_examples: int, **_: Any) -> None:
+    def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
         units = num_examples if self._presummed else 1
         if units < 1:
             raise ValueError("an update must stand for at least one worker")
@@ -178,7 +179,12 @@ class DifferentialPrivacy(Strategy):
         mechanism: Mechanism = "rdp",
         rng: np.random.Generator | None = None,
     ) -> None:
-        if getattr(strategy, "needs_individual_updates", False):
+        if strategy.async_settings is not None:
+            raise ConfigError(
+                f"strategy {type(strategy).__name__} aggregates asynchronously; DP-FedAvg is "
+                "accounted per synchronous round: choose a synchronous strategy"
+            )
+        if strategy.needs_individual_updates:
             raise ConfigError(
                 f"strategy {type(strategy).__name__} must see individual updates; DP-FedAvg "
                 "bounds the sensitivity of the mean only: choose a mean-based strategy"
@@ -375,15 +381,21 @@ class DifferentialPrivacy(Strategy):
     ) -> dict[str, float]:
         return self.inner.aggregate_evaluate(round_number, results)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The accountant, the clip norm and the multiplier: enough to resume the budget."""
+    def on_round_end(self, round_number: int, weights: Weights, metrics: Mapping[str, Any]) -> bool:
+        return self.inner.on_round_end(round_number, weights, metrics)
+
+    def state_dict(self) -> StrategyState:
+        """The inner strategy's state, the accountant, the clip norm and the multiplier:
+        enough to resume the budget after a restart."""
         return {
+            "inner": self.inner.state_dict(),
             "accountant": self.accountant.state_dict(),
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
         self.accountant.load_state_dict(state["accountant"])
         self.noise_multiplier = state.get("noise_multiplier", self.noise_multiplier)
         if self.adaptive is not None:
