@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := protos/fedcore/v1/fedcore.proto
 
-.PHONY: setup demo test lint typecheck check proto bench clean
+.PHONY: setup demo test lint typecheck check proto bench bench-secagg clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_overhead.py
+
+bench-secagg: $(STAMP)
+	mkdir -p build && $(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

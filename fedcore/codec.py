@@ -61,6 +61,8 @@ _WIRE_TO_DTYPE: dict[pb.DType.ValueType, np.dtype[np.generic]] = {
     pb.DTYPE_INT8: np.dtype("i1"),
     pb.DTYPE_UINT8: np.dtype("u1"),
     pb.DTYPE_BOOL: np.dtype("?"),
+    pb.DTYPE_UINT32: np.dtype("<u4"),
+    pb.DTYPE_UINT64: np.dtype("<u8"),
 }
 _NAME_TO_WIRE: dict[str, pb.DType.ValueType] = {
     dt.name: code for code, dt in _WIRE_TO_DTYPE.items()

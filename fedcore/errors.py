@@ -13,7 +13,10 @@ catch them all at once, or pick the branch it can act on::
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── RejectedError          the coordinator refused this worker (the reason says why)
     ├── RoundFailedError       a round could not gather enough results, even after retries
-    └── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
+    ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
+    └── SecAggError            secure aggregation could not complete a round
+        ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
+        └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
 
 Messages say what went wrong *and* what to do about it.
 """
@@ -31,6 +34,9 @@ __all__ = [
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
+    "SecAggAbortedError",
+    "SecAggError",
+    "SecAggRefusedError",
     "VersionMismatchError",
 ]
 
@@ -81,3 +87,15 @@ class PrivacyBudgetExhausted(FedcoreError):
     The coordinator ends the federation cleanly (keeping the last released model); a DP-SGD
     silo refuses to train further.
     """
+
+
+class SecAggError(FedcoreError):
+    """Secure aggregation could not complete a round (bad share, tampered message, ...)."""
+
+
+class SecAggAbortedError(SecAggError):
+    """Fewer workers than the Shamir threshold remain; the round ends and reveals nothing."""
+
+
+class SecAggRefusedError(SecAggError):
+    """An honest worker refused a request that would reveal more than the protocol allows."""

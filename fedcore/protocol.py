@@ -24,6 +24,7 @@ __all__ = [
     "JOIN_METHOD",
     "MESSAGE_OVERHEAD_BYTES",
     "PROTOCOL_VERSION",
+    "SECAGG_CAPABILITY",
     "SERVICE_NAME",
     "STREAM_END",
     "deserialize_coordinator_message",
@@ -36,6 +37,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 # What grpc.aio returns from read() once the peer has closed its side of the stream.
 STREAM_END: Final[Any] = grpc.aio.EOF  # type: ignore[attr-defined]
+#: Capability a worker announces in its hello when it can run secure aggregation.
+SECAGG_CAPABILITY = "secagg-v1"
 JOIN_METHOD = "/fedcore.v1.Coordinator/Join"
 SERVICE_NAME = "fedcore.v1.Coordinator"
 

@@ -16,6 +16,7 @@ from fedcore.errors import ConfigError, FedcoreError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 
 from .config import ServerConfig
@@ -47,6 +48,7 @@ examples:
   name = "trimmed-mean"
   beta = 0.2
   fraction-fit = 0.5
+  fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
 """
 
 
@@ -199,6 +201,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="updates staged in memory at once besides the running sum (default: %(default)s)",
     )
+    s = p.add_argument_group(
+        "secure aggregation",
+        "With --secagg the coordinator learns only the sum of the workers' updates (Bonawitz "
+        "et al. 2017). Workers need no flag.",
+    )
+    s.add_argument(
+        "--secagg",
+        action="store_true",
+        help="aggregate updates with secure aggregation (masked, quantized deltas)",
+    )
+    s.add_argument(
+        "--secagg-threshold",
+        type=float,
+        default=0.5,
+        help="Shamir threshold t: a count >= 2, or a fraction f < 1 of each sharing group "
+        "(t = floor(f*m)+1); a round survives while t workers remain (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-neighbours",
+        type=int,
+        default=0,
+        help="SecAgg+: share with this many neighbours of a random regular graph "
+        "(about 2*log2(n) suffices); 0 = with every worker (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-bits",
+        type=int,
+        default=16,
+        help="signed fixed-point bits per coordinate (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-clip",
+        type=float,
+        default=1.0,
+        help="clipping range: every coordinate of a worker's delta (trained minus received "
+        "weights) is clipped to [-CLIP, CLIP] (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-phase-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the coordinator waits for each key, share and unmasking phase "
+        "(default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 
@@ -252,6 +298,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         handshake_timeout=args.handshake_timeout,
         threads=args.threads,
         device=args.device,
+        secagg=(
+            SecAggParams(
+                threshold=args.secagg_threshold,
+                neighbours=args.secagg_neighbours,
+                bits=args.secagg_bits,
+                clip=args.secagg_clip,
+                phase_timeout=args.secagg_phase_timeout,
+            )
+            if args.secagg
+            else None
+        ),
     )
 
 

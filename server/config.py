@@ -9,6 +9,7 @@ from typing import Any
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.secagg.params import SecAggParams
 
 __all__ = ["ServerConfig"]
 
@@ -44,6 +45,8 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     threads: int | None = None
     device: str = "cpu"
+    #: Secure aggregation settings; None runs plain aggregation.
+    secagg: SecAggParams | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

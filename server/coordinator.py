@@ -34,6 +34,7 @@ from .payloads import WeightsPayload
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
+from .secagg import SecAggCollector
 from .service import CoordinatorService, start_grpc_server
 
 __all__ = ["Coordinator", "FederationResult", "peak_rss_bytes"]
@@ -60,6 +61,12 @@ class Coordinator:
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
         self.strategy = strategy or load_strategy(config.strategy, config.strategy_options)
+        if config.secagg is not None and self.strategy.needs_individual_updates:
+            raise ConfigError(
+                f"strategy {type(self.strategy).__name__} must see individual updates, which "
+                "secure aggregation hides; drop --secagg or choose a strategy that only needs "
+                "the weighted mean (fedavg, ...)"
+            )
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
@@ -237,7 +244,10 @@ class Coordinator:
             if pending_report is not None:
                 await pending_report
                 pending_report = None
-            await collector.wait(cfg.round_timeout)
+            try:
+                await collector.wait(cfg.round_timeout)
+            finally:
+                self.service.secagg_handler = None
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
             for failure in collector.failures:
@@ -288,25 +298,44 @@ class Coordinator:
         )
         if not instructions:
             raise ConfigError(f"strategy selected no workers for round {round_number}")
-        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
-        collector = FitCollector(
-            round_number, self.strategy.start_aggregation(round_number, self.weights), self.weights
-        )
-        model = self.config.model.to_proto()
+        selected: list[WorkerSession] = []
         for instruction in instructions:
             session = sessions.get(instruction.worker.worker_id)
             if session is None:
                 raise ConfigError(
                     f"strategy selected unknown or busy worker {instruction.worker.name!r}"
                 )
+            selected.append(session)
+        payload = WeightsPayload(self.weights, self.config.chunk_bytes)
+        aggregator = self.strategy.start_aggregation(round_number, self.weights)
+        collector: FitCollector
+        secagg: pb.SecAggSetup | None = None
+        if self.config.secagg is not None:
+            collector = SecAggCollector(
+                round_number,
+                aggregator,
+                self.weights,
+                self.config.secagg,
+                selected,
+                self.config.results_needed,
+            )
+            secagg = collector.setup_proto()
+            self.service.secagg_handler = collector.on_message
+        else:
+            collector = FitCollector(round_number, aggregator, self.weights)
+        model = self.config.model.to_proto()
+        for instruction, session in zip(instructions, selected, strict=True):
             task = pb.Task(
                 round=round_number,
                 kind=pb.TASK_KIND_FIT,
                 model=model,
                 train=instruction.config.to_proto(),
                 weights=payload.header,
+                secagg=secagg,
             )
             self._issue(session, collector, task, payload)
+            if isinstance(collector, SecAggCollector):
+                collector.attach(collector.tickets[-1])
         log.info("round %d: %d worker(s) training", round_number, len(instructions))
         return collector
 

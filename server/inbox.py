@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
@@ -20,7 +21,10 @@ from fedcore.weights import ModelSignature
 from .registry import Ticket, WorkerSession
 from .rounds import EvaluateCollector, FitCollector
 
-__all__ = ["Inbox"]
+__all__ = ["Inbox", "SecAggRoute"]
+
+#: Where secure-aggregation messages go: the current round's handler.
+SecAggRoute = Callable[[WorkerSession, pb.SecAggWorkerMessage], None]
 
 log = logging.getLogger("fedcore.server")
 
@@ -47,8 +51,10 @@ class Inbox:
         max_model_bytes: int,
         chunk_limit: int,
         upload_slots: asyncio.Semaphore,
+        secagg: SecAggRoute | None = None,
     ) -> None:
         self.session = session
+        self._secagg = secagg
         self._signature = signature
         self._max_model_bytes = max_model_bytes
         self._chunk_limit = chunk_limit
@@ -68,6 +74,11 @@ class Inbox:
             return
         if kind == "chunk":
             await self.on_chunk(message.chunk)
+            return
+        if kind == "secagg":
+            if self._secagg is None:
+                raise ProtocolError("a secure-aggregation message arrived, but it is off")
+            self._secagg(self.session, message.secagg)
             return
         if self._upload is not None:
             raise ProtocolError(f"a {kind} message arrived in the middle of an upload")
@@ -98,10 +109,11 @@ class Inbox:
             return
         if not result.HasField("update"):
             raise ProtocolError("a training result must carry an update")
-        if result.num_examples < 1:
-            raise ProtocolError("a training result must report at least one example")
-        if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
-            raise ProtocolError("a training result must say whether it sends weights or a delta")
+        collector = ticket.collector
+        expected = self._signature
+        if isinstance(collector, FitCollector):
+            collector.check_result(result)
+            expected = collector.update_signature or expected
         header = result.update
         if ticket.stale:
             # Its round is over: check the framing only, and drop the chunks as they come.
@@ -118,7 +130,7 @@ class Inbox:
                 header,
                 max_bytes=self._max_model_bytes,
                 max_chunk_bytes=self._chunk_limit,
-                expected=self._signature,
+                expected=expected,
                 what=f"update from worker {name!r}",
             )
             await self._slots.acquire()

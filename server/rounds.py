@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore.errors import ProtocolError
 from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import ModelSignature, Weights
 
 from .registry import Ticket
 
@@ -40,6 +41,10 @@ class RoundCollector:
         pending = [t.future for t in self.tickets if not t.future.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        self.settle(timeout)
+
+    def settle(self, timeout: float) -> None:
+        """Close the round: tickets still pending become stale failures."""
         self.closed = True
         self.issued = len(self.tickets)
         for ticket in self.tickets:
@@ -59,6 +64,16 @@ class RoundCollector:
 
 class FitCollector(RoundCollector):
     """Folds each valid update into the strategy's aggregator the moment it arrives."""
+
+    #: The signature updates must have; None: the model's own.
+    update_signature: ModelSignature | None = None
+
+    def check_result(self, result: pb.TaskResult) -> None:
+        """Refuse a training result whose envelope breaks the protocol."""
+        if result.num_examples < 1:
+            raise ProtocolError("a training result must report at least one example")
+        if result.update_kind not in (pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA):
+            raise ProtocolError("a training result must say whether it sends weights or a delta")
 
     def __init__(
         self, round_number: int, aggregator: UpdateAggregator, global_weights: Weights

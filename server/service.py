@@ -18,6 +18,7 @@ from fedcore.errors import ProtocolError
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
+    SECAGG_CAPABILITY,
     SERVICE_NAME,
     STREAM_END,
     deserialize_worker_message,
@@ -28,7 +29,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
 from .config import ServerConfig
-from .inbox import Inbox
+from .inbox import Inbox, SecAggRoute
 from .payloads import WeightsPayload
 from .registry import WorkerRegistry, WorkerSession
 
@@ -71,6 +72,16 @@ class CoordinatorService:
         self.counters = TrafficCounters()
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.upload_slots)
+        #: The running secure round's message handler (set by the coordinator per round).
+        self.secagg_handler: SecAggRoute | None = None
+
+    def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
+        if self.config.secagg is None:
+            raise ProtocolError("a secure-aggregation message arrived, but it is off")
+        if self.secagg_handler is not None:
+            self.secagg_handler(session, message)
+        else:
+            log.debug("dropping a secure-aggregation message from %r: no round", session.name)
 
     def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
@@ -105,6 +116,12 @@ class CoordinatorService:
             raise _Abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"a worker named {hello.name!r} is already connected; names must be unique",
+            )
+        if self.config.secagg is not None and SECAGG_CAPABILITY not in hello.capabilities:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {hello.name!r} cannot do secure aggregation, which this federation "
+                "requires; upgrade fedcore on the worker",
             )
         if hello.HasField("model") and hello.model.name and hello.model.name != self.model.name:
             raise _Abort(
@@ -181,6 +198,7 @@ class CoordinatorService:
             max_model_bytes=self.config.max_model_bytes,
             chunk_limit=self.config.chunk_bytes,
             upload_slots=self._upload_slots,
+            secagg=self._route_secagg,
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))

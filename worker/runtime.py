@@ -36,19 +36,28 @@ from fedcore.codec import (
     make_header,
     signature_specs,
 )
-from fedcore.errors import FedcoreError, ModelMismatchError, PayloadError, RejectedError
+from fedcore.errors import (
+    FedcoreError,
+    ModelMismatchError,
+    PayloadError,
+    RejectedError,
+    SecAggError,
+)
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
     JOIN_METHOD,
     PROTOCOL_VERSION,
+    SECAGG_CAPABILITY,
     STREAM_END,
     deserialize_coordinator_message,
     max_message_bytes,
     serialize_worker_message,
 )
+from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.v1 import fedcore_pb2 as pb
 
+from .secagg import SecAggRounds
 from .trainer import Trainer, TrainingFailed
 
 __all__ = ["Worker", "WorkerState"]
@@ -107,6 +116,10 @@ class _Disconnected(Exception):
     """The stream ended without a Shutdown: reconnect."""
 
 
+async def _not_connected(message: pb.WorkerMessage) -> None:
+    raise _Disconnected("no stream to send on")
+
+
 class Worker:
     """A federation member. ``await Worker(server, name, trainer).run()`` until shutdown.
 
@@ -144,6 +157,7 @@ class Worker:
         self.worker_id: str | None = None
         self.tasks_done = 0
         self._write_lock = asyncio.Lock()
+        self._secagg = SecAggRounds(_not_connected, name)
 
     def _move(self, new: WorkerState) -> None:
         if new is not self.state and new not in _ALLOWED[self.state]:
@@ -195,7 +209,7 @@ class Worker:
             name=self.name,
             protocol_version=PROTOCOL_VERSION,
             num_examples=self.trainer.num_examples,
-            capabilities=["fit", "evaluate"],
+            capabilities=["fit", "evaluate", SECAGG_CAPABILITY],
         )
         announced = self.trainer.announced_model()
         if announced is not None:
@@ -226,6 +240,11 @@ class Worker:
             self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
         )
         jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
+
+        async def send(message: pb.WorkerMessage) -> None:
+            await self._write(call, message)
+
+        self._secagg = SecAggRounds(send, self.name)
         runner = asyncio.create_task(self._run_jobs(call, jobs))
         pending: tuple[pb.Task, PayloadAssembler] | None = None
         try:
@@ -239,7 +258,12 @@ class Worker:
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
                     return True
+                if kind == "secagg":
+                    await self._secagg.handle(message.secagg)
+                    continue
                 if kind == "task":
+                    if message.task.HasField("secagg"):
+                        await self._secagg.start(message.task)
                     pending = await self._start_task(call, message.task, welcome)
                     if pending is not None and pending[1].complete:
                         jobs.put_nowait(pending)
@@ -304,24 +328,40 @@ class Worker:
                     self.trainer.num_examples,
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
-                header = make_header(fit.weights, assembler.chunk_bytes)
-                result = pb.TaskResult(
-                    task_id=task.task_id,
-                    num_examples=fit.num_examples,
-                    metrics=fit.metrics,
-                    update=header,
-                    update_kind=pb.UPDATE_KIND_DELTA if fit.is_delta else pb.UPDATE_KIND_WEIGHTS,
-                )
+                update = fit.weights
+                if task.HasField("secagg"):
+                    masked = await self._secagg.mask(
+                        task, weights, fit.weights, is_delta=fit.is_delta, examples=fit.num_examples
+                    )
+                    update = {MASKED_TENSOR: masked}
+                    result = pb.TaskResult(
+                        task_id=task.task_id,
+                        num_examples=0,  # secret: only the sum is revealed, inside the mask
+                        metrics=fit.metrics,
+                        update=make_header(update, assembler.chunk_bytes),
+                        update_kind=pb.UPDATE_KIND_MASKED,
+                    )
+                else:
+                    result = pb.TaskResult(
+                        task_id=task.task_id,
+                        num_examples=fit.num_examples,
+                        metrics=fit.metrics,
+                        update=make_header(update, assembler.chunk_bytes),
+                        update_kind=(
+                            pb.UPDATE_KIND_DELTA if fit.is_delta else pb.UPDATE_KIND_WEIGHTS
+                        ),
+                    )
                 await self._write(call, pb.WorkerMessage(result=result))
-                chunks = iter_chunk_views(fit.weights, assembler.chunk_bytes)
+                chunks = iter_chunk_views(update, assembler.chunk_bytes)
                 for index, data in enumerate(chunks):
                     # Pre-serialized: the stream's serializer passes bytes through.
                     await self._write(
                         call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
                     )
                 log.info(
-                    "round %d: sent update (loss %.4f)",
+                    "round %d: sent %s (loss %.4f)",
                     task.round,
+                    "masked input" if task.HasField("secagg") else "update",
                     fit.metrics.get("loss", float("nan")),
                 )
             elif task.kind == pb.TASK_KIND_EVALUATE:
@@ -336,6 +376,9 @@ class Worker:
                 )
                 return
             self.tasks_done += 1
+        except SecAggError as exc:
+            log.error("round %d: secure aggregation failed: %s", task.round, exc)
+            await self._send_error(call, task.task_id, pb.ERROR_CODE_REFUSED, str(exc))
         except ModelMismatchError as exc:
             log.error("cannot run round %d: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_MODEL_MISMATCH, str(exc))

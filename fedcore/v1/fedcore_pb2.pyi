@@ -14,6 +14,18 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
     TaskError (could not run the task) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
+With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the
+same stream (Bonawitz et al., CCS 2017; see fedcore/secagg/):
+
+    SecAggKeys (two X25519 public keys)  ──▶                          phase 1
+           ◀───────────────────────────────  SecAggPeers (neighbours' keys)
+    SecAggShares (encrypted Shamir shares) ─▶                          phase 2
+           ◀───────────────────────────────  SecAggShares (the shares addressed to it)
+    TaskResult (UPDATE_KIND_MASKED) + PayloadChunk × n ──▶            phase 3
+           ◀───────────────────────────────  SecAggUnmaskRequest (survivors, dropped)
+    SecAggUnmaskShares  ──────────────────▶                           phase 4
+    SecAggAbort (either way: the round's secure aggregation is abandoned)
+
 Tensors travel as typed raw bytes: a PayloadHeader lists every tensor (name, dtype, shape);
 the payload is the concatenation of the tensors' little-endian bytes in header order, cut
 into chunks of `chunk_bytes` (the last one shorter) and sent as PayloadChunk messages with
@@ -53,6 +65,9 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_INT8: _DType.ValueType  # 8
     DTYPE_UINT8: _DType.ValueType  # 9
     DTYPE_BOOL: _DType.ValueType  # 10
+    DTYPE_UINT32: _DType.ValueType  # 11
+    """secure aggregation's ring words"""
+    DTYPE_UINT64: _DType.ValueType  # 12
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------- tensors"""
@@ -68,6 +83,9 @@ DTYPE_INT16: DType.ValueType  # 7
 DTYPE_INT8: DType.ValueType  # 8
 DTYPE_UINT8: DType.ValueType  # 9
 DTYPE_BOOL: DType.ValueType  # 10
+DTYPE_UINT32: DType.ValueType  # 11
+"""secure aggregation's ring words"""
+DTYPE_UINT64: DType.ValueType  # 12
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _TaskKind:
@@ -98,6 +116,10 @@ class _UpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateKind
     """the updated weights"""
     UPDATE_KIND_DELTA: _UpdateKind.ValueType  # 2
     """updated weights minus the weights received"""
+    UPDATE_KIND_MASKED: _UpdateKind.ValueType  # 3
+    """Secure aggregation: one uint32/uint64 tensor "secagg.masked", the worker's quantized,
+    weighted delta plus its masks, in Z_(2^ring_bits).
+    """
 
 class UpdateKind(_UpdateKind, metaclass=_UpdateKindEnumTypeWrapper): ...
 
@@ -106,6 +128,10 @@ UPDATE_KIND_WEIGHTS: UpdateKind.ValueType  # 1
 """the updated weights"""
 UPDATE_KIND_DELTA: UpdateKind.ValueType  # 2
 """updated weights minus the weights received"""
+UPDATE_KIND_MASKED: UpdateKind.ValueType  # 3
+"""Secure aggregation: one uint32/uint64 tensor "secagg.masked", the worker's quantized,
+weighted delta plus its masks, in Z_(2^ring_bits).
+"""
 Global___UpdateKind: _TypeAlias = UpdateKind  # noqa: Y015
 
 class _ErrorCode:
@@ -314,6 +340,7 @@ class Task(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TRAIN_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     kind: Global___TaskKind.ValueType
@@ -323,6 +350,10 @@ class Task(_message.Message):
     def train(self) -> Global___TrainConfig: ...
     @_builtins.property
     def weights(self) -> Global___PayloadHeader: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggSetup:
+        """Present when the round's updates are securely aggregated."""
+
     def __init__(
         self,
         *,
@@ -332,10 +363,11 @@ class Task(_message.Message):
         model: Global___ModelSpec | None = ...,
         train: Global___TrainConfig | None = ...,
         weights: Global___PayloadHeader | None = ...,
+        secagg: Global___SecAggSetup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "round", b"round", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,6 +452,355 @@ class TaskError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskError: _TypeAlias = TaskError  # noqa: Y015
+
+@_typing.final
+class SecAggSetup(_message.Message):
+    """---------------------------------------------------------------- secure aggregation
+
+    The parameters of one secure-aggregation round (one attempt of a training round).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    QUANT_BITS_FIELD_NUMBER: _builtins.int
+    RING_BITS_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    WEIGHT_NORM_FIELD_NUMBER: _builtins.int
+    PHASE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    """unique per attempt; every secagg message carries it"""
+    threshold: _builtins.int
+    """Shamir threshold t"""
+    quant_bits: _builtins.int
+    """signed fixed-point bits per coordinate"""
+    ring_bits: _builtins.int
+    """32 or 64: arithmetic in Z_(2^ring_bits)"""
+    clip: _builtins.float
+    """each delta coordinate is clipped to [-clip, clip]"""
+    weight_norm: _builtins.float
+    """example counts are divided by this before weighting"""
+    phase_timeout_s: _builtins.float
+    """how long the coordinator waits for each phase"""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        threshold: _builtins.int = ...,
+        quant_bits: _builtins.int = ...,
+        ring_bits: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        weight_norm: _builtins.float = ...,
+        phase_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "phase_timeout_s", b"phase_timeout_s", "quant_bits", b"quant_bits", "ring_bits", b"ring_bits", "round_id", b"round_id", "threshold", b"threshold", "weight_norm", b"weight_norm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSetup: _TypeAlias = SecAggSetup  # noqa: Y015
+
+@_typing.final
+class SecAggKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    cipher_public_key: _builtins.bytes
+    """X25519: encrypts the shares sent to this worker"""
+    mask_public_key: _builtins.bytes
+    """X25519: agrees the pairwise mask seeds"""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        cipher_public_key: _builtins.bytes = ...,
+        mask_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggKeys: _TypeAlias = SecAggKeys  # noqa: Y015
+
+@_typing.final
+class SecAggPeer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    cipher_public_key: _builtins.bytes
+    mask_public_key: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        cipher_public_key: _builtins.bytes = ...,
+        mask_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "index", b"index", "mask_public_key", b"mask_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggPeer: _TypeAlias = SecAggPeer  # noqa: Y015
+
+@_typing.final
+class SecAggPeers(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    index: _builtins.int
+    """the recipient's own index (its Shamir x-coordinate)"""
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPeer]:
+        """its neighbours (everyone else without SecAgg+)"""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        peers: _abc.Iterable[Global___SecAggPeer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "peers", b"peers", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggPeers: _TypeAlias = SecAggPeers  # noqa: Y015
+
+@_typing.final
+class SecAggShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    sender: _builtins.int
+    recipient: _builtins.int
+    ciphertext: _builtins.bytes
+    """AEAD, key agreed between sender and recipient"""
+    def __init__(
+        self,
+        *,
+        sender: _builtins.int = ...,
+        recipient: _builtins.int = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShare: _TypeAlias = SecAggShare  # noqa: Y015
+
+@_typing.final
+class SecAggShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggShare]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        shares: _abc.Iterable[Global___SecAggShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShares: _TypeAlias = SecAggShares  # noqa: Y015
+
+@_typing.final
+class SecAggUnmaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """sent their masked input: reveal self-mask shares"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """did not: reveal masking-key shares"""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        survivors: _abc.Iterable[_builtins.int] | None = ...,
+        dropped: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "round_id", b"round_id", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmaskRequest: _TypeAlias = SecAggUnmaskRequest  # noqa: Y015
+
+@_typing.final
+class SecAggPlainShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.int
+    value: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        owner: _builtins.int = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggPlainShare: _TypeAlias = SecAggPlainShare  # noqa: Y015
+
+@_typing.final
+class SecAggUnmaskShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SELF_MASK_SHARES_FIELD_NUMBER: _builtins.int
+    KEY_SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def self_mask_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPlainShare]: ...
+    @_builtins.property
+    def key_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPlainShare]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        self_mask_shares: _abc.Iterable[Global___SecAggPlainShare] | None = ...,
+        key_shares: _abc.Iterable[Global___SecAggPlainShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_shares", b"key_shares", "round_id", b"round_id", "self_mask_shares", b"self_mask_shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmaskShares: _TypeAlias = SecAggUnmaskShares  # noqa: Y015
+
+@_typing.final
+class SecAggAbort(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAbort: _TypeAlias = SecAggAbort  # noqa: Y015
+
+@_typing.final
+class SecAggWorkerMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    UNMASK_FIELD_NUMBER: _builtins.int
+    ABORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> Global___SecAggKeys: ...
+    @_builtins.property
+    def shares(self) -> Global___SecAggShares: ...
+    @_builtins.property
+    def unmask(self) -> Global___SecAggUnmaskShares: ...
+    @_builtins.property
+    def abort(self) -> Global___SecAggAbort: ...
+    def __init__(
+        self,
+        *,
+        keys: Global___SecAggKeys | None = ...,
+        shares: Global___SecAggShares | None = ...,
+        unmask: Global___SecAggUnmaskShares | None = ...,
+        abort: Global___SecAggAbort | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["keys", "shares", "unmask", "abort"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___SecAggWorkerMessage: _TypeAlias = SecAggWorkerMessage  # noqa: Y015
+
+@_typing.final
+class SecAggCoordinatorMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    UNMASK_FIELD_NUMBER: _builtins.int
+    ABORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> Global___SecAggPeers: ...
+    @_builtins.property
+    def shares(self) -> Global___SecAggShares: ...
+    @_builtins.property
+    def unmask(self) -> Global___SecAggUnmaskRequest: ...
+    @_builtins.property
+    def abort(self) -> Global___SecAggAbort: ...
+    def __init__(
+        self,
+        *,
+        peers: Global___SecAggPeers | None = ...,
+        shares: Global___SecAggShares | None = ...,
+        unmask: Global___SecAggUnmaskRequest | None = ...,
+        abort: Global___SecAggAbort | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["peers", "shares", "unmask", "abort"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___SecAggCoordinatorMessage: _TypeAlias = SecAggCoordinatorMessage  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -547,6 +928,7 @@ class WorkerMessage(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -557,6 +939,8 @@ class WorkerMessage(_message.Message):
     def chunk(self) -> Global___PayloadChunk: ...
     @_builtins.property
     def error(self) -> Global___TaskError: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggWorkerMessage: ...
     def __init__(
         self,
         *,
@@ -565,12 +949,13 @@ class WorkerMessage(_message.Message):
         result: Global___TaskResult | None = ...,
         chunk: Global___PayloadChunk | None = ...,
         error: Global___TaskError | None = ...,
+        secagg: Global___SecAggWorkerMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "result", "chunk", "error"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "result", "chunk", "error", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -584,6 +969,7 @@ class CoordinatorMessage(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -592,6 +978,8 @@ class CoordinatorMessage(_message.Message):
     def chunk(self) -> Global___PayloadChunk: ...
     @_builtins.property
     def shutdown(self) -> Global___Shutdown: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggCoordinatorMessage: ...
     def __init__(
         self,
         *,
@@ -599,12 +987,13 @@ class CoordinatorMessage(_message.Message):
         task: Global___Task | None = ...,
         chunk: Global___PayloadChunk | None = ...,
         shutdown: Global___Shutdown | None = ...,
+        secagg: Global___SecAggCoordinatorMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -14,6 +14,18 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
     TaskError (could not run the task) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
+With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the
+same stream (Bonawitz et al., CCS 2017; see fedcore/secagg/):
+
+    SecAggKeys (two X25519 public keys)  ──▶                          phase 1
+           ◀───────────────────────────────  SecAggPeers (neighbours' keys)
+    SecAggShares (encrypted Shamir shares) ─▶                          phase 2
+           ◀───────────────────────────────  SecAggShares (the shares addressed to it)
+    TaskResult (UPDATE_KIND_MASKED) + PayloadChunk × n ──▶            phase 3
+           ◀───────────────────────────────  SecAggUnmaskRequest (survivors, dropped)
+    SecAggUnmaskShares  ──────────────────▶                           phase 4
+    SecAggAbort (either way: the round's secure aggregation is abandoned)
+
 Tensors travel as typed raw bytes: a PayloadHeader lists every tensor (name, dtype, shape);
 the payload is the concatenation of the tensors' little-endian bytes in header order, cut
 into chunks of `chunk_bytes` (the last one shorter) and sent as PayloadChunk messages with

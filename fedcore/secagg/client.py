@@ -1,0 +1,289 @@
+"""The worker's side of one secure-aggregation round, as an explicit state machine.
+
+::
+
+    ADVERTISED ──share_keys──▶ SHARED ──receive_shares──▶ READY ──mask──▶ MASKED ──unmask──▶ DONE
+         │                        │                          │               │
+         └────────────────────────┴──────────────────────────┴───────────────┴──▶ ABORTED
+
+Every move not drawn raises; an abort forgets the round's secrets. The client answers exactly
+one unmasking request, and never reveals both the self-mask share and the masking-key share
+of the same peer: that is what keeps a worker whose masked input arrived late safe from a
+coordinator that calls it dropped *and* a survivor.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from fedcore.errors import SecAggAbortedError, SecAggError, SecAggRefusedError
+
+from . import crypto, prg, shamir
+from .messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeyDirectory,
+    PeerKeys,
+    RoundSetup,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .quantize import COUNT_WORDS, encode_count
+
+__all__ = ["ClientState", "MaskedInput", "SecAggClient", "pairwise_sign"]
+
+_PLAINTEXT_BYTES = 8 + 2 * shamir.SHARE_BYTES
+
+
+class ClientState(enum.Enum):
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    READY = "ready"
+    MASKED = "masked"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+def pairwise_sign(me: int, peer: int) -> int:
+    """+1 if ``me`` adds ``PRG(s_me,peer)``, -1 if it subtracts it (the lower index adds)."""
+    return 1 if me < peer else -1
+
+
+def share_aad(round_id: str, sender: int, recipient: int) -> bytes:
+    """What an encrypted share is bound to: its round, sender and recipient."""
+    return f"{round_id}/{sender}->{recipient}".encode()
+
+
+class MaskedInput:
+    """A masked vector with the number of coordinates the worker had to clip."""
+
+    def __init__(self, vector: npt.NDArray[np.unsignedinteger], clipped: int) -> None:
+        self.vector = vector
+        self.clipped = clipped
+
+
+class SecAggClient:
+    """One worker's secrets and progress in one round.
+
+    Args:
+        setup: the round's parameters (from the task).
+        rounding_seed: 256-bit key of the stochastic-rounding keystream (default: fresh from
+            the OS); fixed only in tests.
+    """
+
+    def __init__(self, setup: RoundSetup, *, rounding_seed: bytes | None = None) -> None:
+        self.setup = setup
+        self.state = ClientState.ADVERTISED
+        self._cipher = crypto.KeyPair.generate()
+        self._mask = crypto.KeyPair.generate()
+        self._rounding_seed = rounding_seed or os.urandom(32)
+        self._self_seed = b""
+        self.index = 0
+        self._peers: dict[int, PeerKeys] = {}
+        # Shares held for each member of the group (peers that shared with us, and us).
+        self._self_mask_shares: dict[int, shamir.Share] = {}
+        self._key_shares: dict[int, shamir.Share] = {}
+        self._mask_peers: frozenset[int] = frozenset()
+
+    # ------------------------------------------------------------------ transitions
+
+    def _expect(self, state: ClientState, action: str) -> None:
+        if self.state is not state:
+            raise SecAggRefusedError(
+                f"cannot {action} in state {self.state.value} of round {self.setup.round_id}"
+            )
+
+    def abort(self) -> None:
+        """Forget every secret of this round."""
+        self.state = ClientState.ABORTED
+        self._self_seed = b""
+        self._self_mask_shares.clear()
+        self._key_shares.clear()
+
+    def _fail(self, error: SecAggError) -> SecAggError:
+        self.abort()
+        return error
+
+    def advertise(self) -> AdvertiseKeys:
+        """Phase 1: the two public keys."""
+        return AdvertiseKeys(self._cipher.public, self._mask.public)
+
+    def share_keys(self, directory: KeyDirectory) -> list[EncryptedShare]:
+        """Phase 2: draw the self-mask seed, Shamir-share it and the masking private key among
+        the group, and seal each peer's shares for it."""
+        self._expect(ClientState.ADVERTISED, "share keys")
+        t = self.setup.threshold
+        if directory.index in directory.peers or directory.index < 1:
+            raise self._fail(SecAggError("the key directory lists this worker as its own peer"))
+        if len(directory.peers) + 1 < t:
+            raise self._fail(
+                SecAggAbortedError(
+                    f"only {len(directory.peers) + 1} workers in the group, threshold is {t}"
+                )
+            )
+        for index, peer in directory.peers.items():
+            if index != peer.index or index < 1:
+                raise self._fail(SecAggError("the key directory is inconsistent"))
+        publics = [p.cipher_public for p in directory.peers.values()] + [
+            p.mask_public for p in directory.peers.values()
+        ]
+        if len(set(publics)) != len(publics) or self._cipher.public in publics:
+            # Bonawitz et al.: distinct keys, or a coordinator could make two workers one.
+            raise self._fail(SecAggError("the key directory repeats a public key"))
+        self.index = directory.index
+        self._peers = dict(directory.peers)
+        self._self_seed = secrets.token_bytes(32)
+        holders = sorted([self.index, *self._peers])
+        b_shares = shamir.split(self._self_seed, holders, t)
+        k_shares = shamir.split(self._mask.private, holders, t)
+        out: list[EncryptedShare] = []
+        for b, k in zip(b_shares, k_shares, strict=True):
+            if b.x == self.index:
+                self._self_mask_shares[self.index] = b
+                self._key_shares[self.index] = k
+                continue
+            key = crypto.agree(
+                self._cipher.private,
+                self._peers[b.x].cipher_public,
+                purpose="share",
+                round_id=self.setup.round_id,
+            )
+            plaintext = (
+                self.index.to_bytes(4, "big")
+                + b.x.to_bytes(4, "big")
+                + b.value_bytes()
+                + k.value_bytes()
+            )
+            aad = share_aad(self.setup.round_id, self.index, b.x)
+            out.append(EncryptedShare(self.index, b.x, crypto.seal(key, plaintext, aad)))
+        self.state = ClientState.SHARED
+        return out
+
+    def receive_shares(self, shares: Sequence[EncryptedShare]) -> None:
+        """Phase 2 ends: keep the shares the neighbours that completed phase 2 sent us; they
+        (and we) are the pairwise masks of phase 3."""
+        self._expect(ClientState.SHARED, "receive shares")
+        senders: set[int] = set()
+        for share in shares:
+            peer = self._peers.get(share.sender)
+            if share.recipient != self.index or peer is None or share.sender in senders:
+                raise self._fail(SecAggError(f"share from {share.sender} is misaddressed"))
+            key = crypto.agree(
+                self._cipher.private,
+                peer.cipher_public,
+                purpose="share",
+                round_id=self.setup.round_id,
+            )
+            try:
+                plaintext = crypto.open_sealed(
+                    key, share.ciphertext, share_aad(self.setup.round_id, share.sender, self.index)
+                )
+            except SecAggError as exc:
+                raise self._fail(exc) from None
+            if len(plaintext) != _PLAINTEXT_BYTES or plaintext[:8] != (
+                share.sender.to_bytes(4, "big") + self.index.to_bytes(4, "big")
+            ):
+                raise self._fail(SecAggError(f"share from {share.sender} is malformed"))
+            half = 8 + shamir.SHARE_BYTES
+            self._self_mask_shares[share.sender] = shamir.Share.from_bytes(
+                self.index, plaintext[8:half]
+            )
+            self._key_shares[share.sender] = shamir.Share.from_bytes(self.index, plaintext[half:])
+            senders.add(share.sender)
+        if len(senders) + 1 < self.setup.threshold:
+            raise self._fail(
+                SecAggAbortedError(
+                    f"only {len(senders) + 1} workers of the group completed key sharing, "
+                    f"threshold is {self.setup.threshold}"
+                )
+            )
+        self._mask_peers = frozenset(senders)
+        self.state = ClientState.READY
+
+    def pairwise_seeds(self) -> tuple[list[bytes], list[bytes]]:
+        """The pairwise mask seeds this worker adds and subtracts."""
+        plus: list[bytes] = []
+        minus: list[bytes] = []
+        for v in sorted(self._mask_peers):
+            seed = crypto.agree(
+                self._mask.private,
+                self._peers[v].mask_public,
+                purpose="mask",
+                round_id=self.setup.round_id,
+            )
+            (plus if pairwise_sign(self.index, v) > 0 else minus).append(seed)
+        return plus, minus
+
+    def quantize(
+        self, delta: npt.NDArray[np.floating], num_examples: int
+    ) -> tuple[npt.NDArray[np.unsignedinteger], int]:
+        """The plain ring vector: the weighted, quantized delta and the example count."""
+        if num_examples < 1:
+            raise SecAggError("a masked input needs at least one example")
+        fp = self.setup.fixed_point
+        count = min(num_examples, int(self.setup.weight_norm))
+        weight = min(count / self.setup.weight_norm, 1.0)
+        vector = np.empty(delta.size + COUNT_WORDS, dtype=fp.dtype)
+        clipped = fp.quantize(delta, weight, self._rounding_seed, vector[: delta.size])
+        encode_count(count, vector[delta.size :])
+        return vector, clipped
+
+    def mask(self, delta: npt.NDArray[np.floating], num_examples: int) -> MaskedInput:
+        """Phase 3: quantize ``delta`` (flat) weighted by ``num_examples``, add
+        ``PRG(b_u)`` and ``+/-PRG(s_uv)`` for every neighbour that completed phase 2."""
+        self._expect(ClientState.READY, "mask an input")
+        vector, clipped = self.quantize(delta, num_examples)
+        self.mask_vector(vector)
+        return MaskedInput(vector, clipped)
+
+    def mask_vector(self, vector: npt.NDArray[np.unsignedinteger]) -> None:
+        """Phase 3 on an already quantized ring vector (in place)."""
+        self._expect(ClientState.READY, "mask an input")
+        plus, minus = self.pairwise_seeds()
+        prg.apply_masks(vector, plus=[self._self_seed, *plus], minus=minus)
+        self.state = ClientState.MASKED
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Phase 4: self-mask shares of survivors, key shares of dropped workers."""
+        self._expect(ClientState.MASKED, "answer an unmasking request")
+        both = request.survivors & request.dropped
+        if both:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the coordinator asked for both shares of worker(s) {sorted(both)}; "
+                    "refusing, as that would reveal their input"
+                )
+            )
+        if self.index in request.dropped or self.index not in request.survivors:
+            raise self._fail(
+                SecAggRefusedError("the coordinator calls this worker dropped after its input")
+            )
+        group = self._mask_peers | {self.index}
+        if not request.dropped & group <= self._mask_peers:
+            raise self._fail(SecAggRefusedError("a worker called dropped never shared with us"))
+        if len(request.survivors) < self.setup.threshold:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"only {len(request.survivors)} survivors, below the threshold "
+                    f"{self.setup.threshold}: unmasking would expose too small a sum"
+                )
+            )
+        response = UnmaskResponse(
+            self_mask_shares={
+                v: self._self_mask_shares[v].value_bytes()
+                for v in sorted(request.survivors & group)
+            },
+            key_shares={
+                v: self._key_shares[v].value_bytes() for v in sorted(request.dropped & group)
+            },
+        )
+        self.state = ClientState.DONE
+        self._self_mask_shares.clear()
+        self._key_shares.clear()
+        return response

@@ -1,0 +1,306 @@
+"""The coordinator's side of one secure-aggregation round, as an explicit state machine.
+
+::
+
+    KEYS ──close_keys──▶ SHARES ──close_shares──▶ INPUTS ──close_inputs──▶ UNMASKING ──finish──▶ DONE
+      │                    │                        │                         │
+      └────────────────────┴────────────────────────┴─────────────────────────┴──▶ ABORTED
+
+Participants are known by their index (1..n). The sets of Bonawitz et al.: U1 advertised
+keys, U2 completed key sharing, U3 sent a masked input, U5 answered the unmasking request.
+Every ``close_*`` checks that at least ``t`` remain; if not, the round aborts with
+:class:`~fedcore.errors.SecAggAbortedError` and nothing is revealed (no unmasking request was
+sent, so the coordinator holds only masked vectors). Masked inputs are summed as they arrive:
+the coordinator keeps one ring vector, however many workers report.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from fedcore.errors import SecAggAbortedError, SecAggError
+
+from . import crypto, prg, shamir
+from .client import pairwise_sign
+from .messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeyDirectory,
+    PeerKeys,
+    RoundSetup,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .params import harary_neighbours
+from .quantize import COUNT_WORDS, decode_count
+
+__all__ = ["AggregateResult", "SecAggServer", "ServerState"]
+
+
+class ServerState(enum.Enum):
+    KEYS = "keys"
+    SHARES = "shares"
+    INPUTS = "inputs"
+    UNMASKING = "unmasking"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The unmasked sum: ``sum_u w_u * delta_u`` (weights ``n_u / weight_norm``), the summed
+    example count, and who contributed."""
+
+    weighted_sum: npt.NDArray[np.float64]
+    ring_sum: npt.NDArray[np.unsignedinteger]
+    num_examples: int
+    contributors: frozenset[int]
+
+    weight_norm: float = 1.0
+
+    @property
+    def mean(self) -> npt.NDArray[np.float64]:
+        """The example-weighted mean of the contributors' deltas."""
+        return self.weighted_sum * (self.weight_norm / self.num_examples)
+
+
+class SecAggServer:
+    """Runs the protocol for ``num_participants`` workers with indexes 1..n.
+
+    Args:
+        setup: the round's parameters (the same every worker got).
+        num_participants: n; participants are indexes 1..n.
+        vector_words: length of a masked vector (delta coordinates + count words).
+        degree: neighbours per worker (n - 1 for the complete graph; SecAgg+ below).
+        rng: draws the SecAgg+ graph.
+    """
+
+    def __init__(
+        self,
+        setup: RoundSetup,
+        num_participants: int,
+        vector_words: int,
+        *,
+        degree: int | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.setup = setup
+        self.indexes = list(range(1, num_participants + 1))
+        self.vector_words = vector_words
+        self.degree = num_participants - 1 if degree is None else degree
+        self._rng = rng or random.SystemRandom()
+        self.state = ServerState.KEYS
+        self.keys: dict[int, AdvertiseKeys] = {}
+        self.graph: dict[int, frozenset[int]] = {}
+        self._outgoing: dict[int, list[EncryptedShare]] = {}
+        self.u2: frozenset[int] = frozenset()
+        self.u3: set[int] = set()
+        self._sum: npt.NDArray[np.unsignedinteger] | None = None
+        self.request: UnmaskRequest | None = None
+        self._responses: dict[int, UnmaskResponse] = {}
+        self.abort_reason = ""
+
+    @property
+    def threshold(self) -> int:
+        return self.setup.threshold
+
+    def _expect(self, state: ServerState, action: str) -> None:
+        if self.state is not state:
+            raise SecAggError(f"cannot {action} in state {self.state.value}")
+
+    def _check_count(self, have: int, phase: str) -> None:
+        if have < self.threshold:
+            self.abort(f"{phase}: {have} worker(s) remain, below the threshold t={self.threshold}")
+
+    def abort(self, reason: str) -> NoReturn:
+        """Abandon the round; raises :class:`SecAggAbortedError`."""
+        self.state = ServerState.ABORTED
+        self._sum = None
+        self.abort_reason = reason
+        raise SecAggAbortedError(
+            f"secure aggregation aborted ({reason}); nothing was unmasked and the global "
+            "model is unchanged"
+        )
+
+    # ------------------------------------------------------------------ phase 1
+
+    def add_keys(self, index: int, keys: AdvertiseKeys) -> None:
+        self._expect(ServerState.KEYS, "accept keys")
+        if index not in self.indexes or index in self.keys:
+            raise SecAggError(f"unexpected keys from participant {index}")
+        if len(keys.cipher_public) != crypto.KEY_BYTES or len(keys.mask_public) != crypto.KEY_BYTES:
+            raise SecAggError(f"participant {index} sent malformed public keys")
+        self.keys[index] = keys
+
+    def close_keys(self) -> dict[int, KeyDirectory]:
+        """End phase 1: draw the graph over U1 and give each member its neighbours' keys."""
+        self._expect(ServerState.KEYS, "close phase 1")
+        seen: set[bytes] = set()
+        for index in sorted(self.keys):
+            k = self.keys[index]
+            if k.cipher_public in seen or k.mask_public in seen or k.cipher_public == k.mask_public:
+                del self.keys[index]  # a repeated key: drop the later copy
+            seen.update((k.cipher_public, k.mask_public))
+        u1 = sorted(self.keys)
+        self._check_count(len(u1), "key advertisement")
+        self.graph = harary_neighbours(u1, self.degree, self._rng)
+        self.state = ServerState.SHARES
+        return {
+            u: KeyDirectory(
+                u,
+                {
+                    v: PeerKeys(v, self.keys[v].cipher_public, self.keys[v].mask_public)
+                    for v in sorted(self.graph[u])
+                },
+            )
+            for u in u1
+        }
+
+    # ------------------------------------------------------------------ phase 2
+
+    def add_shares(self, index: int, shares: Sequence[EncryptedShare]) -> None:
+        self._expect(ServerState.SHARES, "accept shares")
+        if index not in self.graph or index in self._outgoing:
+            raise SecAggError(f"unexpected shares from participant {index}")
+        recipients = [s.recipient for s in shares]
+        if any(s.sender != index for s in shares) or sorted(recipients) != sorted(
+            self.graph[index]
+        ):
+            raise SecAggError(
+                f"participant {index} must send exactly one share to each of its neighbours"
+            )
+        self._outgoing[index] = list(shares)
+
+    def has_shares(self, index: int) -> bool:
+        """Whether ``index`` sent its shares in phase 2."""
+        return index in self._outgoing
+
+    def close_shares(self) -> dict[int, list[EncryptedShare]]:
+        """End phase 2: U2 = who sent all its shares; each member of U2 gets the shares U2
+        sent it."""
+        self._expect(ServerState.SHARES, "close phase 2")
+        self.u2 = frozenset(self._outgoing)
+        self._check_count(len(self.u2), "key sharing")
+        inbox: dict[int, list[EncryptedShare]] = {u: [] for u in self.u2}
+        for sender in sorted(self.u2):
+            for share in self._outgoing[sender]:
+                if share.recipient in inbox:
+                    inbox[share.recipient].append(share)
+        self._outgoing.clear()
+        self.state = ServerState.INPUTS
+        return inbox
+
+    # ------------------------------------------------------------------ phase 3
+
+    def add_masked(self, index: int, vector: npt.NDArray[np.unsignedinteger]) -> None:
+        """Fold one masked input into the running sum."""
+        self._expect(ServerState.INPUTS, "accept a masked input")
+        dtype = self.setup.fixed_point.dtype
+        if index not in self.u2 or index in self.u3:
+            raise SecAggError(f"unexpected masked input from participant {index}")
+        if vector.shape != (self.vector_words,) or vector.dtype != dtype:
+            raise SecAggError(
+                f"participant {index} sent a masked input of {vector.dtype}{list(vector.shape)}, "
+                f"expected {dtype}[{self.vector_words}]"
+            )
+        if self._sum is None:
+            self._sum = np.array(vector, dtype=dtype, copy=True)
+        else:
+            np.add(self._sum, vector, out=self._sum)
+        self.u3.add(index)
+
+    def close_inputs(self) -> UnmaskRequest:
+        """End phase 3: ask for self-mask shares of U3 and key shares of U2 \\ U3."""
+        self._expect(ServerState.INPUTS, "close phase 3")
+        self._check_count(len(self.u3), "masked input")
+        self.request = UnmaskRequest(frozenset(self.u3), frozenset(self.u2 - self.u3))
+        self.state = ServerState.UNMASKING
+        return self.request
+
+    def recipients_of_request(self) -> list[int]:
+        """The workers that must answer the unmasking request (U3)."""
+        return sorted(self.u3)
+
+    # ------------------------------------------------------------------ phase 4
+
+    def add_unmask(self, index: int, response: UnmaskResponse) -> None:
+        self._expect(ServerState.UNMASKING, "accept unmasking shares")
+        assert self.request is not None
+        if index not in self.u3 or index in self._responses:
+            raise SecAggError(f"unexpected unmasking shares from participant {index}")
+        group = (self.graph[index] & self.u2) | {index}
+        if not (
+            set(response.self_mask_shares) <= self.request.survivors & group
+            and set(response.key_shares) <= self.request.dropped & group
+        ):
+            raise SecAggError(f"participant {index} sent shares nobody asked it for")
+        self._responses[index] = response
+
+    def has_unmask(self, index: int) -> bool:
+        """Whether ``index`` answered the unmasking request."""
+        return index in self._responses
+
+    def finish(self) -> AggregateResult:
+        """Reconstruct the missing secrets, strip every mask, decode the sum."""
+        self._expect(ServerState.UNMASKING, "finish")
+        assert self.request is not None
+        assert self._sum is not None
+        self._check_count(len(self._responses), "unmasking")
+        total = self._sum
+        plus: list[bytes] = []  # seeds whose PRG is added back (subtracted masks)
+        minus: list[bytes] = []  # seeds whose PRG is subtracted
+        for u in sorted(self.request.survivors):
+            minus.append(self._reconstruct(u, "self_mask_shares"))
+        for u in sorted(self.request.dropped):
+            survivors = sorted(self.graph[u] & self.u3)
+            if not survivors:
+                continue
+            private = self._reconstruct(u, "key_shares")
+            if crypto.public_from_private(private) != self.keys[u].mask_public:
+                self.abort(f"the key shares of participant {u} reconstruct the wrong key")
+            for v in survivors:
+                seed = crypto.agree(
+                    private, self.keys[v].mask_public, purpose="mask", round_id=self.setup.round_id
+                )
+                # v added sign(v, u) * PRG(s_vu); take it back out.
+                (minus if pairwise_sign(v, u) > 0 else plus).append(seed)
+        prg.apply_masks(total, plus=plus, minus=minus)
+        self._sum = None
+        fp = self.setup.fixed_point
+        d = self.vector_words - COUNT_WORDS
+        count = decode_count(total[d:])
+        self.state = ServerState.DONE
+        result = AggregateResult(
+            fp.decode(total[:d]), total, count, frozenset(self.u3), self.setup.weight_norm
+        )
+        return result
+
+    def _reconstruct(self, owner: int, kind: str) -> bytes:
+        holders = (self.graph[owner] & self.u2) | {owner}
+        shares = [
+            shamir.Share.from_bytes(h, getattr(self._responses[h], kind)[owner])
+            for h in sorted(holders)
+            if h in self._responses and owner in getattr(self._responses[h], kind)
+        ]
+        if len(shares) < self.threshold:
+            self.abort(
+                f"only {len(shares)} share(s) of participant {owner}'s "
+                f"{'self mask' if kind == 'self_mask_shares' else 'masking key'} arrived, "
+                f"t={self.threshold}"
+            )
+        try:
+            return shamir.combine(shares, self.threshold)
+        except SecAggError as exc:
+            self.abort(f"participant {owner}: {exc}")
+
+
+def group_sizes(graph: Mapping[int, Iterable[int]]) -> dict[int, int]:
+    """Size of each worker's sharing group (for reports)."""
+    return {u: len(list(v)) + 1 for u, v in graph.items()}

@@ -1,0 +1,147 @@
+"""The whole protocol in one process: every worker's client and the coordinator's server
+exchange messages directly. Used by the tests (exactness, dropouts at every phase) and by the
+benchmark for numbers of workers too large for real processes."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .client import SecAggClient
+from .messages import RoundSetup
+from .params import SecAggParams
+from .quantize import FixedPoint, ring_bits_for
+from .server import AggregateResult, SecAggServer
+from .shamir import SHARE_BYTES
+
+__all__ = ["PHASES", "Simulation", "make_setup"]
+
+#: Where a worker can drop: before sending keys, shares, its masked input or unmask shares.
+PHASES = ("keys", "shares", "input", "unmask")
+
+
+def make_setup(
+    params: SecAggParams, num_workers: int, weight_norm: float, round_id: str | None = None
+) -> RoundSetup:
+    """The round setup a coordinator would send ``num_workers`` workers."""
+    fp = FixedPoint(params.bits, params.clip, ring_bits_for(params.bits, num_workers))
+    return RoundSetup(
+        round_id or uuid.uuid4().hex,
+        params.threshold_for(num_workers),
+        fp,
+        float(weight_norm),
+        params.phase_timeout,
+    )
+
+
+@dataclass
+class Simulation:
+    """One in-memory round.
+
+    Args:
+        params: the secure-aggregation settings.
+        deltas: one flat float vector per worker.
+        counts: one example count per worker.
+        drop: for each phase of :data:`PHASES`, the (0-based) workers that vanish just before it.
+        seed: seeds the stochastic rounding and graph (the masks stay cryptographic).
+        keep_plain: keep every worker's plain quantized vector (for exactness checks).
+    """
+
+    params: SecAggParams
+    deltas: Sequence[npt.NDArray[np.floating]]
+    counts: Sequence[int]
+    drop: Mapping[str, set[int]] = field(default_factory=dict)
+    seed: int = 0
+    keep_plain: bool = True
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    worker_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    plain: dict[int, npt.NDArray[np.unsignedinteger]] = field(default_factory=dict)
+
+    def run(self) -> AggregateResult:
+        """Run the four phases; returns the aggregate or raises SecAggAbortedError."""
+        n = len(self.deltas)
+        setup = make_setup(self.params, n, sum(self.counts))
+        clients = {
+            i + 1: SecAggClient(setup, rounding_seed=(self.seed * 1000 + i).to_bytes(32, "big"))
+            for i in range(n)
+        }
+        d = self.deltas[0].size
+        server = SecAggServer(
+            setup,
+            n,
+            d + 2,
+            degree=self.params.degree(n),
+            rng=random.Random(self.seed),
+        )
+        alive = set(clients)
+
+        def drop(phase: str) -> None:
+            alive.difference_update(i + 1 for i in self.drop.get(phase, set()))
+
+        clock = time.perf_counter
+        drop("keys")
+        for u in sorted(alive):
+            t = clock()
+            keys = clients[u].advertise()
+            self.timings["worker_keys"] += clock() - t
+            self.worker_bytes["keys"] += 64
+            server.add_keys(u, keys)
+        t = clock()
+        directories = server.close_keys()
+        self.timings["server_keys"] += clock() - t
+        drop("shares")
+        for u in sorted(alive & set(directories)):
+            t = clock()
+            shares = clients[u].share_keys(directories[u])
+            self.timings["worker_shares"] += clock() - t
+            self.worker_bytes["shares"] += sum(len(s.ciphertext) + 8 for s in shares)
+            server.add_shares(u, shares)
+        t = clock()
+        inboxes = server.close_shares()
+        self.timings["server_shares"] += clock() - t
+        drop("input")
+        for u in sorted(alive & set(inboxes)):
+            t = clock()
+            clients[u].receive_shares(inboxes[u])
+            vector, _ = clients[u].quantize(self.deltas[u - 1], self.counts[u - 1])
+            if self.keep_plain:
+                self.plain[u] = vector.copy()
+            self.timings["worker_quantize"] += clock() - t
+            t = clock()
+            clients[u].mask_vector(vector)
+            self.timings["worker_mask"] += clock() - t
+            self.worker_bytes["input"] += vector.nbytes
+            t = clock()
+            server.add_masked(u, vector)
+            self.timings["server_sum"] += clock() - t
+        request = server.close_inputs()
+        drop("unmask")
+        for u in sorted(alive & set(server.recipients_of_request())):
+            t = clock()
+            response = clients[u].unmask(request)
+            self.timings["worker_unmask"] += clock() - t
+            self.worker_bytes["unmask"] += (SHARE_BYTES + 4) * (
+                len(response.self_mask_shares) + len(response.key_shares)
+            )
+            server.add_unmask(u, response)
+        t = clock()
+        result = server.finish()
+        self.timings["server_unmask"] += clock() - t
+        return result
+
+    def expected_ring_sum(
+        self, contributors: set[int] | frozenset[int]
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """The plain (unmasked) quantized sum of ``contributors``' vectors."""
+        vectors = [self.plain[u] for u in sorted(contributors)]
+        total = vectors[0].copy()
+        for v in vectors[1:]:
+            np.add(total, v, out=total)
+        return total

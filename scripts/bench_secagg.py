@@ -1,0 +1,325 @@
+"""Secure-aggregation benchmark: compute per phase, bytes per worker, and secure vs plain rounds.
+
+Three measurements, one JSON report (stdout, and ``--out``):
+
+* ``masking``: throughput of the mask generator (AES-256-CTR keystream added in place) and of
+  a worker's whole masking step (quantize + masks), on one core.
+* ``in_process``: for every n, d and dropout rate, the whole protocol in one process
+  (:class:`fedcore.secagg.simulation.Simulation`): mean worker compute per phase, coordinator
+  compute per phase, bytes each worker sends per phase; SecAgg+ (k = 2*ceil(log2 n)) next to
+  the complete graph where k < n - 1; and the plain counterpart for the same n and d (the
+  coordinator folding n float32 updates into the weighted mean, 4d bytes per worker).
+  Dropouts happen after key sharing and before the masked input, the costliest case for the
+  coordinator (it reconstructs the dropped workers' keys and strips their pairwise masks).
+* ``processes``: real ``fed-server`` and echo workers (``bench_overhead.py echo-worker``) on
+  loopback, a ``vector`` model of d parameters: median seconds per round, plain and
+  ``--secagg``, in the same run.
+
+Targets (issue 4): at n=8, d=1e6 over real processes a secure round costs at most 1.5x a plain
+round; masking runs at 500 MB/s or more per core.
+
+    bench_secagg.py [--quick] [--workers 4 8 ...] [--sizes 1e5 1e6 1e7] [--dropouts 0 0.1 0.3]
+                    [--process-workers 8] [--process-sizes 1e6] [--rounds 3] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_overhead as overhead
+
+from fedcore.errors import SecAggAbortedError
+from fedcore.secagg import prg
+from fedcore.secagg.params import SecAggParams
+from fedcore.secagg.simulation import Simulation
+from fedcore.strategy import WeightedMeanAggregator
+
+_QUICK = {
+    "workers": [4, 8, 16],
+    "sizes": [100_000, 1_000_000],
+    "dropouts": [0.0, 0.3],
+    "process_workers": [8],
+    "process_sizes": [1_000_000],
+    "rounds": 3,
+}
+_FULL = {
+    "workers": [4, 8, 16, 32, 64],
+    "sizes": [100_000, 1_000_000, 10_000_000],
+    "dropouts": [0.0, 0.1, 0.3],
+    "process_workers": [4, 8],
+    "process_sizes": [100_000, 1_000_000],
+    "rounds": 3,
+}
+
+
+def _progress(message: str) -> None:
+    print(f"[bench_secagg] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- masking
+
+
+def measure_masking(words: int = 10_000_000) -> dict[str, Any]:
+    """MB/s of one mask (keystream + add) and of a worker's full masking step, one core."""
+    vector = np.zeros(words, np.uint32)
+    seed = os.urandom(32)
+    prg.apply_masks(vector, plus=[seed])  # warm-up
+    reps = 5
+    started = time.perf_counter()
+    for _ in range(reps):
+        prg.apply_masks(vector, plus=[seed])
+    mask_s = (time.perf_counter() - started) / reps
+    # A worker among 8: quantize, then its self mask and 7 pairwise masks.
+    delta = np.random.default_rng(0).normal(0, 0.01, words).astype(np.float32)
+    sim = Simulation(SecAggParams(), [delta] * 8, [1] * 8, keep_plain=False)
+    sim.run()
+    per_worker_quantize = sim.timings["worker_quantize"] / 8
+    per_worker_mask = sim.timings["worker_mask"] / 8
+    mb = words * 4 / 1e6
+    return {
+        "words": words,
+        "word_bytes": 4,
+        "one_mask_mb_per_s": round(mb / mask_s, 1),
+        "n8_worker_masks_seconds": round(per_worker_mask, 4),
+        "n8_worker_mask_mb_per_s": round(8 * mb / per_worker_mask, 1),
+        "n8_worker_quantize_seconds": round(per_worker_quantize, 4),
+        "target_mb_per_s": 500,
+        "meets_target": mb / mask_s >= 500,
+    }
+
+
+# ---------------------------------------------------------------------------- in process
+
+
+def _plain_aggregate_seconds(n: int, d: int) -> float:
+    update = np.random.default_rng(0).normal(0, 0.01, d).astype(np.float32)
+    aggregator = WeightedMeanAggregator()
+    started = time.perf_counter()
+    for _ in range(n):
+        # The coordinator owns each received buffer; a copy stands in for the receive.
+        aggregator.add({"w": update.copy()}, 10)
+    aggregator.result()
+    return time.perf_counter() - started
+
+
+def measure_in_process(n: int, d: int, dropout: float, neighbours: int) -> dict[str, Any]:
+    params = SecAggParams(neighbours=neighbours)
+    dropped = set(range(math.floor(dropout * n)))
+    delta = np.random.default_rng(n).normal(0, 0.01, d).astype(np.float32)
+    sim = Simulation(params, [delta] * n, [10] * n, drop={"input": dropped}, keep_plain=False)
+    started = time.perf_counter()
+    try:
+        result = sim.run()
+    except SecAggAbortedError as exc:
+        # SecAgg+ with too few neighbours for this dropout rate: a neighbourhood fell below t.
+        return {
+            "n": n,
+            "d": d,
+            "dropout": dropout,
+            "graph": f"secagg+ k={params.degree(n)}",
+            "threshold": params.threshold_for(n),
+            "aborted": str(exc),
+        }
+    wall = time.perf_counter() - started
+    error = float(np.abs(result.mean - delta).max())
+    sharing = n  # workers that advertised and shared
+    masking = n - len(dropped)
+    t = sim.timings
+    per_worker = {
+        "keys": t["worker_keys"] / sharing,
+        "shares": t["worker_shares"] / sharing,
+        "quantize": t["worker_quantize"] / masking,
+        "mask": t["worker_mask"] / masking,
+        "unmask": t["worker_unmask"] / masking,
+    }
+    coordinator = {
+        "keys": t["server_keys"],
+        "shares": t["server_shares"],
+        "sum_inputs": t["server_sum"],
+        "unmask": t["server_unmask"],
+    }
+    b = sim.worker_bytes
+    bytes_per_worker = {
+        "keys": b["keys"] // sharing,
+        "shares": b["shares"] // sharing,
+        "masked_input": b["input"] // masking,
+        "unmask": b["unmask"] // masking,
+    }
+    return {
+        "n": n,
+        "d": d,
+        "dropout": dropout,
+        "dropped": len(dropped),
+        "graph": "complete" if params.degree(n) == n - 1 else f"secagg+ k={params.degree(n)}",
+        "threshold": params.threshold_for(n),
+        "ring_bits": 32 if result.ring_sum.dtype == np.uint32 else 64,
+        "worker_seconds": {k: round(v, 5) for k, v in per_worker.items()},
+        "worker_seconds_total": round(sum(per_worker.values()), 5),
+        "coordinator_seconds": {k: round(v, 5) for k, v in coordinator.items()},
+        "coordinator_seconds_total": round(sum(coordinator.values()), 5),
+        "bytes_sent_per_worker": bytes_per_worker,
+        "simulation_wall_seconds": round(wall, 3),
+        "max_abs_error_of_mean": error,
+        "plain": {
+            "coordinator_seconds": round(_plain_aggregate_seconds(n, d), 5),
+            "bytes_sent_per_worker": 4 * d,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def measure_processes(
+    workers: int, params: int, rounds: int, tmp: Path, *, secagg: bool
+) -> dict[str, Any]:
+    """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics."""
+    tag = f"{'secure' if secagg else 'plain'}-{workers}-{params}"
+    metrics_path = tmp / f"metrics-{tag}.jsonl"
+    timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
+    children: list[overhead.Child] = []
+    argv = [
+        "-m", "fedcore.server", "--listen", "127.0.0.1:0", "--model", "vector",
+        "--model-params", json.dumps({"size": params}), "--min-workers", str(workers),
+        "--rounds", str(rounds + 1), "--fed-eval-every", "0", "--metrics-out", str(metrics_path),
+        "--round-timeout", "600", "--join-timeout", str(overhead._START_TIMEOUT), "--quiet",
+    ]  # fmt: skip
+    if secagg:
+        argv.append("--secagg")
+    try:
+        server = overhead.Child("fed-server", overhead._python(*argv), tmp / f"server-{tag}.log")
+        children.append(server)
+        address = server.wait_for_line(overhead.LISTENING, overhead._START_TIMEOUT)
+        for i in range(workers):
+            children.append(
+                overhead.Child(
+                    f"echo worker {i}",
+                    overhead._python(
+                        str(overhead.SCRIPT), "echo-worker", "--server", address, "--name", f"e{i}"
+                    ),
+                    tmp / f"echo-{tag}-{i}.log",
+                )
+            )
+        overhead._wait_all(server, children[1:], timeout)
+    finally:
+        for child in reversed(children):
+            child.stop()
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    timed = [r for r in rows if r["round"] > 1]
+    return {
+        "seconds_per_round": statistics.median(r["fit_s"] for r in timed),
+        "round_seconds": [r["fit_s"] for r in rows],
+        "bytes_received_per_round": statistics.median(r["bytes_received"] for r in timed),
+        "bytes_sent_per_round": statistics.median(r["bytes_sent"] for r in timed),
+        "workers_per_round": [r["workers"] for r in rows],
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
+    }
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _count(text: str) -> int:
+    value = float(text)
+    if value < 1 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="n in {4,8,16}, d in {1e5,1e6}, dropout {0,0.3}"
+    )
+    p.add_argument("--workers", type=_count, nargs="+", help="n for the in-process grid")
+    p.add_argument("--sizes", type=_count, nargs="+", help="d for the in-process grid")
+    p.add_argument("--dropouts", type=float, nargs="+", help="dropout rates")
+    p.add_argument("--process-workers", type=_count, nargs="*", help="n over real processes")
+    p.add_argument("--process-sizes", type=_count, nargs="*", help="d over real processes")
+    p.add_argument("--rounds", type=_count, help="timed rounds after one warm-up round")
+    p.add_argument("--no-secagg-plus", action="store_true", help="complete graph only")
+    p.add_argument("--out", type=Path, help="also write the JSON report here")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    preset = dict(_QUICK if args.quick else _FULL)
+    for key in preset:
+        if getattr(args, key, None) is not None:
+            preset[key] = getattr(args, key)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "settings": preset,
+    }
+    _progress("masking throughput")
+    report["masking"] = measure_masking()
+    grid = []
+    for d in preset["sizes"]:
+        for n in preset["workers"]:
+            graphs = [0]
+            k = 2 * math.ceil(math.log2(n))
+            if not args.no_secagg_plus and k < n - 1:
+                graphs.append(k)
+            for neighbours in graphs:
+                for dropout in preset["dropouts"]:
+                    _progress(f"in process: n={n} d={d} dropout={dropout} k={neighbours or 'all'}")
+                    grid.append(measure_in_process(n, d, dropout, neighbours))
+    report["in_process"] = grid
+    processes = []
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        for d in preset["process_sizes"]:
+            for n in preset["process_workers"]:
+                entry: dict[str, Any] = {"n": n, "d": d}
+                for secure in (False, True):
+                    _progress(f"processes: n={n} d={d} {'secure' if secure else 'plain'}")
+                    entry["secure" if secure else "plain"] = measure_processes(
+                        n, d, preset["rounds"], Path(tmp), secagg=secure
+                    )
+                ratio = entry["secure"]["seconds_per_round"] / entry["plain"]["seconds_per_round"]
+                entry["secure_over_plain"] = round(ratio, 3)
+                processes.append(entry)
+    report["processes"] = processes
+    target = next((e for e in processes if e["n"] == 8 and e["d"] == 1_000_000), None)
+    report["targets"] = {
+        "masking_mb_per_s_at_least_500": report["masking"]["meets_target"],
+        "secure_round_at_most_1.5x_plain_at_n8_d1e6": (
+            None if target is None else target["secure_over_plain"] <= 1.5
+        ),
+    }
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

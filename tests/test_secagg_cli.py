@@ -1,0 +1,78 @@
+"""Secure aggregation end to end: real `fed-server --secagg` and `fed-worker` processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import Proc, start_server, start_worker
+
+from fedcore.data import save_shard
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5"]
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_secure_fedavg_matches_plain_fedavg_accuracy(
+    shards: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    common = ["--min-workers", "3", "--rounds", "3", "--eval-data", str(shards / "test.npz")]
+    runs = {}
+    for mode in ("plain", "secure"):
+        metrics = tmp_path / f"{mode}.jsonl"
+        extra = ["--secagg"] if mode == "secure" else []
+        server, port = start_server(procs, *common, *FAST, *extra, "--metrics-out", str(metrics))
+        workers = [
+            start_worker(procs, port, shards / f"shard-{i}.npz", f"{mode}-{i}") for i in range(3)
+        ]
+        runs[mode] = (server, workers, metrics)
+    for server, workers, _ in runs.values():
+        assert server.wait(180) == 0, server.output
+        assert all(w.wait(30) == 0 for w in workers)
+    plain, secure = (_rows(runs[m][2]) for m in ("plain", "secure"))
+    assert [r["workers"] for r in secure] == [3, 3, 3]
+    assert "securely aggregated 3 masked input(s)" in runs["secure"][0].output
+    plain_acc, secure_acc = float(plain[-1]["accuracy"]), float(secure[-1]["accuracy"])  # type: ignore[arg-type]
+    assert abs(plain_acc - secure_acc) <= 0.005, (plain_acc, secure_acc)
+    assert secure_acc > 0.75
+
+
+def test_workers_killed_before_and_after_their_masked_input_are_survived(
+    shards: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    # Big shards train for seconds, the small one for a fraction: the killed-after worker
+    # sends its masked input long before the round can move on to unmasking.
+    parts = [np.load(shards / f"shard-{i}.npz") for i in range(3)]
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts])
+    save_shard(tmp_path / "big.npz", x, y)
+    save_shard(tmp_path / "small.npz", x[:64], y[:64])
+    metrics = tmp_path / "metrics.jsonl"
+    flags = "--min-workers 4 --min-results 2 --rounds 2 --epochs 3 --fed-eval-every 0".split()
+    secagg = ["--secagg", "--secagg-threshold", "2", "--secagg-phase-timeout", "20"]
+    server, port = start_server(procs, *flags, *secagg, "--metrics-out", str(metrics), *FAST)
+    survivors = [start_worker(procs, port, tmp_path / "big.npz", f"silo-{i}") for i in range(2)]
+    before = start_worker(procs, port, tmp_path / "big.npz", "killed-before")
+    after = start_worker(procs, port, tmp_path / "small.npz", "killed-after")
+    before.wait_for_line(r"sent key shares", 60)
+    before.signal(signal.SIGKILL)
+    after.wait_for_line(r"round 1: sent masked input", 60)
+    after.signal(signal.SIGKILL)
+    assert server.wait(180) == 0, server.output
+    assert all(w.wait(30) == 0 for w in survivors)
+    assert "sent unmasking shares" not in after.output
+    rows = _rows(metrics)
+    assert [r["round"] for r in rows] == [1, 2]
+    # Round 1: the killed-after worker's input counts (its self mask was removed with the
+    # survivors' shares); the killed-before worker's pairwise masks were reconstructed away.
+    assert "securely aggregated 3 masked input(s) (1 worker(s) dropped, t=2)" in server.output
+    assert rows[0]["workers"] == 3
+    assert rows[1]["workers"] == 2

@@ -1,0 +1,147 @@
+"""Secure aggregation on the worker: the glue between the stream and
+:class:`~fedcore.secagg.SecAggClient`.
+
+A fit task that carries a ``SecAggSetup`` starts a round: the keys go out at once, the key
+directory and the shares addressed to this worker are answered as they arrive (while training
+runs in its thread), and when training is done the delta is quantized, masked and sent as the
+task's result. The unmasking request is answered once. Any failure, or a request an honest
+worker must refuse, abandons the round and forgets its secrets. No flag is needed: the worker
+announces the capability and follows the coordinator's setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from fedcore.errors import SecAggError
+from fedcore.secagg import wire
+from fedcore.secagg.client import ClientState, SecAggClient
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights
+
+__all__ = ["SecAggRounds", "flat_delta"]
+
+log = logging.getLogger("fedcore.worker")
+
+Send = Callable[[pb.WorkerMessage], Awaitable[None]]
+
+
+def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.NDArray[np.floating]:
+    """The update as one flat vector of deltas, in the order of the received weights (float32
+    for float32 models: the difference of two float32 numbers is exact enough to quantize)."""
+    dtype = np.result_type(np.float32, *(a.dtype for a in received.values()))
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    total = sum(a.size for a in received.values())
+    out = np.empty(total, dtype=dtype)
+    offset = 0
+    for name, base in received.items():
+        part = out[offset : offset + base.size]
+        new = np.asarray(updated[name]).reshape(-1)
+        if is_delta:
+            part[...] = new
+        else:
+            np.subtract(new, np.asarray(base).reshape(-1), out=part, casting="unsafe")
+        offset += base.size
+    return out
+
+
+class _Round:
+    def __init__(self, client: SecAggClient) -> None:
+        self.client = client
+        self.settled = asyncio.Event()  # shares received, or the round was abandoned
+        self.reason = ""
+
+
+class SecAggRounds:
+    """The worker's current secure round (at most one at a time)."""
+
+    def __init__(self, send: Send, worker_name: str) -> None:
+        self._send = send
+        self._name = worker_name
+        self._round: _Round | None = None
+
+    def _body(self, **fields: object) -> pb.WorkerMessage:
+        return pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(**fields))  # type: ignore[arg-type]
+
+    async def start(self, task: pb.Task) -> None:
+        """A fit task with a setup arrived: new keys, sent at once."""
+        if self._round is not None:
+            self._round.client.abort()
+            self._round.settled.set()
+        setup = wire.setup_from_proto(task.secagg)
+        current = _Round(SecAggClient(setup))
+        self._round = current
+        keys = wire.keys_to_proto(setup.round_id, current.client.advertise())
+        await self._send(self._body(keys=keys))
+
+    async def _give_up(self, current: _Round, reason: str, *, tell: bool) -> None:
+        current.client.abort()
+        current.reason = reason
+        current.settled.set()
+        log.warning("secure aggregation abandoned: %s", reason)
+        if tell:
+            abort = pb.SecAggAbort(round_id=current.client.setup.round_id, reason=reason)
+            await self._send(self._body(abort=abort))
+
+    async def handle(self, message: pb.SecAggCoordinatorMessage) -> None:
+        """One message of the coordinator's side of the protocol."""
+        kind = message.WhichOneof("body")
+        current = self._round
+        if kind is None or current is None:
+            return
+        body = getattr(message, kind)
+        client = current.client
+        rid = client.setup.round_id
+        if body.round_id != rid or client.state is ClientState.ABORTED:
+            return
+        try:
+            if kind == "peers":
+                shares = client.share_keys(wire.directory_from_proto(body))
+                await self._send(self._body(shares=wire.shares_to_proto(rid, shares)))
+                log.info("sent key shares to %d peer(s)", len(shares))
+            elif kind == "shares":
+                client.receive_shares(wire.shares_from_proto(body))
+                current.settled.set()
+            elif kind == "unmask":
+                response = client.unmask(wire.request_from_proto(body))
+                await self._send(self._body(unmask=wire.response_to_proto(rid, response)))
+                log.info("sent unmasking shares")
+                self._round = None
+            elif kind == "abort":
+                await self._give_up(current, f"the coordinator aborted: {body.reason}", tell=False)
+        except SecAggError as exc:
+            await self._give_up(current, str(exc), tell=True)
+
+    async def mask(
+        self, task: pb.Task, received: Weights, updated: Weights, *, is_delta: bool, examples: int
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Phase 3: wait for this worker's shares, then quantize and mask the delta."""
+        current = self._round
+        if current is None or current.client.setup.round_id != task.secagg.round_id:
+            raise SecAggError("this secure round was abandoned before the update was ready")
+        setup = current.client.setup
+        # The coordinator closes phases 1 and 2 within two phase timeouts of the task.
+        try:
+            await asyncio.wait_for(current.settled.wait(), 2 * setup.phase_timeout + 5)
+        except TimeoutError:
+            await self._give_up(current, "no shares arrived in time", tell=True)
+        if current.client.state is not ClientState.READY:
+            raise SecAggError(f"secure aggregation abandoned: {current.reason or 'not ready'}")
+        delta = await asyncio.to_thread(flat_delta, updated, received, is_delta=is_delta)
+        masked = await asyncio.to_thread(current.client.mask, delta, examples)
+        if masked.clipped:
+            log.warning(
+                "round %d: %d of %d update coordinates exceeded the clipping range +/-%g and "
+                "were clipped; raise --secagg-clip on the coordinator if this recurs",
+                task.round,
+                masked.clipped,
+                delta.size,
+                setup.fixed_point.clip,
+            )
+        return masked.vector
