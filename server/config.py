@@ -11,6 +11,8 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 
+from .privacy import DPSettings
+
 __all__ = ["ServerConfig"]
 
 
@@ -47,6 +49,7 @@ class ServerConfig:
     device: str = "cpu"
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
+    dp: DPSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

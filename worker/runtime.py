@@ -57,6 +57,7 @@ from fedcore.protocol import (
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.v1 import fedcore_pb2 as pb
 
+from .privacy import apply_client_dp
 from .secagg import SecAggRounds
 from .trainer import Trainer, TrainingFailed
 
@@ -328,6 +329,8 @@ class Worker:
                     self.trainer.num_examples,
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
+                # Client-level DP, when the plan asks for it: clip (and noise) before masking.
+                fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)
                 update = fit.weights
                 if task.HasField("secagg"):
                     masked = await self._secagg.mask(
