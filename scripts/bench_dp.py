@@ -251,6 +251,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a tiny run to check the script")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", choices=["client", "record"], help="skip one part")
+    p.add_argument(
+        "--append", action="store_true", help="add to the runs already in --out/results.json"
+    )
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--client-fraction", type=float, default=0.5)
@@ -279,6 +282,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     test = _test(2000 if args.quick else None)
     runs: list[dict[str, Any]] = []
+    previous = args.out / "results.json"
+    if args.append and previous.exists():
+        runs = json.loads(previous.read_text())["runs"]
     started = time.perf_counter()
     if args.skip != "client":
         print(f"== client-level DP-FedAvg, {args.clients} workers")

@@ -13,7 +13,8 @@ from fedcore.privacy import PrivacyAccountant
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5"]
+# logreg: the smallest model, so these multi-process tests stay quick.
+FAST = ["--model", "logreg", "--lr", "0.1", "--heartbeat-interval", "0.5"]
 
 
 def _rows(path: Path) -> list[dict[str, object]]:

@@ -76,13 +76,13 @@ def test_pld_is_tighter_than_rdp() -> None:
 def test_history_merges_and_epsilon_after_does_not_step() -> None:
     acc = PrivacyAccountant()
     assert acc.get_epsilon(delta=1e-5) == 0.0
-    acc.step(noise_multiplier=1.0, sample_rate=0.5)
-    acc.step(noise_multiplier=1.0, sample_rate=0.5)
-    acc.step(noise_multiplier=2.0, sample_rate=0.5)
-    assert acc.history == [(1.0, 0.5, 2), (2.0, 0.5, 1)]
+    acc.step(noise_multiplier=1.0, sample_rate=0.01)
+    acc.step(noise_multiplier=1.0, sample_rate=0.01)
+    acc.step(noise_multiplier=2.0, sample_rate=0.01)
+    assert acc.history == [(1.0, 0.01, 2), (2.0, 0.01, 1)]
     assert len(acc) == 3
     before = acc.get_epsilon(delta=1e-5)
-    after = acc.epsilon_after(noise_multiplier=2.0, sample_rate=0.5, delta=1e-5)
+    after = acc.epsilon_after(noise_multiplier=2.0, sample_rate=0.01, delta=1e-5)
     assert after > before == acc.get_epsilon(delta=1e-5)
 
 
