@@ -23,6 +23,7 @@ from fedcore.tls import ServerTLS
 
 from .config import ServerConfig
 from .coordinator import Coordinator
+from .privacy import add_dp_flags, dp_settings_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -51,6 +52,8 @@ examples:
   beta = 0.2
   fraction-fit = 0.5
   fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
+  fed-server --min-workers 100 --dp-target-epsilon 8 --rounds 50 --dp-clip 0.5
+  fed-server --min-workers 8 --secagg --dp-mode distributed --dp-noise-multiplier 1.0
 """
 
 
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the coordinator waits for each key, share and unmasking phase "
         "(default: %(default)s)",
     )
+    add_dp_flags(p)
     add_common_flags(p)
     return p
 
@@ -393,6 +397,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             if args.secagg
             else None
         ),
+        dp=dp_settings_from_args(args),
     )
 
 

@@ -13,6 +13,8 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
+from .privacy import DPSettings
+
 __all__ = ["ServerConfig"]
 
 
@@ -62,6 +64,7 @@ class ServerConfig:
     metrics_port: int | None = None
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
+    dp: DPSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

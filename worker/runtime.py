@@ -64,6 +64,7 @@ from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
+from .privacy import apply_client_dp
 from .secagg import SecAggRounds
 from .trainer import FitOutput, Trainer, TrainingFailed
 
@@ -357,6 +358,8 @@ class Worker:
                     self.trainer.num_examples,
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
+                # Client-level DP, when the plan asks for it: clip (and noise) before masking.
+                fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)
                 update = fit.weights
                 if task.HasField("secagg"):
                     masked = await self._secagg.mask(
