@@ -18,6 +18,7 @@ catch them all at once, or pick the branch it can act on::
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
+    ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
     └── SecAggError            secure aggregation could not complete a round
         ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
         └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
@@ -39,6 +40,7 @@ __all__ = [
     "ModelMismatchError",
     "PayloadError",
     "PolicyError",
+    "PrivacyBudgetExhausted",
     "ProtocolError",
     "RejectedError",
     "RoundFailedError",
@@ -107,6 +109,14 @@ class CheckpointError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class PrivacyBudgetExhausted(FedcoreError):
+    """One more round would take epsilon past the configured privacy budget.
+
+    The coordinator ends the federation cleanly (keeping the last released model); a DP-SGD
+    silo refuses to train further.
+    """
 
 
 class SecAggError(FedcoreError):

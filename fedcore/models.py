@@ -22,6 +22,7 @@ from fedcore.weights import Weights, check_signature, signature_of
 __all__ = [
     "LogisticRegression",
     "MnistCNN",
+    "MnistDPCNN",
     "MnistMLP",
     "ParameterVector",
     "available_models",
@@ -158,6 +159,27 @@ class MnistMLP(nn.Module):
         return self.net(x)  # type: ignore[no-any-return]
 
 
+class MnistDPCNN(nn.Module):
+    """The small tanh CNN of Papernot et al. (AAAI 2021, "Tempered Sigmoid Activations for Deep
+    Learning with Differential Privacy") for DP-SGD on MNIST: 26,010 params, no BatchNorm.
+
+    conv8x8(16, stride 2) -> maxpool2 -> conv4x4(32, stride 2) -> maxpool2 -> fc(32) -> fc(10).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=8, stride=2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=4, stride=2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.tanh(self.conv1(x)), 2, 1)
+        x = nn.functional.max_pool2d(torch.tanh(self.conv2(x)), 2, 1)
+        x = torch.tanh(self.fc1(x.flatten(1)))
+        return self.fc2(x)  # type: ignore[no-any-return]
+
+
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression on flattened inputs."""
 
@@ -186,6 +208,7 @@ def _register_builtins() -> None:
     builtins: dict[str, Callable[..., Any]] = {
         "mnist-cnn": MnistCNN,
         "mnist-mlp": MnistMLP,
+        "mnist-dpcnn": MnistDPCNN,
         "logreg": LogisticRegression,
         "vector": ParameterVector,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class TrainResult:
     loss: float
     accuracy: float
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # extra, e.g. a silo's epsilon
 
 
 @dataclass(frozen=True)

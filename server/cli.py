@@ -23,6 +23,7 @@ from fedcore.tls import ServerTLS
 
 from .config import ServerConfig
 from .coordinator import Coordinator
+from .privacy import add_dp_flags, dp_settings_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -51,6 +52,8 @@ examples:
   beta = 0.2
   fraction-fit = 0.5
   fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
+  fed-server --min-workers 100 --dp-target-epsilon 8 --rounds 50 --dp-clip 0.5
+  fed-server --min-workers 8 --secagg --dp-mode distributed --dp-noise-multiplier 1.0
 """
 
 
@@ -206,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a worker silent this long (default: %(default)s)",
     )
     r.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=30.0,
+        help="drop a worker whose upload holds an upload slot this long without sending a "
+        "chunk, so one stalled connection cannot block the others (default: %(default)s)",
+    )
+    r.add_argument(
         "--handshake-timeout",
         type=float,
         default=10.0,
@@ -311,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the coordinator waits for each key, share and unmasking phase "
         "(default: %(default)s)",
     )
+    add_dp_flags(p)
     add_common_flags(p)
     return p
 
@@ -371,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         upload_slots=args.upload_slots,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
+        upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
         threads=args.threads,
         device=args.device,
@@ -394,6 +406,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             if args.secagg
             else None
         ),
+        dp=dp_settings_from_args(args),
     )
 
 

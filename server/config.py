@@ -14,6 +14,8 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
+from .privacy import DPSettings
+
 __all__ = ["ServerConfig"]
 
 
@@ -44,6 +46,7 @@ class ServerConfig:
     upload_slots: int = 1
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
+    upload_idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     shutdown_grace: float = 5.0
     threads: int | None = None
@@ -64,6 +67,7 @@ class ServerConfig:
     secagg: SecAggParams | None = None
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
+    dp: DPSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

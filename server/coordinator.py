@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -26,8 +26,9 @@ from grpc_health.v1 import health_pb2
 
 from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.enrollment import Enrollment
-from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
+from fedcore.errors import CheckpointError, ConfigError, PrivacyBudgetExhausted, RoundFailedError
 from fedcore.models import build_model, get_weights
+from fedcore.privacy import ClientDP, DifferentialPrivacy
 from fedcore.strategy import (
     Strategy,
     WorkerInfo,
@@ -43,6 +44,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .evaluation import CentralEvaluator
 from .payloads import WeightsPayload
+from .privacy import privacy_metrics, public_train_metrics, wrap_strategy
 from .progress import CoordinatorStatus, LiveDisplay, Observer, PlainSummary
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
@@ -75,6 +77,16 @@ class Coordinator:
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
         self.strategy = strategy or load_strategy(config.strategy, config.strategy_options)
+        if config.dp is not None:
+            self.strategy = wrap_strategy(
+                self.strategy,
+                config.dp,
+                rounds=config.rounds,
+                min_updates=config.results_needed,
+                secure_aggregation=config.secagg is not None,
+            )
+        elif isinstance(self.strategy, DifferentialPrivacy):
+            self.strategy.secure_aggregation = config.secagg is not None
         check_secure_aggregation(self.strategy, secure_aggregation=config.secagg is not None)
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -362,7 +374,13 @@ class Coordinator:
                 break
             started = time.perf_counter()
             sent0, recv0 = self.service.counters.bytes_sent, self.service.counters.bytes_received
-            collector, attempts = await self._fit_round_with_retries(round_number, pending_report)
+            try:
+                collector, attempts = await self._fit_round_with_retries(
+                    round_number, pending_report
+                )
+            except PrivacyBudgetExhausted as exc:
+                log.warning("privacy budget reached: %s", exc)
+                break
             pending_report = None
             # Taken now: the next round's configure_fit may change the strategy's state.
             states = self._snapshot_states() if cfg.checkpoint_dir is not None else {}
@@ -378,10 +396,15 @@ class Coordinator:
                 bytes_sent=self.service.counters.bytes_sent - sent0,
                 bytes_received=self.service.counters.bytes_received - recv0,
                 attempts=attempts,
-                train=weighted_metrics(collector.results),
+                train=weighted_metrics(public_train_metrics(collector.results)),
                 federated=fed_metrics,
                 refused={f.worker.name: f.reason for f in collector.failures if f.refused},
             )
+            privacy = privacy_metrics(self.strategy, collector.results)
+            if privacy is not None:
+                metrics.privacy = privacy
+                if "epsilon" in privacy:
+                    metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
             # Centralized evaluation of this round's model overlaps the next round's training.
             pending_report = asyncio.create_task(
                 self._report(writer, metrics, self.weights, started, states=states)
@@ -514,13 +537,23 @@ class Coordinator:
         collector: FitCollector
         secagg: pb.SecAggSetup | None = None
         if self.config.secagg is not None:
+            params, weight_norm = self.config.secagg, None
+            dp = ClientDP.from_extra(instructions[0].config.extra)
+            if dp is not None:
+                # Every worker sends weight 1; each coordinate of a clipped, noised update must
+                # fit the fixed-point range untouched (clipping a noise share would remove noise).
+                weight_norm = 1.0
+                span = dp.clip_norm + 8 * dp.noise_std
+                if params.clip < span:
+                    params = replace(params, clip=span)
             collector = SecAggCollector(
                 round_number,
                 aggregator,
                 self.weights,
-                self.config.secagg,
+                params,
                 selected,
                 self.config.results_needed,
+                weight_norm=weight_norm,
             )
             secagg = collector.setup_proto()
             self.service.secagg_handler = collector.on_message

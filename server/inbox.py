@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,15 @@ class Inbox:
         self._slots = upload_slots
         self._upload: _Upload | None = None
         self._holding_slot = False
+        self._last_progress = 0.0
+
+    def stalled_for(self) -> float:
+        """Seconds since the upload holding a slot last made progress (0 when none is held).
+
+        A stream that holds a slot and stops sending (a half-dead connection, or a hostile
+        worker) would block every other upload; the session's watchdog drops it.
+        """
+        return time.monotonic() - self._last_progress if self._holding_slot else 0.0
 
     def release(self) -> None:
         """Give back the upload slot (stream ended or upload done)."""
@@ -144,12 +154,14 @@ class Inbox:
                 raise PayloadError(str(exc)) from None
             await self._slots.acquire()
             self._holding_slot = True
+            self._last_progress = time.monotonic()
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
         if self._upload.remaining == 0:
             await self._finish_upload()
 
     async def on_chunk(self, chunk: ChunkLike) -> None:
         """Take the next chunk of the upload in progress."""
+        self._last_progress = time.monotonic()
         upload = self._upload
         if upload is None:
             raise ProtocolError("a payload chunk arrived outside of an upload")

@@ -41,11 +41,18 @@ class RoundMetrics:
     staleness: dict[str, float] | None = None
     #: Workers whose policy refused the round's plan: name -> the reason they gave.
     refused: dict[str, str] = field(default_factory=dict)
+    # Differential privacy only: epsilon spent so far at delta (client-level), and the details
+    # (noise multiplier, clip norm, sampling rate, updates aggregated; DP-SGD silos' own
+    # (epsilon, delta) under "silos").
+    epsilon: float | None = None
+    delta: float | None = None
+    privacy: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
-        if self.staleness is None:
-            del row["staleness"]
+        for optional in ("staleness", "epsilon", "delta", "privacy"):
+            if getattr(self, optional) is None:
+                del row[optional]
         row["train"] = {k: _finite(v) for k, v in self.train.items()}
         row["federated"] = {k: _finite(v) for k, v in self.federated.items()}
         return row

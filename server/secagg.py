@@ -46,6 +46,8 @@ class SecAggCollector(FitCollector):
         params: the secure-aggregation settings.
         sessions: the selected workers, in index order (index = position + 1).
         needed: masked inputs the round needs besides the threshold (``--min-results``).
+        weight_norm: the example count that weighs 1 (default: the selected workers' total);
+            1 under differential privacy, where every worker sends weight 1.
     """
 
     def __init__(
@@ -56,6 +58,8 @@ class SecAggCollector(FitCollector):
         params: SecAggParams,
         sessions: Sequence[WorkerSession],
         needed: int,
+        *,
+        weight_norm: float | None = None,
     ) -> None:
         super().__init__(round_number, aggregator, global_weights)
         n = len(sessions)
@@ -65,7 +69,9 @@ class SecAggCollector(FitCollector):
         self._index = {s.worker_id: i for i, s in self.sessions.items()}
         self._signature: ModelSignature = signature_of(global_weights)
         self._words = sum(t.num_elements for t in self._signature)
-        self.setup = make_setup(params, n, max(1, sum(s.num_examples for s in sessions)))
+        if weight_norm is None:
+            weight_norm = max(1, sum(s.num_examples for s in sessions))
+        self.setup = make_setup(params, n, weight_norm)
         self.server = SecAggServer(
             self.setup, n, self._words + COUNT_WORDS, degree=params.degree(n)
         )

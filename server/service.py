@@ -242,7 +242,7 @@ class CoordinatorService:
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))
-        watchdog = asyncio.create_task(self._watch(session))
+        watchdog = asyncio.create_task(self._watch(session, inbox))
         try:
             while True:
                 item = await session.next_outgoing()
@@ -310,14 +310,24 @@ class CoordinatorService:
             inbox.release()
             session.close(reason)
 
-    async def _watch(self, session: WorkerSession) -> None:
-        """Close a session whose worker has been silent for longer than the heartbeat timeout."""
+    async def _watch(self, session: WorkerSession, inbox: Inbox) -> None:
+        """Close a session whose worker has been silent for longer than the heartbeat timeout,
+        or whose upload has held an upload slot without progress for the upload timeout."""
         timeout = self.config.heartbeat_timeout
+        upload_timeout = self.config.upload_idle_timeout
         while not session.closed.is_set():
-            await asyncio.sleep(min(timeout / 4, 5.0))
+            await asyncio.sleep(min(timeout / 4, upload_timeout / 4, 5.0))
             if time.monotonic() - session.last_seen > timeout:
                 log.warning("worker %r silent for %.0f s; dropping it", session.name, timeout)
                 session.close("heartbeat timeout")
+            elif inbox.stalled_for() > upload_timeout:
+                log.warning(
+                    "worker %r stalled for %.0f s in the middle of an upload; dropping it so "
+                    "other uploads can go on",
+                    session.name,
+                    upload_timeout,
+                )
+                session.close("upload stalled")
 
 
 async def _abort(

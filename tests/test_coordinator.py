@@ -436,3 +436,27 @@ async def test_a_trainer_that_crashes_is_reported_at_once(coordinator_factory: A
     await workers
     assert result.rounds[0].workers == 1
     assert result.rounds[0].failures == 1
+
+
+async def test_a_stalled_upload_cannot_block_the_others(
+    coordinator_factory: Any, raw_clients: Any
+) -> None:
+    """A worker that starts an upload and goes quiet (half-dead connection) holds the only
+    upload slot; the watchdog drops it and the honest upload goes through."""
+    coordinator, task = await coordinator_factory(
+        config(rounds=1, min_workers=2, min_results=1, upload_idle_timeout=1.0, round_timeout=60)
+    )
+    staller = raw_clients(coordinator.port)
+    await staller.hello("staller")
+    honest = asyncio.create_task(run_worker(coordinator.port, "honest", ScriptedTrainer(1.0, 10)))
+    task_msg, weights = await staller.receive_task()
+    header = make_header(weights, 1024)
+    result = pb.TaskResult(
+        task_id=task_msg.task_id, num_examples=10, update=header, update_kind=pb.UPDATE_KIND_WEIGHTS
+    )
+    await staller.send(pb.WorkerMessage(result=result))  # takes the slot, then sends nothing
+    outcome = await asyncio.wait_for(task, 30)
+    await honest
+    assert outcome.rounds[0].workers == 1
+    for name, w0 in initial_weights().items():
+        np.testing.assert_allclose(outcome.weights[name], w0 + 1.0, atol=1e-6)

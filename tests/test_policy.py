@@ -425,3 +425,15 @@ def test_roster_lists_who_holds_what() -> None:
     assert lines[0] == "connected workers: 2 (selecting those tagged #mnist)"
     assert lines[2].split() == ["a", "400", "MNIST", "A", "#mnist", "CC0", "yes"]
     assert lines[3].split() == ["b", "50", "-", "-", "-", "no", "(lacks", "#mnist)"]
+
+
+def test_the_dp_strategy_states_what_the_policy_reads() -> None:
+    from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
+    from fedcore.privacy import ClientDP
+
+    extra = ClientDP(clip_norm=0.5, noise_multiplier=1.3).to_extra()
+    request = PlanRequest.from_task(task(extra=extra))
+    assert request.client_dp is not None
+    assert (request.client_dp.clip_norm, request.client_dp.noise_multiplier) == (0.5, 1.3)
+    assert {DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY} <= set(extra)
+    assert ClientDP.from_extra(extra) == ClientDP(clip_norm=0.5, noise_multiplier=1.3)

@@ -12,7 +12,6 @@ from fedcore.policy import Charge, epsilon_of
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
 FAST = ["--model", "logreg", "--lr", "0.1", "--heartbeat-interval", "0.5", "--fed-eval-every", "0"]
 
 
@@ -72,9 +71,8 @@ def test_secagg_demanding_worker_refuses_a_plain_federation_and_joins_a_secure_o
 
 
 def test_worker_stops_training_when_its_budget_is_spent_across_a_restart(
-    shards: Path, tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+    shards: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the coordinator imports policy_plans
     z, delta = 2.0, 1e-5
     two, three = (epsilon_of([Charge(noise_multiplier=z)] * n, delta=delta) for n in (2, 3))
     ledger = tmp_path / "silo" / "ledger.json"
@@ -83,13 +81,8 @@ def test_worker_stops_training_when_its_budget_is_spent_across_a_restart(
         f'[budget]\nstudy = "mnist-2026"\nepsilon = {(two + three) / 2}\ndelta = {delta}\n'
         f'ledger = "{ledger}"\n'
     )
-    strategy = [
-        "--strategy",
-        "policy_plans:StatedDPFedAvg",
-        "--strategy-options",
-        f'{{"noise-multiplier": {z}}}',
-    ]
-    flags = ["--min-workers", "1", "--round-retries", "0", *strategy, *FAST]
+    dp = ["--dp-noise-multiplier", str(z), "--dp-clip", "1.0"]  # client-level DP plans
+    flags = ["--min-workers", "1", "--round-retries", "0", *dp, *FAST]
 
     # Federation 1: one round, paid for.
     server, port = start_server(procs, *flags, "--rounds", "1")

@@ -12,6 +12,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.plan import ModelSpec
-from fedcore.policy import load_policy
+from fedcore.policy import RecordDPSetup, load_policy
+from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
@@ -127,6 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a plaintext connection to another machine (default: refused)",
     )
+    d = p.add_argument_group(
+        "record-level differential privacy (DP-SGD through Opacus; protects each local record)"
+    )
+    d.add_argument(
+        "--dpsgd-noise-multiplier",
+        type=float,
+        help="train with DP-SGD: per-example gradient noise std / clip norm (off by default)",
+    )
+    d.add_argument(
+        "--dpsgd-clip",
+        type=float,
+        default=1.0,
+        help="per-example gradient L2 clip norm (default: %(default)s)",
+    )
+    d.add_argument(
+        "--dpsgd-delta",
+        type=float,
+        default=1e-5,
+        help="delta at which this silo reports its epsilon; keep it below 1/records (default: %(default)s)",
+    )
+    d.add_argument(
+        "--dpsgd-max-epsilon",
+        type=float,
+        help="this silo's budget: refuse any round that would take its epsilon past it",
+    )
     add_common_flags(p)
     return p
 
@@ -196,12 +223,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             params = json.loads(args.model_params)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
+        extra: dict[str, Any] = {}
+        if args.dpsgd_noise_multiplier is not None:
+            extra["train_fn"] = DPSGD(
+                noise_multiplier=args.dpsgd_noise_multiplier,
+                max_grad_norm=args.dpsgd_clip,
+                delta=args.dpsgd_delta,
+                max_epsilon=args.dpsgd_max_epsilon,
+            )
+        elif args.dpsgd_max_epsilon is not None:
+            raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
         shard = load_shard(args.data)
         trainer = TorchTrainer(
             shard,
             eval_data=load_shard(args.eval_data) if args.eval_data else None,
             model=ModelSpec(args.model, params) if args.model else None,
             device=args.device,
+            **extra,
         )
         name = args.name or f"{socket.gethostname()}-{os.getpid()}"
         dataset = _dataset_metadata(args, len(shard))
@@ -210,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             guard = PolicyGuard(
                 load_policy(args.policy),
                 num_examples=len(shard),
+                record_dp=(
+                    RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
+                    if args.dpsgd_noise_multiplier is not None
+                    else None
+                ),
                 coordinator_identity=_coordinator_identity(args),
             )
             log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))

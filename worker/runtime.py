@@ -73,6 +73,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
 from .policy import PolicyGuard
+from .privacy import apply_client_dp
 from .secagg import SecAggRounds
 from .trainer import FitOutput, Trainer, TrainingFailed
 
@@ -398,6 +399,8 @@ class Worker:
                     self.trainer.num_examples,
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
+                # Client-level DP, when the plan asks for it: clip (and noise) before masking.
+                fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)
                 update = fit.weights
                 if self.guard is not None:
                     # Charged before anything leaves; a refusal here sends nothing.

@@ -158,6 +158,7 @@ class TorchTrainer(Trainer):
             "loss": result.loss,
             "accuracy": result.accuracy,
             "train_seconds": result.seconds,
+            **result.metrics,
         }
         return FitOutput(updated, result.num_examples, metrics)
 

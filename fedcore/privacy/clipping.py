@@ -1,0 +1,141 @@
+"""L2 clipping of model updates and adaptive clip norms.
+
+Clipping bounds each worker's influence on the sum of updates — the sensitivity that the
+Gaussian noise of DP-FedAvg is calibrated to (McMahan et al., ICLR 2018). Adaptive clipping
+(Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021) moves the clip norm towards a target
+quantile of the update norms with a privately estimated fraction of unclipped updates.
+
+Only floating tensors are updates; integer buffers (such as BatchNorm's batch counter) are
+not released under DP (their delta is zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.errors import ConfigError
+from fedcore.weights import Weights
+
+__all__ = ["AdaptiveClipping", "ClippedUpdate", "clip_update", "l2_norm"]
+
+
+def l2_norm(update: Weights) -> float:
+    """The L2 norm of all floating tensors of ``update`` taken as one vector (in float64)."""
+    total = 0.0
+    for array in update.values():
+        if array.dtype.kind == "f":
+            flat = np.asarray(array, dtype=np.float64).reshape(-1)
+            total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+@dataclass(frozen=True)
+class ClippedUpdate:
+    """An update scaled to L2 norm at most ``clip_norm``."""
+
+    update: Weights
+    norm: float  # the norm before clipping
+    clipped: bool  # True when the update was scaled down
+
+
+def _scaled(update: Weights, scale: float) -> Weights:
+    out: Weights = {}
+    for name, array in update.items():
+        if array.dtype.kind == "f":
+            out[name] = (np.asarray(array, dtype=np.float64) * scale).astype(array.dtype)
+        else:
+            out[name] = np.zeros_like(array)
+    return out
+
+
+def clip_update(update: Weights, clip_norm: float) -> ClippedUpdate:
+    """Scale ``update`` so its L2 norm is at most ``clip_norm`` (new arrays; input untouched).
+
+    The bound holds for the stored values, after rounding to each tensor's dtype.
+    """
+    if not clip_norm > 0 or not math.isfinite(clip_norm):
+        raise ConfigError(f"the clip norm must be a positive number, got {clip_norm}")
+    norm = l2_norm(update)
+    if not math.isfinite(norm):
+        raise ValueError("the update holds NaN or Inf values; it cannot be clipped")
+    scale = 1.0 if norm <= clip_norm else clip_norm / norm
+    out = _scaled(update, scale)
+    # Rounding to float32 (or float16) can push the norm a hair above the bound: shrink until
+    # the stored values satisfy it.
+    shrink = 1e-7
+    for _ in range(64):
+        if l2_norm(out) <= clip_norm:
+            return ClippedUpdate(out, norm, scale < 1.0)
+        scale *= 1.0 - shrink
+        shrink = min(2 * shrink, 0.5)
+        out = _scaled(update, scale)
+    raise AssertionError("clipping did not converge")  # pragma: no cover
+
+
+@dataclass
+class AdaptiveClipping:
+    """Quantile-tracking clip norm (Andrew et al., NeurIPS 2021, Algorithm 1).
+
+    Each round, every worker reports the bit ``b = [||update|| <= C]``; the coordinator
+    releases ``b_mean = (sum b + N(0, count_noise_std^2)) / n`` and moves the clip norm
+    geometrically: ``C <- C * exp(-learning_rate * (b_mean - target_quantile))``.
+
+    Releasing the noisy count costs privacy. Andrew et al. (Theorem 1) show that noising the
+    update sum with multiplier ``z_update = (z^-2 - (2 * count_noise_std)^-2)^(-1/2)`` makes
+    the pair (update sum, count) exactly as private as one Gaussian mechanism with multiplier
+    ``z``: the accountant charges ``z``, the update sum is noised with ``z_update``.
+    """
+
+    clip_norm: float
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    #: None: chosen when the noise multiplier is known, see :meth:`resolve`.
+    count_noise_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0:
+            raise ConfigError(f"the initial clip norm must be positive, got {self.clip_norm}")
+        if not 0 < self.target_quantile < 1:
+            raise ConfigError(f"the target quantile must be in (0, 1), got {self.target_quantile}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"the clip learning rate must be positive, got {self.learning_rate}")
+        if self.count_noise_std is not None and not self.count_noise_std > 0:
+            raise ConfigError(
+                "adaptive clipping needs noise on the unclipped count "
+                f"(count_noise_std > 0), got {self.count_noise_std}"
+            )
+
+    def resolve(self, noise_multiplier: float, expected_updates: int) -> None:
+        """Pick the count noise when none was given: ``expected_updates / 20`` as Andrew et al.
+        suggest, but at least ``noise_multiplier`` (so the update noise grows by <= 16%)."""
+        if self.count_noise_std is None:
+            self.count_noise_std = max(expected_updates / 20, noise_multiplier)
+
+    def update_noise_multiplier(self, noise_multiplier: float) -> float:
+        """The multiplier for the update sum so that update + count cost ``noise_multiplier``."""
+        if self.count_noise_std is None:
+            raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
+        budget = noise_multiplier**-2 - (2 * self.count_noise_std) ** -2
+        if budget <= 0:
+            raise ConfigError(
+                f"adaptive clipping with count noise {self.count_noise_std:g} spends the whole "
+                f"budget of noise multiplier {noise_multiplier:g}; raise the count noise above "
+                f"{noise_multiplier / 2:g} (Andrew et al. suggest expected workers / 20)"
+            )
+        return float(budget**-0.5)
+
+    def update(self, unclipped: float, count: int, rng: np.random.Generator) -> float:
+        """Move the clip norm after a round where ``unclipped`` of ``count`` updates fit.
+
+        Returns the noisy fraction of unclipped updates that was released.
+        """
+        if count < 1:
+            raise ValueError("adaptive clipping needs at least one update")
+        if self.count_noise_std is None:
+            raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
+        noisy = (unclipped + rng.normal(0.0, self.count_noise_std)) / count
+        self.clip_norm *= math.exp(-self.learning_rate * (noisy - self.target_quantile))
+        return float(noisy)

@@ -1,0 +1,190 @@
+"""Record-level DP inside a silo: DP-SGD (Abadi et al., CCS 2016) through Opacus.
+
+Each optimizer step clips every example's gradient to L2 norm ``max_grad_norm`` and adds
+Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` to their sum; batches
+are Poisson-sampled with rate ``batch_size / silo size``. The silo's own accountant composes
+its steps across rounds, so the ``(epsilon, delta)`` it reports after every round is what the
+whole federation has cost each of its records so far. Silos hold disjoint records, so a
+record's guarantee is its own silo's (parallel composition).
+
+Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
+
+    trainer = TorchTrainer(shard, train_fn=DPSGD(noise_multiplier=1.0, max_grad_norm=1.0))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedcore.errors import ConfigError, PrivacyBudgetExhausted
+from fedcore.plan import TrainConfig
+from fedcore.training import Batch, TrainResult, make_optimizer
+
+from .accountant import Mechanism, PrivacyAccountant
+
+__all__ = ["DPSGD", "DPSGD_METRICS"]
+
+#: Metrics a DP-SGD silo reports after each round.
+DPSGD_METRICS = ("dpsgd_epsilon", "dpsgd_delta")
+
+
+def _as_tensor_dataset(dataset: Dataset[Batch]) -> Dataset[Any]:
+    x, y = getattr(dataset, "x", None), getattr(dataset, "y", None)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return TensorDataset(x, y)
+    return dataset
+
+
+@dataclass
+class _Stats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+
+
+def _epoch(
+    model: nn.Module,
+    optimizer: DPOptimizer,
+    loader: DataLoader[Any],
+    device: torch.device,
+    stats: _Stats,
+) -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        # Opacus' per-example hooks fire on module outputs when inputs need no gradient
+        # (always the case for data); torch warns about it, harmlessly.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(inputs)
+            loss = loss_fn(logits, targets)
+            loss.backward()
+            optimizer.step()  # clips per example, adds noise (an empty batch gets noise only)
+            stats.steps += 1
+            if len(targets):
+                stats.loss_sum += float(loss.detach()) * len(targets)
+                stats.correct += int((logits.detach().argmax(1) == targets).sum())
+                stats.seen += len(targets)
+
+
+class DPSGD:
+    """A DP-SGD training loop (Opacus) with the silo's privacy accountant.
+
+    Args:
+        noise_multiplier: noise std divided by ``max_grad_norm``.
+        max_grad_norm: per-example gradient clip norm.
+        delta: the delta at which the silo reports its epsilon (well below 1 / silo size).
+        max_epsilon: the silo's budget: a round that would exceed it is refused.
+        mechanism: accountant, ``"rdp"`` or ``"pld"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float = 1e-5,
+        max_epsilon: float | None = None,
+        mechanism: Mechanism = "rdp",
+    ) -> None:
+        if not noise_multiplier > 0:
+            raise ConfigError(f"DP-SGD needs a positive noise multiplier, got {noise_multiplier}")
+        if not max_grad_norm > 0:
+            raise ConfigError(f"DP-SGD needs a positive clip norm, got {max_grad_norm}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"DP-SGD delta must be in (0, 1), got {delta}")
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.delta = delta
+        self.max_epsilon = max_epsilon
+        self.accountant = PrivacyAccountant(mechanism=mechanism)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far by this silo's records, at ``delta``."""
+        return self.accountant.get_epsilon(delta=self.delta)
+
+    def __call__(
+        self, model: nn.Module, dataset: Dataset[Batch], config: TrainConfig, device: torch.device
+    ) -> TrainResult:
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise ConfigError("DP-SGD needs a non-empty training set")
+        model.train()
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ConfigError(
+                f"the model cannot be trained with DP-SGD: {errors[0]}; "
+                "replace BatchNorm with GroupNorm (opacus ModuleValidator.fix)"
+            )
+        loader = DataLoader(_as_tensor_dataset(dataset), batch_size=config.batch_size)
+        generator = torch.Generator().manual_seed(config.seed)
+        with warnings.catch_warnings():
+            # Opacus warns that its RNG is not cryptographically secure unless secure_mode is
+            # on (which needs torchcsprng); the README states this limit.
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure.*", module="opacus")
+            dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+        sample_rate = float(dp_loader.sample_rate)  # Poisson rate: 1 / batches per epoch
+        steps = config.epochs * len(dp_loader)
+        if self.max_epsilon is not None:
+            after = self.accountant.epsilon_after(
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=sample_rate,
+                delta=self.delta,
+                steps=steps,
+            )
+            if after > self.max_epsilon:
+                raise PrivacyBudgetExhausted(
+                    f"this round would take the silo's records to epsilon {after:.3f} > "
+                    f"{self.max_epsilon:g} (delta {self.delta:g}); the silo stops training. "
+                    "Raise --dpsgd-max-epsilon or the noise multiplier to train longer"
+                )
+        model.to(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure.*", module="opacus")
+            gsm = GradSampleModule(model)
+            optimizer = DPOptimizer(
+                make_optimizer(gsm, config),
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=config.batch_size,
+            )
+        started = time.perf_counter()
+        stats = _Stats()
+        try:
+            for _ in range(config.epochs):
+                _epoch(gsm, optimizer, dp_loader, device, stats)
+        finally:
+            gsm._close()
+            if stats.steps:
+                self.accountant.step(
+                    noise_multiplier=self.noise_multiplier,
+                    sample_rate=sample_rate,
+                    steps=stats.steps,
+                )
+        total_loss, correct, seen = stats.loss_sum, stats.correct, stats.seen
+        return TrainResult(
+            num_examples=n,
+            loss=total_loss / seen if seen else math.nan,
+            accuracy=correct / seen if seen else math.nan,
+            seconds=time.perf_counter() - started,
+            metrics=self.metrics(),
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """What the silo reports to the coordinator after a round."""
+        return {"dpsgd_epsilon": self.epsilon, "dpsgd_delta": self.delta}

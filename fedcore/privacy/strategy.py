@@ -1,0 +1,407 @@
+"""DP-FedAvg as a wrapper around any strategy (McMahan, Ramage, Talwar and Zhang, ICLR 2018).
+
+``DifferentialPrivacy(strategy, noise_multiplier=z, clipping_norm=C)`` asks every sampled
+worker to clip its update (delta from the global weights) to L2 norm ``C`` before it leaves the
+worker — before secure aggregation masks it — and releases
+
+    global + (sum of clipped deltas + N(0, (z C)^2 I)) / n
+
+where ``n`` is the number of updates *actually aggregated* (not the number configured or
+sampled), with every update weighted the same: example-count weights would let one silo
+dominate the average and break the sensitivity bound ``C``. The inner strategy sees the
+noised aggregate (post-processing), so server optimizers (FedAvgM, FedOpt) compose.
+
+The noise is added by the coordinator (``mode="central"``) or shared among the workers
+(``mode="distributed"``, see :mod:`fedcore.privacy.noise` for dropouts). The accountant
+charges each round a Poisson-subsampled Gaussian mechanism with sampling rate
+``workers sampled / population``; with ``target_epsilon`` the federation ends before a round
+would exceed the budget (:class:`~fedcore.errors.PrivacyBudgetExhausted`), and without
+``noise_multiplier`` the multiplier is calibrated from the target and the round count.
+Adaptive clipping (Andrew et al., NeurIPS 2021) is accounted as part of the same mechanism.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
+from fedcore.plan import TrainConfig
+from fedcore.strategy import (
+    EvaluateResult,
+    Failure,
+    FitInstruction,
+    FitResult,
+    Strategy,
+    StrategyState,
+    UpdateAggregator,
+    WorkerInfo,
+)
+from fedcore.weights import Weights
+
+from .accountant import Mechanism, PrivacyAccountant, calibrate_noise_multiplier
+from .client import UNCLIPPED_METRIC, ClientDP
+from .clipping import AdaptiveClipping, clip_update
+from .noise import (
+    add_gaussian_noise,
+    distributed_noise_std,
+    effective_noise_multiplier,
+    secure_generator,
+)
+
+__all__ = ["DPMode", "DifferentialPrivacy", "PrivacyReporting", "UniformDeltaAggregator"]
+
+log = logging.getLogger("fedcore.privacy")
+
+DPMode = Literal["central", "distributed"]
+
+
+@runtime_checkable
+class PrivacyReporting(Protocol):
+    """A strategy whose rounds have a privacy cost to put in the metrics."""
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """The privacy spent so far and the last round's DP parameters."""
+        ...
+
+
+class UniformDeltaAggregator(UpdateAggregator):
+    """Sums deltas from the global weights, each update weighing 1 (bounded weights).
+
+    ``presummed=True`` is for secure aggregation, where the aggregator receives one update —
+    the mean of ``num_examples`` unit-weight updates — instead of one per worker. With
+    ``enforce_clip`` (central mode without secure aggregation, where single updates are
+    visible) the coordinator clips each delta again, so a worker that skips clipping gains
+    nothing.
+    """
+
+    def __init__(
+        self, global_weights: Weights, *, presummed: bool = False, enforce_clip: float | None = None
+    ) -> None:
+        self._global = global_weights
+        self._presummed = presummed
+        self._enforce_clip = enforce_clip
+        self._sum: dict[str, np.ndarray] = {}
+        self._count = 0
+        self.units = 0  # unit-weight updates folded in (n)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
+        units = num_examples if self._presummed else 1
+        if units < 1:
+            raise ValueError("an update must stand for at least one worker")
+        delta = {
+            name: np.subtract(update[name], base, dtype=np.float64)
+            for name, base in self._global.items()
+            if base.dtype.kind == "f"
+        }
+        if self._enforce_clip is not None:
+            delta = clip_update(delta, self._enforce_clip).update
+        for name, d in delta.items():
+            if units != 1:
+                d *= units
+            total = self._sum.get(name)
+            if total is None:
+                self._sum[name] = d
+            else:
+                np.add(total, d, out=total)
+        self.units += units
+        self._count += 1
+
+    def delta_sum(self) -> dict[str, np.ndarray]:
+        """The sum of the unit-weight deltas (float64)."""
+        return self._sum
+
+    def result(self) -> Weights:
+        """Global weights plus the mean delta (without noise; the wrapper adds it)."""
+        if self.units == 0:
+            raise ValueError("no updates to aggregate")
+        out: Weights = {}
+        for name, base in self._global.items():
+            total = self._sum.get(name)
+            if total is None:
+                out[name] = base.copy()
+            else:
+                out[name] = np.add(base, total / self.units, dtype=np.float64).astype(base.dtype)
+        return out
+
+
+@dataclass
+class _Round:
+    sample_rate: float
+    noise_multiplier: float  # z charged by the accountant (before dropouts)
+    clip_norm: float
+    aggregator: UniformDeltaAggregator | None = None
+
+
+class DifferentialPrivacy(Strategy):
+    """Client-level DP around ``strategy`` (DP-FedAvg; wraps, never subclasses the inner).
+
+    Args:
+        strategy: the strategy to make private; it must not need individual updates.
+        noise_multiplier: ``z``; noise std on the sum is ``z * C``. None: calibrated from
+            ``target_epsilon`` and ``rounds`` at the first round (when the sampling rate is known).
+        clipping_norm: ``C``, the L2 bound of every update (the initial one when adaptive).
+        delta: the delta at which epsilon is reported and budgeted.
+        target_epsilon: the budget: no round is started that would exceed it.
+        rounds: rounds planned (needed to calibrate ``noise_multiplier``).
+        mode: ``"central"`` (the coordinator adds the noise) or ``"distributed"``.
+        min_updates: fewest updates a round may aggregate; in distributed mode each worker's
+            noise share is ``z C / sqrt(min_updates)``.
+        population: total number of workers, for the sampling rate (default: those connected).
+        adaptive: adaptive clipping settings (central mode only).
+        secure_aggregation: updates arrive already summed (see :class:`UniformDeltaAggregator`).
+        mechanism: the accountant, ``"rdp"`` or ``"pld"``.
+        rng: noise source (default: seeded from the OS CSPRNG).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float | None,
+        clipping_norm: float,
+        delta: float = 1e-5,
+        target_epsilon: float | None = None,
+        rounds: int | None = None,
+        mode: DPMode = "central",
+        min_updates: int = 1,
+        population: int | None = None,
+        adaptive: AdaptiveClipping | None = None,
+        secure_aggregation: bool = False,
+        mechanism: Mechanism = "rdp",
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        if strategy.async_settings is not None:
+            raise ConfigError(
+                f"strategy {type(strategy).__name__} aggregates asynchronously; DP-FedAvg is "
+                "accounted per synchronous round: choose a synchronous strategy"
+            )
+        if strategy.needs_individual_updates:
+            raise ConfigError(
+                f"strategy {type(strategy).__name__} must see individual updates; DP-FedAvg "
+                "bounds the sensitivity of the mean only: choose a mean-based strategy"
+            )
+        if mode not in ("central", "distributed"):
+            raise ConfigError(f"DP mode must be 'central' or 'distributed', got {mode!r}")
+        if not clipping_norm > 0:
+            raise ConfigError(f"the clip norm must be positive, got {clipping_norm}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {delta}")
+        if noise_multiplier is None:
+            if target_epsilon is None or rounds is None:
+                raise ConfigError(
+                    "give a noise multiplier, or a target epsilon and a round count to "
+                    "calibrate one from"
+                )
+        elif not noise_multiplier > 0:
+            raise ConfigError(f"the noise multiplier must be positive, got {noise_multiplier}")
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ConfigError(f"the target epsilon must be positive, got {target_epsilon}")
+        if min_updates < 1:
+            raise ConfigError(f"min_updates must be at least 1, got {min_updates}")
+        if adaptive is not None and mode == "distributed":
+            raise ConfigError(
+                "adaptive clipping needs each worker's clipped/unclipped bit, which distributed "
+                "mode would reveal to the coordinator; use mode central or a fixed clip norm"
+            )
+        self.inner = strategy
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.delta = delta
+        self.target_epsilon = target_epsilon
+        self.rounds = rounds
+        self.mode: DPMode = mode
+        self.min_updates = min_updates
+        self.population = population
+        self.adaptive = adaptive
+        self.secure_aggregation = secure_aggregation
+        self.accountant = PrivacyAccountant(mechanism=mechanism)
+        self._rng = rng if rng is not None else secure_generator()
+        self._rounds: dict[int, _Round] = {}
+        self._report: dict[str, float] = {}
+        if adaptive is not None:
+            adaptive.clip_norm = clipping_norm
+        if noise_multiplier is not None and adaptive is not None:
+            adaptive.resolve(noise_multiplier, min_updates)
+            adaptive.update_noise_multiplier(noise_multiplier)  # fail early if impossible
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def clip_norm(self) -> float:
+        """The clip norm of the next round."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self.clipping_norm
+
+    def _update_multiplier(self, z: float) -> float:
+        return self.adaptive.update_noise_multiplier(z) if self.adaptive is not None else z
+
+    def configure_fit(
+        self, round_number: int, workers: Sequence[WorkerInfo], config: TrainConfig
+    ) -> list[FitInstruction]:
+        instructions = self.inner.configure_fit(round_number, workers, config)
+        if not instructions:
+            return instructions
+        population = max(self.population or 0, len(workers))
+        q = min(1.0, len(instructions) / population)
+        if self.mode == "distributed" and len(instructions) < self.min_updates:
+            raise ConfigError(
+                f"round {round_number} samples {len(instructions)} worker(s) but distributed "
+                f"noise needs at least {self.min_updates}; sample more workers"
+            )
+        if self.noise_multiplier is None:
+            assert self.target_epsilon is not None
+            assert self.rounds is not None
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                delta=self.delta,
+                sample_rate=q,
+                steps=self.rounds,
+                mechanism=self.accountant.mechanism,
+            )
+            log.info(
+                "calibrated noise multiplier %.4f for epsilon %g at delta %g over %d rounds "
+                "(sampling rate %.3f)",
+                self.noise_multiplier,
+                self.target_epsilon,
+                self.delta,
+                self.rounds,
+                q,
+            )
+            if self.adaptive is not None:
+                self.adaptive.resolve(self.noise_multiplier, len(instructions))
+            self._update_multiplier(self.noise_multiplier)
+        z = self.noise_multiplier
+        if self.target_epsilon is not None:
+            after = self.accountant.epsilon_after(
+                noise_multiplier=z, sample_rate=q, delta=self.delta
+            )
+            if after > self.target_epsilon:
+                spent = self.accountant.get_epsilon(delta=self.delta)
+                raise PrivacyBudgetExhausted(
+                    f"round {round_number} would take epsilon to {after:.4f}, past the target "
+                    f"{self.target_epsilon:g} (delta {self.delta:g}); stopping after round "
+                    f"{round_number - 1} at epsilon {spent:.4f}"
+                )
+        clip = self.clip_norm
+        share = (
+            distributed_noise_std(noise_multiplier=z, clip_norm=clip, min_updates=self.min_updates)
+            if self.mode == "distributed"
+            else 0.0
+        )
+        request = ClientDP(
+            clip_norm=clip,
+            noise_std=share,
+            report_unclipped=self.adaptive is not None,
+            noise_multiplier=z,
+        ).to_extra()
+        self._rounds = {round_number: _Round(q, z, clip)}
+        return [
+            replace(i, config=replace(i.config, extra={**i.config.extra, **request}))
+            for i in instructions
+        ]
+
+    def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:
+        state = self._rounds.get(round_number)
+        if state is None:
+            raise ConfigError(f"round {round_number} was not configured by configure_fit")
+        enforce = (
+            state.clip_norm if self.mode == "central" and not self.secure_aggregation else None
+        )
+        state.aggregator = UniformDeltaAggregator(
+            global_weights, presummed=self.secure_aggregation, enforce_clip=enforce
+        )
+        return state.aggregator
+
+    # ------------------------------------------------------------------ release
+
+    def aggregate_fit(
+        self,
+        round_number: int,
+        global_weights: Weights,
+        aggregate: Weights,
+        results: Sequence[FitResult],
+        failures: Sequence[Failure],
+    ) -> Weights:
+        state = self._rounds.get(round_number)
+        if state is None or state.aggregator is None:
+            raise ConfigError(f"round {round_number} has no DP aggregator; call start_aggregation")
+        n = state.aggregator.units
+        if n < self.min_updates:
+            raise RoundFailedError(
+                f"round {round_number} aggregated {n} update(s), fewer than the {self.min_updates} "
+                "the noise was calibrated for; nothing is released"
+            )
+        z = state.noise_multiplier
+        noised = dict(aggregate)
+        if self.mode == "central":
+            std = self._update_multiplier(z) * state.clip_norm / n
+            for name, base in global_weights.items():
+                if base.dtype.kind == "f":
+                    mean = np.subtract(aggregate[name], base, dtype=np.float64)
+                    add_gaussian_noise({name: mean}, std, self._rng)
+                    noised[name] = (base + mean).astype(base.dtype)
+            charged = z
+        else:
+            charged = effective_noise_multiplier(
+                noise_multiplier=z, aggregated=n, min_updates=self.min_updates
+            )
+        self.accountant.step(noise_multiplier=charged, sample_rate=state.sample_rate)
+        report = {
+            "epsilon": self.accountant.get_epsilon(delta=self.delta),
+            "delta": self.delta,
+            "noise_multiplier": charged,
+            "clip_norm": state.clip_norm,
+            "sample_rate": state.sample_rate,
+            "aggregated": float(n),
+        }
+        if self.adaptive is not None:
+            unclipped = sum(r.metrics.get(UNCLIPPED_METRIC, 0.0) for r in results)
+            report["unclipped_fraction"] = self.adaptive.update(unclipped, n, self._rng)
+        self._report = report
+        del self._rounds[round_number]
+        return self.inner.aggregate_fit(round_number, global_weights, noised, results, failures)
+
+    def privacy_metrics(self) -> dict[str, float]:
+        return dict(self._report)
+
+    # ------------------------------------------------------------------ delegation
+
+    def configure_evaluate(
+        self, round_number: int, workers: Sequence[WorkerInfo]
+    ) -> list[WorkerInfo]:
+        return self.inner.configure_evaluate(round_number, workers)
+
+    def aggregate_evaluate(
+        self, round_number: int, results: Sequence[EvaluateResult]
+    ) -> dict[str, float]:
+        return self.inner.aggregate_evaluate(round_number, results)
+
+    def on_round_end(self, round_number: int, weights: Weights, metrics: Mapping[str, Any]) -> bool:
+        return self.inner.on_round_end(round_number, weights, metrics)
+
+    def state_dict(self) -> StrategyState:
+        """The inner strategy's state, the accountant, the clip norm and the multiplier:
+        enough to resume the budget after a restart."""
+        return {
+            "inner": self.inner.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise_multiplier = state.get("noise_multiplier", self.noise_multiplier)
+        if self.adaptive is not None:
+            self.adaptive.clip_norm = float(state["clip_norm"])
+        else:
+            self.clipping_norm = float(state["clip_norm"])

@@ -1,0 +1,72 @@
+"""Record-level DP-SGD through Opacus: per-silo accounting, the silo budget, model checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fedcore.worker import TorchTrainer
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from fedcore.data.shards import ArrayDataset
+from fedcore.errors import ConfigError, PrivacyBudgetExhausted
+from fedcore.models import build_model
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.privacy.dpsgd import DPSGD
+
+
+def _data(n: int = 256) -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    y = (x[:, :14].mean(axis=(1, 2)) > x[:, 14:].mean(axis=(1, 2))).astype(np.uint8)
+    return ArrayDataset(x, y)
+
+
+def test_silo_reports_the_epsilon_of_its_steps() -> None:
+    loop = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5)
+    trainer = TorchTrainer(_data(), train_fn=loop)
+    config = TrainConfig(epochs=1, batch_size=64, learning_rate=0.1)
+    first = trainer.fit(ModelSpec("logreg"), trainer_weights(), config)
+    assert first.metrics["loss"] > 0
+    eps1 = loop.epsilon
+    trainer.fit(ModelSpec("logreg"), trainer_weights(), config)
+    # 256 examples, batch 64: Poisson rate 1/4 and 4 steps per round, 8 after two rounds.
+    opacus = RDPAccountant()
+    opacus.history = [(1.2, 0.25, 8)]
+    assert loop.accountant.history == [(1.2, 0.25, 8)]
+    assert loop.epsilon == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-3)
+    assert loop.epsilon > eps1
+    assert loop.metrics() == {"dpsgd_epsilon": loop.epsilon, "dpsgd_delta": 1e-5}
+
+
+def trainer_weights() -> dict[str, np.ndarray]:
+    model = build_model(ModelSpec("logreg"), seed=0)
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def test_silo_budget_refuses_a_round_that_would_exceed_it() -> None:
+    loop = DPSGD(noise_multiplier=2.0, max_grad_norm=1.0, max_epsilon=3.0)
+    model = build_model(ModelSpec("logreg"), seed=0)
+    config = TrainConfig(epochs=1, batch_size=64)
+    # Opacus' own accountant says how many 4-step rounds fit in epsilon 3.
+    expected = 0
+    while True:
+        reference = RDPAccountant()
+        reference.history = [(2.0, 0.25, 4 * (expected + 1))]
+        if reference.get_epsilon(delta=1e-5) > 3.0:
+            break
+        expected += 1
+    assert expected == 4
+    for _ in range(expected):
+        loop(model, _data(), config, torch.device("cpu"))
+    with pytest.raises(PrivacyBudgetExhausted, match="silo"):
+        loop(model, _data(), config, torch.device("cpu"))
+    assert loop.epsilon <= 3.0
+
+
+def test_batchnorm_is_refused_with_advice() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
+    loop = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        loop(model, _data(), TrainConfig(batch_size=64), torch.device("cpu"))

@@ -1,0 +1,278 @@
+"""DP-FedAvg's coordinator side: bounded weights, noise calibrated to the updates actually
+aggregated, distributed noise under dropouts, the budget stop, calibration, adaptive clipping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
+from fedcore.plan import TrainConfig
+from fedcore.privacy import (
+    AdaptiveClipping,
+    ClientDP,
+    DifferentialPrivacy,
+    PrivacyAccountant,
+    add_gaussian_noise,
+    privatize_update,
+)
+from fedcore.strategy import FedAvg, FitResult, Strategy, UpdateAggregator, WorkerInfo
+from fedcore.weights import Weights
+
+D = 40_000  # coordinates: the empirical std of N samples has relative std error 1/sqrt(2N)
+TOL = 5 / math.sqrt(2 * D)  # five standard errors
+
+
+def _workers(n: int) -> list[WorkerInfo]:
+    return [WorkerInfo(f"id{i}", f"w{i}", 100 * (i + 1)) for i in range(n)]
+
+
+def _global() -> Weights:
+    return {"w": np.zeros(D, np.float64), "steps": np.zeros((), np.int64)}
+
+
+def _round(
+    dp: DifferentialPrivacy,
+    r: int,
+    offered: list[WorkerInfo],
+    deltas: list[np.ndarray],
+    examples: list[int] | None = None,
+) -> tuple[Weights, list[TrainConfig]]:
+    """One round: configure, the first len(deltas) workers privatize and report, release."""
+    g = _global()
+    instructions = dp.configure_fit(r, offered, TrainConfig())
+    agg = dp.start_aggregation(r, g)
+    results = []
+    for i, (inst, d) in enumerate(zip(instructions, deltas, strict=False)):
+        request = ClientDP.from_extra(inst.config.extra)
+        assert request is not None
+        upd = privatize_update(g, {"w": d, "steps": np.array(3)}, request)
+        n = examples[i] if examples else inst.worker.num_examples
+        agg.add({"w": g["w"] + upd.delta["w"], "steps": g["steps"]}, n)
+        results.append(FitResult(inst.worker, n, upd.metrics))
+    return dp.aggregate_fit(r, g, agg.result(), results, []), [i.config for i in instructions]
+
+
+def test_workers_are_asked_to_clip_and_report_weight_one() -> None:
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=0.5)
+    configs = _round(dp, 1, _workers(3), [np.zeros(D)] * 3)[1]
+    for config in configs:
+        request = ClientDP.from_extra(config.extra)
+        assert request == ClientDP(clip_norm=0.5, noise_std=0.0)
+
+
+def test_aggregate_uses_uniform_weights_not_example_counts() -> None:
+    """A silo claiming a million examples must not dominate: its weight is 1 like any other."""
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1e-9, clipping_norm=1.0)
+    up, down = np.zeros(D), np.zeros(D)
+    up[0], down[0] = 1.0, -1.0
+    new, _ = _round(dp, 1, _workers(2), [up, down], examples=[1_000_000, 1])
+    assert abs(new["w"][0]) < 1e-6  # example-weighted FedAvg would give ~ +1
+    assert new["steps"] == 0  # integer buffers are not released
+
+
+def test_central_noise_uses_the_number_of_updates_actually_aggregated() -> None:
+    """8 workers sampled, 5 deliver: the mean carries noise z C / 5, not z C / 8."""
+    z, clip = 1.5, 2.0
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=z, clipping_norm=clip, rng=np.random.default_rng(7)
+    )
+    new, _ = _round(dp, 1, _workers(8), [np.zeros(D)] * 5)
+    std = float(np.std(new["w"]))
+    assert std == pytest.approx(z * clip / 5, rel=TOL)
+    assert abs(std - z * clip / 8) > 10 * TOL * std
+    assert abs(float(np.mean(new["w"]))) < 5 * std / math.sqrt(D)
+    assert dp.privacy_metrics()["aggregated"] == 5
+
+
+def test_sum_noise_std_is_z_times_c() -> None:
+    rng = np.random.default_rng(3)
+    total = {"w": np.zeros(D)}
+    add_gaussian_noise(total, 0.7 * 3.0, rng)
+    assert float(np.std(total["w"])) == pytest.approx(2.1, rel=TOL)
+
+
+def test_distributed_noise_is_over_provisioned_against_dropouts() -> None:
+    """Each of 8 sampled workers adds z C / sqrt(4) (min_updates = 4); 6 survive: the sum's noise
+    is z C sqrt(6/4) >= z C, and the accountant charges exactly that multiplier."""
+    z, clip = 1.0, 1.0
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=z, clipping_norm=clip, mode="distributed", min_updates=4
+    )
+    new, configs = _round(dp, 1, _workers(8), [np.zeros(D)] * 6)
+    request = ClientDP.from_extra(configs[0].extra)
+    assert request is not None
+    assert request.noise_std == pytest.approx(z * clip / 2)
+    # The released mean is (sum of 6 shares) / 6.
+    assert float(np.std(new["w"])) * 6 == pytest.approx(z * clip * math.sqrt(6 / 4), rel=TOL)
+    charged = dp.privacy_metrics()["noise_multiplier"]
+    assert charged == pytest.approx(z * math.sqrt(6 / 4))
+    reference = PrivacyAccountant()
+    reference.step(noise_multiplier=charged, sample_rate=1.0)
+    assert dp.privacy_metrics()["epsilon"] == reference.get_epsilon(delta=1e-5)
+    reference_no_dropout = PrivacyAccountant()
+    reference_no_dropout.step(noise_multiplier=z, sample_rate=1.0)
+    assert dp.privacy_metrics()["epsilon"] <= reference_no_dropout.get_epsilon(delta=1e-5)
+
+
+def test_distributed_noise_refuses_to_release_too_few_updates() -> None:
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, mode="distributed", min_updates=4
+    )
+    with pytest.raises(RoundFailedError, match="fewer than the 4"):
+        _round(dp, 1, _workers(8), [np.zeros(D)] * 3)
+    with pytest.raises(ConfigError, match="sample more workers"):
+        dp.configure_fit(2, _workers(3), TrainConfig())
+
+
+def test_sampling_rate_is_sampled_over_population() -> None:
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, population=20)
+    _round(dp, 1, _workers(5), [np.zeros(D)] * 5)
+    assert dp.privacy_metrics()["sample_rate"] == 0.25
+
+
+def _rounds_until_stop(dp: DifferentialPrivacy, limit: int) -> int:
+    for r in range(1, limit + 1):
+        try:
+            _round(dp, r, _workers(2), [np.zeros(8)] * 2)
+        except PrivacyBudgetExhausted:
+            return r - 1
+    return limit
+
+
+def test_budget_stop_triggers_at_the_right_round() -> None:
+    z, q, target = 6.0, 1.0, 3.0
+    # The reference: the last round count whose epsilon stays within the target.
+    expected = 0
+    while True:
+        acc = PrivacyAccountant()
+        acc.step(noise_multiplier=z, sample_rate=q, steps=expected + 1)
+        if acc.get_epsilon(delta=1e-5) > target:
+            break
+        expected += 1
+    assert expected > 1
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=z, clipping_norm=1.0, target_epsilon=target)
+    global D
+    saved, D = D, 8
+    try:
+        completed = _rounds_until_stop(dp, 100)
+    finally:
+        D = saved
+    assert completed == expected
+    assert dp.privacy_metrics()["epsilon"] <= target
+
+
+def test_noise_multiplier_is_calibrated_from_the_target_and_round_count() -> None:
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=None, clipping_norm=1.0, target_epsilon=4.0, rounds=5
+    )
+    global D
+    saved, D = D, 8
+    try:
+        completed = _rounds_until_stop(dp, 10)
+    finally:
+        D = saved
+    assert completed == 5
+    assert 0.98 * 4.0 < dp.privacy_metrics()["epsilon"] <= 4.0
+
+
+def test_adaptive_clipping_tracks_the_median_and_is_accounted() -> None:
+    norms = np.linspace(0.5, 5.0, 20)
+    adaptive = AdaptiveClipping(clip_norm=0.1, target_quantile=0.5, count_noise_std=1.0)
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=1.0, clipping_norm=0.1, adaptive=adaptive,
+        rng=np.random.default_rng(0),
+    )  # fmt: skip
+    deltas = [np.full(16, n / 4) for n in norms]
+    global_ = {"w": np.zeros(16), "steps": np.zeros((), np.int64)}
+    for r in range(1, 61):
+        instructions = dp.configure_fit(r, _workers(20), TrainConfig())
+        agg = dp.start_aggregation(r, global_)
+        results = []
+        for inst, d in zip(instructions, deltas, strict=True):
+            request = ClientDP.from_extra(inst.config.extra)
+            assert request is not None
+            assert request.report_unclipped
+            upd = privatize_update(global_, {"w": d, "steps": np.array(0)}, request)
+            agg.add({"w": upd.delta["w"], "steps": global_["steps"]}, 1)
+            results.append(FitResult(inst.worker, 1, upd.metrics))
+        dp.aggregate_fit(r, global_, agg.result(), results, [])
+    assert dp.clip_norm == pytest.approx(np.median(norms), rel=0.25)
+    # Accounted at z = 1 (update noise and count noise together), once per round.
+    reference = PrivacyAccountant()
+    reference.step(noise_multiplier=1.0, sample_rate=1.0, steps=60)
+    assert dp.privacy_metrics()["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5))
+
+
+def test_secure_aggregation_feeds_one_presummed_update() -> None:
+    """Under secure aggregation the aggregator receives the unit-weight mean of n updates."""
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=1e-9, clipping_norm=1.0, secure_aggregation=True
+    )
+    dp.configure_fit(1, _workers(4), TrainConfig())
+    g = _global()
+    agg = dp.start_aggregation(1, g)
+    agg.add({"w": np.full(D, 0.001), "steps": g["steps"]}, 4)  # the mean of 4 clipped deltas
+    new = dp.aggregate_fit(1, g, agg.result(), [], [])
+    assert dp.privacy_metrics()["aggregated"] == 4
+    np.testing.assert_allclose(new["w"], 0.001, atol=1e-6)
+
+
+def test_central_mode_reclips_what_it_can_see() -> None:
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1e-9, clipping_norm=1.0)
+    dp.configure_fit(1, _workers(1), TrainConfig())
+    g = _global()
+    agg = dp.start_aggregation(1, g)
+    agg.add({"w": np.full(D, 10.0), "steps": g["steps"]}, 1)  # a worker that did not clip
+    new = dp.aggregate_fit(1, g, agg.result(), [], [])
+    assert float(np.linalg.norm(new["w"])) == pytest.approx(1.0, rel=1e-6)
+
+
+class _Median(Strategy):
+    needs_individual_updates = True
+
+    def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:
+        raise NotImplementedError
+
+
+def test_refusals() -> None:
+    with pytest.raises(ConfigError, match="individual updates"):
+        DifferentialPrivacy(_Median(), noise_multiplier=1.0, clipping_norm=1.0)
+    with pytest.raises(ConfigError, match="calibrate"):
+        DifferentialPrivacy(FedAvg(), noise_multiplier=None, clipping_norm=1.0)
+    with pytest.raises(ConfigError, match="distributed"):
+        DifferentialPrivacy(
+            FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, mode="distributed",
+            adaptive=AdaptiveClipping(clip_norm=1.0),
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="count noise"):
+        DifferentialPrivacy(
+            FedAvg(), noise_multiplier=4.0, clipping_norm=1.0,
+            adaptive=AdaptiveClipping(clip_norm=1.0, count_noise_std=1.0),
+        )  # fmt: skip
+
+
+def test_state_dict_resumes_the_budget() -> None:
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
+    _round(dp, 1, _workers(2), [np.zeros(D)] * 2)
+    again = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
+    again.load_state_dict(dp.state_dict())
+    assert again.accountant.history == dp.accountant.history
+
+
+def test_worker_applies_the_plans_dp_to_any_trainer_result() -> None:
+    from fedcore.worker.privacy import apply_client_dp
+    from fedcore.worker.trainer import FitOutput
+
+    received = {"w": np.zeros(4, np.float32), "n": np.array(7)}
+    fit = FitOutput({"w": np.full(4, 2.0, np.float32), "n": np.array(9)}, 500, {"loss": 0.1})
+    assert apply_client_dp(fit, received, TrainConfig()) is fit  # no DP asked
+    config = TrainConfig(extra=ClientDP(clip_norm=1.0, report_unclipped=True).to_extra())
+    out = apply_client_dp(fit, received, config)
+    assert out.is_delta
+    assert out.num_examples == 1  # bounded weight
+    np.testing.assert_allclose(out.weights["w"], 0.5)
+    assert out.weights["n"] == 0
+    assert out.metrics == {"loss": 0.1, "dp_unclipped": 0.0}

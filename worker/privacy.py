@@ -1,0 +1,35 @@
+"""Client-level DP on the worker: what the plan's ``dp.*`` settings do to a training result.
+
+Applied by the runtime to every fit result, whatever :class:`~fedcore.worker.Trainer` produced
+it, before the update is sent or masked for secure aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedcore.plan import TrainConfig
+from fedcore.privacy import ClientDP, privatize_update
+from fedcore.weights import Weights
+
+from .trainer import FitOutput
+
+__all__ = ["apply_client_dp"]
+
+log = logging.getLogger("fedcore.worker")
+
+
+def apply_client_dp(fit: FitOutput, received: Weights, config: TrainConfig) -> FitOutput:
+    """``fit`` unchanged when the plan asks for no DP; else its clipped (and, in distributed
+    mode, noised) delta, with a weight of 1 (bounded weights: DP-FedAvg counts every worker
+    the same)."""
+    request = ClientDP.from_extra(config.extra)
+    if request is None:
+        return fit
+    private = privatize_update(received, fit.weights, request, is_delta=fit.is_delta)
+    log.info(
+        "update clipped to L2 norm %g%s",
+        request.clip_norm,
+        f", noise share std {request.noise_std:g} added" if request.noise_std else "",
+    )
+    return FitOutput(private.delta, 1, {**fit.metrics, **private.metrics}, is_delta=True)
