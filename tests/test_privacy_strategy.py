@@ -60,7 +60,7 @@ def test_workers_are_asked_to_clip_and_report_weight_one() -> None:
     configs = _round(dp, 1, _workers(3), [np.zeros(D)] * 3)[1]
     for config in configs:
         request = ClientDP.from_extra(config.extra)
-        assert request == ClientDP(clip_norm=0.5, noise_std=0.0)
+        assert request == ClientDP(clip_norm=0.5, noise_std=0.0, noise_multiplier=1.0)
 
 
 def test_aggregate_uses_uniform_weights_not_example_counts() -> None:
