@@ -43,8 +43,7 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 
 if TYPE_CHECKING:
-    from fedcore.plan import ModelSpec, TrainConfig
-    from fedcore.weights import Weights
+    pass
 
 # fedcore is imported only where needed: importing it loads torch, which the floor's processes
 # (pure gRPC) must not pay for, nor carry in their memory.
@@ -72,21 +71,8 @@ class BenchError(Exception):
 
 
 def _echo_trainer() -> Any:
-    """The echo :class:`~fedcore.worker.Trainer` (defined lazily: importing it loads torch)."""
-    from fedcore.worker import EvalOutput, FitOutput, Trainer
-
-    class EchoTrainer(Trainer):
-        """Trains nothing: ``fit`` returns the received weights, unchanged and uncopied."""
-
-        @property
-        def num_examples(self) -> int:
-            return 1
-
-        def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
-            return FitOutput(weights, 1)
-
-        def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
-            return EvalOutput(1, {})
+    """The echo trainer (imported lazily: importing the worker package loads torch)."""
+    from fedcore.worker import EchoTrainer
 
     return EchoTrainer()
 

@@ -30,22 +30,8 @@ BIN = Path(sys.executable).parent
 
 def _workers_main(args: argparse.Namespace) -> int:
     """Run ``--count`` echo workers in this process until the federation is over."""
-    from fedcore.worker import EvalOutput, FitOutput, Trainer, Worker
+    from fedcore.worker import EchoTrainer, Worker
     from fedcore.worker.runtime import _CHANNEL_OPTIONS
-
-    from fedcore.plan import ModelSpec, TrainConfig
-    from fedcore.weights import Weights
-
-    class Echo(Trainer):
-        @property
-        def num_examples(self) -> int:
-            return 1
-
-        def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
-            return FitOutput(weights, 1)
-
-        def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
-            return EvalOutput(1, {})
 
     def channel(target: str) -> grpc.aio.Channel:
         # One TCP connection per worker, as separate machines would have.
@@ -57,7 +43,7 @@ def _workers_main(args: argparse.Namespace) -> int:
             Worker(
                 args.server,
                 f"{args.prefix}{i}",
-                Echo(),
+                EchoTrainer(),
                 backoff_initial=0.2,
                 backoff_max=2.0,
                 give_up_after=300,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .policy import PolicyGuard
 from .runtime import Worker, WorkerState
-from .trainer import EvalOutput, FitOutput, TorchTrainer, Trainer, TrainingFailed
+from .trainer import EchoTrainer, EvalOutput, FitOutput, TorchTrainer, Trainer, TrainingFailed
 
 __all__ = [
+    "EchoTrainer",
     "EvalOutput",
     "FitOutput",
     "PolicyGuard",

@@ -27,7 +27,7 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
-__all__ = ["EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
+__all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
 
 
 class TrainingFailed(FedcoreError):
@@ -168,3 +168,20 @@ class TorchTrainer(Trainer):
         set_weights(net, weights)
         result = self._eval_fn(net, self._eval_data, self._device)
         return EvalOutput(result.num_examples, {"loss": result.loss, "accuracy": result.accuracy})
+
+
+class EchoTrainer(Trainer):
+    """Trains nothing: ``fit`` returns the received weights unchanged (and uncopied).
+
+    For protocol benchmarks and load tests, where only the transport is being measured.
+    """
+
+    @property
+    def num_examples(self) -> int:
+        return 1
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        return FitOutput(weights, 1)
+
+    def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
+        return EvalOutput(1, {})
