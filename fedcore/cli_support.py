@@ -8,13 +8,18 @@ import logging
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, FedcoreError
 
-__all__ = ["add_common_flags", "configure_logging", "parse_args_with_config"]
+__all__ = [
+    "add_common_flags",
+    "configure_logging",
+    "parse_args_with_config",
+    "run_cli",
+]
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -111,3 +116,16 @@ def configure_logging(args: argparse.Namespace, prefix: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("fedcore").setLevel(level)
+
+
+def run_cli(prog: str, body: Callable[[], None]) -> int:
+    """Run a command's body; a fedcore error becomes ``PROG: error: ...`` and exit 2 (no
+    traceback), Ctrl-C exit 130, success exit 0."""
+    try:
+        body()
+    except FedcoreError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.compression import SCHEMES
-from fedcore.errors import ConfigError, FedcoreError
+from fedcore.errors import ConfigError
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
@@ -419,17 +419,14 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("fed-server", lambda: _run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
-    try:
-        args = parse_args_with_config(parser, argv)
-        configure_logging(args, "fed-server")
-        asyncio.run(_serve(config_from_args(args)))
-    except FedcoreError as exc:
-        print(f"fed-server: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    args = parse_args_with_config(parser, argv)
+    configure_logging(args, "fed-server")
+    asyncio.run(_serve(config_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config
+from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
-from fedcore.errors import ConfigError, FedcoreError
+from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec
 from fedcore.policy import RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
@@ -209,75 +209,72 @@ async def _serve(worker: Worker) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("fed-worker", lambda: _run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    configure_logging(args, "fed-worker")
+    if not args.server or not args.data:
+        raise ConfigError("--server and --data are required (see fed-worker --help)")
+    channel_factory = _channel_factory(args)
+    token = _token(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        args = parse_args_with_config(parser, argv)
-        configure_logging(args, "fed-worker")
-        if not args.server or not args.data:
-            raise ConfigError("--server and --data are required (see fed-worker --help)")
-        channel_factory = _channel_factory(args)
-        token = _token(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        try:
-            params = json.loads(args.model_params)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
-        extra: dict[str, Any] = {}
-        if args.dpsgd_noise_multiplier is not None:
-            extra["train_fn"] = DPSGD(
-                noise_multiplier=args.dpsgd_noise_multiplier,
-                max_grad_norm=args.dpsgd_clip,
-                delta=args.dpsgd_delta,
-                max_epsilon=args.dpsgd_max_epsilon,
-            )
-        elif args.dpsgd_max_epsilon is not None:
-            raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
-        shard = load_shard(args.data)
-        trainer = TorchTrainer(
-            shard,
-            eval_data=load_shard(args.eval_data) if args.eval_data else None,
-            model=ModelSpec(args.model, params) if args.model else None,
-            device=args.device,
-            **extra,
+        params = json.loads(args.model_params)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
+    extra: dict[str, Any] = {}
+    if args.dpsgd_noise_multiplier is not None:
+        extra["train_fn"] = DPSGD(
+            noise_multiplier=args.dpsgd_noise_multiplier,
+            max_grad_norm=args.dpsgd_clip,
+            delta=args.dpsgd_delta,
+            max_epsilon=args.dpsgd_max_epsilon,
         )
-        name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-        dataset = _dataset_metadata(args, len(shard))
-        guard = None
-        if args.policy is not None:
-            guard = PolicyGuard(
-                load_policy(args.policy),
-                num_examples=len(shard),
-                record_dp=(
-                    RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
-                    if args.dpsgd_noise_multiplier is not None
-                    else None
-                ),
-                coordinator_identity=_coordinator_identity(args),
-            )
-            log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
-            if dataset is not None:
-                dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
+    elif args.dpsgd_max_epsilon is not None:
+        raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
+    shard = load_shard(args.data)
+    trainer = TorchTrainer(
+        shard,
+        eval_data=load_shard(args.eval_data) if args.eval_data else None,
+        model=ModelSpec(args.model, params) if args.model else None,
+        device=args.device,
+        **extra,
+    )
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    dataset = _dataset_metadata(args, len(shard))
+    guard = None
+    if args.policy is not None:
+        guard = PolicyGuard(
+            load_policy(args.policy),
+            num_examples=len(shard),
+            record_dp=(
+                RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
+                if args.dpsgd_noise_multiplier is not None
+                else None
+            ),
+            coordinator_identity=_coordinator_identity(args),
+        )
+        log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
         if dataset is not None:
-            log.info("advertising dataset %s", dataset.summary())
-        worker = Worker(
-            args.server,
-            name,
-            trainer,
-            max_model_bytes=args.max_model_bytes,
-            give_up_after=args.give_up_after or None,
-            guard=guard,
-            dataset=dataset,
-            channel_factory=channel_factory,
-            token=token,
-        )
-        asyncio.run(_serve(worker))
-    except FedcoreError as exc:
-        print(f"fed-worker: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+            dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
+    if dataset is not None:
+        log.info("advertising dataset %s", dataset.summary())
+    worker = Worker(
+        args.server,
+        name,
+        trainer,
+        max_model_bytes=args.max_model_bytes,
+        give_up_after=args.give_up_after or None,
+        guard=guard,
+        dataset=dataset,
+        channel_factory=channel_factory,
+        token=token,
+    )
+    asyncio.run(_serve(worker))
 
 
 if __name__ == "__main__":
