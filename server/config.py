@@ -36,7 +36,9 @@ class ServerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     eval_data: Path | None = None
-    eval_batch_size: int = 1000
+    # Small batches keep activations in cache: 10k MNIST test images evaluate in 2.8 s at 128
+    # against 4.5 s at 1000 on one thread (mnist-cnn).
+    eval_batch_size: int = 128
     fed_eval_every: int | None = None
     metrics_out: Path | None = None
     save_model: Path | None = None

@@ -1,5 +1,5 @@
 """The FedProx proximal term in the default training loop, against autograd on the explicit
-objective ``loss(w) + mu/2 ||w - w0||^2`` (Li et al. 2020)."""
+objective ``loss(w) + mu/2 ||w - w0||^2`` (Li et al. 2020); the CPU fast layout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedcore.data import ArrayDataset
+from fedcore.data import ArrayDataset, load_mnist
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import train
@@ -57,3 +57,34 @@ def test_a_large_mu_keeps_the_model_near_the_global_one() -> None:
         return sum(float(np.sum((w - start[k]) ** 2)) for k, w in get_weights(model).items())
 
     assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_fast_layout_changes_speed_not_results() -> None:
+    """Channels-last training and evaluation give the weights and metrics of the default layout
+    (up to float rounding), and get_weights still returns contiguous arrays."""
+    import fedcore.training as training
+
+    x, y = load_mnist("train")
+    data = ArrayDataset(x[:256], y[:256])
+    config = TrainConfig(batch_size=32, learning_rate=0.05, seed=3)
+    results = {}
+    for layout in ("channels_last", "default"):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec("mnist-cnn"))
+        if layout == "default":
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(training, "use_fast_layout", lambda model, device: None)
+                result = training.train(model, data, config)
+                metrics = training.evaluate(model, data)
+        else:
+            result = training.train(model, data, config)
+            metrics = training.evaluate(model, data)
+            assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        weights = get_weights(model)
+        assert all(w.flags["C_CONTIGUOUS"] for w in weights.values())
+        results[layout] = (result.loss, metrics.accuracy, weights)
+    fast, default = results["channels_last"], results["default"]
+    assert fast[0] == pytest.approx(default[0], rel=1e-4)
+    assert fast[1] == pytest.approx(default[1], abs=1 / 256)
+    for name, w in default[2].items():
+        np.testing.assert_allclose(fast[2][name], w, rtol=1e-3, atol=1e-4)
