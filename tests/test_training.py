@@ -71,6 +71,7 @@ def test_fast_layout_changes_speed_not_results() -> None:
     for layout in ("channels_last", "default"):
         torch.manual_seed(0)
         model = build_model(ModelSpec("mnist-cnn"))
+        initial = get_weights(model)
         if layout == "default":
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(training, "use_fast_layout", lambda model, device: None)
@@ -82,9 +83,11 @@ def test_fast_layout_changes_speed_not_results() -> None:
             assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         weights = get_weights(model)
         assert all(w.flags["C_CONTIGUOUS"] for w in weights.values())
-        results[layout] = (result.loss, metrics.accuracy, weights)
+        delta = np.concatenate([(weights[k] - initial[k]).ravel() for k in weights])
+        results[layout] = (result.loss, metrics.accuracy, delta)
     fast, default = results["channels_last"], results["default"]
     assert fast[0] == pytest.approx(default[0], rel=1e-4)
     assert fast[1] == pytest.approx(default[1], abs=1 / 256)
-    for name, w in default[2].items():
-        np.testing.assert_allclose(fast[2][name], w, rtol=1e-3, atol=1e-4)
+    # The updates agree up to float rounding, which 8 SGD steps amplify to ~1%; a layout bug
+    # (weights read transposed, say) would give an unrelated update.
+    assert np.linalg.norm(fast[2] - default[2]) < 0.02 * np.linalg.norm(default[2])
