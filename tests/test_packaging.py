@@ -1,4 +1,5 @@
-"""The wheel installs one namespace: fedcore, fedcore.server, fedcore.worker — and the data."""
+"""The wheel installs one namespace: fedcore, fedcore.server, fedcore.worker — and the data;
+the CLIs start without the heavy optional libraries."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def test_wheel_maps_server_and_worker_into_fedcore(tmp_path: Path) -> None:
     entry_points = zipfile.ZipFile(wheel).read("fedcore-0.1.0.dist-info/entry_points.txt").decode()
     for script in ("fed-server = fedcore.server.cli:main", "fed-worker = fedcore.worker.cli:main"):
         assert script in entry_points
+
+
+def test_the_clis_load_differential_privacy_libraries_only_when_used() -> None:
+    """dp-accounting (scipy) and Opacus cost about a second per process; a coordinator or a
+    worker without DP must not import them at start-up."""
+    code = (
+        "import sys, fedcore.server.cli, fedcore.worker.cli\n"
+        "print(sorted(m for m in ('opacus', 'dp_accounting', 'scipy') if m in sys.modules))\n"
+        "from fedcore.privacy import PrivacyAccountant\n"
+        "a = PrivacyAccountant()\n"
+        "a.step(noise_multiplier=1.0, sample_rate=0.1)\n"
+        "print(a.get_epsilon(delta=1e-5) > 0, 'dp_accounting' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True True"  # and they load on first use

@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import dp_accounting
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import TYPE_CHECKING, Any
 
 from fedcore.errors import LedgerError
+from fedcore.privacy.accountant import gaussian_event
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 __all__ = ["Charge", "PrivacyLedger", "epsilon_of"]
 
@@ -63,12 +64,9 @@ class Charge:
             raise LedgerError(f"a charge needs at least 1 step, got {self.steps}")
 
     def event(self) -> dp_accounting.DpEvent:
-        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        if self.sample_rate < 1:
-            event = dp_accounting.PoissonSampledDpEvent(self.sample_rate, event)
-        if self.steps > 1:
-            event = dp_accounting.SelfComposedDpEvent(event, self.steps)
-        return event
+        return gaussian_event(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps
+        )
 
 
 def epsilon_of(charges: Sequence[Charge], *, delta: float) -> float:
@@ -77,6 +75,8 @@ def epsilon_of(charges: Sequence[Charge], *, delta: float) -> float:
         raise LedgerError(f"delta must be in (0, 1), got {delta}")
     if not charges:
         return 0.0
+    from dp_accounting.rdp import rdp_privacy_accountant  # scipy: imported on first use
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     for charge in charges:
         accountant.compose(charge.event())

@@ -17,13 +17,15 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
-
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp-accounting is imported where it is used, not here: it pulls in scipy (about a second per
+# process), which coordinators and workers that run without differential privacy never need.
 
 __all__ = [
     "Mechanism",
@@ -50,6 +52,8 @@ def gaussian_event(
     *, noise_multiplier: float, sample_rate: float, steps: int = 1
 ) -> dp_accounting.DpEvent:
     """``steps`` compositions of the Poisson-subsampled Gaussian mechanism."""
+    import dp_accounting
+
     _check(noise_multiplier, sample_rate)
     event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sample_rate < 1:
@@ -70,6 +74,9 @@ def _quiet_absl() -> Iterator[None]:
 
 
 def _fresh(mechanism: Mechanism) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if mechanism == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if mechanism == "pld":
@@ -166,6 +173,8 @@ def calibrate_noise_multiplier(
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
     _check(1.0, sample_rate)
+    import dp_accounting
+
     try:
         with _quiet_absl():
             z = dp_accounting.calibrate_dp_mechanism(

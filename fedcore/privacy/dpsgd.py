@@ -18,13 +18,9 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -33,6 +29,12 @@ from fedcore.plan import TrainConfig
 from fedcore.training import Batch, TrainResult, make_optimizer
 
 from .accountant import Mechanism, PrivacyAccountant
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+# Opacus is imported when a DP-SGD silo first trains, not here: it costs most of a second per
+# process (torch.distributed, scipy), which workers without DP-SGD never need.
 
 __all__ = ["DPSGD", "DPSGD_METRICS"]
 
@@ -121,6 +123,11 @@ class DPSGD:
     def __call__(
         self, model: nn.Module, dataset: Dataset[Batch], config: TrainConfig, device: torch.device
     ) -> TrainResult:
+        from opacus.data_loader import DPDataLoader
+        from opacus.grad_sample import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ConfigError("DP-SGD needs a non-empty training set")
