@@ -85,7 +85,16 @@ def summary_table(rows: list[RoundMetrics]) -> Table:
     """The end-of-run table: one row per round."""
     eps = any(epsilon_of(m) is not None for m in rows)
     table = Table(title="federation summary", title_justify="left")
-    for name in ("round", "workers", "accuracy", "loss", "train loss", "time s", "elapsed s"):
+    for name in (
+        "round",
+        "workers",
+        "accuracy",
+        "loss",
+        "train loss",
+        "fit s",
+        "eval s",
+        "elapsed s",
+    ):
         table.add_column(name, justify="right")
     table.add_column("sent MB", justify="right")
     table.add_column("recv MB", justify="right")
@@ -99,7 +108,8 @@ def summary_table(rows: list[RoundMetrics]) -> Table:
             _pct(_accuracy(m)),
             f"{loss:.4f}" if loss is not None else "-",
             f"{m.train['loss']:.4f}" if "loss" in m.train else "-",
-            f"{m.duration_s:.1f}",
+            f"{m.fit_s:.1f}",
+            f"{m.eval_s:.1f}",
             f"{m.elapsed_s:.1f}",
             f"{m.bytes_sent / 1e6:.1f}",
             f"{m.bytes_received / 1e6:.1f}",

@@ -71,7 +71,8 @@ class MetricsWriter:
         "accuracy",
         "loss",
         "train_loss",
-        "time_s",
+        "fit_s",
+        "eval_s",
         "sent_MB",
         "recv_MB",
     )
@@ -112,7 +113,8 @@ class MetricsWriter:
             f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
             f"{loss:.4f}" if loss is not None else "-",
             f"{metrics.train['loss']:.4f}" if "loss" in metrics.train else "-",
-            f"{metrics.duration_s:.1f}",
+            f"{metrics.fit_s:.1f}",
+            f"{metrics.eval_s:.1f}",
             f"{metrics.bytes_sent / 1e6:.1f}",
             f"{metrics.bytes_received / 1e6:.1f}",
         ]

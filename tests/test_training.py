@@ -3,6 +3,8 @@ objective ``loss(w) + mu/2 ||w - w0||^2`` (Li et al. 2020); the CPU fast layout.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -74,13 +76,14 @@ def test_fast_layout_changes_speed_not_results() -> None:
         initial = get_weights(model)
         if layout == "default":
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(training, "use_fast_layout", lambda model, device: None)
+                mp.setattr(training, "fast_layout", lambda model, device: nullcontext())
                 result = training.train(model, data, config)
                 metrics = training.evaluate(model, data)
         else:
             result = training.train(model, data, config)
             metrics = training.evaluate(model, data)
-            assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        # Either way the model is left in the default layout for whoever uses it next.
+        assert model.conv1.weight.is_contiguous()
         weights = get_weights(model)
         assert all(w.flags["C_CONTIGUOUS"] for w in weights.values())
         delta = np.concatenate([(weights[k] - initial[k]).ravel() for k in weights])
@@ -91,3 +94,18 @@ def test_fast_layout_changes_speed_not_results() -> None:
     # The updates agree up to float rounding, which 8 SGD steps amplify to ~1%; a layout bug
     # (weights read transposed, say) would give an unrelated update.
     assert np.linalg.norm(fast[2] - default[2]) < 0.02 * np.linalg.norm(default[2])
+
+
+def test_fast_layout_is_channels_last_for_conv_models_on_the_cpu_only() -> None:
+    import fedcore.training as training
+
+    cpu = torch.device("cpu")
+    model = build_model(ModelSpec("mnist-cnn"))
+    with training.fast_layout(model, cpu) as layout:
+        assert layout == torch.channels_last
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous()
+    with training.fast_layout(build_model(ModelSpec("mnist-mlp")), cpu) as layout:
+        assert layout is None
+    with training.fast_layout(model, torch.device("meta")) as layout:
+        assert layout is None
