@@ -277,6 +277,7 @@ def test_bench_mnist_smoke(tmp_path: Path) -> None:
             "--compare",
             "plain",
             "int8:compression=int8,scheme=dirichlet,alpha=1",
+            "dpsgd:worker=--dpsgd-noise-multiplier 1.0",
         ],
         capture_output=True,
         text=True,
@@ -284,7 +285,7 @@ def test_bench_mnist_smoke(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads((out / "results.json").read_text())
-    plain, int8 = results["runs"]
+    plain, int8, dpsgd = results["runs"]
     assert [r["round"] for r in plain["rounds"]] == [1, 2]
     assert int8["config"]["scheme"] == "dirichlet"
     for r in plain["rounds"] + int8["rounds"]:
@@ -295,6 +296,10 @@ def test_bench_mnist_smoke(tmp_path: Path) -> None:
     up_plain = plain["rounds"][0]["bytes_received"]
     assert 3.5 < up_plain / int8["rounds"][0]["bytes_received"] < 4.5
     assert plain["target"]["round"] in (1, 2, None)
+    # DP-SGD silos report their own epsilon, which grows round over round; plain has none.
+    eps = [r["epsilon"] for r in dpsgd["rounds"]]
+    assert 0 < eps[0] < eps[1], eps
+    assert all(r["epsilon"] is None for r in plain["rounds"])
     table = (out / "results.md").read_text()
     assert "| plain |" in table
     assert "| int8 |" in table
