@@ -80,10 +80,19 @@ def test_fast_layout_changes_speed_not_results() -> None:
                 result = training.train(model, data, config)
                 metrics = training.evaluate(model, data)
         else:
+            # Spy: the convolution must see channels-last weights while training and evaluating.
+            seen: list[bool] = []
+            model.conv2.register_forward_pre_hook(  # conv1 (1 channel) fits both layouts
+                lambda m, _, seen=seen: seen.append(
+                    m.weight.is_contiguous(memory_format=torch.channels_last)
+                )
+            )
             result = training.train(model, data, config)
             metrics = training.evaluate(model, data)
+            assert seen
+            assert all(seen)
         # Either way the model is left in the default layout for whoever uses it next.
-        assert model.conv1.weight.is_contiguous()
+        assert model.conv2.weight.is_contiguous()
         weights = get_weights(model)
         assert all(w.flags["C_CONTIGUOUS"] for w in weights.values())
         delta = np.concatenate([(weights[k] - initial[k]).ravel() for k in weights])
@@ -103,8 +112,8 @@ def test_fast_layout_is_channels_last_for_conv_models_on_the_cpu_only() -> None:
     model = build_model(ModelSpec("mnist-cnn"))
     with training.fast_layout(model, cpu) as layout:
         assert layout == torch.channels_last
-        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert model.conv1.weight.is_contiguous()
+        assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv2.weight.is_contiguous()
     with training.fast_layout(build_model(ModelSpec("mnist-mlp")), cpu) as layout:
         assert layout is None
     with training.fast_layout(model, torch.device("meta")) as layout:
