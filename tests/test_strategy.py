@@ -378,13 +378,17 @@ def test_fedbuff_aggregator_matches_numpy() -> None:
 
 
 def test_sampling_is_a_seeded_fraction_with_a_minimum() -> None:
-    workers = [WorkerInfo(f"w{i:02d}", f"n{i}", 10) for i in range(20)]
+    workers = [WorkerInfo(f"w{i:02d}", f"n{i:02d}", 10) for i in range(20)]
     sampler = ClientSampler(fraction=0.25, min_workers=2, seed=3)
     chosen = sampler.sample(5, workers)
     assert len(chosen) == 5
     expected = np.random.default_rng([3, 5]).choice(20, size=5, replace=False)
     assert [w.worker_id for w in chosen] == [f"w{i:02d}" for i in sorted(expected)]
     assert sampler.sample(5, list(reversed(workers))) == chosen  # order of arrival is irrelevant
+    # The coordinator numbers workers as they join: the same names joining in another order
+    # (other ids) are drawn the same, so a simulation and a deployment sample the same cohort.
+    rejoined = [WorkerInfo(f"w{19 - i:02d}", f"n{i:02d}", 10) for i in range(20)]
+    assert [w.name for w in sampler.sample(5, rejoined)] == [w.name for w in chosen]
     assert sampler.sample(6, workers) != chosen
     assert ClientSampler(fraction=0.25, min_workers=2, seed=4).sample(5, workers) != chosen
     assert len(ClientSampler(fraction=0.01, min_workers=2).sample(1, workers)) == 2

@@ -22,8 +22,10 @@ class ClientSampler:
     """Sample ``max(min_workers, ceil(fraction * n))`` of the ``n`` available workers (all of
     them when fewer are available), uniformly without replacement.
 
-    The draw depends only on ``seed``, the round number and the set of worker ids, so a round
-    is reproducible (and a restarted coordinator draws the same cohort). ``fraction=1`` (the
+    The draw depends only on ``seed``, the round number and the set of worker names, so a
+    round is reproducible: a restarted coordinator, or a simulation whose workers join in
+    another order, draws the same cohort. (Names, not ids: the coordinator numbers workers in
+    the order they join, names are unique in a federation and chosen by the workers.) ``fraction=1`` (the
     default) takes every worker, as in McMahan et al. (2017) with C = 1.
     """
 
@@ -43,8 +45,8 @@ class ClientSampler:
         return min(wanted, available)
 
     def sample(self, round_number: int, workers: Sequence[WorkerInfo]) -> list[WorkerInfo]:
-        """The workers of ``round_number``, in worker-id order."""
-        ordered = sorted(workers, key=lambda w: w.worker_id)
+        """The workers of ``round_number``, in name order."""
+        ordered = sorted(workers, key=lambda w: w.name)
         k = self.num_sampled(len(ordered))
         if k == len(ordered):
             return ordered
