@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="iid",
         help="split scheme, as fed-data split --scheme (default: %(default)s)",
     )
-    d.add_argument("--alpha", type=float, default=0.5, help="dirichlet alpha (default: %(default)s)")
+    d.add_argument(
+        "--alpha", type=float, default=0.5, help="dirichlet alpha (default: %(default)s)"
+    )
     d.add_argument(
         "--classes-per-shard",
         type=int,

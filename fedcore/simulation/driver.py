@@ -167,4 +167,3 @@ async def simulate(
         engine=engine.name,
         errors=errors,
     )
-

@@ -45,7 +45,7 @@ class LocalEngine:
     async def run(self, hosts: Sequence[HostSpec]) -> list[HostReport]:
         procs: list[asyncio.subprocess.Process] = []
         try:
-            for spec in hosts:
+            for _ in hosts:
                 procs.append(
                     await asyncio.create_subprocess_exec(
                         sys.executable,
@@ -57,7 +57,10 @@ class LocalEngine:
                     )
                 )
             outputs = await asyncio.gather(
-                *(p.communicate(spec.to_json().encode()) for p, spec in zip(procs, hosts, strict=True))
+                *(
+                    p.communicate(spec.to_json().encode())
+                    for p, spec in zip(procs, hosts, strict=True)
+                )
             )
         finally:
             # Cancelled (the coordinator failed) or failed: no host outlives the simulation.

@@ -31,9 +31,17 @@ import torch
 
 from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.training import warm_up
 from fedcore.worker import PolicyGuard, Worker
 
-from .clients import HostSpec, WorkerSettings, client_name, client_shards, load_source, shard_dataset
+from .clients import (
+    HostSpec,
+    WorkerSettings,
+    client_name,
+    client_shards,
+    load_source,
+    shard_dataset,
+)
 from .trainer import TransientTrainer
 
 __all__ = ["HostReport", "main", "run_host"]
@@ -115,9 +123,7 @@ def _make_worker(
                 else None
             ),
         )
-    worker = Worker(
-        spec.server, name, trainer, guard=guard, give_up_after=settings.give_up_after
-    )
+    worker = Worker(spec.server, name, trainer, guard=guard, give_up_after=settings.give_up_after)
     return worker, trainer
 
 
@@ -131,6 +137,8 @@ async def run_host(spec: HostSpec) -> HostReport:
     """Run ``spec``'s virtual workers until the coordinator ends the federation."""
     started = time.perf_counter()
     torch.set_num_threads(spec.workers.threads)
+    # Torch's one-time imports now, before joining, not inside round 1 (see training.warm_up).
+    await asyncio.to_thread(warm_up)
     x, y = load_source(spec.data)
     shards = client_shards(spec.data, y)
     policy = _load_policy(spec.workers)

@@ -1,0 +1,337 @@
+"""fed-sim: virtual workers with the deployment's code, on the local and the Ray engine.
+
+Equality is to within float32 summation order: FedAvg folds updates into its running sum in
+the order they arrive, which differs between runs, so the global models may differ in the
+last bits (observed: up to ~1e-8); everything else (shards, sampled cohorts, per-client
+training with one torch thread and the plan's seed) is identical. The tolerance is 1e-6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import Proc, start_server, start_worker
+from fedcore.server import Coordinator, FederationResult, ServerConfig
+from fedcore.server.cli import config_from_args
+from fedcore.worker import FitOutput
+from safetensors.numpy import load_file
+from torch import nn
+
+from fedcore.data import load_mnist, partition, save_shard
+from fedcore.data.cli import main as fed_data
+from fedcore.errors import RoundFailedError
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.simulation import (
+    DataSpec,
+    HostSpec,
+    LocalEngine,
+    RayEngine,
+    SimulationResult,
+    TransientTrainer,
+    WorkerSettings,
+    client_name,
+    client_shards,
+    host_specs,
+    load_source,
+    run_host,
+    simulate,
+)
+from fedcore.simulation.cli import build_parser
+from fedcore.simulation.cli import main as fed_sim
+from fedcore.simulation.clients import shard_dataset
+from fedcore.training import TrainResult
+
+TOLERANCE = 1e-6
+
+
+def sim_config(*flags: str) -> ServerConfig:
+    """A coordinator configured from fed-sim's flags (as the CLI does)."""
+    return config_from_args(build_parser().parse_args(["--num-clients", "1", *flags]))
+
+
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sim") / "test.npz"
+    tx, ty = load_mnist("test")
+    save_shard(path, tx[:500], ty[:500])
+    return path
+
+
+def _federation_flags(test_set: Path, clients: int, fraction: float) -> list[str]:
+    return [
+        "--model",
+        "logreg",
+        "--rounds",
+        "2",
+        "--min-workers",
+        str(clients),
+        "--lr",
+        "0.1",
+        "--seed",
+        "3",
+        "--eval-data",
+        str(test_set),
+        "--strategy-options",
+        f'{{"fraction-fit": {fraction}, "sample-seed": 5}}',
+        "--heartbeat-interval",
+        "0.5",
+    ]
+
+
+def _assert_same_federation(a: FederationResult, b: FederationResult) -> None:
+    assert [r.workers for r in a.rounds] == [r.workers for r in b.rounds]
+    assert set(a.weights) == set(b.weights)
+    for name in a.weights:
+        np.testing.assert_allclose(a.weights[name], b.weights[name], rtol=0, atol=TOLERANCE)
+    for ra, rb in zip(a.rounds, b.rounds, strict=True):
+        assert ra.train["loss"] == pytest.approx(rb.train["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_clients_get_fed_data_split_shards(tmp_path: Path) -> None:
+    """A virtual client's shard holds the same tensors as fed-data split's shard file."""
+    spec = DataSpec(num_clients=5, max_examples=400, scheme="shards", seed=7)
+    split = ["split", "--out", str(tmp_path), "--num-shards", "5", "--scheme", "shards"]
+    assert fed_data([*split, "--seed", "7", "--max-examples", "400"]) == 0
+    x, y = load_source(spec)
+    shards = client_shards(spec, y)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(400))
+    from fedcore.data import load_shard
+
+    for i, indices in enumerate(shards):
+        mine, theirs = shard_dataset(x, y, indices), load_shard(tmp_path / f"shard-{i}.npz")
+        assert torch.equal(mine.x, theirs.x)
+        assert torch.equal(mine.y, theirs.y)
+        assert len(set(mine.y.tolist())) <= 2  # the pathological split: two classes each
+
+
+def test_hosts_share_the_clients_out() -> None:
+    specs = host_specs("127.0.0.1:1", DataSpec(num_clients=10), 3, concurrency=2)
+    assert [s.clients for s in specs] == [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
+    assert HostSpec.from_json(specs[1].to_json()) == specs[1]
+    assert len(host_specs("127.0.0.1:1", DataSpec(num_clients=2), 8)) == 2
+    assert [client_name(i, 1000) for i in (0, 7, 999)] == ["client-000", "client-007", "client-999"]
+
+
+def test_virtual_workers_keep_no_model_and_train_a_bounded_number_at_once() -> None:
+    x, y = load_mnist("train")
+    spec = DataSpec(num_clients=12, max_examples=600)
+    shards = client_shards(spec, y[:600].astype(np.int64))
+    slots = threading.BoundedSemaphore(2)
+    running, most = 0, 0
+    lock = threading.Lock()
+    models: list[weakref.ref[nn.Module]] = []
+
+    def counting_train(
+        model: nn.Module, data: Any, config: TrainConfig, device: torch.device
+    ) -> TrainResult:
+        nonlocal running, most
+        with lock:
+            models.append(weakref.ref(model))
+            running += 1
+            most = max(most, running)
+        try:
+            # Long enough that the other threads pile up on the slots.
+            threading.Event().wait(0.05)
+            return TrainResult(len(data), 0.0, 0.0, 0.0)
+        finally:
+            with lock:
+                running -= 1
+
+    trainers = [
+        TransientTrainer(
+            lambda idx=idx: shard_dataset(x, y, idx), len(idx), slots, train_fn=counting_train
+        )
+        for idx in shards
+    ]
+    model = ModelSpec("logreg")
+    from fedcore.models import build_model, get_weights
+
+    weights = get_weights(build_model(model))
+    outputs: list[FitOutput] = []
+    threads = [
+        threading.Thread(target=lambda t=t: outputs.append(t.fit(model, weights, TrainConfig())))
+        for t in trainers
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outputs) == 12
+    assert most == 2
+    gc.collect()
+    assert len(models) == 12
+    assert all(ref() is None for ref in models)  # every model was released after its task
+    assert [t.num_examples for t in trainers] == [len(i) for i in shards]
+
+
+def test_deployment_only_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fed_sim(["--num-clients", "2", "--enrolled", "enrolled.json"]) == 2
+    assert "--enrolled is not supported by fed-sim" in capsys.readouterr().err
+    assert fed_sim(["--num-clients", "2", "--ray-address", "auto"]) == 2
+    assert "--ray-address needs --engine ray" in capsys.readouterr().err
+    assert fed_sim(["--num-clients", "0"]) == 2
+    assert "--num-clients must be at least 1" in capsys.readouterr().err
+
+
+def test_ray_is_imported_only_for_the_ray_engine() -> None:
+    code = (
+        "import sys, fedcore.simulation.cli as c;"
+        "c.build_parser().parse_args(['--num-clients', '3']);"
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "[secure-aggregation]\nrequired = true\n"
+        '[differential-privacy]\nrequired = "client-level"\n'
+        '[budget]\nstudy = "sim"\nepsilon = 100.0\ndelta = 1e-3\nledger = "unused.json"\n'
+    )
+    return path
+
+
+async def _in_process(config: ServerConfig, spec: HostSpec) -> tuple[object, Any]:
+    """A coordinator and one host's virtual workers on this event loop."""
+    threads = torch.get_num_threads()
+    coordinator = Coordinator(config)
+    serving = asyncio.create_task(coordinator.run())
+    await asyncio.wait_for(coordinator.ready.wait(), 30)
+    spec = HostSpec(f"127.0.0.1:{coordinator.port}", spec.data, spec.clients, spec.workers)
+    try:
+        report = await asyncio.wait_for(run_host(spec), 120)
+        outcome: object = await asyncio.wait_for(
+            asyncio.gather(serving, return_exceptions=True), 60
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return outcome[0], report  # type: ignore[index]
+
+
+async def test_secagg_dp_and_policies_run_in_simulation(tmp_path: Path) -> None:
+    """Every virtual worker enforces its policy and keeps its own ledger; secure aggregation
+    and distributed client-level DP run as deployed."""
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    workers = WorkerSettings(policy=str(_policy(tmp_path)), ledger_dir=str(ledgers))
+    data = DataSpec(num_clients=5, max_examples=500)
+    flags = ["--model", "logreg", "--rounds", "1", "--min-workers", "5", "--round-retries", "0"]
+    flags += ["--fed-eval-every", "0", "--heartbeat-interval", "0.5"]
+    # Positive control: the plan the policy asks for (masked, noised updates) is accepted.
+    secure = sim_config(
+        *flags, "--secagg", "--dp-mode", "distributed", "--dp-noise-multiplier", "0.5"
+    )
+    result, report = await _in_process(secure, HostSpec("", data, tuple(range(5)), workers))
+    assert isinstance(result, FederationResult), result
+    assert result.rounds[0].workers == 5
+    assert result.rounds[0].epsilon is not None
+    assert report.errors == {}
+    assert report.refused == 0
+    files = sorted(ledgers.glob("*.json"))
+    assert [p.name for p in files] == [f"client-{i}.json" for i in range(5)]
+    assert all('"sim"' in p.read_text() for p in files)
+    # The attack on a policy: a plan without secure aggregation. Every virtual worker refuses.
+    plain = sim_config(*flags, "--dp-noise-multiplier", "0.5")
+    result, report = await _in_process(plain, HostSpec("", data, tuple(range(5)), workers))
+    assert isinstance(result, RoundFailedError), result
+    assert report.refused == 5
+
+
+# --------------------------------------------------------------------------- federations
+
+
+@pytest.fixture(scope="module")
+def twenty_clients_local(test_set: Path) -> SimulationResult:
+    config = sim_config(*_federation_flags(test_set, 20, 0.5))
+    data = DataSpec(num_clients=20, max_examples=2000, scheme="dirichlet", seed=1)
+    return asyncio.run(simulate(config, data, LocalEngine(), num_hosts=2))
+
+
+@pytest.mark.slow
+def test_local_engine_runs_twenty_virtual_workers(twenty_clients_local: SimulationResult) -> None:
+    result = twenty_clients_local
+    rows = result.federation.rounds
+    assert [r.workers for r in rows] == [10, 10]  # fraction-fit 0.5 of 20
+    assert (rows[-1].accuracy or 0.0) > 0.5, rows
+    assert [h.clients for h in result.hosts] == [10, 10]
+    assert sum(h.tasks for h in result.hosts) == 20
+    assert result.errors == {}
+    assert len({h.pid for h in result.hosts}) == 2
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_the_local_engines_result(
+    twenty_clients_local: SimulationResult, test_set: Path
+) -> None:
+    """Ray actors with 1 CPU each on a private 2-CPU Ray instance, shut down afterwards."""
+    pytest.importorskip("ray")
+    config = sim_config(*_federation_flags(test_set, 20, 0.5))
+    data = DataSpec(num_clients=20, max_examples=2000, scheme="dirichlet", seed=1)
+    engine = RayEngine(num_cpus=1, local_cpus=2, init_options={"log_to_driver": False})
+    result = asyncio.run(simulate(config, data, engine, num_hosts=2))
+    assert result.engine == "ray"
+    assert result.errors == {}
+    _assert_same_federation(result.federation, twenty_clients_local.federation)
+    import ray
+
+    assert not ray.is_initialized()
+
+
+@pytest.fixture
+def three_shards(tmp_path: Path) -> tuple[DataSpec, list[Path]]:
+    """Three clients' data, as fed-data would split it for real workers."""
+    data = DataSpec(num_clients=3, max_examples=600, scheme="dirichlet", seed=2)
+    x, y = load_source(data)
+    paths = []
+    for i, idx in enumerate(partition(y, 3, "dirichlet", seed=2)):
+        paths.append(save_shard(tmp_path / f"shard-{i}.npz", x[idx], y[idx]))
+    return data, paths
+
+
+@pytest.mark.slow
+def test_simulation_equals_real_fed_worker_processes(
+    procs: list[Proc], three_shards: tuple[DataSpec, list[Path]], test_set: Path, tmp_path: Path
+) -> None:
+    """The same federation (3 clients, 2 of them sampled per round) with fed-server and three
+    fed-worker processes, and with fed-sim's virtual workers: the same global model."""
+    data, paths = three_shards
+    flags = _federation_flags(test_set, 3, 0.6)
+    saved = tmp_path / "real.safetensors"
+    server, _ = start_server(procs, *flags, "--save-model", str(saved), "--progress", "plain")
+    port = int(server.wait_for_line(r"listening on [\d.]+:(\d+)").group(1))
+    workers = [start_worker(procs, port, p, client_name(i, 3)) for i, p in enumerate(paths)]
+    assert server.wait(180) == 0, server.output
+    for w in workers:
+        assert w.wait(30) == 0, w.output
+    real = load_file(str(saved))
+    simulated = asyncio.run(simulate(sim_config(*flags), data, LocalEngine(), num_hosts=1))
+    assert [r.workers for r in simulated.federation.rounds] == [2, 2]
+    assert set(real) == set(simulated.federation.weights)
+    for name, array in real.items():
+        np.testing.assert_allclose(
+            simulated.federation.weights[name], array, rtol=0, atol=TOLERANCE
+        )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left() -> Iterator[None]:
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        assert not ray.is_initialized()
