@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.server import Coordinator, FederationResult, ServerConfig
+from fedcore.strategy import Strategy
 
 from .clients import DataSpec, HostSpec, WorkerSettings
 from .engines import Engine, HostFailed
@@ -103,17 +104,19 @@ async def simulate(
     concurrency: int = 1,
     advertise: str = "127.0.0.1",
     log_level: str = "WARNING",
+    strategy: Strategy | None = None,
 ) -> SimulationResult:
     """Run ``config``'s federation with ``data.num_clients`` virtual workers on ``engine``.
 
     The coordinator serves on ``config.listen`` (port 0 picks one); hosts connect to
-    ``advertise`` at that port. If a host fails the coordinator is stopped; if the
+    ``advertise`` at that port; ``strategy`` replaces ``config.strategy`` as it does for
+    ``Coordinator(config, strategy)``. If a host fails the coordinator is stopped; if the
     coordinator fails every host is stopped: nothing outlives the call.
     """
     if config.max_workers < data.num_clients:
         config = replace(config, max_workers=data.num_clients)
     started = time.perf_counter()
-    coordinator = Coordinator(config)
+    coordinator = Coordinator(config, strategy)
     serving = asyncio.create_task(coordinator.run())
     ready = asyncio.create_task(coordinator.ready.wait())
     await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
