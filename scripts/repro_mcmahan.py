@@ -63,7 +63,11 @@ class StopAtTarget(FedAvg):
         return accuracy is not None and float(accuracy) >= self.target
 
 
-def _config(args: argparse.Namespace, lr: float, test_set: Path) -> ServerConfig:
+def _metrics_path(args: argparse.Namespace, row: str, lr: float) -> Path:
+    return args.out / f"{row}-lr{lr:g}.jsonl"
+
+
+def _config(args: argparse.Namespace, row: str, lr: float, test_set: Path) -> ServerConfig:
     flags = [
         "--num-clients",
         str(args.clients),
@@ -86,6 +90,9 @@ def _config(args: argparse.Namespace, lr: float, test_set: Path) -> ServerConfig
         "--threads",
         "1",
         "--quiet",
+        # One row per round as it ends: a run stopped early still leaves its curve.
+        "--metrics-out",
+        str(_metrics_path(args, row, lr)),
     ]
     return config_from_args(build_parser().parse_args(flags))
 
@@ -109,7 +116,7 @@ def run_row(args: argparse.Namespace, row: str, lr: float, test_set: Path) -> di
     started = time.perf_counter()
     result = asyncio.run(
         simulate(
-            _config(args, lr, test_set),
+            _config(args, row, lr, test_set),
             data,
             engine,
             num_hosts=args.hosts,
@@ -129,6 +136,31 @@ def run_row(args: argparse.Namespace, row: str, lr: float, test_set: Path) -> di
         "seconds_per_round": [r.duration_s for r in rows],
         "coordinator_peak_rss_mb": round(result.coordinator_peak_rss_bytes / 2**20, 1),
         "host_peak_rss_mb": [round(h.peak_rss_bytes / 2**20, 1) for h in result.hosts],
+        "paper": PAPER[row],
+    }
+
+
+def from_metrics(args: argparse.Namespace, row: str, lr: float) -> dict[str, Any] | None:
+    """A run's result rebuilt from its ``--metrics-out`` rows (for a run that was stopped)."""
+    path = _metrics_path(args, row, lr)
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    accuracies = [float(r.get("accuracy") or 0.0) for r in rows]
+    return {
+        "row": row,
+        "lr": lr,
+        "rounds_run": len(rows),
+        "rounds_to_target": _rounds_to(accuracies, args.target),
+        "best_accuracy": max(accuracies, default=None),
+        "accuracy": accuracies,
+        "seconds_per_round": [r.get("duration_s") for r in rows],
+        "coordinator_peak_rss_mb": round(
+            max((r.get("peak_rss_bytes") or 0) for r in rows) / 2**20, 1
+        )
+        if rows
+        else None,
+        "stopped_early": True,
         "paper": PAPER[row],
     }
 
@@ -181,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=Path("build/repro_mcmahan"))
     p.add_argument(
+        "--from-metrics",
+        action="store_true",
+        help="run nothing: rebuild the report and plot from --out's per-round metrics files",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 rounds, 20 clients, 6,000 training and 1,000 test images",
@@ -195,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     test_set = save_shard(args.out / "test.npz", tx[: args.test_examples], ty[: args.test_examples])
     results = []
     for row in args.rows:
-        runs = [run_row(args, row, lr, test_set) for lr in args.lr]
+        if args.from_metrics:
+            runs = [r for lr in args.lr if (r := from_metrics(args, row, lr)) is not None]
+            if not runs:
+                continue
+        else:
+            runs = [run_row(args, row, lr, test_set) for lr in args.lr]
         for run in runs:
             print(json.dumps({k: v for k, v in run.items() if k != "accuracy"}), file=sys.stderr)
         # The paper's figure for a row is its best learning rate's.

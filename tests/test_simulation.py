@@ -185,6 +185,9 @@ def test_deployment_only_flags_are_refused(capsys: pytest.CaptureFixture[str]) -
     assert "--ray-address needs --engine ray" in capsys.readouterr().err
     assert fed_sim(["--num-clients", "0"]) == 2
     assert "--num-clients must be at least 1" in capsys.readouterr().err
+    # Checked before anything starts, not once per host.
+    assert fed_sim(["--num-clients", "2", "--data", "no-such-shard.npz"]) == 2
+    assert "--data no-such-shard.npz: no such file or directory" in capsys.readouterr().err
 
 
 def test_ray_is_imported_only_for_the_ray_engine() -> None:

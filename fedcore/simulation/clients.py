@@ -55,6 +55,11 @@ class DataSpec:
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"--num-examples must be at least 1, got {self.max_examples}")
 
+    def check_source(self) -> None:
+        """Fail now, with the flag's name, if the data source is missing (not in every host)."""
+        if self.source is not None and not Path(self.source).exists():
+            raise ConfigError(f"--data {self.source}: no such file or directory")
+
 
 @dataclass(frozen=True)
 class WorkerSettings:

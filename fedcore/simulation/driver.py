@@ -113,6 +113,7 @@ async def simulate(
     ``Coordinator(config, strategy)``. If a host fails the coordinator is stopped; if the
     coordinator fails every host is stopped: nothing outlives the call.
     """
+    data.check_source()
     if config.max_workers < data.num_clients:
         config = replace(config, max_workers=data.num_clients)
     started = time.perf_counter()

@@ -53,6 +53,8 @@ class TransientTrainer(Trainer):
         self._slots = slots
         self._device = device
         self._train_fn = train_fn
+        self._count = threading.Lock()
+        #: Tasks run so far.
         self.tasks = 0
 
     @property
@@ -66,10 +68,14 @@ class TransientTrainer(Trainer):
 
     def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
         with self._slots:
-            self.tasks += 1
+            self._counted()
             return self._trainer().fit(model, weights, config)
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
         with self._slots:
-            self.tasks += 1
+            self._counted()
             return self._trainer().evaluate(model, weights)
+
+    def _counted(self) -> None:
+        with self._count:
+            self.tasks += 1
