@@ -293,6 +293,28 @@ def test_ray_engine_gives_the_local_engines_result(
     import ray
 
     assert not ray.is_initialized()
+    assert _ray_processes() == []  # raylet, GCS and the actors' workers are gone
+
+
+def _ray_processes() -> list[str]:
+    """Command lines of this virtualenv's Ray daemons still alive (Ray reaps them on shutdown;
+    allow it a few seconds)."""
+    found: list[str] = []
+    for _ in range(50):
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (
+                    (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+            except OSError:
+                continue
+            if sys.prefix in cmdline and ("raylet" in cmdline or "gcs_server" in cmdline):
+                found.append(cmdline[:120])
+        if not found:
+            return found
+        threading.Event().wait(0.2)
+    return found
 
 
 @pytest.fixture
