@@ -39,6 +39,7 @@ from fedcore.strategy import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
+from .analytics.hook import serve_analytics
 from .auth import Authenticator
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ServerConfig
@@ -108,6 +109,8 @@ class Coordinator:
         self.service = CoordinatorService(
             config, self.registry, config.model, self.signature, authenticator
         )
+        # Federated analytics (server/analytics): its own service beside Join.
+        self.analytics = serve_analytics(config.analytics, self.registry, self.service)
         self.evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
             if config.eval_data is not None
@@ -267,7 +270,11 @@ class Coordinator:
         """Serve, run every round, tell workers to shut down, stop serving."""
         exporters = self._make_exporters()
         try:
-            server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+            server, health, self.port = await start_grpc_server(
+                self.service,
+                self.config.listen,
+                (self.analytics.register,) if self.analytics is not None else (),
+            )
         except BaseException:
             for exporter in exporters:
                 exporter.close(self.status(), [])
@@ -282,7 +289,10 @@ class Coordinator:
         writer.restore(self._restored_rows)
         publisher = asyncio.create_task(self._publish_status())
         try:
-            runner = asyncio.create_task(self._run_rounds(writer))
+            analytics_only = self.config.analytics is not None and self.config.analytics.only
+            runner = asyncio.create_task(
+                self._stop.wait() if analytics_only else self._run_rounds(writer)
+            )
             stopper = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner not in done:
@@ -293,9 +303,11 @@ class Coordinator:
                 report = self._pending_report
                 if report is not None and not report.done():
                     await asyncio.wait({report}, timeout=self.config.shutdown_grace + 60)
-                log.warning(
-                    "stopped before the last round; the model of the last completed round is kept"
-                )
+                if not analytics_only:
+                    log.warning(
+                        "stopped before the last round; the model of the last completed "
+                        "round is kept"
+                    )
             stopper.cancel()
             if runner in done:
                 runner.result()  # re-raise a failure

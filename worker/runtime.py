@@ -74,6 +74,7 @@ from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
+from .analytics import ANALYTICS_CAPABILITY, QueryResponder
 from .gate import CheckedTask, Gate
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
@@ -168,6 +169,8 @@ class Worker:
             and the trainer's configured model, ``max_model_bytes`` and ``guard``).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
+        analytics: answers federated-analytics queries over a local table (its check is
+            registered with the gate).
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class Worker:
         gate: Gate | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
+        analytics: QueryResponder | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -200,6 +204,9 @@ class Worker:
             catalog = ModelCatalog(announced[0] if announced is not None else None)
             gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard)
         self.gate = gate
+        self.analytics = analytics
+        if analytics is not None:
+            analytics.attach(gate)
         self.dataset = dataset
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
@@ -268,6 +275,8 @@ class Worker:
             num_examples=self.trainer.num_examples,
             capabilities=["fit", "evaluate", SECAGG_CAPABILITY],
         )
+        if self.analytics is not None:
+            hello.capabilities.append(ANALYTICS_CAPABILITY)
         announced = self.trainer.announced_model()
         if announced is not None:
             spec, signature = announced
@@ -321,6 +330,10 @@ class Worker:
                     return True
                 if kind == "secagg":
                     await self._secagg.handle(message.secagg)
+                    continue
+                if kind == "analytics":
+                    if self.analytics is not None:
+                        await self.analytics.handle(message.analytics, send)
                     continue
                 if kind == "task":
                     checked = await self._admit(call, message.task)

@@ -53,9 +53,9 @@ from fedcore.toml_fields import StrictTable, read_toml
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = [
+    "CATEGORY",
     "DatasetMetadata",
     "FeatureInfo",
-    "CATEGORY",
     "LabelHistogram",
     "load_metadata",
     "metadata_path_for",
@@ -233,11 +233,17 @@ class DatasetMetadata:
 
 
 def metadata_path_for(shard: Path) -> Path:
-    """Where a shard's metadata file lives: ``x.npz`` -> ``x.meta.toml``; an IDX directory ->
+    """Where a shard's metadata file lives: ``x.npz`` (or a table ``x.csv``, ``x.parquet``)
+    -> ``x.meta.toml``; an IDX directory ->
     ``metadata.toml`` inside it."""
     if shard.is_dir():
         return shard / "metadata.toml"
-    return shard.with_name(shard.name.removesuffix(".npz") + ".meta.toml")
+    stem = shard.name
+    for suffix in (".npz", ".csv", ".parquet", ".pq"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return shard.with_name(stem + ".meta.toml")
 
 
 def load_metadata(path: Path, *, num_examples: int | None = None) -> DatasetMetadata:
@@ -261,7 +267,7 @@ def load_metadata(path: Path, *, num_examples: int | None = None) -> DatasetMeta
             f"{where}: says num-examples = {declared}, but the shard holds {num_examples}; "
             "correct the file (or drop the key: the worker counts the shard itself)"
         )
-    features = []
+    features: list[FeatureInfo] = []
     for i, table in enumerate(raw.tables("features")):
         f = StrictTable(table, f"{where} [[features]] #{i + 1}", _FEATURE_KEYS, _MetadataError)
         fname = f.string("name")

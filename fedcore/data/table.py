@@ -126,7 +126,7 @@ def _convert(path: Path, feature: FeatureInfo, column: Any) -> npt.NDArray[Any]:
         numbers = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowException:
         raise DataError(
-            f"{where} is not numeric ({column.type}); declare it dtype = \"category\" "
+            f'{where} is not numeric ({column.type}); declare it dtype = "category" '
             "with its categories, or fix the data"
         ) from None
     array = np.ascontiguousarray(numbers, dtype=np.float64)

@@ -42,6 +42,12 @@ Every section is optional; an absent rule allows everything it would have restri
     [coordinators]
     allowed = ["coordinator.example.org"]  # TLS identities this worker trains for
 
+    [analytics]                            # answer federated-analytics queries on a table
+    allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
+    min-count = 10                         # fewest records in any released cell (default 10)
+    max-epsilon = 1.0                      # per query (default 1.0); queries are charged to
+                                           # the [budget] above, which they require
+
 Without a policy file (and for every key it leaves out) the defaults above apply: the
 worker's gate (``fedcore.worker.gate``) always enforces them.
 
@@ -60,6 +66,7 @@ from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
     "DP_KINDS",
+    "AnalyticsRules",
     "BudgetRules",
     "DPKind",
     "DatasetRules",
@@ -82,6 +89,7 @@ _SECTIONS = (
     "budget",
     "dataset",
     "coordinators",
+    "analytics",
 )
 
 
@@ -153,6 +161,22 @@ class DatasetRules:
     label_histogram_labels: int | None = None
 
 
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MAX_QUERY_EPSILON = 1.0
+
+
+@dataclass(frozen=True)
+class AnalyticsRules:
+    """What federated-analytics queries may read and release (``[analytics]``).
+
+    ``allowed_columns`` None: every column the table's metadata declares.
+    """
+
+    allowed_columns: tuple[str, ...] | None = None
+    min_count: int = DEFAULT_MIN_COUNT
+    max_epsilon: float = DEFAULT_MAX_QUERY_EPSILON
+
+
 @dataclass(frozen=True)
 class Policy:
     """Everything a data owner's ``policy.toml`` says (see the module docstring)."""
@@ -164,6 +188,8 @@ class Policy:
     dataset: DatasetRules = field(default_factory=DatasetRules)
     allowed_coordinators: tuple[str, ...] | None = None
     source: str = "policy"
+    #: None: this worker answers no analytics queries.
+    analytics: AnalyticsRules | None = None
 
     @property
     def private(self) -> bool:
@@ -208,6 +234,13 @@ class Policy:
             lines.append("releases a noisy label histogram")
         if self.allowed_coordinators is not None:
             lines.append(f"coordinators: {', '.join(self.allowed_coordinators)}")
+        if self.analytics is not None:
+            a = self.analytics
+            columns = ", ".join(a.allowed_columns) if a.allowed_columns is not None else "all"
+            lines.append(
+                f"analytics queries on columns {columns}, at least {a.min_count} records per "
+                f"cell, epsilon <= {a.max_epsilon:g} per query"
+            )
         return lines or ["no restrictions"]
 
 
@@ -336,7 +369,22 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
-    policy = Policy(models, training, privacy, budget, dataset, coordinators, str(path))
+    analytics = None
+    if "analytics" in document:
+        a = section("analytics", ("allowed-columns", "min-count", "max-epsilon"))
+        if budget is None:
+            raise a.fail(
+                "min-count",
+                "needs a [budget] section: every query answer is charged to the silo's "
+                "budget, in the same ledger as training",
+            )
+        analytics = AnalyticsRules(
+            a.strings("allowed-columns"),
+            _or(a.integer("min-count", minimum=1), DEFAULT_MIN_COUNT),
+            _or(a.number("max-epsilon", positive=True), DEFAULT_MAX_QUERY_EPSILON),
+        )
+
+    policy = Policy(models, training, privacy, budget, dataset, coordinators, str(path), analytics)
     if (
         policy.private
         and policy.evaluation_allowed
