@@ -59,12 +59,13 @@ def _read(path: Path, schema: Sequence[FeatureInfo]) -> Any:
     wanted = [f.name for f in schema]
     try:
         if path.suffix.lower() == ".csv":
-            # Categories are read as text even when they look like numbers ("0", "1").
+            # Categories are read as text even when they look like numbers ("0", "1"); a
+            # missing column comes back typed null, and is reported by load_table.
             types = {f.name: pa.string() for f in schema if f.is_categorical}
             return pacsv.read_csv(
                 path,
                 convert_options=pacsv.ConvertOptions(
-                    column_types=types, include_columns=wanted, include_missing_columns=False
+                    column_types=types, include_columns=wanted, include_missing_columns=True
                 ),
             )
         return pq.read_table(path, columns=wanted)
@@ -94,7 +95,7 @@ def load_table(path: str | Path, schema: Sequence[FeatureInfo]) -> Table:
     arrow = _read(p, schema)
     columns: dict[str, npt.NDArray[Any]] = {}
     for feature in schema:
-        if feature.name not in arrow.column_names:
+        if feature.name not in arrow.column_names or _is_null_type(arrow, feature.name):
             raise DataError(
                 f"{p}: has no column {feature.name!r}, which its metadata declares "
                 f"(columns: {', '.join(arrow.column_names) or 'none'})"
@@ -103,6 +104,12 @@ def load_table(path: str | Path, schema: Sequence[FeatureInfo]) -> Table:
     if arrow.num_rows == 0:
         raise DataError(f"{p}: holds no rows")
     return Table(columns, int(arrow.num_rows), str(p))
+
+
+def _is_null_type(arrow: Any, name: str) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_null(arrow.schema.field(name).type))
 
 
 def _convert(path: Path, feature: FeatureInfo, column: Any) -> npt.NDArray[Any]:
