@@ -119,6 +119,12 @@ class QueryResponder:
                 "%s is set: analytics answers carry NO noise (test mode, not private)", EXACT_ENV
             )
 
+    def reset(self) -> None:
+        """A new session: the queries of the last one can never complete; forget them."""
+        for current in self._open.values():
+            current.client.abort()
+        self._open.clear()
+
     def attach(self, gate: Gate) -> None:
         """Register this responder's check with the worker's gate."""
         gate.register_query(self.check)

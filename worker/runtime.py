@@ -313,6 +313,8 @@ class Worker:
             await self._write(call, message)
 
         self._secagg = SecAggRounds(send, self.name)
+        if self.analytics is not None:
+            self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))
         # The task whose weights are arriving; None once they are all in. Its CheckedTask is
         # None when the gate refused it: its weights are read and dropped.
