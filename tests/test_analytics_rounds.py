@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedcore.server.analytics.rounds import QueryRound
-from fedcore.server.registry import SessionState
+from fedcore.server.state.registry import SessionState
 from fedcore.worker.analytics import QueryResponder
 from fedcore.worker.gate import Gate
 from fedcore.worker.policy import PolicyGuard

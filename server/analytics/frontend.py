@@ -19,7 +19,7 @@ from fedcore.errors import QueryRefusedError
 from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.v1 import fedcore_pb2 as pb
 
-from ..registry import SessionState, WorkerRegistry, WorkerSession
+from ..state.registry import SessionState, WorkerRegistry, WorkerSession
 from .rounds import QueryRound
 from .settings import AnalyticsSettings
 

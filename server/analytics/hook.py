@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fedcore.enrollment import Enrollment
 
-from ..registry import WorkerRegistry
-from ..service import CoordinatorService
+from ..state.registry import WorkerRegistry
+from ..transport.service import CoordinatorService
 from .frontend import AnalyticsFrontend
 from .service import AnalyticsService
 from .settings import AnalyticsSettings

@@ -28,7 +28,7 @@ from fedcore.secagg import wire
 from fedcore.secagg.server import SecAggServer
 from fedcore.v1 import fedcore_pb2 as pb
 
-from ..registry import SessionState, WorkerSession
+from ..state.registry import SessionState, WorkerSession
 
 __all__ = ["QueryOutcome", "QueryRound"]
 

@@ -30,11 +30,10 @@ from fedcore.protocol import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
+from ..state.config import ServerConfig
+from ..state.registry import WorkerRegistry, WorkerSession
 from .auth import Authenticator
-from .config import ServerConfig
 from .inbox import AnalyticsRoute, Inbox, SecAggRoute
-from .payloads import WeightsPayload
-from .registry import WorkerRegistry, WorkerSession
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 
@@ -252,7 +251,7 @@ class CoordinatorService:
                 item = await session.next_outgoing()
                 if item is None:
                     break
-                if isinstance(item, WeightsPayload):
+                if not isinstance(item, pb.CoordinatorMessage | bytes):
                     for message in item.messages():
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:
