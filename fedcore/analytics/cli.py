@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -83,9 +84,20 @@ def _run(args: argparse.Namespace) -> None:
                 raise FedcoreError("a query needs --epsilon (the privacy each silo spends)")
             answer = fed.query(args.query, epsilon=args.epsilon, delta=args.delta, tags=args.tag)
             if args.json:
-                print(json.dumps(asdict(answer), indent=1))
+                print(json.dumps(_finite(asdict(answer)), indent=1))
             else:
                 print(answer.summary())
+
+
+def _finite(value: object) -> object:
+    """NaN (a statistic a cell does not have) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

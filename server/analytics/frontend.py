@@ -83,9 +83,13 @@ class AnalyticsFrontend:
     def _schema(self, entries: list[SiloEntry]) -> dict[str, FeatureInfo]:
         """The silos' common public schema; they must declare the same columns, bounds and
         categories, or the totals would mix incompatible sums."""
+
+        def public(features: tuple[FeatureInfo, ...]) -> list[tuple[object, ...]]:
+            return [(f.name, f.dtype, f.bounds, f.categories) for f in features]
+
         first = entries[0].dataset.features
         for entry in entries[1:]:
-            if entry.dataset.features != first:
+            if public(entry.dataset.features) != public(first):
                 raise QueryRefusedError(
                     f"silos {entries[0].silo!r} and {entry.silo!r} declare different columns, "
                     "bounds or categories; query them by a tag only one schema carries"
