@@ -65,6 +65,8 @@ def publish(root: Path) -> np.ndarray:
         (root / f"hospital-{i}.csv").write_text(f"{header}\n{body}\n")
         # The mock: made-up rows, uniform within the public bounds (no record behind them).
         fake = [[rng.uniform(lo, hi) for lo, hi in BOUNDS.values()] for _ in range(5)]
+        for row in fake:
+            row[names.index("sex")] = round(row[names.index("sex")])
         mock = "\n".join(",".join(f"{v:.1f}" for v in row) for row in fake)
         (root / f"hospital-{i}.mock.csv").write_text(f"{header}\n{mock}\n")
         (root / f"hospital-{i}.meta.toml").write_text(

@@ -241,6 +241,7 @@ def test_raw_rows_cannot_be_requested_and_only_scientists_may_ask(
     federation: Federation,
 ) -> None:
     with federation.client() as fed:
+        assert len(fed.datasets()) == SILOS  # positive control: the scientist's token works
         for text in (
             "rows()",
             "select * from silo",
