@@ -3,6 +3,7 @@ calibrated scale, the answer's statistics, the data owner's rules, the gate's bu
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -308,3 +309,21 @@ def test_scientists_are_identified_by_their_token_only(tmp_path: Path) -> None:
     assert reread.identify("nope") is None
     with pytest.raises(Exception, match="not a fedcore v1 enrollment"):
         Enrollment(tmp_path / "scientists.json")  # not a workers' file
+
+
+def test_a_table_worker_needs_its_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedcore.worker.cli import main
+
+    table = tmp_path / "patients.csv"
+    table.write_text("age,bmi\n70,30\n")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the CLI configures the root logger
+    try:
+        code = main(["--server", "127.0.0.1:9", "--data", str(table), "--give-up-after", "1"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == 2
+    assert "patients.meta.toml" in capsys.readouterr().err
