@@ -54,6 +54,8 @@ SCHEMES = {"iid": "iid", "noniid": "shards"}
 class StopAtTarget(FedAvg):
     """FedAvg that ends the federation once centralized test accuracy reaches ``target``."""
 
+    may_stop_early = True  # the coordinator waits for each round's evaluation: exact stop
+
     def __init__(self, target: float, fraction: float, seed: int) -> None:
         self.target = target
         self.sampler = ClientSampler(fraction=fraction, min_workers=1, seed=seed)

@@ -5,16 +5,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from fedcore.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .base import WorkerInfo
-
 __all__ = ["ClientSampler"]
+
+
+class _Identified(Protocol):
+    """Anything with a worker id and name (a :class:`~fedcore.strategy.WorkerInfo`)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+W = TypeVar("W", bound=_Identified)
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,8 @@ class ClientSampler:
     The draw depends only on ``seed``, the round number and the set of worker names, so a
     round is reproducible: a restarted coordinator, or a simulation whose workers join in
     another order, draws the same cohort. (Names, not ids: the coordinator numbers workers in
-    the order they join, names are unique in a federation and chosen by the workers.) ``fraction=1`` (the
-    default) takes every worker, as in McMahan et al. (2017) with C = 1.
+    the order they join, names are unique in a federation and chosen by the workers.)
+    ``fraction=1`` (the default) takes every worker, as in McMahan et al. (2017) with C = 1.
     """
 
     fraction: float = 1.0
@@ -44,7 +54,7 @@ class ClientSampler:
         wanted = max(self.min_workers, math.ceil(self.fraction * available - 1e-9))
         return min(wanted, available)
 
-    def sample(self, round_number: int, workers: Sequence[WorkerInfo]) -> list[WorkerInfo]:
+    def sample(self, round_number: int, workers: Sequence[W]) -> list[W]:
         """The workers of ``round_number``, in name order."""
         ordered = sorted(workers, key=lambda w: w.name)
         k = self.num_sampled(len(ordered))
