@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = _DESCRIPTION
     p.epilog = _EPILOG
     p.set_defaults(listen="127.0.0.1:0", min_workers=0, progress="plain")
+    for action in p._actions:  # argparse keeps no public handle on an added argument
+        if action.dest == "min_workers":
+            action.help = "workers that must be connected before round 1 (default: --num-clients)"
     d = p.add_argument_group("simulated clients' data (fed-data's split)")
     d.add_argument(
         "--num-clients", type=int, required=True, help="virtual workers to simulate (required)"
