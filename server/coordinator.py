@@ -48,6 +48,7 @@ from .privacy import privacy_metrics, public_train_metrics, wrap_strategy
 from .progress import CoordinatorStatus, LiveDisplay, Observer, PlainSummary
 from .registry import Ticket, WorkerRegistry, WorkerSession
 from .reporting import MetricsWriter, RoundMetrics, save_weights
+from .revocation import watch_revocations
 from .roster import ConnectedWorker, connected_workers, format_roster
 from .rounds import EvaluateCollector, FitCollector, RoundCollector
 from .secagg import SecAggCollector
@@ -128,6 +129,8 @@ class Coordinator:
         self.start_round = 1
         self._restored_rows: list[RoundMetrics] = []
         self._pending_report: asyncio.Task[None] | None = None
+        # The weights of the last checkpoint written (see _exportable).
+        self._durable: Weights | None = None
         if config.checkpoint_dir is not None and self.strategy.async_settings is not None:
             raise ConfigError(
                 f"--checkpoint-dir does not support the asynchronous strategy "
@@ -171,6 +174,7 @@ class Coordinator:
                 f"the checkpoint in {self.config.checkpoint_dir} holds weights of another shape"
             )
         self.weights = {spec.name: checkpoint.weights[spec.name] for spec in self.signature}
+        self._durable = self.weights
         for name, component in self._stateful().items():
             state = checkpoint.states.get(name)
             load = getattr(component, "load_state_dict", None)
@@ -202,7 +206,15 @@ class Coordinator:
             fingerprint=self._fingerprint(),
         )
         path = await asyncio.to_thread(save_checkpoint, directory, checkpoint)
+        self._durable = weights
         log.info("round %d checkpointed to %s", round_number, path)
+
+    def _exportable(self) -> Weights:
+        """The model that may leave the coordinator: with checkpoints on, the last one on disk
+        (a stop between a round's aggregation and its checkpoint exports the round before)."""
+        if self.config.checkpoint_dir is None or self._durable is None:
+            return self.weights
+        return self._durable
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -281,6 +293,11 @@ class Coordinator:
         writer = MetricsWriter(self.config.metrics_out, None if live else sys.stdout)
         writer.restore(self._restored_rows)
         publisher = asyncio.create_task(self._publish_status())
+        revocations = asyncio.create_task(
+            watch_revocations(
+                self.service.authenticator, self.registry, self.config.enrollment_poll
+            )
+        )
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -301,7 +318,7 @@ class Coordinator:
                 runner.result()  # re-raise a failure
             if self.config.save_model is not None:
                 save_weights(
-                    self.weights,
+                    self._exportable(),
                     self.config.save_model,
                     {"model": str(self.config.model), "rounds": str(len(writer.rows))},
                 )
@@ -310,6 +327,7 @@ class Coordinator:
         finally:
             writer.close()
             publisher.cancel()
+            revocations.cancel()
             self._phase = "finished"
             final = self.status()
             for observer in self.observers:
@@ -384,20 +402,15 @@ class Coordinator:
             pending_report = None
             # Taken now: the next round's configure_fit may change the strategy's state.
             states = self._snapshot_states() if cfg.checkpoint_dir is not None else {}
-            fed_metrics: dict[str, float] = {}
-            every = cfg.federated_eval_every
-            if every and (round_number % every == 0 or round_number == cfg.rounds):
-                fed_metrics = await self._federated_evaluate(round_number)
             metrics = RoundMetrics(
                 round=round_number,
                 workers=len(collector.results),
                 failures=len(collector.failures),
                 duration_s=0.0,
-                bytes_sent=self.service.counters.bytes_sent - sent0,
-                bytes_received=self.service.counters.bytes_received - recv0,
+                bytes_sent=0,
+                bytes_received=0,
                 attempts=attempts,
                 train=weighted_metrics(public_train_metrics(collector.results)),
-                federated=fed_metrics,
                 refused={f.worker.name: f.reason for f in collector.failures if f.refused},
             )
             privacy = privacy_metrics(self.strategy, collector.results)
@@ -405,6 +418,17 @@ class Coordinator:
                 metrics.privacy = privacy
                 if "epsilon" in privacy:
                     metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
+            if cfg.checkpoint_dir is not None:
+                # No epsilon lost to a crash: this round's model leaves the coordinator (the
+                # next round's plans, federated evaluation, the saved model) only once its
+                # checkpoint, with the accountant's state, is on disk. The report rewrites it
+                # with the round's evaluation.
+                await self._checkpoint(round_number, self.weights, states, [*writer.rows, metrics])
+            every = cfg.federated_eval_every
+            if every and (round_number % every == 0 or round_number == cfg.rounds):
+                metrics.federated = await self._federated_evaluate(round_number)
+            metrics.bytes_sent = self.service.counters.bytes_sent - sent0
+            metrics.bytes_received = self.service.counters.bytes_received - recv0
             # Centralized evaluation of this round's model overlaps the next round's training.
             pending_report = asyncio.create_task(
                 self._report(writer, metrics, self.weights, started, states=states)
