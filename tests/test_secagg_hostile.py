@@ -7,14 +7,18 @@ honest control in the same test."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from fedcore.server.secagg_checks import bounded_count, bounded_mean
+from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.errors import SecAggAbortedError, SecAggError
 from fedcore.secagg import SecAggParams, shamir
@@ -172,3 +176,39 @@ def test_a_masked_count_that_sums_to_zero_or_lies_neither_crashes_nor_skews(
     clipped = bounded_mean(1, huge, 40.0, 40, clip=1.0, step=1e-4)
     assert np.abs(clipped).max() == 1.0
     assert "outside the clipping range" in caplog.text
+
+
+async def test_a_secure_round_with_a_zero_count_completes_with_the_honest_mean(
+    coordinator_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the real protocol: one worker subtracts everyone's count from its masked count
+    words, so the unmasked count is 0. The coordinator neither divides by zero nor drops the
+    round: it weighs by the announced counts and the model moves by the honest mean."""
+    caplog.set_level(logging.WARNING, "fedcore.server")
+    params = SecAggParams(clip=4.0, bits=24, phase_timeout=10.0)
+    honest_quantize = SecAggClient.quantize
+    lock, liars = threading.Lock(), []
+
+    def quantize(self: SecAggClient, delta: Any, num_examples: int) -> Any:
+        vector, clipped = honest_quantize(self, delta, num_examples)
+        with lock:
+            if not liars:  # the first worker to mask lies (workers mask in threads)
+                liars.append(self)
+                ring = 1 << self.setup.fixed_point.ring_bits
+                vector[delta.size] = (int(vector[delta.size]) - 60) % ring
+        return vector, clipped
+
+    monkeypatch.setattr(SecAggClient, "quantize", quantize)
+    coordinator, task = await coordinator_factory(config(rounds=1, min_workers=3, secagg=params))
+    trainers = [ScriptedTrainer(1.0, 30), ScriptedTrainer(-0.5, 10), ScriptedTrainer(2.0, 20)]
+    await asyncio.gather(
+        *(run_worker(coordinator.port, f"w{i}", t) for i, t in enumerate(trainers))
+    )
+    result = await asyncio.wait_for(task, TIMEOUT)
+    assert liars, "the attack never ran"
+    assert "the masked example counts sum to 0, outside [3, 60]" in caplog.text
+    mean_offset = (1.0 * 30 - 0.5 * 10 + 2.0 * 20) / 60
+    step = params.clip / (2 ** (params.bits - 1) - 1)
+    for name, w0 in initial_weights().items():
+        np.testing.assert_allclose(result.weights[name], w0 + mean_offset, rtol=0, atol=4 * step)
+    assert result.rounds[0].workers == 3
