@@ -109,6 +109,10 @@ class Enrollment:
     def entries(self) -> dict[str, EnrollmentEntry]:
         return dict(self._entries)
 
+    def get(self, name: str) -> EnrollmentEntry | None:
+        """``name``'s entry, or None when it is not enrolled."""
+        return self._entries.get(name)
+
     def reload(self) -> bool:
         """Re-read the file if it changed since the last read; True if it did."""
         try:

@@ -64,7 +64,7 @@ class Authenticator:
             return True
         if self.enrollment.check_name(name) is not None:
             return False
-        return self.enrollment.entries.get(name) == self._joined.get(name)
+        return self.enrollment.get(name) == self._joined.get(name)
 
     def forget(self, name: str) -> None:
         """``name``'s stream ended."""
@@ -112,7 +112,7 @@ class Authenticator:
             if problem is not None:
                 raise AuthenticationError(problem)
             identity = name
-            self._joined[name] = self.enrollment.entries.get(name)
+            self._joined[name] = self.enrollment.get(name)
         return identity
 
 

@@ -28,7 +28,8 @@ def close_revoked(authenticator: Authenticator, registry: WorkerRegistry) -> lis
     if authenticator.enrollment is None:
         return []
     try:
-        authenticator.refresh()
+        if not authenticator.refresh():
+            return []  # unchanged since the last check: nobody's standing changed
     except ConfigError as exc:
         log.error("cannot re-read the enrollment file (keeping the last good copy): %s", exc)
         return []
