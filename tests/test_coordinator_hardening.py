@@ -16,10 +16,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedcore.server.admission import GateLimits, HandshakeGate, HandshakeRefused, peer_host
-from fedcore.server.checkpoint import load_checkpoint
 from fedcore.server.cli import build_parser, config_from_args
-from fedcore.server.transport_limits import grpc_limit_options
+from fedcore.server.state.checkpoint import load_checkpoint
+from fedcore.server.state.limits import GateLimits
+from fedcore.server.transport.admission import HandshakeGate, HandshakeRefused, peer_host
+from fedcore.server.transport.limits import grpc_limit_options
 from fedcore.worker import EvalOutput, FitOutput, Worker
 from fedcore.worker.runtime import tls_channel_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedcore.server.secagg_checks import bounded_count, bounded_mean
+from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.errors import SecAggAbortedError, SecAggError

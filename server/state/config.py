@@ -14,7 +14,7 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
-from .admission import GateLimits, require_authentication_off_loopback
+from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
 __all__ = ["ServerConfig"]

@@ -1,16 +1,11 @@
-"""Who may open a stream, and how many may wait for their hello at once.
+"""How many streams may wait for their hello at once, and how fast one host may open them.
 
-Two rules, both applied before a stream has proven anything:
-
-* :func:`require_authentication_off_loopback`: a coordinator that other machines can reach
-  checks identities (``--enrolled`` tokens or mutual TLS). TLS alone only encrypts: without a
-  proof of identity anyone who reaches the port could join under any free name and send
-  updates, so it is refused unless the operator says ``--insecure``.
-* :class:`HandshakeGate`: a stream that has not sent its hello yet costs memory and a task
-  for up to ``--handshake-timeout`` seconds. The gate bounds how many such streams are open at
-  once (in total and per peer host) and how fast one host may open new ones (a token bucket),
-  so a flood of silent or reopened streams is refused with ``RESOURCE_EXHAUSTED`` (workers
-  retry that with backoff) instead of piling up.
+A stream that has not sent its hello yet has proven nothing, yet costs memory and a task for up
+to ``--handshake-timeout`` seconds. :class:`HandshakeGate` bounds how many such streams are
+open at once (in total and per peer host) and how fast one host may open new ones (a token
+bucket), so a flood of silent or reopened streams is refused with ``RESOURCE_EXHAUSTED``
+(workers retry that with backoff) instead of piling up. Its limits are
+:class:`~fedcore.server.state.limits.GateLimits`.
 """
 
 from __future__ import annotations
@@ -21,35 +16,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from fedcore.errors import ConfigError
-from fedcore.tls import host_of, is_loopback
+from fedcore.tls import host_of
 
-__all__ = [
-    "GateLimits",
-    "HandshakeGate",
-    "HandshakeRefused",
-    "peer_host",
-    "require_authentication_off_loopback",
-]
+from ..state.limits import GateLimits
+
+__all__ = ["HandshakeGate", "HandshakeRefused", "peer_host"]
 
 # Per-host buckets kept at most; the oldest are forgotten first (a full bucket is the state a
 # forgotten host starts in anyway, so forgetting only ever loosens the limit for a quiet host).
 _MAX_TRACKED_HOSTS = 4096
-
-
-def require_authentication_off_loopback(
-    listen: str, *, enrolled: bool, mutual_tls: bool, insecure: bool
-) -> None:
-    """Refuse to serve other machines without a proof of worker identity (``--insecure``
-    overrides)."""
-    if enrolled or mutual_tls or insecure or is_loopback(host_of(listen)):
-        return
-    raise ConfigError(
-        f"refusing to serve {listen!r}, which other machines can reach, without worker "
-        "authentication: anyone reaching it could join under any name. Give --enrolled "
-        "(tokens from `fed-certs`) and/or --tls-client-ca (mutual TLS), listen on 127.0.0.1, "
-        "or pass --insecure if the network itself admits only your workers"
-    )
 
 
 def peer_host(peer: str) -> str:
@@ -62,26 +37,6 @@ def peer_host(peer: str) -> str:
 
 class HandshakeRefused(Exception):
     """The gate refused a new stream; the message says which limit."""
-
-
-@dataclass(frozen=True)
-class GateLimits:
-    """The gate's limits (see ``fed-server --help``, "timeouts and limits")."""
-
-    max_pending: int = 128
-    max_pending_per_host: int = 32
-    #: New streams per second one host may open on average (0: unlimited)...
-    rate_per_host: float = 20.0
-    #: ...and at once after a quiet period.
-    burst_per_host: int = 100
-
-    def __post_init__(self) -> None:
-        if self.max_pending < 1 or self.max_pending_per_host < 1:
-            raise ConfigError("--max-pending-handshakes and its per-host limit must be at least 1")
-        if self.rate_per_host < 0:
-            raise ConfigError("--handshake-rate cannot be negative (0 turns it off)")
-        if self.burst_per_host < 1:
-            raise ConfigError("--handshake-burst must be at least 1")
 
 
 @dataclass

@@ -14,8 +14,8 @@ import logging
 
 from fedcore.errors import ConfigError
 
+from ..state.registry import WorkerRegistry
 from .auth import Authenticator
-from .registry import WorkerRegistry
 
 __all__ = ["close_revoked", "watch_revocations"]
 

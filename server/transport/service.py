@@ -31,14 +31,13 @@ from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
+from ..state.config import ServerConfig
+from ..state.registry import WorkerRegistry, WorkerSession
 from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
-from .config import ServerConfig
 from .inbox import Inbox, SecAggRoute
-from .payloads import WeightsPayload
-from .registry import WorkerRegistry, WorkerSession
+from .limits import grpc_limit_options, max_concurrent_rpcs
 from .revocation import close_revoked
-from .transport_limits import grpc_limit_options, max_concurrent_rpcs
 from .untrusted import bound_announced_examples, clean_dataset
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
@@ -286,7 +285,7 @@ class CoordinatorService:
                 item = await session.next_outgoing()
                 if item is None:
                     break
-                if isinstance(item, WeightsPayload):
+                if not isinstance(item, pb.CoordinatorMessage | bytes):
                     for message in item.messages():
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:
