@@ -21,6 +21,7 @@ from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
 
+from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
 from .state.config import ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add_dp_flags(p)
+    add_analytics_flags(p)
     add_common_flags(p)
     return p
 
@@ -492,6 +494,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             else None
         ),
         dp=dp_settings_from_args(args),
+        analytics=analytics_settings_from_args(args),
     )
 
 

@@ -29,6 +29,7 @@ from fedcore.strategy import Strategy, WorkerInfo, check_secure_aggregation, loa
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
+from .analytics.hook import serve_analytics
 from .engine.context import RoundContext
 from .engine.evaluation import CentralEvaluator
 from .engine.fedbuff import FedBuffEngine
@@ -117,6 +118,8 @@ class Coordinator:
         self.service = CoordinatorService(
             config, self.registry, config.model, self.signature, authenticator
         )
+        # Federated analytics (server/analytics): its own service beside Join.
+        self.analytics = serve_analytics(config.analytics, self.registry, self.service)
         evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
             if config.eval_data is not None
@@ -238,7 +241,11 @@ class Coordinator:
         """Serve, run every round, tell workers to shut down, stop serving."""
         exporters = self._make_exporters()
         try:
-            server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+            server, health, self.port = await start_grpc_server(
+                self.service,
+                self.config.listen,
+                (self.analytics.register,) if self.analytics is not None else (),
+            )
         except BaseException:
             for exporter in exporters:
                 exporter.close(self.status(), [])
@@ -259,7 +266,10 @@ class Coordinator:
             )
         )
         try:
-            runner = asyncio.create_task(self._run_rounds())
+            analytics_only = self.config.analytics is not None and self.config.analytics.only
+            runner = asyncio.create_task(
+                self._stop.wait() if analytics_only else self._run_rounds()
+            )
             stopper = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner not in done:
@@ -268,9 +278,11 @@ class Coordinator:
                     await runner
                 # A completed round's report (metrics row, checkpoint) is still written.
                 await self.reports.drain_for(self.config.shutdown_grace + 60)
-                log.warning(
-                    "stopped before the last round; the model of the last completed round is kept"
-                )
+                if not analytics_only:
+                    log.warning(
+                        "stopped before the last round; the model of the last completed "
+                        "round is kept"
+                    )
             stopper.cancel()
             if runner in done:
                 runner.result()  # re-raise a failure

@@ -15,6 +15,7 @@ Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -139,7 +140,10 @@ class DPSGD:
                 "replace BatchNorm with GroupNorm (opacus ModuleValidator.fix)"
             )
         loader = DataLoader(_as_tensor_dataset(dataset), batch_size=config.batch_size)
-        generator = torch.Generator().manual_seed(config.seed)
+        # Poisson sampling decides which records each step sees: seeded from the OS's CSPRNG,
+        # never from the plan's seed (a coordinator that knew the batches could tell which
+        # records a step's noise protects least).
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
         with warnings.catch_warnings():
             # Opacus warns that its RNG is not cryptographically secure unless secure_mode is
             # on (which needs torchcsprng); the README states this limit.

@@ -14,6 +14,7 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
+from ..analytics.settings import AnalyticsSettings
 from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
@@ -88,6 +89,8 @@ class ServerConfig:
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
     dp: DPSettings | None = None
+    #: Federated analytics for data scientists (``--scientists``); None: not served.
+    analytics: AnalyticsSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -25,10 +25,12 @@ from fedcore.weights import ModelSignature
 from ..state.registry import Ticket, WorkerSession
 from .untrusted import bound_claimed_examples, clean_metrics
 
-__all__ = ["Inbox", "SecAggRoute"]
+__all__ = ["AnalyticsRoute", "Inbox", "SecAggRoute"]
 
 #: Where secure-aggregation messages go: the current round's handler.
 SecAggRoute = Callable[[WorkerSession, pb.SecAggWorkerMessage], None]
+#: Where analytics messages go: the running query's round (server/analytics).
+AnalyticsRoute = Callable[[WorkerSession, pb.AnalyticsWorkerMessage], None]
 
 log = logging.getLogger("fedcore.server")
 
@@ -56,9 +58,11 @@ class Inbox:
         chunk_limit: int,
         upload_slots: asyncio.Semaphore,
         secagg: SecAggRoute | None = None,
+        analytics: AnalyticsRoute | None = None,
     ) -> None:
         self.session = session
         self._secagg = secagg
+        self._analytics = analytics
         self._signature = signature
         self._max_model_bytes = max_model_bytes
         self._chunk_limit = chunk_limit
@@ -109,6 +113,11 @@ class Inbox:
             if self._secagg is None:
                 raise ProtocolError("a secure-aggregation message arrived, but it is off")
             self._secagg(self.session, message.secagg)
+            return
+        if kind == "analytics":
+            if self._analytics is None:
+                raise ProtocolError("an analytics message arrived, but analytics is off")
+            self._analytics(self.session, message.analytics)
             return
         if self._upload is not None:
             raise ProtocolError(f"a {kind} message arrived in the middle of an upload")

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -35,7 +36,7 @@ from ..state.config import ServerConfig
 from ..state.registry import WorkerRegistry, WorkerSession
 from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
-from .inbox import Inbox, SecAggRoute
+from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 from .limits import grpc_limit_options, max_concurrent_rpcs
 from .revocation import close_revoked
 from .untrusted import bound_announced_examples, clean_dataset
@@ -84,6 +85,8 @@ class CoordinatorService:
         self.gate = HandshakeGate(config.gate_limits)
         #: The running secure round's message handler (set by the coordinator per round).
         self.secagg_handler: SecAggRoute | None = None
+        #: Where workers' analytics messages go (set when analytics is served).
+        self.analytics_handler: AnalyticsRoute | None = None
 
     def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
         if self.config.secagg is None:
@@ -276,6 +279,7 @@ class CoordinatorService:
             chunk_limit=self.config.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=self._route_secagg,
+            analytics=self.analytics_handler,
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))
@@ -386,10 +390,13 @@ async def _abort(
 
 
 async def start_grpc_server(
-    service: CoordinatorService, listen: str
+    service: CoordinatorService,
+    listen: str,
+    extra: Sequence[Callable[[grpc.aio.Server], None]] = (),
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
-    """Start a grpc.aio server with the Join service and gRPC health checking; return the
-    server, its health servicer and the bound port."""
+    """Start a grpc.aio server with the Join service and gRPC health checking (and whatever
+    ``extra`` registers, e.g. the Analytics service); return the server, its health servicer
+    and the bound port."""
     limit = max_message_bytes(service.config.chunk_bytes)
     server = grpc.aio.server(
         maximum_concurrent_rpcs=max_concurrent_rpcs(service.config),
@@ -404,6 +411,8 @@ async def start_grpc_server(
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
+    for register in extra:
+        register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     tls = service.config.tls
