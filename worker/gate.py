@@ -201,7 +201,16 @@ def check_fit(admission: Admission) -> CheckedTask:
 
 
 def check_evaluate(admission: Admission) -> CheckedTask:
-    """Evaluation needs nothing beyond the model; its release is decided on the way out."""
+    """Evaluation needs nothing beyond the model (the policy says whether it runs at all);
+    under a private policy its metrics leave only with noise, so that noise must be set."""
+    policy = admission.policy
+    z = policy.training.evaluation_noise_multiplier
+    if policy.private and policy.evaluation_allowed and z is None:
+        raise _refuse(
+            "training.allow-evaluation",
+            "under this worker's policy evaluation metrics leave only with DP noise, and no "
+            "evaluation-noise-multiplier is configured",
+        )
     return admission.checked("evaluate")
 
 
