@@ -116,6 +116,20 @@ def test_a_policy_moves_the_bounds(tmp_path: Path) -> None:
         gate.admit(_with_weights(fit_task(learning_rate=0.005), LOGREG))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[secure-aggregation]\nmin-threshold = 1.5\n", "must be a fraction in"),
+        ("[secure-aggregation]\nmin-group-size = 1\n", "min-group-size"),
+        ("[training]\nmin-learning-rate = 1.0\nmax-learning-rate = 0.5\n", "above max"),
+    ],
+)
+def test_gate_settings_in_the_policy_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "p.toml").write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        load_policy(tmp_path / "p.toml")
+
+
 def test_an_unknown_task_kind_is_refused_until_its_check_registers() -> None:
     gate = _gate()
     task = _with_weights(fit_task(), LOGREG)
