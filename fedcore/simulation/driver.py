@@ -26,7 +26,7 @@ from .clients import DataSpec, HostSpec, WorkerSettings
 from .engines import Engine, HostFailed
 from .host import HostReport, peak_rss_bytes
 
-__all__ = ["SimulationError", "SimulationResult", "host_specs", "simulate"]
+__all__ = ["SimulationError", "SimulationResult", "host_specs", "loopback_limits", "simulate"]
 
 log = logging.getLogger("fedcore.simulation")
 
@@ -62,6 +62,21 @@ class SimulationResult:
             "refused": sum(h.refused for h in self.hosts),
             "errors": self.errors,
         }
+
+
+def loopback_limits(config: ServerConfig, num_clients: int, num_hosts: int) -> ServerConfig:
+    """``config`` with the limits that guard a deployment against one hostile host raised to
+    what a simulation needs: every virtual worker connects from this machine, and a host's
+    workers share one gRPC connection (so one connection carries hundreds of streams)."""
+    per_host = -(-num_clients // max(1, min(num_hosts, num_clients)))
+    return replace(
+        config,
+        max_workers=max(config.max_workers, num_clients),
+        max_streams_per_connection=max(config.max_streams_per_connection, per_host + 8),
+        max_pending_handshakes=max(config.max_pending_handshakes, num_clients),
+        max_pending_per_host=max(config.max_pending_per_host, num_clients),
+        handshake_rate=0.0,  # unlimited: a thousand workers join from one address at once
+    )
 
 
 def host_specs(
@@ -114,8 +129,7 @@ async def simulate(
     coordinator fails every host is stopped: nothing outlives the call.
     """
     data.check_source()
-    if config.max_workers < data.num_clients:
-        config = replace(config, max_workers=data.num_clients)
+    config = loopback_limits(config, data.num_clients, num_hosts)
     started = time.perf_counter()
     coordinator = Coordinator(config, strategy)
     serving = asyncio.create_task(coordinator.run())

@@ -38,7 +38,7 @@ class Engine(Protocol):
 
 @dataclass
 class LocalEngine:
-    """Each host is a ``python -m fedcore.simulation.host`` process on this machine."""
+    """Each host is a Python process on this machine running :func:`~.host.main`."""
 
     name: str = "local"
 
@@ -49,8 +49,10 @@ class LocalEngine:
                 procs.append(
                     await asyncio.create_subprocess_exec(
                         sys.executable,
-                        "-m",
-                        "fedcore.simulation.host",
+                        # Not ``-m fedcore.simulation.host``: the package imports that module
+                        # first, which runpy warns about.
+                        "-c",
+                        "from fedcore.simulation.host import main; raise SystemExit(main())",
                         stdin=asyncio.subprocess.PIPE,
                         stdout=asyncio.subprocess.PIPE,
                         env=dict(os.environ, PYTHONUNBUFFERED="1"),

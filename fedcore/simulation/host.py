@@ -7,7 +7,7 @@ exits when the coordinator says the federation is over. What differs from ``fed-
 only the set-up: its shard comes from the seeded partition (:mod:`.clients`) and its trainer
 releases the model after every task (:mod:`.trainer`).
 
-Run as ``python -m fedcore.simulation.host``: reads a :class:`~.clients.HostSpec` as JSON on
+Run as a process by the local engine (:func:`main`): reads a :class:`~.clients.HostSpec` as JSON on
 stdin, prints a :class:`HostReport` as one JSON line on stdout when its workers are done.
 """
 
@@ -173,11 +173,7 @@ def host_main(spec_json: str) -> str:
 
 
 def main() -> int:
-    """``python -m fedcore.simulation.host``: spec on stdin, report on stdout."""
+    """A host process: spec on stdin, report on stdout."""
     report = host_main(sys.stdin.read())
     print(report, flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
