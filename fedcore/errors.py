@@ -8,7 +8,9 @@ catch them all at once, or pick the branch it can act on::
     │   └── PolicyError            a worker's policy file is invalid (fix the policy file)
     ├── DataError              a dataset or shard cannot be read or fails its checksum
     ├── ModelError             a model cannot be built, or two sides disagree on its shape
-    │   └── ModelMismatchError parameter names, shapes or dtypes differ between two sides
+    │   ├── ModelMismatchError parameter names, shapes or dtypes differ between two sides
+    │   └── PlanError          a model cannot be exported as a plan, or a plan file is unusable
+    │       └── PlanRejectedError  a received plan fails verification (names the node)
     ├── ProtocolError          a peer sent something that breaks the fedcore v1 protocol
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
@@ -39,6 +41,8 @@ __all__ = [
     "ModelError",
     "ModelMismatchError",
     "PayloadError",
+    "PlanError",
+    "PlanRejectedError",
     "PolicyError",
     "PrivacyBudgetExhausted",
     "ProtocolError",
@@ -77,6 +81,16 @@ class ModelError(FedcoreError):
 
 class ModelMismatchError(ModelError):
     """Two sides disagree on the model's parameter names, shapes or dtypes."""
+
+
+class PlanError(ModelError):
+    """A model cannot be exported as a plan, or a plan (file) cannot be used."""
+
+
+class PlanRejectedError(PlanError):
+    """A received plan fails verification: an operation off the allow-list, a Python callable,
+    a pickled or custom object, an oversized tensor, malformed JSON. The message names the
+    offending node."""
 
 
 class ProtocolError(FedcoreError):

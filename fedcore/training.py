@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedcore.losses import loss_function, loss_of
 from fedcore.plan import TrainConfig
 
 #: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
@@ -144,7 +145,8 @@ def train(
     *,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss.
+    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss (or the
+    loss the model declares: a plan's, see :mod:`fedcore.losses`).
 
     With ``config.extra["proximal_mu"] = mu > 0`` (FedProx, Li et al. 2020) the objective is
     ``loss(w) + mu/2 ||w - w0||^2`` with ``w0`` the weights training started from; the
@@ -170,7 +172,7 @@ def _train_epochs(
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_function(loss_of(model))
     started = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -184,7 +186,7 @@ def _train_epochs(
             optimizer.zero_grad(set_to_none=True)
             logits = model(inputs)
             loss = loss_fn(logits, targets)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             if anchors:
                 with torch.no_grad():
                     for p, p0 in zip(params, anchors, strict=True):
@@ -213,7 +215,7 @@ def evaluate(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``."""
+    """Mean loss (cross-entropy, or the model's declared loss) and accuracy on ``dataset``."""
     device = torch.device(device)
     model.to(device)
     with fast_layout(model, device) as layout:
@@ -228,7 +230,7 @@ def _evaluate_batches(
     layout: torch.memory_format | None,
 ) -> EvalResult:
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = loss_function(loss_of(model), reduction="sum")
     total_loss = 0.0
     correct = 0
     seen = 0

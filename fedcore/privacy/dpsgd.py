@@ -131,6 +131,15 @@ class DPSGD:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ConfigError("DP-SGD needs a non-empty training set")
+        if not getattr(model, "opacus_compatible", True):
+            # A plan's module is a graph of ATen calls: Opacus' per-example gradient hooks
+            # sit on nn.Linear/nn.Conv2d modules, which it does not have.
+            raise ConfigError(
+                "DP-SGD cannot train a plan: Opacus computes per-example gradients with hooks "
+                "on layer modules (nn.Linear, nn.Conv2d, ...), and a verified plan is a graph "
+                "of ATen operations without them; run this silo without DP-SGD for plans, or "
+                "federate a registered model"
+            )
         model.train()
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
