@@ -89,7 +89,8 @@ def test_example_resnet_trains_with_batchnorm_dropout_and_a_short_last_batch() -
     # 70 examples at batch 32: the last batch has 6.
     result = train(module, _tiny_data(), TrainConfig(batch_size=32, learning_rate=0.05))
     after = get_weights(module)
-    assert result.num_examples == 70 and np.isfinite(result.loss)
+    assert result.num_examples == 70
+    assert np.isfinite(result.loss)
     assert int(after["stem.1.num_batches_tracked"]) == 3  # running stats were updated
     assert not np.allclose(before["head.weight"], after["head.weight"])
     # Evaluation uses the eval graph: deterministic (no dropout, running statistics).
@@ -129,8 +130,10 @@ def test_describe_names_shapes_ops_parameters_loss_and_terms(cnn_plan: Plan) -> 
     text = "\n".join(describe_plan(verify_program(cnn_plan.program), train=config, secagg=True))
     assert "float32[batch, 1, 28, 28]  ->  output float32[batch, 10]" in text
     assert "1,663,370 trainable" in text
-    assert "aten.conv2d x2" in text and "aten.linear x2" in text
-    assert "cross_entropy" in text and "2 local epoch(s), batch 16" in text
+    assert "aten.conv2d x2" in text
+    assert "aten.linear x2" in text
+    assert "cross_entropy" in text
+    assert "2 local epoch(s), batch 16" in text
     assert "clipped to L2 norm 1, noise multiplier 0.8" in text
     assert "secagg      on" in text
 
