@@ -15,6 +15,7 @@ catch them all at once, or pick the branch it can act on::
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── LedgerError            a worker's privacy ledger cannot be read, locked or written
+    ├── TaskRefused            a worker's gate refused a task: ``rule`` names the rule broken
     ├── RejectedError          the coordinator refused this worker (the reason says why)
     │   └── AuthenticationError    unknown, revoked or unproven worker identity
     │       └── IdentityMismatchError  the proven identity is not the name claimed
@@ -51,6 +52,7 @@ __all__ = [
     "SecAggAbortedError",
     "SecAggError",
     "SecAggRefusedError",
+    "TaskRefused",
     "VersionMismatchError",
 ]
 
@@ -69,6 +71,19 @@ class PolicyError(ConfigError):
 
 class LedgerError(FedcoreError):
     """A worker's privacy ledger is unreadable, corrupt, locked too long, or cannot be written."""
+
+
+class TaskRefused(FedcoreError):
+    """A worker's gate refused a task before any of it ran (or before its result left).
+
+    ``rule`` names the rule (``"model.allowed"``, ``"training.learning-rate"``, a policy key);
+    the message says what the plan did and what the coordinator would have to change.
+    """
+
+    def __init__(self, rule: str, reason: str, *, by: str = "gate") -> None:
+        super().__init__(f"refused by the worker's {by} [{rule}]: {reason}")
+        self.rule = rule
+        self.reason = reason
 
 
 class DataError(FedcoreError):

@@ -76,12 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="local test set for federated evaluation (default: the training shard)",
     )
-    p.add_argument("--model", help="accept only this model (checked when joining)")
+    p.add_argument(
+        "--model",
+        help="accept only this model: a registered name, or your own pkg.module:factory "
+        "(plans may name no other import path; checked when joining and on every task)",
+    )
     p.add_argument(
         "--model-params",
         default="{}",
         metavar="JSON",
-        help="hyper-parameters of --model as a JSON object",
+        help="hyper-parameters of --model as a JSON object; plans must use exactly these",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -153,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dpsgd-max-epsilon",
         type=float,
         help="this silo's budget: refuse any round that would take its epsilon past it",
+    )
+    d.add_argument(
+        "--dpsgd-state",
+        type=Path,
+        metavar="FILE",
+        help="where DP-SGD's accountant is kept across restarts (default with "
+        "--dpsgd-max-epsilon: DATA.dpsgd-state.json beside --data)",
     )
     add_common_flags(p)
     return p
@@ -228,11 +239,19 @@ def _run(argv: Sequence[str] | None) -> None:
         raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
     extra: dict[str, Any] = {}
     if args.dpsgd_noise_multiplier is not None:
+        state = args.dpsgd_state
+        if state is None and args.dpsgd_max_epsilon is not None:
+            # The budget must survive restarts, or a restart would reset it.
+            data = Path(args.data).resolve()
+            state = data.with_name(data.name + ".dpsgd-state.json")
+        if state is not None:
+            log.info("DP-SGD accountant kept in %s", state)
         extra["train_fn"] = DPSGD(
             noise_multiplier=args.dpsgd_noise_multiplier,
             max_grad_norm=args.dpsgd_clip,
             delta=args.dpsgd_delta,
             max_epsilon=args.dpsgd_max_epsilon,
+            state_file=state,
         )
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedcore.errors import ConfigError, FedcoreError, ModelMismatchError
-from fedcore.models import build_model, get_weights, set_weights
+from fedcore.errors import ConfigError, FedcoreError, ModelError, ModelMismatchError
+from fedcore.model_catalog import ModelCatalog
+from fedcore.models import get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
@@ -113,7 +114,9 @@ class TorchTrainer(Trainer):
         self._device = torch.device(device)
         self._train_fn = train_fn
         self._eval_fn = eval_fn
-        self._expected = model
+        # Only registered models, or the one the data owner configured (the gate has already
+        # refused anything else; this holds for trainers driven without it, too).
+        self._catalog = ModelCatalog(model)
         self._cached: tuple[ModelSpec, nn.Module] | None = None
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         if model is not None:
@@ -130,12 +133,12 @@ class TorchTrainer(Trainer):
         return self._announced
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
-        if self._expected is not None and spec.name != self._expected.name:
-            raise ModelMismatchError(
-                f"this worker runs model {self._expected.name}, the plan asks for {spec.name}"
-            )
         if self._cached is None or self._cached[0] != spec:
-            self._cached = (spec, build_model(spec).to(self._device))
+            try:
+                model = self._catalog.build(spec)
+            except ModelError as exc:
+                raise ModelMismatchError(str(exc)) from None
+            self._cached = (spec, model.to(self._device))
         return self._cached[1]
 
     def _wait_for_warm_up(self) -> None:
