@@ -199,6 +199,7 @@ class AsyncRounds:
                 round=self.version + 1,
                 kind=pb.TASK_KIND_FIT,
                 model=model,
+                plan=c.config.plan,
                 train=instruction.config.to_proto(),
                 weights=payload.header,
             )
@@ -251,6 +252,7 @@ class AsyncRounds:
         staleness = [r.staleness for r in results]
         counters = c.service.counters
         metrics = RoundMetrics(
+            plan=c.config.plan.hash if c.config.plan is not None else None,
             round=self.version,
             workers=len(results),
             failures=len(self.failures),

@@ -23,6 +23,7 @@ from fedcore.tls import ServerTLS
 
 from .config import ServerConfig
 from .coordinator import Coordinator
+from .plans import add_plan_flags, plan_from_args
 from .privacy import add_dp_flags, dp_settings_from_args
 
 __all__ = ["build_parser", "main"]
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add_dp_flags(p)
+    add_plan_flags(p)
     add_common_flags(p)
     return p
 
@@ -351,8 +353,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"--strategy-options is not valid JSON: {exc}") from None
     if not isinstance(options, dict):
         raise ConfigError("--strategy-options must be a JSON object")
+    model = ModelSpec(args.model, params)
+    shipped = plan_from_args(args, model, seed=args.seed, max_bytes=args.max_model_bytes * 2)
     return ServerConfig(
-        model=ModelSpec(args.model, params),
+        model=shipped[0] if shipped else model,
+        plan=shipped[1] if shipped else None,
         listen=args.listen,
         rounds=args.rounds,
         min_workers=args.min_workers,

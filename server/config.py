@@ -13,6 +13,7 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
+from fedcore.v1 import fedcore_pb2 as pb
 
 from .privacy import DPSettings
 
@@ -24,6 +25,8 @@ class ServerConfig:
     """Everything ``fed-server`` can be told; see ``fed-server --help`` for each field."""
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec("mnist-cnn"))
+    # A model shipped as a program (server/plans.py): sent with every task; model names it.
+    plan: pb.PlanProgram | None = None
     listen: str = "127.0.0.1:50051"
     rounds: int = 3
     min_workers: int = 2

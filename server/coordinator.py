@@ -389,6 +389,7 @@ class Coordinator:
             if every and (round_number % every == 0 or round_number == cfg.rounds):
                 fed_metrics = await self._federated_evaluate(round_number)
             metrics = RoundMetrics(
+                plan=self.config.plan.hash if self.config.plan is not None else None,
                 round=round_number,
                 workers=len(collector.results),
                 failures=len(collector.failures),
@@ -570,6 +571,7 @@ class Coordinator:
                 round=round_number,
                 kind=pb.TASK_KIND_FIT,
                 model=model,
+                plan=self.config.plan,
                 train=train,
                 weights=payload.header,
                 secagg=secagg,
@@ -590,7 +592,11 @@ class Coordinator:
         model = self.config.model.to_proto()
         for worker in chosen:
             task = pb.Task(
-                round=round_number, kind=pb.TASK_KIND_EVALUATE, model=model, weights=payload.header
+                round=round_number,
+                kind=pb.TASK_KIND_EVALUATE,
+                model=model,
+                plan=self.config.plan,
+                weights=payload.header,
             )
             self._issue(idle[worker.worker_id], collector, task, payload)
         await collector.wait(self.config.round_timeout)

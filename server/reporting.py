@@ -47,10 +47,12 @@ class RoundMetrics:
     epsilon: float | None = None
     delta: float | None = None
     privacy: dict[str, Any] | None = None
+    #: The hash of the plan trained, when the model is shipped as one (fed-server --ship-plan).
+    plan: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
-        for optional in ("staleness", "epsilon", "delta", "privacy"):
+        for optional in ("staleness", "epsilon", "delta", "privacy", "plan"):
             if getattr(self, optional) is None:
                 del row[optional]
         row["train"] = {k: _finite(v) for k, v in self.train.items()}

@@ -21,12 +21,14 @@ from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec
-from fedcore.policy import RecordDPSetup, load_policy
+from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
+from .plans import PlanLibrary
 from .policy import PolicyGuard
+from .requests_cli import requests_main
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer
 
@@ -54,6 +56,10 @@ local epochs, secure aggregation, differential privacy, and the silo's privacy b
 a ledger on this machine. A plan that breaks it is refused, with the reason sent to the
 coordinator and logged here. A shard's metadata file (shard-0.meta.toml beside shard-0.npz,
 or --metadata) is advertised to the coordinator: name, tags, license, features.
+
+Models shipped as plans (fed-server --ship-plan) run without --model, after verification
+against an allow-list of operations; with [plans] require-approval in the policy, only once
+the data owner approved them: fed-worker requests --policy policy.toml list|show|approve|deny.
 """
 
 
@@ -220,7 +226,10 @@ async def _serve(worker: Worker) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("fed-worker", lambda: _run(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["requests"]:  # the data owner's plan request queue
+        return requests_main(args[1:])
+    return run_cli("fed-worker", lambda: _run(args))
 
 
 def _run(argv: Sequence[str] | None) -> None:
@@ -256,11 +265,18 @@ def _run(argv: Sequence[str] | None) -> None:
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
     shard = load_shard(args.data)
+    policy = load_policy(args.policy) if args.policy is not None else Policy()
+    plans = PlanLibrary(
+        policy.plans,
+        max_model_bytes=args.max_model_bytes,
+        dpsgd=args.dpsgd_noise_multiplier is not None,
+    )
     trainer = TorchTrainer(
         shard,
         eval_data=load_shard(args.eval_data) if args.eval_data else None,
         model=ModelSpec(args.model, params) if args.model else None,
         device=args.device,
+        plans=plans,
         **extra,
     )
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -268,7 +284,7 @@ def _run(argv: Sequence[str] | None) -> None:
     guard = None
     if args.policy is not None:
         guard = PolicyGuard(
-            load_policy(args.policy),
+            policy,
             num_examples=len(shard),
             record_dp=(
                 RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
@@ -289,6 +305,7 @@ def _run(argv: Sequence[str] | None) -> None:
         max_model_bytes=args.max_model_bytes,
         give_up_after=args.give_up_after or None,
         guard=guard,
+        plans=plans,
         dataset=dataset,
         channel_factory=channel_factory,
         token=token,

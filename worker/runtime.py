@@ -75,6 +75,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
 from .gate import CheckedTask, Gate
+from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
@@ -165,7 +166,8 @@ class Worker:
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
         guard: the data owner's policy; tasks that break it are refused.
         gate: what admits tasks (default: a :class:`~.gate.Gate` over the worker's registry
-            and the trainer's configured model, ``max_model_bytes`` and ``guard``).
+            and the trainer's configured model, ``max_model_bytes``, ``guard`` and ``plans``).
+        plans: the shipped plans this worker verifies and runs (None: refused).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
     """
@@ -183,6 +185,7 @@ class Worker:
         channel_factory: ChannelFactory = insecure_channel,
         guard: PolicyGuard | None = None,
         gate: Gate | None = None,
+        plans: PlanLibrary | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
     ) -> None:
@@ -198,7 +201,7 @@ class Worker:
         if gate is None:
             announced = trainer.announced_model()
             catalog = ModelCatalog(announced[0] if announced is not None else None)
-            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard)
+            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard, plans=plans)
         self.gate = gate
         self.dataset = dataset
         self.tasks_refused = 0

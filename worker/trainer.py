@@ -28,6 +28,8 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
+from .plans import PlanLibrary
+
 __all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
 
 
@@ -95,6 +97,7 @@ class TorchTrainer(Trainer):
         model: when given, the only model this worker accepts; announced at join.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         train_fn / eval_fn: replace the default loops.
+        plans: the verified plans this worker runs (shipped models; see worker/plans.py).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class TorchTrainer(Trainer):
         device: str = "cpu",
         train_fn: TrainFn = _default_train,
         eval_fn: EvalFn = _default_eval,
+        plans: PlanLibrary | None = None,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
@@ -117,6 +121,7 @@ class TorchTrainer(Trainer):
         # Only registered models, or the one the data owner configured (the gate has already
         # refused anything else; this holds for trainers driven without it, too).
         self._catalog = ModelCatalog(model)
+        self._plans = plans
         self._cached: tuple[ModelSpec, nn.Module] | None = None
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         if model is not None:
@@ -134,8 +139,9 @@ class TorchTrainer(Trainer):
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         if self._cached is None or self._cached[0] != spec:
+            model = self._plans.build(spec) if self._plans is not None else None
             try:
-                model = self._catalog.build(spec)
+                model = model if model is not None else self._catalog.build(spec)
             except ModelError as exc:
                 raise ModelMismatchError(str(exc)) from None
             self._cached = (spec, model.to(self._device))

@@ -42,6 +42,11 @@ Every section is optional; an absent rule allows everything it would have restri
     [coordinators]
     allowed = ["coordinator.example.org"]  # TLS identities this worker trains for
 
+    [plans]                                # models shipped as programs (docs/plans.md)
+    accept = true                          # run verified plans at all
+    require-approval = true                # ... only once the data owner approved the hash
+    requests = "plan-requests"             # the request queue (relative to this file's folder)
+
 Without a policy file (and for every key it leaves out) the defaults above apply: the
 worker's gate (``fedcore.worker.gate``) always enforces them.
 
@@ -64,6 +69,7 @@ __all__ = [
     "DPKind",
     "DatasetRules",
     "ModelRules",
+    "PlanRules",
     "Policy",
     "PrivacyRules",
     "TrainingRules",
@@ -82,6 +88,7 @@ _SECTIONS = (
     "budget",
     "dataset",
     "coordinators",
+    "plans",
 )
 
 
@@ -154,6 +161,20 @@ class DatasetRules:
 
 
 @dataclass(frozen=True)
+class PlanRules:
+    """Models shipped as programs (``fed-server --ship-plan``; see docs/plans.md).
+
+    ``accept``: run verified plans at all. ``require_approval``: run a plan only after the
+    data owner approved its hash (``fed-worker requests approve``); unknown plans wait in
+    the request queue at ``requests``.
+    """
+
+    accept: bool = True
+    require_approval: bool = False
+    requests: Path | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """Everything a data owner's ``policy.toml`` says (see the module docstring)."""
 
@@ -164,6 +185,7 @@ class Policy:
     dataset: DatasetRules = field(default_factory=DatasetRules)
     allowed_coordinators: tuple[str, ...] | None = None
     source: str = "policy"
+    plans: PlanRules = field(default_factory=PlanRules)
 
     @property
     def private(self) -> bool:
@@ -208,6 +230,10 @@ class Policy:
             lines.append("releases a noisy label histogram")
         if self.allowed_coordinators is not None:
             lines.append(f"coordinators: {', '.join(self.allowed_coordinators)}")
+        if not self.plans.accept:
+            lines.append("no shipped plans")
+        elif self.plans.require_approval:
+            lines.append(f"plans need the data owner's approval (queue {self.plans.requests})")
         return lines or ["no restrictions"]
 
 
@@ -336,7 +362,17 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
-    policy = Policy(models, training, privacy, budget, dataset, coordinators, str(path))
+    pl = section("plans", ("accept", "require-approval", "requests"))
+    queue = Path(pl.string("requests") or "plan-requests").expanduser()
+    plans = PlanRules(
+        accept=_default(pl.boolean("accept"), True),
+        require_approval=_default(pl.boolean("require-approval"), False),
+        requests=queue if queue.is_absolute() else path.parent / queue,
+    )
+
+    policy = Policy(
+        models, training, privacy, budget, dataset, coordinators, str(path), plans=plans
+    )
     if (
         policy.private
         and policy.evaluation_allowed
