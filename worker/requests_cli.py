@@ -75,7 +75,8 @@ def _run(argv: Sequence[str]) -> None:
         for line in describe_plan(verified, train=record.train_config, secagg=record.secagg):
             print(line)
         return
-    record = queue.decide(record.hash, approve=args.command == "approve", reason=args.reason)
+    reason = getattr(args, "reason", "")  # only deny takes one
+    record = queue.decide(record.hash, approve=args.command == "approve", reason=reason)
     print(
         f"plan {record.hash[:16]} {record.status}" + (f": {record.reason}" if record.reason else "")
     )
