@@ -4,7 +4,7 @@ The workers never see this file. ``fed-plan export examples.plan_resnet:make_mod
 resnet.plan`` turns it into a graph of ATen operations plus weights; ``fed-server --plan
 resnet.plan`` ships that to workers started without ``--model``. It uses what registered
 models do not: batch normalization (running statistics, a different evaluation graph),
-dropout, residual additions and global average pooling. See ``scripts/plan_example.py``
+dropout, residual additions and global average pooling. See ``examples/plan_federation.py``
 for the whole federation, and ``docs/plans.md``.
 """
 
