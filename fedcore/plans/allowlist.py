@@ -24,11 +24,12 @@ ATEN_OPS: frozenset[str] = frozenset(
         # layers
         "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
         "linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "embedding",
-        "scaled_dot_product_attention",
+        "scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
         # pooling
         "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
         "avg_pool1d", "avg_pool2d", "avg_pool3d",
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+        "upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact2d",
         # normalization
         "batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit",
         "_native_batch_norm_legit_no_training", "native_batch_norm", "layer_norm",

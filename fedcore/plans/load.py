@@ -95,13 +95,20 @@ def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> 
         program.eval_graph, what="evaluation graph", limits=limits
     )
     for kind in ("state", "constants"):
-        mismatch = describe_mismatch(getattr(summary, kind), getattr(eval_summary, kind))
+        mismatch = describe_mismatch(
+            tuple(sorted(getattr(summary, kind), key=lambda t: t.name)),
+            tuple(sorted(getattr(eval_summary, kind), key=lambda t: t.name)),
+        )
         if mismatch is not None:
             raise PlanRejectedError(f"the evaluation graph's {kind} differ: {mismatch}")
     if summary.input != eval_summary.input or summary.output != eval_summary.output:
         raise PlanRejectedError("the training and evaluation graphs take or give other shapes")
     constants = constants_of(program, max_bytes=limits.max_constant_bytes)
-    mismatch = describe_mismatch(summary.constants, signature_of(constants))
+    # Constants are handed over by name: their order does not matter.
+    mismatch = describe_mismatch(
+        tuple(sorted(summary.constants, key=lambda t: t.name)),
+        tuple(sorted(signature_of(constants), key=lambda t: t.name)),
+    )
     if mismatch is not None:
         raise PlanRejectedError(f"the plan's constants do not fit its graphs: {mismatch}")
     return VerifiedPlan(program, summary, eval_summary, train_doc, eval_doc, constants)
