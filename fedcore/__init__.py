@@ -6,6 +6,7 @@ this package holds what both share: plans, strategies, models, the tensor codec 
 
 from __future__ import annotations
 
+from fedcore.analytics.client import connect
 from fedcore.errors import (
     ConfigError,
     DataError,
@@ -82,6 +83,7 @@ __all__ = [
     "__version__",
     "available_models",
     "build_model",
+    "connect",
     "get_weights",
     "load_strategy",
     "register_model",

@@ -12,6 +12,10 @@ SHA-256 and compared in constant time with the stored hash; the token itself is 
 on the coordinator), with the common name of its mTLS certificate, or with both. Tokens are
 256-bit random strings, so a plain SHA-256 is enough: there is nothing to brute-force.
 
+Data scientists (federated analytics, docs/analytics.md) are enrolled the same way in a
+file of their own (``fed-certs add-scientist``, section ``"scientists"``): they present only
+their token, and :meth:`Enrollment.identify` finds who holds it.
+
 Revoking is an edit of the file (``fed-certs revoke NAME``); the coordinator re-reads it when
 it changes, refuses the name from then on and closes the revoked worker's open stream.
 """
@@ -83,19 +87,21 @@ class EnrollmentEntry:
 
 
 class Enrollment:
-    """The enrolled workers, kept in sync with their file (re-read when it changes)."""
+    """The enrolled workers (or, with ``section="scientists"``, data scientists), kept in sync
+    with their file (re-read when it changes)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, section: str = "workers") -> None:
         self.path = path
+        self.section = section
         self._entries: dict[str, EnrollmentEntry] = {}
         self._stamp: tuple[int, int] | None = None
         self.reload()
 
     @classmethod
-    def empty(cls, path: Path) -> Enrollment:
+    def empty(cls, path: Path, *, section: str = "workers") -> Enrollment:
         """An enrollment for a file that does not exist yet (``fed-certs`` creates it)."""
         self = cls.__new__(cls)
-        self.path, self._entries, self._stamp = path, {}, None
+        self.path, self._entries, self._stamp, self.section = path, {}, None, section
         return self
 
     @property
@@ -114,7 +120,7 @@ class Enrollment:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return False
-        self._entries = _parse(self.path)
+        self._entries = _parse(self.path, self.section)
         self._stamp = stamp
         return True
 
@@ -140,6 +146,17 @@ class Enrollment:
             return f"worker {name!r} sent a wrong token"
         return None
 
+    def identify(self, token: str) -> str | None:
+        """The name of the enrolled, unrevoked holder of ``token``, or None. Every entry's
+        hash is compared in constant time, whatever matches."""
+        given = hash_token(token).encode()
+        found = None
+        for name, entry in self._entries.items():
+            expected = (entry.token_sha256 or _DUMMY_HASH).encode()
+            if hmac.compare_digest(expected, given) and entry.token_sha256 and not entry.revoked:
+                found = name
+        return found
+
     def check_name(self, name: str) -> str | None:
         """None when ``name`` is enrolled and not revoked; otherwise why not."""
         entry = self._entries.get(name)
@@ -161,7 +178,7 @@ class Enrollment:
     def save(self) -> None:
         body = {
             "version": 1,
-            "workers": {
+            self.section: {
                 name: {"token_sha256": e.token_sha256, "revoked": e.revoked}
                 for name, e in sorted(self._entries.items())
             },
@@ -170,12 +187,12 @@ class Enrollment:
         self._stamp = None
 
 
-def _parse(path: Path) -> dict[str, EnrollmentEntry]:
+def _parse(path: Path, section: str = "workers") -> dict[str, EnrollmentEntry]:
     try:
         body: Any = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"the enrollment file {path} is unreadable: {exc}") from None
-    workers = body.get("workers") if isinstance(body, dict) else None
+    workers = body.get(section) if isinstance(body, dict) else None
     if body.get("version") != 1 or not isinstance(workers, dict):
         raise ConfigError(
             f"the enrollment file {path} is not a fedcore v1 enrollment; "

@@ -22,6 +22,7 @@ catch them all at once, or pick the branch it can act on::
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
     ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
+    ├── QueryRefusedError      an analytics query was refused by a silo, or could not be answered
     └── SecAggError            secure aggregation could not complete a round
         ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
         └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
@@ -47,6 +48,7 @@ __all__ = [
     "PolicyError",
     "PrivacyBudgetExhausted",
     "ProtocolError",
+    "QueryRefusedError",
     "RejectedError",
     "RoundFailedError",
     "SecAggAbortedError",
@@ -158,3 +160,8 @@ class SecAggAbortedError(SecAggError):
 
 class SecAggRefusedError(SecAggError):
     """An honest worker refused a request that would reveal more than the protocol allows."""
+
+
+class QueryRefusedError(FedcoreError):
+    """A federated-analytics query was not answered: a silo refused it (its rule and reason
+    are in the message), or too few silos hold the data, or the secure round failed."""

@@ -19,6 +19,7 @@ import torch
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
+from fedcore.data.table import is_table_path, load_table, mock_csv
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec
 from fedcore.policy import Policy, RecordDPSetup, load_policy
@@ -26,11 +27,12 @@ from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
+from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .requests_cli import requests_main
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
-from .trainer import TorchTrainer
+from .trainer import TorchTrainer, Trainer
 
 __all__ = ["build_parser", "main"]
 
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         type=Path,
-        help="local training shard: .npz with arrays x, y, or an MNIST IDX directory (required)",
+        help="local training shard: .npz with arrays x, y, or an MNIST IDX directory; or a "
+        ".csv/.parquet table answering federated-analytics queries (required)",
     )
     p.add_argument("--name", default=None, help="this worker's unique name (default: HOSTNAME-PID)")
     p.add_argument(
@@ -182,6 +185,23 @@ def _dataset_metadata(args: argparse.Namespace, num_examples: int) -> DatasetMet
     return load_metadata(path, num_examples=num_examples)
 
 
+def _table_worker(args: argparse.Namespace) -> tuple[Trainer, QueryResponder, DatasetMetadata]:
+    """A worker serving a CSV or Parquet table for analytics queries (it trains nothing)."""
+    path = args.metadata if args.metadata is not None else metadata_path_for(args.data)
+    if not path.is_file():
+        raise ConfigError(
+            f"the table {args.data} needs a metadata file ({path}, or --metadata) declaring "
+            "its columns with their public bounds or categories"
+        )
+    declared = load_metadata(path)
+    table = load_table(args.data, declared.features)
+    dataset = load_metadata(path, num_examples=table.num_rows)
+    if dataset.mock is not None:
+        dataset = dataset.with_mock_csv(mock_csv(dataset.mock, dataset.features))
+    exact = os.environ.get(EXACT_ENV) == "1"
+    return TableOnlyTrainer(table), QueryResponder(table, dataset, exact=exact), dataset
+
+
 def _coordinator_identity(args: argparse.Namespace) -> str | None:
     """The name the coordinator's TLS certificate is verified against (None without TLS)."""
     if args.tls_ca is None:
@@ -264,28 +284,38 @@ def _run(argv: Sequence[str] | None) -> None:
         )
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
-    shard = load_shard(args.data)
     policy = load_policy(args.policy) if args.policy is not None else Policy()
     plans = PlanLibrary(
         policy.plans,
         max_model_bytes=args.max_model_bytes,
         dpsgd=args.dpsgd_noise_multiplier is not None,
     )
-    trainer = TorchTrainer(
-        shard,
-        eval_data=load_shard(args.eval_data) if args.eval_data else None,
-        model=ModelSpec(args.model, params) if args.model else None,
-        device=args.device,
-        plans=plans,
-        **extra,
-    )
+    responder: QueryResponder | None = None
+    trainer: Trainer
+    dataset: DatasetMetadata | None
+    if is_table_path(args.data):
+        trainer, responder, dataset = _table_worker(args)
+        num_examples = trainer.num_examples
+        labels = None
+    else:
+        shard = load_shard(args.data)
+        trainer = TorchTrainer(
+            shard,
+            eval_data=load_shard(args.eval_data) if args.eval_data else None,
+            model=ModelSpec(args.model, params) if args.model else None,
+            device=args.device,
+            plans=plans,
+            **extra,
+        )
+        num_examples = len(shard)
+        labels = shard.y.numpy()
+        dataset = _dataset_metadata(args, num_examples)
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    dataset = _dataset_metadata(args, len(shard))
     guard = None
     if args.policy is not None:
         guard = PolicyGuard(
             policy,
-            num_examples=len(shard),
+            num_examples=num_examples,
             record_dp=(
                 RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
                 if args.dpsgd_noise_multiplier is not None
@@ -294,8 +324,8 @@ def _run(argv: Sequence[str] | None) -> None:
             coordinator_identity=_coordinator_identity(args),
         )
         log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
-        if dataset is not None:
-            dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
+        if dataset is not None and labels is not None:
+            dataset = dataset.with_histogram(guard.label_histogram(labels))
     if dataset is not None:
         log.info("advertising dataset %s", dataset.summary())
     worker = Worker(
@@ -309,6 +339,7 @@ def _run(argv: Sequence[str] | None) -> None:
         dataset=dataset,
         channel_factory=channel_factory,
         token=token,
+        analytics=responder,
     )
     asyncio.run(_serve(worker))
 

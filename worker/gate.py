@@ -16,6 +16,11 @@ are made. The checks, in order:
 3. **The data owner's policy** (``--policy``, :class:`~.policy.PolicyGuard`), including
    the privacy budget.
 
+Analytics queries (:mod:`fedcore.analytics`) carry no model: their check is registered with
+:meth:`Gate.register_query` (by :class:`~.analytics.QueryResponder`) and run by
+:meth:`Gate.admit_query`, which then checks the query's charge against the budget; the
+answer's charge is written to the same ledger as training by :meth:`Gate.release_query`.
+
 Results pass the gate again on the way out (:meth:`Gate.release_fit`,
 :meth:`Gate.release_evaluation`): the round's privacy charge is written to the ledger
 first, and under a *private* policy (DP required, or a budget kept) no exact statistic of the
@@ -63,7 +68,14 @@ from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .trainer import EvalOutput, FitOutput
 
-__all__ = ["PUBLIC_FIT_METRICS", "Admission", "CheckedTask", "Gate", "TaskCheck"]
+__all__ = [
+    "PUBLIC_FIT_METRICS",
+    "Admission",
+    "CheckedTask",
+    "Gate",
+    "QueryCheck",
+    "TaskCheck",
+]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -121,6 +133,10 @@ class Admission:
 
 #: A task kind's check: a CheckedTask, or :class:`TaskRefused`.
 TaskCheck = Callable[[Admission], CheckedTask]
+
+
+#: An analytics query's check: the charge its answer would cost, or :class:`TaskRefused`.
+QueryCheck = Callable[[pb.QueryTask, Policy], Charge]
 
 
 def _refuse(rule: str, reason: str) -> TaskRefused:
@@ -239,6 +255,7 @@ class Gate:
         self.guard = guard
         self.policy = guard.policy if guard is not None else Policy(source="default policy")
         self._checks: dict[int, TaskCheck] = dict(_BUILTIN_CHECKS)
+        self._query_check: QueryCheck | None = None
         # Digests of the global weights this worker has sent a masked input for.
         self._contributed: set[str] = set()
 
@@ -247,6 +264,55 @@ class Gate:
         if kind in self._checks:
             raise ConfigError(f"task kind {kind} already has a check")
         self._checks[kind] = check
+
+    def register_query(self, check: QueryCheck) -> None:
+        """Admit analytics queries when ``check`` passes them (one check per worker)."""
+        if self._query_check is not None:
+            raise ConfigError("analytics queries already have a check")
+        self._query_check = check
+
+    def admit_query(self, task: pb.QueryTask) -> Charge:
+        """Check an analytics query before anything of it runs, then its charge against the
+        budget (reads the ledger: call it off the loop); returns the charge to release it.
+
+        Raises:
+            TaskRefused: the rule the query breaks, and why.
+        """
+        if self._query_check is None:
+            raise _refuse(
+                "analytics", "this worker answers no analytics queries (it serves no table)"
+            )
+        charge = self._query_check(task, self.policy)
+        budget = self.policy.budget
+        if budget is None or self.guard is None or self.guard.ledger is None:
+            raise _refuse(
+                "budget",
+                "analytics queries need a [budget] in the worker's policy, kept in its ledger",
+            )
+        try:
+            after = self.guard.ledger.epsilon_after([charge], delta=budget.delta)
+        except LedgerError as exc:
+            raise TaskRefused(
+                "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
+            ) from None
+        if after > budget.epsilon:
+            now = self.guard.ledger.epsilon(delta=budget.delta)
+            raise TaskRefused(
+                "budget",
+                f"answering would take study {budget.study!r} to epsilon {after:.3f}, past its "
+                f"budget of {budget.epsilon:g} (spent so far: {now:.3f}, at delta "
+                f"{budget.delta:g}); ask with a smaller epsilon, or not at all",
+                by="policy",
+            )
+        return charge
+
+    def release_query(self, charge: Charge) -> None:
+        """Write a query answer's charge to the ledger before the answer leaves.
+
+        Raises:
+            TaskRefused: the budget no longer allows it: send nothing.
+        """
+        self._spend(charge)
 
     # ------------------------------------------------------------------ admission
 

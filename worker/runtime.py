@@ -74,6 +74,7 @@ from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
+from .analytics import ANALYTICS_CAPABILITY, QueryResponder
 from .gate import CheckedTask, Gate
 from .plans import PlanLibrary
 from .policy import PolicyGuard
@@ -170,6 +171,8 @@ class Worker:
         plans: the shipped plans this worker verifies and runs (None: refused).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
+        analytics: answers federated-analytics queries over a local table (its check is
+            registered with the gate).
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class Worker:
         plans: PlanLibrary | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
+        analytics: QueryResponder | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -203,6 +207,9 @@ class Worker:
             catalog = ModelCatalog(announced[0] if announced is not None else None)
             gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard, plans=plans)
         self.gate = gate
+        self.analytics = analytics
+        if analytics is not None:
+            analytics.attach(gate)
         self.dataset = dataset
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
@@ -271,6 +278,8 @@ class Worker:
             num_examples=self.trainer.num_examples,
             capabilities=["fit", "evaluate", SECAGG_CAPABILITY],
         )
+        if self.analytics is not None:
+            hello.capabilities.append(ANALYTICS_CAPABILITY)
         announced = self.trainer.announced_model()
         if announced is not None:
             spec, signature = announced
@@ -307,6 +316,8 @@ class Worker:
             await self._write(call, message)
 
         self._secagg = SecAggRounds(send, self.name)
+        if self.analytics is not None:
+            self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))
         # The task whose weights are arriving; None once they are all in. Its CheckedTask is
         # None when the gate refused it: its weights are read and dropped.
@@ -324,6 +335,10 @@ class Worker:
                     return True
                 if kind == "secagg":
                     await self._secagg.handle(message.secagg)
+                    continue
+                if kind == "analytics":
+                    if self.analytics is not None:
+                        await self.analytics.handle(message.analytics, send)
                     continue
                 if kind == "task":
                     checked = await self._admit(call, message.task)

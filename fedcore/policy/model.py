@@ -46,6 +46,11 @@ Every section is optional; an absent rule allows everything it would have restri
     accept = true                          # run verified plans at all
     require-approval = true                # ... only once the data owner approved the hash
     requests = "plan-requests"             # the request queue (relative to this file's folder)
+    [analytics]                            # answer federated-analytics queries on a table
+    allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
+    min-count = 10                         # fewest records in any released cell (default 10)
+    max-epsilon = 1.0                      # per query (default 1.0); queries are charged to
+                                           # the [budget] above, which they require
 
 Without a policy file (and for every key it leaves out) the defaults above apply: the
 worker's gate (``fedcore.worker.gate``) always enforces them.
@@ -65,6 +70,7 @@ from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
     "DP_KINDS",
+    "AnalyticsRules",
     "BudgetRules",
     "DPKind",
     "DatasetRules",
@@ -89,6 +95,7 @@ _SECTIONS = (
     "dataset",
     "coordinators",
     "plans",
+    "analytics",
 )
 
 
@@ -160,6 +167,22 @@ class DatasetRules:
     label_histogram_labels: int | None = None
 
 
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MAX_QUERY_EPSILON = 1.0
+
+
+@dataclass(frozen=True)
+class AnalyticsRules:
+    """What federated-analytics queries may read and release (``[analytics]``).
+
+    ``allowed_columns`` None: every column the table's metadata declares.
+    """
+
+    allowed_columns: tuple[str, ...] | None = None
+    min_count: int = DEFAULT_MIN_COUNT
+    max_epsilon: float = DEFAULT_MAX_QUERY_EPSILON
+
+
 @dataclass(frozen=True)
 class PlanRules:
     """Models shipped as programs (``fed-server --ship-plan``; see docs/plans.md).
@@ -185,6 +208,8 @@ class Policy:
     dataset: DatasetRules = field(default_factory=DatasetRules)
     allowed_coordinators: tuple[str, ...] | None = None
     source: str = "policy"
+    #: None: this worker answers no analytics queries.
+    analytics: AnalyticsRules | None = None
     plans: PlanRules = field(default_factory=PlanRules)
 
     @property
@@ -234,6 +259,13 @@ class Policy:
             lines.append("no shipped plans")
         elif self.plans.require_approval:
             lines.append(f"plans need the data owner's approval (queue {self.plans.requests})")
+        if self.analytics is not None:
+            a = self.analytics
+            columns = ", ".join(a.allowed_columns) if a.allowed_columns is not None else "all"
+            lines.append(
+                f"analytics queries on columns {columns}, at least {a.min_count} records per "
+                f"cell, epsilon <= {a.max_epsilon:g} per query"
+            )
         return lines or ["no restrictions"]
 
 
@@ -370,8 +402,23 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         requests=queue if queue.is_absolute() else path.parent / queue,
     )
 
+    analytics = None
+    if "analytics" in document:
+        a = section("analytics", ("allowed-columns", "min-count", "max-epsilon"))
+        if budget is None:
+            raise a.fail(
+                "min-count",
+                "needs a [budget] section: every query answer is charged to the silo's "
+                "budget, in the same ledger as training",
+            )
+        analytics = AnalyticsRules(
+            a.strings("allowed-columns"),
+            _or(a.integer("min-count", minimum=1), DEFAULT_MIN_COUNT),
+            _or(a.number("max-epsilon", positive=True), DEFAULT_MAX_QUERY_EPSILON),
+        )
+
     policy = Policy(
-        models, training, privacy, budget, dataset, coordinators, str(path), plans=plans
+        models, training, privacy, budget, dataset, coordinators, str(path), analytics, plans=plans
     )
     if (
         policy.private

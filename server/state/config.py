@@ -15,6 +15,7 @@ from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 from fedcore.v1 import fedcore_pb2 as pb
 
+from ..analytics.settings import AnalyticsSettings
 from .privacy import DPSettings
 
 __all__ = ["ServerConfig"]
@@ -73,6 +74,8 @@ class ServerConfig:
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
     dp: DPSettings | None = None
+    #: Federated analytics for data scientists (``--scientists``); None: not served.
+    analytics: AnalyticsSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

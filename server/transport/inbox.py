@@ -19,13 +19,14 @@ from fedcore.errors import ModelMismatchError, PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
-from .registry import Ticket, WorkerSession
-from .rounds import EvaluateCollector, FitCollector
+from ..state.registry import Ticket, WorkerSession
 
-__all__ = ["Inbox", "SecAggRoute"]
+__all__ = ["AnalyticsRoute", "Inbox", "SecAggRoute"]
 
 #: Where secure-aggregation messages go: the current round's handler.
 SecAggRoute = Callable[[WorkerSession, pb.SecAggWorkerMessage], None]
+#: Where analytics messages go: the running query's round (server/analytics).
+AnalyticsRoute = Callable[[WorkerSession, pb.AnalyticsWorkerMessage], None]
 
 log = logging.getLogger("fedcore.server")
 
@@ -53,9 +54,11 @@ class Inbox:
         chunk_limit: int,
         upload_slots: asyncio.Semaphore,
         secagg: SecAggRoute | None = None,
+        analytics: AnalyticsRoute | None = None,
     ) -> None:
         self.session = session
         self._secagg = secagg
+        self._analytics = analytics
         self._signature = signature
         self._max_model_bytes = max_model_bytes
         self._chunk_limit = chunk_limit
@@ -90,6 +93,11 @@ class Inbox:
                 raise ProtocolError("a secure-aggregation message arrived, but it is off")
             self._secagg(self.session, message.secagg)
             return
+        if kind == "analytics":
+            if self._analytics is None:
+                raise ProtocolError("an analytics message arrived, but analytics is off")
+            self._analytics(self.session, message.analytics)
+            return
         if self._upload is not None:
             raise ProtocolError(f"a {kind} message arrived in the middle of an upload")
         if kind == "result":
@@ -110,18 +118,19 @@ class Inbox:
     async def _on_result(self, result: pb.TaskResult) -> None:
         ticket = self._ticket_for(result.task_id)
         name = self.session.name
+        collector = ticket.collector
         if ticket.kind == pb.TASK_KIND_EVALUATE:
             if result.HasField("update"):
                 raise ProtocolError("an evaluation result must not carry an update")
             self.session.finish_ticket()
-            if isinstance(ticket.collector, EvaluateCollector) and not ticket.stale:
-                ticket.collector.accept(ticket, self.session.info, result)
+            if collector is not None and not ticket.stale:
+                collector.check_result(result)
+                await collector.accept(ticket, result, None)
             return
         if not result.HasField("update"):
             raise ProtocolError("a training result must carry an update")
-        collector = ticket.collector
         expected = self._signature
-        if isinstance(collector, FitCollector):
+        if collector is not None:
             collector.check_result(result)
             expected = collector.update_signature or expected
         header = result.update
@@ -180,7 +189,7 @@ class Inbox:
         try:
             self.session.finish_ticket()
             collector = upload.ticket.collector
-            if upload.assembler is None or not isinstance(collector, FitCollector):
+            if upload.assembler is None or collector is None:
                 return
             # Validation (finiteness) runs off the event loop; numpy releases the GIL.
             try:

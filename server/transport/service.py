@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -29,11 +30,10 @@ from fedcore.protocol import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
+from ..state.config import ServerConfig
+from ..state.registry import WorkerRegistry, WorkerSession
 from .auth import Authenticator
-from .config import ServerConfig
-from .inbox import Inbox, SecAggRoute
-from .payloads import WeightsPayload
-from .registry import WorkerRegistry, WorkerSession
+from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 
@@ -78,6 +78,8 @@ class CoordinatorService:
         self._upload_slots = asyncio.Semaphore(config.upload_slots)
         #: The running secure round's message handler (set by the coordinator per round).
         self.secagg_handler: SecAggRoute | None = None
+        #: Where workers' analytics messages go (set when analytics is served).
+        self.analytics_handler: AnalyticsRoute | None = None
 
     def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
         if self.config.secagg is None:
@@ -239,6 +241,7 @@ class CoordinatorService:
             chunk_limit=self.config.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=self._route_secagg,
+            analytics=self.analytics_handler,
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))
@@ -248,7 +251,7 @@ class CoordinatorService:
                 item = await session.next_outgoing()
                 if item is None:
                     break
-                if isinstance(item, WeightsPayload):
+                if not isinstance(item, pb.CoordinatorMessage | bytes):
                     for message in item.messages():
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:
@@ -338,10 +341,13 @@ async def _abort(
 
 
 async def start_grpc_server(
-    service: CoordinatorService, listen: str
+    service: CoordinatorService,
+    listen: str,
+    extra: Sequence[Callable[[grpc.aio.Server], None]] = (),
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
-    """Start a grpc.aio server with the Join service and gRPC health checking; return the
-    server, its health servicer and the bound port."""
+    """Start a grpc.aio server with the Join service and gRPC health checking (and whatever
+    ``extra`` registers, e.g. the Analytics service); return the server, its health servicer
+    and the bound port."""
     limit = max_message_bytes(service.config.chunk_bytes)
     server = grpc.aio.server(
         options=[
@@ -354,6 +360,8 @@ async def start_grpc_server(
         ]
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
+    for register in extra:
+        register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     tls = service.config.tls
