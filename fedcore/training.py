@@ -95,9 +95,13 @@ def fast_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory
     thread). Only the memory layout changes: shapes, names and the maths are the same. The
     model is put back in the default layout on exit, so code that reuses it (a DP-SGD
     wrapper, a user's own loop) never meets an unexpected layout. Yields None, leaving the
-    model alone, off the CPU or without ``Conv2d`` layers.
+    model alone, off the CPU or without ``Conv2d`` layers (a plan's module, which has no
+    layers, declares ``convolutional`` itself).
     """
-    if device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    convolutional = bool(getattr(model, "convolutional", False)) or any(
+        isinstance(m, nn.Conv2d) for m in model.modules()
+    )
+    if device.type != "cpu" or not convolutional:
         yield None
         return
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -67,7 +67,10 @@ class VerifiedPlan:
         """A fresh trainable module (weights zero: load the round's with ``set_weights``)."""
         train_gm = _deserialize(self._train_doc, self.summary, self.constants)
         eval_gm = _deserialize(self._eval_doc, self.eval_summary, self.constants)
-        return PlanModule(train_gm, eval_gm, loss=self.program.loss, plan_hash=self.hash)
+        module = PlanModule(train_gm, eval_gm, loss=self.program.loss, plan_hash=self.hash)
+        # 2-D convolutions run faster channels-last on the CPU (fedcore.training.fast_layout).
+        module.convolutional = any(op.startswith("aten.conv2d") for op in self.summary.ops)
+        return module
 
 
 def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> VerifiedPlan:
@@ -162,6 +165,7 @@ class PlanModule(nn.Module):
     """
 
     opacus_compatible = False
+    convolutional = False  # has 2-D convolutions (set by VerifiedPlan.build)
 
     def __init__(self, train_gm: nn.Module, eval_gm: nn.Module, *, loss: str, plan_hash: str):
         super().__init__()
