@@ -241,7 +241,8 @@ Global___PayloadChunk: _TypeAlias = PayloadChunk  # noqa: Y015
 class ModelSpec(_message.Message):
     """---------------------------------------------------------------- plans
 
-    A model is named, never shipped as code: both sides build it from their registry.
+    A model is named, never shipped as code: both sides build it from their registry (or, for
+    "plan-<hash>", from the verified program in Task.plan).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
