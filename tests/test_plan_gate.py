@@ -8,7 +8,6 @@ import pytest
 import torch
 from fedcore.worker.gate import Gate
 from fedcore.worker.plans import PlanLibrary
-from fedcore.worker.requests import RequestQueue
 
 from fedcore.codec import make_header
 from fedcore.errors import TaskRefused
@@ -16,6 +15,7 @@ from fedcore.model_catalog import ModelCatalog
 from fedcore.models import build_model
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.plans import Plan, export_plan
+from fedcore.plans.queue import RequestQueue
 from fedcore.policy import PlanRules
 from fedcore.v1 import fedcore_pb2 as pb
 

@@ -9,7 +9,7 @@ plan, in its model check, before anything else of the task is looked at:
    names it by that hash;
 3. this worker does not train with DP-SGD (Opacus cannot train a plan: docs/plans.md);
 4. with ``[plans] require-approval``, the data owner approved this hash: an unknown plan is
-   queued (:class:`~.requests.RequestQueue`) and refused as "awaiting approval", a denied
+   queued (:class:`~fedcore.plans.queue.RequestQueue`) and refused as "awaiting approval", a denied
    one is refused with the owner's reason;
 5. the weights header matches the program's parameters exactly.
 
@@ -30,11 +30,10 @@ from fedcore.codec import header_signature
 from fedcore.errors import PayloadError, PlanRejectedError, TaskRefused
 from fedcore.plan import ModelSpec
 from fedcore.plans import MODEL_PREFIX, Limits, VerifiedPlan, verify_program
+from fedcore.plans.queue import RequestQueue
 from fedcore.policy import PlanRules
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
-
-from .requests import RequestQueue
 
 __all__ = ["PlanLibrary"]
 

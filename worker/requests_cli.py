@@ -16,11 +16,9 @@ from pathlib import Path
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanRejectedError
 from fedcore.plans import describe_plan, verify_program
-from fedcore.policy import load_policy
+from fedcore.plans.queue import queue_from
 
-from .requests import RequestQueue
-
-__all__ = ["build_requests_parser", "queue_from", "requests_main"]
+__all__ = ["build_requests_parser", "requests_main"]
 
 
 def build_requests_parser() -> argparse.ArgumentParser:
@@ -41,17 +39,6 @@ def build_requests_parser() -> argparse.ArgumentParser:
     deny.add_argument("hash")
     deny.add_argument("--reason", default="", help="sent to the coordinator")
     return p
-
-
-def queue_from(policy: Path | None, queue: Path | None) -> RequestQueue:
-    """The queue ``--queue`` or ``--policy`` names."""
-    if queue is not None:
-        return RequestQueue(queue)
-    if policy is None:
-        raise ConfigError("give --policy POLICY.toml (its [plans] requests) or --queue DIR")
-    rules = load_policy(policy).plans
-    assert rules.requests is not None  # the parser always sets it
-    return RequestQueue(rules.requests)
 
 
 def _run(argv: Sequence[str]) -> None:

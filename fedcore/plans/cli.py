@@ -27,6 +27,7 @@ from .describe import describe_plan
 from .export import export_plan
 from .format import read_plan_file, write_plan_file
 from .load import VerifiedPlan, verify_program
+from .queue import queue_from
 
 __all__ = ["build_parser", "main"]
 
@@ -104,10 +105,7 @@ def _load_for_show(args: argparse.Namespace) -> VerifiedPlan:
     if path.is_file():
         plan = read_plan_file(path, max_bytes=4 * DEFAULT_MAX_MODEL_BYTES)
         return verify_program(plan.program)
-    # A hash: look it up in a worker's request queue (fed-worker's module; imported lazily
-    # so fed-plan export never loads worker code).
-    from fedcore.worker.requests_cli import queue_from
-
+    # A hash: look it up in a worker's request queue.
     queue = queue_from(args.policy, args.queue)
     record = queue.find(args.plan)
     return verify_program(queue.program(record.hash))

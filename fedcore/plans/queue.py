@@ -1,5 +1,8 @@
 """The data owner's plan request queue: plans waiting for a decision, and the decisions.
 
+Kept by the worker (``worker/plans.py`` queues, ``fed-worker requests`` decides) and read
+by ``fed-plan show HASH``.
+
 One folder per plan hash under the queue's root (the policy's ``[plans] requests``)::
 
     plan-requests/<hash>/plan.bin        the PlanProgram as received (protobuf, never pickled)
@@ -24,10 +27,12 @@ from typing import Any, Literal
 
 from fedcore.errors import ConfigError, PlanError
 from fedcore.plan import TrainConfig
-from fedcore.plans import plan_hash
+from fedcore.policy import load_policy
 from fedcore.v1 import fedcore_pb2 as pb
 
-__all__ = ["PlanRequestRecord", "RequestQueue", "Status"]
+from .format import plan_hash
+
+__all__ = ["PlanRequestRecord", "RequestQueue", "Status", "queue_from"]
 
 Status = Literal["pending", "approved", "denied"]
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -190,3 +195,14 @@ class RequestQueue:
         record = self.get(digest)
         assert record is not None
         return record
+
+
+def queue_from(policy: Path | None, queue: Path | None) -> RequestQueue:
+    """The queue ``--queue DIR`` names, or the one a worker policy's ``[plans] requests`` does."""
+    if queue is not None:
+        return RequestQueue(queue)
+    if policy is None:
+        raise ConfigError("give --policy POLICY.toml (its [plans] requests) or --queue DIR")
+    rules = load_policy(policy).plans
+    assert rules.requests is not None  # the parser always sets it
+    return RequestQueue(rules.requests)
