@@ -306,3 +306,20 @@ def test_refuses_a_wrong_hash(small_plan: Plan) -> None:
     program.hash = "0" * 64
     with pytest.raises(PlanRejectedError, match="does not match its content"):
         verify_program(program)
+
+
+def test_fed_plan_cli_exports_and_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcore.plans.cli import main
+
+    out = tmp_path / "mlp.plan"
+    assert main(["export", "mnist-mlp", "--params", '{"hidden": 32}', "--out", str(out)]) == 0
+    exported = capsys.readouterr().out
+    digest = re.search(r"plan ([0-9a-f]{64})", exported)
+    assert digest is not None
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"hash        {digest.group(1)}" in shown
+    assert "26,506 trainable" in shown  # 784*32+32 + 32*32+32 + 32*10+10
+    assert "aten.linear x3" in shown
+    assert main(["export", "mnist-mlp", "--params", "[1]", "--out", str(out)]) == 2
+    assert "--params must be a JSON object" in capsys.readouterr().err
