@@ -53,6 +53,9 @@ examples:
   fed-worker --server coord:50051 --data /data/mnist-idx --name lab-b --model mnist-cnn --device cuda
   fed-worker --server coord:50051 --data shards/shard-0.npz --policy policy.toml
 
+Every plan passes the worker's gate before anything runs: only registered models or the
+one --model configured here are built, sized first; training, DP and secure-aggregation
+parameters are bounded; safe defaults apply without a policy (docs/threat-model.md).
 The data owner's policy (--policy, a TOML file) says which plans this worker accepts: models,
 local epochs, secure aggregation, differential privacy, and the silo's privacy budget, kept in
 a ledger on this machine. A plan that breaks it is refused, with the reason sent to the

@@ -218,7 +218,16 @@ def check_fit(admission: Admission) -> CheckedTask:
 
 
 def check_evaluate(admission: Admission) -> CheckedTask:
-    """Evaluation needs nothing beyond the model; its release is decided on the way out."""
+    """Evaluation needs nothing beyond the model (the policy says whether it runs at all);
+    under a private policy its metrics leave only with noise, so that noise must be set."""
+    policy = admission.policy
+    z = policy.training.evaluation_noise_multiplier
+    if policy.private and policy.evaluation_allowed and z is None:
+        raise _refuse(
+            "training.allow-evaluation",
+            "under this worker's policy evaluation metrics leave only with DP noise, and no "
+            "evaluation-noise-multiplier is configured",
+        )
     return admission.checked("evaluate")
 
 
@@ -376,8 +385,8 @@ class Gate:
     # ------------------------------------------------------------------ secure aggregation
 
     def check_weights(self, checked: CheckedTask, weights: Weights) -> str:
-        """The received weights' digest; refuses a secure round over global weights this
-        worker already sent a masked input for.
+        """The received weights' digest (empty without secure aggregation); refuses a secure
+        round over global weights this worker already sent a masked input for.
 
         Why once per global model version: two secure rounds over the same weights whose
         surviving sets differ by one worker reveal that worker's update as the difference of
@@ -386,8 +395,10 @@ class Gate:
         contributes at most once per version, and a coordinator that retries a round after
         the unmasking started must select other workers or move the model on.
         """
+        if checked.secagg is None:
+            return ""  # an unmasked update is visible anyway: nothing to hide by refusing
         digest = weights_digest(weights)
-        if checked.secagg is not None and digest in self._contributed:
+        if digest in self._contributed:
             raise _refuse(
                 "secure-aggregation.once-per-model",
                 f"this worker already sent a masked update for these global weights "

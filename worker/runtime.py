@@ -29,7 +29,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -98,6 +98,8 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+#: Runs one checked task on the stream: (call, task, received weights, chunk size).
+TaskRunner = Callable[[Any, CheckedTask, Weights, int], Awaitable[None]]
 
 
 class WorkerState(enum.Enum):
@@ -220,6 +222,9 @@ class Worker:
         self._compressor: Compressor | None = None
         self._write_lock = asyncio.Lock()
         self._secagg = SecAggRounds(_not_connected, name)
+        # What runs each kind of checked task (a new kind registers its gate check and its
+        # runner here).
+        self._runners: dict[str, TaskRunner] = {"fit": self._fit, "evaluate": self._evaluate}
 
     def _move(self, new: WorkerState) -> None:
         if new is not self.state and new not in _ALLOWED[self.state]:
@@ -412,15 +417,13 @@ class Worker:
         task = checked.task
         try:
             weights = assembler.weights()
-            if checked.kind == "fit":
-                await self._fit(call, checked, weights, assembler.chunk_bytes)
-            elif checked.kind == "evaluate":
-                await self._evaluate(call, checked, weights)
-            else:
+            runner = self._runners.get(checked.kind)
+            if runner is None:
                 await self._send_error(
                     call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"no runner for {checked.kind}"
                 )
                 return
+            await runner(call, checked, weights, assembler.chunk_bytes)
             self.tasks_done += 1
         except TaskRefused as exc:
             if checked.secagg is not None:
@@ -504,7 +507,9 @@ class Worker:
             local.get("train_seconds", float("nan")),
         )
 
-    async def _evaluate(self, call: Any, checked: CheckedTask, weights: Weights) -> None:
+    async def _evaluate(
+        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+    ) -> None:
         ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, weights)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
         result = pb.TaskResult(

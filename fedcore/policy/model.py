@@ -236,7 +236,8 @@ class Policy:
             lines.append("no federated evaluation")
         elif self.private:
             z = self.training.evaluation_noise_multiplier
-            lines.append(f"evaluation accuracy released with noise multiplier {z:g}")
+            noise = f"noise multiplier {z:g}" if z is not None else "no noise configured"
+            lines.append(f"evaluation accuracy released with {noise}")
         if self.privacy.require_secagg:
             lines.append("secure aggregation required")
         if self.privacy.require_dp is not None:
