@@ -57,6 +57,11 @@ def test_gate_refuses_plans_when_not_wired_or_not_accepted(plan: Plan) -> None:
         Gate(ModelCatalog(), max_model_bytes=1 << 30).admit(_task(plan))
     with pytest.raises(TaskRefused, match=r"\[plans.accept\]"):
         _gate(PlanRules(accept=False)).admit(_task(plan))
+    # A worker whose owner configured one model (--model) runs that model only.
+    library = PlanLibrary(PlanRules(), max_model_bytes=1 << 30)
+    only_cnn = Gate(ModelCatalog(ModelSpec("mnist-cnn")), max_model_bytes=1 << 30, plans=library)
+    with pytest.raises(TaskRefused, match=r"runs only model mnist-cnn \(--model\)"):
+        only_cnn.admit(_task(plan))
 
 
 def test_gate_refuses_a_task_naming_another_plan_and_dpsgd_silos(plan: Plan) -> None:

@@ -343,6 +343,12 @@ class Gate:
         if task.HasField("plan"):  # a model shipped as a program: verified, maybe approved
             if self.plans is None:
                 raise _refuse("plans.accept", "this worker runs no shipped plans")
+            if self.catalog.configured is not None:
+                raise _refuse(
+                    "model.allowed",
+                    f"this worker runs only model {self.catalog.configured.name} (--model); "
+                    "it accepts no shipped plans",
+                )
             return self.plans.admit(task)
         try:
             spec = ModelSpec.from_proto(task.model)
