@@ -263,7 +263,7 @@ def test_refuses_a_pickled_constant_and_never_calls_torch_load(
         specs = doc["graph_module"]["signature"]["input_specs"]
         specs.insert(0, {"constant_input": {"name": "c", "value": {"as_string": "pickle"}}})
 
-    with pytest.raises(PlanRejectedError, match="input of kind 'constant_input' refused"):
+    with pytest.raises(PlanRejectedError, match="input 'c' of kind 'constant_input' refused"):
         verify_program(_tamper(small_plan, constant_input))
 
 

@@ -417,9 +417,10 @@ def _summarize(
     for spec in signature["input_specs"]:
         kind, body = _one_key(spec, f"{what}: an input spec")
         if kind not in _INPUT_KINDS:
+            name = body.get("name") if isinstance(body, dict) else None
             raise _reject(
-                f"{what}: input of kind {kind!r} refused (plans take tensors: parameters, "
-                "buffers, tensor constants and one input)"
+                f"{what}: input {name!r} of kind {kind!r} refused (plans take tensors: "
+                "parameters, buffers, tensor constants and one input)"
             )
         _require(isinstance(body, dict), f"{what}: malformed {kind} input")
         if kind == "user_input":
