@@ -6,6 +6,7 @@ See :mod:`fedcore.certs` for the directory it lays out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 import sys
 from collections.abc import Sequence
@@ -126,7 +127,9 @@ def _enroll(directory: Path, ca: CertificateAuthority, name: str, *, token: bool
         digest = hash_token(secret)
     path = directory / "enrolled.json"
     enrollment = Enrollment(path) if path.exists() else Enrollment.empty(path)
-    enrollment.set(name, EnrollmentEntry(token_sha256=digest, revoked=False))
+    enrollment.set(
+        name, EnrollmentEntry(token_sha256=digest, revoked=False, cert_sha256=issued.fingerprint)
+    )
     enrollment.save()
     print(f"enrolled worker {name!r}: {workers / name}.pem/.key" + (", .token" if token else ""))
 
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = enrollment.entries.get(args.name)
                 if entry is None:
                     raise ConfigError(f"worker {args.name!r} is not enrolled in {d}")
-                enrollment.set(args.name, EnrollmentEntry(entry.token_sha256, revoked=True))
+                enrollment.set(args.name, dataclasses.replace(entry, revoked=True))
                 enrollment.save()
                 print(f"revoked worker {args.name!r}")
     except FedcoreError as exc:

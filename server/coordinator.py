@@ -44,6 +44,7 @@ from .state.config import ServerConfig
 from .state.privacy import wrap_strategy
 from .state.registry import WorkerRegistry
 from .transport.auth import Authenticator
+from .transport.revocation import watch_revocations
 from .transport.service import CoordinatorService, start_grpc_server
 
 __all__ = ["Coordinator", "FederationResult", "prepare_strategy"]
@@ -147,6 +148,8 @@ class Coordinator:
         self.reports = ReportPipeline(
             self.strategy, evaluator, self.sinks, self._checkpointer, restored
         )
+        if self.start_round > 1:
+            self.reports.durable = weights  # the checkpoint's model is on disk already
         self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
 
     @property
@@ -257,6 +260,11 @@ class Coordinator:
         self.sinks[:0] = [writer, display, *exporters]
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
+        revocations = asyncio.create_task(
+            watch_revocations(
+                self.service.authenticator, self.registry, self.config.enrollment_poll
+            )
+        )
         try:
             analytics_only = self.config.analytics is not None and self.config.analytics.only
             runner = asyncio.create_task(
@@ -281,7 +289,7 @@ class Coordinator:
             rows = list(self.reports.rows)
             if self.config.save_model is not None:
                 save_weights(
-                    self.weights,
+                    self.reports.exportable(self.weights),
                     self.config.save_model,
                     {"model": str(self.config.model), "rounds": str(len(rows))},
                 )
@@ -289,6 +297,7 @@ class Coordinator:
             return FederationResult(self.weights, rows)
         finally:
             publisher.cancel()
+            revocations.cancel()
             self._phase = "finished"
             final = self.status()
             for sink in self.sinks:
