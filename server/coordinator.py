@@ -204,13 +204,29 @@ class Coordinator:
         )
 
     def _make_exporters(self) -> list[Sink]:
-        """The Prometheus endpoint, when asked for (before serving: a busy port fails fast)."""
-        if self.config.metrics_port is None:
-            return []
-        from .reporting.prometheus import PrometheusExporter
+        """Prometheus, MLflow and TensorBoard, those asked for (before serving: a busy port or
+        an unusable store fails fast). Each library is imported only when its flag is used."""
+        cfg = self.config
+        exporters: list[Sink] = []
+        try:
+            if cfg.metrics_port is not None:
+                from .reporting.prometheus import PrometheusExporter
 
-        host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-        return [PrometheusExporter(host, self.config.metrics_port)]
+                host = cfg.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+                exporters.append(PrometheusExporter(host, cfg.metrics_port))
+            if cfg.mlflow_uri is not None:
+                from .reporting.mlflow import MlflowSink
+
+                exporters.append(MlflowSink(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.describe()))
+            if cfg.tensorboard_dir is not None:
+                from .reporting.tensorboard import TensorBoardSink
+
+                exporters.append(TensorBoardSink(cfg.tensorboard_dir))
+        except BaseException:
+            for exporter in exporters:
+                exporter.close(self.status(), [])
+            raise
+        return exporters
 
     def _make_display(self) -> Sink:
         mode = self.config.progress

@@ -59,6 +59,27 @@ class RoundMetrics:
         """Centralized test loss, else the federated evaluation's; None when neither ran."""
         return self.loss if self.loss is not None else self.federated.get("loss")
 
+    def scalars(self) -> dict[str, float]:
+        """The round's numbers as named series for experiment trackers (MLflow, TensorBoard):
+        ``test/accuracy``, ``train/loss``, ``federated/...``, ``round/...``, ``privacy/...``;
+        non-finite values are left out."""
+        series: dict[str, float | None] = {
+            "test/accuracy": self.test_accuracy,
+            "test/loss": self.test_loss,
+            "round/workers": self.workers,
+            "round/failures": self.failures,
+            "round/fit_s": self.fit_s,
+            "round/eval_s": self.eval_s,
+            "round/elapsed_s": self.elapsed_s,
+            "round/bytes_sent": self.bytes_sent,
+            "round/bytes_received": self.bytes_received,
+            "privacy/epsilon": self.epsilon,
+        }
+        series.update({f"train/{k}": v for k, v in self.train.items()})
+        series.update({f"federated/{k}": v for k, v in self.federated.items()})
+        series.update({f"staleness/{k}": v for k, v in (self.staleness or {}).items()})
+        return {k: float(v) for k, v in series.items() if v is not None and math.isfinite(v)}
+
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         for optional in ("staleness", "epsilon", "delta", "privacy"):

@@ -65,6 +65,10 @@ class ServerConfig:
     # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
     compression: str = "none"
     metrics_port: int | None = None
+    # Experiment trackers (server/reporting/mlflow.py, tensorboard.py).
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedcore"
+    tensorboard_dir: Path | None = None
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
@@ -116,6 +120,26 @@ class ServerConfig:
         require_tls_or_loopback(
             self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
         )
+
+    def describe(self) -> dict[str, str]:
+        """The settings that tell runs apart, as strings (experiment trackers' parameters)."""
+        described: dict[str, object] = {
+            "model": self.model,
+            "strategy": self.strategy,
+            "strategy_options": self.strategy_options,
+            "rounds": self.rounds,
+            "min_workers": self.min_workers,
+            "min_results": self.results_needed,
+            "seed": self.seed,
+            "epochs": self.train.epochs,
+            "batch_size": self.train.batch_size,
+            "optimizer": self.train.optimizer,
+            "learning_rate": self.train.learning_rate,
+            "compression": self.compression,
+            "secagg": self.secagg is not None,
+            "dp": self.dp,
+        }
+        return {k: str(v) for k, v in described.items()}
 
     @property
     def results_needed(self) -> int:
