@@ -36,7 +36,8 @@ async def test_mlflow_and_tensorboard_record_every_round(
     )
     result = await asyncio.wait_for(task, TIMEOUT)
     sent = [float(r.bytes_sent) for r in result.rounds]
-    assert len(sent) == 2 and all(s > 0 for s in sent)
+    assert len(sent) == 2
+    assert all(s > 0 for s in sent)
 
     from mlflow.tracking import MlflowClient
 
