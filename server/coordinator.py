@@ -40,6 +40,7 @@ from .reporting.roster import ConnectedWorker, connected_workers, format_roster
 from .reporting.sink import Sink
 from .state.checkpoint import Checkpointer
 from .state.config import ServerConfig
+from .state.noise_check import check_noise_scale
 from .state.privacy import wrap_strategy
 from .state.registry import WorkerRegistry
 from .transport.auth import Authenticator
@@ -108,6 +109,14 @@ class Coordinator:
         weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(weights)
+        if isinstance(self.strategy, DifferentialPrivacy) and self.strategy.noise_multiplier:
+            check_noise_scale(
+                noise_multiplier=self.strategy.noise_multiplier,
+                clip_norm=self.strategy.clip_norm,
+                # A round aggregates at least this many updates: the noise is at most this.
+                min_updates=max(self.strategy.min_updates, config.results_needed),
+                weights=weights,
+            )
         self.registry = WorkerRegistry(config.max_workers, config.require_tags)
         authenticator = Authenticator(
             Enrollment(config.enrolled) if config.enrolled is not None else None,

@@ -1,10 +1,13 @@
 """The round engine in-process: the registry wakes waiters on every session transition (a
-straggler is available to the next round at once), and declared strategy capabilities decide
-whether evaluation overlaps training (with differential privacy too)."""
+straggler is available to the next round at once), declared strategy capabilities decide
+whether evaluation overlaps training (with differential privacy too), and client-level DP warns
+at start when its noise would drown the model."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -12,7 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedcore.server import Coordinator
 from fedcore.server.engine.evaluation import CentralEvaluator
+from fedcore.server.state.noise_check import weights_rms
+from fedcore.server.state.privacy import DPSettings
 from fedcore.server.state.registry import SessionState, Ticket, WorkerRegistry
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, run_worker
 
@@ -114,3 +120,32 @@ async def test_evaluation_overlaps_training_under_differential_privacy(
     assert [r.round for r in result.rounds] == [1, 2]
     assert overlapped == [overlaps]
     assert all(r.epsilon is not None for r in result.rounds)
+
+
+@pytest.mark.parametrize(("noise", "warned"), [(3.0, True), (0.001, False)])
+def test_client_level_dp_warns_at_start_when_the_noise_drowns_the_model(
+    caplog: pytest.LogCaptureFixture, noise: float, warned: bool
+) -> None:
+    """The issue's foot-gun: z = 3, C = 1, 3 workers adds std 1.0 to every coordinate of the
+    average each round, ~38x the RMS of mnist-mlp's initial weights (NaN by round 3)."""
+    caplog.set_level(logging.INFO, "fedcore.server")
+    settings = DPSettings(noise_multiplier=noise, clip=1.0)
+    Coordinator(config(model=ModelSpec("mnist-mlp"), min_workers=3, dp=settings))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        (message,) = warnings
+        assert "noise of std 1 to every coordinate" in message
+        assert "(noise multiplier 3 x clip 1 / 3 updates)" in message
+        assert "record-level DP-SGD" in message
+    else:
+        assert warnings == []
+        assert any("noise std 0.000333 per coordinate" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_rms_counts_floating_point_coordinates_only() -> None:
+    weights = {
+        "w": np.array([3.0, -4.0], np.float32),
+        "b": np.zeros(2, np.float64),
+        "n": np.array([100], np.int64),
+    }
+    assert weights_rms(weights) == pytest.approx(math.sqrt(25 / 4))
