@@ -18,6 +18,7 @@ catch them all at once, or pick the branch it can act on::
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
+    ├── TrainingFailed         a worker's local training produced no usable update
     ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
     └── SecAggError            secure aggregation could not complete a round
         ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
@@ -47,6 +48,7 @@ __all__ = [
     "SecAggAbortedError",
     "SecAggError",
     "SecAggRefusedError",
+    "TrainingFailed",
     "VersionMismatchError",
 ]
 
@@ -109,6 +111,10 @@ class CheckpointError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class TrainingFailed(FedcoreError):
+    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 class PrivacyBudgetExhausted(FedcoreError):

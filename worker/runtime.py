@@ -59,13 +59,10 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Refusal
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
-    JOIN_METHOD,
     PROTOCOL_VERSION,
     SECAGG_CAPABILITY,
-    STREAM_END,
-    deserialize_coordinator_message,
+    check_protocol_version,
     max_message_bytes,
-    serialize_worker_message,
 )
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
@@ -75,7 +72,8 @@ from fedcore.weights import Weights
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
-from .trainer import FitOutput, Trainer, TrainingFailed
+from .stream import JoinStream
+from .trainer import FitOutput, Trainer
 
 __all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
@@ -268,19 +266,16 @@ class Worker:
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream; True when the federation is over."""
-        open_stream: Any = channel.stream_stream(
-            JOIN_METHOD,
-            request_serializer=serialize_worker_message,
-            response_deserializer=deserialize_coordinator_message,
-        )
-        call = open_stream(metadata=self._metadata)
+        call = JoinStream(channel, self._metadata)
         await call.write(self._hello())
         first = await call.read()
-        if first is STREAM_END:
+        if first is None:
             raise _Disconnected("stream closed during the handshake")
         if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
+        # Permanent: the worker stops with VersionMismatchError instead of retrying.
+        check_protocol_version(welcome.protocol_version, peer="the coordinator", us="worker")
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
@@ -299,10 +294,25 @@ class Worker:
         try:
             while True:
                 message = await call.read()
-                if message is STREAM_END:
+                if message is None:
                     raise _Disconnected("the coordinator closed the stream")
-                chunk = message if isinstance(message, RawChunk) else None
-                kind = "chunk" if chunk is not None else message.WhichOneof("body")
+                if isinstance(message, RawChunk) or message.WhichOneof("body") == "chunk":
+                    current = pending
+                    if current is None:
+                        raise _Disconnected("the coordinator sent a chunk outside of a task")
+                    chunk = message if isinstance(message, RawChunk) else message.chunk
+                    try:
+                        if current[1].add(chunk):
+                            if not discard:
+                                jobs.put_nowait(current)
+                            pending = None
+                    except PayloadError as exc:
+                        await self._send_error(
+                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                        )
+                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
+                    continue
+                kind = message.WhichOneof("body")
                 if kind == "shutdown":
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
@@ -322,27 +332,13 @@ class Worker:
                         if not discard:
                             jobs.put_nowait(pending)
                         pending = None
-                elif kind == "chunk":
-                    current = pending
-                    if current is None:
-                        raise _Disconnected("the coordinator sent a chunk outside of a task")
-                    try:
-                        if current[1].add(chunk if chunk is not None else message.chunk):
-                            if not discard:
-                                jobs.put_nowait(current)
-                            pending = None
-                    except PayloadError as exc:
-                        await self._send_error(
-                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
-                        )
-                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
         finally:
             heartbeats.cancel()
             runner.cancel()
             call.cancel()
 
     async def _start_task(
-        self, call: Any, task: pb.Task, welcome: pb.Welcome
+        self, call: JoinStream, task: pb.Task, welcome: pb.Welcome
     ) -> tuple[pb.Task, PayloadAssembler] | None:
         try:
             assembler = PayloadAssembler(
@@ -366,7 +362,7 @@ class Worker:
         except LedgerError as exc:  # fail closed: no ledger, no release
             return Refusal("budget", f"the silo's privacy ledger is unusable: {exc}")
 
-    async def _refuse(self, call: Any, task: pb.Task, refusal: Refusal) -> None:
+    async def _refuse(self, call: JoinStream, task: pb.Task, refusal: Refusal) -> None:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
@@ -375,7 +371,7 @@ class Worker:
     # ------------------------------------------------------------------ tasks
 
     async def _run_jobs(
-        self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]
+        self, call: JoinStream, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]
     ) -> None:
         while True:
             task, assembler = await jobs.get()
@@ -386,7 +382,7 @@ class Worker:
                 if self.state is WorkerState.WORKING:
                     self._move(WorkerState.READY)
 
-    async def _run_task(self, call: Any, task: pb.Task, assembler: PayloadAssembler) -> None:
+    async def _run_task(self, call: JoinStream, task: pb.Task, assembler: PayloadAssembler) -> None:
         try:
             weights = assembler.weights()
             model = ModelSpec.from_proto(task.model)
@@ -479,10 +475,7 @@ class Worker:
         except ModelMismatchError as exc:
             log.error("cannot run round %d: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_MODEL_MISMATCH, str(exc))
-        except (TrainingFailed, PayloadError) as exc:
-            log.error("round %d failed: %s", task.round, exc)
-            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
-        except FedcoreError as exc:
+        except FedcoreError as exc:  # TrainingFailed, PayloadError, ...
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
         except Exception as exc:  # a user trainer's bug must not leave the round waiting
@@ -510,17 +503,17 @@ class Worker:
         return self._compressor.compress(delta), True
 
     async def _send_error(
-        self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str
+        self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
     ) -> None:
         await self._write(
             call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
         )
 
-    async def _write(self, call: Any, message: pb.WorkerMessage | bytes) -> None:
+    async def _write(self, call: JoinStream, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:
             await call.write(message)
 
-    async def _heartbeats(self, call: Any, interval: float) -> None:
+    async def _heartbeats(self, call: JoinStream, interval: float) -> None:
         sequence = 0
         while True:
             await asyncio.sleep(interval)

@@ -21,17 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedcore.errors import ConfigError, FedcoreError, ModelMismatchError
+from fedcore.errors import ConfigError, ModelMismatchError, TrainingFailed
 from fedcore.models import build_model, get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
 __all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
-
-
-class TrainingFailed(FedcoreError):
-    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 @dataclass

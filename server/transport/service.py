@@ -14,7 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from fedcore.codec import RawChunk
-from fedcore.errors import AuthenticationError, ConfigError, IdentityMismatchError, ProtocolError
+from fedcore.errors import (
+    AuthenticationError,
+    ConfigError,
+    IdentityMismatchError,
+    ProtocolError,
+    VersionMismatchError,
+)
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
@@ -22,6 +28,7 @@ from fedcore.protocol import (
     SERVICE_NAME,
     STREAM_END,
     Undecodable,
+    check_protocol_version,
     deserialize_worker_message,
     max_message_bytes,
     serialize_coordinator_message,
@@ -119,12 +126,10 @@ class CoordinatorService:
             ) from None
 
     def _check_hello(self, hello: pb.Hello) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker speaks fedcore protocol v{hello.protocol_version}, this coordinator "
-                f"speaks v{PROTOCOL_VERSION}; install a matching fedcore version on both sides",
-            )
+        try:
+            check_protocol_version(hello.protocol_version, peer="worker", us="coordinator")
+        except VersionMismatchError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if not _NAME_PATTERN.match(hello.name):
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
