@@ -370,7 +370,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"--strategy-options is not valid JSON: {exc}") from None
     if not isinstance(options, dict):
         raise ConfigError("--strategy-options must be a JSON object")
-    return ServerConfig(
+    return ServerConfig.from_flags(
         model=ModelSpec(args.model, params),
         listen=args.listen,
         rounds=args.rounds,

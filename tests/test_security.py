@@ -224,8 +224,8 @@ def test_plaintext_is_refused_off_loopback_unless_insecure() -> None:
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "coord"))
     with pytest.raises(ConfigError, match=r"refusing to serve plaintext on '0\.0\.0\.0:50051'"):
         ServerConfig(listen="0.0.0.0:50051")
-    ServerConfig(listen="0.0.0.0:50051", insecure=True)
-    ServerConfig(listen="[::]:50051", tls=ServerTLS(Path("s.pem"), Path("s.key")))
+    ServerConfig.from_flags(listen="0.0.0.0:50051", insecure=True)
+    ServerConfig.from_flags(listen="[::]:50051", tls=ServerTLS(Path("s.pem"), Path("s.key")))
     with pytest.raises(ConfigError, match="refusing to connect to 'coord:50051' without TLS"):
         require_tls_or_loopback("coord:50051", tls=False, insecure=False, role="worker")
     require_tls_or_loopback("[::1]:50051", tls=False, insecure=False, role="worker")

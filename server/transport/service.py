@@ -81,7 +81,7 @@ class CoordinatorService:
         self.signature = signature
         self.counters = TrafficCounters()
         self.accepting = True
-        self._upload_slots = asyncio.Semaphore(config.upload_slots)
+        self._upload_slots = asyncio.Semaphore(config.limits.upload_slots)
         #: The running secure round's message handler (set by the coordinator per round).
         self.secagg_handler: SecAggRoute | None = None
 
@@ -137,10 +137,10 @@ class CoordinatorService:
             )
         if not self.accepting:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
-        if len(self.registry) >= self.config.max_workers:
+        if len(self.registry) >= self.config.limits.max_workers:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the federation is full ({self.config.max_workers} workers; see --max-workers)",
+                f"the federation is full ({self.config.limits.max_workers} workers; see --max-workers)",
             )
         if self.registry.by_name(hello.name) is not None:
             raise _Abort(
@@ -184,7 +184,7 @@ class CoordinatorService:
         """One worker's session, from hello to shutdown."""
         peer = context.peer()
         try:
-            first = await asyncio.wait_for(context.read(), self.config.handshake_timeout)
+            first = await asyncio.wait_for(context.read(), self.config.limits.handshake_timeout)
         except TimeoutError:
             await _abort(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout"
@@ -213,9 +213,9 @@ class CoordinatorService:
             welcome=pb.Welcome(
                 worker_id=session.worker_id,
                 protocol_version=PROTOCOL_VERSION,
-                heartbeat_interval_s=self.config.heartbeat_interval,
-                max_message_bytes=max_message_bytes(self.config.chunk_bytes),
-                chunk_bytes=self.config.chunk_bytes,
+                heartbeat_interval_s=self.config.limits.heartbeat_interval,
+                max_message_bytes=max_message_bytes(self.config.limits.chunk_bytes),
+                chunk_bytes=self.config.limits.chunk_bytes,
                 model=self.model.to_proto(),
             )
         )
@@ -239,8 +239,8 @@ class CoordinatorService:
         inbox = Inbox(
             session,
             signature=self.signature,
-            max_model_bytes=self.config.max_model_bytes,
-            chunk_limit=self.config.chunk_bytes,
+            max_model_bytes=self.config.limits.max_model_bytes,
+            chunk_limit=self.config.limits.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=self._route_secagg,
         )
@@ -317,8 +317,8 @@ class CoordinatorService:
     async def _watch(self, session: WorkerSession, inbox: Inbox) -> None:
         """Close a session whose worker has been silent for longer than the heartbeat timeout,
         or whose upload has held an upload slot without progress for the upload timeout."""
-        timeout = self.config.heartbeat_timeout
-        upload_timeout = self.config.upload_idle_timeout
+        timeout = self.config.limits.heartbeat_timeout
+        upload_timeout = self.config.limits.upload_idle_timeout
         while not session.closed.is_set():
             await asyncio.sleep(min(timeout / 4, upload_timeout / 4, 5.0))
             if time.monotonic() - session.last_seen > timeout:
@@ -346,7 +346,7 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
     """Start a grpc.aio server with the Join service and gRPC health checking; return the
     server, its health servicer and the bound port."""
-    limit = max_message_bytes(service.config.chunk_bytes)
+    limit = max_message_bytes(service.config.limits.chunk_bytes)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -360,7 +360,7 @@ async def start_grpc_server(
     server.add_generic_rpc_handlers((service.rpc_handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    tls = service.config.tls
+    tls = service.config.security.tls
     try:
         if tls is not None:
             port = server.add_secure_port(listen, tls.credentials())
