@@ -21,6 +21,7 @@ catch them all at once, or pick the branch it can act on::
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
+    ├── TrainingFailed         a worker's local training produced no usable update
     ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
     ├── QueryRefusedError      an analytics query was refused by a silo, or could not be answered
     └── SecAggError            secure aggregation could not complete a round
@@ -55,6 +56,7 @@ __all__ = [
     "SecAggError",
     "SecAggRefusedError",
     "TaskRefused",
+    "TrainingFailed",
     "VersionMismatchError",
 ]
 
@@ -140,6 +142,10 @@ class CheckpointError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class TrainingFailed(FedcoreError):
+    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 class PrivacyBudgetExhausted(FedcoreError):

@@ -176,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on http://LISTEN-HOST:PORT/metrics (rounds, workers, "
         "bytes, round durations, accuracy, epsilon); 0 picks a free port (default: off)",
     )
+    e.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="log the settings and every round's metrics to an MLflow tracking store, e.g. "
+        "sqlite:///mlflow.db or http://host:5000 (needs fedcore[tracking])",
+    )
+    e.add_argument(
+        "--mlflow-experiment",
+        default="fedcore",
+        metavar="NAME",
+        help="the MLflow experiment of the run (default: %(default)s)",
+    )
+    e.add_argument(
+        "--tensorboard-dir",
+        type=Path,
+        metavar="DIR",
+        help="write every round's metrics as TensorBoard event files here "
+        "(tensorboard --logdir DIR; needs fedcore[tracking])",
+    )
     e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
     e.add_argument(
         "--device", default="cpu", help="device for centralized evaluation (default: %(default)s)"
@@ -432,7 +451,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--strategy-options must be a JSON object")
     model = ModelSpec(args.model, params)
     shipped = plan_from_args(args, model, seed=args.seed, max_bytes=args.max_model_bytes * 2)
-    return ServerConfig(
+    return ServerConfig.from_flags(
         model=shipped[0] if shipped else model,
         plan=shipped[1] if shipped else None,
         listen=args.listen,
@@ -487,6 +506,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         progress=args.progress,
         compression=args.compression,
         metrics_port=args.metrics_port,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
+        tensorboard_dir=args.tensorboard_dir,
         secagg=(
             SecAggParams(
                 threshold=args.secagg_threshold,

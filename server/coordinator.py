@@ -41,6 +41,7 @@ from .reporting.roster import ConnectedWorker, connected_workers, format_roster
 from .reporting.sink import Sink
 from .state.checkpoint import Checkpointer
 from .state.config import ServerConfig
+from .state.noise_check import check_noise_scale
 from .state.privacy import wrap_strategy
 from .state.registry import WorkerRegistry
 from .transport.auth import Authenticator
@@ -85,7 +86,7 @@ def prepare_strategy(config: ServerConfig, strategy: Strategy | None) -> Strateg
             f"--compression {config.compression} is not supported with the asynchronous "
             f"strategy {config.strategy}; use a synchronous strategy or drop --compression"
         )
-    if config.checkpoint_dir is not None and chosen.async_settings is not None:
+    if config.recovery.checkpoint_dir is not None and chosen.async_settings is not None:
         raise ConfigError(
             f"--checkpoint-dir does not support the asynchronous strategy "
             f"{config.strategy!r} yet; use a synchronous strategy or drop --checkpoint-dir"
@@ -103,17 +104,25 @@ class Coordinator:
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
         self.strategy = prepare_strategy(config, strategy)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        if config.output.threads:
+            torch.set_num_threads(config.output.threads)
         model = build_model(config.model, seed=config.seed)
         # Shared, not copied: the model is dropped right away, so a large model costs 1x here.
         weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(weights)
-        self.registry = WorkerRegistry(config.max_workers, config.require_tags)
+        if isinstance(self.strategy, DifferentialPrivacy) and self.strategy.noise_multiplier:
+            check_noise_scale(
+                noise_multiplier=self.strategy.noise_multiplier,
+                clip_norm=self.strategy.clip_norm,
+                # A round aggregates at least this many updates: the noise is at most this.
+                min_updates=max(self.strategy.min_updates, config.results_needed),
+                weights=weights,
+            )
+        self.registry = WorkerRegistry(config.limits.max_workers, config.require_tags)
         authenticator = Authenticator(
-            Enrollment(config.enrolled) if config.enrolled is not None else None,
-            mutual_tls=config.tls is not None and config.tls.mutual,
+            Enrollment(config.security.enrolled) if config.security.enrolled is not None else None,
+            mutual_tls=config.security.tls is not None and config.security.tls.mutual,
         )
         self.service = CoordinatorService(
             config, self.registry, config.model, self.signature, authenticator
@@ -121,8 +130,13 @@ class Coordinator:
         # Federated analytics (server/analytics): its own service beside Join.
         self.analytics = serve_analytics(config.analytics, self.registry, self.service)
         evaluator = (
-            CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
-            if config.eval_data is not None
+            CentralEvaluator(
+                config.model,
+                config.output.eval_data,
+                config.output.eval_batch_size,
+                config.output.device,
+            )
+            if config.output.eval_data is not None
             else None
         )
         self.port: int | None = None
@@ -133,17 +147,17 @@ class Coordinator:
         self.sinks: list[Sink] = []
         self._checkpointer = (
             Checkpointer(
-                config.checkpoint_dir,
+                config.recovery.checkpoint_dir,
                 {"model": repr(config.model), "strategy": config.strategy},
                 {"strategy": self.strategy},
             )
-            if config.checkpoint_dir is not None
+            if config.recovery.checkpoint_dir is not None
             else None
         )
         # The first round to run: 1, or the one after the checkpoint's with --resume.
         self.start_round = 1
         restored: list[RoundMetrics] = []
-        if config.resume:
+        if config.recovery.resume:
             weights, restored = self._resume(weights)
         self.reports = ReportPipeline(
             self.strategy, evaluator, self.sinks, self._checkpointer, restored
@@ -210,16 +224,34 @@ class Coordinator:
         )
 
     def _make_exporters(self) -> list[Sink]:
-        """The Prometheus endpoint, when asked for (before serving: a busy port fails fast)."""
-        if self.config.metrics_port is None:
-            return []
-        from .reporting.prometheus import PrometheusExporter
+        """Prometheus, MLflow and TensorBoard, those asked for (before serving: a busy port or
+        an unusable store fails fast). Each library is imported only when its flag is used."""
+        cfg = self.config
+        exporters: list[Sink] = []
+        try:
+            if cfg.output.metrics_port is not None:
+                from .reporting.prometheus import PrometheusExporter
 
-        host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-        return [PrometheusExporter(host, self.config.metrics_port)]
+                host = cfg.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+                exporters.append(PrometheusExporter(host, cfg.output.metrics_port))
+            if cfg.output.mlflow_uri is not None:
+                from .reporting.mlflow import MlflowSink
+
+                exporters.append(
+                    MlflowSink(cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe())
+                )
+            if cfg.output.tensorboard_dir is not None:
+                from .reporting.tensorboard import TensorBoardSink
+
+                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir))
+        except BaseException:
+            for exporter in exporters:
+                exporter.close(self.status(), [])
+            raise
+        return exporters
 
     def _make_display(self) -> Sink:
-        mode = self.config.progress
+        mode = self.config.output.progress
         if mode == "live" or (mode == "auto" and sys.stdout.isatty()):
             return LiveDisplay()
         return PlainSummary()
@@ -254,7 +286,7 @@ class Coordinator:
         display = self._make_display()
         # The live display shows rounds itself; plain mode prints a table row per round.
         writer = MetricsWriter(
-            self.config.metrics_out, None if isinstance(display, LiveDisplay) else sys.stdout
+            self.config.output.metrics_out, None if isinstance(display, LiveDisplay) else sys.stdout
         )
         writer.restore(self.reports.rows)
         self.sinks[:0] = [writer, display, *exporters]
@@ -262,7 +294,7 @@ class Coordinator:
         publisher = asyncio.create_task(self._publish_status())
         revocations = asyncio.create_task(
             watch_revocations(
-                self.service.authenticator, self.registry, self.config.enrollment_poll
+                self.service.authenticator, self.registry, self.config.limits.enrollment_poll
             )
         )
         try:
@@ -277,7 +309,7 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
                 # A completed round's report (metrics row, checkpoint) is still written.
-                await self.reports.drain_for(self.config.shutdown_grace + 60)
+                await self.reports.drain_for(self.config.limits.shutdown_grace + 60)
                 if not analytics_only:
                     log.warning(
                         "stopped before the last round; the model of the last completed "
@@ -287,13 +319,13 @@ class Coordinator:
             if runner in done:
                 runner.result()  # re-raise a failure
             rows = list(self.reports.rows)
-            if self.config.save_model is not None:
+            if self.config.output.save_model is not None:
                 save_weights(
                     self.reports.exportable(self.weights),
-                    self.config.save_model,
+                    self.config.output.save_model,
                     {"model": str(self.config.model), "rounds": str(len(rows))},
                 )
-                log.info("saved the global model to %s", self.config.save_model)
+                log.info("saved the global model to %s", self.config.output.save_model)
             return FederationResult(self.weights, rows)
         finally:
             publisher.cancel()
@@ -316,11 +348,11 @@ class Coordinator:
         if self.start_round > cfg.rounds:
             log.info("the checkpoint already holds all %d rounds", cfg.rounds)
             return
-        if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
+        if not await self.registry.wait_for_idle(cfg.min_workers, cfg.limits.join_timeout):
             tags = " ".join("#" + t for t in cfg.require_tags)
             raise RoundFailedError(
                 f"only {len(self.registry.idle())} of {cfg.min_workers} workers"
-                f"{' tagged ' + tags if tags else ''} joined within {cfg.join_timeout:g} s; "
+                f"{' tagged ' + tags if tags else ''} joined within {cfg.limits.join_timeout:g} s; "
                 "start more workers or lower --min-workers"
             )
         log.info("%s", format_roster(self.roster(), cfg.require_tags))
@@ -344,6 +376,6 @@ class Coordinator:
         if sessions:
             await asyncio.wait(
                 [asyncio.create_task(s.closed.wait()) for s in sessions],
-                timeout=self.config.shutdown_grace,
+                timeout=self.config.limits.shutdown_grace,
             )
-        await server.stop(self.config.shutdown_grace)
+        await server.stop(self.config.limits.shutdown_grace)

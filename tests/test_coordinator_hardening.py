@@ -78,7 +78,7 @@ async def _hello(client: RawClient, name: str, examples: int, **fields: Any) -> 
 
 def test_flags_and_defaults_of_the_limits() -> None:
     args = build_parser().parse_args([])
-    cfg = config_from_args(args)
+    cfg = config_from_args(args).limits
     assert (cfg.max_pending_handshakes, cfg.max_pending_per_host) == (128, 32)
     assert (cfg.handshake_rate, cfg.handshake_burst) == (20.0, 100)
     assert dict(grpc_limit_options(cfg)) == {
@@ -91,7 +91,7 @@ def test_flags_and_defaults_of_the_limits() -> None:
     tls = ["--tls-cert", "s.pem", "--tls-key", "s.key", "--listen", "0.0.0.0:1"]
     with pytest.raises(ConfigError, match="without worker authentication"):
         config_from_args(build_parser().parse_args(tls))
-    assert config_from_args(build_parser().parse_args([*tls, "--insecure"])).insecure
+    assert config_from_args(build_parser().parse_args([*tls, "--insecure"])).security.insecure
     assert config_from_args(build_parser().parse_args([*tls, "--enrolled", "e.json"]))
     with pytest.raises(ConfigError, match="--handshake-burst"):
         config(handshake_burst=0)

@@ -37,6 +37,10 @@ def test_wheel_maps_server_and_worker_into_fedcore(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
         "fedcore/server/coordinator.py",
+        "fedcore/server/engine/sync.py",
+        "fedcore/server/reporting/sink.py",
+        "fedcore/server/state/registry.py",
+        "fedcore/server/transport/service.py",
         "fedcore/worker/runtime.py",
         "fedcore/v1/fedcore_pb2.py",
         "fedcore/v1/fedcore_pb2.pyi",

@@ -61,13 +61,10 @@ from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import TrainConfig
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
-    JOIN_METHOD,
     PROTOCOL_VERSION,
     SECAGG_CAPABILITY,
-    STREAM_END,
-    deserialize_coordinator_message,
+    check_protocol_version,
     max_message_bytes,
-    serialize_worker_message,
 )
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
@@ -80,7 +77,8 @@ from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
-from .trainer import FitOutput, Trainer, TrainingFailed
+from .stream import JoinStream
+from .trainer import FitOutput, Trainer
 
 __all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
@@ -296,19 +294,16 @@ class Worker:
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream; True when the federation is over."""
-        open_stream: Any = channel.stream_stream(
-            JOIN_METHOD,
-            request_serializer=serialize_worker_message,
-            response_deserializer=deserialize_coordinator_message,
-        )
-        call = open_stream(metadata=self._metadata)
+        call = JoinStream(channel, self._metadata)
         await call.write(self._hello())
         first = await call.read()
-        if first is STREAM_END:
+        if first is None:
             raise _Disconnected("stream closed during the handshake")
         if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
+        # Permanent: the worker stops with VersionMismatchError instead of retrying.
+        check_protocol_version(welcome.protocol_version, peer="the coordinator", us="worker")
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
@@ -330,10 +325,25 @@ class Worker:
         try:
             while True:
                 message = await call.read()
-                if message is STREAM_END:
+                if message is None:
                     raise _Disconnected("the coordinator closed the stream")
-                chunk = message if isinstance(message, RawChunk) else None
-                kind = "chunk" if chunk is not None else message.WhichOneof("body")
+                if isinstance(message, RawChunk) or message.WhichOneof("body") == "chunk":
+                    current = pending
+                    if current is None:
+                        raise _Disconnected("the coordinator sent a chunk outside of a task")
+                    chunk = message if isinstance(message, RawChunk) else message.chunk
+                    try:
+                        if current[2].add(chunk):
+                            if current[1] is not None:
+                                jobs.put_nowait((current[1], current[2]))
+                            pending = None
+                    except PayloadError as exc:
+                        await self._send_error(
+                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                        )
+                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
+                    continue
+                kind = message.WhichOneof("body")
                 if kind == "shutdown":
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
@@ -350,28 +360,18 @@ class Worker:
                     if checked is not None and checked.secagg is not None:
                         await self._secagg.start(checked.task, checked.secagg_rules)
                     assembler = await self._start_task(call, message.task, welcome)
-                    pending = (message.task, checked, assembler)
-                elif kind == "chunk":
-                    if pending is None:
-                        raise _Disconnected("the coordinator sent a chunk outside of a task")
-                    try:
-                        pending[2].add(chunk if chunk is not None else message.chunk)
-                    except PayloadError as exc:
-                        await self._send_error(
-                            call, pending[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
-                        )
-                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
-                if pending is not None and pending[2].complete:
-                    _, checked, assembler = pending
-                    if checked is not None:
+                    if not assembler.complete:
+                        pending = (message.task, checked, assembler)
+                    elif checked is not None:
                         jobs.put_nowait((checked, assembler))
-                    pending = None
         finally:
             heartbeats.cancel()
             runner.cancel()
             call.cancel()
 
-    async def _start_task(self, call: Any, task: pb.Task, welcome: pb.Welcome) -> PayloadAssembler:
+    async def _start_task(
+        self, call: JoinStream, task: pb.Task, welcome: pb.Welcome
+    ) -> PayloadAssembler:
         try:
             return PayloadAssembler(
                 task.weights,
@@ -385,7 +385,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the gate
 
-    async def _admit(self, call: Any, task: pb.Task) -> CheckedTask | None:
+    async def _admit(self, call: JoinStream, task: pb.Task) -> CheckedTask | None:
         """The checked task, or None after telling the coordinator why it was refused."""
         try:
             return await asyncio.to_thread(self.gate.admit, task)
@@ -393,7 +393,7 @@ class Worker:
             await self._refuse(call, task, exc)
             return None
 
-    async def _refuse(self, call: Any, task: pb.Task, refusal: TaskRefused) -> None:
+    async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
@@ -402,7 +402,7 @@ class Worker:
     # ------------------------------------------------------------------ tasks
 
     async def _run_jobs(
-        self, call: Any, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
+        self, call: JoinStream, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
     ) -> None:
         while True:
             checked, assembler = await jobs.get()
@@ -413,7 +413,9 @@ class Worker:
                 if self.state is WorkerState.WORKING:
                     self._move(WorkerState.READY)
 
-    async def _run_task(self, call: Any, checked: CheckedTask, assembler: PayloadAssembler) -> None:
+    async def _run_task(
+        self, call: JoinStream, checked: CheckedTask, assembler: PayloadAssembler
+    ) -> None:
         task = checked.task
         try:
             weights = assembler.weights()
@@ -435,10 +437,7 @@ class Worker:
         except ModelMismatchError as exc:
             log.error("cannot run round %d: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_MODEL_MISMATCH, str(exc))
-        except (TrainingFailed, PayloadError) as exc:
-            log.error("round %d failed: %s", task.round, exc)
-            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
-        except FedcoreError as exc:
+        except FedcoreError as exc:  # TrainingFailed, PayloadError, ...
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
         except Exception as exc:  # a user trainer's bug must not leave the round waiting
@@ -447,7 +446,7 @@ class Worker:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
 
     async def _fit(
-        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
     ) -> None:
         task = checked.task
         config = checked.train
@@ -508,7 +507,7 @@ class Worker:
         )
 
     async def _evaluate(
-        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
     ) -> None:
         ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, weights)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
@@ -537,17 +536,17 @@ class Worker:
         return self._compressor.compress(delta), True
 
     async def _send_error(
-        self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str
+        self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
     ) -> None:
         await self._write(
             call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
         )
 
-    async def _write(self, call: Any, message: pb.WorkerMessage | bytes) -> None:
+    async def _write(self, call: JoinStream, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:
             await call.write(message)
 
-    async def _heartbeats(self, call: Any, interval: float) -> None:
+    async def _heartbeats(self, call: JoinStream, interval: float) -> None:
         sequence = 0
         while True:
             await asyncio.sleep(interval)

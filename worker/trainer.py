@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedcore.errors import ConfigError, FedcoreError, ModelError, ModelMismatchError
+from fedcore.errors import ConfigError, ModelError, ModelMismatchError, TrainingFailed
 from fedcore.model_catalog import ModelCatalog
 from fedcore.models import get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
@@ -31,10 +31,6 @@ from fedcore.weights import ModelSignature, Weights, signature_of
 from .plans import PlanLibrary
 
 __all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
-
-
-class TrainingFailed(FedcoreError):
-    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 @dataclass

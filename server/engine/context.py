@@ -87,7 +87,7 @@ class RoundContext:
 
     def payload(self) -> WeightsPayload:
         """The global model as a chunk stream to send after a Task."""
-        return WeightsPayload(self._weights, self.config.chunk_bytes)
+        return WeightsPayload(self._weights, self.config.limits.chunk_bytes)
 
     def select(
         self, chosen: Sequence[WorkerInfo], idle: Mapping[str, WorkerSession]

@@ -76,7 +76,7 @@ class SyncEngine:
             # The round's model leaves (federated evaluation, the next round) only once its
             # checkpoint is on disk: see ReportPipeline.make_durable.
             await reports.make_durable(metrics, ctx.weights)
-            every = cfg.federated_eval_every
+            every = cfg.output.fed_eval_every
             if every and (round_number % every == 0 or round_number == cfg.rounds):
                 metrics.federated = await self._federated_evaluate(round_number)
             metrics.bytes_sent = ctx.counters.bytes_sent - sent0
@@ -88,8 +88,8 @@ class SyncEngine:
         """One training round, retried while too few valid results arrive."""
         ctx, cfg = self.context, self.context.config
         needed = cfg.results_needed
-        for attempt in range(1, cfg.round_retries + 2):
-            if not await ctx.registry.wait_for_idle(needed, cfg.round_timeout):
+        for attempt in range(1, cfg.limits.round_retries + 2):
+            if not await ctx.registry.wait_for_idle(needed, cfg.limits.round_timeout):
                 log.warning("round %d: fewer than %d workers are ready", round_number, needed)
                 await ctx.reports.drain()
                 continue
@@ -123,13 +123,13 @@ class SyncEngine:
             )
         await ctx.reports.drain()
         raise RoundFailedError(
-            f"round {round_number} failed {cfg.round_retries + 1} times: fewer than "
+            f"round {round_number} failed {cfg.limits.round_retries + 1} times: fewer than "
             f"{needed} workers delivered valid results; see the warnings above"
         )
 
     async def _collect(self, collector: FitCollector) -> None:
         """Wait for the round's results while the previous round's report completes."""
-        waiting = asyncio.create_task(collector.wait(self.context.config.round_timeout))
+        waiting = asyncio.create_task(collector.wait(self.context.config.limits.round_timeout))
         try:
             await self.context.reports.drain()
             await waiting
@@ -198,5 +198,5 @@ class SyncEngine:
         for session in ctx.select(chosen, idle):
             task = ctx.evaluate_task(round_number, payload)
             collector.add(ctx.issue(session, collector, task, payload))
-        await collector.wait(ctx.config.round_timeout)
+        await collector.wait(ctx.config.limits.round_timeout)
         return ctx.strategy.aggregate_evaluate(round_number, collector.results)

@@ -61,6 +61,43 @@ class RoundMetrics:
         """Centralized test loss, else the federated evaluation's; None when neither ran."""
         return self.loss if self.loss is not None else self.federated.get("loss")
 
+    def cells(self) -> dict[str, str]:
+        """The round as table cells by column name (console rows, the summary table)."""
+        accuracy, loss = self.test_accuracy, self.test_loss
+        return {
+            "round": str(self.round),
+            "workers": str(self.workers),
+            "accuracy": f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
+            "loss": f"{loss:.4f}" if loss is not None else "-",
+            "train loss": f"{self.train['loss']:.4f}" if "loss" in self.train else "-",
+            "fit s": f"{self.fit_s:.1f}",
+            "eval s": f"{self.eval_s:.1f}",
+            "elapsed s": f"{self.elapsed_s:.1f}",
+            "sent MB": f"{self.bytes_sent / 1e6:.1f}",
+            "recv MB": f"{self.bytes_received / 1e6:.1f}",
+        }
+
+    def scalars(self) -> dict[str, float]:
+        """The round's numbers as named series for experiment trackers (MLflow, TensorBoard):
+        ``test/accuracy``, ``train/loss``, ``federated/...``, ``round/...``, ``privacy/...``;
+        non-finite values are left out."""
+        series: dict[str, float | None] = {
+            "test/accuracy": self.test_accuracy,
+            "test/loss": self.test_loss,
+            "round/workers": self.workers,
+            "round/failures": self.failures,
+            "round/fit_s": self.fit_s,
+            "round/eval_s": self.eval_s,
+            "round/elapsed_s": self.elapsed_s,
+            "round/bytes_sent": self.bytes_sent,
+            "round/bytes_received": self.bytes_received,
+            "privacy/epsilon": self.epsilon,
+        }
+        series.update({f"train/{k}": v for k, v in self.train.items()})
+        series.update({f"federated/{k}": v for k, v in self.federated.items()})
+        series.update({f"staleness/{k}": v for k, v in (self.staleness or {}).items()})
+        return {k: float(v) for k, v in series.items() if v is not None and math.isfinite(v)}
+
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         for optional in ("staleness", "epsilon", "delta", "privacy", "plan"):
@@ -101,11 +138,11 @@ class MetricsWriter:
         "workers",
         "accuracy",
         "loss",
-        "train_loss",
-        "fit_s",
-        "eval_s",
-        "sent_MB",
-        "recv_MB",
+        "train loss",
+        "fit s",
+        "eval s",
+        "sent MB",
+        "recv MB",
     )
 
     def __init__(self, path: Path | None, out: IO[str] | None = sys.stdout) -> None:
@@ -132,24 +169,12 @@ class MetricsWriter:
         if self._out is None:
             return
         if not self._header_printed:
-            print("".join(f"{c:>11}" for c in self._COLUMNS), file=self._out, flush=True)
+            # Header names without spaces: each line splits into fields.
+            header = (c.replace(" ", "_") for c in self._COLUMNS)
+            print("".join(f"{c:>11}" for c in header), file=self._out, flush=True)
             self._header_printed = True
-        accuracy = (
-            metrics.accuracy if metrics.accuracy is not None else metrics.federated.get("accuracy")
-        )
-        loss = metrics.loss if metrics.loss is not None else metrics.federated.get("loss")
-        cells = [
-            f"{metrics.round}",
-            f"{metrics.workers}",
-            f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
-            f"{loss:.4f}" if loss is not None else "-",
-            f"{metrics.train['loss']:.4f}" if "loss" in metrics.train else "-",
-            f"{metrics.fit_s:.1f}",
-            f"{metrics.eval_s:.1f}",
-            f"{metrics.bytes_sent / 1e6:.1f}",
-            f"{metrics.bytes_received / 1e6:.1f}",
-        ]
-        print("".join(f"{c:>11}" for c in cells), file=self._out, flush=True)
+        cells = metrics.cells()
+        print("".join(f"{cells[c]:>11}" for c in self._COLUMNS), file=self._out, flush=True)
 
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         if self._file is not None:

@@ -44,39 +44,17 @@ def summary_table(rows: Sequence[RoundMetrics]) -> Table:
     """The end-of-run table: one row per round."""
     eps = any(epsilon_of(m) is not None for m in rows)
     table = Table(title="federation summary", title_justify="left")
-    for name in (
-        "round",
-        "workers",
-        "accuracy",
-        "loss",
-        "train loss",
-        "fit s",
-        "eval s",
-        "elapsed s",
-    ):
-        table.add_column(name, justify="right")
-    table.add_column("sent MB", justify="right")
-    table.add_column("recv MB", justify="right")
-    if eps:
-        table.add_column("epsilon", justify="right")
     for m in rows:
-        loss = m.test_loss
-        cells = [
-            str(m.round),
-            f"{m.workers}" + (f" ({m.failures} failed)" if m.failures else ""),
-            _pct(m.test_accuracy),
-            f"{loss:.4f}" if loss is not None else "-",
-            f"{m.train['loss']:.4f}" if "loss" in m.train else "-",
-            f"{m.fit_s:.1f}",
-            f"{m.eval_s:.1f}",
-            f"{m.elapsed_s:.1f}",
-            f"{m.bytes_sent / 1e6:.1f}",
-            f"{m.bytes_received / 1e6:.1f}",
-        ]
+        cells = m.cells()
+        if m.failures:
+            cells["workers"] += f" ({m.failures} failed)"
         if eps:
             e = epsilon_of(m)
-            cells.append(f"{e:.3f}" if e is not None else "-")
-        table.add_row(*cells)
+            cells["epsilon"] = f"{e:.3f}" if e is not None else "-"
+        if not table.columns:
+            for name in cells:
+                table.add_column(name, justify="right")
+        table.add_row(*cells.values())
     return table
 
 
