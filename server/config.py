@@ -14,6 +14,7 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
+from .listen import split_listen
 from .privacy import DPSettings
 
 __all__ = ["ServerConfig"]
@@ -113,6 +114,7 @@ class ServerConfig:
             raise ConfigError("--max-model-bytes must be positive")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir (where the checkpoint is)")
+        split_listen(self.listen)
         require_tls_or_loopback(
             self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
         )

@@ -32,6 +32,7 @@ from fedcore.weights import ModelSignature, describe_mismatch
 from .auth import Authenticator
 from .config import ServerConfig
 from .inbox import Inbox, SecAggRoute
+from .listen import EXCLUSIVE_BIND, bind_failure
 from .payloads import WeightsPayload
 from .registry import WorkerRegistry, WorkerSession
 
@@ -351,6 +352,7 @@ async def start_grpc_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            EXCLUSIVE_BIND,
         ]
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
@@ -363,9 +365,9 @@ async def start_grpc_server(
         else:
             port = server.add_insecure_port(listen)
     except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {listen!r}: {exc}") from None
+        raise bind_failure(listen, str(exc)) from None
     if port == 0:
-        raise ConfigError(f"cannot listen on {listen!r}: address in use or invalid")
+        raise bind_failure(listen, "address in use or invalid")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

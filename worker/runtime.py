@@ -72,6 +72,7 @@ from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
+from .connection_errors import diagnose
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
@@ -163,6 +164,7 @@ class Worker:
         guard: the data owner's policy; tasks that break it are refused.
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
+        tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class Worker:
         guard: PolicyGuard | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -190,6 +193,7 @@ class Worker:
         self._channel_factory = channel_factory
         self.guard = guard
         self.dataset = dataset
+        self.tls = tls
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
@@ -211,6 +215,7 @@ class Worker:
         """Serve the federation until the coordinator says it is over."""
         attempt = 0
         last_session = time.monotonic()
+        explained = ""  # the last diagnosis logged as a warning (repeats go to INFO)
         while True:
             self._move(WorkerState.CONNECTING)
             try:
@@ -230,6 +235,14 @@ class Worker:
                         raise IdentityMismatchError(details) from None
                     raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
+                diagnosis = diagnose(exc, server=self.server, tls=self.tls)
+                if diagnosis is not None:
+                    if diagnosis.permanent:
+                        self._move(WorkerState.DISCONNECTED)
+                        raise RejectedError(diagnosis.message) from None
+                    if diagnosis.message != explained:
+                        log.warning("%s; retrying", diagnosis.message)
+                        explained = diagnosis.message
             except _Disconnected as exc:
                 reason = str(exc)
             if self.state in (WorkerState.READY, WorkerState.WORKING):
