@@ -32,6 +32,7 @@ from fedcore.privacy import ClientDP, DifferentialPrivacy
 from fedcore.strategy import (
     Strategy,
     WorkerInfo,
+    check_round_size,
     check_secure_aggregation,
     load_strategy,
     weighted_metrics,
@@ -88,6 +89,12 @@ class Coordinator:
         elif isinstance(self.strategy, DifferentialPrivacy):
             self.strategy.secure_aggregation = config.secagg is not None
         check_secure_aggregation(self.strategy, secure_aggregation=config.secagg is not None)
+        if self.strategy.async_settings is None:
+            check_round_size(
+                self.strategy,
+                results_needed=config.results_needed,
+                flag="--min-results" if config.min_results is not None else "--min-workers",
+            )
         if config.threads:
             torch.set_num_threads(config.threads)
         model = build_model(config.model, seed=config.seed)
@@ -281,6 +288,7 @@ class Coordinator:
         writer = MetricsWriter(self.config.metrics_out, None if live else sys.stdout)
         writer.restore(self._restored_rows)
         publisher = asyncio.create_task(self._publish_status())
+        ending = "the coordinator stopped before the last round"  # what workers are told
         try:
             runner = asyncio.create_task(self._run_rounds(writer))
             stopper = asyncio.create_task(self._stop.wait())
@@ -306,6 +314,9 @@ class Coordinator:
                     {"model": str(self.config.model), "rounds": str(len(writer.rows))},
                 )
                 log.info("saved the global model to %s", self.config.save_model)
+            if runner in done:
+                done_rounds = len(writer.rows)
+                ending = f"training finished after {done_rounds} round{'s' * (done_rounds != 1)}"
             return FederationResult(self.weights, list(writer.rows))
         finally:
             writer.close()
@@ -314,16 +325,16 @@ class Coordinator:
             final = self.status()
             for observer in self.observers:
                 observer.close(final, list(writer.rows))
-            await self._shutdown(server, health)
+            await self._shutdown(server, health, ending)
 
-    async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str) -> None:
         self.service.accepting = False
         with contextlib.suppress(Exception):
             for name in ("", "fedcore.v1.Coordinator"):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
         sessions = self.registry.sessions()
         for s in sessions:
-            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="the federation is over")))
+            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
             s.send(None)
         if sessions:
             await asyncio.wait(
@@ -427,8 +438,18 @@ class Coordinator:
             fit_done = time.perf_counter()
         eval_started = time.perf_counter()
         if self.evaluator is not None:
-            result = await asyncio.to_thread(self.evaluator.evaluate, weights)
-            metrics.accuracy, metrics.loss = result.accuracy, result.loss
+            try:
+                result = await asyncio.to_thread(self.evaluator.evaluate, weights)
+            except Exception as exc:  # the trained round stands; only its evaluation is lost
+                log.error(
+                    "round %d: centralized evaluation failed (%s: %s); the round's model is "
+                    "kept, without accuracy",
+                    metrics.round,
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                metrics.accuracy, metrics.loss = result.accuracy, result.loss
         # Evaluation overlaps the next round's training; a round's duration counts its own
         # training and its own evaluation, not the overlap.
         metrics.fit_s = round(fit_done - started, 3)
@@ -452,7 +473,12 @@ class Coordinator:
         needed = cfg.results_needed
         for attempt in range(1, cfg.round_retries + 2):
             if not await self.registry.wait_for_idle(needed, cfg.round_timeout):
-                log.warning("round %d: fewer than %d workers are ready", round_number, needed)
+                log.warning(
+                    "round %d: fewer than %d worker%s ready",
+                    round_number,
+                    needed,
+                    "s are" if needed > 1 else " is",
+                )
                 if pending_report is not None:
                     await pending_report
                     pending_report = None
@@ -476,13 +502,13 @@ class Coordinator:
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
             for failure in collector.failures:
-                log.warning(
-                    "round %d: worker %r %s: %s",
-                    round_number,
-                    failure.worker.name,
-                    "refused the plan" if failure.refused else "dropped",
-                    failure.reason.removeprefix("refused: "),
-                )
+                if not failure.answered:  # the inbox logged the worker's own answer already
+                    log.warning(
+                        "round %d: worker %r dropped: %s",
+                        round_number,
+                        failure.worker.name,
+                        failure.reason,
+                    )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
                 self.weights = self.strategy.aggregate_fit(
@@ -496,11 +522,24 @@ class Coordinator:
                 len(collector.results),
                 needed_now,
             )
+            if collector.failures and all(f.answered for f in collector.failures):
+                # Every missing worker answered with a failure of this very plan (a refusal,
+                # training that diverged): the same plan on the same weights fails again.
+                if pending_report is not None:
+                    await pending_report
+                answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
+                raise RoundFailedError(
+                    f"round {round_number} cannot succeed: {len(collector.results)} valid "
+                    f"result(s) of {needed_now} needed, and the other workers reported failures "
+                    f"that a retry of the same plan would repeat ({answers})"
+                )
         if pending_report is not None:
             await pending_report
+        attempts = cfg.round_retries + 1
         raise RoundFailedError(
-            f"round {round_number} failed {cfg.round_retries + 1} times: fewer than "
-            f"{needed} workers delivered valid results; see the warnings above"
+            f"round {round_number} failed {attempts} time{'s' if attempts > 1 else ''}: fewer "
+            f"than {needed} worker{'s' if needed > 1 else ''} delivered valid results; see the "
+            "warnings above"
         )
 
     def _issue(

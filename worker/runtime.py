@@ -47,9 +47,12 @@ from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
     AuthenticationError,
+    ConfigError,
+    DataError,
     FedcoreError,
     IdentityMismatchError,
     LedgerError,
+    ModelError,
     ModelMismatchError,
     PayloadError,
     RejectedError,
@@ -294,6 +297,17 @@ class Worker:
         if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
+        if welcome.HasField("model"):
+            # Data that cannot fit the federation's model ends this worker before any task.
+            try:
+                model = ModelSpec.from_proto(welcome.model)
+                await asyncio.to_thread(self.trainer.check_data, model)
+            except DataError:
+                call.cancel()
+                self._move(WorkerState.DISCONNECTED)
+                raise
+            except (ConfigError, ModelError) as exc:  # the plan's own checks will report it
+                log.debug("cannot check the data against the federation's model: %s", exc)
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
