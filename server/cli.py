@@ -60,6 +60,9 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fed-server",
+        # A mistyped flag then shows one usage line above the error, not forty; --help
+        # lists every option.
+        usage="%(prog)s [options]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -129,7 +129,11 @@ class Coordinator:
         self._round = 0
         self._collector: RoundCollector | None = None
         self._rows: list[RoundMetrics] = []
-        self._started = 0.0  # perf_counter() when round 1 began
+        self._started = 0.0  # perf_counter() when round 1 (or the first resumed round) began
+        # Training time before this run (from the checkpoint's rows): elapsed_s goes on
+        # counting across --resume instead of restarting at 0.
+        self._elapsed_before = 0.0
+        self._aggregated = 0  # rounds whose global model exists (their report may be pending)
         self._end_requested = False  # the strategy's on_round_end asked to stop
         # The first round to run: 1, or the one after the checkpoint's with --resume.
         self.start_round = 1
@@ -184,7 +188,10 @@ class Coordinator:
             if state is not None and callable(load):
                 load(state)
         self._restored_rows = [RoundMetrics(**row) for row in checkpoint.metrics]
+        if self._restored_rows:
+            self._elapsed_before = self._restored_rows[-1].elapsed_s
         self.start_round = checkpoint.round + 1
+        self._aggregated = checkpoint.round
         log.info(
             "resuming from the checkpoint of round %d in %s",
             checkpoint.round,
@@ -226,7 +233,8 @@ class Coordinator:
         cfg_rounds = self.config.rounds
         training = reported = 0
         if collector is not None:
-            training = len(collector.tickets)
+            # A closed round has released its tickets; it still handed out `issued` tasks.
+            training = collector.issued if collector.closed else len(collector.tickets)
             results = getattr(collector, "results", [])
             reported = len(results) if isinstance(results, list) else 0
         return CoordinatorStatus(
@@ -240,8 +248,10 @@ class Coordinator:
             min_workers=self.config.min_workers,
             bytes_sent=self.service.counters.bytes_sent,
             bytes_received=self.service.counters.bytes_received,
-            elapsed_s=(time.perf_counter() - self._started if self._started else 0.0),
+            elapsed_s=self._elapsed_before
+            + (time.perf_counter() - self._started if self._started else 0.0),
             last=self._rows[-1] if self._rows else None,
+            rounds_completed=max(self._aggregated, len(self._restored_rows) + len(self._rows)),
         )
 
     def _make_exporters(self) -> list[Observer]:
@@ -393,6 +403,7 @@ class Coordinator:
                 log.warning("privacy budget reached: %s", exc)
                 break
             pending_report = None
+            self._aggregated = round_number
             # Taken now: the next round's configure_fit may change the strategy's state.
             states = self._snapshot_states() if cfg.checkpoint_dir is not None else {}
             fed_metrics: dict[str, float] = {}
@@ -455,7 +466,7 @@ class Coordinator:
         metrics.fit_s = round(fit_done - started, 3)
         metrics.eval_s = round(time.perf_counter() - eval_started, 3)
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
-        metrics.elapsed_s = round(fit_done - self._started, 3)
+        metrics.elapsed_s = round(self._elapsed_before + fit_done - self._started, 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         writer.write(metrics)
         self._rows.append(metrics)
@@ -525,8 +536,6 @@ class Coordinator:
             if collector.failures and all(f.answered for f in collector.failures):
                 # Every missing worker answered with a failure of this very plan (a refusal,
                 # training that diverged): the same plan on the same weights fails again.
-                if pending_report is not None:
-                    await pending_report
                 answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
                 raise RoundFailedError(
                     f"round {round_number} cannot succeed: {len(collector.results)} valid "

@@ -14,6 +14,7 @@ Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -32,6 +33,8 @@ from .accountant import Mechanism, PrivacyAccountant
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
+
+log = logging.getLogger("fedcore.privacy")
 
 # Opacus is imported when a DP-SGD silo first trains, not here: it costs most of a second per
 # process (torch.distributed, scipy), which workers without DP-SGD never need.
@@ -183,6 +186,13 @@ class DPSGD:
                     sample_rate=sample_rate,
                     steps=stats.steps,
                 )
+        # The silo's own record-level guarantee, whether or not a policy keeps a ledger.
+        log.info(
+            "DP-SGD: %d steps this round; this silo's records are at epsilon %.3f (delta %g)",
+            stats.steps,
+            self.epsilon,
+            self.delta,
+        )
         total_loss, correct, seen = stats.loss_sum, stats.correct, stats.seen
         return TrainResult(
             num_examples=n,
