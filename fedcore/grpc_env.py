@@ -2,9 +2,11 @@
 
 gRPC's C core writes to stderr directly (``I1130 12:00:00 ... ssl_transport_security.cc``),
 bypassing Python logging, and reads ``GRPC_VERBOSITY`` once, when ``grpc`` is first imported.
-fedcore reports every failure gRPC reports to it in its own words, so this module, imported by
-``fedcore/__init__.py`` before anything imports ``grpc``, lowers the core to errors only. A
-``GRPC_VERBOSITY`` (or ``GRPC_TRACE``) the user set is left alone.
+Even at ``ERROR`` it logs what a peer got wrong (``E1130 ... No match found for server name``)
+on the side that did nothing wrong. fedcore reports every failure gRPC reports to it in its
+own words, so this module, imported by ``fedcore/__init__.py`` before anything imports
+``grpc``, silences the core. A ``GRPC_VERBOSITY`` the user set is left alone (``ERROR`` or
+``DEBUG`` brings the lines back, with ``GRPC_TRACE`` for more).
 """
 
 from __future__ import annotations
@@ -13,6 +15,6 @@ import os
 
 __all__ = ["GRPC_VERBOSITY_DEFAULT"]
 
-GRPC_VERBOSITY_DEFAULT = "ERROR"
+GRPC_VERBOSITY_DEFAULT = "NONE"
 
 os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)

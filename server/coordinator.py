@@ -533,7 +533,8 @@ class Coordinator:
                 len(collector.results),
                 needed_now,
             )
-            if collector.failures and all(f.answered for f in collector.failures):
+            accounted = len(collector.results) + len(collector.failures) == collector.issued
+            if collector.failures and accounted and all(f.answered for f in collector.failures):
                 # Every missing worker answered with a failure of this very plan (a refusal,
                 # training that diverged): the same plan on the same weights fails again.
                 answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
