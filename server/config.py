@@ -105,6 +105,13 @@ class ServerConfig:
                 "--compression and --secagg cannot be combined: secure aggregation masks "
                 "fixed-point updates, which cannot be compressed; drop one of the two"
             )
+        if self.secagg is not None and self.min_workers < self.secagg.min_workers:
+            # Round 1 starts with --min-workers workers: fewer than t cannot be unmasked.
+            raise ConfigError(
+                f"secure aggregation needs at least {self.secagg.min_workers} workers in a "
+                f"round, and round 1 would start with {self.min_workers} (--min-workers); "
+                f"pass --min-workers {self.secagg.min_workers}"
+            )
         if self.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
         self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))

@@ -39,6 +39,7 @@ from fedcore.errors import ConfigError, DataError, RejectedError, RoundFailedErr
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.secagg import SecAggParams
 from fedcore.tls import ClientTLS
 from fedcore.training import TrainResult
 from fedcore.weights import Weights
@@ -275,6 +276,9 @@ async def test_5_configurations_that_cannot_succeed_are_refused_at_start(
         "(--min-workers 3); pass --min-workers 5 and start at least 5 workers"
     )
     Coordinator(config(strategy="krum", strategy_options={"num-byzantine": 1}, min_workers=5))
+    with pytest.raises(ConfigError, match=r"round 1 would start with 1 \(--min-workers\); pass"):
+        config(min_workers=1, secagg=SecAggParams(threshold=0.5))
+    config(min_workers=2, secagg=SecAggParams(threshold=0.5))
 
     # Weights that turn NaN: the hint names the noise when the plan or the worker adds some.
     data = ArrayDataset(np.zeros((4, 28, 28), np.uint8), np.arange(4) % 10)
