@@ -238,7 +238,9 @@ class Worker:
                         raise IdentityMismatchError(details) from None
                     raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
-                diagnosis = diagnose(exc, server=self.server, tls=self.tls)
+                # Only a connection that never got a session is a set-up question.
+                handshake = self.state is WorkerState.CONNECTING
+                diagnosis = diagnose(exc, server=self.server, tls=self.tls) if handshake else None
                 if diagnosis is not None:
                     if diagnosis.permanent:
                         self._move(WorkerState.DISCONNECTED)
