@@ -64,6 +64,8 @@ class ClippedFedAvg(Strategy):
 
     # Clipping looks at each update, so this strategy cannot run with secure aggregation.
     needs_individual_updates = True
+    # on_round_end may stop the federation: each round's evaluation comes before the next.
+    may_stop_early = True
 
     def __init__(self, *, max_norm: float = 10.0, target_accuracy: float = 1.0) -> None:
         self.max_norm = max_norm

@@ -21,9 +21,9 @@ from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
 
-from .config import ServerConfig
 from .coordinator import Coordinator
-from .privacy import add_dp_flags, dp_settings_from_args
+from .state.config import ServerConfig
+from .state.privacy import add_dp_flags, dp_settings_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -418,7 +418,15 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, coordinator.stop)
-    await coordinator.run()
+    run = asyncio.create_task(coordinator.run())
+    ready = asyncio.create_task(coordinator.ready.wait())
+    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        # Scripts and tests read the port from this line.
+        host = config.listen.rsplit(":", 1)[0]
+        print(f"listening on {host}:{coordinator.port}", flush=True)
+    ready.cancel()
+    await run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

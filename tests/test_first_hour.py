@@ -21,12 +21,13 @@ import pytest
 from conftest import BIN, Proc, start_server
 from cryptography import x509
 from fedcore.server import Coordinator
-from fedcore.server.checkpoint import load_checkpoint
 from fedcore.server.cli import build_parser as server_parser
-from fedcore.server.evaluation import CentralEvaluator
-from fedcore.server.progress import CoordinatorStatus, LiveDisplay
-from fedcore.server.prometheus import PrometheusExporter
-from fedcore.server.reporting import RoundMetrics
+from fedcore.server.engine.evaluation import CentralEvaluator
+from fedcore.server.reporting.metrics import RoundMetrics
+from fedcore.server.reporting.progress import LiveDisplay
+from fedcore.server.reporting.prometheus import PrometheusExporter
+from fedcore.server.reporting.sink import CoordinatorStatus
+from fedcore.server.state.checkpoint import load_checkpoint
 from fedcore.worker import EchoTrainer, TorchTrainer, TrainingFailed, Worker
 from fedcore.worker.runtime import tls_channel_factory
 from rich.console import Console

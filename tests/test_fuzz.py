@@ -28,9 +28,9 @@ import grpc
 import numpy as np
 import pytest
 from fedcore.server import Coordinator
-from fedcore.server.inbox import Inbox
-from fedcore.server.registry import SessionState, Ticket, WorkerSession
-from fedcore.server.rounds import FitCollector
+from fedcore.server.engine.collectors import FitCollector
+from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
+from fedcore.server.transport.inbox import Inbox
 from fedcore.worker import Worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -12,7 +12,7 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
-from fedcore.server.roster import ConnectedWorker, format_roster
+from fedcore.server.reporting.roster import ConnectedWorker, format_roster
 from fedcore.worker import PolicyGuard
 
 from fedcore.data.metadata import (

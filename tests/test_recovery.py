@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import BIN, Proc, start_worker
 from fedcore.server import Coordinator
-from fedcore.server.checkpoint import (
+from fedcore.server.state.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     load_checkpoint,

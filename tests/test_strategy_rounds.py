@@ -103,6 +103,8 @@ async def test_on_round_end_stops_the_federation_early(coordinator_factory: Any)
     seen: list[Mapping[str, Any]] = []
 
     class StopAfterTwo(FedAvg):
+        may_stop_early = True
+
         def on_round_end(
             self, round_number: int, weights: Weights, metrics: Mapping[str, Any]
         ) -> bool:

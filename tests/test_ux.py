@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import BIN
-from fedcore.server.progress import CoordinatorStatus, LiveDisplay, summary_line
-from fedcore.server.prometheus import PrometheusExporter
-from fedcore.server.reporting import RoundMetrics
+from fedcore.server.reporting.metrics import RoundMetrics
+from fedcore.server.reporting.progress import LiveDisplay, summary_line
+from fedcore.server.reporting.prometheus import PrometheusExporter
+from fedcore.server.reporting.sink import CoordinatorStatus
 from rich.console import Console
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
@@ -173,7 +174,7 @@ class GatedTrainer(ScriptedTrainer):
 async def test_metrics_endpoint_of_a_running_federation(coordinator_factory: Any) -> None:
     gate = threading.Event()
     coordinator, task = await coordinator_factory(config(rounds=2, metrics_port=0))
-    exporter = next(o for o in coordinator.observers if isinstance(o, PrometheusExporter))
+    exporter = next(o for o in coordinator.sinks if isinstance(o, PrometheusExporter))
     workers = asyncio.gather(
         run_worker(coordinator.port, "a", GatedTrainer(1.0, 30, gate)),
         run_worker(coordinator.port, "b", GatedTrainer(1.0, 10, gate)),

@@ -388,6 +388,10 @@ class DifferentialPrivacy(Strategy):
     ) -> dict[str, float]:
         return self.inner.aggregate_evaluate(round_number, results)
 
+    @property
+    def may_stop_early(self) -> bool:
+        return self.inner.may_stop_early
+
     def on_round_end(self, round_number: int, weights: Weights, metrics: Mapping[str, Any]) -> bool:
         return self.inner.on_round_end(round_number, weights, metrics)
 

@@ -10,6 +10,9 @@ A strategy never touches gRPC. The coordinator's round loop calls its hooks::
     aggregate_evaluate(round, results)           -> combined evaluation metrics
     on_round_end(round, weights, metrics)        -> True to end the federation early
 
+and declares its capabilities: ``needs_individual_updates``, ``async_settings`` and
+``may_stop_early`` (wrappers such as differential privacy pass them through).
+
 Updates are combined *as they stream in*, so the coordinator holds O(model size) memory
 however many workers report. With secure aggregation the coordinator only learns the
 example-weighted mean of the updates, and feeds it to the aggregator as *one* update carrying
@@ -241,6 +244,14 @@ class Strategy(ABC):
         """Not None to run asynchronously (see :class:`AsyncSettings`). Default: rounds."""
         return None
 
+    @property
+    def may_stop_early(self) -> bool:
+        """Whether :meth:`on_round_end` may end the federation. True makes the coordinator
+        wait for each round's evaluation before it starts the next round, so the decision is
+        exact; False (the default) lets evaluation overlap the next round's training. Declare
+        it (``may_stop_early = True``) when you override :meth:`on_round_end` to stop."""
+        return False
+
     def configure_fit(
         self, round_number: int, workers: Sequence[WorkerInfo], config: TrainConfig
     ) -> list[FitInstruction]:
@@ -286,8 +297,8 @@ class Strategy(ABC):
         """Called once a round's metrics are known (``metrics`` is the ``--metrics-out`` row,
         centralized ``accuracy``/``loss`` included); return True to end the federation now.
 
-        Overriding it makes the coordinator wait for a round's evaluation before it starts
-        the next round (instead of overlapping them), so the decision is exact.
+        A strategy that stops this way declares :attr:`may_stop_early`; otherwise the next
+        round may already have started when it decides.
         """
         return False
 

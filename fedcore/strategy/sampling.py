@@ -5,16 +5,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from fedcore.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .base import WorkerInfo
-
 __all__ = ["ClientSampler"]
+
+
+class _Identified(Protocol):
+    """Anything with a worker id (a :class:`~fedcore.strategy.WorkerInfo`)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+
+W = TypeVar("W", bound=_Identified)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class ClientSampler:
         wanted = max(self.min_workers, math.ceil(self.fraction * available - 1e-9))
         return min(wanted, available)
 
-    def sample(self, round_number: int, workers: Sequence[WorkerInfo]) -> list[WorkerInfo]:
+    def sample(self, round_number: int, workers: Sequence[W]) -> list[W]:
         """The workers of ``round_number``, in worker-id order."""
         ordered = sorted(workers, key=lambda w: w.worker_id)
         k = self.num_sampled(len(ordered))

@@ -14,10 +14,20 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
-from .listen import split_listen
 from .privacy import DPSettings
 
-__all__ = ["ServerConfig"]
+__all__ = ["ServerConfig", "split_listen"]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` too) as host and port; a missing or bad port is an error
+    (gRPC would silently use 443)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or host.endswith(":") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--listen {listen!r} needs HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)"
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass

@@ -19,8 +19,7 @@ from fedcore.errors import ModelMismatchError, PayloadError, ProtocolError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
-from .registry import Ticket, WorkerSession
-from .rounds import EvaluateCollector, FitCollector
+from ..state.registry import Ticket, WorkerSession
 
 __all__ = ["Inbox", "SecAggRoute"]
 
@@ -110,18 +109,19 @@ class Inbox:
     async def _on_result(self, result: pb.TaskResult) -> None:
         ticket = self._ticket_for(result.task_id)
         name = self.session.name
+        collector = ticket.collector
         if ticket.kind == pb.TASK_KIND_EVALUATE:
             if result.HasField("update"):
                 raise ProtocolError("an evaluation result must not carry an update")
             self.session.finish_ticket()
-            if isinstance(ticket.collector, EvaluateCollector) and not ticket.stale:
-                ticket.collector.accept(ticket, self.session.info, result)
+            if collector is not None and not ticket.stale:
+                collector.check_result(result)
+                await collector.accept(ticket, result, None)
             return
         if not result.HasField("update"):
             raise ProtocolError("a training result must carry an update")
-        collector = ticket.collector
         expected = self._signature
-        if isinstance(collector, FitCollector):
+        if collector is not None:
             collector.check_result(result)
             expected = collector.update_signature or expected
         header = result.update
@@ -180,7 +180,7 @@ class Inbox:
         try:
             self.session.finish_ticket()
             collector = upload.ticket.collector
-            if upload.assembler is None or not isinstance(collector, FitCollector):
+            if upload.assembler is None or collector is None:
                 return
             # Validation (finiteness) runs off the event loop; numpy releases the GIL.
             try:

@@ -14,12 +14,15 @@ entry, where each array is replaced by ``{"__tensor__": "state/N"}``.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import logging
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
@@ -29,13 +32,28 @@ from fedcore.enrollment import write_atomically
 from fedcore.errors import CheckpointError
 from fedcore.weights import Weights
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "Checkpoint",
+    "Checkpointer",
+    "Stateful",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 log = logging.getLogger("fedcore.server")
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _FORMAT = 1
 _TENSOR = "__tensor__"
+
+
+class Stateful(Protocol):
+    """A component whose state survives a restart (a strategy, an accountant)."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass
@@ -147,3 +165,57 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             f"the checkpoint {path} is unusable ({type(exc).__name__}: {exc}); move it away "
             "to start the federation from scratch"
         ) from None
+
+
+class Checkpointer:
+    """Writes a federation's checkpoints to ``directory`` and reads them back.
+
+    Args:
+        directory: ``--checkpoint-dir``.
+        fingerprint: what the run is (model, strategy); a checkpoint of another run is refused.
+        components: the stateful components by name (their ``state_dict()`` is saved).
+    """
+
+    def __init__(
+        self, directory: Path, fingerprint: dict[str, str], components: dict[str, Stateful]
+    ) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.components = components
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """A deep copy of every component's state now."""
+        return {
+            name: copy.deepcopy(dict(component.state_dict()))
+            for name, component in self.components.items()
+        }
+
+    def restore(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Load saved states into the components."""
+        for name, component in self.components.items():
+            state = states.get(name)
+            if state is not None:
+                component.load_state_dict(state)
+
+    def load(self) -> Checkpoint | None:
+        """The checkpoint of this run, None when there is none yet."""
+        checkpoint = load_checkpoint(self.directory)
+        if checkpoint is not None and checkpoint.fingerprint != self.fingerprint:
+            raise CheckpointError(
+                f"the checkpoint in {self.directory} belongs to another federation "
+                f"({checkpoint.fingerprint}, this one is {self.fingerprint}); use another "
+                "--checkpoint-dir or the same --model/--model-params/--strategy"
+            )
+        return checkpoint
+
+    async def save(
+        self,
+        round_number: int,
+        weights: Weights,
+        states: dict[str, dict[str, Any]],
+        metrics: list[dict[str, Any]],
+    ) -> None:
+        """Write the checkpoint after ``round_number`` (in a thread: it fsyncs)."""
+        checkpoint = Checkpoint(round_number, weights, metrics, states, self.fingerprint)
+        path = await asyncio.to_thread(save_checkpoint, self.directory, checkpoint)
+        log.info("round %d checkpointed to %s", round_number, path)

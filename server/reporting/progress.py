@@ -1,9 +1,5 @@
 """What the coordinator shows while it runs: a live rich panel on a terminal, plain lines
-otherwise, and a summary table at the end.
-
-The coordinator publishes a :class:`CoordinatorStatus` snapshot a few times a second and every
-completed round's :class:`~fedcore.server.reporting.RoundMetrics` to its *observers* (this
-module's displays, the Prometheus exporter). Observers never reach into the coordinator.
+otherwise, and a summary table at the end. Both are :class:`~.sink.Sink` s.
 
 Plain mode (stdout not a terminal, or ``--progress plain``) keeps the output parseable: a
 header line, one row per round, and ``summary key=value ...`` at the end.
@@ -13,55 +9,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from collections.abc import Sequence
+from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .reporting import RoundMetrics
+from .metrics import CoordinatorStatus, RoundMetrics
 
 __all__ = [
-    "CoordinatorStatus",
     "LiveDisplay",
-    "Observer",
     "PlainSummary",
     "epsilon_of",
     "summary_line",
     "summary_table",
 ]
-
-
-@dataclass(frozen=True)
-class CoordinatorStatus:
-    """A snapshot of a running federation."""
-
-    phase: str  # "waiting for workers", "training", "finished"
-    round: int  # the round in progress (the last one once finished); 0 before round 1
-    rounds: int
-    connected: int
-    training: int  # workers given this round's training task
-    reported: int  # valid results received so far this round
-    min_workers: int
-    bytes_sent: int
-    bytes_received: int
-    elapsed_s: float  # since round 1 started (0 before)
-    last: RoundMetrics | None  # the last completed (and evaluated) round
-    # Rounds whose global model exists, counted when aggregated (their evaluation may still
-    # be running: it overlaps the next round).
-    rounds_completed: int = 0
-
-
-class Observer(Protocol):
-    """Receives the coordinator's status and completed rounds (all calls on the event loop)."""
-
-    def update(self, status: CoordinatorStatus) -> None: ...
-
-    def round_completed(self, metrics: RoundMetrics) -> None: ...
-
-    def close(self, status: CoordinatorStatus, rows: list[RoundMetrics]) -> None: ...
 
 
 def epsilon_of(metrics: RoundMetrics | None) -> float | None:
@@ -72,14 +36,6 @@ def epsilon_of(metrics: RoundMetrics | None) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _accuracy(m: RoundMetrics) -> float | None:
-    return m.accuracy if m.accuracy is not None else m.federated.get("accuracy")
-
-
-def _loss(m: RoundMetrics) -> float | None:
-    return m.loss if m.loss is not None else m.federated.get("loss")
-
-
 def _pct(v: float | None) -> str:
     return f"{100 * v:.2f}%" if v is not None else "-"
 
@@ -88,7 +44,7 @@ def _pct(v: float | None) -> str:
 _PRIORITY = ("round", "workers", "failed", "accuracy", "loss", "elapsed s", "epsilon")
 
 
-def _summary_columns(rows: list[RoundMetrics]) -> list[tuple[str, list[str]]]:
+def _summary_columns(rows: Sequence[RoundMetrics]) -> list[tuple[str, list[str]]]:
     """The summary's columns (header, one cell per row), in display order."""
     columns: list[tuple[str, list[str]]] = [
         ("round", [str(m.round) for m in rows]),
@@ -97,8 +53,8 @@ def _summary_columns(rows: list[RoundMetrics]) -> list[tuple[str, list[str]]]:
     if any(m.failures for m in rows):
         columns.append(("failed", [str(m.failures) for m in rows]))
     columns += [
-        ("accuracy", [_pct(_accuracy(m)) for m in rows]),
-        ("loss", [f"{loss:.4f}" if (loss := _loss(m)) is not None else "-" for m in rows]),
+        ("accuracy", [_pct(m.test_accuracy) for m in rows]),
+        ("loss", [f"{loss:.4f}" if (loss := m.test_loss) is not None else "-" for m in rows]),
         ("train loss", [f"{m.train['loss']:.4f}" if "loss" in m.train else "-" for m in rows]),
         ("fit s", [f"{m.fit_s:.1f}" for m in rows]),
         ("eval s", [f"{m.eval_s:.1f}" for m in rows]),
@@ -113,7 +69,7 @@ def _summary_columns(rows: list[RoundMetrics]) -> list[tuple[str, list[str]]]:
     return columns
 
 
-def summary_table(rows: list[RoundMetrics], width: int | None = None) -> Table:
+def summary_table(rows: Sequence[RoundMetrics], width: int | None = None) -> Table:
     """The end-of-run table: one row per round. Within ``width`` columns it keeps the columns
     that fit whole, the most important first, rather than cutting every cell short."""
     columns = _summary_columns(rows)
@@ -137,15 +93,15 @@ def summary_table(rows: list[RoundMetrics], width: int | None = None) -> Table:
     return table
 
 
-def summary_line(rows: list[RoundMetrics]) -> str:
+def summary_line(rows: Sequence[RoundMetrics]) -> str:
     """One parseable line: ``summary rounds=5 accuracy=0.9865 ...``."""
     if not rows:
         return "summary rounds=0"
     last = rows[-1]
     parts = {
         "rounds": str(len(rows)),
-        "accuracy": f"{_accuracy(last):.4f}" if _accuracy(last) is not None else "-",
-        "loss": f"{_loss(last):.4f}" if _loss(last) is not None else "-",
+        "accuracy": f"{last.test_accuracy:.4f}" if last.test_accuracy is not None else "-",
+        "loss": f"{last.test_loss:.4f}" if last.test_loss is not None else "-",
         "elapsed_s": f"{last.elapsed_s:.1f}",
         "bytes_sent": str(sum(m.bytes_sent for m in rows)),
         "bytes_received": str(sum(m.bytes_received for m in rows)),
@@ -168,7 +124,7 @@ class PlainSummary:
     def round_completed(self, metrics: RoundMetrics) -> None:
         pass
 
-    def close(self, status: CoordinatorStatus, rows: list[RoundMetrics]) -> None:
+    def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         print(summary_line(rows), file=self._out, flush=True)
 
 
@@ -210,8 +166,8 @@ class LiveDisplay:
         if last is None:
             result = Text("no round completed yet")
         else:
-            loss = _loss(last)
-            result = Text(f"last round {last.round}: accuracy {_pct(_accuracy(last))}")
+            loss = last.test_loss
+            result = Text(f"last round {last.round}: accuracy {_pct(last.test_accuracy)}")
             if loss is not None:
                 result.append(f", loss {loss:.4f}")
             eps = epsilon_of(last)
@@ -229,7 +185,7 @@ class LiveDisplay:
     def round_completed(self, metrics: RoundMetrics) -> None:
         self._rows.append(metrics)
 
-    def close(self, status: CoordinatorStatus, rows: list[RoundMetrics]) -> None:
+    def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         self._live.stop()
         for handler, stream in self._restore:
             handler.setStream(stream)

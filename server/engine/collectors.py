@@ -1,4 +1,9 @@
-"""Collecting one round's results: tickets out, validated results folded in as they arrive."""
+"""Collecting one round's results: tickets out, validated results folded in as they arrive.
+
+Every collector implements :class:`~fedcore.server.state.registry.Collector`, the one
+interface the inbox calls: ``check_result`` on the envelope, ``accept`` with the validated
+result (and its update, for training), ``fail`` when a worker does not deliver.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,11 @@ import numpy as np
 
 from fedcore.compression import compressed_signature, decompress
 from fedcore.errors import ProtocolError
-from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator, WorkerInfo
+from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, signature_of
 
-from .registry import Ticket
+from ..state.registry import Ticket
 
 __all__ = ["EvaluateCollector", "FitCollector", "RoundCollector"]
 
@@ -31,6 +36,27 @@ class RoundCollector:
     closed: bool = False
     # How many tasks the round handed out (tickets are released when it closes).
     issued: int = 0
+
+    @property
+    def update_signature(self) -> ModelSignature | None:
+        """The signature updates must have; None: the model's own."""
+        return None
+
+    @property
+    def reported(self) -> int:
+        """Valid results received so far."""
+        return 0
+
+    def check_result(self, result: pb.TaskResult) -> None:
+        """Refuse a result whose envelope breaks the protocol. Default: any is fine."""
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
+        """Take one validated result (called by the inbox)."""
+        raise NotImplementedError
+
+    def add(self, ticket: Ticket) -> None:
+        """Track a ticket issued for this round."""
+        self.tickets.append(ticket)
 
     def fail(
         self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
@@ -71,9 +97,6 @@ class RoundCollector:
 class FitCollector(RoundCollector):
     """Folds each valid update into the strategy's aggregator the moment it arrives."""
 
-    #: The signature updates must have; None: the model's own.
-    update_signature: ModelSignature | None = None
-
     def check_result(self, result: pb.TaskResult) -> None:
         """Refuse a training result whose envelope breaks the protocol."""
         if result.num_examples < 1:
@@ -99,14 +122,27 @@ class FitCollector(RoundCollector):
         self.aggregator = aggregator
         self.global_weights = global_weights
         self.compression = compression
-        if compression != "none":
-            self.update_signature = compressed_signature(signature_of(global_weights), compression)
+        self._update_signature = (
+            compressed_signature(signature_of(global_weights), compression)
+            if compression != "none"
+            else None
+        )
         self.results: list[FitResult] = []
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
 
-    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights) -> None:
+    @property
+    def update_signature(self) -> ModelSignature | None:
+        return self._update_signature
+
+    @property
+    def reported(self) -> int:
+        return len(self.results)
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
         """Aggregate one validated update (called by the inbox, inside an upload slot)."""
-        async with self._lock:
+        if update is None:
+            raise ProtocolError("a training result must carry an update")
+        async with self.lock:
             if self.closed or ticket.stale or ticket.future.done():
                 log.info("discarding a late update from %r", ticket.session.name)
                 return
@@ -133,8 +169,18 @@ class EvaluateCollector(RoundCollector):
         super().__init__(round_number)
         self.results: list[EvaluateResult] = []
 
-    def accept(self, ticket: Ticket, worker: WorkerInfo, result: pb.TaskResult) -> None:
-        if self.closed or ticket.future.done():
+    @property
+    def reported(self) -> int:
+        return len(self.results)
+
+    def check_result(self, result: pb.TaskResult) -> None:
+        if result.HasField("update"):
+            raise ProtocolError("an evaluation result must not carry an update")
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
+        if self.closed or ticket.stale or ticket.future.done():
             return
-        self.results.append(EvaluateResult(worker, int(result.num_examples), dict(result.metrics)))
+        self.results.append(
+            EvaluateResult(ticket.session.info, int(result.num_examples), dict(result.metrics))
+        )
         ticket.resolve(True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fedcore.data.metadata import DatasetMetadata
 
-from .registry import WorkerSession
+from ..state.registry import WorkerSession
 
 __all__ = ["ConnectedWorker", "connected_workers", "format_roster"]
 

@@ -12,7 +12,13 @@ a round: they are never selected.
 
 A session is BUSY from the moment a task is assigned until its result (or error) arrives,
 even if the round that asked for it has already ended: a late result is then discarded and
-the worker becomes IDLE again, ready for the next round.
+the worker becomes IDLE again, ready for the next round. Every transition wakes whoever waits
+on the registry (:meth:`WorkerRegistry.wait_for_idle`), so a straggler that finishes after its
+round's deadline is available to the next round at once.
+
+A :class:`Ticket` is one task given to one worker; the round's :class:`Collector` takes its
+result. The collectors live in the round engine; this module only names what the transport
+calls on them.
 """
 
 from __future__ import annotations
@@ -23,22 +29,40 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.strategy import WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import ModelSignature, Weights
 
-from .payloads import WeightsPayload
-
-__all__ = ["Outgoing", "SessionState", "Ticket", "WorkerRegistry", "WorkerSession"]
+__all__ = [
+    "ChunkStream",
+    "Collector",
+    "Outgoing",
+    "SessionState",
+    "Ticket",
+    "WorkerRegistry",
+    "WorkerSession",
+]
 
 log = logging.getLogger("fedcore.server")
 
+
+class ChunkStream(Protocol):
+    """Weights to stream after a Task, serialized chunk by chunk as the stream sends them
+    (:class:`fedcore.server.transport.payloads.WeightsPayload`)."""
+
+    def messages(self) -> Iterator[bytes]:
+        """Serialized ``CoordinatorMessage(chunk=...)`` messages, in order."""
+        ...
+
+
 # What the writer of a stream sends: a message, bytes already serialized, weights to stream
 # as chunks, or None to end the stream.
-Outgoing = pb.CoordinatorMessage | bytes | WeightsPayload | None
+Outgoing = pb.CoordinatorMessage | bytes | ChunkStream | None
 # Queued to wake the writer when an urgent message is waiting; never written.
 _WAKE = b""
 
@@ -62,6 +86,33 @@ class IllegalTransition(RuntimeError):
     """A session was asked to make a move its state machine forbids (a bug, not bad input)."""
 
 
+class Collector(Protocol):
+    """Takes the results of one round's tickets (the round engine's collectors).
+
+    The inbox calls it for every result or error that arrives on a ticket it still holds;
+    ``update`` is None for results that carry no update (evaluation).
+    """
+
+    @property
+    def update_signature(self) -> ModelSignature | None:
+        """The signature an update must have (None: the model's own)."""
+        ...
+
+    def check_result(self, result: pb.TaskResult) -> None:
+        """Refuse a result whose envelope breaks the protocol (raises ProtocolError)."""
+        ...
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
+        """Take one validated result."""
+        ...
+
+    def fail(
+        self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
+    ) -> None:
+        """Record that ``ticket``'s worker did not deliver (``answered``: it said so itself)."""
+        ...
+
+
 @dataclass(eq=False)
 class Ticket:
     """One task given to one worker; resolved exactly once."""
@@ -73,8 +124,8 @@ class Ticket:
     future: asyncio.Future[object] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    # The round's collector (a FitCollector or EvaluateCollector) that takes the result.
-    collector: Any = None
+    # The round's collector that takes the result; None once the round has closed.
+    collector: Collector | None = None
     # Set when the round that asked for it has ended; its result will be dropped.
     stale: bool = False
 
@@ -93,6 +144,7 @@ class WorkerSession:
         peer: str,
         identity: str | None = None,
         require_tags: tuple[str, ...] = (),
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.name = hello.name
@@ -115,6 +167,7 @@ class WorkerSession:
         self.ticket: Ticket | None = None
         self.last_seen = time.monotonic()
         self.closed = asyncio.Event()
+        self._on_change = on_change
 
     @property
     def info(self) -> WorkerInfo:
@@ -131,6 +184,8 @@ class WorkerSession:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"worker {self.name!r}: {self.state.value} -> {new.value}")
         self.state = new
+        if self._on_change is not None:
+            self._on_change()
 
     def assign(self, ticket: Ticket) -> None:
         self.transition(SessionState.BUSY)
@@ -185,8 +240,9 @@ class WorkerRegistry:
         self.require_tags = require_tags
         self._sessions: dict[str, WorkerSession] = {}
         self._ids = itertools.count(1)
-        self._changed = asyncio.Condition()
-        self.changes = 0  # bumped whenever a worker joins or leaves
+        # Replaced by a fresh event at every change: set() wakes every waiter of the old one.
+        self._changed = asyncio.Event()
+        self.changes = 0  # bumped whenever a session changes state, joins or leaves
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -208,36 +264,38 @@ class WorkerRegistry:
         return [s for s in self._sessions.values() if s.state is SessionState.IDLE and s.selectable]
 
     def new_session(self, hello: pb.Hello, peer: str, identity: str | None = None) -> WorkerSession:
-        session = WorkerSession(f"w{next(self._ids)}", hello, peer, identity, self.require_tags)
+        session = WorkerSession(
+            f"w{next(self._ids)}", hello, peer, identity, self.require_tags, self.notify
+        )
         self._sessions[session.worker_id] = session
         return session
 
     async def activate(self, session: WorkerSession) -> None:
         session.transition(SessionState.IDLE)
-        await self.notify()
 
     async def remove(self, session: WorkerSession, reason: str) -> None:
         session.close(reason)
         if self._sessions.pop(session.worker_id, None) is not None:
             log.info("worker %r left (%s); %d connected", session.name, reason, len(self))
-        await self.notify()
+        self.notify()
 
-    async def notify(self) -> None:
+    def notify(self) -> None:
+        """Wake every waiter: a session changed state, joined or left."""
         self.changes += 1
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def wait_for_change(self, seen: int) -> None:
-        """Wait until ``changes`` differs from ``seen`` (a worker joined or left since)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.changes != seen)
+        """Wait until ``changes`` differs from ``seen`` (some session changed since)."""
+        while self.changes == seen:
+            await self._changed.wait()
 
     async def wait_for_idle(self, count: int, timeout: float | None) -> bool:
         """Wait until at least ``count`` workers are idle; False on timeout."""
 
         async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: len(self.idle()) >= count)
+            while len(self.idle()) < count:
+                await self._changed.wait()
 
         try:
             await asyncio.wait_for(wait(), timeout)

@@ -21,6 +21,7 @@ do not collide). Exported series, all prefixed ``fedcore_``:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from threading import Thread
 from typing import Any
 
@@ -28,8 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from fedcore.errors import ConfigError
 
-from .progress import CoordinatorStatus, epsilon_of
-from .reporting import RoundMetrics
+from .metrics import CoordinatorStatus, RoundMetrics
+from .progress import epsilon_of
 
 __all__ = ["PrometheusExporter"]
 
@@ -39,7 +40,7 @@ _DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 
 
 class PrometheusExporter:
-    """An :class:`~fedcore.server.progress.Observer` that serves the federation's metrics.
+    """A :class:`~.sink.Sink` that serves the federation's metrics.
 
     Args:
         host: address to bind (the coordinator's listen host).
@@ -112,10 +113,7 @@ class PrometheusExporter:
         self.round_duration.observe(metrics.duration_s)
         if metrics.failures:
             self.failures.inc(metrics.failures)
-        accuracy = metrics.accuracy if metrics.accuracy is not None else None
-        if accuracy is None:
-            accuracy = metrics.federated.get("accuracy")
-        loss = metrics.loss if metrics.loss is not None else metrics.federated.get("loss")
+        accuracy, loss = metrics.test_accuracy, metrics.test_loss
         if accuracy is not None:
             self.accuracy.set(accuracy)
         if loss is not None:
@@ -130,7 +128,7 @@ class PrometheusExporter:
                 )
             self.epsilon.set(eps)
 
-    def close(self, status: CoordinatorStatus, rows: list[RoundMetrics]) -> None:
+    def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         self.update(status)
         self._server.shutdown()
         self._server.server_close()

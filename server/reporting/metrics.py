@@ -1,11 +1,12 @@
 """Per-round metrics: a JSON line each in ``--metrics-out``, a table row on the console, and the
-final model in safetensors format."""
+final model in safetensors format; and :class:`CoordinatorStatus`, the progress snapshot."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -14,7 +15,7 @@ from safetensors.numpy import save_file
 
 from fedcore.weights import Weights
 
-__all__ = ["MetricsWriter", "RoundMetrics", "save_weights"]
+__all__ = ["CoordinatorStatus", "MetricsWriter", "RoundMetrics", "save_weights"]
 
 
 @dataclass
@@ -50,6 +51,16 @@ class RoundMetrics:
     delta: float | None = None
     privacy: dict[str, Any] | None = None
 
+    @property
+    def test_accuracy(self) -> float | None:
+        """Centralized test accuracy, else the federated evaluation's; None when neither ran."""
+        return self.accuracy if self.accuracy is not None else self.federated.get("accuracy")
+
+    @property
+    def test_loss(self) -> float | None:
+        """Centralized test loss, else the federated evaluation's; None when neither ran."""
+        return self.loss if self.loss is not None else self.federated.get("loss")
+
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         for optional in ("staleness", "epsilon", "delta", "privacy"):
@@ -64,8 +75,29 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+@dataclass(frozen=True)
+class CoordinatorStatus:
+    """A snapshot of a running federation."""
+
+    phase: str  # "waiting for workers", "training", "finished"
+    round: int  # the round in progress (the last one once finished); 0 before round 1
+    rounds: int
+    connected: int
+    training: int  # workers given this round's training task
+    reported: int  # valid results received so far this round
+    min_workers: int
+    bytes_sent: int
+    bytes_received: int
+    elapsed_s: float  # since round 1 started (0 before)
+    last: RoundMetrics | None  # the last completed (and evaluated) round
+    # Rounds whose global model exists, counted when aggregated (their evaluation may still
+    # be running: it overlaps the next round).
+    rounds_completed: int = 0
+
+
 class MetricsWriter:
-    """Writes each round as it completes: JSONL to a file (flushed), a table row to ``out``."""
+    """A :class:`~.sink.Sink` that writes each round as it completes: JSONL to a file
+    (flushed), a table row to ``out``."""
 
     _COLUMNS = (
         "round",
@@ -83,20 +115,20 @@ class MetricsWriter:
         self._file = path.open("w", encoding="utf-8") if path else None
         self._out = out
         self._header_printed = False
-        self.rows: list[RoundMetrics] = []
 
-    def restore(self, rows: list[RoundMetrics]) -> None:
+    def restore(self, rows: Sequence[RoundMetrics]) -> None:
         """Start from the rows of a checkpoint (``--resume``): the file is rewritten with
         them, so a round that ran after the checkpoint is not counted twice."""
         for row in rows:
-            self.rows.append(row)
             if self._file is not None:
                 self._file.write(json.dumps(row.to_json()) + "\n")
         if self._file is not None:
             self._file.flush()
 
-    def write(self, metrics: RoundMetrics) -> None:
-        self.rows.append(metrics)
+    def update(self, status: CoordinatorStatus) -> None:
+        pass
+
+    def round_completed(self, metrics: RoundMetrics) -> None:
         if self._file is not None:
             self._file.write(json.dumps(metrics.to_json()) + "\n")
             self._file.flush()
@@ -122,7 +154,7 @@ class MetricsWriter:
         ]
         print("".join(f"{c:>11}" for c in cells), file=self._out, flush=True)
 
-    def close(self) -> None:
+    def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -2,8 +2,8 @@
 
 gRPC reads a bare host as ``HOST:443`` and turns ``SO_REUSEPORT`` on by default, so a second
 coordinator on a busy port starts "successfully" and the kernel splits the workers between
-the two. Here an address must name its port, the gRPC server is created with
-:data:`EXCLUSIVE_BIND` and a bind failure says why and what to do.
+the two. Here the gRPC server is created with :data:`EXCLUSIVE_BIND`, and a bind failure
+says why and what to do (:func:`~..state.config.split_listen` makes an address name its port).
 """
 
 from __future__ import annotations
@@ -14,21 +14,12 @@ from typing import Final
 
 from fedcore.errors import ConfigError
 
-__all__ = ["EXCLUSIVE_BIND", "bind_failure", "split_listen"]
+from ..state.config import split_listen
+
+__all__ = ["EXCLUSIVE_BIND", "bind_failure"]
 
 #: gRPC server option: never share a listening port with another process (or server).
 EXCLUSIVE_BIND: Final = ("grpc.so_reuseport", 0)
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT`` too) as host and port; a missing or bad port is an error
-    (gRPC would silently use 443)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or host.endswith(":") or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            f"--listen {listen!r} needs HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)"
-        )
-    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def bind_failure(listen: str, detail: str) -> ConfigError:

@@ -29,12 +29,11 @@ from fedcore.protocol import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
+from ..state.config import ServerConfig
+from ..state.registry import WorkerRegistry, WorkerSession
 from .auth import Authenticator
-from .config import ServerConfig
 from .inbox import Inbox, SecAggRoute
 from .listen import EXCLUSIVE_BIND, bind_failure
-from .payloads import WeightsPayload
-from .registry import WorkerRegistry, WorkerSession
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 
@@ -249,7 +248,7 @@ class CoordinatorService:
                 item = await session.next_outgoing()
                 if item is None:
                     break
-                if isinstance(item, WeightsPayload):
+                if not isinstance(item, pb.CoordinatorMessage | bytes):
                     for message in item.messages():
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:

@@ -28,8 +28,8 @@ from fedcore.strategy import FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, TensorSignature, Weights, signature_of
 
-from .registry import SessionState, Ticket, WorkerSession
-from .rounds import FitCollector
+from ..state.registry import SessionState, Ticket, WorkerSession
+from .collectors import FitCollector
 
 __all__ = ["MASKED_TENSOR", "SecAggCollector"]
 
@@ -76,7 +76,7 @@ class SecAggCollector(FitCollector):
             self.setup, n, self._words + COUNT_WORDS, degree=params.degree(n)
         )
         fp = self.setup.fixed_point
-        self.update_signature = (
+        self._masked_signature: ModelSignature = (
             TensorSignature(MASKED_TENSOR, fp.dtype.name, (self._words + COUNT_WORDS,)),
         )
         self._metrics: dict[int, dict[str, float]] = {}
@@ -86,11 +86,17 @@ class SecAggCollector(FitCollector):
 
     # ------------------------------------------------------------------ wire in
 
+    @property
+    def update_signature(self) -> ModelSignature | None:
+        return self._masked_signature
+
     def setup_proto(self) -> pb.SecAggSetup:
         return wire.setup_to_proto(self.setup)
 
-    def attach(self, ticket: Ticket) -> None:
-        """Wake the phase loop when a worker's ticket resolves (result, error, disconnect)."""
+    def add(self, ticket: Ticket) -> None:
+        """Track a ticket, and wake the phase loop when it resolves (result, error,
+        disconnect)."""
+        super().add(ticket)
         ticket.future.add_done_callback(lambda _: self._changed.set())
 
     def check_result(self, result: pb.TaskResult) -> None:
@@ -131,9 +137,11 @@ class SecAggCollector(FitCollector):
             raise ProtocolError(f"secure aggregation: {exc}") from None
         self._changed.set()
 
-    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights) -> None:
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
         """Fold a masked input into the running sum (phase 3)."""
-        async with self._lock:
+        if update is None:
+            raise ProtocolError("a masked input must carry an update")
+        async with self.lock:
             index = self._index[ticket.session.worker_id]
             if self.server.state is not ServerState.INPUTS or ticket.future.done():
                 self.fail(ticket, "masked input arrived outside of phase 3")
@@ -231,7 +239,7 @@ class SecAggCollector(FitCollector):
         t3 = time.perf_counter()
         u2 = sorted(inboxes)
         await self._until(lambda i: i in server.u3, u2, round_deadline)
-        async with self._lock:
+        async with self.lock:
             if len(server.u3) < self.needed:
                 server.abort(
                     f"{len(server.u3)} masked input(s) arrived, {self.needed} needed "

@@ -3,14 +3,12 @@
 Every free worker is given the newest global model at once; its result is folded into the
 strategy's aggregator the moment it arrives, rebased onto the current global model and
 tagged with its staleness (global updates since the model it trained from). As soon as the
-aggregator holds ``buffer_size`` results the strategy turns them into the next global model.
-Results older than ``max_staleness`` are dropped. A "round" is one global update: the
-coordinator stops after ``--rounds`` of them, and writes one metrics line for each.
+aggregator holds ``buffer_size`` results the engine turns them into the next global model;
+results arriving meanwhile wait for the new buffer. Results older than ``max_staleness`` are
+dropped. A "round" is one global update: the federation stops after ``--rounds`` of them, and
+writes one metrics line for each.
 
-It reuses the synchronous machinery: tickets and the upload path of the inbox (through a
-:class:`~.rounds.FitCollector` subclass), weight encoding and task issuing of the
-coordinator, and its reporting. Federated evaluation does not run in this mode (workers are
-never idle); use ``--eval-data``.
+Federated evaluation does not run in this mode (workers are never idle); use ``--eval-data``.
 """
 
 from __future__ import annotations
@@ -18,24 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from fedcore.errors import ConfigError, RoundFailedError
+from fedcore.errors import ProtocolError, RoundFailedError
 from fedcore.strategy import AsyncSettings, Failure, FitResult, UpdateAggregator, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
-from .payloads import WeightsPayload
-from .registry import Ticket
-from .reporting import MetricsWriter, RoundMetrics
-from .rounds import FitCollector
+from ..reporting.metrics import RoundMetrics
+from ..state.registry import Ticket
+from ..transport.payloads import WeightsPayload
+from .collectors import FitCollector
+from .context import RoundContext
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
-
-__all__ = ["AsyncRounds"]
+__all__ = ["FedBuffEngine"]
 
 log = logging.getLogger("fedcore.server")
 
@@ -43,35 +38,64 @@ _STALE = "stale"  # a ticket resolved with this carried a result past the maximu
 
 
 class BufferCollector(FitCollector):
-    """Takes results trained from any model version into the current buffer."""
+    """Takes results trained from any model version into the current buffer.
 
-    def __init__(self, rounds: AsyncRounds, aggregator: UpdateAggregator) -> None:
-        super().__init__(0, aggregator, rounds.coordinator.weights)
-        self.rounds = rounds
+    It only folds results in: when the buffer is full it closes (``full`` is set) until the
+    engine has made the next global model and :meth:`refill` s it.
+    """
 
-    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights) -> None:
-        async with self._lock:
+    def __init__(self, engine: FedBuffEngine, aggregator: UpdateAggregator) -> None:
+        super().__init__(0, aggregator, engine.context.weights)
+        self.engine = engine
+        self.full = asyncio.Event()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def refill(self, aggregator: UpdateAggregator, global_weights: Weights) -> None:
+        """Start the next buffer against the new global model."""
+        self.aggregator = aggregator
+        self.global_weights = global_weights
+        self.results = []
+        self.full.clear()
+        self._open.set()
+
+    def shut(self) -> None:
+        """Take no more results (the federation is over)."""
+        self.closed = True
+        self._open.set()  # results waiting for a buffer are discarded
+
+    async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
+        if update is None:
+            raise ProtocolError("a training result must carry an update")
+        async with self.lock:
+            # A full buffer waits for the engine's next model (the lock keeps the others out).
+            await self._open.wait()
             if self.closed or ticket.stale or ticket.future.done():
                 log.info("discarding a late update from %r", ticket.session.name)
                 return
-            rounds = self.rounds
+            engine = self.engine
             base_version = ticket.round_number - 1
-            staleness = rounds.version - base_version
-            if staleness > rounds.settings.max_staleness:
+            staleness = engine.version - base_version
+            if staleness > engine.settings.max_staleness:
                 log.info(
                     "dropping an update from %r: staleness %d > %d",
                     ticket.session.name,
                     staleness,
-                    rounds.settings.max_staleness,
+                    engine.settings.max_staleness,
                 )
                 ticket.resolve(_STALE)
                 return
-            current = rounds.coordinator.weights
             base = (
-                None if result.update_kind == pb.UPDATE_KIND_DELTA else rounds.bases[base_version]
+                None if result.update_kind == pb.UPDATE_KIND_DELTA else engine.bases[base_version]
             )
             await asyncio.to_thread(
-                _rebase, update, current, base, self.aggregator, int(result.num_examples), staleness
+                _rebase,
+                update,
+                self.global_weights,
+                base,
+                self.aggregator,
+                int(result.num_examples),
+                staleness,
             )
             self.results.append(
                 FitResult(
@@ -81,11 +105,20 @@ class BufferCollector(FitCollector):
                     staleness=staleness,
                 )
             )
-            # Apply before resolving: the loop hands this worker its next task as soon as
-            # the ticket resolves, and that task must carry the new model.
-            if self.aggregator.count >= rounds.settings.buffer_size:
-                await rounds.apply()
+            if self.aggregator.count >= engine.settings.buffer_size:
+                # Closed before resolving: the engine makes the next model before it hands
+                # this worker its next task, and no result lands in a full buffer.
+                self._open.clear()
+                self.full.set()
             ticket.resolve(True)
+
+
+async def _until_set(event: asyncio.Event) -> None:
+    await event.wait()
+
+
+async def _any_done(tickets: list[Ticket]) -> None:
+    await asyncio.wait([t.future for t in tickets], return_when=asyncio.FIRST_COMPLETED)
 
 
 def _rebase(
@@ -109,19 +142,17 @@ def _rebase(
     aggregator.add(update, num_examples, staleness=staleness)
 
 
-class AsyncRounds:
+class FedBuffEngine:
     """Runs the federation asynchronously until ``config.rounds`` global updates are made."""
 
-    def __init__(
-        self, coordinator: Coordinator, writer: MetricsWriter, settings: AsyncSettings
-    ) -> None:
-        self.coordinator = coordinator
+    def __init__(self, context: RoundContext, settings: AsyncSettings) -> None:
+        self.context = context
         self.settings = settings
-        self.writer = writer
         self.version = 0  # global updates made so far
-        self.bases: dict[int, Weights] = {0: coordinator.weights}
-        strategy = coordinator.strategy
-        self.collector = BufferCollector(self, strategy.start_aggregation(1, coordinator.weights))
+        self.bases: dict[int, Weights] = {0: context.weights}
+        self.collector = BufferCollector(
+            self, context.strategy.start_aggregation(1, context.weights)
+        )
         self.in_flight: dict[Ticket, float] = {}  # ticket -> deadline
         self.failures: list[Failure] = []
         self.dropped = 0
@@ -129,35 +160,41 @@ class AsyncRounds:
         # until the global model changes (a refusal would otherwise come straight back).
         self.refused_at: dict[str, int] = {}
         self._encoded: tuple[int, WeightsPayload] | None = None
-        self._report: asyncio.Task[None] | None = None
         self._update_started = time.perf_counter()
-        counters = coordinator.service.counters
+        counters = context.counters
         self._bytes = (counters.bytes_sent, counters.bytes_received)
 
     @property
     def finished(self) -> bool:
-        c = self.coordinator
-        return self.version >= c.config.rounds or c._end_requested
+        return self.version >= self.context.config.rounds or self.context.end_requested
 
     async def run(self) -> None:
-        c = self.coordinator
-        patience = c.config.round_timeout * (c.config.round_retries + 1)
+        ctx = self.context
+        ctx.collector = self.collector
+        patience = ctx.config.round_timeout * (ctx.config.round_retries + 1)
         last_progress = time.perf_counter()
         try:
             while not self.finished:
-                seen = c.registry.changes
+                ctx.round = self.version + 1
+                seen = ctx.registry.changes
                 self._dispatch_idle()
-                waiter = asyncio.create_task(c.registry.wait_for_change(seen))
                 now = time.perf_counter()
                 next_deadline = min(self.in_flight.values(), default=now + patience)
+                wakers = [
+                    asyncio.create_task(ctx.registry.wait_for_change(seen)),
+                    asyncio.create_task(_until_set(self.collector.full)),
+                ]
+                if self.in_flight:
+                    wakers.append(asyncio.create_task(_any_done(list(self.in_flight))))
                 try:
                     await asyncio.wait(
-                        [waiter, *(cast(asyncio.Future[Any], t.future) for t in self.in_flight)],
+                        wakers,
                         timeout=max(0.0, next_deadline - now),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
-                    waiter.cancel()
+                    for waker in wakers:
+                        waker.cancel()
                 if self._settle():
                     last_progress = time.perf_counter()
                 elif time.perf_counter() - last_progress > patience:
@@ -165,47 +202,35 @@ class AsyncRounds:
                         f"no worker delivered a result for {patience:g} s (update "
                         f"{self.version + 1}); start more workers or raise --round-timeout"
                     )
+                if self.collector.full.is_set():
+                    await self._apply()
         finally:
-            self.collector.closed = True
+            self.collector.shut()
             for ticket in self.in_flight:
                 ticket.stale = True
-            if self._report is not None:
-                await self._report
+            await ctx.reports.drain()
 
     def _dispatch_idle(self) -> None:
-        c = self.coordinator
+        ctx = self.context
         idle = {
             s.worker_id: s
-            for s in c.registry.idle()
+            for s in ctx.registry.idle()
             if self.refused_at.get(s.worker_id) != self.version
         }
         if not idle:
             return
-        instructions = c.strategy.configure_fit(
-            self.version + 1, [s.info for s in idle.values()], c.config.train
+        instructions = ctx.strategy.configure_fit(
+            self.version + 1, [s.info for s in idle.values()], ctx.config.train
         )
         if self._encoded is None or self._encoded[0] != self.version:
-            self._encoded = (self.version, WeightsPayload(c.weights, c.config.chunk_bytes))
+            self._encoded = (self.version, ctx.payload())
         payload = self._encoded[1]
-        model = c.config.model.to_proto()
-        deadline = time.perf_counter() + c.config.round_timeout
-        for instruction in instructions:
-            session = idle.get(instruction.worker.worker_id)
-            if session is None:
-                raise ConfigError(
-                    f"strategy selected unknown or busy worker {instruction.worker.name!r}"
-                )
-            task = pb.Task(
-                round=self.version + 1,
-                kind=pb.TASK_KIND_FIT,
-                model=model,
-                train=instruction.config.to_proto(),
-                weights=payload.header,
-            )
-            c._issue(session, self.collector, task, payload)
-            self.in_flight[self.collector.tickets[-1]] = deadline
-        self.bases[self.version] = c.weights
-        self.collector.tickets.clear()  # tracked in in_flight instead
+        deadline = time.perf_counter() + ctx.config.round_timeout
+        selected = ctx.select([i.worker for i in instructions], idle)
+        for instruction, session in zip(instructions, selected, strict=True):
+            task = ctx.fit_task(self.version + 1, instruction, payload)
+            self.in_flight[ctx.issue(session, self.collector, task, payload)] = deadline
+        self.bases[self.version] = ctx.weights
 
     def _settle(self) -> bool:
         """Retire answered and overdue tickets; True when some worker answered."""
@@ -237,19 +262,17 @@ class AsyncRounds:
         self.bases = {v: w for v, w in self.bases.items() if v in live}
         return answered
 
-    async def apply(self) -> None:
-        """Turn the full buffer into the next global model (called under the collector's
-        lock, so no result is folded in meanwhile)."""
-        c = self.coordinator
-        results = self.collector.results
-        aggregate = await asyncio.to_thread(self.collector.aggregator.result)
+    async def _apply(self) -> None:
+        """Turn the full buffer into the next global model and open the next buffer."""
+        ctx = self.context
+        collector = self.collector
+        results = collector.results
+        aggregate = await asyncio.to_thread(collector.aggregator.result)
         self.version += 1
-        c.weights = c.strategy.aggregate_fit(
-            self.version, c.weights, aggregate, results, self.failures
-        )
+        weights = ctx.apply(self.version, aggregate, results, self.failures)
         applied = time.perf_counter()
         staleness = [r.staleness for r in results]
-        counters = c.service.counters
+        counters = ctx.counters
         metrics = RoundMetrics(
             round=self.version,
             workers=len(results),
@@ -273,25 +296,11 @@ class AsyncRounds:
             max(staleness),
         )
         self._bytes = (counters.bytes_sent, counters.bytes_received)
-        self._chain_report(metrics, c.weights, self._update_started, applied)
+        ctx.reports.submit(metrics, weights, self._update_started, applied)
         self._update_started = applied
         self.failures, self.dropped = [], 0
-        self.collector.results = []
-        self.collector.aggregator = c.strategy.start_aggregation(self.version + 1, c.weights)
-        self.collector.global_weights = c.weights
-        self.bases[self.version] = c.weights
+        self.bases[self.version] = weights
         if self.finished:
-            self.collector.closed = True
-
-    def _chain_report(
-        self, metrics: RoundMetrics, weights: Weights, started: float, applied: float
-    ) -> None:
-        """Evaluate and write one update's metrics after the previous update's."""
-        previous = self._report
-
-        async def report() -> None:
-            if previous is not None:
-                await previous
-            await self.coordinator._report(self.writer, metrics, weights, started, applied)
-
-        self._report = asyncio.create_task(report())
+            collector.shut()
+        else:
+            collector.refill(ctx.strategy.start_aggregation(self.version + 1, weights), weights)

@@ -1,0 +1,150 @@
+"""What a round engine works with: the round context.
+
+The coordinator builds one :class:`RoundContext` per federation and hands it to an engine
+(:class:`~.sync.SyncEngine` or :class:`~.fedbuff.FedBuffEngine`). It holds the global model,
+which changes only through :meth:`RoundContext.apply`, the strategy, the registry of workers,
+the traffic counters, the round in progress with its collector, and the report pipeline
+(whose ``end_requested`` says the strategy asked to stop). Engines use nothing else of the
+coordinator, and the coordinator reads the progress of a round from here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+
+from fedcore.compression import EXTRA_KEY, scheme_code
+from fedcore.errors import ConfigError
+from fedcore.strategy import Failure, FitInstruction, FitResult, Strategy, WorkerInfo
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights
+
+from ..state.config import ServerConfig
+from ..state.registry import Collector, Ticket, WorkerRegistry, WorkerSession
+from ..transport.inbox import SecAggRoute
+from ..transport.payloads import WeightsPayload
+from ..transport.service import CoordinatorService, TrafficCounters
+from .collectors import RoundCollector
+from .reports import ReportPipeline
+
+__all__ = ["RoundContext"]
+
+
+class RoundContext:
+    """The state rounds share: global model, strategy, workers, counters, round, reports."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        strategy: Strategy,
+        weights: Weights,
+        service: CoordinatorService,
+        reports: ReportPipeline,
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.registry: WorkerRegistry = service.registry
+        self.reports = reports
+        self._service = service
+        self._weights = weights
+        #: The round (or, asynchronously, the global update) in progress; 0 before round 1.
+        self.round = 0
+        #: The collector of the round in progress (for progress displays).
+        self.collector: RoundCollector | None = None
+        #: The last round (or global update) whose model exists; its report may be pending.
+        self.rounds_completed = 0
+
+    @property
+    def weights(self) -> Weights:
+        """The global model (replaced, never modified in place)."""
+        return self._weights
+
+    @property
+    def counters(self) -> TrafficCounters:
+        """Bytes sent and received on all streams so far."""
+        return self._service.counters
+
+    @property
+    def end_requested(self) -> bool:
+        """Whether the strategy's ``on_round_end`` asked to end the federation."""
+        return self.reports.end_requested
+
+    def apply(
+        self,
+        round_number: int,
+        aggregate: Weights,
+        results: Sequence[FitResult],
+        failures: Sequence[Failure],
+    ) -> Weights:
+        """Make the strategy's next global model from a round's aggregate: the one place the
+        global model changes."""
+        self._weights = self.strategy.aggregate_fit(
+            round_number, self._weights, aggregate, results, failures
+        )
+        self.rounds_completed = round_number
+        return self._weights
+
+    def route_secagg(self, handler: SecAggRoute | None) -> None:
+        """Send secure-aggregation messages to ``handler`` (None: drop them)."""
+        self._service.secagg_handler = handler
+
+    def payload(self) -> WeightsPayload:
+        """The global model as a chunk stream to send after a Task."""
+        return WeightsPayload(self._weights, self.config.chunk_bytes)
+
+    def select(
+        self, chosen: Sequence[WorkerInfo], idle: Mapping[str, WorkerSession]
+    ) -> list[WorkerSession]:
+        """The sessions of the workers a strategy ``chosen`` among ``idle``."""
+        selected: list[WorkerSession] = []
+        for worker in chosen:
+            session = idle.get(worker.worker_id)
+            if session is None:
+                raise ConfigError(f"strategy selected unknown or busy worker {worker.name!r}")
+            selected.append(session)
+        return selected
+
+    def fit_task(
+        self,
+        round_number: int,
+        instruction: FitInstruction,
+        payload: WeightsPayload,
+        secagg: pb.SecAggSetup | None = None,
+    ) -> pb.Task:
+        """The training plan of one worker."""
+        train = instruction.config.to_proto()
+        if self.config.compression != "none":
+            train.extra[EXTRA_KEY] = scheme_code(self.config.compression)
+        return pb.Task(
+            round=round_number,
+            kind=pb.TASK_KIND_FIT,
+            model=self.config.model.to_proto(),
+            train=train,
+            weights=payload.header,
+            secagg=secagg,
+        )
+
+    def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
+        """The federated evaluation plan of one worker."""
+        return pb.Task(
+            round=round_number,
+            kind=pb.TASK_KIND_EVALUATE,
+            model=self.config.model.to_proto(),
+            weights=payload.header,
+        )
+
+    def issue(
+        self,
+        session: WorkerSession,
+        collector: Collector,
+        task: pb.Task,
+        payload: WeightsPayload,
+    ) -> Ticket:
+        """Give ``task`` to ``session``: a ticket for ``collector``, then the plan and its
+        weights on the worker's stream."""
+        task.task_id = uuid.uuid4().hex
+        ticket = Ticket(task.task_id, task.round, task.kind, session, collector=collector)
+        session.assign(ticket)
+        session.send(pb.CoordinatorMessage(task=task))
+        session.send(payload)
+        return ticket

@@ -1,0 +1,216 @@
+"""Synchronous rounds: the round loop, read top-down.
+
+A round sends each selected worker a plan (a Task whose weights follow as chunks), folds valid
+updates into the strategy's aggregator as they arrive, and completes when every worker answered
+or the round timeout passed. With fewer than ``--min-results`` results the round is retried (at
+most ``--round-retries`` times); the global model only ever changes from a completed round. The
+previous round's centralized evaluation (the report pipeline) overlaps the next round's training,
+except for a strategy that may end the federation after a round: it sees each round's
+evaluation before the next round starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+
+from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
+from fedcore.privacy import ClientDP
+from fedcore.strategy import weighted_metrics
+from fedcore.v1 import fedcore_pb2 as pb
+
+from ..reporting.metrics import RoundMetrics
+from ..state.privacy import privacy_metrics, public_train_metrics
+from .collectors import EvaluateCollector, FitCollector
+from .context import RoundContext
+from .secagg import SecAggCollector
+
+__all__ = ["SyncEngine"]
+
+log = logging.getLogger("fedcore.server")
+
+
+class SyncEngine:
+    """Runs rounds ``first_round..config.rounds`` one after another."""
+
+    def __init__(self, context: RoundContext) -> None:
+        self.context = context
+
+    async def run(self, first_round: int) -> None:
+        ctx, cfg = self.context, self.context.config
+        reports = ctx.reports
+        for round_number in range(first_round, cfg.rounds + 1):
+            ctx.round = round_number
+            if ctx.strategy.may_stop_early:
+                await reports.drain()
+            if ctx.end_requested:
+                log.info("the strategy ended the federation after round %d", round_number - 1)
+                break
+            started = time.perf_counter()
+            sent0, received0 = ctx.counters.bytes_sent, ctx.counters.bytes_received
+            try:
+                collector, attempts = await self._fit_with_retries(round_number)
+            except PrivacyBudgetExhausted as exc:
+                log.warning("privacy budget reached: %s", exc)
+                break
+            federated: dict[str, float] = {}
+            every = cfg.federated_eval_every
+            if every and (round_number % every == 0 or round_number == cfg.rounds):
+                federated = await self._federated_evaluate(round_number)
+            metrics = RoundMetrics(
+                round=round_number,
+                workers=len(collector.results),
+                failures=len(collector.failures),
+                duration_s=0.0,
+                bytes_sent=ctx.counters.bytes_sent - sent0,
+                bytes_received=ctx.counters.bytes_received - received0,
+                attempts=attempts,
+                train=weighted_metrics(public_train_metrics(collector.results)),
+                federated=federated,
+                refused={f.worker.name: f.reason for f in collector.failures if f.refused},
+            )
+            privacy = privacy_metrics(ctx.strategy, collector.results)
+            if privacy is not None:
+                metrics.privacy = privacy
+                if "epsilon" in privacy:
+                    metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
+            reports.submit(metrics, ctx.weights, started)
+        await reports.drain()
+
+    async def _fit_with_retries(self, round_number: int) -> tuple[FitCollector, int]:
+        """One training round, retried while too few valid results arrive."""
+        ctx, cfg = self.context, self.context.config
+        needed = cfg.results_needed
+        for attempt in range(1, cfg.round_retries + 2):
+            if not await ctx.registry.wait_for_idle(needed, cfg.round_timeout):
+                log.warning(
+                    "round %d: fewer than %d worker%s ready",
+                    round_number,
+                    needed,
+                    "s are" if needed > 1 else " is",
+                )
+                await ctx.reports.drain()
+                continue
+            collector = self._dispatch_fit(round_number)
+            # The previous round's report runs meanwhile: a collector that drives phases
+            # itself (secure aggregation) must not wait behind it.
+            try:
+                await self._collect(collector)
+            finally:
+                ctx.route_secagg(None)
+            # A strategy that samples fewer workers than --min-results needs all of them.
+            needed_now = min(needed, collector.issued)
+            for failure in collector.failures:
+                if not failure.answered:  # the inbox logged the worker's own answer already
+                    log.warning(
+                        "round %d: worker %r dropped: %s",
+                        round_number,
+                        failure.worker.name,
+                        failure.reason,
+                    )
+            if len(collector.results) >= needed_now:
+                aggregate = collector.aggregator.result()
+                ctx.apply(round_number, aggregate, collector.results, collector.failures)
+                return collector, attempt
+            log.warning(
+                "round %d attempt %d: %d valid result(s), %d needed; the global model is unchanged",
+                round_number,
+                attempt,
+                len(collector.results),
+                needed_now,
+            )
+            accounted = len(collector.results) + len(collector.failures) == collector.issued
+            if collector.failures and accounted and all(f.answered for f in collector.failures):
+                # Every missing worker answered with a failure of this very plan (a refusal,
+                # training that diverged): the same plan on the same weights fails again.
+                await ctx.reports.drain()
+                answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
+                raise RoundFailedError(
+                    f"round {round_number} cannot succeed: {len(collector.results)} valid "
+                    f"result(s) of {needed_now} needed, and the other workers reported failures "
+                    f"that a retry of the same plan would repeat ({answers})"
+                )
+        await ctx.reports.drain()
+        attempts = cfg.round_retries + 1
+        raise RoundFailedError(
+            f"round {round_number} failed {attempts} time{'s' if attempts > 1 else ''}: fewer "
+            f"than {needed} worker{'s' if needed > 1 else ''} delivered valid results; see the "
+            "warnings above"
+        )
+
+    async def _collect(self, collector: FitCollector) -> None:
+        """Wait for the round's results while the previous round's report completes."""
+        waiting = asyncio.create_task(collector.wait(self.context.config.round_timeout))
+        try:
+            await self.context.reports.drain()
+            await waiting
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+
+    def _dispatch_fit(self, round_number: int) -> FitCollector:
+        """Ask the strategy who trains, and send each of them the plan and the model."""
+        ctx, cfg = self.context, self.context.config
+        idle = {s.worker_id: s for s in ctx.registry.idle()}
+        instructions = ctx.strategy.configure_fit(
+            round_number, [s.info for s in idle.values()], cfg.train
+        )
+        if not instructions:
+            raise ConfigError(f"strategy selected no workers for round {round_number}")
+        selected = ctx.select([i.worker for i in instructions], idle)
+        payload = ctx.payload()
+        aggregator = ctx.strategy.start_aggregation(round_number, ctx.weights)
+        collector: FitCollector
+        setup: pb.SecAggSetup | None = None
+        if cfg.secagg is not None:
+            params, weight_norm = cfg.secagg, None
+            dp = ClientDP.from_extra(instructions[0].config.extra)
+            if dp is not None:
+                # Every worker sends weight 1; each coordinate of a clipped, noised update must
+                # fit the fixed-point range untouched (clipping a noise share would remove noise).
+                weight_norm = 1.0
+                span = dp.clip_norm + 8 * dp.noise_std
+                if params.clip < span:
+                    params = replace(params, clip=span)
+            secure = SecAggCollector(
+                round_number,
+                aggregator,
+                ctx.weights,
+                params,
+                selected,
+                cfg.results_needed,
+                weight_norm=weight_norm,
+            )
+            setup = secure.setup_proto()
+            ctx.route_secagg(secure.on_message)
+            collector = secure
+        else:
+            collector = FitCollector(
+                round_number, aggregator, ctx.weights, compression=cfg.compression
+            )
+        ctx.collector = collector
+        for instruction, session in zip(instructions, selected, strict=True):
+            task = ctx.fit_task(round_number, instruction, payload, setup)
+            collector.add(ctx.issue(session, collector, task, payload))
+        log.info("round %d: %d worker(s) training", round_number, len(instructions))
+        return collector
+
+    async def _federated_evaluate(self, round_number: int) -> dict[str, float]:
+        """Evaluate the new global model on the idle workers' data, when the strategy asks."""
+        ctx = self.context
+        idle = {s.worker_id: s for s in ctx.registry.idle()}
+        chosen = ctx.strategy.configure_evaluate(round_number, [s.info for s in idle.values()])
+        if not chosen:
+            return {}
+        payload = ctx.payload()
+        collector = EvaluateCollector(round_number)
+        for session in ctx.select(chosen, idle):
+            task = ctx.evaluate_task(round_number, payload)
+            collector.add(ctx.issue(session, collector, task, payload))
+        await collector.wait(ctx.config.round_timeout)
+        return ctx.strategy.aggregate_evaluate(round_number, collector.results)
