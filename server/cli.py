@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--listen",
         default="127.0.0.1:50051",
-        help="address to serve on; port 0 picks a free port (default: %(default)s)",
+        metavar="HOST:PORT",
+        help="address to serve on, port included (0 picks a free one); a port another process "
+        "holds is refused (default: %(default)s)",
     )
     g.add_argument(
         "--model",

@@ -299,12 +299,16 @@ class Worker:
         if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
+        heartbeats = asyncio.create_task(
+            self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
+        )
         if welcome.HasField("model"):
             # Data that cannot fit the federation's model ends this worker before any task.
             try:
                 model = ModelSpec.from_proto(welcome.model)
                 await asyncio.to_thread(self.trainer.check_data, model)
             except DataError:
+                heartbeats.cancel()
                 call.cancel()
                 self._move(WorkerState.DISCONNECTED)
                 raise
@@ -313,9 +317,6 @@ class Worker:
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
-        heartbeats = asyncio.create_task(
-            self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
-        )
         jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:

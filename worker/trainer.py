@@ -175,8 +175,11 @@ class TorchTrainer(Trainer):
 
     def check_data(self, model: ModelSpec) -> None:
         """The training and evaluation sets must fit ``model``. Only models this worker may
-        build without a plan are probed: registered ones and its own ``--model``."""
-        self._wait_for_warm_up()
+        build without a plan are probed: registered ones and its own ``--model``.
+
+        It does not wait for the warm-up thread: a forward pass without gradients imports
+        none of the optimizer stack the warm-up loads, and waiting here would hold the
+        worker's first task for the seconds the warm-up takes on a busy machine."""
         self._check_data(model)
 
     def _check_data(self, model: ModelSpec) -> None:
