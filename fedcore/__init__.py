@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # First: gRPC reads its log verbosity when it is imported (see fedcore.grpc_env).
 import fedcore.grpc_env  # noqa: F401
+from fedcore.analytics.client import connect
 from fedcore.errors import (
     ConfigError,
     DataError,
@@ -84,6 +85,7 @@ __all__ = [
     "__version__",
     "available_models",
     "build_model",
+    "connect",
     "get_weights",
     "load_strategy",
     "register_model",

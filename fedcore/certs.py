@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedcore.enrollment import write_atomically
 from fedcore.errors import ConfigError
 
-__all__ = ["CertificateAuthority", "Issued"]
+__all__ = ["CertificateAuthority", "Issued", "fingerprint_of_pem"]
 
 _VALIDITY = datetime.timedelta(days=825)
 
@@ -44,6 +44,11 @@ class Issued:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the certificate's DER encoding, hex (what enrollment pins)."""
+        return self.cert.fingerprint(hashes.SHA256()).hex()
+
+    @property
     def key_pem(self) -> bytes:
         return self.key.private_bytes(
             serialization.Encoding.PEM,
@@ -54,6 +59,16 @@ class Issued:
     def write(self, cert_path: Path, key_path: Path) -> None:
         write_atomically(cert_path, self.cert_pem, mode=0o644)
         write_atomically(key_path, self.key_pem, mode=0o600)
+
+
+def fingerprint_of_pem(pem: bytes) -> str:
+    """SHA-256 (hex) of the DER encoding of a PEM certificate; :class:`ConfigError` if it is
+    not one."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}") from None
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _name(common_name: str) -> x509.Name:

@@ -6,6 +6,7 @@ See :mod:`fedcore.certs` for the directory it lays out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ examples:
   fed-certs init --dir certs --server-name coord.example.org --workers hospital-a,hospital-b
   fed-certs add-worker --dir certs hospital-c
   fed-certs revoke --dir certs hospital-b
+  fed-certs add-scientist --dir certs alice      # a data scientist's token (fed-query)
+  fed-certs revoke-scientist --dir certs alice
 
 then:
   fed-server --listen 0.0.0.0:50051 --tls-cert certs/server.pem --tls-key certs/server.key \\
@@ -31,6 +34,9 @@ then:
   fed-worker --server coord.example.org:50051 --tls-ca certs/ca.pem --name hospital-a \\
              --tls-cert certs/workers/hospital-a.pem --tls-key certs/workers/hospital-a.key \\
              --token-file certs/workers/hospital-a.token ...
+  fed-server ... --scientists certs/scientists.json
+  fed-query --server coord.example.org:50051 --tls-ca certs/ca.pem \\
+            --token-file certs/scientists/alice.token "mean(bmi)" --epsilon 0.5
 """
 
 
@@ -72,7 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rev.add_argument("--dir", type=Path, required=True)
     rev.add_argument("name")
+    sci = sub.add_parser(
+        "add-scientist",
+        help="enroll a data scientist: a token for fed-query / fedcore.connect, listed in "
+        "DIR/scientists.json (fed-server --scientists); no CA needed",
+    )
+    sci.add_argument("--dir", type=Path, required=True)
+    sci.add_argument("name")
+    rsci = sub.add_parser("revoke-scientist", help="revoke a data scientist's token")
+    rsci.add_argument("--dir", type=Path, required=True)
+    rsci.add_argument("name")
     return p
+
+
+def _scientists(directory: Path) -> Enrollment:
+    path = directory / "scientists.json"
+    if path.exists():
+        return Enrollment(path, section="scientists")
+    return Enrollment.empty(path, section="scientists")
+
+
+def _add_scientist(directory: Path, name: str) -> None:
+    """A data scientist is a role of its own: a token in DIR/scientists/NAME.token, its hash
+    in DIR/scientists.json; it can never join as a worker, nor a worker query."""
+    _check_name(name)
+    secret = new_token()
+    token_path = directory / "scientists" / f"{name}.token"
+    write_atomically(token_path, (secret + "\n").encode(), mode=0o600)
+    enrollment = _scientists(directory)
+    enrollment.set(name, EnrollmentEntry(token_sha256=hash_token(secret), revoked=False))
+    enrollment.save()
+    print(f"enrolled data scientist {name!r}: {token_path}")
 
 
 def _check_name(name: str) -> str:
@@ -95,7 +131,9 @@ def _enroll(directory: Path, ca: CertificateAuthority, name: str, *, token: bool
         digest = hash_token(secret)
     path = directory / "enrolled.json"
     enrollment = Enrollment(path) if path.exists() else Enrollment.empty(path)
-    enrollment.set(name, EnrollmentEntry(token_sha256=digest, revoked=False))
+    enrollment.set(
+        name, EnrollmentEntry(token_sha256=digest, revoked=False, cert_sha256=issued.fingerprint)
+    )
     enrollment.save()
     print(f"enrolled worker {name!r}: {workers / name}.pem/.key" + (", .token" if token else ""))
 
@@ -132,7 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             _init(args)
         else:
             d: Path = args.dir
-            if args.command == "add-worker":
+            if args.command == "add-scientist":
+                _add_scientist(d, args.name)
+            elif args.command == "revoke-scientist":
+                scientists = _scientists(d)
+                found = scientists.entries.get(args.name)
+                if found is None:
+                    raise ConfigError(f"data scientist {args.name!r} is not enrolled in {d}")
+                scientists.set(args.name, EnrollmentEntry(found.token_sha256, revoked=True))
+                scientists.save()
+                print(f"revoked data scientist {args.name!r}")
+            elif args.command == "add-worker":
                 ca = CertificateAuthority.load(d / "ca.pem", d / "ca.key")
                 _enroll(d, ca, args.name, token=not args.no_token)
             else:
@@ -140,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = enrollment.entries.get(args.name)
                 if entry is None:
                     raise ConfigError(f"worker {args.name!r} is not enrolled in {d}")
-                enrollment.set(args.name, EnrollmentEntry(entry.token_sha256, revoked=True))
+                enrollment.set(args.name, dataclasses.replace(entry, revoked=True))
                 enrollment.save()
                 print(f"revoked worker {args.name!r}")
     except FedcoreError as exc:

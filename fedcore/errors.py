@@ -13,12 +13,14 @@ catch them all at once, or pick the branch it can act on::
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── LedgerError            a worker's privacy ledger cannot be read, locked or written
+    ├── TaskRefused            a worker's gate refused a task: ``rule`` names the rule broken
     ├── RejectedError          the coordinator refused this worker (the reason says why)
     │   └── AuthenticationError    unknown, revoked or unproven worker identity
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
     ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
+    ├── QueryRefusedError      an analytics query was refused by a silo, or could not be answered
     └── SecAggError            secure aggregation could not complete a round
         ├── SecAggAbortedError     fewer than the threshold t of workers remain: nothing revealed
         └── SecAggRefusedError     a worker refused a request that would break a peer's privacy
@@ -42,11 +44,13 @@ __all__ = [
     "PolicyError",
     "PrivacyBudgetExhausted",
     "ProtocolError",
+    "QueryRefusedError",
     "RejectedError",
     "RoundFailedError",
     "SecAggAbortedError",
     "SecAggError",
     "SecAggRefusedError",
+    "TaskRefused",
     "VersionMismatchError",
 ]
 
@@ -65,6 +69,19 @@ class PolicyError(ConfigError):
 
 class LedgerError(FedcoreError):
     """A worker's privacy ledger is unreadable, corrupt, locked too long, or cannot be written."""
+
+
+class TaskRefused(FedcoreError):
+    """A worker's gate refused a task before any of it ran (or before its result left).
+
+    ``rule`` names the rule (``"model.allowed"``, ``"training.learning-rate"``, a policy key);
+    the message says what the plan did and what the coordinator would have to change.
+    """
+
+    def __init__(self, rule: str, reason: str, *, by: str = "gate") -> None:
+        super().__init__(f"refused by the worker's {by} [{rule}]: {reason}")
+        self.rule = rule
+        self.reason = reason
 
 
 class DataError(FedcoreError):
@@ -129,3 +146,8 @@ class SecAggAbortedError(SecAggError):
 
 class SecAggRefusedError(SecAggError):
     """An honest worker refused a request that would reveal more than the protocol allows."""
+
+
+class QueryRefusedError(FedcoreError):
+    """A federated-analytics query was not answered: a silo refused it (its rule and reason
+    are in the message), or too few silos hold the data, or the secure round failed."""

@@ -2,7 +2,9 @@
 
 Both sides build a model from a :class:`~fedcore.plan.ModelSpec`: a registered name such as
 ``"mnist-cnn"`` or an import path ``"package.module:factory"`` for a user's own model, plus
-JSON hyper-parameters passed to the factory as keyword arguments.
+JSON hyper-parameters passed to the factory as keyword arguments. The coordinator trusts its
+own configuration; a worker builds only what :class:`fedcore.model_catalog.ModelCatalog`
+admits: a registered name, or the one import path its data owner configured locally.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ __all__ = [
     "MnistCNN",
     "MnistDPCNN",
     "MnistMLP",
+    "ModelFactory",
     "ParameterVector",
     "available_models",
     "build_model",
     "get_weights",
+    "import_factory",
+    "instantiate",
     "register_model",
+    "registered_factory",
     "set_weights",
 ]
 
@@ -54,30 +60,50 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered_factory(name: str) -> ModelFactory | None:
+    """The factory registered under ``name``, or None."""
+    return _REGISTRY.get(name)
+
+
+def import_factory(path: str) -> ModelFactory:
+    """Import ``package.module:factory``. Only for paths configured on this machine (a
+    coordinator's or a worker's own ``--model``): never for a name that arrived over the
+    network (see :class:`fedcore.model_catalog.ModelCatalog`)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelError(f"{path!r} is not an import path such as 'mypackage.models:make_model'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(
+            f"cannot import module {module_name!r} for model {path!r}: {exc}"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{path!r}: module {module_name!r} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
 def _resolve(name: str) -> ModelFactory:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    factory = registered_factory(name)
+    if factory is not None:
+        return factory
     if ":" not in name:
         raise ModelError(
             f"unknown model {name!r}; registered models: {', '.join(available_models())}; "
             "or give an import path such as 'mypackage.models:make_model'"
         )
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(
-            f"cannot import module {module_name!r} for model {name!r}: {exc}"
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"{name!r}: module {module_name!r} has no callable {attr!r}")
-    return factory  # type: ignore[no-any-return]
+    return import_factory(name)
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
-    """Instantiate ``spec``; with ``seed``, initial weights are deterministic."""
-    factory = _resolve(spec.name)
+    """Instantiate ``spec`` (a registered name, or an import path trusted by the caller:
+    this machine's own configuration); with ``seed``, initial weights are deterministic."""
+    return instantiate(_resolve(spec.name), spec, seed=seed)
+
+
+def instantiate(factory: ModelFactory, spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
+    """Call ``factory`` with ``spec``'s hyper-parameters and check it made a module."""
     try:
         if seed is not None:
             with torch.random.fork_rng(devices=[]):

@@ -21,6 +21,7 @@ from fedcore.codec import (
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = [
+    "ANALYTICS_CAPABILITY",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_MODEL_BYTES",
     "JOIN_METHOD",
@@ -42,6 +43,8 @@ PROTOCOL_VERSION = 1
 STREAM_END: Final[Any] = grpc.aio.EOF  # type: ignore[attr-defined]
 #: Capability a worker announces in its hello when it can run secure aggregation.
 SECAGG_CAPABILITY = "secagg-v1"
+#: Capability of a worker that serves a table for federated-analytics queries.
+ANALYTICS_CAPABILITY = "analytics-v1"
 JOIN_METHOD = "/fedcore.v1.Coordinator/Join"
 SERVICE_NAME = "fedcore.v1.Coordinator"
 

@@ -21,6 +21,7 @@ from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
 
+from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
 from .state.config import ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
@@ -250,6 +251,80 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="updates staged in memory at once besides the running sum (default: %(default)s)",
     )
+    h = p.add_argument_group("limits against hostile workers (see docs/coordinator-hardening.md)")
+    h.add_argument(
+        "--max-pending-handshakes",
+        type=int,
+        default=128,
+        help="streams open at once that have not sent their hello yet; more are refused "
+        "(default: %(default)s)",
+    )
+    h.add_argument(
+        "--max-pending-per-host",
+        type=int,
+        default=32,
+        help="the same, per peer host (default: %(default)s)",
+    )
+    h.add_argument(
+        "--handshake-rate",
+        type=float,
+        default=20.0,
+        metavar="PER_S",
+        help="new streams per second one host may open on average; 0 = unlimited "
+        "(default: %(default)s)",
+    )
+    h.add_argument(
+        "--handshake-burst",
+        type=int,
+        default=100,
+        help="new streams one host may open at once after a quiet period (default: %(default)s)",
+    )
+    h.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=8,
+        help="HTTP/2 streams one connection may have open (default: %(default)s)",
+    )
+    h.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a connection without any RPC for this long; 0 = never (default: %(default)s)",
+    )
+    h.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="after this long a connection may open no new stream (its open streams go on); "
+        "0 = never (default: %(default)s)",
+    )
+    h.add_argument(
+        "--upload-min-rate",
+        type=float,
+        default=16384.0,
+        metavar="BYTES_PER_S",
+        help="an upload that holds an upload slot longer than --upload-idle-timeout must "
+        "average at least this rate, or its worker is dropped; 0 = no minimum "
+        "(default: %(default)s)",
+    )
+    h.add_argument(
+        "--max-examples",
+        type=int,
+        default=10_000_000,
+        help="most examples one worker may claim: a hello above it is clamped, and a result "
+        "claiming more than its hello (or this) is clamped, logged, and still aggregated "
+        "(default: %(default)s)",
+    )
+    h.add_argument(
+        "--enrollment-poll",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the --enrolled file is re-read; a revoked or removed worker is "
+        "disconnected at the next check (default: %(default)s)",
+    )
     s = p.add_argument_group("security (see fed-certs --help)")
     s.add_argument("--tls-cert", type=Path, help="the coordinator's TLS certificate (PEM)")
     s.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
@@ -268,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--insecure",
         action="store_true",
-        help="allow plaintext on an address other machines can reach (default: refused)",
+        help="allow plaintext, or no worker authentication, on an address other machines can "
+        "reach (default: refused)",
     )
     c = p.add_argument_group("crash recovery")
     c.add_argument(
@@ -327,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add_dp_flags(p)
+    add_analytics_flags(p)
     add_common_flags(p)
     return p
 
@@ -389,6 +466,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         heartbeat_timeout=args.heartbeat_timeout,
         upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
+        max_pending_handshakes=args.max_pending_handshakes,
+        max_pending_per_host=args.max_pending_per_host,
+        handshake_rate=args.handshake_rate,
+        handshake_burst=args.handshake_burst,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_connection_idle=args.max_connection_idle,
+        max_connection_age=args.max_connection_age,
+        upload_min_rate=args.upload_min_rate,
+        max_examples=args.max_examples,
+        enrollment_poll=args.enrollment_poll,
         threads=args.threads,
         device=args.device,
         require_tags=tuple(args.require_tag or ()),
@@ -412,6 +499,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             else None
         ),
         dp=dp_settings_from_args(args),
+        analytics=analytics_settings_from_args(args),
     )
 
 

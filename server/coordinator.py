@@ -35,6 +35,7 @@ from fedcore.strategy import (
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
+from .analytics.hook import serve_analytics
 from .engine.context import RoundContext
 from .engine.evaluation import CentralEvaluator
 from .engine.fedbuff import FedBuffEngine
@@ -49,6 +50,7 @@ from .state.config import ServerConfig
 from .state.privacy import wrap_strategy
 from .state.registry import WorkerRegistry
 from .transport.auth import Authenticator
+from .transport.revocation import watch_revocations
 from .transport.service import CoordinatorService, start_grpc_server
 
 __all__ = ["Coordinator", "FederationResult", "prepare_strategy"]
@@ -128,6 +130,8 @@ class Coordinator:
         self.service = CoordinatorService(
             config, self.registry, config.model, self.signature, authenticator
         )
+        # Federated analytics (server/analytics): its own service beside Join.
+        self.analytics = serve_analytics(config.analytics, self.registry, self.service)
         evaluator = (
             CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
             if config.eval_data is not None
@@ -156,6 +160,8 @@ class Coordinator:
         self.reports = ReportPipeline(
             self.strategy, evaluator, self.sinks, self._checkpointer, restored
         )
+        if self.start_round > 1:
+            self.reports.durable = weights  # the checkpoint's model is on disk already
         self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
         self.context.rounds_completed = self.start_round - 1
 
@@ -256,7 +262,11 @@ class Coordinator:
         """Serve, run every round, tell workers to shut down, stop serving."""
         exporters = self._make_exporters()
         try:
-            server, health, self.port = await start_grpc_server(self.service, self.config.listen)
+            server, health, self.port = await start_grpc_server(
+                self.service,
+                self.config.listen,
+                (self.analytics.register,) if self.analytics is not None else (),
+            )
         except BaseException:
             for exporter in exporters:
                 exporter.close(self.status(), [])
@@ -272,8 +282,16 @@ class Coordinator:
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
         ending = "the coordinator stopped before the last round"  # what workers are told
+        revocations = asyncio.create_task(
+            watch_revocations(
+                self.service.authenticator, self.registry, self.config.enrollment_poll
+            )
+        )
         try:
-            runner = asyncio.create_task(self._run_rounds())
+            analytics_only = self.config.analytics is not None and self.config.analytics.only
+            runner = asyncio.create_task(
+                self._stop.wait() if analytics_only else self._run_rounds()
+            )
             stopper = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner not in done:
@@ -282,9 +300,11 @@ class Coordinator:
                     await runner
                 # A completed round's report (metrics row, checkpoint) is still written.
                 await self.reports.drain_for(self.config.shutdown_grace + 60)
-                log.warning(
-                    "stopped before the last round; the model of the last completed round is kept"
-                )
+                if not analytics_only:
+                    log.warning(
+                        "stopped before the last round; the model of the last completed "
+                        "round is kept"
+                    )
             stopper.cancel()
             if runner in done:
                 runner.result()  # re-raise a failure
@@ -292,7 +312,7 @@ class Coordinator:
             ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
             if self.config.save_model is not None:
                 save_weights(
-                    self.weights,
+                    self.reports.exportable(self.weights),
                     self.config.save_model,
                     {"model": str(self.config.model), "rounds": str(len(rows))},
                 )
@@ -300,6 +320,7 @@ class Coordinator:
             return FederationResult(self.weights, rows)
         finally:
             publisher.cancel()
+            revocations.cancel()
             self._phase = "finished"
             final = self.status()
             for sink in self.sinks:

@@ -39,9 +39,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Proc:
     """A CLI process whose output lines are collected as they come."""
 
-    def __init__(self, args: list[str], name: str) -> None:
+    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )

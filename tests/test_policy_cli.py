@@ -22,8 +22,13 @@ def _rows(path: Path) -> list[dict[str, object]]:
 def test_secagg_demanding_worker_refuses_a_plain_federation_and_joins_a_secure_one(
     shards: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
+    # Two-member secure groups are below the workers' default (3): both data owners lower it.
     policy = tmp_path / "policy.toml"
-    policy.write_text('[secure-aggregation]\nrequired = true\n[models]\nallowed = ["logreg"]\n')
+    policy.write_text(
+        '[secure-aggregation]\nrequired = true\nmin-group-size = 2\n[models]\nallowed = ["logreg"]\n'
+    )
+    pairs = tmp_path / "pairs.toml"
+    pairs.write_text("[secure-aggregation]\nmin-group-size = 2\n")
     plain_metrics, secure_metrics = tmp_path / "plain.jsonl", tmp_path / "secure.jsonl"
     common = ["--min-workers", "2", "--rounds", "1", *FAST]
     plain, plain_port = start_server(
@@ -43,7 +48,7 @@ def test_secagg_demanding_worker_refuses_a_plain_federation_and_joins_a_secure_o
     workers = [
         start_worker(procs, plain_port, shard0, "open-plain"),
         start_worker(procs, plain_port, shard1, "guarded-plain", "--policy", str(policy)),
-        start_worker(procs, secure_port, shard0, "open-secure"),
+        start_worker(procs, secure_port, shard0, "open-secure", "--policy", str(pairs)),
         start_worker(procs, secure_port, shard1, "guarded-secure", "--policy", str(policy)),
     ]
     assert plain.wait(120) == 0, plain.output

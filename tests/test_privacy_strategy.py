@@ -60,7 +60,7 @@ def test_workers_are_asked_to_clip_and_report_weight_one() -> None:
     configs = _round(dp, 1, _workers(3), [np.zeros(D)] * 3)[1]
     for config in configs:
         request = ClientDP.from_extra(config.extra)
-        assert request == ClientDP(clip_norm=0.5, noise_std=0.0, noise_multiplier=1.0)
+        assert request == ClientDP(clip_norm=0.5, noise_multiplier=1.0)
 
 
 def test_aggregate_uses_uniform_weights_not_example_counts() -> None:
@@ -268,9 +268,9 @@ def test_worker_applies_the_plans_dp_to_any_trainer_result() -> None:
 
     received = {"w": np.zeros(4, np.float32), "n": np.array(7)}
     fit = FitOutput({"w": np.full(4, 2.0, np.float32), "n": np.array(9)}, 500, {"loss": 0.1})
-    assert apply_client_dp(fit, received, TrainConfig()) is fit  # no DP asked
+    assert apply_client_dp(fit, received, None) is fit  # no DP asked
     config = TrainConfig(extra=ClientDP(clip_norm=1.0, report_unclipped=True).to_extra())
-    out = apply_client_dp(fit, received, config)
+    out = apply_client_dp(fit, received, ClientDP.from_extra(config.extra))
     assert out.is_delta
     assert out.num_examples == 1  # bounded weight
     np.testing.assert_allclose(out.weights["w"], 0.5)

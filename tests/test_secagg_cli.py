@@ -59,9 +59,16 @@ def test_workers_killed_before_and_after_their_masked_input_are_survived(
     flags = "--min-workers 4 --min-results 2 --rounds 2 --epochs 3 --fed-eval-every 0".split()
     secagg = ["--secagg", "--secagg-threshold", "2", "--secagg-phase-timeout", "20"]
     server, port = start_server(procs, *flags, *secagg, "--metrics-out", str(metrics), *FAST)
-    survivors = [start_worker(procs, port, tmp_path / "big.npz", f"silo-{i}") for i in range(2)]
-    before = start_worker(procs, port, tmp_path / "big.npz", "killed-before")
-    after = start_worker(procs, port, tmp_path / "small.npz", "killed-after")
+    # t=2 of 4, and a round-2 group of 2, are below the workers' safe defaults (t above half
+    # the group, groups of 3): these data owners relax them in their policy.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[secure-aggregation]\nmin-group-size = 2\nmin-threshold = 0.25\n")
+    relaxed = ["--policy", str(policy)]
+    survivors = [
+        start_worker(procs, port, tmp_path / "big.npz", f"silo-{i}", *relaxed) for i in range(2)
+    ]
+    before = start_worker(procs, port, tmp_path / "big.npz", "killed-before", *relaxed)
+    after = start_worker(procs, port, tmp_path / "small.npz", "killed-after", *relaxed)
     before.wait_for_line(r"sent key shares", 60)
     before.signal(signal.SIGKILL)
     after.wait_for_line(r"round 1: sent masked input", 60)

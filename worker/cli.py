@@ -19,6 +19,7 @@ import torch
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
+from fedcore.data.table import is_table_path, load_table, mock_csv
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec
 from fedcore.policy import RecordDPSetup, load_policy
@@ -26,9 +27,10 @@ from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
+from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
 from .policy import PolicyGuard
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
-from .trainer import TorchTrainer
+from .trainer import TorchTrainer, Trainer
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +51,9 @@ examples:
   fed-worker --server coord:50051 --data /data/mnist-idx --name lab-b --model mnist-cnn --device cuda
   fed-worker --server coord:50051 --data shards/shard-0.npz --policy policy.toml
 
+Every plan passes the worker's gate before anything runs: only registered models or the
+one --model configured here are built, sized first; training, DP and secure-aggregation
+parameters are bounded; safe defaults apply without a policy (docs/threat-model.md).
 The data owner's policy (--policy, a TOML file) says which plans this worker accepts: models,
 local epochs, secure aggregation, differential privacy, and the silo's privacy budget, kept in
 a ledger on this machine. A plan that breaks it is refused, with the reason sent to the
@@ -71,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         type=Path,
-        help="local training shard: .npz with arrays x, y, or an MNIST IDX directory (required)",
+        help="local training shard: .npz with arrays x, y, or an MNIST IDX directory; or a "
+        ".csv/.parquet table answering federated-analytics queries (required)",
     )
     p.add_argument("--name", default=None, help="this worker's unique name (default: HOSTNAME-PID)")
     p.add_argument(
@@ -79,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="local test set for federated evaluation (default: the training shard)",
     )
-    p.add_argument("--model", help="accept only this model (checked when joining)")
+    p.add_argument(
+        "--model",
+        help="accept only this model: a registered name, or your own pkg.module:factory "
+        "(plans may name no other import path; checked when joining and on every task)",
+    )
     p.add_argument(
         "--model-params",
         default="{}",
         metavar="JSON",
-        help="hyper-parameters of --model as a JSON object",
+        help="hyper-parameters of --model as a JSON object; plans must use exactly these",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -157,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="this silo's budget: refuse any round that would take its epsilon past it",
     )
+    d.add_argument(
+        "--dpsgd-state",
+        type=Path,
+        metavar="FILE",
+        help="where DP-SGD's accountant is kept across restarts (default with "
+        "--dpsgd-max-epsilon: DATA.dpsgd-state.json beside --data)",
+    )
     add_common_flags(p)
     return p
 
@@ -166,6 +183,23 @@ def _dataset_metadata(args: argparse.Namespace, num_examples: int) -> DatasetMet
     if args.metadata is None and not path.is_file():
         return None
     return load_metadata(path, num_examples=num_examples)
+
+
+def _table_worker(args: argparse.Namespace) -> tuple[Trainer, QueryResponder, DatasetMetadata]:
+    """A worker serving a CSV or Parquet table for analytics queries (it trains nothing)."""
+    path = args.metadata if args.metadata is not None else metadata_path_for(args.data)
+    if not path.is_file():
+        raise ConfigError(
+            f"the table {args.data} needs a metadata file ({path}, or --metadata) declaring "
+            "its columns with their public bounds or categories"
+        )
+    declared = load_metadata(path)
+    table = load_table(args.data, declared.features)
+    dataset = load_metadata(path, num_examples=table.num_rows)
+    if dataset.mock is not None:
+        dataset = dataset.with_mock_csv(mock_csv(dataset.mock, dataset.features))
+    exact = os.environ.get(EXACT_ENV) == "1"
+    return TableOnlyTrainer(table), QueryResponder(table, dataset, exact=exact), dataset
 
 
 def _coordinator_identity(args: argparse.Namespace) -> str | None:
@@ -234,29 +268,47 @@ def _run(argv: Sequence[str] | None) -> None:
         raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
     extra: dict[str, Any] = {}
     if args.dpsgd_noise_multiplier is not None:
+        state = args.dpsgd_state
+        if state is None and args.dpsgd_max_epsilon is not None:
+            # The budget must survive restarts, or a restart would reset it.
+            data = Path(args.data).resolve()
+            state = data.with_name(data.name + ".dpsgd-state.json")
+        if state is not None:
+            log.info("DP-SGD accountant kept in %s", state)
         extra["train_fn"] = DPSGD(
             noise_multiplier=args.dpsgd_noise_multiplier,
             max_grad_norm=args.dpsgd_clip,
             delta=args.dpsgd_delta,
             max_epsilon=args.dpsgd_max_epsilon,
+            state_file=state,
         )
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
-    shard = load_shard(args.data)
-    trainer = TorchTrainer(
-        shard,
-        eval_data=load_shard(args.eval_data) if args.eval_data else None,
-        model=ModelSpec(args.model, params) if args.model else None,
-        device=args.device,
-        **extra,
-    )
+    responder: QueryResponder | None = None
+    trainer: Trainer
+    dataset: DatasetMetadata | None
+    if is_table_path(args.data):
+        trainer, responder, dataset = _table_worker(args)
+        num_examples = trainer.num_examples
+        labels = None
+    else:
+        shard = load_shard(args.data)
+        trainer = TorchTrainer(
+            shard,
+            eval_data=load_shard(args.eval_data) if args.eval_data else None,
+            model=ModelSpec(args.model, params) if args.model else None,
+            device=args.device,
+            **extra,
+        )
+        num_examples = len(shard)
+        labels = shard.y.numpy()
+        dataset = _dataset_metadata(args, num_examples)
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    dataset = _dataset_metadata(args, len(shard))
     guard = None
     if args.policy is not None:
         guard = PolicyGuard(
             load_policy(args.policy),
-            num_examples=len(shard),
+            num_examples=num_examples,
             record_dp=(
                 RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
                 if args.dpsgd_noise_multiplier is not None
@@ -265,8 +317,8 @@ def _run(argv: Sequence[str] | None) -> None:
             coordinator_identity=_coordinator_identity(args),
         )
         log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
-        if dataset is not None:
-            dataset = dataset.with_histogram(guard.label_histogram(shard.y.numpy()))
+        if dataset is not None and labels is not None:
+            dataset = dataset.with_histogram(guard.label_histogram(labels))
     if dataset is not None:
         log.info("advertising dataset %s", dataset.summary())
     worker = Worker(
@@ -280,6 +332,7 @@ def _run(argv: Sequence[str] | None) -> None:
         channel_factory=channel_factory,
         token=token,
         tls=tls,
+        analytics=responder,
     )
     asyncio.run(_serve(worker))
 

@@ -99,12 +99,14 @@ class PolicyGuard:
         """
         client = plan.client_dp
         if client is not None and client.noise_multiplier is not None:
-            return [
-                Charge(
-                    noise_multiplier=client.noise_multiplier,
-                    what=f"round {plan.round}: client-level DP",
-                )
-            ]
+            z = client.noise_multiplier
+            what = f"round {plan.round}: client-level DP"
+            if client.min_updates is not None and not plan.secagg:
+                # Distributed noise without secure aggregation: the coordinator sees this
+                # update with only this worker's share on it, z / sqrt(m) in units of C.
+                z /= math.sqrt(client.min_updates)
+                what += " (own noise share, seen unmasked)"
+            return [Charge(noise_multiplier=z, what=what)]
         if plan.record_dp is not None and self.num_examples > 0:
             batch = max(1, min(plan.batch_size, self.num_examples))
             steps_per_epoch = math.ceil(self.num_examples / batch)

@@ -1,14 +1,15 @@
 """Client-level DP on the worker: what the plan's ``dp.*`` settings do to a training result.
 
 Applied by the runtime to every fit result, whatever :class:`~fedcore.worker.Trainer` produced
-it, before the update is sent or masked for secure aggregation.
+it, before the update is sent or masked for secure aggregation. The settings are the ones the
+gate checked (:class:`~fedcore.worker.gate.CheckedTask`); the noise share is derived from them
+here, never read from the plan.
 """
 
 from __future__ import annotations
 
 import logging
 
-from fedcore.plan import TrainConfig
 from fedcore.privacy import ClientDP, privatize_update
 from fedcore.weights import Weights
 
@@ -19,11 +20,10 @@ __all__ = ["apply_client_dp"]
 log = logging.getLogger("fedcore.worker")
 
 
-def apply_client_dp(fit: FitOutput, received: Weights, config: TrainConfig) -> FitOutput:
+def apply_client_dp(fit: FitOutput, received: Weights, request: ClientDP | None) -> FitOutput:
     """``fit`` unchanged when the plan asks for no DP; else its clipped (and, in distributed
     mode, noised) delta, with a weight of 1 (bounded weights: DP-FedAvg counts every worker
     the same)."""
-    request = ClientDP.from_extra(config.extra)
     if request is None:
         return fit
     private = privatize_update(received, fit.weights, request, is_delta=fit.is_delta)

@@ -9,10 +9,12 @@ The session is an explicit state machine::
                                       ▼
                                   FINISHED          (the coordinator said the federation is over)
 
-With a :class:`~.policy.PolicyGuard` every task is reviewed against the data owner's policy
-the moment it arrives: a task that breaks it is answered with ``ERROR_CODE_REFUSED`` and the
-rule it breaks (also logged here), and nothing of it runs. An accepted training round is
-charged to the silo's privacy ledger just before its update leaves.
+Every task passes the worker's :class:`~.gate.Gate` the moment it arrives: a task that breaks
+a rule (the model, its size, the training bounds, DP and secure-aggregation parameters, the
+data owner's ``--policy``) is answered with ``ERROR_CODE_REFUSED`` and the rule it breaks
+(also logged here), and nothing of it runs. The runtime only ever runs the
+:class:`~.gate.CheckedTask` the gate returns, and every result passes the gate again on its
+way out (the privacy charge, then what may be released).
 
 Training runs in a thread so heartbeats keep flowing on the same stream. A connection that
 cannot be made, or breaks, is retried with exponential backoff and jitter; a refusal that a
@@ -27,7 +29,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -51,15 +53,15 @@ from fedcore.errors import (
     DataError,
     FedcoreError,
     IdentityMismatchError,
-    LedgerError,
     ModelError,
     ModelMismatchError,
     PayloadError,
     RejectedError,
     SecAggError,
+    TaskRefused,
 )
+from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.policy import Refusal
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
     JOIN_METHOD,
@@ -73,9 +75,11 @@ from fedcore.protocol import (
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import Weights, total_bytes
 
+from .analytics import ANALYTICS_CAPABILITY, QueryResponder
 from .connection_errors import diagnose
+from .gate import CheckedTask, Gate
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
@@ -97,6 +101,8 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+#: Runs one checked task on the stream: (call, task, received weights, chunk size).
+TaskRunner = Callable[[Any, CheckedTask, Weights, int], Awaitable[None]]
 
 
 class WorkerState(enum.Enum):
@@ -165,8 +171,12 @@ class Worker:
         give_up_after: stop retrying after this many seconds without a session (None: never).
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
         guard: the data owner's policy; tasks that break it are refused.
+        gate: what admits tasks (default: a :class:`~.gate.Gate` over the worker's registry
+            and the trainer's configured model, ``max_model_bytes`` and ``guard``).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
+        analytics: answers federated-analytics queries over a local table (its check is
+            registered with the gate).
         tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
     """
 
@@ -182,8 +192,10 @@ class Worker:
         give_up_after: float | None = 900.0,
         channel_factory: ChannelFactory = insecure_channel,
         guard: PolicyGuard | None = None,
+        gate: Gate | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
+        analytics: QueryResponder | None = None,
         tls: ClientTLS | None = None,
     ) -> None:
         self.server = server
@@ -195,6 +207,14 @@ class Worker:
         self.give_up_after = give_up_after
         self._channel_factory = channel_factory
         self.guard = guard
+        if gate is None:
+            announced = trainer.announced_model()
+            catalog = ModelCatalog(announced[0] if announced is not None else None)
+            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard)
+        self.gate = gate
+        self.analytics = analytics
+        if analytics is not None:
+            analytics.attach(gate)
         self.dataset = dataset
         self.tls = tls
         self.tasks_refused = 0
@@ -206,6 +226,9 @@ class Worker:
         self._compressor: Compressor | None = None
         self._write_lock = asyncio.Lock()
         self._secagg = SecAggRounds(_not_connected, name)
+        # What runs each kind of checked task (a new kind registers its gate check and its
+        # runner here).
+        self._runners: dict[str, TaskRunner] = {"fit": self._fit, "evaluate": self._evaluate}
 
     def _move(self, new: WorkerState) -> None:
         if new is not self.state and new not in _ALLOWED[self.state]:
@@ -275,6 +298,8 @@ class Worker:
             num_examples=self.trainer.num_examples,
             capabilities=["fit", "evaluate", SECAGG_CAPABILITY],
         )
+        if self.analytics is not None:
+            hello.capabilities.append(ANALYTICS_CAPABILITY)
         announced = self.trainer.announced_model()
         if announced is not None:
             spec, signature = announced
@@ -305,27 +330,27 @@ class Worker:
         if welcome.HasField("model"):
             # Data that cannot fit the federation's model ends this worker before any task.
             try:
-                model = ModelSpec.from_proto(welcome.model)
-                await asyncio.to_thread(self.trainer.check_data, model)
+                await self._check_data(welcome.model)
             except DataError:
                 heartbeats.cancel()
                 call.cancel()
                 self._move(WorkerState.DISCONNECTED)
                 raise
-            except (ConfigError, ModelError) as exc:  # the plan's own checks will report it
-                log.debug("cannot check the data against the federation's model: %s", exc)
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
-        jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
+        jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
             await self._write(call, message)
 
         self._secagg = SecAggRounds(send, self.name)
+        if self.analytics is not None:
+            self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))
-        pending: tuple[pb.Task, PayloadAssembler] | None = None
-        discard = False  # the pending task was refused: its weights are read and dropped
+        # The task whose weights are arriving; None once they are all in. Its CheckedTask is
+        # None when the gate refused it: its weights are read and dropped.
+        pending: tuple[pb.Task, CheckedTask | None, PayloadAssembler] | None = None
         try:
             while True:
                 message = await call.read()
@@ -340,42 +365,57 @@ class Worker:
                 if kind == "secagg":
                     await self._secagg.handle(message.secagg)
                     continue
+                if kind == "analytics":
+                    if self.analytics is not None:
+                        await self.analytics.handle(message.analytics, send)
+                    continue
                 if kind == "task":
-                    refusal = await self._review(message.task)
-                    discard = refusal is not None
-                    if refusal is not None:
-                        await self._refuse(call, message.task, refusal)
-                    elif message.task.HasField("secagg"):
-                        await self._secagg.start(message.task)
-                    pending = await self._start_task(call, message.task, welcome)
-                    if pending is not None and pending[1].complete:
-                        if not discard:
-                            jobs.put_nowait(pending)
-                        pending = None
+                    checked = await self._admit(call, message.task)
+                    if checked is not None and checked.secagg is not None:
+                        await self._secagg.start(checked.task, checked.secagg_rules)
+                    assembler = await self._start_task(call, message.task, welcome)
+                    pending = (message.task, checked, assembler)
                 elif kind == "chunk":
-                    current = pending
-                    if current is None:
+                    if pending is None:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
                     try:
-                        if current[1].add(chunk if chunk is not None else message.chunk):
-                            if not discard:
-                                jobs.put_nowait(current)
-                            pending = None
+                        pending[2].add(chunk if chunk is not None else message.chunk)
                     except PayloadError as exc:
                         await self._send_error(
-                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                            call, pending[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
                         )
                         raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
+                if pending is not None and pending[2].complete:
+                    _, checked, assembler = pending
+                    if checked is not None:
+                        jobs.put_nowait((checked, assembler))
+                    pending = None
         finally:
             heartbeats.cancel()
             runner.cancel()
             call.cancel()
 
-    async def _start_task(
-        self, call: Any, task: pb.Task, welcome: pb.Welcome
-    ) -> tuple[pb.Task, PayloadAssembler] | None:
+    async def _check_data(self, announced: pb.ModelSpec) -> None:
+        """Raise :class:`DataError` when the local data cannot fit the federation's model.
+        Only a model the gate would admit is built for the check (one this worker's catalog
+        allows, within --max-model-bytes, sized on the meta device first); any other is
+        refused when its plan arrives."""
         try:
-            assembler = PayloadAssembler(
+            spec = ModelSpec.from_proto(announced)
+            size = total_bytes(self.gate.catalog.signature(spec))
+        except (ConfigError, ModelError) as exc:
+            log.debug("not checking the data against model %r: %s", announced.name, exc)
+            return
+        if size > self.gate.max_model_bytes:
+            return
+        try:
+            await asyncio.to_thread(self.trainer.check_data, spec)
+        except (ConfigError, ModelError) as exc:  # the plan's own checks will report it
+            log.debug("cannot check the data against model %s: %s", spec, exc)
+
+    async def _start_task(self, call: Any, task: pb.Task, welcome: pb.Welcome) -> PayloadAssembler:
+        try:
+            return PayloadAssembler(
                 task.weights,
                 max_bytes=self.max_model_bytes,
                 max_chunk_bytes=max(welcome.chunk_bytes, 1),
@@ -384,19 +424,18 @@ class Worker:
         except PayloadError as exc:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
             raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
-        return task, assembler
 
-    # ------------------------------------------------------------------ policy
+    # ------------------------------------------------------------------ the gate
 
-    async def _review(self, task: pb.Task) -> Refusal | None:
-        if self.guard is None:
-            return None
+    async def _admit(self, call: Any, task: pb.Task) -> CheckedTask | None:
+        """The checked task, or None after telling the coordinator why it was refused."""
         try:
-            return await asyncio.to_thread(self.guard.review, task)
-        except LedgerError as exc:  # fail closed: no ledger, no release
-            return Refusal("budget", f"the silo's privacy ledger is unusable: {exc}")
+            return await asyncio.to_thread(self.gate.admit, task)
+        except TaskRefused as exc:
+            await self._refuse(call, task, exc)
+            return None
 
-    async def _refuse(self, call: Any, task: pb.Task, refusal: Refusal) -> None:
+    async def _refuse(self, call: Any, task: pb.Task, refusal: TaskRefused) -> None:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
@@ -405,104 +444,33 @@ class Worker:
     # ------------------------------------------------------------------ tasks
 
     async def _run_jobs(
-        self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]
+        self, call: Any, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
     ) -> None:
         while True:
-            task, assembler = await jobs.get()
+            checked, assembler = await jobs.get()
             self._move(WorkerState.WORKING)
             try:
-                await self._run_task(call, task, assembler)
+                await self._run_task(call, checked, assembler)
             finally:
                 if self.state is WorkerState.WORKING:
                     self._move(WorkerState.READY)
 
-    async def _run_task(self, call: Any, task: pb.Task, assembler: PayloadAssembler) -> None:
+    async def _run_task(self, call: Any, checked: CheckedTask, assembler: PayloadAssembler) -> None:
+        task = checked.task
         try:
             weights = assembler.weights()
-            model = ModelSpec.from_proto(task.model)
-            if task.kind == pb.TASK_KIND_FIT:
-                config = TrainConfig.from_proto(task.train)
-                log.info(
-                    "round %d: training %s on %d examples",
-                    task.round,
-                    model,
-                    self.trainer.num_examples,
-                )
-                fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
-                # Client-level DP, when the plan asks for it: clip (and noise) before masking.
-                fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)
-                update = fit.weights
-                if self.guard is not None:
-                    # Charged before anything leaves; a refusal here sends nothing.
-                    refusal = await asyncio.to_thread(self.guard.pay, task)
-                    if refusal is not None:
-                        if task.HasField("secagg"):
-                            await self._secagg.abandon(str(refusal))
-                        await self._refuse(call, task, refusal)
-                        return
-                if task.HasField("secagg"):
-                    masked = await self._secagg.mask(
-                        task, weights, fit.weights, is_delta=fit.is_delta, examples=fit.num_examples
-                    )
-                    update = {MASKED_TENSOR: masked}
-                    result = pb.TaskResult(
-                        task_id=task.task_id,
-                        num_examples=0,  # secret: only the sum is revealed, inside the mask
-                        metrics=fit.metrics,
-                        update=make_header(update, assembler.chunk_bytes),
-                        update_kind=pb.UPDATE_KIND_MASKED,
-                    )
-                    what = "masked input"
-                else:
-                    update, is_delta = await asyncio.to_thread(
-                        self._encode_update, fit, weights, config
-                    )
-                    result = pb.TaskResult(
-                        task_id=task.task_id,
-                        num_examples=fit.num_examples,
-                        metrics=fit.metrics,
-                        update=make_header(update, assembler.chunk_bytes),
-                        update_kind=pb.UPDATE_KIND_DELTA if is_delta else pb.UPDATE_KIND_WEIGHTS,
-                    )
-                    what = "update"
-                    if is_delta and self._compressor is not None:
-                        what = f"{self._compressor.scheme}-compressed update"
-                await self._write(call, pb.WorkerMessage(result=result))
-                chunks = iter_chunk_views(update, assembler.chunk_bytes)
-                for index, data in enumerate(chunks):
-                    # Pre-serialized: the stream's serializer passes bytes through.
-                    await self._write(
-                        call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
-                    )
-                log.info(
-                    "round %d: sent %s of %.1f MB (training loss %.4f, accuracy %.2f%%, %.1f s)",
-                    task.round,
-                    what,
-                    result.update.total_bytes / 1e6,
-                    fit.metrics.get("loss", float("nan")),
-                    100 * fit.metrics.get("accuracy", float("nan")),
-                    fit.metrics.get("train_seconds", float("nan")),
-                )
-            elif task.kind == pb.TASK_KIND_EVALUATE:
-                refusal = (
-                    await asyncio.to_thread(self.guard.pay, task)
-                    if self.guard is not None
-                    else None
-                )
-                if refusal is not None:
-                    await self._refuse(call, task, refusal)
-                    return
-                ev = await asyncio.to_thread(self.trainer.evaluate, model, weights)
-                result = pb.TaskResult(
-                    task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics
-                )
-                await self._write(call, pb.WorkerMessage(result=result))
-            else:
+            runner = self._runners.get(checked.kind)
+            if runner is None:
                 await self._send_error(
-                    call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"unknown task kind {task.kind}"
+                    call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"no runner for {checked.kind}"
                 )
                 return
+            await runner(call, checked, weights, assembler.chunk_bytes)
             self.tasks_done += 1
+        except TaskRefused as exc:
+            if checked.secagg is not None:
+                await self._secagg.abandon(str(exc))
+            await self._refuse(call, task, exc)
         except SecAggError as exc:
             log.error("round %d: secure aggregation failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_REFUSED, str(exc))
@@ -519,6 +487,77 @@ class Worker:
             log.exception("round %d: the trainer raised", task.round)
             message = f"the trainer raised {type(exc).__name__}: {exc}"
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
+
+    async def _fit(
+        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+    ) -> None:
+        task = checked.task
+        config = checked.train
+        assert config is not None  # the gate's fit check sets it
+        digest = await asyncio.to_thread(self.gate.check_weights, checked, weights)
+        log.info(
+            "round %d: training %s on %d examples",
+            task.round,
+            checked.model,
+            self.trainer.num_examples,
+        )
+        fit = await asyncio.to_thread(self.trainer.fit, checked.model, weights, config)
+        # Client-level DP, when the plan asks for it: clip (and noise) before masking.
+        fit = await asyncio.to_thread(apply_client_dp, fit, weights, checked.dp)
+        local = fit.metrics  # for this worker's log only
+        # Charged before anything leaves; a refusal here sends nothing.
+        fit = await asyncio.to_thread(self.gate.release_fit, checked, fit)
+        if checked.secagg is not None:
+            self.gate.record_contribution(checked, digest)
+            masked = await self._secagg.mask(
+                task, weights, fit.weights, is_delta=fit.is_delta, examples=fit.num_examples
+            )
+            update: Weights = {MASKED_TENSOR: masked}
+            result = pb.TaskResult(
+                task_id=task.task_id,
+                num_examples=0,  # secret: only the sum is revealed, inside the mask
+                metrics=fit.metrics,
+                update=make_header(update, chunk_bytes),
+                update_kind=pb.UPDATE_KIND_MASKED,
+            )
+            what = "masked input"
+        else:
+            update, is_delta = await asyncio.to_thread(self._encode_update, fit, weights, config)
+            result = pb.TaskResult(
+                task_id=task.task_id,
+                num_examples=fit.num_examples,
+                metrics=fit.metrics,
+                update=make_header(update, chunk_bytes),
+                update_kind=pb.UPDATE_KIND_DELTA if is_delta else pb.UPDATE_KIND_WEIGHTS,
+            )
+            what = "update"
+            if is_delta and self._compressor is not None:
+                what = f"{self._compressor.scheme}-compressed update"
+        await self._write(call, pb.WorkerMessage(result=result))
+        for index, data in enumerate(iter_chunk_views(update, chunk_bytes)):
+            # Pre-serialized: the stream's serializer passes bytes through.
+            await self._write(
+                call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
+            )
+        log.info(
+            "round %d: sent %s of %.1f MB (training loss %.4f, accuracy %.2f%%, %.1f s)",
+            task.round,
+            what,
+            result.update.total_bytes / 1e6,
+            local.get("loss", float("nan")),
+            100 * local.get("accuracy", float("nan")),
+            local.get("train_seconds", float("nan")),
+        )
+
+    async def _evaluate(
+        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+    ) -> None:
+        ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, weights)
+        ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
+        result = pb.TaskResult(
+            task_id=checked.task_id, num_examples=ev.num_examples, metrics=ev.metrics
+        )
+        await self._write(call, pb.WorkerMessage(result=result))
 
     def _encode_update(
         self, fit: FitOutput, received: Weights, config: TrainConfig

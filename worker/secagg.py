@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from fedcore.errors import SecAggError
 from fedcore.secagg import wire
-from fedcore.secagg.client import ClientState, SecAggClient
+from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -69,13 +69,14 @@ class SecAggRounds:
     def _body(self, **fields: object) -> pb.WorkerMessage:
         return pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(**fields))  # type: ignore[arg-type]
 
-    async def start(self, task: pb.Task) -> None:
-        """A fit task with a setup arrived: new keys, sent at once."""
+    async def start(self, task: pb.Task, rules: ClientRules | None = None) -> None:
+        """A fit task with a setup arrived (and passed the gate): new keys, sent at once.
+        ``rules``: what this worker requires of the round (default: the safe defaults)."""
         if self._round is not None:
             self._round.client.abort()
             self._round.settled.set()
         setup = wire.setup_from_proto(task.secagg)
-        current = _Round(SecAggClient(setup))
+        current = _Round(SecAggClient(setup, rules=rules))
         self._round = current
         keys = wire.keys_to_proto(setup.round_id, current.client.advertise())
         await self._send(self._body(keys=keys))

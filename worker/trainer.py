@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedcore.data.shards import ArrayDataset
-from fedcore.errors import ConfigError, FedcoreError, ModelMismatchError
+from fedcore.errors import ConfigError, FedcoreError, ModelError, ModelMismatchError
 from fedcore.fit_check import check_data_fits
-from fedcore.models import available_models, build_model, get_weights, set_weights
+from fedcore.model_catalog import ModelCatalog
+from fedcore.models import get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
@@ -146,7 +147,9 @@ class TorchTrainer(Trainer):
         self._device = torch.device(device)
         self._train_fn = train_fn
         self._eval_fn = eval_fn
-        self._expected = model
+        # Only registered models, or the one the data owner configured (the gate has already
+        # refused anything else; this holds for trainers driven without it, too).
+        self._catalog = ModelCatalog(model)
         self._cached: tuple[ModelSpec, nn.Module] | None = None
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         self._checked: ModelSpec | None = None
@@ -165,17 +168,17 @@ class TorchTrainer(Trainer):
         return self._announced
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
-        if self._expected is not None and spec.name != self._expected.name:
-            raise ModelMismatchError(
-                f"this worker runs model {self._expected.name}, the plan asks for {spec.name}"
-            )
         if self._cached is None or self._cached[0] != spec:
-            self._cached = (spec, build_model(spec).to(self._device))
+            try:
+                model = self._catalog.build(spec)
+            except ModelError as exc:
+                raise ModelMismatchError(str(exc)) from None
+            self._cached = (spec, model.to(self._device))
         return self._cached[1]
 
     def check_data(self, model: ModelSpec) -> None:
-        """The training and evaluation sets must fit ``model``. Only models this worker may
-        build without a plan are probed: registered ones and its own ``--model``.
+        """The training and evaluation sets must fit ``model`` (a model this worker's catalog
+        refuses raises :class:`~fedcore.errors.ModelMismatchError`, as its plans would).
 
         It does not wait for the warm-up thread: a forward pass without gradients imports
         none of the optimizer stack the warm-up loads, and waiting here would hold the
@@ -184,9 +187,6 @@ class TorchTrainer(Trainer):
 
     def _check_data(self, model: ModelSpec) -> None:
         if model == self._checked:
-            return
-        own = self._expected is not None and model.name == self._expected.name
-        if not own and model.name not in available_models():
             return
         net = self._model_for(model)
         check_data_fits(

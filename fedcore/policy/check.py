@@ -18,6 +18,7 @@ from .model import Policy
 
 __all__ = [
     "DP_CLIP_KEY",
+    "DP_MIN_UPDATES_KEY",
     "DP_NOISE_MULTIPLIER_KEY",
     "ClientDPRequest",
     "PlanRequest",
@@ -31,6 +32,7 @@ __all__ = [
 #: and the noise multiplier z of the Gaussian noise added to the sum (std z * clip).
 DP_CLIP_KEY = "dp.clip_norm"
 DP_NOISE_MULTIPLIER_KEY = "dp.noise_multiplier"
+DP_MIN_UPDATES_KEY = "dp.min_updates"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ClientDPRequest:
 
     clip_norm: float
     noise_multiplier: float | None
+    min_updates: int | None = None  # distributed mode: the m of the worker's noise share
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,12 @@ class PlanRequest:
         extra = task.train.extra
         if fit and DP_CLIP_KEY in extra:
             noise = extra.get(DP_NOISE_MULTIPLIER_KEY)
+            m = extra.get(DP_MIN_UPDATES_KEY)
             client_dp = ClientDPRequest(
-                float(extra[DP_CLIP_KEY]), None if noise is None else float(noise)
+                float(extra[DP_CLIP_KEY]),
+                # A multiplier of 0 (or less, or NaN) is no noise at all.
+                float(noise) if noise is not None and float(noise) > 0 else None,
+                None if m is None else max(1, int(m)),
             )
         return cls(
             kind="fit" if fit else "evaluate",
@@ -148,10 +155,16 @@ def check(
             f"ceiling of {models.max_parameters:,}; use a smaller model",
         )
     if plan.kind != "fit":
-        if not policy.training.allow_evaluation:
+        if not policy.evaluation_allowed:
+            why = (
+                " (its policy requires DP or keeps a budget, and exact metrics are a release "
+                "of its data)"
+                if policy.private
+                else ""
+            )
             return Refusal(
                 "training.allow-evaluation",
-                "this worker does not run federated evaluation; evaluate centrally "
+                f"this worker does not run federated evaluation{why}; evaluate centrally "
                 "(--eval-data) or with --fed-eval-every 0",
             )
         return None
@@ -168,8 +181,8 @@ def check_local_setup(policy: Policy, record_dp: RecordDPSetup | None) -> Refusa
 
 
 def _check_fit(policy: Policy, plan: PlanRequest, epsilon_after: float | None) -> Refusal | None:
-    max_epochs = policy.training.max_epochs
-    if max_epochs is not None and plan.epochs > max_epochs:
+    max_epochs = policy.training.epochs_limit
+    if plan.epochs > max_epochs:
         return Refusal(
             "training.max-epochs",
             f"the plan asks for {plan.epochs} local epochs, this worker allows at most "

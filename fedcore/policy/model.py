@@ -7,11 +7,19 @@ Every section is optional; an absent rule allows everything it would have restri
     max-parameters = 2_000_000             # ... and their size (counted from the weights sent)
 
     [training]
-    max-epochs = 2                         # local epochs per round
-    allow-evaluation = true                # run federated-evaluation tasks
+    max-epochs = 2                         # local epochs per round (default 100)
+    max-batch-size = 4096                  # default 65,536
+    min-learning-rate = 1e-6               # a finite learning rate in [min, max]
+    max-learning-rate = 10.0               # (defaults 1e-6 and 10)
+    allow-evaluation = true                # run federated-evaluation tasks (default: true,
+                                           # false when DP is required or a budget is kept)
+    evaluation-noise-multiplier = 5.0      # with DP required or a budget: the evaluation
+                                           # accuracy is released with this Gaussian noise
 
     [secure-aggregation]
     required = true                        # never send an unmasked update
+    min-group-size = 3                     # share keys with at least 2 neighbours (default 3)
+    min-threshold = 0.5                    # Shamir threshold t > 0.5 x group (default 0.5)
 
     [differential-privacy]
     required = "client-level"              # or "record-level", or "either"
@@ -34,6 +42,15 @@ Every section is optional; an absent rule allows everything it would have restri
     [coordinators]
     allowed = ["coordinator.example.org"]  # TLS identities this worker trains for
 
+    [analytics]                            # answer federated-analytics queries on a table
+    allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
+    min-count = 10                         # fewest records in any released cell (default 10)
+    max-epsilon = 1.0                      # per query (default 1.0); queries are charged to
+                                           # the [budget] above, which they require
+
+Without a policy file (and for every key it leaves out) the defaults above apply: the
+worker's gate (``fedcore.worker.gate``) always enforces them.
+
 Unknown sections and keys are errors (:class:`~fedcore.errors.PolicyError`), so a typo can
 never silently drop a rule.
 """
@@ -49,6 +66,7 @@ from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
     "DP_KINDS",
+    "AnalyticsRules",
     "BudgetRules",
     "DPKind",
     "DatasetRules",
@@ -71,6 +89,7 @@ _SECTIONS = (
     "budget",
     "dataset",
     "coordinators",
+    "analytics",
 )
 
 
@@ -82,10 +101,33 @@ class ModelRules:
     max_parameters: int | None = None
 
 
+#: Training-config bounds that hold without a policy file (see the module docstring).
+DEFAULT_MAX_EPOCHS = 100
+DEFAULT_MAX_BATCH_SIZE = 65_536
+DEFAULT_MIN_LEARNING_RATE = 1e-6
+DEFAULT_MAX_LEARNING_RATE = 10.0
+DEFAULT_MIN_GROUP_SIZE = 3
+DEFAULT_MIN_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class TrainingRules:
+    """Bounds on a plan's training config, and whether evaluation tasks run.
+
+    ``allow_evaluation`` None means the default: evaluation runs unless the policy requires
+    DP or keeps a budget (then its metrics would be an unaccounted release).
+    """
+
     max_epochs: int | None = None
-    allow_evaluation: bool = True
+    allow_evaluation: bool | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    min_learning_rate: float = DEFAULT_MIN_LEARNING_RATE
+    max_learning_rate: float = DEFAULT_MAX_LEARNING_RATE
+    evaluation_noise_multiplier: float | None = None
+
+    @property
+    def epochs_limit(self) -> int:
+        return self.max_epochs if self.max_epochs is not None else DEFAULT_MAX_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -93,6 +135,8 @@ class PrivacyRules:
     """Secure aggregation and differential privacy a plan must use."""
 
     require_secagg: bool = False
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE
+    min_threshold: float = DEFAULT_MIN_THRESHOLD
     require_dp: DPKind | None = None
     min_noise_multiplier: float | None = None
     max_clip_norm: float | None = None
@@ -117,6 +161,22 @@ class DatasetRules:
     label_histogram_labels: int | None = None
 
 
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MAX_QUERY_EPSILON = 1.0
+
+
+@dataclass(frozen=True)
+class AnalyticsRules:
+    """What federated-analytics queries may read and release (``[analytics]``).
+
+    ``allowed_columns`` None: every column the table's metadata declares.
+    """
+
+    allowed_columns: tuple[str, ...] | None = None
+    min_count: int = DEFAULT_MIN_COUNT
+    max_epsilon: float = DEFAULT_MAX_QUERY_EPSILON
+
+
 @dataclass(frozen=True)
 class Policy:
     """Everything a data owner's ``policy.toml`` says (see the module docstring)."""
@@ -128,6 +188,19 @@ class Policy:
     dataset: DatasetRules = field(default_factory=DatasetRules)
     allowed_coordinators: tuple[str, ...] | None = None
     source: str = "policy"
+    #: None: this worker answers no analytics queries.
+    analytics: AnalyticsRules | None = None
+
+    @property
+    def private(self) -> bool:
+        """Every number leaving the worker must be DP: the policy requires DP or keeps a
+        budget. Evaluation is then off unless allowed explicitly, with noise."""
+        return self.privacy.require_dp is not None or self.budget is not None
+
+    @property
+    def evaluation_allowed(self) -> bool:
+        allowed = self.training.allow_evaluation
+        return (not self.private) if allowed is None else allowed
 
     def describe(self) -> list[str]:
         """The rules in force, one line each (logged by the worker at start)."""
@@ -138,8 +211,12 @@ class Policy:
             lines.append(f"at most {self.models.max_parameters:,} parameters")
         if self.training.max_epochs is not None:
             lines.append(f"at most {self.training.max_epochs} local epoch(s) per round")
-        if not self.training.allow_evaluation:
+        if not self.evaluation_allowed:
             lines.append("no federated evaluation")
+        elif self.private:
+            z = self.training.evaluation_noise_multiplier
+            noise = f"noise multiplier {z:g}" if z is not None else "no noise configured"
+            lines.append(f"evaluation accuracy released with {noise}")
         if self.privacy.require_secagg:
             lines.append("secure aggregation required")
         if self.privacy.require_dp is not None:
@@ -158,6 +235,13 @@ class Policy:
             lines.append("releases a noisy label histogram")
         if self.allowed_coordinators is not None:
             lines.append(f"coordinators: {', '.join(self.allowed_coordinators)}")
+        if self.analytics is not None:
+            a = self.analytics
+            columns = ", ".join(a.allowed_columns) if a.allowed_columns is not None else "all"
+            lines.append(
+                f"analytics queries on columns {columns}, at least {a.min_count} records per "
+                f"cell, epsilon <= {a.max_epsilon:g} per query"
+            )
         return lines or ["no restrictions"]
 
 
@@ -181,13 +265,38 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     m = section("models", ("allowed", "max-parameters"))
     models = ModelRules(m.strings("allowed"), m.integer("max-parameters", minimum=1))
 
-    t = section("training", ("max-epochs", "allow-evaluation"))
-    training = TrainingRules(
-        t.integer("max-epochs", minimum=1), _default(t.boolean("allow-evaluation"), True)
+    t = section(
+        "training",
+        (
+            "max-epochs",
+            "max-batch-size",
+            "min-learning-rate",
+            "max-learning-rate",
+            "allow-evaluation",
+            "evaluation-noise-multiplier",
+        ),
     )
+    training = TrainingRules(
+        max_epochs=t.integer("max-epochs", minimum=1),
+        allow_evaluation=t.boolean("allow-evaluation"),
+        max_batch_size=_or(t.integer("max-batch-size", minimum=1), DEFAULT_MAX_BATCH_SIZE),
+        min_learning_rate=_or(
+            t.number("min-learning-rate", positive=True), DEFAULT_MIN_LEARNING_RATE
+        ),
+        max_learning_rate=_or(
+            t.number("max-learning-rate", positive=True), DEFAULT_MAX_LEARNING_RATE
+        ),
+        evaluation_noise_multiplier=t.number("evaluation-noise-multiplier", positive=True),
+    )
+    if training.min_learning_rate > training.max_learning_rate:
+        raise t.fail("min-learning-rate", "is above max-learning-rate")
 
-    s = section("secure-aggregation", ("required",))
+    s = section("secure-aggregation", ("required", "min-group-size", "min-threshold"))
     require_secagg = _default(s.boolean("required"), False)
+    min_group_size = _or(s.integer("min-group-size", minimum=2), DEFAULT_MIN_GROUP_SIZE)
+    min_threshold = _or(s.number("min-threshold"), DEFAULT_MIN_THRESHOLD)
+    if not 0 < min_threshold < 1:
+        raise s.fail("min-threshold", f"must be a fraction in (0, 1), got {min_threshold}")
 
     d = section(
         "differential-privacy",
@@ -204,6 +313,8 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         raise d.fail("required", f"must be one of {', '.join(DP_KINDS)}, got {required!r}")
     privacy = PrivacyRules(
         require_secagg=require_secagg,
+        min_group_size=min_group_size,
+        min_threshold=min_threshold,
         require_dp=required,
         min_noise_multiplier=d.number("min-noise-multiplier", positive=True),
         max_clip_norm=d.number("max-clip-norm", positive=True),
@@ -259,7 +370,33 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
-    return Policy(models, training, privacy, budget, dataset, coordinators, str(path))
+    analytics = None
+    if "analytics" in document:
+        a = section("analytics", ("allowed-columns", "min-count", "max-epsilon"))
+        if budget is None:
+            raise a.fail(
+                "min-count",
+                "needs a [budget] section: every query answer is charged to the silo's "
+                "budget, in the same ledger as training",
+            )
+        analytics = AnalyticsRules(
+            a.strings("allowed-columns"),
+            _or(a.integer("min-count", minimum=1), DEFAULT_MIN_COUNT),
+            _or(a.number("max-epsilon", positive=True), DEFAULT_MAX_QUERY_EPSILON),
+        )
+
+    policy = Policy(models, training, privacy, budget, dataset, coordinators, str(path), analytics)
+    if (
+        policy.private
+        and policy.evaluation_allowed
+        and training.evaluation_noise_multiplier is None
+    ):
+        raise t.fail(
+            "allow-evaluation",
+            "under required DP or a budget needs evaluation-noise-multiplier: evaluation "
+            "metrics are released only with DP noise, charged to the budget",
+        )
+    return policy
 
 
 T = TypeVar("T")
@@ -272,4 +409,11 @@ def _required(table: StrictTable, key: str, value: T | None) -> T:
 
 
 def _default(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+N = TypeVar("N", int, float)
+
+
+def _or(value: N | None, default: N) -> N:
     return default if value is None else value

@@ -11,6 +11,7 @@ silo's size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,54 +21,96 @@ from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
 from .clipping import clip_update
-from .noise import add_gaussian_noise, secure_generator
+from .noise import add_gaussian_noise, distributed_noise_std, secure_generator
 
 __all__ = ["CLIENT_DP_KEYS", "ClientDP", "PrivatizedUpdate", "privatize_update"]
 
-_CLIP, _NOISE, _BIT = "dp.clip_norm", "dp.noise_std", "dp.report_unclipped"
+_CLIP, _BIT = "dp.clip_norm", "dp.report_unclipped"
 # The round's noise multiplier z (noise std z * clip on the sum): stated so a worker's policy
 # can check it and its privacy ledger account it (fedcore.policy).
 _Z = "dp.noise_multiplier"
-CLIENT_DP_KEYS = (_CLIP, _NOISE, _BIT, _Z)
+# Distributed mode: the fewest updates a released sum may hold. The worker derives its own
+# noise share z * C / sqrt(m) from z, C and m; no plan field states the share itself, so a
+# coordinator cannot lower it without lowering a number the worker checks and charges.
+_MIN_UPDATES = "dp.min_updates"
+CLIENT_DP_KEYS = (_CLIP, _BIT, _Z, _MIN_UPDATES)
 #: Training metric carrying the adaptive-clipping bit (1.0: the update was not clipped).
 UNCLIPPED_METRIC = "dp_unclipped"
 
 
 @dataclass(frozen=True)
 class ClientDP:
-    """What a plan asks of a worker under client-level DP."""
+    """What a plan asks of a worker under client-level DP.
+
+    ``min_updates`` None is central mode (the coordinator adds the noise); an integer m is
+    distributed mode, where the worker adds its share ``noise_multiplier * clip_norm /
+    sqrt(m)`` itself (:attr:`noise_std`).
+    """
 
     clip_norm: float
-    noise_std: float = 0.0  # this worker's noise share (distributed mode), else 0
     report_unclipped: bool = False  # adaptive clipping in central mode
     noise_multiplier: float | None = None  # the round's z, for the workers' policies
+    min_updates: int | None = None  # distributed mode: the fewest updates in a released sum
 
     def __post_init__(self) -> None:
-        if not self.clip_norm > 0:
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise ConfigError(f"the plan's clip norm must be positive, got {self.clip_norm}")
-        if self.noise_std < 0:
-            raise ConfigError(f"the plan's noise share must be >= 0, got {self.noise_std}")
+        z = self.noise_multiplier
+        if z is not None and not (z >= 0 and math.isfinite(z)):
+            raise ConfigError(f"the plan's noise multiplier must be finite and >= 0, got {z}")
+        if self.min_updates is not None:
+            if self.min_updates < 1:
+                raise ConfigError(
+                    f"the plan's minimum update count must be at least 1, got {self.min_updates}"
+                )
+            if z is None:
+                raise ConfigError("distributed DP needs the plan's noise multiplier")
+
+    @property
+    def distributed(self) -> bool:
+        return self.min_updates is not None
+
+    @property
+    def noise_std(self) -> float:
+        """This worker's noise share: derived here, never read from the plan."""
+        if self.min_updates is None or self.noise_multiplier is None:
+            return 0.0
+        return distributed_noise_std(
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=self.clip_norm,
+            min_updates=self.min_updates,
+        )
 
     def to_extra(self) -> dict[str, float]:
-        extra = {
-            _CLIP: self.clip_norm,
-            _NOISE: self.noise_std,
-            _BIT: 1.0 if self.report_unclipped else 0.0,
-        }
+        extra = {_CLIP: self.clip_norm, _BIT: 1.0 if self.report_unclipped else 0.0}
         if self.noise_multiplier is not None:
             extra[_Z] = self.noise_multiplier
+        if self.min_updates is not None:
+            extra[_MIN_UPDATES] = float(self.min_updates)
         return extra
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, float]) -> ClientDP | None:
-        """The DP request in a plan, or None when the plan asks for none."""
+        """The DP request in a plan, or None when the plan asks for none.
+
+        Raises:
+            ConfigError: a value is out of range (not finite, negative, a fractional count).
+        """
         if _CLIP not in extra:
             return None
+        min_updates = None
+        if _MIN_UPDATES in extra:
+            m = float(extra[_MIN_UPDATES])
+            if not (math.isfinite(m) and m.is_integer()):
+                raise ConfigError(
+                    f"the plan's minimum update count must be a whole number, got {m}"
+                )
+            min_updates = int(m)
         return cls(
             clip_norm=float(extra[_CLIP]),
-            noise_std=float(extra.get(_NOISE, 0.0)),
             report_unclipped=bool(extra.get(_BIT, 0.0)),
             noise_multiplier=float(extra[_Z]) if _Z in extra else None,
+            min_updates=min_updates,
         )
 
 

@@ -14,11 +14,16 @@ Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import secrets
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,6 +100,8 @@ class DPSGD:
         delta: the delta at which the silo reports its epsilon (well below 1 / silo size).
         max_epsilon: the silo's budget: a round that would exceed it is refused.
         mechanism: accountant, ``"rdp"`` or ``"pld"``.
+        state_file: where the accountant's history is kept (JSON, written atomically before
+            each round trains), so a restarted worker keeps counting toward ``max_epsilon``.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class DPSGD:
         delta: float = 1e-5,
         max_epsilon: float | None = None,
         mechanism: Mechanism = "rdp",
+        state_file: Path | None = None,
     ) -> None:
         if not noise_multiplier > 0:
             raise ConfigError(f"DP-SGD needs a positive noise multiplier, got {noise_multiplier}")
@@ -117,6 +125,34 @@ class DPSGD:
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.accountant = PrivacyAccountant(mechanism=mechanism)
+        self.state_file = state_file
+        if state_file is not None and state_file.exists():
+            try:
+                self.accountant.load_state_dict(json.loads(state_file.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"cannot read the DP-SGD accountant state {state_file}: {exc}; it is never "
+                    "reset silently (remove it only if this silo's records were never trained on)"
+                ) from None
+
+    def _save(self) -> None:
+        """Write the accountant's history before the round it counts trains (a crash in
+        between over-counts: the safe side)."""
+        if self.state_file is None:
+            return
+        folder = self.state_file.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.state_file.name + ".", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.accountant.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the DP-SGD accountant state {self.state_file}: {exc.strerror}"
+            ) from None
 
     @property
     def epsilon(self) -> float:
@@ -142,7 +178,10 @@ class DPSGD:
                 "replace BatchNorm with GroupNorm (opacus ModuleValidator.fix)"
             )
         loader = DataLoader(_as_tensor_dataset(dataset), batch_size=config.batch_size)
-        generator = torch.Generator().manual_seed(config.seed)
+        # Poisson sampling decides which records each step sees: seeded from the OS's CSPRNG,
+        # never from the plan's seed (a coordinator that knew the batches could tell which
+        # records a step's noise protects least).
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
         with warnings.catch_warnings():
             # Opacus warns that its RNG is not cryptographically secure unless secure_mode is
             # on (which needs torchcsprng); the README states this limit.
@@ -173,6 +212,11 @@ class DPSGD:
                 max_grad_norm=self.max_grad_norm,
                 expected_batch_size=config.batch_size,
             )
+        # Charged before training, and persisted: a crash or an error mid-round over-counts.
+        self.accountant.step(
+            noise_multiplier=self.noise_multiplier, sample_rate=sample_rate, steps=steps
+        )
+        self._save()
         started = time.perf_counter()
         stats = _Stats()
         try:
@@ -180,16 +224,10 @@ class DPSGD:
                 _epoch(gsm, optimizer, dp_loader, device, stats)
         finally:
             gsm._close()
-            if stats.steps:
-                self.accountant.step(
-                    noise_multiplier=self.noise_multiplier,
-                    sample_rate=sample_rate,
-                    steps=stats.steps,
-                )
         # The silo's own record-level guarantee, whether or not a policy keeps a ledger.
         log.info(
             "DP-SGD: %d steps this round; this silo's records are at epsilon %.3f (delta %g)",
-            stats.steps,
+            steps,
             self.epsilon,
             self.delta,
         )

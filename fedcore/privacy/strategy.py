@@ -48,7 +48,6 @@ from .client import UNCLIPPED_METRIC, ClientDP
 from .clipping import AdaptiveClipping, clip_update
 from .noise import (
     add_gaussian_noise,
-    distributed_noise_std,
     effective_noise_multiplier,
     secure_generator,
 )
@@ -295,16 +294,12 @@ class DifferentialPrivacy(Strategy):
                     f"{round_number - 1} at epsilon {spent:.4f}"
                 )
         clip = self.clip_norm
-        share = (
-            distributed_noise_std(noise_multiplier=z, clip_norm=clip, min_updates=self.min_updates)
-            if self.mode == "distributed"
-            else 0.0
-        )
+        # Distributed mode states m; each worker derives its share z C / sqrt(m) itself.
         request = ClientDP(
             clip_norm=clip,
-            noise_std=share,
             report_unclipped=self.adaptive is not None,
             noise_multiplier=z,
+            min_updates=self.min_updates if self.mode == "distributed" else None,
         ).to_extra()
         self._rounds = {round_number: _Round(q, z, clip)}
         return [

@@ -17,7 +17,7 @@ about any single one, although every byte passes through it. Small modules, one 
 
 from __future__ import annotations
 
-from .client import ClientState, SecAggClient
+from .client import ClientRules, ClientState, SecAggClient
 from .messages import RoundSetup
 from .params import SecAggParams
 from .quantize import FixedPoint, ring_bits_for
@@ -25,6 +25,7 @@ from .server import AggregateResult, SecAggServer, ServerState
 
 __all__ = [
     "AggregateResult",
+    "ClientRules",
     "ClientState",
     "FixedPoint",
     "RoundSetup",

@@ -10,6 +10,12 @@ Every move not drawn raises; an abort forgets the round's secrets. The client an
 one unmasking request, and never reveals both the self-mask share and the masking-key share
 of the same peer: that is what keeps a worker whose masked input arrived late safe from a
 coordinator that calls it dropped *and* a survivor.
+
+Against an active coordinator the client also enforces its :class:`ClientRules`: a sharing
+group of at least ``min_group_size`` members, a Shamir threshold above ``min_threshold`` of
+the group (default: a strict majority, so no two disjoint sets of survivors can both
+reconstruct), and, when unmasking, at least ``t`` survivors *among its own neighbours* (the
+only ones whose shares it holds; counts outside its group are the coordinator's word).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import enum
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -36,9 +43,33 @@ from .messages import (
 )
 from .quantize import COUNT_WORDS, encode_count
 
-__all__ = ["ClientState", "MaskedInput", "SecAggClient", "pairwise_sign"]
+__all__ = ["ClientRules", "ClientState", "MaskedInput", "SecAggClient", "pairwise_sign"]
 
 _PLAINTEXT_BYTES = 8 + 2 * shamir.SHARE_BYTES
+
+
+@dataclass(frozen=True)
+class ClientRules:
+    """What a worker requires of a secure round, whatever the coordinator's setup says.
+
+    Args:
+        min_group_size: fewest members (this worker and its neighbours) of its sharing group.
+        min_threshold: the threshold t must exceed this fraction of the group.
+        min_survivors: fewest survivors an unmasking request may name (distributed DP: the
+            minimum update count the worker's noise share was derived from).
+    """
+
+    min_group_size: int = 3
+    min_threshold: float = 0.5
+    min_survivors: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_group_size < 2:
+            raise SecAggError(
+                f"a sharing group needs at least 2 members, got {self.min_group_size}"
+            )
+        if not 0 < self.min_threshold < 1:
+            raise SecAggError(f"the minimum threshold must be in (0, 1), got {self.min_threshold}")
 
 
 class ClientState(enum.Enum):
@@ -73,12 +104,20 @@ class SecAggClient:
 
     Args:
         setup: the round's parameters (from the task).
+        rules: what this worker requires of the round (group size, threshold, survivors).
         rounding_seed: 256-bit key of the stochastic-rounding keystream (default: fresh from
             the OS); fixed only in tests.
     """
 
-    def __init__(self, setup: RoundSetup, *, rounding_seed: bytes | None = None) -> None:
+    def __init__(
+        self,
+        setup: RoundSetup,
+        *,
+        rules: ClientRules | None = None,
+        rounding_seed: bytes | None = None,
+    ) -> None:
         self.setup = setup
+        self.rules = rules if rules is not None else ClientRules()
         self.state = ClientState.ADVERTISED
         self._cipher = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
@@ -121,10 +160,23 @@ class SecAggClient:
         t = self.setup.threshold
         if directory.index in directory.peers or directory.index < 1:
             raise self._fail(SecAggError("the key directory lists this worker as its own peer"))
-        if len(directory.peers) + 1 < t:
+        group = len(directory.peers) + 1
+        if group < t:
             raise self._fail(
-                SecAggAbortedError(
-                    f"only {len(directory.peers) + 1} workers in the group, threshold is {t}"
+                SecAggAbortedError(f"only {group} workers in the group, threshold is {t}")
+            )
+        if group < self.rules.min_group_size:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the sharing group has {group} member(s); this worker requires at least "
+                    f"{self.rules.min_group_size} (a smaller sum reveals too much of each input)"
+                )
+            )
+        if t <= self.rules.min_threshold * group:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the threshold t={t} is not above {self.rules.min_threshold:g} of the "
+                    f"group of {group}; a coordinator could unmask two disjoint subsets"
                 )
             )
         for index, peer in directory.peers.items():
@@ -267,11 +319,20 @@ class SecAggClient:
         group = self._mask_peers | {self.index}
         if not request.dropped & group <= self._mask_peers:
             raise self._fail(SecAggRefusedError("a worker called dropped never shared with us"))
-        if len(request.survivors) < self.setup.threshold:
+        # Only neighbours count: they are the survivors whose shares this worker holds.
+        neighbours = len(request.survivors & group)
+        if neighbours < self.setup.threshold:
             raise self._fail(
                 SecAggRefusedError(
-                    f"only {len(request.survivors)} survivors, below the threshold "
-                    f"{self.setup.threshold}: unmasking would expose too small a sum"
+                    f"only {neighbours} survivors among this worker's group, below the "
+                    f"threshold {self.setup.threshold}: unmasking would expose too small a sum"
+                )
+            )
+        if len(request.survivors) < self.rules.min_survivors:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"only {len(request.survivors)} survivors, fewer than the "
+                    f"{self.rules.min_survivors} updates this worker's DP noise share assumes"
                 )
             )
         response = UnmaskResponse(

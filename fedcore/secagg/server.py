@@ -106,6 +106,9 @@ class SecAggServer:
         self.request: UnmaskRequest | None = None
         self._responses: dict[int, UnmaskResponse] = {}
         self.abort_reason = ""
+        #: Participants whose unmasking shares were malformed or disagreed with the others'
+        #: (ignored: the secrets came from the consistent majority), and why.
+        self.suspects: dict[int, str] = {}
 
     @property
     def threshold(self) -> int:
@@ -283,22 +286,32 @@ class SecAggServer:
         return result
 
     def _reconstruct(self, owner: int, kind: str) -> bytes:
+        what = "self mask" if kind == "self_mask_shares" else "masking key"
         holders = (self.graph[owner] & self.u2) | {owner}
-        shares = [
-            shamir.Share.from_bytes(h, getattr(self._responses[h], kind)[owner])
-            for h in sorted(holders)
-            if h in self._responses and owner in getattr(self._responses[h], kind)
-        ]
+        shares: list[shamir.Share] = []
+        for h in sorted(holders):
+            value = getattr(self._responses[h], kind).get(owner) if h in self._responses else None
+            if value is None:
+                continue
+            try:
+                shares.append(shamir.Share.from_bytes(h, value))
+            except SecAggError as exc:
+                # One malformed share must not abort the round: the others may suffice.
+                self.suspects[h] = f"a malformed share of participant {owner}'s {what}: {exc}"
         if len(shares) < self.threshold:
             self.abort(
-                f"only {len(shares)} share(s) of participant {owner}'s "
-                f"{'self mask' if kind == 'self_mask_shares' else 'masking key'} arrived, "
+                f"only {len(shares)} valid share(s) of participant {owner}'s {what} arrived, "
                 f"t={self.threshold}"
             )
         try:
-            return shamir.combine(shares, self.threshold)
+            secret, disagreeing = shamir.combine_robust(shares, self.threshold)
         except SecAggError as exc:
-            self.abort(f"participant {owner}: {exc}")
+            self.abort(f"participant {owner}'s {what}: {exc}")
+        for h in disagreeing:
+            self.suspects[h] = (
+                f"a share of participant {owner}'s {what} that disagrees with the rest"
+            )
+        return secret
 
 
 def group_sizes(graph: Mapping[int, Iterable[int]]) -> dict[int, int]:

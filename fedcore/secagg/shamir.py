@@ -6,17 +6,24 @@ polynomial ``f`` of degree ``t - 1``; the share for holder ``x`` (a nonzero fiel
 are uniformly distributed whatever ``s`` is. The field is far larger than the secrets, so a
 reconstruction from wrong shares is detected (with overwhelming probability) because the
 result does not fit in 256 bits.
+
+A hostile holder can still shift a reconstruction undetectably within one set of ``t`` shares
+(the secret is linear in each share), so when more than ``t`` shares arrive,
+:func:`combine_robust` uses the extra ones: it accepts only a polynomial that agrees with
+enough of them to be unique (Reed-Solomon unique decoding: ``ceil((k + t) / 2)`` of ``k``),
+and says which shares disagree. One wrong share among ``t + 2`` or more is found and ignored.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fedcore.errors import SecAggError
 
-__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "split"]
+__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "combine_robust", "split"]
 
 #: The Mersenne prime 2^521 - 1: the field every share lives in.
 PRIME = (1 << 521) - 1
@@ -108,3 +115,60 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
     if secret >> (8 * SECRET_BYTES):
         raise SecAggError("the shares are inconsistent: they do not reconstruct a 256-bit secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def _evaluate(points: Sequence[Share], x: int) -> int:
+    """The degree ``len(points) - 1`` polynomial through ``points``, evaluated at ``x``."""
+    total = 0
+    for j, pj in enumerate(points):
+        num, den = 1, 1
+        for m, pm in enumerate(points):
+            if m != j:
+                num = num * (x - pm.x) % PRIME
+                den = den * (pj.x - pm.x) % PRIME
+        total = (total + pj.y * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def _candidates(k: int, t: int, tries: int) -> Iterator[list[int]]:
+    """Index sets of size ``t`` to interpolate from: the first ``t``, each of them left out
+    in turn (finds one wrong share), then random sets (several wrong shares)."""
+    yield list(range(t))
+    for left_out in range(t):
+        yield [i for i in range(t + 1) if i != left_out]
+    rng = random.Random(secrets.randbits(64))
+    for _ in range(tries):
+        yield sorted(rng.sample(range(k), t))
+
+
+def combine_robust(
+    shares: Sequence[Share], threshold: int, *, tries: int = 200
+) -> tuple[bytes, list[int]]:
+    """Reconstruct the secret when some of ``shares`` may be wrong; return it and the holders
+    whose shares disagree with it.
+
+    With ``k > threshold`` shares, a candidate polynomial (through ``threshold`` of them) is
+    accepted only if at least ``ceil((k + threshold) / 2)`` shares lie on it: then it is the
+    only such polynomial, so wrong shares can neither make it fail nor change it. With
+    ``k == threshold`` nothing can be cross-checked, and this is :func:`combine`. Raises
+    :class:`SecAggError` when no candidate gathers enough agreement (too many wrong shares).
+    """
+    k = len(shares)
+    if k <= threshold:
+        return combine(shares, threshold), []
+    _check_xs([s.x for s in shares])
+    need = (k + threshold + 1) // 2
+    for indexes in _candidates(k, threshold, tries):
+        points = [shares[i] for i in indexes]
+        agree = [s for s in shares if _evaluate(points, s.x) == s.y]
+        if len(agree) < need:
+            continue
+        secret = _evaluate(points, 0)
+        if secret >> (8 * SECRET_BYTES):
+            continue
+        bad = sorted({s.x for s in shares} - {s.x for s in agree})
+        return secret.to_bytes(SECRET_BYTES, "big"), bad
+    raise SecAggError(
+        f"the shares are inconsistent: no polynomial of degree {threshold - 1} agrees with "
+        f"{need} of the {k} shares"
+    )

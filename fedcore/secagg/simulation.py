@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from .client import SecAggClient
+from .client import ClientRules, SecAggClient
 from .messages import RoundSetup
 from .params import SecAggParams
 from .quantize import FixedPoint, ring_bits_for
@@ -22,6 +22,10 @@ from .server import AggregateResult, SecAggServer
 from .shamir import SHARE_BYTES
 
 __all__ = ["PHASES", "Simulation", "make_setup"]
+
+# Simulations explore any group and threshold (the protocol's maths); real workers enforce
+# the safe defaults of ClientRules.
+_SIMULATION_RULES = ClientRules(min_group_size=2, min_threshold=0.01)
 
 #: Where a worker can drop: before sending keys, shares, its masked input or unmask shares.
 PHASES = ("keys", "shares", "input", "unmask")
@@ -69,7 +73,11 @@ class Simulation:
         n = len(self.deltas)
         setup = make_setup(self.params, n, sum(self.counts))
         clients = {
-            i + 1: SecAggClient(setup, rounding_seed=(self.seed * 1000 + i).to_bytes(32, "big"))
+            i + 1: SecAggClient(
+                setup,
+                rules=_SIMULATION_RULES,
+                rounding_seed=(self.seed * 1000 + i).to_bytes(32, "big"),
+            )
             for i in range(n)
         }
         d = self.deltas[0].size

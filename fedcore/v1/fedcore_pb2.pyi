@@ -867,11 +867,21 @@ class FeatureSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     dtype: _builtins.str
     description: _builtins.str
+    minimum: _builtins.float
+    """Tabular columns: the public bounds of a numeric column (values are clamped to them) and
+    the public categories of a categorical one (dtype "category").
+    """
+    maximum: _builtins.float
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -879,12 +889,22 @@ class FeatureSpec(_message.Message):
         dtype: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         description: _builtins.str = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        categories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "categories", b"categories", "description", b"description", "dtype", b"dtype", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
 
 Global___FeatureSpec: _TypeAlias = FeatureSpec  # noqa: Y015
 
@@ -936,10 +956,13 @@ class DatasetInfo(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     LABEL_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    MOCK_CSV_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     license: _builtins.str
     num_examples: _builtins.int
+    mock_csv: _builtins.str
+    """Made-up rows with the dataset's schema, as CSV, when the owner attached a mock file."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """lower case, without '#': "mnist", "diabetes" """
@@ -960,10 +983,11 @@ class DatasetInfo(_message.Message):
         num_examples: _builtins.int = ...,
         features: _abc.Iterable[Global___FeatureSpec] | None = ...,
         label_histogram: Global___LabelHistogram | None = ...,
+        mock_csv: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["label_histogram", b"label_histogram"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "label_histogram", b"label_histogram", "license", b"license", "name", b"name", "num_examples", b"num_examples", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "label_histogram", b"label_histogram", "license", b"license", "mock_csv", b"mock_csv", "name", b"name", "num_examples", b"num_examples", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1052,6 +1076,7 @@ class WorkerMessage(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    ANALYTICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -1064,6 +1089,8 @@ class WorkerMessage(_message.Message):
     def error(self) -> Global___TaskError: ...
     @_builtins.property
     def secagg(self) -> Global___SecAggWorkerMessage: ...
+    @_builtins.property
+    def analytics(self) -> Global___AnalyticsWorkerMessage: ...
     def __init__(
         self,
         *,
@@ -1073,12 +1100,13 @@ class WorkerMessage(_message.Message):
         chunk: Global___PayloadChunk | None = ...,
         error: Global___TaskError | None = ...,
         secagg: Global___SecAggWorkerMessage | None = ...,
+        analytics: Global___AnalyticsWorkerMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "result", "chunk", "error", "secagg"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "result", "chunk", "error", "secagg", "analytics"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1093,6 +1121,7 @@ class CoordinatorMessage(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    ANALYTICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -1103,6 +1132,8 @@ class CoordinatorMessage(_message.Message):
     def shutdown(self) -> Global___Shutdown: ...
     @_builtins.property
     def secagg(self) -> Global___SecAggCoordinatorMessage: ...
+    @_builtins.property
+    def analytics(self) -> Global___AnalyticsCoordinatorMessage: ...
     def __init__(
         self,
         *,
@@ -1111,13 +1142,486 @@ class CoordinatorMessage(_message.Message):
         chunk: Global___PayloadChunk | None = ...,
         shutdown: Global___Shutdown | None = ...,
         secagg: Global___SecAggCoordinatorMessage | None = ...,
+        analytics: Global___AnalyticsCoordinatorMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown", "secagg"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown", "secagg", "analytics"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___CoordinatorMessage: _TypeAlias = CoordinatorMessage  # noqa: Y015
+
+@_typing.final
+class QueryTask(_message.Message):
+    """---------------------------------------------------------------- federated analytics
+
+    One query over the same Join stream (fedcore/analytics, server/analytics, worker/analytics):
+
+      coordinator                                worker
+        QueryTask (text, epsilon, delta, setup) ──▶  parsed by the worker's own parser, checked
+                                                     against its policy and budget
+               ◀──  QueryAccept, SecAggKeys        or QueryRefusal (rule, reason)
+        SecAggPeers, SecAggShares ...          ──▶  as for training (threshold = all silos)
+               ◀──  QueryMasked (its noisy local sums, fixed point, masked), charged first
+        SecAggUnmaskRequest                    ──▶
+               ◀──  SecAggUnmaskShares
+
+    The coordinator learns only the sum of the silos' noisy sums.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    SILOS_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    query: _builtins.str
+    """e.g. "mean(bmi) where age > 60 group by sex" """
+    epsilon: _builtins.float
+    delta: _builtins.float
+    silos: _builtins.int
+    """silos that share the noise (each adds 1/silos of its variance)"""
+    @_builtins.property
+    def secagg(self) -> Global___SecAggSetup:
+        """threshold = silos: nothing is unmasked unless all took part"""
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        query: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        silos: _builtins.int = ...,
+        secagg: Global___SecAggSetup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "query", b"query", "query_id", b"query_id", "secagg", b"secagg", "silos", b"silos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryTask: _TypeAlias = QueryTask  # noqa: Y015
+
+@_typing.final
+class QueryAccept(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    VECTOR_WORDS_FIELD_NUMBER: _builtins.int
+    EXACT_TEST_MODE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    noise_multiplier: _builtins.float
+    """of the Gaussian mechanism on the sensitivity-scaled sums"""
+    epsilon: _builtins.float
+    """what the query costs this silo, at `delta`"""
+    delta: _builtins.float
+    vector_words: _builtins.int
+    """length of the masked vector it will send"""
+    exact_test_mode: _builtins.bool
+    """its operator turned the noise off (tests only)"""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        vector_words: _builtins.int = ...,
+        exact_test_mode: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryAccept: _TypeAlias = QueryAccept  # noqa: Y015
+
+@_typing.final
+class QueryRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    rule: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryRefusal: _TypeAlias = QueryRefusal  # noqa: Y015
+
+@_typing.final
+class QueryMasked(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    masked: _builtins.bytes
+    """uint64 little-endian ring words: the noisy local sums, masked"""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        masked: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked", b"masked", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryMasked: _TypeAlias = QueryMasked  # noqa: Y015
+
+@_typing.final
+class AnalyticsWorkerMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPT_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def accept(self) -> Global___QueryAccept: ...
+    @_builtins.property
+    def refusal(self) -> Global___QueryRefusal: ...
+    @_builtins.property
+    def masked(self) -> Global___QueryMasked: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggWorkerMessage: ...
+    def __init__(
+        self,
+        *,
+        accept: Global___QueryAccept | None = ...,
+        refusal: Global___QueryRefusal | None = ...,
+        masked: Global___QueryMasked | None = ...,
+        secagg: Global___SecAggWorkerMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accept", "refusal", "masked", "secagg"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___AnalyticsWorkerMessage: _TypeAlias = AnalyticsWorkerMessage  # noqa: Y015
+
+@_typing.final
+class AnalyticsCoordinatorMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___QueryTask: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggCoordinatorMessage: ...
+    def __init__(
+        self,
+        *,
+        task: Global___QueryTask | None = ...,
+        secagg: Global___SecAggCoordinatorMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task", "secagg"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___AnalyticsCoordinatorMessage: _TypeAlias = AnalyticsCoordinatorMessage  # noqa: Y015
+
+@_typing.final
+class DatasetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every one must be present ("diabetes" or "#diabetes")"""
+
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetsRequest: _TypeAlias = DatasetsRequest  # noqa: Y015
+
+@_typing.final
+class SiloDataset(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    HAS_MOCK_FIELD_NUMBER: _builtins.int
+    silo: _builtins.str
+    has_mock: _builtins.bool
+    @_builtins.property
+    def dataset(self) -> Global___DatasetInfo:
+        """without its mock rows (fetch them with Mock)"""
+
+    def __init__(
+        self,
+        *,
+        silo: _builtins.str = ...,
+        dataset: Global___DatasetInfo | None = ...,
+        has_mock: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "has_mock", b"has_mock", "silo", b"silo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiloDataset: _TypeAlias = SiloDataset  # noqa: Y015
+
+@_typing.final
+class DatasetsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloDataset]: ...
+    def __init__(
+        self,
+        *,
+        datasets: _abc.Iterable[Global___SiloDataset] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetsReply: _TypeAlias = DatasetsReply  # noqa: Y015
+
+@_typing.final
+class MockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_FIELD_NUMBER: _builtins.int
+    silo: _builtins.str
+    def __init__(
+        self,
+        *,
+        silo: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["silo", b"silo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MockRequest: _TypeAlias = MockRequest  # noqa: Y015
+
+@_typing.final
+class MockReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_FIELD_NUMBER: _builtins.int
+    CSV_FIELD_NUMBER: _builtins.int
+    silo: _builtins.str
+    csv: _builtins.str
+    def __init__(
+        self,
+        *,
+        silo: _builtins.str = ...,
+        csv: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "silo", b"silo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MockReply: _TypeAlias = MockReply  # noqa: Y015
+
+@_typing.final
+class QueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    epsilon: _builtins.float
+    delta: _builtins.float
+    """0: the coordinator's default"""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the silos queried: all whose dataset carries these tags"""
+
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "query", b"query", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryRequest: _TypeAlias = QueryRequest  # noqa: Y015
+
+@_typing.final
+class SiloSpend(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    silo: _builtins.str
+    epsilon: _builtins.float
+    delta: _builtins.float
+    def __init__(
+        self,
+        *,
+        silo: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "silo", b"silo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiloSpend: _TypeAlias = SiloSpend  # noqa: Y015
+
+@_typing.final
+class AnswerCell(_message.Message):
+    """One released cell: the whole table, or one category of the group-by column."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    STD_ERROR_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    STD_ERRORS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    value: _builtins.float
+    """count, sum, mean, variance or stddev"""
+    std_error: _builtins.float
+    """of the DP noise (not of sampling)"""
+    count: _builtins.float
+    """the noisy count behind a mean or variance (else 0)"""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """histogram counts, or quantiles"""
+
+    @_builtins.property
+    def std_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        value: _builtins.float = ...,
+        std_error: _builtins.float = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        std_errors: _abc.Iterable[_builtins.float] | None = ...,
+        count: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "group", b"group", "std_error", b"std_error", "std_errors", b"std_errors", "value", b"value", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerCell: _TypeAlias = AnswerCell  # noqa: Y015
+
+@_typing.final
+class QueryReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    CELLS_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    QUANTILES_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    NOISE_STD_NAMES_FIELD_NUMBER: _builtins.int
+    EXACT_TEST_MODE_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    statistic: _builtins.str
+    """count, sum, mean, var, std, histogram, quantiles"""
+    noise_multiplier: _builtins.float
+    exact_test_mode: _builtins.bool
+    """some silo's operator turned the noise off: not private"""
+    @_builtins.property
+    def cells(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnswerCell]: ...
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """histogram edges"""
+
+    @_builtins.property
+    def quantiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the probabilities asked for"""
+
+    @_builtins.property
+    def spent(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloSpend]: ...
+    @_builtins.property
+    def noise_std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """of each released sum, per cell: count, sum, squares"""
+
+    @_builtins.property
+    def noise_std_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        statistic: _builtins.str = ...,
+        cells: _abc.Iterable[Global___AnswerCell] | None = ...,
+        bins: _abc.Iterable[_builtins.float] | None = ...,
+        quantiles: _abc.Iterable[_builtins.float] | None = ...,
+        spent: _abc.Iterable[Global___SiloSpend] | None = ...,
+        noise_multiplier: _builtins.float = ...,
+        noise_std: _abc.Iterable[_builtins.float] | None = ...,
+        noise_std_names: _abc.Iterable[_builtins.str] | None = ...,
+        exact_test_mode: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "cells", b"cells", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "noise_std", b"noise_std", "noise_std_names", b"noise_std_names", "quantiles", b"quantiles", "query", b"query", "spent", b"spent", "statistic", b"statistic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryReply: _TypeAlias = QueryReply  # noqa: Y015

@@ -96,3 +96,173 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AnalyticsStub:
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Datasets = channel.unary_unary(
+                '/fedcore.v1.Analytics/Datasets',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.DatasetsRequest.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.DatasetsReply.FromString,
+                _registered_method=True)
+        self.Mock = channel.unary_unary(
+                '/fedcore.v1.Analytics/Mock',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.MockRequest.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.MockReply.FromString,
+                _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/fedcore.v1.Analytics/Query',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.QueryRequest.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.QueryReply.FromString,
+                _registered_method=True)
+
+
+class AnalyticsServicer:
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    def Datasets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mock(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AnalyticsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Datasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.Datasets,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.DatasetsRequest.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.DatasetsReply.SerializeToString,
+            ),
+            'Mock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mock,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.MockRequest.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.MockReply.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.QueryRequest.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.QueryReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedcore.v1.Analytics', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedcore.v1.Analytics', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Analytics:
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    @staticmethod
+    def Datasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Analytics/Datasets',
+            fedcore_dot_v1_dot_fedcore__pb2.DatasetsRequest.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.DatasetsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Analytics/Mock',
+            fedcore_dot_v1_dot_fedcore__pb2.MockRequest.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.MockReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Analytics/Query',
+            fedcore_dot_v1_dot_fedcore__pb2.QueryRequest.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.QueryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -81,3 +81,61 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """The worker's session: opened with a Hello, kept open for the whole federation."""
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AnalyticsStub:
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AnalyticsAsyncStub: ...
+    Datasets: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.DatasetsRequest, _fedcore_pb2.DatasetsReply]
+    Mock: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.MockRequest, _fedcore_pb2.MockReply]
+    Query: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.QueryRequest, _fedcore_pb2.QueryReply]
+
+@_typing.type_check_only
+class AnalyticsAsyncStub(AnalyticsStub):
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Datasets: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.DatasetsRequest, _fedcore_pb2.DatasetsReply]  # type: ignore[assignment]
+    Mock: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.MockRequest, _fedcore_pb2.MockReply]  # type: ignore[assignment]
+    Query: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.QueryRequest, _fedcore_pb2.QueryReply]  # type: ignore[assignment]
+
+class AnalyticsServicer(metaclass=_abc_1.ABCMeta):
+    """Federated analytics for authenticated data scientists (a role distinct from workers, with
+    its own tokens: `fed-certs add-scientist`). Served by the coordinator next to Join; see
+    docs/analytics.md. No RPC returns a record: datasets are described by their metadata,
+    mocks are made-up rows their owners attached, and queries return noisy aggregates.
+    """
+
+    @_abc_1.abstractmethod
+    def Datasets(
+        self,
+        request: _fedcore_pb2.DatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.DatasetsReply, _abc.Awaitable[_fedcore_pb2.DatasetsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Mock(
+        self,
+        request: _fedcore_pb2.MockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.MockReply, _abc.Awaitable[_fedcore_pb2.MockReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Query(
+        self,
+        request: _fedcore_pb2.QueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.QueryReply, _abc.Awaitable[_fedcore_pb2.QueryReply]]: ...
+
+def add_AnalyticsServicer_to_server(servicer: AnalyticsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

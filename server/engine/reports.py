@@ -6,6 +6,12 @@ pipeline evaluates that model on ``--eval-data`` in a thread, fills in the round
 hands the row to every sink, asks the strategy's ``on_round_end`` whether to stop, and writes
 the checkpoint. Reports run one after another in submission order. The pipeline is the only
 owner of the pending reports: engines wait for them with :meth:`~ReportPipeline.drain`.
+
+No epsilon is lost to a crash: with ``--checkpoint-dir`` an engine calls
+:meth:`~ReportPipeline.make_durable` as soon as a round's model is made, *before* that model
+leaves the coordinator (the next round's plans, federated evaluation, ``--save-model``): the
+checkpoint, with the strategy's state and so the privacy accountant's, is then on disk
+(fsync and atomic rename). The report rewrites it with the round's evaluation.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class ReportPipeline:
         self.started = 0.0
         # Training time of the runs before a --resume: elapsed_s goes on from there.
         self._elapsed_before = self.rows[-1].elapsed_s if self.rows else 0.0
+        #: The model of the last checkpoint on disk (None: none yet).
+        self.durable: Weights | None = None
         self._last: asyncio.Task[None] | None = None
 
     def start_clock(self) -> None:
@@ -92,6 +100,25 @@ class ReportPipeline:
         self._last = asyncio.create_task(
             self._report(previous, metrics, weights, started, fit_done, states)
         )
+
+    async def make_durable(self, metrics: RoundMetrics, weights: Weights) -> None:
+        """Checkpoint the round of ``metrics`` (model ``weights``, the strategy's state now)
+        before its model may leave the coordinator; nothing without ``--checkpoint-dir``."""
+        if self._checkpointer is None:
+            return
+        await self.drain()  # the rows of the rounds before it
+        states = self._checkpointer.snapshot()
+        rows = [r.to_json() for r in [*self.rows, metrics]]
+        await self._checkpointer.save(metrics.round, weights, states, rows)
+        self.durable = weights
+
+    def exportable(self, weights: Weights) -> Weights:
+        """What may leave as the final model: ``weights``, or with checkpoints on, the last
+        checkpoint's model (a stop between a round's aggregation and its checkpoint exports
+        the round before)."""
+        if self._checkpointer is None or self.durable is None:
+            return weights
+        return self.durable
 
     async def drain(self) -> None:
         """Wait until every submitted round is reported (re-raises a report's failure)."""
@@ -143,3 +170,4 @@ class ReportPipeline:
         if self._checkpointer is not None and states is not None:
             rows = [r.to_json() for r in self.rows]
             await self._checkpointer.save(metrics.round, weights, states, rows)
+            self.durable = weights

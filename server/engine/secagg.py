@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import ProtocolError, SecAggError
+from fedcore.sanitize import printable
 from fedcore.secagg import wire
 from fedcore.secagg.params import SecAggParams
 from fedcore.secagg.quantize import COUNT_WORDS
@@ -30,6 +31,7 @@ from fedcore.weights import ModelSignature, TensorSignature, Weights, signature_
 
 from ..state.registry import SessionState, Ticket, WorkerSession
 from .collectors import FitCollector
+from .secagg_checks import bounded_count, bounded_mean
 
 __all__ = ["MASKED_TENSOR", "SecAggCollector"]
 
@@ -128,7 +130,7 @@ class SecAggCollector(FitCollector):
                     "round %d: worker %r left secure aggregation: %s",
                     self.round_number,
                     session.name,
-                    body.reason,
+                    printable(body.reason),
                 )
                 self._gave_up.add(index)
             else:
@@ -255,8 +257,31 @@ class SecAggCollector(FitCollector):
             self._send(i, unmask)
         await self._until(server.has_unmask, u3, loop.time() + phase)
         result = await asyncio.to_thread(server.finish)
+        for i, why in sorted(server.suspects.items()):
+            log.warning(
+                "round %d: worker %r sent %s; the round used the other workers' shares",
+                self.round_number,
+                self.sessions[i].name,
+                why,
+            )
+        # A lying count (zero, or beyond what the contributors announced) must neither crash
+        # the round nor skew it: see secagg_checks.
+        count = bounded_count(
+            self.round_number,
+            result.num_examples,
+            (self.sessions[i].num_examples for i in result.contributors),
+            result.weight_norm,
+        )
+        fp = self.setup.fixed_point
+        mean = bounded_mean(
+            self.round_number,
+            result.weighted_sum,
+            result.weight_norm,
+            count,
+            clip=fp.clip,
+            step=1.0 / fp.scale,
+        )
         # One update for the strategy: the weighted mean, as full weights.
-        mean = result.mean
         update: Weights = {}
         offset = 0
         for spec in self._signature:
@@ -264,7 +289,7 @@ class SecAggCollector(FitCollector):
             part = mean[offset : offset + spec.num_elements].reshape(spec.shape)
             offset += spec.num_elements
             update[spec.name] = (g.astype(np.float64) + part).astype(g.dtype)
-        await asyncio.to_thread(self.aggregator.add, update, result.num_examples)
+        await asyncio.to_thread(self.aggregator.add, update, count)
         for i in sorted(result.contributors):
             info = self.sessions[i].info
             self.results.append(FitResult(info, info.num_examples, self._metrics.get(i, {})))

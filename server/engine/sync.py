@@ -56,20 +56,15 @@ class SyncEngine:
             except PrivacyBudgetExhausted as exc:
                 log.warning("privacy budget reached: %s", exc)
                 break
-            federated: dict[str, float] = {}
-            every = cfg.federated_eval_every
-            if every and (round_number % every == 0 or round_number == cfg.rounds):
-                federated = await self._federated_evaluate(round_number)
             metrics = RoundMetrics(
                 round=round_number,
                 workers=len(collector.results),
                 failures=len(collector.failures),
                 duration_s=0.0,
-                bytes_sent=ctx.counters.bytes_sent - sent0,
-                bytes_received=ctx.counters.bytes_received - received0,
+                bytes_sent=0,
+                bytes_received=0,
                 attempts=attempts,
                 train=weighted_metrics(public_train_metrics(collector.results)),
-                federated=federated,
                 refused={f.worker.name: f.reason for f in collector.failures if f.refused},
             )
             privacy = privacy_metrics(ctx.strategy, collector.results)
@@ -77,6 +72,14 @@ class SyncEngine:
                 metrics.privacy = privacy
                 if "epsilon" in privacy:
                     metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
+            # The round's model leaves (federated evaluation, the next round) only once its
+            # checkpoint is on disk: see ReportPipeline.make_durable.
+            await reports.make_durable(metrics, ctx.weights)
+            every = cfg.federated_eval_every
+            if every and (round_number % every == 0 or round_number == cfg.rounds):
+                metrics.federated = await self._federated_evaluate(round_number)
+            metrics.bytes_sent = ctx.counters.bytes_sent - sent0
+            metrics.bytes_received = ctx.counters.bytes_received - received0
             reports.submit(metrics, ctx.weights, started)
         await reports.drain()
 

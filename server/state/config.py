@@ -14,6 +14,8 @@ from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 
+from ..analytics.settings import AnalyticsSettings
+from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
 __all__ = ["ServerConfig", "split_listen"]
@@ -62,6 +64,23 @@ class ServerConfig:
     upload_idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     shutdown_grace: float = 5.0
+    # Limits against hostile workers (see docs/coordinator-hardening.md).
+    #: Streams open at once that have not sent their hello, in total and per peer host.
+    max_pending_handshakes: int = 128
+    max_pending_per_host: int = 32
+    #: New streams per second one host may open (token bucket; 0: unlimited), and its burst.
+    handshake_rate: float = 20.0
+    handshake_burst: int = 100
+    #: gRPC: streams per connection, idle and age of a connection in seconds (0: off).
+    max_streams_per_connection: int = 8
+    max_connection_idle: float = 300.0
+    max_connection_age: float = 3600.0
+    #: An upload holding a slot must average this many bytes/s after --upload-idle-timeout.
+    upload_min_rate: float = 16384.0
+    #: Most examples one worker may claim (its hello and its results are clamped to it).
+    max_examples: int = 10_000_000
+    #: Seconds between two checks of the --enrolled file for revocations.
+    enrollment_poll: float = 1.0
     threads: int | None = None
     device: str = "cpu"
     # Transport security and authentication (see fedcore.tls, fedcore.enrollment).
@@ -81,6 +100,8 @@ class ServerConfig:
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
     dp: DPSettings | None = None
+    #: Federated analytics for data scientists (``--scientists``); None: not served.
+    analytics: AnalyticsSettings | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -134,6 +155,36 @@ class ServerConfig:
         split_listen(self.listen)
         require_tls_or_loopback(
             self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
+        )
+        require_authentication_off_loopback(
+            self.listen,
+            enrolled=self.enrolled is not None,
+            mutual_tls=self.tls is not None and self.tls.mutual,
+            insecure=self.insecure,
+        )
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        if self.max_streams_per_connection < 1:
+            raise ConfigError("--max-streams-per-connection must be at least 1")
+        if self.max_connection_idle < 0 or self.max_connection_age < 0:
+            raise ConfigError("--max-connection-idle/--max-connection-age cannot be negative")
+        if self.upload_min_rate < 0:
+            raise ConfigError("--upload-min-rate cannot be negative (0 turns it off)")
+        if self.max_examples < 1:
+            raise ConfigError("--max-examples must be at least 1")
+        if self.enrollment_poll <= 0:
+            raise ConfigError("--enrollment-poll must be positive")
+        self.gate_limits  # noqa: B018 -- validates the handshake limits now
+
+    @property
+    def gate_limits(self) -> GateLimits:
+        """The handshake gate's limits (``--max-pending-*``, ``--handshake-*``)."""
+        return GateLimits(
+            max_pending=self.max_pending_handshakes,
+            max_pending_per_host=self.max_pending_per_host,
+            rate_per_host=self.handshake_rate,
+            burst_per_host=self.handshake_burst,
         )
 
     @property

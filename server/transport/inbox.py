@@ -3,7 +3,9 @@
 Anything that breaks the protocol raises :class:`~fedcore.errors.ProtocolError`; the stream
 is then ended with a clear status and nothing the worker sent in that upload is aggregated.
 Payloads are staged in an *upload slot* (a semaphore): at most ``upload_slots`` updates are
-held in memory besides the running sum, whatever the number of workers.
+held in memory besides the running sum, whatever the number of workers. A slot is lost by an
+upload that stalls or trickles (see :meth:`Inbox.too_slow`), and given back the moment the
+upload's round ends (its ticket resolves): the rest of a late upload is read and dropped.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from dataclasses import dataclass
 
 from fedcore.codec import ChunkLike, PayloadAssembler, num_chunks
 from fedcore.errors import ModelMismatchError, PayloadError, ProtocolError
+from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
 from ..state.registry import Ticket, WorkerSession
+from .untrusted import bound_claimed_examples, clean_metrics
 
-__all__ = ["Inbox", "SecAggRoute"]
+__all__ = ["AnalyticsRoute", "Inbox", "SecAggRoute"]
 
 #: Where secure-aggregation messages go: the current round's handler.
 SecAggRoute = Callable[[WorkerSession, pb.SecAggWorkerMessage], None]
+#: Where analytics messages go: the running query's round (server/analytics).
+AnalyticsRoute = Callable[[WorkerSession, pb.AnalyticsWorkerMessage], None]
 
 log = logging.getLogger("fedcore.server")
 
@@ -52,9 +58,11 @@ class Inbox:
         chunk_limit: int,
         upload_slots: asyncio.Semaphore,
         secagg: SecAggRoute | None = None,
+        analytics: AnalyticsRoute | None = None,
     ) -> None:
         self.session = session
         self._secagg = secagg
+        self._analytics = analytics
         self._signature = signature
         self._max_model_bytes = max_model_bytes
         self._chunk_limit = chunk_limit
@@ -62,6 +70,8 @@ class Inbox:
         self._upload: _Upload | None = None
         self._holding_slot = False
         self._last_progress = 0.0
+        self._slot_since = 0.0
+        self._slot_bytes = 0
 
     def stalled_for(self) -> float:
         """Seconds since the upload holding a slot last made progress (0 when none is held).
@@ -70,6 +80,21 @@ class Inbox:
         worker) would block every other upload; the session's watchdog drops it.
         """
         return time.monotonic() - self._last_progress if self._holding_slot else 0.0
+
+    def too_slow(self, min_rate: float, grace: float) -> float | None:
+        """The average rate (bytes/s) of the upload holding a slot, when it has held the slot
+        for more than ``grace`` seconds below ``min_rate``; None otherwise.
+
+        A trickle of one small chunk just inside the idle timeout never looks idle, yet holds
+        the slot for the whole round: the watchdog drops such an upload too.
+        """
+        if not self._holding_slot or min_rate <= 0:
+            return None
+        held = time.monotonic() - self._slot_since
+        if held <= grace:
+            return None
+        rate = self._slot_bytes / held
+        return rate if rate < min_rate else None
 
     def release(self) -> None:
         """Give back the upload slot (stream ended or upload done)."""
@@ -89,9 +114,15 @@ class Inbox:
                 raise ProtocolError("a secure-aggregation message arrived, but it is off")
             self._secagg(self.session, message.secagg)
             return
+        if kind == "analytics":
+            if self._analytics is None:
+                raise ProtocolError("an analytics message arrived, but analytics is off")
+            self._analytics(self.session, message.analytics)
+            return
         if self._upload is not None:
             raise ProtocolError(f"a {kind} message arrived in the middle of an upload")
         if kind == "result":
+            _clean_result(message.result)
             await self._on_result(message.result)
         elif kind == "error":
             self._on_error(message.error)
@@ -124,6 +155,10 @@ class Inbox:
         if collector is not None:
             collector.check_result(result)
             expected = collector.update_signature or expected
+        if result.update_kind != pb.UPDATE_KIND_MASKED:
+            result.num_examples = bound_claimed_examples(
+                name, ticket.round_number, result.num_examples, self.session.num_examples
+            )
         header = result.update
         if ticket.stale:
             # Its round is over: check the framing only, and drop the chunks as they come.
@@ -154,14 +189,19 @@ class Inbox:
                 raise PayloadError(str(exc)) from None
             await self._slots.acquire()
             self._holding_slot = True
-            self._last_progress = time.monotonic()
+            self._last_progress = self._slot_since = time.monotonic()
+            self._slot_bytes = 0
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
+            # The round may end (timeout, enough results) while this upload is under way:
+            # give the slot back at once rather than when the last chunk trickles in.
+            ticket.future.add_done_callback(lambda _: self._round_ended(ticket))
         if self._upload.remaining == 0:
             await self._finish_upload()
 
     async def on_chunk(self, chunk: ChunkLike) -> None:
         """Take the next chunk of the upload in progress."""
         self._last_progress = time.monotonic()
+        self._slot_bytes += len(chunk.data)
         upload = self._upload
         if upload is None:
             raise ProtocolError("a payload chunk arrived outside of an upload")
@@ -173,6 +213,20 @@ class Inbox:
         upload.remaining -= 1
         if upload.remaining == 0:
             await self._finish_upload()
+
+    def _round_ended(self, ticket: Ticket) -> None:
+        """``ticket`` resolved while its upload may still be under way: if so, drop what was
+        assembled, read the rest without keeping it, and free the slot for another upload."""
+        upload = self._upload
+        if upload is None or upload.ticket is not ticket or upload.assembler is None:
+            return
+        upload.assembler = None
+        self.release()
+        log.info(
+            "round %d ended during worker %r's upload; its upload slot is free again",
+            ticket.round_number,
+            self.session.name,
+        )
 
     async def _finish_upload(self) -> None:
         upload, self._upload = self._upload, None
@@ -194,6 +248,7 @@ class Inbox:
 
     def _on_error(self, error: pb.TaskError) -> None:
         ticket = self._ticket_for(error.task_id)
+        error.message = printable(error.message)
         code = pb.ErrorCode.Name(error.code) if error.code in pb.ErrorCode.values() else "?"
         refused = error.code == pb.ERROR_CODE_REFUSED
         if refused:
@@ -217,3 +272,11 @@ class Inbox:
             ticket.collector.fail(ticket, reason, refused=refused, answered=True)
         if error.code == pb.ERROR_CODE_MODEL_MISMATCH:
             raise ProtocolError(f"worker cannot run the federation's model: {error.message}")
+
+
+def _clean_result(result: pb.TaskResult) -> None:
+    """Metric names made printable, non-finite values dropped (they reach tables and logs)."""
+    if result.metrics:
+        clean = clean_metrics(result.metrics)
+        result.metrics.clear()
+        result.metrics.update(clean)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,14 +28,19 @@ from fedcore.protocol import (
     max_message_bytes,
     serialize_coordinator_message,
 )
+from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
 from ..state.config import ServerConfig
 from ..state.registry import WorkerRegistry, WorkerSession
+from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
-from .inbox import Inbox, SecAggRoute
+from .inbox import AnalyticsRoute, Inbox, SecAggRoute
+from .limits import grpc_limit_options, max_concurrent_rpcs
 from .listen import EXCLUSIVE_BIND, bind_failure
+from .revocation import close_revoked
+from .untrusted import bound_announced_examples, clean_dataset
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 
@@ -76,8 +83,11 @@ class CoordinatorService:
         self.counters = TrafficCounters()
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.upload_slots)
+        self.gate = HandshakeGate(config.gate_limits)
         #: The running secure round's message handler (set by the coordinator per round).
         self.secagg_handler: SecAggRoute | None = None
+        #: Where workers' analytics messages go (set when analytics is served).
+        self.analytics_handler: AnalyticsRoute | None = None
 
     def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
         if self.config.secagg is None:
@@ -100,11 +110,7 @@ class CoordinatorService:
     def _authenticate(
         self, hello: pb.Hello, context: grpc.aio.ServicerContext[Any, Any]
     ) -> str | None:
-        for name in self.authenticator.refresh():
-            session = self.registry.by_name(name)
-            if session is not None:
-                log.warning("worker %r was revoked; closing its stream", name)
-                session.close("revoked")
+        close_revoked(self.authenticator, self.registry)
         try:
             return self.authenticator.authenticate(
                 hello.name, context.invocation_metadata(), context.auth_context()
@@ -129,7 +135,8 @@ class CoordinatorService:
         if not _NAME_PATTERN.match(hello.name):
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"worker name {hello.name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-'",
+                f"worker name {printable(hello.name, 64)!r} is invalid: use 1-128 letters, "
+                "digits, '.', '_' or '-'",
             )
         if not self.accepting:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
@@ -152,7 +159,7 @@ class CoordinatorService:
         if hello.HasField("model") and hello.model.name and hello.model.name != self.model.name:
             raise _Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker {hello.name!r} uses model {hello.model.name}, "
+                f"worker {hello.name!r} uses model {printable(hello.model.name, 64)}, "
                 f"the federation runs {self.model.name}",
             )
         if hello.model_signature:
@@ -180,13 +187,32 @@ class CoordinatorService:
         """One worker's session, from hello to shutdown."""
         peer = context.peer()
         try:
+            with self.gate.admit(peer):
+                admitted = await self._handshake(peer, context)
+        except HandshakeRefused as exc:
+            # A flood must not become a log flood: the 1st, 10th, 100th... refusal is a warning.
+            refused = self.gate.refused
+            level = logging.WARNING if math.log10(refused).is_integer() else logging.DEBUG
+            log.log(level, "refused a stream from %s: %s (%d refused so far)", peer, exc, refused)
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if admitted is None:
+            return
+        hello, identity = admitted
+        await self._session(hello, identity, peer, context)
+
+    async def _handshake(
+        self, peer: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[pb.Hello, str | None] | None:
+        """Read and check the hello; the hello and the proven identity (None: the stream
+        ended before its hello). Aborts the stream on a refusal."""
+        try:
             first = await asyncio.wait_for(context.read(), self.config.handshake_timeout)
         except TimeoutError:
             await _abort(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout"
             )
         if first is STREAM_END:
-            return
+            return None
         if isinstance(first, Undecodable):
             log.warning("refused a stream from %s: %s", peer, first.describe())
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, first.describe())
@@ -201,10 +227,25 @@ class CoordinatorService:
                 identity = self._authenticate(hello, context)
             self._check_hello(hello)
         except _Abort as refusal:
-            log.warning("refused worker %r from %s: %s", hello.name, peer, refusal.details)
+            log.warning(
+                "refused worker %r from %s: %s", printable(hello.name, 64), peer, refusal.details
+            )
             await _abort(context, refusal.code, refusal.details)
+        return hello, identity
 
+    async def _session(
+        self,
+        hello: pb.Hello,
+        identity: str | None,
+        peer: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """The joined worker's stream: welcome, then read and write until it ends."""
         session = self.registry.new_session(hello, peer, identity)
+        session.num_examples = bound_announced_examples(
+            session.name, session.num_examples, self.config.max_examples
+        )
+        session.dataset = clean_dataset(session.dataset)
         welcome = pb.CoordinatorMessage(
             welcome=pb.Welcome(
                 worker_id=session.worker_id,
@@ -239,6 +280,7 @@ class CoordinatorService:
             chunk_limit=self.config.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=self._route_secagg,
+            analytics=self.analytics_handler,
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure))
@@ -265,6 +307,7 @@ class CoordinatorService:
             reader.cancel()
             watchdog.cancel()
             inbox.release()
+            self.authenticator.forget(session.name)
             await self.registry.remove(session, failure[0].details if failure else "stream ended")
         if failure:
             await _abort(context, failure[0].code, failure[0].details)
@@ -315,6 +358,7 @@ class CoordinatorService:
         or whose upload has held an upload slot without progress for the upload timeout."""
         timeout = self.config.heartbeat_timeout
         upload_timeout = self.config.upload_idle_timeout
+        min_rate = self.config.upload_min_rate
         while not session.closed.is_set():
             await asyncio.sleep(min(timeout / 4, upload_timeout / 4, 5.0))
             if time.monotonic() - session.last_seen > timeout:
@@ -328,6 +372,15 @@ class CoordinatorService:
                     upload_timeout,
                 )
                 session.close("upload stalled")
+            elif (rate := inbox.too_slow(min_rate, upload_timeout)) is not None:
+                log.warning(
+                    "worker %r uploads at %.0f B/s, below --upload-min-rate %.0f B/s, while "
+                    "holding an upload slot; dropping it so other uploads can go on",
+                    session.name,
+                    rate,
+                    min_rate,
+                )
+                session.close("upload too slow")
 
 
 async def _abort(
@@ -338,13 +391,18 @@ async def _abort(
 
 
 async def start_grpc_server(
-    service: CoordinatorService, listen: str
+    service: CoordinatorService,
+    listen: str,
+    extra: Sequence[Callable[[grpc.aio.Server], None]] = (),
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
-    """Start a grpc.aio server with the Join service and gRPC health checking; return the
-    server, its health servicer and the bound port."""
+    """Start a grpc.aio server with the Join service and gRPC health checking (and whatever
+    ``extra`` registers, e.g. the Analytics service); return the server, its health servicer
+    and the bound port."""
     limit = max_message_bytes(service.config.chunk_bytes)
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=max_concurrent_rpcs(service.config),
         options=[
+            *grpc_limit_options(service.config),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
@@ -352,9 +410,11 @@ async def start_grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             EXCLUSIVE_BIND,
-        ]
+        ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
+    for register in extra:
+        register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     tls = service.config.tls

@@ -1,0 +1,200 @@
+"""The data scientist's Python API: ``fedcore.connect(...)``.
+
+::
+
+    import fedcore
+
+    with fedcore.connect("coord.example.org:50051", token_file="alice.token",
+                         tls_ca="ca.pem") as fed:
+        for d in fed.datasets(tag="diabetes"):
+            print(d.silo, d.dataset.summary())
+        print(fed.mock("hospital-a"))                       # made-up rows, same schema
+        answer = fed.query("mean(bmi) where age > 60", epsilon=0.5, tags=["diabetes"])
+        print(answer.value, "±", answer.cells[0].std_error, answer.spent)
+
+There is no call that returns records: the service has none to give (datasets are their
+public metadata, mocks are made-up rows, queries return noisy aggregates).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from fedcore.data.metadata import DatasetMetadata
+from fedcore.enrollment import TOKEN_METADATA_KEY
+from fedcore.errors import ConfigError, FedcoreError, QueryRefusedError
+from fedcore.tls import ClientTLS, require_tls_or_loopback
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.v1 import fedcore_pb2_grpc
+
+from .answer import Answer, Cell, SiloSpend
+from .query import QueryError
+
+__all__ = ["TOKEN_ENV", "AnalyticsClient", "DatasetEntry", "answer_from_proto", "connect"]
+
+#: Environment variable holding the data scientist's token when no token file is given.
+TOKEN_ENV = "FEDCORE_SCIENTIST_TOKEN"
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A silo's table, by its public description."""
+
+    silo: str
+    dataset: DatasetMetadata
+    has_mock: bool
+
+
+def answer_from_proto(reply: pb.QueryReply) -> Answer:
+    return Answer(
+        query=reply.query,
+        statistic=reply.statistic,
+        cells=tuple(
+            Cell(c.group, c.value, c.std_error, tuple(c.values), tuple(c.std_errors), c.count)
+            for c in reply.cells
+        ),
+        spent=tuple(SiloSpend(s.silo, s.epsilon, s.delta) for s in reply.spent),
+        noise_multiplier=reply.noise_multiplier,
+        noise_std=dict(zip(reply.noise_std_names, reply.noise_std, strict=True)),
+        bins=tuple(reply.bins),
+        quantiles=tuple(reply.quantiles),
+        exact_test_mode=reply.exact_test_mode,
+    )
+
+
+class AnalyticsClient:
+    """A connection to a coordinator's Analytics service (use :func:`connect`)."""
+
+    def __init__(self, channel: grpc.Channel, token: str, *, timeout: float = 300.0) -> None:
+        self._channel = channel
+        self._stub = fedcore_pb2_grpc.AnalyticsStub(channel)
+        self._metadata = ((TOKEN_METADATA_KEY, token),)
+        self.timeout = timeout
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or code.name
+            if code is grpc.StatusCode.INVALID_ARGUMENT:
+                raise QueryError(details) from None
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise QueryRefusedError(details) from None
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                raise ConfigError(details) from None
+            raise FedcoreError(f"the coordinator answered {code.name}: {details}") from None
+
+    def datasets(self, tag: str | Sequence[str] | None = None) -> list[DatasetEntry]:
+        """The connected silos' tables, optionally only those carrying ``tag`` (or all of
+        several tags)."""
+        tags = [tag] if isinstance(tag, str) else list(tag or ())
+        reply = self._call(self._stub.Datasets, pb.DatasetsRequest(tags=tags))
+        return [
+            DatasetEntry(d.silo, DatasetMetadata.from_proto(d.dataset), d.has_mock)
+            for d in reply.datasets
+        ]
+
+    def mock_csv(self, silo: str) -> str:
+        """The mock rows silo ``silo`` attached, as CSV text."""
+        reply = self._call(self._stub.Mock, pb.MockRequest(silo=silo))
+        return str(reply.csv)
+
+    def mock(self, silo: str) -> Any:
+        """The mock rows silo ``silo`` attached, as a ``pyarrow.Table`` (``.to_pandas()`` if
+        pandas is installed)."""
+        import pyarrow.csv as pacsv
+
+        return pacsv.read_csv(io.BytesIO(self.mock_csv(silo).encode()))
+
+    def query(
+        self,
+        text: str,
+        *,
+        epsilon: float,
+        delta: float = 0.0,
+        tags: Sequence[str] | str = (),
+    ) -> Answer:
+        """Ask ``text`` (see :mod:`fedcore.analytics.query`) over every silo tagged ``tags``,
+        spending ``epsilon`` (at ``delta``; 0: the coordinator's default) of each silo's
+        budget.
+
+        Raises:
+            QueryError: the query is malformed or does not fit the datasets.
+            QueryRefusedError: a silo refused it (each silo's rule and reason are given).
+        """
+        request = pb.QueryRequest(
+            query=text,
+            epsilon=epsilon,
+            delta=delta,
+            tags=[tags] if isinstance(tags, str) else list(tags),
+        )
+        return answer_from_proto(self._call(self._stub.Query, request))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AnalyticsClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def read_token(token: str | None, token_file: str | Path | None) -> str:
+    """The token given, or read from ``token_file``, or from ``$FEDCORE_SCIENTIST_TOKEN``."""
+    if token:
+        return token
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        if not text:
+            raise ConfigError(f"the token file {token_file} is empty")
+        return text
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    raise ConfigError(
+        f"a data scientist's token is needed: --token-file (or ${TOKEN_ENV}); "
+        "get one with `fed-certs add-scientist`"
+    )
+
+
+def connect(
+    server: str,
+    *,
+    token: str | None = None,
+    token_file: str | Path | None = None,
+    tls_ca: str | Path | None = None,
+    tls_server_name: str | None = None,
+    insecure: bool = False,
+    timeout: float = 300.0,
+) -> AnalyticsClient:
+    """Connect to the coordinator at ``server`` (``HOST:PORT``) as a data scientist.
+
+    Plaintext is refused to any other machine than this one unless ``insecure``; give
+    ``tls_ca`` (the CA that signed the coordinator's certificate) instead.
+    """
+    secret = read_token(token, token_file)
+    if tls_ca is None:
+        require_tls_or_loopback(server, tls=False, insecure=insecure, role="data scientist")
+        channel = grpc.insecure_channel(server)
+    else:
+        tls = ClientTLS(Path(tls_ca), server_name=tls_server_name)
+        channel = grpc.secure_channel(server, tls.credentials(), options=tls.channel_options())
+    return AnalyticsClient(channel, secret, timeout=timeout)

@@ -1,0 +1,137 @@
+"""What a query releases: a fixed vector of sums, its cells, and each sum's sensitivity.
+
+The vector's shape depends only on the query and the *public* schema (bounds, categories),
+never on the data, so its length reveals nothing. Per cell (the whole table, or each public
+category of the group-by column):
+
+==============  ==========================================  =============================
+statistic       sums released per cell                       sensitivity of each sum
+==============  ==========================================  =============================
+count           n                                            1
+sum             sum(x)                                       max(|lo|, |hi|)
+mean            n, sum(x - c)                                1, w/2
+var, std        n, sum(x - c), sum((x - c)^2)                1, w/2, (w/2)^2
+histogram       one count per bin                            1 (a record is in one bin)
+quantiles       one count per bin of a fine histogram        1
+==============  ==========================================  =============================
+
+with ``x`` clamped to the column's bounds ``[lo, hi]``, ``w = hi - lo`` and ``c`` their
+midpoint (centring halves the sum's sensitivity). One record is in at most one cell, and
+touches ``k`` sums of it (``touched``): 1 for counts and histograms, 2 for a mean, 3 for a
+variance. Divided by its sensitivity, every sum moves by at most 1 when a record is added or
+removed, so the scaled vector has L2 sensitivity ``sqrt(k)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.data.metadata import FeatureInfo
+
+from .query import Query, QueryError
+
+__all__ = ["QUANTILE_BINS", "Layout", "plan_layout"]
+
+#: Bins of the DP histogram that quantiles are read from (equal width over the bounds).
+QUANTILE_BINS = 64
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The released vector of one query: ``len(groups) * len(sums)`` words, cell-major."""
+
+    query: Query
+    groups: tuple[str, ...]
+    sums: tuple[str, ...]
+    sensitivities: tuple[float, ...]
+    touched: int
+    bounds: tuple[float, float] | None
+    edges: tuple[float, ...] = ()
+
+    @property
+    def words(self) -> int:
+        return len(self.groups) * len(self.sums)
+
+    @property
+    def center(self) -> float:
+        if self.bounds is None:
+            return 0.0
+        return (self.bounds[0] + self.bounds[1]) / 2
+
+    def scale_vector(self) -> np.ndarray:
+        """Each word's sensitivity, for the whole vector."""
+        return np.tile(np.asarray(self.sensitivities, dtype=np.float64), len(self.groups))
+
+
+def _feature(schema: Mapping[str, FeatureInfo], name: str, role: str) -> FeatureInfo:
+    feature = schema.get(name)
+    if feature is None:
+        raise QueryError(
+            f"the dataset has no column {name!r} (used as {role}); its columns are "
+            f"{', '.join(schema) or 'none'}"
+        )
+    return feature
+
+
+def _numeric(schema: Mapping[str, FeatureInfo], name: str, role: str) -> tuple[float, float]:
+    feature = _feature(schema, name, role)
+    if feature.is_categorical:
+        raise QueryError(f"column {name!r} is categorical; {role} needs a numeric column")
+    bounds = feature.bounds
+    if bounds is None:
+        raise QueryError(
+            f"column {name!r} has no public bounds (minimum/maximum in the dataset's metadata); "
+            "without them a query's sensitivity is unbounded"
+        )
+    return bounds
+
+
+def plan_layout(query: Query, schema: Mapping[str, FeatureInfo]) -> Layout:
+    """Check ``query`` against the public schema and lay out what it releases.
+
+    Raises:
+        QueryError: an unknown column, a statistic of a categorical column, a comparison of
+            the wrong type, or a group-by column that is not categorical.
+    """
+    for condition in query.where:
+        feature = _feature(schema, condition.column, "a filter")
+        if feature.is_categorical:
+            if not isinstance(condition.value, str) or condition.op not in ("==", "!="):
+                raise QueryError(
+                    f"categorical column {condition.column!r} compares with == or != and a "
+                    f'quoted category, e.g. {condition.column} == "{feature.categories[0]}"'
+                )
+        elif isinstance(condition.value, str):
+            raise QueryError(f"numeric column {condition.column!r} compares with a number")
+    groups: tuple[str, ...] = ("",)
+    if query.group_by is not None:
+        feature = _feature(schema, query.group_by, "the group-by column")
+        if not feature.is_categorical:
+            raise QueryError(
+                f"group by needs a categorical column with public categories; "
+                f"{query.group_by!r} is {feature.dtype or 'numeric'}"
+            )
+        groups = feature.categories
+    s = query.statistic
+    if s == "count":
+        return Layout(query, groups, ("count",), (1.0,), 1, None)
+    assert query.column is not None  # the parser requires one for every other statistic
+    lo, hi = _numeric(schema, query.column, f"{s}()")
+    half = (hi - lo) / 2
+    if s == "sum":
+        return Layout(query, groups, ("sum",), (max(abs(lo), abs(hi)),), 1, (lo, hi))
+    if s == "mean":
+        return Layout(query, groups, ("count", "sum"), (1.0, half), 2, (lo, hi))
+    if s in ("var", "std"):
+        return Layout(
+            query, groups, ("count", "sum", "squares"), (1.0, half, half * half), 3, (lo, hi)
+        )
+    if s == "histogram":
+        edges = query.bins or tuple(np.linspace(lo, hi, query.num_bins + 1).tolist())
+    else:
+        edges = tuple(np.linspace(lo, hi, QUANTILE_BINS + 1).tolist())
+    names = tuple(f"bin{i}" for i in range(len(edges) - 1))
+    return Layout(query, groups, names, (1.0,) * len(names), 1, (lo, hi), edges)

@@ -1,0 +1,164 @@
+"""What the Analytics service does, without gRPC: search datasets, hand out mocks, answer
+queries (one at a time) over the connected silos that serve tables."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.analytics.answer import Answer, SiloSpend, cells_from_totals
+from fedcore.analytics.layout import Layout, plan_layout
+from fedcore.analytics.mechanism import noise_multiplier_for, noise_std
+from fedcore.analytics.query import parse_query
+from fedcore.data.metadata import DatasetMetadata, FeatureInfo, normalize_tag
+from fedcore.errors import QueryRefusedError
+from fedcore.protocol import ANALYTICS_CAPABILITY
+from fedcore.v1 import fedcore_pb2 as pb
+
+from ..state.registry import SessionState, WorkerRegistry, WorkerSession
+from .rounds import QueryRound
+from .settings import AnalyticsSettings
+
+__all__ = ["AnalyticsFrontend", "SiloEntry"]
+
+log = logging.getLogger("fedcore.server")
+
+
+@dataclass(frozen=True)
+class SiloEntry:
+    """A connected silo's dataset, as a data scientist may see it."""
+
+    silo: str
+    dataset: DatasetMetadata
+
+
+class AnalyticsFrontend:
+    """Datasets, mocks and queries over the registry's silos."""
+
+    def __init__(self, settings: AnalyticsSettings, registry: WorkerRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._lock = asyncio.Lock()
+        self._round: QueryRound | None = None
+
+    def route(self, session: WorkerSession, message: pb.AnalyticsWorkerMessage) -> None:
+        """A worker's analytics message: to the running query (dropped when there is none)."""
+        current = self._round
+        if current is not None:
+            current.on_message(session, message)
+
+    def silos(self, tags: tuple[str, ...] = ()) -> list[SiloEntry]:
+        """Connected silos serving a table whose dataset carries every tag of ``tags``."""
+        wanted = tuple(normalize_tag(t) for t in tags)
+        out = []
+        for session in self.registry.sessions():
+            dataset = session.dataset
+            if (
+                session.state is SessionState.CLOSED
+                or dataset is None
+                or ANALYTICS_CAPABILITY not in session.capabilities
+                or not dataset.has_tags(wanted)
+            ):
+                continue
+            out.append(SiloEntry(session.name, dataset))
+        return sorted(out, key=lambda e: e.silo)
+
+    def mock(self, silo: str) -> str:
+        """The mock rows (CSV) silo ``silo`` attached; never its data.
+
+        Raises:
+            QueryRefusedError: no such silo, or it attached no mock.
+        """
+        entry = next((e for e in self.silos() if e.silo == silo), None)
+        if entry is None:
+            raise QueryRefusedError(f"no connected silo {silo!r} serves a table")
+        if not entry.dataset.mock_csv:
+            raise QueryRefusedError(f"silo {silo!r} attached no mock data to its table")
+        return entry.dataset.mock_csv
+
+    def _schema(self, entries: list[SiloEntry]) -> dict[str, FeatureInfo]:
+        """The silos' common public schema; they must declare the same columns, bounds and
+        categories, or the totals would mix incompatible sums."""
+
+        def public(features: tuple[FeatureInfo, ...]) -> list[tuple[object, ...]]:
+            return [(f.name, f.dtype, f.bounds, f.categories) for f in features]
+
+        first = entries[0].dataset.features
+        for entry in entries[1:]:
+            if public(entry.dataset.features) != public(first):
+                raise QueryRefusedError(
+                    f"silos {entries[0].silo!r} and {entry.silo!r} declare different columns, "
+                    "bounds or categories; query them by a tag only one schema carries"
+                )
+        return {f.name: f for f in first}
+
+    async def query(
+        self, text: str, *, epsilon: float, delta: float = 0.0, tags: tuple[str, ...] = ()
+    ) -> Answer:
+        """Answer ``text`` over every silo tagged ``tags``.
+
+        Raises:
+            QueryError: the query does not parse or fit the schema.
+            QueryRefusedError: no silos, different schemas, or a silo refused or failed.
+        """
+        query = parse_query(text)
+        delta = delta or self.settings.default_delta
+        z = noise_multiplier_for(epsilon, delta)
+        async with self._lock:
+            entries = self.silos(tags)
+            if not entries:
+                hint = f" tagged {' '.join('#' + t for t in tags)}" if tags else ""
+                raise QueryRefusedError(f"no connected silo{hint} serves a table")
+            layout = plan_layout(query, self._schema(entries))
+            sessions = [s for e in entries if (s := self.registry.by_name(e.silo)) is not None]
+            query_id = uuid.uuid4().hex
+            self._round = QueryRound(
+                query_id,
+                layout,
+                epsilon=epsilon,
+                delta=delta,
+                noise_multiplier=z,
+                sessions=sessions,
+                phase_timeout=self.settings.phase_timeout,
+            )
+            log.info(
+                "query %s: %r at epsilon %g over %d silo(s)",
+                query_id,
+                query.text(),
+                epsilon,
+                len(sessions),
+            )
+            try:
+                outcome = await self._round.run(query.text())
+            finally:
+                self._round = None
+        return _answer(layout, outcome.totals, outcome.accepts, z, delta)
+
+
+def _answer(
+    layout: Layout,
+    totals: np.ndarray,
+    accepts: dict[str, pb.QueryAccept],
+    z: float,
+    delta: float,
+) -> Answer:
+    exact = any(a.exact_test_mode for a in accepts.values())
+    std = np.zeros(layout.words) if exact else noise_std(layout, z)
+    per_sum = dict(zip(layout.sums, std[: len(layout.sums)].tolist(), strict=True))
+    if layout.query.statistic in ("histogram", "quantiles"):
+        per_sum = {"bin": float(std[0])}
+    return Answer(
+        query=layout.query.text(),
+        statistic=layout.query.statistic,
+        cells=cells_from_totals(layout, totals, std),
+        spent=tuple(SiloSpend(name, a.epsilon, a.delta) for name, a in accepts.items()),
+        noise_multiplier=z,
+        noise_std=per_sum,
+        bins=layout.edges if layout.query.statistic == "histogram" else (),
+        quantiles=layout.query.quantiles,
+        exact_test_mode=exact,
+    )

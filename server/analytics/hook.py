@@ -1,0 +1,25 @@
+"""The coordinator's one call into analytics (kept narrow so the server can be reorganized)."""
+
+from __future__ import annotations
+
+from fedcore.enrollment import Enrollment
+
+from ..state.registry import WorkerRegistry
+from ..transport.service import CoordinatorService
+from .frontend import AnalyticsFrontend
+from .service import AnalyticsService
+from .settings import AnalyticsSettings
+
+__all__ = ["serve_analytics"]
+
+
+def serve_analytics(
+    settings: AnalyticsSettings | None, registry: WorkerRegistry, service: CoordinatorService
+) -> AnalyticsService | None:
+    """The Analytics service over ``registry``'s silos (None when not configured); the
+    workers' analytics messages are routed to it through ``service``."""
+    if settings is None:
+        return None
+    frontend = AnalyticsFrontend(settings, registry)
+    service.analytics_handler = frontend.route
+    return AnalyticsService(frontend, Enrollment(settings.scientists, section="scientists"))

@@ -1,0 +1,232 @@
+"""One query's round over the workers' streams: admission, then the four secure phases.
+
+::
+
+    QueryTask ──▶ every silo: QueryAccept + keys (or a QueryRefusal: the query fails, nothing
+                  is unmasked, the others abandon their round)
+    peers ──▶ shares ──▶ masked noisy sums ──▶ unmasking ──▶ the noisy totals
+
+The round's threshold is the number of silos: if any silo is missing at any phase, the round
+aborts and nothing is revealed. The coordinator only ever holds masked vectors and the total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedcore.analytics.encoding import masked_words, round_setup
+from fedcore.analytics.layout import Layout
+from fedcore.errors import ProtocolError, QueryRefusedError, SecAggError
+from fedcore.secagg import wire
+from fedcore.secagg.server import SecAggServer
+from fedcore.v1 import fedcore_pb2 as pb
+
+from ..state.registry import SessionState, WorkerSession
+
+__all__ = ["QueryOutcome", "QueryRound"]
+
+log = logging.getLogger("fedcore.server")
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """The noisy totals (in the sums' units) and what each silo said when it accepted."""
+
+    totals: npt.NDArray[np.float64]
+    accepts: dict[str, pb.QueryAccept]
+
+
+class QueryRound:
+    """Drives one query across ``sessions`` (indexes 1..n in order)."""
+
+    def __init__(
+        self,
+        query_id: str,
+        layout: Layout,
+        *,
+        epsilon: float,
+        delta: float,
+        noise_multiplier: float,
+        sessions: Sequence[WorkerSession],
+        phase_timeout: float,
+    ) -> None:
+        self.query_id = query_id
+        self.layout = layout
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self.sessions = {i + 1: s for i, s in enumerate(sessions)}
+        self._index = {s.worker_id: i for i, s in self.sessions.items()}
+        self.phase_timeout = phase_timeout
+        self.words = masked_words(layout.words)
+        self.setup = round_setup(query_id, len(sessions), phase_timeout)
+        self.server = SecAggServer(self.setup, len(sessions), self.words)
+        self.accepts: dict[int, pb.QueryAccept] = {}
+        self.refusals: dict[int, str] = {}
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ wire in
+
+    def on_message(self, session: WorkerSession, message: pb.AnalyticsWorkerMessage) -> None:
+        """Route one message of a participant (raises ProtocolError on a malformed one)."""
+        index = self._index.get(session.worker_id)
+        kind = message.WhichOneof("body")
+        if index is None or kind is None:
+            return
+        try:
+            if kind == "accept":
+                self._accept(index, message.accept)
+            elif kind == "refusal":
+                r = message.refusal
+                if r.query_id == self.query_id:
+                    self.refusals[index] = f"[{r.rule}] {r.reason}"[:2000]
+            elif kind == "masked":
+                self._masked(index, message.masked)
+            else:
+                self._secagg(index, message.secagg)
+        except SecAggError as exc:
+            raise ProtocolError(f"analytics secure aggregation: {exc}") from None
+        self._changed.set()
+
+    def _accept(self, index: int, accept: pb.QueryAccept) -> None:
+        if accept.query_id != self.query_id:
+            return
+        if accept.vector_words != self.words:
+            self.refusals[index] = (
+                f"announced {accept.vector_words} words, the query needs {self.words}"
+            )
+        elif not math.isclose(accept.noise_multiplier, self.noise_multiplier, rel_tol=1e-3):
+            self.refusals[index] = (
+                f"calibrated noise multiplier {accept.noise_multiplier:.6g}, the coordinator "
+                f"{self.noise_multiplier:.6g}; run matching fedcore versions"
+            )
+        else:
+            self.accepts[index] = accept
+
+    def _masked(self, index: int, masked: pb.QueryMasked) -> None:
+        if masked.query_id != self.query_id:
+            return
+        if len(masked.masked) != 8 * self.words:
+            raise ProtocolError(
+                f"a masked query answer of {len(masked.masked)} bytes, expected {8 * self.words}"
+            )
+        vector = np.frombuffer(masked.masked, dtype="<u8").astype(np.uint64)
+        self.server.add_masked(index, vector)
+
+    def _secagg(self, index: int, message: pb.SecAggWorkerMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind is None:
+            return
+        body = getattr(message, kind)
+        if body.round_id != self.query_id:
+            return
+        if kind == "keys":
+            self.server.add_keys(index, wire.keys_from_proto(body))
+        elif kind == "shares":
+            self.server.add_shares(index, wire.shares_from_proto(body))
+        elif kind == "unmask":
+            self.server.add_unmask(index, wire.response_from_proto(body))
+        else:
+            self.refusals[index] = f"left the secure round: {body.reason}"[:2000]
+
+    # ------------------------------------------------------------------ phases
+
+    def _send(self, index: int, **fields: object) -> None:
+        message = pb.AnalyticsCoordinatorMessage(**fields)  # type: ignore[arg-type]
+        self.sessions[index].send_urgent(pb.CoordinatorMessage(analytics=message))
+
+    def _send_secagg(self, index: int, **fields: object) -> None:
+        self._send(index, secagg=pb.SecAggCoordinatorMessage(**fields))  # type: ignore[arg-type]
+
+    def _failed(self) -> str | None:
+        if self.refusals:
+            return "; ".join(
+                f"silo {self.sessions[i].name!r}: {why}" for i, why in sorted(self.refusals.items())
+            )
+        gone = [s.name for s in self.sessions.values() if s.state is SessionState.CLOSED]
+        if gone:
+            return f"silo(s) {', '.join(gone)} disconnected"
+        return None
+
+    async def _until(self, done: Callable[[int], bool], what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.phase_timeout
+        while True:
+            failure = self._failed()
+            if failure is not None:
+                raise QueryRefusedError(f"the query was not answered: {failure}")
+            if all(done(i) for i in self.sessions):
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                late = [s.name for i, s in self.sessions.items() if not done(i)]
+                raise QueryRefusedError(
+                    f"the query was not answered: no {what} from {', '.join(late)} within "
+                    f"{self.phase_timeout:g} s"
+                )
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                continue
+
+    async def run(self, query_text: str) -> QueryOutcome:
+        """Ask every silo, run the secure round, return the noisy totals.
+
+        Raises:
+            QueryRefusedError: a silo refused (with its rule and reason), left, or was late.
+        """
+        try:
+            return await self._run(query_text)
+        except (QueryRefusedError, SecAggError) as exc:
+            abort = pb.SecAggAbort(round_id=self.query_id, reason=str(exc)[:500])
+            for i in self.sessions:
+                self._send_secagg(i, abort=abort)
+            if isinstance(exc, SecAggError):
+                raise QueryRefusedError(f"the query's secure round failed: {exc}") from None
+            raise
+
+    async def _run(self, query_text: str) -> QueryOutcome:
+        task = pb.QueryTask(
+            query_id=self.query_id,
+            query=query_text,
+            epsilon=self.epsilon,
+            delta=self.delta,
+            silos=len(self.sessions),
+            secagg=wire.setup_to_proto(self.setup),
+        )
+        for i in self.sessions:
+            self._send(i, task=task)
+        server = self.server
+        await self._until(lambda i: i in self.accepts and i in server.keys, "acceptance")
+        directories = server.close_keys()
+        for i, directory in directories.items():
+            self._send_secagg(i, peers=wire.directory_to_proto(self.query_id, directory))
+        await self._until(server.has_shares, "key shares")
+        for i, shares in server.close_shares().items():
+            self._send_secagg(i, shares=wire.shares_to_proto(self.query_id, shares))
+        await self._until(lambda i: i in server.u3, "masked answer")
+        request = server.close_inputs()
+        unmask = wire.request_to_proto(self.query_id, request)
+        for i in server.recipients_of_request():
+            self._send_secagg(i, unmask=unmask)
+        await self._until(server.has_unmask, "unmasking shares")
+        result = await asyncio.to_thread(server.finish)
+        if result.num_examples != len(self.sessions):
+            raise QueryRefusedError(
+                f"the sum holds {result.num_examples} silo(s), {len(self.sessions)} expected"
+            )
+        totals = result.weighted_sum * self.layout.scale_vector()
+        log.info(
+            "query %s: securely summed the answers of %d silo(s)", self.query_id, len(self.sessions)
+        )
+        return QueryOutcome(
+            totals, {self.sessions[i].name: a for i, a in sorted(self.accepts.items())}
+        )
