@@ -62,6 +62,9 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fed-server",
+        # A mistyped flag then shows one usage line above the error, not forty; --help
+        # lists every option.
+        usage="%(prog)s [options]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--listen",
         default="127.0.0.1:50051",
-        help="address to serve on; port 0 picks a free port (default: %(default)s)",
+        metavar="HOST:PORT",
+        help="address to serve on, port included (0 picks a free one); a port another process "
+        "holds is refused (default: %(default)s)",
     )
     g.add_argument(
         "--model",

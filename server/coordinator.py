@@ -25,7 +25,13 @@ from fedcore.enrollment import Enrollment
 from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.privacy import DifferentialPrivacy
-from fedcore.strategy import Strategy, WorkerInfo, check_secure_aggregation, load_strategy
+from fedcore.strategy import (
+    Strategy,
+    WorkerInfo,
+    check_round_size,
+    check_secure_aggregation,
+    load_strategy,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -81,6 +87,12 @@ def prepare_strategy(config: ServerConfig, strategy: Strategy | None) -> Strateg
             f"{'with' if secure else 'without'} --secagg; pass secure_aggregation={secure}"
         )
     check_secure_aggregation(chosen, secure_aggregation=secure)
+    if chosen.async_settings is None:
+        check_round_size(
+            chosen,
+            results_needed=config.results_needed,
+            flag="--min-results" if config.min_results is not None else "--min-workers",
+        )
     if config.compression != "none" and chosen.async_settings is not None:
         raise ConfigError(
             f"--compression {config.compression} is not supported with the asynchronous "
@@ -165,6 +177,7 @@ class Coordinator:
         if self.start_round > 1:
             self.reports.durable = weights  # the checkpoint's model is on disk already
         self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
+        self.context.rounds_completed = self.start_round - 1
 
     @property
     def weights(self) -> Weights:
@@ -214,13 +227,21 @@ class Coordinator:
             round=self.context.round or min(len(rows) + (1 if started else 0), self.config.rounds),
             rounds=self.config.rounds,
             connected=len(self.registry),
-            training=len(collector.tickets) if collector is not None else 0,
+            # A closed round has released its tickets; it still handed out `issued` tasks.
+            training=(
+                0
+                if collector is None
+                else collector.issued
+                if collector.closed
+                else len(collector.tickets)
+            ),
             reported=collector.reported if collector is not None else 0,
             min_workers=self.config.min_workers,
             bytes_sent=self.service.counters.bytes_sent,
             bytes_received=self.service.counters.bytes_received,
-            elapsed_s=time.perf_counter() - started if started else 0.0,
+            elapsed_s=self.reports.elapsed_s(time.perf_counter()) if started else 0.0,
             last=rows[-1] if rows else None,
+            rounds_completed=max(self.context.rounds_completed, len(rows)),
         )
 
     def _make_exporters(self) -> list[Sink]:
@@ -292,6 +313,7 @@ class Coordinator:
         self.sinks[:0] = [writer, display, *exporters]
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
+        ending = "the coordinator stopped before the last round"  # what workers are told
         revocations = asyncio.create_task(
             watch_revocations(
                 self.service.authenticator, self.registry, self.config.limits.enrollment_poll
@@ -319,6 +341,7 @@ class Coordinator:
             if runner in done:
                 runner.result()  # re-raise a failure
             rows = list(self.reports.rows)
+            ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
             if self.config.output.save_model is not None:
                 save_weights(
                     self.reports.exportable(self.weights),
@@ -334,7 +357,7 @@ class Coordinator:
             final = self.status()
             for sink in self.sinks:
                 sink.close(final, list(self.reports.rows))
-            await self._shutdown(server, health)
+            await self._shutdown(server, health, ending)
 
     async def _run_rounds(self) -> None:
         cfg = self.config
@@ -364,14 +387,14 @@ class Coordinator:
         else:
             await SyncEngine(self.context).run(self.start_round)
 
-    async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str) -> None:
         self.service.accepting = False
         with contextlib.suppress(Exception):
             for name in ("", "fedcore.v1.Coordinator"):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
         sessions = self.registry.sessions()
         for s in sessions:
-            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="the federation is over")))
+            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
             s.send(None)
         if sessions:
             await asyncio.wait(

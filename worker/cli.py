@@ -71,6 +71,9 @@ the data owner approved them: fed-worker requests --policy policy.toml list|show
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fed-worker",
+        # A mistyped flag then shows one usage line above the error, not forty; --help
+        # lists every option.
+        usage="%(prog)s [options]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -225,15 +228,17 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _channel_factory(args: argparse.Namespace) -> ChannelFactory:
+def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     if args.tls_ca is None:
         if args.tls_cert or args.tls_key:
             raise ConfigError("--tls-cert/--tls-key need --tls-ca (the coordinator's CA)")
         require_tls_or_loopback(args.server, tls=False, insecure=args.insecure, role="worker")
-        return insecure_channel
-    return tls_channel_factory(
-        ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    )
+        return None
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
+def _channel_factory(tls: ClientTLS | None) -> ChannelFactory:
+    return insecure_channel if tls is None else tls_channel_factory(tls)
 
 
 async def _serve(worker: Worker) -> None:
@@ -261,7 +266,8 @@ def _run(argv: Sequence[str] | None) -> None:
     configure_logging(args, "fed-worker")
     if not args.server or not args.data:
         raise ConfigError("--server and --data are required (see fed-worker --help)")
-    channel_factory = _channel_factory(args)
+    tls = _client_tls(args)
+    channel_factory = _channel_factory(tls)
     token = _token(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -342,6 +348,7 @@ def _run(argv: Sequence[str] | None) -> None:
         dataset=dataset,
         channel_factory=channel_factory,
         token=token,
+        tls=tls,
         analytics=responder,
     )
     asyncio.run(_serve(worker))

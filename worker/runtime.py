@@ -49,8 +49,11 @@ from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
     AuthenticationError,
+    ConfigError,
+    DataError,
     FedcoreError,
     IdentityMismatchError,
+    ModelError,
     ModelMismatchError,
     PayloadError,
     RejectedError,
@@ -58,7 +61,7 @@ from fedcore.errors import (
     TaskRefused,
 )
 from fedcore.model_catalog import ModelCatalog
-from fedcore.plan import TrainConfig
+from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
     PROTOCOL_VERSION,
@@ -69,9 +72,10 @@ from fedcore.protocol import (
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import Weights, total_bytes
 
 from .analytics import ANALYTICS_CAPABILITY, QueryResponder
+from .connection_errors import diagnose
 from .gate import CheckedTask, Gate
 from .plans import PlanLibrary
 from .policy import PolicyGuard
@@ -173,6 +177,7 @@ class Worker:
         token: this worker's enrollment token, sent with every connection attempt.
         analytics: answers federated-analytics queries over a local table (its check is
             registered with the gate).
+        tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
     """
 
     def __init__(
@@ -192,6 +197,7 @@ class Worker:
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
         analytics: QueryResponder | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -211,6 +217,7 @@ class Worker:
         if analytics is not None:
             analytics.attach(gate)
         self.dataset = dataset
+        self.tls = tls
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
@@ -235,6 +242,7 @@ class Worker:
         """Serve the federation until the coordinator says it is over."""
         attempt = 0
         last_session = time.monotonic()
+        explained = ""  # the last diagnosis logged as a warning (repeats go to INFO)
         while True:
             self._move(WorkerState.CONNECTING)
             try:
@@ -254,6 +262,16 @@ class Worker:
                         raise IdentityMismatchError(details) from None
                     raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
+                # Only a connection that never got a session is a set-up question.
+                handshake = self.state is WorkerState.CONNECTING
+                diagnosis = diagnose(exc, server=self.server, tls=self.tls) if handshake else None
+                if diagnosis is not None:
+                    if diagnosis.permanent:
+                        self._move(WorkerState.DISCONNECTED)
+                        raise RejectedError(diagnosis.message) from None
+                    if diagnosis.message != explained:
+                        log.warning("%s; retrying", diagnosis.message)
+                        explained = diagnosis.message
             except _Disconnected as exc:
                 reason = str(exc)
             if self.state in (WorkerState.READY, WorkerState.WORKING):
@@ -304,12 +322,21 @@ class Worker:
         welcome = first.welcome
         # Permanent: the worker stops with VersionMismatchError instead of retrying.
         check_protocol_version(welcome.protocol_version, peer="the coordinator", us="worker")
-        self.worker_id = welcome.worker_id
-        self._move(WorkerState.READY)
-        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
         heartbeats = asyncio.create_task(
             self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
         )
+        if welcome.HasField("model"):
+            # Data that cannot fit the federation's model ends this worker before any task.
+            try:
+                await self._check_data(welcome.model)
+            except DataError:
+                heartbeats.cancel()
+                call.cancel()
+                self._move(WorkerState.DISCONNECTED)
+                raise
+        self.worker_id = welcome.worker_id
+        self._move(WorkerState.READY)
+        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
         jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
@@ -368,6 +395,24 @@ class Worker:
             heartbeats.cancel()
             runner.cancel()
             call.cancel()
+
+    async def _check_data(self, announced: pb.ModelSpec) -> None:
+        """Raise :class:`DataError` when the local data cannot fit the federation's model.
+        Only a model the gate would admit is built for the check (one this worker's catalog
+        allows, within --max-model-bytes, sized on the meta device first); any other is
+        refused when its plan arrives."""
+        try:
+            spec = ModelSpec.from_proto(announced)
+            size = total_bytes(self.gate.catalog.signature(spec))
+        except (ConfigError, ModelError) as exc:
+            log.debug("not checking the data against model %r: %s", announced.name, exc)
+            return
+        if size > self.gate.max_model_bytes:
+            return
+        try:
+            await asyncio.to_thread(self.trainer.check_data, spec)
+        except (ConfigError, ModelError) as exc:  # the plan's own checks will report it
+            log.debug("cannot check the data against model %s: %s", spec, exc)
 
     async def _start_task(
         self, call: JoinStream, task: pb.Task, welcome: pb.Welcome

@@ -51,6 +51,8 @@ class RoundContext:
         self.round = 0
         #: The collector of the round in progress (for progress displays).
         self.collector: RoundCollector | None = None
+        #: The last round (or global update) whose model exists; its report may be pending.
+        self.rounds_completed = 0
 
     @property
     def weights(self) -> Weights:
@@ -79,6 +81,7 @@ class RoundContext:
         self._weights = self.strategy.aggregate_fit(
             round_number, self._weights, aggregate, results, failures
         )
+        self.rounds_completed = round_number
         return self._weights
 
     def route_secagg(self, handler: SecAggRoute | None) -> None:

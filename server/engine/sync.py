@@ -90,7 +90,12 @@ class SyncEngine:
         needed = cfg.results_needed
         for attempt in range(1, cfg.limits.round_retries + 2):
             if not await ctx.registry.wait_for_idle(needed, cfg.limits.round_timeout):
-                log.warning("round %d: fewer than %d workers are ready", round_number, needed)
+                log.warning(
+                    "round %d: fewer than %d worker%s ready",
+                    round_number,
+                    needed,
+                    "s are" if needed > 1 else " is",
+                )
                 await ctx.reports.drain()
                 continue
             collector = self._dispatch_fit(round_number)
@@ -103,13 +108,13 @@ class SyncEngine:
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
             for failure in collector.failures:
-                log.warning(
-                    "round %d: worker %r %s: %s",
-                    round_number,
-                    failure.worker.name,
-                    "refused the plan" if failure.refused else "dropped",
-                    failure.reason.removeprefix("refused: "),
-                )
+                if not failure.answered:  # the inbox logged the worker's own answer already
+                    log.warning(
+                        "round %d: worker %r dropped: %s",
+                        round_number,
+                        failure.worker.name,
+                        failure.reason,
+                    )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
                 ctx.apply(round_number, aggregate, collector.results, collector.failures)
@@ -121,10 +126,23 @@ class SyncEngine:
                 len(collector.results),
                 needed_now,
             )
+            accounted = len(collector.results) + len(collector.failures) == collector.issued
+            if collector.failures and accounted and all(f.answered for f in collector.failures):
+                # Every missing worker answered with a failure of this very plan (a refusal,
+                # training that diverged): the same plan on the same weights fails again.
+                await ctx.reports.drain()
+                answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
+                raise RoundFailedError(
+                    f"round {round_number} cannot succeed: {len(collector.results)} valid "
+                    f"result(s) of {needed_now} needed, and the other workers reported failures "
+                    f"that a retry of the same plan would repeat ({answers})"
+                )
         await ctx.reports.drain()
+        attempts = cfg.limits.round_retries + 1
         raise RoundFailedError(
-            f"round {round_number} failed {cfg.limits.round_retries + 1} times: fewer than "
-            f"{needed} workers delivered valid results; see the warnings above"
+            f"round {round_number} failed {attempts} time{'s' if attempts > 1 else ''}: fewer "
+            f"than {needed} worker{'s' if needed > 1 else ''} delivered valid results; see the "
+            "warnings above"
         )
 
     async def _collect(self, collector: FitCollector) -> None:

@@ -33,7 +33,9 @@ class RoundMetrics:
     attempts: int = 1
     fit_s: float = 0.0
     eval_s: float = 0.0
-    elapsed_s: float = 0.0  # wall clock from the start of round 1 to this round's model
+    # Wall clock of training from the start of round 1 to this round's model, summed over
+    # the runs of a --resume'd federation (time between runs is not counted).
+    elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
@@ -127,6 +129,9 @@ class CoordinatorStatus:
     bytes_received: int
     elapsed_s: float  # since round 1 started (0 before)
     last: RoundMetrics | None  # the last completed (and evaluated) round
+    # Rounds whose global model exists, counted when aggregated (their evaluation may still
+    # be running: it overlaps the next round).
+    rounds_completed: int = 0
 
 
 class MetricsWriter:

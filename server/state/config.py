@@ -19,7 +19,18 @@ from ..analytics.settings import AnalyticsSettings
 from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
-__all__ = ["Limits", "Output", "Recovery", "Security", "ServerConfig"]
+__all__ = ["Limits", "Output", "Recovery", "Security", "ServerConfig", "split_listen"]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` too) as host and port; a missing or bad port is an error
+    (gRPC would silently use 443)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or host.endswith(":") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--listen {listen!r} needs HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)"
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass
@@ -212,9 +223,17 @@ class ServerConfig:
                 "--compression and --secagg cannot be combined: secure aggregation masks "
                 "fixed-point updates, which cannot be compressed; drop one of the two"
             )
+        if self.secagg is not None and self.min_workers < self.secagg.min_workers:
+            # Round 1 starts with --min-workers workers: fewer than t cannot be unmasked.
+            raise ConfigError(
+                f"secure aggregation needs at least {self.secagg.min_workers} workers in a "
+                f"round, and round 1 would start with {self.min_workers} (--min-workers); "
+                f"pass --min-workers {self.secagg.min_workers}"
+            )
         if self.limits.max_workers < self.min_workers:
             raise ConfigError("--max-workers cannot be below --min-workers")
         self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))
+        split_listen(self.listen)
         require_tls_or_loopback(
             self.listen,
             tls=self.security.tls is not None,

@@ -45,6 +45,7 @@ from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
 from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 from .limits import grpc_limit_options, max_concurrent_rpcs
+from .listen import EXCLUSIVE_BIND, bind_failure
 from .revocation import close_revoked
 from .untrusted import bound_announced_examples, clean_dataset
 
@@ -413,6 +414,7 @@ async def start_grpc_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            EXCLUSIVE_BIND,
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
@@ -427,9 +429,9 @@ async def start_grpc_server(
         else:
             port = server.add_insecure_port(listen)
     except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {listen!r}: {exc}") from None
+        raise bind_failure(listen, str(exc)) from None
     if port == 0:
-        raise ConfigError(f"cannot listen on {listen!r}: address in use or invalid")
+        raise bind_failure(listen, "address in use or invalid")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
