@@ -6,6 +6,8 @@ this package holds what both share: plans, strategies, models, the tensor codec 
 
 from __future__ import annotations
 
+# First: gRPC reads its log verbosity when it is imported (see fedcore.grpc_env).
+import fedcore.grpc_env  # noqa: F401
 from fedcore.analytics.client import connect
 from fedcore.errors import (
     ConfigError,

@@ -16,7 +16,7 @@ from fedcore.certs import CertificateAuthority
 from fedcore.enrollment import Enrollment, EnrollmentEntry, hash_token, new_token, write_atomically
 from fedcore.errors import ConfigError, FedcoreError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "server_sans"]
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -56,14 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-name",
         action="append",
         default=[],
-        help="DNS name workers use to reach the coordinator (repeatable; default: localhost "
-        "and this host's name)",
+        help="DNS name workers use to reach the coordinator (repeatable); the certificate "
+        "also names localhost, and this host's name when no --server-name is given",
     )
     init.add_argument(
         "--server-ip",
         action="append",
         default=[],
-        help="IP address workers use to reach the coordinator (repeatable; default: 127.0.0.1)",
+        help="IP address workers use to reach the coordinator (repeatable); the certificate "
+        "also names 127.0.0.1",
     )
     init.add_argument("--workers", default="", help="comma-separated worker names to enroll")
     init.add_argument("--force", action="store_true", help="overwrite an existing CA")
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--dir", type=Path, required=True)
     add.add_argument("name")
     add.add_argument("--no-token", action="store_true", help="identify it by certificate only")
-    rev = sub.add_parser("revoke", help="revoke a worker (the coordinator notices at once)")
+    rev = sub.add_parser(
+        "revoke",
+        help="revoke a worker: the coordinator re-reads --enrolled and refuses its next connection",
+    )
     rev.add_argument("--dir", type=Path, required=True)
     rev.add_argument("name")
     sci = sub.add_parser(
@@ -134,14 +138,23 @@ def _enroll(directory: Path, ca: CertificateAuthority, name: str, *, token: bool
     print(f"enrolled worker {name!r}: {workers / name}.pem/.key" + (", .token" if token else ""))
 
 
+def server_sans(names: Sequence[str], ips: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses the coordinator's certificate names: every one given,
+    plus loopback (a worker on the coordinator's machine), plus this host's name when no name
+    is given; the first given name stays first (it becomes the subject)."""
+    default_names = [] if names else [socket.gethostname()]
+    all_names = list(dict.fromkeys([*names, *default_names, "localhost"]))
+    all_ips = list(dict.fromkeys([*ips, "127.0.0.1"]))
+    return all_names, all_ips
+
+
 def _init(args: argparse.Namespace) -> None:
     d: Path = args.dir
     if (d / "ca.key").exists() and not args.force:
         raise ConfigError(f"{d / 'ca.key'} exists; pass --force to replace the CA")
     ca = CertificateAuthority.create()
     ca.issued.write(d / "ca.pem", d / "ca.key")
-    names = args.server_name or sorted({"localhost", socket.gethostname()})
-    ips = args.server_ip or (["127.0.0.1"] if not args.server_name else [])
+    names, ips = server_sans(args.server_name, args.server_ip)
     ca.issue_server(names, ips).write(d / "server.pem", d / "server.key")
     print(f"created CA {d / 'ca.pem'} and server certificate for {', '.join(names + ips)}")
     (d / "enrolled.json").unlink(missing_ok=True)

@@ -8,7 +8,9 @@ catch them all at once, or pick the branch it can act on::
     │   └── PolicyError            a worker's policy file is invalid (fix the policy file)
     ├── DataError              a dataset or shard cannot be read or fails its checksum
     ├── ModelError             a model cannot be built, or two sides disagree on its shape
-    │   └── ModelMismatchError parameter names, shapes or dtypes differ between two sides
+    │   ├── ModelMismatchError parameter names, shapes or dtypes differ between two sides
+    │   └── PlanError          a model cannot be exported as a plan, or a plan file is unusable
+    │       └── PlanRejectedError  a received plan fails verification (names the node)
     ├── ProtocolError          a peer sent something that breaks the fedcore v1 protocol
     │   ├── VersionMismatchError   the peer speaks another protocol version
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
@@ -19,6 +21,7 @@ catch them all at once, or pick the branch it can act on::
     │       └── IdentityMismatchError  the proven identity is not the name claimed
     ├── CheckpointError        a checkpoint cannot be written, read, or does not fit the run
     ├── RoundFailedError       a round could not gather enough results, even after retries
+    ├── TrainingFailed         a worker's local training produced no usable update
     ├── PrivacyBudgetExhausted one more round would spend more privacy than the budget allows
     ├── QueryRefusedError      an analytics query was refused by a silo, or could not be answered
     └── SecAggError            secure aggregation could not complete a round
@@ -41,6 +44,8 @@ __all__ = [
     "ModelError",
     "ModelMismatchError",
     "PayloadError",
+    "PlanError",
+    "PlanRejectedError",
     "PolicyError",
     "PrivacyBudgetExhausted",
     "ProtocolError",
@@ -51,6 +56,7 @@ __all__ = [
     "SecAggError",
     "SecAggRefusedError",
     "TaskRefused",
+    "TrainingFailed",
     "VersionMismatchError",
 ]
 
@@ -96,6 +102,16 @@ class ModelMismatchError(ModelError):
     """Two sides disagree on the model's parameter names, shapes or dtypes."""
 
 
+class PlanError(ModelError):
+    """A model cannot be exported as a plan, or a plan (file) cannot be used."""
+
+
+class PlanRejectedError(PlanError):
+    """A received plan fails verification: an operation off the allow-list, a Python callable,
+    a pickled or custom object, an oversized tensor, malformed JSON. The message names the
+    offending node."""
+
+
 class ProtocolError(FedcoreError):
     """A peer sent a message that breaks the fedcore v1 protocol."""
 
@@ -126,6 +142,10 @@ class CheckpointError(FedcoreError):
 
 class RoundFailedError(FedcoreError):
     """A round could not gather enough valid results, even after its retries."""
+
+
+class TrainingFailed(FedcoreError):
+    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 class PrivacyBudgetExhausted(FedcoreError):

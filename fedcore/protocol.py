@@ -18,6 +18,7 @@ from fedcore.codec import (
     RawChunk,
     decode_chunk_message,
 )
+from fedcore.errors import VersionMismatchError
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "SERVICE_NAME",
     "STREAM_END",
     "Undecodable",
+    "check_protocol_version",
     "deserialize_coordinator_message",
     "deserialize_worker_message",
     "max_message_bytes",
@@ -46,6 +48,18 @@ SECAGG_CAPABILITY = "secagg-v1"
 #: Capability of a worker that serves a table for federated-analytics queries.
 ANALYTICS_CAPABILITY = "analytics-v1"
 JOIN_METHOD = "/fedcore.v1.Coordinator/Join"
+
+
+def check_protocol_version(theirs: int, *, peer: str, us: str) -> None:
+    """Refuse a peer that speaks another protocol version (its hello or welcome said
+    ``theirs``) with :class:`~fedcore.errors.VersionMismatchError`."""
+    if theirs != PROTOCOL_VERSION:
+        raise VersionMismatchError(
+            f"{peer} speaks fedcore protocol v{theirs}, this {us} speaks v{PROTOCOL_VERSION}; "
+            "install a matching fedcore version on both sides"
+        )
+
+
 SERVICE_NAME = "fedcore.v1.Coordinator"
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024

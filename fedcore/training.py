@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedcore.losses import loss_function, loss_of
 from fedcore.plan import TrainConfig
 
 #: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
@@ -94,9 +95,13 @@ def fast_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory
     thread). Only the memory layout changes: shapes, names and the maths are the same. The
     model is put back in the default layout on exit, so code that reuses it (a DP-SGD
     wrapper, a user's own loop) never meets an unexpected layout. Yields None, leaving the
-    model alone, off the CPU or without ``Conv2d`` layers.
+    model alone, off the CPU or without ``Conv2d`` layers (a plan's module, which has no
+    layers, declares ``convolutional`` itself).
     """
-    if device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    convolutional = bool(getattr(model, "convolutional", False)) or any(
+        isinstance(m, nn.Conv2d) for m in model.modules()
+    )
+    if device.type != "cpu" or not convolutional:
         yield None
         return
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -144,7 +149,8 @@ def train(
     *,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss.
+    """Train ``model`` in place for ``config.epochs`` epochs with cross-entropy loss (or the
+    loss the model declares: a plan's, see :mod:`fedcore.losses`).
 
     With ``config.extra["proximal_mu"] = mu > 0`` (FedProx, Li et al. 2020) the objective is
     ``loss(w) + mu/2 ||w - w0||^2`` with ``w0`` the weights training started from; the
@@ -170,7 +176,7 @@ def _train_epochs(
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_function(loss_of(model))
     started = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -184,7 +190,7 @@ def _train_epochs(
             optimizer.zero_grad(set_to_none=True)
             logits = model(inputs)
             loss = loss_fn(logits, targets)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             if anchors:
                 with torch.no_grad():
                     for p, p0 in zip(params, anchors, strict=True):
@@ -213,7 +219,7 @@ def evaluate(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``."""
+    """Mean loss (cross-entropy, or the model's declared loss) and accuracy on ``dataset``."""
     device = torch.device(device)
     model.to(device)
     with fast_layout(model, device) as layout:
@@ -228,7 +234,7 @@ def _evaluate_batches(
     layout: torch.memory_format | None,
 ) -> EvalResult:
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = loss_function(loss_of(model), reduction="sum")
     total_loss = 0.0
     correct = 0
     seen = 0

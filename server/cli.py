@@ -23,6 +23,7 @@ from fedcore.tls import ServerTLS
 
 from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
+from .plans import add_plan_flags, plan_from_args
 from .state.config import ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
 
@@ -61,6 +62,9 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fed-server",
+        # A mistyped flag then shows one usage line above the error, not forty; --help
+        # lists every option.
+        usage="%(prog)s [options]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--listen",
         default="127.0.0.1:50051",
-        help="address to serve on; port 0 picks a free port (default: %(default)s)",
+        metavar="HOST:PORT",
+        help="address to serve on, port included (0 picks a free one); a port another process "
+        "holds is refused (default: %(default)s)",
     )
     g.add_argument(
         "--model",
@@ -174,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics on http://LISTEN-HOST:PORT/metrics (rounds, workers, "
         "bytes, round durations, accuracy, epsilon); 0 picks a free port (default: off)",
+    )
+    e.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="log the settings and every round's metrics to an MLflow tracking store, e.g. "
+        "sqlite:///mlflow.db or http://host:5000 (needs fedcore[tracking])",
+    )
+    e.add_argument(
+        "--mlflow-experiment",
+        default="fedcore",
+        metavar="NAME",
+        help="the MLflow experiment of the run (default: %(default)s)",
+    )
+    e.add_argument(
+        "--tensorboard-dir",
+        type=Path,
+        metavar="DIR",
+        help="write every round's metrics as TensorBoard event files here "
+        "(tensorboard --logdir DIR; needs fedcore[tracking])",
     )
     e.add_argument("--threads", type=int, help="torch threads for centralized evaluation")
     e.add_argument(
@@ -398,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add_dp_flags(p)
+    add_plan_flags(p)
     add_analytics_flags(p)
     add_common_flags(p)
     return p
@@ -428,8 +454,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"--strategy-options is not valid JSON: {exc}") from None
     if not isinstance(options, dict):
         raise ConfigError("--strategy-options must be a JSON object")
-    return ServerConfig(
-        model=ModelSpec(args.model, params),
+    model = ModelSpec(args.model, params)
+    shipped = plan_from_args(args, model, seed=args.seed, max_bytes=args.max_model_bytes * 2)
+    return ServerConfig.from_flags(
+        model=shipped[0] if shipped else model,
+        plan=shipped[1] if shipped else None,
         listen=args.listen,
         rounds=args.rounds,
         min_workers=args.min_workers,
@@ -482,6 +511,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         progress=args.progress,
         compression=args.compression,
         metrics_port=args.metrics_port,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
+        tensorboard_dir=args.tensorboard_dir,
         secagg=(
             SecAggParams(
                 threshold=args.secagg_threshold,

@@ -25,7 +25,13 @@ from fedcore.enrollment import Enrollment
 from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.privacy import DifferentialPrivacy
-from fedcore.strategy import Strategy, WorkerInfo, check_secure_aggregation, load_strategy
+from fedcore.strategy import (
+    Strategy,
+    WorkerInfo,
+    check_round_size,
+    check_secure_aggregation,
+    load_strategy,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -41,6 +47,7 @@ from .reporting.roster import ConnectedWorker, connected_workers, format_roster
 from .reporting.sink import Sink
 from .state.checkpoint import Checkpointer
 from .state.config import ServerConfig
+from .state.noise_check import check_noise_scale
 from .state.privacy import wrap_strategy
 from .state.registry import WorkerRegistry
 from .transport.auth import Authenticator
@@ -80,12 +87,18 @@ def prepare_strategy(config: ServerConfig, strategy: Strategy | None) -> Strateg
             f"{'with' if secure else 'without'} --secagg; pass secure_aggregation={secure}"
         )
     check_secure_aggregation(chosen, secure_aggregation=secure)
+    if chosen.async_settings is None:
+        check_round_size(
+            chosen,
+            results_needed=config.results_needed,
+            flag="--min-results" if config.min_results is not None else "--min-workers",
+        )
     if config.compression != "none" and chosen.async_settings is not None:
         raise ConfigError(
             f"--compression {config.compression} is not supported with the asynchronous "
             f"strategy {config.strategy}; use a synchronous strategy or drop --compression"
         )
-    if config.checkpoint_dir is not None and chosen.async_settings is not None:
+    if config.recovery.checkpoint_dir is not None and chosen.async_settings is not None:
         raise ConfigError(
             f"--checkpoint-dir does not support the asynchronous strategy "
             f"{config.strategy!r} yet; use a synchronous strategy or drop --checkpoint-dir"
@@ -103,17 +116,25 @@ class Coordinator:
     def __init__(self, config: ServerConfig, strategy: Strategy | None = None) -> None:
         self.config = config
         self.strategy = prepare_strategy(config, strategy)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        if config.output.threads:
+            torch.set_num_threads(config.output.threads)
         model = build_model(config.model, seed=config.seed)
         # Shared, not copied: the model is dropped right away, so a large model costs 1x here.
         weights: Weights = get_weights(model, copy=False)
         del model
         self.signature = signature_of(weights)
-        self.registry = WorkerRegistry(config.max_workers, config.require_tags)
+        if isinstance(self.strategy, DifferentialPrivacy) and self.strategy.noise_multiplier:
+            check_noise_scale(
+                noise_multiplier=self.strategy.noise_multiplier,
+                clip_norm=self.strategy.clip_norm,
+                # A round aggregates at least this many updates: the noise is at most this.
+                min_updates=max(self.strategy.min_updates, config.results_needed),
+                weights=weights,
+            )
+        self.registry = WorkerRegistry(config.limits.max_workers, config.require_tags)
         authenticator = Authenticator(
-            Enrollment(config.enrolled) if config.enrolled is not None else None,
-            mutual_tls=config.tls is not None and config.tls.mutual,
+            Enrollment(config.security.enrolled) if config.security.enrolled is not None else None,
+            mutual_tls=config.security.tls is not None and config.security.tls.mutual,
         )
         self.service = CoordinatorService(
             config, self.registry, config.model, self.signature, authenticator
@@ -121,8 +142,13 @@ class Coordinator:
         # Federated analytics (server/analytics): its own service beside Join.
         self.analytics = serve_analytics(config.analytics, self.registry, self.service)
         evaluator = (
-            CentralEvaluator(config.model, config.eval_data, config.eval_batch_size, config.device)
-            if config.eval_data is not None
+            CentralEvaluator(
+                config.model,
+                config.output.eval_data,
+                config.output.eval_batch_size,
+                config.output.device,
+            )
+            if config.output.eval_data is not None
             else None
         )
         self.port: int | None = None
@@ -133,17 +159,17 @@ class Coordinator:
         self.sinks: list[Sink] = []
         self._checkpointer = (
             Checkpointer(
-                config.checkpoint_dir,
+                config.recovery.checkpoint_dir,
                 {"model": repr(config.model), "strategy": config.strategy},
                 {"strategy": self.strategy},
             )
-            if config.checkpoint_dir is not None
+            if config.recovery.checkpoint_dir is not None
             else None
         )
         # The first round to run: 1, or the one after the checkpoint's with --resume.
         self.start_round = 1
         restored: list[RoundMetrics] = []
-        if config.resume:
+        if config.recovery.resume:
             weights, restored = self._resume(weights)
         self.reports = ReportPipeline(
             self.strategy, evaluator, self.sinks, self._checkpointer, restored
@@ -151,6 +177,7 @@ class Coordinator:
         if self.start_round > 1:
             self.reports.durable = weights  # the checkpoint's model is on disk already
         self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
+        self.context.rounds_completed = self.start_round - 1
 
     @property
     def weights(self) -> Weights:
@@ -200,26 +227,52 @@ class Coordinator:
             round=self.context.round or min(len(rows) + (1 if started else 0), self.config.rounds),
             rounds=self.config.rounds,
             connected=len(self.registry),
-            training=len(collector.tickets) if collector is not None else 0,
+            # A closed round has released its tickets; it still handed out `issued` tasks.
+            training=(
+                0
+                if collector is None
+                else collector.issued
+                if collector.closed
+                else len(collector.tickets)
+            ),
             reported=collector.reported if collector is not None else 0,
             min_workers=self.config.min_workers,
             bytes_sent=self.service.counters.bytes_sent,
             bytes_received=self.service.counters.bytes_received,
-            elapsed_s=time.perf_counter() - started if started else 0.0,
+            elapsed_s=self.reports.elapsed_s(time.perf_counter()) if started else 0.0,
             last=rows[-1] if rows else None,
+            rounds_completed=max(self.context.rounds_completed, len(rows)),
         )
 
     def _make_exporters(self) -> list[Sink]:
-        """The Prometheus endpoint, when asked for (before serving: a busy port fails fast)."""
-        if self.config.metrics_port is None:
-            return []
-        from .reporting.prometheus import PrometheusExporter
+        """Prometheus, MLflow and TensorBoard, those asked for (before serving: a busy port or
+        an unusable store fails fast). Each library is imported only when its flag is used."""
+        cfg = self.config
+        exporters: list[Sink] = []
+        try:
+            if cfg.output.metrics_port is not None:
+                from .reporting.prometheus import PrometheusExporter
 
-        host = self.config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-        return [PrometheusExporter(host, self.config.metrics_port)]
+                host = cfg.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+                exporters.append(PrometheusExporter(host, cfg.output.metrics_port))
+            if cfg.output.mlflow_uri is not None:
+                from .reporting.mlflow import MlflowSink
+
+                exporters.append(
+                    MlflowSink(cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe())
+                )
+            if cfg.output.tensorboard_dir is not None:
+                from .reporting.tensorboard import TensorBoardSink
+
+                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir))
+        except BaseException:
+            for exporter in exporters:
+                exporter.close(self.status(), [])
+            raise
+        return exporters
 
     def _make_display(self) -> Sink:
-        mode = self.config.progress
+        mode = self.config.output.progress
         if mode == "live" or (mode == "auto" and sys.stdout.isatty()):
             return LiveDisplay()
         return PlainSummary()
@@ -254,15 +307,16 @@ class Coordinator:
         display = self._make_display()
         # The live display shows rounds itself; plain mode prints a table row per round.
         writer = MetricsWriter(
-            self.config.metrics_out, None if isinstance(display, LiveDisplay) else sys.stdout
+            self.config.output.metrics_out, None if isinstance(display, LiveDisplay) else sys.stdout
         )
         writer.restore(self.reports.rows)
         self.sinks[:0] = [writer, display, *exporters]
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
+        ending = "the coordinator stopped before the last round"  # what workers are told
         revocations = asyncio.create_task(
             watch_revocations(
-                self.service.authenticator, self.registry, self.config.enrollment_poll
+                self.service.authenticator, self.registry, self.config.limits.enrollment_poll
             )
         )
         try:
@@ -277,7 +331,7 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
                 # A completed round's report (metrics row, checkpoint) is still written.
-                await self.reports.drain_for(self.config.shutdown_grace + 60)
+                await self.reports.drain_for(self.config.limits.shutdown_grace + 60)
                 if not analytics_only:
                     log.warning(
                         "stopped before the last round; the model of the last completed "
@@ -287,13 +341,14 @@ class Coordinator:
             if runner in done:
                 runner.result()  # re-raise a failure
             rows = list(self.reports.rows)
-            if self.config.save_model is not None:
+            ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
+            if self.config.output.save_model is not None:
                 save_weights(
                     self.reports.exportable(self.weights),
-                    self.config.save_model,
+                    self.config.output.save_model,
                     {"model": str(self.config.model), "rounds": str(len(rows))},
                 )
-                log.info("saved the global model to %s", self.config.save_model)
+                log.info("saved the global model to %s", self.config.output.save_model)
             return FederationResult(self.weights, rows)
         finally:
             publisher.cancel()
@@ -302,7 +357,7 @@ class Coordinator:
             final = self.status()
             for sink in self.sinks:
                 sink.close(final, list(self.reports.rows))
-            await self._shutdown(server, health)
+            await self._shutdown(server, health, ending)
 
     async def _run_rounds(self) -> None:
         cfg = self.config
@@ -316,11 +371,11 @@ class Coordinator:
         if self.start_round > cfg.rounds:
             log.info("the checkpoint already holds all %d rounds", cfg.rounds)
             return
-        if not await self.registry.wait_for_idle(cfg.min_workers, cfg.join_timeout):
+        if not await self.registry.wait_for_idle(cfg.min_workers, cfg.limits.join_timeout):
             tags = " ".join("#" + t for t in cfg.require_tags)
             raise RoundFailedError(
                 f"only {len(self.registry.idle())} of {cfg.min_workers} workers"
-                f"{' tagged ' + tags if tags else ''} joined within {cfg.join_timeout:g} s; "
+                f"{' tagged ' + tags if tags else ''} joined within {cfg.limits.join_timeout:g} s; "
                 "start more workers or lower --min-workers"
             )
         log.info("%s", format_roster(self.roster(), cfg.require_tags))
@@ -332,18 +387,18 @@ class Coordinator:
         else:
             await SyncEngine(self.context).run(self.start_round)
 
-    async def _shutdown(self, server: grpc.aio.Server, health: object) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str) -> None:
         self.service.accepting = False
         with contextlib.suppress(Exception):
             for name in ("", "fedcore.v1.Coordinator"):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
         sessions = self.registry.sessions()
         for s in sessions:
-            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="the federation is over")))
+            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
             s.send(None)
         if sessions:
             await asyncio.wait(
                 [asyncio.create_task(s.closed.wait()) for s in sessions],
-                timeout=self.config.shutdown_grace,
+                timeout=self.config.limits.shutdown_grace,
             )
-        await server.stop(self.config.shutdown_grace)
+        await server.stop(self.config.limits.shutdown_grace)

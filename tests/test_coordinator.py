@@ -62,7 +62,7 @@ def config(**kw: Any) -> ServerConfig:
         join_timeout=TIMEOUT,
     )
     base.update(kw)
-    return ServerConfig(**base)
+    return ServerConfig.from_flags(**base)
 
 
 def initial_weights() -> Weights:

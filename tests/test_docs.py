@@ -27,3 +27,23 @@ def test_every_docs_page_is_in_the_site_navigation() -> None:
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
     assert "index.md" in pages
     assert [p for p in pages if f": {p}" not in nav] == []
+
+
+def test_documented_commands_match_behaviour() -> None:
+    """Issue 18: the docs showed a coordinator on 0.0.0.0 without TLS (refused) and a models
+    list without mnist-dpcnn."""
+    from fedcore.models import available_models
+    from fedcore.tls import host_of, is_loopback
+
+    texts = [(ROOT / "README.md").read_text()] + [
+        p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))
+    ]
+    commands = [c for t in texts for c in t.replace("\\\n", " ").splitlines() if "fed-server " in c]
+    listening = [c for c in commands if "--listen " in c]
+    assert any("0.0.0.0" in c for c in listening)  # the harness sees the TLS examples too
+    for command in listening:
+        address = command.split("--listen ", 1)[1].split()[0]
+        plaintext = "--tls-cert" not in command and "--insecure" not in command
+        assert not (plaintext and not is_loopback(host_of(address))), command
+    models = next(p for t in texts for p in t.split("\n\n") if p.startswith("Models:"))
+    assert [m for m in available_models() if f"`{m}`" not in models] == []

@@ -23,7 +23,8 @@ def _data(n: int = 256) -> ArrayDataset:
     return ArrayDataset(x, y)
 
 
-def test_silo_reports_the_epsilon_of_its_steps() -> None:
+def test_silo_reports_the_epsilon_of_its_steps(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="fedcore")
     loop = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5)
     trainer = TorchTrainer(_data(), train_fn=loop)
     config = TrainConfig(epochs=1, batch_size=64, learning_rate=0.1)
@@ -38,6 +39,10 @@ def test_silo_reports_the_epsilon_of_its_steps() -> None:
     assert loop.epsilon == pytest.approx(opacus.get_epsilon(delta=1e-5), rel=1e-3)
     assert loop.epsilon > eps1
     assert loop.metrics() == {"dpsgd_epsilon": loop.epsilon, "dpsgd_delta": 1e-5}
+    # The silo logs its own epsilon every round, with or without a policy.
+    logged = [r.getMessage() for r in caplog.records if "DP-SGD: 4 steps" in r.getMessage()]
+    assert len(logged) == 2
+    assert f"at epsilon {loop.epsilon:.3f} (delta 1e-05)" in logged[-1]
 
 
 def trainer_weights() -> dict[str, np.ndarray]:

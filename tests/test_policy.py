@@ -236,8 +236,8 @@ def test_allowed_coordinators_fail_closed_without_tls(tmp_path: Path) -> None:
     policy = load_policy(write_policy(tmp_path, '[coordinators]\nallowed = ["coord.example"]\n'))
     with pytest.raises(PolicyError, match="TLS"):
         PolicyGuard(policy, num_examples=10)
-    guard = PolicyGuard(policy, num_examples=10, coordinator_identity="evil.example")
-    assert rule_of(guard, task()) == "coordinators.allowed"
+    with pytest.raises(PolicyError, match=r"'evil\.example'.*nothing was sent"):
+        PolicyGuard(policy, num_examples=10, coordinator_identity="evil.example")
     good = PolicyGuard(policy, num_examples=10, coordinator_identity="coord.example")
     assert good.review(task()) is None
 

@@ -77,7 +77,18 @@ def test_cli_flags_and_toml_turn_secure_aggregation_on(tmp_path: Any) -> None:
     toml = tmp_path / "f.toml"
     toml.write_text("secagg = true\nsecagg-neighbours = 6\nsecagg-clip = 0.5\n")
     args = parse_args_with_config(
-        build_parser(), ["--config", str(toml), "--secagg-threshold", "3", "--secagg-bits", "20"]
+        build_parser(),
+        # Round 1 starts with --min-workers workers: at least the threshold t.
+        [
+            "--config",
+            str(toml),
+            "--secagg-threshold",
+            "3",
+            "--secagg-bits",
+            "20",
+            "--min-workers",
+            "3",
+        ],
     )
     assert config_from_args(args).secagg == SecAggParams(
         threshold=3, neighbours=6, bits=20, clip=0.5
@@ -197,7 +208,7 @@ async def test_below_threshold_the_round_fails_cleanly_and_keeps_the_model(
         asyncio.create_task(run_worker(coordinator.port, "b", ScriptedTrainer(2.0, 10))),
         asyncio.create_task(run_worker(coordinator.port, "c", Crashing(0.0, 10))),
     ]
-    with pytest.raises(RoundFailedError, match="round 1 failed 1 times"):
+    with pytest.raises(RoundFailedError, match="round 1 failed 1 time:"):
         await asyncio.wait_for(task, TIMEOUT)
     for name, w0 in initial_weights().items():
         np.testing.assert_array_equal(coordinator.weights[name], w0)

@@ -224,15 +224,17 @@ def test_plaintext_is_refused_off_loopback_unless_insecure() -> None:
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "coord"))
     with pytest.raises(ConfigError, match=r"refusing to serve plaintext on '0\.0\.0\.0:50051'"):
         ServerConfig(listen="0.0.0.0:50051")
-    ServerConfig(listen="0.0.0.0:50051", insecure=True)
+    ServerConfig.from_flags(listen="0.0.0.0:50051", insecure=True)
     # TLS alone encrypts but proves no identity: off loopback it needs --enrolled or mTLS.
     tls = ServerTLS(Path("s.pem"), Path("s.key"))
     with pytest.raises(ConfigError, match="without worker authentication"):
-        ServerConfig(listen="[::]:50051", tls=tls)
-    ServerConfig(listen="[::]:50051", tls=tls, enrolled=Path("enrolled.json"))
-    ServerConfig(listen="[::]:50051", tls=ServerTLS(Path("s.pem"), Path("s.key"), Path("ca.pem")))
-    ServerConfig(listen="[::]:50051", tls=tls, insecure=True)
-    ServerConfig(listen="localhost:50051", tls=tls)
+        ServerConfig.from_flags(listen="[::]:50051", tls=tls)
+    ServerConfig.from_flags(listen="[::]:50051", tls=tls, enrolled=Path("enrolled.json"))
+    ServerConfig.from_flags(
+        listen="[::]:50051", tls=ServerTLS(Path("s.pem"), Path("s.key"), Path("ca.pem"))
+    )
+    ServerConfig.from_flags(listen="[::]:50051", tls=tls, insecure=True)
+    ServerConfig.from_flags(listen="localhost:50051", tls=tls)
     with pytest.raises(ConfigError, match="refusing to connect to 'coord:50051' without TLS"):
         require_tls_or_loopback("coord:50051", tls=False, insecure=False, role="worker")
     require_tls_or_loopback("[::1]:50051", tls=False, insecure=False, role="worker")

@@ -22,13 +22,15 @@ from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_
 from fedcore.data.table import is_table_path, load_table, mock_csv
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec
-from fedcore.policy import RecordDPSetup, load_policy
+from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
+from .plans import PlanLibrary
 from .policy import PolicyGuard
+from .requests_cli import requests_main
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer, Trainer
 
@@ -59,12 +61,19 @@ local epochs, secure aggregation, differential privacy, and the silo's privacy b
 a ledger on this machine. A plan that breaks it is refused, with the reason sent to the
 coordinator and logged here. A shard's metadata file (shard-0.meta.toml beside shard-0.npz,
 or --metadata) is advertised to the coordinator: name, tags, license, features.
+
+Models shipped as plans (fed-server --ship-plan) run without --model, after verification
+against an allow-list of operations; with [plans] require-approval in the policy, only once
+the data owner approved them: fed-worker requests --policy policy.toml list|show|approve|deny.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fed-worker",
+        # A mistyped flag then shows one usage line above the error, not forty; --help
+        # lists every option.
+        usage="%(prog)s [options]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -219,15 +228,17 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _channel_factory(args: argparse.Namespace) -> ChannelFactory:
+def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     if args.tls_ca is None:
         if args.tls_cert or args.tls_key:
             raise ConfigError("--tls-cert/--tls-key need --tls-ca (the coordinator's CA)")
         require_tls_or_loopback(args.server, tls=False, insecure=args.insecure, role="worker")
-        return insecure_channel
-    return tls_channel_factory(
-        ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    )
+        return None
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
+def _channel_factory(tls: ClientTLS | None) -> ChannelFactory:
+    return insecure_channel if tls is None else tls_channel_factory(tls)
 
 
 async def _serve(worker: Worker) -> None:
@@ -243,7 +254,10 @@ async def _serve(worker: Worker) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("fed-worker", lambda: _run(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["requests"]:  # the data owner's plan request queue
+        return requests_main(args[1:])
+    return run_cli("fed-worker", lambda: _run(args))
 
 
 def _run(argv: Sequence[str] | None) -> None:
@@ -252,7 +266,8 @@ def _run(argv: Sequence[str] | None) -> None:
     configure_logging(args, "fed-worker")
     if not args.server or not args.data:
         raise ConfigError("--server and --data are required (see fed-worker --help)")
-    channel_factory = _channel_factory(args)
+    tls = _client_tls(args)
+    channel_factory = _channel_factory(tls)
     token = _token(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +293,12 @@ def _run(argv: Sequence[str] | None) -> None:
         )
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
+    policy = load_policy(args.policy) if args.policy is not None else Policy()
+    plans = PlanLibrary(
+        policy.plans,
+        max_model_bytes=args.max_model_bytes,
+        dpsgd=args.dpsgd_noise_multiplier is not None,
+    )
     responder: QueryResponder | None = None
     trainer: Trainer
     dataset: DatasetMetadata | None
@@ -292,6 +313,7 @@ def _run(argv: Sequence[str] | None) -> None:
             eval_data=load_shard(args.eval_data) if args.eval_data else None,
             model=ModelSpec(args.model, params) if args.model else None,
             device=args.device,
+            plans=plans,
             **extra,
         )
         num_examples = len(shard)
@@ -301,7 +323,7 @@ def _run(argv: Sequence[str] | None) -> None:
     guard = None
     if args.policy is not None:
         guard = PolicyGuard(
-            load_policy(args.policy),
+            policy,
             num_examples=num_examples,
             record_dp=(
                 RecordDPSetup(args.dpsgd_noise_multiplier, args.dpsgd_clip)
@@ -322,9 +344,11 @@ def _run(argv: Sequence[str] | None) -> None:
         max_model_bytes=args.max_model_bytes,
         give_up_after=args.give_up_after or None,
         guard=guard,
+        plans=plans,
         dataset=dataset,
         channel_factory=channel_factory,
         token=token,
+        tls=tls,
         analytics=responder,
     )
     asyncio.run(_serve(worker))

@@ -64,6 +64,7 @@ from fedcore.secagg.messages import RoundSetup
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, describe_mismatch, total_bytes
 
+from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .trainer import EvalOutput, FitOutput
 
@@ -246,6 +247,7 @@ class Gate:
         catalog: the models this worker builds.
         max_model_bytes: the largest model accepted (``--max-model-bytes``).
         guard: the data owner's policy and ledger (``--policy``); None: the default policy.
+        plans: checks shipped plans (:class:`~.plans.PlanLibrary`); None: plans are refused.
     """
 
     def __init__(
@@ -254,8 +256,10 @@ class Gate:
         *,
         max_model_bytes: int,
         guard: PolicyGuard | None = None,
+        plans: PlanLibrary | None = None,
     ) -> None:
         self.catalog = catalog
+        self.plans = plans
         self.max_model_bytes = max_model_bytes
         self.guard = guard
         self.policy = guard.policy if guard is not None else Policy(source="default policy")
@@ -336,6 +340,16 @@ class Gate:
         return checked
 
     def _check_model(self, task: pb.Task) -> tuple[ModelSpec, ModelSignature]:
+        if task.HasField("plan"):  # a model shipped as a program: verified, maybe approved
+            if self.plans is None:
+                raise _refuse("plans.accept", "this worker runs no shipped plans")
+            if self.catalog.configured is not None:
+                raise _refuse(
+                    "model.allowed",
+                    f"this worker runs only model {self.catalog.configured.name} (--model); "
+                    "it accepts no shipped plans",
+                )
+            return self.plans.admit(task)
         try:
             spec = ModelSpec.from_proto(task.model)
         except ConfigError as exc:

@@ -53,8 +53,9 @@ class PolicyGuard:
             against (None without TLS).
 
     Raises:
-        PolicyError: the worker's own set-up breaks its policy, or the policy asks for
-            something this worker cannot check (allowed coordinators without TLS).
+        PolicyError: the worker's own set-up breaks its policy (including a coordinator
+            identity not among its allowed coordinators), or the policy asks for something
+            this worker cannot check (allowed coordinators without TLS).
     """
 
     policy: Policy
@@ -71,6 +72,15 @@ class PolicyGuard:
                 f"{self.policy.source}: [coordinators] allowed needs the coordinator's TLS "
                 "identity, and this worker does not connect over TLS; start it with --tls-ca "
                 "(the name checked is --tls-server-name, or the host of --server)"
+            )
+        allowed = self.policy.allowed_coordinators
+        if allowed is not None and self.coordinator_identity not in allowed:
+            # Checked before connecting: TLS then proves the coordinator holds this name, so
+            # a coordinator off the list never sees the hello, the metadata or the histogram.
+            raise PolicyError(
+                f"{self.policy.source}: [coordinators] allowed lists {', '.join(allowed)}, and "
+                f"this worker would connect to {self.coordinator_identity!r} (the name TLS "
+                "verifies: --tls-server-name, or the host of --server); nothing was sent"
             )
         budget = self.policy.budget
         self.ledger = PrivacyLedger(budget.ledger, study=budget.study) if budget else None

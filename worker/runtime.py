@@ -49,8 +49,11 @@ from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
     AuthenticationError,
+    ConfigError,
+    DataError,
     FedcoreError,
     IdentityMismatchError,
+    ModelError,
     ModelMismatchError,
     PayloadError,
     RejectedError,
@@ -58,28 +61,28 @@ from fedcore.errors import (
     TaskRefused,
 )
 from fedcore.model_catalog import ModelCatalog
-from fedcore.plan import TrainConfig
+from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
     DEFAULT_MAX_MODEL_BYTES,
-    JOIN_METHOD,
     PROTOCOL_VERSION,
     SECAGG_CAPABILITY,
-    STREAM_END,
-    deserialize_coordinator_message,
+    check_protocol_version,
     max_message_bytes,
-    serialize_worker_message,
 )
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import Weights, total_bytes
 
 from .analytics import ANALYTICS_CAPABILITY, QueryResponder
+from .connection_errors import diagnose
 from .gate import CheckedTask, Gate
+from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
-from .trainer import FitOutput, Trainer, TrainingFailed
+from .stream import JoinStream
+from .trainer import FitOutput, Trainer
 
 __all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
@@ -168,11 +171,13 @@ class Worker:
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
         guard: the data owner's policy; tasks that break it are refused.
         gate: what admits tasks (default: a :class:`~.gate.Gate` over the worker's registry
-            and the trainer's configured model, ``max_model_bytes`` and ``guard``).
+            and the trainer's configured model, ``max_model_bytes``, ``guard`` and ``plans``).
+        plans: the shipped plans this worker verifies and runs (None: refused).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
         analytics: answers federated-analytics queries over a local table (its check is
             registered with the gate).
+        tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
     """
 
     def __init__(
@@ -188,9 +193,11 @@ class Worker:
         channel_factory: ChannelFactory = insecure_channel,
         guard: PolicyGuard | None = None,
         gate: Gate | None = None,
+        plans: PlanLibrary | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
         analytics: QueryResponder | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -204,12 +211,13 @@ class Worker:
         if gate is None:
             announced = trainer.announced_model()
             catalog = ModelCatalog(announced[0] if announced is not None else None)
-            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard)
+            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard, plans=plans)
         self.gate = gate
         self.analytics = analytics
         if analytics is not None:
             analytics.attach(gate)
         self.dataset = dataset
+        self.tls = tls
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
@@ -234,6 +242,7 @@ class Worker:
         """Serve the federation until the coordinator says it is over."""
         attempt = 0
         last_session = time.monotonic()
+        explained = ""  # the last diagnosis logged as a warning (repeats go to INFO)
         while True:
             self._move(WorkerState.CONNECTING)
             try:
@@ -253,6 +262,16 @@ class Worker:
                         raise IdentityMismatchError(details) from None
                     raise RejectedError(details) from None
                 reason = f"{exc.code().name}: {exc.details()}"
+                # Only a connection that never got a session is a set-up question.
+                handshake = self.state is WorkerState.CONNECTING
+                diagnosis = diagnose(exc, server=self.server, tls=self.tls) if handshake else None
+                if diagnosis is not None:
+                    if diagnosis.permanent:
+                        self._move(WorkerState.DISCONNECTED)
+                        raise RejectedError(diagnosis.message) from None
+                    if diagnosis.message != explained:
+                        log.warning("%s; retrying", diagnosis.message)
+                        explained = diagnosis.message
             except _Disconnected as exc:
                 reason = str(exc)
             if self.state in (WorkerState.READY, WorkerState.WORKING):
@@ -293,25 +312,31 @@ class Worker:
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream; True when the federation is over."""
-        open_stream: Any = channel.stream_stream(
-            JOIN_METHOD,
-            request_serializer=serialize_worker_message,
-            response_deserializer=deserialize_coordinator_message,
-        )
-        call = open_stream(metadata=self._metadata)
+        call = JoinStream(channel, self._metadata)
         await call.write(self._hello())
         first = await call.read()
-        if first is STREAM_END:
+        if first is None:
             raise _Disconnected("stream closed during the handshake")
         if isinstance(first, RawChunk) or first.WhichOneof("body") != "welcome":
             raise _Disconnected("the coordinator did not answer with a welcome")
         welcome = first.welcome
-        self.worker_id = welcome.worker_id
-        self._move(WorkerState.READY)
-        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
+        # Permanent: the worker stops with VersionMismatchError instead of retrying.
+        check_protocol_version(welcome.protocol_version, peer="the coordinator", us="worker")
         heartbeats = asyncio.create_task(
             self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
         )
+        if welcome.HasField("model"):
+            # Data that cannot fit the federation's model ends this worker before any task.
+            try:
+                await self._check_data(welcome.model)
+            except DataError:
+                heartbeats.cancel()
+                call.cancel()
+                self._move(WorkerState.DISCONNECTED)
+                raise
+        self.worker_id = welcome.worker_id
+        self._move(WorkerState.READY)
+        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
         jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
@@ -327,10 +352,25 @@ class Worker:
         try:
             while True:
                 message = await call.read()
-                if message is STREAM_END:
+                if message is None:
                     raise _Disconnected("the coordinator closed the stream")
-                chunk = message if isinstance(message, RawChunk) else None
-                kind = "chunk" if chunk is not None else message.WhichOneof("body")
+                if isinstance(message, RawChunk) or message.WhichOneof("body") == "chunk":
+                    current = pending
+                    if current is None:
+                        raise _Disconnected("the coordinator sent a chunk outside of a task")
+                    chunk = message if isinstance(message, RawChunk) else message.chunk
+                    try:
+                        if current[2].add(chunk):
+                            if current[1] is not None:
+                                jobs.put_nowait((current[1], current[2]))
+                            pending = None
+                    except PayloadError as exc:
+                        await self._send_error(
+                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                        )
+                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
+                    continue
+                kind = message.WhichOneof("body")
                 if kind == "shutdown":
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
@@ -347,28 +387,36 @@ class Worker:
                     if checked is not None and checked.secagg is not None:
                         await self._secagg.start(checked.task, checked.secagg_rules)
                     assembler = await self._start_task(call, message.task, welcome)
-                    pending = (message.task, checked, assembler)
-                elif kind == "chunk":
-                    if pending is None:
-                        raise _Disconnected("the coordinator sent a chunk outside of a task")
-                    try:
-                        pending[2].add(chunk if chunk is not None else message.chunk)
-                    except PayloadError as exc:
-                        await self._send_error(
-                            call, pending[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
-                        )
-                        raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
-                if pending is not None and pending[2].complete:
-                    _, checked, assembler = pending
-                    if checked is not None:
+                    if not assembler.complete:
+                        pending = (message.task, checked, assembler)
+                    elif checked is not None:
                         jobs.put_nowait((checked, assembler))
-                    pending = None
         finally:
             heartbeats.cancel()
             runner.cancel()
             call.cancel()
 
-    async def _start_task(self, call: Any, task: pb.Task, welcome: pb.Welcome) -> PayloadAssembler:
+    async def _check_data(self, announced: pb.ModelSpec) -> None:
+        """Raise :class:`DataError` when the local data cannot fit the federation's model.
+        Only a model the gate would admit is built for the check (one this worker's catalog
+        allows, within --max-model-bytes, sized on the meta device first); any other is
+        refused when its plan arrives."""
+        try:
+            spec = ModelSpec.from_proto(announced)
+            size = total_bytes(self.gate.catalog.signature(spec))
+        except (ConfigError, ModelError) as exc:
+            log.debug("not checking the data against model %r: %s", announced.name, exc)
+            return
+        if size > self.gate.max_model_bytes:
+            return
+        try:
+            await asyncio.to_thread(self.trainer.check_data, spec)
+        except (ConfigError, ModelError) as exc:  # the plan's own checks will report it
+            log.debug("cannot check the data against model %s: %s", spec, exc)
+
+    async def _start_task(
+        self, call: JoinStream, task: pb.Task, welcome: pb.Welcome
+    ) -> PayloadAssembler:
         try:
             return PayloadAssembler(
                 task.weights,
@@ -382,7 +430,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the gate
 
-    async def _admit(self, call: Any, task: pb.Task) -> CheckedTask | None:
+    async def _admit(self, call: JoinStream, task: pb.Task) -> CheckedTask | None:
         """The checked task, or None after telling the coordinator why it was refused."""
         try:
             return await asyncio.to_thread(self.gate.admit, task)
@@ -390,7 +438,7 @@ class Worker:
             await self._refuse(call, task, exc)
             return None
 
-    async def _refuse(self, call: Any, task: pb.Task, refusal: TaskRefused) -> None:
+    async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
@@ -399,7 +447,7 @@ class Worker:
     # ------------------------------------------------------------------ tasks
 
     async def _run_jobs(
-        self, call: Any, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
+        self, call: JoinStream, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
     ) -> None:
         while True:
             checked, assembler = await jobs.get()
@@ -410,7 +458,9 @@ class Worker:
                 if self.state is WorkerState.WORKING:
                     self._move(WorkerState.READY)
 
-    async def _run_task(self, call: Any, checked: CheckedTask, assembler: PayloadAssembler) -> None:
+    async def _run_task(
+        self, call: JoinStream, checked: CheckedTask, assembler: PayloadAssembler
+    ) -> None:
         task = checked.task
         try:
             weights = assembler.weights()
@@ -432,10 +482,7 @@ class Worker:
         except ModelMismatchError as exc:
             log.error("cannot run round %d: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_MODEL_MISMATCH, str(exc))
-        except (TrainingFailed, PayloadError) as exc:
-            log.error("round %d failed: %s", task.round, exc)
-            await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
-        except FedcoreError as exc:
+        except FedcoreError as exc:  # TrainingFailed, PayloadError, ...
             log.error("round %d failed: %s", task.round, exc)
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, str(exc))
         except Exception as exc:  # a user trainer's bug must not leave the round waiting
@@ -444,7 +491,7 @@ class Worker:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
 
     async def _fit(
-        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
     ) -> None:
         task = checked.task
         config = checked.train
@@ -505,7 +552,7 @@ class Worker:
         )
 
     async def _evaluate(
-        self, call: Any, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
     ) -> None:
         ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, weights)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
@@ -534,17 +581,17 @@ class Worker:
         return self._compressor.compress(delta), True
 
     async def _send_error(
-        self, call: Any, task_id: str, code: pb.ErrorCode.ValueType, message: str
+        self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
     ) -> None:
         await self._write(
             call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
         )
 
-    async def _write(self, call: Any, message: pb.WorkerMessage | bytes) -> None:
+    async def _write(self, call: JoinStream, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:
             await call.write(message)
 
-    async def _heartbeats(self, call: Any, interval: float) -> None:
+    async def _heartbeats(self, call: JoinStream, interval: float) -> None:
         sequence = 0
         while True:
             await asyncio.sleep(interval)

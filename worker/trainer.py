@@ -21,18 +21,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedcore.errors import ConfigError, FedcoreError, ModelError, ModelMismatchError
+from fedcore.data.shards import ArrayDataset
+from fedcore.errors import ConfigError, ModelError, ModelMismatchError, TrainingFailed
+from fedcore.fit_check import check_data_fits
 from fedcore.model_catalog import ModelCatalog
 from fedcore.models import get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.privacy import ClientDP
+from fedcore.privacy.dpsgd import DPSGD
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
+from .plans import PlanLibrary
+
 __all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
-
-
-class TrainingFailed(FedcoreError):
-    """Local training did not produce a usable update (for example the loss diverged)."""
 
 
 @dataclass
@@ -63,6 +65,11 @@ class Trainer(ABC):
         """The model this trainer was set up for, if any: checked by the coordinator at join."""
         return None
 
+    def check_data(self, model: ModelSpec) -> None:
+        """Raise :class:`~fedcore.errors.DataError` when the local data cannot fit ``model``
+        (called once the federation's model is known, before any task). Default: no check."""
+        return None
+
     @abstractmethod
     def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
         """Train from ``weights`` and return the update."""
@@ -86,6 +93,30 @@ def _default_eval(model: nn.Module, data: Dataset[Batch], device: torch.device) 
     return evaluate(model, data, device=device)
 
 
+def _divergence_hint(config: TrainConfig, train_fn: TrainFn) -> str:
+    """The likely cause of weights that turned NaN/Inf, and what to change. Noise is named
+    first when the plan or this worker adds it: a smaller learning rate does not help there."""
+    client_dp = ClientDP.from_extra(config.extra)
+    if client_dp is not None and client_dp.noise_multiplier:
+        return (
+            f"the likely cause is the federation's DP noise (noise multiplier "
+            f"{client_dp.noise_multiplier:g}, clip norm {client_dp.clip_norm:g}), which the "
+            "global model carries: lower fed-server --dp-noise-multiplier or run with more "
+            "workers, then lower --lr"
+        )
+    if isinstance(train_fn, DPSGD):
+        return (
+            f"the likely cause is DP-SGD's gradient noise (noise multiplier "
+            f"{train_fn.noise_multiplier:g}): raise --batch-size (less noise per example) or "
+            f"lower --lr (now {config.learning_rate:g}) or --dpsgd-noise-multiplier"
+        )
+    return f"lower the learning rate (--lr, now {config.learning_rate:g})"
+
+
+def _describe(data: Dataset[Batch], role: str) -> str:
+    return f"{role} {data.source}" if isinstance(data, ArrayDataset) else role
+
+
 class TorchTrainer(Trainer):
     """Trains registered (or user) PyTorch models on a local dataset.
 
@@ -95,6 +126,7 @@ class TorchTrainer(Trainer):
         model: when given, the only model this worker accepts; announced at join.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         train_fn / eval_fn: replace the default loops.
+        plans: the verified plans this worker runs (shipped models; see worker/plans.py).
     """
 
     def __init__(
@@ -106,6 +138,7 @@ class TorchTrainer(Trainer):
         device: str = "cpu",
         train_fn: TrainFn = _default_train,
         eval_fn: EvalFn = _default_eval,
+        plans: PlanLibrary | None = None,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
@@ -117,10 +150,13 @@ class TorchTrainer(Trainer):
         # Only registered models, or the one the data owner configured (the gate has already
         # refused anything else; this holds for trainers driven without it, too).
         self._catalog = ModelCatalog(model)
+        self._plans = plans
         self._cached: tuple[ModelSpec, nn.Module] | None = None
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
+        self._checked: ModelSpec | None = None
         if model is not None:
             self._announced = (model, signature_of(get_weights(self._model_for(model))))
+            self._check_data(model)  # before the warm-up thread starts importing
         # Torch's one-time imports run while the worker connects (see training.warm_up).
         self._warm = threading.Thread(target=warm_up, name="fedcore-warm-up", daemon=True)
         self._warm.start()
@@ -134,12 +170,34 @@ class TorchTrainer(Trainer):
 
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         if self._cached is None or self._cached[0] != spec:
+            model = self._plans.build(spec) if self._plans is not None else None
             try:
-                model = self._catalog.build(spec)
+                model = model if model is not None else self._catalog.build(spec)
             except ModelError as exc:
                 raise ModelMismatchError(str(exc)) from None
             self._cached = (spec, model.to(self._device))
         return self._cached[1]
+
+    def check_data(self, model: ModelSpec) -> None:
+        """The training and evaluation sets must fit ``model`` (a model this worker's catalog
+        refuses raises :class:`~fedcore.errors.ModelMismatchError`, as its plans would).
+
+        It does not wait for the warm-up thread: a forward pass without gradients imports
+        none of the optimizer stack the warm-up loads, and waiting here would hold the
+        worker's first task for the seconds the warm-up takes on a busy machine."""
+        self._check_data(model)
+
+    def _check_data(self, model: ModelSpec) -> None:
+        if model == self._checked:
+            return
+        net = self._model_for(model)
+        check_data_fits(
+            net, self._train_data, model_name=str(model), what=_describe(self._train_data, "shard")
+        )
+        if self._eval_data is not self._train_data:
+            what = _describe(self._eval_data, "evaluation data")
+            check_data_fits(net, self._eval_data, model_name=str(model), what=what)
+        self._checked = model
 
     def _wait_for_warm_up(self) -> None:
         # Never import the same modules from two threads at once.
@@ -155,7 +213,7 @@ class TorchTrainer(Trainer):
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise TrainingFailed(
                     f"training produced NaN/Inf in {name!r} (loss {result.loss:.4g}); "
-                    "lower the learning rate"
+                    f"{_divergence_hint(config, self._train_fn)}"
                 )
         metrics = {
             "loss": result.loss,

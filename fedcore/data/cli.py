@@ -10,11 +10,13 @@ from pathlib import Path
 from fedcore.data.mnist import BUNDLED_MNIST_DIR, load_mnist, verify_checksums
 from fedcore.data.partition import format_summary, partition, summarize
 from fedcore.data.shards import save_shard
-from fedcore.errors import DataError, FedcoreError
+from fedcore.errors import ConfigError, DataError, FedcoreError
 
 __all__ = ["build_parser", "main"]
 
 PROG = "fed-data"
+_DEFAULT_ALPHA = 0.5
+_DEFAULT_CLASSES = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,17 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument(
         "--alpha",
         type=_positive_float,
-        default=0.5,
         metavar="A",
-        help="Dirichlet concentration; smaller is more skewed (dirichlet only; "
-        "default: %(default)s)",
+        help=f"Dirichlet concentration; smaller is more skewed (dirichlet only; "
+        f"default: {_DEFAULT_ALPHA})",
     )
     split.add_argument(
         "--classes-per-shard",
         type=_positive_int,
-        default=2,
         metavar="K",
-        help="most classes a shard may hold (shards only; default: %(default)s)",
+        help=f"most classes a shard may hold (shards only; default: {_DEFAULT_CLASSES})",
     )
     split.add_argument(
         "--seed",
@@ -120,7 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scheme_options(args: argparse.Namespace) -> tuple[float, int]:
+    """--alpha and --classes-per-shard; each belongs to one scheme, and is refused with
+    another rather than silently ignored."""
+    for flag, value, scheme in (
+        ("--alpha", args.alpha, "dirichlet"),
+        ("--classes-per-shard", args.classes_per_shard, "shards"),
+    ):
+        if value is not None and args.scheme != scheme:
+            raise ConfigError(
+                f"{flag} applies to --scheme {scheme} only, not --scheme {args.scheme}; "
+                f"drop {flag} or pass --scheme {scheme}"
+            )
+    alpha = args.alpha if args.alpha is not None else _DEFAULT_ALPHA
+    classes = args.classes_per_shard if args.classes_per_shard is not None else _DEFAULT_CLASSES
+    return alpha, classes
+
+
 def _split(args: argparse.Namespace) -> int:
+    alpha, classes_per_shard = _scheme_options(args)
     x, y = load_mnist("train", root=args.source)
     if args.max_examples is not None:
         x, y = x[: args.max_examples], y[: args.max_examples]
@@ -129,8 +147,8 @@ def _split(args: argparse.Namespace) -> int:
         args.num_shards,
         args.scheme,
         seed=args.seed,
-        alpha=args.alpha,
-        classes_per_shard=args.classes_per_shard,
+        alpha=alpha,
+        classes_per_shard=classes_per_shard,
     )
     out: Path = args.out
     written = [save_shard(out / f"shard-{i}.npz", x[idx], y[idx]) for i, idx in enumerate(parts)]

@@ -39,6 +39,7 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, *, source: str = "arrays") -> None:
         xa, ya = np.asarray(x), np.asarray(y)
         _validate(xa, ya, source)
+        self.source = source
         self.x: torch.Tensor = torch.from_numpy(_to_float32(xa))
         self.y: torch.Tensor = torch.from_numpy(ya.astype(np.int64))
 

@@ -20,13 +20,14 @@ from .check import (
     check_local_setup,
 )
 from .ledger import Charge, PrivacyLedger, epsilon_of
-from .model import Policy, load_policy, parse_policy
+from .model import PlanRules, Policy, load_policy, parse_policy
 from .release import noisy_label_histogram
 
 __all__ = [
     "Charge",
     "ClientDPRequest",
     "PlanRequest",
+    "PlanRules",
     "Policy",
     "PrivacyLedger",
     "RecordDPSetup",

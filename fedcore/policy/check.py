@@ -66,6 +66,7 @@ class PlanRequest:
     client_dp: ClientDPRequest | None = None
     record_dp: RecordDPSetup | None = None
     coordinator: str | None = None  # the coordinator's TLS identity, when known
+    is_plan: bool = False  # a model shipped as a program: [plans] rules, not [models] allowed
 
     @property
     def is_dp(self) -> bool:
@@ -106,6 +107,7 @@ class PlanRequest:
             client_dp=client_dp,
             record_dp=record_dp if fit else None,
             coordinator=coordinator,
+            is_plan=task.HasField("plan"),
         )
 
 
@@ -142,7 +144,8 @@ def check(
             f"({', '.join(policy.allowed_coordinators)})",
         )
     models = policy.models
-    if models.allowed is not None and plan.model not in models.allowed:
+    # A shipped plan is judged by its verification and approval (worker/plans.py).
+    if models.allowed is not None and plan.model not in models.allowed and not plan.is_plan:
         return Refusal(
             "models.allowed",
             f"the plan uses model {plan.model!r}; this worker accepts only "

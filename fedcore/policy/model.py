@@ -42,6 +42,10 @@ Every section is optional; an absent rule allows everything it would have restri
     [coordinators]
     allowed = ["coordinator.example.org"]  # TLS identities this worker trains for
 
+    [plans]                                # models shipped as programs (docs/plans.md)
+    accept = true                          # run verified plans at all
+    require-approval = true                # ... only once the data owner approved the hash
+    requests = "plan-requests"             # the request queue (relative to this file's folder)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     min-count = 10                         # fewest records in any released cell (default 10)
@@ -71,6 +75,7 @@ __all__ = [
     "DPKind",
     "DatasetRules",
     "ModelRules",
+    "PlanRules",
     "Policy",
     "PrivacyRules",
     "TrainingRules",
@@ -89,6 +94,7 @@ _SECTIONS = (
     "budget",
     "dataset",
     "coordinators",
+    "plans",
     "analytics",
 )
 
@@ -178,6 +184,20 @@ class AnalyticsRules:
 
 
 @dataclass(frozen=True)
+class PlanRules:
+    """Models shipped as programs (``fed-server --ship-plan``; see docs/plans.md).
+
+    ``accept``: run verified plans at all. ``require_approval``: run a plan only after the
+    data owner approved its hash (``fed-worker requests approve``); unknown plans wait in
+    the request queue at ``requests``.
+    """
+
+    accept: bool = True
+    require_approval: bool = False
+    requests: Path | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """Everything a data owner's ``policy.toml`` says (see the module docstring)."""
 
@@ -190,6 +210,7 @@ class Policy:
     source: str = "policy"
     #: None: this worker answers no analytics queries.
     analytics: AnalyticsRules | None = None
+    plans: PlanRules = field(default_factory=PlanRules)
 
     @property
     def private(self) -> bool:
@@ -235,6 +256,10 @@ class Policy:
             lines.append("releases a noisy label histogram")
         if self.allowed_coordinators is not None:
             lines.append(f"coordinators: {', '.join(self.allowed_coordinators)}")
+        if not self.plans.accept:
+            lines.append("no shipped plans")
+        elif self.plans.require_approval:
+            lines.append(f"plans need the data owner's approval (queue {self.plans.requests})")
         if self.analytics is not None:
             a = self.analytics
             columns = ", ".join(a.allowed_columns) if a.allowed_columns is not None else "all"
@@ -370,6 +395,14 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
+    pl = section("plans", ("accept", "require-approval", "requests"))
+    queue = Path(pl.string("requests") or "plan-requests").expanduser()
+    plans = PlanRules(
+        accept=_default(pl.boolean("accept"), True),
+        require_approval=_default(pl.boolean("require-approval"), False),
+        requests=queue if queue.is_absolute() else path.parent / queue,
+    )
+
     analytics = None
     if "analytics" in document:
         a = section("analytics", ("allowed-columns", "min-count", "max-epsilon"))
@@ -385,7 +418,9 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             _or(a.number("max-epsilon", positive=True), DEFAULT_MAX_QUERY_EPSILON),
         )
 
-    policy = Policy(models, training, privacy, budget, dataset, coordinators, str(path), analytics)
+    policy = Policy(
+        models, training, privacy, budget, dataset, coordinators, str(path), analytics, plans=plans
+    )
     if (
         policy.private
         and policy.evaluation_allowed

@@ -15,6 +15,7 @@ Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -37,6 +38,8 @@ from .accountant import Mechanism, PrivacyAccountant
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
+
+log = logging.getLogger("fedcore.privacy")
 
 # Opacus is imported when a DP-SGD silo first trains, not here: it costs most of a second per
 # process (torch.distributed, scipy), which workers without DP-SGD never need.
@@ -167,6 +170,15 @@ class DPSGD:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ConfigError("DP-SGD needs a non-empty training set")
+        if not getattr(model, "opacus_compatible", True):
+            # A plan's module is a graph of ATen calls: Opacus' per-example gradient hooks
+            # sit on nn.Linear/nn.Conv2d modules, which it does not have.
+            raise ConfigError(
+                "DP-SGD cannot train a plan: Opacus computes per-example gradients with hooks "
+                "on layer modules (nn.Linear, nn.Conv2d, ...), and a verified plan is a graph "
+                "of ATen operations without them; run this silo without DP-SGD for plans, or "
+                "federate a registered model"
+            )
         model.train()
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
@@ -221,6 +233,13 @@ class DPSGD:
                 _epoch(gsm, optimizer, dp_loader, device, stats)
         finally:
             gsm._close()
+        # The silo's own record-level guarantee, whether or not a policy keeps a ledger.
+        log.info(
+            "DP-SGD: %d steps this round; this silo's records are at epsilon %.3f (delta %g)",
+            steps,
+            self.epsilon,
+            self.delta,
+        )
         total_loss, correct, seen = stats.loss_sum, stats.correct, stats.seen
         return TrainResult(
             num_examples=n,

@@ -239,6 +239,10 @@ class DifferentialPrivacy(Strategy):
         """The clip norm of the next round."""
         return self.adaptive.clip_norm if self.adaptive is not None else self.clipping_norm
 
+    @property
+    def required_updates(self) -> int:
+        return self.inner.required_updates
+
     def _update_multiplier(self, z: float) -> float:
         return self.adaptive.update_noise_multiplier(z) if self.adaptive is not None else z
 

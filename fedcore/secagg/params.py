@@ -62,6 +62,12 @@ class SecAggParams:
             return num_workers - 1
         return self.neighbours + (self.neighbours % 2)
 
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers a round can have: the threshold count, and never fewer than 2
+        (the coordinator learns only a sum, which one worker's update would be)."""
+        return max(2, int(self.threshold)) if self.threshold >= 1 else 2
+
     def threshold_for(self, num_workers: int) -> int:
         """The Shamir threshold of a round with ``num_workers`` selected workers."""
         m = self.group_size(num_workers)

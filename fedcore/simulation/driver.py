@@ -69,13 +69,17 @@ def loopback_limits(config: ServerConfig, num_clients: int, num_hosts: int) -> S
     what a simulation needs: every virtual worker connects from this machine, and a host's
     workers share one gRPC connection (so one connection carries hundreds of streams)."""
     per_host = -(-num_clients // max(1, min(num_hosts, num_clients)))
+    limits = config.limits
     return replace(
         config,
-        max_workers=max(config.max_workers, num_clients),
-        max_streams_per_connection=max(config.max_streams_per_connection, per_host + 8),
-        max_pending_handshakes=max(config.max_pending_handshakes, num_clients),
-        max_pending_per_host=max(config.max_pending_per_host, num_clients),
-        handshake_rate=0.0,  # unlimited: a thousand workers join from one address at once
+        limits=replace(
+            limits,
+            max_workers=max(limits.max_workers, num_clients),
+            max_streams_per_connection=max(limits.max_streams_per_connection, per_host + 8),
+            max_pending_handshakes=max(limits.max_pending_handshakes, num_clients),
+            max_pending_per_host=max(limits.max_pending_per_host, num_clients),
+            handshake_rate=0.0,  # unlimited: a thousand workers join from one address at once
+        ),
     )
 
 
@@ -167,7 +171,7 @@ async def simulate(
         result = serving.result()
         # The coordinator told every worker the federation is over: hosts finish now.
         try:
-            reports = await asyncio.wait_for(hosting, config.shutdown_grace + 120)
+            reports = await asyncio.wait_for(hosting, config.limits.shutdown_grace + 120)
         except HostFailed as exc:
             raise SimulationError(str(exc)) from None
     finally:

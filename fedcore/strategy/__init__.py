@@ -31,6 +31,7 @@ from .base import (
     UpdateAggregator,
     WeightedMeanAggregator,
     WorkerInfo,
+    check_round_size,
     check_secure_aggregation,
     weighted_metrics,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "UpdateAggregator",
     "WeightedMeanAggregator",
     "WorkerInfo",
+    "check_round_size",
     "check_secure_aggregation",
     "describe_strategies",
     "load_strategy",

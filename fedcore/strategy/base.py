@@ -103,11 +103,14 @@ class EvaluateResult:
 @dataclass(frozen=True)
 class Failure:
     """A worker that was asked to take part and did not deliver, and why. ``refused``: the
-    worker's data owner policy refused the plan (the reason names the rule)."""
+    worker's data owner policy refused the plan (the reason names the rule). ``answered``: the
+    worker itself reported the failure (a refusal, or training that failed), so the same plan
+    would fail the same way again; otherwise it dropped out or timed out."""
 
     worker: WorkerInfo
     reason: str
     refused: bool = False
+    answered: bool = False
 
 
 class UpdateAggregator(ABC):
@@ -231,6 +234,12 @@ class Strategy(ABC):
     sampler: ClientSampler = ClientSampler()
 
     @property
+    def required_updates(self) -> int:
+        """Fewest updates this strategy can aggregate in one round (robust rules need more
+        than one); a federation whose rounds may complete with fewer is refused at start."""
+        return 1
+
+    @property
     def async_settings(self) -> AsyncSettings | None:
         """Not None to run asynchronously (see :class:`AsyncSettings`). Default: rounds."""
         return None
@@ -302,6 +311,18 @@ class Strategy(ABC):
         """Restore what :meth:`state_dict` returned."""
         if state:
             raise ConfigError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+
+def check_round_size(strategy: Strategy, *, results_needed: int, flag: str) -> None:
+    """Refuse a federation whose rounds may complete with fewer updates than ``strategy``
+    can aggregate; ``flag`` names the setting that sets ``results_needed``."""
+    needed = strategy.required_updates
+    if results_needed < needed:
+        raise ConfigError(
+            f"strategy {type(strategy).__name__} needs at least {needed} updates per round, "
+            f"and rounds would complete with {results_needed} ({flag} {results_needed}); "
+            f"pass {flag} {needed} and start at least {needed} workers"
+        )
 
 
 def check_secure_aggregation(strategy: Strategy, *, secure_aggregation: bool) -> None:

@@ -112,7 +112,7 @@ def krum_select(updates: list[Weights], num_byzantine: int, num_selected: int) -
     if n < 2 * num_byzantine + 3:
         raise RoundFailedError(
             f"Krum with num-byzantine={num_byzantine} needs at least {2 * num_byzantine + 3} "
-            f"updates, got {n}; raise --min-results or lower num-byzantine"
+            f"updates, got {n}; run with more workers (--min-workers) or lower num-byzantine"
         )
     names = [k for k, a in updates[0].items() if a.dtype.kind == "f"]
     flat = [np.concatenate([u[k].ravel().astype(np.float64) for k in names]) for u in updates]
@@ -137,6 +137,10 @@ class Krum(Strategy):
         if num_byzantine < 0:
             raise ConfigError(f"num-byzantine cannot be negative, got {num_byzantine}")
         self.num_byzantine = num_byzantine
+
+    @property
+    def required_updates(self) -> int:
+        return 2 * self.num_byzantine + 3
 
     def _num_selected(self, n: int) -> int:
         return 1

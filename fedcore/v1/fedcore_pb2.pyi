@@ -241,7 +241,8 @@ Global___PayloadChunk: _TypeAlias = PayloadChunk  # noqa: Y015
 class ModelSpec(_message.Message):
     """---------------------------------------------------------------- plans
 
-    A model is named, never shipped as code: both sides build it from their registry.
+    A model is named, never shipped as code: both sides build it from their registry (or, for
+    "plan-<hash>", from the verified program in Task.plan).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -343,6 +344,7 @@ class Task(_message.Message):
     TRAIN_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     kind: Global___TaskKind.ValueType
@@ -356,6 +358,12 @@ class Task(_message.Message):
     def secagg(self) -> Global___SecAggSetup:
         """Present when the round's updates are securely aggregated."""
 
+    @_builtins.property
+    def plan(self) -> Global___PlanProgram:
+        """Present when the model is shipped as a program (model.name is then "plan-<hash>"): the
+        worker verifies it against its operation allow-list before anything runs.
+        """
+
     def __init__(
         self,
         *,
@@ -366,14 +374,97 @@ class Task(_message.Message):
         train: Global___TrainConfig | None = ...,
         weights: Global___PayloadHeader | None = ...,
         secagg: Global___SecAggSetup | None = ...,
+        plan: Global___PlanProgram | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "plan", b"plan", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class PlanProgram(_message.Message):
+    """A model as a program, not code: torch.export graphs of ATen operations (see fedcore/plans/).
+    The weights are not part of it: they travel as every task's typed raw payload.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TRAIN_GRAPH_FIELD_NUMBER: _builtins.int
+    EVAL_GRAPH_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    CONSTANTS_FIELD_NUMBER: _builtins.int
+    CONSTANTS_DATA_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    name: _builtins.str
+    """what its author called it; shown to data owners, never imported"""
+    train_graph: _builtins.bytes
+    """torch.export's JSON serialization, the model in training mode"""
+    eval_graph: _builtins.bytes
+    """the same model in evaluation mode (dropout off, running stats)"""
+    loss: _builtins.str
+    """one of fedcore's losses: "cross_entropy", "mse" """
+    constants_data: _builtins.bytes
+    """... little-endian bytes in header order"""
+    hash: _builtins.str
+    """hex SHA-256 of the canonical bytes; receivers recompute it"""
+    @_builtins.property
+    def constants(self) -> Global___PayloadHeader:
+        """tensor constants the graphs use (never trained), typed raw..."""
+
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        train_graph: _builtins.bytes = ...,
+        eval_graph: _builtins.bytes = ...,
+        loss: _builtins.str = ...,
+        constants: Global___PayloadHeader | None = ...,
+        constants_data: _builtins.bytes = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constants", b"constants"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constants", b"constants", "constants_data", b"constants_data", "eval_graph", b"eval_graph", "format_version", b"format_version", "hash", b"hash", "loss", b"loss", "name", b"name", "train_graph", b"train_graph"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanProgram: _TypeAlias = PlanProgram  # noqa: Y015
+
+@_typing.final
+class PlanFile(_message.Message):
+    """A plan file written by `fed-plan export`: the program and its initial weights. Nothing pickled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_DATA_FIELD_NUMBER: _builtins.int
+    weights_data: _builtins.bytes
+    @_builtins.property
+    def program(self) -> Global___PlanProgram: ...
+    @_builtins.property
+    def weights(self) -> Global___PayloadHeader: ...
+    def __init__(
+        self,
+        *,
+        program: Global___PlanProgram | None = ...,
+        weights: Global___PayloadHeader | None = ...,
+        weights_data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["program", b"program", "weights", b"weights"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["program", b"program", "weights", b"weights", "weights_data", b"weights_data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanFile: _TypeAlias = PlanFile  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):

@@ -58,10 +58,14 @@ class RoundCollector:
         """Track a ticket issued for this round."""
         self.tickets.append(ticket)
 
-    def fail(self, ticket: Ticket, reason: str, *, refused: bool = False) -> None:
-        """Record that ``ticket``'s worker did not deliver (``refused``: its policy said no)."""
+    def fail(
+        self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
+    ) -> None:
+        """Record that ``ticket``'s worker did not deliver (``refused``: its policy said no;
+        ``answered``: the worker reported the failure itself)."""
         if not ticket.future.done():
-            self.failures.append(Failure(ticket.session.info, reason, refused=refused))
+            failure = Failure(ticket.session.info, reason, refused=refused, answered=answered)
+            self.failures.append(failure)
             ticket.resolve(None)
 
     async def wait(self, timeout: float) -> None:

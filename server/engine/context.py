@@ -51,6 +51,8 @@ class RoundContext:
         self.round = 0
         #: The collector of the round in progress (for progress displays).
         self.collector: RoundCollector | None = None
+        #: The last round (or global update) whose model exists; its report may be pending.
+        self.rounds_completed = 0
 
     @property
     def weights(self) -> Weights:
@@ -79,6 +81,7 @@ class RoundContext:
         self._weights = self.strategy.aggregate_fit(
             round_number, self._weights, aggregate, results, failures
         )
+        self.rounds_completed = round_number
         return self._weights
 
     def route_secagg(self, handler: SecAggRoute | None) -> None:
@@ -87,7 +90,7 @@ class RoundContext:
 
     def payload(self) -> WeightsPayload:
         """The global model as a chunk stream to send after a Task."""
-        return WeightsPayload(self._weights, self.config.chunk_bytes)
+        return WeightsPayload(self._weights, self.config.limits.chunk_bytes)
 
     def select(
         self, chosen: Sequence[WorkerInfo], idle: Mapping[str, WorkerSession]
@@ -119,6 +122,7 @@ class RoundContext:
             train=train,
             weights=payload.header,
             secagg=secagg,
+            plan=self.config.plan,  # a model shipped as a program (server/plans.py)
         )
 
     def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
@@ -128,6 +132,7 @@ class RoundContext:
             kind=pb.TASK_KIND_EVALUATE,
             model=self.config.model.to_proto(),
             weights=payload.header,
+            plan=self.config.plan,
         )
 
     def issue(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedcore.data import load_shard
+from fedcore.fit_check import check_data_fits
 from fedcore.models import build_model, set_weights
 from fedcore.plan import ModelSpec
 from fedcore.training import EvalResult, evaluate
@@ -14,11 +15,19 @@ __all__ = ["CentralEvaluator"]
 
 
 class CentralEvaluator:
-    """Loads ``--eval-data`` once and evaluates weights on it (thread-safe per call order)."""
+    """Loads ``--eval-data`` once and evaluates weights on it (thread-safe per call order).
+
+    Raises:
+        DataError: the data cannot be read, or does not fit the model (shapes, labels).
+    """
 
     def __init__(self, model: ModelSpec, data: Path, batch_size: int, device: str) -> None:
         self._dataset = load_shard(data)
         self._model = build_model(model)
+        # Before round 1: data that cannot fit the model is refused now, not after training.
+        check_data_fits(
+            self._model, self._dataset, model_name=str(model), what=f"--eval-data {data}"
+        )
         self._batch_size = batch_size
         self._device = device
 

@@ -171,7 +171,7 @@ class FedBuffEngine:
     async def run(self) -> None:
         ctx = self.context
         ctx.collector = self.collector
-        patience = ctx.config.round_timeout * (ctx.config.round_retries + 1)
+        patience = ctx.config.limits.round_timeout * (ctx.config.limits.round_retries + 1)
         last_progress = time.perf_counter()
         try:
             while not self.finished:
@@ -225,7 +225,7 @@ class FedBuffEngine:
         if self._encoded is None or self._encoded[0] != self.version:
             self._encoded = (self.version, ctx.payload())
         payload = self._encoded[1]
-        deadline = time.perf_counter() + ctx.config.round_timeout
+        deadline = time.perf_counter() + ctx.config.limits.round_timeout
         selected = ctx.select([i.worker for i in instructions], idle)
         for instruction, session in zip(instructions, selected, strict=True):
             task = ctx.fit_task(self.version + 1, instruction, payload)
@@ -274,6 +274,7 @@ class FedBuffEngine:
         staleness = [r.staleness for r in results]
         counters = ctx.counters
         metrics = RoundMetrics(
+            plan=ctx.config.plan.hash if ctx.config.plan is not None else None,
             round=self.version,
             workers=len(results),
             failures=len(self.failures),

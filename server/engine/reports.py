@@ -17,6 +17,7 @@ checkpoint, with the strategy's state and so the privacy accountant's, is then o
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from ..state.checkpoint import Checkpointer
 from .evaluation import CentralEvaluator
 
 __all__ = ["ReportPipeline", "peak_rss_bytes"]
+
+log = logging.getLogger("fedcore.server")
 
 
 def peak_rss_bytes() -> int:
@@ -64,8 +67,10 @@ class ReportPipeline:
         self.rows: list[RoundMetrics] = list(restored)
         #: Set when the strategy's ``on_round_end`` asked to end the federation.
         self.end_requested = False
-        #: ``perf_counter()`` when round 1 began (0 before).
+        #: ``perf_counter()`` when round 1 (or the first resumed round) began (0 before).
         self.started = 0.0
+        # Training time of the runs before a --resume: elapsed_s goes on from there.
+        self._elapsed_before = self.rows[-1].elapsed_s if self.rows else 0.0
         #: The model of the last checkpoint on disk (None: none yet).
         self.durable: Weights | None = None
         self._last: asyncio.Task[None] | None = None
@@ -73,6 +78,10 @@ class ReportPipeline:
     def start_clock(self) -> None:
         """Round 1 begins now (elapsed times count from here)."""
         self.started = time.perf_counter()
+
+    def elapsed_s(self, now: float) -> float:
+        """Training wall clock at ``now`` (a ``perf_counter()``), across --resume."""
+        return self._elapsed_before + now - self.started
 
     def submit(
         self,
@@ -134,14 +143,24 @@ class ReportPipeline:
             await previous
         eval_started = time.perf_counter()
         if self._evaluator is not None:
-            result = await asyncio.to_thread(self._evaluator.evaluate, weights)
-            metrics.accuracy, metrics.loss = result.accuracy, result.loss
+            try:
+                result = await asyncio.to_thread(self._evaluator.evaluate, weights)
+            except Exception as exc:  # the trained round stands; only its evaluation is lost
+                log.error(
+                    "round %d: centralized evaluation failed (%s: %s); the round's model is "
+                    "kept, without accuracy",
+                    metrics.round,
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                metrics.accuracy, metrics.loss = result.accuracy, result.loss
         # Evaluation overlaps the next round's training; a round's duration counts its own
         # training and its own evaluation, not the overlap.
         metrics.fit_s = round(fit_done - started, 3)
         metrics.eval_s = round(time.perf_counter() - eval_started, 3)
         metrics.duration_s = round(metrics.fit_s + metrics.eval_s, 3)
-        metrics.elapsed_s = round(fit_done - self.started, 3)
+        metrics.elapsed_s = round(self.elapsed_s(fit_done), 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         self.rows.append(metrics)
         for sink in self._sinks:

@@ -57,6 +57,7 @@ class SyncEngine:
                 log.warning("privacy budget reached: %s", exc)
                 break
             metrics = RoundMetrics(
+                plan=cfg.plan.hash if cfg.plan is not None else None,
                 round=round_number,
                 workers=len(collector.results),
                 failures=len(collector.failures),
@@ -75,7 +76,7 @@ class SyncEngine:
             # The round's model leaves (federated evaluation, the next round) only once its
             # checkpoint is on disk: see ReportPipeline.make_durable.
             await reports.make_durable(metrics, ctx.weights)
-            every = cfg.federated_eval_every
+            every = cfg.output.fed_eval_every
             if every and (round_number % every == 0 or round_number == cfg.rounds):
                 metrics.federated = await self._federated_evaluate(round_number)
             metrics.bytes_sent = ctx.counters.bytes_sent - sent0
@@ -87,9 +88,14 @@ class SyncEngine:
         """One training round, retried while too few valid results arrive."""
         ctx, cfg = self.context, self.context.config
         needed = cfg.results_needed
-        for attempt in range(1, cfg.round_retries + 2):
-            if not await ctx.registry.wait_for_idle(needed, cfg.round_timeout):
-                log.warning("round %d: fewer than %d workers are ready", round_number, needed)
+        for attempt in range(1, cfg.limits.round_retries + 2):
+            if not await ctx.registry.wait_for_idle(needed, cfg.limits.round_timeout):
+                log.warning(
+                    "round %d: fewer than %d worker%s ready",
+                    round_number,
+                    needed,
+                    "s are" if needed > 1 else " is",
+                )
                 await ctx.reports.drain()
                 continue
             collector = self._dispatch_fit(round_number)
@@ -102,13 +108,13 @@ class SyncEngine:
             # A strategy that samples fewer workers than --min-results needs all of them.
             needed_now = min(needed, collector.issued)
             for failure in collector.failures:
-                log.warning(
-                    "round %d: worker %r %s: %s",
-                    round_number,
-                    failure.worker.name,
-                    "refused the plan" if failure.refused else "dropped",
-                    failure.reason.removeprefix("refused: "),
-                )
+                if not failure.answered:  # the inbox logged the worker's own answer already
+                    log.warning(
+                        "round %d: worker %r dropped: %s",
+                        round_number,
+                        failure.worker.name,
+                        failure.reason,
+                    )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
                 ctx.apply(round_number, aggregate, collector.results, collector.failures)
@@ -120,15 +126,28 @@ class SyncEngine:
                 len(collector.results),
                 needed_now,
             )
+            accounted = len(collector.results) + len(collector.failures) == collector.issued
+            if collector.failures and accounted and all(f.answered for f in collector.failures):
+                # Every missing worker answered with a failure of this very plan (a refusal,
+                # training that diverged): the same plan on the same weights fails again.
+                await ctx.reports.drain()
+                answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
+                raise RoundFailedError(
+                    f"round {round_number} cannot succeed: {len(collector.results)} valid "
+                    f"result(s) of {needed_now} needed, and the other workers reported failures "
+                    f"that a retry of the same plan would repeat ({answers})"
+                )
         await ctx.reports.drain()
+        attempts = cfg.limits.round_retries + 1
         raise RoundFailedError(
-            f"round {round_number} failed {cfg.round_retries + 1} times: fewer than "
-            f"{needed} workers delivered valid results; see the warnings above"
+            f"round {round_number} failed {attempts} time{'s' if attempts > 1 else ''}: fewer "
+            f"than {needed} worker{'s' if needed > 1 else ''} delivered valid results; see the "
+            "warnings above"
         )
 
     async def _collect(self, collector: FitCollector) -> None:
         """Wait for the round's results while the previous round's report completes."""
-        waiting = asyncio.create_task(collector.wait(self.context.config.round_timeout))
+        waiting = asyncio.create_task(collector.wait(self.context.config.limits.round_timeout))
         try:
             await self.context.reports.drain()
             await waiting
@@ -197,5 +216,5 @@ class SyncEngine:
         for session in ctx.select(chosen, idle):
             task = ctx.evaluate_task(round_number, payload)
             collector.add(ctx.issue(session, collector, task, payload))
-        await collector.wait(ctx.config.round_timeout)
+        await collector.wait(ctx.config.limits.round_timeout)
         return ctx.strategy.aggregate_evaluate(round_number, collector.results)

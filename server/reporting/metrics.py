@@ -33,7 +33,9 @@ class RoundMetrics:
     attempts: int = 1
     fit_s: float = 0.0
     eval_s: float = 0.0
-    elapsed_s: float = 0.0  # wall clock from the start of round 1 to this round's model
+    # Wall clock of training from the start of round 1 to this round's model, summed over
+    # the runs of a --resume'd federation (time between runs is not counted).
+    elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
@@ -48,6 +50,8 @@ class RoundMetrics:
     epsilon: float | None = None
     delta: float | None = None
     privacy: dict[str, Any] | None = None
+    #: The hash of the plan trained, when the model is shipped as one (fed-server --ship-plan).
+    plan: str | None = None
 
     @property
     def test_accuracy(self) -> float | None:
@@ -59,9 +63,46 @@ class RoundMetrics:
         """Centralized test loss, else the federated evaluation's; None when neither ran."""
         return self.loss if self.loss is not None else self.federated.get("loss")
 
+    def cells(self) -> dict[str, str]:
+        """The round as table cells by column name (console rows, the summary table)."""
+        accuracy, loss = self.test_accuracy, self.test_loss
+        return {
+            "round": str(self.round),
+            "workers": str(self.workers),
+            "accuracy": f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
+            "loss": f"{loss:.4f}" if loss is not None else "-",
+            "train loss": f"{self.train['loss']:.4f}" if "loss" in self.train else "-",
+            "fit s": f"{self.fit_s:.1f}",
+            "eval s": f"{self.eval_s:.1f}",
+            "elapsed s": f"{self.elapsed_s:.1f}",
+            "sent MB": f"{self.bytes_sent / 1e6:.1f}",
+            "recv MB": f"{self.bytes_received / 1e6:.1f}",
+        }
+
+    def scalars(self) -> dict[str, float]:
+        """The round's numbers as named series for experiment trackers (MLflow, TensorBoard):
+        ``test/accuracy``, ``train/loss``, ``federated/...``, ``round/...``, ``privacy/...``;
+        non-finite values are left out."""
+        series: dict[str, float | None] = {
+            "test/accuracy": self.test_accuracy,
+            "test/loss": self.test_loss,
+            "round/workers": self.workers,
+            "round/failures": self.failures,
+            "round/fit_s": self.fit_s,
+            "round/eval_s": self.eval_s,
+            "round/elapsed_s": self.elapsed_s,
+            "round/bytes_sent": self.bytes_sent,
+            "round/bytes_received": self.bytes_received,
+            "privacy/epsilon": self.epsilon,
+        }
+        series.update({f"train/{k}": v for k, v in self.train.items()})
+        series.update({f"federated/{k}": v for k, v in self.federated.items()})
+        series.update({f"staleness/{k}": v for k, v in (self.staleness or {}).items()})
+        return {k: float(v) for k, v in series.items() if v is not None and math.isfinite(v)}
+
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
-        for optional in ("staleness", "epsilon", "delta", "privacy"):
+        for optional in ("staleness", "epsilon", "delta", "privacy", "plan"):
             if getattr(self, optional) is None:
                 del row[optional]
         row["train"] = {k: _finite(v) for k, v in self.train.items()}
@@ -88,6 +129,9 @@ class CoordinatorStatus:
     bytes_received: int
     elapsed_s: float  # since round 1 started (0 before)
     last: RoundMetrics | None  # the last completed (and evaluated) round
+    # Rounds whose global model exists, counted when aggregated (their evaluation may still
+    # be running: it overlaps the next round).
+    rounds_completed: int = 0
 
 
 class MetricsWriter:
@@ -99,11 +143,11 @@ class MetricsWriter:
         "workers",
         "accuracy",
         "loss",
-        "train_loss",
-        "fit_s",
-        "eval_s",
-        "sent_MB",
-        "recv_MB",
+        "train loss",
+        "fit s",
+        "eval s",
+        "sent MB",
+        "recv MB",
     )
 
     def __init__(self, path: Path | None, out: IO[str] | None = sys.stdout) -> None:
@@ -130,24 +174,12 @@ class MetricsWriter:
         if self._out is None:
             return
         if not self._header_printed:
-            print("".join(f"{c:>11}" for c in self._COLUMNS), file=self._out, flush=True)
+            # Header names without spaces: each line splits into fields.
+            header = (c.replace(" ", "_") for c in self._COLUMNS)
+            print("".join(f"{c:>11}" for c in header), file=self._out, flush=True)
             self._header_printed = True
-        accuracy = (
-            metrics.accuracy if metrics.accuracy is not None else metrics.federated.get("accuracy")
-        )
-        loss = metrics.loss if metrics.loss is not None else metrics.federated.get("loss")
-        cells = [
-            f"{metrics.round}",
-            f"{metrics.workers}",
-            f"{100 * accuracy:.2f}%" if accuracy is not None else "-",
-            f"{loss:.4f}" if loss is not None else "-",
-            f"{metrics.train['loss']:.4f}" if "loss" in metrics.train else "-",
-            f"{metrics.fit_s:.1f}",
-            f"{metrics.eval_s:.1f}",
-            f"{metrics.bytes_sent / 1e6:.1f}",
-            f"{metrics.bytes_received / 1e6:.1f}",
-        ]
-        print("".join(f"{c:>11}" for c in cells), file=self._out, flush=True)
+        cells = metrics.cells()
+        print("".join(f"{cells[c]:>11}" for c in self._COLUMNS), file=self._out, flush=True)
 
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         if self._file is not None:

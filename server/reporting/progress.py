@@ -40,43 +40,56 @@ def _pct(v: float | None) -> str:
     return f"{100 * v:.2f}%" if v is not None else "-"
 
 
-def summary_table(rows: Sequence[RoundMetrics]) -> Table:
-    """The end-of-run table: one row per round."""
-    eps = any(epsilon_of(m) is not None for m in rows)
+# Which summary columns a narrow terminal keeps first.
+_PRIORITY = ("round", "workers", "failed", "accuracy", "loss", "elapsed s", "epsilon")
+
+
+def _summary_columns(rows: Sequence[RoundMetrics]) -> list[tuple[str, list[str]]]:
+    """The summary's columns (header, one cell per row), in display order."""
+    columns: list[tuple[str, list[str]]] = [
+        ("round", [str(m.round) for m in rows]),
+        ("workers", [str(m.workers) for m in rows]),
+    ]
+    if any(m.failures for m in rows):
+        columns.append(("failed", [str(m.failures) for m in rows]))
+    columns += [
+        ("accuracy", [_pct(m.test_accuracy) for m in rows]),
+        ("loss", [f"{loss:.4f}" if (loss := m.test_loss) is not None else "-" for m in rows]),
+        ("train loss", [f"{m.train['loss']:.4f}" if "loss" in m.train else "-" for m in rows]),
+        ("fit s", [f"{m.fit_s:.1f}" for m in rows]),
+        ("eval s", [f"{m.eval_s:.1f}" for m in rows]),
+        ("elapsed s", [f"{m.elapsed_s:.1f}" for m in rows]),
+        ("sent MB", [f"{m.bytes_sent / 1e6:.1f}" for m in rows]),
+        ("recv MB", [f"{m.bytes_received / 1e6:.1f}" for m in rows]),
+    ]
+    if any(epsilon_of(m) is not None for m in rows):
+        columns.append(
+            ("epsilon", [f"{e:.3f}" if (e := epsilon_of(m)) is not None else "-" for m in rows])
+        )
+    return columns
+
+
+def summary_table(rows: Sequence[RoundMetrics], width: int | None = None) -> Table:
+    """The end-of-run table: one row per round. Within ``width`` columns it keeps the columns
+    that fit whole, the most important first, rather than cutting every cell short."""
+    columns = _summary_columns(rows)
+    if width is not None:
+        ranked = sorted(
+            columns,
+            key=lambda c: _PRIORITY.index(c[0]) if c[0] in _PRIORITY else len(_PRIORITY),
+        )
+        used, kept = 1, set()  # the left border; each column adds its padding and a border
+        for header, cells in ranked:
+            cost = max(len(header), *(len(c) for c in cells)) + 3
+            if used + cost <= width:
+                used += cost
+                kept.add(header)
+        columns = [c for c in columns if c[0] in kept]
     table = Table(title="federation summary", title_justify="left")
-    for name in (
-        "round",
-        "workers",
-        "accuracy",
-        "loss",
-        "train loss",
-        "fit s",
-        "eval s",
-        "elapsed s",
-    ):
-        table.add_column(name, justify="right")
-    table.add_column("sent MB", justify="right")
-    table.add_column("recv MB", justify="right")
-    if eps:
-        table.add_column("epsilon", justify="right")
-    for m in rows:
-        loss = m.test_loss
-        cells = [
-            str(m.round),
-            f"{m.workers}" + (f" ({m.failures} failed)" if m.failures else ""),
-            _pct(m.test_accuracy),
-            f"{loss:.4f}" if loss is not None else "-",
-            f"{m.train['loss']:.4f}" if "loss" in m.train else "-",
-            f"{m.fit_s:.1f}",
-            f"{m.eval_s:.1f}",
-            f"{m.elapsed_s:.1f}",
-            f"{m.bytes_sent / 1e6:.1f}",
-            f"{m.bytes_received / 1e6:.1f}",
-        ]
-        if eps:
-            e = epsilon_of(m)
-            cells.append(f"{e:.3f}" if e is not None else "-")
-        table.add_row(*cells)
+    for header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for i in range(len(rows)):
+        table.add_row(*(cells[i] for _, cells in columns))
     return table
 
 
@@ -177,5 +190,6 @@ class LiveDisplay:
         for handler, stream in self._restore:
             handler.setStream(stream)
         if rows:
-            self.console.print(summary_table(rows))
-        self.console.print(summary_line(rows), markup=False, highlight=False)
+            self.console.print(summary_table(rows, self.console.width))
+        # Never wrapped: scripts and readers copy the line whole.
+        self.console.print(summary_line(rows), markup=False, highlight=False, soft_wrap=True)

@@ -4,7 +4,7 @@ Serves ``/metrics`` over HTTP from a private registry (so several coordinators i
 do not collide). Exported series, all prefixed ``fedcore_``:
 
 ===================================  =========  ==============================================
-``rounds_completed_total``           counter    rounds completed (after evaluation)
+``rounds_completed_total``           counter    rounds aggregated (evaluation may follow)
 ``rounds_planned``                   gauge      ``--rounds``
 ``round``                            gauge      the round in progress
 ``workers_connected``                gauge      workers with an open stream
@@ -14,7 +14,7 @@ do not collide). Exported series, all prefixed ``fedcore_``:
 ``round_duration_seconds``           histogram  training + evaluation time of each round
 ``round_failures_total``             counter    workers dropped from rounds
 ``test_accuracy`` / ``test_loss``    gauge      the last round's evaluation
-``dp_epsilon``                       gauge      privacy budget spent (only with DP)
+``dp_epsilon``                       gauge      privacy budget spent (only once DP reports one)
 ===================================  =========  ==============================================
 """
 
@@ -74,7 +74,9 @@ class PrometheusExporter:
         )
         self.accuracy = Gauge("fedcore_test_accuracy", "Accuracy of the last round", registry=r)
         self.loss = Gauge("fedcore_test_loss", "Loss of the last round", registry=r)
-        self.epsilon = Gauge("fedcore_dp_epsilon", "Differential privacy budget spent", registry=r)
+        # Registered with the first epsilon: without DP there is no 0.0 to mistake for one.
+        self.epsilon: Gauge | None = None
+        self._completed = 0
         self._sent = 0
         self._received = 0
         try:
@@ -96,6 +98,9 @@ class PrometheusExporter:
         self.round.set(status.round)
         self.workers_connected.set(status.connected)
         self.workers_reporting.set(status.reported)
+        if status.rounds_completed > self._completed:
+            self.rounds_completed.inc(status.rounds_completed - self._completed)
+            self._completed = status.rounds_completed
         # Counters only go up: add what was transferred since the last snapshot.
         if status.bytes_sent > self._sent:
             self.bytes_sent.inc(status.bytes_sent - self._sent)
@@ -105,7 +110,6 @@ class PrometheusExporter:
             self._received = status.bytes_received
 
     def round_completed(self, metrics: RoundMetrics) -> None:
-        self.rounds_completed.inc()
         self.round_duration.observe(metrics.duration_s)
         if metrics.failures:
             self.failures.inc(metrics.failures)
@@ -116,6 +120,12 @@ class PrometheusExporter:
             self.loss.set(loss)
         eps = epsilon_of(metrics)
         if eps is not None:
+            if self.epsilon is None:
+                self.epsilon = Gauge(
+                    "fedcore_dp_epsilon",
+                    "Differential privacy budget spent",
+                    registry=self.registry,
+                )
             self.epsilon.set(eps)
 
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:

@@ -1,8 +1,8 @@
-"""The coordinator's settings, as one dataclass shared by the CLI and the Python API."""
+"""The coordinator's settings, as dataclasses shared by the CLI and the Python API."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,46 +13,42 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
+from fedcore.v1 import fedcore_pb2 as pb
 
 from ..analytics.settings import AnalyticsSettings
 from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
-__all__ = ["ServerConfig"]
+__all__ = ["Limits", "Output", "Recovery", "Security", "ServerConfig", "split_listen"]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` too) as host and port; a missing or bad port is an error
+    (gRPC would silently use 443)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or host.endswith(":") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--listen {listen!r} needs HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)"
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass
-class ServerConfig:
-    """Everything ``fed-server`` can be told; see ``fed-server --help`` for each field."""
+class Limits:
+    """Timeouts and limits (``fed-server --help``, "timeouts and limits")."""
 
-    model: ModelSpec = field(default_factory=lambda: ModelSpec("mnist-cnn"))
-    listen: str = "127.0.0.1:50051"
-    rounds: int = 3
-    min_workers: int = 2
-    min_results: int | None = None
     round_timeout: float = 600.0
     round_retries: int = 3
     join_timeout: float | None = None
-    strategy: str = "fedavg"  # a built-in name or package.module:Class
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    eval_data: Path | None = None
-    # Small batches keep activations in cache: 10k MNIST test images evaluate in 2.8 s at 128
-    # against 4.5 s at 1000 on one thread (mnist-cnn).
-    eval_batch_size: int = 128
-    fed_eval_every: int | None = None
-    metrics_out: Path | None = None
-    save_model: Path | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
-    max_workers: int = 1000
-    upload_slots: int = 1
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
     upload_idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     shutdown_grace: float = 5.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    max_workers: int = 1000
+    upload_slots: int = 1
     # Limits against hostile workers (see docs/coordinator-hardening.md).
     #: Streams open at once that have not sent their hello, in total and per peer host.
     max_pending_handshakes: int = 128
@@ -70,33 +66,8 @@ class ServerConfig:
     max_examples: int = 10_000_000
     #: Seconds between two checks of the --enrolled file for revocations.
     enrollment_poll: float = 1.0
-    threads: int | None = None
-    device: str = "cpu"
-    # Transport security and authentication (see fedcore.tls, fedcore.enrollment).
-    tls: ServerTLS | None = None
-    enrolled: Path | None = None
-    insecure: bool = False
-    # Crash recovery (see server/checkpoint.py).
-    checkpoint_dir: Path | None = None
-    resume: bool = False
-    # "auto": a live display when stdout is a terminal, plain lines otherwise.
-    progress: str = "auto"
-    # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
-    compression: str = "none"
-    metrics_port: int | None = None
-    #: Secure aggregation settings; None runs plain aggregation.
-    secagg: SecAggParams | None = None
-    #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
-    require_tags: tuple[str, ...] = ()
-    dp: DPSettings | None = None
-    #: Federated analytics for data scientists (``--scientists``); None: not served.
-    analytics: AnalyticsSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.min_workers < 1:
-            raise ConfigError(f"--min-workers must be at least 1, got {self.min_workers}")
         if self.round_timeout <= 0:
             raise ConfigError("--round-timeout must be positive")
         if self.round_retries < 0:
@@ -107,45 +78,10 @@ class ServerConfig:
             raise ConfigError("--upload-slots must be at least 1")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("--heartbeat-timeout must be longer than the heartbeat interval")
-        if self.min_results is not None and self.min_results < 1:
-            raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
-        if self.progress not in ("auto", "live", "plain"):
-            raise ConfigError(f"--progress must be auto, live or plain, got {self.progress!r}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(
-                f"--metrics-port must be a TCP port (0-65535; 0 picks a free one), "
-                f"got {self.metrics_port}"
-            )
-        if self.compression not in SCHEMES:
-            raise ConfigError(
-                f"--compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}"
-            )
-        if self.compression != "none" and self.secagg is not None:
-            raise ConfigError(
-                "--compression and --secagg cannot be combined: secure aggregation masks "
-                "fixed-point updates, which cannot be compressed; drop one of the two"
-            )
-        if self.max_workers < self.min_workers:
-            raise ConfigError("--max-workers cannot be below --min-workers")
-        self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))
         if self.handshake_timeout <= 0:
             raise ConfigError("--handshake-timeout must be positive")
         if self.max_model_bytes < 1:
             raise ConfigError("--max-model-bytes must be positive")
-        if self.resume and self.checkpoint_dir is None:
-            raise ConfigError("--resume needs --checkpoint-dir (where the checkpoint is)")
-        require_tls_or_loopback(
-            self.listen, tls=self.tls is not None, insecure=self.insecure, role="server"
-        )
-        require_authentication_off_loopback(
-            self.listen,
-            enrolled=self.enrolled is not None,
-            mutual_tls=self.tls is not None and self.tls.mutual,
-            insecure=self.insecure,
-        )
-        self._check_limits()
-
-    def _check_limits(self) -> None:
         if self.max_streams_per_connection < 1:
             raise ConfigError("--max-streams-per-connection must be at least 1")
         if self.max_connection_idle < 0 or self.max_connection_age < 0:
@@ -168,15 +104,190 @@ class ServerConfig:
             burst_per_host=self.handshake_burst,
         )
 
+
+@dataclass
+class Output:
+    """Evaluation and what the coordinator writes (``fed-server --help``, "evaluation and
+    output"): metrics, the model, progress and the experiment trackers."""
+
+    eval_data: Path | None = None
+    # Small batches keep activations in cache: 10k MNIST test images evaluate in 2.8 s at 128
+    # against 4.5 s at 1000 on one thread (mnist-cnn).
+    eval_batch_size: int = 128
+    #: Federated evaluation every N rounds (0: never). None at construction picks the default:
+    #: every round without a centralized test set (``eval_data``), else never.
+    fed_eval_every: int | None = None
+    metrics_out: Path | None = None
+    save_model: Path | None = None
+    # "auto": a live display when stdout is a terminal, plain lines otherwise.
+    progress: str = "auto"
+    metrics_port: int | None = None
+    # Experiment trackers (server/reporting/mlflow.py, tensorboard.py).
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedcore"
+    tensorboard_dir: Path | None = None
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.fed_eval_every is None:
+            self.fed_eval_every = 0 if self.eval_data is not None else 1
+        if self.fed_eval_every < 0:
+            raise ConfigError(f"--fed-eval-every cannot be negative, got {self.fed_eval_every}")
+        if self.progress not in ("auto", "live", "plain"):
+            raise ConfigError(f"--progress must be auto, live or plain, got {self.progress!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"--metrics-port must be a TCP port (0-65535; 0 picks a free one), "
+                f"got {self.metrics_port}"
+            )
+
+
+@dataclass
+class Security:
+    """Transport security and authentication (see fedcore.tls, fedcore.enrollment)."""
+
+    tls: ServerTLS | None = None
+    enrolled: Path | None = None
+    insecure: bool = False
+
+
+@dataclass
+class Recovery:
+    """Crash recovery (see server/state/checkpoint.py)."""
+
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir (where the checkpoint is)")
+
+
+_GROUPS: dict[str, type[Limits | Output | Security | Recovery]] = {
+    "limits": Limits,
+    "output": Output,
+    "security": Security,
+    "recovery": Recovery,
+}
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fed-server`` can be told; see ``fed-server --help`` for each field.
+
+    The federation's own settings are fields; timeouts and limits, evaluation and output,
+    security and crash recovery are groups (:class:`Limits`, :class:`Output`,
+    :class:`Security`, :class:`Recovery`). :meth:`from_flags` takes them all as flat keywords
+    named like the flags.
+    """
+
+    model: ModelSpec = field(default_factory=lambda: ModelSpec("mnist-cnn"))
+    # A model shipped as a program (server/plans.py): sent with every task; model names it.
+    plan: pb.PlanProgram | None = None
+    listen: str = "127.0.0.1:50051"
+    rounds: int = 3
+    min_workers: int = 2
+    min_results: int | None = None
+    strategy: str = "fedavg"  # a built-in name or package.module:Class
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
+    require_tags: tuple[str, ...] = ()
+    # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
+    compression: str = "none"
+    #: Secure aggregation settings; None runs plain aggregation.
+    secagg: SecAggParams | None = None
+    dp: DPSettings | None = None
+    #: Federated analytics for data scientists (``--scientists``); None: not served.
+    analytics: AnalyticsSettings | None = None
+    limits: Limits = field(default_factory=Limits)
+    output: Output = field(default_factory=Output)
+    security: Security = field(default_factory=Security)
+    recovery: Recovery = field(default_factory=Recovery)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.min_workers < 1:
+            raise ConfigError(f"--min-workers must be at least 1, got {self.min_workers}")
+        if self.min_results is not None and self.min_results < 1:
+            raise ConfigError(f"--min-results must be at least 1, got {self.min_results}")
+        if self.compression not in SCHEMES:
+            raise ConfigError(
+                f"--compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}"
+            )
+        if self.compression != "none" and self.secagg is not None:
+            raise ConfigError(
+                "--compression and --secagg cannot be combined: secure aggregation masks "
+                "fixed-point updates, which cannot be compressed; drop one of the two"
+            )
+        if self.secagg is not None and self.min_workers < self.secagg.min_workers:
+            # Round 1 starts with --min-workers workers: fewer than t cannot be unmasked.
+            raise ConfigError(
+                f"secure aggregation needs at least {self.secagg.min_workers} workers in a "
+                f"round, and round 1 would start with {self.min_workers} (--min-workers); "
+                f"pass --min-workers {self.secagg.min_workers}"
+            )
+        if self.limits.max_workers < self.min_workers:
+            raise ConfigError("--max-workers cannot be below --min-workers")
+        self.require_tags = tuple(dict.fromkeys(normalize_tag(t) for t in self.require_tags))
+        split_listen(self.listen)
+        require_tls_or_loopback(
+            self.listen,
+            tls=self.security.tls is not None,
+            insecure=self.security.insecure,
+            role="server",
+        )
+        tls = self.security.tls
+        require_authentication_off_loopback(
+            self.listen,
+            enrolled=self.security.enrolled is not None,
+            mutual_tls=tls is not None and tls.mutual,
+            insecure=self.security.insecure,
+        )
+
+    @classmethod
+    def from_flags(cls, **options: Any) -> ServerConfig:
+        """A config from flat keywords named like ``fed-server``'s flags (``rounds=5``,
+        ``round_timeout=30``, ``metrics_out=Path("m.jsonl")``): each goes to its group."""
+        owner = {f.name: group for group, kind in _GROUPS.items() for f in fields(kind)}
+        grouped: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+        top: dict[str, Any] = {}
+        own = {f.name for f in fields(cls)} - set(_GROUPS)
+        for key, value in options.items():
+            if key in owner:
+                grouped[owner[key]][key] = value
+            elif key in own:
+                top[key] = value
+            else:
+                raise ConfigError(f"unknown coordinator setting {key!r}")
+        for group, kind in _GROUPS.items():
+            top[group] = kind(**grouped[group])
+        return cls(**top)
+
+    def describe(self) -> dict[str, str]:
+        """The settings that tell runs apart, as strings (experiment trackers' parameters)."""
+        described: dict[str, object] = {
+            "model": self.model,
+            "strategy": self.strategy,
+            "strategy_options": self.strategy_options,
+            "rounds": self.rounds,
+            "min_workers": self.min_workers,
+            "min_results": self.results_needed,
+            "seed": self.seed,
+            "epochs": self.train.epochs,
+            "batch_size": self.train.batch_size,
+            "optimizer": self.train.optimizer,
+            "learning_rate": self.train.learning_rate,
+            "compression": self.compression,
+            "secagg": self.secagg is not None,
+            "dp": self.dp,
+        }
+        return {k: str(v) for k, v in described.items()}
+
     @property
     def results_needed(self) -> int:
         """Valid results a round needs to count (``--min-results``, default ``--min-workers``)."""
         return self.min_results if self.min_results is not None else self.min_workers
-
-    @property
-    def federated_eval_every(self) -> int:
-        """Federated evaluation period in rounds (0 = never); by default on when there is no
-        centralized test set."""
-        if self.fed_eval_every is not None:
-            return self.fed_eval_every
-        return 0 if self.eval_data is not None else 1

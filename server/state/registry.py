@@ -106,8 +106,10 @@ class Collector(Protocol):
         """Take one validated result."""
         ...
 
-    def fail(self, ticket: Ticket, reason: str, *, refused: bool = False) -> None:
-        """Record that ``ticket``'s worker did not deliver."""
+    def fail(
+        self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
+    ) -> None:
+        """Record that ``ticket``'s worker did not deliver (``answered``: it said so itself)."""
         ...
 
 

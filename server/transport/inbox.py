@@ -260,12 +260,16 @@ class Inbox:
             )
         else:
             log.warning(
-                "worker %r could not run its task: %s (%s)", self.session.name, error.message, code
+                "round %d: worker %r could not run its task: %s (%s)",
+                ticket.round_number,
+                self.session.name,
+                error.message,
+                code,
             )
         self.session.finish_ticket()
         if ticket.collector is not None and not ticket.stale:
             reason = f"refused: {error.message}" if refused else f"worker error: {error.message}"
-            ticket.collector.fail(ticket, reason, refused=refused)
+            ticket.collector.fail(ticket, reason, refused=refused, answered=True)
         if error.code == pb.ERROR_CODE_MODEL_MISMATCH:
             raise ProtocolError(f"worker cannot run the federation's model: {error.message}")
 

@@ -16,7 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from fedcore.codec import RawChunk
-from fedcore.errors import AuthenticationError, ConfigError, IdentityMismatchError, ProtocolError
+from fedcore.errors import (
+    AuthenticationError,
+    ConfigError,
+    IdentityMismatchError,
+    ProtocolError,
+    VersionMismatchError,
+)
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
@@ -24,6 +30,7 @@ from fedcore.protocol import (
     SERVICE_NAME,
     STREAM_END,
     Undecodable,
+    check_protocol_version,
     deserialize_worker_message,
     max_message_bytes,
     serialize_coordinator_message,
@@ -38,6 +45,7 @@ from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
 from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 from .limits import grpc_limit_options, max_concurrent_rpcs
+from .listen import EXCLUSIVE_BIND, bind_failure
 from .revocation import close_revoked
 from .untrusted import bound_announced_examples, clean_dataset
 
@@ -81,8 +89,8 @@ class CoordinatorService:
         self.signature = signature
         self.counters = TrafficCounters()
         self.accepting = True
-        self._upload_slots = asyncio.Semaphore(config.upload_slots)
-        self.gate = HandshakeGate(config.gate_limits)
+        self._upload_slots = asyncio.Semaphore(config.limits.upload_slots)
+        self.gate = HandshakeGate(config.limits.gate_limits)
         #: The running secure round's message handler (set by the coordinator per round).
         self.secagg_handler: SecAggRoute | None = None
         #: Where workers' analytics messages go (set when analytics is served).
@@ -125,12 +133,10 @@ class CoordinatorService:
             ) from None
 
     def _check_hello(self, hello: pb.Hello) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker speaks fedcore protocol v{hello.protocol_version}, this coordinator "
-                f"speaks v{PROTOCOL_VERSION}; install a matching fedcore version on both sides",
-            )
+        try:
+            check_protocol_version(hello.protocol_version, peer="worker", us="coordinator")
+        except VersionMismatchError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if not _NAME_PATTERN.match(hello.name):
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -139,10 +145,10 @@ class CoordinatorService:
             )
         if not self.accepting:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
-        if len(self.registry) >= self.config.max_workers:
+        if len(self.registry) >= self.config.limits.max_workers:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the federation is full ({self.config.max_workers} workers; see --max-workers)",
+                f"the federation is full ({self.config.limits.max_workers} workers; see --max-workers)",
             )
         if self.registry.by_name(hello.name) is not None:
             raise _Abort(
@@ -205,7 +211,7 @@ class CoordinatorService:
         """Read and check the hello; the hello and the proven identity (None: the stream
         ended before its hello). Aborts the stream on a refusal."""
         try:
-            first = await asyncio.wait_for(context.read(), self.config.handshake_timeout)
+            first = await asyncio.wait_for(context.read(), self.config.limits.handshake_timeout)
         except TimeoutError:
             await _abort(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the handshake timeout"
@@ -242,16 +248,16 @@ class CoordinatorService:
         """The joined worker's stream: welcome, then read and write until it ends."""
         session = self.registry.new_session(hello, peer, identity)
         session.num_examples = bound_announced_examples(
-            session.name, session.num_examples, self.config.max_examples
+            session.name, session.num_examples, self.config.limits.max_examples
         )
         session.dataset = clean_dataset(session.dataset)
         welcome = pb.CoordinatorMessage(
             welcome=pb.Welcome(
                 worker_id=session.worker_id,
                 protocol_version=PROTOCOL_VERSION,
-                heartbeat_interval_s=self.config.heartbeat_interval,
-                max_message_bytes=max_message_bytes(self.config.chunk_bytes),
-                chunk_bytes=self.config.chunk_bytes,
+                heartbeat_interval_s=self.config.limits.heartbeat_interval,
+                max_message_bytes=max_message_bytes(self.config.limits.chunk_bytes),
+                chunk_bytes=self.config.limits.chunk_bytes,
                 model=self.model.to_proto(),
             )
         )
@@ -275,8 +281,8 @@ class CoordinatorService:
         inbox = Inbox(
             session,
             signature=self.signature,
-            max_model_bytes=self.config.max_model_bytes,
-            chunk_limit=self.config.chunk_bytes,
+            max_model_bytes=self.config.limits.max_model_bytes,
+            chunk_limit=self.config.limits.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=self._route_secagg,
             analytics=self.analytics_handler,
@@ -355,9 +361,9 @@ class CoordinatorService:
     async def _watch(self, session: WorkerSession, inbox: Inbox) -> None:
         """Close a session whose worker has been silent for longer than the heartbeat timeout,
         or whose upload has held an upload slot without progress for the upload timeout."""
-        timeout = self.config.heartbeat_timeout
-        upload_timeout = self.config.upload_idle_timeout
-        min_rate = self.config.upload_min_rate
+        timeout = self.config.limits.heartbeat_timeout
+        upload_timeout = self.config.limits.upload_idle_timeout
+        min_rate = self.config.limits.upload_min_rate
         while not session.closed.is_set():
             await asyncio.sleep(min(timeout / 4, upload_timeout / 4, 5.0))
             if time.monotonic() - session.last_seen > timeout:
@@ -397,17 +403,18 @@ async def start_grpc_server(
     """Start a grpc.aio server with the Join service and gRPC health checking (and whatever
     ``extra`` registers, e.g. the Analytics service); return the server, its health servicer
     and the bound port."""
-    limit = max_message_bytes(service.config.chunk_bytes)
+    limit = max_message_bytes(service.config.limits.chunk_bytes)
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=max_concurrent_rpcs(service.config),
+        maximum_concurrent_rpcs=max_concurrent_rpcs(service.config.limits),
         options=[
-            *grpc_limit_options(service.config),
+            *grpc_limit_options(service.config.limits),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            EXCLUSIVE_BIND,
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
@@ -415,16 +422,16 @@ async def start_grpc_server(
         register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    tls = service.config.tls
+    tls = service.config.security.tls
     try:
         if tls is not None:
             port = server.add_secure_port(listen, tls.credentials())
         else:
             port = server.add_insecure_port(listen)
     except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {listen!r}: {exc}") from None
+        raise bind_failure(listen, str(exc)) from None
     if port == 0:
-        raise ConfigError(f"cannot listen on {listen!r}: address in use or invalid")
+        raise bind_failure(listen, "address in use or invalid")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

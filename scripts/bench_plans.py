@@ -1,0 +1,154 @@
+"""mnist-cnn trained from the registry and from its plan, in one run: round times and accuracy.
+
+Two federations of real processes with the same seed, data and training config: one with
+``fed-server --model mnist-cnn`` (workers build the registered model), one with
+``--model mnist-cnn --ship-plan`` (workers get the verified torch.export graph and no model
+name they know). Prints JSON: per-round durations, fit times and accuracies of both, the
+ratio of the median round time (rounds after the first, which pays one-time costs: torch's
+imports, the plan's verification and deserialization), and the largest accuracy gap::
+
+    python scripts/bench_plans.py [--workers 2] [--examples 600] [--rounds 3] [--out F]
+
+The target (issue 13): plan rounds within 10% of registry rounds, the same accuracy curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def _make_shards(root: Path, workers: int, examples: int) -> None:
+    from fedcore.data import load_mnist, partition, save_shard
+
+    x, y = load_mnist("train")
+    x, y = x[: workers * examples], y[: workers * examples]
+    for i, idx in enumerate(partition(y, workers, "iid", seed=0)):
+        save_shard(root / f"shard-{i}.npz", x[idx], y[idx])
+    tx, ty = load_mnist("test")
+    save_shard(root / "test.npz", tx[:2000], ty[:2000])
+
+
+def _federation(
+    root: Path, label: str, extra: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    metrics = root / f"{label}.jsonl"
+    log = (root / f"{label}-server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--model", "mnist-cnn",
+            *extra, "--rounds", str(args.rounds), "--min-workers", str(args.workers),
+            "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--seed", "0",
+            "--eval-data", str(root / "test.npz"), "--metrics-out", str(metrics),
+            "--threads", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    port = None
+    deadline = time.monotonic() + 300
+    while port is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = re.search(r"listening on [\d.]+:(\d+)", (root / f"{label}-server.log").read_text())
+        port = int(found.group(1)) if found else None
+        if server.poll() is not None:
+            break
+    if port is None:
+        raise SystemExit(
+            f"{label}: the server did not start:\n{(root / f'{label}-server.log').read_text()}"
+        )
+    workers = [
+        subprocess.Popen(
+            [
+                str(BIN / "fed-worker"),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(root / f"shard-{i}.npz"),
+                "--name",
+                f"w{i}",
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(args.workers)
+    ]
+    try:
+        server.wait(timeout=args.timeout)
+    finally:
+        for p in [server, *workers]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        log.close()
+    if server.returncode != 0:
+        raise SystemExit(
+            f"{label}: fed-server failed:\n{(root / f'{label}-server.log').read_text()}"
+        )
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+
+
+def _later_median(rows: list[dict[str, Any]], key: str) -> float:
+    values = [float(r[key]) for r in rows[1:]] or [float(r[key]) for r in rows]
+    return statistics.median(values)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--examples", type=int, default=600, help="training examples per worker")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-plans-") as tmp:
+        root = Path(tmp)
+        _make_shards(root, args.workers, args.examples)
+        registry = _federation(root, "registry", [], args)
+        plan = _federation(root, "plan", ["--ship-plan"], args)
+    result = {
+        "model": "mnist-cnn",
+        "workers": args.workers,
+        "examples_per_worker": args.examples,
+        "rounds": args.rounds,
+        "cpu_count": os.cpu_count(),
+        "plan_hash": plan[0].get("plan") if plan else None,
+        "registry": {
+            "duration_s": [r["duration_s"] for r in registry],
+            "fit_s": [r["fit_s"] for r in registry],
+            "accuracy": [r["accuracy"] for r in registry],
+        },
+        "plan": {
+            "duration_s": [r["duration_s"] for r in plan],
+            "fit_s": [r["fit_s"] for r in plan],
+            "accuracy": [r["accuracy"] for r in plan],
+        },
+        "round_time_ratio": _later_median(plan, "duration_s")
+        / _later_median(registry, "duration_s"),
+        "fit_time_ratio": _later_median(plan, "fit_s") / _later_median(registry, "fit_s"),
+        "max_accuracy_gap": max(
+            abs(a["accuracy"] - b["accuracy"]) for a, b in zip(registry, plan, strict=True)
+        ),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

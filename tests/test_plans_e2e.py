@@ -1,0 +1,65 @@
+"""A shipped plan through real processes: a worker without the model's code trains it, and a
+data owner's approval queue holds, admits and then denies it (one small federation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Proc, start_server, start_worker
+from fedcore.worker.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _requests(capsys: pytest.CaptureFixture[str], policy: Path, *args: str) -> str:
+    """``fed-worker requests --policy POLICY ARGS`` (in process: the owner's command line)."""
+    capsys.readouterr()
+    assert main(["requests", "--policy", str(policy), *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_waits_for_approval_runs_once_approved_and_a_denial_reaches_the_coordinator(
+    procs: list[Proc], shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[plans]\nrequire-approval = true\nrequests = "queue"\n')
+    metrics = tmp_path / "metrics.jsonl"
+    # Rounds of a tiny model at batch size 1 (about a second each): the federation outlives
+    # the owner's decisions and is stopped at teardown. One result per round is enough, so
+    # rounds go on without "owner" while its plan waits.
+    server, port = start_server(
+        procs,
+        "--model", "logreg", "--ship-plan", "--rounds", "300", "--min-workers", "2",
+        "--min-results", "1", "--epochs", "2", "--batch-size", "1", "--lr", "0.01",
+        "--metrics-out", str(metrics),
+    )  # fmt: skip
+    digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
+    # Neither worker has --model: the plan is all they get.
+    free = start_worker(procs, port, shards / "shard-0.npz", "free")
+    owner = start_worker(procs, port, shards / "shard-1.npz", "owner", "--policy", str(policy))
+    free.wait_for_line(rf"training plan-{digest}")
+    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}")
+    assert owner.count(r"training plan-") == 0
+
+    listed = _requests(capsys, policy, "list")
+    assert f"{digest[:16]}  pending" in listed
+    shown = _requests(capsys, policy, "show", digest[:12])
+    assert "float32[batch, 1, 28, 28]  ->  output float32[batch, 10]" in shown
+    assert "7,850 trainable" in shown
+    assert "2 local epoch(s), batch 1" in shown
+
+    assert "approved" in _requests(capsys, policy, "approve", digest[:12])
+    owner.wait_for_line(rf"round (\d+): training plan-{digest}", timeout=90)
+    assert "denied: not for our patients" in _requests(
+        capsys, policy, "deny", digest[:12], "--reason", "not for our patients"
+    )
+    server.wait_for_line(
+        rf"'owner' refused .*plan {digest[:16]} was denied by the data owner: not for our patients",
+        timeout=90,
+    )
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    assert rows
+    assert all(row["plan"] == digest for row in rows)
+    assert any("awaiting approval" in row["refused"].get("owner", "") for row in rows)

@@ -1,0 +1,74 @@
+"""``fed-worker requests list | show | approve | deny``: the data owner decides on plans.
+
+The queue is the one the worker's policy names (``[plans] requests``, beside the policy file
+by default), or ``--queue DIR``. ``show`` verifies the queued program again, here, and prints
+what it computes with the training config, DP and secure-aggregation terms it was asked for
+with; ``approve`` and ``deny`` pin the decision to the plan's hash. The running worker reads
+the decision at the plan's next task: no restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcore.cli_support import run_cli
+from fedcore.errors import ConfigError, PlanRejectedError
+from fedcore.plans import describe_plan, verify_program
+from fedcore.plans.queue import queue_from
+
+__all__ = ["build_requests_parser", "requests_main"]
+
+
+def build_requests_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fed-worker requests",
+        description="Review the plans waiting for this worker's data owner, and decide.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--policy", type=Path, help="the worker's policy (names the queue)")
+    where.add_argument("--queue", type=Path, help="the request queue folder itself")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every plan request and its status")
+    show = sub.add_parser("show", help="what a plan computes and how it is to be trained")
+    show.add_argument("hash", help="the plan's hash (a unique prefix is enough)")
+    approve = sub.add_parser("approve", help="run this plan (pinned to its hash)")
+    approve.add_argument("hash")
+    deny = sub.add_parser("deny", help="refuse this plan; the coordinator is told why")
+    deny.add_argument("hash")
+    deny.add_argument("--reason", default="", help="sent to the coordinator")
+    return p
+
+
+def _run(argv: Sequence[str]) -> None:
+    args = build_requests_parser().parse_args(argv)
+    queue = queue_from(args.policy, args.queue)
+    if args.command == "list":
+        records = queue.list()
+        if not records:
+            print(f"no plan requests in {queue.root}")
+        for record in records:
+            print(record.line())
+        return
+    record = queue.find(args.hash)
+    if args.command == "show":
+        try:
+            verified = verify_program(queue.program(record.hash))
+        except PlanRejectedError as exc:
+            raise ConfigError(f"the queued plan fails verification here: {exc}") from None
+        print(f"status      {record.status}" + (f" ({record.reason})" if record.reason else ""))
+        print(f"requested   for round {record.round}")
+        for line in describe_plan(verified, train=record.train_config, secagg=record.secagg):
+            print(line)
+        return
+    reason = getattr(args, "reason", "")  # only deny takes one
+    record = queue.decide(record.hash, approve=args.command == "approve", reason=reason)
+    print(
+        f"plan {record.hash[:16]} {record.status}" + (f": {record.reason}" if record.reason else "")
+    )
+
+
+def requests_main(argv: Sequence[str]) -> int:
+    """Entry point of ``fed-worker requests ...``."""
+    return run_cli("fed-worker requests", lambda: _run(argv))
