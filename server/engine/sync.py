@@ -82,6 +82,9 @@ class SyncEngine:
             metrics.bytes_sent = ctx.counters.bytes_sent - sent0
             metrics.bytes_received = ctx.counters.bytes_received - received0
             reports.submit(metrics, ctx.weights, started)
+            # The collector holds the round's starting model: drop it before the next round
+            # (a model-sized buffer while the next round runs, memory O(model)).
+            del collector
         await reports.drain()
 
     async def _fit_with_retries(self, round_number: int) -> tuple[FitCollector, int]:
