@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedcore.models as models_module
 from fedcore.errors import ModelError, ModelMismatchError
 from fedcore.models import build_model, get_weights, register_model, set_weights
 from fedcore.plan import ModelSpec
@@ -37,7 +38,10 @@ def test_seeded_builds_are_identical_and_do_not_touch_global_rng() -> None:
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_import_path_models_and_registration() -> None:
+def test_import_path_models_and_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registry is process-wide: this test's model must not outlive it (test_docs checks
+    # that every registered model is documented, in whatever process runs after this one).
+    monkeypatch.setattr(models_module, "_REGISTRY", dict(models_module._REGISTRY))
     model = build_model(ModelSpec("torch.nn:Linear", {"in_features": 3, "out_features": 2}))
     assert isinstance(model, torch.nn.Linear)
 
