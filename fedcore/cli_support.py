@@ -102,10 +102,27 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not when the handler was
+    made: a command run in-process (tests, notebooks) must not leave the root logger writing
+    to a stream that its caller has since replaced or closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(args: argparse.Namespace, prefix: str) -> None:
     """Log to stderr at the level the flags ask for."""
     level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if args.log_json:
         handler.setFormatter(_JsonFormatter())
     else:

@@ -300,7 +300,8 @@ def _run(argv: Sequence[str] | None) -> None:
         dpsgd=args.dpsgd_noise_multiplier is not None,
     )
     responder: QueryResponder | None = None
-    trainer: Trainer
+    trainer: Trainer | None = None
+    shard = None
     dataset: DatasetMetadata | None
     if is_table_path(args.data):
         trainer, responder, dataset = _table_worker(args)
@@ -308,20 +309,14 @@ def _run(argv: Sequence[str] | None) -> None:
         labels = None
     else:
         shard = load_shard(args.data)
-        trainer = TorchTrainer(
-            shard,
-            eval_data=load_shard(args.eval_data) if args.eval_data else None,
-            model=ModelSpec(args.model, params) if args.model else None,
-            device=args.device,
-            plans=plans,
-            **extra,
-        )
         num_examples = len(shard)
         labels = shard.y.numpy()
         dataset = _dataset_metadata(args, num_examples)
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     guard = None
     if args.policy is not None:
+        # Before the trainer: a coordinator the policy does not allow stops the worker before
+        # anything is built, warmed up or sent.
         guard = PolicyGuard(
             policy,
             num_examples=num_examples,
@@ -335,6 +330,16 @@ def _run(argv: Sequence[str] | None) -> None:
         log.info("policy %s: %s", args.policy, "; ".join(guard.policy.describe()))
         if dataset is not None and labels is not None:
             dataset = dataset.with_histogram(guard.label_histogram(labels))
+    if shard is not None:
+        trainer = TorchTrainer(
+            shard,
+            eval_data=load_shard(args.eval_data) if args.eval_data else None,
+            model=ModelSpec(args.model, params) if args.model else None,
+            device=args.device,
+            plans=plans,
+            **extra,
+        )
+    assert trainer is not None  # a table worker or a shard worker
     if dataset is not None:
         log.info("advertising dataset %s", dataset.summary())
     worker = Worker(
