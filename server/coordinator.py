@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from fedcore.enrollment import Enrollment
 from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
+from fedcore.frozen import split_weights, trainable_names
 from fedcore.models import build_model, get_weights
 from fedcore.privacy import DifferentialPrivacy
 from fedcore.strategy import Strategy, WorkerInfo, check_secure_aggregation, load_strategy
@@ -106,6 +107,7 @@ class Coordinator:
         model = build_model(config.model, seed=config.seed)
         # Shared, not copied: the model is dropped right away, so a large model costs 1x here.
         weights: Weights = get_weights(model, copy=False)
+        trainable = trainable_names(model, config.trainable) if config.trainable else list(weights)
         del model
         self.signature = signature_of(weights)
         self.registry = WorkerRegistry(config.max_workers, config.require_tags)
@@ -144,12 +146,31 @@ class Coordinator:
         self.reports = ReportPipeline(
             self.strategy, evaluator, self.sinks, self._checkpointer, restored
         )
-        self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
+        # Rounds (strategies, secure aggregation, DP, compression) see the trainable part only.
+        rounds_see, frozen = split_weights(weights, trainable)
+        if frozen:
+            log.info(
+                "%d of %d parameter tensors are frozen (%.1f MB, sent once per worker); "
+                "rounds move %.1f MB",
+                len(frozen),
+                len(weights),
+                sum(a.nbytes for a in frozen.values()) / 1e6,
+                sum(a.nbytes for a in rounds_see.values()) / 1e6,
+            )
+        self.context = RoundContext(
+            config,
+            self.strategy,
+            rounds_see,
+            self.service,
+            self.reports,
+            frozen=frozen,
+            model_order=list(weights),
+        )
 
     @property
     def weights(self) -> Weights:
-        """The global model: the last completed round's."""
-        return self.context.weights
+        """The global model (frozen parameters included): the last completed round's."""
+        return self.context.model_weights(self.context.weights)
 
     # ------------------------------------------------------------------ resume
 

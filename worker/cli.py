@@ -26,6 +26,7 @@ from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
+from .frozen import FrozenStore
 from .policy import PolicyGuard
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer
@@ -110,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="META.toml",
         help="the dataset's public description to advertise (default: the shard's "
         "NAME.meta.toml, or metadata.toml in an IDX directory, when present)",
+    )
+    g.add_argument(
+        "--frozen-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep the frozen parameters of plans here, by content hash, so that they are "
+        "downloaded once, even across restarts (default: in memory only)",
+    )
+    g.add_argument(
+        "--frozen-weights",
+        type=Path,
+        metavar="FILE.safetensors",
+        help="use these frozen parameters (for example the base model of LoRA fine-tuning) "
+        "and refuse plans whose frozen parameters differ from them; they are never downloaded",
     )
     s = p.add_argument_group("security (see fed-certs --help)")
     s.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate")
@@ -273,6 +288,7 @@ def _run(argv: Sequence[str] | None) -> None:
         dataset=dataset,
         channel_factory=channel_factory,
         token=token,
+        frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
     )
     asyncio.run(_serve(worker))
 

@@ -28,6 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -72,6 +73,7 @@ from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
+from .frozen import FrozenStore
 from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
@@ -149,6 +151,40 @@ async def _not_connected(message: pb.WorkerMessage) -> None:
     raise _Disconnected("no stream to send on")
 
 
+@dataclass(eq=False)
+class _Job:
+    """A task and its payloads: the frozen parameters' chunks (when attached) come first."""
+
+    task: pb.Task
+    assembler: PayloadAssembler
+    frozen: PayloadAssembler | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.assembler.complete and not self._receiving_frozen
+
+    @property
+    def _receiving_frozen(self) -> bool:
+        return self.frozen is not None and self.task.frozen.attached and not self.frozen.complete
+
+    def add(self, chunk: RawChunk | pb.PayloadChunk) -> bool:
+        """Take the next chunk; True once every payload of the task is complete."""
+        if self._receiving_frozen:
+            assert self.frozen is not None
+            self.frozen.add(chunk)
+        else:
+            self.assembler.add(chunk)
+        return self.complete
+
+
+def _trainable_part(fit: FitOutput, trainable: Weights) -> FitOutput:
+    """Only the trainable parameters of a fit: frozen ones are never uploaded."""
+    missing = [name for name in trainable if name not in fit.weights]
+    if missing:
+        raise TrainingFailed(f"the trainer returned no {missing[:4]}")
+    return replace(fit, weights={name: fit.weights[name] for name in trainable})
+
+
 class Worker:
     """A federation member. ``await Worker(server, name, trainer).run()`` until shutdown.
 
@@ -163,6 +199,7 @@ class Worker:
         guard: the data owner's policy; tasks that break it are refused.
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
+        frozen: where plans' frozen parameters are kept (default: in memory only).
     """
 
     def __init__(
@@ -179,6 +216,7 @@ class Worker:
         guard: PolicyGuard | None = None,
         dataset: DatasetMetadata | None = None,
         token: str | None = None,
+        frozen: FrozenStore | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -190,6 +228,7 @@ class Worker:
         self._channel_factory = channel_factory
         self.guard = guard
         self.dataset = dataset
+        self.frozen = frozen if frozen is not None else FrozenStore()
         self.tasks_refused = 0
         self._metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self.state = WorkerState.DISCONNECTED
@@ -264,6 +303,7 @@ class Worker:
             hello.model_signature.extend(signature_specs(signature))
         if self.dataset is not None:
             hello.dataset.CopyFrom(self.dataset.to_proto())
+        hello.frozen_sha256.extend(self.frozen.held())
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -287,14 +327,14 @@ class Worker:
         heartbeats = asyncio.create_task(
             self._heartbeats(call, max(welcome.heartbeat_interval_s, 0.1))
         )
-        jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]] = asyncio.Queue()
+        jobs: asyncio.Queue[_Job] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
             await self._write(call, message)
 
         self._secagg = SecAggRounds(send, self.name)
         runner = asyncio.create_task(self._run_jobs(call, jobs))
-        pending: tuple[pb.Task, PayloadAssembler] | None = None
+        pending: _Job | None = None
         discard = False  # the pending task was refused: its weights are read and dropped
         try:
             while True:
@@ -311,14 +351,14 @@ class Worker:
                     await self._secagg.handle(message.secagg)
                     continue
                 if kind == "task":
-                    refusal = await self._review(message.task)
+                    refusal = await self._review(message.task) or self._check_frozen(message.task)
                     discard = refusal is not None
                     if refusal is not None:
                         await self._refuse(call, message.task, refusal)
                     elif message.task.HasField("secagg"):
                         await self._secagg.start(message.task)
-                    pending = await self._start_task(call, message.task, welcome)
-                    if pending is not None and pending[1].complete:
+                    pending = await self._start_task(call, message.task, welcome, discard)
+                    if pending is not None and pending.complete:
                         if not discard:
                             jobs.put_nowait(pending)
                         pending = None
@@ -327,13 +367,13 @@ class Worker:
                     if current is None:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
                     try:
-                        if current[1].add(chunk if chunk is not None else message.chunk):
+                        if current.add(chunk if chunk is not None else message.chunk):
                             if not discard:
                                 jobs.put_nowait(current)
                             pending = None
                     except PayloadError as exc:
                         await self._send_error(
-                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
+                            call, current.task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
                         )
                         raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
         finally:
@@ -342,19 +382,46 @@ class Worker:
             call.cancel()
 
     async def _start_task(
-        self, call: Any, task: pb.Task, welcome: pb.Welcome
-    ) -> tuple[pb.Task, PayloadAssembler] | None:
+        self, call: Any, task: pb.Task, welcome: pb.Welcome, refused: bool
+    ) -> _Job | None:
+        limit = max(welcome.chunk_bytes, 1)
         try:
             assembler = PayloadAssembler(
                 task.weights,
                 max_bytes=self.max_model_bytes,
-                max_chunk_bytes=max(welcome.chunk_bytes, 1),
+                max_chunk_bytes=limit,
                 what=f"round {task.round} weights",
             )
+            frozen = None
+            if task.HasField("frozen"):
+                frozen = PayloadAssembler(
+                    task.frozen.header,
+                    max_bytes=self.max_model_bytes,
+                    max_chunk_bytes=limit,
+                    what=f"round {task.round} frozen parameters",
+                )
+                if not (refused or task.frozen.attached or self.frozen.holds(task.frozen.sha256)):
+                    # The coordinator believes this worker holds them (a cache entry found
+                    # damaged since): a new session's hello tells it what is really here.
+                    raise PayloadError(
+                        f"frozen parameters {task.frozen.sha256[:12]} were not sent and are "
+                        "not held here; reconnecting to fetch them"
+                    )
         except PayloadError as exc:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
             raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
-        return task, assembler
+        return _Job(task, assembler, frozen)
+
+    def _check_frozen(self, task: pb.Task) -> Refusal | None:
+        """A plan whose frozen parameters are not the ones the data owner's file holds."""
+        pinned = self.frozen.pinned
+        if not task.HasField("frozen") or pinned is None or task.frozen.sha256 == pinned:
+            return None
+        return Refusal(
+            "frozen-weights",
+            f"the plan's frozen parameters (sha256 {task.frozen.sha256[:12]}) differ from the "
+            f"data owner's file {self.frozen.owner_path} (sha256 {pinned[:12]})",
+        )
 
     # ------------------------------------------------------------------ policy
 
@@ -374,31 +441,52 @@ class Worker:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _run_jobs(
-        self, call: Any, jobs: asyncio.Queue[tuple[pb.Task, PayloadAssembler]]
-    ) -> None:
+    async def _run_jobs(self, call: Any, jobs: asyncio.Queue[_Job]) -> None:
         while True:
-            task, assembler = await jobs.get()
+            job = await jobs.get()
             self._move(WorkerState.WORKING)
             try:
-                await self._run_task(call, task, assembler)
+                await self._run_task(call, job)
             finally:
                 if self.state is WorkerState.WORKING:
                     self._move(WorkerState.READY)
 
-    async def _run_task(self, call: Any, task: pb.Task, assembler: PayloadAssembler) -> None:
+    async def _model_weights(self, job: _Job, weights: Weights) -> Weights:
+        """The whole model: the plan's (trainable) ``weights`` plus its frozen parameters."""
+        frozen = job.frozen
+        if frozen is None:
+            return weights
+        digest = job.task.frozen.sha256
+        if job.task.frozen.attached:
+            held = await asyncio.to_thread(
+                self.frozen.put, digest, frozen.weights(), frozen.signature
+            )
+        else:
+            held = await asyncio.to_thread(self.frozen.get, digest, frozen.signature)
+        overlap = set(held) & set(weights)
+        if overlap:
+            raise PayloadError(f"parameters {sorted(overlap)[:4]} are both frozen and trained")
+        return {**held, **weights}
+
+    async def _run_task(self, call: Any, job: _Job) -> None:
+        task, assembler = job.task, job.assembler
         try:
             weights = assembler.weights()
+            full = await self._model_weights(job, weights)
             model = ModelSpec.from_proto(task.model)
             if task.kind == pb.TASK_KIND_FIT:
                 config = TrainConfig.from_proto(task.train)
+                if job.frozen is not None:
+                    config = replace(config, trainable=tuple(weights))
                 log.info(
                     "round %d: training %s on %d examples",
                     task.round,
                     model,
                     self.trainer.num_examples,
                 )
-                fit = await asyncio.to_thread(self.trainer.fit, model, weights, config)
+                fit = await asyncio.to_thread(self.trainer.fit, model, full, config)
+                if job.frozen is not None:
+                    fit = _trainable_part(fit, weights)
                 # Client-level DP, when the plan asks for it: clip (and noise) before masking.
                 fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)
                 update = fit.weights
@@ -462,7 +550,7 @@ class Worker:
                 if refusal is not None:
                     await self._refuse(call, task, refusal)
                     return
-                ev = await asyncio.to_thread(self.trainer.evaluate, model, weights)
+                ev = await asyncio.to_thread(self.trainer.evaluate, model, full)
                 result = pb.TaskResult(
                     task_id=task.task_id, num_examples=ev.num_examples, metrics=ev.metrics
                 )

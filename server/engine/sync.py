@@ -77,7 +77,7 @@ class SyncEngine:
                 metrics.privacy = privacy
                 if "epsilon" in privacy:
                     metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
-            reports.submit(metrics, ctx.weights, started)
+            reports.submit(metrics, ctx.model_weights(ctx.weights), started)
         await reports.drain()
 
     async def _fit_with_retries(self, round_number: int) -> tuple[FitCollector, int]:

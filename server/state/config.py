@@ -69,6 +69,8 @@ class ServerConfig:
     secagg: SecAggParams | None = None
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
+    # Trainable parameter patterns (see fedcore.frozen); empty: the whole model trains.
+    trainable: tuple[str, ...] = ()
     dp: DPSettings | None = None
 
     def __post_init__(self) -> None:
