@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcore.errors import ConfigError, PayloadError
-from fedcore.weights import ModelSignature, Weights
+from fedcore.weights import ModelSignature, TensorSignature, Weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,10 +128,10 @@ def load_frozen_file(path: Path) -> Weights:
 
 
 class FrozenCache:
-    """Frozen parameters on disk, one raw file per digest (``<digest>.bin``), verified on load.
+    """Frozen parameters on disk, verified on load: per digest, ``<digest>.bin`` (the tensors'
+    little-endian bytes) and ``<digest>.json`` (their names, dtypes and shapes, in order).
 
-    The file is the tensors' little-endian bytes in the plan's order; the plan's header says
-    how to cut it. Written through a temporary file and a rename, so a crash leaves no torn
+    Written through temporary files and renames, the ``.bin`` last, so a crash leaves no torn
     entry under a digest's name.
     """
 
@@ -149,29 +150,58 @@ class FrozenCache:
         return sorted(
             p.stem
             for p in self.directory.glob("*.bin")
-            if len(p.stem) == 64 and set(p.stem) <= _DIGEST_CHARS
+            if len(p.stem) == 64
+            and set(p.stem) <= _DIGEST_CHARS
+            and p.with_suffix(".json").exists()
         )
 
     def store(self, digest: str, weights: Weights) -> None:
         """Keep ``weights`` under ``digest`` (the caller verified the digest)."""
         path = self._path(digest)
+        layout = [[name, a.dtype.name, list(a.shape)] for name, a in weights.items()]
+        self._write(path.with_suffix(".json"), [json.dumps(layout).encode()])
+        self._write(
+            path,
+            (
+                np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+                .reshape(-1)
+                .view(np.uint8)
+                .data
+                for a in weights.values()
+            ),
+        )
+
+    def _write(self, path: Path, pieces: Iterable[bytes | memoryview]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                for array in weights.values():
-                    le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-                    f.write(le.reshape(-1).view(np.uint8).data)
+                for piece in pieces:
+                    f.write(piece)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def load(self, digest: str, signature: ModelSignature) -> Weights | None:
-        """The entry for ``digest`` cut by ``signature``; None if absent. An entry whose
-        content does not hash to its digest is deleted (so it is fetched again) and refused."""
+    def _signature(self, path: Path) -> ModelSignature:
+        try:
+            layout = json.loads(path.read_text())
+            return tuple(
+                TensorSignature(str(name), np.dtype(dtype).name, tuple(int(d) for d in shape))
+                for name, dtype, shape in layout
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            raise PayloadError(f"unreadable cache entry {path}: {exc}") from None
+
+    def load(self, digest: str) -> Weights | None:
+        """The entry for ``digest``; None if absent. An entry whose content does not hash to
+        its digest is deleted (so it is fetched again) and refused."""
         path = self._path(digest)
         if not path.exists():
             return None
+        try:
+            signature = self._signature(path.with_suffix(".json"))
+        except PayloadError:
+            signature = ()
         buffer = np.fromfile(path, dtype=np.uint8)
         weights: Weights = {}
         offset = 0
@@ -183,11 +213,13 @@ class FrozenCache:
             weights[spec.name] = array.reshape(spec.shape)
             offset += spec.num_bytes
         if (
-            offset != buffer.size
+            not signature
+            or offset != buffer.size
             or len(weights) != len(signature)
             or frozen_digest(weights) != digest
         ):
             path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
             raise PayloadError(
                 f"the cached frozen parameters {digest[:12]} in {self.directory} are damaged "
                 "(their content does not match their digest); deleted, they will be fetched again"

@@ -16,7 +16,6 @@ from fedcore.errors import ConfigError, PayloadError
 from fedcore.frozen import FROM_MODEL, FrozenCache, frozen_digest, split_weights, trainable_names
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec
-from fedcore.weights import signature_of
 
 SPEC = ModelSpec("mnist-mlp")
 TRAINABLE = ("net.3.*", "net.5.*")  # the first layer (net.1) is frozen
@@ -41,7 +40,7 @@ def test_cache_refuses_and_deletes_a_damaged_entry(tmp_path: Path) -> None:
     digest = frozen_digest(frozen)
     cache = FrozenCache(tmp_path)
     cache.store(digest, frozen)
-    loaded = cache.load(digest, signature_of(frozen))
+    loaded = cache.load(digest)
     assert loaded is not None
     assert np.array_equal(loaded["net.1.weight"], frozen["net.1.weight"])
     path = tmp_path / f"{digest}.bin"
@@ -49,7 +48,7 @@ def test_cache_refuses_and_deletes_a_damaged_entry(tmp_path: Path) -> None:
     data[100] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(PayloadError, match="damaged"):
-        cache.load(digest, signature_of(frozen))
+        cache.load(digest)
     assert not path.exists()
     assert cache.digests() == []
 
@@ -62,8 +61,7 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     save_file(frozen, str(good))
     save_file({k: v + 0.5 for k, v in frozen.items()}, str(bad))
     damaged = tmp_path / "cache-d"
-    damaged.mkdir()
-    (damaged / f"{digest}.bin").write_bytes(b"\0" * sum(a.nbytes for a in frozen.values()))
+    FrozenCache(damaged).store(digest, {k: v + 1.0 for k, v in frozen.items()})
     metrics, saved = tmp_path / "metrics.jsonl", tmp_path / "final.safetensors"
     # Rounds need all of a, b and d, so they wait for a's restart; the test ends them.
     server, port = start_server(

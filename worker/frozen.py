@@ -57,9 +57,9 @@ class FrozenStore:
     def holds(self, digest: str) -> bool:
         return digest in self.held()
 
-    def get(self, digest: str, signature: ModelSignature) -> Weights:
-        """The frozen parameters ``digest`` in the plan's order, verified; PayloadError if they
-        are not here or do not hash to ``digest`` (a damaged cache entry is deleted)."""
+    def get(self, digest: str) -> Weights:
+        """The frozen parameters ``digest``, verified; PayloadError if they are not here or
+        do not hash to ``digest`` (a damaged cache entry is deleted)."""
         with self._lock:
             if self._owner is not None:
                 if digest != self._owner[0]:
@@ -67,12 +67,10 @@ class FrozenStore:
                         f"the plan's frozen parameters (sha256 {digest[:12]}) are not the data "
                         f"owner's file {self.owner_path} (sha256 {self._owner[0][:12]})"
                     )
-                return verify_frozen(
-                    self._owner[1], digest, signature, f"frozen parameters in {self.owner_path}"
-                )
+                return self._owner[1]  # hashed when loaded
             if self._memory is not None and self._memory[0] == digest:
                 return self._memory[1]
-            weights = self._cache.load(digest, signature) if self._cache is not None else None
+            weights = self._cache.load(digest) if self._cache is not None else None
             if weights is None:
                 raise PayloadError(f"frozen parameters {digest[:12]} are not held here")
             log.info("frozen parameters %s loaded from the cache", digest[:12])

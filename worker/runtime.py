@@ -165,7 +165,7 @@ class _Job:
 
     @property
     def _receiving_frozen(self) -> bool:
-        return self.frozen is not None and self.task.frozen.attached and not self.frozen.complete
+        return self.frozen is not None and not self.frozen.complete
 
     def add(self, chunk: RawChunk | pb.PayloadChunk) -> bool:
         """Take the next chunk; True once every payload of the task is complete."""
@@ -393,20 +393,20 @@ class Worker:
                 what=f"round {task.round} weights",
             )
             frozen = None
-            if task.HasField("frozen"):
+            if task.frozen.attached:
                 frozen = PayloadAssembler(
                     task.frozen.header,
                     max_bytes=self.max_model_bytes,
                     max_chunk_bytes=limit,
                     what=f"round {task.round} frozen parameters",
                 )
-                if not (refused or task.frozen.attached or self.frozen.holds(task.frozen.sha256)):
-                    # The coordinator believes this worker holds them (a cache entry found
-                    # damaged since): a new session's hello tells it what is really here.
-                    raise PayloadError(
-                        f"frozen parameters {task.frozen.sha256[:12]} were not sent and are "
-                        "not held here; reconnecting to fetch them"
-                    )
+            elif task.HasField("frozen") and not (refused or self.frozen.holds(task.frozen.sha256)):
+                # The coordinator believes this worker holds them (a cache entry found damaged
+                # since): a new session's hello tells it what is really here.
+                raise PayloadError(
+                    f"frozen parameters {task.frozen.sha256[:12]} were not sent and are "
+                    "not held here; reconnecting to fetch them"
+                )
         except PayloadError as exc:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
             raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
@@ -453,16 +453,15 @@ class Worker:
 
     async def _model_weights(self, job: _Job, weights: Weights) -> Weights:
         """The whole model: the plan's (trainable) ``weights`` plus its frozen parameters."""
-        frozen = job.frozen
-        if frozen is None:
+        if not job.task.HasField("frozen"):
             return weights
-        digest = job.task.frozen.sha256
-        if job.task.frozen.attached:
+        digest, frozen = job.task.frozen.sha256, job.frozen
+        if frozen is not None:
             held = await asyncio.to_thread(
                 self.frozen.put, digest, frozen.weights(), frozen.signature
             )
         else:
-            held = await asyncio.to_thread(self.frozen.get, digest, frozen.signature)
+            held = await asyncio.to_thread(self.frozen.get, digest)
         overlap = set(held) & set(weights)
         if overlap:
             raise PayloadError(f"parameters {sorted(overlap)[:4]} are both frozen and trained")
@@ -476,7 +475,7 @@ class Worker:
             model = ModelSpec.from_proto(task.model)
             if task.kind == pb.TASK_KIND_FIT:
                 config = TrainConfig.from_proto(task.train)
-                if job.frozen is not None:
+                if task.HasField("frozen"):
                     config = replace(config, trainable=tuple(weights))
                 log.info(
                     "round %d: training %s on %d examples",
@@ -485,7 +484,7 @@ class Worker:
                     self.trainer.num_examples,
                 )
                 fit = await asyncio.to_thread(self.trainer.fit, model, full, config)
-                if job.frozen is not None:
+                if task.HasField("frozen"):
                     fit = _trainable_part(fit, weights)
                 # Client-level DP, when the plan asks for it: clip (and noise) before masking.
                 fit = await asyncio.to_thread(apply_client_dp, fit, weights, config)

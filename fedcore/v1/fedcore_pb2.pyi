@@ -387,7 +387,8 @@ Global___Task: _TypeAlias = Task  # noqa: Y015
 class FrozenWeights(_message.Message):
     """The frozen (never trained, never uploaded) parameters of a plan's model. A worker uses its
     copy with this digest (its cache, or a file its data owner named); when `attached` is set,
-    their chunks come first, right after the Task, and the trainable weights' chunks follow.
+    `header` describes them and their chunks come first, right after the Task, then the
+    trainable weights' chunks.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -396,10 +397,14 @@ class FrozenWeights(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     ATTACHED_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
-    """Hex SHA-256 over the tensors sorted by name: "name|dtype|d0,d1;" then their bytes."""
+    """Hex SHA-256 over the tensors sorted by name: "name|dtype|d0,d1;" then their bytes (so it
+    also covers their names, dtypes and shapes).
+    """
     attached: _builtins.bool
     @_builtins.property
-    def header(self) -> Global___PayloadHeader: ...
+    def header(self) -> Global___PayloadHeader:
+        """only when attached"""
+
     def __init__(
         self,
         *,

@@ -45,4 +45,6 @@ class FrozenPayload:
 
     def plan(self, *, attached: bool) -> pb.FrozenWeights:
         """What a Task says about them."""
-        return pb.FrozenWeights(sha256=self.digest, header=self.payload.header, attached=attached)
+        if not attached:  # the worker knows their layout: the digest covers it
+            return pb.FrozenWeights(sha256=self.digest)
+        return pb.FrozenWeights(sha256=self.digest, header=self.payload.header, attached=True)
