@@ -43,7 +43,7 @@ class LoraClassifier(nn.Module):
 
 
 def tiny_bert_lora(
-    layers: int = 2, hidden: int = 64, rank: int = 4, full: bool = False
+    layers: int = 2, hidden: int = 128, rank: int = 4, full: bool = False
 ) -> LoraClassifier:
     """A 2-layer BERT classifier with rank-``rank`` LoRA adapters (``full``: no adapters,
     every parameter trains: the baseline the adapters' bytes are compared with)."""
