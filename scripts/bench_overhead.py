@@ -7,8 +7,11 @@ round and the coordinator's peak RSS; and, in the same run, the time the same by
 a bare ``grpc.aio`` stream-stream method with the same topology (one server process, N client
 processes, every message echoed back): the physical floor of a round.
 
-Targets (from the issue): a round within 2x of the floor at d=1e7, N=8; coordinator peak RSS
-under 4x the model's size at N=8.
+Targets (issue 14): a round within 1.3x of the floor at d=1e7, N=8; coordinator peak RSS
+above its pre-round baseline within 3x the model's size there (global model, running sum, one
+staged update). ``--past-2gib`` runs N=2, d=6e8 (2.4 GB float32, past protobuf's 2 GiB
+message limit) end to end instead, with every process's peak memory: it is slow and needs
+about 16 GB of free memory.
 
 Roles (one script, several processes)::
 
@@ -57,6 +60,9 @@ _SLOWEST_RATE = 20e6
 _START_TIMEOUT = 120.0
 _QUICK_WORKERS = [2]
 _QUICK_SIZES = [100_000, 1_000_000]
+_PAST_2GIB = ([2], [600_000_000])
+_ROUND_LIMIT = 1.3
+_RSS_LIMIT = 3.0
 # Room in a gRPC message besides a chunk, as fedcore.protocol.MESSAGE_OVERHEAD_BYTES.
 _ENVELOPE_BYTES = 1024 * 1024
 
@@ -83,6 +89,8 @@ def echo_worker_main(server: str, name: str) -> int:
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
     asyncio.run(Worker(server, name, _echo_trainer(), give_up_after=60.0).run())
+    # Read by measure_fedcore: this worker's peak memory.
+    print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
 
 
@@ -376,6 +384,9 @@ def measure_fedcore(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
                 )
             )
         polled = _wait_all(server, children[1:], timeout)
+        worker_peaks = [
+            json.loads(child.wait_for_line(RESULT, 30))["peak_rss_bytes"] for child in children[1:]
+        ]
     finally:
         for child in reversed(children):
             child.stop()
@@ -398,6 +409,7 @@ def measure_fedcore(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
         "attempts": [r["attempts"] for r in rows],
         "peak_rss_bytes": peak,
         "peak_rss_by_round": [r["peak_rss_bytes"] for r in rows],
+        "worker_peak_rss_bytes": worker_peaks,
         "baseline_rss_bytes": base_rss,
         "baseline_hwm_bytes": baseline.get("VmHWM", 0),
         "peak_above_baseline_bytes": peak - base_rss,
@@ -511,12 +523,22 @@ def evaluate_targets(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     largest = max(
         (e for e in entries if e["workers"] == 8), key=lambda e: e["params"], default=None
     )
-    round_target: dict[str, Any] = {"workers": 8, "params": 10_000_000, "limit": 2.0, "met": None}
-    rss_target: dict[str, Any] = {"workers": 8, "params": 10_000_000, "limit": 4.0, "met": None}
+    round_target: dict[str, Any] = {
+        "workers": 8,
+        "params": 10_000_000,
+        "limit": _ROUND_LIMIT,
+        "met": None,
+    }
+    rss_target: dict[str, Any] = {
+        "workers": 8,
+        "params": 10_000_000,
+        "limit_above_baseline": _RSS_LIMIT,
+        "met": None,
+    }
     if point is not None:
         ratio = point["ratio_round_to_floor"]
         round_target.update(
-            met=ratio is not None and ratio < 2.0,
+            met=ratio is not None and ratio <= _ROUND_LIMIT,
             ratio=ratio,
             fedcore_seconds_per_round=point["fedcore"]["seconds_per_round"],
             floor_seconds_per_round=point["floor"]["seconds_per_round"],
@@ -524,14 +546,16 @@ def evaluate_targets(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rss_target.update(_rss_verdict(point))
     if largest is not None:
         rss_target["at_largest_model"] = {"params": largest["params"], **_rss_verdict(largest)}
-    return {"round_within_2x_floor": round_target, "coordinator_rss_under_4x_model": rss_target}
+    return {
+        "round_within_1_3x_floor": round_target,
+        "coordinator_rss_above_baseline_within_3x_model": rss_target,
+    }
 
 
 def _rss_verdict(entry: dict[str, Any]) -> dict[str, Any]:
     fed = entry["fedcore"]
     return {
-        "met": entry["rss_ratio_to_model"] < 4.0,
-        "met_above_baseline": entry["rss_above_baseline_ratio_to_model"] < 4.0,
+        "met": entry["rss_above_baseline_ratio_to_model"] <= _RSS_LIMIT,
         "ratio": entry["rss_ratio_to_model"],
         "above_baseline_ratio": entry["rss_above_baseline_ratio_to_model"],
         "peak_rss_bytes": fed["peak_rss_bytes"],
@@ -600,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count, default=5, help="timed rounds after one warm-up")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--quick", action="store_true", help="smoke test: N in {2}, d in {1e5, 1e6}")
+    p.add_argument(
+        "--past-2gib",
+        action="store_true",
+        help="N=2, d=6e8 (2.4 GB float32) end to end; slow, needs about 16 GB free memory",
+    )
     roles = p.add_subparsers(dest="role", metavar="ROLE", help="internal roles (processes)")
     echo = roles.add_parser("echo-worker", help="one fedcore worker that echoes the model")
     echo.add_argument("--server", required=True)
@@ -628,6 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "floor-client":
         return floor_client_main(args.server, args.chunk_bytes, args.timeout)
     workers, sizes = (_QUICK_WORKERS, _QUICK_SIZES) if args.quick else (args.workers, args.sizes)
+    if args.past_2gib:
+        workers, sizes = _PAST_2GIB
     try:
         report = run_benchmark(workers, sizes, args.rounds)
     except BenchError as exc:

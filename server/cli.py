@@ -14,6 +14,7 @@ from pathlib import Path
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.compression import SCHEMES
 from fedcore.errors import ConfigError
+from fedcore.heap import return_freed_memory
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
@@ -445,6 +446,7 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-server")
+    return_freed_memory()
     asyncio.run(_serve(config_from_args(args)))
 
 

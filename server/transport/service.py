@@ -350,6 +350,9 @@ async def start_grpc_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # No flow-control window growth: while one upload holds the upload slot, the other
+            # streams' unread updates wait in the workers, not in this process (memory O(model)).
+            ("grpc.http2.bdp_probe", 0),
         ]
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
