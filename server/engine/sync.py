@@ -78,6 +78,9 @@ class SyncEngine:
                 if "epsilon" in privacy:
                     metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
             reports.submit(metrics, ctx.model_weights(ctx.weights), started)
+            # The collector holds the round's starting model: drop it before the next round
+            # (a model-sized buffer while the next round runs, memory O(model)).
+            del collector
         await reports.drain()
 
     async def _fit_with_retries(self, round_number: int) -> tuple[FitCollector, int]:

@@ -256,6 +256,8 @@ class CoordinatorService:
                             await context.write(urgent)
                         await context.write(message)
                         self.counters.bytes_sent += len(message)
+                    # Hold no chunk (nor the model, through the payload) while idle.
+                    item, message = None, b""
                     continue
                 size = len(item) if isinstance(item, bytes) else item.ByteSize()
                 await context.write(item)
