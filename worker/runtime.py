@@ -443,13 +443,17 @@ class Worker:
 
     async def _run_jobs(self, call: Any, jobs: asyncio.Queue[_Job]) -> None:
         while True:
-            job = await jobs.get()
-            self._move(WorkerState.WORKING)
-            try:
-                await self._run_task(call, job)
-            finally:
-                if self.state is WorkerState.WORKING:
-                    self._move(WorkerState.READY)
+            # No local keeps a finished job: its model-sized buffer is freed before the next
+            # round's weights arrive.
+            await self._run_job(call, await jobs.get())
+
+    async def _run_job(self, call: Any, job: _Job) -> None:
+        self._move(WorkerState.WORKING)
+        try:
+            await self._run_task(call, job)
+        finally:
+            if self.state is WorkerState.WORKING:
+                self._move(WorkerState.READY)
 
     async def _model_weights(self, job: _Job, weights: Weights) -> Weights:
         """The whole model: the plan's (trainable) ``weights`` plus its frozen parameters."""
