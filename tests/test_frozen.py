@@ -115,3 +115,27 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     for name, array in frozen.items():
         assert np.array_equal(final[name], array), name
     assert not np.array_equal(final["net.3.weight"], trainable["net.3.weight"])
+
+
+def test_received_frozen_parameters_must_match_the_plans_digest(tmp_path: Path) -> None:
+    from fedcore.server.transport.payloads import FrozenPayload
+    from fedcore.worker.frozen import FrozenStore
+
+    from fedcore.weights import signature_of
+
+    _, frozen = _initial()
+    plan = FrozenPayload(frozen, 1 << 20).plan(attached=True)
+    assert plan.sha256 == frozen_digest(frozen)
+    assert plan.header.total_bytes > 0
+    store = FrozenStore(tmp_path)
+    # Positive control: the honest parameters are kept, on disk too.
+    store.put(plan.sha256, frozen, signature_of(frozen))
+    assert store.held() == [plan.sha256]
+    # A coordinator sending other contents under that digest is refused; nothing is kept.
+    other = {k: v + 1.0 for k, v in frozen.items()}
+    lying = FrozenStore(tmp_path / "other")
+    with pytest.raises(PayloadError, match="have digest"):
+        lying.put(plan.sha256, other, signature_of(other))
+    assert lying.held() == []
+    # A plan without them attached carries only the digest (the worker knows their layout).
+    assert not FrozenPayload(frozen, 1 << 20).plan(attached=False).HasField("header")
