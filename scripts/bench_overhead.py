@@ -337,7 +337,9 @@ def _transfer_timeout(workers: int, payload_bytes: int, rounds: int) -> float:
 # ---------------------------------------------------------------------------- measurements
 
 
-def measure_fedcore(workers: int, params: int, rounds: int, tmp: Path) -> dict[str, Any]:
+def measure_fedcore(
+    workers: int, params: int, rounds: int, tmp: Path, server_args: Sequence[str] = ()
+) -> dict[str, Any]:
     """One federation of ``1 + rounds`` rounds; metrics of the timed rounds."""
     model_bytes = 4 * params
     metrics_path = tmp / f"metrics-{workers}-{params}.jsonl"
@@ -369,6 +371,7 @@ def measure_fedcore(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
                 "--join-timeout",
                 str(_START_TIMEOUT),
                 "--quiet",
+                *server_args,
             ),
             tmp / f"server-{workers}-{params}.log",
         )
@@ -486,10 +489,17 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def measure(workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int) -> dict[str, Any]:
+def measure(
+    workers: int,
+    params: int,
+    rounds: int,
+    tmp: Path,
+    chunk_bytes: int,
+    server_args: Sequence[str] = (),
+) -> dict[str, Any]:
     """fedcore and the floor (messages of ``chunk_bytes``, as fedcore's) for one (N, d)."""
     model_bytes = 4 * params
-    fed = measure_fedcore(workers, params, rounds, tmp)
+    fed = measure_fedcore(workers, params, rounds, tmp, server_args)
     _progress(
         f"N={workers} d={params:.0e}: fedcore {fed['seconds_per_round']:.3f} s/round, "
         f"peak RSS {fed['peak_rss_bytes'] / 1e6:.0f} MB ({fed['wall_seconds']:.0f} s)"
@@ -568,7 +578,9 @@ def _progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_benchmark(workers: Sequence[int], sizes: Sequence[int], rounds: int) -> dict[str, Any]:
+def run_benchmark(
+    workers: Sequence[int], sizes: Sequence[int], rounds: int, server_args: Sequence[str] = ()
+) -> dict[str, Any]:
     """Every (N, d) in turn; the full report."""
     from fedcore.protocol import DEFAULT_CHUNK_BYTES
 
@@ -577,7 +589,7 @@ def run_benchmark(workers: Sequence[int], sizes: Sequence[int], rounds: int) -> 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         for n in workers:
             for d in sizes:
-                entries.append(measure(n, d, rounds, Path(tmp), DEFAULT_CHUNK_BYTES))
+                entries.append(measure(n, d, rounds, Path(tmp), DEFAULT_CHUNK_BYTES, server_args))
     return {
         "results": entries,
         "targets": evaluate_targets(entries),
@@ -590,6 +602,7 @@ def run_benchmark(workers: Sequence[int], sizes: Sequence[int], rounds: int) -> 
             "python": platform.python_version(),
             "grpc": grpc.__version__,
             "total_seconds": round(time.perf_counter() - started, 1),
+            "server_args": list(server_args),
         },
     }
 
@@ -624,6 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count, default=5, help="timed rounds after one warm-up")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--quick", action="store_true", help="smoke test: N in {2}, d in {1e5, 1e6}")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to fed-server (repeat; e.g. --server-arg=--upload-slots --server-arg=8)",
+    )
     p.add_argument(
         "--past-2gib",
         action="store_true",
@@ -660,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.past_2gib:
         workers, sizes = _PAST_2GIB
     try:
-        report = run_benchmark(workers, sizes, args.rounds)
+        report = run_benchmark(workers, sizes, args.rounds, args.server_arg)
     except BenchError as exc:
         print(f"bench_overhead: error: {exc}", file=sys.stderr)
         return 1
