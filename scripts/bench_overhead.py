@@ -189,21 +189,27 @@ def floor_server_main(
     return 0
 
 
-async def _floor_client(server: str, chunk_bytes: int, timeout: float) -> None:
-    """Echo every message the floor server sends, on the same stream, until it ends it."""
+async def _floor_client(server: str, chunk_bytes: int, timeout: float, batch: int) -> None:
+    """Echo the messages the floor server sends, on the same stream, until it ends it: each one
+    as it arrives, or (``batch`` > 1) each ``batch`` of them once all arrived."""
     async with grpc.aio.insecure_channel(server, options=_grpc_options(chunk_bytes)) as channel:
         call: Any = channel.stream_stream(FLOOR_METHOD)()
         await call.write(b"hello")
+        held: list[bytes] = []
         while True:
             message = await asyncio.wait_for(call.read(), timeout)
             if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
-            await call.write(message)
+            held.append(message)
+            if len(held) >= batch:
+                for m in held:
+                    await call.write(m)
+                held = []
 
 
-def floor_client_main(server: str, chunk_bytes: int, timeout: float) -> int:
+def floor_client_main(server: str, chunk_bytes: int, timeout: float, batch: int = 1) -> int:
     """Run one floor client."""
-    asyncio.run(_floor_client(server, chunk_bytes, timeout))
+    asyncio.run(_floor_client(server, chunk_bytes, timeout, batch))
     return 0
 
 
@@ -423,9 +429,13 @@ def measure_fedcore(
 
 
 def measure_floor(
-    workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int
+    workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int, *, barrier: bool = False
 ) -> dict[str, Any]:
-    """The same bytes through a bare grpc.aio echo: one server, ``workers`` client processes."""
+    """The same bytes through a bare grpc.aio echo: one server, ``workers`` client processes.
+
+    With ``barrier`` each client echoes the payload only once all of it arrived, as a worker
+    must (it trains on the whole model); otherwise it echoes each message as it arrives.
+    """
     payload = 4 * params
     timeout = _transfer_timeout(workers, payload, rounds + 1)
     children: list[Child] = []
@@ -464,6 +474,8 @@ def measure_floor(
                         str(chunk_bytes),
                         "--timeout",
                         str(timeout),
+                        "--batch",
+                        str(len(_message_sizes(payload, chunk_bytes)) if barrier else 1),
                     ),
                     tmp / f"floor-client-{workers}-{params}-{i}.log",
                 )
@@ -509,13 +521,24 @@ def measure(
         f"N={workers} d={params:.0e}: floor   {floor['seconds_per_round']:.3f} s/round "
         f"({floor['wall_seconds']:.0f} s)"
     )
+    barrier = measure_floor(workers, params, rounds, tmp, chunk_bytes, barrier=True)
+    _progress(
+        f"N={workers} d={params:.0e}: floor with a barrier {barrier['seconds_per_round']:.3f} "
+        f"s/round ({barrier['wall_seconds']:.0f} s)"
+    )
     return {
         "workers": workers,
         "params": params,
         "model_bytes": model_bytes,
         "fedcore": fed,
         "floor": floor,
+        # A worker echoes the model only once all of it arrived (it trains on the whole of
+        # it): the floor of a round with that barrier.
+        "floor_with_barrier": barrier,
         "ratio_round_to_floor": _ratio(fed["seconds_per_round"], floor["seconds_per_round"]),
+        "ratio_round_to_floor_with_barrier": _ratio(
+            fed["seconds_per_round"], barrier["seconds_per_round"]
+        ),
         "rss_ratio_to_model": _ratio(fed["peak_rss_bytes"], model_bytes),
         "rss_above_baseline_ratio_to_model": _ratio(fed["peak_above_baseline_bytes"], model_bytes),
     }
@@ -550,6 +573,7 @@ def evaluate_targets(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         round_target.update(
             met=ratio is not None and ratio <= _ROUND_LIMIT,
             ratio=ratio,
+            ratio_to_floor_with_barrier=point["ratio_round_to_floor_with_barrier"],
             fedcore_seconds_per_round=point["fedcore"]["seconds_per_round"],
             floor_seconds_per_round=point["floor"]["seconds_per_round"],
         )
@@ -663,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--server", required=True)
     fc.add_argument("--chunk-bytes", type=_count, required=True)
     fc.add_argument("--timeout", type=float, default=600.0)
+    fc.add_argument("--batch", type=_count, default=1, help="echo messages in batches of this")
     return p
 
 
@@ -675,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.clients, args.payload_bytes, args.chunk_bytes, args.rounds, args.timeout
         )
     if args.role == "floor-client":
-        return floor_client_main(args.server, args.chunk_bytes, args.timeout)
+        return floor_client_main(args.server, args.chunk_bytes, args.timeout, args.batch)
     workers, sizes = (_QUICK_WORKERS, _QUICK_SIZES) if args.quick else (args.workers, args.sizes)
     if args.past_2gib:
         workers, sizes = _PAST_2GIB
