@@ -132,8 +132,10 @@ def get_weights(model: nn.Module, *, copy: bool = True) -> Weights:
 
 
 def set_weights(model: nn.Module, weights: Weights) -> None:
-    """Load ``weights`` into ``model`` after checking names, shapes and dtypes."""
+    """Load ``weights`` into ``model`` after checking names, shapes and dtypes (in any order)."""
     current = model.state_dict()
+    if len(weights) == len(current) and all(name in weights for name in current):
+        weights = {name: weights[name] for name in current}
     check_signature(
         signature_of({k: v.detach().cpu().numpy() for k, v in current.items()}),
         signature_of(weights),

@@ -56,6 +56,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    #: The parameters to train, the others stay as received (empty: all). Not sent: the worker
+    #: sets it from the plan's payload, which holds only the trainable parameters.
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -15,8 +15,8 @@ Three measurements, one JSON report (stdout, and ``--out``):
   loopback, a ``vector`` model of d parameters: median seconds per round, plain and
   ``--secagg``, in the same run.
 
-Targets (issue 4): at n=8, d=1e6 over real processes a secure round costs at most 1.5x a plain
-round; masking runs at 500 MB/s or more per core.
+Targets (issues 4 and 14): at n=8, d=1e6 over real processes a secure round costs at most
+1.3x a plain round; masking runs at 500 MB/s or more per core.
 
     bench_secagg.py [--quick] [--workers 4 8 ...] [--sizes 1e5 1e6 1e7] [--dropouts 0 0.1 0.3]
                     [--process-workers 8] [--process-sizes 1e6] [--rounds 3] [--out F]
@@ -310,8 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = next((e for e in processes if e["n"] == 8 and e["d"] == 1_000_000), None)
     report["targets"] = {
         "masking_mb_per_s_at_least_500": report["masking"]["meets_target"],
-        "secure_round_at_most_1.5x_plain_at_n8_d1e6": (
-            None if target is None else target["secure_over_plain"] <= 1.5
+        "secure_round_at_most_1.3x_plain_at_n8_d1e6": (
+            None if target is None else target["secure_over_plain"] <= 1.3
         ),
     }
     report["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="select only workers whose dataset metadata carries this tag (e.g. mnist or "
         "'#mnist'); repeat for several; others stay connected and listed but never train",
     )
+    g.add_argument(
+        "--trainable",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="train only the parameters whose names match this pattern (fnmatch, e.g. "
+        "'net.3.*'; repeat for several), or @requires-grad: those the model factory leaves "
+        "trainable (LoRA adapters from peft); the rest is frozen and sent to each worker once "
+        "(default: the whole model trains)",
+    )
     t = p.add_argument_group("local training (sent to workers in every plan)")
     t.add_argument(
         "--epochs", type=int, default=1, help="local epochs per round (default: %(default)s)"
@@ -504,6 +514,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         device=args.device,
         require_tags=tuple(args.require_tag or ()),
+        trainable=tuple(args.trainable or ()),
         tls=_tls_from_args(args),
         enrolled=args.enrolled,
         insecure=args.insecure,

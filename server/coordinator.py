@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from fedcore.enrollment import Enrollment
 from fedcore.errors import CheckpointError, ConfigError, RoundFailedError
+from fedcore.frozen import split_weights, trainable_names
 from fedcore.models import build_model, get_weights
 from fedcore.privacy import DifferentialPrivacy
 from fedcore.strategy import (
@@ -121,6 +122,7 @@ class Coordinator:
         model = build_model(config.model, seed=config.seed)
         # Shared, not copied: the model is dropped right away, so a large model costs 1x here.
         weights: Weights = get_weights(model, copy=False)
+        trainable = trainable_names(model, config.trainable) if config.trainable else list(weights)
         del model
         self.signature = signature_of(weights)
         if isinstance(self.strategy, DifferentialPrivacy) and self.strategy.noise_multiplier:
@@ -129,7 +131,8 @@ class Coordinator:
                 clip_norm=self.strategy.clip_norm,
                 # A round aggregates at least this many updates: the noise is at most this.
                 min_updates=max(self.strategy.min_updates, config.results_needed),
-                weights=weights,
+                # Noise goes into what rounds train: the trainable part.
+                weights=split_weights(weights, trainable)[0],
             )
         self.registry = WorkerRegistry(config.limits.max_workers, config.require_tags)
         authenticator = Authenticator(
@@ -176,13 +179,32 @@ class Coordinator:
         )
         if self.start_round > 1:
             self.reports.durable = weights  # the checkpoint's model is on disk already
-        self.context = RoundContext(config, self.strategy, weights, self.service, self.reports)
+        # Rounds (strategies, secure aggregation, DP, compression) see the trainable part only.
+        rounds_see, frozen = split_weights(weights, trainable)
+        if frozen:
+            log.info(
+                "%d of %d parameter tensors are frozen (%.1f MB, sent once per worker); "
+                "rounds move %.1f MB",
+                len(frozen),
+                len(weights),
+                sum(a.nbytes for a in frozen.values()) / 1e6,
+                sum(a.nbytes for a in rounds_see.values()) / 1e6,
+            )
+        self.context = RoundContext(
+            config,
+            self.strategy,
+            rounds_see,
+            self.service,
+            self.reports,
+            frozen=frozen,
+            model_order=list(weights),
+        )
         self.context.rounds_completed = self.start_round - 1
 
     @property
     def weights(self) -> Weights:
-        """The global model: the last completed round's."""
-        return self.context.weights
+        """The global model (frozen parameters included): the last completed round's."""
+        return self.context.model_weights(self.context.weights)
 
     # ------------------------------------------------------------------ resume
 

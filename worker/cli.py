@@ -28,6 +28,7 @@ from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
+from .frozen import FrozenStore
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .requests_cli import requests_main
@@ -129,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="META.toml",
         help="the dataset's public description to advertise (default: the shard's "
         "NAME.meta.toml, or metadata.toml in an IDX directory, when present)",
+    )
+    g.add_argument(
+        "--frozen-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep the frozen parameters of plans here, by content hash, so that they are "
+        "downloaded once, even across restarts (default: in memory only)",
+    )
+    g.add_argument(
+        "--frozen-weights",
+        type=Path,
+        metavar="FILE.safetensors",
+        help="use these frozen parameters (for example the base model of LoRA fine-tuning) "
+        "and refuse plans whose frozen parameters differ from them; they are never downloaded",
     )
     s = p.add_argument_group("security (see fed-certs --help)")
     s.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate")
@@ -355,6 +370,7 @@ def _run(argv: Sequence[str] | None) -> None:
         token=token,
         tls=tls,
         analytics=responder,
+        frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
     )
     asyncio.run(_serve(worker))
 

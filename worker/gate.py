@@ -9,7 +9,11 @@ are made. The checks, in order:
 1. **Model** (every kind): the name is in the worker's registry or is the model its data
    owner configured (``--model``; then the hyper-parameters must be equal); its size is
    computed on torch's ``meta`` device (nothing allocated) and must fit
-   ``--max-model-bytes``; the weights header must match it exactly.
+   ``--max-model-bytes``; the weights header must match it exactly. A task that freezes
+   part of the model (:mod:`fedcore.frozen`) sends only the trainable weights: they and the
+   frozen parameters (their attached header, or the layout of the copy held here under their
+   digest) must form the model together, and with a data owner's ``--frozen-weights`` file
+   the digest must be that file's (rule ``frozen.weights``).
 2. **The task kind's own checks**, looked up in a registry (:meth:`Gate.register`): fit
    (training-config bounds, client-level DP, secure-aggregation setup) and evaluate are
    built in; a new kind of task registers its check and is refused until it does.
@@ -52,6 +56,7 @@ from fedcore.errors import (
     ProtocolError,
     TaskRefused,
 )
+from fedcore.frozen import is_digest
 from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Charge, Policy, Refusal
@@ -62,8 +67,9 @@ from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules
 from fedcore.secagg.messages import RoundSetup
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import ModelSignature, Weights, describe_mismatch, total_bytes
+from fedcore.weights import ModelSignature, Weights, describe_mismatch, signature_of, total_bytes
 
+from .frozen import FrozenStore
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .trainer import EvalOutput, FitOutput
@@ -248,6 +254,7 @@ class Gate:
         max_model_bytes: the largest model accepted (``--max-model-bytes``).
         guard: the data owner's policy and ledger (``--policy``); None: the default policy.
         plans: checks shipped plans (:class:`~.plans.PlanLibrary`); None: plans are refused.
+        frozen: the frozen parameters held here (default: none yet, kept in memory).
     """
 
     def __init__(
@@ -257,9 +264,11 @@ class Gate:
         max_model_bytes: int,
         guard: PolicyGuard | None = None,
         plans: PlanLibrary | None = None,
+        frozen: FrozenStore | None = None,
     ) -> None:
         self.catalog = catalog
         self.plans = plans
+        self.frozen = frozen if frozen is not None else FrozenStore()
         self.max_model_bytes = max_model_bytes
         self.guard = guard
         self.policy = guard.policy if guard is not None else Policy(source="default policy")
@@ -330,6 +339,9 @@ class Gate:
 
         Raises:
             TaskRefused: the rule the task breaks, and why.
+            PayloadError: the task relies on frozen parameters that are not held here, or
+                whose cached copy is damaged (the coordinator must learn it from a new
+                session's hello).
         """
         check = self._checks.get(task.kind)
         if check is None:
@@ -340,6 +352,7 @@ class Gate:
         return checked
 
     def _check_model(self, task: pb.Task) -> tuple[ModelSpec, ModelSignature]:
+        frozen = self._frozen_signature(task)
         if task.HasField("plan"):  # a model shipped as a program: verified, maybe approved
             if self.plans is None:
                 raise _refuse("plans.accept", "this worker runs no shipped plans")
@@ -373,10 +386,43 @@ class Gate:
             declared = header_signature(task.weights)
         except (KeyError, ValueError, PayloadError) as exc:
             raise _refuse("model.weights", f"the weights header is malformed: {exc}") from None
+        if frozen:
+            declared = _with_frozen(signature, declared, frozen)
         problem = describe_mismatch(signature, declared)
         if problem is not None:
             raise _refuse("model.weights", f"the weights sent do not fit model {spec}: {problem}")
         return spec, signature
+
+    def _frozen_signature(self, task: pb.Task) -> ModelSignature:
+        """The layout of the frozen parameters ``task`` relies on (empty: it freezes none)."""
+        if not task.HasField("frozen"):
+            return ()
+        frozen = task.frozen
+        if task.HasField("plan"):
+            # A plan's graph trains every parameter it is given; nothing would keep these.
+            raise _refuse("frozen.plans", "a shipped plan cannot freeze parameters")
+        if not is_digest(frozen.sha256):
+            raise _refuse(
+                "frozen.weights",
+                f"the frozen parameters' digest {frozen.sha256[:80]!r} is not a hex SHA-256",
+            )
+        pinned = self.frozen.pinned
+        if pinned is not None and frozen.sha256 != pinned:
+            raise _refuse(
+                "frozen.weights",
+                f"the plan's frozen parameters (sha256 {frozen.sha256[:12]}) differ from the "
+                f"data owner's file {self.frozen.owner_path} (sha256 {pinned[:12]})",
+            )
+        if frozen.attached:
+            try:
+                return header_signature(frozen.header)
+            except (KeyError, ValueError, PayloadError) as exc:
+                raise _refuse(
+                    "frozen.weights", f"the frozen parameters' header is malformed: {exc}"
+                ) from None
+        # Loaded and verified now (and kept for the run): a damaged cache entry is deleted
+        # here, so that the worker's next hello does not claim it.
+        return signature_of(self.frozen.get(frozen.sha256))
 
     def _check_policy(self, task: pb.Task) -> None:
         if self.guard is None:
@@ -404,6 +450,8 @@ class Gate:
         if checked.secagg is None:
             return ""  # an unmasked update is visible anyway: nothing to hide by refusing
         digest = weights_digest(weights)
+        if checked.task.HasField("frozen"):  # the model version includes its frozen part
+            digest = hashlib.sha256(f"{digest}|{checked.task.frozen.sha256}".encode()).hexdigest()
         if digest in self._contributed:
             raise _refuse(
                 "secure-aggregation.once-per-model",
@@ -494,6 +542,22 @@ class Gate:
                 by="policy",
             )
         log.info("%s: silo epsilon for study %r is now %.3f", charge.what, budget.study, spent)
+
+
+def _with_frozen(
+    model: ModelSignature, trainable: ModelSignature, frozen: ModelSignature
+) -> ModelSignature:
+    """The weights a task sends plus its frozen parameters, in the model's order (names the
+    model lacks last, so that the mismatch names them)."""
+    both = {t.name for t in trainable} & {t.name for t in frozen}
+    if both:
+        raise _refuse(
+            "frozen.weights",
+            f"parameters {sorted(both)[:4]} are both frozen and sent for training",
+        )
+    by_name = {t.name: t for t in (*trainable, *frozen)}
+    known = [by_name.pop(t.name) for t in model if t.name in by_name]
+    return (*known, *by_name.values())
 
 
 def weights_digest(weights: Weights) -> str:

@@ -30,6 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -59,6 +60,7 @@ from fedcore.errors import (
     RejectedError,
     SecAggError,
     TaskRefused,
+    TrainingFailed,
 )
 from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
@@ -76,6 +78,7 @@ from fedcore.weights import Weights, total_bytes
 
 from .analytics import ANALYTICS_CAPABILITY, QueryResponder
 from .connection_errors import diagnose
+from .frozen import FrozenStore
 from .gate import CheckedTask, Gate
 from .plans import PlanLibrary
 from .policy import PolicyGuard
@@ -84,7 +87,7 @@ from .secagg import SecAggRounds
 from .stream import JoinStream
 from .trainer import FitOutput, Trainer
 
-__all__ = ["Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
+__all__ = ["Job", "Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -100,8 +103,8 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
-#: Runs one checked task on the stream: (call, task, received weights, chunk size).
-TaskRunner = Callable[[Any, CheckedTask, Weights, int], Awaitable[None]]
+#: Runs one checked task on the stream: (call, task, its job, the received weights).
+TaskRunner = Callable[[Any, CheckedTask, "Job", Weights], Awaitable[None]]
 
 
 class WorkerState(enum.Enum):
@@ -158,6 +161,49 @@ async def _not_connected(message: pb.WorkerMessage) -> None:
     raise _Disconnected("no stream to send on")
 
 
+@dataclass(eq=False)
+class Job:
+    """A task and its payloads: the frozen parameters' chunks (when attached) come first.
+
+    Attributes:
+        task: the task as received.
+        checked: what the gate admitted; None when it refused the task (its payloads are
+            read and dropped).
+        assembler: the (trainable) weights the task carries.
+        frozen: the frozen parameters, when the task attaches them.
+    """
+
+    task: pb.Task
+    checked: CheckedTask | None
+    assembler: PayloadAssembler
+    frozen: PayloadAssembler | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.assembler.complete and not self._receiving_frozen
+
+    @property
+    def _receiving_frozen(self) -> bool:
+        return self.frozen is not None and not self.frozen.complete
+
+    def add(self, chunk: RawChunk | pb.PayloadChunk) -> bool:
+        """Take the next chunk; True once every payload of the task is complete."""
+        if self._receiving_frozen:
+            assert self.frozen is not None
+            self.frozen.add(chunk)
+        else:
+            self.assembler.add(chunk)
+        return self.complete
+
+
+def _trainable_part(fit: FitOutput, trainable: Weights) -> FitOutput:
+    """Only the trainable parameters of a fit: frozen ones are never uploaded."""
+    missing = [name for name in trainable if name not in fit.weights]
+    if missing:
+        raise TrainingFailed(f"the trainer returned no {missing[:4]}")
+    return replace(fit, weights={name: fit.weights[name] for name in trainable})
+
+
 class Worker:
     """A federation member. ``await Worker(server, name, trainer).run()`` until shutdown.
 
@@ -171,13 +217,16 @@ class Worker:
         channel_factory: makes the gRPC channel (TLS, tests, custom options).
         guard: the data owner's policy; tasks that break it are refused.
         gate: what admits tasks (default: a :class:`~.gate.Gate` over the worker's registry
-            and the trainer's configured model, ``max_model_bytes``, ``guard`` and ``plans``).
+            and the trainer's configured model, ``max_model_bytes``, ``guard``, ``plans`` and
+            ``frozen``).
         plans: the shipped plans this worker verifies and runs (None: refused).
         dataset: the local data's public description, advertised in the hello.
         token: this worker's enrollment token, sent with every connection attempt.
         analytics: answers federated-analytics queries over a local table (its check is
             registered with the gate).
         tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
+        frozen: where plans' frozen parameters are kept (default: in memory only; with a
+            ``gate``, the gate's).
     """
 
     def __init__(
@@ -198,6 +247,7 @@ class Worker:
         token: str | None = None,
         analytics: QueryResponder | None = None,
         tls: ClientTLS | None = None,
+        frozen: FrozenStore | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -211,8 +261,14 @@ class Worker:
         if gate is None:
             announced = trainer.announced_model()
             catalog = ModelCatalog(announced[0] if announced is not None else None)
-            gate = Gate(catalog, max_model_bytes=max_model_bytes, guard=guard, plans=plans)
+            gate = Gate(
+                catalog, max_model_bytes=max_model_bytes, guard=guard, plans=plans, frozen=frozen
+            )
+        elif frozen is not None and frozen is not gate.frozen:
+            raise ConfigError("pass the frozen parameters' store to the Gate, not the Worker")
         self.gate = gate
+        # The gate checks tasks against these; the runners read them.
+        self.frozen = gate.frozen
         self.analytics = analytics
         if analytics is not None:
             analytics.attach(gate)
@@ -308,6 +364,7 @@ class Worker:
             hello.model_signature.extend(signature_specs(signature))
         if self.dataset is not None:
             hello.dataset.CopyFrom(self.dataset.to_proto())
+        hello.frozen_sha256.extend(self.frozen.held())
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -337,7 +394,7 @@ class Worker:
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
         log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
-        jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]] = asyncio.Queue()
+        jobs: asyncio.Queue[Job] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
             await self._write(call, message)
@@ -346,28 +403,27 @@ class Worker:
         if self.analytics is not None:
             self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))
-        # The task whose weights are arriving; None once they are all in. Its CheckedTask is
-        # None when the gate refused it: its weights are read and dropped.
-        pending: tuple[pb.Task, CheckedTask | None, PayloadAssembler] | None = None
+        # The job whose payloads are arriving; None once they are all in. Its CheckedTask is
+        # None when the gate refused it: its payloads are read and dropped.
+        pending: Job | None = None
         try:
             while True:
                 message = await call.read()
                 if message is None:
                     raise _Disconnected("the coordinator closed the stream")
                 if isinstance(message, RawChunk) or message.WhichOneof("body") == "chunk":
-                    current = pending
-                    if current is None:
+                    if pending is None:
                         raise _Disconnected("the coordinator sent a chunk outside of a task")
+                    task_id = pending.task.task_id
                     chunk = message if isinstance(message, RawChunk) else message.chunk
                     try:
-                        if current[2].add(chunk):
-                            if current[1] is not None:
-                                jobs.put_nowait((current[1], current[2]))
+                        if pending.add(chunk):
+                            # No local keeps the job: the runner frees its buffers.
+                            if pending.checked is not None:
+                                jobs.put_nowait(pending)
                             pending = None
                     except PayloadError as exc:
-                        await self._send_error(
-                            call, current[0].task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc)
-                        )
+                        await self._send_error(call, task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
                         raise _Disconnected(f"bad payload from the coordinator: {exc}") from None
                     continue
                 kind = message.WhichOneof("body")
@@ -386,11 +442,12 @@ class Worker:
                     checked = await self._admit(call, message.task)
                     if checked is not None and checked.secagg is not None:
                         await self._secagg.start(checked.task, checked.secagg_rules)
-                    assembler = await self._start_task(call, message.task, welcome)
-                    if not assembler.complete:
-                        pending = (message.task, checked, assembler)
+                    job = await self._start_task(call, message.task, checked, welcome)
+                    if not job.complete:
+                        pending = job
                     elif checked is not None:
-                        jobs.put_nowait((checked, assembler))
+                        jobs.put_nowait(job)
+                    del job  # no local keeps a job: the runner frees its buffers
         finally:
             heartbeats.cancel()
             runner.cancel()
@@ -415,15 +472,25 @@ class Worker:
             log.debug("cannot check the data against model %s: %s", spec, exc)
 
     async def _start_task(
-        self, call: JoinStream, task: pb.Task, welcome: pb.Welcome
-    ) -> PayloadAssembler:
+        self, call: JoinStream, task: pb.Task, checked: CheckedTask | None, welcome: pb.Welcome
+    ) -> Job:
+        limit = max(welcome.chunk_bytes, 1)
         try:
-            return PayloadAssembler(
+            assembler = PayloadAssembler(
                 task.weights,
                 max_bytes=self.max_model_bytes,
-                max_chunk_bytes=max(welcome.chunk_bytes, 1),
+                max_chunk_bytes=limit,
                 what=f"round {task.round} weights",
             )
+            frozen = None
+            if task.frozen.attached:  # read (and dropped) for a refused task too
+                frozen = PayloadAssembler(
+                    task.frozen.header,
+                    max_bytes=self.max_model_bytes,
+                    max_chunk_bytes=limit,
+                    what=f"round {task.round} frozen parameters",
+                )
+            return Job(task, checked, assembler, frozen)
         except PayloadError as exc:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_BAD_PAYLOAD, str(exc))
             raise _Disconnected(f"bad plan from the coordinator: {exc}") from None
@@ -437,6 +504,11 @@ class Worker:
         except TaskRefused as exc:
             await self._refuse(call, task, exc)
             return None
+        except PayloadError as exc:
+            # Frozen parameters the coordinator believes are here (a cache entry found damaged):
+            # a new session's hello tells it what really is. No error is sent: the coordinator
+            # would count it as a failure of the plan itself, which a retry would repeat.
+            raise _Disconnected(f"{exc}; reconnecting to receive them") from None
 
     async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
         self.tasks_refused += 1
@@ -446,31 +518,50 @@ class Worker:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _run_jobs(
-        self, call: JoinStream, jobs: asyncio.Queue[tuple[CheckedTask, PayloadAssembler]]
-    ) -> None:
+    async def _run_jobs(self, call: JoinStream, jobs: asyncio.Queue[Job]) -> None:
         while True:
-            checked, assembler = await jobs.get()
-            self._move(WorkerState.WORKING)
-            try:
-                await self._run_task(call, checked, assembler)
-            finally:
-                if self.state is WorkerState.WORKING:
-                    self._move(WorkerState.READY)
+            # No local keeps a finished job: its model-sized buffer is freed before the next
+            # round's weights arrive.
+            await self._run_job(call, await jobs.get())
 
-    async def _run_task(
-        self, call: JoinStream, checked: CheckedTask, assembler: PayloadAssembler
-    ) -> None:
+    async def _run_job(self, call: JoinStream, job: Job) -> None:
+        checked = job.checked
+        assert checked is not None  # refused tasks are never queued
+        self._move(WorkerState.WORKING)
+        try:
+            await self._run_task(call, checked, job)
+        finally:
+            if self.state is WorkerState.WORKING:
+                self._move(WorkerState.READY)
+
+    async def _model_weights(self, job: Job, weights: Weights) -> Weights:
+        """The whole model: the task's (trainable) ``weights`` plus its frozen parameters."""
+        task = job.task
+        if not task.HasField("frozen"):
+            return weights
+        digest, frozen = task.frozen.sha256, job.frozen
+        if frozen is not None:
+            held = await asyncio.to_thread(
+                self.frozen.put, digest, frozen.weights(), frozen.signature
+            )
+        else:
+            held = await asyncio.to_thread(self.frozen.get, digest)
+        overlap = set(held) & set(weights)
+        if overlap:  # the gate refuses this; checked again on the bytes received
+            raise PayloadError(f"parameters {sorted(overlap)[:4]} are both frozen and trained")
+        return {**held, **weights}
+
+    async def _run_task(self, call: JoinStream, checked: CheckedTask, job: Job) -> None:
         task = checked.task
         try:
-            weights = assembler.weights()
+            weights = job.assembler.weights()
             runner = self._runners.get(checked.kind)
             if runner is None:
                 await self._send_error(
                     call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"no runner for {checked.kind}"
                 )
                 return
-            await runner(call, checked, weights, assembler.chunk_bytes)
+            await runner(call, checked, job, weights)
             self.tasks_done += 1
         except TaskRefused as exc:
             if checked.secagg is not None:
@@ -491,19 +582,27 @@ class Worker:
             await self._send_error(call, task.task_id, pb.ERROR_CODE_TRAINING_FAILED, message)
 
     async def _fit(
-        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, job: Job, weights: Weights
     ) -> None:
         task = checked.task
+        chunk_bytes = job.assembler.chunk_bytes
         config = checked.train
         assert config is not None  # the gate's fit check sets it
         digest = await asyncio.to_thread(self.gate.check_weights, checked, weights)
+        full = await self._model_weights(job, weights)
+        if task.HasField("frozen"):
+            # Only what the task carries trains; the frozen parameters stay as they are.
+            config = replace(config, trainable=tuple(weights))
         log.info(
             "round %d: training %s on %d examples",
             task.round,
             checked.model,
             self.trainer.num_examples,
         )
-        fit = await asyncio.to_thread(self.trainer.fit, checked.model, weights, config)
+        fit = await asyncio.to_thread(self.trainer.fit, checked.model, full, config)
+        del full
+        if task.HasField("frozen"):
+            fit = _trainable_part(fit, weights)
         # Client-level DP, when the plan asks for it: clip (and noise) before masking.
         fit = await asyncio.to_thread(apply_client_dp, fit, weights, checked.dp)
         local = fit.metrics  # for this worker's log only
@@ -552,9 +651,10 @@ class Worker:
         )
 
     async def _evaluate(
-        self, call: JoinStream, checked: CheckedTask, weights: Weights, chunk_bytes: int
+        self, call: JoinStream, checked: CheckedTask, job: Job, weights: Weights
     ) -> None:
-        ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, weights)
+        full = await self._model_weights(job, weights)
+        ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, full)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
         result = pb.TaskResult(
             task_id=checked.task_id, num_examples=ev.num_examples, metrics=ev.metrics

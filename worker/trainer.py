@@ -207,6 +207,11 @@ class TorchTrainer(Trainer):
         self._wait_for_warm_up()
         net = self._model_for(model)
         set_weights(net, weights)
+        if config.trainable:
+            # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
+            keep = set(config.trainable)
+            for name, parameter in net.named_parameters():
+                parameter.requires_grad_(name in keep)
         result = self._train_fn(net, self._train_data, config, self._device)
         updated = get_weights(net)
         for name, array in updated.items():

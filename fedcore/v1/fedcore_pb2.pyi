@@ -345,6 +345,7 @@ class Task(_message.Message):
     WEIGHTS_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     kind: Global___TaskKind.ValueType
@@ -364,6 +365,12 @@ class Task(_message.Message):
         worker verifies it against its operation allow-list before anything runs.
         """
 
+    @_builtins.property
+    def frozen(self) -> Global___FrozenWeights:
+        """Present when part of the model is frozen: `weights` then holds only the trainable
+        parameters, and these travel once (see FrozenWeights).
+        """
+
     def __init__(
         self,
         *,
@@ -375,10 +382,11 @@ class Task(_message.Message):
         weights: Global___PayloadHeader | None = ...,
         secagg: Global___SecAggSetup | None = ...,
         plan: Global___PlanProgram | None = ...,
+        frozen: Global___FrozenWeights | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "plan", b"plan", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "model", b"model", "plan", b"plan", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,6 +473,43 @@ class PlanFile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanFile: _TypeAlias = PlanFile  # noqa: Y015
+
+@_typing.final
+class FrozenWeights(_message.Message):
+    """The frozen (never trained, never uploaded) parameters of a plan's model. A worker uses its
+    copy with this digest (its cache, or a file its data owner named); when `attached` is set,
+    `header` describes them and their chunks come first, right after the Task, then the
+    trainable weights' chunks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """Hex SHA-256 over the tensors sorted by name: "name|dtype|d0,d1;" then their bytes (so it
+    also covers their names, dtypes and shapes).
+    """
+    attached: _builtins.bool
+    @_builtins.property
+    def header(self) -> Global___PayloadHeader:
+        """only when attached"""
+
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        header: Global___PayloadHeader | None = ...,
+        attached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrozenWeights: _TypeAlias = FrozenWeights  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):
@@ -909,6 +954,7 @@ class Hello(_message.Message):
     MODEL_SIGNATURE_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
+    FROZEN_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     protocol_version: _builtins.int
     num_examples: _builtins.int
@@ -925,6 +971,10 @@ class Hello(_message.Message):
     def dataset(self) -> Global___DatasetInfo:
         """Optional: what the worker's data is (its shard's metadata file); nothing about records."""
 
+    @_builtins.property
+    def frozen_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Digests of the frozen parameters this worker holds (FrozenWeights.sha256): never resent."""
+
     def __init__(
         self,
         *,
@@ -936,10 +986,11 @@ class Hello(_message.Message):
         model_signature: _abc.Iterable[Global___TensorSpec] | None = ...,
         software_version: _builtins.str = ...,
         dataset: Global___DatasetInfo | None = ...,
+        frozen_sha256: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "frozen_sha256", b"frozen_sha256", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,10 +122,11 @@ class FitCollector(RoundCollector):
         self.aggregator = aggregator
         self.global_weights = global_weights
         self.compression = compression
+        # The global weights are what rounds train: without frozen parameters the whole model.
         self._update_signature = (
             compressed_signature(signature_of(global_weights), compression)
             if compression != "none"
-            else None
+            else signature_of(global_weights)
         )
         self.results: list[FitResult] = []
         self.lock = asyncio.Lock()

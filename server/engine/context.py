@@ -22,7 +22,7 @@ from fedcore.weights import Weights
 from ..state.config import ServerConfig
 from ..state.registry import Collector, Ticket, WorkerRegistry, WorkerSession
 from ..transport.inbox import SecAggRoute
-from ..transport.payloads import WeightsPayload
+from ..transport.payloads import FrozenPayload, WeightsPayload
 from ..transport.service import CoordinatorService, TrafficCounters
 from .collectors import RoundCollector
 from .reports import ReportPipeline
@@ -40,6 +40,9 @@ class RoundContext:
         weights: Weights,
         service: CoordinatorService,
         reports: ReportPipeline,
+        *,
+        frozen: Weights | None = None,
+        model_order: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -47,6 +50,11 @@ class RoundContext:
         self.reports = reports
         self._service = service
         self._weights = weights
+        # Frozen parameters travel once per worker (fedcore.frozen); rounds see only the rest.
+        self._frozen: FrozenPayload | None = (
+            FrozenPayload(frozen, config.limits.chunk_bytes) if frozen else None
+        )
+        self._model_order = tuple(model_order)
         #: The round (or, asynchronously, the global update) in progress; 0 before round 1.
         self.round = 0
         #: The collector of the round in progress (for progress displays).
@@ -83,6 +91,14 @@ class RoundContext:
         )
         self.rounds_completed = round_number
         return self._weights
+
+    def model_weights(self, trainable: Weights) -> Weights:
+        """The whole model, in its own order: ``trainable`` (what rounds see) plus the frozen
+        parameters. No copies."""
+        if self._frozen is None:
+            return trainable
+        merged = {**self._frozen.weights, **trainable}
+        return {name: merged[name] for name in self._model_order}
 
     def route_secagg(self, handler: SecAggRoute | None) -> None:
         """Send secure-aggregation messages to ``handler`` (None: drop them)."""
@@ -147,6 +163,14 @@ class RoundContext:
         task.task_id = uuid.uuid4().hex
         ticket = Ticket(task.task_id, task.round, task.kind, session, collector=collector)
         session.assign(ticket)
+        frozen = self._frozen
+        attach = frozen is not None and frozen.digest not in session.frozen_held
+        if frozen is not None:
+            task.frozen.CopyFrom(frozen.plan(attached=attach))
         session.send(pb.CoordinatorMessage(task=task))
+        if frozen is not None and attach:
+            session.send(frozen.payload)
+            # Sent once per session: a worker that loses them reconnects and says so in its hello.
+            session.frozen_held.add(frozen.digest)
         session.send(payload)
         return ticket

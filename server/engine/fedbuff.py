@@ -297,7 +297,7 @@ class FedBuffEngine:
             max(staleness),
         )
         self._bytes = (counters.bytes_sent, counters.bytes_received)
-        ctx.reports.submit(metrics, weights, self._update_started, applied)
+        ctx.reports.submit(metrics, ctx.model_weights(weights), self._update_started, applied)
         self._update_started = applied
         self.failures, self.dropped = [], 0
         self.bases[self.version] = weights

@@ -75,13 +75,13 @@ class SyncEngine:
                     metrics.epsilon, metrics.delta = privacy["epsilon"], privacy["delta"]
             # The round's model leaves (federated evaluation, the next round) only once its
             # checkpoint is on disk: see ReportPipeline.make_durable.
-            await reports.make_durable(metrics, ctx.weights)
+            await reports.make_durable(metrics, ctx.model_weights(ctx.weights))
             every = cfg.output.fed_eval_every
             if every and (round_number % every == 0 or round_number == cfg.rounds):
                 metrics.federated = await self._federated_evaluate(round_number)
             metrics.bytes_sent = ctx.counters.bytes_sent - sent0
             metrics.bytes_received = ctx.counters.bytes_received - received0
-            reports.submit(metrics, ctx.weights, started)
+            reports.submit(metrics, ctx.model_weights(ctx.weights), started)
             # The collector holds the round's starting model: drop it before the next round
             # (a model-sized buffer while the next round runs, memory O(model)).
             del collector

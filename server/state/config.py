@@ -195,6 +195,8 @@ class ServerConfig:
     seed: int = 0
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
     require_tags: tuple[str, ...] = ()
+    # Trainable parameter patterns (see fedcore.frozen); empty: the whole model trains.
+    trainable: tuple[str, ...] = ()
     # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
     compression: str = "none"
     #: Secure aggregation settings; None runs plain aggregation.
@@ -223,6 +225,9 @@ class ServerConfig:
                 "--compression and --secagg cannot be combined: secure aggregation masks "
                 "fixed-point updates, which cannot be compressed; drop one of the two"
             )
+        if self.trainable and self.plan is not None:
+            # Workers refuse it (rule frozen.plans): a plan's graph trains every parameter.
+            raise ConfigError("--trainable cannot be combined with --ship-plan (a shipped plan)")
         if self.secagg is not None and self.min_workers < self.secagg.min_workers:
             # Round 1 starts with --min-workers workers: fewer than t cannot be unmasked.
             raise ConfigError(

@@ -63,6 +63,8 @@ class ChunkStream(Protocol):
 # What the writer of a stream sends: a message, bytes already serialized, weights to stream
 # as chunks, or None to end the stream.
 Outgoing = pb.CoordinatorMessage | bytes | ChunkStream | None
+# Digests a hello may list (a worker needs one per model it serves).
+_MAX_FROZEN_HELD = 64
 # Queued to wake the writer when an urgent message is waiting; never written.
 _WAKE = b""
 
@@ -160,6 +162,8 @@ class WorkerSession:
             t for t in require_tags if self.dataset is None or t not in self.dataset.tags
         )
         self.peer = peer
+        # Frozen parameters the worker holds (by digest): plans do not attach them again.
+        self.frozen_held: set[str] = set(hello.frozen_sha256[:_MAX_FROZEN_HELD])
         self.state = SessionState.JOINING
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         # Small control messages (secure aggregation) that overtake queued payload chunks.
