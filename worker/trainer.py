@@ -157,8 +157,11 @@ class TorchTrainer(Trainer):
         if model is not None:
             self._announced = (model, signature_of(get_weights(self._model_for(model))))
             self._check_data(model)  # before the warm-up thread starts importing
-        # Torch's one-time imports run while the worker connects (see training.warm_up).
-        self._warm = threading.Thread(target=warm_up, name="fedcore-warm-up", daemon=True)
+        # Torch's one-time imports run while the worker connects (see training.warm_up). Not a
+        # daemon: a worker that ends early (federation over, a refusal) waits for it at exit,
+        # because an interpreter torn down under a thread inside torch's imports aborts the
+        # process ("terminate called without an active exception", exit -6).
+        self._warm = threading.Thread(target=warm_up, name="fedcore-warm-up")
         self._warm.start()
 
     @property
