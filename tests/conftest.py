@@ -11,12 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fedcore.server import Coordinator, ServerConfig
+from raw_client import RawClient
 
 from fedcore.data import load_mnist, partition, save_shard
 
@@ -189,3 +190,17 @@ async def coordinator_factory() -> AsyncIterator[object]:
 
 def make_weights_like(weights: dict[str, np.ndarray], value: float) -> dict[str, np.ndarray]:
     return {k: np.full_like(v, value) for k, v in weights.items()}
+
+
+@pytest.fixture
+async def raw_clients() -> AsyncIterator[Callable[[int], RawClient]]:
+    """Make :class:`RawClient` streams to a coordinator's port; all closed at teardown."""
+    made: list[RawClient] = []
+
+    def make(port: int) -> RawClient:
+        made.append(RawClient(port))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ from fedcore.server.transport.limits import grpc_limit_options
 from fedcore.worker import EvalOutput, FitOutput, Worker
 from fedcore.worker.runtime import tls_channel_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from raw_client import RawClient
 from test_coordinator import (
     TIMEOUT,
-    RawClient,
     ScriptedTrainer,
     config,
     initial_weights,
@@ -43,19 +42,6 @@ from fedcore.sanitize import printable
 from fedcore.tls import ClientTLS, ServerTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
-
-
-@pytest.fixture
-async def raw_clients() -> AsyncIterator[Callable[[int], RawClient]]:
-    made: list[RawClient] = []
-
-    def make(port: int) -> RawClient:
-        made.append(RawClient(port))
-        return made[-1]
-
-    yield make
-    for client in made:
-        await client.close()
 
 
 async def _until(condition: Any, timeout: float = TIMEOUT) -> None:

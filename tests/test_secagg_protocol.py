@@ -147,7 +147,7 @@ async def test_a_silent_worker_times_out_its_phase_and_the_round_completes(
 ) -> None:
     """A worker that goes quiet in phase 1 (no keys) or phase 2 (keys, then no shares) is
     dropped when the phase timeout expires; the others' aggregate is exact."""
-    from test_coordinator import RawClient
+    from raw_client import RawClient
 
     params = SecAggParams(clip=4.0, bits=24, phase_timeout=1.0)
     coordinator, task = await coordinator_factory(

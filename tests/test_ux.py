@@ -222,7 +222,7 @@ async def test_compressed_federation_is_exact_for_representable_updates_and_smal
 async def test_full_precision_update_to_a_compressed_federation_is_refused(
     coordinator_factory: Any,
 ) -> None:
-    from test_coordinator import RawClient
+    from raw_client import RawClient
 
     coordinator, _ = await coordinator_factory(config(min_workers=1, compression="int8"))
     client = RawClient(coordinator.port)
