@@ -270,6 +270,7 @@ async def test_every_upload_slot_is_released_when_its_round_ends(
     honest = asyncio.create_task(run_worker(coordinator.port, "honest", Late(1.0, 10)))
     task_msg, weights = await holder.receive_task()
     await holder.send(_result(task_msg.task_id, weights, 10))  # takes the slot, then silence
+    await _until(lambda: coordinator.service.upload_slots_full)  # before the honest upload
     gate.set()  # the honest upload of attempt 1 now queues for the slot
     outcome = await asyncio.wait_for(task, TIMEOUT)
     await honest

@@ -96,6 +96,11 @@ class CoordinatorService:
         #: Where workers' analytics messages go (set when analytics is served).
         self.analytics_handler: AnalyticsRoute | None = None
 
+    @property
+    def upload_slots_full(self) -> bool:
+        """Every upload slot is held (an upload that arrives now waits for one)."""
+        return self._upload_slots.locked()
+
     def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
         if self.config.secagg is None:
             raise ProtocolError("a secure-aggregation message arrived, but it is off")
