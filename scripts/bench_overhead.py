@@ -90,10 +90,23 @@ def echo_worker_main(server: str, name: str) -> int:
     from fedcore.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
+    _worker_heap()
     asyncio.run(Worker(server, name, _echo_trainer(), give_up_after=60.0).run())
     # Read by measure_fedcore: this worker's peak memory.
     print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
+
+
+def _worker_heap() -> None:
+    """What ``fed-worker`` does at start (old code without it: nothing)."""
+    try:
+        from fedcore.heap import threshold_for  # noqa: F401  (absent from the old code)
+    except ImportError:
+        return
+    from fedcore.heap import return_freed_memory
+    from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
+
+    return_freed_memory(max_message_bytes(DEFAULT_CHUNK_BYTES))
 
 
 # ---------------------------------------------------------------------------- floor
