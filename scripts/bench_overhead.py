@@ -78,20 +78,20 @@ class BenchError(Exception):
 # ---------------------------------------------------------------------------- echo worker
 
 
-def _echo_trainer() -> Any:
+def _echo_trainer(step: float) -> Any:
     """The echo trainer (imported lazily: importing the worker package loads torch)."""
     from fedcore.worker import EchoTrainer
 
-    return EchoTrainer()
+    return EchoTrainer(step) if step else EchoTrainer()
 
 
-def echo_worker_main(server: str, name: str) -> int:
+def echo_worker_main(server: str, name: str, step: float = 0.0) -> int:
     """Run one echo worker until the coordinator ends the federation."""
     from fedcore.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
     _worker_heap()
-    asyncio.run(Worker(server, name, _echo_trainer(), give_up_after=60.0).run())
+    asyncio.run(Worker(server, name, _echo_trainer(step), give_up_after=60.0).run())
     # Read by measure_fedcore: this worker's peak memory.
     print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
@@ -762,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo = roles.add_parser("echo-worker", help="one fedcore worker that echoes the model")
     echo.add_argument("--server", required=True)
     echo.add_argument("--name", required=True)
+    echo.add_argument(
+        "--step", type=float, default=0.0, help="add this to every weight (a changing model)"
+    )
     fs = roles.add_parser("floor-server", help="the bare grpc.aio server of the floor")
     fs.add_argument("--clients", type=_count, required=True)
     fs.add_argument("--payload-bytes", type=_count, required=True)
@@ -779,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.role == "echo-worker":
-        return echo_worker_main(args.server, args.name)
+        return echo_worker_main(args.server, args.name, args.step)
     if args.role == "floor-server":
         return floor_server_main(
             args.clients, args.payload_bytes, args.chunk_bytes, args.rounds, args.timeout
