@@ -258,7 +258,7 @@ class EchoTrainer(Trainer):
         if not self.step:
             return FitOutput(weights, 1)
         # A Python float keeps each array's dtype (NumPy 2 promotion).
-        moved = {n: a + self.step if a.dtype.kind == "f" else a for n, a in weights.items()}
+        moved = {n: np.add(a, self.step) if a.dtype.kind == "f" else a for n, a in weights.items()}
         return FitOutput(moved, 1)
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
