@@ -11,6 +11,8 @@ zero-copy array views after checking that every float is finite.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_TENSORS",
     "ChunkLike",
     "PayloadAssembler",
+    "PayloadPieces",
     "RawChunk",
     "decode_chunk_message",
     "encode_chunk_message",
@@ -120,33 +123,50 @@ def _le_bytes(array: npt.NDArray[np.generic]) -> memoryview:
     return le.reshape(-1).view(np.uint8).data
 
 
+class PayloadPieces:
+    """Random access to the ``chunk_bytes`` pieces of ``weights``' payload (the last shorter).
+
+    A piece inside one tensor is a zero-copy view (valid while the weights are unchanged); a
+    piece spanning tensors is joined into bytes. Random access lets many streams share pieces
+    (the coordinator encodes each chunk message once per round, not once per stream).
+    """
+
+    def __init__(self, weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int) -> None:
+        if chunk_bytes <= 0:
+            raise PayloadError(f"chunk size must be positive, got {chunk_bytes}")
+        self._arrays = list(weights.values())
+        self._starts = list(itertools.accumulate((a.nbytes for a in self._arrays), initial=0))
+        self.total_bytes = self._starts[-1]
+        self.chunk_bytes = chunk_bytes
+        self.count = num_chunks(self.total_bytes, chunk_bytes)
+
+    def piece(self, index: int) -> memoryview | bytes:
+        """The bytes of chunk ``index``."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"chunk {index} of a {self.count}-chunk payload")
+        start = index * self.chunk_bytes
+        stop = min(start + self.chunk_bytes, self.total_bytes)
+        # The last tensor starting at or before ``start`` (empty tensors share its start).
+        tensor = bisect.bisect_right(self._starts, start) - 1
+        parts: list[memoryview] = []
+        while start < stop:
+            begin, end = self._starts[tensor], self._starts[tensor + 1]
+            if end > start:
+                view = _le_bytes(self._arrays[tensor])
+                parts.append(view[start - begin : min(stop, end) - begin])
+                start = min(stop, end)
+            tensor += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def iter_chunk_views(
     weights: Mapping[str, npt.NDArray[np.generic]], chunk_bytes: int
 ) -> Iterator[memoryview | bytes]:
-    """Yield the payload of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter).
-
-    A piece inside one tensor is a zero-copy view (valid while the weights are unchanged); a
-    piece spanning tensors is joined into bytes.
-    """
-    pending: list[memoryview] = []
-    pending_len = 0
-    for array in weights.values():
-        view = _le_bytes(array)
-        offset = 0
-        while offset < len(view):
-            take = min(chunk_bytes - pending_len, len(view) - offset)
-            piece = view[offset : offset + take]
-            offset += take
-            if pending_len == 0 and take == chunk_bytes:
-                yield piece
-                continue
-            pending.append(piece)
-            pending_len += take
-            if pending_len == chunk_bytes:
-                yield b"".join(pending)
-                pending, pending_len = [], 0
-    if pending_len:
-        yield b"".join(pending)
+    """Yield the payload of ``weights`` in pieces of exactly ``chunk_bytes`` (last shorter),
+    as :class:`PayloadPieces` cuts it."""
+    pieces = PayloadPieces(weights, chunk_bytes)
+    for index in range(pieces.count):
+        yield pieces.piece(index)
 
 
 def iter_chunks(
@@ -275,6 +295,7 @@ class PayloadAssembler:
         self.received_chunks = 0
         # Allocated at the first chunk, once the size is known to be honest and in the limit.
         self._buffer: npt.NDArray[np.uint8] | None = None
+        self._finite = _FiniteScan(self.signature, self.chunk_bytes)
 
     def _storage(self) -> npt.NDArray[np.uint8]:
         if self._buffer is None:
@@ -347,17 +368,23 @@ class PayloadAssembler:
             raise PayloadError(
                 f"{self._what}: chunk {chunk.index} has {len(chunk.data)} bytes, expected {size}"
             )
-        self._storage()[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        storage = self._storage()
+        storage[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        # Checked now, while the chunk is in the CPU cache: a second pass over the whole
+        # payload would read it from memory again.
+        self._finite.advance(storage, start + size)
         self.received_chunks += 1
         return self.complete
 
-    def weights(self, *, require_finite: bool = True) -> Weights:
-        """The received tensors (views of one buffer); checks finiteness of floats."""
+    def weights(self) -> Weights:
+        """The received tensors (views of one buffer), once every float was found finite."""
         if not self.complete:
             raise PayloadError(
                 f"{self._what} is incomplete: {self.received_chunks} of "
                 f"{self.expected_chunks} chunks arrived"
             )
+        if self._finite.bad is not None:
+            raise PayloadError(f"{self._what}: tensor {self._finite.bad!r} contains NaN or Inf")
         out: Weights = {}
         offset = 0
         buffer = self._storage()
@@ -366,18 +393,61 @@ class PayloadAssembler:
             count = spec.num_elements
             array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
             offset += count * dtype.itemsize
-            if require_finite and dtype.kind == "f" and not _all_finite(array):
-                raise PayloadError(f"{self._what}: tensor {spec.name!r} contains NaN or Inf")
             out[spec.name] = array.reshape(spec.shape)
         return out
 
 
-def _all_finite(array: npt.NDArray[np.generic], block: int = 1 << 20) -> bool:
-    # Blockwise so the temporary boolean mask stays small for huge tensors.
-    flat = array.reshape(-1)
-    return all(
-        np.isfinite(flat[start : start + block]).all() for start in range(0, flat.size, block)
-    )
+class _FiniteScan:
+    """Finds NaN and Inf in a payload's float tensors as their bytes arrive, in order.
+
+    float32 and float64 go through BLAS: ``dot(x, 0)`` is 0 when every ``x`` is finite and NaN
+    otherwise (``inf * 0`` is NaN), without the temporary mask of ``isfinite(x).all()``. Other
+    float types use ``isfinite``.
+    """
+
+    _BLAS = (np.dtype("<f4"), np.dtype("<f8"))
+
+    def __init__(self, signature: ModelSignature, chunk_bytes: int) -> None:
+        # (name, dtype, first byte, end byte) of every float tensor, in payload order.
+        self._ranges: list[tuple[str, np.dtype[np.generic], int, int]] = []
+        offset = 0
+        for spec in signature:
+            dtype = np.dtype(spec.dtype).newbyteorder("<")
+            size = spec.num_elements * dtype.itemsize
+            if dtype.kind == "f" and size:
+                self._ranges.append((spec.name, dtype, offset, offset + size))
+            offset += size
+        self._next = 0
+        self._checked = 0  # every float byte before this one was checked
+        self._chunk_bytes = chunk_bytes
+        self._zeros: dict[np.dtype[np.generic], npt.NDArray[np.generic]] = {}
+        self.bad: str | None = None  # the first tensor found with NaN or Inf
+
+    def advance(self, buffer: npt.NDArray[np.uint8], received: int) -> None:
+        """Check the float elements wholly inside ``buffer[:received]`` not checked yet."""
+        while self._next < len(self._ranges) and self.bad is None:
+            name, dtype, first, end = self._ranges[self._next]
+            begin = max(first, self._checked)
+            # Whole elements only: one split between two chunks waits for the second.
+            stop = first + (min(end, received) - first) // dtype.itemsize * dtype.itemsize
+            if stop > begin:
+                if not self._finite(buffer[begin:stop].view(dtype)):
+                    self.bad = name
+                self._checked = stop
+            if stop < end:
+                return
+            self._next += 1
+
+    def _finite(self, values: npt.NDArray[np.generic]) -> bool:
+        if values.dtype not in self._BLAS:
+            return bool(np.isfinite(values).all())
+        zeros = self._zeros.get(values.dtype)
+        if zeros is None or zeros.size < values.size:
+            # A segment is at most one chunk plus the element split before it.
+            size = max(values.size, self._chunk_bytes // values.dtype.itemsize + 1)
+            zeros = self._zeros[values.dtype] = np.zeros(size, dtype=values.dtype)
+        with np.errstate(invalid="ignore"):  # inf * 0: the NaN is the answer, not an error
+            return not math.isnan(float(np.dot(values, zeros[: values.size])))
 
 
 def weights_from_header_and_chunks(

@@ -6,6 +6,10 @@ after the first round, payload chunks and message buffers of a few MiB come from
 instead, where freed memory stays in the process. A coordinator that streams models in 2 MiB
 chunks to many workers then grows by tens of MB per stream. Fixing the thresholds (as
 ``MALLOC_MMAP_THRESHOLD_`` would) keeps its memory at what it actually holds.
+
+The threshold sits just above one chunk message: below it, every chunk message (those gRPC
+receives and those sent) would be a fresh ``mmap`` whose pages fault in one by one as they are
+written, which cost a third of a round at d=1e7, N=8 (``scripts/bench_overhead.py``).
 """
 
 from __future__ import annotations
@@ -15,17 +19,24 @@ import ctypes.util
 import logging
 import sys
 
-__all__ = ["return_freed_memory"]
+__all__ = ["return_freed_memory", "threshold_for"]
 
 log = logging.getLogger("fedcore")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_THRESHOLD = 1024 * 1024
+_MIN_THRESHOLD = 1024 * 1024
+_MAX_THRESHOLD = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit systems
 
 
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds at 1 MiB; False where there is no glibc."""
+def threshold_for(message_bytes: int) -> int:
+    """The smallest power of two above ``message_bytes``, within glibc's bounds."""
+    return min(_MAX_THRESHOLD, max(_MIN_THRESHOLD, 1 << message_bytes.bit_length()))
+
+
+def return_freed_memory(message_bytes: int = 0) -> bool:
+    """Fix glibc's mmap and trim thresholds just above ``message_bytes`` (the largest message
+    the process handles, see :func:`threshold_for`); False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
@@ -38,8 +49,7 @@ def return_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
-    )
-    log.debug("malloc thresholds fixed at %d bytes: %s", _THRESHOLD, ok)
+    threshold = threshold_for(message_bytes)
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    log.debug("malloc thresholds fixed at %d bytes: %s", threshold, ok)
     return ok

@@ -1,7 +1,8 @@
 """Constants of the fedcore v1 protocol and the (de)serializers both sides register.
 
-The coordinator serializes the global weights' chunk messages *once* per round and writes the
-same bytes to every worker, so its serializer passes ``bytes`` through untouched.
+The coordinator encodes the global weights' chunk messages once per round and writes the same
+bytes to every worker (``server/transport/payloads.py``), so its serializer passes ``bytes``
+through untouched.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ about 16 GB of free memory.
 Roles (one script, several processes)::
 
     bench_overhead.py [--workers 4 8] [--sizes 1e5 1e6 1e7 1e8] [--rounds 5] [--out F] [--quick]
+                      [--old-code GIT_REF]
     bench_overhead.py echo-worker --server HOST:PORT --name NAME
     bench_overhead.py floor-server --clients N --payload-bytes B [--chunk-bytes C] [--rounds R]
     bench_overhead.py floor-client --server HOST:PORT
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -76,22 +78,35 @@ class BenchError(Exception):
 # ---------------------------------------------------------------------------- echo worker
 
 
-def _echo_trainer() -> Any:
+def _echo_trainer(step: float) -> Any:
     """The echo trainer (imported lazily: importing the worker package loads torch)."""
     from fedcore.worker import EchoTrainer
 
-    return EchoTrainer()
+    return EchoTrainer(step) if step else EchoTrainer()
 
 
-def echo_worker_main(server: str, name: str) -> int:
+def echo_worker_main(server: str, name: str, step: float = 0.0) -> int:
     """Run one echo worker until the coordinator ends the federation."""
     from fedcore.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
-    asyncio.run(Worker(server, name, _echo_trainer(), give_up_after=60.0).run())
+    _worker_heap()
+    asyncio.run(Worker(server, name, _echo_trainer(step), give_up_after=60.0).run())
     # Read by measure_fedcore: this worker's peak memory.
     print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
+
+
+def _worker_heap() -> None:
+    """What ``fed-worker`` does at start (old code without it: nothing)."""
+    try:
+        from fedcore.heap import threshold_for  # noqa: F401  (absent from the old code)
+    except ImportError:
+        return
+    from fedcore.heap import return_freed_memory
+    from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
+
+    return_freed_memory(max_message_bytes(DEFAULT_CHUNK_BYTES))
 
 
 # ---------------------------------------------------------------------------- floor
@@ -233,13 +248,16 @@ def _proc_status(pid: int) -> dict[str, int]:
 class Child:
     """A subprocess: stdout lines collected by a thread, stderr kept in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self._log: IO[str] = log_path.open("w", encoding="utf-8")
         self.proc = subprocess.Popen(
             self.argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -344,11 +362,19 @@ def _transfer_timeout(workers: int, payload_bytes: int, rounds: int) -> float:
 
 
 def measure_fedcore(
-    workers: int, params: int, rounds: int, tmp: Path, server_args: Sequence[str] = ()
+    workers: int,
+    params: int,
+    rounds: int,
+    tmp: Path,
+    server_args: Sequence[str] = (),
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """One federation of ``1 + rounds`` rounds; metrics of the timed rounds."""
+    """One federation of ``1 + rounds`` rounds; metrics of the timed rounds. ``code``: a
+    checkout whose fedcore the processes run instead of this one (see :func:`old_code`)."""
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
+    label = "old" if code is not None else "new"
     model_bytes = 4 * params
-    metrics_path = tmp / f"metrics-{workers}-{params}.jsonl"
+    metrics_path = tmp / f"metrics-{label}-{workers}-{params}.jsonl"
     timeout = _transfer_timeout(workers, model_bytes, rounds + 1)
     children: list[Child] = []
     started = time.perf_counter()
@@ -379,7 +405,8 @@ def measure_fedcore(
                 "--quiet",
                 *server_args,
             ),
-            tmp / f"server-{workers}-{params}.log",
+            tmp / f"server-{label}-{workers}-{params}.log",
+            env,
         )
         children.append(server)
         address = server.wait_for_line(LISTENING, _START_TIMEOUT)
@@ -389,7 +416,8 @@ def measure_fedcore(
                 Child(
                     f"echo worker {i}",
                     _python(str(SCRIPT), "echo-worker", "--server", address, "--name", f"echo-{i}"),
-                    tmp / f"echo-{workers}-{params}-{i}.log",
+                    tmp / f"echo-{label}-{workers}-{params}-{i}.log",
+                    env,
                 )
             )
         polled = _wait_all(server, children[1:], timeout)
@@ -508,14 +536,22 @@ def measure(
     tmp: Path,
     chunk_bytes: int,
     server_args: Sequence[str] = (),
+    old: Path | None = None,
 ) -> dict[str, Any]:
-    """fedcore and the floor (messages of ``chunk_bytes``, as fedcore's) for one (N, d)."""
+    """fedcore, the floor (messages of ``chunk_bytes``, as fedcore's) and, given ``old``, the
+    old code for one (N, d)."""
     model_bytes = 4 * params
     fed = measure_fedcore(workers, params, rounds, tmp, server_args)
     _progress(
         f"N={workers} d={params:.0e}: fedcore {fed['seconds_per_round']:.3f} s/round, "
         f"peak RSS {fed['peak_rss_bytes'] / 1e6:.0f} MB ({fed['wall_seconds']:.0f} s)"
     )
+    before = None if old is None else measure_fedcore(workers, params, rounds, tmp, (), old)
+    if before is not None:
+        _progress(
+            f"N={workers} d={params:.0e}: old code {before['seconds_per_round']:.3f} s/round, "
+            f"peak RSS {before['peak_rss_bytes'] / 1e6:.0f} MB ({before['wall_seconds']:.0f} s)"
+        )
     floor = measure_floor(workers, params, rounds, tmp, chunk_bytes)
     _progress(
         f"N={workers} d={params:.0e}: floor   {floor['seconds_per_round']:.3f} s/round "
@@ -541,7 +577,43 @@ def measure(
         ),
         "rss_ratio_to_model": _ratio(fed["peak_rss_bytes"], model_bytes),
         "rss_above_baseline_ratio_to_model": _ratio(fed["peak_above_baseline_bytes"], model_bytes),
+        **(
+            {}
+            if before is None
+            else {
+                "old_code": before,
+                "old_code_ratio_round_to_floor": _ratio(
+                    before["seconds_per_round"], floor["seconds_per_round"]
+                ),
+                "old_code_rss_above_baseline_ratio_to_model": _ratio(
+                    before["peak_above_baseline_bytes"], model_bytes
+                ),
+                "speedup_over_old_code": _ratio(
+                    before["seconds_per_round"], fed["seconds_per_round"]
+                ),
+            }
+        ),
     }
+
+
+@contextlib.contextmanager
+def old_code(ref: str) -> Iterator[Path]:
+    """This repository's fedcore at git ``ref``, extracted to a temporary folder that a
+    process runs by putting it first on ``PYTHONPATH``."""
+    repo = SCRIPT.parent.parent
+    with tempfile.TemporaryDirectory(prefix="bench-old-code-") as tmp:
+        tree = Path(tmp)
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", "--format=tar", ref],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        # The installed package maps fedcore.server and fedcore.worker to top-level folders
+        # (pyproject's package-dir); found through PYTHONPATH they must sit inside fedcore/.
+        for sub in ("server", "worker"):
+            (tree / "fedcore" / sub).symlink_to(tree / sub, target_is_directory=True)
+        yield tree
 
 
 def evaluate_targets(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -603,17 +675,23 @@ def _progress(message: str) -> None:
 
 
 def run_benchmark(
-    workers: Sequence[int], sizes: Sequence[int], rounds: int, server_args: Sequence[str] = ()
+    workers: Sequence[int],
+    sizes: Sequence[int],
+    rounds: int,
+    server_args: Sequence[str] = (),
+    old_ref: str | None = None,
 ) -> dict[str, Any]:
     """Every (N, d) in turn; the full report."""
     from fedcore.protocol import DEFAULT_CHUNK_BYTES
 
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-overhead-")))
+        old = None if old_ref is None else stack.enter_context(old_code(old_ref))
         for n in workers:
             for d in sizes:
-                entries.append(measure(n, d, rounds, Path(tmp), DEFAULT_CHUNK_BYTES, server_args))
+                entries.append(measure(n, d, rounds, tmp, DEFAULT_CHUNK_BYTES, server_args, old))
     return {
         "results": entries,
         "targets": evaluate_targets(entries),
@@ -627,6 +705,7 @@ def run_benchmark(
             "grpc": grpc.__version__,
             "total_seconds": round(time.perf_counter() - started, 1),
             "server_args": list(server_args),
+            "old_code": old_ref,
         },
     }
 
@@ -669,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass ARG to fed-server (repeat; e.g. --server-arg=--upload-slots --server-arg=8)",
     )
     p.add_argument(
+        "--old-code",
+        metavar="GIT_REF",
+        help="also run the federations with this commit's fedcore (e.g. main), same machine, "
+        "same run",
+    )
+    p.add_argument(
         "--past-2gib",
         action="store_true",
         help="N=2, d=6e8 (2.4 GB float32) end to end; slow, needs about 16 GB free memory",
@@ -677,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo = roles.add_parser("echo-worker", help="one fedcore worker that echoes the model")
     echo.add_argument("--server", required=True)
     echo.add_argument("--name", required=True)
+    echo.add_argument(
+        "--step", type=float, default=0.0, help="add this to every weight (a changing model)"
+    )
     fs = roles.add_parser("floor-server", help="the bare grpc.aio server of the floor")
     fs.add_argument("--clients", type=_count, required=True)
     fs.add_argument("--payload-bytes", type=_count, required=True)
@@ -694,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.role == "echo-worker":
-        return echo_worker_main(args.server, args.name)
+        return echo_worker_main(args.server, args.name, args.step)
     if args.role == "floor-server":
         return floor_server_main(
             args.clients, args.payload_bytes, args.chunk_bytes, args.rounds, args.timeout
@@ -705,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.past_2gib:
         workers, sizes = _PAST_2GIB
     try:
-        report = run_benchmark(workers, sizes, args.rounds, args.server_arg)
+        report = run_benchmark(workers, sizes, args.rounds, args.server_arg, args.old_code)
     except BenchError as exc:
         print(f"bench_overhead: error: {exc}", file=sys.stderr)
         return 1

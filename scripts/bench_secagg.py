@@ -209,7 +209,16 @@ def measure_processes(
                 overhead.Child(
                     f"echo worker {i}",
                     overhead._python(
-                        str(overhead.SCRIPT), "echo-worker", "--server", address, "--name", f"e{i}"
+                        str(overhead.SCRIPT),
+                        "echo-worker",
+                        "--server",
+                        address,
+                        "--name",
+                        f"e{i}",
+                        # The model must change every round: a worker masks one update per
+                        # global model (and plain rounds pay the same copy).
+                        "--step",
+                        "1e-3",
                     ),
                     tmp / f"echo-{tag}-{i}.log",
                 )

@@ -17,7 +17,7 @@ from fedcore.errors import ConfigError
 from fedcore.heap import return_freed_memory
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
+from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES, max_message_bytes
 from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
@@ -566,8 +566,9 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-server")
-    return_freed_memory()
-    asyncio.run(_serve(config_from_args(args)))
+    config = config_from_args(args)
+    return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
+    asyncio.run(_serve(config))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from fedcore.codec import (
     CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
     CHUNK_FIELD_IN_WORKER_MESSAGE,
     PayloadAssembler,
+    PayloadPieces,
     decode_chunk_message,
     encode_chunk_message,
     iter_chunks,
@@ -131,6 +132,47 @@ def test_non_finite_values_are_refused(bad: float) -> None:
     header = make_header(weights, 4)
     with pytest.raises(PayloadError, match="'b' contains NaN or Inf"):
         _assemble(header, list(iter_chunks(weights, 4)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=weight_sets(),
+    chunk=st.integers(1, 64),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    where=st.integers(0, 2**16),
+)
+def test_a_non_finite_float_is_found_wherever_the_chunks_split_it(
+    weights: Weights, chunk: int, bad: float, where: int
+) -> None:
+    # Floats are checked chunk by chunk as they arrive, an element split between two chunks
+    # once both halves are in; the poisoned element may sit anywhere, after odd-sized tensors.
+    floats = [name for name, a in weights.items() if a.dtype.kind == "f" and a.size]
+    header = make_header(weights, chunk)
+    # Positive control: the same payload, clean, is accepted whole.
+    clean = _assemble(header, list(iter_chunks(weights, chunk)))
+    assert all(np.array_equal(clean[n], a) for n, a in weights.items())
+    if not floats:
+        return
+    name = floats[where % len(floats)]
+    poisoned = {n: np.array(a, copy=True, ndmin=0) for n, a in weights.items()}
+    flat = poisoned[name].reshape(-1)  # a view: every tensor here is a contiguous array
+    flat[where % flat.size] = bad
+    with pytest.raises(PayloadError, match=f"'{name}' contains NaN or Inf"):
+        _assemble(header, list(iter_chunks(poisoned, chunk)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(weights=weight_sets(), chunk=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_payload_pieces_in_any_order_are_the_sequential_chunks(
+    weights: Weights, chunk: int, seed: int
+) -> None:
+    pieces = PayloadPieces(weights, chunk)
+    expected = list(iter_chunks(weights, chunk))
+    assert pieces.count == len(expected)
+    order = np.random.default_rng(seed).permutation(pieces.count)
+    assert all(bytes(pieces.piece(int(i))) == expected[i] for i in order)
+    with pytest.raises(IndexError):
+        pieces.piece(pieces.count)
 
 
 def test_expected_signature_is_enforced() -> None:

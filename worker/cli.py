@@ -21,10 +21,11 @@ from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
 from fedcore.data.table import is_table_path, load_table, mock_csv
 from fedcore.errors import ConfigError
+from fedcore.heap import return_freed_memory
 from fedcore.plan import ModelSpec
 from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
-from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
+from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES, max_message_bytes
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
@@ -279,6 +280,8 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-worker")
+    # As the coordinator: chunk messages from the heap, freed memory handed back.
+    return_freed_memory(max_message_bytes(DEFAULT_CHUNK_BYTES))
     if not args.server or not args.data:
         raise ConfigError("--server and --data are required (see fed-worker --help)")
     tls = _client_tls(args)

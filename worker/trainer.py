@@ -240,17 +240,26 @@ class TorchTrainer(Trainer):
 
 
 class EchoTrainer(Trainer):
-    """Trains nothing: ``fit`` returns the received weights unchanged (and uncopied).
+    """Trains nothing: ``fit`` returns the received weights unchanged (and uncopied), or with
+    ``step`` added to every float (a copy): the global model then changes every round, as
+    secure aggregation's once-per-model rule requires of a federation that runs several.
 
     For protocol benchmarks and load tests, where only the transport is being measured.
     """
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.step = step
 
     @property
     def num_examples(self) -> int:
         return 1
 
     def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
-        return FitOutput(weights, 1)
+        if not self.step:
+            return FitOutput(weights, 1)
+        # A Python float keeps each array's dtype (NumPy 2 promotion).
+        moved = {n: np.add(a, self.step) if a.dtype.kind == "f" else a for n, a in weights.items()}
+        return FitOutput(moved, 1)
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
         return EvalOutput(1, {})

@@ -1,17 +1,19 @@
-"""The global weights as a stream of chunk messages, serialized as each stream sends them.
+"""The global weights as a stream of chunk messages, encoded as the streams send them.
 
-Serializing on demand keeps the coordinator's memory at the model plus one chunk per stream in
-flight, instead of a serialized copy of the whole model per round.
+A round's streams send the same messages at about the same pace, so each message is encoded
+once and shared: the coordinator copies the model once per round instead of once per worker,
+and holds at most a few chunks besides the model whatever the number of workers.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from fedcore.codec import (
     CHUNK_FIELD_IN_COORDINATOR_MESSAGE,
+    PayloadPieces,
     encode_chunk_message,
-    iter_chunk_views,
     make_header,
 )
 from fedcore.frozen import frozen_digest
@@ -20,19 +22,46 @@ from fedcore.weights import Weights
 
 __all__ = ["FrozenPayload", "WeightsPayload"]
 
+#: Encoded chunk messages a payload keeps for the streams behind the one that encoded them.
+SHARED_CHUNKS = 4
+
 
 class WeightsPayload:
-    """Weights to send after a Task: its header, and the chunk messages on demand."""
+    """Weights to send after a Task: its header, and the chunk messages on demand.
 
-    def __init__(self, weights: Weights, chunk_bytes: int) -> None:
+    Each message is encoded by the first stream that needs it and kept until ``keep`` newer
+    ones were encoded; a stream further behind than that encodes it again (same bytes).
+    """
+
+    def __init__(self, weights: Weights, chunk_bytes: int, *, keep: int = SHARED_CHUNKS) -> None:
         self.header = make_header(weights, chunk_bytes)
-        self._weights = weights
-        self._chunk_bytes = chunk_bytes
+        self._pieces = PayloadPieces(weights, chunk_bytes)
+        self._recent: OrderedDict[int, bytes] = OrderedDict()
+        self._keep = keep
+        #: Chunk messages encoded so far (a round of N streams needs about ``chunks``, not N x).
+        self.encoded = 0
+
+    @property
+    def chunks(self) -> int:
+        """How many chunk messages the payload is cut into."""
+        return self._pieces.count
+
+    def message(self, index: int) -> bytes:
+        """The serialized ``CoordinatorMessage(chunk=...)`` of chunk ``index``."""
+        message = self._recent.get(index)
+        if message is None:
+            piece = self._pieces.piece(index)
+            message = encode_chunk_message(CHUNK_FIELD_IN_COORDINATOR_MESSAGE, index, piece)
+            self.encoded += 1
+            self._recent[index] = message
+            if len(self._recent) > self._keep:
+                self._recent.popitem(last=False)
+        return message
 
     def messages(self) -> Iterator[bytes]:
-        """Serialized ``CoordinatorMessage(chunk=...)`` messages, in order."""
-        for index, data in enumerate(iter_chunk_views(self._weights, self._chunk_bytes)):
-            yield encode_chunk_message(CHUNK_FIELD_IN_COORDINATOR_MESSAGE, index, data)
+        """The chunk messages, in order."""
+        for index in range(self._pieces.count):
+            yield self.message(index)
 
 
 class FrozenPayload:
