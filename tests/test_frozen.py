@@ -9,20 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import Proc, start_server, start_worker
 from fedcore.server.state.config import ServerConfig
 from fedcore.server.transport.payloads import FrozenPayload
+from fedcore.worker import TorchTrainer
 from fedcore.worker.frozen import FrozenStore
 from fedcore.worker.gate import Gate
 from hostile import fit_task
 from safetensors.numpy import load_file, save_file
+from torch.utils.data import TensorDataset
 
 from fedcore.codec import make_header
 from fedcore.errors import ConfigError, PayloadError, TaskRefused
 from fedcore.frozen import FROM_MODEL, FrozenCache, frozen_digest, split_weights, trainable_names
 from fedcore.model_catalog import ModelCatalog
 from fedcore.models import build_model, get_weights
-from fedcore.plan import ModelSpec
+from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
 
@@ -203,3 +206,18 @@ def test_the_gate_refuses_frozen_parameters_other_than_the_data_owners(tmp_path:
 def test_trainable_patterns_and_a_shipped_plan_do_not_mix() -> None:
     with pytest.raises(ConfigError, match="--trainable cannot be combined with --ship-plan"):
         ServerConfig.from_flags(trainable=("net.3.*",), plan=pb.PlanProgram(hash="0" * 64))
+
+
+def test_a_task_without_trainable_names_trains_what_the_factory_left_trainable() -> None:
+    # The worker keeps its model between tasks: what one task froze must not stay frozen.
+    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    trainer = TorchTrainer(data, model=SPEC)
+    start = get_weights(build_model(SPEC, seed=0))
+    head = ("net.5.weight", "net.5.bias")
+
+    def moved(config: TrainConfig) -> set[str]:
+        out = trainer.fit(SPEC, {k: v.copy() for k, v in start.items()}, config).weights
+        return {name for name, array in out.items() if not np.array_equal(array, start[name])}
+
+    assert moved(TrainConfig(batch_size=16, trainable=head)) == set(head)
+    assert moved(TrainConfig(batch_size=16)) == set(start)  # everything trains again

@@ -152,6 +152,9 @@ class TorchTrainer(Trainer):
         self._catalog = ModelCatalog(model)
         self._plans = plans
         self._cached: tuple[ModelSpec, nn.Module] | None = None
+        # The parameters the model's factory left trainable (peft freezes a base model): what
+        # a task that names no trainable parameters trains.
+        self._factory_trainable: frozenset[str] = frozenset()
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         self._checked: ModelSpec | None = None
         if model is not None:
@@ -179,6 +182,9 @@ class TorchTrainer(Trainer):
             except ModelError as exc:
                 raise ModelMismatchError(str(exc)) from None
             self._cached = (spec, model.to(self._device))
+            self._factory_trainable = frozenset(
+                name for name, p in model.named_parameters() if p.requires_grad
+            )
         return self._cached[1]
 
     def check_data(self, model: ModelSpec) -> None:
@@ -210,11 +216,11 @@ class TorchTrainer(Trainer):
         self._wait_for_warm_up()
         net = self._model_for(model)
         set_weights(net, weights)
-        if config.trainable:
-            # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
-            keep = set(config.trainable)
-            for name, parameter in net.named_parameters():
-                parameter.requires_grad_(name in keep)
+        # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
+        # Set for every task: the model outlives it, and the next may train other parameters.
+        keep = set(config.trainable) if config.trainable else self._factory_trainable
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(name in keep)
         result = self._train_fn(net, self._train_data, config, self._device)
         updated = get_weights(net)
         for name, array in updated.items():
