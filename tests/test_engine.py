@@ -149,3 +149,34 @@ def test_weights_rms_counts_floating_point_coordinates_only() -> None:
         "n": np.array([100], np.int64),
     }
     assert weights_rms(weights) == pytest.approx(math.sqrt(25 / 4))
+
+
+async def test_a_worker_leaving_before_dispatch_never_lowers_min_results(
+    coordinator_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wait_for_idle saw 3 idle workers, then one left before the round was dispatched (the
+    waiter wakes some loop iterations after the check): the round must wait for 3 again, not
+    run with the 2 left, since a round needs no more results than it issued tasks."""
+    original = WorkerRegistry.wait_for_idle
+    calls: list[int] = []
+    gone: list[Any] = []
+
+    async def racing(self: WorkerRegistry, count: int, timeout: float | None) -> bool:
+        if gone:
+            gone.pop().missing_tags = ()  # it is back for the next attempt
+        ok = await original(self, count, timeout)
+        calls.append(count)
+        if len(calls) == 2:  # 1: the coordinator's wait for joiners; 2: round 1's
+            gone.append(self.idle()[0])
+            gone[0].missing_tags = ("left",)  # unselectable, as if it had left
+        return ok
+
+    monkeypatch.setattr(WorkerRegistry, "wait_for_idle", racing)
+    coordinator, task = await coordinator_factory(config(rounds=1, min_workers=3, min_results=3))
+    await asyncio.gather(
+        *(run_worker(coordinator.port, name, ScriptedTrainer(0.01, 10)) for name in "abc")
+    )
+    result = await asyncio.wait_for(task, TIMEOUT)
+    # Before the fix: [(2, 1)], a round of 2 results under --min-results 3.
+    assert [(r.workers, r.attempts) for r in result.rounds] == [(3, 2)]
+    assert calls == [3, 3, 3]  # the race was staged once, then the round waited again

@@ -102,6 +102,13 @@ class SyncEngine:
                 await ctx.reports.drain()
                 continue
             collector = self._dispatch_fit(round_number)
+            if collector is None:
+                log.warning(
+                    "round %d: a worker left before the round started; waiting for %d",
+                    round_number,
+                    needed,
+                )
+                continue
             # The previous round's report runs meanwhile: a collector that drives phases
             # itself (secure aggregation) must not wait behind it.
             try:
@@ -160,10 +167,16 @@ class SyncEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiting
 
-    def _dispatch_fit(self, round_number: int) -> FitCollector:
-        """Ask the strategy who trains, and send each of them the plan and the model."""
+    def _dispatch_fit(self, round_number: int) -> FitCollector | None:
+        """Ask the strategy who trains, and send each of them the plan and the model; None
+        when fewer workers than a round needs are idle any more."""
         ctx, cfg = self.context, self.context.config
         idle = {s.worker_id: s for s in ctx.registry.idle()}
+        if len(idle) < cfg.results_needed:
+            # A worker left after wait_for_idle saw enough (its wake-up runs later than the
+            # check). Dispatching anyway would let the round count fewer results than
+            # --min-results, since a round needs no more results than it issued tasks.
+            return None
         instructions = ctx.strategy.configure_fit(
             round_number, [s.info for s in idle.values()], cfg.train
         )
