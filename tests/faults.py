@@ -32,6 +32,7 @@ class CuttingProxy:
         self.target_port = target_port
         self.rules: deque[CutAfter | None] = deque(rules)
         self.cuts: list[str] = []
+        self._cut = threading.Condition()  # notified on every cut
         self.connections = 0
         self._live: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
@@ -80,7 +81,7 @@ class CuttingProxy:
                         break
                     counts[direction] += len(data)
                     if rule and direction == rule.direction and counts[direction] >= rule.nbytes:
-                        self.cuts.append(f"{direction} after {counts[direction]} bytes")
+                        self._record(f"{direction} after {counts[direction]} bytes")
                         done = True
                         break
                 if done:
@@ -101,7 +102,18 @@ class CuttingProxy:
             live, self._live = self._live, []
         for pair in live:
             self._reset(*pair)
-        self.cuts.append(why)
+        self._record(why)
+
+    def _record(self, cut: str) -> None:
+        with self._cut:
+            self.cuts.append(cut)
+            self._cut.notify_all()
+
+    def wait_for_cuts(self, count: int, timeout: float) -> None:
+        """Block until ``count`` cuts happened; AssertionError after ``timeout`` seconds."""
+        with self._cut:
+            if not self._cut.wait_for(lambda: len(self.cuts) >= count, timeout):
+                raise AssertionError(f"{len(self.cuts)} of {count} cuts within {timeout} s")
 
     def close(self) -> None:
         self._closed = True

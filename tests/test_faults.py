@@ -49,12 +49,15 @@ def test_cuts_at_every_stage_a_straggler_and_sigterm_are_survived(
         ]
         victim = start_worker(procs, proxy.port, shards / "shard-2.npz", "victim")
 
-        victim.wait_for_nth_line(r"joined .* as 'victim'", 2, 120)
+        # The 1st cut may reset the connection before the worker read the coordinator's
+        # welcome (a reset drops unread bytes), so that join may or may not be logged.
+        proxy.wait_for_cuts(1, 120)
         assert victim.count(r"round \d+: training") == 0  # the 1st cut came before training
         victim.wait_for_nth_line(r"round \d+: training", 1, 60)
+        joined = victim.count(r"joined .* as 'victim'")
         proxy.cut_all("while training")
-        victim.wait_for_nth_line(r"joined .* as 'victim'", 3, 60)
-        victim.wait_for_nth_line(r"joined .* as 'victim'", 4, 60)  # after the mid-upload cut
+        victim.wait_for_nth_line(r"joined .* as 'victim'", joined + 1, 60)
+        victim.wait_for_nth_line(r"joined .* as 'victim'", joined + 2, 60)  # after mid-upload
         assert len(proxy.cuts) == 3
         assert proxy.cuts[2].startswith("up after")
         # Each cut dropped the victim from its round (the others completed it).
