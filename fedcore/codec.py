@@ -139,6 +139,14 @@ class PayloadPieces:
         self.total_bytes = self._starts[-1]
         self.chunk_bytes = chunk_bytes
         self.count = num_chunks(self.total_bytes, chunk_bytes)
+        # The last tensor's little-endian bytes: a big-endian or strided tensor is copied once
+        # for all its pieces, not once per piece, and at most one such copy is held.
+        self._view: tuple[int, memoryview] | None = None
+
+    def _bytes_of(self, tensor: int) -> memoryview:
+        if self._view is None or self._view[0] != tensor:
+            self._view = (tensor, _le_bytes(self._arrays[tensor]))
+        return self._view[1]
 
     def piece(self, index: int) -> memoryview | bytes:
         """The bytes of chunk ``index``."""
@@ -152,7 +160,7 @@ class PayloadPieces:
         while start < stop:
             begin, end = self._starts[tensor], self._starts[tensor + 1]
             if end > start:
-                view = _le_bytes(self._arrays[tensor])
+                view = self._bytes_of(tensor)
                 parts.append(view[start - begin : min(stop, end) - begin])
                 start = min(stop, end)
             tensor += 1

@@ -34,7 +34,7 @@ def threshold_for(message_bytes: int) -> int:
     return min(_MAX_THRESHOLD, max(_MIN_THRESHOLD, 1 << message_bytes.bit_length()))
 
 
-def return_freed_memory(message_bytes: int = 0) -> bool:
+def return_freed_memory(message_bytes: int) -> bool:
     """Fix glibc's mmap and trim thresholds just above ``message_bytes`` (the largest message
     the process handles, see :func:`threshold_for`); False where there is no glibc."""
     if not sys.platform.startswith("linux"):

@@ -6,6 +6,8 @@ import numpy as np
 from fedcore.server.transport.payloads import WeightsPayload
 
 from fedcore.codec import CHUNK_FIELD_IN_COORDINATOR_MESSAGE, encode_chunk_message, iter_chunks
+from fedcore.heap import threshold_for
+from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
 from fedcore.weights import Weights
 
 WEIGHTS: Weights = {
@@ -45,9 +47,6 @@ def test_a_stream_far_behind_encodes_again_and_gets_the_same_bytes() -> None:
 
 
 def test_the_heap_threshold_sits_just_above_one_chunk_message() -> None:
-    from fedcore.heap import threshold_for
-    from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
-
     message = max_message_bytes(DEFAULT_CHUNK_BYTES)  # 3 MiB
     assert message < threshold_for(message) == 4 * 1024 * 1024 <= 2 * message
     assert threshold_for(0) == 1024 * 1024  # never below glibc's usual 1 MiB
