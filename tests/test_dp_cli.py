@@ -62,6 +62,9 @@ def test_budget_stop_and_per_silo_epsilon_through_real_processes(
         assert privacy["aggregated"] == 3
         assert privacy["clip_norm"] == 0.5
         assert set(privacy["silos"]) == {"silo-1", "silo-2"}  # the DP-SGD silos
+        # Client-level: every worker's own epsilon; the reported one is the largest.
+        assert set(privacy["workers"]) == {"silo-0", "silo-1", "silo-2"}
+        assert max(privacy["workers"].values()) == r["epsilon"]
         assert "dpsgd_epsilon" not in r["train"]  # type: ignore[operator]
     first, last = rows[0]["privacy"]["silos"], rows[-1]["privacy"]["silos"]  # type: ignore[index]
     assert 0 < first["silo-1"]["epsilon"] <= last["silo-1"]["epsilon"]

@@ -13,6 +13,7 @@ from fedcore.data.shards import ArrayDataset
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted
 from fedcore.models import build_model
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.privacy.accountant import epsilon_of_history
 from fedcore.privacy.dpsgd import DPSGD
 
 
@@ -25,7 +26,7 @@ def _data(n: int = 256) -> ArrayDataset:
 
 def test_silo_reports_the_epsilon_of_its_steps(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="fedcore")
-    loop = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5)
+    loop = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, mechanism="rdp")
     trainer = TorchTrainer(_data(), train_fn=loop)
     config = TrainConfig(epochs=1, batch_size=64, learning_rate=0.1)
     first = trainer.fit(ModelSpec("logreg"), trainer_weights(), config)
@@ -43,6 +44,11 @@ def test_silo_reports_the_epsilon_of_its_steps(caplog: pytest.LogCaptureFixture)
     logged = [r.getMessage() for r in caplog.records if "DP-SGD: 4 steps" in r.getMessage()]
     assert len(logged) == 2
     assert f"at epsilon {loop.epsilon:.3f} (delta 1e-05)" in logged[-1]
+    # By default the silo reports the tighter of RDP and PLD for the same history.
+    best = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5)
+    best.accountant.load_state_dict(loop.accountant.state_dict())
+    assert best.epsilon < loop.epsilon
+    assert best.epsilon == epsilon_of_history([(1.2, 0.25, 8)], delta=1e-5, mechanism="pld")
 
 
 def trainer_weights() -> dict[str, np.ndarray]:
@@ -51,7 +57,7 @@ def trainer_weights() -> dict[str, np.ndarray]:
 
 
 def test_silo_budget_refuses_a_round_that_would_exceed_it() -> None:
-    loop = DPSGD(noise_multiplier=2.0, max_grad_norm=1.0, max_epsilon=3.0)
+    loop = DPSGD(noise_multiplier=2.0, max_grad_norm=1.0, max_epsilon=3.0, mechanism="rdp")
     model = build_model(ModelSpec("logreg"), seed=0)
     config = TrainConfig(epochs=1, batch_size=64)
     # Opacus' own accountant says how many 4-step rounds fit in epsilon 3.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedcore.errors import ConfigError
 from fedcore.privacy import AdaptiveClipping, ClientDP, clip_update, l2_norm, privatize_update
+from fedcore.privacy.client import UNCLIPPED_METRIC
 from fedcore.weights import Weights
 
 _floats = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
@@ -85,12 +84,36 @@ def test_clipping_refuses_bad_input() -> None:
         clip_update({"a": np.array([np.nan])}, 1.0)
 
 
-def test_adaptive_noise_split_matches_andrew_et_al() -> None:
-    """Theorem 1 of Andrew et al. 2021: z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)."""
-    adaptive = AdaptiveClipping(clip_norm=1.0, count_noise_std=1.0)
-    assert adaptive.update_noise_multiplier(1.0) == pytest.approx(1 / math.sqrt(0.75))
+def _bit_sensitivity() -> float:
+    """How far one worker moves the unclipped count, measured on the worker's own code path:
+    its data replaced so that its update goes from fitting the clip norm to exceeding it."""
+    g = {"w": np.zeros(4)}
+    request = ClientDP(clip_norm=1.0, report_unclipped=True)
+    fits = privatize_update(g, {"w": np.full(4, 0.1)}, request).metrics[UNCLIPPED_METRIC]
+    exceeds = privatize_update(g, {"w": np.full(4, 10.0)}, request).metrics[UNCLIPPED_METRIC]
+    return abs(fits - exceeds)
+
+
+@pytest.mark.parametrize(("z", "count_noise"), [(1.0, 2.5), (2.0, 5.0), (0.5, 1.0), (1.0, 1.2)])
+def test_adaptive_noise_split_costs_exactly_the_charged_multiplier(
+    z: float, count_noise: float
+) -> None:
+    """The update sum (sensitivity C, noise z_update C) and the bit count (sensitivity as the
+    worker's bits really move, noise count_noise) are one Gaussian mechanism whose multiplier
+    is (z_update^-2 + (count_noise / sensitivity)^-2)^(-1/2): it must be the z the accountant
+    charges. (Andrew et al.'s split for bits centred at +-1/2 fails this for 0/1 bits.)"""
+    sensitivity = _bit_sensitivity()
+    assert sensitivity == 1.0
+    adaptive = AdaptiveClipping(clip_norm=1.0, count_noise_std=count_noise)
+    z_update = adaptive.update_noise_multiplier(z)
+    combined = (z_update**-2 + (count_noise / sensitivity) ** -2) ** -0.5
+    assert combined == pytest.approx(z, rel=1e-12)
+    assert z_update > z  # the count's share is paid for by more update noise
+
+
+def test_adaptive_noise_split_refuses_a_count_noise_that_spends_the_budget() -> None:
     with pytest.raises(ConfigError, match="count noise"):
-        adaptive.update_noise_multiplier(2.0)
+        AdaptiveClipping(clip_norm=1.0, count_noise_std=1.0).update_noise_multiplier(1.0)
 
 
 def test_adaptive_clip_norm_converges_to_the_target_quantile() -> None:
@@ -111,5 +134,5 @@ def test_count_noise_default_follows_andrew_et_al_but_keeps_the_update_noise_san
     assert many.count_noise_std == 50.0  # expected updates / 20
     few = AdaptiveClipping(clip_norm=1.0)
     few.resolve(noise_multiplier=1.0, expected_updates=4)
-    assert few.count_noise_std == 1.0
+    assert few.count_noise_std == 2.0
     assert few.update_noise_multiplier(1.0) <= 1.16

@@ -3,7 +3,9 @@ aggregated, distributed noise under dropouts, the budget stop, calibration, adap
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,7 +20,15 @@ from fedcore.privacy import (
     add_gaussian_noise,
     privatize_update,
 )
-from fedcore.strategy import FedAvg, FitResult, Strategy, UpdateAggregator, WorkerInfo
+from fedcore.privacy.accountant import calibrate_noise_multiplier, epsilon_of_history
+from fedcore.strategy import (
+    ClientSampler,
+    FedAvg,
+    FitResult,
+    Strategy,
+    UpdateAggregator,
+    WorkerInfo,
+)
 from fedcore.weights import Weights
 
 D = 40_000  # coordinates: the empirical std of N samples has relative std error 1/sqrt(2N)
@@ -127,10 +137,83 @@ def test_distributed_noise_refuses_to_release_too_few_updates() -> None:
         dp.configure_fit(2, _workers(3), TrainConfig())
 
 
-def test_sampling_rate_is_sampled_over_population() -> None:
-    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, population=20)
-    _round(dp, 1, _workers(5), [np.zeros(D)] * 5)
-    assert dp.privacy_metrics()["sample_rate"] == 0.25
+@pytest.fixture
+def small_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight coordinates per model: enough for the accounting, fast for many rounds."""
+    monkeypatch.setitem(globals(), "D", 8)
+
+
+def _sampled(rounds: int, workers: list[WorkerInfo], sampler: ClientSampler) -> Counter[str]:
+    """Rounds each worker is sampled in, replayed from the public configuration alone."""
+    return Counter(w.name for r in range(1, rounds + 1) for w in sampler.sample(r, workers))
+
+
+@pytest.mark.usefixtures("small_models")
+@pytest.mark.parametrize("z", [1.0, 2.0])
+def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
+    """Issue 22: 100 workers, 50 per round, 30 rounds. The cohort is computable from the
+    configuration, so no amplification by sampling applies: the reported epsilon must be at
+    least the most-sampled worker's at q = 1 (22 rounds: 30.3 exactly for z = 1, where
+    accounting at q = 0.5 reported 20.7)."""
+    inner = FedAvg()
+    inner.sampler = ClientSampler(fraction=0.5, seed=0)
+    dp = DifferentialPrivacy(inner, noise_multiplier=z, clipping_norm=1.0)
+    workers = _workers(100)
+    for r in range(1, 31):
+        _round(dp, r, workers, [np.zeros(D)] * 50)
+    counts = _sampled(30, workers, inner.sampler)
+    most = max(counts.values())
+    assert most == 22
+    exact_most = epsilon_of_history([(z, 1.0, most)], delta=1e-5, mechanism="pld")
+    amplified = epsilon_of_history([(z, 0.5, 30)], delta=1e-5, mechanism="rdp")
+    reported = dp.privacy_metrics()["epsilon"]
+    assert reported >= exact_most > amplified
+    assert reported == pytest.approx(exact_most)
+    assert dp.privacy_metrics()["most_rounds"] <= most
+    per_worker = dp.worker_epsilons()
+    assert set(per_worker) == set(counts)
+    for name, rounds in counts.items():
+        assert per_worker[name] == pytest.approx(
+            epsilon_of_history([(z, 1.0, rounds)], delta=1e-5, mechanism="pld")
+        )
+
+
+@pytest.mark.usefixtures("small_models")
+def test_the_budget_stops_on_the_most_charged_worker() -> None:
+    """The target is what 12 rounds at q = 1 cost: the federation stops before the round that
+    would give any sampled worker a 13th, although the average worker is far below."""
+    inner = FedAvg()
+    inner.sampler = ClientSampler(fraction=0.5, seed=3)
+    target = epsilon_of_history([(2.0, 1.0, 12)], delta=1e-5)
+    dp = DifferentialPrivacy(inner, noise_multiplier=2.0, clipping_norm=1.0, target_epsilon=target)
+    workers = _workers(20)
+    stopped = None
+    for r in range(1, 31):
+        try:
+            _round(dp, r, workers, [np.zeros(D)] * 10)
+        except PrivacyBudgetExhausted:
+            stopped = r
+            break
+    assert stopped is not None
+    before = _sampled(stopped - 1, workers, inner.sampler)
+    including = _sampled(stopped, workers, inner.sampler)
+    assert max(before.values()) == 12 < max(including.values())
+    assert dp.privacy_metrics()["epsilon"] <= target
+    assert dp.privacy_metrics()["epsilon"] == pytest.approx(target)
+
+
+@pytest.mark.usefixtures("small_models")
+def test_calibration_assumes_a_worker_may_be_sampled_every_round() -> None:
+    inner = FedAvg()
+    inner.sampler = ClientSampler(fraction=0.5, seed=0)
+    dp = DifferentialPrivacy(
+        inner, noise_multiplier=None, clipping_norm=1.0, target_epsilon=8.0, rounds=30
+    )
+    _round(dp, 1, _workers(10), [np.zeros(D)] * 5)
+    assert dp.noise_multiplier == pytest.approx(
+        calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=1.0, steps=30)
+    )
+    assert epsilon_of_history([(dp.noise_multiplier, 1.0, 30)], delta=1e-5) <= 8.0
 
 
 def _rounds_until_stop(dp: DifferentialPrivacy, limit: int) -> int:
@@ -180,7 +263,7 @@ def test_noise_multiplier_is_calibrated_from_the_target_and_round_count() -> Non
 
 def test_adaptive_clipping_tracks_the_median_and_is_accounted() -> None:
     norms = np.linspace(0.5, 5.0, 20)
-    adaptive = AdaptiveClipping(clip_norm=0.1, target_quantile=0.5, count_noise_std=1.0)
+    adaptive = AdaptiveClipping(clip_norm=0.1, target_quantile=0.5, count_noise_std=2.0)
     dp = DifferentialPrivacy(
         FedAvg(), noise_multiplier=1.0, clipping_norm=0.1, adaptive=adaptive,
         rng=np.random.default_rng(0),
@@ -204,6 +287,30 @@ def test_adaptive_clipping_tracks_the_median_and_is_accounted() -> None:
     reference = PrivacyAccountant()
     reference.step(noise_multiplier=1.0, sample_rate=1.0, steps=60)
     assert dp.privacy_metrics()["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5))
+
+
+def test_adaptive_clipping_reports_what_its_noise_really_costs() -> None:
+    """Issue 22: 20 workers, z = 1, adaptive clipping with its default count noise. The noise
+    the round really drew (measured on the released model) and the count noise, at the bits'
+    real sensitivity of 1, make a Gaussian mechanism whose 30-round epsilon must not exceed
+    the one reported for z (main reported 39.8 where the noise cost 59.4)."""
+    dp = DifferentialPrivacy(
+        FedAvg(), noise_multiplier=1.0, clipping_norm=1.0,
+        adaptive=AdaptiveClipping(clip_norm=1.0), rng=np.random.default_rng(11),
+    )  # fmt: skip
+    new, _ = _round(dp, 1, _workers(20), [np.zeros(D)] * 20)
+    n = 20
+    z_update = float(np.std(new["w"])) * n / 1.0  # std of the mean = z_update C / n
+    assert dp.adaptive is not None
+    assert dp.adaptive.count_noise_std is not None
+    count_multiplier = dp.adaptive.count_noise_std / 1.0  # raw 0/1 bits: sensitivity 1
+    real = (z_update**-2 + count_multiplier**-2) ** -0.5
+    charged = dp.privacy_metrics()["noise_multiplier"]
+    assert charged == 1.0
+    really = epsilon_of_history([(real, 1.0, 30)], delta=1e-5)
+    reported = epsilon_of_history([(charged, 1.0, 30)], delta=1e-5)
+    assert really <= reported * (1 + 3 * TOL)
+    assert dp.privacy_metrics()["epsilon"] == epsilon_of_history([(charged, 1.0, 1)], delta=1e-5)
 
 
 def test_secure_aggregation_feeds_one_presummed_update() -> None:
@@ -257,9 +364,16 @@ def test_refusals() -> None:
 def test_state_dict_resumes_the_budget() -> None:
     dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
     _round(dp, 1, _workers(2), [np.zeros(D)] * 2)
+    _round(dp, 2, _workers(3), [np.zeros(D)] * 3)
     again = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
-    again.load_state_dict(dp.state_dict())
-    assert again.accountant.history == dp.accountant.history
+    again.load_state_dict(json.loads(json.dumps(dp.state_dict())))
+    assert again.worker_epsilons() == dp.worker_epsilons()
+    assert again.accountant.rounds("w0") == 2
+    assert again.accountant.rounds("w2") == 1
+    # A checkpoint with one history at a sampling rate cannot say who took part.
+    old = {"inner": {}, "accountant": {"mechanism": "rdp", "history": [[1.0, 0.5, 3]]}}
+    with pytest.raises(ConfigError, match="per-worker"):
+        again.load_state_dict({**old, "clip_norm": 1.0})
 
 
 def test_worker_applies_the_plans_dp_to_any_trainer_result() -> None:

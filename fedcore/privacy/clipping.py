@@ -19,7 +19,7 @@ import numpy as np
 from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
-__all__ = ["AdaptiveClipping", "ClippedUpdate", "clip_update", "l2_norm"]
+__all__ = ["COUNT_SENSITIVITY", "AdaptiveClipping", "ClippedUpdate", "clip_update", "l2_norm"]
 
 
 def l2_norm(update: Weights) -> float:
@@ -75,6 +75,12 @@ def clip_update(update: Weights, clip_norm: float) -> ClippedUpdate:
     raise AssertionError("clipping did not converge")  # pragma: no cover
 
 
+#: How much one worker can move the sum of unclipped bits: its bit is a raw 0 or 1 (replace
+#: its data and the bit flips), and the number of updates ``n`` is released with every round,
+#: so centring the bits at +-1/2 would not help (the centred sum is the raw one minus n/2).
+COUNT_SENSITIVITY = 1.0
+
+
 @dataclass
 class AdaptiveClipping:
     """Quantile-tracking clip norm (Andrew et al., NeurIPS 2021, Algorithm 1).
@@ -83,10 +89,15 @@ class AdaptiveClipping:
     releases ``b_mean = (sum b + N(0, count_noise_std^2)) / n`` and moves the clip norm
     geometrically: ``C <- C * exp(-learning_rate * (b_mean - target_quantile))``.
 
-    Releasing the noisy count costs privacy. Andrew et al. (Theorem 1) show that noising the
-    update sum with multiplier ``z_update = (z^-2 - (2 * count_noise_std)^-2)^(-1/2)`` makes
-    the pair (update sum, count) exactly as private as one Gaussian mechanism with multiplier
-    ``z``: the accountant charges ``z``, the update sum is noised with ``z_update``.
+    Releasing the noisy count costs privacy. The update sum (sensitivity ``C``, noise
+    ``z_update C``) and the bit count (sensitivity :data:`COUNT_SENSITIVITY` = 1, noise
+    ``count_noise_std``) together are one Gaussian mechanism of multiplier ``z`` when
+    ``z^-2 = z_update^-2 + (count_noise_std / 1)^-2`` (Gaussian mechanisms compose exactly:
+    Dong, Roth and Su 2022, Corollary 3.3), so
+    ``z_update = (z^-2 - count_noise_std^-2)^(-1/2)``: the accountant charges ``z``, the update
+    sum is noised with ``z_update``. (Andrew et al.'s Theorem 1 has ``(2 count_noise_std)^-2``
+    for bits centred at +-1/2 under add/remove; the raw bits here move by 1, and fedcore
+    releases ``n``, which makes add/remove moot.)
     """
 
     clip_norm: float
@@ -110,20 +121,22 @@ class AdaptiveClipping:
 
     def resolve(self, noise_multiplier: float, expected_updates: int) -> None:
         """Pick the count noise when none was given: ``expected_updates / 20`` as Andrew et al.
-        suggest, but at least ``noise_multiplier`` (so the update noise grows by <= 16%)."""
+        suggest, but at least ``2 * noise_multiplier`` (so the update noise grows by <= 16%)."""
         if self.count_noise_std is None:
-            self.count_noise_std = max(expected_updates / 20, noise_multiplier)
+            self.count_noise_std = max(expected_updates / 20, 2 * noise_multiplier)
 
     def update_noise_multiplier(self, noise_multiplier: float) -> float:
         """The multiplier for the update sum so that update + count cost ``noise_multiplier``."""
         if self.count_noise_std is None:
             raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
-        budget = noise_multiplier**-2 - (2 * self.count_noise_std) ** -2
+        count_multiplier = self.count_noise_std / COUNT_SENSITIVITY
+        budget = noise_multiplier**-2 - count_multiplier**-2
         if budget <= 0:
             raise ConfigError(
                 f"adaptive clipping with count noise {self.count_noise_std:g} spends the whole "
                 f"budget of noise multiplier {noise_multiplier:g}; raise the count noise above "
-                f"{noise_multiplier / 2:g} (Andrew et al. suggest expected workers / 20)"
+                f"{noise_multiplier * COUNT_SENSITIVITY:g} (Andrew et al. suggest expected "
+                "workers / 20)"
             )
         return float(budget**-0.5)
 

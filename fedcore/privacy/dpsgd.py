@@ -99,7 +99,7 @@ class DPSGD:
         max_grad_norm: per-example gradient clip norm.
         delta: the delta at which the silo reports its epsilon (well below 1 / silo size).
         max_epsilon: the silo's budget: a round that would exceed it is refused.
-        mechanism: accountant, ``"rdp"`` or ``"pld"``.
+        mechanism: accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two).
         state_file: where the accountant's history is kept (JSON, written atomically before
             each round trains), so a restarted worker keeps counting toward ``max_epsilon``.
     """
@@ -111,7 +111,7 @@ class DPSGD:
         max_grad_norm: float,
         delta: float = 1e-5,
         max_epsilon: float | None = None,
-        mechanism: Mechanism = "rdp",
+        mechanism: Mechanism = "best",
         state_file: Path | None = None,
     ) -> None:
         if not noise_multiplier > 0:

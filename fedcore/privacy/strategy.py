@@ -12,12 +12,14 @@ dominate the average and break the sensitivity bound ``C``. The inner strategy s
 noised aggregate (post-processing), so server optimizers (FedAvgM, FedOpt) compose.
 
 The noise is added by the coordinator (``mode="central"``) or shared among the workers
-(``mode="distributed"``, see :mod:`fedcore.privacy.noise` for dropouts). The accountant
-charges each round a Poisson-subsampled Gaussian mechanism with sampling rate
-``workers sampled / population``; with ``target_epsilon`` the federation ends before a round
-would exceed the budget (:class:`~fedcore.errors.PrivacyBudgetExhausted`), and without
-``noise_multiplier`` the multiplier is calibrated from the target and the round count.
-Adaptive clipping (Andrew et al., NeurIPS 2021) is accounted as part of the same mechanism.
+(``mode="distributed"``, see :mod:`fedcore.privacy.noise` for dropouts). Each worker is
+accounted at ``q = 1`` over the rounds it was sampled in (a seeded cohort is no secret, so no
+amplification by sampling is claimed; see :mod:`fedcore.privacy.participation`); the reported
+epsilon is the largest worker's. With ``target_epsilon`` the federation ends before a round
+would take any worker past the budget (:class:`~fedcore.errors.PrivacyBudgetExhausted`), and
+without ``noise_multiplier`` the multiplier is calibrated so that a worker sampled in every one
+of ``rounds`` rounds stays within the target. Adaptive clipping (Andrew et al., NeurIPS 2021)
+is accounted as part of the same mechanism.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from fedcore.strategy import (
 )
 from fedcore.weights import Weights
 
-from .accountant import Mechanism, PrivacyAccountant, calibrate_noise_multiplier
+from .accountant import Mechanism, calibrate_noise_multiplier
 from .client import UNCLIPPED_METRIC, ClientDP
 from .clipping import AdaptiveClipping, clip_update
 from .noise import (
@@ -51,6 +53,7 @@ from .noise import (
     effective_noise_multiplier,
     secure_generator,
 )
+from .participation import ParticipationAccountant
 
 __all__ = ["DPMode", "DifferentialPrivacy", "PrivacyReporting", "UniformDeltaAggregator"]
 
@@ -65,6 +68,10 @@ class PrivacyReporting(Protocol):
 
     def privacy_metrics(self) -> dict[str, float]:
         """The privacy spent so far and the last round's DP parameters."""
+        ...
+
+    def worker_epsilons(self) -> dict[str, float]:
+        """Each worker's epsilon so far, by name."""
         ...
 
 
@@ -134,7 +141,7 @@ class UniformDeltaAggregator(UpdateAggregator):
 
 @dataclass
 class _Round:
-    sample_rate: float
+    cohort: tuple[str, ...]  # names of the workers sampled: each is charged for the round
     noise_multiplier: float  # z charged by the accountant (before dropouts)
     clip_norm: float
     aggregator: UniformDeltaAggregator | None = None
@@ -154,10 +161,9 @@ class DifferentialPrivacy(Strategy):
         mode: ``"central"`` (the coordinator adds the noise) or ``"distributed"``.
         min_updates: fewest updates a round may aggregate; in distributed mode each worker's
             noise share is ``z C / sqrt(min_updates)``.
-        population: total number of workers, for the sampling rate (default: those connected).
         adaptive: adaptive clipping settings (central mode only).
         secure_aggregation: updates arrive already summed (see :class:`UniformDeltaAggregator`).
-        mechanism: the accountant, ``"rdp"`` or ``"pld"``.
+        mechanism: the accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two).
         rng: noise source (default: seeded from the OS CSPRNG).
     """
 
@@ -172,10 +178,9 @@ class DifferentialPrivacy(Strategy):
         rounds: int | None = None,
         mode: DPMode = "central",
         min_updates: int = 1,
-        population: int | None = None,
         adaptive: AdaptiveClipping | None = None,
         secure_aggregation: bool = False,
-        mechanism: Mechanism = "rdp",
+        mechanism: Mechanism = "best",
         rng: np.random.Generator | None = None,
     ) -> None:
         if strategy.async_settings is not None:
@@ -219,10 +224,9 @@ class DifferentialPrivacy(Strategy):
         self.rounds = rounds
         self.mode: DPMode = mode
         self.min_updates = min_updates
-        self.population = population
         self.adaptive = adaptive
         self.secure_aggregation = secure_aggregation
-        self.accountant = PrivacyAccountant(mechanism=mechanism)
+        self.accountant = ParticipationAccountant(mechanism=mechanism)
         self._rng = rng if rng is not None else secure_generator()
         self._rounds: dict[int, _Round] = {}
         self._report: dict[str, float] = {}
@@ -252,8 +256,7 @@ class DifferentialPrivacy(Strategy):
         instructions = self.inner.configure_fit(round_number, workers, config)
         if not instructions:
             return instructions
-        population = max(self.population or 0, len(workers))
-        q = min(1.0, len(instructions) / population)
+        cohort = tuple(i.worker.name for i in instructions)
         if self.mode == "distributed" and len(instructions) < self.min_updates:
             raise ConfigError(
                 f"round {round_number} samples {len(instructions)} worker(s) but distributed "
@@ -262,36 +265,33 @@ class DifferentialPrivacy(Strategy):
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None
             assert self.rounds is not None
+            # Any worker may be sampled in every round: calibrate for that one.
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.target_epsilon,
                 delta=self.delta,
-                sample_rate=q,
+                sample_rate=1.0,
                 steps=self.rounds,
                 mechanism=self.accountant.mechanism,
             )
             log.info(
-                "calibrated noise multiplier %.4f for epsilon %g at delta %g over %d rounds "
-                "(sampling rate %.3f)",
+                "calibrated noise multiplier %.4f for epsilon %g at delta %g over %d rounds",
                 self.noise_multiplier,
                 self.target_epsilon,
                 self.delta,
                 self.rounds,
-                q,
             )
             if self.adaptive is not None:
                 self.adaptive.resolve(self.noise_multiplier, len(instructions))
             self._update_multiplier(self.noise_multiplier)
         z = self.noise_multiplier
         if self.target_epsilon is not None:
-            after = self.accountant.epsilon_after(
-                noise_multiplier=z, sample_rate=q, delta=self.delta
-            )
+            after = self.accountant.max_epsilon_after(cohort, noise_multiplier=z, delta=self.delta)
             if after > self.target_epsilon:
-                spent = self.accountant.get_epsilon(delta=self.delta)
+                spent = self.accountant.max_epsilon(delta=self.delta)
                 raise PrivacyBudgetExhausted(
-                    f"round {round_number} would take epsilon to {after:.4f}, past the target "
-                    f"{self.target_epsilon:g} (delta {self.delta:g}); stopping after round "
-                    f"{round_number - 1} at epsilon {spent:.4f}"
+                    f"round {round_number} would take a worker to epsilon {after:.4f}, past the "
+                    f"target {self.target_epsilon:g} (delta {self.delta:g}); stopping after round "
+                    f"{round_number - 1} with the most-charged worker at epsilon {spent:.4f}"
                 )
         clip = self.clip_norm
         # Distributed mode states m; each worker derives its share z C / sqrt(m) itself.
@@ -301,7 +301,7 @@ class DifferentialPrivacy(Strategy):
             noise_multiplier=z,
             min_updates=self.min_updates if self.mode == "distributed" else None,
         ).to_extra()
-        self._rounds = {round_number: _Round(q, z, clip)}
+        self._rounds = {round_number: _Round(cohort, z, clip)}
         return [
             replace(i, config=replace(i.config, extra={**i.config.extra, **request}))
             for i in instructions
@@ -352,13 +352,15 @@ class DifferentialPrivacy(Strategy):
             charged = effective_noise_multiplier(
                 noise_multiplier=z, aggregated=n, min_updates=self.min_updates
             )
-        self.accountant.step(noise_multiplier=charged, sample_rate=state.sample_rate)
+        # Every sampled worker is charged, delivered or not (the safe side).
+        self.accountant.charge(state.cohort, noise_multiplier=charged)
         report = {
-            "epsilon": self.accountant.get_epsilon(delta=self.delta),
+            "epsilon": self.accountant.max_epsilon(delta=self.delta),
             "delta": self.delta,
             "noise_multiplier": charged,
             "clip_norm": state.clip_norm,
-            "sample_rate": state.sample_rate,
+            "sampled": float(len(state.cohort)),
+            "most_rounds": float(max(self.accountant.rounds(w) for w in state.cohort)),
             "aggregated": float(n),
         }
         if self.adaptive is not None:
@@ -370,6 +372,9 @@ class DifferentialPrivacy(Strategy):
 
     def privacy_metrics(self) -> dict[str, float]:
         return dict(self._report)
+
+    def worker_epsilons(self) -> dict[str, float]:
+        return self.accountant.epsilons(delta=self.delta)
 
     # ------------------------------------------------------------------ delegation
 
@@ -391,18 +396,24 @@ class DifferentialPrivacy(Strategy):
         return self.inner.on_round_end(round_number, weights, metrics)
 
     def state_dict(self) -> StrategyState:
-        """The inner strategy's state, the accountant, the clip norm and the multiplier:
-        enough to resume the budget after a restart."""
+        """The inner strategy's state, every worker's privacy history, the clip norm and the
+        multiplier: enough to resume the budget after a restart."""
         return {
             "inner": self.inner.state_dict(),
-            "accountant": self.accountant.state_dict(),
+            "participation": self.accountant.state_dict(),
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state_dict(state.get("inner", {}))
-        self.accountant.load_state_dict(state["accountant"])
+        if "participation" not in state:
+            raise ConfigError(
+                "the checkpoint's privacy history predates per-worker accounting (it holds one "
+                "history at a sampling rate, not who took part in which round); it cannot be "
+                "resumed under a valid budget: start a new federation"
+            )
+        self.accountant.load_state_dict(state["participation"])
         self.noise_multiplier = state.get("noise_multiplier", self.noise_multiplier)
         if self.adaptive is not None:
             self.adaptive.clip_norm = float(state["clip_norm"])

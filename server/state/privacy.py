@@ -2,8 +2,9 @@
 
 ``fed-server --dp-noise-multiplier Z --dp-clip C`` (or ``--dp-target-epsilon E``) wraps the
 federation's strategy in :class:`~fedcore.privacy.DifferentialPrivacy`; every round's metrics
-line then carries the epsilon spent so far at ``--dp-delta``, and the per-silo
-``(epsilon, delta)`` that DP-SGD workers report.
+line then carries the largest epsilon any worker has spent so far at ``--dp-delta``, each
+worker's (``privacy.workers``), and the per-silo ``(epsilon, delta)`` that DP-SGD workers
+report (``privacy.silos``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ class DPSettings:
     adaptive_quantile: float | None = None
     clip_learning_rate: float = 0.2
     count_noise: float | None = None
-    population: int | None = None
-    accountant: Mechanism = "rdp"
+    accountant: Mechanism = "best"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier is None and self.target_epsilon is None:
@@ -56,8 +56,6 @@ class DPSettings:
             raise ConfigError(f"--dp-clip must be positive, got {self.clip}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"--dp-delta must be in (0, 1), got {self.delta}")
-        if self.population is not None and self.population < 1:
-            raise ConfigError(f"--dp-population must be at least 1, got {self.population}")
 
 
 def add_dp_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,18 +110,14 @@ def add_dp_flags(parser: argparse.ArgumentParser) -> None:
         "--dp-count-noise",
         type=float,
         help="noise std on adaptive clipping's unclipped count (default: max(workers/20, "
-        "noise multiplier))",
-    )
-    g.add_argument(
-        "--dp-population",
-        type=int,
-        help="total workers for the sampling rate (default: those connected each round)",
+        "2 x noise multiplier))",
     )
     g.add_argument(
         "--dp-accountant",
-        choices=["rdp", "pld"],
-        default="rdp",
-        help="dp-accounting's Rényi DP or privacy-loss-distribution accountant (default: %(default)s)",
+        choices=["best", "rdp", "pld"],
+        default="best",
+        help="dp-accounting's Rényi DP or privacy-loss-distribution (PLD) accountant; best "
+        "reports the smaller of the two, both upper bounds (default: %(default)s)",
     )
 
 
@@ -140,7 +134,6 @@ def dp_settings_from_args(args: argparse.Namespace) -> DPSettings | None:
         adaptive_quantile=args.dp_adaptive_quantile,
         clip_learning_rate=args.dp_clip_lr,
         count_noise=args.dp_count_noise,
-        population=args.dp_population,
         accountant=args.dp_accountant,
     )
 
@@ -179,7 +172,6 @@ def wrap_strategy(
         rounds=rounds,
         mode=settings.mode,
         min_updates=min_updates,
-        population=settings.population,
         adaptive=adaptive,
         secure_aggregation=secure_aggregation,
         mechanism=settings.accountant,
@@ -187,10 +179,14 @@ def wrap_strategy(
 
 
 def privacy_metrics(strategy: Strategy, results: Sequence[FitResult]) -> dict[str, Any] | None:
-    """A round's privacy line: client-level spend and the DP-SGD silos' own (epsilon, delta)."""
+    """A round's privacy line: client-level spend (the largest and each worker's) and the
+    DP-SGD silos' own (epsilon, delta)."""
     out: dict[str, Any] = {}
     if isinstance(strategy, PrivacyReporting):
         out.update(strategy.privacy_metrics())
+        workers = strategy.worker_epsilons()
+        if workers:
+            out["workers"] = workers
     silos = {
         r.worker.name: {"epsilon": r.metrics["dpsgd_epsilon"], "delta": r.metrics["dpsgd_delta"]}
         for r in results
