@@ -9,7 +9,13 @@ DP-SGD loop :class:`fedcore.privacy.dpsgd.DPSGD`):
   shards of the 60,000 training images), a fraction sampled per round, for several noise
   multipliers;
 * record-level DP-SGD (Abadi et al. 2016) in ``--silos`` silos averaged with FedAvg, for
-  several per-silo epsilon targets (noise calibrated with the silo's accountant).
+  several per-silo epsilon targets (noise calibrated with the silo's accountant), once per
+  accountant in ``--silo-accountants`` (``rdp`` is how fedcore calibrated before issue 22,
+  ``best`` the tighter of RDP and PLD it uses now).
+
+Client-level runs report the epsilon fedcore reports now (each worker at q = 1 over the
+rounds it was sampled in, the largest) beside the one it reported before issue 22 (RDP at
+q = sampled / workers, which assumed secret Poisson sampling the sampler never did).
 
 Writes ``results.json`` and ``accuracy_vs_epsilon.png`` to ``--out``. ``--quick`` runs a
 tiny version (seconds) to check the script.
@@ -34,7 +40,7 @@ from fedcore.data.shards import ArrayDataset
 from fedcore.models import build_model, get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import DifferentialPrivacy, privatize_update
-from fedcore.privacy.accountant import calibrate_noise_multiplier
+from fedcore.privacy.accountant import calibrate_noise_multiplier, epsilon_of_history
 from fedcore.privacy.client import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.strategy import FedAvg, FitResult, WeightedMeanAggregator, WorkerInfo
@@ -76,7 +82,6 @@ def client_level(
                 noise_multiplier=z,
                 clipping_norm=args.client_clip,
                 delta=DELTA,
-                population=len(workers),
                 rng=np.random.default_rng(1),
             )
             if private
@@ -90,7 +95,6 @@ def client_level(
             sampled = [workers[i] for i in chosen]
             if dp is not None:
                 instructions = dp.configure_fit(r, sampled, config)
-                # The sampling rate is sampled / population, not sampled / offered.
                 aggregator = dp.start_aggregation(r, weights)
             else:
                 aggregator = WeightedMeanAggregator()
@@ -113,8 +117,20 @@ def client_level(
                 set_weights(model, weights)
                 acc = evaluate(model, test).accuracy
                 eps = dp.privacy_metrics()["epsilon"] if dp else math.inf
-                history.append({"round": r, "accuracy": acc, "epsilon": eps})
-                print(f"  client-level z={z:g} round {r}: accuracy {acc:.4f} epsilon {eps:.3f}")
+                before = (
+                    epsilon_of_history(
+                        [(z, per_round / len(workers), r)], delta=DELTA, mechanism="rdp"
+                    )
+                    if dp
+                    else math.inf
+                )
+                history.append(
+                    {"round": r, "accuracy": acc, "epsilon": eps, "epsilon_before": before}
+                )
+                print(
+                    f"  client-level z={z:g} round {r}: accuracy {acc:.4f} epsilon {eps:.3f} "
+                    f"(reported before issue 22: {before:.3f})"
+                )
         runs.append(
             {
                 "kind": "client-level DP-FedAvg",
@@ -124,6 +140,8 @@ def client_level(
                 "sampled_per_round": per_round,
                 "rounds": args.client_rounds,
                 "epsilon": history[-1]["epsilon"],
+                "epsilon_before": history[-1]["epsilon_before"],
+                "accountant": "per-worker, best" if private else None,
                 "accuracy": history[-1]["accuracy"],
                 "history": history,
                 "seconds": round(time.perf_counter() - started, 1),
@@ -151,20 +169,27 @@ def record_level(
         momentum=args.silo_momentum,
     )
     runs = []
-    for target in args.silo_epsilon:
+    settings = [
+        (target, mechanism)
+        for target in args.silo_epsilon
+        for mechanism in (args.silo_accountants if target > 0 else ["-"])
+    ]
+    for target, mechanism in settings:
         size = min(len(s) for s in shards)
         q = 1 / math.ceil(size / args.silo_batch)
         steps = args.silo_rounds * args.silo_epochs * round(1 / q)
         private = target > 0
         z = (
             calibrate_noise_multiplier(
-                target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps
+                target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, mechanism=mechanism
             )
             if private
             else 0.0
         )
         loops = [
-            DPSGD(noise_multiplier=z, max_grad_norm=args.silo_clip, delta=DELTA)
+            DPSGD(
+                noise_multiplier=z, max_grad_norm=args.silo_clip, delta=DELTA, mechanism=mechanism
+            )
             if private
             else None
             for _ in shards
@@ -189,12 +214,14 @@ def record_level(
             eps = max(loop.epsilon for loop in loops) if private else math.inf  # type: ignore[union-attr]
             history.append({"round": r, "accuracy": acc, "epsilon": eps})
             print(
-                f"  record-level target {target:g} round {r}: accuracy {acc:.4f} epsilon {eps:.3f}"
+                f"  record-level target {target:g} ({mechanism}, z={z:.3f}) round {r}: "
+                f"accuracy {acc:.4f} epsilon {eps:.3f}"
             )
         runs.append(
             {
                 "kind": "record-level DP-SGD",
                 "target_epsilon": target if private else None,
+                "accountant": mechanism if private else None,
                 "noise_multiplier": z,
                 "clip_norm": args.silo_clip,
                 "silos": len(shards),
@@ -272,9 +299,13 @@ def main() -> int:
     p.add_argument("--silo-momentum", type=float, default=0.5)
     p.add_argument("--silo-clip", type=float, default=1.0)
     p.add_argument("--silo-epsilon", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    p.add_argument("--silo-accountants", nargs="+", default=["rdp", "best"])
+    p.add_argument(
+        "--limit", type=int, help="use only the first N training images (a small setting)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    limit = None
+    limit = args.limit
     if args.quick:
         limit, args.clients, args.client_rounds, args.silo_rounds = 4000, 10, 2, 1
         args.client_noise, args.silo_epsilon, args.eval_every = [0.0, 1.0], [2.0], 1
@@ -301,10 +332,13 @@ def main() -> int:
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     _plot(runs, args.out / "accuracy_vs_epsilon.png")
-    print(f"{'kind':<24}{'noise z':>9}{'epsilon':>10}{'accuracy':>10}")
+    print(
+        f"{'kind':<24}{'accountant':>18}{'noise z':>9}{'epsilon':>10}{'before':>10}{'accuracy':>10}"
+    )
     for r in runs:
         print(
-            f"{r['kind']:<24}{r['noise_multiplier']:>9.3f}{r['epsilon']:>10.3f}{r['accuracy']:>10.4f}"
+            f"{r['kind']:<24}{r.get('accountant') or '-':>18}{r['noise_multiplier']:>9.3f}"
+            f"{r['epsilon']:>10.3f}{r.get('epsilon_before', math.nan):>10.3f}{r['accuracy']:>10.4f}"
         )
     print(f"wrote {args.out / 'results.json'} and {args.out / 'accuracy_vs_epsilon.png'}")
     return 0

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +18,7 @@ from fedcore.data.shards import ArrayDataset
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted
 from fedcore.models import build_model
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.policy import load_policy
 from fedcore.privacy.accountant import epsilon_of_history
 from fedcore.privacy.dpsgd import DPSGD
 
@@ -81,3 +87,61 @@ def test_batchnorm_is_refused_with_advice() -> None:
     loop = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="GroupNorm"):
         loop(model, _data(), TrainConfig(batch_size=64), torch.device("cpu"))
+
+
+def test_secure_mode_without_torchcsprng_is_refused_not_faked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # not importable, whatever is installed
+    with pytest.raises(ConfigError, match="torchcsprng"):
+        DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=True)
+    DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)  # positive control: the default still starts
+
+
+def test_secure_mode_draws_from_the_csprng_and_uses_opacus_secure_noise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wiring, with a stand-in for torchcsprng's generator (no build exists for this
+    torch): batches and noise come from it, and Opacus draws its noise in secure mode."""
+    from opacus.optimizers import optimizer as opacus_optimizer
+
+    devices: list[str] = []
+
+    def create_random_device_generator(device: str) -> torch.Generator:
+        devices.append(device)
+        return torch.Generator().manual_seed(0)
+
+    fake = types.ModuleType("torchcsprng")
+    fake.create_random_device_generator = create_random_device_generator  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchcsprng", fake)
+    calls: list[dict[str, Any]] = []
+    real = opacus_optimizer._generate_noise
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
+    loop = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=True, mechanism="rdp")
+    model = build_model(ModelSpec("logreg"), seed=0)
+    loop(model, _data(64), TrainConfig(epochs=1, batch_size=32), torch.device("cpu"))
+    assert devices == ["/dev/urandom"]
+    assert calls
+    assert all(c["secure_mode"] is True for c in calls)
+    assert all(isinstance(c["generator"], torch.Generator) for c in calls)
+
+
+def test_policy_requires_secure_mode_and_the_worker_refuses_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedcore.worker.cli import main
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[differential-privacy]\ndpsgd-secure-mode = true\n")
+    assert load_policy(policy).privacy.dpsgd_secure_mode
+    assert "DP-SGD in Opacus' secure mode" in load_policy(policy).describe()
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)
+    argv = ["--server", "127.0.0.1:1", "--data", str(tmp_path / "none.npz")]
+    dpsgd = ["--dpsgd-noise-multiplier", "1.0", "--policy", str(policy)]
+    assert main([*argv, *dpsgd]) != 0
+    assert "dpsgd-secure-mode" in capsys.readouterr().err

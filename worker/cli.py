@@ -294,6 +294,7 @@ def _run(argv: Sequence[str] | None) -> None:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--model-params is not valid JSON: {exc}") from None
     extra: dict[str, Any] = {}
+    policy = load_policy(args.policy) if args.policy is not None else Policy()
     if args.dpsgd_noise_multiplier is not None:
         state = args.dpsgd_state
         if state is None and args.dpsgd_max_epsilon is not None:
@@ -308,10 +309,10 @@ def _run(argv: Sequence[str] | None) -> None:
             delta=args.dpsgd_delta,
             max_epsilon=args.dpsgd_max_epsilon,
             state_file=state,
+            secure_mode=policy.privacy.dpsgd_secure_mode,
         )
     elif args.dpsgd_max_epsilon is not None:
         raise ConfigError("--dpsgd-max-epsilon needs --dpsgd-noise-multiplier")
-    policy = load_policy(args.policy) if args.policy is not None else Policy()
     plans = PlanLibrary(
         policy.plans,
         max_model_bytes=args.max_model_bytes,

@@ -27,6 +27,7 @@ Every section is optional; an absent rule allows everything it would have restri
     max-clip-norm = 1.0                    # client-level DP: the plan's clip norm at most this
     dpsgd-min-noise-multiplier = 1.0       # record-level DP-SGD on this worker: bounds on its
     dpsgd-max-grad-norm = 1.0              # own settings
+    dpsgd-secure-mode = true               # DP-SGD runs Opacus' secure mode (needs torchcsprng)
 
     [budget]                               # this silo's privacy budget, across federations
     study = "mnist-2026"                   # rounds of every federation of the study count
@@ -148,6 +149,7 @@ class PrivacyRules:
     max_clip_norm: float | None = None
     dpsgd_min_noise_multiplier: float | None = None
     dpsgd_max_grad_norm: float | None = None
+    dpsgd_secure_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,8 @@ class Policy:
             lines.append(f"client-level noise multiplier >= {self.privacy.min_noise_multiplier:g}")
         if self.privacy.max_clip_norm is not None:
             lines.append(f"client-level clip norm <= {self.privacy.max_clip_norm:g}")
+        if self.privacy.dpsgd_secure_mode:
+            lines.append("DP-SGD in Opacus' secure mode")
         if self.budget is not None:
             b = self.budget
             lines.append(
@@ -331,6 +335,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             "max-clip-norm",
             "dpsgd-min-noise-multiplier",
             "dpsgd-max-grad-norm",
+            "dpsgd-secure-mode",
         ),
     )
     required = d.string("required")
@@ -345,6 +350,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         max_clip_norm=d.number("max-clip-norm", positive=True),
         dpsgd_min_noise_multiplier=d.number("dpsgd-min-noise-multiplier", positive=True),
         dpsgd_max_grad_norm=d.number("dpsgd-max-grad-norm", positive=True),
+        dpsgd_secure_mode=_default(d.boolean("dpsgd-secure-mode"), False),
     )
 
     budget = None

@@ -10,10 +10,17 @@ record's guarantee is its own silo's (parallel composition).
 Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 
     trainer = TorchTrainer(shard, train_fn=DPSGD(noise_multiplier=1.0, max_grad_norm=1.0))
+
+``secure_mode=True`` runs Opacus' secure mode: noise and batch sampling come from
+``torchcsprng``'s ``/dev/urandom`` generator, and each noise value is the sum of four draws
+halved, which defeats the floating-point attacks on Gaussian sampling (Holohan and Braghin
+2021; Jin et al. 2022). It needs the ``torchcsprng`` package; without it the silo refuses to
+start (:class:`~fedcore.errors.ConfigError`) rather than train without it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -45,6 +52,17 @@ log = logging.getLogger("fedcore.privacy")
 # process (torch.distributed, scipy), which workers without DP-SGD never need.
 
 __all__ = ["DPSGD", "DPSGD_METRICS"]
+
+_CSPRNG = "torchcsprng"
+
+
+def _csprng_available() -> bool:
+    try:
+        importlib.import_module(_CSPRNG)
+    except ImportError:
+        return False
+    return True
+
 
 #: Metrics a DP-SGD silo reports after each round.
 DPSGD_METRICS = ("dpsgd_epsilon", "dpsgd_delta")
@@ -102,6 +120,7 @@ class DPSGD:
         mechanism: accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two).
         state_file: where the accountant's history is kept (JSON, written atomically before
             each round trains), so a restarted worker keeps counting toward ``max_epsilon``.
+        secure_mode: Opacus' secure mode (see the module docstring); needs ``torchcsprng``.
     """
 
     def __init__(
@@ -113,6 +132,7 @@ class DPSGD:
         max_epsilon: float | None = None,
         mechanism: Mechanism = "best",
         state_file: Path | None = None,
+        secure_mode: bool = False,
     ) -> None:
         if not noise_multiplier > 0:
             raise ConfigError(f"DP-SGD needs a positive noise multiplier, got {noise_multiplier}")
@@ -120,6 +140,16 @@ class DPSGD:
             raise ConfigError(f"DP-SGD needs a positive clip norm, got {max_grad_norm}")
         if not 0 < delta < 1:
             raise ConfigError(f"DP-SGD delta must be in (0, 1), got {delta}")
+        if secure_mode and not _csprng_available():
+            raise ConfigError(
+                "DP-SGD secure mode (required by this worker's policy: "
+                "differential-privacy.dpsgd-secure-mode) needs Opacus' cryptographically secure "
+                f"generator from the {_CSPRNG!r} package, which is not installed (it has no "
+                f"build for torch {torch.__version__}); install a torchcsprng built for this "
+                "torch, or lift the requirement from the policy: this silo will not train "
+                "without it"
+            )
+        self.secure_mode = secure_mode
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.delta = delta
@@ -189,8 +219,8 @@ class DPSGD:
         loader = DataLoader(_as_tensor_dataset(dataset), batch_size=config.batch_size)
         # Poisson sampling decides which records each step sees: seeded from the OS's CSPRNG,
         # never from the plan's seed (a coordinator that knew the batches could tell which
-        # records a step's noise protects least).
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        # records a step's noise protects least). Secure mode draws from /dev/urandom itself.
+        generator = self._generator()
         with warnings.catch_warnings():
             # Opacus warns that its RNG is not cryptographically secure unless secure_mode is
             # on (which needs torchcsprng); the README states this limit.
@@ -220,6 +250,8 @@ class DPSGD:
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 expected_batch_size=config.batch_size,
+                generator=generator if self.secure_mode else None,
+                secure_mode=self.secure_mode,
             )
         # Charged before training, and persisted: a crash or an error mid-round over-counts.
         self.accountant.step(
@@ -248,6 +280,13 @@ class DPSGD:
             seconds=time.perf_counter() - started,
             metrics=self.metrics(),
         )
+
+    def _generator(self) -> torch.Generator:
+        if self.secure_mode:
+            csprng = importlib.import_module(_CSPRNG)
+            generator: torch.Generator = csprng.create_random_device_generator("/dev/urandom")
+            return generator
+        return torch.Generator().manual_seed(secrets.randbits(63))
 
     def metrics(self) -> dict[str, float]:
         """What the silo reports to the coordinator after a round."""

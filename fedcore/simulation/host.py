@@ -103,6 +103,7 @@ def _make_worker(
             max_grad_norm=settings.dpsgd_clip,
             delta=settings.dpsgd_delta,
             max_epsilon=settings.dpsgd_max_epsilon,
+            secure_mode=policy is not None and policy.privacy.dpsgd_secure_mode,
         )
     trainer = TransientTrainer(
         lambda: shard_dataset(x, y, indices),
