@@ -9,6 +9,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
 from fedcore.plan import TrainConfig
@@ -21,6 +23,7 @@ from fedcore.privacy import (
     privatize_update,
 )
 from fedcore.privacy.accountant import calibrate_noise_multiplier, epsilon_of_history
+from fedcore.privacy.participation import ParticipationAccountant
 from fedcore.strategy import (
     ClientSampler,
     FedAvg,
@@ -176,6 +179,33 @@ def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
         assert per_worker[name] == pytest.approx(
             epsilon_of_history([(z, 1.0, rounds)], delta=1e-5, mechanism="pld")
         )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cohorts=st.lists(
+        st.sets(st.sampled_from([f"w{i}" for i in range(6)]), min_size=1), min_size=1, max_size=8
+    ),
+    multipliers=st.lists(st.sampled_from([0.8, 1.0, 2.5]), min_size=8, max_size=8),
+)
+def test_per_worker_epsilon_is_that_of_its_own_rounds(
+    cohorts: list[set[str]], multipliers: list[float]
+) -> None:
+    """Whatever the cohorts and multipliers, each worker's epsilon is that of exactly the
+    rounds it was charged for, at q = 1, and the reported maximum is the largest of them."""
+    accountant = ParticipationAccountant()
+    taken: dict[str, list[tuple[float, float, int]]] = {}
+    for cohort, z in zip(cohorts, multipliers, strict=False):
+        before = accountant.max_epsilon_after(cohort, noise_multiplier=z, delta=1e-5)
+        accountant.charge(sorted(cohort), noise_multiplier=z)
+        assert accountant.max_epsilon(delta=1e-5) == pytest.approx(before)
+        for name in cohort:
+            taken.setdefault(name, []).append((z, 1.0, 1))
+    epsilons = accountant.epsilons(delta=1e-5)
+    assert set(epsilons) == set(taken)
+    for name, history in taken.items():
+        assert epsilons[name] == pytest.approx(epsilon_of_history(history, delta=1e-5))
+    assert accountant.max_epsilon(delta=1e-5) == max(epsilons.values())
 
 
 @pytest.mark.usefixtures("small_models")

@@ -37,6 +37,10 @@ class ClientSampler:
     another order, draws the same cohort. (Names, not ids: the coordinator numbers workers in
     the order they join, names are unique in a federation and chosen by the workers.)
     ``fraction=1`` (the default) takes every worker, as in McMahan et al. (2017) with C = 1.
+
+    Reproducible means public: anyone with the configuration can compute every cohort, so the
+    draw is no secret sampling and differential privacy claims no amplification from it
+    (:mod:`fedcore.privacy.participation` accounts each worker over the rounds it was in).
     """
 
     fraction: float = 1.0
