@@ -43,14 +43,20 @@ class ClientDP:
     """What a plan asks of a worker under client-level DP.
 
     ``min_updates`` None is central mode (the coordinator adds the noise); an integer m is
-    distributed mode, where the worker adds its share ``noise_multiplier * clip_norm /
-    sqrt(m)`` itself (:attr:`noise_std`).
+    distributed mode, where the worker adds its share itself (:attr:`noise_std`).
+
+    ``honest_silos`` is never on the wire: a worker's gate sets it from its own policy
+    (``[training] honest-silos``, default 1), and the share is then
+    ``noise_multiplier * clip_norm / sqrt(min(m, honest_silos))``: a coordinator claiming a
+    large ``m`` cannot thin it below what the silo accepts (issue 22). None is the plan's
+    nominal share ``z C / sqrt(m)``, the coordinator's view when it accounts a round.
     """
 
     clip_norm: float
     report_unclipped: bool = False  # adaptive clipping in central mode
     noise_multiplier: float | None = None  # the round's z, for the workers' policies
     min_updates: int | None = None  # distributed mode: the fewest updates in a released sum
+    honest_silos: int | None = None  # the worker's policy: honest shares it relies on
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -65,6 +71,8 @@ class ClientDP:
                 )
             if z is None:
                 raise ConfigError("distributed DP needs the plan's noise multiplier")
+        if self.honest_silos is not None and self.honest_silos < 1:
+            raise ConfigError(f"honest silos must be at least 1, got {self.honest_silos}")
 
     @property
     def distributed(self) -> bool:
@@ -75,10 +83,13 @@ class ClientDP:
         """This worker's noise share: derived here, never read from the plan."""
         if self.min_updates is None or self.noise_multiplier is None:
             return 0.0
+        shares = self.min_updates
+        if self.honest_silos is not None:
+            shares = min(shares, self.honest_silos)
         return distributed_noise_std(
             noise_multiplier=self.noise_multiplier,
             clip_norm=self.clip_norm,
-            min_updates=self.min_updates,
+            min_updates=shares,
         )
 
     def to_extra(self) -> dict[str, float]:
