@@ -151,7 +151,29 @@ def test_distributed_noise_is_derived_by_the_worker() -> None:
     }
     checked = _gate().admit(_with_weights(fit_task(extra=extra), LOGREG))
     assert checked.dp is not None
-    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)
+    # The default policy trusts no other silo: the whole noise z C, whatever m the plan says.
+    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5)
+
+
+def test_a_claimed_update_count_never_thins_the_noise_below_the_policy(tmp_path: Path) -> None:
+    """Issue 22 item 6: a coordinator claiming a million updates per sum would thin each
+    share to z C / 1000; the worker relies on the honest silos its own policy names."""
+    policy = "[training]\nmax-silos = 20\nhonest-silos = 4\n"
+    gate = _gate(policy, tmp_path)
+    dp = {"dp.clip_norm": 0.5, "dp.noise_multiplier": 2.0}
+    honest = gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 4.0}), LOGREG))
+    assert honest.dp is not None
+    assert honest.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)  # positive control: m = h = 4
+    fewer = gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 2.0}), LOGREG))
+    assert fewer.dp is not None
+    assert fewer.dp.noise_std == pytest.approx(2.0 * 0.5 / math.sqrt(2))  # m < h: m counts
+    inflated = {**dp, "dp.min_updates": 16.0}
+    checked = gate.admit(_with_weights(fit_task(extra=inflated), LOGREG))
+    assert checked.dp is not None
+    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)  # still h = 4, not 16
+    with pytest.raises(TaskRefused, match="max-silos") as refused:
+        gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 1e6}), LOGREG))
+    assert refused.value.rule == "training.max-silos"
 
 
 PRIVATE = """\
