@@ -251,6 +251,7 @@ async def test_after_the_budget_every_refusal_is_the_same_whatever_the_data(
                 verdicts.add(await _verdict(responder, task))
     assert len(verdicts) == 1, verdicts
     assert verdicts.pop().startswith("refused [budget]")
+    assert responder.refusals == {"budget": 12}  # counted, by rule
 
 
 async def test_a_large_delta_does_not_buy_epsilon_past_the_cap(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,9 @@ class QueryResponder:
         self.exact = exact
         self.answered = 0
         self.refused = 0
+        #: Refusals by rule. None depends on the data (see the module docstring); the counts
+        #: let an operator see a scientist probing the rules (the coordinator knows who).
+        self.refusals: Counter[str] = Counter()
         self._open: dict[str, _Open] = {}
         self._gate: Gate | None = None
         if exact:
@@ -226,7 +230,14 @@ class QueryResponder:
 
     async def _refuse(self, send: Send, query_id: str, refusal: TaskRefused) -> None:
         self.refused += 1
-        log.warning("query %s %s", query_id, refusal)
+        self.refusals[refusal.rule] += 1
+        log.warning(
+            "query %s %s (refusal %d by rule %s)",
+            query_id,
+            refusal,
+            self.refusals[refusal.rule],
+            refusal.rule,
+        )
         body = pb.QueryRefusal(query_id=query_id, rule=refusal.rule, reason=refusal.reason)
         await send(self._message(refusal=body))
 

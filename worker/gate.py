@@ -222,7 +222,33 @@ def check_fit(admission: Admission) -> CheckedTask:
             min_threshold=policy.privacy.min_threshold,
             min_survivors=(dp.min_updates or 0) if dp is not None else 0,
         )
+        if dp is not None and dp.distributed:
+            dp = _exact_noise(dp, secagg, admission.signature)
     return admission.checked("fit", train=config, dp=dp, secagg=secagg, secagg_rules=rules)
+
+
+#: The largest discrete-Gaussian parameter, in ring units, that 64-bit noise carries.
+_MAX_RING_SIGMA = 2.0**50
+
+
+def _exact_noise(dp: ClientDP, setup: RoundSetup, signature: ModelSignature) -> ClientDP:
+    """Distributed noise under secure aggregation, drawn exactly on the round's grid: one ring
+    unit of this worker's masked input (weight 1 example under DP, as the masking applies)."""
+    count = min(1, int(setup.weight_norm))
+    if count < 1 or not dp.noise_multiplier:
+        return dp  # the masking refuses such a weight; no noise asked
+    weight = min(count / setup.weight_norm, 1.0)
+    step = 1.0 / (weight * setup.fixed_point.scale)
+    size = sum(math.prod(t.shape) for t in signature)  # every parameter: an upper bound
+    sigma = dp.noise_multiplier * (dp.clip_norm / step + 2 * math.sqrt(size))
+    if sigma / math.sqrt(dp.shares) > _MAX_RING_SIGMA:
+        raise _refuse(
+            "secure-aggregation.setup",
+            f"the round's fixed-point grid ({step:.3g} per unit) is too fine for exact noise of "
+            f"multiplier {dp.noise_multiplier:g} at clip {dp.clip_norm:g}; use fewer "
+            "--secagg-bits or a smaller noise multiplier",
+        )
+    return replace(dp, ring_step=step)
 
 
 def _own_noise_share(dp: ClientDP, policy: Policy) -> ClientDP:
