@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from fedcore.data.table import Table
 from fedcore.errors import ConfigError, ProtocolError, SecAggError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Charge, Policy
+from fedcore.privacy.discrete import preload
 from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
@@ -135,9 +137,12 @@ class QueryResponder:
         self._open.clear()
 
     def attach(self, gate: Gate) -> None:
-        """Register this responder's check with the worker's gate."""
+        """Register this responder's check with the worker's gate, and load the noise
+        sampler in the background (not inside a query's timed phases)."""
         gate.register_query(self.check)
         self._gate = gate
+        if not self.exact:
+            threading.Thread(target=preload, name="load-opendp", daemon=True).start()
 
     # ------------------------------------------------------------------ the gate's check
 

@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from fedcore.errors import ConfigError
 
-__all__ = ["SUM_SLACK_LIMIT", "check_sum_slack", "discrete_gaussian", "sum_slack"]
+__all__ = ["SUM_SLACK_LIMIT", "check_sum_slack", "discrete_gaussian", "preload", "sum_slack"]
 
 #: The largest additive Rényi term (``tau * d``) a distributed release may carry.
 SUM_SLACK_LIMIT = 1e-30
@@ -46,6 +46,11 @@ def _sampler(scale: float) -> Any:
     dp.enable_features("contrib")
     domain = dp.vector_domain(dp.atom_domain(T=int))
     return dp.m.make_gaussian(domain, dp.l2_distance(T=int), scale=scale)
+
+
+def preload() -> None:
+    """Load OpenDP now (seconds on a busy machine) rather than inside a timed protocol phase."""
+    _sampler(1.0)
 
 
 def discrete_gaussian(sigma: float, size: int) -> npt.NDArray[np.int64]:
