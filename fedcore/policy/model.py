@@ -209,7 +209,8 @@ class AnalyticsRules:
 
     ``allowed_columns`` None: every column the table's metadata declares. ``max_epsilon``
     bounds what one query costs at the budget's delta (the ledger's), whatever delta the query
-    names; ``max_delta`` bounds that delta (None: the budget's delta).
+    names; ``max_delta`` bounds that delta (the parser fills in the budget's delta when the
+    file names none; None admits no delta at all: fail closed).
     """
 
     allowed_columns: tuple[str, ...] | None = None
