@@ -3,8 +3,8 @@ cannot share a record.
 
 scikit-learn's diabetes data (442 patients, 10 numeric columns, shipped inside the package:
 no download) is split over 3 silos. Each silo publishes its table with public bounds, a mock
-of made-up rows, and its rules (allowed columns, a minimum count, epsilon per query, its
-budget). A data scientist, enrolled with ``fed-certs add-scientist``, then:
+of made-up rows, and its rules (allowed columns, epsilon per query, the silos it shares noise
+with, its budget). A data scientist, enrolled with ``fed-certs add-scientist``, then:
 
 1. searches the datasets tagged ``#diabetes``;
 2. previews one silo's mock to write the query;
@@ -77,7 +77,8 @@ def publish(root: Path) -> np.ndarray:
             f'[budget]\nstudy = "diabetes-2026"\nepsilon = 6.0\ndelta = 1e-5\n'
             f'ledger = "ledger-{i}.json"\n'
             '[analytics]\nallowed-columns = ["age", "sex", "bmi", "bp"]\n'
-            "min-count = 20\nmax-epsilon = 2.0\n"
+            # The three hospitals know each other: each adds a third of the noise variance.
+            "max-epsilon = 2.0\nmax-silos = 3\nhonest-silos = 3\n"
         )
     return np.asarray(data[:, names.index("bmi")])
 

@@ -2,12 +2,16 @@
 median over 3 and 10 silos, in one run; prints JSON and draws a plot.
 
 It runs the real query code in one process: each silo's exact local sums
-(:func:`~fedcore.analytics.local.local_sums`), its share of the Gaussian noise
-(:func:`~fedcore.analytics.mechanism.noise_share`, calibrated by the ledger's accountant),
-the fixed-point encoding of secure aggregation (stochastic rounding into the 64-bit ring,
-summed modulo 2^64, decoded), and the answer's post-processing
+(:func:`~fedcore.analytics.local.local_sums`), its share of the discrete Gaussian noise in
+the ring (:func:`~fedcore.analytics.mechanism.noisy_share`, calibrated by the ledger's
+accountant for one row replaced), the fixed-point encoding of secure aggregation (summed
+modulo 2^64, decoded), and the answer's post-processing
 (:func:`~fedcore.analytics.answer.cells_from_totals`). The pairwise masks are left out: they
 cancel exactly (tests/test_secagg_*.py), so they change no number here.
+
+Two networks: every silo with the default policy (``honest-silos = 1``: each adds the whole
+noise, trusting no other silo), and every silo assuming all of them honest
+(``honest-silos`` = the number of silos: the shares sum to the calibrated noise).
 
 The data: scikit-learn's diabetes set (442 patients, no download) split evenly over the silos,
 or, with ``--rows N``, N synthetic patients with the same bmi distribution. Errors:
@@ -37,7 +41,7 @@ from fedcore.analytics.answer import cells_from_totals
 from fedcore.analytics.encoding import FIXED_POINT
 from fedcore.analytics.layout import Layout, plan_layout
 from fedcore.analytics.local import local_sums
-from fedcore.analytics.mechanism import noise_multiplier_for, noise_share, noise_std
+from fedcore.analytics.mechanism import noise_multiplier_for, noisy_share, total_noise_std
 from fedcore.analytics.query import parse_query
 from fedcore.data.metadata import FeatureInfo
 from fedcore.data.table import Table
@@ -87,15 +91,13 @@ def secure_total(vectors: list[np.ndarray]) -> np.ndarray:
 
 
 def answer_once(
-    layout: Layout, tables: list[Table], z: float, rng: np.random.Generator
+    layout: Layout, tables: list[Table], z: float, honest: int, rng: np.random.Generator
 ) -> np.ndarray:
     scale = layout.scale_vector()
-    vectors = [
-        local_sums(layout, t).values / scale + noise_share(layout, z, len(tables), rng)
-        for t in tables
-    ]
+    vectors = [noisy_share(layout, local_sums(layout, t).values / scale, z, honest) for t in tables]
     totals = secure_total(vectors) * scale
-    cell = cells_from_totals(layout, totals, noise_std(layout, z), rng)[0]
+    std = total_noise_std(layout, z, silos=len(tables), divisor=honest)
+    cell = cells_from_totals(layout, totals, std, rng)[0]
     return np.asarray(cell.values if cell.values else [cell.value])
 
 
@@ -112,21 +114,22 @@ def run(trials: int, rows: int | None, seed: int) -> dict[str, object]:
     results: dict[str, dict[str, list[float]]] = {}
     for silos in SILO_COUNTS:
         tables = split(data, silos, rng)
-        for name, text in QUERIES.items():
-            layout = plan_layout(parse_query(text), SCHEMA)
-            exact = truth(layout, tables)
-            errors = []
-            for epsilon in EPSILONS:
-                z = noise_multiplier_for(epsilon, DELTA)
-                trial_errors = []
-                for _ in range(trials):
-                    noisy = answer_once(layout, tables, z, rng)
-                    if name == "histogram":
-                        trial_errors.append(float(np.abs(noisy - exact).sum() / n))
-                    else:
-                        trial_errors.append(float(abs(noisy[0] - exact[0]) / abs(exact[0])))
-                errors.append(float(np.mean(trial_errors)))
-            results.setdefault(f"{silos} silos", {})[name] = errors
+        for honest, network in ((1, "honest-silos 1"), (silos, f"honest-silos {silos}")):
+            for name, text in QUERIES.items():
+                layout = plan_layout(parse_query(text), SCHEMA)
+                exact = truth(layout, tables)
+                errors = []
+                for epsilon in EPSILONS:
+                    z = noise_multiplier_for(epsilon, DELTA)
+                    trial_errors = []
+                    for _ in range(trials):
+                        noisy = answer_once(layout, tables, z, honest, rng)
+                        if name == "histogram":
+                            trial_errors.append(float(np.abs(noisy - exact).sum() / n))
+                        else:
+                            trial_errors.append(float(abs(noisy[0] - exact[0]) / abs(exact[0])))
+                    errors.append(float(np.mean(trial_errors)))
+                results.setdefault(f"{silos} silos, {network}", {})[name] = errors
     return {
         "records": n,
         "delta": DELTA,
@@ -148,7 +151,7 @@ def plot(report: dict[str, object], path: Path) -> None:
     assert isinstance(results, dict)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
     for ax, name in zip(axes, QUERIES, strict=True):
-        for silos, style in zip(results, ("o-", "s--"), strict=False):
+        for silos, style in zip(results, ("o-", "o--", "s-", "s--"), strict=False):
             ax.plot(epsilons, results[silos][name], style, label=silos)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -1,5 +1,6 @@
 """A query's whole protocol in memory: the coordinator's QueryRound against three workers'
-QueryResponders behind their real gates, with the noise on, and a hostile coordinator."""
+QueryResponders behind their real gates, with the noise on, and a hostile coordinator or
+data scientist (issue 22: free refusals, the delta bypass, inflated silo counts)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedcore.worker.policy import PolicyGuard
 
 from fedcore.analytics.encoding import round_setup
 from fedcore.analytics.layout import plan_layout
+from fedcore.analytics.local import local_sums
 from fedcore.analytics.mechanism import noise_multiplier_for, noise_std
 from fedcore.analytics.query import parse_query
 from fedcore.data.metadata import DatasetMetadata, FeatureInfo
@@ -56,11 +58,14 @@ class _Silo:
             await self.responder.handle(message.analytics, self._reply)
 
 
-def _silo(tmp_path: Path, i: int, ages: np.ndarray, budget: float) -> QueryResponder:
+def _silo(
+    tmp_path: Path, i: int, ages: np.ndarray, budget: float, analytics: str = "honest-silos = 3\n"
+) -> QueryResponder:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     policy_path = tmp_path / f"policy{i}.toml"
     policy_path.write_text(
         f'[budget]\nstudy = "s"\nepsilon = {budget}\ndelta = 1e-5\nledger = "ledger{i}.json"\n'
-        "[analytics]\nmin-count = 3\nmax-epsilon = 2.0\n"
+        f"[analytics]\nmax-epsilon = 2.0\n{analytics}"
     )
     policy = load_policy(policy_path)
     guard = PolicyGuard(policy, num_examples=len(ages))
@@ -156,7 +161,8 @@ def test_the_gate_refuses_a_hostile_coordinators_queries(tmp_path: Path) -> None
         ({"query": "mean(age) where __import__ > 0"}, "analytics.query"),
         ({"epsilon": math.inf}, "analytics.max-epsilon"),
         ({"epsilon": -1.0}, "analytics.max-epsilon"),
-        ({"delta": 0.0}, "analytics.delta"),
+        ({"delta": 0.0}, "analytics.max-delta"),
+        ({"delta": 0.1}, "analytics.max-delta"),  # epsilon bought at a large delta
     ]
     for changes, rule in attacks:
         with pytest.raises(TaskRefused) as refused:
@@ -166,3 +172,144 @@ def test_the_gate_refuses_a_hostile_coordinators_queries(tmp_path: Path) -> None
     task.secagg.quant_bits = 16  # a coarser format than the standard one
     with pytest.raises(TaskRefused, match="fixed-point"):
         gate.admit_query(task)
+
+
+# ---------------------------------------------------------------------- issue 22's attacks
+
+
+async def _verdict(responder: QueryResponder, task: pb.QueryTask) -> str:
+    """What a silo's stream answers ``task`` (a refusal's rule and text, or the accept's
+    public numbers), then forget the query: the view of the coordinator and the scientist."""
+    sent: list[pb.WorkerMessage] = []
+
+    async def send(message: pb.WorkerMessage) -> None:
+        sent.append(message)
+
+    await responder.handle(pb.AnalyticsCoordinatorMessage(task=task), send)
+    responder.reset()
+    first = sent[0].analytics
+    if first.WhichOneof("body") == "refusal":
+        return f"refused [{first.refusal.rule}] {first.refusal.reason}"
+    accept = first.accept
+    return f"accepted z={accept.noise_multiplier} eps={accept.epsilon} words={accept.vector_words}"
+
+
+def _range_task(responder: QueryResponder, low: float, high: float, epsilon: float) -> pb.QueryTask:
+    return _task(
+        responder, query=f"count() where age >= {low:g} and age <= {high:g}", epsilon=epsilon
+    )
+
+
+async def _binary_search_smallest(responder: QueryResponder) -> tuple[float, list[str]]:
+    """The attack of issue 22: find the smallest value by asking whether [0, t] holds too
+    few records to be answered; returns the estimate and the transcript."""
+    low, high = 0.0, 100.0
+    transcript = []
+    for _ in range(20):
+        middle = (low + high) / 2
+        verdict = await _verdict(responder, _range_task(responder, 0.0, middle, 0.5))
+        transcript.append(verdict)
+        if verdict.startswith("refused"):  # too few records at or below the middle
+            low = middle
+        else:
+            high = middle
+    return high, transcript
+
+
+async def test_the_binary_search_on_refusals_recovers_nothing_and_is_never_free(
+    tmp_path: Path,
+) -> None:
+    """Two silos whose smallest ages differ (31.25 and 62.5): the search's transcripts are the
+    same, so it learns nothing; and admissions charge nothing because nothing was released."""
+    ages = np.linspace(40, 90, 25)
+    a = _silo(tmp_path / "a", 0, np.concatenate([ages, [31.25]]), budget=5.0)
+    b = _silo(tmp_path / "b", 0, np.concatenate([ages, [62.5]]), budget=5.0)
+    found_a, transcript_a = await _binary_search_smallest(a)
+    found_b, transcript_b = await _binary_search_smallest(b)
+    assert transcript_a[0].startswith("accepted")  # positive control: the harness reaches it
+    assert transcript_a == transcript_b
+    assert found_a == found_b
+    for r in (a, b):
+        assert r._gate.guard.ledger.charges() == []  # type: ignore[union-attr]
+
+
+async def test_after_the_budget_every_refusal_is_the_same_whatever_the_data(
+    tmp_path: Path,
+) -> None:
+    """Issue 22: six thresholds after the budget was spent gave four different refusals.
+    Now every silo past its budget gives one text, for every query and every table."""
+    verdicts = set()
+    for name, ages in (("a", np.linspace(20, 90, 30)), ("b", np.full(30, 55.0))):
+        responder = _silo(tmp_path / name, 0, ages, budget=0.6)
+        gate = responder._gate
+        assert gate is not None
+        first = await _verdict(responder, _range_task(responder, 0, 100, 0.5))
+        assert first.startswith("accepted")  # positive control: within the budget
+        gate.release_query(gate.admit_query(_range_task(responder, 0, 100, 0.5)))  # spent
+        for threshold in (10, 30, 50, 54, 56, 70):
+            for epsilon in (0.5, 2.0):
+                task = _range_task(responder, threshold, threshold + 2, epsilon)
+                verdicts.add(await _verdict(responder, task))
+    assert len(verdicts) == 1, verdicts
+    assert verdicts.pop().startswith("refused [budget]")
+    assert responder.refusals == {"budget": 12}  # counted, by rule
+
+
+async def test_a_large_delta_does_not_buy_epsilon_past_the_cap(tmp_path: Path) -> None:
+    """Issue 22 item 5: epsilon 2 at delta 0.1 under a cap of 2 costs far more at the ledger's
+    delta. With the default max-delta (the budget's) the delta is refused; where the owner
+    allowed large deltas the cap is checked at the ledger's delta."""
+    ages = np.linspace(20, 90, 30)
+    default = _silo(tmp_path / "default", 0, ages, budget=50.0)
+    loose = _silo(tmp_path / "loose", 0, ages, budget=50.0, analytics="max-delta = 0.5\n")
+    for responder in (default, loose):  # positive control: the same epsilon at a small delta
+        assert (await _verdict(responder, _task(responder, epsilon=2.0))).startswith("accepted")
+    bypass = {"epsilon": 2.0, "delta": 0.1}
+    assert "[analytics.max-delta]" in await _verdict(default, _task(default, **bypass))
+    refused = await _verdict(loose, _task(loose, **bypass))
+    assert "[analytics.max-epsilon]" in refused
+    assert "budget delta 1e-05" in refused
+
+
+async def test_the_noise_share_follows_the_silos_policy_not_the_silo_count(
+    tmp_path: Path,
+) -> None:
+    """Issue 22 item 6, through the whole protocol: with the default policy each of the three
+    silos adds the whole noise (it trusts nobody), so the total's std is sqrt(3) times the
+    calibrated one, not 1 as when each added a third of the variance."""
+    rng = np.random.default_rng(5)
+    parts = [rng.uniform(20, 90, 40) for _ in range(3)]
+    responders = [_silo(tmp_path, i, p, budget=1e9, analytics="") for i, p in enumerate(parts)]
+    silos = [_Silo(f"silo-{i}", r) for i, r in enumerate(responders)]
+    text = "histogram(age, bins=50)"  # 50 independent noisy words per answer
+    layout = plan_layout(parse_query(text), SCHEMA)
+    std = noise_std(layout, noise_multiplier_for(1.0, 1e-6))
+    truth = sum(local_sums(layout, Table({"age": p}, len(p))).values for p in parts)
+    errors = []
+    for k in range(6):
+        totals, _ = await _ask(silos, text, 1.0, f"q{k}")
+        errors.extend(((totals - truth) / std).tolist())
+    # 300 draws of N(0, 3): their std is sqrt(3) = 1.73 within 4% (one standard error).
+    assert 1.5 < float(np.std(errors)) < 2.0
+    for s in silos:
+        s.pump.cancel()
+
+
+async def test_an_inflated_silo_count_does_not_thin_the_noise(tmp_path: Path) -> None:
+    """A coordinator claiming 50 silos (threshold 50, so the setup is consistent) gets the
+    share of the 3 honest silos the policy assumes, or a refusal where max-silos is lower."""
+    ages = np.linspace(20, 90, 30)
+    trusting = _silo(tmp_path / "t", 0, ages, budget=5.0)  # honest-silos = 3
+    task = _task(trusting, silos=50)
+    sent: list[pb.WorkerMessage] = []
+
+    async def send(message: pb.WorkerMessage) -> None:
+        sent.append(message)
+
+    await trusting.handle(pb.AnalyticsCoordinatorMessage(task=task), send)
+    assert sent[0].analytics.WhichOneof("body") == "accept"
+    assert trusting._open["q"].divisor == 3  # not 50
+    trusting.reset()
+    capped = _silo(tmp_path / "c", 0, ages, budget=5.0, analytics="max-silos = 10\n")
+    assert (await _verdict(capped, _task(capped, silos=10))).startswith("accepted")
+    assert "[analytics.max-silos]" in await _verdict(capped, _task(capped, silos=50))

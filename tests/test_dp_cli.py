@@ -77,7 +77,8 @@ def test_distributed_dp_under_secure_aggregation_end_to_end(
 ) -> None:
     """Workers clip and add their noise share before masking; the coordinator only unmasks a
     noised sum. 3 workers answer where 2 (--min-results) would do: the noise is
-    over-provisioned and the accountant charges z * sqrt(3/2)."""
+    over-provisioned and the accountant charges z * sqrt(3/2), an upper bound on epsilon
+    since each worker's default policy adds the whole noise itself."""
     z = 0.05
     metrics = tmp_path / "metrics.jsonl"
     server, port = start_server(
@@ -90,7 +91,9 @@ def test_distributed_dp_under_secure_aggregation_end_to_end(
     assert server.wait(180) == 0, server.output
     assert all(w.wait(30) == 0 for w in workers)
     assert server.output.count("securely aggregated 3 masked input(s)") == 2
-    assert all("noise share std 0.0353553 added" in w.output for w in workers)
+    # Each worker's default policy trusts no other silo (issue 22): it adds the whole z C,
+    # not z C / sqrt(2) as --min-results would have it.
+    assert all("noise share std 0.05 added" in w.output for w in workers)
     assert not any("were clipped" in w.output for w in workers)  # the range fits the noise
     rows = _rows(metrics)
     assert [r["round"] for r in rows] == [1, 2]

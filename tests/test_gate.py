@@ -24,7 +24,11 @@ from fedcore.model_catalog import ModelCatalog
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import load_policy
+from fedcore.privacy import privatize_update
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.secagg import wire
+from fedcore.secagg.messages import RoundSetup
+from fedcore.secagg.quantize import FixedPoint
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, total_bytes
 
@@ -151,7 +155,29 @@ def test_distributed_noise_is_derived_by_the_worker() -> None:
     }
     checked = _gate().admit(_with_weights(fit_task(extra=extra), LOGREG))
     assert checked.dp is not None
-    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)
+    # The default policy trusts no other silo: the whole noise z C, whatever m the plan says.
+    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5)
+
+
+def test_a_claimed_update_count_never_thins_the_noise_below_the_policy(tmp_path: Path) -> None:
+    """Issue 22 item 6: a coordinator claiming a million updates per sum would thin each
+    share to z C / 1000; the worker relies on the honest silos its own policy names."""
+    policy = "[training]\nmax-silos = 20\nhonest-silos = 4\n"
+    gate = _gate(policy, tmp_path)
+    dp = {"dp.clip_norm": 0.5, "dp.noise_multiplier": 2.0}
+    honest = gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 4.0}), LOGREG))
+    assert honest.dp is not None
+    assert honest.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)  # positive control: m = h = 4
+    fewer = gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 2.0}), LOGREG))
+    assert fewer.dp is not None
+    assert fewer.dp.noise_std == pytest.approx(2.0 * 0.5 / math.sqrt(2))  # m < h: m counts
+    inflated = {**dp, "dp.min_updates": 16.0}
+    checked = gate.admit(_with_weights(fit_task(extra=inflated), LOGREG))
+    assert checked.dp is not None
+    assert checked.dp.noise_std == pytest.approx(2.0 * 0.5 / 2)  # still h = 4, not 16
+    with pytest.raises(TaskRefused, match="max-silos") as refused:
+        gate.admit(_with_weights(fit_task(extra={**dp, "dp.min_updates": 1e6}), LOGREG))
+    assert refused.value.rule == "training.max-silos"
 
 
 PRIVATE = """\
@@ -266,3 +292,32 @@ async def test_a_custom_model_configured_on_both_sides_trains(
     assert worker.tasks_done >= 1
     assert worker.tasks_refused == 0
     assert set(result.weights) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+def test_distributed_noise_under_secure_aggregation_is_exact_on_the_rounds_grid() -> None:
+    """Issue 22 item 7: the worker's share is a discrete Gaussian on the ring's integers; the
+    noisy update is a grid point (rounded to the model's dtype), so no float noise is drawn."""
+    fixed = FixedPoint(bits=24, clip=4.0, ring_bits=32)
+    setup = RoundSetup("r1", 3, fixed, 1.0, 10.0)
+    extra = {"dp.clip_norm": 0.5, "dp.noise_multiplier": 2.0, "dp.min_updates": 3.0}
+    task = _with_weights(fit_task(extra=extra), LOGREG)
+    task.secagg.CopyFrom(wire.setup_to_proto(setup))
+    checked = _gate().admit(task)
+    assert checked.dp is not None
+    step = checked.dp.ring_step
+    assert step == pytest.approx(fixed.clip / fixed.levels)  # one ring unit, weight 1
+    received = {k: np.zeros_like(v) for k, v in LOGREG.items()}
+    updated = {k: np.full_like(v, 0.01) for k, v in LOGREG.items()}
+    noisy = np.concatenate(
+        [a.reshape(-1) for a in privatize_update(received, updated, checked.dp).delta.values()]
+    ).astype(np.float64)
+    words = noisy / step
+    # Grid points, up to the float32 rounding of the model's dtype (a function of the noisy
+    # integer alone: post-processing).
+    assert (np.abs(words - np.rint(words)) <= np.abs(words) * 2.0**-24 + 1e-6).all()
+    size = noisy.size
+    sigma = 2.0 * (0.5 / step + 2 * math.sqrt(size))  # the whole noise: honest-silos 1
+    assert float((words - words.mean()).std()) == pytest.approx(sigma, rel=0.05)
+    assert checked.dp.noise_std * (1 + 2 * math.sqrt(size) * step / 0.5) == pytest.approx(
+        sigma * step
+    )

@@ -350,7 +350,8 @@ def test_label_histogram_noise_has_the_stated_std() -> None:
     assert draws.std() == pytest.approx(5.0, rel=0.05)
     counts, charge = noisy_label_histogram([0, 12, -1], num_labels=3, noise_multiplier=1.0, rng=rng)
     assert len(counts) == 3  # labels out of range are not counted, and not revealed
-    assert charge == Charge(noise_multiplier=1.0, what="label histogram")
+    # One record replaced moves it between two labels: sensitivity sqrt(2) (issue 22).
+    assert charge == Charge(noise_multiplier=1.0 / math.sqrt(2), what="label histogram")
 
 
 def test_label_histogram_is_released_once_and_charged_once(tmp_path: Path) -> None:
@@ -361,7 +362,8 @@ def test_label_histogram_is_released_once_and_charged_once(tmp_path: Path) -> No
     assert first is not None
     assert again == first  # a restart resends the stored release: no fresh noise
     assert first.noise_std == 20.0
-    assert first.epsilon == pytest.approx(epsilon_of([Charge(noise_multiplier=20.0)], delta=1e-5))
+    charged = Charge(noise_multiplier=20.0 / math.sqrt(2))  # one record replaced
+    assert first.epsilon == pytest.approx(epsilon_of([charged], delta=1e-5))
     assert len(PrivacyLedger(tmp_path / "ledger.json", study="mnist-2026").charges()) == 1
     assert (
         PolicyGuard(load_policy(write_policy(tmp_path, "")), num_examples=1).label_histogram(labels)

@@ -3,7 +3,7 @@
 A :class:`QueryResponder` registers its check with the worker's :class:`~.gate.Gate`; each
 ``QueryTask`` then goes::
 
-    admitted by the gate (parse, columns, epsilon, min count, budget)  ─▶  QueryAccept + keys
+    admitted by the gate (parse, columns, epsilon, delta, network, budget) ─▶ QueryAccept + keys
     secure round: peers ─▶ shares ─▶ (charge the ledger, add the noise share, mask) ─▶ QueryMasked
     unmasking request ─▶ unmasking shares
 
@@ -11,6 +11,11 @@ or is refused with the rule and the reason (``QueryRefusal``). The query text is
 here, by this worker's own parser, against its own metadata; nothing named in the task is
 executed, and no row can be asked for: the only thing that leaves is a masked vector of
 noisy sums whose length depends on the query and the public schema alone.
+
+No refusal reads the table: the gate's check sees the query, the public schema, this
+silo's policy and its ledger (whose charges depend on the queries asked, not on the rows),
+so a refusal is the same whatever the data, and asking again teaches nothing (issue 22).
+The local sums are computed only once the query is admitted, and leave only with noise.
 
 The noise can be turned off only by the worker's local operator, for tests, by setting
 :data:`EXACT_ENV` in the worker's environment; the worker then logs a warning and every
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,16 +40,16 @@ from fedcore.analytics.mechanism import (
     charge_for,
     epsilon_for,
     noise_multiplier_for,
-    noise_share,
+    noisy_share,
 )
 from fedcore.analytics.query import QueryError, parse_query
-from fedcore.analytics.rules import check_min_count, check_query
+from fedcore.analytics.rules import check_cost, check_query
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.data.table import Table
 from fedcore.errors import ConfigError, ProtocolError, SecAggError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Charge, Policy
-from fedcore.privacy.noise import secure_generator
+from fedcore.privacy.discrete import preload
 from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
@@ -75,6 +82,7 @@ class _Open:
     noise_multiplier: float
     charge: Charge
     client: SecAggClient
+    divisor: int  # honest shares this silo relies on (its policy, capped by the silos)
 
 
 class TableOnlyTrainer(Trainer):
@@ -112,6 +120,9 @@ class QueryResponder:
         self.exact = exact
         self.answered = 0
         self.refused = 0
+        #: Refusals by rule. None depends on the data (see the module docstring); the counts
+        #: let an operator see a scientist probing the rules (the coordinator knows who).
+        self.refusals: Counter[str] = Counter()
         self._open: dict[str, _Open] = {}
         self._gate: Gate | None = None
         if exact:
@@ -126,9 +137,12 @@ class QueryResponder:
         self._open.clear()
 
     def attach(self, gate: Gate) -> None:
-        """Register this responder's check with the worker's gate."""
+        """Register this responder's check with the worker's gate, and load the noise
+        sampler in the background (not inside a query's timed phases)."""
         gate.register_query(self.check)
         self._gate = gate
+        if not self.exact:
+            threading.Thread(target=preload, name="load-opendp", daemon=True).start()
 
     # ------------------------------------------------------------------ the gate's check
 
@@ -158,12 +172,21 @@ class QueryResponder:
                 f"is {setup.threshold}; this worker needs all silos in the sum (threshold = "
                 f"silos) and at least {policy.privacy.min_group_size} of them",
             )
+        assert policy.analytics is not None  # check_query refuses otherwise
+        most = policy.analytics.network.max_silos
+        if most is not None and task.silos > most:
+            raise TaskRefused(
+                "analytics.max-silos",
+                f"the query claims {task.silos} silos share its noise; this silo shares noise "
+                f"with at most {most}",
+                by="policy",
+            )
         return setup
 
     def check(self, task: pb.QueryTask, policy: Policy) -> Charge:
         """Everything about ``task`` but the budget (the gate checks that next)."""
         layout = self._layout(task)
-        check_query(
+        rules = check_query(
             policy.analytics,
             layout.query,
             epsilon=task.epsilon,
@@ -175,10 +198,10 @@ class QueryResponder:
                 "analytics.size", f"the query releases {layout.words} sums, at most {MAX_WORDS}"
             )
         self._check_setup(task, policy)
-        assert policy.analytics is not None  # check_query refuses otherwise
-        sums = local_sums(layout, self.table)
-        check_min_count(policy.analytics, layout, sums.cell_counts)
+        budget = policy.budget
+        assert budget is not None  # the policy parser requires one with [analytics]
         z = noise_multiplier_for(task.epsilon, task.delta)
+        check_cost(rules, epsilon=epsilon_for(z, budget.delta), ledger_delta=budget.delta)
         return charge_for(z, f"query {task.query_id}: {layout.query.text()}")
 
     def _admit(self, task: pb.QueryTask, gate: Gate) -> _Open:
@@ -193,6 +216,7 @@ class QueryResponder:
             min_threshold=policy.privacy.min_threshold,
             min_survivors=task.silos,
         )
+        assert policy.analytics is not None  # admitted: the policy answers queries
         return _Open(
             task,
             layout,
@@ -200,6 +224,7 @@ class QueryResponder:
             charge.noise_multiplier,
             charge,
             SecAggClient(setup, rules=rules),
+            policy.analytics.network.share_divisor(task.silos),
         )
 
     # ------------------------------------------------------------------ the stream
@@ -210,7 +235,14 @@ class QueryResponder:
 
     async def _refuse(self, send: Send, query_id: str, refusal: TaskRefused) -> None:
         self.refused += 1
-        log.warning("query %s %s", query_id, refusal)
+        self.refusals[refusal.rule] += 1
+        log.warning(
+            "query %s %s (refusal %d by rule %s)",
+            query_id,
+            refusal,
+            self.refusals[refusal.rule],
+            refusal.rule,
+        )
         body = pb.QueryRefusal(query_id=query_id, rule=refusal.rule, reason=refusal.reason)
         await send(self._message(refusal=body))
 
@@ -301,10 +333,15 @@ class QueryResponder:
             await self._abandon(current, send, str(refusal))
             await self._refuse(send, task.query_id, refusal)
             return
-        vector = current.scaled.copy()
-        if not self.exact:
-            vector += noise_share(
-                current.layout, current.noise_multiplier, task.silos, secure_generator()
+        if self.exact:
+            vector = current.scaled.copy()
+        else:
+            vector = await asyncio.to_thread(
+                noisy_share,
+                current.layout,
+                current.scaled,
+                current.noise_multiplier,
+                current.divisor,
             )
         if current.client.state is not ClientState.READY:
             raise SecAggError("the secure round is not ready for this silo's input")

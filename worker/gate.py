@@ -200,6 +200,8 @@ def check_fit(admission: Admission) -> CheckedTask:
         dp = ClientDP.from_extra(config.extra)
     except ConfigError as exc:
         raise _refuse("differential-privacy.plan", str(exc)) from None
+    if dp is not None and dp.distributed:
+        dp = _own_noise_share(dp, policy)
     secagg = None
     rules = None
     if task.HasField("secagg"):
@@ -220,7 +222,48 @@ def check_fit(admission: Admission) -> CheckedTask:
             min_threshold=policy.privacy.min_threshold,
             min_survivors=(dp.min_updates or 0) if dp is not None else 0,
         )
+        if dp is not None and dp.distributed:
+            dp = _exact_noise(dp, secagg, admission.signature)
     return admission.checked("fit", train=config, dp=dp, secagg=secagg, secagg_rules=rules)
+
+
+#: The largest discrete-Gaussian parameter, in ring units, that 64-bit noise carries.
+_MAX_RING_SIGMA = 2.0**50
+
+
+def _exact_noise(dp: ClientDP, setup: RoundSetup, signature: ModelSignature) -> ClientDP:
+    """Distributed noise under secure aggregation, drawn exactly on the round's grid: one ring
+    unit of this worker's masked input (weight 1 example under DP, as the masking applies)."""
+    count = min(1, int(setup.weight_norm))
+    if count < 1 or not dp.noise_multiplier:
+        return dp  # the masking refuses such a weight; no noise asked
+    weight = min(count / setup.weight_norm, 1.0)
+    step = 1.0 / (weight * setup.fixed_point.scale)
+    size = sum(math.prod(t.shape) for t in signature)  # every parameter: an upper bound
+    sigma = dp.noise_multiplier * (dp.clip_norm / step + 2 * math.sqrt(size))
+    if sigma / math.sqrt(dp.shares) > _MAX_RING_SIGMA:
+        raise _refuse(
+            "secure-aggregation.setup",
+            f"the round's fixed-point grid ({step:.3g} per unit) is too fine for exact noise of "
+            f"multiplier {dp.noise_multiplier:g} at clip {dp.clip_norm:g}; use fewer "
+            "--secagg-bits or a smaller noise multiplier",
+        )
+    return replace(dp, ring_step=step)
+
+
+def _own_noise_share(dp: ClientDP, policy: Policy) -> ClientDP:
+    """Distributed DP sized by this silo's policy (``[training] max-silos``,
+    ``honest-silos``), never by the plan's update count alone (issue 22)."""
+    network = policy.training.network
+    assert dp.min_updates is not None
+    if network.max_silos is not None and dp.min_updates > network.max_silos:
+        raise TaskRefused(
+            "training.max-silos",
+            f"the plan shares the noise among at least {dp.min_updates} updates; this silo "
+            f"shares noise with at most {network.max_silos} silos",
+            by="policy",
+        )
+    return replace(dp, honest_silos=network.honest_silos)
 
 
 def check_evaluate(admission: Admission) -> CheckedTask:
@@ -314,14 +357,7 @@ class Gate:
                 "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
             ) from None
         if after > budget.epsilon:
-            now = self.guard.ledger.epsilon(delta=budget.delta)
-            raise TaskRefused(
-                "budget",
-                f"answering would take study {budget.study!r} to epsilon {after:.3f}, past its "
-                f"budget of {budget.epsilon:g} (spent so far: {now:.3f}, at delta "
-                f"{budget.delta:g}); ask with a smaller epsilon, or not at all",
-                by="policy",
-            )
+            raise _budget_refusal(self.policy)
         return charge
 
     def release_query(self, charge: Charge) -> None:
@@ -535,13 +571,22 @@ class Gate:
                 "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
             ) from None
         if spent is None:
-            raise TaskRefused(
-                "budget",
-                f"releasing this evaluation would take study {budget.study!r} past its budget "
-                f"(epsilon {budget.epsilon:g})",
-                by="policy",
-            )
+            raise _budget_refusal(self.policy)
         log.info("%s: silo epsilon for study %r is now %.3f", charge.what, budget.study, spent)
+
+
+def _budget_refusal(policy: Policy) -> TaskRefused:
+    """The one refusal of a release past the budget: its text names the policy's budget only,
+    never what was spent or what the release would cost, so it is the same whatever the data
+    and whichever release asked (issue 22)."""
+    budget = policy.budget
+    assert budget is not None
+    return TaskRefused(
+        "budget",
+        f"study {budget.study!r} has too little of its privacy budget left for this release "
+        f"(epsilon {budget.epsilon:g} at delta {budget.delta:g}); nothing was released",
+        by="policy",
+    )
 
 
 def _with_frozen(

@@ -33,7 +33,7 @@ from fedcore.policy import (
     epsilon_of,
     noisy_label_histogram,
 )
-from fedcore.policy.release import LABEL_HISTOGRAM
+from fedcore.policy.release import LABEL_HISTOGRAM, REPLACE_ONE_SENSITIVITY
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = ["PolicyGuard"]
@@ -189,5 +189,6 @@ class PolicyGuard:
         noise_std = float(stored["noise_std"])
         counts = tuple(float(c) for c in stored["counts"])
         # What this release alone costs (it is also part of the silo's total).
-        epsilon = epsilon_of([Charge(noise_multiplier=noise_std)], delta=budget.delta)
+        charge = Charge(noise_multiplier=noise_std / REPLACE_ONE_SENSITIVITY)
+        epsilon = epsilon_of([charge], delta=budget.delta)
         return LabelHistogram(counts, noise_std, epsilon, budget.delta)

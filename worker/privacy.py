@@ -3,7 +3,8 @@
 Applied by the runtime to every fit result, whatever :class:`~fedcore.worker.Trainer` produced
 it, before the update is sent or masked for secure aggregation. The settings are the ones the
 gate checked (:class:`~fedcore.worker.gate.CheckedTask`); the noise share is derived from them
-here, never read from the plan.
+and from the worker's own policy (``[training] honest-silos``), never read from the plan, and
+under secure aggregation it is exact discrete-Gaussian noise on the round's grid.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def apply_client_dp(fit: FitOutput, received: Weights, request: ClientDP | None)
     if request is None:
         return fit
     private = privatize_update(received, fit.weights, request, is_delta=fit.is_delta)
+    exact = " (discrete Gaussian on the secure round's grid)" if request.ring_step else ""
     log.info(
         "update clipped to L2 norm %g%s",
         request.clip_norm,
-        f", noise share std {request.noise_std:g} added" if request.noise_std else "",
+        f", noise share std {request.noise_std:g} added{exact}" if request.noise_std else "",
     )
     return FitOutput(private.delta, 1, {**fit.metrics, **private.metrics}, is_delta=True)

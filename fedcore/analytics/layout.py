@@ -5,7 +5,7 @@ never on the data, so its length reveals nothing. Per cell (the whole table, or 
 category of the group-by column):
 
 ==============  ==========================================  =============================
-statistic       sums released per cell                       sensitivity of each sum
+statistic       sums released per cell                       scale of each sum
 ==============  ==========================================  =============================
 count           n                                            1
 sum             sum(x)                                       max(|lo|, |hi|)
@@ -16,14 +16,36 @@ quantiles       one count per bin of a fine histogram        1
 ==============  ==========================================  =============================
 
 with ``x`` clamped to the column's bounds ``[lo, hi]``, ``w = hi - lo`` and ``c`` their
-midpoint (centring halves the sum's sensitivity). One record is in at most one cell, and
-touches ``k`` sums of it (``touched``): 1 for counts and histograms, 2 for a mean, 3 for a
-variance. Divided by its sensitivity, every sum moves by at most 1 when a record is added or
-removed, so the scaled vector has L2 sensitivity ``sqrt(k)``.
+midpoint (centring halves the sums' range). Each sum is divided by its scale, so one
+record moves each scaled sum of its cell by at most 1.
+
+**The privacy unit is one row of one silo, replaced** (issue 22). A silo's row count is
+public (its hello advertises it, as for training), so the neighbouring tables are those
+that differ in the *value* of one row: adding or removing a row would change a public
+number. :attr:`Layout.sensitivity` is the L2 sensitivity of the scaled vector under that
+relation, the largest of three cases: the row stays in its cell with other values
+(``same``), it enters or leaves the filter (``in/out``, as adding or removing), or it moves
+to another group (``cross``, two cells change):
+
+==============  ========  ========  ========  =========================
+statistic       same      in/out    cross     sensitivity
+==============  ========  ========  ========  =========================
+count           0         1         √2        1, √2 with group-by
+sum             w/s       1         √2        max(w/s, 1 or √2),  s = max(|lo|, |hi|)
+mean            2         √2        2         2
+var, std        2         √3        √6        2, √6 with group-by
+histogram       √2        1         √2        √2
+quantiles       √2        1         √2        √2
+==============  ========  ========  ========  =========================
+
+(for a variance, the same-cell change ``(0, u - v, u² - v²)`` with ``u, v`` in [-1, 1] has
+squared norm ``(u - v)² (1 + (u + v)²) <= 4``). tests/test_analytics_sensitivity.py checks
+every row of this table by brute force over extreme replacements.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,6 +59,7 @@ __all__ = ["QUANTILE_BINS", "Layout", "plan_layout"]
 
 #: Bins of the DP histogram that quantiles are read from (equal width over the bounds).
 QUANTILE_BINS = 64
+_ROOT2 = math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,7 @@ class Layout:
     groups: tuple[str, ...]
     sums: tuple[str, ...]
     sensitivities: tuple[float, ...]
-    touched: int
+    sensitivity: float
     bounds: tuple[float, float] | None
     edges: tuple[float, ...] = ()
 
@@ -116,22 +139,26 @@ def plan_layout(query: Query, schema: Mapping[str, FeatureInfo]) -> Layout:
             )
         groups = feature.categories
     s = query.statistic
+    cross = len(groups) > 1  # a replaced row may move to another cell
     if s == "count":
-        return Layout(query, groups, ("count",), (1.0,), 1, None)
+        return Layout(query, groups, ("count",), (1.0,), _ROOT2 if cross else 1.0, None)
     assert query.column is not None  # the parser requires one for every other statistic
     lo, hi = _numeric(schema, query.column, f"{s}()")
     half = (hi - lo) / 2
     if s == "sum":
-        return Layout(query, groups, ("sum",), (max(abs(lo), abs(hi)),), 1, (lo, hi))
+        scale = max(abs(lo), abs(hi))
+        moved = _ROOT2 if cross else 1.0
+        return Layout(query, groups, ("sum",), (scale,), max((hi - lo) / scale, moved), (lo, hi))
     if s == "mean":
-        return Layout(query, groups, ("count", "sum"), (1.0, half), 2, (lo, hi))
+        return Layout(query, groups, ("count", "sum"), (1.0, half), 2.0, (lo, hi))
     if s in ("var", "std"):
-        return Layout(
-            query, groups, ("count", "sum", "squares"), (1.0, half, half * half), 3, (lo, hi)
-        )
+        sensitivity = math.sqrt(6.0) if cross else 2.0
+        scales = (1.0, half, half * half)
+        return Layout(query, groups, ("count", "sum", "squares"), scales, sensitivity, (lo, hi))
     if s == "histogram":
         edges = query.bins or tuple(np.linspace(lo, hi, query.num_bins + 1).tolist())
     else:
         edges = tuple(np.linspace(lo, hi, QUANTILE_BINS + 1).tolist())
     names = tuple(f"bin{i}" for i in range(len(edges) - 1))
-    return Layout(query, groups, names, (1.0,) * len(names), 1, (lo, hi), edges)
+    sensitivity = _ROOT2 if (cross or len(names) > 1) else 1.0
+    return Layout(query, groups, names, (1.0,) * len(names), sensitivity, (lo, hi), edges)

@@ -1,11 +1,14 @@
-"""The data owner's rules for queries, checked on the worker (pure: no I/O).
+"""The data owner's rules for queries, checked on the worker (pure: no I/O, no data).
+
+Every check here reads the query, the public schema and the silo's own policy, never its
+rows: a refusal must say nothing about the data, since refusals are not charged. (An exact
+minimum-count rule used to run here on the local counts; its refusals let a data scientist
+binary-search a silo's values for free, issue 22. Small cells are now released like any
+other, with noise: see docs/analytics.md.)
 
 :func:`check_query` runs before anything is computed: the columns the query reads, the
-epsilon and delta it asks for. :func:`check_min_count` runs on the exact local counts: a
-silo with fewer than ``min-count`` records in any released cell refuses the whole query (the
-cell is suppressed; the refusal names it so the data scientist can drop or merge it). That
-refusal is itself a one-bit, un-noised release about the silo's data, the usual price of a
-minimum-count rule (NVIDIA FLARE's cleansers pay it too); docs/analytics.md says so.
+epsilon and delta it asks for. :func:`check_cost` runs once the noise is calibrated: what
+the query costs at the *ledger's* delta, whatever delta the query named.
 """
 
 from __future__ import annotations
@@ -13,16 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-import numpy.typing as npt
-
 from fedcore.errors import TaskRefused
 from fedcore.policy.model import AnalyticsRules
 
-from .layout import Layout
 from .query import Query
 
-__all__ = ["check_min_count", "check_query"]
+__all__ = ["check_cost", "check_query"]
 
 
 def _refuse(rule: str, reason: str) -> TaskRefused:
@@ -36,8 +35,9 @@ def check_query(
     epsilon: float,
     delta: float,
     declared: Sequence[str],
-) -> None:
-    """Refuse a query this silo's rules do not allow (raises :class:`TaskRefused`)."""
+) -> AnalyticsRules:
+    """Refuse a query this silo's rules do not allow (raises :class:`TaskRefused`); return
+    the rules that admitted it."""
     if rules is None:
         raise _refuse(
             "analytics",
@@ -57,19 +57,23 @@ def check_query(
             f"the query asks for epsilon {epsilon:g}; this silo answers with at most "
             f"{rules.max_epsilon:g} per query",
         )
-    if not 0 < delta < 1:
-        raise _refuse("analytics.delta", f"delta must be in (0, 1), got {delta:g}")
+    max_delta = rules.max_delta if rules.max_delta is not None else 0.0
+    if not 0 < delta <= max_delta:
+        raise _refuse(
+            "analytics.max-delta",
+            f"the query asks for delta {delta:g}; this silo answers with delta in "
+            f"(0, {max_delta:g}]",
+        )
+    return rules
 
 
-def check_min_count(
-    rules: AnalyticsRules, layout: Layout, cell_counts: npt.NDArray[np.int64]
-) -> None:
-    """Refuse when a released cell holds fewer than ``min-count`` local records."""
-    for group, count in zip(layout.groups, cell_counts.tolist(), strict=True):
-        if count < rules.min_count:
-            cell = f"group {layout.query.group_by} == {group!r}" if group else "the filtered table"
-            raise _refuse(
-                "analytics.min-count",
-                f"{cell} holds fewer than {rules.min_count} records on this silo; suppressed. "
-                "Widen the filter or group by something coarser",
-            )
+def check_cost(rules: AnalyticsRules, *, epsilon: float, ledger_delta: float) -> None:
+    """Refuse a query whose release costs more than ``max-epsilon`` at the ledger's delta
+    (``epsilon`` is its cost there). A query naming a large delta buys a small epsilon at
+    that delta only; the budget is kept at the ledger's."""
+    if not epsilon <= rules.max_epsilon:
+        raise _refuse(
+            "analytics.max-epsilon",
+            f"the query costs epsilon {epsilon:.3g} at this silo's budget delta "
+            f"{ledger_delta:g}; it answers with at most {rules.max_epsilon:g} per query",
+        )

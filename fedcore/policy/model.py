@@ -15,6 +15,10 @@ Every section is optional; an absent rule allows everything it would have restri
                                            # false when DP is required or a budget is kept)
     evaluation-noise-multiplier = 5.0      # with DP required or a budget: the evaluation
                                            # accuracy is released with this Gaussian noise
+    max-silos = 20                         # distributed DP: share noise with at most 20
+    honest-silos = 1                       # silos, of which this many (itself included) are
+                                           # assumed to add their share (default 1: it adds
+                                           # the whole noise alone)
 
     [secure-aggregation]
     required = true                        # never send an unmasked update
@@ -49,9 +53,11 @@ Every section is optional; an absent rule allows everything it would have restri
     requests = "plan-requests"             # the request queue (relative to this file's folder)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
-    min-count = 10                         # fewest records in any released cell (default 10)
-    max-epsilon = 1.0                      # per query (default 1.0); queries are charged to
-                                           # the [budget] above, which they require
+    max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
+                                           # queries are charged to the [budget] above
+    max-delta = 1e-6                       # per query (default: the budget's delta)
+    max-silos = 20                         # as in [training]: the network this silo accepts
+    honest-silos = 1                       # to share a query's noise with (default 1: alone)
 
 Without a policy file (and for every key it leaves out) the defaults above apply: the
 worker's gate (``fedcore.worker.gate``) always enforces them.
@@ -76,6 +82,7 @@ __all__ = [
     "DPKind",
     "DatasetRules",
     "ModelRules",
+    "NoiseNetwork",
     "PlanRules",
     "Policy",
     "PrivacyRules",
@@ -118,6 +125,31 @@ DEFAULT_MIN_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
+class NoiseNetwork:
+    """The network a silo accepts to share distributed DP noise with (issue 22).
+
+    ``max_silos``: the most silos a release may claim to share the noise with (None: any).
+    ``honest_silos``: how many of them, this silo included, it assumes add their share; it
+    adds ``1 / min(honest_silos, claimed)`` of the noise variance, so the honest shares alone
+    carry the whole noise whatever the coordinator claims. Default 1: it adds the whole noise.
+    """
+
+    max_silos: int | None = None
+    honest_silos: int = 1
+
+    def share_divisor(self, claimed: int) -> int:
+        """How many silos' shares this silo relies on for the whole noise: the coordinator's
+        ``claimed`` count only ever lowers it below the policy's ``honest_silos``."""
+        return max(1, min(self.honest_silos, claimed))
+
+    def describe(self) -> str:
+        most = f"at most {self.max_silos} silos" if self.max_silos is not None else "any silos"
+        if self.honest_silos == 1:
+            return f"noise shared with {most}, the whole noise added alone"
+        return f"noise shared with {most}, {self.honest_silos} of them assumed honest"
+
+
+@dataclass(frozen=True)
 class TrainingRules:
     """Bounds on a plan's training config, and whether evaluation tasks run.
 
@@ -131,6 +163,7 @@ class TrainingRules:
     min_learning_rate: float = DEFAULT_MIN_LEARNING_RATE
     max_learning_rate: float = DEFAULT_MAX_LEARNING_RATE
     evaluation_noise_multiplier: float | None = None
+    network: NoiseNetwork = field(default_factory=NoiseNetwork)
 
     @property
     def epochs_limit(self) -> int:
@@ -169,7 +202,6 @@ class DatasetRules:
     label_histogram_labels: int | None = None
 
 
-DEFAULT_MIN_COUNT = 10
 DEFAULT_MAX_QUERY_EPSILON = 1.0
 
 
@@ -177,12 +209,16 @@ DEFAULT_MAX_QUERY_EPSILON = 1.0
 class AnalyticsRules:
     """What federated-analytics queries may read and release (``[analytics]``).
 
-    ``allowed_columns`` None: every column the table's metadata declares.
+    ``allowed_columns`` None: every column the table's metadata declares. ``max_epsilon``
+    bounds what one query costs at the budget's delta (the ledger's), whatever delta the query
+    names; ``max_delta`` bounds that delta (the parser fills in the budget's delta when the
+    file names none; None admits no delta at all: fail closed).
     """
 
     allowed_columns: tuple[str, ...] | None = None
-    min_count: int = DEFAULT_MIN_COUNT
     max_epsilon: float = DEFAULT_MAX_QUERY_EPSILON
+    max_delta: float | None = None
+    network: NoiseNetwork = field(default_factory=NoiseNetwork)
 
 
 @dataclass(frozen=True)
@@ -234,6 +270,8 @@ class Policy:
             lines.append(f"at most {self.models.max_parameters:,} parameters")
         if self.training.max_epochs is not None:
             lines.append(f"at most {self.training.max_epochs} local epoch(s) per round")
+        if self.training.network != NoiseNetwork():
+            lines.append(f"distributed training noise: {self.training.network.describe()}")
         if not self.evaluation_allowed:
             lines.append("no federated evaluation")
         elif self.private:
@@ -268,8 +306,8 @@ class Policy:
             a = self.analytics
             columns = ", ".join(a.allowed_columns) if a.allowed_columns is not None else "all"
             lines.append(
-                f"analytics queries on columns {columns}, at least {a.min_count} records per "
-                f"cell, epsilon <= {a.max_epsilon:g} per query"
+                f"analytics queries on columns {columns}, epsilon <= {a.max_epsilon:g} per "
+                f"query at the budget's delta, delta <= {a.max_delta:g}; " + a.network.describe()
             )
         return lines or ["no restrictions"]
 
@@ -303,6 +341,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             "max-learning-rate",
             "allow-evaluation",
             "evaluation-noise-multiplier",
+            *_NETWORK_KEYS,
         ),
     )
     training = TrainingRules(
@@ -316,6 +355,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             t.number("max-learning-rate", positive=True), DEFAULT_MAX_LEARNING_RATE
         ),
         evaluation_noise_multiplier=t.number("evaluation-noise-multiplier", positive=True),
+        network=_network(t),
     )
     if training.min_learning_rate > training.max_learning_rate:
         raise t.fail("min-learning-rate", "is above max-learning-rate")
@@ -411,17 +451,32 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
 
     analytics = None
     if "analytics" in document:
-        a = section("analytics", ("allowed-columns", "min-count", "max-epsilon"))
+        a = section(
+            "analytics",
+            ("allowed-columns", "min-count", "max-epsilon", "max-delta", *_NETWORK_KEYS),
+        )
         if budget is None:
             raise a.fail(
-                "min-count",
+                "max-epsilon",
                 "needs a [budget] section: every query answer is charged to the silo's "
                 "budget, in the same ledger as training",
             )
+        if a.integer("min-count") is not None:
+            # A rule kept silently would promise a suppression that no longer happens.
+            raise a.fail(
+                "min-count",
+                "is no longer a rule: suppressing a cell by its exact count was itself an "
+                "uncharged release of the data. Every cell is now released with DP noise "
+                "(small cells show as small noisy counts); remove the key (docs/analytics.md)",
+            )
+        max_delta = _or(a.number("max-delta", positive=True), budget.delta)
+        if not max_delta < 1:
+            raise a.fail("max-delta", f"must be below 1, got {max_delta}")
         analytics = AnalyticsRules(
             a.strings("allowed-columns"),
-            _or(a.integer("min-count", minimum=1), DEFAULT_MIN_COUNT),
             _or(a.number("max-epsilon", positive=True), DEFAULT_MAX_QUERY_EPSILON),
+            max_delta,
+            _network(a),
         )
 
     policy = Policy(
@@ -438,6 +493,18 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             "metrics are released only with DP noise, charged to the budget",
         )
     return policy
+
+
+_NETWORK_KEYS = ("max-silos", "honest-silos")
+
+
+def _network(table: StrictTable) -> NoiseNetwork:
+    """The ``max-silos`` / ``honest-silos`` keys of a section."""
+    max_silos = table.integer("max-silos", minimum=1)
+    honest = _or(table.integer("honest-silos", minimum=1), 1)
+    if max_silos is not None and honest > max_silos:
+        raise table.fail("honest-silos", f"is above max-silos ({honest} > {max_silos})")
+    return NoiseNetwork(max_silos, honest)
 
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
 from .clipping import clip_update
-from .noise import add_gaussian_noise, distributed_noise_std, secure_generator
+from .noise import add_gaussian_noise, add_ring_noise, distributed_noise_std, secure_generator
 
 __all__ = ["CLIENT_DP_KEYS", "ClientDP", "PrivatizedUpdate", "privatize_update"]
 
@@ -43,14 +43,25 @@ class ClientDP:
     """What a plan asks of a worker under client-level DP.
 
     ``min_updates`` None is central mode (the coordinator adds the noise); an integer m is
-    distributed mode, where the worker adds its share ``noise_multiplier * clip_norm /
-    sqrt(m)`` itself (:attr:`noise_std`).
+    distributed mode, where the worker adds its share itself (:attr:`noise_std`).
+
+    ``honest_silos`` is never on the wire: a worker's gate sets it from its own policy
+    (``[training] honest-silos``, default 1), and the share is then
+    ``noise_multiplier * clip_norm / sqrt(min(m, honest_silos))``: a coordinator claiming a
+    large ``m`` cannot thin it below what the silo accepts (issue 22). None is the plan's
+    nominal share ``z C / sqrt(m)``, the coordinator's view when it accounts a round.
+
+    ``ring_step``, also set by the gate only (from the secure round's fixed point): the value
+    of one ring unit of this worker's masked input. With it the share is exact
+    discrete-Gaussian noise on that grid (:func:`~.noise.add_ring_noise`).
     """
 
     clip_norm: float
     report_unclipped: bool = False  # adaptive clipping in central mode
     noise_multiplier: float | None = None  # the round's z, for the workers' policies
     min_updates: int | None = None  # distributed mode: the fewest updates in a released sum
+    honest_silos: int | None = None  # the worker's policy: honest shares it relies on
+    ring_step: float | None = None  # the secure round's grid: exact integer noise
 
     def __post_init__(self) -> None:
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -65,6 +76,8 @@ class ClientDP:
                 )
             if z is None:
                 raise ConfigError("distributed DP needs the plan's noise multiplier")
+        if self.honest_silos is not None and self.honest_silos < 1:
+            raise ConfigError(f"honest silos must be at least 1, got {self.honest_silos}")
 
     @property
     def distributed(self) -> bool:
@@ -78,8 +91,17 @@ class ClientDP:
         return distributed_noise_std(
             noise_multiplier=self.noise_multiplier,
             clip_norm=self.clip_norm,
-            min_updates=self.min_updates,
+            min_updates=self.shares,
         )
+
+    @property
+    def shares(self) -> int:
+        """How many honest shares this worker's noise relies on (distributed mode)."""
+        if self.min_updates is None:
+            return 1
+        if self.honest_silos is None:
+            return self.min_updates
+        return min(self.min_updates, self.honest_silos)
 
     def to_extra(self) -> dict[str, float]:
         extra = {_CLIP: self.clip_norm, _BIT: 1.0 if self.report_unclipped else 0.0}
@@ -142,7 +164,17 @@ def privatize_update(
         }
     clipped = clip_update(delta, settings.clip_norm)
     out = clipped.update
-    add_gaussian_noise(out, settings.noise_std, rng if rng is not None else secure_generator())
+    z = settings.noise_multiplier
+    if settings.distributed and settings.ring_step is not None and z:
+        add_ring_noise(
+            out,
+            noise_multiplier=z,
+            sensitivity=settings.clip_norm,
+            shares=settings.shares,
+            step=settings.ring_step,
+        )
+    else:
+        add_gaussian_noise(out, settings.noise_std, rng if rng is not None else secure_generator())
     metrics = (
         {UNCLIPPED_METRIC: 0.0 if clipped.clipped else 1.0} if settings.report_unclipped else {}
     )

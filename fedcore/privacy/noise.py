@@ -7,6 +7,10 @@ fewest updates a round may aggregate (``--min-results``): if ``n >= m`` updates 
 sum carries variance ``n (z C)^2 / m >= (z C)^2`` — over-provisioning the noise so that the
 guarantee survives dropouts; the accountant charges the effective multiplier
 ``z sqrt(n / m)``. A round with fewer than ``m`` updates is never released.
+
+Under secure aggregation the distributed share is exact integer noise instead
+(:func:`add_ring_noise`): the update is rounded to the ring's grid and a discrete Gaussian is
+added there (:mod:`.discrete`), so no floating-point noise is sampled (issue 22, item 7).
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import numpy as np
 from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
+from .discrete import check_sum_slack, discrete_gaussian
+
 __all__ = [
     "add_gaussian_noise",
+    "add_ring_noise",
     "distributed_noise_std",
     "effective_noise_multiplier",
     "secure_generator",
@@ -42,6 +49,44 @@ def add_gaussian_noise(update: Weights, std: float, rng: np.random.Generator) ->
         if array.dtype.kind == "f":
             noise = rng.normal(0.0, std, size=array.shape)
             np.add(array, noise, out=array, casting="unsafe")
+
+
+def add_ring_noise(
+    update: Weights, *, noise_multiplier: float, sensitivity: float, shares: int, step: float
+) -> float:
+    """Round the floating tensors of ``update`` (in place) to multiples of ``step`` (one
+    unit of the secure-aggregation ring) and add a discrete Gaussian share there; return its
+    parameter in ring units.
+
+    The rounded vector ``u`` has integer L2 sensitivity ``sensitivity / step + 2 sqrt(d)``
+    (rounding moves each of the ``d`` words by 1/2, float error by less than another 1/2);
+    the share ``N_Z(0, sigma^2)``, ``sigma = z * that / sqrt(shares)``, makes any ``shares``
+    honest shares one mechanism of multiplier ``z`` (:mod:`.discrete`). The result
+    ``(u + noise) * step`` is a grid point: the masking re-encodes it (post-processing).
+
+    Raises:
+        ConfigError: the grid is so fine that the noise overflows 64-bit integers, or the
+            shares so small that their sum is not accounted (:func:`.check_sum_slack`).
+    """
+    if not (step > 0 and math.isfinite(step)):
+        raise ConfigError(f"the ring's step must be positive and finite, got {step}")
+    arrays = [a for a in update.values() if a.dtype.kind == "f"]
+    size = sum(a.size for a in arrays)
+    if size == 0:
+        return 0.0
+    sigma = noise_multiplier * (sensitivity / step + 2 * math.sqrt(size)) / math.sqrt(shares)
+    check_sum_slack(sigma, shares, size)
+    noise = discrete_gaussian(sigma, size)
+    offset = 0
+    for array in arrays:
+        flat = array.reshape(-1)
+        # Clipped to 2^52 ring units so the rounding stays exact in float64 (1-Lipschitz).
+        words = np.rint(np.clip(flat.astype(np.float64) / step, -(2.0**52), 2.0**52))
+        words += noise[offset : offset + flat.size]
+        np.multiply(words, step, out=words)
+        np.copyto(array, words.reshape(array.shape), casting="unsafe")
+        offset += flat.size
+    return sigma
 
 
 def distributed_noise_std(*, noise_multiplier: float, clip_norm: float, min_updates: int) -> float:
