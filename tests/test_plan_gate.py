@@ -87,12 +87,12 @@ def test_approval_queue_waits_approves_denies_and_survives_restarts(
     queue = RequestQueue(tmp_path / "queue")  # another process: the owner's command
     (record,) = queue.list()
     assert record.status == "pending"
-    assert record.train["batch_size"] == 32
+    assert record.terms.batch_size == 32
     assert queue.program(record.hash) == plan.program
-    queue.decide(record.hash, approve=True)
+    queue.decide(record.id, approve=True)
     restarted = _gate(rules)  # a restarted worker reads the same decision
     assert restarted.admit(_task(plan)).model.name == plan.model_name
-    queue.decide(record.hash, approve=False, reason="not for our patients")
+    queue.decide(record.id, approve=False, reason="not for our patients")
     with pytest.raises(TaskRefused, match="denied by the data owner: not for our patients"):
         restarted.admit(_task(plan))
     assert queue.find(record.hash[:8]).status == "denied"

@@ -212,10 +212,19 @@ class TorchTrainer(Trainer):
         # Never import the same modules from two threads at once.
         self._warm.join(timeout=600)
 
-    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
-        self._wait_for_warm_up()
+    def _load(self, model: ModelSpec, weights: Weights) -> nn.Module:
+        """The model with ``weights`` loaded; a plan's constants as shipped (nothing a graph
+        wrote in an earlier task is kept)."""
         net = self._model_for(model)
         set_weights(net, weights)
+        state = self._plans.state(model) if self._plans is not None else None
+        if state is not None:
+            state.reset(net)
+        return net
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        self._wait_for_warm_up()
+        net = self._load(model, weights)
         # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
         # Set for every task: the model outlives it, and the next may train other parameters.
         keep = set(config.trainable) if config.trainable else self._factory_trainable
@@ -223,6 +232,9 @@ class TorchTrainer(Trainer):
             parameter.requires_grad_(name in keep)
         result = self._train_fn(net, self._train_data, config, self._device)
         updated = get_weights(net)
+        state = self._plans.state(model) if self._plans is not None else None
+        if state is not None:  # only what the data owner accepted leaves
+            updated = state.upload(updated, weights)
         for name, array in updated.items():
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise TrainingFailed(
@@ -239,8 +251,7 @@ class TorchTrainer(Trainer):
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
         self._wait_for_warm_up()
-        net = self._model_for(model)
-        set_weights(net, weights)
+        net = self._load(model, weights)
         result = self._eval_fn(net, self._eval_data, self._device)
         return EvalOutput(result.num_examples, {"loss": result.loss, "accuracy": result.accuracy})
 
