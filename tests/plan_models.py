@@ -56,3 +56,17 @@ class OverwritesInput(nn.Module):
 def plan_of(module: nn.Module) -> Plan:
     torch.manual_seed(0)
     return export_plan(module, EXAMPLE)
+
+
+class MemoryHog(nn.Module):
+    """Honest-looking, with an activation of 4,000 copies of each example (12.5 MB each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        spread = flat.repeat(1, 4000).sum(1, keepdim=True)
+        out: torch.Tensor = self.linear(flat) + 0 * spread
+        return out
