@@ -6,8 +6,10 @@ by ``fed-plan show HASH``.
 A request is a plan *and the terms it is to run under* (:class:`Terms`: the task kind, local
 epochs, batch size, optimizer and its settings, every strategy number the task carries
 (client-level DP's clip norm and noise multiplier among them), secure aggregation on or off,
-and the learning rate). The owner approves a request, not a hash: a task of an approved
-plan under other terms is another request, which waits for its own decision. An approval
+and the learning rate). The owner approves a request, not a hash: a training task of an
+approved plan under other terms is another request, which waits for its own decision. An
+evaluation task trains nothing and follows the decision on the plan's training (it makes a
+request of its own only for a plan never asked about). An approval
 may widen the learning rate to a range (``--lr-range``) and bound the rounds it covers
 (``--rounds``). Layout under the queue's root (the policy's ``[plans] requests``)::
 
@@ -273,7 +275,13 @@ class RequestQueue:
     def lookup(self, digest: str, terms: Terms) -> PlanRequestRecord | None:
         """The request that decides ``terms`` for plan ``digest``: an approval covering them
         (with rounds left first), else the request for exactly these terms, else None."""
-        approved = [r for r in self.for_plan(digest) if r.covers(terms)]
+        requests = self.for_plan(digest)
+        if terms.kind == "evaluate" and requests:
+            # Evaluation trains nothing: the owner's decision on the plan's training decides
+            # it (an approval under any terms; else the latest request's status).
+            approved = [r for r in requests if r.status == "approved"]
+            return approved[-1] if approved else requests[-1]
+        approved = [r for r in requests if r.covers(terms)]
         approved.sort(key=lambda r: r.rounds_left != 0, reverse=True)
         if approved:
             return approved[0]
