@@ -1,15 +1,20 @@
 """mnist-cnn trained from the registry and from its plan, in one run: round times and accuracy.
 
-Two federations of real processes with the same seed, data and training config: one with
-``fed-server --model mnist-cnn`` (workers build the registered model), one with
+Federations of real processes with the same seed, data and training config: one with
+``fed-server --model mnist-cnn`` (workers build the registered model), then with
 ``--model mnist-cnn --ship-plan`` (workers get the verified torch.export graph and no model
-name they know). Prints JSON: per-round durations, fit times and accuracies of both, the
-ratio of the median round time (rounds after the first, which pays one-time costs: torch's
-imports, the plan's verification and deserialization), and the largest accuracy gap::
+name they know) three times: plans in the worker's sandbox (the default), plans in the
+worker's own process (``[plans] sandbox = false``), and, with ``--main-bin DIR``, the
+``fed-server``/``fed-worker`` of another checkout (main's code, before the sandbox). Prints
+JSON: per-round durations, fit times and accuracies of each, the ratios of the median round
+and fit times (rounds after the first, which pays one-time costs: torch's imports, the plan's
+verification and deserialization, the sandbox's start), and the largest accuracy gap::
 
-    python scripts/bench_plans.py [--workers 2] [--examples 600] [--rounds 3] [--out F]
+    python scripts/bench_plans.py [--workers 2] [--examples 600] [--rounds 3] \
+        [--main-bin /work/main/.venv/bin] [--out F]
 
-The target (issue 13): plan rounds within 10% of registry rounds, the same accuracy curve.
+Targets: plan rounds within 10% of registry rounds (issue 13) and, with the sandbox on,
+within 10% of main's plan rounds (issue 23); the same accuracy curve.
 """
 
 from __future__ import annotations
@@ -41,13 +46,19 @@ def _make_shards(root: Path, workers: int, examples: int) -> None:
 
 
 def _federation(
-    root: Path, label: str, extra: list[str], args: argparse.Namespace
+    root: Path,
+    label: str,
+    extra: list[str],
+    args: argparse.Namespace,
+    *,
+    worker_extra: tuple[str, ...] = (),
+    bin_dir: Path = BIN,
 ) -> list[dict[str, Any]]:
     metrics = root / f"{label}.jsonl"
     log = (root / f"{label}-server.log").open("w")
     server = subprocess.Popen(
         [
-            str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--model", "mnist-cnn",
+            str(bin_dir / "fed-server"), "--listen", "127.0.0.1:0", "--model", "mnist-cnn",
             *extra, "--rounds", str(args.rounds), "--min-workers", str(args.workers),
             "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--seed", "0",
             "--eval-data", str(root / "test.npz"), "--metrics-out", str(metrics),
@@ -72,7 +83,7 @@ def _federation(
     workers = [
         subprocess.Popen(
             [
-                str(BIN / "fed-worker"),
+                str(bin_dir / "fed-worker"),
                 "--server",
                 f"127.0.0.1:{port}",
                 "--data",
@@ -81,6 +92,7 @@ def _federation(
                 f"w{i}",
                 "--threads",
                 "1",
+                *worker_extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -114,12 +126,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--main-bin", type=Path, help="bin folder of another checkout's venv (main's code)"
+    )
     args = p.parse_args()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    started = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-plans-") as tmp:
         root = Path(tmp)
         _make_shards(root, args.workers, args.examples)
-        registry = _federation(root, "registry", [], args)
-        plan = _federation(root, "plan", ["--ship-plan"], args)
+        off = root / "no-sandbox.toml"
+        off.write_text("[plans]\nsandbox = false\n")
+        runs["registry"] = _federation(root, "registry", [], args)
+        runs["plan_sandbox"] = _federation(root, "plan", ["--ship-plan"], args)
+        runs["plan_in_process"] = _federation(
+            root, "plan-in-process", ["--ship-plan"], args, worker_extra=("--policy", str(off))
+        )
+        if args.main_bin is not None:
+            runs["plan_main"] = _federation(
+                root, "plan-main", ["--ship-plan"], args, bin_dir=args.main_bin
+            )
+    plan = runs["plan_sandbox"]
+    registry = runs["registry"]
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a not in runs or b not in runs:
+            return None
+        return _later_median(runs[a], key) / _later_median(runs[b], key)
+
     result = {
         "model": "mnist-cnn",
         "workers": args.workers,
@@ -127,21 +161,27 @@ def main() -> None:
         "rounds": args.rounds,
         "cpu_count": os.cpu_count(),
         "plan_hash": plan[0].get("plan") if plan else None,
-        "registry": {
-            "duration_s": [r["duration_s"] for r in registry],
-            "fit_s": [r["fit_s"] for r in registry],
-            "accuracy": [r["accuracy"] for r in registry],
-        },
-        "plan": {
-            "duration_s": [r["duration_s"] for r in plan],
-            "fit_s": [r["fit_s"] for r in plan],
-            "accuracy": [r["accuracy"] for r in plan],
+        "load_average_before": started,
+        "load_average_after": os.getloadavg(),
+        **{
+            label: {
+                "duration_s": [r["duration_s"] for r in rows],
+                "fit_s": [r["fit_s"] for r in rows],
+                "accuracy": [r["accuracy"] for r in rows],
+            }
+            for label, rows in runs.items()
         },
         "round_time_ratio": _later_median(plan, "duration_s")
         / _later_median(registry, "duration_s"),
         "fit_time_ratio": _later_median(plan, "fit_s") / _later_median(registry, "fit_s"),
+        "sandbox_vs_in_process_round": ratio("plan_sandbox", "plan_in_process", "duration_s"),
+        "sandbox_vs_in_process_fit": ratio("plan_sandbox", "plan_in_process", "fit_s"),
+        "sandbox_vs_main_round": ratio("plan_sandbox", "plan_main", "duration_s"),
+        "sandbox_vs_main_fit": ratio("plan_sandbox", "plan_main", "fit_s"),
         "max_accuracy_gap": max(
-            abs(a["accuracy"] - b["accuracy"]) for a, b in zip(registry, plan, strict=True)
+            abs(a["accuracy"] - b["accuracy"])
+            for rows in runs.values()
+            for a, b in zip(registry, rows, strict=True)
         ),
     }
     text = json.dumps(result, indent=2)
