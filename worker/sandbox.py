@@ -113,7 +113,7 @@ def lock_down(limits: SandboxLimits) -> list[str]:
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         missing.append(f"no-new-privileges (prctl: {os.strerror(ctypes.get_errno())})")
     try:
-        import pyseccomp  # type: ignore[import-untyped]
+        import pyseccomp  # type: ignore[import-untyped]  # no type hints shipped
 
         rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
         for name in _DENIED_SYSCALLS:
