@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import Proc, start_worker
 from hostile import Session, hostile_coordinator
-from plan_models import BatchNormNet, OverwritesInput, RowInBuffer, plan_of
+from plan_models import BatchNormNet, MemoryHog, OverwritesInput, RowInBuffer, plan_of
 
 from fedcore.data.shards import load_shard
 from fedcore.plan import TrainConfig
@@ -44,12 +44,17 @@ async def _refusal(session: Session, task: pb.Task, plan: Plan) -> str:
 
 
 async def test_only_approved_state_leaves_and_the_data_is_the_plans_to_read_only(
-    shards: Path, procs: list[Proc]
+    shards: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
+    """Plans run in the worker's sandbox (the default), here with 256 MB to spare."""
     shard = shards / "shard-0.npz"
     rows = load_shard(shard).x.flatten(1).numpy()
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[plans]\nsandbox-memory-bytes = 268_435_456\n")
     async with hostile_coordinator() as (coordinator, port):
-        worker = start_worker(procs, port, shard, "silo", "--give-up-after", "60")
+        worker = start_worker(
+            procs, port, shard, "silo", "--policy", str(policy), "--give-up-after", "60"
+        )
         s = await asyncio.wait_for(coordinator.session_of("silo"), 90)
 
         # Positive control: an honest batch-norm model's running statistics do come back.
@@ -74,6 +79,16 @@ async def test_only_approved_state_leaves_and_the_data_is_the_plans_to_read_only
         await _run(s, _task(overwrite), overwrite)
         second, _ = await _run(s, _task(overwrite, pb.TASK_KIND_EVALUATE), overwrite)
         assert dict(second.metrics) == dict(first.metrics)
+
+        # A plan whose activations need 800 MB: its sandbox fails the task, the worker says
+        # why and serves the next task (in a fresh sandbox).
+        hog = plan_of(MemoryHog())
+        failed, _ = await s.outcome(await s.send_task(_task(hog, batch_size=64), hog.weights))
+        assert isinstance(failed, pb.TaskError), failed
+        assert failed.code == pb.ERROR_CODE_TRAINING_FAILED
+        assert "out of its sandbox's memory limit (268,435,456 bytes" in failed.message
+        _, update = await _run(s, _task(bn), bn)
+        assert not np.array_equal(update["norm.running_mean"], bn.weights["norm.running_mean"])
 
         await s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="test over")))
         assert await asyncio.to_thread(worker.wait, 60) == 0, worker.output
