@@ -114,6 +114,53 @@ def _federation(
     return [json.loads(line) for line in metrics.read_text().splitlines() if line]
 
 
+def _interleaved(root: Path, repeats: int) -> dict[str, Any]:
+    """Fit times of mnist-cnn's plan on shard 0 in this process: sandbox on and off taken in
+    turns, so both see the same load (the federations above run one after the other)."""
+    import torch
+    from fedcore.worker.gate import Gate
+    from fedcore.worker.plans import PlanLibrary
+    from fedcore.worker.trainer import TorchTrainer
+
+    from fedcore.codec import make_header
+    from fedcore.data.shards import load_shard
+    from fedcore.model_catalog import ModelCatalog
+    from fedcore.models import build_model
+    from fedcore.plan import ModelSpec, TrainConfig
+    from fedcore.plans import export_plan
+    from fedcore.policy import PlanRules
+    from fedcore.v1 import fedcore_pb2 as pb
+
+    torch.set_num_threads(1)
+    plan = export_plan(build_model(ModelSpec("mnist-cnn"), seed=0), torch.zeros(2, 1, 28, 28))
+    data = load_shard(root / "shard-0.npz")
+    config = TrainConfig(epochs=1, batch_size=32, learning_rate=0.05)
+    trainers = {}
+    for label, sandbox in (("sandbox", True), ("in_process", False)):
+        library = PlanLibrary(PlanRules(sandbox=sandbox), max_model_bytes=1 << 30)
+        task = pb.Task(
+            kind=pb.TASK_KIND_FIT,
+            model=pb.ModelSpec(name=plan.model_name),
+            train=config.to_proto(),
+            weights=make_header(plan.weights, 1 << 20),
+            plan=plan.program,
+        )
+        Gate(ModelCatalog(), max_model_bytes=1 << 30, plans=library).admit(task)
+        trainers[label] = TorchTrainer(data, plans=library)
+    spec = ModelSpec(plan.model_name)
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(repeats + 1):  # the first of each pays one-time costs
+        for label, trainer in trainers.items():
+            started = time.perf_counter()
+            trainer.fit(spec, plan.weights, config)
+            times[label].append(round(time.perf_counter() - started, 3))
+    later = {label: statistics.median(t[1:]) for label, t in times.items()}
+    return {
+        "fit_s": times,
+        "sandbox_vs_in_process_fit": later["sandbox"] / later["in_process"],
+    }
+
+
 def _later_median(rows: list[dict[str, Any]], key: str) -> float:
     values = [float(r[key]) for r in rows[1:]] or [float(r[key]) for r in rows]
     return statistics.median(values)
@@ -128,6 +175,13 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument(
         "--main-bin", type=Path, help="bin folder of another checkout's venv (main's code)"
+    )
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N fits with the sandbox on and off in turns, in this process",
     )
     args = p.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -146,6 +200,7 @@ def main() -> None:
             runs["plan_main"] = _federation(
                 root, "plan-main", ["--ship-plan"], args, bin_dir=args.main_bin
             )
+        interleaved = _interleaved(root, args.interleaved) if args.interleaved else None
     plan = runs["plan_sandbox"]
     registry = runs["registry"]
 
@@ -178,6 +233,7 @@ def main() -> None:
         "sandbox_vs_in_process_fit": ratio("plan_sandbox", "plan_in_process", "fit_s"),
         "sandbox_vs_main_round": ratio("plan_sandbox", "plan_main", "duration_s"),
         "sandbox_vs_main_fit": ratio("plan_sandbox", "plan_main", "fit_s"),
+        "interleaved": interleaved,
         "max_accuracy_gap": max(
             abs(a["accuracy"] - b["accuracy"])
             for rows in runs.values()
