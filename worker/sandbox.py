@@ -12,7 +12,7 @@ with the trained state and its metrics. Before the first task it locks itself do
   failure and exits);
 * ``RLIMIT_CPU``: before each task the soft limit is set to the CPU time used so far plus
   ``cpu_seconds``; the kernel kills the child with ``SIGXCPU`` past it. The hard limit is
-  fixed at start to 16 tasks' worth: code that took over the child could raise the soft
+  fixed at start to 100 tasks' worth: code that took over the child could raise the soft
   limit up to it, no further; a child whose budget runs low is replaced;
 * ``PR_SET_NO_NEW_PRIVS``: no set-uid or file-capability gains through ``execve``;
 * seccomp (with ``pyseccomp`` over the system's libseccomp, when both load): ``socket``,
@@ -63,7 +63,7 @@ __all__ = ["PlanSandbox", "SandboxLimits", "SandboxResult", "lock_down"]
 log = logging.getLogger("fedcore.worker")
 
 _PR_SET_NO_NEW_PRIVS = 38
-_LIFETIME_TASKS = 16
+_LIFETIME_TASKS = 100
 _DENIED_SYSCALLS = ("socket", "execve", "execveat", "ptrace")
 _METRICS = frozenset({"loss", "accuracy", "train_seconds", "num_examples"})
 _MAX_MESSAGE = 64 * 1024
@@ -220,7 +220,8 @@ def _number(value: Any) -> float:
 
 
 def _arrays(data: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    return data[0].detach().cpu().numpy().copy(), data[1].detach().cpu().numpy().copy()
+    # Views of the worker's tensors: pickling them for the child copies their bytes.
+    return data[0].detach().cpu().numpy(), data[1].detach().cpu().numpy()
 
 
 class PlanSandbox:
