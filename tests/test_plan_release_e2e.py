@@ -65,20 +65,28 @@ async def test_only_approved_state_leaves_and_the_data_is_the_plans_to_read_only
 
         # A buffer named like a statistic that the forward fills with a training row: it
         # goes back exactly as sent, the parameters still train.
+        # (A verifier that refuses the plan keeps the row in too: nothing of it runs.)
         leak = plan_of(RowInBuffer())
-        _, update = await _run(s, _task(leak), leak)
-        assert np.array_equal(update["running_mean"], leak.weights["running_mean"])
-        assert not np.array_equal(update["linear.weight"], leak.weights["linear.weight"])
-        assert not any(np.allclose(update["running_mean"], row, atol=1e-4) for row in rows)
+        result, update = await s.outcome(await s.send_task(_task(leak), leak.weights))
+        if isinstance(result, pb.TaskError):
+            assert "[plans.verification]" in result.message, result
+        else:
+            assert np.array_equal(update["running_mean"], leak.weights["running_mean"])
+            assert not np.array_equal(update["linear.weight"], leak.weights["linear.weight"])
+            assert not any(np.allclose(update["running_mean"], r, atol=1e-4) for r in rows)
 
         # An evaluation forward that overwrites its input with 7s: the worker's data is
         # unchanged, so the next evaluation sees the same rows (and a training round between).
         overwrite = plan_of(OverwritesInput())
-        first, _ = await _run(s, _task(overwrite, pb.TASK_KIND_EVALUATE), overwrite)
-        assert first.num_examples == 400
-        await _run(s, _task(overwrite), overwrite)
-        second, _ = await _run(s, _task(overwrite, pb.TASK_KIND_EVALUATE), overwrite)
-        assert dict(second.metrics) == dict(first.metrics)
+        evaluation = _task(overwrite, pb.TASK_KIND_EVALUATE)
+        first, _ = await s.outcome(await s.send_task(evaluation, overwrite.weights))
+        if isinstance(first, pb.TaskError):
+            assert "[plans.verification]" in first.message, first
+        else:
+            assert first.num_examples == 400
+            await _run(s, _task(overwrite), overwrite)
+            second, _ = await _run(s, _task(overwrite, pb.TASK_KIND_EVALUATE), overwrite)
+            assert dict(second.metrics) == dict(first.metrics)
 
         # A plan whose activations need 800 MB: its sandbox fails the task, the worker says
         # why and serves the next task (in a fresh sandbox).
