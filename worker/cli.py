@@ -317,6 +317,7 @@ def _run(argv: Sequence[str] | None) -> None:
         policy.plans,
         max_model_bytes=args.max_model_bytes,
         dpsgd=args.dpsgd_noise_multiplier is not None,
+        coordinator=args.server,
     )
     responder: QueryResponder | None = None
     trainer: Trainer | None = None

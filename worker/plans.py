@@ -8,14 +8,21 @@ plan, in its model check, before anything else of the task is looked at:
    bounded sizes, no pickles, custom objects or code; the hash recomputed) and the task
    names it by that hash;
 3. this worker does not train with DP-SGD (Opacus cannot train a plan: docs/plans.md);
-4. with ``[plans] require-approval``, the data owner approved this hash: an unknown plan is
-   queued (:class:`~fedcore.plans.queue.RequestQueue`) and refused as "awaiting approval", a denied
-   one is refused with the owner's reason;
+4. with ``[plans] require-approval``, the data owner approved this hash *under these terms*
+   (:class:`~fedcore.plans.queue.Terms`: DP, secure aggregation, epochs, batch size,
+   optimizer, learning rate within the approved range, rounds left): a plan or terms not yet
+   decided are queued (:class:`~fedcore.plans.queue.RequestQueue`, within its caps) and
+   refused as "awaiting approval" naming the request, a denied request with the owner's
+   reason;
 5. the weights header matches the program's parameters exactly.
 
 A refusal is a :class:`~fedcore.errors.TaskRefused` (rule ``plans.*``) that reaches the
 coordinator; nothing of the task runs. Verified programs are kept by hash, so the trainer
 builds the very program the gate verified.
+
+After the gate, the library tells the trainer what of a plan's state may leave
+(:meth:`PlanLibrary.state`, :mod:`.plan_state`) and builds modules whose graph reads a copy
+of each input batch, never the dataset itself (a plan's in-place write lands in the copy).
 """
 
 from __future__ import annotations
@@ -23,19 +30,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from typing import Any
 
+import torch
 from torch import nn
 
 from fedcore.codec import header_signature
 from fedcore.errors import PayloadError, PlanRejectedError, TaskRefused
 from fedcore.plan import ModelSpec
 from fedcore.plans import MODEL_PREFIX, Limits, VerifiedPlan, verify_program
-from fedcore.plans.queue import RequestQueue
+from fedcore.plans.queue import PlanRequestRecord, QueueFull, RequestQueue, Terms, caps_of
 from fedcore.policy import PlanRules
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import ModelSignature, describe_mismatch
+from fedcore.weights import ModelSignature, Weights, describe_mismatch
 
-__all__ = ["PlanLibrary"]
+from .plan_state import ReleasedState, released_state
+
+__all__ = ["PlanLibrary", "PlanState", "read_only_input"]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -46,6 +57,47 @@ def _sorted(signature: ModelSignature) -> ModelSignature:
     return tuple(sorted(signature, key=lambda t: t.name))
 
 
+def _copy_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def read_only_input(module: nn.Module) -> nn.Module:
+    """Make ``module``'s graph read a copy of its input: unshuffled batches are views of the
+    dataset, and an in-place write on them would change the silo's data in memory."""
+    module.register_forward_pre_hook(_copy_input)
+    return module
+
+
+class PlanState:
+    """What of a verified plan's state leaves after training, and what is reset per task.
+
+    Attributes:
+        released: :class:`~.plan_state.ReleasedState` (parameters, accepted statistics, the
+            buffers sent back as received).
+        constants: the plan's constants, restored before every task (a graph may write to
+            them; nothing it wrote is kept from one task to the next).
+    """
+
+    def __init__(self, released: ReleasedState, constants: Weights) -> None:
+        self.released = released
+        self.constants = constants
+
+    def upload(self, trained: Weights, received: Weights) -> Weights:
+        """The update to send: trained values of what was approved, the received value of
+        every other buffer."""
+        keep = self.released.released
+        return {n: a if n in keep or n not in received else received[n] for n, a in trained.items()}
+
+    def reset(self, module: nn.Module) -> None:
+        """Put the plan's constants back as shipped."""
+        buffers = dict(module.named_buffers())
+        with torch.no_grad():
+            for name, array in self.constants.items():
+                buffer = buffers.get(name)
+                if buffer is not None:
+                    buffer.copy_(torch.from_numpy(array.copy()))
+
+
 class PlanLibrary:
     """The plans this worker verified, by hash.
 
@@ -53,18 +105,24 @@ class PlanLibrary:
         rules: the policy's ``[plans]`` section.
         max_model_bytes: the largest parameters-and-buffers a plan may have.
         dpsgd: this worker trains with DP-SGD (plans are then refused).
+        coordinator: whom this worker trains for (the queue's requests-per-day cap counts by
+            it).
     """
 
-    def __init__(self, rules: PlanRules, *, max_model_bytes: int, dpsgd: bool = False) -> None:
+    def __init__(
+        self, rules: PlanRules, *, max_model_bytes: int, dpsgd: bool = False, coordinator: str = ""
+    ) -> None:
         self.rules = rules
         self.limits = Limits(max_state_bytes=max_model_bytes)
         self.dpsgd = dpsgd
+        self.coordinator = coordinator
         self.queue = (
-            RequestQueue(rules.requests)
+            RequestQueue(rules.requests, caps_of(rules))
             if rules.require_approval and rules.requests is not None
             else None
         )
         self._verified: OrderedDict[str, VerifiedPlan] = OrderedDict()
+        self._states: dict[str, PlanState] = {}
         self._lock = threading.Lock()
 
     def _verify(self, program: pb.PlanProgram) -> VerifiedPlan:
@@ -118,37 +176,119 @@ class PlanLibrary:
     def _check_approval(self, verified: VerifiedPlan, task: pb.Task) -> None:
         if self.queue is None:
             return
-        record = self.queue.get(verified.hash)
+        terms = Terms.of(task)
+        record = self.queue.lookup(verified.hash, terms)
         if record is None:
-            record = self.queue.submit(verified.program, task)
-            log.warning(
-                "plan %s (%r) awaits the data owner's approval: fed-worker requests show %s",
-                verified.hash[:16],
-                verified.program.name,
-                verified.hash[:16],
-            )
+            record = self._submit(verified, task, terms)
         if record.status == "approved":
+            if task.kind == pb.TASK_KIND_FIT:
+                if record.rounds_left == 0:
+                    raise TaskRefused(
+                        "plans.approval",
+                        f"the data owner's approval {record.id[:16]} of plan {verified.hash[:16]} "
+                        f"covered {record.rounds} round(s), all run; it must be approved again "
+                        f"(fed-worker requests approve {record.id[:16]} --rounds N)",
+                        by="policy",
+                    )
+                self.queue.count_round(record)
             return
         if record.status == "denied":
             raise TaskRefused(
                 "plans.approval",
                 f"plan {verified.hash[:16]} was denied by the data owner"
-                + (f": {record.reason}" if record.reason else ""),
+                + (f": {record.reason}" if record.reason else "")
+                + f" (request {record.id[:16]})",
                 by="policy",
             )
         raise TaskRefused(
             "plans.approval",
-            f"awaiting approval: plan {verified.hash[:16]} ({verified.program.name!r}) is in "
-            "the data owner's request queue (fed-worker requests approve)",
+            f"awaiting approval: plan {verified.hash[:16]} ({verified.program.name[:60]!r}) is in "
+            f"the data owner's request queue as request {record.id[:16]}"
+            + self._changed_terms(verified.hash, record)
+            + " (fed-worker requests approve)",
             by="policy",
         )
 
-    def build(self, spec: ModelSpec) -> nn.Module | None:
-        """A fresh module for a plan this library verified; None for other models."""
+    def _submit(self, verified: VerifiedPlan, task: pb.Task, terms: Terms) -> PlanRequestRecord:
+        assert self.queue is not None
+        try:
+            record = self.queue.submit(verified.program, task, coordinator=self.coordinator)
+        except QueueFull as exc:
+            raise TaskRefused("plans.queue", str(exc), by="policy") from None
+        log.warning(
+            "plan %s (%r) awaits the data owner's approval under new terms: "
+            "fed-worker requests show %s",
+            verified.hash[:16],
+            verified.program.name[:60],
+            record.id[:16],
+        )
+        return record
+
+    def _changed_terms(self, digest: str, record: PlanRequestRecord) -> str:
+        """Why a plan the owner approved waits again: the terms that changed."""
+        approved = (
+            [r for r in self.queue.for_plan(digest) if r.status == "approved"] if self.queue else []
+        )
+        if not approved:
+            return ""
+        before = approved[-1]
+        changed = "; ".join(record.terms.differences(before.terms)[:4])
+        return (
+            f": the owner approved it (request {before.id[:16]}) under other terms, and these "
+            f"make a new request ({changed})"
+        )
+
+    def _get(self, spec: ModelSpec) -> VerifiedPlan | None:
         if not spec.name.startswith(MODEL_PREFIX):
             return None
         with self._lock:
-            verified = self._verified.get(spec.name[len(MODEL_PREFIX) :])
+            return self._verified.get(spec.name[len(MODEL_PREFIX) :])
+
+    def verified(self, spec: ModelSpec) -> VerifiedPlan | None:
+        """The verified plan ``spec`` names; None for other models."""
+        return self._get(spec)
+
+    def build(self, spec: ModelSpec) -> nn.Module | None:
+        """A fresh module for a plan this library verified (its graph reads a copy of its
+        input); None for other models."""
+        verified = self._get(spec)
+        return None if verified is None else read_only_input(verified.build())
+
+    def state(self, spec: ModelSpec) -> PlanState | None:
+        """What of the plan's state may leave, and its constants; None for other models."""
+        verified = self._get(spec)
         if verified is None:
             return None
-        return verified.build()
+        with self._lock:
+            known = self._states.get(verified.hash)
+        if known is not None:
+            return known
+        made = plan_state(verified, self.rules.accept_buffers)
+        if made.released.withheld:
+            log.warning(
+                "plan %s: buffers %s are not of an accepted kind (%s): they are sent back as "
+                "received, never as trained",
+                verified.hash[:16],
+                ", ".join(repr(n[:60]) for n in made.released.withheld[:8]),
+                ", ".join(self.rules.accept_buffers) or "none accepted",
+            )
+        with self._lock:
+            self._states[verified.hash] = made
+            while len(self._states) > _KEEP:
+                self._states.pop(next(iter(self._states)))
+        return made
+
+
+def plan_state(verified: VerifiedPlan, accept: tuple[str, ...]) -> PlanState:
+    """The :class:`PlanState` of a verified plan under the accepted buffer kinds."""
+    summary = verified.summary
+    buffers = {
+        t.name: (t.dtype, t.shape == ()) for t in summary.state if t.name not in summary.trainable
+    }
+    try:
+        released = released_state(
+            verified.program, parameters=summary.trainable, buffers=buffers, accept=accept
+        )
+    except PlanRejectedError as exc:
+        raise TaskRefused("plans.verification", str(exc)) from None
+    return PlanState(released, verified.constants)

@@ -1,10 +1,13 @@
 """``fed-worker requests list | show | approve | deny``: the data owner decides on plans.
 
 The queue is the one the worker's policy names (``[plans] requests``, beside the policy file
-by default), or ``--queue DIR``. ``show`` verifies the queued program again, here, and prints
-what it computes with the training config, DP and secure-aggregation terms it was asked for
-with; ``approve`` and ``deny`` pin the decision to the plan's hash. The running worker reads
-the decision at the plan's next task: no restart.
+by default), or ``--queue DIR``. A request is a plan and the terms it is to run under; it is
+named by its id (or its plan's hash, while the plan has one request). ``show`` verifies the
+queued program again, here, and prints what it computes with the training config, DP and
+secure-aggregation terms it was asked for with; ``approve`` and ``deny`` pin the decision to
+the plan's hash *and those terms* (``approve --lr-range LOW:HIGH`` widens the learning rate,
+``--rounds N`` bounds the rounds the approval covers). A task under other terms is a new
+request. The running worker reads the decision at the plan's next task: no restart.
 """
 
 from __future__ import annotations
@@ -33,12 +36,31 @@ def build_requests_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="every plan request and its status")
     show = sub.add_parser("show", help="what a plan computes and how it is to be trained")
     show.add_argument("hash", help="the plan's hash (a unique prefix is enough)")
-    approve = sub.add_parser("approve", help="run this plan (pinned to its hash)")
-    approve.add_argument("hash")
+    approve = sub.add_parser("approve", help="run this plan under these terms (pinned to both)")
+    approve.add_argument("hash", help="the request's id (or its plan's hash), a unique prefix")
+    approve.add_argument(
+        "--lr-range",
+        type=_lr_range,
+        metavar="LOW:HIGH",
+        help="learning rates the approval covers (default: the requested one only)",
+    )
+    approve.add_argument(
+        "--rounds", type=int, help="rounds the approval covers (default: no bound)"
+    )
     deny = sub.add_parser("deny", help="refuse this plan; the coordinator is told why")
     deny.add_argument("hash")
     deny.add_argument("--reason", default="", help="sent to the coordinator")
     return p
+
+
+def _lr_range(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH, got {text!r}") from None
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -57,15 +79,29 @@ def _run(argv: Sequence[str]) -> None:
             verified = verify_program(queue.program(record.hash))
         except PlanRejectedError as exc:
             raise ConfigError(f"the queued plan fails verification here: {exc}") from None
+        print(f"request     {record.id[:16]} for plan {record.hash[:16]}")
         print(f"status      {record.status}" + (f" ({record.reason})" if record.reason else ""))
-        print(f"requested   for round {record.round}")
+        print(f"requested   for round {record.round} by {record.coordinator[:80]!r}")
+        if record.terms.kind == "evaluate":
+            print("terms       evaluation only")
+        if record.lr_range is not None:
+            print(f"approved    learning rates {record.lr_range[0]:g} to {record.lr_range[1]:g}")
+        if record.rounds is not None:
+            print(f"approved    for {record.rounds} round(s), {record.used} run")
         for line in describe_plan(verified, train=record.train_config, secagg=record.secagg):
             print(line)
         return
-    reason = getattr(args, "reason", "")  # only deny takes one
-    record = queue.decide(record.hash, approve=args.command == "approve", reason=reason)
+    approve = args.command == "approve"
+    record = queue.decide(
+        record.id,
+        approve=approve,
+        reason=getattr(args, "reason", ""),  # only deny takes one
+        lr_range=args.lr_range if approve else None,
+        rounds=args.rounds if approve else None,
+    )
     print(
-        f"plan {record.hash[:16]} {record.status}" + (f": {record.reason}" if record.reason else "")
+        f"request {record.id[:16]} (plan {record.hash[:16]}) {record.status}"
+        + (f": {record.reason}" if record.reason else "")
     )
 
 

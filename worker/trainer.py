@@ -11,6 +11,7 @@ loop::
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -32,7 +33,10 @@ from fedcore.privacy.dpsgd import DPSGD
 from fedcore.training import Batch, EvalResult, TrainResult, evaluate, train, warm_up
 from fedcore.weights import ModelSignature, Weights, signature_of
 
-from .plans import PlanLibrary
+from .plans import PlanLibrary, PlanState
+from .sandbox import PlanSandbox, SandboxLimits
+
+log = logging.getLogger("fedcore.worker")
 
 __all__ = ["EchoTrainer", "EvalOutput", "FitOutput", "TorchTrainer", "Trainer", "TrainingFailed"]
 
@@ -113,6 +117,14 @@ def _divergence_hint(config: TrainConfig, train_fn: TrainFn) -> str:
     return f"lower the learning rate (--lr, now {config.learning_rate:g})"
 
 
+def _tensors(data: Dataset[Batch]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (x, y) tensors of a dataset held in memory (as fedcore's ArrayDataset is)."""
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and len(x) == len(y):
+        return x, y
+    return None
+
+
 def _describe(data: Dataset[Batch], role: str) -> str:
     return f"{role} {data.source}" if isinstance(data, ArrayDataset) else role
 
@@ -127,6 +139,9 @@ class TorchTrainer(Trainer):
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         train_fn / eval_fn: replace the default loops.
         plans: the verified plans this worker runs (shipped models; see worker/plans.py).
+            With its policy's ``[plans] sandbox`` (the default), plans train and evaluate in
+            a limited child process (worker/sandbox.py) when the data is held in memory, the
+            device is the CPU and the loops are the default ones; otherwise in this process.
     """
 
     def __init__(
@@ -151,6 +166,7 @@ class TorchTrainer(Trainer):
         # refused anything else; this holds for trainers driven without it, too).
         self._catalog = ModelCatalog(model)
         self._plans = plans
+        self._sandbox = self._make_sandbox(plans, device, train_fn, eval_fn)
         self._cached: tuple[ModelSpec, nn.Module] | None = None
         # The parameters the model's factory left trainable (peft freezes a base model): what
         # a task that names no trainable parameters trains.
@@ -166,6 +182,26 @@ class TorchTrainer(Trainer):
         # process ("terminate called without an active exception", exit -6).
         self._warm = threading.Thread(target=warm_up, name="fedcore-warm-up")
         self._warm.start()
+
+    def _make_sandbox(
+        self, plans: PlanLibrary | None, device: str, train_fn: TrainFn, eval_fn: EvalFn
+    ) -> PlanSandbox | None:
+        if plans is None or not plans.rules.sandbox:
+            return None
+        train_tensors = _tensors(self._train_data)
+        eval_tensors = _tensors(self._eval_data)
+        own_loops = train_fn is not _default_train or eval_fn is not _default_eval
+        if train_tensors is None or eval_tensors is None or device != "cpu" or own_loops:
+            log.warning(
+                "plans run in this process, not in a sandbox: it needs in-memory data, the "
+                "CPU and the default training loops"
+            )
+            return None
+        limits = SandboxLimits(plans.rules.sandbox_memory_bytes, plans.rules.sandbox_cpu_seconds)
+        same = self._eval_data is self._train_data
+        return PlanSandbox(
+            limits, train_tensors, None if same else eval_tensors, plans.rules.accept_buffers
+        )
 
     @property
     def num_examples(self) -> int:
@@ -212,10 +248,43 @@ class TorchTrainer(Trainer):
         # Never import the same modules from two threads at once.
         self._warm.join(timeout=600)
 
-    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
-        self._wait_for_warm_up()
+    def _load(self, model: ModelSpec, weights: Weights) -> nn.Module:
+        """The model with ``weights`` loaded; a plan's constants as shipped (nothing a graph
+        wrote in an earlier task is kept)."""
         net = self._model_for(model)
         set_weights(net, weights)
+        state = self._plans.state(model) if self._plans is not None else None
+        if state is not None:
+            state.reset(net)
+        return net
+
+    def _sandboxed(self, model: ModelSpec) -> tuple[PlanSandbox, PlanState] | None:
+        if self._sandbox is None or self._plans is None:
+            return None
+        state = self._plans.state(model)
+        return None if state is None else (self._sandbox, state)
+
+    def _fit_sandboxed(
+        self,
+        sandbox: PlanSandbox,
+        state: PlanState,
+        model: ModelSpec,
+        weights: Weights,
+        config: TrainConfig,
+    ) -> FitOutput:
+        assert self._plans is not None
+        verified = self._plans.verified(model)
+        assert verified is not None  # state() found it
+        result = sandbox.run(verified.program, weights, config, verified.signature)
+        metrics = dict(result.metrics)
+        return FitOutput(state.upload(result.weights, weights), result.num_examples, metrics)
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        self._wait_for_warm_up()
+        sandboxed = self._sandboxed(model)
+        if sandboxed is not None:
+            return self._fit_sandboxed(*sandboxed, model, weights, config)
+        net = self._load(model, weights)
         # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
         # Set for every task: the model outlives it, and the next may train other parameters.
         keep = set(config.trainable) if config.trainable else self._factory_trainable
@@ -223,6 +292,9 @@ class TorchTrainer(Trainer):
             parameter.requires_grad_(name in keep)
         result = self._train_fn(net, self._train_data, config, self._device)
         updated = get_weights(net)
+        state = self._plans.state(model) if self._plans is not None else None
+        if state is not None:  # only what the data owner accepted leaves
+            updated = state.upload(updated, weights)
         for name, array in updated.items():
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise TrainingFailed(
@@ -239,8 +311,13 @@ class TorchTrainer(Trainer):
 
     def evaluate(self, model: ModelSpec, weights: Weights) -> EvalOutput:
         self._wait_for_warm_up()
-        net = self._model_for(model)
-        set_weights(net, weights)
+        sandboxed = self._sandboxed(model)
+        if sandboxed is not None:
+            verified = self._plans.verified(model) if self._plans is not None else None
+            assert verified is not None
+            ran = sandboxed[0].run(verified.program, weights, None, verified.signature)
+            return EvalOutput(ran.num_examples, ran.metrics)
+        net = self._load(model, weights)
         result = self._eval_fn(net, self._eval_data, self._device)
         return EvalOutput(result.num_examples, {"loss": result.loss, "accuracy": result.accuracy})
 

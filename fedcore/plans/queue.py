@@ -3,66 +3,200 @@
 Kept by the worker (``worker/plans.py`` queues, ``fed-worker requests`` decides) and read
 by ``fed-plan show HASH``.
 
-One folder per plan hash under the queue's root (the policy's ``[plans] requests``)::
+A request is a plan *and the terms it is to run under* (:class:`Terms`: the task kind, local
+epochs, batch size, optimizer and its settings, every strategy number the task carries
+(client-level DP's clip norm and noise multiplier among them), secure aggregation on or off,
+and the learning rate). The owner approves a request, not a hash: a training task of an
+approved plan under other terms is another request, which waits for its own decision. An
+evaluation task trains nothing and follows the decision on the plan's training (it makes a
+request of its own only for a plan never asked about). An approval
+may widen the learning rate to a range (``--lr-range``) and bound the rounds it covers
+(``--rounds``). Layout under the queue's root (the policy's ``[plans] requests``)::
 
-    plan-requests/<hash>/plan.bin        the PlanProgram as received (protobuf, never pickled)
-    plan-requests/<hash>/request.json    when and how it was asked for (written once)
-    plan-requests/<hash>/decision.json   approved or denied, why, when (written by the owner)
+    plan-requests/programs/<hash>.bin         each PlanProgram once (protobuf, never pickled)
+    plan-requests/<id>/request.json           the plan's hash, its terms, who asked and when
+    plan-requests/<id>/decision.json          approved or denied, why, when, the lr range
+    plan-requests/<id>/used.json              rounds run under the current approval
 
-The worker only ever creates a request; ``fed-worker requests approve|deny`` only ever writes
-a decision. Both write a temporary file and rename it, so a reader never sees half a file
-and the queue survives restarts. A decision is pinned to the hash: a plan that changes in any
-operation, weight shape or constant is another plan, and waits again.
+``<id>`` is the SHA-256 of the plan's hash and its terms. The worker only ever creates a
+request and counts rounds; ``fed-worker requests approve|deny`` only ever writes a decision.
+Every file is written to a temporary name and renamed, so a reader never sees half a file
+and the queue survives restarts. The queue has caps (:class:`QueueCaps`): undecided
+requests, bytes of stored programs, and new requests per coordinator per day; a request
+past a cap is not stored, and the refusal says which cap and what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fedcore.errors import ConfigError, PlanError
 from fedcore.plan import TrainConfig
-from fedcore.policy import load_policy
+from fedcore.policy import PlanRules, load_policy
 from fedcore.v1 import fedcore_pb2 as pb
 
 from .format import plan_hash
 
-__all__ = ["PlanRequestRecord", "RequestQueue", "Status", "queue_from"]
+__all__ = [
+    "PlanRequestRecord",
+    "QueueCaps",
+    "QueueFull",
+    "RequestQueue",
+    "Status",
+    "Terms",
+    "caps_of",
+    "queue_from",
+    "request_id",
+]
 
 Status = Literal["pending", "approved", "denied"]
 _HASH = re.compile(r"[0-9a-f]{64}")
+_DAY = 24 * 3600.0
+
+
+class QueueFull(PlanError):
+    """A new request was not stored: the queue is at one of its caps."""
+
+
+@dataclass(frozen=True)
+class QueueCaps:
+    """How much the queue holds (``[plans] max-pending``, ``max-queue-bytes``,
+    ``max-requests-per-day``)."""
+
+    max_pending: int = 16
+    max_bytes: int = 256 * 1024 * 1024
+    max_per_day: int = 16
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a task asks to do with a plan, as the data owner approves it."""
+
+    kind: str  # "fit" or "evaluate"
+    secagg: bool
+    epochs: int = 0
+    batch_size: int = 0
+    optimizer: str = ""
+    learning_rate: float = 0.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    #: every strategy number of the task (client-level DP, FedProx, compression)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, task: pb.Task) -> Terms:
+        secagg = task.HasField("secagg")
+        if task.kind != pb.TASK_KIND_FIT:
+            return cls("evaluate", secagg)
+        config = TrainConfig.from_proto(task.train)
+        return cls(
+            "fit",
+            secagg,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            optimizer=config.optimizer,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            extra=dict(sorted(config.extra.items())),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Terms:
+        return cls(
+            kind=str(data.get("kind", "")),
+            secagg=bool(data.get("secagg", False)),
+            epochs=int(data.get("epochs", 0)),
+            batch_size=int(data.get("batch_size", 0)),
+            optimizer=str(data.get("optimizer", "")),
+            learning_rate=float(data.get("learning_rate", 0.0)),
+            momentum=float(data.get("momentum", 0.0)),
+            weight_decay=float(data.get("weight_decay", 0.0)),
+            extra={str(k): float(v) for k, v in dict(data.get("extra", {})).items()},
+        )
+
+    def but_lr(self) -> Terms:
+        """These terms with the learning rate left out (an approval may give it a range)."""
+        return Terms(**{**asdict(self), "learning_rate": 0.0})
+
+    def differences(self, other: Terms) -> list[str]:
+        """What changed from ``other`` to these terms, one short phrase each."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+    def train_config(self) -> TrainConfig | None:
+        if self.kind != "fit":
+            return None
+        try:
+            return TrainConfig(
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                optimizer=self.optimizer,
+                learning_rate=self.learning_rate,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                extra=dict(self.extra),
+            )
+        except ConfigError:
+            return None
+
+
+def request_id(digest: str, terms: Terms) -> str:
+    """A request's id: the plan's hash and its terms, hashed together."""
+    canonical = json.dumps({"hash": digest, "terms": asdict(terms)}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class PlanRequestRecord:
-    """One plan in the queue."""
+    """One request in the queue: a plan, its terms, the owner's decision."""
 
+    id: str
     hash: str
     name: str
     status: Status
     requested_at: float
     round: int
-    train: dict[str, Any]
-    secagg: bool
+    terms: Terms
+    coordinator: str = ""
     reason: str = ""
     decided_at: float | None = None
+    #: the approved learning rates (the requested one unless the owner widened it)
+    lr_range: tuple[float, float] | None = None
+    #: rounds (fit tasks) the approval covers; None: no bound
+    rounds: int | None = None
+    used: int = 0
+
+    @property
+    def secagg(self) -> bool:
+        return self.terms.secagg
 
     @property
     def train_config(self) -> TrainConfig | None:
-        try:
-            return TrainConfig(**self.train) if self.train else None
-        except (TypeError, ConfigError):
-            return None
+        return self.terms.train_config()
+
+    def covers(self, terms: Terms) -> bool:
+        """An approved request whose terms (and learning-rate range) cover ``terms``."""
+        if self.status != "approved" or self.terms.but_lr() != terms.but_lr():
+            return False
+        low, high = self.lr_range or (self.terms.learning_rate, self.terms.learning_rate)
+        return low <= terms.learning_rate <= high
+
+    @property
+    def rounds_left(self) -> int | None:
+        return None if self.rounds is None else max(self.rounds - self.used, 0)
 
     def line(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.requested_at))
-        text = f"{self.hash[:16]}  {self.status:<8}  {when}  {self.name!r}"
-        return text + (f"  ({self.reason})" if self.reason else "")
+        text = f"{self.id[:16]}  plan {self.hash[:16]}  {self.status:<8}  {when}  {self.name!r}"
+        return text + (f"  ({self.reason!r})" if self.reason else "")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -71,85 +205,164 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {path} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} is not a JSON object")
+    return data
+
+
 class RequestQueue:
-    """The queue at ``root`` (created on first use)."""
+    """The queue at ``root`` (created on first use), within ``caps``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, caps: QueueCaps | None = None) -> None:
         self.root = root
+        self.caps = caps or QueueCaps()
 
-    def _dir(self, digest: str) -> Path:
+    def _dir(self, rid: str) -> Path:
+        if not _HASH.fullmatch(rid):
+            raise ConfigError(f"{rid!r} is not a request id (64 hex digits)")
+        return self.root / rid
+
+    def _program_path(self, digest: str) -> Path:
         if not _HASH.fullmatch(digest):
             raise ConfigError(f"{digest!r} is not a plan hash (64 hex digits)")
-        return self.root / digest
+        return self.root / "programs" / f"{digest}.bin"
 
-    def get(self, digest: str) -> PlanRequestRecord | None:
-        """The request for ``digest`` and its decision, or None if never requested."""
-        folder = self._dir(digest)
-        try:
-            request = json.loads((folder / "request.json").read_text())
-        except FileNotFoundError:
+    def get(self, rid: str) -> PlanRequestRecord | None:
+        """The request ``rid`` and its decision, or None if there is none."""
+        folder = self._dir(rid)
+        request = _read_json(folder / "request.json", "plan request")
+        if request is None:
             return None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"plan request {folder} is unreadable: {exc}") from None
-        decision: dict[str, Any] = {}
-        try:
-            decision = json.loads((folder / "decision.json").read_text())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"decision on plan {digest[:16]} is unreadable: {exc}") from None
+        decision = _read_json(folder / "decision.json", "decision") or {}
+        used = _read_json(folder / "used.json", "round count") or {}
         status = decision.get("status", "pending")
         if status not in ("approved", "denied"):
             status = "pending"
+        lr = decision.get("lr_range")
+        rounds = decision.get("rounds")
         return PlanRequestRecord(
-            hash=digest,
+            id=rid,
+            hash=str(request.get("hash", "")),
             name=str(request.get("name", "")),
             status=status,
             requested_at=float(request.get("requested_at", 0.0)),
             round=int(request.get("round", 0)),
-            train=dict(request.get("train", {})),
-            secagg=bool(request.get("secagg", False)),
+            terms=Terms.from_json(dict(request.get("terms", {}))),
+            coordinator=str(request.get("coordinator", "")),
             reason=str(decision.get("reason", "")),
             decided_at=decision.get("decided_at"),
+            lr_range=(float(lr[0]), float(lr[1]))
+            if isinstance(lr, list) and len(lr) == 2
+            else None,
+            rounds=int(rounds) if isinstance(rounds, int) else None,
+            # Rounds count under the current decision only: a new decision starts again.
+            used=int(used.get("count", 0))
+            if used.get("decided_at") == decision.get("decided_at")
+            else 0,
         )
 
-    def submit(self, program: pb.PlanProgram, task: pb.Task) -> PlanRequestRecord:
-        """Queue ``program`` (already verified) as ``task`` asked for it; idempotent."""
+    def for_plan(self, digest: str) -> list[PlanRequestRecord]:
+        """Every request for the plan of hash ``digest``, oldest first."""
+        return [r for r in self.list() if r.hash == digest]
+
+    def lookup(self, digest: str, terms: Terms) -> PlanRequestRecord | None:
+        """The request that decides ``terms`` for plan ``digest``: an approval covering them
+        (with rounds left first), else the request for exactly these terms, else None."""
+        requests = self.for_plan(digest)
+        if terms.kind == "evaluate" and requests:
+            # Evaluation trains nothing: the owner's decision on the plan's training decides
+            # it (an approval under any terms; else the latest request's status).
+            approved = [r for r in requests if r.status == "approved"]
+            return approved[-1] if approved else requests[-1]
+        approved = [r for r in requests if r.covers(terms)]
+        approved.sort(key=lambda r: r.rounds_left != 0, reverse=True)
+        if approved:
+            return approved[0]
+        return self.get(request_id(digest, terms))
+
+    def submit(
+        self, program: pb.PlanProgram, task: pb.Task, *, coordinator: str = ""
+    ) -> PlanRequestRecord:
+        """Queue ``program`` (already verified) under ``task``'s terms; idempotent.
+
+        Raises:
+            QueueFull: a cap would be exceeded; nothing was stored.
+        """
         digest = program.hash
-        folder = self._dir(digest)
-        existing = self.get(digest)
+        terms = Terms.of(task)
+        rid = request_id(digest, terms)
+        existing = self.get(rid)
         if existing is not None:
             return existing
+        self._check_caps(program, coordinator)
+        program_path = self._program_path(digest)
+        if not program_path.exists():
+            program_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = program_path.with_name(program_path.name + ".tmp")
+            tmp.write_bytes(program.SerializeToString())
+            os.replace(tmp, program_path)
+        folder = self._dir(rid)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "plan.bin.tmp").write_bytes(program.SerializeToString())
-        os.replace(folder / "plan.bin.tmp", folder / "plan.bin")
-        train = {}
-        if task.kind == pb.TASK_KIND_FIT:
-            config = TrainConfig.from_proto(task.train)
-            train = {
-                "epochs": config.epochs,
-                "batch_size": config.batch_size,
-                "optimizer": config.optimizer,
-                "learning_rate": config.learning_rate,
-                "momentum": config.momentum,
-                "weight_decay": config.weight_decay,
-                "seed": config.seed,
-                "extra": dict(config.extra),
-            }
         _write_json(
             folder / "request.json",
             {
+                "id": rid,
                 "hash": digest,
                 "name": program.name,
                 "requested_at": time.time(),
                 "round": task.round,
-                "train": train,
-                "secagg": task.HasField("secagg"),
+                "coordinator": coordinator,
+                "terms": asdict(terms),
             },
         )
-        record = self.get(digest)
+        record = self.get(rid)
         assert record is not None
         return record
+
+    def _check_caps(self, program: pb.PlanProgram, coordinator: str) -> None:
+        records = self.list()
+        pending = sum(r.status == "pending" for r in records)
+        if pending >= self.caps.max_pending:
+            raise QueueFull(
+                f"the data owner's request queue is full: {pending} requests await a decision "
+                f"(at most {self.caps.max_pending}); this one was not queued until the owner "
+                "decides on those (fed-worker requests list)"
+            )
+        since = time.time() - _DAY
+        recent = sum(r.coordinator == coordinator and r.requested_at > since for r in records)
+        if recent >= self.caps.max_per_day:
+            raise QueueFull(
+                f"this coordinator made {recent} plan requests in the last 24 hours, the most "
+                f"the data owner accepts ({self.caps.max_per_day}); this one was not queued"
+            )
+        programs = self.root / "programs"
+        stored = (
+            sum(p.stat().st_size for p in programs.iterdir() if p.suffix == ".bin")
+            if programs.is_dir()
+            else 0
+        )
+        size = 0 if self._program_path(program.hash).exists() else program.ByteSize()
+        if stored + size > self.caps.max_bytes:
+            raise QueueFull(
+                f"the data owner's request queue is full: it holds {stored:,} bytes of plans "
+                f"and this one takes {size:,} (at most {self.caps.max_bytes:,}); it was not "
+                "queued"
+            )
+
+    def count_round(self, record: PlanRequestRecord) -> None:
+        """One more round (fit task) ran under ``record``'s current approval."""
+        decision = _read_json(self._dir(record.id) / "decision.json", "decision") or {}
+        _write_json(
+            self._dir(record.id) / "used.json",
+            {"decided_at": decision.get("decided_at"), "count": record.used + 1},
+        )
 
     def list(self) -> list[PlanRequestRecord]:
         """Every request, oldest first."""
@@ -161,38 +374,64 @@ class RequestQueue:
         return sorted((r for r in records if r is not None), key=lambda r: r.requested_at)
 
     def find(self, prefix: str) -> PlanRequestRecord:
-        """The one request whose hash starts with ``prefix``."""
-        matches = [r for r in self.list() if r.hash.startswith(prefix.lower())]
-        if not prefix or not matches:
+        """The one request whose id, or whose plan's hash, starts with ``prefix``."""
+        prefix = prefix.lower()
+        records = self.list()
+        matches = [r for r in records if r.id.startswith(prefix)] if prefix else []
+        if not matches and prefix:
+            matches = [r for r in records if r.hash.startswith(prefix)]
+        if not matches:
             raise ConfigError(f"no plan request matches {prefix!r} in {self.root}")
         if len(matches) > 1:
-            raise ConfigError(f"{prefix!r} matches {len(matches)} plan requests; give more digits")
+            ids = ", ".join(r.id[:16] for r in matches[:8])
+            raise ConfigError(
+                f"{prefix!r} matches {len(matches)} plan requests ({ids}); give a request id"
+            )
         return matches[0]
 
     def program(self, digest: str) -> pb.PlanProgram:
         """The queued program, checked against its hash."""
         program = pb.PlanProgram()
         try:
-            program.ParseFromString((self._dir(digest) / "plan.bin").read_bytes())
+            program.ParseFromString(self._program_path(digest).read_bytes())
         except Exception as exc:  # unreadable or not protobuf
             raise PlanError(f"queued plan {digest[:16]} is unreadable: {exc}") from None
         if plan_hash(program) != digest:
             raise PlanError(f"queued plan {digest[:16]} does not match its hash")
         return program
 
-    def decide(self, digest: str, *, approve: bool, reason: str = "") -> PlanRequestRecord:
-        """Approve or deny the plan of hash ``digest`` (the data owner's command)."""
-        if self.get(digest) is None:
-            raise ConfigError(f"no request for plan {digest[:16]} in {self.root}")
-        _write_json(
-            self._dir(digest) / "decision.json",
-            {
-                "status": "approved" if approve else "denied",
-                "reason": reason,
-                "decided_at": time.time(),
-            },
-        )
-        record = self.get(digest)
+    def decide(
+        self,
+        rid: str,
+        *,
+        approve: bool,
+        reason: str = "",
+        lr_range: tuple[float, float] | None = None,
+        rounds: int | None = None,
+    ) -> PlanRequestRecord:
+        """Approve or deny request ``rid`` (the data owner's command)."""
+        record = self.get(rid)
+        if record is None:
+            raise ConfigError(f"no plan request {rid[:16]} in {self.root}")
+        if lr_range is not None:
+            low, high = lr_range
+            if not 0 < low <= high:
+                raise ConfigError(
+                    f"the learning-rate range must be 0 < LOW <= HIGH, got {lr_range}"
+                )
+        if rounds is not None and rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {rounds}")
+        decision: dict[str, Any] = {
+            "status": "approved" if approve else "denied",
+            "reason": reason,
+            "decided_at": time.time(),
+        }
+        if approve and lr_range is not None:
+            decision["lr_range"] = list(lr_range)
+        if approve and rounds is not None:
+            decision["rounds"] = rounds
+        _write_json(self._dir(rid) / "decision.json", decision)
+        record = self.get(rid)
         assert record is not None
         return record
 
@@ -205,4 +444,9 @@ def queue_from(policy: Path | None, queue: Path | None) -> RequestQueue:
         raise ConfigError("give --policy POLICY.toml (its [plans] requests) or --queue DIR")
     rules = load_policy(policy).plans
     assert rules.requests is not None  # the parser always sets it
-    return RequestQueue(rules.requests)
+    return RequestQueue(rules.requests, caps_of(rules))
+
+
+def caps_of(rules: PlanRules) -> QueueCaps:
+    """The caps a policy's ``[plans]`` section sets."""
+    return QueueCaps(rules.max_pending, rules.max_queue_bytes, rules.max_requests_per_day)

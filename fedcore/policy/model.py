@@ -51,6 +51,14 @@ Every section is optional; an absent rule allows everything it would have restri
     accept = true                          # run verified plans at all
     require-approval = true                # ... only once the data owner approved the hash
     requests = "plan-requests"             # the request queue (relative to this file's folder)
+    max-pending = 16                       # the queue's caps: requests awaiting a decision,
+    max-queue-bytes = 268_435_456          # bytes of queued programs (256 MiB),
+    max-requests-per-day = 16              # new requests per coordinator in 24 hours
+    accept-buffers = ["batch-norm"]        # buffer kinds whose trained values are uploaded
+    sandbox = true                         # train and evaluate plans in a limited child process
+    sandbox-memory-bytes = 8_589_934_592   # its address-space limit (default: half the RAM,
+                                           # at most 16 GiB)
+    sandbox-cpu-seconds = 3600             # its CPU time per task
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
@@ -68,6 +76,7 @@ never silently drop a rule.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -76,6 +85,7 @@ from fedcore.errors import PolicyError
 from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
+    "BUFFER_KINDS",
     "DP_KINDS",
     "AnalyticsRules",
     "BudgetRules",
@@ -90,6 +100,10 @@ __all__ = [
     "load_policy",
     "parse_policy",
 ]
+
+#: Buffer kinds a policy may accept (``[plans] accept-buffers``; recognised on the graph by
+#: ``worker/plan_state.py``).
+BUFFER_KINDS = ("batch-norm",)
 
 DPKind = Literal["client-level", "record-level", "either"]
 DP_KINDS: tuple[DPKind, ...] = ("client-level", "record-level", "either")
@@ -226,13 +240,34 @@ class PlanRules:
     """Models shipped as programs (``fed-server --ship-plan``; see docs/plans.md).
 
     ``accept``: run verified plans at all. ``require_approval``: run a plan only after the
-    data owner approved its hash (``fed-worker requests approve``); unknown plans wait in
-    the request queue at ``requests``.
+    data owner approved its hash and terms (``fed-worker requests approve``); unknown plans
+    wait in the request queue at ``requests``, within its caps (``max_pending`` undecided
+    requests, ``max_queue_bytes`` of programs, ``max_requests_per_day`` new requests from one
+    coordinator). ``accept_buffers``: the buffer kinds (``worker/plan_state.py``) whose
+    trained values are uploaded; any other buffer goes back as received. ``sandbox``: plans
+    train and evaluate in a child process limited to ``sandbox_memory_bytes`` of address
+    space and ``sandbox_cpu_seconds`` of CPU time per task (``worker/sandbox.py``).
     """
 
     accept: bool = True
     require_approval: bool = False
     requests: Path | None = None
+    max_pending: int = 16
+    max_queue_bytes: int = 256 * 1024 * 1024
+    max_requests_per_day: int = 16
+    accept_buffers: tuple[str, ...] = ("batch-norm",)
+    sandbox: bool = True
+    sandbox_memory_bytes: int = field(default_factory=lambda: default_sandbox_memory())
+    sandbox_cpu_seconds: int = 3600
+
+
+def default_sandbox_memory() -> int:
+    """Half the machine's memory, at most 16 GiB (a plan's child never takes the host's)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        physical = 16 * 1024**3
+    return int(min(physical // 2, 16 * 1024**3))
 
 
 @dataclass(frozen=True)
@@ -441,12 +476,45 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
-    pl = section("plans", ("accept", "require-approval", "requests"))
+    pl = section(
+        "plans",
+        (
+            "accept",
+            "require-approval",
+            "requests",
+            "max-pending",
+            "max-queue-bytes",
+            "max-requests-per-day",
+            "accept-buffers",
+            "sandbox",
+            "sandbox-memory-bytes",
+            "sandbox-cpu-seconds",
+        ),
+    )
     queue = Path(pl.string("requests") or "plan-requests").expanduser()
+    listed = pl.strings("accept-buffers")
+    kinds = PlanRules.accept_buffers if listed is None else listed
+    unknown = sorted(set(kinds) - set(BUFFER_KINDS))
+    if unknown:
+        raise pl.fail("accept-buffers", f"unknown kind(s) {unknown}; known: {list(BUFFER_KINDS)}")
     plans = PlanRules(
         accept=_default(pl.boolean("accept"), True),
         require_approval=_default(pl.boolean("require-approval"), False),
         requests=queue if queue.is_absolute() else path.parent / queue,
+        max_pending=_or(pl.integer("max-pending", minimum=1), PlanRules.max_pending),
+        max_queue_bytes=_or(pl.integer("max-queue-bytes", minimum=1), PlanRules.max_queue_bytes),
+        max_requests_per_day=_or(
+            pl.integer("max-requests-per-day", minimum=1), PlanRules.max_requests_per_day
+        ),
+        accept_buffers=kinds,
+        sandbox=_default(pl.boolean("sandbox"), True),
+        sandbox_memory_bytes=_or(
+            pl.integer("sandbox-memory-bytes", minimum=256 * 1024 * 1024),
+            default_sandbox_memory(),
+        ),
+        sandbox_cpu_seconds=_or(
+            pl.integer("sandbox-cpu-seconds", minimum=1), PlanRules.sandbox_cpu_seconds
+        ),
     )
 
     analytics = None
