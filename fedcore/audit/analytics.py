@@ -12,7 +12,7 @@ add/remove relation the query's noise is calibrated for. The score is the releas
 the first sum (the count, or the sum of the canary's column), or ``-inf`` when a silo refused.
 
 ``admission`` is the rule a silo applies to its exact counts before anything is charged.
-:func:`main_min_count` is main's ``check_min_count`` itself; :func:`exact_min_count_refusal`
+:class:`MainMinCount` is main's ``check_min_count`` itself; :class:`ExactMinCountRefusal`
 is a frozen copy of its behaviour (refuse when a cell holds fewer than ``min_count`` records),
 the positive control "a free refusal".
 """
@@ -41,8 +41,8 @@ from .mechanism import Claim, ScaledNoise
 __all__ = [
     "Admission",
     "AnalyticsQuery",
-    "exact_min_count_refusal",
-    "main_min_count",
+    "ExactMinCountRefusal",
+    "MainMinCount",
 ]
 
 
@@ -53,7 +53,7 @@ class Admission(Protocol):
 
 
 @dataclass(frozen=True)
-class main_min_count:  # noqa: N801 - used like the function it wraps
+class MainMinCount:
     """Main's rule as deployed: :func:`fedcore.analytics.rules.check_min_count`."""
 
     min_count: int
@@ -63,7 +63,7 @@ class main_min_count:  # noqa: N801 - used like the function it wraps
 
 
 @dataclass(frozen=True)
-class exact_min_count_refusal:  # noqa: N801 - used like a function
+class ExactMinCountRefusal:
     """Refuse exactly when a cell's exact count is below ``min_count`` (frozen control)."""
 
     min_count: int

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from collections.abc import Sequence
-
-import numpy as np
 
 from .runner import AuditResult, audit
 from .suite import SUITE, Setting, entries
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{entry.name:32} {entry.expect:8} {entry.build().description}")
         return 0
     setting: Setting = "full" if args.full else "ci"
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy) % 2**63
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
     results = []
     for entry in selected:
         runs = args.runs if args.runs is not None else entry.runs(setting)

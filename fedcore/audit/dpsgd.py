@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fedcore.plan import TrainConfig
 from fedcore.privacy import PrivacyAccountant
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.training import Batch
 
 from .mechanism import Claim
 
@@ -70,7 +72,7 @@ class DPSGDSilo:
     def run(self, canary: bool, rng: np.random.Generator) -> float:
         x = [[0.0]] * self.records + ([[1000.0]] if canary else [])
         y = [i % 2 for i in range(self.records)] + ([1] if canary else [])
-        data = TensorDataset(torch.tensor(x), torch.tensor(y))
+        data = cast("Dataset[Batch]", TensorDataset(torch.tensor(x), torch.tensor(y)))
         model = nn.Linear(1, 2)
         nn.init.zeros_(model.weight)
         nn.init.zeros_(model.bias)

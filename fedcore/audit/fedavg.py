@@ -117,7 +117,7 @@ class FedAvgRound:
             assert request is not None
             trained = {"w": np.array([10.0 * self.clip_norm, 0.0])} if canary and i == 0 else start
             update = privatize_update(start, trained, request, rng=noise)
-            aggregator.add({"w": start["w"] + update.delta["w"]}, 1)
+            aggregator.add({"w": np.add(start["w"], update.delta["w"])}, 1)
             results.append(FitResult(instruction.worker, 1, update.metrics))
         released = dp.aggregate_fit(1, start, aggregator.result(), results, [])
         report = dp.privacy_metrics()

@@ -67,5 +67,5 @@ class ScaledNoise(np.random.Generator):
         super().__init__(bit_generator)
         self.factor = factor
 
-    def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Any = None) -> Any:  # type: ignore[override]
+    def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Any = None) -> Any:
         return super().normal(loc, np.multiply(scale, self.factor), size)

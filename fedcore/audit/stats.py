@@ -49,7 +49,9 @@ def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[flo
         raise ValueError(f"the confidence must be in (0, 1), got {confidence}")
     tail = (1 - confidence) / 2
     low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
-    high = 1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    high = (
+        1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    )
     return low, high
 
 
@@ -92,7 +94,12 @@ class RateBound:
 
 
 def threshold_bound(
-    with_canary: Scores, without_canary: Scores, threshold: float, *, delta: float, confidence: float
+    with_canary: Scores,
+    without_canary: Scores,
+    threshold: float,
+    *,
+    delta: float,
+    confidence: float,
 ) -> RateBound:
     """The bound of the test "the canary is in when the score exceeds ``threshold``".
 
@@ -107,7 +114,9 @@ def threshold_bound(
     # The upper end of a two-sided interval at c is a one-sided bound at 1 - (1 - c) / 2.
     fpr_hi = clopper_pearson(fp, n, confidence)[1]
     fnr_hi = clopper_pearson(fn, n, confidence)[1]
-    return RateBound(threshold, fp, fn, n, fpr_hi, fnr_hi, epsilon_from_rates(fpr_hi, fnr_hi, delta))
+    return RateBound(
+        threshold, fp, fn, n, fpr_hi, fnr_hi, epsilon_from_rates(fpr_hi, fnr_hi, delta)
+    )
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,15 @@ def epsilon_lower_bound(
     scores = [epsilon_from_rates(a, b, delta) for a, b in zip(fpr_hi, fnr_hi, strict=True)]
     i = int(np.argmax(scores))
     best = RateBound(
-        float(thresholds[i]), int(fp[i]), int(fn[i]), half, float(fpr_hi[i]), float(fnr_hi[i]), scores[i]
+        float(thresholds[i]),
+        int(fp[i]),
+        int(fn[i]),
+        half,
+        float(fpr_hi[i]),
+        float(fnr_hi[i]),
+        scores[i],
     )
-    evaluated = threshold_bound(eval_in, eval_out, best.threshold, delta=delta, confidence=confidence)
+    evaluated = threshold_bound(
+        eval_in, eval_out, best.threshold, delta=delta, confidence=confidence
+    )
     return Threshold(best, evaluated)

@@ -20,7 +20,7 @@ from typing import Literal
 
 from fedcore.privacy import AdaptiveClipping, calibrate_noise_multiplier
 
-from .analytics import AnalyticsQuery, exact_min_count_refusal, main_min_count
+from .analytics import AnalyticsQuery, ExactMinCountRefusal, MainMinCount
 from .dpsgd import DPSGDSilo
 from .fedavg import FedAvgRound, RawBitsAdaptiveClipping
 from .mechanism import AuditedMechanism
@@ -80,7 +80,7 @@ def _query(text: str, **kwargs: object) -> Callable[[], AuditedMechanism]:
 
 
 _COUNT = "count() where x >= 0"
-_AWAY = main_min_count(MIN_COUNT)  # 20 rows per silo: the rule never fires
+_AWAY = MainMinCount(MIN_COUNT)  # 20 rows per silo: the rule never fires
 
 SUITE: tuple[Entry, ...] = (
     Entry("dp-fedavg", "private", _fedavg(), 500, 20_000),
@@ -133,7 +133,7 @@ SUITE: tuple[Entry, ...] = (
             _COUNT,
             rows=[1.0] * (MIN_COUNT - 1),
             others=[1.0] * 20,
-            admission=exact_min_count_refusal(MIN_COUNT),
+            admission=ExactMinCountRefusal(MIN_COUNT),
         ),
         400,
         5_000,
