@@ -19,6 +19,7 @@ the positive control "a free refusal".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -105,15 +106,15 @@ class AnalyticsQuery:
     admission: Admission | None = None
     noise_factor: float = 1.0
 
-    @property
+    @functools.cached_property
     def layout(self) -> Layout:
         return plan_layout(parse_query(self.query), SCHEMA)
 
-    @property
+    @functools.cached_property
     def noise_multiplier(self) -> float:
         return noise_multiplier_for(self.epsilon, self.delta)
 
-    @property
+    @functools.cached_property
     def claim(self) -> Claim:
         return Claim(epsilon_for(self.noise_multiplier, self.delta), self.delta)
 

@@ -20,6 +20,7 @@ likelihood-ratio test of the two Gaussians does.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class FedAvgRound:
     adaptive: Callable[[], AdaptiveClipping] | None = None
     noise_factor: float = 1.0
 
-    @property
+    @functools.cached_property
     def claim(self) -> Claim:
         accountant = PrivacyAccountant()
         epsilon = accountant.epsilon_after(
