@@ -1,10 +1,11 @@
 """A client-level DP-FedAvg round with a canary worker, as the coordinator runs it.
 
 One run is one round of the real :class:`~fedcore.privacy.DifferentialPrivacy` wrapper around
-FedAvg (central noise): every worker's plan carries the DP request, each worker privatizes its
-update with :func:`~fedcore.privacy.privatize_update`, the wrapper's aggregator re-clips and
-sums them, and ``aggregate_fit`` adds the noise, charges its accountant and releases the new
-global weights and its privacy report.
+FedAvg: every worker's plan carries the DP request, each worker privatizes its update with
+:func:`~fedcore.privacy.privatize_update` (in distributed mode adding its noise share there),
+the wrapper's aggregator sums them (re-clipping in central mode), and ``aggregate_fit`` adds
+the central noise, charges its accountant and releases the new global weights and its privacy
+report.
 
 Neighbouring inputs: the canary worker takes part in both (a cross-silo cohort is public, and
 the release states how many updates it averaged). In ``D`` it sends the canary update, a
@@ -32,6 +33,7 @@ from fedcore.privacy import (
     AdaptiveClipping,
     ClientDP,
     DifferentialPrivacy,
+    DPMode,
     PrivacyAccountant,
     privatize_update,
 )
@@ -70,6 +72,7 @@ class FedAvgRound:
         workers: workers in the round, the canary worker included.
         adaptive: builds the round's adaptive clipping (None: a fixed clip norm).
         noise_factor: 1 as built; 0.5 is the positive control "halved noise".
+        mode: ``"central"`` or ``"distributed"`` (each worker adds ``z C / sqrt(workers)``).
     """
 
     noise_multiplier: float
@@ -78,6 +81,7 @@ class FedAvgRound:
     workers: int = 3
     adaptive: Callable[[], AdaptiveClipping] | None = None
     noise_factor: float = 1.0
+    mode: DPMode = "central"
 
     @functools.cached_property
     def claim(self) -> Claim:
@@ -91,7 +95,7 @@ class FedAvgRound:
     def description(self) -> str:
         clipping = "adaptive clipping" if self.adaptive is not None else "fixed clip norm"
         return (
-            f"DifferentialPrivacy(FedAvg) central noise, z={self.noise_multiplier:.4g}, "
+            f"DifferentialPrivacy(FedAvg) {self.mode} noise, z={self.noise_multiplier:.4g}, "
             f"{clipping}, {self.workers} workers; canary update vs zero update"
         )
 
@@ -102,6 +106,8 @@ class FedAvgRound:
             clipping_norm=self.clip_norm,
             delta=self.delta,
             adaptive=self.adaptive() if self.adaptive is not None else None,
+            mode=self.mode,
+            min_updates=self.workers if self.mode == "distributed" else 1,
             rng=noise,
         )
 

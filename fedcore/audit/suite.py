@@ -85,6 +85,14 @@ _AWAY = MainMinCount(MIN_COUNT)  # 20 rows per silo: the rule never fires
 SUITE: tuple[Entry, ...] = (
     Entry("dp-fedavg", "private", _fedavg(), 500, 20_000),
     Entry(
+        "dp-fedavg-distributed",
+        "private",
+        _fedavg(mode="distributed"),
+        500,
+        20_000,
+        "each worker adds its share of the noise",
+    ),
+    Entry(
         "dp-fedavg-adaptive",
         "private",
         _adaptive(2.0, raw_bits=False),
