@@ -34,7 +34,6 @@ from fedcore.privacy import (
     ClientDP,
     DifferentialPrivacy,
     DPMode,
-    PrivacyAccountant,
     privatize_update,
 )
 from fedcore.strategy import FedAvg, FitResult, WorkerInfo
@@ -85,11 +84,9 @@ class FedAvgRound:
 
     @functools.cached_property
     def claim(self) -> Claim:
-        accountant = PrivacyAccountant()
-        epsilon = accountant.epsilon_after(
-            noise_multiplier=self.noise_multiplier, sample_rate=1.0, delta=self.delta
-        )
-        return Claim(epsilon, self.delta)
+        """The strategy's own report after one round (a dry run without the canary)."""
+        report = self._round(False, np.random.default_rng(0))[1]
+        return Claim(report["epsilon"], report["delta"])
 
     @property
     def description(self) -> str:
@@ -111,7 +108,10 @@ class FedAvgRound:
             rng=noise,
         )
 
-    def run(self, canary: bool, rng: np.random.Generator) -> float:
+    def _round(
+        self, canary: bool, rng: np.random.Generator
+    ) -> tuple[Weights, dict[str, float], DifferentialPrivacy]:
+        """One round: the released weights, the privacy report, the strategy."""
         noise = rng if self.noise_factor == 1 else ScaledNoise(rng.bit_generator, self.noise_factor)
         dp = self._strategy(noise)
         start: Weights = {"w": np.zeros(2)}
@@ -127,14 +127,17 @@ class FedAvgRound:
             aggregator.add({"w": np.add(start["w"], update.delta["w"])}, 1)
             results.append(FitResult(instruction.worker, 1, update.metrics))
         released = dp.aggregate_fit(1, start, aggregator.result(), results, [])
-        report = dp.privacy_metrics()
+        return released, dp.privacy_metrics(), dp
+
+    def run(self, canary: bool, rng: np.random.Generator) -> float:
+        released, report, dp = self._round(canary, rng)
         if not math.isclose(report["epsilon"], self.claim.epsilon, rel_tol=1e-9):
             raise AssertionError(
-                f"the strategy reported epsilon {report['epsilon']}, the audit claims "
-                f"{self.claim.epsilon}: the adapter no longer matches the code"
+                f"the strategy reported epsilon {report['epsilon']} with the canary's input and "
+                f"{self.claim.epsilon} without: the report depends on the data"
             )
         n = report["aggregated"]
-        noisy_sum = float(released["w"][0] - start["w"][0]) * n / self.clip_norm
+        noisy_sum = float(released["w"][0]) * n / self.clip_norm  # the round started at 0
         if dp.adaptive is None:
             return noisy_sum
         sigma_b = dp.adaptive.count_noise_std
