@@ -14,7 +14,9 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import norm
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import binom, norm
 
 from fedcore.audit import ScaledNoise, audit, clopper_pearson, epsilon_from_rates
 from fedcore.audit.analytics import AnalyticsQuery, ExactMinCountRefusal, MainMinCount
@@ -42,6 +44,19 @@ def test_clopper_pearson_golden_values(k: int, n: int, low: float, high: float) 
     lo, hi = clopper_pearson(k, n, 0.95)
     assert lo == pytest.approx(low, abs=1e-6)
     assert hi == pytest.approx(high, abs=1e-6)
+
+
+@given(st.integers(1, 500).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_clopper_pearson_is_exact_at_its_ends(case: tuple[int, int]) -> None:
+    """Each end is where the binomial tail holds 2.5%: the interval is exact, not approximate,
+    and it holds the observed proportion."""
+    k, n = case
+    lo, hi = clopper_pearson(k, n, 0.95)
+    assert lo <= k / n <= hi
+    if k < n:
+        assert float(binom.cdf(k, n, hi)) == pytest.approx(0.025, abs=1e-6)
+    if k > 0:
+        assert float(binom.sf(k - 1, n, lo)) == pytest.approx(0.025, abs=1e-6)
 
 
 def test_clopper_pearson_refuses_nonsense() -> None:
