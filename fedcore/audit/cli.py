@@ -19,7 +19,7 @@ is caught, 1 otherwise, 2 on a usage error.
 
 examples:
   fed-audit                          the CI setting (about a minute)
-  fed-audit --full --json            every mechanism at full length (tens of minutes)
+  fed-audit --full --json            every mechanism at full length (about ten CPU-minutes)
   fed-audit --only analytics-count --runs 20000 --seed 7
 """
 
