@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"seed": seed, "results": [r.to_json() for r in results]}, indent=2))
     else:
         print(format_table(results))
-        print(f"seed {seed} ({setting} setting); replay with --seed {seed}")
+        length = f"--runs {args.runs}" if args.runs is not None else f"{setting} setting"
+        print(f"seed {seed} ({length}); replay with --seed {seed}")
     return 0 if all(r.ok for r in results) else 1
 
 
