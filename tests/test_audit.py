@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom, norm
 
 from fedcore.audit import ScaledNoise, audit, clopper_pearson, epsilon_from_rates
-from fedcore.audit.analytics import AnalyticsQuery, ExactMinCountRefusal, MainMinCount
+from fedcore.audit.analytics import AnalyticsQuery, ExactMinCountRefusal
 from fedcore.audit.cli import main
 from fedcore.audit.dpsgd import DPSGDSilo
 from fedcore.audit.fedavg import FedAvgRound
@@ -157,20 +157,31 @@ def test_fedavg_round_releases_the_canary_through_the_strategy() -> None:
 
 
 def test_analytics_query_counts_the_canary_row_through_the_pipeline() -> None:
-    quiet = AnalyticsQuery("count() where x >= 0", 1.0, DELTA, noise_factor=1e-9)
-    assert _scores(quiet, True) == pytest.approx([61.0] * 3)  # 3 silos x 20 rows + the canary
-    assert _scores(quiet, False) == pytest.approx([60.0] * 3)
-    total = AnalyticsQuery("sum(x)", 1.0, DELTA, noise_factor=1e-9, canary=7.5)
-    assert _scores(total, True) == pytest.approx([67.5] * 3)
+    """Replace-one: the canary (x = 10) is counted, the row in its place (x = -10) is not."""
+    quiet = AnalyticsQuery("count() where x >= 0", 1.0, DELTA, noise_factor=1e-3)
+    assert _scores(quiet, True) == pytest.approx([61.0] * 3, abs=0.05)  # 3 x 20 + the canary
+    assert _scores(quiet, False) == pytest.approx([60.0] * 3, abs=0.05)
+    total = AnalyticsQuery("sum(x)", 1.0, DELTA, noise_factor=1e-3, canary=7.5)
+    # the sum's noise is 10x the count's (its values are bounded by 10)
+    assert _scores(total, True) == pytest.approx([67.5] * 3, abs=0.5)
+    assert _scores(total, False) == pytest.approx([50.0] * 3, abs=0.5)
 
 
-def test_the_deployed_min_count_rule_and_its_frozen_copy_refuse_alike() -> None:
-    for rule in (MainMinCount(10), ExactMinCountRefusal(10)):
-        boundary = AnalyticsQuery(
-            "count() where x >= 0", 1.0, DELTA, rows=[1.0] * 9, others=[1.0] * 20, admission=rule
-        )
-        assert all(s > 0 for s in _scores(boundary, True))  # 10 records: answered
-        assert _scores(boundary, False) == [-math.inf] * 3  # 9: refused, for free
+def test_small_cells_are_answered_and_the_frozen_refusal_control_refuses() -> None:
+    """The deployed pipeline answers a cell of 9 rows (with noise); the frozen pre-issue-22
+    rule refuses it, for free, so the control reaches the refusal path."""
+    deployed = AnalyticsQuery("count() where x >= 0", 1.0, DELTA, rows=[1.0] * 9, others=[1.0] * 20)
+    assert all(s != -math.inf for s in _scores(deployed, False))
+    frozen = AnalyticsQuery(
+        "count() where x >= 0",
+        1.0,
+        DELTA,
+        rows=[1.0] * 9,
+        others=[1.0] * 20,
+        admission=ExactMinCountRefusal(10),
+    )
+    assert all(s > 0 for s in _scores(frozen, True))  # 9 rows + the canary: answered
+    assert _scores(frozen, False) == [-math.inf] * 3
 
 
 def test_dpsgd_silo_trains_through_opacus_and_its_accountant() -> None:
@@ -194,25 +205,9 @@ def _audited(name: str) -> AuditResult:
 _CI = [e.name for e in SUITE if e.ci is not None]
 _HONEST = [e.name for e in SUITE if e.ci is not None and e.expect == "private"]
 _CONTROLS = [e.name for e in SUITE if e.ci is not None and e.expect == "leaky"]
-#: Issue 22 item 1 on main: a silo refuses exactly when its cell holds fewer than min-count
-#: records, uncharged. Remove the mark when the refusal is part of the mechanism.
-_OPEN_ON_MAIN = {"analytics-count-at-min-count"}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 22 item 1: main's min-count refusal is free"
-            ),
-        )
-        if n in _OPEN_ON_MAIN
-        else n
-        for n in _HONEST
-    ],
-)
+@pytest.mark.parametrize("name", _HONEST)
 def test_honest_mechanisms_stay_below_their_claim(name: str) -> None:
     result = _audited(name)
     assert result.claim.epsilon == pytest.approx(EPSILON, rel=1e-3)

@@ -163,7 +163,8 @@ class DifferentialPrivacy(Strategy):
             noise share is ``z C / sqrt(min_updates)``.
         adaptive: adaptive clipping settings (central mode only).
         secure_aggregation: updates arrive already summed (see :class:`UniformDeltaAggregator`).
-        mechanism: the accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two).
+        mechanism: the accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two;
+            Rényi DP in distributed mode, whose discrete shares have no proven PLD).
         rng: noise source (default: seeded from the OS CSPRNG).
     """
 
@@ -216,6 +217,16 @@ class DifferentialPrivacy(Strategy):
                 "adaptive clipping needs each worker's clipped/unclipped bit, which distributed "
                 "mode would reveal to the coordinator; use mode central or a fixed clip norm"
             )
+        if mode == "distributed":
+            # The workers' shares are discrete Gaussians under secure aggregation; their sum's
+            # privacy is proven in Rényi (concentrated) DP only (Kairouz et al. 2021), so the
+            # continuous Gaussian's PLD is no proven bound for it.
+            if mechanism == "pld":
+                raise ConfigError(
+                    "distributed DP is accounted by Rényi DP (its discrete-Gaussian shares have "
+                    "no proven PLD); use --dp-accountant rdp or best"
+                )
+            mechanism = "rdp"
         self.inner = strategy
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
