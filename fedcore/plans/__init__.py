@@ -3,14 +3,15 @@
 A data scientist exports a model with :func:`export_plan`: ``torch.export`` graphs of ATen
 operations (JSON) plus weights as fedcore's typed raw payload. A worker runs it only after
 :func:`verify_program` has checked every node against an allow-list of operations
-(:mod:`.allowlist`) and bounded every size; torch's own deserializer then only ever sees
+(:mod:`.allowlist`), bounded every size, propagated shapes with fake tensors and checked
+what the graph writes (:mod:`.analysis`); torch's own deserializer then only ever sees
 checked JSON and tensors the worker allocated. The plan's hash identifies it in logs,
 metrics, checkpoints and a data owner's approvals. See ``docs/plans.md``.
 """
 
 from fedcore.errors import PlanError, PlanRejectedError
 
-from .describe import describe_plan
+from .describe import describe_plan, escape
 from .export import export_plan
 from .format import (
     MODEL_PREFIX,
@@ -33,6 +34,7 @@ __all__ = [
     "PlanRejectedError",
     "VerifiedPlan",
     "describe_plan",
+    "escape",
     "export_plan",
     "model_name_for",
     "plan_hash",

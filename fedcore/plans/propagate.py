@@ -25,6 +25,7 @@ The checks on these facts live in :mod:`.dataflow` (who may write what) and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,12 +188,19 @@ class _Run:
         mode = detect_fake_mode([self.env[n] for n in nodes if n.op == "placeholder"])
         if mode is None:
             raise PlanRejectedError("the graph's inputs carry no shapes")
-        with mode:
-            for node in nodes:
-                if node.op == "call_function":
-                    facts.append(self._call(node))
-                elif node.op not in ("placeholder", "output"):
-                    raise PlanRejectedError(f"node {node.name!r} is a {node.op}; refused")
+        # An operator refusing a hostile argument is a refusal, not a traceback in the log.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            with mode:
+                for node in nodes:
+                    if node.op == "call_function":
+                        facts.append(self._call(node))
+                    elif node.op not in ("placeholder", "output"):
+                        raise PlanRejectedError(f"node {node.name!r} is a {node.op}; refused")
+        finally:
+            fake_log.setLevel(level)
         return facts
 
     def _placeholder(self, node: fx.Node) -> None:

@@ -246,7 +246,7 @@ def _check_strings(doc: dict[str, Any], what: str) -> None:
             if expr.symbols() - {symbol}:
                 raise _reject(f"{where}: shape expression uses a symbol other than {symbol!r}")
             parent[key] = expr.srepr()
-        elif key in _NAME_KEYS and not (key == "name" and value == "" and "inputs" in parent):
+        elif key in _NAME_KEYS and not (value == "" and ("inputs" in parent or "arg" in parent)):
             check_name(value, where)
         elif key in _STATE_KEYS and not (key == "fqn" and value == ""):
             check_name(value, where, dotted=True)
