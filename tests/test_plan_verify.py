@@ -441,3 +441,26 @@ def test_describe_escapes_everything_it_prints() -> None:
     assert not any(ch in text for ch in "\x1b\r")
     assert all(line.isprintable() for line in lines)
     assert "\\x1b[2K" in text  # shown, escaped
+
+
+def test_the_policy_sets_the_activation_limit_and_the_accepted_buffer_updates(
+    tmp_path: Path,
+) -> None:
+    from fedcore.errors import PolicyError
+    from fedcore.plans import limits_for
+    from fedcore.policy import load_policy, parse_policy
+
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "[plans]\nmax-activation-bytes = 1000\naccept-buffer-updates = ['batch-counter']\n"
+    )
+    limits = limits_for(load_policy(path).plans, max_state_bytes=1 << 30)
+    assert limits.max_activation_bytes == 1000
+    with pytest.raises(PlanRejectedError, match="max-activation-bytes \\(1,000\\)"):
+        verify_program(export_plan(GroupSiLU(), torch.zeros(2, 1, 8, 8)).program, limits=limits)
+    default = limits_for(parse_policy({}, path).plans, max_state_bytes=1)
+    assert default.max_activation_bytes > 1 << 28  # a quarter of this machine's memory
+    assert default.buffer_updates == {"batch-norm-statistics", "batch-counter"}
+    path.write_text("[plans]\naccept-buffer-updates = ['anything']\n")
+    with pytest.raises(PolicyError, match="accept-buffer-updates"):
+        load_policy(path)

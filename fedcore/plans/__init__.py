@@ -22,7 +22,7 @@ from .format import (
     write_plan_file,
 )
 from .load import PlanModule, VerifiedPlan, verify_program
-from .verify import GraphSummary, Limits
+from .verify import GraphSummary, Limits, limits_for
 
 __all__ = [
     "MODEL_PREFIX",
@@ -36,6 +36,7 @@ __all__ = [
     "describe_plan",
     "escape",
     "export_plan",
+    "limits_for",
     "model_name_for",
     "plan_hash",
     "read_plan_file",

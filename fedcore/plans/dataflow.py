@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.errors import PlanRejectedError
+from fedcore.policy.model import BUFFER_UPDATE_KINDS
 
 from .propagate import BN_STATS_ARGS, NodeFacts, Write
 
@@ -42,10 +43,16 @@ __all__ = [
 ]
 
 #: Buffer-update kinds a data owner can accept (``[plans] accept-buffer-updates``).
-BUFFER_KINDS: dict[str, str] = {
-    "batch-norm-statistics": "running mean/variance of a batch-norm layer's input over batches",
-    "batch-counter": "a count of batches, independent of the data",
-}
+BUFFER_KINDS: dict[str, str] = dict(
+    zip(
+        BUFFER_UPDATE_KINDS,
+        (
+            "running mean/variance of a batch-norm layer's input over batches",
+            "a count of batches, independent of the data",
+        ),
+        strict=True,
+    )
+)
 
 #: Operators that yield uninitialised memory, and the zero-filled operator replacing each.
 UNINITIALISED: dict[str, str] = {

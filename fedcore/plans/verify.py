@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcore.errors import PlanRejectedError
+from fedcore.policy.model import PlanRules
 from fedcore.weights import ModelSignature, TensorSignature
 
 from .allowlist import is_allowed
@@ -46,6 +47,7 @@ __all__ = [
     "TensorInfo",
     "check_name",
     "check_printable",
+    "limits_for",
     "verify_graph",
 ]
 
@@ -80,6 +82,15 @@ class Limits:
     max_tensor_elements: int = 2**31
     max_activation_bytes: int = field(default_factory=default_activation_bytes)
     buffer_updates: frozenset[str] = frozenset(BUFFER_KINDS)
+
+
+def limits_for(rules: PlanRules, *, max_state_bytes: int) -> Limits:
+    """The verifier's limits under a worker's ``[plans]`` policy."""
+    return Limits(
+        max_state_bytes=max_state_bytes,
+        max_activation_bytes=rules.max_activation_bytes or default_activation_bytes(),
+        buffer_updates=frozenset(rules.buffer_updates),
+    )
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ Every section is optional; an absent rule allows everything it would have restri
     accept = true                          # run verified plans at all
     require-approval = true                # ... only once the data owner approved the hash
     requests = "plan-requests"             # the request queue (relative to this file's folder)
+    max-activation-bytes = 2_000_000_000   # a plan's tensors at most (default: 1/4 of memory)
+    accept-buffer-updates = ["batch-norm-statistics", "batch-counter"]  # (the default)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     min-count = 10                         # fewest records in any released cell (default 10)
@@ -69,6 +71,7 @@ from fedcore.errors import PolicyError
 from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
+    "BUFFER_UPDATE_KINDS",
     "DP_KINDS",
     "AnalyticsRules",
     "BudgetRules",
@@ -85,6 +88,8 @@ __all__ = [
 
 DPKind = Literal["client-level", "record-level", "either"]
 DP_KINDS: tuple[DPKind, ...] = ("client-level", "record-level", "either")
+#: Buffer updates a plan may make (fedcore.plans.dataflow says what each is).
+BUFFER_UPDATE_KINDS = ("batch-norm-statistics", "batch-counter")
 
 _SECTIONS = (
     "models",
@@ -189,12 +194,16 @@ class PlanRules:
 
     ``accept``: run verified plans at all. ``require_approval``: run a plan only after the
     data owner approved its hash (``fed-worker requests approve``); unknown plans wait in
-    the request queue at ``requests``.
+    the request queue at ``requests``. ``max_activation_bytes``: the memory a plan's tensors
+    may take (None: a quarter of physical memory); ``buffer_updates``: the kinds of buffer
+    update a plan may make (:data:`BUFFER_UPDATE_KINDS`).
     """
 
     accept: bool = True
     require_approval: bool = False
     requests: Path | None = None
+    max_activation_bytes: int | None = None
+    buffer_updates: tuple[str, ...] = BUFFER_UPDATE_KINDS
 
 
 @dataclass(frozen=True)
@@ -395,12 +404,25 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if coordinators is not None and not coordinators:
         raise c.fail("allowed", "is empty: it would refuse every coordinator; drop the key instead")
 
-    pl = section("plans", ("accept", "require-approval", "requests"))
+    pl = section(
+        "plans",
+        ("accept", "require-approval", "requests", "max-activation-bytes", "accept-buffer-updates"),
+    )
     queue = Path(pl.string("requests") or "plan-requests").expanduser()
+    updates = pl.strings("accept-buffer-updates")
+    updates = BUFFER_UPDATE_KINDS if updates is None else updates
+    unknown = sorted(set(updates) - set(BUFFER_UPDATE_KINDS))
+    if unknown:
+        raise pl.fail(
+            "accept-buffer-updates",
+            f"names {unknown}; the kinds are {', '.join(BUFFER_UPDATE_KINDS)}",
+        )
     plans = PlanRules(
         accept=_default(pl.boolean("accept"), True),
         require_approval=_default(pl.boolean("require-approval"), False),
         requests=queue if queue.is_absolute() else path.parent / queue,
+        max_activation_bytes=pl.integer("max-activation-bytes", minimum=1),
+        buffer_updates=updates,
     )
 
     analytics = None
