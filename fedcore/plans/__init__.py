@@ -11,7 +11,7 @@ metrics, checkpoints and a data owner's approvals. See ``docs/plans.md``.
 
 from fedcore.errors import PlanError, PlanRejectedError
 
-from .describe import describe_plan, escape
+from .describe import describe_plan
 from .export import export_plan
 from .format import (
     MODEL_PREFIX,
@@ -22,6 +22,7 @@ from .format import (
     write_plan_file,
 )
 from .load import PlanModule, VerifiedPlan, verify_program
+from .text import escape
 from .verify import GraphSummary, Limits, limits_for
 
 __all__ = [

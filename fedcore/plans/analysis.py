@@ -22,6 +22,7 @@ from .bounds import Activation, activation_of
 from .dataflow import DataFlow, check_dataflow, check_declared_updates, rewrite_uninitialised
 from .propagate import Placeholder, propagate
 from .rebuild import deserialize_program
+from .text import one_line
 from .verify import GraphSummary, Limits
 
 __all__ = ["GraphAnalysis", "analyse_graph"]
@@ -83,9 +84,7 @@ def analyse_graph(
     except PlanRejectedError as exc:
         raise PlanRejectedError(f"{what}: {exc}") from None
     except Exception as exc:  # torch's symbolic machinery on a hostile graph: refuse
-        raise PlanRejectedError(
-            f"{what}: shapes cannot be propagated: {type(exc).__name__}: {exc}"
-        ) from None
+        raise PlanRejectedError(f"{what}: shapes cannot be propagated: {one_line(exc)}") from None
     try:
         updates = check_dataflow(facts, limits.buffer_updates)
         buffers = {p.name: p.target for p in placeholders.values() if p.kind == "buffer"}

@@ -14,16 +14,9 @@ from fedcore.weights import total_bytes
 
 from .dataflow import BUFFER_KINDS
 from .load import VerifiedPlan
+from .text import escape
 
 __all__ = ["describe_plan", "escape"]
-
-
-def escape(text: str) -> str:
-    """``text`` with every non-printable character (and backslash) shown as an escape."""
-    return "".join(
-        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
 
 
 def _memory(plan: VerifiedPlan) -> str:

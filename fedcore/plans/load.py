@@ -30,6 +30,7 @@ from .analysis import GraphAnalysis, analyse_graph
 from .bounds import Activation
 from .format import FORMAT_VERSION, constants_of, model_name_for, plan_hash
 from .rebuild import deserialize_program
+from .text import one_line
 from .verify import GraphSummary, Limits, check_printable, verify_graph
 
 __all__ = ["PlanModule", "VerifiedPlan", "verify_program"]
@@ -137,7 +138,7 @@ def _deserialize(doc: dict[str, Any], summary: GraphSummary, constants: Weights)
         raise
     except Exception as exc:  # verified JSON torch still cannot unlift: refuse, never crash
         raise PlanRejectedError(
-            f"torch could not rebuild the verified graph: {type(exc).__name__}: {exc}"
+            f"torch could not rebuild the verified graph: {one_line(exc)}"
         ) from None
     # Lifted tensor constants are plain attributes; buffers follow .to(device).
     for t in summary.constants:

@@ -36,6 +36,8 @@ from torch import fx
 
 from fedcore.errors import PlanRejectedError
 
+from .text import one_line
+
 __all__ = ["BN_STATS_ARGS", "NodeFacts", "Placeholder", "Write", "propagate"]
 
 #: Operators that update running statistics in place, and the arguments they update.
@@ -230,8 +232,7 @@ class _Run:
             result = _call(node.target, args, kwargs)
         except Exception as exc:  # an operator refusing its arguments: refuse the plan
             raise PlanRejectedError(
-                f"node {node.name!r} ({op}) fails on its declared inputs: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"node {node.name!r} ({op}) fails on its declared inputs: {one_line(exc)}"
             ) from None
         declared = node.meta.get("val")
         if not _matches(result, declared):

@@ -19,6 +19,7 @@ from torch import nn
 from fedcore.errors import PlanRejectedError
 from fedcore.weights import Weights
 
+from .text import one_line
 from .verify import GraphSummary
 
 __all__ = ["deserialize_program"]
@@ -58,5 +59,5 @@ def deserialize_program(
             return deserialize(artifact)
         except Exception as exc:  # verified JSON torch still cannot read: refuse, never crash
             raise PlanRejectedError(
-                f"torch could not rebuild the verified graph: {type(exc).__name__}: {exc}"
+                f"torch could not rebuild the verified graph: {one_line(exc)}"
             ) from None
