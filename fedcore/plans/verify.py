@@ -74,7 +74,7 @@ class Limits:
     """
 
     max_graph_bytes: int = 32 * 1024 * 1024
-    max_nodes: int = 50_000
+    max_nodes: int = 10_000
     max_state_bytes: int = 2 * 1024**3
     max_constant_bytes: int = 64 * 1024 * 1024
     #: elements of one example's input, and of any tensor's fixed dimensions
