@@ -464,3 +464,23 @@ def test_the_policy_sets_the_activation_limit_and_the_accepted_buffer_updates(
     path.write_text("[plans]\naccept-buffer-updates = ['anything']\n")
     with pytest.raises(PolicyError, match="accept-buffer-updates"):
         load_policy(path)
+
+
+class _CounterOfData(nn.Module):
+    """A "counter" fed with the data (through an intermediate written in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tmp = torch.zeros((), dtype=torch.long)
+        tmp.add_((x.flatten(1)[0, 0] * 255).long())
+        self.num_batches_tracked.add_(tmp)
+        return self.fc(x.flatten(1))  # type: ignore[no-any-return]
+
+
+def test_a_counter_may_only_count_by_a_literal() -> None:
+    with pytest.raises(PlanRejectedError, match="writes into buffer 'num_batches_tracked'"):
+        verify_program(raw_program(_CounterOfData(), IMAGE))

@@ -252,7 +252,9 @@ class _Run:
                 fresh.append(t)
         if tainted:
             self.tainted.update(_storage(t) for t in outputs)
-            self.tainted.update(_storage(t) for t in _tensors([named[w] for w in named]))
+            # ... and whatever it wrote into (an intermediate, or a view of one)
+            written = [named[w] for w in _written(node, named, op)]
+            self.tainted.update(_storage(t) for t in _tensors(written))
         literals = {
             k: v for k, v in named.items() if isinstance(v, (int, float, bool)) and v is not None
         }
