@@ -135,6 +135,7 @@ def test_batch_norm_statistics_are_the_only_buffer_updates_and_the_policy_can_re
         ("bn.num_batches_tracked", "batch-counter"),
     }
     assert not verified.eval_analysis.flow.updates  # evaluation changes no state
+    assert verified.updated_buffers == {b for b, _ in kinds}
     with pytest.raises(
         PlanRejectedError, match="policy does not accept batch-norm-statistics updates"
     ):
@@ -484,3 +485,25 @@ class _CounterOfData(nn.Module):
 def test_a_counter_may_only_count_by_a_literal() -> None:
     with pytest.raises(PlanRejectedError, match="writes into buffer 'num_batches_tracked'"):
         verify_program(raw_program(_CounterOfData(), IMAGE))
+
+
+def test_fed_plan_show_prints_a_hostile_plan_name_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedcore.plans import Plan, plan_hash, write_plan_file
+    from fedcore.plans.cli import main
+
+    plan = export_plan(BNNet(), IMAGE)
+    path = tmp_path / "bn.plan"
+    write_plan_file(plan, path)
+    assert main(["show", str(path)]) == 0  # positive control
+    assert "batch-norm-statistics" in capsys.readouterr().out
+    program = pb.PlanProgram()
+    program.CopyFrom(plan.program)
+    program.name = REVIEWER
+    program.hash = plan_hash(program)
+    write_plan_file(Plan(program, plan.weights), path)
+    assert main(["show", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert "holds control characters" in captured.err
+    assert "\x1b" not in captured.out + captured.err

@@ -56,6 +56,12 @@ class VerifiedPlan:
         return Activation(max(a.fixed, b.fixed), max(a.per_example, b.per_example))
 
     @property
+    def updated_buffers(self) -> frozenset[str]:
+        """The buffers training may change (accepted kinds): with the trainable parameters,
+        all of the state that may leave the worker after training."""
+        return frozenset(u.buffer for u in self.analysis.flow.updates)
+
+    @property
     def hash(self) -> str:
         return self.program.hash
 

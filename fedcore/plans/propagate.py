@@ -33,6 +33,8 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
+from torch._decomp import decomposition_table
+from torch._guards import detect_fake_mode
 
 from fedcore.errors import PlanRejectedError
 
@@ -161,8 +163,6 @@ def _call(target: Any, args: Any, kwargs: Any) -> Any:
     except RuntimeError:
         # Some composite operators (aten.lstm) have C++ kernels that need concrete sizes;
         # torch's own Python decomposition of them works on symbolic ones.
-        from torch._decomp import decomposition_table
-
         decomposition = decomposition_table.get(target)
         if decomposition is None:
             raise
@@ -180,8 +180,6 @@ class _Run:
         self.batch: sympy.Symbol | None = None
 
     def run(self) -> list[NodeFacts]:
-        from torch._guards import detect_fake_mode
-
         facts: list[NodeFacts] = []
         nodes = list(self.gm.graph.nodes)
         for node in nodes:

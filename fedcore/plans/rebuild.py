@@ -16,6 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+# Imported with this module, not on first use: torch's serializer imports its compiler stack
+# (torch._dynamo), and a first import from the gate's thread while the worker's warm-up
+# thread imports the same stack fails with a partially initialised module.
+from torch._export.serde.serialize import SerializedArtifact, deserialize
+
 from fedcore.errors import PlanRejectedError
 from fedcore.weights import Weights
 
@@ -45,8 +50,6 @@ def deserialize_program(
     Raises:
         PlanRejectedError: torch cannot read it.
     """
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
     artifact = SerializedArtifact(
         json.dumps(doc).encode(),
         _zeros(summary),  # type: ignore[arg-type]

@@ -227,7 +227,7 @@ _NAMED_MAPS = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "
 _PRINTABLE = re.compile(r"[\x20-\x7e]{0,200}")
 
 
-def check_printable(text: str, where: str, *, limit: int = 200) -> None:
+def check_printable(text: str, where: str, *, limit: int = 1000) -> None:
     """Refuse free text with control or other non-printable characters, or too long."""
     if len(text) > limit or not text.isprintable():
         raise _reject(f"{where} {text[:60]!r} holds control characters or is too long")
