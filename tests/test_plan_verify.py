@@ -507,3 +507,21 @@ def test_fed_plan_show_prints_a_hostile_plan_name_escaped(
     captured = capsys.readouterr()
     assert "holds control characters" in captured.err
     assert "\x1b" not in captured.out + captured.err
+
+
+def test_every_allowed_operator_that_yields_uninitialised_memory_is_rewritten() -> None:
+    from fedcore.plans.allowlist import is_allowed
+    from fedcore.plans.dataflow import UNINITIALISED
+
+    uninitialised = [
+        "empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided",
+        "empty_permuted", "resize_", "resize_as_", "_empty_affine_quantized",
+    ]  # fmt: skip
+    for name in uninitialised:
+        for overload in ("default", "memory_format", "names", "out"):
+            target = f"torch.ops.aten.{name}.{overload}"
+            if is_allowed(target):
+                assert target in UNINITIALISED, target
+    for replacement in UNINITIALISED.values():
+        assert is_allowed(replacement)
+    assert UNINITIALISED  # positive control: empty_like is allowed, and rewritten
