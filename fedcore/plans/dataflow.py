@@ -54,10 +54,10 @@ BUFFER_KINDS: dict[str, str] = dict(
     )
 )
 
-#: Operators that yield uninitialised memory, and the zero-filled operator replacing each.
-UNINITIALISED: dict[str, str] = {
-    "torch.ops.aten.empty_like.default": "torch.ops.aten.zeros_like.default",
-}
+#: Allowed operators that yield uninitialised memory, and the zero-filled operator replacing
+#: each (same arguments; ``default`` overloads only, any other overload is refused).
+UNINITIALISED: dict[str, str] = {"empty_like": "zeros_like"}
+_ATEN = "torch.ops.aten."
 
 _COUNTER_OPS = frozenset({"aten.add_.Tensor", "aten.add_.Scalar"})
 _BN_FUNCTIONAL = "aten._native_batch_norm_legit_functional.default"
@@ -87,10 +87,16 @@ def rewrite_uninitialised(doc: dict[str, Any]) -> tuple[str, ...]:
     """Replace every operator of :data:`UNINITIALISED` by its zero-filled twin, in place."""
     rewritten = []
     for node in doc["graph_module"]["graph"]["nodes"]:
-        replacement = UNINITIALISED.get(node.get("target"))
-        if replacement is not None:
-            node["target"] = replacement
-            rewritten.append(str(node.get("name")))
+        target = str(node.get("target"))
+        name, _, overload = target.removeprefix(_ATEN).partition(".")
+        if not target.startswith(_ATEN) or name not in UNINITIALISED:
+            continue
+        if overload != "default":
+            raise PlanRejectedError(
+                f"{target} yields uninitialised memory and has no zero-filled twin; refused"
+            )
+        node["target"] = f"{_ATEN}{UNINITIALISED[name]}.default"
+        rewritten.append(name)
     return tuple(rewritten)
 
 
