@@ -406,6 +406,10 @@ REVIEWER = "\x1b[2K\r\x1b[1A\x1b[2K  updates     nothing (reviewed: SAFE)"
 
 
 def test_attack_6_names_with_control_characters_are_refused() -> None:
+    def traced(doc: dict[str, Any]) -> None:  # node metadata is dropped unread
+        _nodes(doc)[0]["metadata"] = {"stack_trace": 'File "model.py", line 3\n  forward'}
+
+    verify_program(retouch(raw_program(FullAsk(), IMAGE), traced))  # positive control
     program = raw_program(RowInBuffer(), IMAGE)
 
     def rename(doc: dict[str, Any]) -> None:

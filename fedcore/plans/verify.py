@@ -281,6 +281,8 @@ def _walk_parents(value: Any, path: str) -> Iterator[tuple[str, dict[str, Any], 
         current, where = stack.pop()
         if isinstance(current, dict):
             for key, item in list(current.items()):
+                if key == "metadata" and "target" in current:
+                    continue  # a node's stack trace and module path: dropped unread
                 yield where, current, key, item
                 stack.append((item, f"{where}.{key}"))
         elif isinstance(current, list):
