@@ -1,4 +1,5 @@
-"""Attacks 1-3 of issue 23 against a real ``fed-worker``, from a scripted hostile coordinator.
+"""Attacks 1-3 of issue 23 (and 5, at the verifier) against a real ``fed-worker``, from a
+scripted hostile coordinator.
 
 The worker is started as the docs tell a data owner (no --model, no policy: plans accepted
 without approval). The positive control is an honest plan trained through the same stream;
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import Proc, start_worker
 from hostile import Session, fit_task, hostile_coordinator
-from plan_attacks import EmptyLeak, FullAsk, RowInBuffer, raw_program, retouch
+from plan_attacks import EmptyLeak, FullAsk, InputOverwrite, RowInBuffer, raw_program, retouch
 from torch import nn
 
 from fedcore.plans import export_plan
@@ -84,6 +85,11 @@ async def test_a_worker_refuses_plans_that_carry_data_out_or_exhaust_memory(
         attack = retouch(raw_program(full, IMAGE), _ask_full(1 << 50))  # type: ignore[arg-type]
         message = await _refusal(session, attack, _weights(full))
         assert "makes float32[1125899906842624] but the graph declares float32[7]" in message
+
+        # 5. (at the verifier) The batch, a view of the silo's dataset, overwritten in place.
+        overwrite = InputOverwrite()
+        message = await _refusal(session, raw_program(overwrite, IMAGE), _weights(overwrite))
+        assert "writes into the input batch" in message
 
         # The worker is still up and trains the honest plan again.
         result, _ = await session.outcome(
