@@ -1,5 +1,6 @@
 """Adversarial fuzzing of the plan verifier (hypothesis): mutations of a valid plan either are
-refused with a PlanRejectedError or build into a program that keeps the rules.
+refused with a PlanRejectedError or build into a program that keeps the rules; any text is
+parsed by the shape grammar or refused, never evaluated.
 
 The mutations are an attacker's moves: operators swapped (in-place ones, uninitialised
 allocations, views), sizes changed, a node's input replaced by the batch, a parameter or a
@@ -25,6 +26,7 @@ from torch import nn
 
 from fedcore.errors import PlanRejectedError
 from fedcore.plans import Limits, describe_plan, plan_hash, verify_program
+from fedcore.plans.shape_expr import Expr, parse_expression
 from fedcore.v1 import fedcore_pb2 as pb
 
 LIMITS = Limits(max_activation_bytes=64 << 20)  # a plan that verifies is cheap to run
@@ -189,3 +191,36 @@ def test_mutated_plans_are_refused_or_keep_the_rules(mutations: list[tuple[str, 
 def test_the_unmutated_plan_verifies_and_keeps_the_rules() -> None:
     program, _ = _doc()
     _check_rules(program)  # positive control: the fuzzer's base reaches the checks
+
+
+_GRAMMAR_PIECES = st.sampled_from(
+    [
+        "Symbol('s77', positive=True, integer=True)", "Integer(3)", "Integer(-10000000000000)",
+        "Add(", "Mul(", "Pow(", "Min(", "Max(", ", ", ")", "**", "*", "10", "__import__",
+        "Symbol('u1')", "lambda", "'", "(", "=", "True",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(_GRAMMAR_PIECES, max_size=12).map("".join) | st.text(max_size=60))
+def test_the_shape_grammar_parses_or_refuses_anything_at_once(text: str) -> None:
+    refusal = ""
+    try:
+        expr = parse_expression(text, "fuzz")
+    except PlanRejectedError as exc:
+        refusal = str(exc)
+    if refusal:
+        assert refusal.isprintable(), refusal
+        return
+    # What it accepts is a linear form it prints back to the same meaning.
+    again = parse_expression(expr.srepr(), "fuzz")
+    assert again == expr or all(again.evaluate(v) == expr.evaluate(v) for v in (1, 2, 977))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.integers(-(1 << 40), 1 << 40), st.integers(-(1 << 40), 1 << 40), st.integers(1, 1 << 20))
+def test_linear_forms_round_trip_through_the_grammar(const: int, coeff: int, batch: int) -> None:
+    expr = Expr(const=const, coeff=coeff, symbol="s0" if coeff else None)
+    parsed = parse_expression(expr.srepr(), "fuzz")
+    assert parsed.evaluate(batch) == const + coeff * batch
