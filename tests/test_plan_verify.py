@@ -536,3 +536,22 @@ def test_every_allowed_operator_that_yields_uninitialised_memory_is_rewritten() 
     program = retouch(raw_program(_EmptyInOutput(), IMAGE), other_overload)
     with pytest.raises(PlanRejectedError, match="yields uninitialised memory"):
         verify_program(program)
+
+
+class _StatsInEvaluation(nn.Module):
+    """Batch statistics updated in evaluation too (the test set's, this time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+        self.register_buffer("running_mean", torch.zeros(10))
+        self.register_buffer("running_var", torch.ones(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x.flatten(1))
+        return nn.functional.batch_norm(h, self.running_mean, self.running_var, training=True)
+
+
+def test_the_evaluation_graph_may_update_no_buffer() -> None:
+    with pytest.raises(PlanRejectedError, match="evaluation graph: updates buffer"):
+        verify_program(raw_program(_StatsInEvaluation(), IMAGE))
