@@ -420,6 +420,13 @@ def test_attack_6_names_with_control_characters_are_refused() -> None:
     with pytest.raises(PlanRejectedError, match="is not an identifier") as refused:
         verify_program(retouch(program, rename))
     assert "\x1b" not in str(refused.value)
+
+    def hostile_key(doc: dict[str, Any]) -> None:  # a field whose name is the payload
+        doc["graph_module"]["graph"]["tensor_values"]["x"][REVIEWER] = {"y": "\x07"}
+
+    with pytest.raises(PlanRejectedError, match="not printable") as refused:
+        verify_program(retouch(program, hostile_key))
+    assert str(refused.value).isprintable()
     named = pb.PlanProgram()
     named.CopyFrom(export_plan(BNNet(), IMAGE).program)
     named.name = REVIEWER

@@ -30,7 +30,7 @@ from .analysis import GraphAnalysis, analyse_graph
 from .bounds import Activation
 from .format import FORMAT_VERSION, constants_of, model_name_for, plan_hash
 from .rebuild import deserialize_program
-from .text import one_line
+from .text import one_line, printable
 from .verify import GraphSummary, Limits, check_printable, verify_graph
 
 __all__ = ["PlanModule", "VerifiedPlan", "verify_program"]
@@ -88,9 +88,16 @@ def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> 
     """Check a received program completely; nothing of it is executed.
 
     Raises:
-        PlanRejectedError: what is wrong, naming the node or field.
+        PlanRejectedError: what is wrong, naming the node or field (printable: a refusal
+            quotes the plan, and goes to logs and to the coordinator).
     """
-    limits = limits or Limits()
+    try:
+        return _verify(program, limits or Limits())
+    except PlanRejectedError as exc:
+        raise PlanRejectedError(printable(str(exc))) from None
+
+
+def _verify(program: pb.PlanProgram, limits: Limits) -> VerifiedPlan:
     if program.format_version != FORMAT_VERSION:
         raise PlanRejectedError(
             f"plan format version {program.format_version}; this worker reads {FORMAT_VERSION}"

@@ -8,7 +8,7 @@ refusal: its first line, escaped and bounded.
 
 from __future__ import annotations
 
-__all__ = ["escape", "one_line"]
+__all__ = ["escape", "one_line", "printable"]
 
 
 def escape(text: str) -> str:
@@ -16,6 +16,15 @@ def escape(text: str) -> str:
     return "".join(
         c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
         for c in text
+    )
+
+
+def printable(text: str) -> str:
+    """``text`` with its non-printable characters escaped (backslashes left as they are)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )
 
 
