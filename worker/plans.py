@@ -37,8 +37,9 @@ from torch import nn
 
 from fedcore.codec import header_signature
 from fedcore.errors import PayloadError, PlanRejectedError, TaskRefused
-from fedcore.plan import ModelSpec
-from fedcore.plans import MODEL_PREFIX, Limits, VerifiedPlan, verify_program
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.plans import MODEL_PREFIX, VerifiedPlan, limits_for, verify_program
+from fedcore.plans.bounds import check_batch
 from fedcore.plans.queue import PlanRequestRecord, QueueFull, RequestQueue, Terms, caps_of
 from fedcore.policy import PlanRules
 from fedcore.v1 import fedcore_pb2 as pb
@@ -113,7 +114,7 @@ class PlanLibrary:
         self, rules: PlanRules, *, max_model_bytes: int, dpsgd: bool = False, coordinator: str = ""
     ) -> None:
         self.rules = rules
-        self.limits = Limits(max_state_bytes=max_model_bytes)
+        self.limits = limits_for(rules, max_state_bytes=max_model_bytes)
         self.dpsgd = dpsgd
         self.coordinator = coordinator
         self.queue = (
@@ -163,6 +164,13 @@ class PlanLibrary:
                 "modules; a plan is a graph of ATen operations); federate a registered model",
             )
         self._check_approval(verified, task)
+        if task.kind == pb.TASK_KIND_FIT:
+            # The verifier bounded the graph at batch 1; the task's batch scales its tensors.
+            batch = TrainConfig.from_proto(task.train).batch_size
+            try:
+                check_batch(verified.activation, batch, self.limits.max_activation_bytes)
+            except PlanRejectedError as exc:
+                raise TaskRefused("plans.verification", str(exc)) from None
         try:
             declared = header_signature(task.weights)
         except (KeyError, ValueError, PayloadError) as exc:

@@ -3,7 +3,8 @@
 A data scientist exports a model with :func:`export_plan`: ``torch.export`` graphs of ATen
 operations (JSON) plus weights as fedcore's typed raw payload. A worker runs it only after
 :func:`verify_program` has checked every node against an allow-list of operations
-(:mod:`.allowlist`) and bounded every size; torch's own deserializer then only ever sees
+(:mod:`.allowlist`), bounded every size, propagated shapes with fake tensors and checked
+what the graph writes (:mod:`.analysis`); torch's own deserializer then only ever sees
 checked JSON and tensors the worker allocated. The plan's hash identifies it in logs,
 metrics, checkpoints and a data owner's approvals. See ``docs/plans.md``.
 """
@@ -21,7 +22,8 @@ from .format import (
     write_plan_file,
 )
 from .load import PlanModule, VerifiedPlan, verify_program
-from .verify import GraphSummary, Limits
+from .text import escape
+from .verify import GraphSummary, Limits, limits_for
 
 __all__ = [
     "MODEL_PREFIX",
@@ -33,7 +35,9 @@ __all__ = [
     "PlanRejectedError",
     "VerifiedPlan",
     "describe_plan",
+    "escape",
     "export_plan",
+    "limits_for",
     "model_name_for",
     "plan_hash",
     "read_plan_file",

@@ -1,4 +1,9 @@
-"""A plan in words a data owner can judge (``fed-plan show``, ``fed-worker requests show``)."""
+"""A plan in words a data owner can judge (``fed-plan show``, ``fed-worker requests show``).
+
+Every string a plan or a task carries is hostile: names are identifiers once verified, and
+:func:`escape` still shows every other character of whatever is printed as an escape
+(``\\x1b``), so no text can move the cursor, erase a line or write over the review.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,36 @@ from fedcore.plan import TrainConfig
 from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
 from fedcore.weights import total_bytes
 
+from .dataflow import BUFFER_KINDS
 from .load import VerifiedPlan
+from .text import escape
 
-__all__ = ["describe_plan"]
+__all__ = ["describe_plan", "escape"]
+
+
+def _memory(plan: VerifiedPlan) -> str:
+    a = plan.activation
+    return (
+        f"tensors take at most {a.fixed / 1e6:.2f} MB + {a.per_example / 1e3:.1f} kB per "
+        "example in a forward pass"
+    )
+
+
+def _flow(plan: VerifiedPlan) -> list[str]:
+    flow = plan.analysis.flow
+    lines = [
+        "  uploads     the trainable parameters, moved by gradients of the loss on this "
+        "silo's batches"
+        + (", and the buffer updates below" if flow.updates else "; no buffer is updated")
+    ]
+    for kind, meaning in BUFFER_KINDS.items():
+        names = flow.updated(kind)
+        if names:
+            lines.append(f"  updates     {kind} ({meaning}): {escape(', '.join(names))}")
+    if flow.rewritten or plan.eval_analysis.flow.rewritten:
+        count = len(flow.rewritten) + len(plan.eval_analysis.flow.rewritten)
+        lines.append(f"  rewritten   {count} uninitialised allocation(s) (empty_like) to zeros")
+    return lines
 
 
 def _histogram(ops: dict[str, int]) -> str:
@@ -23,7 +55,7 @@ def describe_plan(
     s = plan.summary
     buffers = [t for t in s.state if t.name not in s.trainable]
     lines = [
-        f"plan {plan.program.name!r}",
+        f"plan '{escape(plan.program.name)}'",
         f"  hash        {plan.hash}",
         f"  input       {s.input}  ->  output {s.output}",
         f"  parameters  {s.num_parameters:,} trainable in {len(s.trainable)} tensors "
@@ -34,8 +66,8 @@ def describe_plan(
     ]
     if plan.eval_summary.ops != s.ops:
         lines.append(f"  evaluation  {_histogram(plan.eval_summary.ops)}")
-    if s.mutated_buffers:
-        lines.append(f"  updates     buffers {', '.join(s.mutated_buffers)} while training")
+    lines.append(f"  memory      {_memory(plan)}")
+    lines.extend(_flow(plan))
     lines.append(
         "  can do      only the operations above, on the input batch and these weights: "
         "no file, network or process access; the allow-list is in docs/plans.md"
@@ -46,11 +78,13 @@ def describe_plan(
             "(fed-worker requests show lists the one requested)"
         )
     else:
-        extra = {k: v for k, v in train.extra.items() if not k.startswith("dp.")}
+        extra = ", ".join(
+            f"{escape(k)}={v:g}" for k, v in train.extra.items() if not k.startswith("dp.")
+        )
         lines.append(
             f"  training    {train.epochs} local epoch(s), batch {train.batch_size}, "
-            f"{train.optimizer} lr {train.learning_rate:g}, momentum {train.momentum:g}, "
-            f"weight decay {train.weight_decay:g}" + (f", {extra}" if extra else "")
+            f"{escape(train.optimizer)} lr {train.learning_rate:g}, momentum {train.momentum:g}, "
+            f"weight decay {train.weight_decay:g}" + (f", {{{extra}}}" if extra else "")
         )
         if DP_CLIP_KEY in train.extra:
             noise = train.extra.get(DP_NOISE_MULTIPLIER_KEY)

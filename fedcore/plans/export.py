@@ -31,11 +31,9 @@ from fedcore.weights import Weights
 
 from .format import FORMAT_VERSION, Plan, plan_hash
 from .load import verify_program
+from .verify import MAX_BATCH
 
 __all__ = ["MAX_BATCH", "export_plan"]
-
-#: The largest batch a plan's dynamic batch dimension admits.
-MAX_BATCH = 1 << 20
 
 
 def _graph_json(module: nn.Module, example: torch.Tensor, *, training: bool) -> tuple[bytes, Any]:

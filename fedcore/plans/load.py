@@ -14,14 +14,10 @@ exported from.
 
 from __future__ import annotations
 
-import json
-import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,13 +26,14 @@ from fedcore.losses import LOSSES
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, describe_mismatch, signature_of
 
+from .analysis import GraphAnalysis, analyse_graph
+from .bounds import Activation
 from .format import FORMAT_VERSION, constants_of, model_name_for, plan_hash
-from .verify import GraphSummary, Limits, verify_graph
+from .rebuild import deserialize_program
+from .text import one_line, printable
+from .verify import GraphSummary, Limits, check_printable, verify_graph
 
 __all__ = ["PlanModule", "VerifiedPlan", "verify_program"]
-
-# torch's deserializer keeps per-call state in a module global: one call at a time.
-_DESERIALIZE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,20 @@ class VerifiedPlan:
     _train_doc: dict[str, Any]
     _eval_doc: dict[str, Any]
     constants: Weights
+    analysis: GraphAnalysis  # of the training graph
+    eval_analysis: GraphAnalysis
+
+    @property
+    def activation(self) -> Activation:
+        """Bytes the larger of the two graphs' tensors take, as a function of the batch."""
+        a, b = self.analysis.activation, self.eval_analysis.activation
+        return Activation(max(a.fixed, b.fixed), max(a.per_example, b.per_example))
+
+    @property
+    def updated_buffers(self) -> frozenset[str]:
+        """The buffers training may change (accepted kinds): with the trainable parameters,
+        all of the state that may leave the worker after training."""
+        return frozenset(u.buffer for u in self.analysis.flow.updates)
 
     @property
     def hash(self) -> str:
@@ -77,9 +88,16 @@ def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> 
     """Check a received program completely; nothing of it is executed.
 
     Raises:
-        PlanRejectedError: what is wrong, naming the node or field.
+        PlanRejectedError: what is wrong, naming the node or field (printable: a refusal
+            quotes the plan, and goes to logs and to the coordinator).
     """
-    limits = limits or Limits()
+    try:
+        return _verify(program, limits or Limits())
+    except PlanRejectedError as exc:
+        raise PlanRejectedError(printable(str(exc))) from None
+
+
+def _verify(program: pb.PlanProgram, limits: Limits) -> VerifiedPlan:
     if program.format_version != FORMAT_VERSION:
         raise PlanRejectedError(
             f"plan format version {program.format_version}; this worker reads {FORMAT_VERSION}"
@@ -89,6 +107,7 @@ def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> 
         raise PlanRejectedError(
             f"the plan's hash {program.hash[:16]!r} does not match its content ({digest[:16]})"
         )
+    check_printable(program.name, "the plan's name")
     if program.loss not in LOSSES:
         raise PlanRejectedError(
             f"the plan names loss {program.loss!r}; fedcore's losses: {', '.join(LOSSES)}"
@@ -114,38 +133,26 @@ def verify_program(program: pb.PlanProgram, *, limits: Limits | None = None) -> 
     )
     if mismatch is not None:
         raise PlanRejectedError(f"the plan's constants do not fit its graphs: {mismatch}")
-    return VerifiedPlan(program, summary, eval_summary, train_doc, eval_doc, constants)
-
-
-def _zeros(summary: GraphSummary) -> dict[str, torch.Tensor]:
-    """Placeholder state of verified (bounded) shapes; the real weights are loaded later."""
-    out: dict[str, torch.Tensor] = {}
-    for t in summary.state:
-        tensor = torch.zeros(t.shape, dtype=getattr(torch, t.dtype))
-        out[t.name] = nn.Parameter(tensor) if t.name in summary.trainable else tensor
-    return out
+    analysis = analyse_graph(
+        train_doc, summary, constants, limits=limits, what="training graph", training=True
+    )
+    eval_analysis = analyse_graph(
+        eval_doc, eval_summary, constants, limits=limits, what="evaluation graph", training=False
+    )
+    return VerifiedPlan(
+        program, summary, eval_summary, train_doc, eval_doc, constants, analysis, eval_analysis
+    )
 
 
 def _deserialize(doc: dict[str, Any], summary: GraphSummary, constants: Weights) -> nn.Module:
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
-    # Dicts, never bytes, for the state and constants: no torch.load anywhere (the dataclass
-    # is annotated bytes-only, but its deserializer takes dicts as they are).
-    artifact = SerializedArtifact(
-        json.dumps(doc).encode(),
-        _zeros(summary),  # type: ignore[arg-type]
-        {name: torch.from_numpy(np.array(a, copy=True)) for name, a in constants.items()},  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-    )
-    with _DESERIALIZE, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notes about its own internals
-        try:
-            program = deserialize(artifact)
-            module = program.module()
-        except Exception as exc:  # verified JSON torch still cannot read: refuse, never crash
-            raise PlanRejectedError(
-                f"torch could not rebuild the verified graph: {type(exc).__name__}: {exc}"
-            ) from None
+    try:
+        module = deserialize_program(doc, summary, constants).module()
+    except PlanRejectedError:
+        raise
+    except Exception as exc:  # verified JSON torch still cannot unlift: refuse, never crash
+        raise PlanRejectedError(
+            f"torch could not rebuild the verified graph: {one_line(exc)}"
+        ) from None
     # Lifted tensor constants are plain attributes; buffers follow .to(device).
     for t in summary.constants:
         if "." not in t.name and t.name not in dict(module.named_buffers(recurse=False)):

@@ -10,8 +10,10 @@ node targets, hands shape expressions to ``sympy.sympify`` (which evaluates them
   operators, higher-order operators;
 * arguments that are sub-graphs, custom (torchbind) objects or operators;
 * torchbind / custom-object inputs, effect tokens, guard code, named-tuple definitions;
-* shape expressions outside a tiny grammar (symbols, integers, + - * and sympy's integer
-  functions), so ``sympify`` only ever parses arithmetic;
+* shape expressions outside fedcore's own grammar (:mod:`.shape_expr`: linear forms in the
+  one batch symbol); each is replaced by fedcore's printing of what it parsed, so torch's
+  ``sympify`` only ever reads text the verifier wrote;
+* names (nodes, tensors, parameters, buffers) that are not identifiers;
 * parameters, buffers, constants and inputs beyond the size limits, before any allocation.
 
 What passes is a :class:`GraphSummary` (operations, input and output shapes, the state's
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -30,24 +33,64 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcore.errors import PlanRejectedError
+from fedcore.policy.model import PlanRules
 from fedcore.weights import ModelSignature, TensorSignature
 
 from .allowlist import is_allowed
+from .dataflow import BUFFER_KINDS
+from .shape_expr import SYMBOL_NAME, parse_expression
 
-__all__ = ["GraphSummary", "Limits", "TensorInfo", "verify_graph"]
+__all__ = [
+    "MAX_BATCH",
+    "GraphSummary",
+    "Limits",
+    "TensorInfo",
+    "check_name",
+    "check_printable",
+    "limits_for",
+    "verify_graph",
+]
+
+#: The largest batch a plan's dynamic batch dimension admits.
+MAX_BATCH = 1 << 20
+
+
+def default_activation_bytes() -> int:
+    """A quarter of this machine's physical memory (4 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 1024**3
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds checked before anything is allocated."""
+    """Bounds checked before anything is allocated.
+
+    ``max_activation_bytes`` bounds the memory a graph's tensors take (``[plans]
+    max-activation-bytes``; a quarter of physical memory by default); ``buffer_updates``
+    are the buffer-update kinds the data owner accepts (``[plans] accept-buffer-updates``,
+    see :data:`~.dataflow.BUFFER_KINDS`).
+    """
 
     max_graph_bytes: int = 32 * 1024 * 1024
-    max_nodes: int = 50_000
+    max_nodes: int = 10_000
     max_state_bytes: int = 2 * 1024**3
     max_constant_bytes: int = 64 * 1024 * 1024
     #: elements of one example's input, and of any tensor's fixed dimensions
     max_example_elements: int = 50_000_000
     max_tensor_elements: int = 2**31
+    max_activation_bytes: int = field(default_factory=default_activation_bytes)
+    buffer_updates: frozenset[str] = frozenset(BUFFER_KINDS)
+
+
+def limits_for(rules: PlanRules, *, max_state_bytes: int) -> Limits:
+    """The verifier's limits under a worker's ``[plans]`` policy."""
+    return Limits(
+        max_state_bytes=max_state_bytes,
+        max_activation_bytes=rules.max_activation_bytes or default_activation_bytes(),
+        buffer_updates=frozenset(rules.buffer_updates),
+    )
 
 
 @dataclass(frozen=True)
@@ -160,54 +203,91 @@ _INPUT_KINDS = frozenset({"parameter", "buffer", "tensor_constant", "user_input"
 _OUTPUT_KINDS = frozenset({"user_output", "buffer_mutation"})
 _TREESPEC_TYPES = frozenset({"builtins.tuple", "builtins.list", "builtins.dict", None})
 
-# Shape expressions: sympy's printing of integer arithmetic on size symbols, nothing else.
-_EXPR_NAMES = frozenset(
-    {
-        "Symbol",
-        "Integer",
-        "Mul",
-        "Add",
-        "Pow",
-        "FloorDiv",
-        "Mod",
-        "PythonMod",
-        "CleanDiv",
-        "CeilDiv",
-        "Max",
-        "Min",
-        "positive",
-        "integer",
-        "nonnegative",
-        "True",
-        "False",
-    }
-)
-_EXPR_TOKEN = re.compile(
-    r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|('[a-z]{1,3}[0-9]{1,6}')|([0-9]{1,19})|([-+*/(),=]))"
-)
-_SYMBOL_NAME = re.compile(r"[a-z]{1,3}[0-9]{1,6}")
-_MAX_EXPR = 2000
+# Names a graph gives its nodes and tensors, and the state's dotted names ("blocks.0.conv1").
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_STATE_NAME = re.compile(r"[A-Za-z0-9_]{1,100}(?:\.[A-Za-z0-9_]{1,100}){0,15}")
 
 
 def _reject(message: str) -> PlanRejectedError:
     return PlanRejectedError(message)
 
 
-def check_expression(expr: str, where: str) -> None:
-    """Refuse a shape expression that is not plain integer arithmetic on size symbols."""
-    if not isinstance(expr, str) or len(expr) > _MAX_EXPR:
-        raise _reject(f"{where}: shape expression is not a short string")
-    pos = 0
-    while pos < len(expr):
-        match = _EXPR_TOKEN.match(expr, pos)
-        if match is None or match.end() == pos:
-            if expr[pos:].strip() == "":
-                break
-            raise _reject(f"{where}: shape expression {expr[:80]!r} is not integer arithmetic")
-        name = match.group(1)
-        if name is not None and name not in _EXPR_NAMES and not _SYMBOL_NAME.fullmatch(name):
-            raise _reject(f"{where}: shape expression uses {name!r}, which is not allowed")
-        pos = match.end()
+def check_name(name: object, where: str, *, dotted: bool = False) -> str:
+    """``name`` if it is an identifier (``dotted``: identifiers joined by dots); else refuse."""
+    pattern = _STATE_NAME if dotted else _IDENTIFIER
+    if not isinstance(name, str) or not pattern.fullmatch(name) or len(name) > 512:
+        shown = repr(name)[:60] if isinstance(name, str) else type(name).__name__
+        raise _reject(f"{where}: name {shown} is not an identifier")
+    return name
+
+
+_NAME_KEYS = frozenset({"name", "as_name"})
+_STATE_KEYS = frozenset({"parameter_name", "buffer_name", "tensor_constant_name", "fqn"})
+_NAMED_MAPS = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"})
+_PRINTABLE = re.compile(r"[\x20-\x7e]{0,200}")
+
+
+def check_printable(text: str, where: str, *, limit: int = 1000) -> None:
+    """Refuse free text with control or other non-printable characters, or too long."""
+    if len(text) > limit or not text.isprintable():
+        raise _reject(f"{where} {text[:60]!r} holds control characters or is too long")
+
+
+def _check_strings(doc: dict[str, Any], what: str) -> None:
+    """Every string of the graph: names are identifiers, other strings printable ASCII, and
+    shape expressions parse with fedcore's grammar (each replaced by fedcore's printing)."""
+    ranges = doc.get("range_constraints", {})
+    _require(isinstance(ranges, dict) and len(ranges) == 1, f"{what}: needs one size symbol")
+    ((symbol, bounds),) = ranges.items()
+    _require(
+        isinstance(symbol, str) and SYMBOL_NAME.fullmatch(symbol) is not None,
+        f"{what}: size symbol {str(symbol)[:40]!r} is not a size symbol",
+    )
+    _require(
+        isinstance(bounds, dict)
+        and set(bounds) == {"min_val", "max_val"}
+        and type(bounds["min_val"]) is int
+        and type(bounds["max_val"]) is int
+        and 1 <= bounds["min_val"] <= bounds["max_val"] <= MAX_BATCH,
+        f"{what}: the range of {symbol!r} is not within 1..{MAX_BATCH}",
+    )
+    for where, parent, key, value in _walk_parents(doc, what):
+        if key == "expr_str":
+            expr = parse_expression(value, where)
+            if expr.symbols() - {symbol}:
+                raise _reject(f"{where}: shape expression uses a symbol other than {symbol!r}")
+            parent[key] = expr.srepr()
+        elif key in _NAME_KEYS and not (value == "" and ("inputs" in parent or "arg" in parent)):
+            check_name(value, where)
+        elif key in _STATE_KEYS and not (key == "fqn" and value == ""):
+            check_name(value, where, dotted=True)
+        elif key in _NAMED_MAPS and isinstance(value, dict):
+            for name in value:
+                check_name(name, f"{where}.{key}")
+        elif isinstance(value, str) and key not in ("in_spec", "out_spec"):
+            _require(_PRINTABLE.fullmatch(value) is not None, f"{where}.{key}: not printable")
+        elif key == "hint":
+            hint_kind, hint = _one_key(value, where) if value is not None else ("as_int", 1)
+            _require(
+                hint_kind == "as_int" and type(hint) is int and abs(hint) <= MAX_BATCH * 2**20,
+                f"{where}: malformed size hint",
+            )
+
+
+def _walk_parents(value: Any, path: str) -> Iterator[tuple[str, dict[str, Any], str, Any]]:
+    """Every (path, parent object, key, value) of a JSON document."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        current, where = stack.pop()
+        if isinstance(current, dict):
+            for key, item in list(current.items()):
+                if key == "metadata" and "target" in current:
+                    continue  # a node's stack trace and module path: dropped unread
+                yield where, current, key, item
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(current, list):
+            for index, item in enumerate(current):
+                stack.append((item, f"{where}[{index}]"))
 
 
 def _walk(value: Any, path: str) -> Iterator[tuple[str, str, Any]]:
@@ -272,14 +352,7 @@ def verify_graph(
     _require(not unknown, f"{what}: unknown fields {sorted(unknown)}")
     _require(doc.get("verifiers") == ["TRAINING"], f"{what}: not a training-IR export")
     _require(doc.get("guards_code", []) == [], f"{what}: carries guard code (Python source)")
-    for where, key, value in _walk(doc, what):
-        if key == "expr_str":
-            check_expression(value, where)
-    ranges = doc.get("range_constraints", {})
-    _require(isinstance(ranges, dict), f"{what}: malformed range_constraints")
-    for symbol, bounds in ranges.items():
-        check_expression(symbol, f"{what}.range_constraints")
-        _require(isinstance(bounds, dict), f"{what}: malformed range of {symbol!r}")
+    _check_strings(doc, what)
     gm = doc.get("graph_module")
     _require(isinstance(gm, dict), f"{what}: no graph_module")
     unknown = set(gm) - _GRAPH_MODULE_KEYS

@@ -59,6 +59,8 @@ Every section is optional; an absent rule allows everything it would have restri
     sandbox-memory-bytes = 8_589_934_592   # its address-space limit (default: half the RAM,
                                            # at most 16 GiB)
     sandbox-cpu-seconds = 3600             # its CPU time per task
+    max-activation-bytes = 2_000_000_000   # a plan's tensors at most (default: 1/4 of memory)
+    accept-buffer-updates = ["batch-norm-statistics", "batch-counter"]  # (the default)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
@@ -86,6 +88,7 @@ from fedcore.toml_fields import StrictTable, read_toml
 
 __all__ = [
     "BUFFER_KINDS",
+    "BUFFER_UPDATE_KINDS",
     "DP_KINDS",
     "AnalyticsRules",
     "BudgetRules",
@@ -107,6 +110,8 @@ BUFFER_KINDS = ("batch-norm",)
 
 DPKind = Literal["client-level", "record-level", "either"]
 DP_KINDS: tuple[DPKind, ...] = ("client-level", "record-level", "either")
+#: Buffer updates a plan may make (fedcore.plans.dataflow says what each is).
+BUFFER_UPDATE_KINDS = ("batch-norm-statistics", "batch-counter")
 
 _SECTIONS = (
     "models",
@@ -247,6 +252,9 @@ class PlanRules:
     trained values are uploaded; any other buffer goes back as received. ``sandbox``: plans
     train and evaluate in a child process limited to ``sandbox_memory_bytes`` of address
     space and ``sandbox_cpu_seconds`` of CPU time per task (``worker/sandbox.py``).
+    ``max_activation_bytes``: the memory a plan's tensors may take (None: a quarter of
+    physical memory); ``buffer_updates``: the kinds of in-graph buffer update the verifier
+    lets a plan make (:data:`BUFFER_UPDATE_KINDS`).
     """
 
     accept: bool = True
@@ -259,6 +267,8 @@ class PlanRules:
     sandbox: bool = True
     sandbox_memory_bytes: int = field(default_factory=lambda: default_sandbox_memory())
     sandbox_cpu_seconds: int = 3600
+    max_activation_bytes: int | None = None
+    buffer_updates: tuple[str, ...] = BUFFER_UPDATE_KINDS
 
 
 def default_sandbox_memory() -> int:
@@ -489,6 +499,8 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             "sandbox",
             "sandbox-memory-bytes",
             "sandbox-cpu-seconds",
+            "max-activation-bytes",
+            "accept-buffer-updates",
         ),
     )
     queue = Path(pl.string("requests") or "plan-requests").expanduser()
@@ -497,6 +509,14 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     unknown = sorted(set(kinds) - set(BUFFER_KINDS))
     if unknown:
         raise pl.fail("accept-buffers", f"unknown kind(s) {unknown}; known: {list(BUFFER_KINDS)}")
+    updates = pl.strings("accept-buffer-updates")
+    updates = BUFFER_UPDATE_KINDS if updates is None else updates
+    unknown = sorted(set(updates) - set(BUFFER_UPDATE_KINDS))
+    if unknown:
+        raise pl.fail(
+            "accept-buffer-updates",
+            f"names {unknown}; the kinds are {', '.join(BUFFER_UPDATE_KINDS)}",
+        )
     plans = PlanRules(
         accept=_default(pl.boolean("accept"), True),
         require_approval=_default(pl.boolean("require-approval"), False),
@@ -515,6 +535,8 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         sandbox_cpu_seconds=_or(
             pl.integer("sandbox-cpu-seconds", minimum=1), PlanRules.sandbox_cpu_seconds
         ),
+        max_activation_bytes=pl.integer("max-activation-bytes", minimum=1),
+        buffer_updates=updates,
     )
 
     analytics = None
