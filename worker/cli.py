@@ -26,6 +26,7 @@ from fedcore.plan import ModelSpec
 from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES, max_message_bytes
+from fedcore.secagg.identity import SiloIdentity
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
@@ -158,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         help=f"file holding this worker's enrollment token (or set {_TOKEN_ENV})",
+    )
+    s.add_argument(
+        "--signing-key",
+        type=Path,
+        help="signed secure aggregation: this silo's Ed25519 key (fed-certs writes "
+        "workers/NAME.signing.pem); needs --roster",
+    )
+    s.add_argument(
+        "--roster",
+        type=Path,
+        help="signed secure aggregation: the silos (names and signing-key fingerprints) this "
+        "worker accepts as peers, agreed by the data owners (fed-certs writes roster.json); "
+        "rounds naming any other silo, or keys they did not sign, are refused",
     )
     s.add_argument(
         "--insecure",
@@ -374,8 +388,24 @@ def _run(argv: Sequence[str] | None) -> None:
         tls=tls,
         analytics=responder,
         frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
+        identity=_silo_identity(args, name),
     )
     asyncio.run(_serve(worker))
+
+
+def _silo_identity(args: argparse.Namespace, name: str) -> SiloIdentity | None:
+    """This silo's signing key and roster (signed secure aggregation), when given."""
+    if (args.signing_key is None) != (args.roster is None):
+        raise ConfigError("--signing-key and --roster go together")
+    if args.signing_key is None:
+        return None
+    identity = SiloIdentity.load(name, args.signing_key, args.roster)
+    log.info(
+        "signed secure aggregation: %d silo(s) in the roster %s",
+        len(identity.roster.fingerprints),
+        args.roster,
+    )
+    return identity
 
 
 if __name__ == "__main__":

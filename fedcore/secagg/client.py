@@ -175,7 +175,6 @@ class SecAggClient:
     def advertise(self) -> AdvertiseKeys:
         """Phase 1: the two public keys; in the signed mode, signed and bound to the round
         (after checking the round's member list against the roster)."""
-        self._expect(ClientState.ADVERTISED, "advertise keys")
         if self.identity is None:
             return AdvertiseKeys(self._cipher.public, self._mask.public)
         self.index = self._signed_index(self.identity)
@@ -275,7 +274,9 @@ class SecAggClient:
         if self.identity is not None:
             # Before any mask or share key is derived from a peer's key.
             if directory.index != self.index:
-                raise self._fail(SecAggRefusedError("the key directory gives this worker another index"))
+                raise self._fail(
+                    SecAggRefusedError("the key directory gives this worker another index")
+                )
             if group != self.setup.group_size:
                 raise self._fail(
                     SecAggRefusedError(
@@ -440,7 +441,8 @@ class SecAggClient:
         worker's signature (it is on another set), and cannot gather t signatures on both
         sets from one group when t is a majority of it: the round aborts, nothing revealed."""
         self._expect(ClientState.CHECKING, "answer an unmasking request")
-        assert self.identity is not None and self._request is not None
+        assert self.identity is not None
+        assert self._request is not None
         request = self._request
         signers: set[int] = set()
         for sig in signatures:

@@ -55,7 +55,15 @@ def key_statement(
 ) -> bytes:
     """Phase 1: silo ``silo`` at ``index`` publishes ``cipher`` and ``mask``."""
     return _encode(
-        [b"keys", round_binding(setup), index.to_bytes(4, "big"), silo.encode(), cipher, mask, signing]
+        [
+            b"keys",
+            round_binding(setup),
+            index.to_bytes(4, "big"),
+            silo.encode(),
+            cipher,
+            mask,
+            signing,
+        ]
     )
 
 

@@ -64,9 +64,7 @@ def signing_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def raw_public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
