@@ -11,6 +11,10 @@ Three measurements, one JSON report (stdout, and ``--out``):
   coordinator folding n float32 updates into the weighted mean, 4d bytes per worker).
   Dropouts happen after key sharing and before the masked input, the costliest case for the
   coordinator (it reconstructs the dropped workers' keys and strips their pairwise masks).
+* ``signatures``: the signed mode's extra cost (docs/secure-aggregation.md): the same
+  in-process round at n = 8, d = 1e6 unsigned and signed, alternated, and the Ed25519 work a
+  worker does per signed round (1 + 1 signatures, (n - 1) + n verifications) timed on its own.
+  ``--signatures-only`` runs just this section.
 * ``processes``: real ``fed-server`` and echo workers (``bench_overhead.py echo-worker``) on
   loopback, a ``vector`` model of d parameters: median seconds per round, plain and
   ``--secagg``, in the same run.
@@ -99,6 +103,59 @@ def measure_masking(words: int = 10_000_000) -> dict[str, Any]:
         "n8_worker_quantize_seconds": round(per_worker_quantize, 4),
         "target_mb_per_s": 500,
         "meets_target": mb / mask_s >= 500,
+    }
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+def measure_signatures(n: int = 8, d: int = 1_000_000, repeats: int = 3) -> dict[str, Any]:
+    """The signed mode's cost next to the whole secure round's compute (all phases, all
+    workers and the coordinator, in one process)."""
+    from fedcore.secagg.simulation import make_identities
+
+    delta = np.random.default_rng(n).normal(0, 0.01, d).astype(np.float32)
+    totals: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for signed in (False, True):
+            sim = Simulation(SecAggParams(), [delta] * n, [10] * n, keep_plain=False, signed=signed)
+            started = time.perf_counter()
+            sim.run()
+            totals[signed].append(time.perf_counter() - started)
+    # The Ed25519 work itself, which the round's noise can hide: per worker per round it
+    # signs its keys and the request, verifies n - 1 keys and up to n request signatures.
+    identities = make_identities([f"silo-{i}" for i in range(n)])
+    me = identities["silo-0"]
+    message = os.urandom(600)
+    signature = me.sign(message)
+    reps = 200
+    started = time.perf_counter()
+    for _ in range(reps):
+        me.sign(message)
+    sign_s = (time.perf_counter() - started) / reps
+    started = time.perf_counter()
+    for _ in range(reps):
+        me.verify("silo-0", me.public, message, signature)
+    verify_s = (time.perf_counter() - started) / reps
+    per_worker = 2 * sign_s + (2 * n - 1) * verify_s
+    unsigned = statistics.median(totals[False])
+    signed_total = statistics.median(totals[True])
+    # The round's compute in one process is every worker's plus the coordinator's: n workers'
+    # Ed25519 work is what the signed mode adds to it.
+    added = n * per_worker
+    return {
+        "n": n,
+        "d": d,
+        "repeats": repeats,
+        "unsigned_round_seconds": round(unsigned, 4),
+        "signed_round_seconds": round(signed_total, 4),
+        "measured_difference_seconds": round(signed_total - unsigned, 4),
+        "ed25519_sign_us": round(sign_s * 1e6, 1),
+        "ed25519_verify_us": round(verify_s * 1e6, 1),
+        "ed25519_seconds_per_round_all_workers": round(added, 5),
+        "ed25519_share_of_round": round(added / unsigned, 5),
+        "target_share_below": 0.05,
+        "meets_target": added / unsigned < 0.05,
     }
 
 
@@ -264,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count, help="timed rounds after one warm-up round")
     p.add_argument("--no-secagg-plus", action="store_true", help="complete graph only")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
+    p.add_argument(
+        "--signatures-only", action="store_true", help="only the signed mode's cost (n=8, d=1e6)"
+    )
     return p
 
 
@@ -286,6 +346,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.out is not None:  # after every measurement: a cut-short run keeps its figures
             args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    _progress("signed mode: n=8 d=1e6")
+    report["signatures"] = measure_signatures()
+    save()
+    if args.signatures_only:
+        return report
     _progress("masking throughput")
     report["masking"] = measure_masking()
     grid: list[dict[str, Any]] = []
