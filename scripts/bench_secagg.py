@@ -13,7 +13,7 @@ Three measurements, one JSON report (stdout, and ``--out``):
   coordinator (it reconstructs the dropped workers' keys and strips their pairwise masks).
 * ``signatures``: the signed mode's extra cost (docs/secure-aggregation.md): the same
   in-process round at n = 8, d = 1e6 unsigned and signed, alternated, and the Ed25519 work a
-  worker does per signed round (1 + 1 signatures, (n - 1) + n verifications) timed on its own.
+  worker does per signed round (3 signatures, (n - 1) + (t - 1) verifications) timed on its own.
   ``--signatures-only`` runs just this section.
 * ``processes``: real ``fed-server`` and echo workers (``bench_overhead.py echo-worker``) on
   loopback, a ``vector`` model of d parameters: median seconds per round, plain and
@@ -123,7 +123,8 @@ def measure_signatures(n: int = 8, d: int = 1_000_000, repeats: int = 3) -> dict
             sim.run()
             totals[signed].append(time.perf_counter() - started)
     # The Ed25519 work itself, which the round's noise can hide: per worker per round it
-    # signs its keys and the request, verifies n - 1 keys and up to n request signatures.
+    # signs its keys and the request (and re-signs to check its own relayed signature),
+    # verifies n - 1 peers' keys and t - 1 peers' signatures on the request.
     identities = make_identities([f"silo-{i}" for i in range(n)])
     me = identities["silo-0"]
     message = os.urandom(600)
@@ -137,7 +138,8 @@ def measure_signatures(n: int = 8, d: int = 1_000_000, repeats: int = 3) -> dict
     for _ in range(reps):
         me.verify("silo-0", me.public, message, signature)
     verify_s = (time.perf_counter() - started) / reps
-    per_worker = 2 * sign_s + (2 * n - 1) * verify_s
+    t = SecAggParams().threshold_for(n)
+    per_worker = 3 * sign_s + (n - 1 + t - 1) * verify_s
     unsigned = statistics.median(totals[False])
     signed_total = statistics.median(totals[True])
     # The round's compute in one process is every worker's plus the coordinator's: n workers'
