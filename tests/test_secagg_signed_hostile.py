@@ -180,6 +180,16 @@ async def test_signed_worker_refuses_an_active_coordinator(
         assert answer.secagg.WhichOneof("body") == "abort", answer
         assert "cannot answer an unmasking request in state masked" in answer.secagg.abort.reason
 
+        # 6. The same signed round again (job "hostile", round 5), over a moved model: the
+        #    worker's participation record (beside its signing key) refuses it.
+        setup = _setup(SILOS, 5)
+        s.secagg_seen.clear()
+        outcome, _ = await FakePeers(setup, 3, WORDS, identities=real).run_to_masked_input(
+            s, await s.send_task(fit_task(secagg=setup), _logreg(0.8))
+        )
+        assert isinstance(outcome, pb.TaskError), outcome
+        assert "already contributed to round 5 of job 'hostile'" in outcome.message
+
         await s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason="test over")))
         assert await asyncio.to_thread(worker.wait, 60) == 0, worker.output
     assert "Traceback" not in worker.output

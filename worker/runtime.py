@@ -72,6 +72,7 @@ from fedcore.protocol import (
     max_message_bytes,
 )
 from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
@@ -250,6 +251,7 @@ class Worker:
         tls: ClientTLS | None = None,
         frozen: FrozenStore | None = None,
         identity: SiloIdentity | None = None,
+        participation: ParticipationLog | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -286,7 +288,10 @@ class Worker:
         self._write_lock = asyncio.Lock()
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
-        self._secagg = SecAggRounds(_not_connected, name, identity=identity)
+        self._participation = participation
+        self._secagg = SecAggRounds(
+            _not_connected, name, identity=identity, participation=participation
+        )
         # What runs each kind of checked task (a new kind registers its gate check and its
         # runner here).
         self._runners: dict[str, TaskRunner] = {"fit": self._fit, "evaluate": self._evaluate}
@@ -403,7 +408,9 @@ class Worker:
         async def send(message: pb.WorkerMessage) -> None:
             await self._write(call, message)
 
-        self._secagg = SecAggRounds(send, self.name, identity=self._identity)
+        self._secagg = SecAggRounds(
+            send, self.name, identity=self._identity, participation=self._participation
+        )
         if self.analytics is not None:
             self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))

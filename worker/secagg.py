@@ -28,6 +28,7 @@ from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.messages import UnmaskResponse
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -69,11 +70,17 @@ class SecAggRounds:
     """The worker's current secure round (at most one at a time)."""
 
     def __init__(
-        self, send: Send, worker_name: str, *, identity: SiloIdentity | None = None
+        self,
+        send: Send,
+        worker_name: str,
+        *,
+        identity: SiloIdentity | None = None,
+        participation: ParticipationLog | None = None,
     ) -> None:
         self._send = send
         self._name = worker_name
         self._identity = identity
+        self._participation = participation
         self._round: _Round | None = None
 
     def _body(self, **fields: object) -> pb.WorkerMessage:
@@ -168,6 +175,20 @@ class SecAggRounds:
             await self._give_up(current, "no shares arrived in time", tell=True)
         if current.client.state is not ClientState.READY:
             raise SecAggError(f"secure aggregation abandoned: {current.reason or 'not ready'}")
+        if self._participation is not None:
+            # On disk before the masked input exists, let alone leaves: a restart remembers.
+            model = np.concatenate([np.asarray(a).reshape(-1) for a in received.values()])
+            try:
+                await asyncio.to_thread(
+                    self._participation.admit,
+                    setup,
+                    model,
+                    distributed_dp=current.client.rules.min_survivors > 0,
+                )
+            except SecAggError as exc:
+                await self._give_up(current, str(exc), tell=True)
+                raise
+            del model
         delta = await asyncio.to_thread(flat_delta, updated, received, is_delta=is_delta)
         masked = await asyncio.to_thread(current.client.mask, delta, examples)
         if masked.clipped:
