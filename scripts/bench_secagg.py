@@ -244,10 +244,19 @@ def measure_in_process(n: int, d: int, dropout: float, neighbours: int) -> dict[
 
 
 def measure_processes(
-    workers: int, params: int, rounds: int, tmp: Path, *, secagg: bool
+    workers: int, params: int, rounds: int, tmp: Path, *, secagg: bool, signed: bool = False
 ) -> dict[str, Any]:
-    """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics."""
-    tag = f"{'secure' if secagg else 'plain'}-{workers}-{params}"
+    """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics
+    (``signed``: the signed secure-aggregation mode, keys from ``fed-certs``)."""
+    tag = f"{'signed' if signed else 'secure' if secagg else 'plain'}-{workers}-{params}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    certs = tmp / f"certs-{tag}"
+    if signed:
+        from fedcore.certs_cli import main as fed_certs
+
+        names = ",".join(f"e{i}" for i in range(workers))
+        if fed_certs(["init", "--dir", str(certs), "--workers", names]) != 0:
+            raise RuntimeError("fed-certs init failed")
     metrics_path = tmp / f"metrics-{tag}.jsonl"
     timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
     children: list[overhead.Child] = []
@@ -259,6 +268,8 @@ def measure_processes(
     ]  # fmt: skip
     if secagg:
         argv.append("--secagg")
+    if signed:
+        argv.append("--secagg-signed")
     try:
         server = overhead.Child("fed-server", overhead._python(*argv), tmp / f"server-{tag}.log")
         children.append(server)
@@ -278,6 +289,7 @@ def measure_processes(
                         # global model (and plain rounds pay the same copy).
                         "--step",
                         "1e-3",
+                        *(["--certs", str(certs)] if signed else []),
                     ),
                     tmp / f"echo-{tag}-{i}.log",
                 )
@@ -326,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signatures-only", action="store_true", help="only the signed mode's cost (n=8, d=1e6)"
     )
+    p.add_argument(
+        "--signed-processes",
+        action="store_true",
+        help="with --signatures-only: also real processes, --secagg vs --secagg-signed",
+    )
     return p
 
 
@@ -352,6 +369,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["signatures"] = measure_signatures()
     save()
     if args.signatures_only:
+        if args.signed_processes:
+            with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+                runs: dict[str, Any] = {}
+                for _ in range(2):  # alternated, so both see the same load
+                    for mode in ("secure", "signed"):
+                        _progress(f"processes: n=8 d=1e6 {mode}")
+                        runs.setdefault(mode, []).append(
+                            measure_processes(
+                                8,
+                                1_000_000,
+                                preset["rounds"],
+                                Path(tmp) / f"{mode}-{len(runs.get(mode, []))}",
+                                secagg=True,
+                                signed=mode == "signed",
+                            )["seconds_per_round"]
+                        )
+                        report["signatures"]["processes_seconds_per_round"] = runs
+                        save()
         return report
     _progress("masking throughput")
     report["masking"] = measure_masking()

@@ -229,6 +229,8 @@ class Worker:
         tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
         frozen: where plans' frozen parameters are kept (default: in memory only; with a
             ``gate``, the gate's).
+        identity: this silo's signing key and roster: signed secure aggregation only.
+        participation: the on-disk record of masked contributions (refuses replays).
     """
 
     def __init__(
