@@ -29,6 +29,7 @@ Targets (issues 4 and 14): at n=8, d=1e6 over real processes a secure round cost
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -255,8 +256,9 @@ def measure_processes(
         from fedcore.certs_cli import main as fed_certs
 
         names = ",".join(f"e{i}" for i in range(workers))
-        if fed_certs(["init", "--dir", str(certs), "--workers", names]) != 0:
-            raise RuntimeError("fed-certs init failed")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON report
+            if fed_certs(["init", "--dir", str(certs), "--workers", names]) != 0:
+                raise RuntimeError("fed-certs init failed")
     metrics_path = tmp / f"metrics-{tag}.jsonl"
     timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
     children: list[overhead.Child] = []
