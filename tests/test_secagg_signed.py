@@ -55,7 +55,7 @@ def _masked_round(
 
 def test_a_signed_round_sums_exactly_like_an_unsigned_one() -> None:
     deltas = [np.full(100, 0.01 * i, np.float32) for i in range(6)]
-    for drop in ({}, {"input": {1}}, {"unmask": {2}}):
+    for drop in ({}, {"keys": {0}}, {"shares": {3}}, {"input": {1}}, {"unmask": {2}}):
         sums = []
         for signed in (False, True):
             sim = Simulation(SecAggParams(), deltas, [10] * 6, drop=drop, signed=signed)

@@ -277,7 +277,9 @@ class SecAggClient:
                 raise self._fail(
                     SecAggRefusedError("the key directory gives this worker another index")
                 )
-            if group != self.setup.group_size:
+            # Workers that never advertised keys leave a group smaller than m; the
+            # threshold and minimum group size above still hold it.
+            if group > self.setup.group_size:
                 raise self._fail(
                     SecAggRefusedError(
                         f"the key directory has a group of {group}, the round says "
