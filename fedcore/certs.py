@@ -8,6 +8,9 @@ on in one minute::
     DIR/workers/NAME.pem  NAME.key      a worker's client certificate (common name = NAME)
     DIR/workers/NAME.token              its bearer token (the coordinator only keeps the hash)
     DIR/enrolled.json                   enrolled workers for ``fed-server --enrolled``
+    DIR/workers/NAME.signing.pem        its Ed25519 signing key (signed secure aggregation)
+    DIR/roster.json                     every silo's signing-key fingerprint, for the silos
+                                        (``fed-worker --roster``; see fedcore.secagg.identity)
 
 Keys are ECDSA P-256. This is a *development* CA: for production, have your PKI issue the
 certificates; the coordinator only needs them as PEM files.

@@ -15,6 +15,13 @@ from pathlib import Path
 from fedcore.certs import CertificateAuthority
 from fedcore.enrollment import Enrollment, EnrollmentEntry, hash_token, new_token, write_atomically
 from fedcore.errors import ConfigError, FedcoreError
+from fedcore.secagg.identity import (
+    Roster,
+    fingerprint,
+    generate_signing_key,
+    raw_public,
+    signing_key_pem,
+)
 
 __all__ = ["build_parser", "main", "server_sans"]
 
@@ -34,6 +41,9 @@ then:
   fed-worker --server coord.example.org:50051 --tls-ca certs/ca.pem --name hospital-a \\
              --tls-cert certs/workers/hospital-a.pem --tls-key certs/workers/hospital-a.key \\
              --token-file certs/workers/hospital-a.token ...
+  # signed secure aggregation (fed-server --secagg --secagg-signed): every silo gets a copy
+  # of certs/roster.json, agreed out of band, and its own signing key
+  fed-worker ... --signing-key certs/workers/hospital-a.signing.pem --roster certs/roster.json
   fed-server ... --scientists certs/scientists.json
   fed-query --server coord.example.org:50051 --tls-ca certs/ca.pem \\
             --token-file certs/scientists/alice.token "mean(bmi)" --epsilon 0.5
@@ -135,7 +145,25 @@ def _enroll(directory: Path, ca: CertificateAuthority, name: str, *, token: bool
         name, EnrollmentEntry(token_sha256=digest, revoked=False, cert_sha256=issued.fingerprint)
     )
     enrollment.save()
-    print(f"enrolled worker {name!r}: {workers / name}.pem/.key" + (", .token" if token else ""))
+    _add_signing_key(directory, name)
+    print(
+        f"enrolled worker {name!r}: {workers / name}.pem/.key/.signing.pem"
+        + (", .token" if token else "")
+    )
+
+
+def _add_signing_key(directory: Path, name: str) -> None:
+    """The silo's Ed25519 signing key (workers/NAME.signing.pem, mode 0600) and its
+    fingerprint in DIR/roster.json, the list the data owners agree on for signed secure
+    aggregation."""
+    key = generate_signing_key()
+    write_atomically(
+        directory / "workers" / f"{name}.signing.pem", signing_key_pem(key), mode=0o600
+    )
+    path = directory / "roster.json"
+    silos = dict(Roster.load(path).fingerprints) if path.exists() else {}
+    silos[name] = fingerprint(raw_public(key))
+    write_atomically(path, Roster(silos).to_json())
 
 
 def server_sans(names: Sequence[str], ips: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -158,6 +186,7 @@ def _init(args: argparse.Namespace) -> None:
     ca.issue_server(names, ips).write(d / "server.pem", d / "server.key")
     print(f"created CA {d / 'ca.pem'} and server certificate for {', '.join(names + ips)}")
     (d / "enrolled.json").unlink(missing_ok=True)
+    (d / "roster.json").unlink(missing_ok=True)
     Enrollment.empty(d / "enrolled.json").save()
     for name in filter(None, (n.strip() for n in args.workers.split(","))):
         _enroll(d, ca, name, token=True)
@@ -190,7 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise ConfigError(f"worker {args.name!r} is not enrolled in {d}")
                 enrollment.set(args.name, dataclasses.replace(entry, revoked=True))
                 enrollment.save()
-                print(f"revoked worker {args.name!r}")
+                roster = d / "roster.json"
+                if roster.exists():  # its peers must stop accepting its signatures too
+                    silos = dict(Roster.load(roster).fingerprints)
+                    silos.pop(args.name, None)
+                    write_atomically(roster, Roster(silos).to_json())
+                print(f"revoked worker {args.name!r} (redistribute {roster} to the silos)")
     except FedcoreError as exc:
         print(f"fed-certs: error: {exc}", file=sys.stderr)
         return 2

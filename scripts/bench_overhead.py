@@ -85,13 +85,22 @@ def _echo_trainer(step: float) -> Any:
     return EchoTrainer(step) if step else EchoTrainer()
 
 
-def echo_worker_main(server: str, name: str, step: float = 0.0) -> int:
-    """Run one echo worker until the coordinator ends the federation."""
+def echo_worker_main(server: str, name: str, step: float = 0.0, certs: Path | None = None) -> int:
+    """Run one echo worker until the coordinator ends the federation (with ``certs``: signed
+    secure aggregation, the key and roster fed-certs wrote there)."""
     from fedcore.worker import Worker
+
+    from fedcore.secagg.identity import SiloIdentity
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
     _worker_heap()
-    asyncio.run(Worker(server, name, _echo_trainer(step), give_up_after=60.0).run())
+    identity = (
+        SiloIdentity.load(name, certs / "workers" / f"{name}.signing.pem", certs / "roster.json")
+        if certs is not None
+        else None
+    )
+    worker = Worker(server, name, _echo_trainer(step), give_up_after=60.0, identity=identity)
+    asyncio.run(worker.run())
     # Read by measure_fedcore: this worker's peak memory.
     print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
@@ -765,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument(
         "--step", type=float, default=0.0, help="add this to every weight (a changing model)"
     )
+    echo.add_argument(
+        "--certs", type=Path, help="signed secure aggregation: the fed-certs directory"
+    )
     fs = roles.add_parser("floor-server", help="the bare grpc.aio server of the floor")
     fs.add_argument("--clients", type=_count, required=True)
     fs.add_argument("--payload-bytes", type=_count, required=True)
@@ -782,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.role == "echo-worker":
-        return echo_worker_main(args.server, args.name, args.step)
+        return echo_worker_main(args.server, args.name, args.step, args.certs)
     if args.role == "floor-server":
         return floor_server_main(
             args.clients, args.payload_bytes, args.chunk_bytes, args.rounds, args.timeout

@@ -11,6 +11,10 @@ Three measurements, one JSON report (stdout, and ``--out``):
   coordinator folding n float32 updates into the weighted mean, 4d bytes per worker).
   Dropouts happen after key sharing and before the masked input, the costliest case for the
   coordinator (it reconstructs the dropped workers' keys and strips their pairwise masks).
+* ``signatures``: the signed mode's extra cost (docs/secure-aggregation.md): the same
+  in-process round at n = 8, d = 1e6 unsigned and signed, alternated, and the Ed25519 work a
+  worker does per signed round (3 signatures, (n - 1) + (t - 1) verifications) timed on its own.
+  ``--signatures-only`` runs just this section.
 * ``processes``: real ``fed-server`` and echo workers (``bench_overhead.py echo-worker``) on
   loopback, a ``vector`` model of d parameters: median seconds per round, plain and
   ``--secagg``, in the same run.
@@ -25,6 +29,7 @@ Targets (issues 4 and 14): at n=8, d=1e6 over real processes a secure round cost
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -99,6 +104,61 @@ def measure_masking(words: int = 10_000_000) -> dict[str, Any]:
         "n8_worker_quantize_seconds": round(per_worker_quantize, 4),
         "target_mb_per_s": 500,
         "meets_target": mb / mask_s >= 500,
+    }
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+def measure_signatures(n: int = 8, d: int = 1_000_000, repeats: int = 3) -> dict[str, Any]:
+    """The signed mode's cost next to the whole secure round's compute (all phases, all
+    workers and the coordinator, in one process)."""
+    from fedcore.secagg.simulation import make_identities
+
+    delta = np.random.default_rng(n).normal(0, 0.01, d).astype(np.float32)
+    totals: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for signed in (False, True):
+            sim = Simulation(SecAggParams(), [delta] * n, [10] * n, keep_plain=False, signed=signed)
+            started = time.perf_counter()
+            sim.run()
+            totals[signed].append(time.perf_counter() - started)
+    # The Ed25519 work itself, which the round's noise can hide: per worker per round it
+    # signs its keys and the request (and re-signs to check its own relayed signature),
+    # verifies n - 1 peers' keys and t - 1 peers' signatures on the request.
+    identities = make_identities([f"silo-{i}" for i in range(n)])
+    me = identities["silo-0"]
+    message = os.urandom(600)
+    signature = me.sign(message)
+    reps = 200
+    started = time.perf_counter()
+    for _ in range(reps):
+        me.sign(message)
+    sign_s = (time.perf_counter() - started) / reps
+    started = time.perf_counter()
+    for _ in range(reps):
+        me.verify("silo-0", me.public, message, signature)
+    verify_s = (time.perf_counter() - started) / reps
+    t = SecAggParams().threshold_for(n)
+    per_worker = 3 * sign_s + (n - 1 + t - 1) * verify_s
+    unsigned = statistics.median(totals[False])
+    signed_total = statistics.median(totals[True])
+    # The round's compute in one process is every worker's plus the coordinator's: n workers'
+    # Ed25519 work is what the signed mode adds to it.
+    added = n * per_worker
+    return {
+        "n": n,
+        "d": d,
+        "repeats": repeats,
+        "unsigned_round_seconds": round(unsigned, 4),
+        "signed_round_seconds": round(signed_total, 4),
+        "measured_difference_seconds": round(signed_total - unsigned, 4),
+        "ed25519_sign_us": round(sign_s * 1e6, 1),
+        "ed25519_verify_us": round(verify_s * 1e6, 1),
+        "ed25519_seconds_per_round_all_workers": round(added, 5),
+        "ed25519_share_of_round": round(added / unsigned, 5),
+        "target_share_below": 0.05,
+        "meets_target": added / unsigned < 0.05,
     }
 
 
@@ -185,10 +245,20 @@ def measure_in_process(n: int, d: int, dropout: float, neighbours: int) -> dict[
 
 
 def measure_processes(
-    workers: int, params: int, rounds: int, tmp: Path, *, secagg: bool
+    workers: int, params: int, rounds: int, tmp: Path, *, secagg: bool, signed: bool = False
 ) -> dict[str, Any]:
-    """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics."""
-    tag = f"{'secure' if secagg else 'plain'}-{workers}-{params}"
+    """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics
+    (``signed``: the signed secure-aggregation mode, keys from ``fed-certs``)."""
+    tag = f"{'signed' if signed else 'secure' if secagg else 'plain'}-{workers}-{params}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    certs = tmp / f"certs-{tag}"
+    if signed:
+        from fedcore.certs_cli import main as fed_certs
+
+        names = ",".join(f"e{i}" for i in range(workers))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON report
+            if fed_certs(["init", "--dir", str(certs), "--workers", names]) != 0:
+                raise RuntimeError("fed-certs init failed")
     metrics_path = tmp / f"metrics-{tag}.jsonl"
     timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
     children: list[overhead.Child] = []
@@ -200,6 +270,8 @@ def measure_processes(
     ]  # fmt: skip
     if secagg:
         argv.append("--secagg")
+    if signed:
+        argv.append("--secagg-signed")
     try:
         server = overhead.Child("fed-server", overhead._python(*argv), tmp / f"server-{tag}.log")
         children.append(server)
@@ -219,6 +291,7 @@ def measure_processes(
                         # global model (and plain rounds pay the same copy).
                         "--step",
                         "1e-3",
+                        *(["--certs", str(certs)] if signed else []),
                     ),
                     tmp / f"echo-{tag}-{i}.log",
                 )
@@ -264,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count, help="timed rounds after one warm-up round")
     p.add_argument("--no-secagg-plus", action="store_true", help="complete graph only")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
+    p.add_argument(
+        "--signatures-only", action="store_true", help="only the signed mode's cost (n=8, d=1e6)"
+    )
+    p.add_argument(
+        "--signed-processes",
+        action="store_true",
+        help="with --signatures-only: also real processes, --secagg vs --secagg-signed",
+    )
     return p
 
 
@@ -286,6 +367,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.out is not None:  # after every measurement: a cut-short run keeps its figures
             args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    _progress("signed mode: n=8 d=1e6")
+    report["signatures"] = measure_signatures()
+    save()
+    if args.signatures_only:
+        if args.signed_processes:
+            with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+                runs: dict[str, Any] = {}
+                for _ in range(2):  # alternated, so both see the same load
+                    for mode in ("secure", "signed"):
+                        _progress(f"processes: n=8 d=1e6 {mode}")
+                        runs.setdefault(mode, []).append(
+                            measure_processes(
+                                8,
+                                1_000_000,
+                                preset["rounds"],
+                                Path(tmp) / f"{mode}-{len(runs.get(mode, []))}",
+                                secagg=True,
+                                signed=mode == "signed",
+                            )["seconds_per_round"]
+                        )
+                        report["signatures"]["processes_seconds_per_round"] = runs
+                        save()
+        return report
     _progress("masking throughput")
     report["masking"] = measure_masking()
     grid: list[dict[str, Any]] = []

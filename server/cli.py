@@ -433,6 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the coordinator waits for each key, share and unmasking phase "
         "(default: %(default)s)",
     )
+    s.add_argument(
+        "--secagg-signed",
+        action="store_true",
+        help="the signed mode against an active coordinator: the workers sign their keys "
+        "with their silo keys (fed-worker --signing-key --roster) and check each other's "
+        "view of the round before unmasking (docs/secure-aggregation.md)",
+    )
+    s.add_argument(
+        "--secagg-job",
+        default="",
+        help="signed mode: the job name every key is bound to, and that workers key their "
+        "participation records by (default: none; each round's fresh id still binds them)",
+    )
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
@@ -533,6 +546,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 bits=args.secagg_bits,
                 clip=args.secagg_clip,
                 phase_timeout=args.secagg_phase_timeout,
+                signed=args.secagg_signed,
+                job=args.secagg_job,
             )
             if args.secagg
             else None

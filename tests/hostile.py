@@ -22,7 +22,8 @@ from fedcore.codec import (
 from fedcore.protocol import PROTOCOL_VERSION
 from fedcore.secagg import SecAggClient, wire
 from fedcore.secagg.client import ClientRules
-from fedcore.secagg.messages import RoundSetup
+from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.messages import RoundSetup, UnmaskRequest
 from fedcore.secagg.server import SecAggServer
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc as pb_grpc
@@ -199,14 +200,40 @@ def evaluate_task(weights_model: str = "logreg", *, round: int = 1) -> pb.Task:
 
 
 class FakePeers:
-    """Honest-looking peers 2..n of a secure round whose worker 1 is the real process."""
+    """Honest-looking peers 2..n of a secure round whose worker 1 is the real process.
 
-    def __init__(self, setup: RoundSetup, n: int, words: int) -> None:
+    ``identities``: in a signed round, the signing identities the peers use, by silo name
+    (the real silos' keys for an honest control; keys the coordinator made up for an attack).
+    """
+
+    def __init__(
+        self,
+        setup: RoundSetup,
+        n: int,
+        words: int,
+        identities: dict[str, SiloIdentity] | None = None,
+    ) -> None:
         self.setup = setup
         self.rid = setup.round_id
         rules = ClientRules(min_group_size=2, min_threshold=0.01)  # the attacker's own
-        self.clients = {u: SecAggClient(setup, rules=rules) for u in range(2, n + 1)}
+        ids = identities or {}
+        self.clients = {
+            u: SecAggClient(
+                setup,
+                rules=rules,
+                identity=ids.get(setup.members[u - 1]) if setup.signed else None,
+            )
+            for u in range(2, n + 1)
+        }
         self.server = SecAggServer(setup, n, words)
+        self.words = words
+        self.inboxes: dict[int, Any] = {}
+
+    def mask_peers(self) -> None:
+        """Phase 3 for the fake peers (zero inputs), so they can take part in phase 4."""
+        for u, client in self.clients.items():
+            client.receive_shares(self.inboxes[u])
+            client.mask_vector(np.zeros(self.words, self.setup.fixed_point.dtype))
 
     async def run_to_masked_input(self, session: Session, task_id: str) -> Any:
         """Phases 1-2 with the worker; returns its masked TaskResult (or its error)."""
@@ -225,6 +252,7 @@ class FakePeers:
         for u, c in self.clients.items():
             self.server.add_shares(u, c.share_keys(directories[u]))
         inboxes = self.server.close_shares()
+        self.inboxes = inboxes
         shares = wire.shares_to_proto(self.rid, inboxes[1])
         await session.send(pb.CoordinatorMessage(secagg=pb.SecAggCoordinatorMessage(shares=shares)))
         return await session.outcome(task_id)
@@ -239,6 +267,39 @@ class FakePeers:
         message = await session.next()
         assert message.WhichOneof("body") == "secagg", message
         return message.secagg
+
+
+async def signed_unmask(
+    peers: FakePeers,
+    session: Session,
+    survivors: set[int],
+    *,
+    peers_shown: set[int] | None = None,
+) -> tuple[Any, Any]:
+    """A signed round's phase 4: the worker (index 1) is shown ``survivors``; the fake peers
+    (honest clients) are shown ``peers_shown`` (default: the same). Returns the worker's answer
+    to the request (its consistency signature, or an abort), then its answer to the relayed
+    signatures (its shares, or an abort); ``None`` for the second if it never got that far."""
+    n = len(peers.setup.members)
+    mine = UnmaskRequest(frozenset(survivors), frozenset(range(1, n + 1)) - survivors)
+    theirs = peers_shown if peers_shown is not None else survivors
+    others = UnmaskRequest(frozenset(theirs), frozenset(range(1, n + 1)) - theirs)
+    request = wire.request_to_proto(peers.rid, mine)
+    await session.send(pb.CoordinatorMessage(secagg=pb.SecAggCoordinatorMessage(unmask=request)))
+    first = await session.next()
+    assert first.WhichOneof("body") == "secagg", first
+    if first.secagg.WhichOneof("body") != "consistency":
+        return first.secagg, None
+    signatures = [wire.consistency_from_proto(first.secagg.consistency)]
+    peers.mask_peers()
+    for u, client in peers.clients.items():
+        if u in theirs:
+            signatures.append(client.consistency(others))
+    relay = wire.signatures_to_proto(peers.rid, signatures)
+    await session.send(pb.CoordinatorMessage(secagg=pb.SecAggCoordinatorMessage(signatures=relay)))
+    second = await session.next()
+    assert second.WhichOneof("body") == "secagg", second
+    return first.secagg, second.secagg
 
 
 def crafted_eval_weights(klass: int) -> Weights:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import Proc, start_server, start_worker
 
+from fedcore.certs_cli import main as fed_certs
 from fedcore.data import save_shard
 
 pytestmark = pytest.mark.slow
@@ -25,23 +26,40 @@ def test_secure_fedavg_matches_plain_fedavg_accuracy(
     shards: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
     common = ["--min-workers", "3", "--rounds", "3", "--eval-data", str(shards / "test.npz")]
+    # The signed mode: each silo's signing key and the roster, as fed-certs writes them.
+    certs = tmp_path / "certs"
+    assert fed_certs(["init", "--dir", str(certs), "--workers", "signed-0,signed-1,signed-2"]) == 0
     runs = {}
-    for mode in ("plain", "secure"):
+    for mode in ("plain", "secure", "signed"):
         metrics = tmp_path / f"{mode}.jsonl"
-        extra = ["--secagg"] if mode == "secure" else []
-        server, port = start_server(procs, *common, *FAST, *extra, "--metrics-out", str(metrics))
-        workers = [
-            start_worker(procs, port, shards / f"shard-{i}.npz", f"{mode}-{i}") for i in range(3)
-        ]
+        extra = {"plain": [], "secure": ["--secagg"], "signed": ["--secagg", "--secagg-signed"]}
+        server, port = start_server(
+            procs, *common, *FAST, *extra[mode], "--metrics-out", str(metrics)
+        )
+        workers = []
+        for i in range(3):
+            name = f"{mode}-{i}"
+            key = certs / "workers" / f"{name}.signing.pem"
+            identity = (
+                ["--signing-key", str(key), "--roster", str(certs / "roster.json")]
+                if mode == "signed"
+                else []
+            )
+            workers.append(start_worker(procs, port, shards / f"shard-{i}.npz", name, *identity))
         runs[mode] = (server, workers, metrics)
     for server, workers, _ in runs.values():
         assert server.wait(180) == 0, server.output
         assert all(w.wait(30) == 0 for w in workers)
-    plain, secure = (_rows(runs[m][2]) for m in ("plain", "secure"))
+    plain, secure, signed = (_rows(runs[m][2]) for m in ("plain", "secure", "signed"))
     assert [r["workers"] for r in secure] == [3, 3, 3]
+    assert [r["workers"] for r in signed] == [3, 3, 3]
     assert "securely aggregated 3 masked input(s)" in runs["secure"][0].output
+    assert "securely aggregated 3 masked input(s)" in runs["signed"][0].output
+    assert all("signed the unmasking request" in w.output for w in runs["signed"][1])
     plain_acc, secure_acc = float(plain[-1]["accuracy"]), float(secure[-1]["accuracy"])  # type: ignore[arg-type]
+    signed_acc = float(signed[-1]["accuracy"])  # type: ignore[arg-type]
     assert abs(plain_acc - secure_acc) <= 0.005, (plain_acc, secure_acc)
+    assert abs(plain_acc - signed_acc) <= 0.005, (plain_acc, signed_acc)
     assert secure_acc > 0.75
 
 

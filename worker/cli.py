@@ -26,6 +26,8 @@ from fedcore.plan import ModelSpec
 from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES, max_message_bytes
+from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
@@ -158,6 +160,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         help=f"file holding this worker's enrollment token (or set {_TOKEN_ENV})",
+    )
+    s.add_argument(
+        "--signing-key",
+        type=Path,
+        help="signed secure aggregation: this silo's Ed25519 key (fed-certs writes "
+        "workers/NAME.signing.pem); needs --roster",
+    )
+    s.add_argument(
+        "--roster",
+        type=Path,
+        help="signed secure aggregation: the silos (names and signing-key fingerprints) this "
+        "worker accepts as peers, agreed by the data owners (fed-certs writes roster.json); "
+        "rounds naming any other silo, or keys they did not sign, are refused",
+    )
+    s.add_argument(
+        "--secagg-participation",
+        type=Path,
+        metavar="FILE",
+        help="secure aggregation: record every masked contribution here (kept across "
+        "restarts) and refuse a second one per signed round or over a nearly unchanged "
+        "model (default with --signing-key: KEY.participation.json beside it)",
+    )
+    s.add_argument(
+        "--secagg-min-model-distance",
+        type=float,
+        default=1e-4,
+        help="refuse a masked update over a model within this relative L2 distance of one "
+        "already contributed over (default: %(default)s)",
+    )
+    s.add_argument(
+        "--secagg-repeat-with-dp",
+        action="store_true",
+        help="allow such a repeat when the round adds distributed DP noise (each repeat is "
+        "then a fresh noisy release the accountant charges)",
     )
     s.add_argument(
         "--insecure",
@@ -376,8 +412,40 @@ def _run(argv: Sequence[str] | None) -> None:
         tls=tls,
         analytics=responder,
         frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
+        identity=_silo_identity(args, name),
+        participation=_participation(args),
     )
     asyncio.run(_serve(worker))
+
+
+def _participation(args: argparse.Namespace) -> ParticipationLog | None:
+    """The on-disk record of masked contributions, when asked for (or signed mode is on)."""
+    path: Path | None = args.secagg_participation
+    if path is None and args.signing_key is not None:
+        path = args.signing_key.with_name(args.signing_key.name + ".participation.json")
+    if path is None:
+        return None
+    log.info("secure aggregation: masked contributions recorded in %s", path)
+    return ParticipationLog(
+        path,
+        min_distance=args.secagg_min_model_distance,
+        allow_with_dp=args.secagg_repeat_with_dp,
+    )
+
+
+def _silo_identity(args: argparse.Namespace, name: str) -> SiloIdentity | None:
+    """This silo's signing key and roster (signed secure aggregation), when given."""
+    if (args.signing_key is None) != (args.roster is None):
+        raise ConfigError("--signing-key and --roster go together")
+    if args.signing_key is None:
+        return None
+    identity = SiloIdentity.load(name, args.signing_key, args.roster)
+    log.info(
+        "signed secure aggregation: %d silo(s) in the roster %s",
+        len(identity.roster.fingerprints),
+        args.roster,
+    )
+    return identity
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ from fedcore.protocol import (
     check_protocol_version,
     max_message_bytes,
 )
+from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
 from fedcore.v1 import fedcore_pb2 as pb
@@ -227,6 +229,8 @@ class Worker:
         tls: what ``channel_factory`` verifies, to explain TLS failures in one line.
         frozen: where plans' frozen parameters are kept (default: in memory only; with a
             ``gate``, the gate's).
+        identity: this silo's signing key and roster: signed secure aggregation only.
+        participation: the on-disk record of masked contributions (refuses replays).
     """
 
     def __init__(
@@ -248,6 +252,8 @@ class Worker:
         analytics: QueryResponder | None = None,
         tls: ClientTLS | None = None,
         frozen: FrozenStore | None = None,
+        identity: SiloIdentity | None = None,
+        participation: ParticipationLog | None = None,
     ) -> None:
         self.server = server
         self.name = name
@@ -282,7 +288,12 @@ class Worker:
         # Update compression keeps what it lost between rounds (error feedback).
         self._compressor: Compressor | None = None
         self._write_lock = asyncio.Lock()
-        self._secagg = SecAggRounds(_not_connected, name)
+        # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
+        self._identity = identity
+        self._participation = participation
+        self._secagg = SecAggRounds(
+            _not_connected, name, identity=identity, participation=participation
+        )
         # What runs each kind of checked task (a new kind registers its gate check and its
         # runner here).
         self._runners: dict[str, TaskRunner] = {"fit": self._fit, "evaluate": self._evaluate}
@@ -399,7 +410,9 @@ class Worker:
         async def send(message: pb.WorkerMessage) -> None:
             await self._write(call, message)
 
-        self._secagg = SecAggRounds(send, self.name)
+        self._secagg = SecAggRounds(
+            send, self.name, identity=self._identity, participation=self._participation
+        )
         if self.analytics is not None:
             self.analytics.reset()
         runner = asyncio.create_task(self._run_jobs(call, jobs))

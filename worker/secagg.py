@@ -7,6 +7,11 @@ runs in its thread), and when training is done the delta is quantized, masked an
 task's result. The unmasking request is answered once. Any failure, or a request an honest
 worker must refuse, abandons the round and forgets its secrets. No flag is needed: the worker
 announces the capability and follows the coordinator's setup.
+
+With a :class:`~fedcore.secagg.identity.SiloIdentity` (``fed-worker --signing-key --roster``)
+the worker runs only the signed mode: it signs its keys, refuses peers the roster does not
+vouch for, and answers an unmasking request with a signature first, revealing shares only
+once the others' signatures show they were asked the same.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import numpy.typing as npt
 from fedcore.errors import SecAggError
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
+from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.messages import UnmaskResponse
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -61,9 +69,18 @@ class _Round:
 class SecAggRounds:
     """The worker's current secure round (at most one at a time)."""
 
-    def __init__(self, send: Send, worker_name: str) -> None:
+    def __init__(
+        self,
+        send: Send,
+        worker_name: str,
+        *,
+        identity: SiloIdentity | None = None,
+        participation: ParticipationLog | None = None,
+    ) -> None:
         self._send = send
         self._name = worker_name
+        self._identity = identity
+        self._participation = participation
         self._round: _Round | None = None
 
     def _body(self, **fields: object) -> pb.WorkerMessage:
@@ -76,9 +93,14 @@ class SecAggRounds:
             self._round.client.abort()
             self._round.settled.set()
         setup = wire.setup_from_proto(task.secagg)
-        current = _Round(SecAggClient(setup, rules=rules))
+        current = _Round(SecAggClient(setup, rules=rules, identity=self._identity))
         self._round = current
-        keys = wire.keys_to_proto(setup.round_id, current.client.advertise())
+        try:
+            advertised = current.client.advertise()
+        except SecAggError as exc:  # a round this worker's roster refuses
+            await self._give_up(current, str(exc), tell=True)
+            return
+        keys = wire.keys_to_proto(setup.round_id, advertised)
         await self._send(self._body(keys=keys))
 
     async def _give_up(self, current: _Round, reason: str, *, tell: bool) -> None:
@@ -117,15 +139,26 @@ class SecAggRounds:
             elif kind == "shares":
                 client.receive_shares(wire.shares_from_proto(body))
                 current.settled.set()
+            elif kind == "unmask" and client.signed:
+                signature = client.consistency(wire.request_from_proto(body))
+                await self._send(self._body(consistency=wire.consistency_to_proto(rid, signature)))
+                log.info("signed the unmasking request")
             elif kind == "unmask":
-                response = client.unmask(wire.request_from_proto(body))
-                await self._send(self._body(unmask=wire.response_to_proto(rid, response)))
-                log.info("sent unmasking shares")
-                self._round = None
+                await self._reveal(client.unmask(wire.request_from_proto(body)))
+            elif kind == "signatures":
+                await self._reveal(client.unmask_checked(wire.signatures_from_proto(body)))
             elif kind == "abort":
                 await self._give_up(current, f"the coordinator aborted: {body.reason}", tell=False)
         except SecAggError as exc:
             await self._give_up(current, str(exc), tell=True)
+
+    async def _reveal(self, response: UnmaskResponse) -> None:
+        current = self._round
+        assert current is not None
+        rid = current.client.setup.round_id
+        await self._send(self._body(unmask=wire.response_to_proto(rid, response)))
+        log.info("sent unmasking shares")
+        self._round = None
 
     async def mask(
         self, task: pb.Task, received: Weights, updated: Weights, *, is_delta: bool, examples: int
@@ -142,6 +175,20 @@ class SecAggRounds:
             await self._give_up(current, "no shares arrived in time", tell=True)
         if current.client.state is not ClientState.READY:
             raise SecAggError(f"secure aggregation abandoned: {current.reason or 'not ready'}")
+        if self._participation is not None:
+            # On disk before the masked input exists, let alone leaves: a restart remembers.
+            model = np.concatenate([np.asarray(a).reshape(-1) for a in received.values()])
+            try:
+                await asyncio.to_thread(
+                    self._participation.admit,
+                    setup,
+                    model,
+                    distributed_dp=current.client.rules.min_survivors > 0,
+                )
+            except SecAggError as exc:
+                await self._give_up(current, str(exc), tell=True)
+                raise
+            del model
         delta = await asyncio.to_thread(flat_delta, updated, received, is_delta=is_delta)
         masked = await asyncio.to_thread(current.client.mask, delta, examples)
         if masked.clipped:

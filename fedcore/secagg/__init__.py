@@ -9,6 +9,10 @@ about any single one, although every byte passes through it. Small modules, one 
 ``prg``                   AES-256-CTR mask expansion, applied in place block by block
 ``quantize``              fixed point in Z_(2^k), unbiased stochastic rounding, clipping
 ``params``                settings, threshold, the SecAgg+ k-regular graph
+``identity``              Ed25519 silo signing keys and the roster the data owners agree on
+``consistency``           what the signed mode signs: keys and unmasking requests, bound to
+                          the round
+``participation``         the on-disk record that refuses replayed contributions
 ``messages`` / ``wire``   the phase messages and their protobuf forms
 ``client`` / ``server``   the two sides' state machines (pure, testable in memory)
 ``simulation``            the whole protocol in one process (tests, benchmark)

@@ -3,8 +3,18 @@
 ::
 
     ADVERTISED ──share_keys──▶ SHARED ──receive_shares──▶ READY ──mask──▶ MASKED ──unmask──▶ DONE
-         │                        │                          │               │
+         │                        │                          │               │                ▲
+         │                        │                          │           consistency   unmask_checked
+         │                        │                          │               ▼                │
+         │                        │                          │            CHECKING ───────────┘
          └────────────────────────┴──────────────────────────┴───────────────┴──▶ ABORTED
+
+The lower path is the signed mode (a :class:`~fedcore.secagg.identity.SiloIdentity` is
+given): every key this worker publishes is signed and bound to the round, every peer's key is
+checked against the roster before any mask is derived, and shares are revealed only after at
+least t of the group signed the same unmasking request (Bonawitz et al.'s consistency check).
+Without an identity the client runs the unsigned protocol, safe only against a coordinator
+that follows it.
 
 Every move not drawn raises; an abort forgets the round's secrets. The client answers exactly
 one unmasking request, and never reveals both the self-mask share and the masking-key share
@@ -32,8 +42,11 @@ import numpy.typing as npt
 from fedcore.errors import SecAggAbortedError, SecAggError, SecAggRefusedError
 
 from . import crypto, prg, shamir
+from .consistency import key_statement, request_statement
+from .identity import SiloIdentity
 from .messages import (
     AdvertiseKeys,
+    ConsistencySignature,
     EncryptedShare,
     KeyDirectory,
     PeerKeys,
@@ -77,6 +90,7 @@ class ClientState(enum.Enum):
     SHARED = "shared"
     READY = "ready"
     MASKED = "masked"
+    CHECKING = "checking"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -105,6 +119,7 @@ class SecAggClient:
     Args:
         setup: the round's parameters (from the task).
         rules: what this worker requires of the round (group size, threshold, survivors).
+        identity: this silo's signing key and roster: the signed mode (default: unsigned).
         rounding_seed: 256-bit key of the stochastic-rounding keystream (default: fresh from
             the OS); fixed only in tests.
     """
@@ -114,10 +129,12 @@ class SecAggClient:
         setup: RoundSetup,
         *,
         rules: ClientRules | None = None,
+        identity: SiloIdentity | None = None,
         rounding_seed: bytes | None = None,
     ) -> None:
         self.setup = setup
         self.rules = rules if rules is not None else ClientRules()
+        self.identity = identity
         self.state = ClientState.ADVERTISED
         self._cipher = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
@@ -129,6 +146,12 @@ class SecAggClient:
         self._self_mask_shares: dict[int, shamir.Share] = {}
         self._key_shares: dict[int, shamir.Share] = {}
         self._mask_peers: frozenset[int] = frozenset()
+        self._request: UnmaskRequest | None = None
+
+    @property
+    def signed(self) -> bool:
+        """Whether this client runs the signed protocol."""
+        return self.identity is not None
 
     # ------------------------------------------------------------------ transitions
 
@@ -150,8 +173,74 @@ class SecAggClient:
         return error
 
     def advertise(self) -> AdvertiseKeys:
-        """Phase 1: the two public keys."""
-        return AdvertiseKeys(self._cipher.public, self._mask.public)
+        """Phase 1: the two public keys; in the signed mode, signed and bound to the round
+        (after checking the round's member list against the roster)."""
+        if self.identity is None:
+            return AdvertiseKeys(self._cipher.public, self._mask.public)
+        self.index = self._signed_index(self.identity)
+        statement = key_statement(
+            self.setup,
+            self.index,
+            self.identity.name,
+            self._cipher.public,
+            self._mask.public,
+            self.identity.public,
+        )
+        return AdvertiseKeys(
+            self._cipher.public,
+            self._mask.public,
+            self.identity.public,
+            self.identity.sign(statement),
+        )
+
+    def _signed_index(self, identity: SiloIdentity) -> int:
+        """This worker's index among the round's members, once they pass the roster."""
+        setup = self.setup
+        if not setup.signed:
+            raise self._fail(
+                SecAggRefusedError(
+                    "this worker requires signed secure aggregation (it has a roster), but the "
+                    "round names no members; start the coordinator with --secagg-signed"
+                )
+            )
+        members = setup.members
+        if len(set(members)) != len(members):
+            raise self._fail(SecAggRefusedError("the round names a silo twice"))
+        strangers = [m for m in members if m not in identity.roster.fingerprints]
+        if strangers:
+            # Sybil resistance: only enrolled silos count towards a group.
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the round names silo(s) {sorted(strangers)[:5]} that are not in this "
+                    "worker's roster"
+                )
+            )
+        if identity.name not in members:
+            raise self._fail(SecAggRefusedError("the round does not name this worker"))
+        if not 2 <= setup.group_size <= len(members):
+            raise self._fail(SecAggRefusedError(f"invalid group size m={setup.group_size}"))
+        return members.index(identity.name) + 1
+
+    def _check_peer(self, identity: SiloIdentity, peer: PeerKeys) -> None:
+        """A neighbour's keys must be signed by the silo the round names at its index."""
+        if not 1 <= peer.index <= len(self.setup.members):
+            raise SecAggRefusedError(f"peer index {peer.index} is not a member of the round")
+        silo = self.setup.members[peer.index - 1]
+        statement = key_statement(
+            self.setup,
+            peer.index,
+            silo,
+            peer.cipher_public,
+            peer.mask_public,
+            peer.signing_public,
+        )
+        try:
+            identity.verify(silo, peer.signing_public, statement, peer.signature)
+        except SecAggError as exc:
+            raise SecAggRefusedError(
+                f"peer {peer.index}'s keys are not signed by an enrolled silo for this round "
+                f"({exc}); the coordinator may have made them up"
+            ) from None
 
     def share_keys(self, directory: KeyDirectory) -> list[EncryptedShare]:
         """Phase 2: draw the self-mask seed, Shamir-share it and the masking private key among
@@ -182,6 +271,26 @@ class SecAggClient:
         for index, peer in directory.peers.items():
             if index != peer.index or index < 1:
                 raise self._fail(SecAggError("the key directory is inconsistent"))
+        if self.identity is not None:
+            # Before any mask or share key is derived from a peer's key.
+            if directory.index != self.index:
+                raise self._fail(
+                    SecAggRefusedError("the key directory gives this worker another index")
+                )
+            # Workers that never advertised keys leave a group smaller than m; the
+            # threshold and minimum group size above still hold it.
+            if group > self.setup.group_size:
+                raise self._fail(
+                    SecAggRefusedError(
+                        f"the key directory has a group of {group}, the round says "
+                        f"m={self.setup.group_size}"
+                    )
+                )
+            for peer in directory.peers.values():
+                try:
+                    self._check_peer(self.identity, peer)
+                except SecAggError as exc:
+                    raise self._fail(exc) from None
         publics = [p.cipher_public for p in directory.peers.values()] + [
             p.mask_public for p in directory.peers.values()
         ]
@@ -302,8 +411,91 @@ class SecAggClient:
         self.state = ClientState.MASKED
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Phase 4: self-mask shares of survivors, key shares of dropped workers."""
+        """Phase 4 (unsigned mode): self-mask shares of survivors, key shares of dropped
+        workers."""
         self._expect(ClientState.MASKED, "answer an unmasking request")
+        if self.identity is not None:
+            raise self._fail(
+                SecAggRefusedError(
+                    "the coordinator asked for shares without the consistency check this "
+                    "worker requires"
+                )
+            )
+        self._check_request(request)
+        return self._respond(request)
+
+    def consistency(self, request: UnmaskRequest) -> ConsistencySignature:
+        """Phase 4a (signed mode): check the request as for :meth:`unmask`, then sign it."""
+        self._expect(ClientState.MASKED, "sign an unmasking request")
+        if self.identity is None:
+            raise self._fail(SecAggError("the consistency check needs a signing identity"))
+        self._check_request(request)
+        self._request = request
+        self.state = ClientState.CHECKING
+        statement = request_statement(self.setup, request, self.index)
+        return ConsistencySignature(self.index, self.identity.public, self.identity.sign(statement))
+
+    def unmask_checked(self, signatures: Sequence[ConsistencySignature]) -> UnmaskResponse:
+        """Phase 4 (signed mode): reveal shares only if every signature relayed is a
+        survivor's on the request this worker was shown, and at least t of its group signed.
+
+        A coordinator that shows two workers different survivor sets cannot relay the other
+        worker's signature (it is on another set), and cannot gather t signatures on both
+        sets from one group when t is a majority of it: the round aborts, nothing revealed."""
+        self._expect(ClientState.CHECKING, "answer an unmasking request")
+        assert self.identity is not None
+        assert self._request is not None
+        request = self._request
+        group = self._mask_peers | {self.index}
+        mine = request_statement(self.setup, request, self.index)
+        seen: set[int] = set()
+        agreeing: set[int] = set()
+        # Group members first; t valid signatures from the group suffice (an honest member
+        # signs one request, and t is a majority of the group), so verifying stops there. Any
+        # invalid one met on the way is proof of two views: abort.
+        for sig in sorted(signatures, key=lambda x: (x.index not in group, x.index)):
+            if (
+                sig.index not in request.survivors
+                or sig.index in seen
+                or not 1 <= sig.index <= len(self.setup.members)
+            ):
+                raise self._fail(
+                    SecAggRefusedError(f"a consistency signature of non-survivor {sig.index}")
+                )
+            seen.add(sig.index)
+            if len(agreeing) >= self.setup.threshold:
+                break
+            silo = self.setup.members[sig.index - 1]
+            if sig.index == self.index:
+                # Ed25519 is deterministic: this worker's own signature is known exactly.
+                valid = sig.signature == self.identity.sign(mine)
+            else:
+                statement = request_statement(self.setup, request, sig.index)
+                try:
+                    self.identity.verify(silo, sig.signing_public, statement, sig.signature)
+                    valid = True
+                except SecAggError:
+                    valid = False
+            if not valid:
+                raise self._fail(
+                    SecAggRefusedError(
+                        f"silo {silo!r} did not sign the unmasking request this worker was "
+                        "shown: workers were shown different survivor sets; nothing revealed"
+                    )
+                )
+            if sig.index in group:
+                agreeing.add(sig.index)
+        if len(agreeing) < self.setup.threshold:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"only {len(agreeing)} of this worker's group signed the unmasking "
+                    f"request, below the threshold {self.setup.threshold}; nothing revealed"
+                )
+            )
+        return self._respond(request)
+
+    def _check_request(self, request: UnmaskRequest) -> None:
+        """What an honest worker requires of an unmasking request before acting on it."""
         both = request.survivors & request.dropped
         if both:
             raise self._fail(
@@ -335,6 +527,9 @@ class SecAggClient:
                     f"{self.rules.min_survivors} updates this worker's DP noise share assumes"
                 )
             )
+
+    def _respond(self, request: UnmaskRequest) -> UnmaskResponse:
+        group = self._mask_peers | {self.index}
         response = UnmaskResponse(
             self_mask_shares={
                 v: self._self_mask_shares[v].value_bytes()

@@ -9,6 +9,7 @@ from .quantize import FixedPoint
 
 __all__ = [
     "AdvertiseKeys",
+    "ConsistencySignature",
     "EncryptedShare",
     "KeyDirectory",
     "PeerKeys",
@@ -27,14 +28,28 @@ class RoundSetup:
     fixed_point: FixedPoint
     weight_norm: float
     phase_timeout: float
+    #: Signed mode (see :mod:`fedcore.secagg.identity`): the selected silos in index order,
+    #: the job and round number the keys are bound to, and the sharing group size m.
+    #: Empty ``members``: the unsigned mode (an honest-but-curious coordinator only).
+    members: tuple[str, ...] = ()
+    job: str = ""
+    round_number: int = 0
+    group_size: int = 0
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.members)
 
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Phase 1, worker -> coordinator: two X25519 public keys."""
+    """Phase 1, worker -> coordinator: two X25519 public keys (signed mode: with the silo's
+    Ed25519 key and its signature binding both to the round)."""
 
     cipher_public: bytes
     mask_public: bytes
+    signing_public: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,8 @@ class PeerKeys:
     index: int
     cipher_public: bytes
     mask_public: bytes
+    signing_public: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,16 @@ class UnmaskRequest:
 
     survivors: frozenset[int]
     dropped: frozenset[int]
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Signed mode, phase 4a: survivor ``index``'s signature on the unmasking request it was
+    shown (and its signing key, checked against the roster by whoever verifies it)."""
+
+    index: int
+    signing_public: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ class SecAggParams:
         bits: signed quantization bits per coordinate.
         clip: every coordinate of a worker's delta is clipped to ``[-clip, clip]``.
         phase_timeout: seconds the coordinator waits for each key, share and unmasking phase.
+        signed: the signed mode (silo-signed keys bound to the round, a consistency check
+            before unmasking): resists an active coordinator; workers need a roster.
+        job: what signed rounds are bound to and workers key their participation by.
     """
 
     threshold: float = 0.5
@@ -33,6 +36,8 @@ class SecAggParams:
     bits: int = 16
     clip: float = 1.0
     phase_timeout: float = 30.0
+    signed: bool = False
+    job: str = ""
 
     def __post_init__(self) -> None:
         if not (

@@ -3,8 +3,15 @@
 ::
 
     KEYS ──close_keys──▶ SHARES ──close_shares──▶ INPUTS ──close_inputs──▶ UNMASKING ──finish──▶ DONE
-      │                    │                        │                         │
-      └────────────────────┴────────────────────────┴─────────────────────────┴──▶ ABORTED
+      │                    │                        │  signed│                ▲   │
+      │                    │                        │        ▼                │   │
+      │                    │                        │   CONSISTENCY ──close_consistency
+      └────────────────────┴────────────────────────┴────────┴────────────────────┴──▶ ABORTED
+
+In the signed mode (the setup names its members) the coordinator only relays: keys go out
+with their signatures, and between phases 3 and 4 it gathers each survivor's signature on
+the unmasking request (U4 of Bonawitz et al.) and sends them all to U4, whose members check
+them before revealing anything. The workers verify; the coordinator is not trusted to.
 
 Participants are known by their index (1..n). The sets of Bonawitz et al.: U1 advertised
 keys, U2 completed key sharing, U3 sent a masked input, U5 answered the unmasking request.
@@ -31,6 +38,7 @@ from . import crypto, prg, shamir
 from .client import pairwise_sign
 from .messages import (
     AdvertiseKeys,
+    ConsistencySignature,
     EncryptedShare,
     KeyDirectory,
     PeerKeys,
@@ -48,6 +56,7 @@ class ServerState(enum.Enum):
     KEYS = "keys"
     SHARES = "shares"
     INPUTS = "inputs"
+    CONSISTENCY = "consistency"
     UNMASKING = "unmasking"
     DONE = "done"
     ABORTED = "aborted"
@@ -104,6 +113,8 @@ class SecAggServer:
         self.u3: set[int] = set()
         self._sum: npt.NDArray[np.unsignedinteger] | None = None
         self.request: UnmaskRequest | None = None
+        self._consistency: dict[int, ConsistencySignature] = {}
+        self.u4: frozenset[int] = frozenset()
         self._responses: dict[int, UnmaskResponse] = {}
         self.abort_reason = ""
         #: Participants whose unmasking shares were malformed or disagreed with the others'
@@ -159,7 +170,13 @@ class SecAggServer:
             u: KeyDirectory(
                 u,
                 {
-                    v: PeerKeys(v, self.keys[v].cipher_public, self.keys[v].mask_public)
+                    v: PeerKeys(
+                        v,
+                        self.keys[v].cipher_public,
+                        self.keys[v].mask_public,
+                        self.keys[v].signing_public,
+                        self.keys[v].signature,
+                    )
                     for v in sorted(self.graph[u])
                 },
             )
@@ -224,19 +241,44 @@ class SecAggServer:
         self._expect(ServerState.INPUTS, "close phase 3")
         self._check_count(len(self.u3), "masked input")
         self.request = UnmaskRequest(frozenset(self.u3), frozenset(self.u2 - self.u3))
-        self.state = ServerState.UNMASKING
+        self.state = ServerState.CONSISTENCY if self.setup.signed else ServerState.UNMASKING
         return self.request
 
     def recipients_of_request(self) -> list[int]:
         """The workers that must answer the unmasking request (U3)."""
         return sorted(self.u3)
 
+    # ------------------------------------------------------------------ phase 4a (signed)
+
+    def add_consistency(self, index: int, signature: ConsistencySignature) -> None:
+        """Keep survivor ``index``'s signature on the request (verified by the workers)."""
+        self._expect(ServerState.CONSISTENCY, "accept a consistency signature")
+        if index not in self.u3 or index in self._consistency or signature.index != index:
+            raise SecAggError(f"unexpected consistency signature from participant {index}")
+        self._consistency[index] = signature
+
+    def has_consistency(self, index: int) -> bool:
+        return index in self._consistency
+
+    def close_consistency(self) -> list[ConsistencySignature]:
+        """End phase 4a: U4 = the survivors that signed; every member of U4 gets them all."""
+        self._expect(ServerState.CONSISTENCY, "close the consistency check")
+        self.u4 = frozenset(self._consistency)
+        self._check_count(len(self.u4), "consistency check")
+        self.state = ServerState.UNMASKING
+        return [self._consistency[i] for i in sorted(self.u4)]
+
+    def recipients_of_shares_request(self) -> list[int]:
+        """The workers whose unmasking shares the round waits for (U3, or U4 signed)."""
+        return sorted(self.u4 if self.setup.signed else self.u3)
+
     # ------------------------------------------------------------------ phase 4
 
     def add_unmask(self, index: int, response: UnmaskResponse) -> None:
         self._expect(ServerState.UNMASKING, "accept unmasking shares")
         assert self.request is not None
-        if index not in self.u3 or index in self._responses:
+        expected = self.u4 if self.setup.signed else self.u3
+        if index not in expected or index in self._responses:
             raise SecAggError(f"unexpected unmasking shares from participant {index}")
         group = (self.graph[index] & self.u2) | {index}
         if not (

@@ -15,13 +15,14 @@ import numpy as np
 import numpy.typing as npt
 
 from .client import ClientRules, SecAggClient
+from .identity import Roster, SiloIdentity, fingerprint, generate_signing_key, raw_public
 from .messages import RoundSetup
 from .params import SecAggParams
 from .quantize import FixedPoint, ring_bits_for
 from .server import AggregateResult, SecAggServer
 from .shamir import SHARE_BYTES
 
-__all__ = ["PHASES", "Simulation", "make_setup"]
+__all__ = ["PHASES", "Simulation", "make_identities", "make_setup"]
 
 # Simulations explore any group and threshold (the protocol's maths); real workers enforce
 # the safe defaults of ClientRules.
@@ -32,9 +33,19 @@ PHASES = ("keys", "shares", "input", "unmask")
 
 
 def make_setup(
-    params: SecAggParams, num_workers: int, weight_norm: float, round_id: str | None = None
+    params: SecAggParams,
+    num_workers: int,
+    weight_norm: float,
+    round_id: str | None = None,
+    *,
+    members: Sequence[str] = (),
+    job: str = "",
+    round_number: int = 0,
 ) -> RoundSetup:
-    """The round setup a coordinator would send ``num_workers`` workers."""
+    """The round setup a coordinator would send ``num_workers`` workers (signed mode when
+    ``members`` names them, in index order)."""
+    if members and len(members) != num_workers:
+        raise ValueError("members must name every worker of the round")
     fp = FixedPoint(params.bits, params.clip, ring_bits_for(params.bits, num_workers))
     return RoundSetup(
         round_id or uuid.uuid4().hex,
@@ -42,7 +53,18 @@ def make_setup(
         fp,
         float(weight_norm),
         params.phase_timeout,
+        members=tuple(members),
+        job=job,
+        round_number=round_number,
+        group_size=params.group_size(num_workers) if members else 0,
     )
+
+
+def make_identities(names: Sequence[str]) -> dict[str, SiloIdentity]:
+    """Fresh signing keys for ``names`` and one roster that lists them all (tests, benchmark)."""
+    keys = {name: generate_signing_key() for name in names}
+    roster = Roster({name: fingerprint(raw_public(key)) for name, key in keys.items()})
+    return {name: SiloIdentity(name, key, roster) for name, key in keys.items()}
 
 
 @dataclass
@@ -56,6 +78,7 @@ class Simulation:
         drop: for each phase of :data:`PHASES`, the (0-based) workers that vanish just before it.
         seed: seeds the stochastic rounding and graph (the masks stay cryptographic).
         keep_plain: keep every worker's plain quantized vector (for exactness checks).
+        signed: run the signed mode (signed keys and the consistency check).
     """
 
     params: SecAggParams
@@ -64,6 +87,7 @@ class Simulation:
     drop: Mapping[str, set[int]] = field(default_factory=dict)
     seed: int = 0
     keep_plain: bool = True
+    signed: bool = False
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     worker_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     plain: dict[int, npt.NDArray[np.unsignedinteger]] = field(default_factory=dict)
@@ -71,11 +95,14 @@ class Simulation:
     def run(self) -> AggregateResult:
         """Run the four phases; returns the aggregate or raises SecAggAbortedError."""
         n = len(self.deltas)
-        setup = make_setup(self.params, n, sum(self.counts))
+        names = [f"silo-{i}" for i in range(1, n + 1)] if self.signed else []
+        identities = make_identities(names)
+        setup = make_setup(self.params, n, sum(self.counts), members=names, job="simulation")
         clients = {
             i + 1: SecAggClient(
                 setup,
                 rules=_SIMULATION_RULES,
+                identity=identities.get(f"silo-{i + 1}"),
                 rounding_seed=(self.seed * 1000 + i).to_bytes(32, "big"),
             )
             for i in range(n)
@@ -131,9 +158,20 @@ class Simulation:
             self.timings["server_sum"] += clock() - t
         request = server.close_inputs()
         drop("unmask")
-        for u in sorted(alive & set(server.recipients_of_request())):
+        if self.signed:
+            for u in sorted(alive & set(server.recipients_of_request())):
+                t = clock()
+                signature = clients[u].consistency(request)
+                self.timings["worker_consistency"] += clock() - t
+                self.worker_bytes["consistency"] += 32 + 64 + 4
+                server.add_consistency(u, signature)
+            signatures = server.close_consistency()
+        for u in sorted(alive & set(server.recipients_of_shares_request())):
             t = clock()
-            response = clients[u].unmask(request)
+            if self.signed:
+                response = clients[u].unmask_checked(signatures)
+            else:
+                response = clients[u].unmask(request)
             self.timings["worker_unmask"] += clock() - t
             self.worker_bytes["unmask"] += (SHARE_BYTES + 4) * (
                 len(response.self_mask_shares) + len(response.key_shares)

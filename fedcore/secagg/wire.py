@@ -9,6 +9,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from .messages import (
     AdvertiseKeys,
+    ConsistencySignature,
     EncryptedShare,
     KeyDirectory,
     PeerKeys,
@@ -20,6 +21,8 @@ from .quantize import FixedPoint
 
 __all__ = [
     "MASKED_TENSOR",
+    "consistency_from_proto",
+    "consistency_to_proto",
     "directory_from_proto",
     "directory_to_proto",
     "keys_from_proto",
@@ -32,6 +35,8 @@ __all__ = [
     "setup_to_proto",
     "shares_from_proto",
     "shares_to_proto",
+    "signatures_from_proto",
+    "signatures_to_proto",
 ]
 
 _MAX_SHARE_CIPHERTEXT = 512
@@ -49,6 +54,10 @@ def setup_to_proto(setup: RoundSetup) -> pb.SecAggSetup:
         clip=fp.clip,
         weight_norm=setup.weight_norm,
         phase_timeout_s=setup.phase_timeout,
+        members=setup.members,
+        job=setup.job,
+        round_number=setup.round_number,
+        group_size=setup.group_size,
     )
 
 
@@ -59,17 +68,36 @@ def setup_from_proto(msg: pb.SecAggSetup) -> RoundSetup:
         raise ProtocolError(f"invalid secure-aggregation setup: {exc}") from None
     if msg.threshold < 2 or not msg.weight_norm >= 1 or not msg.round_id:
         raise ProtocolError("invalid secure-aggregation setup: threshold, weight norm or round id")
-    return RoundSetup(msg.round_id, msg.threshold, fp, msg.weight_norm, msg.phase_timeout_s)
+    return RoundSetup(
+        msg.round_id,
+        msg.threshold,
+        fp,
+        msg.weight_norm,
+        msg.phase_timeout_s,
+        members=tuple(msg.members),
+        job=msg.job,
+        round_number=msg.round_number,
+        group_size=msg.group_size,
+    )
 
 
 def keys_to_proto(round_id: str, keys: AdvertiseKeys) -> pb.SecAggKeys:
     return pb.SecAggKeys(
-        round_id=round_id, cipher_public_key=keys.cipher_public, mask_public_key=keys.mask_public
+        round_id=round_id,
+        cipher_public_key=keys.cipher_public,
+        mask_public_key=keys.mask_public,
+        signing_public_key=keys.signing_public,
+        signature=keys.signature,
     )
 
 
 def keys_from_proto(msg: pb.SecAggKeys) -> AdvertiseKeys:
-    return AdvertiseKeys(bytes(msg.cipher_public_key), bytes(msg.mask_public_key))
+    return AdvertiseKeys(
+        bytes(msg.cipher_public_key),
+        bytes(msg.mask_public_key),
+        bytes(msg.signing_public_key),
+        bytes(msg.signature),
+    )
 
 
 def directory_to_proto(round_id: str, directory: KeyDirectory) -> pb.SecAggPeers:
@@ -78,7 +106,11 @@ def directory_to_proto(round_id: str, directory: KeyDirectory) -> pb.SecAggPeers
         index=directory.index,
         peers=[
             pb.SecAggPeer(
-                index=p.index, cipher_public_key=p.cipher_public, mask_public_key=p.mask_public
+                index=p.index,
+                cipher_public_key=p.cipher_public,
+                mask_public_key=p.mask_public,
+                signing_public_key=p.signing_public,
+                signature=p.signature,
             )
             for p in directory.peers.values()
         ],
@@ -87,7 +119,13 @@ def directory_to_proto(round_id: str, directory: KeyDirectory) -> pb.SecAggPeers
 
 def directory_from_proto(msg: pb.SecAggPeers) -> KeyDirectory:
     peers = {
-        p.index: PeerKeys(p.index, bytes(p.cipher_public_key), bytes(p.mask_public_key))
+        p.index: PeerKeys(
+            p.index,
+            bytes(p.cipher_public_key),
+            bytes(p.mask_public_key),
+            bytes(p.signing_public_key),
+            bytes(p.signature),
+        )
         for p in msg.peers
     }
     if len(peers) != len(msg.peers):
@@ -140,3 +178,28 @@ def response_from_proto(msg: pb.SecAggUnmaskShares) -> UnmaskResponse:
     if len(b) != len(msg.self_mask_shares) or len(k) != len(msg.key_shares):
         raise ProtocolError("unmasking shares name an owner twice")
     return UnmaskResponse(b, k)
+
+
+def consistency_to_proto(round_id: str, sig: ConsistencySignature) -> pb.SecAggConsistency:
+    return pb.SecAggConsistency(
+        round_id=round_id,
+        index=sig.index,
+        signing_public_key=sig.signing_public,
+        signature=sig.signature,
+    )
+
+
+def consistency_from_proto(msg: pb.SecAggConsistency) -> ConsistencySignature:
+    return ConsistencySignature(msg.index, bytes(msg.signing_public_key), bytes(msg.signature))
+
+
+def signatures_to_proto(
+    round_id: str, signatures: Iterable[ConsistencySignature]
+) -> pb.SecAggConsistencySignatures:
+    return pb.SecAggConsistencySignatures(
+        round_id=round_id, signatures=[consistency_to_proto(round_id, s) for s in signatures]
+    )
+
+
+def signatures_from_proto(msg: pb.SecAggConsistencySignatures) -> list[ConsistencySignature]:
+    return [consistency_from_proto(s) for s in msg.signatures]

@@ -24,6 +24,8 @@ same stream (Bonawitz et al., CCS 2017; see fedcore/secagg/):
            ◀───────────────────────────────  SecAggShares (the shares addressed to it)
     TaskResult (UPDATE_KIND_MASKED) + PayloadChunk × n ──▶            phase 3
            ◀───────────────────────────────  SecAggUnmaskRequest (survivors, dropped)
+    SecAggConsistency (signed mode: a signature on the request) ─▶     phase 4a
+           ◀───────────────────────────────  SecAggConsistencySignatures
     SecAggUnmaskShares  ──────────────────▶                           phase 4
     SecAggAbort (either way: the round's secure aggregation is abandoned)
 
@@ -607,6 +609,10 @@ class SecAggSetup(_message.Message):
     CLIP_FIELD_NUMBER: _builtins.int
     WEIGHT_NORM_FIELD_NUMBER: _builtins.int
     PHASE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    ROUND_NUMBER_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     """unique per attempt; every secagg message carries it"""
     threshold: _builtins.int
@@ -621,6 +627,16 @@ class SecAggSetup(_message.Message):
     """example counts are divided by this before weighting"""
     phase_timeout_s: _builtins.float
     """how long the coordinator waits for each phase"""
+    job: _builtins.str
+    round_number: _builtins.int
+    group_size: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Signed mode (fedcore/secagg/identity.py): the selected silos' names in index order (index
+        = position + 1), the job and round the keys are bound to, and the sharing group size m.
+        Empty `members`: the unsigned mode (honest-but-curious coordinator only).
+        """
+
     def __init__(
         self,
         *,
@@ -631,10 +647,14 @@ class SecAggSetup(_message.Message):
         clip: _builtins.float = ...,
         weight_norm: _builtins.float = ...,
         phase_timeout_s: _builtins.float = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        job: _builtins.str = ...,
+        round_number: _builtins.int = ...,
+        group_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "phase_timeout_s", b"phase_timeout_s", "quant_bits", b"quant_bits", "ring_bits", b"ring_bits", "round_id", b"round_id", "threshold", b"threshold", "weight_norm", b"weight_norm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "group_size", b"group_size", "job", b"job", "members", b"members", "phase_timeout_s", b"phase_timeout_s", "quant_bits", b"quant_bits", "ring_bits", b"ring_bits", "round_id", b"round_id", "round_number", b"round_number", "threshold", b"threshold", "weight_norm", b"weight_norm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -647,21 +667,29 @@ class SecAggKeys(_message.Message):
     ROUND_ID_FIELD_NUMBER: _builtins.int
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     cipher_public_key: _builtins.bytes
     """X25519: encrypts the shares sent to this worker"""
     mask_public_key: _builtins.bytes
     """X25519: agrees the pairwise mask seeds"""
+    signing_public_key: _builtins.bytes
+    """signed mode: the silo's long-term Ed25519 key"""
+    signature: _builtins.bytes
+    """signed mode: Ed25519 over both keys bound to the round"""
     def __init__(
         self,
         *,
         round_id: _builtins.str = ...,
         cipher_public_key: _builtins.bytes = ...,
         mask_public_key: _builtins.bytes = ...,
+        signing_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round_id", b"round_id", "signature", b"signature", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,19 +702,25 @@ class SecAggPeer(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     cipher_public_key: _builtins.bytes
     mask_public_key: _builtins.bytes
+    signing_public_key: _builtins.bytes
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         cipher_public_key: _builtins.bytes = ...,
         mask_public_key: _builtins.bytes = ...,
+        signing_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "index", b"index", "mask_public_key", b"mask_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "index", b"index", "mask_public_key", b"mask_public_key", "signature", b"signature", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -851,6 +885,63 @@ class SecAggUnmaskShares(_message.Message):
 Global___SecAggUnmaskShares: _TypeAlias = SecAggUnmaskShares  # noqa: Y015
 
 @_typing.final
+class SecAggConsistency(_message.Message):
+    """Signed mode, between phases 3 and 4 (Bonawitz et al.'s consistency check): each survivor
+    signs the unmasking request it was shown; the coordinator relays every signature to every
+    survivor, which reveals its shares only if at least t of its group signed the same request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    index: _builtins.int
+    """the signer"""
+    signing_public_key: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        signing_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "round_id", b"round_id", "signature", b"signature", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggConsistency: _TypeAlias = SecAggConsistency  # noqa: Y015
+
+@_typing.final
+class SecAggConsistencySignatures(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggConsistency]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        signatures: _abc.Iterable[Global___SecAggConsistency] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "signatures", b"signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggConsistencySignatures: _TypeAlias = SecAggConsistencySignatures  # noqa: Y015
+
+@_typing.final
 class SecAggAbort(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -880,6 +971,7 @@ class SecAggWorkerMessage(_message.Message):
     SHARES_FIELD_NUMBER: _builtins.int
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> Global___SecAggKeys: ...
     @_builtins.property
@@ -888,6 +980,8 @@ class SecAggWorkerMessage(_message.Message):
     def unmask(self) -> Global___SecAggUnmaskShares: ...
     @_builtins.property
     def abort(self) -> Global___SecAggAbort: ...
+    @_builtins.property
+    def consistency(self) -> Global___SecAggConsistency: ...
     def __init__(
         self,
         *,
@@ -895,12 +989,13 @@ class SecAggWorkerMessage(_message.Message):
         shares: Global___SecAggShares | None = ...,
         unmask: Global___SecAggUnmaskShares | None = ...,
         abort: Global___SecAggAbort | None = ...,
+        consistency: Global___SecAggConsistency | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["keys", "shares", "unmask", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["keys", "shares", "unmask", "abort", "consistency"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -914,6 +1009,7 @@ class SecAggCoordinatorMessage(_message.Message):
     SHARES_FIELD_NUMBER: _builtins.int
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def peers(self) -> Global___SecAggPeers: ...
     @_builtins.property
@@ -922,6 +1018,8 @@ class SecAggCoordinatorMessage(_message.Message):
     def unmask(self) -> Global___SecAggUnmaskRequest: ...
     @_builtins.property
     def abort(self) -> Global___SecAggAbort: ...
+    @_builtins.property
+    def signatures(self) -> Global___SecAggConsistencySignatures: ...
     def __init__(
         self,
         *,
@@ -929,12 +1027,13 @@ class SecAggCoordinatorMessage(_message.Message):
         shares: Global___SecAggShares | None = ...,
         unmask: Global___SecAggUnmaskRequest | None = ...,
         abort: Global___SecAggAbort | None = ...,
+        signatures: Global___SecAggConsistencySignatures | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["peers", "shares", "unmask", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["peers", "shares", "unmask", "abort", "signatures"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

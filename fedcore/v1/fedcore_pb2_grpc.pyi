@@ -24,6 +24,8 @@ same stream (Bonawitz et al., CCS 2017; see fedcore/secagg/):
            ◀───────────────────────────────  SecAggShares (the shares addressed to it)
     TaskResult (UPDATE_KIND_MASKED) + PayloadChunk × n ──▶            phase 3
            ◀───────────────────────────────  SecAggUnmaskRequest (survivors, dropped)
+    SecAggConsistency (signed mode: a signature on the request) ─▶     phase 4a
+           ◀───────────────────────────────  SecAggConsistencySignatures
     SecAggUnmaskShares  ──────────────────▶                           phase 4
     SecAggAbort (either way: the round's secure aggregation is abandoned)
 

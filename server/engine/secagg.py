@@ -73,7 +73,14 @@ class SecAggCollector(FitCollector):
         self._words = sum(t.num_elements for t in self._signature)
         if weight_norm is None:
             weight_norm = max(1, sum(s.num_examples for s in sessions))
-        self.setup = make_setup(params, n, weight_norm)
+        self.setup = make_setup(
+            params,
+            n,
+            weight_norm,
+            members=[s.name for s in sessions] if params.signed else (),
+            job=params.job,
+            round_number=round_number,
+        )
         self.server = SecAggServer(
             self.setup, n, self._words + COUNT_WORDS, degree=params.degree(n)
         )
@@ -123,6 +130,8 @@ class SecAggCollector(FitCollector):
                 self.server.add_keys(index, wire.keys_from_proto(body))
             elif kind == "shares" and state is ServerState.SHARES:
                 self.server.add_shares(index, wire.shares_from_proto(body))
+            elif kind == "consistency" and state is ServerState.CONSISTENCY:
+                self.server.add_consistency(index, wire.consistency_from_proto(body))
             elif kind == "unmask" and state is ServerState.UNMASKING:
                 self.server.add_unmask(index, wire.response_from_proto(body))
             elif kind == "abort":
@@ -255,7 +264,16 @@ class SecAggCollector(FitCollector):
         u3 = server.recipients_of_request()
         for i in u3:
             self._send(i, unmask)
-        await self._until(server.has_unmask, u3, loop.time() + phase)
+        if self.setup.signed:
+            # Phase 4a: the survivors' signatures on the request, relayed to all of them.
+            await self._until(server.has_consistency, u3, loop.time() + phase)
+            signatures = pb.SecAggCoordinatorMessage(
+                signatures=wire.signatures_to_proto(rid, server.close_consistency())
+            )
+            for i in server.recipients_of_shares_request():
+                self._send(i, signatures)
+        u4 = server.recipients_of_shares_request()
+        await self._until(server.has_unmask, u4, loop.time() + phase)
         result = await asyncio.to_thread(server.finish)
         for i, why in sorted(server.suspects.items()):
             log.warning(
