@@ -4,6 +4,7 @@ coordinator would ship (each exports and passes today's verifier)."""
 from __future__ import annotations
 
 import torch
+from plan_attacks import raw_program
 from torch import nn
 
 from fedcore.plans import Plan, export_plan
@@ -53,9 +54,15 @@ class OverwritesInput(nn.Module):
         return out
 
 
-def plan_of(module: nn.Module) -> Plan:
+def plan_of(module: nn.Module, *, verified: bool = True) -> Plan:
+    """``module`` as a plan: through ``export_plan`` (which refuses what a worker's verifier
+    would), or, ``verified=False``, packed as a hostile coordinator would, unverified, to
+    test the runtime's own rules behind the verifier."""
     torch.manual_seed(0)
-    return export_plan(module, EXAMPLE)
+    if verified:
+        return export_plan(module, EXAMPLE)
+    state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    return Plan(raw_program(module, EXAMPLE), state)
 
 
 class MemoryHog(nn.Module):

@@ -66,7 +66,7 @@ async def test_only_approved_state_leaves_and_the_data_is_the_plans_to_read_only
         # A buffer named like a statistic that the forward fills with a training row: it
         # goes back exactly as sent, the parameters still train.
         # (A verifier that refuses the plan keeps the row in too: nothing of it runs.)
-        leak = plan_of(RowInBuffer())
+        leak = plan_of(RowInBuffer(), verified=False)
         result, update = await s.outcome(await s.send_task(_task(leak), leak.weights))
         if isinstance(result, pb.TaskError):
             assert "[plans.verification]" in result.message, result
@@ -77,7 +77,7 @@ async def test_only_approved_state_leaves_and_the_data_is_the_plans_to_read_only
 
         # An evaluation forward that overwrites its input with 7s: the worker's data is
         # unchanged, so the next evaluation sees the same rows (and a training round between).
-        overwrite = plan_of(OverwritesInput())
+        overwrite = plan_of(OverwritesInput(), verified=False)
         evaluation = _task(overwrite, pb.TASK_KIND_EVALUATE)
         first, _ = await s.outcome(await s.send_task(evaluation, overwrite.weights))
         if isinstance(first, pb.TaskError):
