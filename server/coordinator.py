@@ -335,7 +335,9 @@ class Coordinator:
         self.sinks[:0] = [writer, display, *exporters]
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
-        ending = "the coordinator stopped before the last round"  # what workers are told
+        # What workers are told; None: nothing, so they keep reconnecting (a stop before the
+        # last round is a pause that `--resume` continues, not the end of the federation).
+        ending: str | None = "the federation ended with an error on the coordinator"
         revocations = asyncio.create_task(
             watch_revocations(
                 self.service.authenticator, self.registry, self.config.limits.enrollment_poll
@@ -357,13 +359,20 @@ class Coordinator:
                 if not analytics_only:
                     log.warning(
                         "stopped before the last round; the model of the last completed "
-                        "round is kept"
+                        "round is kept; workers were not told the federation is over: they "
+                        "keep reconnecting, and fed-server --resume continues with them"
                     )
             stopper.cancel()
-            if runner in done:
-                runner.result()  # re-raise a failure
+            if runner in done and (failure := runner.exception()) is not None:
+                ending = f"the federation failed: {failure}"
+                raise failure
             rows = list(self.reports.rows)
-            ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
+            if analytics_only:
+                ending = "the analytics service stopped"
+            elif runner in done:
+                ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
+            else:
+                ending = None
             if self.config.output.save_model is not None:
                 save_weights(
                     self.reports.exportable(self.weights),
@@ -409,14 +418,17 @@ class Coordinator:
         else:
             await SyncEngine(self.context).run(self.start_round)
 
-    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str | None) -> None:
+        """Stop serving. ``reason``: tell every worker the federation is over; None: end the
+        streams without a Shutdown, so workers reconnect (to a resumed coordinator)."""
         self.service.accepting = False
         with contextlib.suppress(Exception):
             for name in ("", "fedcore.v1.Coordinator"):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
         sessions = self.registry.sessions()
         for s in sessions:
-            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
+            if reason is not None:
+                s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
             s.send(None)
         if sessions:
             await asyncio.wait(
