@@ -45,7 +45,7 @@ from .engine.sync import SyncEngine
 from .reporting.metrics import CoordinatorStatus, MetricsWriter, RoundMetrics, save_weights
 from .reporting.progress import LiveDisplay, PlainSummary
 from .reporting.roster import ConnectedWorker, connected_workers, format_roster
-from .reporting.sink import Sink
+from .reporting.sink import Sink, run_name
 from .state.checkpoint import Checkpointer
 from .state.config import ServerConfig
 from .state.noise_check import check_noise_scale
@@ -271,6 +271,7 @@ class Coordinator:
         an unusable store fails fast). Each library is imported only when its flag is used."""
         cfg = self.config
         exporters: list[Sink] = []
+        run = run_name(str(cfg.model), cfg.strategy)  # one name in every tracker
         try:
             if cfg.output.metrics_port is not None:
                 from .reporting.prometheus import PrometheusExporter
@@ -281,12 +282,14 @@ class Coordinator:
                 from .reporting.mlflow import MlflowSink
 
                 exporters.append(
-                    MlflowSink(cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe())
+                    MlflowSink(
+                        cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe(), run
+                    )
                 )
             if cfg.output.tensorboard_dir is not None:
                 from .reporting.tensorboard import TensorBoardSink
 
-                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir))
+                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir, run))
         except BaseException:
             for exporter in exporters:
                 exporter.close(self.status(), [])
