@@ -125,6 +125,27 @@ def test_clients_get_fed_data_split_shards(tmp_path: Path) -> None:
         assert len(set(mine.y.tolist())) <= 2  # the pathological split: two classes each
 
 
+def test_the_report_shows_the_federated_accuracy_the_table_shows() -> None:
+    """Issue 27: under federated evaluation only, `fed-sim --report` said `accuracy: null`
+    while its table showed the accuracy."""
+    from fedcore.server.reporting.metrics import RoundMetrics
+
+    from fedcore.simulation import HostReport
+
+    federated = RoundMetrics(1, 3, 0, 1.0, 0, 0, federated={"accuracy": 0.8486, "loss": 0.4})
+    centralized = RoundMetrics(1, 3, 0, 1.0, 0, 0, accuracy=0.9, federated={"accuracy": 0.8})
+    host = HostReport(pid=1, clients=3, tasks=3, refused=0, seconds=1.0, peak_rss_bytes=0)
+    for row, accuracy, source in (
+        (federated, 0.8486, "federated"),
+        (centralized, 0.9, "centralized"),
+    ):
+        result = SimulationResult(FederationResult({}, [row]), [host], 0, 1.0, "local")
+        summary = result.summary()
+        assert summary["accuracy"] == [accuracy]
+        assert summary["evaluation"] == source
+        assert row.cells()["accuracy"] == f"{100 * accuracy:.2f}%"  # what the table shows
+
+
 def test_hosts_share_the_clients_out() -> None:
     specs = host_specs("127.0.0.1:1", DataSpec(num_clients=10), 3, concurrency=2)
     assert [s.clients for s in specs] == [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
