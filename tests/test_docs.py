@@ -64,3 +64,15 @@ def test_the_mlflow_ui_command_installs_the_full_package() -> None:
         assert install is not None, block
         assert install.group(2) == skinny.group(1)
         assert f"{install.group(1)}/mlflow ui" in block  # the UI of that environment
+
+
+def test_the_docs_say_to_activate_the_environment() -> None:
+    """Issue 27: the docs used bare `python` and `fed-*` without saying to activate `.venv`."""
+    bare = [
+        p.name
+        for p in sorted((ROOT / "docs").glob("*.md"))
+        if re.search(r"^(fed-(server|worker|query|sim|plan|data)|python) ", p.read_text(), re.M)
+    ]
+    assert bare, "the harness finds pages with bare commands"
+    for page in (ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "tutorial.md"):
+        assert "source .venv/bin/activate" in page.read_text().replace("\n", " "), page.name
