@@ -14,9 +14,8 @@ exact for float32 ``x`` and integer weights below 2**29): steps of ``2**-60``, m
 ``2**44`` (about 1.8e13); the sum's magnitude stays below ``2**54`` (about 1.8e16, checked
 with an exact bound). A term outside the range, or not finite, or an update that could take
 the sum out of its range, is refused with :class:`~fedcore.errors.PayloadError` before the sum
-changes. Memory: two int64 per parameter
-(16 bytes, four float32 models) plus a few cache-sized scratch buffers; never a list of
-updates.
+changes. Memory: two int64 per parameter (16 bytes, four float32 models) plus a few
+cache-sized scratch buffers; never a list of updates.
 """
 
 from __future__ import annotations
