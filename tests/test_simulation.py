@@ -146,6 +146,26 @@ def test_the_report_shows_the_federated_accuracy_the_table_shows() -> None:
         assert row.cells()["accuracy"] == f"{100 * accuracy:.2f}%"  # what the table shows
 
 
+def test_a_saved_model_file_is_the_same_bytes_every_time(tmp_path: Path) -> None:
+    """The safetensors library writes metadata in hash-map order: identical models gave files
+    with different SHA-256 digests. Saved files are canonical, and still load."""
+    from fedcore.server.reporting.metrics import save_weights
+    from safetensors import safe_open
+
+    weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.int64)}
+    metadata = {f"key-{i}": f"value-{i}" for i in range(12)}
+    digests = set()
+    for i in range(6):
+        path = tmp_path / f"model-{i}.safetensors"
+        save_weights(weights, path, dict(reversed(metadata.items())) if i % 2 else metadata)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(path), "np") as f:  # type: ignore[no-untyped-call]
+        assert f.metadata() == metadata
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+        assert model_sha256(tensors) == model_sha256(weights)
+
+
 def test_hosts_share_the_clients_out() -> None:
     specs = host_specs("127.0.0.1:1", DataSpec(num_clients=10), 3, concurrency=2)
     assert [s.clients for s in specs] == [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
@@ -378,7 +398,7 @@ def test_simulation_equals_real_fed_worker_processes(
     model, bit for bit."""
     data, paths = three_shards
     flags = _federation_flags(test_set, 3, 0.6)
-    digests = []
+    digests, files = [], []
     # Twice with real processes, the workers started in opposite orders.
     for run, order in enumerate(([0, 1, 2], [2, 1, 0])):
         saved = tmp_path / f"real-{run}.safetensors"
@@ -390,6 +410,8 @@ def test_simulation_equals_real_fed_worker_processes(
         for w in workers:
             assert w.wait(30) == 0, w.output
         digests.append(model_sha256(load_file(str(saved))))
+        files.append(hashlib.sha256(saved.read_bytes()).hexdigest())
+    assert files[0] == files[1]  # the saved files themselves, byte for byte
     simulated = asyncio.run(simulate(sim_config(*flags), data, LocalEngine(), num_hosts=1))
     assert [r.workers for r in simulated.federation.rounds] == [2, 2]
     digests.append(model_sha256(simulated.federation.weights))
