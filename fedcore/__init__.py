@@ -6,6 +6,8 @@ this package holds what both share: plans, strategies, models, the tensor codec 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 # First: gRPC reads its log verbosity when it is imported (see fedcore.grpc_env).
 import fedcore.grpc_env  # noqa: F401
 from fedcore.analytics.client import connect
@@ -21,7 +23,6 @@ from fedcore.errors import (
     RoundFailedError,
     VersionMismatchError,
 )
-from fedcore.models import available_models, build_model, get_weights, register_model, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import PROTOCOL_VERSION
 from fedcore.strategy import (
@@ -45,6 +46,15 @@ from fedcore.strategy import (
     load_strategy,
 )
 from fedcore.weights import ModelSignature, TensorSignature, Weights
+
+if TYPE_CHECKING:
+    from fedcore.models import (
+        available_models,
+        build_model,
+        get_weights,
+        register_model,
+        set_weights,
+    )
 
 __version__ = "0.1.0"
 
@@ -91,3 +101,16 @@ __all__ = [
     "register_model",
     "set_weights",
 ]
+
+
+_MODEL_NAMES = {"available_models", "build_model", "get_weights", "register_model", "set_weights"}
+
+
+def __getattr__(name: str) -> Any:
+    # The model zoo needs torch (seconds to import): loaded on first use, so commands that
+    # never build a model (fed-query, fed-worker requests) start without it.
+    if name in _MODEL_NAMES:
+        from fedcore import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

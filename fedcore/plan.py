@@ -12,7 +12,10 @@ from typing import Any
 from fedcore.errors import ConfigError
 from fedcore.v1 import fedcore_pb2 as pb
 
-__all__ = ["ModelSpec", "TrainConfig"]
+__all__ = ["PROXIMAL_MU", "ModelSpec", "TrainConfig"]
+
+#: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
+PROXIMAL_MU = "proximal_mu"
 
 _OPTIMIZERS = ("sgd", "adam")
 

@@ -19,10 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcore.losses import loss_function, loss_of
-from fedcore.plan import TrainConfig
-
-#: ``TrainConfig.extra`` key of FedProx's proximal coefficient mu (Li et al. 2020).
-PROXIMAL_MU = "proximal_mu"
+from fedcore.plan import PROXIMAL_MU, TrainConfig
 
 __all__ = [
     "EvalResult",

@@ -140,6 +140,8 @@ def _federation(args: argparse.Namespace, strategy: str, options: dict[str, Any]
             time.sleep(0.2)  # polling a file another process writes
         server.wait(timeout=120)
         for w in workers:
+            # A coordinator stopped before its last round leaves its workers reconnecting.
+            w.send_signal(signal.SIGINT)
             w.wait(timeout=60)
     finally:
         for proc in [server, *workers]:

@@ -45,7 +45,7 @@ from .engine.sync import SyncEngine
 from .reporting.metrics import CoordinatorStatus, MetricsWriter, RoundMetrics, save_weights
 from .reporting.progress import LiveDisplay, PlainSummary
 from .reporting.roster import ConnectedWorker, connected_workers, format_roster
-from .reporting.sink import Sink
+from .reporting.sink import Sink, run_name
 from .state.checkpoint import Checkpointer
 from .state.config import ServerConfig
 from .state.noise_check import check_noise_scale
@@ -271,6 +271,7 @@ class Coordinator:
         an unusable store fails fast). Each library is imported only when its flag is used."""
         cfg = self.config
         exporters: list[Sink] = []
+        run = run_name(str(cfg.model), cfg.strategy)  # one name in every tracker
         try:
             if cfg.output.metrics_port is not None:
                 from .reporting.prometheus import PrometheusExporter
@@ -281,12 +282,14 @@ class Coordinator:
                 from .reporting.mlflow import MlflowSink
 
                 exporters.append(
-                    MlflowSink(cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe())
+                    MlflowSink(
+                        cfg.output.mlflow_uri, cfg.output.mlflow_experiment, cfg.describe(), run
+                    )
                 )
             if cfg.output.tensorboard_dir is not None:
                 from .reporting.tensorboard import TensorBoardSink
 
-                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir))
+                exporters.append(TensorBoardSink(cfg.output.tensorboard_dir, run))
         except BaseException:
             for exporter in exporters:
                 exporter.close(self.status(), [])
@@ -335,7 +338,9 @@ class Coordinator:
         self.sinks[:0] = [writer, display, *exporters]
         self.ready.set()
         publisher = asyncio.create_task(self._publish_status())
-        ending = "the coordinator stopped before the last round"  # what workers are told
+        # What workers are told; None: nothing, so they keep reconnecting (a stop before the
+        # last round is a pause that `--resume` continues, not the end of the federation).
+        ending: str | None = "the federation ended with an error on the coordinator"
         revocations = asyncio.create_task(
             watch_revocations(
                 self.service.authenticator, self.registry, self.config.limits.enrollment_poll
@@ -357,13 +362,20 @@ class Coordinator:
                 if not analytics_only:
                     log.warning(
                         "stopped before the last round; the model of the last completed "
-                        "round is kept"
+                        "round is kept; workers were not told the federation is over: they "
+                        "keep reconnecting, and fed-server --resume continues with them"
                     )
             stopper.cancel()
-            if runner in done:
-                runner.result()  # re-raise a failure
+            if runner in done and (failure := runner.exception()) is not None:
+                ending = f"the federation failed: {failure}"
+                raise failure
             rows = list(self.reports.rows)
-            ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
+            if analytics_only:
+                ending = "the analytics service stopped"
+            elif runner in done:
+                ending = f"training finished after {len(rows)} round{'s' * (len(rows) != 1)}"
+            else:
+                ending = None
             if self.config.output.save_model is not None:
                 save_weights(
                     self.reports.exportable(self.weights),
@@ -409,14 +421,17 @@ class Coordinator:
         else:
             await SyncEngine(self.context).run(self.start_round)
 
-    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, health: object, reason: str | None) -> None:
+        """Stop serving. ``reason``: tell every worker the federation is over; None: end the
+        streams without a Shutdown, so workers reconnect (to a resumed coordinator)."""
         self.service.accepting = False
         with contextlib.suppress(Exception):
             for name in ("", "fedcore.v1.Coordinator"):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
         sessions = self.registry.sessions()
         for s in sessions:
-            s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
+            if reason is not None:
+                s.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
             s.send(None)
         if sessions:
             await asyncio.wait(

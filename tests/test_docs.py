@@ -47,3 +47,32 @@ def test_documented_commands_match_behaviour() -> None:
         assert not (plaintext and not is_loopback(host_of(address))), command
     models = next(p for t in texts for p in t.split("\n\n") if p.startswith("Models:"))
     assert [m for m in available_models() if f"`{m}`" not in models] == []
+
+
+def test_the_mlflow_ui_command_installs_the_full_package() -> None:
+    """Issue 27: `mlflow ui` from the tracking extra (mlflow-skinny) crashes for lack of
+    Flask; the docs' command installs the full package, at the client's version, apart."""
+    pins = (ROOT / "pyproject.toml").read_text()
+    skinny = re.search(r'"mlflow-skinny==([\d.]+)"', pins)
+    assert skinny is not None
+    text = (ROOT / "docs" / "reporting.md").read_text()
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+    ui = [b for b in blocks if "mlflow ui" in b]
+    assert ui, "the reporting page shows how to browse MLflow runs"
+    for block in ui:
+        install = re.search(r"(\S+)/pip install mlflow==([\d.]+)", block)
+        assert install is not None, block
+        assert install.group(2) == skinny.group(1)
+        assert f"{install.group(1)}/mlflow ui" in block  # the UI of that environment
+
+
+def test_the_docs_say_to_activate_the_environment() -> None:
+    """Issue 27: the docs used bare `python` and `fed-*` without saying to activate `.venv`."""
+    bare = [
+        p.name
+        for p in sorted((ROOT / "docs").glob("*.md"))
+        if re.search(r"^(fed-(server|worker|query|sim|plan|data)|python) ", p.read_text(), re.M)
+    ]
+    assert bare, "the harness finds pages with bare commands"
+    for page in (ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "tutorial.md"):
+        assert "source .venv/bin/activate" in page.read_text().replace("\n", " "), page.name

@@ -68,7 +68,10 @@ def test_wheel_maps_server_and_worker_into_fedcore(built_wheel: tuple[Path, str]
     top_level = {n.split("/", 1)[0] for n in names}
     assert top_level == {"fedcore", wheel.name.split("-")[0] + "-0.1.0.dist-info"}
     entry_points = zipfile.ZipFile(wheel).read("fedcore-0.1.0.dist-info/entry_points.txt").decode()
-    for script in ("fed-server = fedcore.server.cli:main", "fed-worker = fedcore.worker.cli:main"):
+    for script in (
+        "fed-server = fedcore.server.cli:main",
+        "fed-worker = fedcore.worker.entry:main",
+    ):
         assert script in entry_points
 
 
@@ -88,3 +91,19 @@ def test_the_clis_load_differential_privacy_libraries_only_when_used() -> None:
     ).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "True True"  # and they load on first use
+
+
+def test_fed_query_and_the_worker_entry_start_without_torch() -> None:
+    """Issue 27: each fed-query call took ~1.7 s (5 s during training) to import torch, which
+    a query never uses. The worker package's names load on first use, the same way."""
+    code = (
+        "import sys, fedcore.analytics.cli, fedcore.worker.entry, fedcore.worker, fedcore\n"
+        "print('torch' in sys.modules)\n"
+        "fedcore.worker.Worker, fedcore.build_model, fedcore.data.load_shard\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    ).stdout.split("\n")
+    assert out[0] == "False"
+    assert out[1] == "True"  # positive control: the lazy names still load, with torch

@@ -187,3 +187,42 @@ def test_coordinator_killed_with_sigkill_resumes_and_workers_reconnect(
     assert all(r["workers"] == 2 for r in rows)
     assert rows[-1]["accuracy"] > 0.6  # 800 examples, 4 rounds of the MLP
     assert load_checkpoint(ckpt).round == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_coordinator_stopped_with_sigterm_leaves_workers_reconnecting_for_resume(
+    shards: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A clean stop (SIGTERM) before the last round is a pause, not the end: the workers are
+    not told the federation is over, keep reconnecting, and a coordinator started with
+    --resume finishes the rounds with them; only then do they exit."""
+    port = _free_port()
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    args = [
+        str(BIN / "fed-server"),
+        "--listen", f"127.0.0.1:{port}", "--min-workers", "2", "--rounds", "3",
+        "--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5",
+        "--fed-eval-every", "0", "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics),
+        "--resume",
+    ]  # fmt: skip
+    first = Proc(args, "fed-server")
+    procs.append(first)
+    workers = [start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)]
+    first.wait_for_line(r"round 1 checkpointed", 120)
+    first.signal(signal.SIGTERM)
+    assert first.wait(60) == 0, first.output
+    for w in workers:
+        # Positive control: the stream really ended (the worker noticed and retries).
+        w.wait_for_line(r"not connected", 30)
+        assert w.popen.poll() is None, w.output  # still running: not told "it is over"
+        assert "federation over" not in w.output
+    second = Proc(args, "fed-server")
+    procs.append(second)
+    second.wait_for_line(r"resuming from the checkpoint of round \d", 60)
+    assert second.wait(180) == 0, second.output
+    for w in workers:
+        assert w.wait(30) == 0, w.output
+        assert w.count(r"federation over: training finished after 3 rounds") == 1, w.output
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["workers"] == 2 for r in rows)

@@ -48,6 +48,7 @@ async def test_mlflow_and_tensorboard_record_every_round(
     assert run.info.status == "FINISHED"
     assert run.data.params["rounds"] == "2"
     assert run.data.params["strategy"] == "fedavg"
+    assert run.data.params["trainable"] == "all"  # full fine-tuning, not LoRA
 
     def history(key: str) -> list[tuple[int, float]]:
         metrics = client.get_metric_history(run.info.run_id, key)
@@ -60,7 +61,11 @@ async def test_mlflow_and_tensorboard_record_every_round(
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(events))
+    # One subdirectory per run, named as the MLflow run.
+    (run_dir,) = events.iterdir()
+    assert run_dir.name == run.info.run_name
+    assert run_dir.name.endswith("-logreg-fedavg"), run_dir.name
+    accumulator = EventAccumulator(str(run_dir))
     accumulator.Reload()
 
     def scalars(tag: str) -> list[tuple[int, float]]:
@@ -71,12 +76,40 @@ async def test_mlflow_and_tensorboard_record_every_round(
     assert [step for step, _ in scalars("round/bytes_sent")] == [1, 2]
 
 
+def test_two_runs_into_one_tensorboard_dir_stay_two_runs(tmp_path: Path) -> None:
+    """Issue 27: two federations with the same --tensorboard-dir merged into one run."""
+    from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
+    from fedcore.server.reporting.tensorboard import TensorBoardSink
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    status = CoordinatorStatus("finished", 1, 1, 0, 0, 0, 1, 0, 0, 0.0, None)
+    for workers in (3, 5):  # started in the same second: the same name, made unique
+        sink = TensorBoardSink(tmp_path, "20261207-130000-logreg-fedavg")
+        sink.round_completed(RoundMetrics(1, workers, 0, 1.0, 0, 0))
+        sink.close(status, [])
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["20261207-130000-logreg-fedavg", "20261207-130000-logreg-fedavg-2"]
+    seen = []
+    for name in runs:
+        accumulator = EventAccumulator(str(tmp_path / name))
+        accumulator.Reload()
+        seen.append([(e.step, e.value) for e in accumulator.Scalars("round/workers")])
+    assert seen == [[(1, 3.0)], [(1, 5.0)]]
+
+
+def test_trainable_parameters_are_a_run_parameter() -> None:
+    """LoRA (named trainable parameters) and full fine-tuning runs must not look alike."""
+    lora = config(trainable=("*.lora_A.*", "*.lora_B.*")).describe()
+    assert lora["trainable"] == "*.lora_A.*,*.lora_B.*"
+    assert config().describe()["trainable"] == "all"
+
+
 def test_an_unusable_mlflow_store_is_refused_with_advice(tmp_path: Path) -> None:
     from fedcore.server.reporting.mlflow import MlflowSink
 
     # MLflow 3 refuses its file store unless told otherwise: say what works instead.
     with pytest.raises(ConfigError, match=r"sqlite:///mlflow\.db"):
-        MlflowSink(f"file://{tmp_path / 'mlruns'}", "fedcore", {})
+        MlflowSink(f"file://{tmp_path / 'mlruns'}", "fedcore", {}, "run")
 
 
 def test_tracker_libraries_load_only_when_their_flag_is_used() -> None:

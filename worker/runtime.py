@@ -75,6 +75,7 @@ from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.tls import ClientTLS
+from fedcore.units import format_bytes
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, total_bytes
 
@@ -654,10 +655,10 @@ class Worker:
                 call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
             )
         log.info(
-            "round %d: sent %s of %.1f MB (training loss %.4f, accuracy %.2f%%, %.1f s)",
+            "round %d: sent %s of %s (training loss %.4f, accuracy %.2f%%, %.1f s)",
             task.round,
             what,
-            result.update.total_bytes / 1e6,
+            format_bytes(result.update.total_bytes),  # a LoRA update is kB, not "0.0 MB"
             local.get("loss", float("nan")),
             100 * local.get("accuracy", float("nan")),
             local.get("train_seconds", float("nan")),

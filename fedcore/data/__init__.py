@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from fedcore.data.idx import read_idx, write_idx
 from fedcore.data.mnist import BUNDLED_MNIST_DIR, load_mnist, verify_checksums
 from fedcore.data.partition import ShardSummary, format_summary, partition, summarize
-from fedcore.data.shards import ArrayDataset, load_shard, save_shard
+
+if TYPE_CHECKING:
+    from fedcore.data.shards import ArrayDataset, load_shard, save_shard
 
 __all__ = [
     "BUNDLED_MNIST_DIR",
@@ -28,3 +32,16 @@ __all__ = [
     "verify_checksums",
     "write_idx",
 ]
+
+
+_NEEDS_TORCH = {"ArrayDataset", "load_shard", "save_shard"}
+
+
+def __getattr__(name: str) -> Any:
+    # Shards are torch tensors: import torch (seconds) only when they are used, so that
+    # commands which only read metadata (fed-query, fed-worker requests) start fast.
+    if name in _NEEDS_TORCH:
+        from fedcore.data import shards
+
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

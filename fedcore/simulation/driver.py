@@ -55,7 +55,16 @@ class SimulationResult:
             "clients": sum(h.clients for h in self.hosts),
             "seconds": round(self.seconds, 3),
             "seconds_per_round": [r.duration_s for r in rows],
-            "accuracy": [r.accuracy for r in rows],
+            # Centralized (--eval-data) accuracy, else the federated evaluation's, as the
+            # table shows; "evaluation" says which.
+            "accuracy": [r.test_accuracy for r in rows],
+            "evaluation": (
+                "centralized"
+                if any(r.accuracy is not None for r in rows)
+                else "federated"
+                if any("accuracy" in r.federated for r in rows)
+                else "none"
+            ),
             "coordinator_peak_rss_mb": round(self.coordinator_peak_rss_bytes / 2**20, 1),
             "host_peak_rss_mb": [round(h.peak_rss_bytes / 2**20, 1) for h in self.hosts],
             "tasks": sum(h.tasks for h in self.hosts),

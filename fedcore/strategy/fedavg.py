@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from fedcore.errors import ConfigError
-from fedcore.plan import TrainConfig
-from fedcore.training import PROXIMAL_MU
+from fedcore.plan import PROXIMAL_MU, TrainConfig
 from fedcore.weights import Weights
 
 from .base import FitInstruction, Strategy, UpdateAggregator, WeightedMeanAggregator, WorkerInfo

@@ -17,20 +17,22 @@ import numpy as np
 from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
+from .accumulate import ExactSum
 from .base import AsyncSettings, Strategy, UpdateAggregator
 
 __all__ = ["FedBuff", "StalenessWeightedAggregator"]
 
 
 class StalenessWeightedAggregator(UpdateAggregator):
-    """``global + server_lr * mean_k(weight(s_k) * (update_k - global))`` as a running sum."""
+    """``global + server_lr * mean_k(weight(s_k) * (update_k - global))``, summed exactly
+    (:class:`~.accumulate.ExactSum`): the buffer's order of arrival does not change the result.
+    """
 
     def __init__(self, global_weights: Weights, *, server_lr: float, exponent: float) -> None:
         self._global = global_weights
         self._server_lr = server_lr
         self._exponent = exponent
-        self._sum: dict[str, np.ndarray] = {}
-        self._count = 0
+        self._sum = ExactSum()
 
     def weight(self, staleness: int) -> float:
         """The factor of an update ``staleness`` global updates old."""
@@ -38,28 +40,25 @@ class StalenessWeightedAggregator(UpdateAggregator):
 
     @property
     def count(self) -> int:
-        return self._count
+        return self._sum.count
 
     def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
-        w = self.weight(staleness)
-        for name, array in update.items():
-            g: np.ndarray = self._global[name]
-            delta = array.astype(np.float64) - g
-            delta *= w
-            total = self._sum.get(name)
-            if total is None:
-                self._sum[name] = delta
-            else:
-                total += delta
-        self._count += 1
+        # Each delta is computed on its own (float64, exact for float32 tensors), so it does
+        # not depend on the other updates either.
+        deltas = {
+            name: np.subtract(array, self._global[name], dtype=np.float64)
+            for name, array in update.items()
+        }
+        self._sum.add(deltas, self.weight(staleness))
 
     def result(self) -> Weights:
-        if self._count == 0:
+        if self.count == 0:
             raise ValueError("no updates to aggregate")
         out: Weights = {}
-        for name, total in self._sum.items():
+        for name, total in self._sum.total(self.count).items():
             g: np.ndarray = self._global[name]
-            new = g + (self._server_lr / self._count) * total
+            mean: np.ndarray = total  # float64
+            new = g + self._server_lr * mean
             out[name] = new.astype(g.dtype) if g.dtype.kind == "f" else np.rint(new).astype(g.dtype)
         return out
 

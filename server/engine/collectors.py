@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcore.compression import compressed_signature, decompress
-from fedcore.errors import ProtocolError
+from fedcore.errors import PayloadError, ProtocolError
 from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, signature_of
@@ -156,7 +156,12 @@ class FitCollector(RoundCollector):
                 for name, delta in update.items():
                     np.add(delta, self.global_weights[name], out=delta, casting="unsafe")
             # numpy releases the GIL: the event loop keeps serving streams meanwhile.
-            await asyncio.to_thread(self.aggregator.add, update, int(result.num_examples))
+            try:
+                await asyncio.to_thread(self.aggregator.add, update, int(result.num_examples))
+            except PayloadError as exc:
+                # Out of the exact sum's range: the aggregate is untouched, the worker failed.
+                self.fail(ticket, str(exc))
+                raise
             self.results.append(
                 FitResult(ticket.session.info, int(result.num_examples), dict(result.metrics))
             )

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from fedcore.weights import Weights
 
@@ -188,8 +189,21 @@ class MetricsWriter:
 
 
 def save_weights(weights: Weights, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write weights in the safetensors format (atomically: temp file, then rename)."""
+    """Write weights in the safetensors format (atomically: temp file, then rename); the same
+    weights and metadata give the same bytes (:func:`canonical_safetensors`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v for k, v in weights.items()}, str(tmp), metadata=metadata)
+    tmp.write_bytes(canonical_safetensors(save(dict(weights.items()), metadata=metadata)))
     tmp.replace(path)
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """``blob`` with its JSON header's keys sorted. The safetensors library writes the
+    metadata from a hash map, in an order that changes from run to run, so two identical
+    models would not hash alike; the data offsets are relative to the end of the header, so
+    rewriting it (padded with spaces to 8 bytes, as the format recommends) moves nothing."""
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + size :]

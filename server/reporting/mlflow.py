@@ -32,9 +32,10 @@ class MlflowSink:
         uri: the tracking URI (``sqlite:///mlflow.db``, ``http://host:5000``, ...).
         experiment: the experiment's name; created when missing.
         params: the federation's settings, logged once as the run's parameters.
+        run: the run's name (:func:`~.sink.run_name`).
     """
 
-    def __init__(self, uri: str, experiment: str, params: Mapping[str, str]) -> None:
+    def __init__(self, uri: str, experiment: str, params: Mapping[str, str], run: str) -> None:
         try:
             from mlflow.entities import Param
             from mlflow.exceptions import MlflowException
@@ -49,9 +50,9 @@ class MlflowSink:
             experiment_id = (
                 found.experiment_id if found is not None else client.create_experiment(experiment)
             )
-            run = client.create_run(experiment_id, run_name=params.get("run_name"))
+            created = client.create_run(experiment_id, run_name=run)
             client.log_batch(
-                run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())]
+                created.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())]
             )
         except MlflowException as exc:
             raise ConfigError(
@@ -60,8 +61,8 @@ class MlflowSink:
             ) from None
         self._client: MlflowClient = client
         #: The MLflow run of this federation.
-        self.run_id: str = run.info.run_id
-        log.info("logging rounds to MLflow run %s at %s", self.run_id, uri)
+        self.run_id: str = created.info.run_id
+        log.info("logging rounds to MLflow run %s (%s) at %s", run, self.run_id, uri)
 
     def update(self, status: CoordinatorStatus) -> None:
         pass

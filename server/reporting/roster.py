@@ -46,14 +46,23 @@ def connected_workers(sessions: Iterable[WorkerSession]) -> list[ConnectedWorker
     )
 
 
+#: Rows the roster prints before it summarises (every worker not selected is still listed).
+ROSTER_ROWS = 10
+
+
 def format_roster(workers: list[ConnectedWorker], require_tags: tuple[str, ...] = ()) -> str:
-    """A table: name, examples, dataset, tags, license, selected or not (and why)."""
+    """A table: name, examples, dataset, tags, license, selected or not (and why).
+
+    Past :data:`ROSTER_ROWS` workers it lists the first ones and every worker that is not
+    selected, then one line for the rest: 100 simulated clients are not 100 rows.
+    """
     lines = [f"connected workers: {len(workers)}"]
     if require_tags:
         lines[0] += f" (selecting those tagged {' '.join('#' + t for t in require_tags)})"
+    shown = [w for i, w in enumerate(workers) if i < ROSTER_ROWS or not w.selectable]
     header = ("worker", "examples", "dataset", "tags", "license", "selected")
     rows = [header]
-    for w in workers:
+    for w in shown:
         d = w.dataset
         rows.append(
             (
@@ -70,4 +79,11 @@ def format_roster(workers: list[ConnectedWorker], require_tags: tuple[str, ...] 
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    rest = [w for i, w in enumerate(workers) if i >= ROSTER_ROWS and w.selectable]
+    if rest:
+        counts = sorted(w.num_examples for w in rest)
+        lines.append(
+            f"  ... and {len(rest)} more, all selected: {sum(counts)} examples "
+            f"({counts[0]} to {counts[-1]} each); Coordinator.roster() lists every worker"
+        )
     return "\n".join(lines)

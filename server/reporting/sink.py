@@ -8,12 +8,14 @@ Sinks never reach into the coordinator; every call comes from the event loop.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 from .metrics import CoordinatorStatus, RoundMetrics
 
-__all__ = ["CoordinatorStatus", "Sink"]
+__all__ = ["CoordinatorStatus", "Sink", "run_name"]
 
 
 class Sink(Protocol):
@@ -30,3 +32,12 @@ class Sink(Protocol):
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         """The federation is over (``rows``: every round, restored ones included)."""
         ...
+
+
+def run_name(model: str, strategy: str, started: float | None = None) -> str:
+    """The name of one federation's run in the experiment trackers (the MLflow run's name and
+    the TensorBoard run's subdirectory): local start time, model and strategy, e.g.
+    ``20261207-131500-mnist-cnn-fedavg``; characters other than letters, digits, ``.``,
+    ``_`` and ``-`` become ``_`` (a model may be named by a path)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{stamp}-{model}-{strategy}")

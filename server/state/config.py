@@ -287,6 +287,8 @@ class ServerConfig:
             "optimizer": self.train.optimizer,
             "learning_rate": self.train.learning_rate,
             "compression": self.compression,
+            # LoRA (named trainable parameters) and full fine-tuning must not look alike.
+            "trainable": ",".join(self.trainable) if self.trainable else "all",
             "secagg": self.secagg is not None,
             "dp": self.dp,
         }

@@ -39,6 +39,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights
 
 __all__ = [
+    "QUIET_AFTER",
     "ChunkStream",
     "Collector",
     "Outgoing",
@@ -46,9 +47,20 @@ __all__ = [
     "Ticket",
     "WorkerRegistry",
     "WorkerSession",
+    "crowd_level",
 ]
 
 log = logging.getLogger("fedcore.server")
+
+#: Joins and departures are logged one line each while at most this many workers are
+#: connected; beyond, at DEBUG (100 simulated clients would print 200 lines): the roster
+#: before round 1 and the status line count them.
+QUIET_AFTER = 10
+
+
+def crowd_level(connected: int) -> int:
+    """The log level of one worker's join or departure with ``connected`` workers."""
+    return logging.INFO if connected <= QUIET_AFTER else logging.DEBUG
 
 
 class ChunkStream(Protocol):
@@ -280,7 +292,13 @@ class WorkerRegistry:
     async def remove(self, session: WorkerSession, reason: str) -> None:
         session.close(reason)
         if self._sessions.pop(session.worker_id, None) is not None:
-            log.info("worker %r left (%s); %d connected", session.name, reason, len(self))
+            log.log(
+                crowd_level(len(self)),
+                "worker %r left (%s); %d connected",
+                session.name,
+                reason,
+                len(self),
+            )
         self.notify()
 
     def notify(self) -> None:

@@ -40,7 +40,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, describe_mismatch
 
 from ..state.config import ServerConfig
-from ..state.registry import WorkerRegistry, WorkerSession
+from ..state.registry import QUIET_AFTER, WorkerRegistry, WorkerSession, crowd_level
 from .admission import HandshakeGate, HandshakeRefused
 from .auth import Authenticator
 from .inbox import AnalyticsRoute, Inbox, SecAggRoute
@@ -268,13 +268,21 @@ class CoordinatorService:
         )
         await context.write(welcome)
         await self.registry.activate(session)
-        log.info(
+        connected = len(self.registry)
+        log.log(
+            crowd_level(connected),
             "worker %r joined from %s with %d examples; %d connected",
             session.name,
             peer,
             session.num_examples,
-            len(self.registry),
+            connected,
         )
+        if connected == QUIET_AFTER + 1:
+            log.info(
+                "%d workers connected: further joins and departures are logged at DEBUG "
+                "(--log-level DEBUG shows them); the roster before round 1 lists everyone",
+                connected,
+            )
         if session.dataset is not None:
             log.info("worker %r holds dataset %s", session.name, session.dataset.summary())
         if session.missing_tags:
