@@ -10,6 +10,7 @@ Datasets that expose in-memory ``x`` and ``y`` tensors (such as
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,15 +129,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
+#: Held while a thread pays one of torch's lazy imports of its compiler stack: two threads
+#: importing torch._dynamo at once can see a partially initialised module (the worker's
+#: warm-up thread and its gate, which rebuilds plans: fedcore.plans.rebuild).
+TORCH_IMPORTS = threading.RLock()
+
+
 def warm_up() -> None:
     """Pay torch's one-time costs now: its first optimizer imports the compiler stack lazily
     (800+ modules; seconds, tens of seconds on a busy machine). A worker runs this while it
     connects and waits for its first task, so round 1 does not pay for it."""
-    weight = nn.Parameter(torch.zeros(2, 2))
-    optimizer = torch.optim.SGD([weight], lr=0.1)
-    loss: torch.Tensor = (weight * weight).sum()
-    loss.backward()  # type: ignore[no-untyped-call]
-    optimizer.step()
+    with TORCH_IMPORTS:
+        weight = nn.Parameter(torch.zeros(2, 2))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        loss: torch.Tensor = (weight * weight).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
 
 
 def train(

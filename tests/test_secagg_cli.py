@@ -30,9 +30,11 @@ def test_secure_fedavg_matches_plain_fedavg_accuracy(
     certs = tmp_path / "certs"
     assert fed_certs(["init", "--dir", str(certs), "--workers", "signed-0,signed-1,signed-2"]) == 0
     runs = {}
-    for mode in ("plain", "secure", "signed"):
+    # Plain against signed secure aggregation (the unsigned mode runs the same masking code,
+    # and the other tests here run it end to end).
+    for mode in ("plain", "signed"):
         metrics = tmp_path / f"{mode}.jsonl"
-        extra = {"plain": [], "secure": ["--secagg"], "signed": ["--secagg", "--secagg-signed"]}
+        extra = {"plain": [], "signed": ["--secagg", "--secagg-signed"]}
         server, port = start_server(
             procs, *common, *FAST, *extra[mode], "--metrics-out", str(metrics)
         )
@@ -50,17 +52,14 @@ def test_secure_fedavg_matches_plain_fedavg_accuracy(
     for server, workers, _ in runs.values():
         assert server.wait(180) == 0, server.output
         assert all(w.wait(30) == 0 for w in workers)
-    plain, secure, signed = (_rows(runs[m][2]) for m in ("plain", "secure", "signed"))
-    assert [r["workers"] for r in secure] == [3, 3, 3]
+    plain, signed = (_rows(runs[m][2]) for m in ("plain", "signed"))
     assert [r["workers"] for r in signed] == [3, 3, 3]
-    assert "securely aggregated 3 masked input(s)" in runs["secure"][0].output
     assert "securely aggregated 3 masked input(s)" in runs["signed"][0].output
     assert all("signed the unmasking request" in w.output for w in runs["signed"][1])
-    plain_acc, secure_acc = float(plain[-1]["accuracy"]), float(secure[-1]["accuracy"])  # type: ignore[arg-type]
+    plain_acc = float(plain[-1]["accuracy"])  # type: ignore[arg-type]
     signed_acc = float(signed[-1]["accuracy"])  # type: ignore[arg-type]
-    assert abs(plain_acc - secure_acc) <= 0.005, (plain_acc, secure_acc)
     assert abs(plain_acc - signed_acc) <= 0.005, (plain_acc, signed_acc)
-    assert secure_acc > 0.75
+    assert signed_acc > 0.75
 
 
 def test_workers_killed_before_and_after_their_masked_input_are_survived(

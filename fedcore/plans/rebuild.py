@@ -16,12 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-# Imported with this module, not on first use: torch's serializer imports its compiler stack
-# (torch._dynamo), and a first import from the gate's thread while the worker's warm-up
-# thread imports the same stack fails with a partially initialised module.
-from torch._export.serde.serialize import SerializedArtifact, deserialize
-
 from fedcore.errors import PlanRejectedError
+from fedcore.training import TORCH_IMPORTS
 from fedcore.weights import Weights
 
 from .text import one_line
@@ -50,6 +46,12 @@ def deserialize_program(
     Raises:
         PlanRejectedError: torch cannot read it.
     """
+    # Imported on first use (over a second of torch's compiler stack that workers and
+    # coordinators without plans never need), under the lock the worker's warm-up thread
+    # holds: two threads importing torch._dynamo at once see a partially initialised module.
+    with TORCH_IMPORTS:
+        from torch._export.serde.serialize import SerializedArtifact, deserialize
+
     artifact = SerializedArtifact(
         json.dumps(doc).encode(),
         _zeros(summary),  # type: ignore[arg-type]
