@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedcore import plans as plan_api
 from fedcore.errors import ConfigError, PlanError, PlanRejectedError
 from fedcore.models import available_models, build_model, register_model, set_weights
 from fedcore.plan import ModelSpec
-from fedcore.plans import Plan, export_plan, read_plan_file, verify_program
+from fedcore.plans import Plan, read_plan_file
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = ["add_plan_flags", "plan_from_args", "prepare_plan"]
@@ -59,7 +60,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def prepare_plan(plan: Plan) -> tuple[ModelSpec, pb.PlanProgram]:
     """Verify ``plan`` as workers will and register it; the spec tasks carry and the program."""
     try:
-        verified = verify_program(plan.program)
+        verified = plan_api.verify_program(plan.program)
     except PlanRejectedError as exc:
         raise ConfigError(f"workers would refuse this plan: {exc}") from None
     weights = dict(plan.weights)
@@ -91,7 +92,7 @@ def plan_from_args(
     module = build_model(model, seed=seed)
     example = torch.zeros((2, *parse_shape(args.plan_input_shape)))
     try:
-        plan = export_plan(module, example, name=str(model))
+        plan = plan_api.export_plan(module, example, name=str(model))
     except PlanError as exc:
         raise ConfigError(f"--ship-plan: {exc}") from None
     return prepare_plan(plan)

@@ -27,25 +27,29 @@ of each input batch, never the dataset itself (a plan's in-place write lands in 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from fedcore import plans as plan_api
 from fedcore.codec import header_signature
 from fedcore.errors import PayloadError, PlanRejectedError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.plans import MODEL_PREFIX, VerifiedPlan, limits_for, verify_program
-from fedcore.plans.bounds import check_batch
+from fedcore.plans.format import MODEL_PREFIX
 from fedcore.plans.queue import PlanRequestRecord, QueueFull, RequestQueue, Terms, caps_of
 from fedcore.policy import PlanRules
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, describe_mismatch
 
 from .plan_state import ReleasedState, released_state
+
+if TYPE_CHECKING:
+    from fedcore.plans import Limits, VerifiedPlan
 
 __all__ = ["PlanLibrary", "PlanState", "read_only_input"]
 
@@ -114,7 +118,7 @@ class PlanLibrary:
         self, rules: PlanRules, *, max_model_bytes: int, dpsgd: bool = False, coordinator: str = ""
     ) -> None:
         self.rules = rules
-        self.limits = limits_for(rules, max_state_bytes=max_model_bytes)
+        self.max_model_bytes = max_model_bytes
         self.dpsgd = dpsgd
         self.coordinator = coordinator
         self.queue = (
@@ -126,6 +130,12 @@ class PlanLibrary:
         self._states: dict[str, PlanState] = {}
         self._lock = threading.Lock()
 
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """The verifier's limits under this worker's policy (built on first use: the verifier
+        is loaded only once a plan arrives)."""
+        return plan_api.limits_for(self.rules, max_state_bytes=self.max_model_bytes)
+
     def _verify(self, program: pb.PlanProgram) -> VerifiedPlan:
         with self._lock:
             cached = self._verified.get(program.hash)
@@ -133,7 +143,7 @@ class PlanLibrary:
         if cached is not None and cached.program == program:
             return cached
         try:
-            verified = verify_program(program, limits=self.limits)
+            verified = plan_api.verify_program(program, limits=self.limits)
         except PlanRejectedError as exc:
             raise TaskRefused("plans.verification", str(exc)) from None
         with self._lock:
@@ -167,6 +177,8 @@ class PlanLibrary:
         if task.kind == pb.TASK_KIND_FIT:
             # The verifier bounded the graph at batch 1; the task's batch scales its tensors.
             batch = TrainConfig.from_proto(task.train).batch_size
+            from fedcore.plans.bounds import check_batch  # loaded with the verifier
+
             try:
                 check_batch(verified.activation, batch, self.limits.max_activation_bytes)
             except PlanRejectedError as exc:

@@ -9,10 +9,13 @@ checked JSON and tensors the worker allocated. The plan's hash identifies it in 
 metrics, checkpoints and a data owner's approvals. See ``docs/plans.md``.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fedcore.errors import PlanError, PlanRejectedError
 
-from .describe import describe_plan
-from .export import export_plan
 from .format import (
     MODEL_PREFIX,
     Plan,
@@ -21,9 +24,13 @@ from .format import (
     read_plan_file,
     write_plan_file,
 )
-from .load import PlanModule, VerifiedPlan, verify_program
 from .text import escape
-from .verify import GraphSummary, Limits, limits_for
+
+if TYPE_CHECKING:
+    from .describe import describe_plan
+    from .export import export_plan
+    from .load import PlanModule, VerifiedPlan, verify_program
+    from .verify import GraphSummary, Limits, limits_for
 
 __all__ = [
     "MODEL_PREFIX",
@@ -44,3 +51,30 @@ __all__ = [
     "verify_program",
     "write_plan_file",
 ]
+
+
+#: What the verifier and the exporter bring (torch's fake tensors, decompositions, sympy:
+#: about half a second): loaded on first use, so a worker or coordinator that never sees a
+#: plan, and the request queue, start without them.
+_LAZY = {
+    "describe_plan": ".describe",
+    "export_plan": ".export",
+    "PlanModule": ".load",
+    "VerifiedPlan": ".load",
+    "verify_program": ".load",
+    "GraphSummary": ".verify",
+    "Limits": ".verify",
+    "limits_for": ".verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        # Under the worker's warm-up lock: two threads importing torch's stacks at once can
+        # see a partially initialised module (fedcore.training.TORCH_IMPORTS).
+        from fedcore.training import TORCH_IMPORTS
+
+        with TORCH_IMPORTS:
+            module = importlib.import_module(_LAZY[name], __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
