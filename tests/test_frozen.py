@@ -95,6 +95,9 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     # c's data owner names a base model with other contents: c refuses the plans.
     c = start_worker(procs, port, shards / "shard-1.npz", "c", "--frozen-weights", str(bad))
     c.wait_for_line(r"differ from the data owner's file", 90)
+    # The coordinator logs the refusal once it arrives: stop it only after that (a stop
+    # racing the refusal's arrival lost the line on a fast machine).
+    server.wait_for_line(r"differ from the data owner's file", 90)
     server.signal(signal.SIGTERM)
     assert server.wait(60) == 0, server.output
 
