@@ -16,6 +16,7 @@ catch them all at once, or pick the branch it can act on::
     │   └── PayloadError           a tensor payload is malformed, oversized or not finite
     ├── LedgerError            a worker's privacy ledger cannot be read, locked or written
     ├── TaskRefused            a worker's gate refused a task: ``rule`` names the rule broken
+    │   └── AwaitingApproval       the plan waits for its data owner's decision (not a failure)
     ├── RejectedError          the coordinator refused this worker (the reason says why)
     │   └── AuthenticationError    unknown, revoked or unproven worker identity
     │       └── IdentityMismatchError  the proven identity is not the name claimed
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "AwaitingApproval",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -88,6 +90,12 @@ class TaskRefused(FedcoreError):
         super().__init__(f"refused by the worker's {by} [{rule}]: {reason}")
         self.rule = rule
         self.reason = reason
+
+
+class AwaitingApproval(TaskRefused):
+    """A plan the data owner has not decided on yet: not a failure of the plan. The worker
+    answers ``ERROR_CODE_AWAITING_APPROVAL`` and the coordinator's round waits for the decision
+    (``--approval-timeout``) instead of counting the refusal as one a retry would repeat."""
 
 
 class DataError(FedcoreError):

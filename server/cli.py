@@ -25,7 +25,7 @@ from fedcore.tls import ServerTLS
 from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
 from .plans import add_plan_flags, plan_from_args
-from .state.config import ServerConfig
+from .state.config import Limits, ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
 
 __all__ = ["build_parser", "main"]
@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="retries of a round with too few results (default: %(default)s)",
+    )
+    r.add_argument(
+        "--approval-timeout",
+        type=float,
+        default=Limits.approval_timeout,
+        help="seconds a round waits for a worker whose data owner has not yet approved the plan "
+        "(its other results are kept; 0: do not wait) (default: %(default)s)",
     )
     r.add_argument(
         "--join-timeout",
@@ -489,6 +496,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         min_results=args.min_results,
         round_timeout=args.round_timeout,
         round_retries=args.round_retries,
+        approval_timeout=args.approval_timeout,
         join_timeout=args.join_timeout,
         strategy=args.strategy,
         strategy_options=options,

@@ -63,3 +63,38 @@ def test_plan_waits_for_approval_runs_once_approved_and_a_denial_reaches_the_coo
     assert rows
     assert all(row["plan"] == digest for row in rows)
     assert any("awaiting approval" in row["refused"].get("owner", "") for row in rows)
+
+
+def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
+    procs: list[Proc], shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27, trap 1: with the default --min-results (every worker), a worker whose owner
+    has not approved yet does not end the federation; once approved it trains in that very
+    round, and every process finishes the federation."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[plans]\nrequire-approval = true\nrequests = "queue"\n')
+    metrics = tmp_path / "metrics.jsonl"
+    server, port = start_server(
+        procs,
+        "--model", "logreg", "--ship-plan", "--rounds", "2", "--min-workers", "2",
+        "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--metrics-out", str(metrics),
+    )  # fmt: skip
+    digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
+    free = start_worker(procs, port, shards / "shard-0.npz", "free")
+    owner = start_worker(procs, port, shards / "shard-1.npz", "owner", "--policy", str(policy))
+    # Positive control: the owner's worker reached the approval check and refused for now.
+    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}")
+    server.wait_for_line(r"round 1: waiting up to \d+ s for the data owner of 'owner'")
+    assert server.popen.poll() is None and owner.popen.poll() is None
+    assert free.count(r"training plan-") == 1 and owner.count(r"training plan-") == 0
+
+    assert "approved" in _requests(capsys, policy, "approve", digest[:12])
+    assert server.wait(120) == 0, server.output
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    # Round 1 took the owner in once approved: both results, no refusal left in the record.
+    assert [(row["round"], row["workers"], row["refused"]) for row in rows] == [
+        (1, 2, {}),
+        (2, 2, {}),
+    ]
+    assert owner.wait(60) == 0 and free.wait(60) == 0
+    assert owner.count(rf"training plan-{digest}") == 2

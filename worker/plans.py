@@ -38,7 +38,7 @@ from torch import nn
 
 from fedcore import plans as plan_api
 from fedcore.codec import header_signature
-from fedcore.errors import PayloadError, PlanRejectedError, TaskRefused
+from fedcore.errors import AwaitingApproval, PayloadError, PlanRejectedError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.plans.format import MODEL_PREFIX
 from fedcore.plans.queue import PlanRequestRecord, QueueFull, RequestQueue, Terms, caps_of
@@ -220,7 +220,7 @@ class PlanLibrary:
                 + f" (request {record.id[:16]})",
                 by="policy",
             )
-        raise TaskRefused(
+        raise AwaitingApproval(
             "plans.approval",
             f"awaiting approval: plan {verified.hash[:16]} ({verified.program.name[:60]!r}) is in "
             f"the data owner's request queue as request {record.id[:16]}"

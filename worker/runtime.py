@@ -50,6 +50,7 @@ from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import (
     AuthenticationError,
+    AwaitingApproval,
     ConfigError,
     DataError,
     FedcoreError,
@@ -528,7 +529,13 @@ class Worker:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
-        await self._send_error(call, task.task_id, pb.ERROR_CODE_REFUSED, str(refusal))
+        # Awaiting the owner's decision is not a failure of the plan: the round waits for it.
+        code = (
+            pb.ERROR_CODE_AWAITING_APPROVAL
+            if isinstance(refusal, AwaitingApproval)
+            else pb.ERROR_CODE_REFUSED
+        )
+        await self._send_error(call, task.task_id, code, str(refusal))
 
     # ------------------------------------------------------------------ tasks
 

@@ -108,12 +108,15 @@ class Failure:
     """A worker that was asked to take part and did not deliver, and why. ``refused``: the
     worker's data owner policy refused the plan (the reason names the rule). ``answered``: the
     worker itself reported the failure (a refusal, or training that failed), so the same plan
-    would fail the same way again; otherwise it dropped out or timed out."""
+    would fail the same way again; otherwise it dropped out or timed out. ``awaiting``: the
+    refusal is the data owner's pending decision on the plan, which a later task may find
+    made (the round waits for it)."""
 
     worker: WorkerInfo
     reason: str
     refused: bool = False
     answered: bool = False
+    awaiting: bool = False
 
 
 class UpdateAggregator(ABC):

@@ -12,7 +12,8 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
     Heartbeat … (any time)  ──────────────▶
     TaskResult (+ PayloadHeader), PayloadChunk × n ──▶   validated, then aggregated
     TaskError (could not run the task, or ERROR_CODE_REFUSED: the plan breaks the worker's
-               policy; the reason says which rule) ──▶
+               policy; the reason says which rule; ERROR_CODE_AWAITING_APPROVAL: its data
+               owner has not decided on the plan yet) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
 With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the
@@ -150,6 +151,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_TRAINING_FAILED: _ErrorCode.ValueType  # 3
     ERROR_CODE_UNSUPPORTED: _ErrorCode.ValueType  # 4
     ERROR_CODE_REFUSED: _ErrorCode.ValueType  # 5
+    ERROR_CODE_AWAITING_APPROVAL: _ErrorCode.ValueType  # 6
+    """Refused for now: the plan awaits its data owner's approval (fed-worker requests approve);
+    the same task may succeed once the owner decides, so the round waits for it.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -159,6 +164,10 @@ ERROR_CODE_BAD_PAYLOAD: ErrorCode.ValueType  # 2
 ERROR_CODE_TRAINING_FAILED: ErrorCode.ValueType  # 3
 ERROR_CODE_UNSUPPORTED: ErrorCode.ValueType  # 4
 ERROR_CODE_REFUSED: ErrorCode.ValueType  # 5
+ERROR_CODE_AWAITING_APPROVAL: ErrorCode.ValueType  # 6
+"""Refused for now: the plan awaits its data owner's approval (fed-worker requests approve);
+the same task may succeed once the owner decides, so the round waits for it.
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final

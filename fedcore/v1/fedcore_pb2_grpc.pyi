@@ -12,7 +12,8 @@ One long-lived bidirectional stream per worker (Coordinator.Join):
     Heartbeat … (any time)  ──────────────▶
     TaskResult (+ PayloadHeader), PayloadChunk × n ──▶   validated, then aggregated
     TaskError (could not run the task, or ERROR_CODE_REFUSED: the plan breaks the worker's
-               policy; the reason says which rule) ──▶
+               policy; the reason says which rule; ERROR_CODE_AWAITING_APPROVAL: its data
+               owner has not decided on the plan yet) ──▶
            ◀───────────────────────────────  Shutdown (federation over)
 
 With secure aggregation on, a fit Task carries a SecAggSetup and four phases run over the

@@ -59,14 +59,30 @@ class RoundCollector:
         self.tickets.append(ticket)
 
     def fail(
-        self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
+        self,
+        ticket: Ticket,
+        reason: str,
+        *,
+        refused: bool = False,
+        answered: bool = False,
+        awaiting: bool = False,
     ) -> None:
         """Record that ``ticket``'s worker did not deliver (``refused``: its policy said no;
-        ``answered``: the worker reported the failure itself)."""
+        ``answered``: the worker reported the failure itself; ``awaiting``: its data owner has
+        not decided on the plan yet)."""
         if not ticket.future.done():
-            failure = Failure(ticket.session.info, reason, refused=refused, answered=answered)
+            failure = Failure(
+                ticket.session.info, reason, refused=refused, answered=answered, awaiting=awaiting
+            )
             self.failures.append(failure)
             ticket.resolve(None)
+
+    def reopen(self, failures: list[Failure]) -> None:
+        """Take ``failures`` (workers that answered "awaiting approval") back out of the
+        closed round, so that tasks issued to them again count as theirs."""
+        self.failures = [f for f in self.failures if f not in failures]
+        self.issued -= len(failures)
+        self.closed = False
 
     async def wait(self, timeout: float) -> None:
         """Wait for every ticket, at most ``timeout`` seconds; late ones become failures."""
@@ -78,7 +94,7 @@ class RoundCollector:
     def settle(self, timeout: float) -> None:
         """Close the round: tickets still pending become stale failures."""
         self.closed = True
-        self.issued = len(self.tickets)
+        self.issued += len(self.tickets)
         for ticket in self.tickets:
             if not ticket.future.done():
                 ticket.stale = True

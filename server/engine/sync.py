@@ -3,7 +3,10 @@
 A round sends each selected worker a plan (a Task whose weights follow as chunks), folds valid
 updates into the strategy's aggregator as they arrive, and completes when every worker answered
 or the round timeout passed. With fewer than ``--min-results`` results the round is retried (at
-most ``--round-retries`` times); the global model only ever changes from a completed round. The
+most ``--round-retries`` times); the global model only ever changes from a completed round.
+A worker whose data owner has not yet approved the plan is not a failure: while the round lacks
+results, it is asked again (backing off) until the owner decides or ``--approval-timeout``
+passes, and the other results wait with the round (:meth:`SyncEngine._await_approvals`). The
 previous round's centralized evaluation (the report pipeline) overlaps the next round's training,
 except for a strategy that may end the federation after a round: it sees each round's
 evaluation before the next round starts.
@@ -19,7 +22,7 @@ from dataclasses import replace
 
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
 from fedcore.privacy import ClientDP
-from fedcore.strategy import weighted_metrics
+from fedcore.strategy import FitInstruction, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 
 from ..reporting.metrics import RoundMetrics
@@ -32,12 +35,18 @@ __all__ = ["SyncEngine"]
 
 log = logging.getLogger("fedcore.server")
 
+#: Seconds before asking a worker awaiting its owner's approval again, doubling up to the most.
+APPROVAL_POLL_FIRST = 2.0
+APPROVAL_POLL_MOST = 30.0
+
 
 class SyncEngine:
     """Runs rounds ``first_round..config.rounds`` one after another."""
 
     def __init__(self, context: RoundContext) -> None:
         self.context = context
+        # The current attempt's instruction per worker id (to ask a worker again).
+        self._instructions: dict[str, FitInstruction] = {}
 
     async def run(self, first_round: int) -> None:
         ctx, cfg = self.context, self.context.config
@@ -91,7 +100,10 @@ class SyncEngine:
         """One training round, retried while too few valid results arrive."""
         ctx, cfg = self.context, self.context.config
         needed = cfg.results_needed
-        for attempt in range(1, cfg.limits.round_retries + 2):
+        approval_deadline = time.monotonic() + cfg.limits.approval_timeout
+        attempt = 0
+        while attempt <= cfg.limits.round_retries:
+            attempt += 1
             if not await ctx.registry.wait_for_idle(needed, cfg.limits.round_timeout):
                 log.warning(
                     "round %d: fewer than %d worker%s ready",
@@ -113,6 +125,7 @@ class SyncEngine:
             # itself (secure aggregation) must not wait behind it.
             try:
                 await self._collect(collector)
+                await self._await_approvals(round_number, collector, approval_deadline)
             finally:
                 ctx.route_secagg(None)
             # A strategy that samples fewer workers than --min-results needs all of them.
@@ -136,16 +149,35 @@ class SyncEngine:
                 len(collector.results),
                 needed_now,
             )
+            awaiting = [f.worker.name for f in collector.failures if f.awaiting]
+            left = approval_deadline - time.monotonic()
+            if awaiting and left > 0 and isinstance(collector, SecAggCollector):
+                # A secure round's members are fixed when it starts: run it again once the
+                # owners had time to decide (not counted as a retry).
+                log.warning(
+                    "round %d: waiting for the data owner of %s to approve the plan",
+                    round_number,
+                    ", ".join(repr(n) for n in awaiting),
+                )
+                await asyncio.sleep(min(APPROVAL_POLL_MOST, left))
+                attempt -= 1
+                continue
             accounted = len(collector.results) + len(collector.failures) == collector.issued
             if collector.failures and accounted and all(f.answered for f in collector.failures):
                 # Every missing worker answered with a failure of this very plan (a refusal,
                 # training that diverged): the same plan on the same weights fails again.
                 await ctx.reports.drain()
                 answers = "; ".join(f"{f.worker.name}: {f.reason}" for f in collector.failures)
+                waited = (
+                    f"; the plan waited --approval-timeout {cfg.limits.approval_timeout:g} s for "
+                    "its data owners' approval"
+                    if awaiting
+                    else ""
+                )
                 raise RoundFailedError(
                     f"round {round_number} cannot succeed: {len(collector.results)} valid "
                     f"result(s) of {needed_now} needed, and the other workers reported failures "
-                    f"that a retry of the same plan would repeat ({answers})"
+                    f"that a retry of the same plan would repeat ({answers}){waited}"
                 )
         await ctx.reports.drain()
         attempts = cfg.limits.round_retries + 1
@@ -154,6 +186,49 @@ class SyncEngine:
             f"than {needed} worker{'s' if needed > 1 else ''} delivered valid results; see the "
             "warnings above"
         )
+
+    async def _await_approvals(
+        self, round_number: int, collector: FitCollector, deadline: float
+    ) -> None:
+        """Ask the workers that answered "awaiting approval" again, backing off, until the
+        round has the results it needs, they stop waiting, or ``deadline`` passes.
+
+        The owner approves with ``fed-worker requests approve``, and the plan's next task runs
+        (the decision is a file the worker reads at each task). The results already in stay in
+        the round's aggregator: the workers that delivered them train nothing again, so no
+        privacy is spent twice. A secure round's members are fixed: it is rerun instead."""
+        ctx = self.context
+        needed = ctx.config.results_needed
+        delay = APPROVAL_POLL_FIRST
+        told = False
+        while not isinstance(collector, SecAggCollector):
+            awaiting = [f for f in collector.failures if f.awaiting]
+            left = deadline - time.monotonic()
+            if not awaiting or len(collector.results) >= min(needed, collector.issued) or left <= 0:
+                return
+            if not told:
+                log.warning(
+                    "round %d: waiting up to %.0f s for the data owner of %s to decide on the "
+                    "plan (fed-worker requests approve); %d result(s) in",
+                    round_number,
+                    left,
+                    ", ".join(repr(f.worker.name) for f in awaiting),
+                    len(collector.results),
+                )
+                told = True
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, APPROVAL_POLL_MOST)
+            idle = {s.worker_id: s for s in ctx.registry.idle()}
+            again = [f for f in awaiting if f.worker.worker_id in idle]
+            if not again:
+                return  # they left: a reconnected worker is a new session, for the next attempt
+            collector.reopen(again)
+            payload = ctx.payload()
+            for failure in again:
+                instruction = self._instructions[failure.worker.worker_id]
+                task = ctx.fit_task(round_number, instruction, payload)
+                collector.add(ctx.issue(idle[failure.worker.worker_id], collector, task, payload))
+            await collector.wait(ctx.config.limits.round_timeout)
 
     async def _collect(self, collector: FitCollector) -> None:
         """Wait for the round's results while the previous round's report completes."""
@@ -214,6 +289,7 @@ class SyncEngine:
                 round_number, aggregator, ctx.weights, compression=cfg.compression
             )
         ctx.collector = collector
+        self._instructions = {i.worker.worker_id: i for i in instructions}
         for instruction, session in zip(instructions, selected, strict=True):
             task = ctx.fit_task(round_number, instruction, payload, setup)
             collector.add(ctx.issue(session, collector, task, payload))

@@ -39,6 +39,8 @@ class Limits:
 
     round_timeout: float = 600.0
     round_retries: int = 3
+    #: Seconds a round waits for data owners to decide on a plan awaiting their approval.
+    approval_timeout: float = 3600.0
     join_timeout: float | None = None
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
@@ -72,6 +74,8 @@ class Limits:
             raise ConfigError("--round-timeout must be positive")
         if self.round_retries < 0:
             raise ConfigError("--round-retries cannot be negative")
+        if self.approval_timeout < 0:
+            raise ConfigError("--approval-timeout cannot be negative (0: do not wait)")
         if not 1024 <= self.chunk_bytes <= 64 * 1024 * 1024:
             raise ConfigError("--chunk-bytes must be between 1 KiB and 64 MiB")
         if self.upload_slots < 1:

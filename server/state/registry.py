@@ -121,9 +121,16 @@ class Collector(Protocol):
         ...
 
     def fail(
-        self, ticket: Ticket, reason: str, *, refused: bool = False, answered: bool = False
+        self,
+        ticket: Ticket,
+        reason: str,
+        *,
+        refused: bool = False,
+        answered: bool = False,
+        awaiting: bool = False,
     ) -> None:
-        """Record that ``ticket``'s worker did not deliver (``answered``: it said so itself)."""
+        """Record that ``ticket``'s worker did not deliver (``answered``: it said so itself;
+        ``awaiting``: its data owner has not decided on the plan yet)."""
         ...
 
 

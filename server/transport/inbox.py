@@ -250,7 +250,8 @@ class Inbox:
         ticket = self._ticket_for(error.task_id)
         error.message = printable(error.message)
         code = pb.ErrorCode.Name(error.code) if error.code in pb.ErrorCode.values() else "?"
-        refused = error.code == pb.ERROR_CODE_REFUSED
+        awaiting = error.code == pb.ERROR_CODE_AWAITING_APPROVAL
+        refused = awaiting or error.code == pb.ERROR_CODE_REFUSED
         if refused:
             log.warning(
                 "round %d: worker %r refused its task: %s",
@@ -269,7 +270,7 @@ class Inbox:
         self.session.finish_ticket()
         if ticket.collector is not None and not ticket.stale:
             reason = f"refused: {error.message}" if refused else f"worker error: {error.message}"
-            ticket.collector.fail(ticket, reason, refused=refused, answered=True)
+            ticket.collector.fail(ticket, reason, refused=refused, answered=True, awaiting=awaiting)
         if error.code == pb.ERROR_CODE_MODEL_MISMATCH:
             raise ProtocolError(f"worker cannot run the federation's model: {error.message}")
 
