@@ -10,6 +10,8 @@ admits: a registered name, or the one import path its data owner configured loca
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -65,6 +67,16 @@ def registered_factory(name: str) -> ModelFactory | None:
     return _REGISTRY.get(name)
 
 
+def import_from_cwd() -> None:
+    """Make the current folder importable, as ``python -m`` does: a user's own model package
+    (``mypkg.models:make_model``) is found where the command runs, without ``PYTHONPATH``.
+    For the commands that build a model on the user's own machine to export it (``fed-plan
+    export``, ``fed-server --ship-plan``), never for a worker."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def import_factory(path: str) -> ModelFactory:
     """Import ``package.module:factory``. Only for paths configured on this machine (a
     coordinator's or a worker's own ``--model``): never for a name that arrived over the
@@ -76,7 +88,9 @@ def import_factory(path: str) -> ModelFactory:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(
-            f"cannot import module {module_name!r} for model {path!r}: {exc}"
+            f"cannot import module {module_name!r} for model {path!r}: {exc} (the current "
+            "folder is importable only for fed-plan export and fed-server --ship-plan; "
+            "otherwise install the package or set PYTHONPATH)"
         ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):

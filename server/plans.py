@@ -18,7 +18,13 @@ from torch import nn
 
 from fedcore import plans as plan_api
 from fedcore.errors import ConfigError, PlanError, PlanRejectedError
-from fedcore.models import available_models, build_model, register_model, set_weights
+from fedcore.models import (
+    available_models,
+    build_model,
+    import_from_cwd,
+    register_model,
+    set_weights,
+)
 from fedcore.plan import ModelSpec
 from fedcore.plans import Plan, read_plan_file
 from fedcore.v1 import fedcore_pb2 as pb
@@ -89,6 +95,7 @@ def plan_from_args(
             raise ConfigError(str(exc)) from None
     if not args.ship_plan:
         return None
+    import_from_cwd()  # the model's own package, where the user runs the command
     module = build_model(model, seed=seed)
     example = torch.zeros((2, *parse_shape(args.plan_input_shape)))
     try:

@@ -4,6 +4,7 @@ data owner's approval queue holds, admits and then denies it (one small federati
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ def _requests(capsys: pytest.CaptureFixture[str], policy: Path, *args: str) -> s
     """``fed-worker requests --policy POLICY ARGS`` (in process: the owner's command line)."""
     capsys.readouterr()
     assert main(["requests", "--policy", str(policy), *args]) == 0
+    return capsys.readouterr().out
+
+
+def _run_requests(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    capsys.readouterr()
+    assert main(["requests", *args]) == 0
     return capsys.readouterr().out
 
 
@@ -85,6 +92,9 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     # Positive control: the owner's worker reached the approval check and refused for now.
     server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}")
     server.wait_for_line(r"round 1: waiting up to \d+ s for the data owner of 'owner'")
+    # The owner's log names the command that shows the request, runnable as it stands.
+    hint = owner.wait_for_line(r"fed-worker requests (--queue .+ show [0-9a-f]{16})").group(1)
+    assert "pending" in _run_requests(capsys, *shlex.split(hint))
     assert server.popen.poll() is None and owner.popen.poll() is None
     assert free.count(r"training plan-") == 1 and owner.count(r"training plan-") == 0
 

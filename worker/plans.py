@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -237,9 +238,10 @@ class PlanLibrary:
             raise TaskRefused("plans.queue", str(exc), by="policy") from None
         log.warning(
             "plan %s (%r) awaits the data owner's approval under new terms: "
-            "fed-worker requests show %s",
+            "fed-worker requests --queue %s show %s",
             verified.hash[:16],
             verified.program.name[:60],
+            shlex.quote(str(self.queue.root.resolve())),
             record.id[:16],
         )
         return record

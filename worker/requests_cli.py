@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanRejectedError
-from fedcore.plans import describe_plan, verify_program
 from fedcore.plans.queue import queue_from
 
 __all__ = ["build_requests_parser", "requests_main"]
@@ -29,14 +28,20 @@ def build_requests_parser() -> argparse.ArgumentParser:
         prog="fed-worker requests",
         description="Review the plans waiting for this worker's data owner, and decide.",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--policy", type=Path, help="the worker's policy (names the queue)")
-    where.add_argument("--queue", type=Path, help="the request queue folder itself")
+    _add_where(p)
+    p.set_defaults(policy=None, queue=None)
+    # --policy/--queue before or after the command (`requests list --policy X` too).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_where(common)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every plan request and its status")
-    show = sub.add_parser("show", help="what a plan computes and how it is to be trained")
+    sub.add_parser("list", parents=[common], help="every plan request and its status")
+    show = sub.add_parser(
+        "show", parents=[common], help="what a plan computes and how it is to be trained"
+    )
     show.add_argument("hash", help="the plan's hash (a unique prefix is enough)")
-    approve = sub.add_parser("approve", help="run this plan under these terms (pinned to both)")
+    approve = sub.add_parser(
+        "approve", parents=[common], help="run this plan under these terms (pinned to both)"
+    )
     approve.add_argument("hash", help="the request's id (or its plan's hash), a unique prefix")
     approve.add_argument(
         "--lr-range",
@@ -47,10 +52,25 @@ def build_requests_parser() -> argparse.ArgumentParser:
     approve.add_argument(
         "--rounds", type=int, help="rounds the approval covers (default: no bound)"
     )
-    deny = sub.add_parser("deny", help="refuse this plan; the coordinator is told why")
+    deny = sub.add_parser(
+        "deny", parents=[common], help="refuse this plan; the coordinator is told why"
+    )
     deny.add_argument("hash")
     deny.add_argument("--reason", default="", help="sent to the coordinator")
     return p
+
+
+def _add_where(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--policy",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the worker's policy (names the queue)",
+    )
+    where.add_argument(
+        "--queue", type=Path, default=argparse.SUPPRESS, help="the request queue folder itself"
+    )
 
 
 def _lr_range(text: str) -> tuple[float, float]:
@@ -65,6 +85,8 @@ def _lr_range(text: str) -> tuple[float, float]:
 
 def _run(argv: Sequence[str]) -> None:
     args = build_requests_parser().parse_args(argv)
+    if args.policy is not None and args.queue is not None:
+        raise ConfigError("give --policy or --queue, not both")
     queue = queue_from(args.policy, args.queue)
     if args.command == "list":
         records = queue.list()
@@ -75,6 +97,9 @@ def _run(argv: Sequence[str]) -> None:
         return
     record = queue.find(args.hash)
     if args.command == "show":
+        # The verifier imports torch: only `show` pays for it (list, approve, deny start fast).
+        from fedcore.plans import describe_plan, verify_program
+
         try:
             verified = verify_program(queue.program(record.hash))
         except PlanRejectedError as exc:

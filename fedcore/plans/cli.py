@@ -19,7 +19,7 @@ import torch
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanError, PlanRejectedError
 from fedcore.losses import LOSSES
-from fedcore.models import build_model
+from fedcore.models import build_model, import_from_cwd
 from fedcore.plan import ModelSpec
 from fedcore.protocol import DEFAULT_MAX_MODEL_BYTES
 
@@ -87,6 +87,7 @@ def _export(args: argparse.Namespace) -> None:
     if not isinstance(params, dict):
         raise ConfigError("--params must be a JSON object")
     spec = ModelSpec(args.model, params)
+    import_from_cwd()
     module = build_model(spec, seed=args.seed)
     plan = export_plan(
         module,
