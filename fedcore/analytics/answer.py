@@ -14,6 +14,7 @@ bootstrap); the bins' width bounds the resolution.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -64,24 +65,100 @@ class Answer:
 
     @property
     def value(self) -> float:
-        """The single value of a one-cell scalar query (count, sum, mean, var, std)."""
+        """The single value of a one-cell scalar query (count, sum, mean, var, std).
+
+        Raises:
+            ValueError: the answer has one cell per group (read :attr:`groups`), or many
+                values (a histogram's :attr:`counts` over :attr:`bins`, quantiles'
+                :attr:`values`): one number would silently be the first of them.
+        """
+        self._one_cell("value")
+        if self.statistic in _VECTOR:
+            raise ValueError(
+                f"a {self.statistic} answer has no single value: read {_VECTOR[self.statistic]}"
+            )
         return self.cells[0].value
 
+    @property
+    def std_error(self) -> float:
+        """The DP noise's standard deviation around :attr:`value` (same cases)."""
+        self.value  # noqa: B018 (the same checks)
+        return self.cells[0].std_error
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """A one-cell histogram's counts (one per bin of :attr:`bins`) or quantiles' estimates
+        (one per q of :attr:`quantiles`)."""
+        self._one_cell("values")
+        if self.statistic not in _VECTOR:
+            raise ValueError(f"a {self.statistic} answer has one number: read answer.value")
+        return self.cells[0].values
+
+    @property
+    def counts(self) -> tuple[float, ...]:
+        """A one-cell histogram's noisy counts, one per bin (:meth:`bin_labels`)."""
+        if self.statistic != "histogram":
+            raise ValueError(f"a {self.statistic} answer has no bins: counts are a histogram's")
+        return self.values
+
+    @property
+    def groups(self) -> dict[str, Cell]:
+        """The cells of a ``group by`` answer, by category (every declared category)."""
+        if len(self.cells) == 1 and not self.cells[0].group:
+            raise ValueError("this answer has no group by: read answer.value or answer.values")
+        return {c.group: c for c in self.cells}
+
     def cell(self, group: str) -> Cell:
-        return next(c for c in self.cells if c.group == group)
+        """The cell of category ``group``."""
+        found = self.groups.get(group)
+        if found is None:
+            raise KeyError(f"no group {group!r}; the groups are {', '.join(self.groups)}")
+        return found
+
+    def bin_labels(self) -> tuple[str, ...]:
+        """Each histogram bin as an interval. Bin i holds ``bins[i] <= x < bins[i+1]``; the
+        end bins are open-ended (values below the first inner edge count in the first bin,
+        values at or above the last inner edge in the last), unlike ``numpy.histogram``,
+        which drops values outside its edges."""
+        edges = [f"{e:g}" for e in self.bins]
+        if len(edges) < 2:
+            return ()
+        if len(edges) == 2:
+            return ("all values",)
+        inner = [f"[{a}, {b})" for a, b in itertools.pairwise(edges[1:-1])]
+        return (f"< {edges[1]}", *inner, f">= {edges[-2]}")
+
+    def _one_cell(self, what: str) -> None:
+        if len(self.cells) > 1:
+            raise ValueError(
+                f"this answer has one cell per group ({', '.join(c.group for c in self.cells)}):"
+                f" read answer.groups[GROUP].{'value' if what == 'value' else 'values'} "
+                "(or answer.cell(GROUP))"
+            )
 
     def summary(self) -> str:
-        """A few human-readable lines."""
+        """A few human-readable lines: each value with its DP error bar, histogram bins as
+        intervals, quantiles by q, the privacy spent and the noise."""
         lines = []
         for c in self.cells:
             name = f"[{c.group}] " if c.group else ""
-            if c.values:
+            if self.statistic == "histogram":
+                lines.append(f"{name}histogram (noisy counts per bin):")
+                for label, v, e in zip(self.bin_labels(), c.values, c.std_errors, strict=True):
+                    lines.append(f"  {label:>20}  {v:10.1f} ± {e:.2g}")
+            elif c.values:
                 pairs = ", ".join(
-                    f"{v:.4g} ± {e:.2g}" for v, e in zip(c.values, c.std_errors, strict=True)
+                    f"q{q:g}: {v:.4g} ± {e:.2g}"
+                    for q, v, e in zip(self.quantiles, c.values, c.std_errors, strict=True)
                 )
                 lines.append(f"{name}{self.statistic}: {pairs}")
             else:
                 lines.append(f"{name}{self.statistic} = {c.value:.6g} ± {c.std_error:.3g}")
+        if self.statistic in ("count", "histogram") and not self.exact_test_mode:
+            lines.append(
+                "counts are noisy (differential privacy): not whole numbers, may be negative; "
+                "± is the noise's standard deviation"
+            )
         spent = ", ".join(f"{s.silo} ε={s.epsilon:.3g}" for s in self.spent)
         lines.append(f"privacy spent per silo (δ={self.spent[0].delta:g}): {spent}")
         lines.append(
@@ -91,6 +168,13 @@ class Answer:
         if self.exact_test_mode:
             lines.append("WARNING: a silo's operator turned the noise off (test mode): not private")
         return "\n".join(lines)
+
+
+#: Statistics whose cell holds many values, and where to read them.
+_VECTOR = {
+    "histogram": "answer.counts (one per bin; answer.bin_labels() and answer.bins give the edges)",
+    "quantiles": "answer.values (one per q in answer.quantiles)",
+}
 
 
 def quantiles_from_histogram(

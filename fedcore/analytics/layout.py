@@ -127,6 +127,12 @@ def plan_layout(query: Query, schema: Mapping[str, FeatureInfo]) -> Layout:
                     f"categorical column {condition.column!r} compares with == or != and a "
                     f'quoted category, e.g. {condition.column} == "{feature.categories[0]}"'
                 )
+            if condition.value not in feature.categories:
+                # The categories are public metadata: naming them releases nothing.
+                raise QueryError(
+                    f"column {condition.column!r} has no category {condition.value!r}; its "
+                    f"declared categories are {', '.join(repr(c) for c in feature.categories)}"
+                )
         elif isinstance(condition.value, str):
             raise QueryError(f"numeric column {condition.column!r} compares with a number")
     groups: tuple[str, ...] = ("",)

@@ -23,9 +23,12 @@ from ..state.registry import SessionState, WorkerRegistry, WorkerSession
 from .rounds import QueryRound
 from .settings import AnalyticsSettings
 
-__all__ = ["AnalyticsFrontend", "SiloEntry"]
+__all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry"]
 
 log = logging.getLogger("fedcore.server")
+
+#: Silos a query needs: secure aggregation's threshold is their number, and must be 2 or more.
+MIN_SILOS = 2
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,16 @@ class AnalyticsFrontend:
         z = noise_multiplier_for(epsilon, delta)
         async with self._lock:
             entries = self.silos(tags)
+            hint = f" tagged {' '.join('#' + t for t in tags)}" if tags else ""
             if not entries:
-                hint = f" tagged {' '.join('#' + t for t in tags)}" if tags else ""
                 raise QueryRefusedError(f"no connected silo{hint} serves a table")
+            if len(entries) < MIN_SILOS:
+                # Secure aggregation hides a silo's sums only among others' (its threshold
+                # is the number of silos, at least 2): one silo's answer would be its own.
+                raise QueryRefusedError(
+                    f"a query needs at least {MIN_SILOS} silos; only {entries[0].silo!r}"
+                    f"{hint} serves a table (connect more silos, or widen --tag)"
+                )
             layout = plan_layout(query, self._schema(entries))
             sessions = [s for e in entries if (s := self.registry.by_name(e.silo)) is not None]
             query_id = uuid.uuid4().hex
