@@ -58,7 +58,8 @@ def test_ship_plan_finds_a_package_in_the_current_folder(in_package_folder: Path
 
     args = build_parser().parse_args(["--model", f"{_PACKAGE}.models:make", "--ship-plan"])
     shipped = plan_from_args(args, ModelSpec(args.model), seed=0, max_bytes=1 << 24)
-    assert shipped is not None and shipped[0].name.startswith("plan-")
+    assert shipped is not None
+    assert shipped[0].name.startswith("plan-")
 
 
 def test_import_from_cwd_adds_the_folder_once(in_package_folder: Path) -> None:

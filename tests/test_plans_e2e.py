@@ -95,8 +95,10 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     # The owner's log names the command that shows the request, runnable as it stands.
     hint = owner.wait_for_line(r"fed-worker requests (--queue .+ show [0-9a-f]{16})").group(1)
     assert "pending" in _run_requests(capsys, *shlex.split(hint))
-    assert server.popen.poll() is None and owner.popen.poll() is None
-    assert free.count(r"training plan-") == 1 and owner.count(r"training plan-") == 0
+    assert server.popen.poll() is None
+    assert owner.popen.poll() is None
+    assert free.count(r"training plan-") == 1
+    assert owner.count(r"training plan-") == 0
 
     assert "approved" in _requests(capsys, policy, "approve", digest[:12])
     assert server.wait(120) == 0, server.output
@@ -106,5 +108,6 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
         (1, 2, {}),
         (2, 2, {}),
     ]
-    assert owner.wait(60) == 0 and free.wait(60) == 0
+    assert owner.wait(60) == 0
+    assert free.wait(60) == 0
     assert owner.count(rf"training plan-{digest}") == 2
