@@ -1,4 +1,4 @@
-"""Issue 27, trap 5: a user's own model package and the data owner's request commands.
+"""Issue 27, traps 4 and 5: a user's own model package, the data owner's commands.
 
 ``fed-plan export`` and ``fed-server --ship-plan`` find a package in the current folder (as
 ``python -m`` does); ``fed-worker requests`` takes ``--policy`` before or after its command
@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedcore.worker.entry import main as requests_owner
 from fedcore.worker.requests_cli import requests_main
 
 from fedcore.errors import ModelError
 from fedcore.models import build_model, import_from_cwd
 from fedcore.plan import ModelSpec
 from fedcore.plans.cli import main as plan_main
+from fedcore.policy import Charge, PrivacyLedger, epsilon_of
 
 _PACKAGE = "owner_pkg_27"
 
@@ -108,3 +110,22 @@ def test_requests_start_without_importing_torch(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "no plan requests in" in done.stdout
+
+
+def test_the_owners_ledger_lists_epsilon_per_charge_and_the_budget_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27, trap 4: the ledger stores noise multipliers; its owner reads epsilon."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[budget]\nstudy = "s1"\nepsilon = 8\ndelta = 1e-5\nledger = "ledger.json"\n')
+    ledger = PrivacyLedger(tmp_path / "ledger.json", study="s1")
+    charges = [Charge(2.0, what="query count()"), Charge(1.1, 0.01, steps=3, what="round 1")]
+    assert ledger.spend(charges, delta=1e-5, budget=8.0) is not None
+    assert requests_owner(["ledger", "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    alone = epsilon_of(charges[:1], delta=1e-5)
+    total = epsilon_of(charges, delta=1e-5)
+    assert f"{'query count()':<40} {alone:9.4g} {alone:9.4g}" in out
+    assert "round 1" in out
+    assert f"spent ε={total:.4g} of the budget ε=8; left ε={8 - total:.4g}" in out
+    assert "noise" not in out  # epsilon, not the mechanism's parameters

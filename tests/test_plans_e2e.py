@@ -90,10 +90,12 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     free = start_worker(procs, port, shards / "shard-0.npz", "free")
     owner = start_worker(procs, port, shards / "shard-1.npz", "owner", "--policy", str(policy))
     # Positive control: the owner's worker reached the approval check and refused for now.
-    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}")
-    server.wait_for_line(r"round 1: waiting up to \d+ s for the data owner of 'owner'")
+    # Bounds for a busy machine (workers start torch and verify the plan first).
+    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}", 180)
+    server.wait_for_line(r"round 1: waiting up to \d+ s for the data owner of 'owner'", 60)
     # The owner's log names the command that shows the request, runnable as it stands.
-    hint = owner.wait_for_line(r"fed-worker requests (--queue .+ show [0-9a-f]{16})").group(1)
+    hint = owner.wait_for_line(r"fed-worker requests (--queue .+ show [0-9a-f]{16})", 60)
+    hint = hint.group(1)
     assert "pending" in _run_requests(capsys, *shlex.split(hint))
     assert server.popen.poll() is None
     assert owner.popen.poll() is None
@@ -101,7 +103,7 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     assert owner.count(r"training plan-") == 0
 
     assert "approved" in _requests(capsys, policy, "approve", digest[:12])
-    assert server.wait(120) == 0, server.output
+    assert server.wait(240) == 0, server.output
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     # Round 1 took the owner in once approved: both results, no refusal left in the record.
     assert [(row["round"], row["workers"], row["refused"]) for row in rows] == [

@@ -31,10 +31,10 @@ from fedcore.secagg.participation import ParticipationLog
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
+from .entry import owner_command
 from .frozen import FrozenStore
 from .plans import PlanLibrary
 from .policy import PolicyGuard
-from .requests_cli import requests_main
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer, Trainer
 
@@ -69,6 +69,7 @@ or --metadata) is advertised to the coordinator: name, tags, license, features.
 Models shipped as plans (fed-server --ship-plan) run without --model, after verification
 against an allow-list of operations; with [plans] require-approval in the policy, only once
 the data owner approved them: fed-worker requests --policy policy.toml list|show|approve|deny.
+The privacy spent, in epsilon: fed-worker ledger --policy policy.toml.
 """
 
 
@@ -307,8 +308,9 @@ async def _serve(worker: Worker) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["requests"]:  # the data owner's plan request queue
-        return requests_main(args[1:])
+    code = owner_command(args)  # the data owner's plan request queue and ledger
+    if code is not None:
+        return code
     return run_cli("fed-worker", lambda: _run(args))
 
 
