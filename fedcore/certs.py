@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcore.enrollment import write_atomically
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError
 
 __all__ = ["CertificateAuthority", "Issued", "fingerprint_of_pem"]

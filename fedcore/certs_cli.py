@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedcore.atomic import write_atomically
 from fedcore.certs import CertificateAuthority
-from fedcore.enrollment import Enrollment, EnrollmentEntry, hash_token, new_token, write_atomically
+from fedcore.enrollment import Enrollment, EnrollmentEntry, hash_token, new_token
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.secagg.identity import (
     Roster,

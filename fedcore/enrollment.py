@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "EnrollmentEntry",
     "hash_token",
     "new_token",
-    "write_atomically",
 ]
 
 TOKEN_METADATA_KEY = "x-fedcore-token"
@@ -59,28 +58,6 @@ def new_token() -> str:
 def hash_token(token: str) -> str:
     """The hex SHA-256 of a token: what the coordinator stores."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``path`` so that a crash leaves the old content or the new, never a mix:
-    temp file in the same directory, fsync, rename, fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)

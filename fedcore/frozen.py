@@ -14,8 +14,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, PayloadError
 from fedcore.weights import ModelSignature, TensorSignature, Weights
 
@@ -178,15 +177,7 @@ class FrozenCache:
         )
 
     def _write(self, path: Path, pieces: Iterable[bytes | memoryview]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for piece in pieces:
-                    f.write(piece)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, pieces)
 
     def _signature(self, path: Path) -> ModelSignature:
         try:

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, PlanError
 from fedcore.plan import TrainConfig
 from fedcore.policy import PlanRules, load_policy
@@ -200,9 +200,7 @@ class PlanRequestRecord:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any] | None:
@@ -304,10 +302,7 @@ class RequestQueue:
         self._check_caps(program, coordinator)
         program_path = self._program_path(digest)
         if not program_path.exists():
-            program_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = program_path.with_name(program_path.name + ".tmp")
-            tmp.write_bytes(program.SerializeToString())
-            os.replace(tmp, program_path)
+            write_atomically(program_path, program.SerializeToString())
         folder = self._dir(rid)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(

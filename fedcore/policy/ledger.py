@@ -21,14 +21,13 @@ import fcntl
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedcore.atomic import write_atomically
 from fedcore.errors import LedgerError
 from fedcore.privacy.accountant import gaussian_event
 
@@ -209,25 +208,9 @@ class PrivacyLedger:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write(self, document: dict[str, Any]) -> None:
-        folder = self.path.parent
+        text = json.dumps(document, indent=1, sort_keys=True) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(document, f, indent=1, sort_keys=True)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomically(self.path, text.encode("utf-8"), mode=0o600)
         except OSError as exc:
             raise LedgerError(
                 f"cannot write the privacy ledger {self.path}: {exc.strerror}; nothing was "

@@ -24,9 +24,7 @@ import importlib
 import json
 import logging
 import math
-import os
 import secrets
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted
 from fedcore.plan import TrainConfig
 from fedcore.training import Batch, TrainResult, make_optimizer
@@ -170,15 +169,9 @@ class DPSGD:
         between over-counts: the safe side)."""
         if self.state_file is None:
             return
-        folder = self.state_file.parent
+        state = json.dumps(self.accountant.state_dict()).encode("utf-8")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.state_file.name + ".", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.accountant.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
+            write_atomically(self.state_file, state, mode=0o600)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the DP-SGD accountant state {self.state_file}: {exc.strerror}"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedcore.enrollment import write_atomically
+from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, SecAggRefusedError
 
 from .messages import RoundSetup

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from fedcore.enrollment import write_atomically
+from fedcore.atomic import write_atomically
 from fedcore.errors import CheckpointError
 from fedcore.weights import Weights
 
