@@ -22,9 +22,9 @@ from fedcore.secagg import SecAggParams
 from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
 
-from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
 from .plans import add_plan_flags, plan_from_args
+from .state.analytics import add_analytics_flags, analytics_settings_from_args
 from .state.config import Limits, ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
 

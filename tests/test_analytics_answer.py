@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fedcore.server.analytics.frontend import MIN_SILOS, AnalyticsFrontend
-from fedcore.server.analytics.settings import AnalyticsSettings
+from fedcore.server.state.analytics import AnalyticsSettings
 from fedcore.server.state.registry import SessionState
 
 from fedcore.analytics.answer import Answer, Cell, SiloSpend

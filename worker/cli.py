@@ -31,8 +31,8 @@ from fedcore.secagg.participation import ParticipationLog
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
-from .entry import owner_command
 from .frozen import FrozenStore
+from .owner_commands import owner_command
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory

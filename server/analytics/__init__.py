@@ -1,8 +1,9 @@
 """The coordinator's side of federated analytics: the data scientists' gRPC service and the
-rounds that answer their queries over the workers' streams (docs/analytics.md).
+rounds that answer their queries over the workers' streams (docs/analytics.md). Its settings
+(``--scientists`` and the other flags) are :mod:`fedcore.server.state.analytics`, beside the
+rest of the coordinator's configuration, so that ``state`` imports nothing of this package.
 
 ========================  ===============================================================
-``settings``              ``--scientists`` and the other flags
 ``rounds``                one query's round over the workers' streams
 ``frontend``              datasets, mocks and queries, without gRPC
 ``service``               the ``fedcore.v1.Analytics`` gRPC service and its authentication

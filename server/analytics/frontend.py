@@ -19,9 +19,9 @@ from fedcore.errors import QueryRefusedError
 from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.v1 import fedcore_pb2 as pb
 
+from ..state.analytics import AnalyticsSettings
 from ..state.registry import SessionState, WorkerRegistry, WorkerSession
 from .rounds import QueryRound
-from .settings import AnalyticsSettings
 
 __all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry"]
 

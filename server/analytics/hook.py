@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fedcore.enrollment import Enrollment
 
+from ..state.analytics import AnalyticsSettings
 from ..state.registry import WorkerRegistry
 from ..transport.service import CoordinatorService
 from .frontend import AnalyticsFrontend
 from .service import AnalyticsService
-from .settings import AnalyticsSettings
 
 __all__ = ["serve_analytics"]
 

@@ -15,7 +15,7 @@ from fedcore.secagg.params import SecAggParams
 from fedcore.tls import ServerTLS, require_tls_or_loopback
 from fedcore.v1 import fedcore_pb2 as pb
 
-from ..analytics.settings import AnalyticsSettings
+from .analytics import AnalyticsSettings
 from .limits import GateLimits, require_authentication_off_loopback
 from .privacy import DPSettings
 
