@@ -88,9 +88,8 @@ def _echo_trainer(step: float) -> Any:
 def echo_worker_main(server: str, name: str, step: float = 0.0, certs: Path | None = None) -> int:
     """Run one echo worker until the coordinator ends the federation (with ``certs``: signed
     secure aggregation, the key and roster fed-certs wrote there)."""
-    from fedcore.worker import Worker
-
     from fedcore.secagg.identity import SiloIdentity
+    from fedcore.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
     _worker_heap()

@@ -118,9 +118,6 @@ def _interleaved(root: Path, repeats: int) -> dict[str, Any]:
     """Fit times of mnist-cnn's plan on shard 0 in this process: sandbox on and off taken in
     turns, so both see the same load (the federations above run one after the other)."""
     import torch
-    from fedcore.worker.gate import Gate
-    from fedcore.worker.plans import PlanLibrary
-    from fedcore.worker.trainer import TorchTrainer
 
     from fedcore.codec import make_header
     from fedcore.data.shards import load_shard
@@ -130,6 +127,9 @@ def _interleaved(root: Path, repeats: int) -> dict[str, Any]:
     from fedcore.plans import export_plan
     from fedcore.policy import PlanRules
     from fedcore.v1 import fedcore_pb2 as pb
+    from fedcore.worker.gate import Gate
+    from fedcore.worker.plans import PlanLibrary
+    from fedcore.worker.trainer import TorchTrainer
 
     torch.set_num_threads(1)
     plan = export_plan(build_model(ModelSpec("mnist-cnn"), seed=0), torch.zeros(2, 1, 28, 28))

@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _worker(args: argparse.Namespace) -> int:
     """Worker mode: a TorchTrainer whose training is ``slowdown`` times slower."""
     import torch
-    from fedcore.worker import TorchTrainer, Worker
 
     from fedcore.data import load_shard
     from fedcore.training import train
+    from fedcore.worker import TorchTrainer, Worker
 
     torch.set_num_threads(1)
     slowdown = args.slowdown

@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedcore.data import load_mnist, save_shard
 from fedcore.server import ServerConfig
 from fedcore.server.cli import config_from_args
-
-from fedcore.data import load_mnist, save_shard
 from fedcore.simulation import DataSpec, LocalEngine, RayEngine, simulate
 from fedcore.simulation.cli import build_parser
 from fedcore.strategy import ClientSampler, FedAvg

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedcore.server import Coordinator, ServerConfig
 from raw_client import RawClient
 
 from fedcore.data import load_mnist, partition, save_shard
+from fedcore.server import Coordinator, ServerConfig
 
 BIN = Path(sys.executable).parent
 

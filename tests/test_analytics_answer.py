@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fedcore.server.analytics.frontend import MIN_SILOS, AnalyticsFrontend
-from fedcore.server.state.analytics import AnalyticsSettings
-from fedcore.server.state.registry import SessionState
 
 from fedcore.analytics.answer import Answer, Cell, SiloSpend
 from fedcore.analytics.layout import plan_layout
@@ -19,6 +16,9 @@ from fedcore.analytics.query import QueryError, parse_query
 from fedcore.data.metadata import DatasetMetadata, FeatureInfo
 from fedcore.errors import QueryRefusedError
 from fedcore.protocol import ANALYTICS_CAPABILITY
+from fedcore.server.analytics.frontend import MIN_SILOS, AnalyticsFrontend
+from fedcore.server.state.analytics import AnalyticsSettings
+from fedcore.server.state.registry import SessionState
 
 SCHEMA = {
     "age": FeatureInfo("age", "float64", minimum=0.0, maximum=100.0),

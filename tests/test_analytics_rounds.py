@@ -10,11 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedcore.server.analytics.rounds import QueryRound
-from fedcore.server.state.registry import SessionState
-from fedcore.worker.analytics import QueryResponder
-from fedcore.worker.gate import Gate
-from fedcore.worker.policy import PolicyGuard
 
 from fedcore.analytics.encoding import round_setup
 from fedcore.analytics.layout import plan_layout
@@ -27,7 +22,12 @@ from fedcore.errors import QueryRefusedError, TaskRefused
 from fedcore.model_catalog import ModelCatalog
 from fedcore.policy import load_policy
 from fedcore.secagg import wire
+from fedcore.server.analytics.rounds import QueryRound
+from fedcore.server.state.registry import SessionState
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker.analytics import QueryResponder
+from fedcore.worker.gate import Gate
+from fedcore.worker.policy import PolicyGuard
 
 FEATURES = (FeatureInfo("age", "float64", minimum=0.0, maximum=100.0),)
 SCHEMA = {f.name: f for f in FEATURES}

@@ -10,8 +10,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedcore.server import ServerConfig
-from fedcore.worker import EvalOutput, FitOutput, Trainer, Worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcore.codec import make_header, signature_specs
@@ -19,8 +17,10 @@ from fedcore.errors import RejectedError, RoundFailedError
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import PROTOCOL_VERSION
+from fedcore.server import ServerConfig
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
+from fedcore.worker import EvalOutput, FitOutput, Trainer, Worker
 
 MODEL = ModelSpec("logreg")
 TIMEOUT = 60
@@ -311,9 +311,8 @@ async def test_round_that_cannot_complete_fails_cleanly_and_keeps_the_model(
 
 
 async def test_worker_with_wrong_model_is_rejected_for_good(coordinator_factory: Any) -> None:
-    from fedcore.worker import TorchTrainer
-
     from fedcore.data import ArrayDataset
+    from fedcore.worker import TorchTrainer
 
     coordinator, _ = await coordinator_factory(config())
     trainer = TorchTrainer(

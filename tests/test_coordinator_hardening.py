@@ -15,13 +15,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedcore.server.cli import build_parser, config_from_args
-from fedcore.server.state.checkpoint import load_checkpoint
-from fedcore.server.state.limits import GateLimits
-from fedcore.server.transport.admission import HandshakeGate, HandshakeRefused, peer_host
-from fedcore.server.transport.limits import grpc_limit_options
-from fedcore.worker import EvalOutput, FitOutput, Worker
-from fedcore.worker.runtime import tls_channel_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raw_client import RawClient
 from test_coordinator import (
@@ -39,9 +32,16 @@ from fedcore.errors import AuthenticationError, ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import PROTOCOL_VERSION
 from fedcore.sanitize import printable
+from fedcore.server.cli import build_parser, config_from_args
+from fedcore.server.state.checkpoint import load_checkpoint
+from fedcore.server.state.limits import GateLimits
+from fedcore.server.transport.admission import HandshakeGate, HandshakeRefused, peer_host
+from fedcore.server.transport.limits import grpc_limit_options
 from fedcore.tls import ClientTLS, ServerTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
+from fedcore.worker import EvalOutput, FitOutput, Worker
+from fedcore.worker.runtime import tls_channel_factory
 
 
 async def _until(condition: Any, timeout: float = TIMEOUT) -> None:

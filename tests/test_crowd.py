@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from fedcore.server.reporting.roster import ROSTER_ROWS, ConnectedWorker, format_roster
 from fedcore.server.state.registry import QUIET_AFTER, WorkerRegistry
-
 from fedcore.v1 import fedcore_pb2 as pb
 
 

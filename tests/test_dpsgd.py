@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedcore.worker import TorchTrainer
 from opacus.accountants import RDPAccountant
 from torch import nn
 
@@ -21,6 +20,7 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import load_policy
 from fedcore.privacy.accountant import epsilon_of_history
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.worker import TorchTrainer
 
 
 def _data(n: int = 256) -> ArrayDataset:

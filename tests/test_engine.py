@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedcore.server import Coordinator
-from fedcore.server.engine.evaluation import CentralEvaluator
-from fedcore.server.state.noise_check import weights_rms
-from fedcore.server.state.privacy import DPSettings
-from fedcore.server.state.registry import SessionState, Ticket, WorkerRegistry
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, run_worker
 
 from fedcore.data import save_shard
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import DifferentialPrivacy
+from fedcore.server import Coordinator
+from fedcore.server.engine.evaluation import CentralEvaluator
+from fedcore.server.state.noise_check import weights_rms
+from fedcore.server.state.privacy import DPSettings
+from fedcore.server.state.registry import SessionState, Ticket, WorkerRegistry
 from fedcore.strategy import FedAvg
 from fedcore.training import EvalResult
 from fedcore.v1 import fedcore_pb2 as pb

@@ -20,16 +20,6 @@ import numpy as np
 import pytest
 from conftest import BIN, Proc, start_server
 from cryptography import x509
-from fedcore.server import Coordinator
-from fedcore.server.cli import build_parser as server_parser
-from fedcore.server.engine.evaluation import CentralEvaluator
-from fedcore.server.reporting.metrics import RoundMetrics
-from fedcore.server.reporting.progress import LiveDisplay
-from fedcore.server.reporting.prometheus import PrometheusExporter
-from fedcore.server.reporting.sink import CoordinatorStatus
-from fedcore.server.state.checkpoint import load_checkpoint
-from fedcore.worker import EchoTrainer, TorchTrainer, TrainingFailed, Worker
-from fedcore.worker.runtime import tls_channel_factory
 from rich.console import Console
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
@@ -41,9 +31,19 @@ from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.secagg import SecAggParams
+from fedcore.server import Coordinator
+from fedcore.server.cli import build_parser as server_parser
+from fedcore.server.engine.evaluation import CentralEvaluator
+from fedcore.server.reporting.metrics import RoundMetrics
+from fedcore.server.reporting.progress import LiveDisplay
+from fedcore.server.reporting.prometheus import PrometheusExporter
+from fedcore.server.reporting.sink import CoordinatorStatus
+from fedcore.server.state.checkpoint import load_checkpoint
 from fedcore.tls import ClientTLS
 from fedcore.training import TrainResult
 from fedcore.weights import Weights
+from fedcore.worker import EchoTrainer, TorchTrainer, TrainingFailed, Worker
+from fedcore.worker.runtime import tls_channel_factory
 
 LOGREG = ModelSpec("logreg")
 

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedcore.worker.entry import main as requests_owner
-from fedcore.worker.requests_cli import requests_main
 
 from fedcore.errors import ModelError
 from fedcore.models import build_model, import_from_cwd
 from fedcore.plan import ModelSpec
 from fedcore.plans.cli import main as plan_main
 from fedcore.policy import Charge, PrivacyLedger, epsilon_of
+from fedcore.worker.entry import main as requests_owner
+from fedcore.worker.requests_cli import requests_main
 
 _PACKAGE = "owner_pkg_27"
 

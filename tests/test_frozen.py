@@ -11,11 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import Proc, start_server, start_worker
-from fedcore.server.state.config import ServerConfig
-from fedcore.server.transport.payloads import FrozenPayload
-from fedcore.worker import TorchTrainer
-from fedcore.worker.frozen import FrozenStore
-from fedcore.worker.gate import Gate
 from hostile import fit_task
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import TensorDataset
@@ -26,8 +21,13 @@ from fedcore.frozen import FROM_MODEL, FrozenCache, frozen_digest, split_weights
 from fedcore.model_catalog import ModelCatalog
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.server.state.config import ServerConfig
+from fedcore.server.transport.payloads import FrozenPayload
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
+from fedcore.worker import TorchTrainer
+from fedcore.worker.frozen import FrozenStore
+from fedcore.worker.gate import Gate
 
 SPEC = ModelSpec("mnist-mlp")
 TRAINABLE = ("net.3.*", "net.5.*")  # the first layer (net.1) is frozen

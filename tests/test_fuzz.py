@@ -27,11 +27,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedcore.server import Coordinator
-from fedcore.server.engine.collectors import FitCollector
-from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
-from fedcore.server.transport.inbox import Inbox
-from fedcore.worker import Worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_coordinator import TIMEOUT, ScriptedTrainer, config
@@ -40,9 +35,14 @@ from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import ProtocolError
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import JOIN_METHOD, PROTOCOL_VERSION, serialize_worker_message
+from fedcore.server import Coordinator
+from fedcore.server.engine.collectors import FitCollector
+from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
+from fedcore.server.transport.inbox import Inbox
 from fedcore.strategy import WeightedMeanAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
+from fedcore.worker import Worker
 
 INBOX_EXAMPLES = int(os.environ.get("FUZZ_INBOX_EXAMPLES", "2500"))
 SERVICE_EXAMPLES = 300

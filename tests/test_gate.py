@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedcore.worker import EvalOutput, FitOutput, Gate, PolicyGuard, TorchTrainer, Worker
 from hostile import crafted_eval_weights, evaluate_task, fit_task
 from test_coordinator import TIMEOUT, config
 
@@ -31,6 +30,7 @@ from fedcore.secagg.messages import RoundSetup
 from fedcore.secagg.quantize import FixedPoint
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, total_bytes
+from fedcore.worker import EvalOutput, FitOutput, Gate, PolicyGuard, TorchTrainer, Worker
 
 LOGREG = get_weights(build_model(ModelSpec("logreg"), seed=0))
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from fedcore.server.transport.payloads import WeightsPayload
 
 from fedcore.codec import CHUNK_FIELD_IN_COORDINATOR_MESSAGE, encode_chunk_message, iter_chunks
 from fedcore.heap import threshold_for
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, max_message_bytes
+from fedcore.server.transport.payloads import WeightsPayload
 from fedcore.weights import Weights
 
 WEIGHTS: Weights = {

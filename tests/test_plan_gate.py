@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedcore.worker.gate import Gate
-from fedcore.worker.plans import PlanLibrary
 
 from fedcore.codec import make_header
 from fedcore.errors import PolicyError, TaskRefused
@@ -21,6 +19,8 @@ from fedcore.secagg import SecAggParams, wire
 from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.secagg.simulation import make_setup
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker.gate import Gate
+from fedcore.worker.plans import PlanLibrary
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fedcore.worker.gate import Gate
-from fedcore.worker.plan_state import released_state
-from fedcore.worker.plans import PlanLibrary, PlanState, read_only_input
-from fedcore.worker.trainer import TorchTrainer
 from plan_models import BatchNormNet, OverwritesInput, RowInBuffer, plan_of
 from torch import nn
 
@@ -25,6 +21,10 @@ from fedcore.plans import Plan
 from fedcore.policy import PlanRules
 from fedcore.training import evaluate
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker.gate import Gate
+from fedcore.worker.plan_state import released_state
+from fedcore.worker.plans import PlanLibrary, PlanState, read_only_input
+from fedcore.worker.trainer import TorchTrainer
 
 
 class StatisticAlsoWritten(nn.Module):

@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from fedcore.worker.sandbox import PlanSandbox, SandboxLimits
 from plan_models import BatchNormNet, MemoryHog, plan_of
 
 from fedcore.data.shards import ArrayDataset
@@ -19,6 +18,7 @@ from fedcore.errors import TrainingFailed
 from fedcore.plan import TrainConfig
 from fedcore.plans import Plan, verify_program
 from fedcore.training import train
+from fedcore.worker.sandbox import PlanSandbox, SandboxLimits
 
 pytestmark = pytest.mark.slow  # each sandbox starts a Python with torch (seconds)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Proc, start_server, start_worker
+
 from fedcore.worker.cli import main
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,6 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
-from fedcore.server.reporting.roster import ConnectedWorker, format_roster
-from fedcore.worker import PolicyGuard
 
 from fedcore.data.metadata import (
     DatasetMetadata,
@@ -33,7 +31,9 @@ from fedcore.policy import (
     load_policy,
     noisy_label_histogram,
 )
+from fedcore.server.reporting.roster import ConnectedWorker, format_roster
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker import PolicyGuard
 
 FULL_POLICY = """
 [models]

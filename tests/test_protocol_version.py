@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from fedcore.worker import Worker
 from test_coordinator import TIMEOUT, ScriptedTrainer
 
 from fedcore.errors import ProtocolError, VersionMismatchError
@@ -21,6 +20,7 @@ from fedcore.protocol import (
     serialize_coordinator_message,
 )
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker import Worker
 
 
 def test_check_protocol_version_names_both_versions() -> None:

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import BIN, Proc, start_worker
+from test_coordinator import TIMEOUT, ScriptedTrainer, config, run_worker
+
+from fedcore.errors import CheckpointError
 from fedcore.server import Coordinator
 from fedcore.server.state.checkpoint import (
     CHECKPOINT_FILE,
@@ -22,9 +25,6 @@ from fedcore.server.state.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from test_coordinator import TIMEOUT, ScriptedTrainer, config, run_worker
-
-from fedcore.errors import CheckpointError
 from fedcore.strategy import FedAvg
 from fedcore.weights import Weights
 

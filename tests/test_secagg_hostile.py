@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.errors import SecAggAbortedError, SecAggError
@@ -27,6 +26,7 @@ from fedcore.secagg.messages import UnmaskResponse
 from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.secagg.server import AggregateResult, SecAggServer
 from fedcore.secagg.simulation import make_setup
+from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean
 
 PARAMS = SecAggParams(clip=1.0, bits=16, phase_timeout=5.0)
 D = 32

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedcore.server import Coordinator
-from fedcore.worker import TrainingFailed, Worker
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.errors import ConfigError
 from fedcore.secagg import SecAggParams
+from fedcore.server import Coordinator
 from fedcore.strategy import FedAvg
+from fedcore.worker import TrainingFailed, Worker
 
 SECAGG = SecAggParams(clip=4.0, bits=24, phase_timeout=5.0)
 
@@ -68,9 +68,8 @@ async def test_worker_lost_before_masking_is_survived(coordinator_factory: Any) 
 
 
 def test_cli_flags_and_toml_turn_secure_aggregation_on(tmp_path: Any) -> None:
-    from fedcore.server.cli import build_parser, config_from_args
-
     from fedcore.cli_support import parse_args_with_config
+    from fedcore.server.cli import build_parser, config_from_args
 
     plain = config_from_args(build_parser().parse_args([]))
     assert plain.secagg is None
@@ -100,12 +99,11 @@ def test_cli_flags_and_toml_turn_secure_aggregation_on(tmp_path: Any) -> None:
 async def test_worker_runtime_refuses_a_greedy_unmasking_request_on_the_wire() -> None:
     """The worker's stream glue, driven by a hand-written hostile coordinator: asked for both
     shares of a peer, it answers with an abort, not with shares."""
-    from fedcore.worker.secagg import SecAggRounds
-
     from fedcore.secagg import SecAggClient, wire
     from fedcore.secagg.server import SecAggServer
     from fedcore.secagg.simulation import make_setup
     from fedcore.v1 import fedcore_pb2 as pb
+    from fedcore.worker.secagg import SecAggRounds
 
     setup = make_setup(SecAggParams(), 3, 30)
     sent: list[pb.WorkerMessage] = []

@@ -11,17 +11,17 @@ from typing import Any
 
 import grpc
 import pytest
-from fedcore.server import ServerConfig
-from fedcore.worker import Worker
-from fedcore.worker.runtime import tls_channel_factory
 from test_coordinator import TIMEOUT, ScriptedTrainer, config
 
 from fedcore.certs_cli import main as fed_certs
 from fedcore.enrollment import Enrollment, hash_token
 from fedcore.errors import AuthenticationError, ConfigError, IdentityMismatchError, RejectedError
 from fedcore.protocol import JOIN_METHOD, PROTOCOL_VERSION, serialize_worker_message
+from fedcore.server import ServerConfig
 from fedcore.tls import ClientTLS, ServerTLS, is_loopback, require_tls_or_loopback
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker import Worker
+from fedcore.worker.runtime import tls_channel_factory
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from fedcore.errors import ConfigError
 from fedcore.server import ServerConfig
 from fedcore.server.cli import build_parser, config_from_args
 from fedcore.server.state.config import Limits, Output
-
-from fedcore.errors import ConfigError
 
 
 def test_from_flags_puts_each_setting_in_its_group() -> None:

@@ -21,9 +21,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import Proc, start_server, start_worker
-from fedcore.server import Coordinator, FederationResult, ServerConfig
-from fedcore.server.cli import config_from_args
-from fedcore.worker import FitOutput
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -31,6 +28,8 @@ from fedcore.data import load_mnist, partition, save_shard
 from fedcore.data.cli import main as fed_data
 from fedcore.errors import RoundFailedError
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.server import Coordinator, FederationResult, ServerConfig
+from fedcore.server.cli import config_from_args
 from fedcore.simulation import (
     DataSpec,
     HostSpec,
@@ -50,6 +49,7 @@ from fedcore.simulation.cli import build_parser
 from fedcore.simulation.cli import main as fed_sim
 from fedcore.simulation.clients import shard_dataset
 from fedcore.training import TrainResult
+from fedcore.worker import FitOutput
 
 RAY_IMPORTED_WITH_FEDCORE = "ray" in sys.modules
 
@@ -129,7 +129,6 @@ def test_the_report_shows_the_federated_accuracy_the_table_shows() -> None:
     """Issue 27: under federated evaluation only, `fed-sim --report` said `accuracy: null`
     while its table showed the accuracy."""
     from fedcore.server.reporting.metrics import RoundMetrics
-
     from fedcore.simulation import HostReport
 
     federated = RoundMetrics(1, 3, 0, 1.0, 0, 0, federated={"accuracy": 0.8486, "loss": 0.4})
@@ -149,8 +148,9 @@ def test_the_report_shows_the_federated_accuracy_the_table_shows() -> None:
 def test_a_saved_model_file_is_the_same_bytes_every_time(tmp_path: Path) -> None:
     """The safetensors library writes metadata in hash-map order: identical models gave files
     with different SHA-256 digests. Saved files are canonical, and still load."""
-    from fedcore.server.reporting.metrics import save_weights
     from safetensors import safe_open
+
+    from fedcore.server.reporting.metrics import save_weights
 
     weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.int64)}
     metadata = {f"key-{i}": f"value-{i}" for i in range(12)}

@@ -78,9 +78,10 @@ async def test_mlflow_and_tensorboard_record_every_round(
 
 def test_two_runs_into_one_tensorboard_dir_stay_two_runs(tmp_path: Path) -> None:
     """Issue 27: two federations with the same --tensorboard-dir merged into one run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
     from fedcore.server.reporting.tensorboard import TensorBoardSink
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     status = CoordinatorStatus("finished", 1, 1, 0, 0, 0, 1, 0, 0, 0.0, None)
     for workers in (3, 5):  # started in the same second: the same name, made unique

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from conftest import Proc, start_server, start_worker
-from fedcore.server.cli import build_parser, config_from_args
 
 from fedcore.cli_support import parse_args_with_config
 from fedcore.errors import ConfigError
+from fedcore.server.cli import build_parser, config_from_args
 from fedcore.strategy import BUILTIN_STRATEGIES, FedAdam, load_strategy
 
 pytestmark = pytest.mark.slow

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedcore.worker import FitOutput
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.strategy import ClientSampler, FedAvg, FedBuff, load_strategy
 from fedcore.weights import Weights
+from fedcore.worker import FitOutput
 
 
 class OffsetTrainer(ScriptedTrainer):

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import BIN
-from fedcore.server.reporting.metrics import RoundMetrics
-from fedcore.server.reporting.progress import LiveDisplay, summary_line
-from fedcore.server.reporting.prometheus import PrometheusExporter
-from fedcore.server.reporting.sink import CoordinatorStatus
 from rich.console import Console
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.codec import make_header
 from fedcore.errors import ConfigError
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.server.reporting.metrics import RoundMetrics
+from fedcore.server.reporting.progress import LiveDisplay, summary_line
+from fedcore.server.reporting.prometheus import PrometheusExporter
+from fedcore.server.reporting.sink import CoordinatorStatus
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
