@@ -29,7 +29,13 @@ SPENT = (SiloSpend("a", 0.5, 1e-6), SiloSpend("b", 0.5, 1e-6))
 
 def _answer(statistic: str, cells: tuple[Cell, ...], **kw: object) -> Answer:
     return Answer(
-        f"{statistic}(age)", statistic, cells, SPENT, 3.2, {"count": 1.6}, **kw  # type: ignore[arg-type]
+        f"{statistic}(age)",
+        statistic,
+        cells,
+        SPENT,
+        3.2,
+        {"count": 1.6},
+        **kw,  # type: ignore[arg-type]
     )
 
 
