@@ -468,8 +468,3 @@ def weights_from_header_and_chunks(
     for i, data in enumerate(chunks):
         assembler.add(pb.PayloadChunk(index=i, data=data))
     return assembler.weights()
-
-
-def writable_copy(weights: Weights) -> Weights:
-    """Own, writable copies of possibly read-only views."""
-    return {name: np.array(a, copy=True) for name, a in weights.items()}

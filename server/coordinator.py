@@ -134,7 +134,7 @@ class Coordinator:
                 # Noise goes into what rounds train: the trainable part.
                 weights=split_weights(weights, trainable)[0],
             )
-        self.registry = WorkerRegistry(config.limits.max_workers, config.require_tags)
+        self.registry = WorkerRegistry(config.require_tags)
         authenticator = Authenticator(
             Enrollment(config.security.enrolled) if config.security.enrolled is not None else None,
             mutual_tls=config.security.tls is not None and config.security.tls.mutual,

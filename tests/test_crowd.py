@@ -37,7 +37,7 @@ def test_a_large_roster_is_summarised_but_lists_every_unselected_worker() -> Non
 async def test_departures_beyond_a_handful_are_logged_at_debug(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    registry = WorkerRegistry(100)
+    registry = WorkerRegistry()
     sessions = [
         registry.new_session(pb.Hello(name=f"client-{i:03d}"), "ipv4:127.0.0.1:1")
         for i in range(100)

@@ -40,7 +40,7 @@ def _busy_session(registry: WorkerRegistry) -> tuple[Any, Ticket]:
 
 
 async def test_a_straggler_finishing_after_its_deadline_wakes_wait_for_idle_at_once() -> None:
-    registry = WorkerRegistry(max_workers=10)
+    registry = WorkerRegistry()
     session, _ = _busy_session(registry)
     waiting = asyncio.create_task(registry.wait_for_idle(1, timeout=TIMEOUT))
     for _ in range(5):
@@ -54,7 +54,7 @@ async def test_a_straggler_finishing_after_its_deadline_wakes_wait_for_idle_at_o
 
 
 async def test_every_session_transition_counts_as_a_registry_change() -> None:
-    registry = WorkerRegistry(max_workers=10)
+    registry = WorkerRegistry()
     seen = registry.changes
     session, _ = _busy_session(registry)  # JOINING -> IDLE -> BUSY
     assert registry.changes == seen + 2

@@ -14,9 +14,9 @@ are made. The checks, in order:
    frozen parameters (their attached header, or the layout of the copy held here under their
    digest) must form the model together, and with a data owner's ``--frozen-weights`` file
    the digest must be that file's (rule ``frozen.weights``).
-2. **The task kind's own checks**, looked up in a registry (:meth:`Gate.register`): fit
-   (training-config bounds, client-level DP, secure-aggregation setup) and evaluate are
-   built in; a new kind of task registers its check and is refused until it does.
+2. **The task kind's own checks**: fit (training-config bounds, client-level DP,
+   secure-aggregation setup) and evaluate; any other kind is refused (rule ``task.kind``).
+   The :class:`CheckedTask`'s kind is what the runtime runs: one table of kinds, here.
 3. **The data owner's policy** (``--policy``, :class:`~.policy.PolicyGuard`), including
    the privacy budget.
 
@@ -280,7 +280,7 @@ def check_evaluate(admission: Admission) -> CheckedTask:
     return admission.checked("evaluate")
 
 
-_BUILTIN_CHECKS: Mapping[int, TaskCheck] = {
+_CHECKS: Mapping[int, TaskCheck] = {
     pb.TASK_KIND_FIT: check_fit,
     pb.TASK_KIND_EVALUATE: check_evaluate,
 }
@@ -315,16 +315,9 @@ class Gate:
         self.max_model_bytes = max_model_bytes
         self.guard = guard
         self.policy = guard.policy if guard is not None else Policy(source="default policy")
-        self._checks: dict[int, TaskCheck] = dict(_BUILTIN_CHECKS)
         self._query_check: QueryCheck | None = None
         # Digests of the global weights this worker has sent a masked input for.
         self._contributed: set[str] = set()
-
-    def register(self, kind: int, check: TaskCheck) -> None:
-        """Admit tasks of ``kind`` (a ``pb.TaskKind`` value) when ``check`` passes them."""
-        if kind in self._checks:
-            raise ConfigError(f"task kind {kind} already has a check")
-        self._checks[kind] = check
 
     def register_query(self, check: QueryCheck) -> None:
         """Admit analytics queries when ``check`` passes them (one check per worker)."""
@@ -379,7 +372,7 @@ class Gate:
                 whose cached copy is damaged (the coordinator must learn it from a new
                 session's hello).
         """
-        check = self._checks.get(task.kind)
+        check = _CHECKS.get(task.kind)
         if check is None:
             raise _refuse("task.kind", f"this worker runs no tasks of kind {task.kind}")
         spec, signature = self._check_model(task)

@@ -29,7 +29,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -107,8 +107,6 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
-#: Runs one checked task on the stream: (call, task, its job, the received weights).
-TaskRunner = Callable[[Any, CheckedTask, "Job", Weights], Awaitable[None]]
 
 
 class WorkerState(enum.Enum):
@@ -296,9 +294,6 @@ class Worker:
         self._secagg = SecAggRounds(
             _not_connected, name, identity=identity, participation=participation
         )
-        # What runs each kind of checked task (a new kind registers its gate check and its
-        # runner here).
-        self._runners: dict[str, TaskRunner] = {"fit": self._fit, "evaluate": self._evaluate}
 
     def _move(self, new: WorkerState) -> None:
         if new is not self.state and new not in _ALLOWED[self.state]:
@@ -576,12 +571,8 @@ class Worker:
         task = checked.task
         try:
             weights = job.assembler.weights()
-            runner = self._runners.get(checked.kind)
-            if runner is None:
-                await self._send_error(
-                    call, task.task_id, pb.ERROR_CODE_UNSUPPORTED, f"no runner for {checked.kind}"
-                )
-                return
+            # The gate admits only the kinds it checks (fit, evaluate): its table is the one.
+            runner = self._fit if checked.kind == "fit" else self._evaluate
             await runner(call, checked, job, weights)
             self.tasks_done += 1
         except TaskRefused as exc:

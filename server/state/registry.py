@@ -258,8 +258,7 @@ class WorkerSession:
 class WorkerRegistry:
     """All sessions, with a condition to wait until enough workers are idle."""
 
-    def __init__(self, max_workers: int, require_tags: tuple[str, ...] = ()) -> None:
-        self.max_workers = max_workers
+    def __init__(self, require_tags: tuple[str, ...] = ()) -> None:
         self.require_tags = require_tags
         self._sessions: dict[str, WorkerSession] = {}
         self._ids = itertools.count(1)
@@ -275,9 +274,6 @@ class WorkerRegistry:
             if s.name == name:
                 return s
         return None
-
-    def get(self, worker_id: str) -> WorkerSession | None:
-        return self._sessions.get(worker_id)
 
     def sessions(self) -> list[WorkerSession]:
         return list(self._sessions.values())
@@ -331,7 +327,3 @@ class WorkerRegistry:
         except TimeoutError:
             return False
         return True
-
-    def close_all(self, reason: str) -> None:
-        for s in list(self._sessions.values()):
-            s.close(reason)
