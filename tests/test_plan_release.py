@@ -19,6 +19,7 @@ from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.plans import Plan
 from fedcore.policy import PlanRules
+from fedcore.policy.model import BUFFER_KINDS
 from fedcore.training import evaluate
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.worker.gate import Gate
@@ -47,7 +48,7 @@ def _data() -> ArrayDataset:
     return ArrayDataset(x, rng.integers(0, 10, 64))
 
 
-def _released(module: nn.Module, accept: tuple[str, ...] = ("batch-norm",)) -> PlanState:
+def _released(module: nn.Module, accept: tuple[str, ...] = BUFFER_KINDS) -> PlanState:
     """The release rule on the exported program alone (no verification)."""
     plan = plan_of(module, verified=False)
     params = frozenset(n for n, _ in module.named_parameters())

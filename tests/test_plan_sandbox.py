@@ -17,6 +17,7 @@ from fedcore.data.shards import ArrayDataset
 from fedcore.errors import TrainingFailed
 from fedcore.plan import TrainConfig
 from fedcore.plans import Plan, verify_program
+from fedcore.policy.model import BUFFER_KINDS
 from fedcore.training import train
 from fedcore.worker.sandbox import PlanSandbox, SandboxLimits
 
@@ -40,7 +41,7 @@ def test_the_child_trains_as_this_process_would_and_hits_its_memory_limit_alone(
 ) -> None:
     plan = plan_of(BatchNormNet())
     config = TrainConfig(batch_size=32, seed=3)
-    box = PlanSandbox(SandboxLimits(256 * 1024**2, 120), (data.x, data.y), None, ("batch-norm",))
+    box = PlanSandbox(SandboxLimits(256 * 1024**2, 120), (data.x, data.y), None, BUFFER_KINDS)
     try:
         trained = _run(box, plan, config)  # positive control: the same numbers as here
         here = verify_program(plan.program).build()

@@ -463,18 +463,38 @@ def test_the_policy_sets_the_activation_limit_and_the_accepted_buffer_updates(
     from fedcore.policy import load_policy, parse_policy
 
     path = tmp_path / "policy.toml"
-    path.write_text(
-        "[plans]\nmax-activation-bytes = 1000\naccept-buffer-updates = ['batch-counter']\n"
-    )
+    path.write_text("[plans]\nmax-activation-bytes = 1000\naccept-buffers = ['batch-counter']\n")
     limits = limits_for(load_policy(path).plans, max_state_bytes=1 << 30)
     assert limits.max_activation_bytes == 1000
+    assert limits.buffer_updates == {"batch-counter"}
     with pytest.raises(PlanRejectedError, match="max-activation-bytes \\(1,000\\)"):
         verify_program(export_plan(GroupSiLU(), torch.zeros(2, 1, 8, 8)).program, limits=limits)
     default = limits_for(parse_policy({}, path).plans, max_state_bytes=1)
     assert default.max_activation_bytes > 1 << 28  # a quarter of this machine's memory
     assert default.buffer_updates == {"batch-norm-statistics", "batch-counter"}
-    path.write_text("[plans]\naccept-buffer-updates = ['anything']\n")
-    with pytest.raises(PolicyError, match="accept-buffer-updates"):
+    path.write_text("[plans]\naccept-buffers = ['anything']\n")
+    with pytest.raises(PolicyError, match=r"accept-buffers.*unknown kind"):
+        load_policy(path)
+
+
+def test_the_two_old_buffer_keys_read_as_the_one_accept_buffers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 27: `accept-buffer-updates` (the verifier's) and `accept-buffers` (the upload's)
+    are one key; the old key is still read, with a deprecation message, and the old kind
+    name `batch-norm` means both kinds."""
+    from fedcore.errors import PolicyError
+    from fedcore.policy import load_policy
+
+    path = tmp_path / "policy.toml"
+    path.write_text("[plans]\naccept-buffer-updates = ['batch-counter']\n")
+    with caplog.at_level("WARNING", logger="fedcore.policy"):
+        assert load_policy(path).plans.accept_buffers == ("batch-counter",)
+    assert "accept-buffer-updates is deprecated; name it accept-buffers" in caplog.text
+    path.write_text("[plans]\naccept-buffers = ['batch-norm']\n")
+    assert load_policy(path).plans.accept_buffers == ("batch-norm-statistics", "batch-counter")
+    path.write_text("[plans]\naccept-buffers = []\naccept-buffer-updates = []\n")
+    with pytest.raises(PolicyError, match="old name of accept-buffers"):
         load_policy(path)
 
 

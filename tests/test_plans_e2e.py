@@ -104,7 +104,7 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     assert owner.count(r"training plan-") == 0
 
     assert "approved" in _requests(capsys, policy, "approve", digest[:12])
-    assert server.wait(240) == 0, server.output
+    assert server.wait(150) == 0, server.output
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     # Round 1 took the owner in once approved: both results, no refusal left in the record.
     assert [(row["round"], row["workers"], row["refused"]) for row in rows] == [

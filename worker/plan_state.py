@@ -10,9 +10,12 @@ coordinator gets its own bytes, nothing of the data.
 Accepted kinds, recognised on the graph (every use of the buffer must be one of these, with
 the buffer itself as the argument, never a view of it; one other use and it is withheld):
 
-* ``batch-norm``: the ``running_mean`` / ``running_var`` argument of a batch-norm operator
-  (which updates it with the batch statistics), and the ``num_batches_tracked`` counter:
-  an integer scalar whose only use is ``add_(counter, 1)`` with the result unused.
+* ``batch-norm-statistics``: the ``running_mean`` / ``running_var`` argument of a
+  batch-norm operator (which updates it with the batch statistics);
+* ``batch-counter``: the ``num_batches_tracked`` counter, an integer scalar whose only use
+  is ``add_(counter, 1)`` with the result unused.
+
+The same ``accept-buffers`` bounds what the verifier lets a plan update at all.
 
 This is the runtime's rule and does not depend on the verifier: a graph the verifier
 misjudges still cannot send any other buffer's content out.
@@ -162,10 +165,11 @@ def released_state(
             placeholder[str(body.get("buffer_name"))] = str(body["arg"].get("name"))
     used = _uses(nodes if isinstance(nodes, list) else [])
     statistics: set[str] = set()
-    if "batch-norm" in accept:
-        for name, (dtype, scalar) in buffers.items():
-            uses = used.get(placeholder.get(name, ""), [])
-            if _is_statistic(uses) or _is_counter(uses, used, dtype, scalar):
-                statistics.add(name)
+    for name, (dtype, scalar) in buffers.items():
+        uses = used.get(placeholder.get(name, ""), [])
+        if ("batch-norm-statistics" in accept and _is_statistic(uses)) or (
+            "batch-counter" in accept and _is_counter(uses, used, dtype, scalar)
+        ):
+            statistics.add(name)
     withheld = tuple(sorted(n for n in buffers if n not in statistics))
     return ReleasedState(parameters, frozenset(statistics), withheld)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.errors import PlanRejectedError
-from fedcore.policy.model import BUFFER_UPDATE_KINDS
+from fedcore.policy.model import BUFFER_KINDS as _POLICY_KINDS
 
 from .propagate import BN_STATS_ARGS, NodeFacts, Write
 
@@ -42,10 +42,10 @@ __all__ = [
     "rewrite_uninitialised",
 ]
 
-#: Buffer-update kinds a data owner can accept (``[plans] accept-buffer-updates``).
+#: Buffer-update kinds a data owner can accept (``[plans] accept-buffers``), and what each is.
 BUFFER_KINDS: dict[str, str] = dict(
     zip(
-        BUFFER_UPDATE_KINDS,
+        _POLICY_KINDS,
         (
             "running mean/variance of a batch-norm layer's input over batches",
             "a count of batches, independent of the data",

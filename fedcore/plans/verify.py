@@ -69,8 +69,8 @@ class Limits:
 
     ``max_activation_bytes`` bounds the memory a graph's tensors take (``[plans]
     max-activation-bytes``; a quarter of physical memory by default); ``buffer_updates``
-    are the buffer-update kinds the data owner accepts (``[plans] accept-buffer-updates``,
-    see :data:`~.dataflow.BUFFER_KINDS`).
+    are the buffer-update kinds the data owner accepts (``[plans] accept-buffers``, see
+    :data:`~.dataflow.BUFFER_KINDS`).
     """
 
     max_graph_bytes: int = 32 * 1024 * 1024
@@ -89,7 +89,7 @@ def limits_for(rules: PlanRules, *, max_state_bytes: int) -> Limits:
     return Limits(
         max_state_bytes=max_state_bytes,
         max_activation_bytes=rules.max_activation_bytes or default_activation_bytes(),
-        buffer_updates=frozenset(rules.buffer_updates),
+        buffer_updates=frozenset(rules.accept_buffers),
     )
 
 

@@ -54,13 +54,13 @@ Every section is optional; an absent rule allows everything it would have restri
     max-pending = 16                       # the queue's caps: requests awaiting a decision,
     max-queue-bytes = 268_435_456          # bytes of queued programs (256 MiB),
     max-requests-per-day = 16              # new requests per coordinator in 24 hours
-    accept-buffers = ["batch-norm"]        # buffer kinds whose trained values are uploaded
+    accept-buffers = ["batch-norm-statistics", "batch-counter"]  # buffer kinds a plan may
+                                           # update and whose trained values leave (the default)
     sandbox = true                         # train and evaluate plans in a limited child process
     sandbox-memory-bytes = 8_589_934_592   # its address-space limit (default: half the RAM,
                                            # at most 16 GiB)
     sandbox-cpu-seconds = 3600             # its CPU time per task
     max-activation-bytes = 2_000_000_000   # a plan's tensors at most (default: 1/4 of memory)
-    accept-buffer-updates = ["batch-norm-statistics", "batch-counter"]  # (the default)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
@@ -78,7 +78,9 @@ never silently drop a rule.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -86,9 +88,10 @@ from typing import Any, Literal, TypeVar
 from fedcore.errors import PolicyError
 from fedcore.toml_fields import StrictTable, read_toml
 
+log = logging.getLogger("fedcore.policy")
+
 __all__ = [
     "BUFFER_KINDS",
-    "BUFFER_UPDATE_KINDS",
     "DP_KINDS",
     "AnalyticsRules",
     "BudgetRules",
@@ -104,14 +107,14 @@ __all__ = [
     "parse_policy",
 ]
 
-#: Buffer kinds a policy may accept (``[plans] accept-buffers``; recognised on the graph by
-#: ``worker/plan_state.py``).
-BUFFER_KINDS = ("batch-norm",)
+#: Buffer kinds a policy may accept (``[plans] accept-buffers``): what a plan may update in
+#: its graph (fedcore.plans.dataflow) and whose trained values leave (worker/plan_state.py).
+BUFFER_KINDS = ("batch-norm-statistics", "batch-counter")
+#: Old names: ``batch-norm`` was both kinds (before the two ``[plans]`` keys became one).
+_BUFFER_KIND_ALIASES = {"batch-norm": BUFFER_KINDS}
 
 DPKind = Literal["client-level", "record-level", "either"]
 DP_KINDS: tuple[DPKind, ...] = ("client-level", "record-level", "either")
-#: Buffer updates a plan may make (fedcore.plans.dataflow says what each is).
-BUFFER_UPDATE_KINDS = ("batch-norm-statistics", "batch-counter")
 
 _SECTIONS = (
     "models",
@@ -248,13 +251,13 @@ class PlanRules:
     data owner approved its hash and terms (``fed-worker requests approve``); unknown plans
     wait in the request queue at ``requests``, within its caps (``max_pending`` undecided
     requests, ``max_queue_bytes`` of programs, ``max_requests_per_day`` new requests from one
-    coordinator). ``accept_buffers``: the buffer kinds (``worker/plan_state.py``) whose
-    trained values are uploaded; any other buffer goes back as received. ``sandbox``: plans
+    coordinator). ``accept_buffers``: the buffer kinds (:data:`BUFFER_KINDS`) a plan may
+    update in its graph (the verifier refuses any other update) and whose trained values are
+    uploaded (``worker/plan_state.py``); any other buffer goes back as received. ``sandbox``: plans
     train and evaluate in a child process limited to ``sandbox_memory_bytes`` of address
     space and ``sandbox_cpu_seconds`` of CPU time per task (``worker/sandbox.py``).
     ``max_activation_bytes``: the memory a plan's tensors may take (None: a quarter of
-    physical memory); ``buffer_updates``: the kinds of in-graph buffer update the verifier
-    lets a plan make (:data:`BUFFER_UPDATE_KINDS`).
+    physical memory).
     """
 
     accept: bool = True
@@ -263,12 +266,16 @@ class PlanRules:
     max_pending: int = 16
     max_queue_bytes: int = 256 * 1024 * 1024
     max_requests_per_day: int = 16
-    accept_buffers: tuple[str, ...] = ("batch-norm",)
+    accept_buffers: tuple[str, ...] = BUFFER_KINDS
     sandbox: bool = True
     sandbox_memory_bytes: int = field(default_factory=lambda: default_sandbox_memory())
     sandbox_cpu_seconds: int = 3600
     max_activation_bytes: int | None = None
-    buffer_updates: tuple[str, ...] = BUFFER_UPDATE_KINDS
+
+
+def _buffer_kinds(listed: Sequence[str]) -> tuple[str, ...]:
+    """``listed`` with old kind names read as the kinds they stood for."""
+    return tuple(k for name in listed for k in _BUFFER_KIND_ALIASES.get(name, (name,)))
 
 
 def default_sandbox_memory() -> int:
@@ -505,17 +512,25 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     )
     queue = Path(pl.string("requests") or "plan-requests").expanduser()
     listed = pl.strings("accept-buffers")
-    kinds = PlanRules.accept_buffers if listed is None else listed
+    legacy = pl.strings("accept-buffer-updates")
+    if legacy is not None:
+        if listed is not None:
+            raise pl.fail(
+                "accept-buffer-updates",
+                "is the old name of accept-buffers (one key since issue 27); keep accept-buffers",
+            )
+        log.warning(
+            "policy %s: [plans] accept-buffer-updates is deprecated; name it accept-buffers "
+            "(one key for the buffers a plan may update and whose trained values leave)",
+            path,
+        )
+        listed = legacy
+    kinds = PlanRules.accept_buffers if listed is None else _buffer_kinds(listed)
     unknown = sorted(set(kinds) - set(BUFFER_KINDS))
     if unknown:
-        raise pl.fail("accept-buffers", f"unknown kind(s) {unknown}; known: {list(BUFFER_KINDS)}")
-    updates = pl.strings("accept-buffer-updates")
-    updates = BUFFER_UPDATE_KINDS if updates is None else updates
-    unknown = sorted(set(updates) - set(BUFFER_UPDATE_KINDS))
-    if unknown:
         raise pl.fail(
-            "accept-buffer-updates",
-            f"names {unknown}; the kinds are {', '.join(BUFFER_UPDATE_KINDS)}",
+            "accept-buffers" if legacy is None else "accept-buffer-updates",
+            f"unknown kind(s) {unknown}; the kinds are {', '.join(BUFFER_KINDS)}",
         )
     plans = PlanRules(
         accept=_default(pl.boolean("accept"), True),
@@ -526,7 +541,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         max_requests_per_day=_or(
             pl.integer("max-requests-per-day", minimum=1), PlanRules.max_requests_per_day
         ),
-        accept_buffers=kinds,
+        accept_buffers=tuple(dict.fromkeys(kinds)),
         sandbox=_default(pl.boolean("sandbox"), True),
         sandbox_memory_bytes=_or(
             pl.integer("sandbox-memory-bytes", minimum=256 * 1024 * 1024),
@@ -536,7 +551,6 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             pl.integer("sandbox-cpu-seconds", minimum=1), PlanRules.sandbox_cpu_seconds
         ),
         max_activation_bytes=pl.integer("max-activation-bytes", minimum=1),
-        buffer_updates=updates,
     )
 
     analytics = None
