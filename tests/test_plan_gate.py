@@ -90,7 +90,8 @@ def test_approval_queue_waits_approves_denies_and_survives_restarts(
     queue = RequestQueue(tmp_path / "queue")  # another process: the owner's command
     (record,) = queue.list()
     assert record.status == "pending"
-    assert record.terms.batch_size == 32
+    assert record.terms.train is not None
+    assert record.terms.train.batch_size == 32
     assert queue.program(record.hash) == plan.program
     queue.decide(record.id, approve=True)
     restarted = _gate(rules)  # a restarted worker reads the same decision

@@ -32,7 +32,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,82 +75,82 @@ class QueueCaps:
     max_per_day: int = 16
 
 
+#: The training settings a request pins, as stored (TrainConfig's fields of these names), and
+#: their values in the terms of an evaluation task, which trains nothing.
+_UNTRAINED: dict[str, Any] = {
+    "epochs": 0,
+    "batch_size": 0,
+    "optimizer": "",
+    "learning_rate": 0.0,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "extra": {},
+}
+
+
 @dataclass(frozen=True)
 class Terms:
-    """What a task asks to do with a plan, as the data owner approves it."""
+    """What a task asks to do with a plan, as the data owner approves it: its kind, secure
+    aggregation on or off, and for training the :class:`TrainConfig` (epochs, batch size,
+    optimizer and its numbers, learning rate, and every strategy number of the task in
+    ``extra``: client-level DP, FedProx, compression)."""
 
     kind: str  # "fit" or "evaluate"
     secagg: bool
-    epochs: int = 0
-    batch_size: int = 0
-    optimizer: str = ""
-    learning_rate: float = 0.0
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    #: every strategy number of the task (client-level DP, FedProx, compression)
-    extra: dict[str, float] = field(default_factory=dict)
+    train: TrainConfig | None = None
 
     @classmethod
     def of(cls, task: pb.Task) -> Terms:
         secagg = task.HasField("secagg")
         if task.kind != pb.TASK_KIND_FIT:
             return cls("evaluate", secagg)
-        config = TrainConfig.from_proto(task.train)
-        return cls(
-            "fit",
-            secagg,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            optimizer=config.optimizer,
-            learning_rate=config.learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            extra=dict(sorted(config.extra.items())),
-        )
+        return cls("fit", secagg, _pinned(TrainConfig.from_proto(task.train)))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Terms:
-        return cls(
-            kind=str(data.get("kind", "")),
-            secagg=bool(data.get("secagg", False)),
-            epochs=int(data.get("epochs", 0)),
-            batch_size=int(data.get("batch_size", 0)),
-            optimizer=str(data.get("optimizer", "")),
-            learning_rate=float(data.get("learning_rate", 0.0)),
-            momentum=float(data.get("momentum", 0.0)),
-            weight_decay=float(data.get("weight_decay", 0.0)),
-            extra={str(k): float(v) for k, v in dict(data.get("extra", {})).items()},
-        )
+        kind = str(data.get("kind", ""))
+        secagg = bool(data.get("secagg", False))
+        if kind != "fit":
+            return cls(kind, secagg)
+        values = {k: type(v)(data.get(k, v)) for k, v in _UNTRAINED.items() if k != "extra"}
+        extra = {str(k): float(v) for k, v in dict(data.get("extra", {})).items()}
+        try:
+            return cls(kind, secagg, TrainConfig(**values, extra=dict(sorted(extra.items()))))
+        except ConfigError as exc:
+            raise PlanError(f"a stored request's terms are invalid: {exc}") from None
 
-    def but_lr(self) -> Terms:
+    def to_json(self) -> dict[str, Any]:
+        """The stored form, one flat object (the request id hashes it)."""
+        train = self.train
+        pinned = {k: v if train is None else getattr(train, k) for k, v in _UNTRAINED.items()}
+        return {"kind": self.kind, "secagg": self.secagg, **pinned}
+
+    @property
+    def learning_rate(self) -> float:
+        return self.train.learning_rate if self.train is not None else 0.0
+
+    def but_lr(self) -> dict[str, Any]:
         """These terms with the learning rate left out (an approval may give it a range)."""
-        return Terms(**{**asdict(self), "learning_rate": 0.0})
+        return {**self.to_json(), "learning_rate": 0.0}
 
     def differences(self, other: Terms) -> list[str]:
         """What changed from ``other`` to these terms, one short phrase each."""
-        mine, theirs = asdict(self), asdict(other)
+        mine, theirs = self.to_json(), other.to_json()
         return [f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
 
     def train_config(self) -> TrainConfig | None:
-        if self.kind != "fit":
-            return None
-        try:
-            return TrainConfig(
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                optimizer=self.optimizer,
-                learning_rate=self.learning_rate,
-                momentum=self.momentum,
-                weight_decay=self.weight_decay,
-                extra=dict(self.extra),
-            )
-        except ConfigError:
-            return None
+        return self.train
+
+
+def _pinned(config: TrainConfig) -> TrainConfig:
+    """``config`` with only what a request pins (no seed, no trainable list)."""
+    values = {k: getattr(config, k) for k in _UNTRAINED if k != "extra"}
+    return TrainConfig(**values, extra=dict(sorted(config.extra.items())))
 
 
 def request_id(digest: str, terms: Terms) -> str:
     """A request's id: the plan's hash and its terms, hashed together."""
-    canonical = json.dumps({"hash": digest, "terms": asdict(terms)}, sort_keys=True)
+    canonical = json.dumps({"hash": digest, "terms": terms.to_json()}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -314,7 +314,7 @@ class RequestQueue:
                 "requested_at": time.time(),
                 "round": task.round,
                 "coordinator": coordinator,
-                "terms": asdict(terms),
+                "terms": terms.to_json(),
             },
         )
         record = self.get(rid)
