@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_the_gate_refuses_a_hostile_coordinators_queries(tmp_path: Path) -> None
     responder = _silo(tmp_path, 0, np.linspace(20, 80, 30), budget=5.0)
     gate = responder._gate
     assert gate is not None
-    assert gate.admit_query(_task(responder)).noise_multiplier > 1  # positive control
+    assert gate.admit_query(_task(responder)).charge.noise_multiplier > 1  # positive control
     attacks = [
         ({"threshold": 2}, "secure-aggregation.setup"),  # unmask a sum without every silo
         ({"silos": 2, "threshold": 2}, "secure-aggregation.setup"),  # a group below 3
@@ -245,7 +246,7 @@ async def test_after_the_budget_every_refusal_is_the_same_whatever_the_data(
         assert gate is not None
         first = await _verdict(responder, _range_task(responder, 0, 100, 0.5))
         assert first.startswith("accepted")  # positive control: within the budget
-        gate.release_query(gate.admit_query(_range_task(responder, 0, 100, 0.5)))  # spent
+        gate.release_query(gate.admit_query(_range_task(responder, 0, 100, 0.5)).charge)  # spent
         for threshold in (10, 30, 50, 54, 56, 70):
             for epsilon in (0.5, 2.0):
                 task = _range_task(responder, threshold, threshold + 2, epsilon)
@@ -313,3 +314,30 @@ async def test_an_inflated_silo_count_does_not_thin_the_noise(tmp_path: Path) ->
     capped = _silo(tmp_path / "c", 0, ages, budget=5.0, analytics="max-silos = 10\n")
     assert (await _verdict(capped, _task(capped, silos=10))).startswith("accepted")
     assert "[analytics.max-silos]" in await _verdict(capped, _task(capped, silos=50))
+
+
+def test_a_query_is_compiled_once_and_answered_from_that_compilation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27 (Tumult's split): the gate's check and the answer share one parse and plan;
+    the local sums are measured once, after admission."""
+    import fedcore.worker.analytics as worker_analytics
+
+    responder = _silo(tmp_path, 0, np.linspace(20, 80, 30), budget=5.0)
+    gate = responder._gate
+    assert gate is not None
+    calls = {"plan_layout": 0, "local_sums": 0}
+
+    def counted(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(worker_analytics, name, counted(name, getattr(worker_analytics, name)))
+    opened = responder._admit(_task(responder), gate)
+    assert calls == {"plan_layout": 1, "local_sums": 1}
+    assert opened.layout.query.text() == "mean(age)"
+    assert opened.scaled.shape == (2,)  # the count and the centred sum, measured

@@ -60,7 +60,13 @@ from fedcore.weights import Weights
 from .gate import Gate
 from .trainer import EvalOutput, FitOutput, Trainer, TrainingFailed
 
-__all__ = ["ANALYTICS_CAPABILITY", "EXACT_ENV", "QueryResponder", "TableOnlyTrainer"]
+__all__ = [
+    "ANALYTICS_CAPABILITY",
+    "EXACT_ENV",
+    "CompiledQuery",
+    "QueryResponder",
+    "TableOnlyTrainer",
+]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -70,6 +76,16 @@ EXACT_ENV = "FEDCORE_ANALYTICS_EXACT_FOR_TESTS"
 _MAX_OPEN = 4
 
 Send = Callable[[pb.WorkerMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    """A query as the gate's check admitted it: parsed and laid out against the public
+    schema once, its secure round's setup checked, and its charge. The answer runs from it."""
+
+    layout: Layout
+    setup: RoundSetup
+    charge: Charge
 
 
 @dataclass
@@ -183,8 +199,9 @@ class QueryResponder:
             )
         return setup
 
-    def check(self, task: pb.QueryTask, policy: Policy) -> Charge:
-        """Everything about ``task`` but the budget (the gate checks that next)."""
+    def check(self, task: pb.QueryTask, policy: Policy) -> CompiledQuery:
+        """Everything about ``task`` but the budget (the gate checks that next), compiled once:
+        the answer uses this very layout and setup."""
         layout = self._layout(task)
         rules = check_query(
             policy.analytics,
@@ -197,19 +214,21 @@ class QueryResponder:
             raise TaskRefused(
                 "analytics.size", f"the query releases {layout.words} sums, at most {MAX_WORDS}"
             )
-        self._check_setup(task, policy)
+        setup = self._check_setup(task, policy)
         budget = policy.budget
         assert budget is not None  # the policy parser requires one with [analytics]
         z = noise_multiplier_for(task.epsilon, task.delta)
         check_cost(rules, epsilon=epsilon_for(z, budget.delta), ledger_delta=budget.delta)
-        return charge_for(z, f"query {task.query_id}: {layout.query.text()}")
+        charge = charge_for(z, f"query {task.query_id}: {layout.query.text()}")
+        return CompiledQuery(layout, setup, charge)
 
     def _admit(self, task: pb.QueryTask, gate: Gate) -> _Open:
-        """Run in a thread: the gate's verdict, then the exact scaled sums."""
-        charge = gate.admit_query(task)
+        """Run in a thread: the gate's verdict, then the exact scaled sums of the query it
+        compiled (measured once admitted, never before)."""
+        compiled = gate.admit_query(task)
+        assert isinstance(compiled, CompiledQuery)  # the check this responder registered
         policy = gate.policy
-        setup = self._check_setup(task, policy)
-        layout = self._layout(task)
+        layout = compiled.layout
         sums = local_sums(layout, self.table)
         rules = ClientRules(
             min_group_size=policy.privacy.min_group_size,
@@ -221,9 +240,9 @@ class QueryResponder:
             task,
             layout,
             sums.values / layout.scale_vector(),
-            charge.noise_multiplier,
-            charge,
-            SecAggClient(setup, rules=rules),
+            compiled.charge.noise_multiplier,
+            compiled.charge,
+            SecAggClient(compiled.setup, rules=rules),
             policy.analytics.network.share_divisor(task.silos),
         )
 

@@ -22,7 +22,9 @@ are made. The checks, in order:
 
 Analytics queries (:mod:`fedcore.analytics`) carry no model: their check is registered with
 :meth:`Gate.register_query` (by :class:`~.analytics.QueryResponder`) and run by
-:meth:`Gate.admit_query`, which then checks the query's charge against the budget; the
+:meth:`Gate.admit_query`, which then checks the query's charge against the budget and returns
+what the check compiled (:class:`AdmittedQuery`: the answer runs from it, not from a second
+parse); the
 answer's charge is written to the same ledger as training by :meth:`Gate.release_query`.
 
 Results pass the gate again on the way out (:meth:`Gate.release_fit`,
@@ -44,6 +46,7 @@ import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -77,6 +80,7 @@ from .trainer import EvalOutput, FitOutput
 __all__ = [
     "PUBLIC_FIT_METRICS",
     "Admission",
+    "AdmittedQuery",
     "CheckedTask",
     "Gate",
     "QueryCheck",
@@ -141,8 +145,19 @@ class Admission:
 TaskCheck = Callable[[Admission], CheckedTask]
 
 
-#: An analytics query's check: the charge its answer would cost, or :class:`TaskRefused`.
-QueryCheck = Callable[[pb.QueryTask, Policy], Charge]
+class AdmittedQuery(Protocol):
+    """What a query's check compiled (its plan, say), which the answer then runs from: the
+    admission check and the answer use one compilation (Tumult's "compile once, then
+    measure"), never two computations that must agree."""
+
+    @property
+    def charge(self) -> Charge:
+        """What answering costs this silo's budget."""
+        ...
+
+
+#: An analytics query's check: the compiled query and its charge, or :class:`TaskRefused`.
+QueryCheck = Callable[[pb.QueryTask, Policy], AdmittedQuery]
 
 
 def _refuse(rule: str, reason: str) -> TaskRefused:
@@ -325,9 +340,10 @@ class Gate:
             raise ConfigError("analytics queries already have a check")
         self._query_check = check
 
-    def admit_query(self, task: pb.QueryTask) -> Charge:
+    def admit_query(self, task: pb.QueryTask) -> AdmittedQuery:
         """Check an analytics query before anything of it runs, then its charge against the
-        budget (reads the ledger: call it off the loop); returns the charge to release it.
+        budget (reads the ledger: call it off the loop); returns what the check compiled, with
+        the charge to release.
 
         Raises:
             TaskRefused: the rule the query breaks, and why.
@@ -336,7 +352,8 @@ class Gate:
             raise _refuse(
                 "analytics", "this worker answers no analytics queries (it serves no table)"
             )
-        charge = self._query_check(task, self.policy)
+        admitted = self._query_check(task, self.policy)
+        charge = admitted.charge
         budget = self.policy.budget
         if budget is None or self.guard is None or self.guard.ledger is None:
             raise _refuse(
@@ -351,7 +368,7 @@ class Gate:
             ) from None
         if after > budget.epsilon:
             raise _budget_refusal(self.policy)
-        return charge
+        return admitted
 
     def release_query(self, charge: Charge) -> None:
         """Write a query answer's charge to the ledger before the answer leaves.
