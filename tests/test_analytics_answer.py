@@ -133,3 +133,9 @@ async def test_one_silo_is_told_a_query_needs_at_least_two(tmp_path: Path) -> No
     pair = AnalyticsFrontend(settings, _Registry(["clinic-0", "clinic-1"]))  # type: ignore[arg-type]
     with pytest.raises(AssertionError, match="before any round"):
         await pair.query("count()", epsilon=1.0)
+
+
+def test_the_summary_shows_each_silos_budget_left() -> None:
+    spent = (SiloSpend("a", 0.5, 1e-6, 7.25, 1e-5), SiloSpend("b", 0.5, 1e-6))
+    answer = Answer("count()", "count", (Cell("", 12.0, 1.0),), spent, 3.2)
+    assert "budget left per silo: a ε=7.25 (δ=1e-05)" in answer.summary()

@@ -341,3 +341,24 @@ def test_a_query_is_compiled_once_and_answered_from_that_compilation(
     assert calls == {"plan_layout": 1, "local_sums": 1}
     assert opened.layout.query.text() == "mean(age)"
     assert opened.scaled.shape == (2,)  # the count and the centred sum, measured
+
+
+async def test_a_silo_tells_the_scientist_its_budget_left(tmp_path: Path) -> None:
+    """Issue 27, trap 4: the budget left (data-independent: it follows the releases asked)
+    travels in the silo's acceptance, to the answer."""
+    from fedcore.policy import PrivacyLedger, epsilon_of
+
+    responder = _silo(tmp_path, 0, np.linspace(20, 80, 30), budget=5.0)
+    sent: list[pb.WorkerMessage] = []
+
+    async def send(message: pb.WorkerMessage) -> None:
+        sent.append(message)
+
+    await responder.handle(pb.AnalyticsCoordinatorMessage(task=_task(responder)), send)
+    accept = sent[0].analytics.accept
+    assert accept.query_id == "q"  # positive control: admitted
+    charge = responder._open["q"].charge
+    ledger = PrivacyLedger(tmp_path / "ledger0.json", study="s")
+    expected = 5.0 - epsilon_of([*ledger.charges(), charge], delta=1e-5)
+    assert (accept.budget_left, accept.budget_delta) == (pytest.approx(expected), 1e-5)
+    assert 0 < accept.budget_left < 5.0

@@ -99,6 +99,7 @@ class _Open:
     charge: Charge
     client: SecAggClient
     divisor: int  # honest shares this silo relies on (its policy, capped by the silos)
+    budget_left: tuple[float, float]  # epsilon left once charged, at the budget's delta
 
 
 class TableOnlyTrainer(Trainer):
@@ -244,6 +245,7 @@ class QueryResponder:
             compiled.charge,
             SecAggClient(compiled.setup, rules=rules),
             policy.analytics.network.share_divisor(task.silos),
+            gate.budget_left(compiled.charge),
         )
 
     # ------------------------------------------------------------------ the stream
@@ -295,6 +297,8 @@ class QueryResponder:
             delta=task.delta,
             vector_words=masked_words(current.layout.words),
             exact_test_mode=self.exact,
+            budget_left=current.budget_left[0],
+            budget_delta=current.budget_left[1],
         )
         await send(self._message(accept=accept))
         keys = wire.keys_to_proto(task.query_id, current.client.advertise())

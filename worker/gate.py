@@ -370,6 +370,21 @@ class Gate:
             raise _budget_refusal(self.policy)
         return admitted
 
+    def budget_left(self, charge: Charge) -> tuple[float, float]:
+        """The silo's budget left if ``charge`` were spent, in epsilon, and the budget's
+        delta (what a data scientist may see: it depends on the releases asked, not on the
+        rows). Call after :meth:`admit_query`, off the loop (reads the ledger)."""
+        budget = self.policy.budget
+        if budget is None or self.guard is None or self.guard.ledger is None:
+            raise _refuse("budget", "analytics queries need a [budget] in the worker's policy")
+        try:
+            after = self.guard.ledger.epsilon_after([charge], delta=budget.delta)
+        except LedgerError as exc:
+            raise TaskRefused(
+                "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
+            ) from None
+        return max(budget.epsilon - after, 0.0), budget.delta
+
     def release_query(self, charge: Charge) -> None:
         """Write a query answer's charge to the ledger before the answer leaves.
 

@@ -42,11 +42,14 @@ class Cell:
 
 @dataclass(frozen=True)
 class SiloSpend:
-    """What a query cost one silo."""
+    """What a query cost one silo, and the silo's budget left after it (epsilon at the
+    budget's delta ``budget_delta``; nan from a silo that did not say)."""
 
     silo: str
     epsilon: float
     delta: float
+    budget_left: float = math.nan
+    budget_delta: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,13 @@ class Answer:
             )
         spent = ", ".join(f"{s.silo} ε={s.epsilon:.3g}" for s in self.spent)
         lines.append(f"privacy spent per silo (δ={self.spent[0].delta:g}): {spent}")
+        left = ", ".join(
+            f"{s.silo} ε={s.budget_left:.3g} (δ={s.budget_delta:g})"
+            for s in self.spent
+            if not math.isnan(s.budget_left)
+        )
+        if left:
+            lines.append(f"budget left per silo: {left}")
         lines.append(
             f"noise multiplier {self.noise_multiplier:.4g}; noise std "
             + ", ".join(f"{k} {v:.4g}" for k, v in self.noise_std.items())

@@ -61,7 +61,10 @@ def answer_from_proto(reply: pb.QueryReply) -> Answer:
             Cell(c.group, c.value, c.std_error, tuple(c.values), tuple(c.std_errors), c.count)
             for c in reply.cells
         ),
-        spent=tuple(SiloSpend(s.silo, s.epsilon, s.delta) for s in reply.spent),
+        spent=tuple(
+            SiloSpend(s.silo, s.epsilon, s.delta, s.budget_left, s.budget_delta)
+            for s in reply.spent
+        ),
         noise_multiplier=reply.noise_multiplier,
         noise_std=dict(zip(reply.noise_std_names, reply.noise_std, strict=True)),
         bins=tuple(reply.bins),

@@ -1469,6 +1469,8 @@ class QueryAccept(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     VECTOR_WORDS_FIELD_NUMBER: _builtins.int
     EXACT_TEST_MODE_FIELD_NUMBER: _builtins.int
+    BUDGET_LEFT_FIELD_NUMBER: _builtins.int
+    BUDGET_DELTA_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     noise_multiplier: _builtins.float
     """of the Gaussian mechanism on the sensitivity-scaled sums"""
@@ -1479,6 +1481,11 @@ class QueryAccept(_message.Message):
     """length of the masked vector it will send"""
     exact_test_mode: _builtins.bool
     """its operator turned the noise off (tests only)"""
+    budget_left: _builtins.float
+    """The silo's budget left once this query is charged, in epsilon at the budget's delta. It
+    depends on the releases asked of the silo (queries, rounds), never on its rows.
+    """
+    budget_delta: _builtins.float
     def __init__(
         self,
         *,
@@ -1488,10 +1495,12 @@ class QueryAccept(_message.Message):
         delta: _builtins.float = ...,
         vector_words: _builtins.int = ...,
         exact_test_mode: _builtins.bool = ...,
+        budget_left: _builtins.float = ...,
+        budget_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_delta", b"budget_delta", "budget_left", b"budget_left", "delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1755,19 +1764,26 @@ class SiloSpend(_message.Message):
     SILO_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    BUDGET_LEFT_FIELD_NUMBER: _builtins.int
+    BUDGET_DELTA_FIELD_NUMBER: _builtins.int
     silo: _builtins.str
     epsilon: _builtins.float
     delta: _builtins.float
+    budget_left: _builtins.float
+    """the silo's budget left after this query (QueryAccept)"""
+    budget_delta: _builtins.float
     def __init__(
         self,
         *,
         silo: _builtins.str = ...,
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
+        budget_left: _builtins.float = ...,
+        budget_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "silo", b"silo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_delta", b"budget_delta", "budget_left", b"budget_left", "delta", b"delta", "epsilon", b"epsilon", "silo", b"silo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

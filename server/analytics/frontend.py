@@ -165,7 +165,10 @@ def _answer(
         query=layout.query.text(),
         statistic=layout.query.statistic,
         cells=cells_from_totals(layout, totals, std),
-        spent=tuple(SiloSpend(name, a.epsilon, a.delta) for name, a in accepts.items()),
+        spent=tuple(
+            SiloSpend(name, a.epsilon, a.delta, a.budget_left, a.budget_delta)
+            for name, a in accepts.items()
+        ),
         noise_multiplier=z,
         noise_std=per_sum,
         bins=layout.edges if layout.query.statistic == "histogram" else (),

@@ -46,7 +46,16 @@ def answer_to_proto(answer: Answer) -> pb.QueryReply:
         ],
         bins=answer.bins,
         quantiles=answer.quantiles,
-        spent=[pb.SiloSpend(silo=s.silo, epsilon=s.epsilon, delta=s.delta) for s in answer.spent],
+        spent=[
+            pb.SiloSpend(
+                silo=s.silo,
+                epsilon=s.epsilon,
+                delta=s.delta,
+                budget_left=s.budget_left,
+                budget_delta=s.budget_delta,
+            )
+            for s in answer.spent
+        ],
         noise_multiplier=answer.noise_multiplier,
         noise_std=list(answer.noise_std.values()),
         noise_std_names=list(answer.noise_std),
