@@ -102,6 +102,11 @@ class _Open:
     budget_left: tuple[float, float]  # epsilon left once charged, at the budget's delta
 
 
+def _left(budget: tuple[float, float]) -> tuple[float, float]:
+    """The budget left once admitted (never below 0: a rounding of the same computation)."""
+    return max(budget[0], 0.0), budget[1]
+
+
 class TableOnlyTrainer(Trainer):
     """The trainer of a worker that serves a table for analytics: it trains nothing."""
 
@@ -245,7 +250,7 @@ class QueryResponder:
             compiled.charge,
             SecAggClient(compiled.setup, rules=rules),
             policy.analytics.network.share_divisor(task.silos),
-            gate.budget_left(compiled.charge),
+            _left(gate.budget_left(compiled.charge)),
         )
 
     # ------------------------------------------------------------------ the stream

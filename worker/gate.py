@@ -353,7 +353,14 @@ class Gate:
                 "analytics", "this worker answers no analytics queries (it serves no table)"
             )
         admitted = self._query_check(task, self.policy)
-        charge = admitted.charge
+        if self.budget_left(admitted.charge)[0] < 0:
+            raise _budget_refusal(self.policy)
+        return admitted
+
+    def budget_left(self, charge: Charge) -> tuple[float, float]:
+        """The silo's budget left if ``charge`` were spent (negative: it would overspend), in
+        epsilon, and the budget's delta: what a data scientist may see, as it depends on the
+        releases asked, not on the rows. Reads the ledger: call it off the loop."""
         budget = self.policy.budget
         if budget is None or self.guard is None or self.guard.ledger is None:
             raise _refuse(
@@ -366,24 +373,7 @@ class Gate:
             raise TaskRefused(
                 "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
             ) from None
-        if after > budget.epsilon:
-            raise _budget_refusal(self.policy)
-        return admitted
-
-    def budget_left(self, charge: Charge) -> tuple[float, float]:
-        """The silo's budget left if ``charge`` were spent, in epsilon, and the budget's
-        delta (what a data scientist may see: it depends on the releases asked, not on the
-        rows). Call after :meth:`admit_query`, off the loop (reads the ledger)."""
-        budget = self.policy.budget
-        if budget is None or self.guard is None or self.guard.ledger is None:
-            raise _refuse("budget", "analytics queries need a [budget] in the worker's policy")
-        try:
-            after = self.guard.ledger.epsilon_after([charge], delta=budget.delta)
-        except LedgerError as exc:
-            raise TaskRefused(
-                "budget", f"the silo's privacy ledger is unusable: {exc}", by="policy"
-            ) from None
-        return max(budget.epsilon - after, 0.0), budget.delta
+        return budget.epsilon - after, budget.delta
 
     def release_query(self, charge: Charge) -> None:
         """Write a query answer's charge to the ledger before the answer leaves.
