@@ -23,8 +23,9 @@ examples:
   fed-query --server 127.0.0.1:50051 --token-file alice.token "mean(bmi) where age > 60" --epsilon 0.5
   fed-query ... "histogram(age, bins=[20, 40, 60, 80]) group by sex" --epsilon 1 --json
 
-queries: count(), sum(c), mean(c), var(c), std(c), histogram(c, bins=N or [edges]),
-median(c), quantile(c, q), quantiles(c, [q1, q2]); then optionally
+queries: count(), sum(c), mean(c) (or avg), var(c), std(c), histogram(c, bins=N or
+[edges]; the end bins are open-ended), median(c), quantile(c, q), quantiles(c, [q1, q2]);
+then optionally
 "where c1 > 60 and c2 == \\"F\\"" and "group by CATEGORICAL". The token comes from
 --token-file or ${TOKEN_ENV} (fed-certs add-scientist).
 """
