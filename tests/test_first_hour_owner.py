@@ -87,6 +87,17 @@ def test_requests_take_policy_before_or_after_the_command(
     assert "no plan requests in" in capsys.readouterr().out
 
 
+def test_requests_find_the_policy_in_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert requests_main(["list"]) != 0  # positive control: no policy here yet
+    assert "run from the folder of the worker's policy.toml" in capsys.readouterr().err
+    _policy(tmp_path)
+    assert requests_main(["list"]) == 0
+    assert "no plan requests in" in capsys.readouterr().out
+
+
 def test_requests_refuse_policy_and_queue_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

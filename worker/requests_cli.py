@@ -20,7 +20,10 @@ from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanRejectedError
 from fedcore.plans.queue import queue_from
 
-__all__ = ["build_requests_parser", "requests_main"]
+__all__ = ["DEFAULT_POLICY", "build_requests_parser", "requests_main"]
+
+#: The policy used when neither --policy nor --queue is given, if the current folder has one.
+DEFAULT_POLICY = Path("policy.toml")
 
 
 def build_requests_parser() -> argparse.ArgumentParser:
@@ -87,6 +90,8 @@ def _run(argv: Sequence[str]) -> None:
     args = build_requests_parser().parse_args(argv)
     if args.policy is not None and args.queue is not None:
         raise ConfigError("give --policy or --queue, not both")
+    if args.policy is None and args.queue is None and DEFAULT_POLICY.is_file():
+        args.policy = DEFAULT_POLICY  # the data owner runs it beside the worker's policy
     queue = queue_from(args.policy, args.queue)
     if args.command == "list":
         records = queue.list()

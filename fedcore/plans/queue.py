@@ -436,7 +436,10 @@ def queue_from(policy: Path | None, queue: Path | None) -> RequestQueue:
     if queue is not None:
         return RequestQueue(queue)
     if policy is None:
-        raise ConfigError("give --policy POLICY.toml (its [plans] requests) or --queue DIR")
+        raise ConfigError(
+            "give --policy POLICY.toml (its [plans] requests) or --queue DIR (the worker's log "
+            "names it), or run from the folder of the worker's policy.toml"
+        )
     rules = load_policy(policy).plans
     assert rules.requests is not None  # the parser always sets it
     return RequestQueue(rules.requests, caps_of(rules))
