@@ -23,11 +23,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
 import tracemalloc
-import functools
 from collections.abc import Callable
 
 import numpy as np

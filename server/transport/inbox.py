@@ -2,10 +2,15 @@
 
 Anything that breaks the protocol raises :class:`~fedcore.errors.ProtocolError`; the stream
 is then ended with a clear status and nothing the worker sent in that upload is aggregated.
-Payloads are staged in an *upload slot* (a semaphore): at most ``upload_slots`` updates are
-held in memory besides the running sum, whatever the number of workers. A slot is lost by an
-upload that stalls or trickles (see :meth:`Inbox.too_slow`), and given back the moment the
-upload's round ends (its ticket resolves): the rest of a late upload is read and dropped.
+
+When the round's strategy streams (``UpdateAccess.STREAM``), each chunk is checked and folded
+into the aggregate the moment it arrives (:mod:`.upload_stream`): any number of uploads
+proceed at once, no slot is taken, and an upload cut off or found bad part-way is taken back
+out exactly. Otherwise payloads are staged whole in an *upload slot* (a semaphore): at most
+``upload_slots`` updates are held in memory besides the running sum, whatever the number of
+workers. A slot is lost by an upload that stalls or trickles (see :meth:`Inbox.too_slow`),
+and given back the moment the upload's round ends (its ticket resolves): the rest of a late
+upload is read and dropped (a late streamed upload likewise, once taken back out).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
-from ..state.registry import Ticket, WorkerSession
+from ..state.registry import Ticket, UploadSink, WorkerSession
 from .untrusted import bound_claimed_examples, clean_metrics
 
 __all__ = ["AnalyticsRoute", "Inbox", "SecAggRoute"]
@@ -41,9 +46,10 @@ class _Upload:
 
     ticket: Ticket
     result: pb.TaskResult
-    assembler: PayloadAssembler | None  # None: discard the chunks
+    assembler: PayloadAssembler | None  # None (and no sink): discard the chunks
     remaining: int
     next_index: int = 0
+    sink: UploadSink | None = None  # streamed: folded chunk by chunk, never staged
 
 
 class Inbox:
@@ -72,6 +78,8 @@ class Inbox:
         self._last_progress = 0.0
         self._slot_since = 0.0
         self._slot_bytes = 0
+        # Take-backs of streamed uploads under way (kept so they are not collected early).
+        self._aborts: set[asyncio.Task[None]] = set()
 
     def stalled_for(self) -> float:
         """Seconds since the upload holding a slot last made progress (0 when none is held).
@@ -187,6 +195,15 @@ class Inbox:
             except ModelMismatchError as exc:
                 # Found by fuzzing: it is not a ProtocolError, so it ended the stream silently.
                 raise PayloadError(str(exc)) from None
+            sink = None
+            if collector is not None:
+                sink = collector.open_stream(ticket, result, assembler.signature)
+            if sink is not None:
+                self._upload = _Upload(ticket, result, None, sink.expected_chunks, sink=sink)
+                ticket.future.add_done_callback(lambda _: self._round_ended(ticket))
+                if self._upload.remaining == 0:
+                    await self._finish_upload()
+                return
             await self._slots.acquire()
             self._holding_slot = True
             self._last_progress = self._slot_since = time.monotonic()
@@ -205,7 +222,16 @@ class Inbox:
         upload = self._upload
         if upload is None:
             raise ProtocolError("a payload chunk arrived outside of an upload")
-        if upload.assembler is not None:
+        if upload.sink is not None:
+            try:
+                # numpy releases the GIL: the event loop serves other streams meanwhile.
+                await asyncio.to_thread(upload.sink.add, chunk)
+            except PayloadError as exc:
+                await self._take_back(upload)
+                if upload.ticket.collector is not None:
+                    upload.ticket.collector.fail(upload.ticket, str(exc))
+                raise
+        elif upload.assembler is not None:
             upload.assembler.add(chunk)
         elif chunk.index != upload.next_index:
             raise PayloadError(f"chunk {chunk.index} arrived, expected {upload.next_index}")
@@ -214,11 +240,26 @@ class Inbox:
         if upload.remaining == 0:
             await self._finish_upload()
 
+    async def _take_back(self, upload: _Upload) -> None:
+        """Take a streamed upload's folded part back out of the aggregate; later chunks are
+        read and dropped."""
+        sink, upload.sink = upload.sink, None
+        if sink is not None:
+            await asyncio.to_thread(sink.abort)
+
     def _round_ended(self, ticket: Ticket) -> None:
-        """``ticket`` resolved while its upload may still be under way: if so, drop what was
-        assembled, read the rest without keeping it, and free the slot for another upload."""
+        """``ticket`` resolved while its upload may still be under way (the round ended, the
+        worker left or broke the protocol): if so, drop what was assembled (take a streamed
+        upload back out), read the rest without keeping it, and free the slot."""
         upload = self._upload
-        if upload is None or upload.ticket is not ticket or upload.assembler is None:
+        if upload is None or upload.ticket is not ticket:
+            return
+        if upload.sink is not None:
+            task = asyncio.get_running_loop().create_task(self._take_back(upload))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+            return
+        if upload.assembler is None:
             return
         upload.assembler = None
         self.release()
@@ -234,6 +275,9 @@ class Inbox:
         try:
             self.session.finish_ticket()
             collector = upload.ticket.collector
+            if upload.sink is not None and collector is not None:
+                await collector.finish_stream(upload.ticket, upload.result, upload.sink)
+                return
             if upload.assembler is None or collector is None:
                 return
             # Validation (finiteness) runs off the event loop; numpy releases the GIL.
