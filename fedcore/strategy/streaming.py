@@ -53,7 +53,8 @@ class UpdateStream:
         self.weight = float(weight)
         with total.lock:
             total.reserve(self.weight)
-        self._journal: BinaryIO | None = tempfile.TemporaryFile(dir=journal_dir)  # noqa: SIM115
+        self._journal_dir = journal_dir
+        self._journal: BinaryIO | None = None  # opened at the first piece
         self._pieces: list[tuple[str, int, np.dtype[np.generic], int]] = []
         self.state = "open"
 
@@ -63,8 +64,10 @@ class UpdateStream:
         folded, and the caller aborts the stream."""
         flat = np.ascontiguousarray(values).reshape(-1)
         with self._sum.lock:
-            if self.state != "open" or self._journal is None:
+            if self.state != "open":
                 return False
+            if self._journal is None:
+                self._journal = tempfile.TemporaryFile(dir=self._journal_dir)  # noqa: SIM115
             self._sum.fold(name, start, flat, self.weight, +1)
             try:
                 self._journal.write(flat.data)
@@ -86,13 +89,14 @@ class UpdateStream:
     def abort(self) -> None:
         """Take back, exactly, every piece folded so far."""
         with self._sum.lock:
-            if self.state != "open" or self._journal is None:
+            if self.state != "open":
                 return
-            journal = self._journal
-            journal.seek(0)
-            for name, start, dtype, size in self._pieces:
-                values = np.frombuffer(journal.read(size * dtype.itemsize), dtype=dtype)
-                self._sum.fold(name, start, values, self.weight, -1)
+            if self._journal is not None:
+                journal = self._journal
+                journal.seek(0)
+                for name, start, dtype, size in self._pieces:
+                    values = np.frombuffer(journal.read(size * dtype.itemsize), dtype=dtype)
+                    self._sum.fold(name, start, values, self.weight, -1)
             self._sum.release(self.weight)
             self.state = "aborted"
             self._close_journal()
