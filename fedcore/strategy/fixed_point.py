@@ -71,7 +71,9 @@ class FixedPointSum:
         self._exponents: dict[str, int] = {}
         self._caps: dict[str, float] = {}
         self._reserved = 0.0
-        self._digits: Int64Array = np.empty(_BLOCK, dtype=np.int64)
+        # Conversion scratch, grown to the largest tensor up to one block (a small model's
+        # sum stays small).
+        self._digits: Int64Array = np.empty(0, dtype=np.int64)
         self.lock = threading.Lock()
 
     @property
@@ -92,6 +94,8 @@ class FixedPointSum:
             return
         size = math.prod(shape)
         self._acc[name] = np.zeros(size, dtype=np.int64)
+        if self._digits.size < min(size, _BLOCK):
+            self._digits = np.empty(min(size, _BLOCK), dtype=np.int64)
         self._shapes[name] = tuple(shape)
         room = SUM_BITS - self._budget_bits
         cap_bits = FLOAT_CAP_BITS if dtype.kind == "f" else room

@@ -104,6 +104,11 @@ class Inbox:
         rate = self._slot_bytes / held
         return rate if rate < min_rate else None
 
+    async def drain(self) -> None:
+        """Wait for the take-backs of streamed uploads still under way."""
+        if self._aborts:
+            await asyncio.gather(*self._aborts)
+
     def release(self) -> None:
         """Give back the upload slot (stream ended or upload done)."""
         if self._holding_slot:
