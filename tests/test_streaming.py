@@ -73,6 +73,16 @@ def _streamed(
     )
 
 
+def _add_all(upload: StreamedUpload, chunks: list[pb.PayloadChunk]) -> None:
+    for chunk in chunks:
+        upload.add(chunk)
+
+
+async def _send_all(inbox: Inbox, chunks: list[pb.PayloadChunk]) -> None:
+    for chunk in chunks:
+        await inbox.on_chunk(chunk)
+
+
 def _stream_all(aggregator: StreamingAggregator, updates: list[tuple[Weights, int]]) -> None:
     for update, n in updates:
         upload = _streamed(aggregator, update, n)
@@ -183,9 +193,8 @@ def test_a_bad_chunk_is_refused_and_the_folded_part_taken_back(poison: float) ->
         aggregator.expect(BUDGET + 50)
         _stream_all(aggregator, UPDATES)
         upload = _streamed(aggregator, bad, 50)
-        with pytest.raises(PayloadError, match="not finite|beyond the exact"):
-            for chunk in _chunks(bad):
-                upload.add(chunk)
+        with pytest.raises(PayloadError, match=r"not finite|beyond the exact"):
+            _add_all(upload, _chunks(bad))
         upload.abort()
         assert _bytes(aggregator.result()) == expected
     # Positive control: the same harness takes the clean update.
@@ -301,7 +310,7 @@ async def _cut_in_inbox(cut: int) -> tuple[FitCollector, int]:
                 _chunks(update),
             )
         )
-    session, ticket = _session("cut", collector, "tc")
+    session, _ = _session("cut", collector, "tc")
     cut_inbox = Inbox(
         session,
         signature=SIGNATURE,
@@ -347,8 +356,7 @@ def test_a_poisoned_chunk_through_the_inbox_fails_only_that_worker() -> None:
         bad["fc"][4] = np.nan
         await inbox.handle(_result("tb", bad, 10))
         with pytest.raises(ProtocolError, match="not finite"):
-            for chunk in _chunks(bad):
-                await inbox.on_chunk(chunk)
+            await _send_all(inbox, _chunks(bad))
         return collector, ticket
 
     collector, ticket = asyncio.run(play())
