@@ -75,6 +75,9 @@ class Inbox:
         self._slots = upload_slots
         self._upload: _Upload | None = None
         self._holding_slot = False
+        # An upload the watchdog watches: one holding a slot, or a streamed one (which would
+        # hold its round open instead of a slot).
+        self._watched = False
         self._last_progress = 0.0
         self._slot_since = 0.0
         self._slot_bytes = 0
@@ -82,21 +85,22 @@ class Inbox:
         self._aborts: set[asyncio.Task[None]] = set()
 
     def stalled_for(self) -> float:
-        """Seconds since the upload holding a slot last made progress (0 when none is held).
+        """Seconds since the upload under way last made progress (0 when none is).
 
         A stream that holds a slot and stops sending (a half-dead connection, or a hostile
-        worker) would block every other upload; the session's watchdog drops it.
+        worker) would block every other upload, and a streamed one would hold its round open
+        until the round timeout; the session's watchdog drops it.
         """
-        return time.monotonic() - self._last_progress if self._holding_slot else 0.0
+        return time.monotonic() - self._last_progress if self._watched else 0.0
 
     def too_slow(self, min_rate: float, grace: float) -> float | None:
-        """The average rate (bytes/s) of the upload holding a slot, when it has held the slot
-        for more than ``grace`` seconds below ``min_rate``; None otherwise.
+        """The average rate (bytes/s) of the upload under way, when it has run for more than
+        ``grace`` seconds below ``min_rate``; None otherwise.
 
         A trickle of one small chunk just inside the idle timeout never looks idle, yet holds
         the slot for the whole round: the watchdog drops such an upload too.
         """
-        if not self._holding_slot or min_rate <= 0:
+        if not self._watched or min_rate <= 0:
             return None
         held = time.monotonic() - self._slot_since
         if held <= grace:
@@ -111,9 +115,15 @@ class Inbox:
 
     def release(self) -> None:
         """Give back the upload slot (stream ended or upload done)."""
+        self._watched = False
         if self._holding_slot:
             self._holding_slot = False
             self._slots.release()
+
+    def _watch_from_now(self) -> None:
+        self._watched = True
+        self._last_progress = self._slot_since = time.monotonic()
+        self._slot_bytes = 0
 
     async def handle(self, message: pb.WorkerMessage) -> None:
         kind = message.WhichOneof("body")
@@ -204,6 +214,7 @@ class Inbox:
             if collector is not None:
                 sink = collector.open_stream(ticket, result, assembler.signature)
             if sink is not None:
+                self._watch_from_now()
                 self._upload = _Upload(ticket, result, None, sink.expected_chunks, sink=sink)
                 ticket.future.add_done_callback(lambda _: self._round_ended(ticket))
                 if self._upload.remaining == 0:
@@ -211,8 +222,7 @@ class Inbox:
                 return
             await self._slots.acquire()
             self._holding_slot = True
-            self._last_progress = self._slot_since = time.monotonic()
-            self._slot_bytes = 0
+            self._watch_from_now()
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
             # The round may end (timeout, enough results) while this upload is under way:
             # give the slot back at once rather than when the last chunk trickles in.
@@ -249,6 +259,7 @@ class Inbox:
         """Take a streamed upload's folded part back out of the aggregate; later chunks are
         read and dropped."""
         sink, upload.sink = upload.sink, None
+        self._watched = False  # the rest is read and dropped: it holds nothing up
         if sink is not None:
             await asyncio.to_thread(sink.abort)
 
