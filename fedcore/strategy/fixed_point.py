@@ -207,12 +207,10 @@ class FixedPointSum:
         # max and min propagate NaN.
         extreme = max(abs(float(np.max(flat))), abs(float(np.min(flat))))
         if not math.isfinite(extreme):
-            raise PayloadError(
-                f"update tensor {name!r} holds a value that is not finite; the update is refused"
-            )
+            raise PayloadError(f"tensor {name!r} contains NaN or Inf; the update is refused")
         if extreme >= cap:
             raise PayloadError(
-                f"update tensor {name!r} holds {extreme:.3g}, beyond the exact sum's range of "
+                f"tensor {name!r} holds {extreme:.3g}, beyond the exact sum's range of "
                 f"+-{cap:.3g} for its dtype; the update is refused"
             )
 

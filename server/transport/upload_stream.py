@@ -113,7 +113,10 @@ class StreamedUpload:
             # The whole-update path adds in place into the delta's dtype: the same rounding.
             values = np.add(values, base, dtype=dtype, casting="unsafe")
         # False: the round closed meanwhile and took the stream back; the rest goes nowhere.
-        self.stream.fold(name, start, values)
+        try:
+            self.stream.fold(name, start, values)
+        except PayloadError as exc:
+            raise PayloadError(f"{self._what}: {exc}") from None
         self._pos += values.size * dtype.itemsize
         if self._pos == self._tensors[self._next][3] and self._next + 1 < len(self._tensors):
             self._next += 1
