@@ -4,8 +4,11 @@ Folds N example-weighted float32 updates of a P-parameter model into
 
 * ``float32-running-sum``: fedcore's previous ``WeightedMeanAggregator`` (each update scaled
   in place and added to a float32 sum in arrival order; the result depends on that order);
-* ``exact-fixed-point``: today's ``WeightedMeanAggregator`` (each update converted once to
-  fixed point in three int64 limbs and added as integers; the same bytes in any order),
+* ``exact-two-limbs``: ``WeightedMeanAggregator`` without a weight budget (each update
+  converted once to fixed point in two int64 limbs, :class:`~fedcore.strategy.accumulate.ExactSum`);
+* ``exact-one-limb``: ``WeightedMeanAggregator`` with the round's weight budget, as the
+  coordinator runs it (one int64 per parameter, :mod:`fedcore.strategy.fixed_point`); both
+  exact ones give the same bytes in any order,
 
 in one run, and prints JSON: milliseconds per update, the final division, peak memory the
 aggregator allocated (tracemalloc, which numpy reports to), and whether two arrival orders
@@ -20,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -87,7 +91,8 @@ def bench(params: int, num_updates: int, repeats: int) -> dict[str, object]:
     row: dict[str, object] = {"params": params, "updates": num_updates}
     makers: dict[str, Callable[[], Aggregator]] = {
         "float32-running-sum": Float32RunningSum,
-        "exact-fixed-point": WeightedMeanAggregator,
+        "exact-two-limbs": WeightedMeanAggregator,
+        "exact-one-limb": functools.partial(WeightedMeanAggregator, weight_budget=sum(counts)),
     }
     for label, make in makers.items():
         best_add, best_finish, peak = float("inf"), float("inf"), 0
@@ -111,6 +116,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     args = p.parse_args()
     rows = [bench(n, args.updates, args.repeats) for n in args.params]
+    for row in rows:
+        base = row["float32-running-sum"]["ms_per_update"]  # type: ignore[index]
+        for label in ("exact-two-limbs", "exact-one-limb"):
+            cell = row[label]
+            cell["x_float32"] = round(cell["ms_per_update"] / base, 2)  # type: ignore[index]
     print(json.dumps({"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}, indent=2))
 
 

@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--upload-slots",
         type=int,
         default=1,
-        help="updates staged in memory at once besides the running sum (default: %(default)s)",
+        help="updates staged whole in memory at once besides the running sum (default: "
+        "%(default)s); uploads to a streaming strategy (the FedAvg family) take no slot: they "
+        "are folded into the sum chunk by chunk, all at once",
     )
     h = p.add_argument_group("limits against hostile workers (see docs/coordinator-hardening.md)")
     h.add_argument(

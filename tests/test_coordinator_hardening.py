@@ -37,6 +37,7 @@ from fedcore.server.state.checkpoint import load_checkpoint
 from fedcore.server.state.limits import GateLimits
 from fedcore.server.transport.admission import HandshakeGate, HandshakeRefused, peer_host
 from fedcore.server.transport.limits import grpc_limit_options
+from fedcore.strategy import FedAvg, UpdateAccess
 from fedcore.tls import ClientTLS, ServerTLS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
@@ -243,7 +244,12 @@ async def test_every_upload_slot_is_released_when_its_round_ends(
     coordinator_factory: Any, raw_clients: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker that takes the only upload slot and sends nothing, with the idle and rate
-    limits far away: the slot comes back when the round ends, so the retry succeeds."""
+    limits far away: the slot comes back when the round ends, so the retry succeeds. (With a
+    strategy that stages updates whole: a streaming one's uploads take no slot.)"""
+
+    class StagedFedAvg(FedAvg):
+        update_access = UpdateAccess.WHOLE
+
     caplog.set_level(logging.INFO, "fedcore.server")
     coordinator, task = await coordinator_factory(
         config(
@@ -254,7 +260,8 @@ async def test_every_upload_slot_is_released_when_its_round_ends(
             upload_idle_timeout=600,
             heartbeat_timeout=600,
             upload_min_rate=0,
-        )
+        ),
+        strategy=StagedFedAvg(),
     )
     holder = raw_clients(coordinator.port)
     await holder.hello("holder")

@@ -198,10 +198,14 @@ def _mutate(messages: list[pb.WorkerMessage], mutation: tuple[Any, ...]) -> None
             result.update_kind = args[0]  # type: ignore[assignment]
 
 
-async def _play(messages: list[pb.WorkerMessage], stale: bool) -> tuple[Exception | None, Any]:
+async def _play(
+    messages: list[pb.WorkerMessage], stale: bool, streaming: bool = False
+) -> tuple[Exception | None, Any]:
     session = WorkerSession("w1", pb.Hello(name="fuzz"), "test")
     session.transition(SessionState.IDLE)
-    collector = FitCollector(1, WeightedMeanAggregator(), GLOBAL)
+    # Streaming: chunks are folded into the aggregate as they arrive (and taken back out).
+    budget = 1.0 if streaming else None
+    collector = FitCollector(1, WeightedMeanAggregator(), GLOBAL, weight_budget=budget)
     ticket = Ticket(TASK, 1, pb.TASK_KIND_FIT, session, collector=collector, stale=stale)
     collector.tickets.append(ticket)
     session.assign(ticket)
@@ -222,6 +226,7 @@ async def _play(messages: list[pb.WorkerMessage], stale: bool) -> tuple[Exceptio
     finally:
         inbox.release()
         session.close("fuzz case over")
+        await inbox.drain()
     assert not slots.locked(), "an upload slot leaked"
     return error, collector
 
@@ -237,8 +242,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def test_the_honest_upload_is_accepted(loop: asyncio.AbstractEventLoop) -> None:
-    error, collector = loop.run_until_complete(_play(_honest(), stale=False))
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_honest_upload_is_accepted(loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
+    error, collector = loop.run_until_complete(_play(_honest(), stale=False, streaming=streaming))
     assert error is None
     assert collector.aggregator.count == 1
     for name, value in collector.aggregator.result().items():
@@ -252,9 +258,13 @@ def test_the_honest_upload_is_accepted(loop: asyncio.AbstractEventLoop) -> None:
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(mutations=st.lists(_mutation, min_size=1, max_size=5), stale=st.booleans())
+@given(
+    mutations=st.lists(_mutation, min_size=1, max_size=5),
+    stale=st.booleans(),
+    streaming=st.booleans(),
+)
 def test_mutated_uploads_are_refused_or_valid_never_a_crash(
-    loop: asyncio.AbstractEventLoop, mutations: list[tuple[Any, ...]], stale: bool
+    loop: asyncio.AbstractEventLoop, mutations: list[tuple[Any, ...]], stale: bool, streaming: bool
 ) -> None:
     messages = _honest()
     if any(m[0] == "task_id" and m[1] == OLD_TASK for m in mutations):
@@ -263,7 +273,7 @@ def test_mutated_uploads_are_refused_or_valid_never_a_crash(
         _mutate(messages, mutation)
     tracemalloc.start()  # traced during the play only: hypothesis' own work stays fast
     try:
-        error, collector = loop.run_until_complete(_play(messages, stale))
+        error, collector = loop.run_until_complete(_play(messages, stale, streaming))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

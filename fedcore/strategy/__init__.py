@@ -28,6 +28,7 @@ from .base import (
     FitResult,
     Strategy,
     StrategyState,
+    StreamingAggregator,
     UpdateAggregator,
     WeightedMeanAggregator,
     WorkerInfo,
@@ -47,6 +48,7 @@ from .registry import (
 )
 from .robust import BufferingAggregator, CoordinateMedian, Krum, MultiKrum, TrimmedMean
 from .sampling import ClientSampler
+from .streaming import UpdateAccess, UpdateStream
 
 __all__ = [
     "BUILTIN_STRATEGIES",
@@ -72,8 +74,11 @@ __all__ = [
     "StalenessWeightedAggregator",
     "Strategy",
     "StrategyState",
+    "StreamingAggregator",
     "TrimmedMean",
+    "UpdateAccess",
     "UpdateAggregator",
+    "UpdateStream",
     "WeightedMeanAggregator",
     "WorkerInfo",
     "check_round_size",

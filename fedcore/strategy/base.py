@@ -39,7 +39,9 @@ from fedcore.plan import TrainConfig
 from fedcore.weights import Weights
 
 from .accumulate import ExactSum
+from .fixed_point import FixedPointSum
 from .sampling import ClientSampler
+from .streaming import UpdateAccess, UpdateStream
 
 __all__ = [
     "AsyncSettings",
@@ -49,6 +51,7 @@ __all__ = [
     "FitResult",
     "Strategy",
     "StrategyState",
+    "StreamingAggregator",
     "UpdateAggregator",
     "WeightedMeanAggregator",
     "WorkerInfo",
@@ -143,36 +146,116 @@ class UpdateAggregator(ABC):
         """The combined weights. Call once, after the last ``add``."""
 
 
-class WeightedMeanAggregator(UpdateAggregator):
+#: A streamed update's tensors: name -> (shape, dtype), in payload order.
+Layout = dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]]
+
+
+class StreamingAggregator(UpdateAggregator):
+    """An aggregator that also takes updates piece by piece (:mod:`.streaming`): what a
+    strategy declaring ``update_access = UpdateAccess.STREAM`` returns from
+    ``start_aggregation``. The coordinator calls :meth:`expect` once, then for each upload
+    :meth:`open`, ``stream.fold(...)`` per checked piece, and :meth:`commit` or
+    ``stream.abort()``; :meth:`result` counts committed streams (and whole ``add``-ed
+    updates) only."""
+
+    @abstractmethod
+    def expect(self, total_weight: float) -> None:
+        """The most weight the round's updates may carry together (the example counts the
+        round's workers announced, which bound what they may claim); called once, before
+        any update."""
+
+    @abstractmethod
+    def open(self, layout: Layout, num_examples: int) -> UpdateStream:
+        """A stream for one update of ``layout`` weighing ``num_examples``."""
+
+    @abstractmethod
+    def commit(self, stream: UpdateStream, num_examples: int) -> bool:
+        """Count a fully folded stream as one update; False when it was aborted first (the
+        round closed meanwhile)."""
+
+
+class WeightedMeanAggregator(StreamingAggregator):
     """Weighted mean of updates (weights = example counts), independent of arrival order.
 
-    Each update is folded into an exact fixed-point sum (:class:`~.accumulate.ExactSum`) and
-    the mean is rounded to each tensor's dtype once, at the end: the same updates give the
-    same bytes whatever order they arrive in. Memory: 24 bytes per parameter, whatever the
-    number of updates. Integer tensors (such as BatchNorm's batch counters) are rounded back.
+    With a weight budget (:meth:`expect`, or ``weight_budget=``) updates go into a one-limb
+    exact sum (:class:`~.fixed_point.FixedPointSum`) and may stream in piece by piece;
+    without one, into the two-limb :class:`~.accumulate.ExactSum`, which needs no budget but
+    costs several times more per update. Either way the same updates give the same bytes
+    whatever order they arrive in, and the mean is rounded to each tensor's dtype once, at
+    the end. Memory: 8 (budgeted) or 16 bytes per parameter, whatever the number of updates.
+    Integer tensors (such as BatchNorm's batch counters) are rounded back.
     """
 
-    def __init__(self) -> None:
-        self._sum = ExactSum()
+    def __init__(
+        self, weight_budget: float | None = None, *, journal_dir: str | None = None
+    ) -> None:
+        self._fixed = FixedPointSum(weight_budget) if weight_budget is not None else None
+        self._exact: ExactSum | None = None
+        self._journal_dir = journal_dir
+        self._open: set[UpdateStream] = set()
         self._dtypes: dict[str, np.dtype[np.generic]] = {}
         self._total_weight = 0
+        self._count = 0
 
     @property
     def count(self) -> int:
-        return self._sum.count
+        return self._count
+
+    def expect(self, total_weight: float) -> None:
+        if self._count or self._open or self._exact is not None:
+            raise ValueError("the weight budget must be declared before the first update")
+        self._fixed = FixedPointSum(max(float(total_weight), 1.0))
 
     def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
         if num_examples <= 0:
             raise ValueError("an update must carry a positive example count")
-        self._sum.add(update, num_examples)
+        if self._fixed is not None:
+            with self._fixed.lock:
+                self._fixed.add(update, num_examples)
+        else:
+            if self._exact is None:
+                self._exact = ExactSum()
+            self._exact.add(update, num_examples)
+        self._counted(num_examples, {name: a.dtype for name, a in update.items()})
+
+    def open(self, layout: Layout, num_examples: int) -> UpdateStream:
+        if self._fixed is None:
+            raise ValueError("a streamed update needs the round's weight budget (expect)")
+        if num_examples <= 0:
+            raise ValueError("an update must carry a positive example count")
+        for name, (shape, dtype) in layout.items():
+            self._fixed.declare(name, shape, dtype)
+        stream = UpdateStream(self._fixed, num_examples, journal_dir=self._journal_dir)
+        self._open.add(stream)
         if not self._dtypes:
-            self._dtypes = {name: array.dtype for name, array in update.items()}
+            self._dtypes = {name: dtype for name, (_, dtype) in layout.items()}
+        return stream
+
+    def commit(self, stream: UpdateStream, num_examples: int) -> bool:
+        self._open.discard(stream)
+        if not stream.commit():
+            return False
+        self._counted(num_examples, {})
+        return True
+
+    def _counted(self, num_examples: int, dtypes: dict[str, np.dtype[np.generic]]) -> None:
+        if not self._dtypes:
+            self._dtypes = dtypes
         self._total_weight += int(num_examples)
+        self._count += 1
 
     def result(self) -> Weights:
-        if self.count == 0:
+        # A stream still open did not complete in time: it never counted, so it leaves.
+        for stream in self._open:
+            stream.abort()
+        self._open.clear()
+        if self._count == 0:
             raise ValueError("no updates to aggregate")
-        return self._sum.total(self._total_weight, self._dtypes)
+        if self._fixed is not None:
+            with self._fixed.lock:
+                return self._fixed.total(self._total_weight, self._dtypes)
+        assert self._exact is not None
+        return self._exact.total(self._total_weight, self._dtypes)
 
 
 def weighted_metrics(results: Sequence[FitResult | EvaluateResult]) -> dict[str, float]:
@@ -220,6 +303,12 @@ class Strategy(ABC):
     #: Strategies that must see individual updates (robust rules) set this to True; they
     #: cannot be combined with secure aggregation.
     needs_individual_updates: ClassVar[bool] = False
+
+    #: How aggregation takes the round's updates: ``STREAM`` (piece by piece as chunks
+    #: arrive, O(model) memory; ``start_aggregation`` then returns a
+    #: :class:`StreamingAggregator`) or ``WHOLE`` (each update staged whole; the default,
+    #: right for any aggregator). See docs/strategies.md for each built-in's memory.
+    update_access: ClassVar[UpdateAccess] = UpdateAccess.WHOLE
 
     #: Which workers train each round (default: all). Replace it on an instance, e.g.
     #: ``strategy.sampler = ClientSampler(fraction=0.5, min_workers=2, seed=1)``.

@@ -10,6 +10,7 @@ from fedcore.plan import PROXIMAL_MU, TrainConfig
 from fedcore.weights import Weights
 
 from .base import FitInstruction, Strategy, UpdateAggregator, WeightedMeanAggregator, WorkerInfo
+from .streaming import UpdateAccess
 
 __all__ = ["PROXIMAL_MU", "FedAvg", "FedProx"]
 
@@ -17,6 +18,8 @@ __all__ = ["PROXIMAL_MU", "FedAvg", "FedProx"]
 class FedAvg(Strategy):
     """Federated Averaging (McMahan et al., AISTATS 2017): the example-weighted mean of the
     workers' weights becomes the new global model."""
+
+    update_access = UpdateAccess.STREAM
 
     def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:
         return WeightedMeanAggregator()
@@ -29,6 +32,8 @@ class FedProx(Strategy):
     ``mu`` travels in the plan (``TrainConfig.extra["proximal_mu"]``); the default training
     loop (:func:`fedcore.training.train`) adds the proximal term.
     """
+
+    update_access = UpdateAccess.STREAM
 
     def __init__(self, *, mu: float = 0.01) -> None:
         if mu < 0:

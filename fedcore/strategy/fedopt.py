@@ -24,6 +24,7 @@ from .base import (
     UpdateAggregator,
     WeightedMeanAggregator,
 )
+from .streaming import UpdateAccess
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer"]
 
@@ -116,6 +117,7 @@ class _ServerOptStrategy(Strategy):
     """Plumbing shared by the four strategies below: weighted mean, then one server step."""
 
     optimizer: ServerOptimizer
+    update_access = UpdateAccess.STREAM
 
     def start_aggregation(self, round_number: int, global_weights: Weights) -> UpdateAggregator:
         return WeightedMeanAggregator()

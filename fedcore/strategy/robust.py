@@ -4,8 +4,11 @@ Coordinate-wise median and trimmed mean (Yin et al., "Byzantine-Robust Distribut
 Towards Optimal Statistical Rates", ICML 2018); Krum and Multi-Krum (Blanchard et al.,
 "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017).
 
-These rules must see every update, so their aggregator *buffers all of a round's updates*:
-coordinator memory is O(workers x model size), unlike the streaming FedAvg family. They
+These rules must see every update, so they declare ``update_access = UpdateAccess.WHOLE`` and
+their aggregator *buffers all of a round's updates*: coordinator memory is O(workers x model
+size) (each upload is staged whole in an upload slot, then kept), unlike the streaming FedAvg
+family. The coordinate-wise rules could run chunk range by chunk range across workers
+(O(workers x chunk)); that needs every upload in lockstep and is not built. They
 declare ``needs_individual_updates`` and cannot run with secure aggregation. Example counts
 are ignored: a worker's weight in the result cannot be bought by claiming more examples.
 """

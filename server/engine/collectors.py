@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcore.compression import compressed_signature, decompress
-from fedcore.errors import PayloadError, ProtocolError
-from fedcore.strategy import EvaluateResult, Failure, FitResult, UpdateAggregator
+from fedcore.errors import ConfigError, PayloadError, ProtocolError
+from fedcore.strategy import (
+    EvaluateResult,
+    Failure,
+    FitResult,
+    StreamingAggregator,
+    UpdateAggregator,
+)
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, signature_of
 
-from ..state.registry import Ticket
+from ..state.registry import Ticket, UploadSink
+from ..transport.upload_stream import StreamedUpload, layout_of
 
 __all__ = ["EvaluateCollector", "FitCollector", "RoundCollector"]
 
@@ -53,6 +60,15 @@ class RoundCollector:
     async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
         """Take one validated result (called by the inbox)."""
         raise NotImplementedError
+
+    def open_stream(
+        self, ticket: Ticket, result: pb.TaskResult, signature: ModelSignature
+    ) -> UploadSink | None:
+        """Default: updates are staged whole."""
+        return None
+
+    async def finish_stream(self, ticket: Ticket, result: pb.TaskResult, sink: UploadSink) -> None:
+        raise ProtocolError("this round takes no streamed updates")
 
     def add(self, ticket: Ticket) -> None:
         """Track a ticket issued for this round."""
@@ -133,9 +149,21 @@ class FitCollector(RoundCollector):
         global_weights: Weights,
         *,
         compression: str = "none",
+        weight_budget: float | None = None,
     ) -> None:
         super().__init__(round_number)
         self.aggregator = aggregator
+        # Streaming aggregation: each chunk folded as it arrives, when the strategy streams
+        # (it declared UpdateAccess.STREAM) and chunks are full-precision values.
+        self._streaming: StreamingAggregator | None = None
+        if weight_budget is not None and compression == "none":
+            if not isinstance(aggregator, StreamingAggregator):
+                raise ConfigError(
+                    f"the strategy declares update_access STREAM but its aggregator "
+                    f"{type(aggregator).__name__} is no StreamingAggregator"
+                )
+            aggregator.expect(weight_budget)
+            self._streaming = aggregator
         self.global_weights = global_weights
         self.compression = compression
         # The global weights are what rounds train: without frozen parameters the whole model.
@@ -178,6 +206,38 @@ class FitCollector(RoundCollector):
                 # Out of the exact sum's range: the aggregate is untouched, the worker failed.
                 self.fail(ticket, str(exc))
                 raise
+            self.results.append(
+                FitResult(ticket.session.info, int(result.num_examples), dict(result.metrics))
+            )
+            ticket.resolve(True)
+
+    def open_stream(
+        self, ticket: Ticket, result: pb.TaskResult, signature: ModelSignature
+    ) -> UploadSink | None:
+        """Fold this update chunk by chunk into the aggregate (None: stage it whole)."""
+        if self._streaming is None:
+            return None
+        stream = self._streaming.open(layout_of(signature), int(result.num_examples))
+        delta = result.update_kind == pb.UPDATE_KIND_DELTA
+        return StreamedUpload(
+            signature,
+            total_bytes=result.update.total_bytes,
+            chunk_bytes=result.update.chunk_bytes,
+            stream=stream,
+            base=self.global_weights if delta else None,
+            what=f"update from worker {ticket.session.name!r}",
+        )
+
+    async def finish_stream(self, ticket: Ticket, result: pb.TaskResult, sink: UploadSink) -> None:
+        """Count a fully folded update, unless its round closed first (then take it back)."""
+        assert self._streaming is not None
+        assert isinstance(sink, StreamedUpload)
+        async with self.lock:
+            late = self.closed or ticket.stale or ticket.future.done()
+            if late or not self._streaming.commit(sink.stream, int(result.num_examples)):
+                log.info("discarding a late update from %r", ticket.session.name)
+                await asyncio.to_thread(sink.abort)
+                return
             self.results.append(
                 FitResult(ticket.session.info, int(result.num_examples), dict(result.metrics))
             )

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from fedcore.errors import ConfigError, PrivacyBudgetExhausted, RoundFailedError
 from fedcore.privacy import ClientDP
-from fedcore.strategy import FitInstruction, weighted_metrics
+from fedcore.strategy import FitInstruction, UpdateAccess, weighted_metrics
 from fedcore.v1 import fedcore_pb2 as pb
 
 from ..reporting.metrics import RoundMetrics
@@ -285,8 +285,17 @@ class SyncEngine:
             ctx.route_secagg(secure.on_message)
             collector = secure
         else:
+            # A streaming strategy folds chunks as they arrive; its exact sum's scale comes from
+            # the most weight the round can carry: each claim is bounded by the announcement.
+            budget = None
+            if ctx.strategy.update_access is UpdateAccess.STREAM:
+                budget = float(sum(max(s.num_examples, 1) for s in selected))
             collector = FitCollector(
-                round_number, aggregator, ctx.weights, compression=cfg.compression
+                round_number,
+                aggregator,
+                ctx.weights,
+                compression=cfg.compression,
+                weight_budget=budget,
             )
         ctx.collector = collector
         self._instructions = {i.worker.worker_id: i for i in instructions}

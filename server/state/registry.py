@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedcore.codec import ChunkLike
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.strategy import WorkerInfo
 from fedcore.v1 import fedcore_pb2 as pb
@@ -45,6 +46,7 @@ __all__ = [
     "Outgoing",
     "SessionState",
     "Ticket",
+    "UploadSink",
     "WorkerRegistry",
     "WorkerSession",
     "crowd_level",
@@ -100,6 +102,21 @@ class IllegalTransition(RuntimeError):
     """A session was asked to make a move its state machine forbids (a bug, not bad input)."""
 
 
+class UploadSink(Protocol):
+    """An update folded into the round's aggregate as its chunks arrive (streaming
+    aggregation, server/transport/upload_stream.py); its ``add`` runs in a worker thread."""
+
+    expected_chunks: int
+
+    def add(self, chunk: ChunkLike) -> None:
+        """Check and fold the next chunk (raises PayloadError on a bad one)."""
+        ...
+
+    def abort(self) -> None:
+        """Take back, exactly, everything folded so far."""
+        ...
+
+
 class Collector(Protocol):
     """Takes the results of one round's tickets (the round engine's collectors).
 
@@ -131,6 +148,16 @@ class Collector(Protocol):
     ) -> None:
         """Record that ``ticket``'s worker did not deliver (``answered``: it said so itself;
         ``awaiting``: its data owner has not decided on the plan yet)."""
+        ...
+
+    def open_stream(
+        self, ticket: Ticket, result: pb.TaskResult, signature: ModelSignature
+    ) -> UploadSink | None:
+        """A sink that folds this result's update as it arrives; None: stage it whole."""
+        ...
+
+    async def finish_stream(self, ticket: Ticket, result: pb.TaskResult, sink: UploadSink) -> None:
+        """Count a fully folded update (or take it back out when the round closed first)."""
         ...
 
 

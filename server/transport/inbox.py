@@ -2,10 +2,15 @@
 
 Anything that breaks the protocol raises :class:`~fedcore.errors.ProtocolError`; the stream
 is then ended with a clear status and nothing the worker sent in that upload is aggregated.
-Payloads are staged in an *upload slot* (a semaphore): at most ``upload_slots`` updates are
-held in memory besides the running sum, whatever the number of workers. A slot is lost by an
-upload that stalls or trickles (see :meth:`Inbox.too_slow`), and given back the moment the
-upload's round ends (its ticket resolves): the rest of a late upload is read and dropped.
+
+When the round's strategy streams (``UpdateAccess.STREAM``), each chunk is checked and folded
+into the aggregate the moment it arrives (:mod:`.upload_stream`): any number of uploads
+proceed at once, no slot is taken, and an upload cut off or found bad part-way is taken back
+out exactly. Otherwise payloads are staged whole in an *upload slot* (a semaphore): at most
+``upload_slots`` updates are held in memory besides the running sum, whatever the number of
+workers. A slot is lost by an upload that stalls or trickles (see :meth:`Inbox.too_slow`),
+and given back the moment the upload's round ends (its ticket resolves): the rest of a late
+upload is read and dropped (a late streamed upload likewise, once taken back out).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
 
-from ..state.registry import Ticket, WorkerSession
+from ..state.registry import Ticket, UploadSink, WorkerSession
 from .untrusted import bound_claimed_examples, clean_metrics
 
 __all__ = ["AnalyticsRoute", "Inbox", "SecAggRoute"]
@@ -41,9 +46,10 @@ class _Upload:
 
     ticket: Ticket
     result: pb.TaskResult
-    assembler: PayloadAssembler | None  # None: discard the chunks
+    assembler: PayloadAssembler | None  # None (and no sink): discard the chunks
     remaining: int
     next_index: int = 0
+    sink: UploadSink | None = None  # streamed: folded chunk by chunk, never staged
 
 
 class Inbox:
@@ -69,26 +75,32 @@ class Inbox:
         self._slots = upload_slots
         self._upload: _Upload | None = None
         self._holding_slot = False
+        # An upload the watchdog watches: one holding a slot, or a streamed one (which would
+        # hold its round open instead of a slot).
+        self._watched = False
         self._last_progress = 0.0
         self._slot_since = 0.0
         self._slot_bytes = 0
+        # Take-backs of streamed uploads under way (kept so they are not collected early).
+        self._aborts: set[asyncio.Task[None]] = set()
 
     def stalled_for(self) -> float:
-        """Seconds since the upload holding a slot last made progress (0 when none is held).
+        """Seconds since the upload under way last made progress (0 when none is).
 
         A stream that holds a slot and stops sending (a half-dead connection, or a hostile
-        worker) would block every other upload; the session's watchdog drops it.
+        worker) would block every other upload, and a streamed one would hold its round open
+        until the round timeout; the session's watchdog drops it.
         """
-        return time.monotonic() - self._last_progress if self._holding_slot else 0.0
+        return time.monotonic() - self._last_progress if self._watched else 0.0
 
     def too_slow(self, min_rate: float, grace: float) -> float | None:
-        """The average rate (bytes/s) of the upload holding a slot, when it has held the slot
-        for more than ``grace`` seconds below ``min_rate``; None otherwise.
+        """The average rate (bytes/s) of the upload under way, when it has run for more than
+        ``grace`` seconds below ``min_rate``; None otherwise.
 
         A trickle of one small chunk just inside the idle timeout never looks idle, yet holds
         the slot for the whole round: the watchdog drops such an upload too.
         """
-        if not self._holding_slot or min_rate <= 0:
+        if not self._watched or min_rate <= 0:
             return None
         held = time.monotonic() - self._slot_since
         if held <= grace:
@@ -96,11 +108,22 @@ class Inbox:
         rate = self._slot_bytes / held
         return rate if rate < min_rate else None
 
+    async def drain(self) -> None:
+        """Wait for the take-backs of streamed uploads still under way."""
+        if self._aborts:
+            await asyncio.gather(*self._aborts)
+
     def release(self) -> None:
         """Give back the upload slot (stream ended or upload done)."""
+        self._watched = False
         if self._holding_slot:
             self._holding_slot = False
             self._slots.release()
+
+    def _watch_from_now(self) -> None:
+        self._watched = True
+        self._last_progress = self._slot_since = time.monotonic()
+        self._slot_bytes = 0
 
     async def handle(self, message: pb.WorkerMessage) -> None:
         kind = message.WhichOneof("body")
@@ -187,10 +210,19 @@ class Inbox:
             except ModelMismatchError as exc:
                 # Found by fuzzing: it is not a ProtocolError, so it ended the stream silently.
                 raise PayloadError(str(exc)) from None
+            sink = None
+            if collector is not None:
+                sink = collector.open_stream(ticket, result, assembler.signature)
+            if sink is not None:
+                self._watch_from_now()
+                self._upload = _Upload(ticket, result, None, sink.expected_chunks, sink=sink)
+                ticket.future.add_done_callback(lambda _: self._round_ended(ticket))
+                if self._upload.remaining == 0:
+                    await self._finish_upload()
+                return
             await self._slots.acquire()
             self._holding_slot = True
-            self._last_progress = self._slot_since = time.monotonic()
-            self._slot_bytes = 0
+            self._watch_from_now()
             self._upload = _Upload(ticket, result, assembler, assembler.expected_chunks)
             # The round may end (timeout, enough results) while this upload is under way:
             # give the slot back at once rather than when the last chunk trickles in.
@@ -205,7 +237,20 @@ class Inbox:
         upload = self._upload
         if upload is None:
             raise ProtocolError("a payload chunk arrived outside of an upload")
-        if upload.assembler is not None:
+        if upload.sink is not None:
+            try:
+                # numpy releases the GIL: the event loop serves other streams meanwhile.
+                await asyncio.to_thread(upload.sink.add, chunk)
+            except PayloadError as exc:
+                reason = str(exc)
+            else:
+                reason = None
+            if reason is not None:
+                await self._take_back(upload)
+                if upload.ticket.collector is not None:
+                    upload.ticket.collector.fail(upload.ticket, reason)
+                raise PayloadError(reason)
+        elif upload.assembler is not None:
             upload.assembler.add(chunk)
         elif chunk.index != upload.next_index:
             raise PayloadError(f"chunk {chunk.index} arrived, expected {upload.next_index}")
@@ -214,11 +259,27 @@ class Inbox:
         if upload.remaining == 0:
             await self._finish_upload()
 
+    async def _take_back(self, upload: _Upload) -> None:
+        """Take a streamed upload's folded part back out of the aggregate; later chunks are
+        read and dropped."""
+        sink, upload.sink = upload.sink, None
+        self._watched = False  # the rest is read and dropped: it holds nothing up
+        if sink is not None:
+            await asyncio.to_thread(sink.abort)
+
     def _round_ended(self, ticket: Ticket) -> None:
-        """``ticket`` resolved while its upload may still be under way: if so, drop what was
-        assembled, read the rest without keeping it, and free the slot for another upload."""
+        """``ticket`` resolved while its upload may still be under way (the round ended, the
+        worker left or broke the protocol): if so, drop what was assembled (take a streamed
+        upload back out), read the rest without keeping it, and free the slot."""
         upload = self._upload
-        if upload is None or upload.ticket is not ticket or upload.assembler is None:
+        if upload is None or upload.ticket is not ticket:
+            return
+        if upload.sink is not None:
+            task = asyncio.get_running_loop().create_task(self._take_back(upload))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+            return
+        if upload.assembler is None:
             return
         upload.assembler = None
         self.release()
@@ -234,6 +295,9 @@ class Inbox:
         try:
             self.session.finish_ticket()
             collector = upload.ticket.collector
+            if upload.sink is not None and collector is not None:
+                await collector.finish_stream(upload.ticket, upload.result, upload.sink)
+                return
             if upload.assembler is None or collector is None:
                 return
             # Validation (finiteness) runs off the event loop; numpy releases the GIL.

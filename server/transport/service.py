@@ -375,7 +375,7 @@ class CoordinatorService:
 
     async def _watch(self, session: WorkerSession, inbox: Inbox) -> None:
         """Close a session whose worker has been silent for longer than the heartbeat timeout,
-        or whose upload has held an upload slot without progress for the upload timeout."""
+        or whose upload has made no progress for the upload timeout (or crawls)."""
         timeout = self.config.limits.heartbeat_timeout
         upload_timeout = self.config.limits.upload_idle_timeout
         min_rate = self.config.limits.upload_min_rate
@@ -394,8 +394,8 @@ class CoordinatorService:
                 session.close("upload stalled")
             elif (rate := inbox.too_slow(min_rate, upload_timeout)) is not None:
                 log.warning(
-                    "worker %r uploads at %.0f B/s, below --upload-min-rate %.0f B/s, while "
-                    "holding an upload slot; dropping it so other uploads can go on",
+                    "worker %r uploads at %.0f B/s, below --upload-min-rate %.0f B/s; "
+                    "dropping it so other uploads and its round can go on",
                     session.name,
                     rate,
                     min_rate,
