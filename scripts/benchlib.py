@@ -130,7 +130,8 @@ class Child:
             bufsize=1,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     @property
     def pid(self) -> int:
@@ -195,6 +196,9 @@ class Child:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             log.warning("process %d did not die", self.proc.pid)
+        self._pumping.join(timeout=10)  # the pipe ends with the process
+        if self.proc.stdout is not None and not self._pumping.is_alive():
+            self.proc.stdout.close()
         self._log.close()
 
 
