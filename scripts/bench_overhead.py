@@ -275,6 +275,7 @@ def measure_fedcore(
     route: Route = _direct,
     worker_args: Sequence[str] = (),
     label: str | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """One federation of ``1 + rounds`` rounds; metrics of the timed rounds. ``code``: a
     checkout whose fedcore the processes run instead of this one (see
@@ -285,7 +286,7 @@ def measure_fedcore(
     model_bytes = 4 * params
     tag = f"{label}-{workers}-{params}"
     metrics_path = tmp / f"metrics-{tag}.jsonl"
-    timeout = _transfer_timeout(workers, model_bytes, rounds + 1)
+    timeout = timeout or _transfer_timeout(workers, model_bytes, rounds + 1)
     children: list[Child] = []
     started = time.perf_counter()
     with neutral_folder() as cwd:
@@ -393,6 +394,7 @@ def measure_floor(
     *,
     barrier: bool = False,
     route: Route = _direct,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """The same bytes through a bare grpc.aio echo: one server, ``workers`` client processes.
 
@@ -400,7 +402,7 @@ def measure_floor(
     must (it trains on the whole model); otherwise it echoes each message as it arrives.
     """
     payload = 4 * params
-    timeout = _transfer_timeout(workers, payload, rounds + 1)
+    timeout = timeout or _transfer_timeout(workers, payload, rounds + 1)
     children: list[Child] = []
     started = time.perf_counter()
     tag = f"{workers}-{params}{'-barrier' if barrier else ''}"
