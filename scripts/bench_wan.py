@@ -11,7 +11,7 @@ at the slowest link's rate plus two round trips), the ratios, and every process'
 
     bench_wan.py [--workers 4 8] [--sizes 2.5e6 1e7] [--rtt-ms 50] [--rate-mbit 100]
                  [--straggler-mbit 10] [--variant default slots secagg fedbuff]
-                 [--rounds 3] [--old-code REF] [--quick] [--out F]
+                 [--rounds 3] [--old-code REF] [--code REF] [--quick] [--out F]
     bench_wan.py links --upstream HOST:PORT --rtt-ms MS --rate-mbit R [R ...]
 
 ``--straggler-mbit R`` adds, for every point, the same federation with silo 0 on an R Mbit/s
@@ -176,8 +176,10 @@ def measure_point(
     rounds: int,
     tmp: Path,
     old: Path | None,
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """The bare echo and every variant (and the old code's default) for one (N, d, network)."""
+    """The bare echo and every variant (and the old code's default) for one (N, d, network);
+    ``code``: the tree the variants run (None: this one)."""
     from fedcore.protocol import DEFAULT_CHUNK_BYTES
 
     model_bytes = 4 * params
@@ -202,8 +204,8 @@ def measure_point(
             link_stats = links.close()
         echo["links"] = link_stats
         _progress(f"{name}: bare echo {echo['seconds_per_round']:.3f} s/round")
-        plan = [(v, None) for v in variants] + ([("old-default", old)] if old else [])
-        for variant, code in plan:
+        plan = [(v, code) for v in variants] + ([("old-default", old)] if old else [])
+        for variant, tree in plan:
             server_flags, worker_flags = VARIANTS[variant.removeprefix("old-")]
             links = Links(net, tmp / f"links-{workers}-{params}-{variant}.log", cwd)
             try:
@@ -213,7 +215,7 @@ def measure_point(
                     rounds,
                     tmp,
                     [f.format(n=workers) for f in server_flags],
-                    code,
+                    tree,
                     route=links,
                     worker_args=worker_flags,
                     label=variant,
@@ -273,8 +275,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wan-")))
         old = None if args.old_code is None else stack.enter_context(old_code(args.old_code))
+        code = None if args.code is None else stack.enter_context(old_code(args.code))
         for n, d, net in grid(args):
-            entries.append(measure_point(n, d, net, args.variant, args.rounds, tmp, old))
+            entries.append(measure_point(n, d, net, args.variant, args.rounds, tmp, old, code))
     return {
         "results": entries,
         "meta": {
@@ -283,6 +286,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "statistic": "median",
             "variants": {v: VARIANTS[v] for v in args.variant},
             "old_code": args.old_code,
+            "code": args.code or "working tree",
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "grpc": grpc.__version__,
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=_count, default=3, help="timed rounds after one warm-up")
     p.add_argument("--old-code", metavar="GIT_REF", help="also run this commit's default flags")
+    p.add_argument(
+        "--code", metavar="GIT_REF", help="run the variants with this commit's fedcore (e.g. main)"
+    )
     p.add_argument("--quick", action="store_true", help="N=2, d=1e6, 50 ms, 100 Mbit/s")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     roles = p.add_subparsers(dest="role", metavar="ROLE", help="internal roles (processes)")
