@@ -277,7 +277,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         old = None if args.old_code is None else stack.enter_context(old_code(args.old_code))
         code = None if args.code is None else stack.enter_context(old_code(args.code))
         for n, d, net in grid(args):
-            entries.append(measure_point(n, d, net, args.variant, args.rounds, tmp, old, code))
+            try:
+                entries.append(measure_point(n, d, net, args.variant, args.rounds, tmp, old, code))
+            except BenchError as exc:  # one point failing keeps the others
+                _progress(f"N={n} d={d:.2g} {net.describe()}: failed: {exc}")
+                entries.append(
+                    {"workers": n, "params": d, "net": net.describe(), "error": str(exc)}
+                )
+            if args.out is not None:  # what is measured so far survives an interrupted run
+                _write(args.out, _report(entries, args, started))
+    return _report(entries, args, started)
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _report(
+    entries: list[dict[str, Any]], args: argparse.Namespace, started: float
+) -> dict[str, Any]:
     return {
         "results": entries,
         "meta": {
@@ -365,10 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_wan: error: {exc}", file=sys.stderr)
         return 1
-    text = json.dumps(report, indent=2)
     if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+        _write(args.out, report)
+    print(json.dumps(report, indent=2))
     return 0
 
 
