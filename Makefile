@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := protos/fedcore/v1/fedcore.proto
 
-.PHONY: setup demo test lint typecheck linktree docs check proto bench bench-secagg bench-mnist bench-analytics clean
+.PHONY: setup demo test lint typecheck linktree docs check proto bench bench-secagg bench-wan bench-mnist bench-analytics clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: $(STAMP)
 
 bench-secagg: $(STAMP)
 	mkdir -p build && $(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
+
+# Every silo behind its own emulated link (delay, rate): fedcore vs a bare grpc.aio echo;
+# e.g. make bench-wan ARGS="--workers 8 --rtt-ms 50 200 --variant default slots".
+bench-wan: $(STAMP)
+	mkdir -p build && $(PY) scripts/bench_wan.py --out build/bench_wan.json $(ARGS)
 
 # The cross-silo MNIST benchmark; e.g. make bench-mnist ARGS="--compare @privacy".
 bench-mnist: $(STAMP)

@@ -34,21 +34,30 @@ import logging
 import math
 import os
 import platform
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
-if TYPE_CHECKING:
-    pass
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (
+    LIBRARY,
+    REPO,
+    BenchError,
+    Child,
+    code_env,
+    neutral_folder,
+    old_code,
+    proc_status,
+    python,
+    report_imports,
+    wait_all,
+)
 
 # fedcore is imported only where needed: importing it loads torch, which the floor's processes
 # (pure gRPC) must not pay for, nor carry in their memory.
@@ -59,7 +68,8 @@ LISTENING = "listening on "
 RESULT = "result "
 # Bytes per second below which a run is considered hung (bounds every wait on a transfer).
 _SLOWEST_RATE = 20e6
-_START_TIMEOUT = 120.0
+# Generous: on a shared 2-core machine under load, importing torch alone can take minutes.
+_START_TIMEOUT = 600.0
 _QUICK_WORKERS = [2]
 _QUICK_SIZES = [100_000, 1_000_000]
 _PAST_2GIB = ([2], [600_000_000])
@@ -69,10 +79,6 @@ _RSS_LIMIT = 3.0
 _ENVELOPE_BYTES = 1024 * 1024
 
 log = logging.getLogger("bench_overhead")
-
-
-class BenchError(Exception):
-    """A measurement could not be made (a process failed or a wait timed out)."""
 
 
 # ---------------------------------------------------------------------------- echo worker
@@ -92,6 +98,7 @@ def echo_worker_main(server: str, name: str, step: float = 0.0, certs: Path | No
     from fedcore.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(message)s")
+    report_imports()  # checked by the harness: this worker runs the tree it was meant to
     _worker_heap()
     identity = (
         SiloIdentity.load(name, certs / "workers" / f"{name}.signing.pem", certs / "roster.json")
@@ -101,7 +108,7 @@ def echo_worker_main(server: str, name: str, step: float = 0.0, certs: Path | No
     worker = Worker(server, name, _echo_trainer(step), give_up_after=60.0, identity=identity)
     asyncio.run(worker.run())
     # Read by measure_fedcore: this worker's peak memory.
-    print(f"{RESULT}{json.dumps({'peak_rss_bytes': _proc_status(os.getpid()).get('VmHWM', 0)})}")
+    print(f"{RESULT}{json.dumps({'peak_rss_bytes': proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
 
 
@@ -195,7 +202,7 @@ async def _floor_server(
         return {
             "round_seconds": seconds,
             "messages_per_stream": len(messages),
-            "server_peak_rss_bytes": _proc_status(os.getpid()).get("VmHWM", 0),
+            "server_peak_rss_bytes": proc_status(os.getpid()).get("VmHWM", 0),
         }
     finally:
         if not finished.done():
@@ -231,134 +238,13 @@ async def _floor_client(server: str, chunk_bytes: int, timeout: float, batch: in
 
 
 def floor_client_main(server: str, chunk_bytes: int, timeout: float, batch: int = 1) -> int:
-    """Run one floor client."""
+    """Run one floor client; print its peak memory as a ``result {json}`` line."""
     asyncio.run(_floor_client(server, chunk_bytes, timeout, batch))
+    print(f"{RESULT}{json.dumps({'peak_rss_bytes': proc_status(os.getpid()).get('VmHWM', 0)})}")
     return 0
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (and the other Vm* fields) of ``pid`` in bytes; empty once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.startswith("Vm") and value.strip().endswith("kB"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class Child:
-    """A subprocess: stdout lines collected by a thread, stderr kept in a log file."""
-
-    def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._log: IO[str] = log_path.open("w", encoding="utf-8")
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for_line(self, prefix: str, timeout: float) -> str:
-        """The first stdout line starting with ``prefix`` (without it); BenchError otherwise."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                line = self.lines.get(timeout=max(left, 0.0))
-            except queue.Empty:
-                raise BenchError(
-                    f"no {prefix!r} line within {timeout:g} s from {self.describe()}"
-                ) from None
-            if line is None:
-                self.proc.wait(timeout=10)
-                raise BenchError(f"{self.describe()} exited before printing {prefix!r}")
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-
-    def describe(self) -> str:
-        rc = self.proc.poll()
-        state = "running" if rc is None else f"exit status {rc}"
-        return f"{self.name} (pid {self.proc.pid}, {state}){self.log_tail()}"
-
-    def log_tail(self, lines: int = 15) -> str:
-        self._log.flush()
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            return ""
-        return ("; stderr:\n  " + "\n  ".join(text.splitlines()[-lines:])) if text else ""
-
-    def stop(self) -> None:
-        """Kill the process if it still runs, and reap it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            log.warning("process %d did not die", self.proc.pid)
-        self._log.close()
-
-
-def _python(*args: str) -> list[str]:
-    return [sys.executable, *args]
-
-
-def _wait_all(
-    main: Child, helpers: Sequence[Child], timeout: float, poll: float = 0.2
-) -> dict[str, int]:
-    """Wait for ``main`` to exit while the helpers live; return ``main``'s largest Vm* values.
-
-    A helper that fails (non-zero exit) or ``main`` outliving ``timeout`` is a BenchError.
-    """
-    deadline = time.monotonic() + timeout
-    peak: dict[str, int] = {}
-    while main.proc.poll() is None:
-        for key, value in _proc_status(main.pid).items():
-            peak[key] = max(peak.get(key, 0), value)
-        for helper in helpers:
-            rc = helper.proc.poll()
-            if rc not in (None, 0):
-                raise BenchError(f"{helper.describe()} failed while {main.describe()}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{main.describe()} did not finish within {timeout:g} s")
-        time.sleep(poll)
-    if main.proc.returncode != 0:
-        raise BenchError(f"{main.describe()} failed")
-    for helper in helpers:
-        try:
-            rc = helper.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{helper.describe()} did not exit after the server") from None
-        if rc != 0:
-            raise BenchError(f"{helper.describe()} failed")
-    return peak
 
 
 def _transfer_timeout(workers: int, payload_bytes: int, rounds: int) -> float:
@@ -369,6 +255,15 @@ def _transfer_timeout(workers: int, payload_bytes: int, rounds: int) -> float:
 # ---------------------------------------------------------------------------- measurements
 
 
+# Routes a federation's workers: given the coordinator's address and the number of workers,
+# the address each worker dials (bench_wan.py puts a link of its own in front of every one).
+Route = Callable[[str, int], list[str]]
+
+
+def _direct(address: str, workers: int) -> list[str]:
+    return [address] * workers
+
+
 def measure_fedcore(
     workers: int,
     params: int,
@@ -376,65 +271,89 @@ def measure_fedcore(
     tmp: Path,
     server_args: Sequence[str] = (),
     code: Path | None = None,
+    *,
+    route: Route = _direct,
+    worker_args: Sequence[str] = (),
+    label: str | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """One federation of ``1 + rounds`` rounds; metrics of the timed rounds. ``code``: a
-    checkout whose fedcore the processes run instead of this one (see :func:`old_code`)."""
-    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
-    label = "old" if code is not None else "new"
+    checkout whose fedcore the processes run instead of this one (see
+    :func:`benchlib.old_code`); every process is checked to have imported that tree."""
+    env = code_env(code)
+    tree = REPO if code is None else code
+    label = label or ("old" if code is not None else "new")
     model_bytes = 4 * params
-    metrics_path = tmp / f"metrics-{label}-{workers}-{params}.jsonl"
-    timeout = _transfer_timeout(workers, model_bytes, rounds + 1)
+    tag = f"{label}-{workers}-{params}"
+    metrics_path = tmp / f"metrics-{tag}.jsonl"
+    timeout = timeout or _transfer_timeout(workers, model_bytes, rounds + 1)
     children: list[Child] = []
     started = time.perf_counter()
-    try:
-        server = Child(
-            "fed-server",
-            _python(
-                "-m",
-                "fedcore.server",
-                "--listen",
-                "127.0.0.1:0",
-                "--model",
-                "vector",
-                "--model-params",
-                json.dumps({"size": params}),
-                "--min-workers",
-                str(workers),
-                "--rounds",
-                str(rounds + 1),
-                "--fed-eval-every",
-                "0",
-                "--metrics-out",
-                str(metrics_path),
-                "--round-timeout",
-                "600",
-                "--join-timeout",
-                str(_START_TIMEOUT),
-                "--quiet",
-                *server_args,
-            ),
-            tmp / f"server-{label}-{workers}-{params}.log",
-            env,
-        )
-        children.append(server)
-        address = server.wait_for_line(LISTENING, _START_TIMEOUT)
-        baseline = _proc_status(server.pid)
-        for i in range(workers):
-            children.append(
-                Child(
-                    f"echo worker {i}",
-                    _python(str(SCRIPT), "echo-worker", "--server", address, "--name", f"echo-{i}"),
-                    tmp / f"echo-{label}-{workers}-{params}-{i}.log",
-                    env,
-                )
+    with neutral_folder() as cwd:
+        try:
+            server = Child(
+                "fed-server",
+                python(
+                    str(LIBRARY),
+                    "run-module",
+                    "fedcore.server",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    "vector",
+                    "--model-params",
+                    json.dumps({"size": params}),
+                    "--min-workers",
+                    str(workers),
+                    "--rounds",
+                    str(rounds + 1),
+                    "--fed-eval-every",
+                    "0",
+                    "--metrics-out",
+                    str(metrics_path),
+                    "--round-timeout",
+                    "600",
+                    "--join-timeout",
+                    str(_START_TIMEOUT),
+                    "--quiet",
+                    *server_args,
+                ),
+                tmp / f"server-{tag}.log",
+                cwd=cwd,
+                env=env,
             )
-        polled = _wait_all(server, children[1:], timeout)
-        worker_peaks = [
-            json.loads(child.wait_for_line(RESULT, 30))["peak_rss_bytes"] for child in children[1:]
-        ]
-    finally:
-        for child in reversed(children):
-            child.stop()
+            children.append(server)
+            imported = {"fed-server": server.check_imports(tree, _START_TIMEOUT)}
+            address = server.wait_for_line(LISTENING, _START_TIMEOUT)
+            baseline = proc_status(server.pid)
+            for i, dial in enumerate(route(address, workers)):
+                children.append(
+                    Child(
+                        f"echo worker {i}",
+                        python(
+                            str(SCRIPT),
+                            "echo-worker",
+                            "--server",
+                            dial,
+                            "--name",
+                            f"echo-{i}",
+                            *worker_args,
+                        ),
+                        tmp / f"echo-{tag}-{i}.log",
+                        cwd=cwd,
+                        env=env,
+                    )
+                )
+            for child in children[1:]:
+                imported[child.name] = child.check_imports(tree, _START_TIMEOUT)
+            polled = wait_all(server, children[1:], timeout)
+            worker_peaks = [
+                json.loads(child.wait_for_line(RESULT, 30))["peak_rss_bytes"]
+                for child in children[1:]
+            ]
+        finally:
+            for child in reversed(children):
+                child.stop()
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if len(rows) != rounds + 1:
@@ -461,11 +380,21 @@ def measure_fedcore(
         "polled_hwm_bytes": polled.get("VmHWM", 0),
         "polled_max_rss_bytes": polled.get("VmRSS", 0),
         "wall_seconds": round(wall, 2),
+        "code": str(tree),
+        "imported_fedcore": imported["fed-server"]["fedcore"],
     }
 
 
 def measure_floor(
-    workers: int, params: int, rounds: int, tmp: Path, chunk_bytes: int, *, barrier: bool = False
+    workers: int,
+    params: int,
+    rounds: int,
+    tmp: Path,
+    chunk_bytes: int,
+    *,
+    barrier: bool = False,
+    route: Route = _direct,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """The same bytes through a bare grpc.aio echo: one server, ``workers`` client processes.
 
@@ -473,54 +402,62 @@ def measure_floor(
     must (it trains on the whole model); otherwise it echoes each message as it arrives.
     """
     payload = 4 * params
-    timeout = _transfer_timeout(workers, payload, rounds + 1)
+    timeout = timeout or _transfer_timeout(workers, payload, rounds + 1)
     children: list[Child] = []
     started = time.perf_counter()
-    try:
-        server = Child(
-            "floor server",
-            _python(
-                str(SCRIPT),
-                "floor-server",
-                "--clients",
-                str(workers),
-                "--payload-bytes",
-                str(payload),
-                "--chunk-bytes",
-                str(chunk_bytes),
-                "--rounds",
-                str(rounds + 1),
-                "--timeout",
-                str(timeout),
-            ),
-            tmp / f"floor-server-{workers}-{params}.log",
-        )
-        children.append(server)
-        address = server.wait_for_line(LISTENING, _START_TIMEOUT)
-        for i in range(workers):
-            children.append(
-                Child(
-                    f"floor client {i}",
-                    _python(
-                        str(SCRIPT),
-                        "floor-client",
-                        "--server",
-                        address,
-                        "--chunk-bytes",
-                        str(chunk_bytes),
-                        "--timeout",
-                        str(timeout),
-                        "--batch",
-                        str(len(_message_sizes(payload, chunk_bytes)) if barrier else 1),
-                    ),
-                    tmp / f"floor-client-{workers}-{params}-{i}.log",
-                )
+    tag = f"{workers}-{params}{'-barrier' if barrier else ''}"
+    with neutral_folder() as cwd:
+        try:
+            server = Child(
+                "floor server",
+                python(
+                    str(SCRIPT),
+                    "floor-server",
+                    "--clients",
+                    str(workers),
+                    "--payload-bytes",
+                    str(payload),
+                    "--chunk-bytes",
+                    str(chunk_bytes),
+                    "--rounds",
+                    str(rounds + 1),
+                    "--timeout",
+                    str(timeout),
+                ),
+                tmp / f"floor-server-{tag}.log",
+                cwd=cwd,
             )
-        result = json.loads(server.wait_for_line(RESULT, timeout))
-        _wait_all(server, children[1:], 60.0)
-    finally:
-        for child in reversed(children):
-            child.stop()
+            children.append(server)
+            address = server.wait_for_line(LISTENING, _START_TIMEOUT)
+            for i, dial in enumerate(route(address, workers)):
+                children.append(
+                    Child(
+                        f"floor client {i}",
+                        python(
+                            str(SCRIPT),
+                            "floor-client",
+                            "--server",
+                            dial,
+                            "--chunk-bytes",
+                            str(chunk_bytes),
+                            "--timeout",
+                            str(timeout),
+                            "--batch",
+                            str(len(_message_sizes(payload, chunk_bytes)) if barrier else 1),
+                        ),
+                        tmp / f"floor-client-{tag}-{i}.log",
+                        cwd=cwd,
+                    )
+                )
+            result = json.loads(server.wait_for_line(RESULT, timeout))
+            wait_all(server, children[1:], 60.0)
+            client_peaks = [
+                json.loads(child.wait_for_line(RESULT, 30))["peak_rss_bytes"]
+                for child in children[1:]
+            ]
+        finally:
+            for child in reversed(children):
+                child.stop()
     seconds = result["round_seconds"]
     return {
         "seconds_per_round": round(statistics.median(seconds[1:]), 4),
@@ -529,6 +466,7 @@ def measure_floor(
         "messages_per_stream": result["messages_per_stream"],
         "chunk_bytes": chunk_bytes,
         "server_peak_rss_bytes": result["server_peak_rss_bytes"],
+        "client_peak_rss_bytes": client_peaks,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -602,26 +540,6 @@ def measure(
             }
         ),
     }
-
-
-@contextlib.contextmanager
-def old_code(ref: str) -> Iterator[Path]:
-    """This repository's fedcore at git ``ref``, extracted to a temporary folder that a
-    process runs by putting it first on ``PYTHONPATH``."""
-    repo = SCRIPT.parent.parent
-    with tempfile.TemporaryDirectory(prefix="bench-old-code-") as tmp:
-        tree = Path(tmp)
-        archive = subprocess.run(
-            ["git", "-C", str(repo), "archive", "--format=tar", ref],
-            check=True,
-            capture_output=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-        # The installed package maps fedcore.server and fedcore.worker to top-level folders
-        # (pyproject's package-dir); found through PYTHONPATH they must sit inside fedcore/.
-        for sub in ("server", "worker"):
-            (tree / "fedcore" / sub).symlink_to(tree / sub, target_is_directory=True)
-        yield tree
 
 
 def evaluate_targets(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:

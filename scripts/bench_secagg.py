@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_overhead as overhead
+import benchlib
 
 from fedcore.errors import SecAggAbortedError
 from fedcore.secagg import prg
@@ -261,45 +262,53 @@ def measure_processes(
                 raise RuntimeError("fed-certs init failed")
     metrics_path = tmp / f"metrics-{tag}.jsonl"
     timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
-    children: list[overhead.Child] = []
+    children: list[benchlib.Child] = []
     argv = [
-        "-m", "fedcore.server", "--listen", "127.0.0.1:0", "--model", "vector",
-        "--model-params", json.dumps({"size": params}), "--min-workers", str(workers),
-        "--rounds", str(rounds + 1), "--fed-eval-every", "0", "--metrics-out", str(metrics_path),
-        "--round-timeout", "600", "--join-timeout", str(overhead._START_TIMEOUT), "--quiet",
+        str(benchlib.LIBRARY), "run-module", "fedcore.server", "--listen", "127.0.0.1:0",
+        "--model", "vector", "--model-params", json.dumps({"size": params}),
+        "--min-workers", str(workers), "--rounds", str(rounds + 1), "--fed-eval-every", "0",
+        "--metrics-out", str(metrics_path), "--round-timeout", "600",
+        "--join-timeout", str(overhead._START_TIMEOUT), "--quiet",
     ]  # fmt: skip
     if secagg:
         argv.append("--secagg")
     if signed:
         argv.append("--secagg-signed")
-    try:
-        server = overhead.Child("fed-server", overhead._python(*argv), tmp / f"server-{tag}.log")
-        children.append(server)
-        address = server.wait_for_line(overhead.LISTENING, overhead._START_TIMEOUT)
-        for i in range(workers):
-            children.append(
-                overhead.Child(
-                    f"echo worker {i}",
-                    overhead._python(
-                        str(overhead.SCRIPT),
-                        "echo-worker",
-                        "--server",
-                        address,
-                        "--name",
-                        f"e{i}",
-                        # The model must change every round: a worker masks one update per
-                        # global model (and plain rounds pay the same copy).
-                        "--step",
-                        "1e-3",
-                        *(["--certs", str(certs)] if signed else []),
-                    ),
-                    tmp / f"echo-{tag}-{i}.log",
-                )
+    with benchlib.neutral_folder() as cwd:
+        try:
+            server = benchlib.Child(
+                "fed-server", benchlib.python(*argv), tmp / f"server-{tag}.log", cwd=cwd
             )
-        overhead._wait_all(server, children[1:], timeout)
-    finally:
-        for child in reversed(children):
-            child.stop()
+            children.append(server)
+            server.check_imports(benchlib.REPO, overhead._START_TIMEOUT)
+            address = server.wait_for_line(overhead.LISTENING, overhead._START_TIMEOUT)
+            for i in range(workers):
+                children.append(
+                    benchlib.Child(
+                        f"echo worker {i}",
+                        benchlib.python(
+                            str(overhead.SCRIPT),
+                            "echo-worker",
+                            "--server",
+                            address,
+                            "--name",
+                            f"e{i}",
+                            # The model must change every round: a worker masks one update per
+                            # global model (and plain rounds pay the same copy).
+                            "--step",
+                            "1e-3",
+                            *(["--certs", str(certs)] if signed else []),
+                        ),
+                        tmp / f"echo-{tag}-{i}.log",
+                        cwd=cwd,
+                    )
+                )
+            for child in children[1:]:
+                child.check_imports(benchlib.REPO, overhead._START_TIMEOUT)
+            benchlib.wait_all(server, children[1:], timeout)
+        finally:
+            for child in reversed(children):
+                child.stop()
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     timed = [r for r in rows if r["round"] > 1]
     return {
