@@ -104,7 +104,7 @@ async def test_worker_runtime_refuses_a_greedy_unmasking_request_on_the_wire() -
 
     from fedcore.secagg import SecAggClient, wire
     from fedcore.secagg.server import SecAggServer
-    from fedcore.secagg.simulation import make_setup
+    from fedcore.secagg.setup import make_setup
     from fedcore.v1 import fedcore_pb2 as pb
 
     setup = make_setup(SecAggParams(), 3, 30)

@@ -21,7 +21,7 @@ from fedcore.secagg import SecAggParams
 from fedcore.secagg.messages import RoundSetup
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.setup import make_setup
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
