@@ -189,6 +189,13 @@ class QueryResponder:
                 f"is {setup.threshold}; this worker needs all silos in the sum (threshold = "
                 f"silos) and at least {policy.privacy.min_group_size} of them",
             )
+        if policy.privacy.max_silos is not None and task.silos > policy.privacy.max_silos:
+            raise TaskRefused(
+                "secure-aggregation.max-silos",
+                f"the query's secure round has {task.silos} silos; this silo's policy allows "
+                f"at most {policy.privacy.max_silos}",
+                by="policy",
+            )
         assert policy.analytics is not None  # check_query refuses otherwise
         most = policy.analytics.network.max_silos
         if most is not None and task.silos > most:
@@ -256,6 +263,7 @@ class QueryResponder:
             min_group_size=policy.privacy.min_group_size,
             min_threshold=policy.privacy.min_threshold,
             min_survivors=task.silos,
+            max_silos=policy.privacy.max_silos,
         )
         assert policy.analytics is not None  # admitted: the policy answers queries
         return _Open(
