@@ -23,6 +23,8 @@ from fedcore.errors import QueryRefusedError, TaskRefused
 from fedcore.model_catalog import ModelCatalog
 from fedcore.policy import load_policy
 from fedcore.secagg import wire
+from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.simulation import make_identities
 from fedcore.server.analytics.rounds import QueryRound
 from fedcore.server.state.registry import SessionState
 from fedcore.v1 import fedcore_pb2 as pb
@@ -60,7 +62,12 @@ class _Silo:
 
 
 def _silo(
-    tmp_path: Path, i: int, ages: np.ndarray, budget: float, analytics: str = "honest-silos = 3\n"
+    tmp_path: Path,
+    i: int,
+    ages: np.ndarray,
+    budget: float,
+    analytics: str = "honest-silos = 3\n",
+    identity: SiloIdentity | None = None,
 ) -> QueryResponder:
     tmp_path.mkdir(parents=True, exist_ok=True)
     policy_path = tmp_path / f"policy{i}.toml"
@@ -72,13 +79,15 @@ def _silo(
     guard = PolicyGuard(policy, num_examples=len(ages))
     gate = Gate(ModelCatalog(None), max_model_bytes=1 << 20, guard=guard)
     table = Table({"age": ages}, len(ages))
-    responder = QueryResponder(table, DatasetMetadata(f"silo {i}", features=FEATURES))
+    responder = QueryResponder(
+        table, DatasetMetadata(f"silo {i}", features=FEATURES), identity=identity
+    )
     responder.attach(gate)
     return responder
 
 
 async def _ask(
-    silos: list[_Silo], text: str, epsilon: float, query_id: str
+    silos: list[_Silo], text: str, epsilon: float, query_id: str, *, signed: bool = False
 ) -> tuple[np.ndarray, QueryRound]:
     layout = plan_layout(parse_query(text), SCHEMA)
     round_ = QueryRound(
@@ -89,6 +98,7 @@ async def _ask(
         noise_multiplier=noise_multiplier_for(epsilon, 1e-6),
         sessions=silos,  # type: ignore[arg-type]
         phase_timeout=20.0,
+        signed=signed,
     )
     for s in silos:
         s.round = round_
@@ -362,3 +372,28 @@ async def test_a_silo_tells_the_scientist_its_budget_left(tmp_path: Path) -> Non
     expected = 5.0 - epsilon_of([*ledger.charges(), charge], delta=1e-5)
     assert (accept.budget_left, accept.budget_delta) == (pytest.approx(expected), 1e-5)
     assert 0 < accept.budget_left < 5.0
+
+
+async def test_a_signed_query_round_runs_the_same_driver_and_sums_exactly(tmp_path: Path) -> None:
+    """The coordinator's signed query round against three signing silos: keys signed and
+    checked, the request signed by all, the exact sum (test mode) as unsigned."""
+    names = [f"silo-{i}" for i in range(3)]
+    identities = make_identities(names)
+    parts = [np.full(n, 50.0) for n in (10, 20, 30)]
+    responders = [
+        _silo(tmp_path / name, i, ages, budget=100.0, identity=identities[name])
+        for i, (name, ages) in enumerate(zip(names, parts, strict=True))
+    ]
+    for r in responders:
+        r.exact = True  # the sum itself is checked, not the noise
+    silos = [_Silo(name, r) for name, r in zip(names, responders, strict=True)]
+    totals, round_ = await _ask(silos, "count()", 1.0, "signed-q", signed=True)
+    assert round_.setup.signed
+    assert round_.setup.members == tuple(names)
+    assert totals[0] == pytest.approx(60.0, abs=1e-3)
+    assert all(r.answered == 1 for r in responders)
+    # A signing silo refuses the same query unsigned, before any key leaves.
+    with pytest.raises(QueryRefusedError, match=r"\[secure-aggregation.signed\]"):
+        await _ask(silos, "count()", 1.0, "unsigned-q")
+    for s in silos:
+        s.pump.cancel()

@@ -233,7 +233,7 @@ def test_fit_metrics_under_dp_keep_only_what_is_accounted(tmp_path: Path) -> Non
 
 def test_secagg_rules_follow_the_policy_and_the_plan(tmp_path: Path) -> None:
     from fedcore.secagg import SecAggParams
-    from fedcore.secagg.simulation import make_setup
+    from fedcore.secagg.setup import make_setup
 
     setup = make_setup(SecAggParams(), 5, 100)
     extra = {"dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "dp.min_updates": 4.0}
@@ -249,7 +249,7 @@ def test_secagg_rules_follow_the_policy_and_the_plan(tmp_path: Path) -> None:
 
 def test_a_worker_contributes_once_per_global_model() -> None:
     from fedcore.secagg import SecAggParams
-    from fedcore.secagg.simulation import make_setup
+    from fedcore.secagg.setup import make_setup
 
     gate = _gate()
     setup = make_setup(SecAggParams(), 3, 100)

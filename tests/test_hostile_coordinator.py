@@ -28,7 +28,7 @@ from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec
 from fedcore.secagg import SecAggParams
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.setup import make_setup
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 

@@ -17,7 +17,7 @@ from fedcore.plans.queue import RequestQueue, Terms
 from fedcore.policy import PlanRules, load_policy
 from fedcore.secagg import SecAggParams, wire
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.setup import make_setup
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.worker.gate import Gate
 from fedcore.worker.plans import PlanLibrary

@@ -25,7 +25,7 @@ from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.messages import UnmaskResponse
 from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.secagg.server import AggregateResult, SecAggServer
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.setup import make_setup
 from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean
 
 PARAMS = SecAggParams(clip=1.0, bits=16, phase_timeout=5.0)

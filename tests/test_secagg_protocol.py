@@ -101,7 +101,7 @@ async def test_worker_runtime_refuses_a_greedy_unmasking_request_on_the_wire() -
     shares of a peer, it answers with an abort, not with shares."""
     from fedcore.secagg import SecAggClient, wire
     from fedcore.secagg.server import SecAggServer
-    from fedcore.secagg.simulation import make_setup
+    from fedcore.secagg.setup import make_setup
     from fedcore.v1 import fedcore_pb2 as pb
     from fedcore.worker.secagg import SecAggRounds
 

@@ -6,7 +6,9 @@ positive control, before and after the restart. Plus the record's own rules, in 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from fedcore.secagg import SecAggParams
 from fedcore.secagg.messages import RoundSetup
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.setup import make_setup
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -122,4 +124,70 @@ def test_the_record_keys_signed_rounds_and_survives_reloading(tmp_path: Path) ->
     # A damaged record is never silently replaced.
     path.write_text("{")
     with pytest.raises(ConfigError, match="participation record"):
+        ParticipationLog(path, min_distance=1e-4)
+
+
+def test_the_study_is_part_of_the_key_but_not_of_the_model_rule(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    members = ["a", "b", "c"]
+    rng = np.random.default_rng(1)
+    model = rng.normal(size=10_000).astype(np.float32)
+    other = rng.normal(size=10_000).astype(np.float32)
+
+    def setup(round_number: int) -> RoundSetup:
+        return make_setup(
+            SecAggParams(signed=True), 3, 10, members=members, job="j", round_number=round_number
+        )
+
+    ParticipationLog(path, study="heart", min_distance=1e-4).admit(
+        setup(1), model, distributed_dp=False
+    )
+    # The same (job, round) in another study is another round (a far model: the control) ...
+    lungs = ParticipationLog(path, study="lungs", min_distance=1e-4)
+    lungs.admit(setup(1), other, distributed_dp=False)
+    with pytest.raises(SecAggRefusedError, match="round 1 of job 'j' in study 'lungs'"):
+        lungs.admit(setup(1), other + np.float32(1.0), distributed_dp=False)
+    # ... but renaming the study does not make a near-identical model new.
+    kidneys = ParticipationLog(path, study="kidneys", min_distance=1e-4)
+    near = model.copy()
+    near[0] = np.nextafter(near[0], np.float32(np.inf))
+    with pytest.raises(SecAggRefusedError, match="nearly unchanged"):
+        kidneys.admit(setup(2), near, distributed_dp=False)
+    # A query's round has no model: recorded by its key alone.
+    kidneys.admit(setup(3), None, distributed_dp=True)
+    with pytest.raises(SecAggRefusedError, match="round 3 of job 'j'"):
+        ParticipationLog(path, study="kidneys", min_distance=1e-4).admit(
+            setup(3), None, distributed_dp=True
+        )
+
+
+def test_a_version_1_record_is_migrated_to_hold_for_every_study(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    model = np.random.default_rng(2).normal(size=1000).astype(np.float32)
+    setup = make_setup(SecAggParams(signed=True), 3, 10, members=["a", "b", "c"], job="j")
+    ParticipationLog(path, min_distance=1e-4).admit(setup, model, distributed_dp=False)
+    # Rewrite it as the previous fedcore did: version 1, entries without a study.
+    document = json.loads(path.read_text())
+    document["version"] = 1
+    for entry in document["contributions"]:
+        del entry["study"]
+    path.write_text(json.dumps(document))
+    for study in ("", "any-study"):
+        with pytest.raises(SecAggRefusedError, match="already contributed to round 0 of job"):
+            ParticipationLog(path, study=study, min_distance=1e-4).admit(
+                setup, model + np.float32(1.0), distributed_dp=False
+            )
+    # Written back as version 2 on the next contribution, the old entry still for every study.
+    log = ParticipationLog(path, study="s", min_distance=1e-4)
+    log.admit(replace(setup, job="k"), model + np.float32(1.0), distributed_dp=False)
+    assert json.loads(path.read_text())["version"] == 2
+    with pytest.raises(SecAggRefusedError, match="round 0 of job 'j'"):
+        ParticipationLog(path, study="t", min_distance=1e-4).admit(
+            setup, model + np.float32(2.0), distributed_dp=False
+        )
+    # A record from a newer fedcore is refused clearly, never overwritten.
+    document = json.loads(path.read_text())
+    document["version"] = 3
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="version 3, this fedcore reads versions up to 2"):
         ParticipationLog(path, min_distance=1e-4)

@@ -13,7 +13,8 @@ import pytest
 from fedcore.errors import SecAggAbortedError, SecAggError, SecAggRefusedError
 from fedcore.secagg import ClientState, SecAggClient, SecAggParams, ServerState
 from fedcore.secagg.messages import EncryptedShare, UnmaskRequest
-from fedcore.secagg.simulation import PHASES, Simulation, make_setup
+from fedcore.secagg.setup import make_setup
+from fedcore.secagg.simulation import PHASES, Simulation
 
 D = 2_000
 

@@ -19,7 +19,8 @@ from fedcore.secagg.identity import Roster, SiloIdentity
 from fedcore.secagg.messages import RoundSetup, UnmaskRequest
 from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.secagg.server import SecAggServer
-from fedcore.secagg.simulation import Simulation, make_identities, make_setup
+from fedcore.secagg.setup import make_setup
+from fedcore.secagg.simulation import Simulation, make_identities
 
 NAMES = ["a", "b", "c", "d", "e"]
 D = 16

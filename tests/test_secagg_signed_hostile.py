@@ -25,7 +25,8 @@ from fedcore.secagg import SecAggParams, wire
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.messages import RoundSetup, UnmaskRequest
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.simulation import make_identities, make_setup
+from fedcore.secagg.setup import make_setup
+from fedcore.secagg.simulation import make_identities
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.analytics.encoding import FIXED_POINT, MAX_WORDS, masked_words
+from fedcore.analytics.encoding import FIXED_POINT, MAX_WORDS, masked_words, query_job
 from fedcore.analytics.layout import Layout, plan_layout
 from fedcore.analytics.local import local_sums
 from fedcore.analytics.mechanism import (
@@ -53,7 +53,10 @@ from fedcore.privacy.discrete import preload
 from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
+from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.messages import RoundSetup
+from fedcore.secagg.participant import Participant
+from fedcore.secagg.participation import ParticipationLog
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -100,6 +103,7 @@ class _Open:
     client: SecAggClient
     divisor: int  # honest shares this silo relies on (its policy, capped by the silos)
     budget_left: tuple[float, float]  # epsilon left once charged, at the budget's delta
+    round: Participant | None = None
 
 
 def _left(budget: tuple[float, float]) -> tuple[float, float]:
@@ -133,13 +137,25 @@ class QueryResponder:
         table: the local rows (never sent).
         metadata: the table's public description (its columns' bounds and categories).
         exact: answer without noise (tests only: see :data:`EXACT_ENV`).
+        identity: this silo's signing key and roster: answer only signed secure rounds.
+        participation: the on-disk record of masked contributions (each signed query once).
     """
 
-    def __init__(self, table: Table, metadata: DatasetMetadata, *, exact: bool = False) -> None:
+    def __init__(
+        self,
+        table: Table,
+        metadata: DatasetMetadata,
+        *,
+        exact: bool = False,
+        identity: SiloIdentity | None = None,
+        participation: ParticipationLog | None = None,
+    ) -> None:
         self.table = table
         self.metadata = metadata
         self.schema = {f.name: f for f in metadata.features}
         self.exact = exact
+        self.identity = identity
+        self.participation = participation
         self.answered = 0
         self.refused = 0
         #: Refusals by rule. None depends on the data (see the module docstring); the counts
@@ -155,7 +171,7 @@ class QueryResponder:
     def reset(self) -> None:
         """A new session: the queries of the last one can never complete; forget them."""
         for current in self._open.values():
-            current.client.abort()
+            current.client.abort()  # no coordinator to tell: the stream is gone
         self._open.clear()
 
     def attach(self, gate: Gate) -> None:
@@ -187,12 +203,20 @@ class QueryResponder:
             raise TaskRefused(
                 "secure-aggregation.setup", "the query's fixed-point format is not the standard one"
             )
+        self._check_signed(task, setup)
         if task.silos < policy.privacy.min_group_size or setup.threshold != task.silos:
             raise TaskRefused(
                 "secure-aggregation.setup",
                 f"a query's noise is shared by {task.silos} silo(s) and the round's threshold "
                 f"is {setup.threshold}; this worker needs all silos in the sum (threshold = "
                 f"silos) and at least {policy.privacy.min_group_size} of them",
+            )
+        if policy.privacy.max_silos is not None and task.silos > policy.privacy.max_silos:
+            raise TaskRefused(
+                "secure-aggregation.max-silos",
+                f"the query's secure round has {task.silos} silos; this silo's policy allows "
+                f"at most {policy.privacy.max_silos}",
+                by="policy",
             )
         assert policy.analytics is not None  # check_query refuses otherwise
         most = policy.analytics.network.max_silos
@@ -204,6 +228,30 @@ class QueryResponder:
                 by="policy",
             )
         return setup
+
+    def _check_signed(self, task: pb.QueryTask, setup: RoundSetup) -> None:
+        """A silo with a signing key answers only signed rounds, of one group of all the
+        silos the query names, bound to the query (the client checks the names against the
+        roster when it signs its keys)."""
+        if self.identity is None:
+            return
+        if not setup.signed:
+            raise TaskRefused(
+                "secure-aggregation.signed",
+                "this silo requires signed secure aggregation (it has a roster), but the "
+                "query's round names no silos; start the coordinator with --secagg-signed",
+            )
+        if (
+            len(setup.members) != task.silos
+            or setup.group_size != task.silos
+            or (setup.job, setup.round_number) != (query_job(task.query_id), 1)
+        ):
+            raise TaskRefused(
+                "secure-aggregation.setup",
+                f"the signed round names {len(setup.members)} silo(s) in groups of "
+                f"{setup.group_size} for job {setup.job!r}; a query's round is one group of "
+                f"all {task.silos} silos, bound to the query",
+            )
 
     def check(self, task: pb.QueryTask, policy: Policy) -> CompiledQuery:
         """Everything about ``task`` but the budget (the gate checks that next), compiled once:
@@ -240,6 +288,7 @@ class QueryResponder:
             min_group_size=policy.privacy.min_group_size,
             min_threshold=policy.privacy.min_threshold,
             min_survivors=task.silos,
+            max_silos=policy.privacy.max_silos,
         )
         assert policy.analytics is not None  # admitted: the policy answers queries
         return _Open(
@@ -248,7 +297,7 @@ class QueryResponder:
             sums.values / layout.scale_vector(),
             compiled.charge.noise_multiplier,
             compiled.charge,
-            SecAggClient(compiled.setup, rules=rules),
+            SecAggClient(compiled.setup, rules=rules, identity=self.identity),
             policy.analytics.network.share_divisor(task.silos),
             _left(gate.budget_left(compiled.charge)),
         )
@@ -278,7 +327,7 @@ class QueryResponder:
         if kind == "task":
             await self._start(message.task, send)
         elif kind == "secagg":
-            await self._secagg(message.secagg, send)
+            await self._secagg(message.secagg)
 
     async def _start(self, task: pb.QueryTask, send: Send) -> None:
         gate = self._gate
@@ -306,59 +355,53 @@ class QueryResponder:
             budget_delta=current.budget_left[1],
         )
         await send(self._message(accept=accept))
-        keys = wire.keys_to_proto(task.query_id, current.client.advertise())
-        await send(self._message(secagg=pb.SecAggWorkerMessage(keys=keys)))
 
-    async def _abandon(self, current: _Open, send: Send, reason: str) -> None:
+        async def send_secagg(message: pb.SecAggWorkerMessage) -> None:
+            await send(self._message(secagg=message))
+
+        async def on_shares() -> None:
+            await self._send_masked(current, send)
+
+        current.round = Participant(
+            current.client,
+            send_secagg,
+            label=f"query {task.query_id}",
+            on_shares=on_shares,
+            on_end=lambda revealed: self._ended(current, revealed),
+        )
+        await current.round.start()
+
+    def _ended(self, current: _Open, revealed: bool) -> None:
         self._open.pop(current.task.query_id, None)
-        current.client.abort()
-        abort = pb.SecAggAbort(round_id=current.task.query_id, reason=reason)
-        await send(self._message(secagg=pb.SecAggWorkerMessage(abort=abort)))
+        if revealed:
+            self.answered += 1
+            log.info("query %s answered", current.task.query_id)
 
-    async def _secagg(self, message: pb.SecAggCoordinatorMessage, send: Send) -> None:
+    async def _secagg(self, message: pb.SecAggCoordinatorMessage) -> None:
         kind = message.WhichOneof("body")
         if kind is None:
             return
-        body = getattr(message, kind)
-        current = self._open.get(body.round_id)
-        if current is None:
-            return
-        client = current.client
-        rid = current.task.query_id
-
-        def out(**fields: object) -> pb.WorkerMessage:
-            return self._message(secagg=pb.SecAggWorkerMessage(**fields))  # type: ignore[arg-type]
-
-        try:
-            if kind == "peers":
-                shares = client.share_keys(wire.directory_from_proto(body))
-                await send(out(shares=wire.shares_to_proto(rid, shares)))
-            elif kind == "shares":
-                client.receive_shares(wire.shares_from_proto(body))
-                await self._send_masked(current, send)
-            elif kind == "unmask":
-                response = client.unmask(wire.request_from_proto(body))
-                await send(out(unmask=wire.response_to_proto(rid, response)))
-                self._open.pop(rid, None)
-                self.answered += 1
-                log.info("query %s answered", rid)
-            elif kind == "abort":
-                self._open.pop(rid, None)
-                client.abort()
-                log.warning("query %s abandoned by the coordinator: %s", rid, body.reason)
-        except SecAggError as exc:
-            log.warning("query %s: secure aggregation abandoned: %s", rid, exc)
-            await self._abandon(current, send, str(exc))
+        current = self._open.get(getattr(message, kind).round_id)
+        if current is not None and current.round is not None:
+            await current.round.handle(message)
 
     async def _send_masked(self, current: _Open, send: Send) -> None:
-        """Charge the ledger, add this silo's noise share, mask, send."""
+        """Record the participation (signed rounds), charge the ledger, add this silo's noise
+        share, mask, send."""
         gate = self._gate
         assert gate is not None
+        assert current.round is not None
         task = current.task
+        setup = current.client.setup
+        if self.participation is not None and setup.signed:
+            # On disk before the masked answer exists: a replay of this signed query, even
+            # after a restart, is refused. The answer is a fresh DP release charged to the
+            # ledger, so no model-distance rule applies.
+            await asyncio.to_thread(self.participation.admit, setup, None, distributed_dp=True)
         try:
             await asyncio.to_thread(gate.release_query, current.charge)
         except TaskRefused as refusal:
-            await self._abandon(current, send, str(refusal))
+            await current.round.give_up(str(refusal), tell=True)
             await self._refuse(send, task.query_id, refusal)
             return
         if self.exact:

@@ -26,7 +26,7 @@ from fedcore.plan import ModelSpec
 from fedcore.policy import Policy, RecordDPSetup, load_policy
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES, max_message_bytes
-from fedcore.secagg.identity import SiloIdentity
+from fedcore.secagg.identity import Roster, SiloIdentity, load_signing_key
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
@@ -244,7 +244,11 @@ def _dataset_metadata(args: argparse.Namespace, num_examples: int) -> DatasetMet
     return load_metadata(path, num_examples=num_examples)
 
 
-def _table_worker(args: argparse.Namespace) -> tuple[Trainer, QueryResponder, DatasetMetadata]:
+def _table_worker(
+    args: argparse.Namespace,
+    identity: SiloIdentity | None,
+    participation: ParticipationLog | None,
+) -> tuple[Trainer, QueryResponder, DatasetMetadata]:
     """A worker serving a CSV or Parquet table for analytics queries (it trains nothing)."""
     path = args.metadata if args.metadata is not None else metadata_path_for(args.data)
     if not path.is_file():
@@ -258,7 +262,10 @@ def _table_worker(args: argparse.Namespace) -> tuple[Trainer, QueryResponder, Da
     if dataset.mock is not None:
         dataset = dataset.with_mock_csv(mock_csv(dataset.mock, dataset.features))
     exact = os.environ.get(EXACT_ENV) == "1"
-    return TableOnlyTrainer(table), QueryResponder(table, dataset, exact=exact), dataset
+    responder = QueryResponder(
+        table, dataset, exact=exact, identity=identity, participation=participation
+    )
+    return TableOnlyTrainer(table), responder, dataset
 
 
 def _coordinator_identity(args: argparse.Namespace) -> str | None:
@@ -361,8 +368,11 @@ def _run(argv: Sequence[str] | None) -> None:
     trainer: Trainer | None = None
     shard = None
     dataset: DatasetMetadata | None
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    identity = _silo_identity(args, name, policy)
+    participation = _participation(args, policy)
     if is_table_path(args.data):
-        trainer, responder, dataset = _table_worker(args)
+        trainer, responder, dataset = _table_worker(args, identity, participation)
         num_examples = trainer.num_examples
         labels = None
     else:
@@ -370,7 +380,6 @@ def _run(argv: Sequence[str] | None) -> None:
         num_examples = len(shard)
         labels = shard.y.numpy()
         dataset = _dataset_metadata(args, num_examples)
-    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     guard = None
     if args.policy is not None:
         # Before the trainer: a coordinator the policy does not allow stops the worker before
@@ -414,38 +423,66 @@ def _run(argv: Sequence[str] | None) -> None:
         tls=tls,
         analytics=responder,
         frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
-        identity=_silo_identity(args, name),
-        participation=_participation(args),
+        identity=identity,
+        participation=participation,
     )
     asyncio.run(_serve(worker))
 
 
-def _participation(args: argparse.Namespace) -> ParticipationLog | None:
-    """The on-disk record of masked contributions, when asked for (or signed mode is on)."""
+def _signing_key_path(args: argparse.Namespace, policy: Policy) -> Path | None:
+    """``--signing-key``, else the policy's ``[secure-aggregation] signing-key``."""
+    key: Path | None = args.signing_key
+    return key if key is not None else policy.privacy.signing.signing_key
+
+
+def _participation(args: argparse.Namespace, policy: Policy) -> ParticipationLog | None:
+    """The on-disk record of masked contributions, when asked for (or signed mode is on),
+    keyed by the policy's budget study."""
     path: Path | None = args.secagg_participation
-    if path is None and args.signing_key is not None:
-        path = args.signing_key.with_name(args.signing_key.name + ".participation.json")
+    key = _signing_key_path(args, policy)
+    if path is None and key is not None:
+        path = key.with_name(key.name + ".participation.json")
     if path is None:
         return None
     log.info("secure aggregation: masked contributions recorded in %s", path)
     return ParticipationLog(
         path,
+        study=policy.budget.study if policy.budget is not None else "",
         min_distance=args.secagg_min_model_distance,
         allow_with_dp=args.secagg_repeat_with_dp,
     )
 
 
-def _silo_identity(args: argparse.Namespace, name: str) -> SiloIdentity | None:
-    """This silo's signing key and roster (signed secure aggregation), when given."""
-    if (args.signing_key is None) != (args.roster is None):
-        raise ConfigError("--signing-key and --roster go together")
-    if args.signing_key is None:
+def _roster(args: argparse.Namespace, policy: Policy) -> tuple[Roster, str] | None:
+    """``--roster``, else the policy's ``roster`` file or pinned ``peers``, and its source."""
+    signing = policy.privacy.signing
+    if args.roster is not None:
+        return Roster.load(args.roster), str(args.roster)
+    if signing.roster is not None:
+        return Roster.load(signing.roster), str(signing.roster)
+    if signing.peers is not None:
+        where = f"{policy.source} [secure-aggregation.peers]"
+        return Roster.from_fingerprints(dict(signing.peers), where), where
+    return None
+
+
+def _silo_identity(args: argparse.Namespace, name: str, policy: Policy) -> SiloIdentity | None:
+    """This silo's signing key and roster (signed secure aggregation), from the flags or
+    the policy's ``[secure-aggregation]`` (the flags override it)."""
+    key = _signing_key_path(args, policy)
+    roster = _roster(args, policy)
+    if (key is None) != (roster is None):
+        raise ConfigError(
+            "a signing key and the peers it accepts go together: give --signing-key and "
+            "--roster, or signing-key with roster or peers in the policy's [secure-aggregation]"
+        )
+    if key is None or roster is None:
         return None
-    identity = SiloIdentity.load(name, args.signing_key, args.roster)
+    identity = SiloIdentity(name, load_signing_key(key), roster[0])
     log.info(
         "signed secure aggregation: %d silo(s) in the roster %s",
         len(identity.roster.fingerprints),
-        args.roster,
+        roster[1],
     )
     return identity
 

@@ -236,6 +236,7 @@ def check_fit(admission: Admission) -> CheckedTask:
             min_group_size=policy.privacy.min_group_size,
             min_threshold=policy.privacy.min_threshold,
             min_survivors=(dp.min_updates or 0) if dp is not None else 0,
+            max_silos=policy.privacy.max_silos,
         )
         if dp is not None and dp.distributed:
             dp = _exact_noise(dp, secagg, admission.signature)

@@ -1,5 +1,6 @@
-"""Secure aggregation on the worker: the glue between the stream and
-:class:`~fedcore.secagg.SecAggClient`.
+"""Secure aggregation of training updates on the worker: a fit task's round, run by the
+worker's one secure-round client (:class:`~fedcore.secagg.participant.Participant`, which
+analytics queries run too).
 
 A fit task that carries a ``SecAggSetup`` starts a round: the keys go out at once, the key
 directory and the shares addressed to this worker are answered as they arrive (while training
@@ -27,7 +28,7 @@ from fedcore.errors import SecAggError
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
 from fedcore.secagg.identity import SiloIdentity
-from fedcore.secagg.messages import UnmaskResponse
+from fedcore.secagg.participant import Participant
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
@@ -59,15 +60,9 @@ def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.ND
     return out
 
 
-class _Round:
-    def __init__(self, client: SecAggClient) -> None:
-        self.client = client
-        self.settled = asyncio.Event()  # shares received, or the round was abandoned
-        self.reason = ""
-
-
 class SecAggRounds:
-    """The worker's current secure round (at most one at a time)."""
+    """The worker's current secure round (at most one at a time), run by a
+    :class:`~fedcore.secagg.participant.Participant`."""
 
     def __init__(
         self,
@@ -81,36 +76,30 @@ class SecAggRounds:
         self._name = worker_name
         self._identity = identity
         self._participation = participation
-        self._round: _Round | None = None
+        self._round: Participant | None = None
 
-    def _body(self, **fields: object) -> pb.WorkerMessage:
-        return pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(**fields))  # type: ignore[arg-type]
+    async def _send_secagg(self, message: pb.SecAggWorkerMessage) -> None:
+        await self._send(pb.WorkerMessage(secagg=message))
 
     async def start(self, task: pb.Task, rules: ClientRules | None = None) -> None:
         """A fit task with a setup arrived (and passed the gate): new keys, sent at once.
         ``rules``: what this worker requires of the round (default: the safe defaults)."""
         if self._round is not None:
-            self._round.client.abort()
-            self._round.settled.set()
+            await self._round.give_up("a new secure round started", tell=False)
         setup = wire.setup_from_proto(task.secagg)
-        current = _Round(SecAggClient(setup, rules=rules, identity=self._identity))
+        current = Participant(
+            SecAggClient(setup, rules=rules, identity=self._identity),
+            self._send_secagg,
+            label=f"round {task.round}",
+            on_end=lambda revealed: self._ended(current, revealed),
+        )
         self._round = current
-        try:
-            advertised = current.client.advertise()
-        except SecAggError as exc:  # a round this worker's roster refuses
-            await self._give_up(current, str(exc), tell=True)
-            return
-        keys = wire.keys_to_proto(setup.round_id, advertised)
-        await self._send(self._body(keys=keys))
+        await current.start()
 
-    async def _give_up(self, current: _Round, reason: str, *, tell: bool) -> None:
-        current.client.abort()
-        current.reason = reason
-        current.settled.set()
-        log.warning("secure aggregation abandoned: %s", reason)
-        if tell:
-            abort = pb.SecAggAbort(round_id=current.client.setup.round_id, reason=reason)
-            await self._send(self._body(abort=abort))
+    def _ended(self, current: Participant, revealed: bool) -> None:
+        # An abandoned round stays current: mask() reports why it was abandoned.
+        if revealed and self._round is current:
+            self._round = None
 
     async def abandon(self, reason: str) -> None:
         """Leave the current round (telling the coordinator), e.g. when the policy refuses to
@@ -118,61 +107,26 @@ class SecAggRounds:
         current = self._round
         if current is not None:
             self._round = None
-            await self._give_up(current, reason, tell=True)
+            await current.give_up(reason, tell=True)
 
     async def handle(self, message: pb.SecAggCoordinatorMessage) -> None:
         """One message of the coordinator's side of the protocol."""
-        kind = message.WhichOneof("body")
-        current = self._round
-        if kind is None or current is None:
-            return
-        body = getattr(message, kind)
-        client = current.client
-        rid = client.setup.round_id
-        if body.round_id != rid or client.state is ClientState.ABORTED:
-            return
-        try:
-            if kind == "peers":
-                shares = client.share_keys(wire.directory_from_proto(body))
-                await self._send(self._body(shares=wire.shares_to_proto(rid, shares)))
-                log.info("sent key shares to %d peer(s)", len(shares))
-            elif kind == "shares":
-                client.receive_shares(wire.shares_from_proto(body))
-                current.settled.set()
-            elif kind == "unmask" and client.signed:
-                signature = client.consistency(wire.request_from_proto(body))
-                await self._send(self._body(consistency=wire.consistency_to_proto(rid, signature)))
-                log.info("signed the unmasking request")
-            elif kind == "unmask":
-                await self._reveal(client.unmask(wire.request_from_proto(body)))
-            elif kind == "signatures":
-                await self._reveal(client.unmask_checked(wire.signatures_from_proto(body)))
-            elif kind == "abort":
-                await self._give_up(current, f"the coordinator aborted: {body.reason}", tell=False)
-        except SecAggError as exc:
-            await self._give_up(current, str(exc), tell=True)
-
-    async def _reveal(self, response: UnmaskResponse) -> None:
-        current = self._round
-        assert current is not None
-        rid = current.client.setup.round_id
-        await self._send(self._body(unmask=wire.response_to_proto(rid, response)))
-        log.info("sent unmasking shares")
-        self._round = None
+        if self._round is not None:
+            await self._round.handle(message)
 
     async def mask(
         self, task: pb.Task, received: Weights, updated: Weights, *, is_delta: bool, examples: int
     ) -> npt.NDArray[np.unsignedinteger]:
         """Phase 3: wait for this worker's shares, then quantize and mask the delta."""
         current = self._round
-        if current is None or current.client.setup.round_id != task.secagg.round_id:
+        if current is None or current.round_id != task.secagg.round_id:
             raise SecAggError("this secure round was abandoned before the update was ready")
         setup = current.client.setup
         # The coordinator closes phases 1 and 2 within two phase timeouts of the task.
         try:
             await asyncio.wait_for(current.settled.wait(), 2 * setup.phase_timeout + 5)
         except TimeoutError:
-            await self._give_up(current, "no shares arrived in time", tell=True)
+            await current.give_up("no shares arrived in time", tell=True)
         if current.client.state is not ClientState.READY:
             raise SecAggError(f"secure aggregation abandoned: {current.reason or 'not ready'}")
         if self._participation is not None:
@@ -186,7 +140,7 @@ class SecAggRounds:
                     distributed_dp=current.client.rules.min_survivors > 0,
                 )
             except SecAggError as exc:
-                await self._give_up(current, str(exc), tell=True)
+                await current.give_up(str(exc), tell=True)
                 raise
             del model
         delta = await asyncio.to_thread(flat_delta, updated, received, is_delta=is_delta)

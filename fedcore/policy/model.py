@@ -24,6 +24,12 @@ Every section is optional; an absent rule allows everything it would have restri
     required = true                        # never send an unmasked update
     min-group-size = 3                     # share keys with at least 2 neighbours (default 3)
     min-threshold = 0.5                    # Shamir threshold t > 0.5 x group (default 0.5)
+    max-silos = 20                         # refuse secure rounds of more silos (sybils)
+    signing-key = "hospital-a.signing.pem" # signed mode: this silo's key (fed-certs), and
+    roster = "roster.json"                 # the silos it accepts (both relative to this
+                                           # file's folder; --signing-key/--roster override)
+    [secure-aggregation.peers]             # or pin the peers here instead of a roster:
+    hospital-b = "9f86d0...64 hex digits"  # name = SHA-256 of its signing key
 
     [differential-privacy]
     required = "client-level"              # or "record-level", or "either"
@@ -102,6 +108,7 @@ __all__ = [
     "PlanRules",
     "Policy",
     "PrivacyRules",
+    "SigningRules",
     "TrainingRules",
     "load_policy",
     "parse_policy",
@@ -193,12 +200,24 @@ class TrainingRules:
 
 
 @dataclass(frozen=True)
+class SigningRules:
+    """Signed secure aggregation, from the policy: this silo's signing key and the peers it
+    accepts (a roster file, or fingerprints pinned in the policy itself)."""
+
+    signing_key: Path | None = None
+    roster: Path | None = None
+    peers: tuple[tuple[str, str], ...] | None = None  # (name, hex SHA-256 of its key)
+
+
+@dataclass(frozen=True)
 class PrivacyRules:
     """Secure aggregation and differential privacy a plan must use."""
 
     require_secagg: bool = False
     min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     min_threshold: float = DEFAULT_MIN_THRESHOLD
+    max_silos: int | None = None
+    signing: SigningRules = field(default_factory=SigningRules)
     require_dp: DPKind | None = None
     min_noise_multiplier: float | None = None
     max_clip_norm: float | None = None
@@ -332,6 +351,10 @@ class Policy:
             lines.append(f"evaluation accuracy released with {noise}")
         if self.privacy.require_secagg:
             lines.append("secure aggregation required")
+        if self.privacy.max_silos is not None:
+            lines.append(f"secure rounds of at most {self.privacy.max_silos} silos")
+        if self.privacy.signing != SigningRules():
+            lines.append("signed secure aggregation (signing key and peers from the policy)")
         if self.privacy.require_dp is not None:
             lines.append(f"differential privacy required ({self.privacy.require_dp})")
         if self.privacy.min_noise_multiplier is not None:
@@ -412,12 +435,27 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     if training.min_learning_rate > training.max_learning_rate:
         raise t.fail("min-learning-rate", "is above max-learning-rate")
 
-    s = section("secure-aggregation", ("required", "min-group-size", "min-threshold"))
+    s = section(
+        "secure-aggregation",
+        (
+            "required",
+            "min-group-size",
+            "min-threshold",
+            "max-silos",
+            "signing-key",
+            "roster",
+            "peers",
+        ),
+    )
     require_secagg = _default(s.boolean("required"), False)
     min_group_size = _or(s.integer("min-group-size", minimum=2), DEFAULT_MIN_GROUP_SIZE)
     min_threshold = _or(s.number("min-threshold"), DEFAULT_MIN_THRESHOLD)
     if not 0 < min_threshold < 1:
         raise s.fail("min-threshold", f"must be a fraction in (0, 1), got {min_threshold}")
+    max_silos = s.integer("max-silos", minimum=2)
+    if max_silos is not None and max_silos < min_group_size:
+        raise s.fail("max-silos", f"is below min-group-size ({max_silos} < {min_group_size})")
+    signing = _signing(s, path)
 
     d = section(
         "differential-privacy",
@@ -437,6 +475,8 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         require_secagg=require_secagg,
         min_group_size=min_group_size,
         min_threshold=min_threshold,
+        max_silos=max_silos,
+        signing=signing,
         require_dp=required,
         min_noise_multiplier=d.number("min-noise-multiplier", positive=True),
         max_clip_norm=d.number("max-clip-norm", positive=True),
@@ -600,6 +640,39 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
 
 
 _NETWORK_KEYS = ("max-silos", "honest-silos")
+_FINGERPRINT_DIGITS = frozenset("0123456789abcdef")
+
+
+def _relative(path: Path, value: str | None) -> Path | None:
+    """A path of the policy, relative to its folder."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else path.parent / p
+
+
+def _signing(table: StrictTable, path: Path) -> SigningRules:
+    """The ``signing-key`` / ``roster`` / ``peers`` keys of ``[secure-aggregation]``."""
+    key = _relative(path, table.string("signing-key"))
+    roster = _relative(path, table.string("roster"))
+    raw = table.table("peers")
+    peers = None
+    if raw is not None:
+        if roster is not None:
+            raise table.fail("peers", "and 'roster' both list the peers: keep one")
+        for name, digest in raw.items():
+            if not (
+                isinstance(digest, str) and len(digest) == 64 and set(digest) <= _FINGERPRINT_DIGITS
+            ):
+                raise table.fail(
+                    "peers", f"{name!r} must be the hex SHA-256 of its signing key (64 digits)"
+                )
+        if len(set(raw.values())) != len(raw):
+            raise table.fail("peers", "lists one signing key for two silos")
+        peers = tuple(sorted((str(n), str(d)) for n, d in raw.items()))
+    if key is not None and roster is None and peers is None:
+        raise table.fail("signing-key", "needs the peers it accepts: 'roster' or 'peers'")
+    return SigningRules(key, roster, peers)
 
 
 def _network(table: StrictTable) -> NoiseNetwork:

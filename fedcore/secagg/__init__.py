@@ -15,6 +15,9 @@ about any single one, although every byte passes through it. Small modules, one 
 ``participation``         the on-disk record that refuses replayed contributions
 ``messages`` / ``wire``   the phase messages and their protobuf forms
 ``client`` / ``server``   the two sides' state machines (pure, testable in memory)
+``setup``                 the round setup a coordinator derives from its settings
+``driver``                the coordinator's one driver of a round (training and analytics)
+``participant``           the worker's one client of a round on the wire (both, too)
 ``simulation``            the whole protocol in one process (tests, benchmark)
 ========================  ===============================================================
 """

@@ -70,11 +70,14 @@ class ClientRules:
         min_threshold: the threshold t must exceed this fraction of the group.
         min_survivors: fewest survivors an unmasking request may name (distributed DP: the
             minimum update count the worker's noise share was derived from).
+        max_silos: most silos a round may name (signed mode) or a sharing group may hold
+            (None: any); more are refused, whoever they are (sybil resistance).
     """
 
     min_group_size: int = 3
     min_threshold: float = 0.5
     min_survivors: int = 0
+    max_silos: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_group_size < 2:
@@ -215,6 +218,14 @@ class SecAggClient:
                     "worker's roster"
                 )
             )
+        most = self.rules.max_silos
+        if most is not None and len(members) > most:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the round names {len(members)} silos; this worker's policy allows secure "
+                    f"rounds of at most {most} (max-silos)"
+                )
+            )
         if identity.name not in members:
             raise self._fail(SecAggRefusedError("the round does not name this worker"))
         if not 2 <= setup.group_size <= len(members):
@@ -259,6 +270,13 @@ class SecAggClient:
                 SecAggRefusedError(
                     f"the sharing group has {group} member(s); this worker requires at least "
                     f"{self.rules.min_group_size} (a smaller sum reveals too much of each input)"
+                )
+            )
+        if self.rules.max_silos is not None and group > self.rules.max_silos:
+            raise self._fail(
+                SecAggRefusedError(
+                    f"the sharing group has {group} members; this worker's policy allows at "
+                    f"most {self.rules.max_silos} (max-silos)"
                 )
             )
         if t <= self.rules.min_threshold * group:

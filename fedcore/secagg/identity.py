@@ -95,19 +95,30 @@ class Roster:
         silos = raw.get("silos")
         if not isinstance(silos, dict):
             raise ConfigError(f"{path}: 'silos' must map names to entries")
+        return cls.from_fingerprints(
+            {
+                str(name): entry.get("signing_sha256") if isinstance(entry, dict) else None
+                for name, entry in silos.items()
+            },
+            str(path),
+        )
+
+    @classmethod
+    def from_fingerprints(cls, silos: Mapping[str, object], where: str) -> Roster:
+        """A roster of ``silos`` (name -> hex SHA-256 of its signing key), e.g. the peers a
+        policy pins; ``where`` names the source in errors."""
         out: dict[str, str] = {}
-        for name, entry in silos.items():
-            digest = entry.get("signing_sha256") if isinstance(entry, dict) else None
+        for name, digest in silos.items():
             if not (
                 isinstance(digest, str)
                 and len(digest) == 64
                 and all(c in "0123456789abcdef" for c in digest)
             ):
-                raise ConfigError(f"{path}: silo {name!r} needs a hex 'signing_sha256'")
+                raise ConfigError(f"{where}: silo {name!r} needs a hex 'signing_sha256'")
             out[str(name)] = digest
         if len(set(out.values())) != len(out):
             # One key for two names would let one silo count twice in a group.
-            raise ConfigError(f"{path}: two silos share a signing key")
+            raise ConfigError(f"{where}: two silos share a signing key")
         return cls(out)
 
     def to_json(self) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,13 +15,12 @@ import numpy.typing as npt
 
 from .client import ClientRules, SecAggClient
 from .identity import Roster, SiloIdentity, fingerprint, generate_signing_key, raw_public
-from .messages import RoundSetup
 from .params import SecAggParams
-from .quantize import FixedPoint, ring_bits_for
 from .server import AggregateResult, SecAggServer
+from .setup import make_setup
 from .shamir import SHARE_BYTES
 
-__all__ = ["PHASES", "Simulation", "make_identities", "make_setup"]
+__all__ = ["PHASES", "Simulation", "make_identities"]
 
 # Simulations explore any group and threshold (the protocol's maths); real workers enforce
 # the safe defaults of ClientRules.
@@ -30,34 +28,6 @@ _SIMULATION_RULES = ClientRules(min_group_size=2, min_threshold=0.01)
 
 #: Where a worker can drop: before sending keys, shares, its masked input or unmask shares.
 PHASES = ("keys", "shares", "input", "unmask")
-
-
-def make_setup(
-    params: SecAggParams,
-    num_workers: int,
-    weight_norm: float,
-    round_id: str | None = None,
-    *,
-    members: Sequence[str] = (),
-    job: str = "",
-    round_number: int = 0,
-) -> RoundSetup:
-    """The round setup a coordinator would send ``num_workers`` workers (signed mode when
-    ``members`` names them, in index order)."""
-    if members and len(members) != num_workers:
-        raise ValueError("members must name every worker of the round")
-    fp = FixedPoint(params.bits, params.clip, ring_bits_for(params.bits, num_workers))
-    return RoundSetup(
-        round_id or uuid.uuid4().hex,
-        params.threshold_for(num_workers),
-        fp,
-        float(weight_norm),
-        params.phase_timeout,
-        members=tuple(members),
-        job=job,
-        round_number=round_number,
-        group_size=params.group_size(num_workers) if members else 0,
-    )
 
 
 def make_identities(names: Sequence[str]) -> dict[str, SiloIdentity]:

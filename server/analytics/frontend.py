@@ -134,6 +134,7 @@ class AnalyticsFrontend:
                 noise_multiplier=z,
                 sessions=sessions,
                 phase_timeout=self.settings.phase_timeout,
+                signed=self.settings.signed,
             )
             log.info(
                 "query %s: %r at epsilon %g over %d silo(s)",

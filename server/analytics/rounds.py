@@ -1,4 +1,5 @@
-"""One query's round over the workers' streams: admission, then the four secure phases.
+"""One query's round over the workers' streams: admission, then the secure round of
+:class:`~fedcore.secagg.driver.RoundDriver` (the one training rounds run).
 
 ::
 
@@ -8,6 +9,8 @@
 
 The round's threshold is the number of silos: if any silo is missing at any phase, the round
 aborts and nothing is revealed. The coordinator only ever holds masked vectors and the total.
+With ``signed`` (``fed-server --secagg-signed``) the round names its silos: they sign their
+keys and check each other's view of the round before unmasking, as in training.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fedcore.analytics.encoding import masked_words, round_setup
 from fedcore.analytics.layout import Layout
 from fedcore.errors import ProtocolError, QueryRefusedError, SecAggError
 from fedcore.secagg import wire
+from fedcore.secagg.driver import Phase, RoundDriver
 from fedcore.secagg.server import SecAggServer
 from fedcore.v1 import fedcore_pb2 as pb
 
@@ -56,6 +60,7 @@ class QueryRound:
         noise_multiplier: float,
         sessions: Sequence[WorkerSession],
         phase_timeout: float,
+        signed: bool = False,
     ) -> None:
         self.query_id = query_id
         self.layout = layout
@@ -66,8 +71,14 @@ class QueryRound:
         self._index = {s.worker_id: i for i, s in self.sessions.items()}
         self.phase_timeout = phase_timeout
         self.words = masked_words(layout.words)
-        self.setup = round_setup(query_id, len(sessions), phase_timeout)
+        names = [s.name for s in sessions]
+        self.setup = round_setup(
+            query_id, len(sessions), phase_timeout, members=names if signed else ()
+        )
         self.server = SecAggServer(self.setup, len(sessions), self.words)
+        self.driver = RoundDriver(
+            self.server, self, label=f"query {query_id}", names=names, needed=len(sessions)
+        )
         self.accepts: dict[int, pb.QueryAccept] = {}
         self.refusals: dict[int, str] = {}
         self._changed = asyncio.Event()
@@ -118,23 +129,12 @@ class QueryRound:
                 f"a masked query answer of {len(masked.masked)} bytes, expected {8 * self.words}"
             )
         vector = np.frombuffer(masked.masked, dtype="<u8").astype(np.uint64)
-        self.server.add_masked(index, vector)
+        self.driver.add_masked(index, vector)
 
     def _secagg(self, index: int, message: pb.SecAggWorkerMessage) -> None:
-        kind = message.WhichOneof("body")
-        if kind is None:
-            return
-        body = getattr(message, kind)
-        if body.round_id != self.query_id:
-            return
-        if kind == "keys":
-            self.server.add_keys(index, wire.keys_from_proto(body))
-        elif kind == "shares":
-            self.server.add_shares(index, wire.shares_from_proto(body))
-        elif kind == "unmask":
-            self.server.add_unmask(index, wire.response_from_proto(body))
-        else:
-            self.refusals[index] = f"left the secure round: {body.reason}"[:2000]
+        reason = self.driver.receive(index, message)
+        if reason is not None:
+            self.refusals[index] = f"left the secure round: {reason}"[:2000]
 
     # ------------------------------------------------------------------ phases
 
@@ -142,8 +142,9 @@ class QueryRound:
         message = pb.AnalyticsCoordinatorMessage(**fields)  # type: ignore[arg-type]
         self.sessions[index].send_urgent(pb.CoordinatorMessage(analytics=message))
 
-    def _send_secagg(self, index: int, **fields: object) -> None:
-        self._send(index, secagg=pb.SecAggCoordinatorMessage(**fields))  # type: ignore[arg-type]
+    def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
+        """The driver's messages, inside the analytics envelope."""
+        self._send(index, secagg=message)
 
     def _failed(self) -> str | None:
         if self.refusals:
@@ -154,6 +155,15 @@ class QueryRound:
         if gone:
             return f"silo(s) {', '.join(gone)} disconnected"
         return None
+
+    async def until(
+        self, phase: Phase, done: Callable[[int], bool], members: Sequence[int]
+    ) -> None:
+        """Every silo (not only ``members``) within the phase timeout, or the query fails."""
+        if phase is Phase.KEYS:
+            await self._until(lambda i: i in self.accepts and done(i), "acceptance")
+        else:
+            await self._until(done, phase.value)
 
     async def _until(self, done: Callable[[int], bool], what: str) -> None:
         loop = asyncio.get_running_loop()
@@ -186,9 +196,7 @@ class QueryRound:
         try:
             return await self._run(query_text)
         except (QueryRefusedError, SecAggError) as exc:
-            abort = pb.SecAggAbort(round_id=self.query_id, reason=str(exc)[:500])
-            for i in self.sessions:
-                self._send_secagg(i, abort=abort)
+            self.driver.abort(sorted(self.sessions), str(exc))
             if isinstance(exc, SecAggError):
                 raise QueryRefusedError(f"the query's secure round failed: {exc}") from None
             raise
@@ -204,21 +212,7 @@ class QueryRound:
         )
         for i in self.sessions:
             self._send(i, task=task)
-        server = self.server
-        await self._until(lambda i: i in self.accepts and i in server.keys, "acceptance")
-        directories = server.close_keys()
-        for i, directory in directories.items():
-            self._send_secagg(i, peers=wire.directory_to_proto(self.query_id, directory))
-        await self._until(server.has_shares, "key shares")
-        for i, shares in server.close_shares().items():
-            self._send_secagg(i, shares=wire.shares_to_proto(self.query_id, shares))
-        await self._until(lambda i: i in server.u3, "masked answer")
-        request = server.close_inputs()
-        unmask = wire.request_to_proto(self.query_id, request)
-        for i in server.recipients_of_request():
-            self._send_secagg(i, unmask=unmask)
-        await self._until(server.has_unmask, "unmasking shares")
-        result = await asyncio.to_thread(server.finish)
+        result = await self.driver.run(sorted(self.sessions))
         if result.num_examples != len(self.sessions):
             raise QueryRefusedError(
                 f"the sum holds {result.num_examples} silo(s), {len(self.sessions)} expected"

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import ProtocolError, SecAggError
-from fedcore.sanitize import printable
 from fedcore.secagg import wire
+from fedcore.secagg.driver import Phase, RoundDriver
 from fedcore.secagg.params import SecAggParams
 from fedcore.secagg.quantize import COUNT_WORDS
-from fedcore.secagg.server import SecAggServer, ServerState
-from fedcore.secagg.simulation import make_setup
+from fedcore.secagg.server import SecAggServer
+from fedcore.secagg.setup import make_setup
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.strategy import FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
@@ -39,7 +39,8 @@ log = logging.getLogger("fedcore.server")
 
 
 class SecAggCollector(FitCollector):
-    """One secure training round: the four phases, then one aggregated update.
+    """One secure training round: the four phases (:class:`RoundDriver`), then one
+    aggregated update.
 
     Args:
         round_number: the training round.
@@ -84,6 +85,14 @@ class SecAggCollector(FitCollector):
         self.server = SecAggServer(
             self.setup, n, self._words + COUNT_WORDS, degree=params.degree(n)
         )
+        self.driver = RoundDriver(
+            self.server,
+            self,
+            label=f"round {round_number}",
+            names=[s.name for s in sessions],
+            needed=needed,
+            why="--min-results",
+        )
         fp = self.setup.fixed_point
         self._masked_signature: ModelSignature = (
             TensorSignature(MASKED_TENSOR, fp.dtype.name, (self._words + COUNT_WORDS,)),
@@ -91,7 +100,11 @@ class SecAggCollector(FitCollector):
         self._metrics: dict[int, dict[str, float]] = {}
         self._gave_up: set[int] = set()
         self._changed = asyncio.Event()
-        self.phase_seconds: dict[str, float] = {}
+        self._round_deadline = 0.0
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        return self.driver.phase_seconds
 
     # ------------------------------------------------------------------ wire in
 
@@ -116,50 +129,26 @@ class SecAggCollector(FitCollector):
 
     def on_message(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
         """Route one secure-aggregation message of this round's participants."""
-        kind = message.WhichOneof("body")
-        if kind is None:
-            raise ProtocolError("an empty secure-aggregation message")
-        body = getattr(message, kind)
         index = self._index.get(session.worker_id)
-        if body.round_id != self.setup.round_id or index is None:
-            log.debug("ignoring a %s message of another round from %r", kind, session.name)
+        if index is None:
+            log.debug("ignoring a secure-aggregation message from %r", session.name)
             return
-        state = self.server.state
-        try:
-            if kind == "keys" and state is ServerState.KEYS:
-                self.server.add_keys(index, wire.keys_from_proto(body))
-            elif kind == "shares" and state is ServerState.SHARES:
-                self.server.add_shares(index, wire.shares_from_proto(body))
-            elif kind == "consistency" and state is ServerState.CONSISTENCY:
-                self.server.add_consistency(index, wire.consistency_from_proto(body))
-            elif kind == "unmask" and state is ServerState.UNMASKING:
-                self.server.add_unmask(index, wire.response_from_proto(body))
-            elif kind == "abort":
-                log.warning(
-                    "round %d: worker %r left secure aggregation: %s",
-                    self.round_number,
-                    session.name,
-                    printable(body.reason),
-                )
-                self._gave_up.add(index)
-            else:
-                log.info("round %d: late %s message from %r", self.round_number, kind, session.name)
-        except SecAggError as exc:
-            raise ProtocolError(f"secure aggregation: {exc}") from None
+        if self.driver.receive(index, message) is not None:
+            self._gave_up.add(index)
         self._changed.set()
 
     async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
         """Fold a masked input into the running sum (phase 3)."""
         if update is None:
             raise ProtocolError("a masked input must carry an update")
-        async with self.lock:
+        async with self.lock, self.driver.inputs_lock:
             index = self._index[ticket.session.worker_id]
-            if self.server.state is not ServerState.INPUTS or ticket.future.done():
+            if not self.driver.accepting_inputs or ticket.future.done():
                 self.fail(ticket, "masked input arrived outside of phase 3")
                 return
             try:
                 vector: Any = update[MASKED_TENSOR]  # dtype checked against the signature
-                await asyncio.to_thread(self.server.add_masked, index, vector)
+                await asyncio.to_thread(self.driver.add_masked, index, vector)
             except SecAggError as exc:
                 self.fail(ticket, str(exc))
                 raise ProtocolError(f"secure aggregation: {exc}") from None
@@ -192,96 +181,40 @@ class SecAggCollector(FitCollector):
             except TimeoutError:
                 return
 
-    def _send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
+    # ------------------------------------------------------------------ RoundTransport
+
+    def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
         # Overtakes the weights' chunks: phases 1 and 2 overlap the download.
         self.sessions[index].send_urgent(pb.CoordinatorMessage(secagg=message))
 
-    def _abort_members(self, members: Sequence[int], reason: str) -> None:
-        abort = pb.SecAggCoordinatorMessage(
-            abort=pb.SecAggAbort(round_id=self.setup.round_id, reason=reason)
-        )
-        for i in members:
-            self._send(i, abort)
+    async def until(
+        self, phase: Phase, done: Callable[[int], bool], members: Sequence[int]
+    ) -> None:
+        """Up to the phase timeout; the masked inputs (the workers train meanwhile) up to
+        the round's deadline. Late or departed workers drop out of the round."""
+        if phase is Phase.INPUTS:
+            deadline = self._round_deadline
+        else:
+            deadline = asyncio.get_running_loop().time() + self.setup.phase_timeout
+        await self._until(done, members, deadline)
+
+    # ------------------------------------------------------------------ the round
 
     async def wait(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        round_deadline = loop.time() + timeout
-        phase = self.setup.phase_timeout
+        self._round_deadline = asyncio.get_running_loop().time() + timeout
         everyone = sorted(self.sessions)
         try:
-            await self._run(loop, round_deadline, phase, everyone)
+            await self._run(everyone)
         except SecAggError as exc:
             log.warning("round %d: %s", self.round_number, exc)
             self.results.clear()
-            self._abort_members(everyone, str(exc))
+            self.driver.abort(everyone, str(exc))
         finally:
             self.settle(timeout)
 
-    async def _run(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        round_deadline: float,
-        phase: float,
-        everyone: list[int],
-    ) -> None:
-        rid = self.setup.round_id
-        server = self.server
+    async def _run(self, everyone: list[int]) -> None:
+        result = await self.driver.run(everyone)
         started = time.perf_counter()
-        # Phase 1: keys.
-        await self._until(lambda i: i in server.keys, everyone, loop.time() + phase)
-        directories = server.close_keys()
-        for i, directory in directories.items():
-            self._send(
-                i, pb.SecAggCoordinatorMessage(peers=wire.directory_to_proto(rid, directory))
-            )
-        self._abort_members([i for i in everyone if i not in directories], "no keys in time")
-        self.phase_seconds["keys"] = time.perf_counter() - started
-        # Phase 2: shares.
-        u1 = sorted(directories)
-        sent: set[int] = set()
-        await self._until(server.has_shares, u1, loop.time() + phase)
-        inboxes = server.close_shares()
-        for i, shares in inboxes.items():
-            self._send(i, pb.SecAggCoordinatorMessage(shares=wire.shares_to_proto(rid, shares)))
-            sent.add(i)
-        self._abort_members([i for i in u1 if i not in sent], "no shares in time")
-        self.phase_seconds["shares"] = time.perf_counter() - started - self.phase_seconds["keys"]
-        # Phase 3: masked inputs (the workers train meanwhile: bounded by the round timeout).
-        t3 = time.perf_counter()
-        u2 = sorted(inboxes)
-        await self._until(lambda i: i in server.u3, u2, round_deadline)
-        async with self.lock:
-            if len(server.u3) < self.needed:
-                server.abort(
-                    f"{len(server.u3)} masked input(s) arrived, {self.needed} needed "
-                    "(--min-results)"
-                )
-            request = server.close_inputs()
-        self.phase_seconds["inputs"] = time.perf_counter() - t3
-        # Phase 4: unmasking.
-        t4 = time.perf_counter()
-        unmask = pb.SecAggCoordinatorMessage(unmask=wire.request_to_proto(rid, request))
-        u3 = server.recipients_of_request()
-        for i in u3:
-            self._send(i, unmask)
-        if self.setup.signed:
-            # Phase 4a: the survivors' signatures on the request, relayed to all of them.
-            await self._until(server.has_consistency, u3, loop.time() + phase)
-            signatures = pb.SecAggCoordinatorMessage(
-                signatures=wire.signatures_to_proto(rid, server.close_consistency())
-            )
-            for i in server.recipients_of_shares_request():
-                self._send(i, signatures)
-        u4 = server.recipients_of_shares_request()
-        await self._until(server.has_unmask, u4, loop.time() + phase)
-        result = await asyncio.to_thread(server.finish)
-        for i, why in sorted(server.suspects.items()):
-            log.warning(
-                "round %d: worker %r sent %s; the round used the other workers' shares",
-                self.round_number,
-                self.sessions[i].name,
-                why,
-            )
         # A lying count (zero, or beyond what the contributors announced) must neither crash
         # the round nor skew it: see secagg_checks.
         count = bounded_count(
@@ -311,7 +244,7 @@ class SecAggCollector(FitCollector):
         for i in sorted(result.contributors):
             info = self.sessions[i].info
             self.results.append(FitResult(info, info.num_examples, self._metrics.get(i, {})))
-        self.phase_seconds["unmask"] = time.perf_counter() - t4
+        self.phase_seconds["unmask"] += time.perf_counter() - started
         dropped = len(self.sessions) - len(result.contributors)
         log.info(
             "round %d: securely aggregated %d masked input(s) (%d worker(s) dropped, t=%d); "
@@ -319,6 +252,6 @@ class SecAggCollector(FitCollector):
             self.round_number,
             len(result.contributors),
             dropped,
-            server.threshold,
+            self.server.threshold,
             ", ".join(f"{k} {v:.3f} s" for k, v in self.phase_seconds.items()),
         )

@@ -20,12 +20,15 @@ class AnalyticsSettings:
         only: serve queries only: run no training, stay up until stopped.
         default_delta: the delta of a query that states none.
         phase_timeout: seconds each step of a query's secure round may take.
+        signed: run each query's round in the signed mode (``--secagg-signed``): the silos
+            sign their keys and check each other's view of the round, as in training.
     """
 
     scientists: Path
     only: bool = False
     default_delta: float = 1e-6
     phase_timeout: float = 30.0
+    signed: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.default_delta < 1:
@@ -72,5 +75,9 @@ def analytics_settings_from_args(args: argparse.Namespace) -> AnalyticsSettings 
             raise ConfigError("--analytics-only needs --scientists (who may ask queries)")
         return None
     return AnalyticsSettings(
-        args.scientists, args.analytics_only, args.analytics_delta, args.analytics_phase_timeout
+        args.scientists,
+        args.analytics_only,
+        args.analytics_delta,
+        args.analytics_phase_timeout,
+        signed=bool(getattr(args, "secagg_signed", False)),
     )
