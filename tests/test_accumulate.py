@@ -170,3 +170,42 @@ def test_fedbuff_buffer_order_does_not_matter() -> None:
         return agg.result()["w"].tobytes()
 
     assert run([0, 1, 2, 3, 4]) == run([4, 2, 0, 3, 1]) == run([3, 4, 1, 0, 2])
+
+
+# ---------------------------------------------------------------- the one-limb sum
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=updates, data=st.data())
+def test_one_limb_any_permutation_gives_identical_bytes(
+    items: list[tuple[np.ndarray, int]], data: st.DataObject
+) -> None:
+    from fedcore.strategy.fixed_point import FixedPointSum
+
+    budget = sum(n for _, n in items)
+    order = data.draw(st.permutations(range(len(items))))
+    digests = []
+    for o in (order, range(len(items))):
+        s = FixedPointSum(budget)
+        for i in o:
+            x, n = items[i]
+            s.add({"w": x / np.float32(1e3)}, n)  # inside the float cap of 2**24
+        digests.append(s.digest_bytes())
+    assert digests[0] == digests[1]
+
+
+def test_one_limb_sum_cannot_overflow_at_its_bounds() -> None:
+    """Every value just under the cap, every weight of the budget used: the int64 holds."""
+    from fedcore.strategy.fixed_point import FLOAT_CAP_BITS, FixedPointSum
+
+    budget = 3 * 2**20
+    cap = np.nextafter(np.float32(2**FLOAT_CAP_BITS), np.float32(0))
+    s = FixedPointSum(budget)
+    for _ in range(3):
+        s.add({"w": np.full(4, cap, np.float32)}, 2**20)
+    got = s.total(budget)["w"]
+    np.testing.assert_allclose(got, float(cap), rtol=1e-12)
+    with pytest.raises(ValueError, match="weight budget"):
+        s.add({"w": np.ones(4, np.float32)}, 1)
+    with pytest.raises(PayloadError, match="beyond the exact sum's range"):
+        FixedPointSum(10).add({"w": np.full(2, 2.0**FLOAT_CAP_BITS, np.float32)}, 1)

@@ -402,4 +402,5 @@ def test_memory_stays_o_model_with_n_uploads_in_flight() -> None:
     finally:
         tracemalloc.stop()
     np.testing.assert_allclose(result["w"], 0.045, rtol=1e-6)
-    assert peak < 2.5 * model_bytes, f"peak {peak / model_bytes:.2f} models"
+    # The int64 sum is 2 models; staging the 8 uploads would take 8 more.
+    assert peak < 3 * model_bytes, f"peak {peak / model_bytes:.2f} models"

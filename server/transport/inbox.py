@@ -242,14 +242,11 @@ class Inbox:
                 # numpy releases the GIL: the event loop serves other streams meanwhile.
                 await asyncio.to_thread(upload.sink.add, chunk)
             except PayloadError as exc:
-                reason = str(exc)
-            else:
-                reason = None
-            if reason is not None:
+                # A bad chunk: take the upload's folded part back out, fail its worker.
                 await self._take_back(upload)
                 if upload.ticket.collector is not None:
-                    upload.ticket.collector.fail(upload.ticket, reason)
-                raise PayloadError(reason)
+                    upload.ticket.collector.fail(upload.ticket, str(exc))
+                raise
         elif upload.assembler is not None:
             upload.assembler.add(chunk)
         elif chunk.index != upload.next_index:
