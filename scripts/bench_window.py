@@ -9,7 +9,7 @@ channel uses gRPC's defaults plus the message limits, like a worker's. The link'
 and the server's peak memory are reported too: a larger window must not mean unbounded
 buffering.
 
-    bench_window.py [--options today fedcore bdp] [--rtt-ms 200] [--rate-mbit 1000]
+    bench_window.py [--options today window-32m bdp] [--rtt-ms 200] [--rate-mbit 1000]
                     [--megabytes 200] [--out F]
     bench_window.py server --options NAME     # internal: the server process
 """
@@ -42,26 +42,14 @@ _LIMITS = [
 ]
 
 
-def _fedcore_options() -> list[tuple[str, int]]:
-    try:
-        from fedcore.server.transport.window import FLOW_CONTROL_OPTIONS
-    except ImportError:
-        return []
-    return list(FLOW_CONTROL_OPTIONS)
-
-
-# The server's flow-control options under test. "today": the coordinator before issue 28 (no
-# BDP probing, gRPC's default window); "fedcore": what the coordinator sets now; "bdp": gRPC's
-# defaults (BDP probing on).
-OPTIONS = {
-    "today": lambda: [("grpc.http2.bdp_probe", 0)],
-    "fedcore": _fedcore_options,
-    "bdp": lambda: [],
-    "lookahead-32m": lambda: [
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", 32 << 20),
-    ],
-    "lookahead-32m-bdp": lambda: [("grpc.http2.lookahead_bytes", 32 << 20)],
+# The server's flow-control options under test. "today": the coordinator's (no BDP probing, so
+# gRPC's default window, which grows to one message while the handler waits for it);
+# "window-32m": a fixed 32 MiB window (1 Gbit/s x 200 ms = 25 MB in flight); "bdp": gRPC's
+# defaults (BDP probing grows the window with the measured bandwidth-delay product).
+OPTIONS: dict[str, list[tuple[str, int]]] = {
+    "today": [("grpc.http2.bdp_probe", 0)],
+    "window-32m": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 32 << 20)],
+    "bdp": [],
 }
 
 
@@ -157,21 +145,23 @@ def measure(name: str, spec: LinkSpec, total: int, tmp: Path) -> dict[str, Any]:
             result["server_peak_rss_bytes"] = json.loads(server.wait_for_line("peak ", 60))
         finally:
             server.stop()
-    result["server_options"] = OPTIONS[name]()
+    result["server_options"] = OPTIONS[name]
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_window.py", description=__doc__.split("\n\n")[0])
     p.add_argument("role", nargs="?", choices=["server"])
-    p.add_argument("--options", nargs="+", choices=sorted(OPTIONS), default=["today", "fedcore"])
+    p.add_argument(
+        "--options", nargs="+", choices=sorted(OPTIONS), default=["today", "window-32m", "bdp"]
+    )
     p.add_argument("--rtt-ms", type=float, default=200.0)
     p.add_argument("--rate-mbit", type=float, default=1000.0)
     p.add_argument("--megabytes", type=float, default=200.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.role == "server":
-        asyncio.run(_serve(OPTIONS[args.options[0]]()))
+        asyncio.run(_serve(OPTIONS[args.options[0]]))
         return 0
     import tempfile
 

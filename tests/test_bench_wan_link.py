@@ -144,3 +144,17 @@ async def test_a_receiver_that_stops_reading_stalls_the_sender(upstream_factory:
     assert link.up.peak_buffered <= link.up.capacity
     writer.close()
     del reader
+
+
+def test_the_physical_floor_is_set_by_the_slowest_link() -> None:
+    import bench_wan
+
+    even = bench_wan.Net(50.0, (100.0,) * 8)
+    straggler = bench_wan.Net(50.0, (10.0, *(100.0,) * 7))
+    # 10 MB down and up at 100 Mbit/s (0.8 s each) plus two round trips of 50 ms.
+    assert even.physical_floor(10_000_000) == pytest.approx(1.7)
+    assert straggler.physical_floor(10_000_000) == pytest.approx(16.1)
+    args = bench_wan.build_parser().parse_args(
+        ["--workers", "8", "--sizes", "2.5e6", "--straggler-mbit", "10"]
+    )
+    assert bench_wan.grid(args) == [(8, 2_500_000, even), (8, 2_500_000, straggler)]

@@ -48,7 +48,6 @@ from .limits import grpc_limit_options, max_concurrent_rpcs
 from .listen import EXCLUSIVE_BIND, bind_failure
 from .revocation import close_revoked
 from .untrusted import bound_announced_examples, clean_dataset
-from .window import FLOW_CONTROL_OPTIONS
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 
@@ -431,7 +430,9 @@ async def start_grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             EXCLUSIVE_BIND,
-            *FLOW_CONTROL_OPTIONS,
+            # No flow-control window growth: while one upload holds the upload slot, the other
+            # streams' unread updates wait in the workers, not in this process (memory O(model)).
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
