@@ -24,6 +24,21 @@ from fedcore.data import load_mnist, partition, save_shard
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most ``slow`` tests first, the rest after in their usual order.
+
+    ``make test`` hands whole files to two processes (``--dist loadfile
+    --no-loadscope-reorder``) in this order: the long federations start at once and the many
+    quick files fill the end, so neither process is left with one long file when the other
+    is done (xdist's own order, most tests first, started them last).
+    """
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    first = {path: i for i, path in enumerate(slow)}
+    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 IID shards of 400 MNIST training examples, and a 1,000-example test set."""

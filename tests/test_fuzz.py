@@ -253,6 +253,7 @@ def test_the_honest_upload_is_accepted(loop: asyncio.AbstractEventLoop) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(mutations=st.lists(_mutation, min_size=1, max_size=5), stale=st.booleans())
+@pytest.mark.slow
 def test_mutated_uploads_are_refused_or_valid_never_a_crash(
     loop: asyncio.AbstractEventLoop, mutations: list[tuple[Any, ...]], stale: bool
 ) -> None:
