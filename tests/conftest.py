@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,6 +64,7 @@ class Proc:
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []  # --log-json records, in order
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -70,8 +73,13 @@ class Proc:
         assert self.popen.stdout is not None
         with self.popen.stdout:
             for line in self.popen.stdout:
+                record = _json_record(line)
                 with self._cond:
-                    self.lines.append(line.rstrip("\n"))
+                    if record is None:
+                        self.lines.append(line.rstrip("\n"))
+                    else:  # --log-json: the event for wait_for_event, the prose for the rest
+                        self.events.append(record)
+                        self.lines.extend(_prose(record))
                     self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -121,6 +129,31 @@ class Proc:
                     )
                 self._cond.wait(min(left, 0.5))
 
+    def matching(self, event: str, **fields: object) -> list[dict[str, Any]]:
+        """The ``--log-json`` records so far of ``event`` whose fields equal ``fields``."""
+        with self._cond:
+            return [r for r in self.events if _matches(r, event, fields)]
+
+    def wait_for_event(
+        self, event: str, *, n: int = 1, timeout: float = 60.0, **fields: object
+    ) -> dict[str, Any]:
+        """The ``n``-th (1-based) ``--log-json`` record of ``event`` whose fields equal
+        ``fields`` (e.g. ``wait_for_event("update_sent", round=2)``); fails after ``timeout``
+        seconds, or at once when the process has ended without it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [r for r in self.events if _matches(r, event, fields)]
+                if len(found) >= n:
+                    return found[n - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{self.name}: {len(found)} of {n} {event!r} event(s) with {fields} "
+                        f"within {timeout} s; output:\n{self.output}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
     def wait(self, timeout: float = 120.0) -> int:
         try:
             code = self.popen.wait(timeout)
@@ -140,6 +173,27 @@ class Proc:
             self.popen.kill()
         self.popen.wait(10)
         self._reader.join(10)
+
+
+def _json_record(line: str) -> dict[str, Any] | None:
+    """A ``--log-json`` line's record; None for any other output line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "message" in record else None
+
+
+def _prose(record: dict[str, Any]) -> list[str]:
+    """A JSON record as the text log would print it (time, level, message, traceback)."""
+    head = f"{str(record.get('time', ''))[11:]} {record.get('level', '')} {record['message']}"
+    return [*head.splitlines(), *str(record.get("exception", "")).splitlines()]
+
+
+def _matches(record: dict[str, Any], event: str, fields: dict[str, object]) -> bool:
+    return record.get("event") == event and all(record.get(k) == v for k, v in fields.items())
 
 
 @pytest.fixture

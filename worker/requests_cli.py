@@ -16,10 +16,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcore.cli_support import run_cli
-from fedcore.errors import ConfigError, PlanRejectedError
 # The verifier (sympy, fake tensors: half a second) loads on first use, not with fed-worker.
 from fedcore import plans
+from fedcore.cli_support import run_cli
+from fedcore.errors import ConfigError, PlanRejectedError
 from fedcore.plans.queue import queue_from
 
 __all__ = ["build_requests_parser", "requests_main"]
