@@ -208,13 +208,17 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def start_server(procs: list[Proc], *args: str) -> tuple[Proc, int]:
-    proc = Proc([str(BIN / "fed-server"), "--listen", "127.0.0.1:0", *args], "fed-server")
+    """A ``fed-server`` logging ``--log-json`` (see :meth:`Proc.wait_for_event`) and its port
+    (read from the line it prints for scripts, not from a log record)."""
+    command = [str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--log-json", *args]
+    proc = Proc(command, "fed-server")
     procs.append(proc)
     port = int(proc.wait_for_line(r"listening on [\d.]+:(\d+)", 60).group(1))
     return proc, port
 
 
 def start_worker(procs: list[Proc], port: int, shard: Path, name: str, *args: str) -> Proc:
+    """A ``fed-worker`` of the coordinator on ``port``, logging ``--log-json``."""
     proc = Proc(
         [
             str(BIN / "fed-worker"),
@@ -226,6 +230,7 @@ def start_worker(procs: list[Proc], port: int, shard: Path, name: str, *args: st
             name,
             "--threads",
             "1",
+            "--log-json",
             *args,
         ],
         name,

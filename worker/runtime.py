@@ -453,7 +453,11 @@ class Worker:
                     continue
                 kind = message.WhichOneof("body")
                 if kind == "shutdown":
-                    log.info("federation over: %s", message.shutdown.reason)
+                    log.info(
+                        "federation over: %s",
+                        message.shutdown.reason,
+                        extra={"event": "federation_over", "reason": message.shutdown.reason},
+                    )
                     self._move(WorkerState.FINISHED)
                     return True
                 if kind == "secagg":

@@ -124,6 +124,12 @@ class SyncEngine:
                         round_number,
                         failure.worker.name,
                         failure.reason,
+                        extra={
+                            "event": "worker_dropped",
+                            "round": round_number,
+                            "worker": failure.worker.name,
+                            "reason": failure.reason,
+                        },
                     )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()

@@ -172,6 +172,7 @@ class Inbox:
                 "worker %r answered round %d after it ended; its update is discarded",
                 name,
                 ticket.round_number,
+                extra={"event": "late_answer", "worker": name, "round": ticket.round_number},
             )
             self._upload = _Upload(ticket, result, None, remaining)
         else:
