@@ -138,8 +138,9 @@ class Proc:
         self, event: str, *, n: int = 1, timeout: float = 60.0, **fields: object
     ) -> dict[str, Any]:
         """The ``n``-th (1-based) ``--log-json`` record of ``event`` whose fields equal
-        ``fields`` (e.g. ``wait_for_event("update_sent", round=2)``); fails after ``timeout``
-        seconds, or at once when the process has ended without it."""
+        ``fields`` (e.g. ``wait_for_event("update_sent", round=2)``; a ``re.compile(...)``
+        value searches a free-text field); fails after ``timeout`` seconds, or at once when
+        the process has ended without it."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -193,7 +194,11 @@ def _prose(record: dict[str, Any]) -> list[str]:
 
 
 def _matches(record: dict[str, Any], event: str, fields: dict[str, object]) -> bool:
-    return record.get("event") == event and all(record.get(k) == v for k, v in fields.items())
+    """``event`` with every field equal, or searched by a compiled pattern (free text)."""
+    return record.get("event") == event and all(
+        bool(v.search(str(record.get(k, "")))) if isinstance(v, re.Pattern) else record.get(k) == v
+        for k, v in fields.items()
+    )
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def test_wait_for_event_matches_event_fields_and_count(procs: list[Proc]) -> Non
     assert child.wait_for_event("update_sent", round=2)["message"] == "round 2: sent update"
     assert child.wait_for_event("update_sent", n=2)["round"] == 2
     assert child.wait_for_event("finished")["path"] == str(Path("/tmp/x"))
+    assert child.wait_for_event("update_sent", message=re.compile(r"round 2"))["round"] == 2
     assert len(child.matching("update_sent")) == 2
     assert child.wait() == 0
     # The prose stays readable (and searchable) next to the events.

@@ -258,6 +258,12 @@ class Inbox:
                 ticket.round_number,
                 self.session.name,
                 error.message,
+                extra={
+                    "event": "task_refused",
+                    "round": ticket.round_number,
+                    "worker": self.session.name,
+                    "reason": error.message,
+                },
             )
         else:
             log.warning(
