@@ -218,7 +218,8 @@ def start_server(procs: list[Proc], *args: str) -> tuple[Proc, int]:
     command = [str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--log-json", *args]
     proc = Proc(command, "fed-server")
     procs.append(proc)
-    port = int(proc.wait_for_line(r"listening on [\d.]+:(\d+)", 60).group(1))
+    # Start-up takes seconds idle; a machine shared by many test runs saw more than 60.
+    port = int(proc.wait_for_line(r"listening on [\d.]+:(\d+)", 120).group(1))
     return proc, port
 
 
