@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := protos/fedcore/v1/fedcore.proto
 
-.PHONY: setup demo test lint typecheck linktree docs check proto bench bench-secagg bench-wan bench-mnist bench-analytics clean
+.PHONY: setup demo test test-fast lint typecheck linktree docs check proto bench bench-secagg bench-wan bench-mnist bench-analytics clean
 
 setup: $(STAMP)
 
@@ -19,9 +19,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-# Two test processes, one file each at a time (module-scoped federations stay in one process).
+# Two test processes, one file each at a time (module-scoped federations stay in one process),
+# in the order tests/conftest.py gives: files with the most slow tests first.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# The edit loop: everything but the slow tier (real federations, audits, long training runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -222,7 +222,12 @@ class Coordinator:
             raise CheckpointError(f"the checkpoint in {directory} holds weights of another shape")
         self._checkpointer.restore(checkpoint.states)
         self.start_round = checkpoint.round + 1
-        log.info("resuming from the checkpoint of round %d in %s", checkpoint.round, directory)
+        log.info(
+            "resuming from the checkpoint of round %d in %s",
+            checkpoint.round,
+            directory,
+            extra={"event": "resumed", "round": checkpoint.round},
+        )
         return (
             {spec.name: checkpoint.weights[spec.name] for spec in self.signature},
             [RoundMetrics(**row) for row in checkpoint.metrics],

@@ -78,7 +78,12 @@ def prepare_plan(plan: Plan) -> tuple[ModelSpec, pb.PlanProgram]:
 
     if verified.model_name not in available_models():
         register_model(verified.model_name)(factory)
-    log.info("shipping plan %s (%r)", verified.hash, plan.program.name)
+    log.info(
+        "shipping plan %s (%r)",
+        verified.hash,
+        plan.program.name,
+        extra={"event": "plan_shipped", "plan": verified.hash},
+    )
     return ModelSpec(verified.model_name), plan.program
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,21 @@ from fedcore.data import load_mnist, partition, save_shard
 from fedcore.server import Coordinator, ServerConfig
 
 BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most ``slow`` tests first, the rest after in their usual order.
+
+    ``make test`` hands whole files to two processes (``--dist loadfile
+    --no-loadscope-reorder``) in this order: the long federations start at once and the many
+    quick files fill the end, so neither process is left with one long file when the other
+    is done (xdist's own order, most tests first, started them last).
+    """
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    first = {path: i for i, path in enumerate(slow)}
+    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +64,7 @@ class Proc:
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []  # --log-json records, in order
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -55,8 +73,13 @@ class Proc:
         assert self.popen.stdout is not None
         with self.popen.stdout:
             for line in self.popen.stdout:
+                record = _json_record(line)
                 with self._cond:
-                    self.lines.append(line.rstrip("\n"))
+                    if record is None:
+                        self.lines.append(line.rstrip("\n"))
+                    else:  # --log-json: the event for wait_for_event, the prose for the rest
+                        self.events.append(record)
+                        self.lines.extend(_prose(record))
                     self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -106,6 +129,32 @@ class Proc:
                     )
                 self._cond.wait(min(left, 0.5))
 
+    def matching(self, event: str, **fields: object) -> list[dict[str, Any]]:
+        """The ``--log-json`` records so far of ``event`` whose fields equal ``fields``."""
+        with self._cond:
+            return [r for r in self.events if _matches(r, event, fields)]
+
+    def wait_for_event(
+        self, event: str, *, n: int = 1, timeout: float = 60.0, **fields: object
+    ) -> dict[str, Any]:
+        """The ``n``-th (1-based) ``--log-json`` record of ``event`` whose fields equal
+        ``fields`` (e.g. ``wait_for_event("update_sent", round=2)``; a ``re.compile(...)``
+        value searches a free-text field); fails after ``timeout`` seconds, or at once when
+        the process has ended without it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [r for r in self.events if _matches(r, event, fields)]
+                if len(found) >= n:
+                    return found[n - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{self.name}: {len(found)} of {n} {event!r} event(s) with {fields} "
+                        f"within {timeout} s; output:\n{self.output}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
     def wait(self, timeout: float = 120.0) -> int:
         try:
             code = self.popen.wait(timeout)
@@ -127,6 +176,31 @@ class Proc:
         self._reader.join(10)
 
 
+def _json_record(line: str) -> dict[str, Any] | None:
+    """A ``--log-json`` line's record; None for any other output line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "message" in record else None
+
+
+def _prose(record: dict[str, Any]) -> list[str]:
+    """A JSON record as the text log would print it (time, level, message, traceback)."""
+    head = f"{str(record.get('time', ''))[11:]} {record.get('level', '')} {record['message']}"
+    return [*head.splitlines(), *str(record.get("exception", "")).splitlines()]
+
+
+def _matches(record: dict[str, Any], event: str, fields: dict[str, object]) -> bool:
+    """``event`` with every field equal, or searched by a compiled pattern (free text)."""
+    return record.get("event") == event and all(
+        bool(v.search(str(record.get(k, "")))) if isinstance(v, re.Pattern) else record.get(k) == v
+        for k, v in fields.items()
+    )
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     """Processes started by a test; all killed at teardown whatever happened."""
@@ -139,13 +213,18 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def start_server(procs: list[Proc], *args: str) -> tuple[Proc, int]:
-    proc = Proc([str(BIN / "fed-server"), "--listen", "127.0.0.1:0", *args], "fed-server")
+    """A ``fed-server`` logging ``--log-json`` (see :meth:`Proc.wait_for_event`) and its port
+    (read from the line it prints for scripts, not from a log record)."""
+    command = [str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--log-json", *args]
+    proc = Proc(command, "fed-server")
     procs.append(proc)
-    port = int(proc.wait_for_line(r"listening on [\d.]+:(\d+)", 60).group(1))
+    # Start-up takes seconds idle; a machine shared by many test runs saw more than 60.
+    port = int(proc.wait_for_line(r"listening on [\d.]+:(\d+)", 120).group(1))
     return proc, port
 
 
 def start_worker(procs: list[Proc], port: int, shard: Path, name: str, *args: str) -> Proc:
+    """A ``fed-worker`` of the coordinator on ``port``, logging ``--log-json``."""
     proc = Proc(
         [
             str(BIN / "fed-worker"),
@@ -157,6 +236,7 @@ def start_worker(procs: list[Proc], port: int, shard: Path, name: str, *args: st
             name,
             "--threads",
             "1",
+            "--log-json",
             *args,
         ],
         name,

@@ -160,6 +160,7 @@ def test_the_noise_multiplier_is_calibrated_by_the_ledgers_accountant() -> None:
     assert noise_multiplier_for(0.5, 1e-6) > noise_multiplier_for(2.0, 1e-6)
 
 
+@pytest.mark.slow
 def test_silos_noise_shares_sum_to_the_calibrated_scale() -> None:
     """Three silos' discrete-Gaussian shares (each relying on 3 honest silos), summed, have
     the std the answer reports, no bias, and land on the ring's grid exactly."""

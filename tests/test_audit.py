@@ -208,6 +208,7 @@ _CONTROLS = [e.name for e in SUITE if e.ci is not None and e.expect == "leaky"]
 
 
 @pytest.mark.parametrize("name", _HONEST)
+@pytest.mark.slow
 def test_honest_mechanisms_stay_below_their_claim(name: str) -> None:
     result = _audited(name)
     assert result.claim.epsilon == pytest.approx(EPSILON, rel=1e-3)
@@ -216,18 +217,21 @@ def test_honest_mechanisms_stay_below_their_claim(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", _CONTROLS)
+@pytest.mark.slow
 def test_positive_controls_are_caught(name: str) -> None:
     result = _audited(name)
     assert result.violated, (result.lower_bound, result.claim)
     assert result.verdict == "caught"
 
 
+@pytest.mark.slow
 def test_the_free_refusal_is_caught_far_above_the_claim() -> None:
     result = _audited("analytics-free-refusal")
     assert result.test.false_positives == result.test.false_negatives == 0
     assert result.lower_bound > EPSILON + 0.5
 
 
+@pytest.mark.slow
 def test_every_honest_ci_audit_but_the_smoke_can_find_a_violation() -> None:
     """A run count too small to ever show a bound above the claim would pass anything; only
     the DP-SGD smoke is that small in CI, and says so."""

@@ -62,7 +62,7 @@ def test_workers_started_first_wait_for_the_coordinator(shards: Path, procs: lis
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workers = [start_worker(procs, port, shards / f"shard-{i}.npz", f"early-{i}") for i in range(2)]
-    workers[0].wait_for_line(r"not connected .*retrying", 30)
+    workers[0].wait_for_event("not_connected", timeout=30)
     server = Proc(
         [
             str(BIN / "fed-server"),
@@ -91,8 +91,8 @@ def test_worker_killed_mid_round_is_dropped_and_the_round_completes(
         start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)
     ]
     victim = start_worker(procs, port, shards / "shard-2.npz", "victim")
-    server.wait_for_line(r"round 1: 3 worker\(s\) training", 60)
-    victim.wait_for_line(r"round 1: training", 30)
+    server.wait_for_event("round_started", round=1, workers=3)
+    victim.wait_for_event("training", round=1, timeout=30)
     victim.signal(signal.SIGKILL)
     assert server.wait(180) == 0, server.output
     assert all(w.wait(30) == 0 for w in survivors)
@@ -147,13 +147,13 @@ def test_sigint_stops_the_coordinator_cleanly(
         *FAST,
     )
     worker = start_worker(procs, port, shards / "shard-0.npz", "silo-0")
-    server.wait_for_line(r"round 2: 1 worker\(s\) training", 60)
+    server.wait_for_event("round_started", round=2, workers=1)
     server.signal(signal.SIGINT)
     assert server.wait(60) == 0, server.output
     assert model.exists()
     # Stopped before its last round: the worker is not told the federation is over; it keeps
     # reconnecting (for a --resume) until its own stop.
-    worker.wait_for_line(r"not connected", 30)
+    worker.wait_for_event("not_connected", timeout=30)
     assert worker.popen.poll() is None, worker.output
     worker.signal(signal.SIGINT)
     assert worker.wait(30) == 0, worker.output

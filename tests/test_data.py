@@ -487,6 +487,7 @@ def test_cli_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "a.gz: checksum mismatch" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedcore.data", "verify"],

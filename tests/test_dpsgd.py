@@ -30,6 +30,7 @@ def _data(n: int = 256) -> ArrayDataset:
     return ArrayDataset(x, y)
 
 
+@pytest.mark.slow
 def test_silo_reports_the_epsilon_of_its_steps(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="fedcore")
     loop = DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5, mechanism="rdp")
@@ -62,6 +63,7 @@ def trainer_weights() -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_silo_budget_refuses_a_round_that_would_exceed_it() -> None:
     loop = DPSGD(noise_multiplier=2.0, max_grad_norm=1.0, max_epsilon=3.0, mechanism="rdp")
     model = build_model(ModelSpec("logreg"), seed=0)

@@ -7,6 +7,7 @@ by itself and rejoins later rounds."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -53,40 +54,43 @@ def test_cuts_at_every_stage_a_straggler_and_sigterm_are_survived(
         # The 1st cut may reset the connection before the worker read the coordinator's
         # welcome (a reset drops unread bytes), so that join may or may not be logged.
         proxy.wait_for_cuts(1, 120)
-        assert victim.count(r"round \d+: training") == 0  # the 1st cut came before training
-        victim.wait_for_nth_line(r"round \d+: training", 1, 60)
-        joined = victim.count(r"joined .* as 'victim'")
+        assert victim.matching("training") == []  # the 1st cut came before training
+        victim.wait_for_event("training")
+        joined = len(victim.matching("joined"))
         proxy.cut_all("while training")
-        victim.wait_for_nth_line(r"joined .* as 'victim'", joined + 1, 60)
-        victim.wait_for_nth_line(r"joined .* as 'victim'", joined + 2, 60)  # after mid-upload
+        victim.wait_for_event("joined", n=joined + 1)
+        victim.wait_for_event("joined", n=joined + 2)  # after mid-upload
         assert len(proxy.cuts) == 3
         assert proxy.cuts[2].startswith("up after")
         # Each cut dropped the victim from its round (the others completed it).
-        server.wait_for_nth_line(r"worker 'victim' dropped: .*(stream|connection|left)", 3, 60)
-        updates = victim.count(r"sent update")  # one may be logged for the cut upload
-        victim.wait_for_nth_line(r"sent update", updates + 1, 60)  # rejoined: a full round
+        server.wait_for_event("worker_dropped", n=3, worker="victim")
+        drops = server.matching("worker_dropped", worker="victim")[:3]
+        assert all(re.search("stream|connection|left", d["reason"]) for d in drops), drops
+        updates = len(victim.matching("update_sent"))  # one may be logged for the cut upload
+        victim.wait_for_event("update_sent", n=updates + 1)  # rejoined: a full round
 
         # A straggler: frozen while training, past the round timeout.
-        trained = victim.count(r"round \d+: training")
-        straggled = int(victim.wait_for_nth_line(r"round (\d+): training", trained + 1, 60)[1])
+        trained = len(victim.matching("training"))
+        straggled = victim.wait_for_event("training", n=trained + 1)["round"]
         victim.signal(signal.SIGSTOP)
-        server.wait_for_line(rf"round {straggled}: worker 'victim' dropped: no result within", 30)
+        drop = server.wait_for_event("worker_dropped", worker="victim", round=straggled, timeout=30)
+        assert drop["reason"].startswith("no result within"), drop
         server.wait_for_line(rf"^\s+{straggled}\s+2\s", 30)  # the round completed without it
         victim.signal(signal.SIGCONT)
-        server.wait_for_line(rf"worker 'victim' answered round {straggled} after it ended", 60)
-        updates = victim.count(r"sent update")
-        victim.wait_for_nth_line(r"sent update", updates + 1, 60)  # and rejoined later rounds
+        server.wait_for_event("late_answer", worker="victim", round=straggled)
+        updates = len(victim.matching("update_sent"))
+        victim.wait_for_event("update_sent", n=updates + 1)  # and rejoined later rounds
 
         # Graceful SIGTERM: a worker leaves, then the coordinator stops before its last round,
         # which does not end the federation: the others keep reconnecting until stopped.
         silos[1].signal(signal.SIGTERM)
         assert silos[1].wait(30) == 0, silos[1].output
         assert "stopped by signal" in silos[1].output
-        server.wait_for_line(r"worker 'silo-1' left", 30)
+        server.wait_for_event("worker_left", worker="silo-1", timeout=30)
         server.signal(signal.SIGTERM)
         assert server.wait(60) == 0, server.output
         for w in (silos[0], victim):
-            w.wait_for_line(r"not connected", 30)
+            w.wait_for_event("not_connected", timeout=30)
             w.signal(signal.SIGTERM)
             assert w.wait(30) == 0, w.output
             assert "federation over" not in w.output

@@ -88,10 +88,10 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     b = start_worker(procs, port, shards / "shard-1.npz", "b", "--frozen-weights", str(good))
     d = start_worker(procs, port, shards / "shard-2.npz", "d", "--frozen-cache", str(damaged))
     # Worker a restarts mid-federation, right after its first update: its cache survives.
-    a.wait_for_line(r"round \d+: sent update", 90)
+    a.wait_for_event("update_sent", timeout=90)
     a.kill()
     a2 = start_worker(procs, port, shards / "shard-0.npz", "a", "--frozen-cache", str(cache_a))
-    a2.wait_for_line(r"round \d+: sent update", 90)
+    a2.wait_for_event("update_sent", timeout=90)
     # c's data owner names a base model with other contents: c refuses the plans.
     c = start_worker(procs, port, shards / "shard-1.npz", "c", "--frozen-weights", str(bad))
     c.wait_for_line(r"differ from the data owner's file", 90)
@@ -108,13 +108,13 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     assert "received (" not in a2.output
     # The data owner's file is used, never a download.
     assert "received (" not in b.output
-    assert b.count(r"sent update") >= 2
+    assert len(b.matching("update_sent")) >= 2
     # A damaged cache entry is refused, deleted and fetched again.
     assert "damaged" in d.output
     assert d.count(r"received \(0\.6 MB\), cached") == 1
     # The refusal reaches the coordinator with its reason; c never trains.
     assert "differ from the data owner's file" in server.output
-    assert c.count(r"sent update") == 0
+    assert c.matching("update_sent") == []
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(rows) >= 2

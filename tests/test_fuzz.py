@@ -263,6 +263,7 @@ def test_the_honest_upload_is_accepted(loop: asyncio.AbstractEventLoop, streamin
     stale=st.booleans(),
     streaming=st.booleans(),
 )
+@pytest.mark.slow
 def test_mutated_uploads_are_refused_or_valid_never_a_crash(
     loop: asyncio.AbstractEventLoop, mutations: list[tuple[Any, ...]], stale: bool, streaming: bool
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedcore.frozen import FROM_MODEL, trainable_names
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from lora_model import make_task, tiny_bert_lora
 
 
+@pytest.mark.slow
 def test_only_adapters_and_head_train_and_they_are_small() -> None:
     model = tiny_bert_lora()
     weights = get_weights(model)

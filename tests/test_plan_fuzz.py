@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -173,6 +174,7 @@ def _check_rules(program: pb.PlanProgram) -> None:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(st.lists(_mutation(), min_size=1, max_size=2))
+@pytest.mark.slow
 def test_mutated_plans_are_refused_or_keep_the_rules(mutations: list[tuple[str, Any]]) -> None:
     program, doc = _doc()
     for mutation in mutations:  # two moves: e.g. an in-place operator, then an alias
@@ -204,6 +206,7 @@ _GRAMMAR_PIECES = st.sampled_from(
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(_GRAMMAR_PIECES, max_size=12).map("".join) | st.text(max_size=60))
+@pytest.mark.slow
 def test_the_shape_grammar_parses_or_refuses_anything_at_once(text: str) -> None:
     refusal = ""
     try:

@@ -175,6 +175,7 @@ def test_secure_aggregation_lr_range_and_rounds_are_terms_too(plan: Plan, tmp_pa
     gate.admit(_fit(plan, learning_rate=0.05, secagg=True))
 
 
+@pytest.mark.slow
 def test_the_queue_has_caps_and_says_so_when_full(plan: Plan, tmp_path: Path) -> None:
     pending = _gate(_approval_rules(tmp_path / "a", max_pending=2))
     for epochs in (1, 2):

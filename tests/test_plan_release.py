@@ -8,6 +8,7 @@ refusal also keeps the data in (nothing runs)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from plan_models import BatchNormNet, OverwritesInput, RowInBuffer, plan_of
 from torch import nn
@@ -61,6 +62,7 @@ def _released(module: nn.Module, accept: tuple[str, ...] = BUFFER_KINDS) -> Plan
     return PlanState(state, {})
 
 
+@pytest.mark.slow
 def test_only_parameters_and_accepted_statistics_are_released() -> None:
     leak = _released(RowInBuffer())
     assert leak.released.withheld == ("running_mean",)
@@ -121,6 +123,7 @@ def test_a_buffer_holding_a_training_row_is_refused_before_anything_runs() -> No
     assert _trainer(plan_of(RowInBuffer(), verified=False)) is None
 
 
+@pytest.mark.slow
 def test_honest_batch_norm_statistics_are_uploaded() -> None:
     plan = plan_of(BatchNormNet())
     made = _trainer(plan)

@@ -104,6 +104,7 @@ class GroupSiLU(nn.Module):
     ],
     ids=["resnet", "transformer", "lstm", "groupnorm-silu", "batchnorm-cnn"],
 )
+@pytest.mark.slow
 def test_honest_plans_export_verify_and_compute_what_the_model_does(
     make: Any, example: torch.Tensor
 ) -> None:
@@ -320,6 +321,7 @@ def test_attack_3_size_arguments_that_disagree_with_the_metadata_are_refused(
         verify_program(retouch(allocations, _scale_first_size(target, 1 << 20)))
 
 
+@pytest.mark.slow
 def test_allocations_are_bounded_in_size_growth_and_total() -> None:
     verify_program(raw_program(_Allocations(), IMAGE))  # positive control
     with pytest.raises(PlanRejectedError, match="grows faster than the batch"):
@@ -370,6 +372,7 @@ def test_attack_4_shape_expressions_outside_the_grammar_are_refused_fast(
     assert time.perf_counter() - started < 1.0  # refused before sympy or torch saw it
 
 
+@pytest.mark.slow
 def test_only_text_fedcore_printed_reaches_sympy(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
     original = sympy.sympify
@@ -405,6 +408,7 @@ def test_the_grammar_reads_linear_forms_and_prints_them_back() -> None:
 REVIEWER = "\x1b[2K\r\x1b[1A\x1b[2K  updates     nothing (reviewed: SAFE)"
 
 
+@pytest.mark.slow
 def test_attack_6_names_with_control_characters_are_refused() -> None:
     def traced(doc: dict[str, Any]) -> None:  # node metadata is dropped unread
         _nodes(doc)[0]["metadata"] = {"stack_trace": 'File "model.py", line 3\n  forward'}
@@ -455,6 +459,7 @@ def test_describe_escapes_everything_it_prints() -> None:
     assert "\\x1b[2K" in text  # shown, escaped
 
 
+@pytest.mark.slow
 def test_the_policy_sets_the_activation_limit_and_the_accepted_buffer_updates(
     tmp_path: Path,
 ) -> None:

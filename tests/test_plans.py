@@ -59,6 +59,7 @@ def _tiny_data(n: int = 70, seed: int = 0) -> ArrayDataset:
 
 
 @pytest.mark.parametrize("name", ["logreg", "mnist-mlp", "mnist-cnn", "mnist-dpcnn", "vector"])
+@pytest.mark.slow
 def test_registered_models_round_trip(name: str) -> None:
     model = build_model(ModelSpec(name), seed=0)
     plan = export_plan(model, MNIST_INPUT, name=name)
@@ -80,6 +81,7 @@ def test_export_is_deterministic_and_the_hash_covers_the_program(small_plan: Pla
     assert plan_hash(renamed) != small_plan.hash
 
 
+@pytest.mark.slow
 def test_example_resnet_trains_with_batchnorm_dropout_and_a_short_last_batch() -> None:
     model = make_resnet(width=8)
     plan = export_plan(model, MNIST_INPUT, name="resnet")
@@ -104,6 +106,7 @@ def test_example_resnet_trains_with_batchnorm_dropout_and_a_short_last_batch() -
     torch.testing.assert_close(module(x), model(x))
 
 
+@pytest.mark.slow
 def test_mse_loss_plan_trains() -> None:
     plan = export_plan(build_model(ModelSpec("mnist-mlp"), seed=0), MNIST_INPUT, loss="mse")
     module = verify_program(plan.program).build()
@@ -123,6 +126,7 @@ def test_plan_file_round_trip(tmp_path: Path, small_plan: Plan) -> None:
         read_plan_file(path, max_bytes=1 << 30)
 
 
+@pytest.mark.slow
 def test_describe_names_shapes_ops_parameters_loss_and_terms(cnn_plan: Plan) -> None:
     config = TrainConfig(
         epochs=2, batch_size=16, extra={"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.8}
@@ -146,6 +150,7 @@ def test_dpsgd_refuses_a_plan_clearly(small_plan: Plan) -> None:
         )
 
 
+@pytest.mark.slow
 def test_mnist_cnn_from_its_plan_matches_the_registry(cnn_plan: Plan) -> None:
     x, y = load_mnist("train")
     data = ArrayDataset(torch.from_numpy(x[:256]), torch.from_numpy(y[:256]))
@@ -308,6 +313,7 @@ def test_refuses_a_wrong_hash(small_plan: Plan) -> None:
         verify_program(program)
 
 
+@pytest.mark.slow
 def test_fed_plan_cli_exports_and_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedcore.plans.cli import main
 

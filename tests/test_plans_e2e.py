@@ -4,6 +4,7 @@ data owner's approval queue holds, admits and then denies it (one small federati
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -43,13 +44,14 @@ def test_plan_waits_for_approval_runs_once_approved_and_a_denial_reaches_the_coo
         "--min-results", "1", "--epochs", "2", "--batch-size", "1", "--lr", "0.01",
         "--metrics-out", str(metrics),
     )  # fmt: skip
-    digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
+    digest = server.wait_for_event("plan_shipped")["plan"]
     # Neither worker has --model: the plan is all they get.
     free = start_worker(procs, port, shards / "shard-0.npz", "free")
     owner = start_worker(procs, port, shards / "shard-1.npz", "owner", "--policy", str(policy))
-    free.wait_for_line(rf"training plan-{digest}")
-    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}")
-    assert owner.count(r"training plan-") == 0
+    free.wait_for_event("training", model=f"plan-{digest}")
+    waiting = re.compile(rf"awaiting approval: plan {digest[:16]}")
+    server.wait_for_event("task_refused", worker="owner", reason=waiting)
+    assert owner.matching("training") == []
 
     listed = _requests(capsys, policy, "list")
     assert f"{digest[:16]}  pending" in listed
@@ -59,14 +61,12 @@ def test_plan_waits_for_approval_runs_once_approved_and_a_denial_reaches_the_coo
     assert "2 local epoch(s), batch 1" in shown
 
     assert "approved" in _requests(capsys, policy, "approve", digest[:12])
-    owner.wait_for_line(rf"round (\d+): training plan-{digest}", timeout=90)
+    owner.wait_for_event("training", model=f"plan-{digest}", timeout=90)
     assert "denied: not for our patients" in _requests(
         capsys, policy, "deny", digest[:12], "--reason", "not for our patients"
     )
-    server.wait_for_line(
-        rf"'owner' refused .*plan {digest[:16]} was denied by the data owner: not for our patients",
-        timeout=90,
-    )
+    denied = re.compile(rf"plan {digest[:16]} was denied by the data owner: not for our patients")
+    server.wait_for_event("task_refused", worker="owner", reason=denied, timeout=90)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     assert rows
     assert all(row["plan"] == digest for row in rows)

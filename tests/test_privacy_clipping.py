@@ -32,6 +32,7 @@ def updates(draw: st.DrawFn) -> Weights:
 
 @settings(max_examples=300, deadline=None)
 @given(update=updates(), clip=st.floats(1e-3, 1e3))
+@pytest.mark.slow
 def test_clipping_holds_for_every_update(update: Weights, clip: float) -> None:
     result = clip_update(update, clip)
     assert l2_norm(result.update) <= clip

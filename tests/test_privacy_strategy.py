@@ -189,6 +189,7 @@ def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
     ),
     multipliers=st.lists(st.sampled_from([0.8, 1.0, 2.5]), min_size=8, max_size=8),
 )
+@pytest.mark.slow
 def test_per_worker_epsilon_is_that_of_its_own_rounds(
     cohorts: list[set[str]], multipliers: list[float]
 ) -> None:

@@ -151,7 +151,7 @@ def test_coordinator_killed_with_sigkill_resumes_and_workers_reconnect(
         "--listen", f"127.0.0.1:{port}", "--min-workers", "2", "--rounds", "4",
         "--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5",
         "--fed-eval-every", "0", "--eval-data", str(shards / "test.npz"),
-        "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics), "--resume",
+        "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics), "--resume", "--log-json",
     ]  # fmt: skip
 
     def server() -> Proc:
@@ -162,22 +162,22 @@ def test_coordinator_killed_with_sigkill_resumes_and_workers_reconnect(
     first = server()
     workers = [start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)]
     # Kill 1: in the middle of round 2, after round 1's checkpoint.
-    first.wait_for_line(r"round 1 checkpointed", 120)
-    first.wait_for_line(r"round 2: 2 worker\(s\) training", 60)
+    first.wait_for_event("checkpointed", round=1, timeout=120)
+    first.wait_for_event("round_started", round=2, workers=2)
     first.signal(signal.SIGKILL)
     assert first.wait(30) == -signal.SIGKILL
     assert load_checkpoint(ckpt).round == 1  # type: ignore[union-attr]
     # Kill 2: right after a checkpoint was written.
     second = server()
-    second.wait_for_line(r"resuming from the checkpoint of round 1", 60)
-    second.wait_for_line(r"round 2 checkpointed", 120)
+    second.wait_for_event("resumed", round=1)
+    second.wait_for_event("checkpointed", round=2, timeout=120)
     second.signal(signal.SIGKILL)
     assert second.wait(30) == -signal.SIGKILL
     kept = load_checkpoint(ckpt)
     assert kept is not None
     assert kept.round >= 2
     third = server()
-    third.wait_for_line(rf"resuming from the checkpoint of round {kept.round}", 60)
+    third.wait_for_event("resumed", round=kept.round)
     assert third.wait(180) == 0, third.output
     for w in workers:
         assert w.wait(30) == 0, w.output
@@ -203,26 +203,27 @@ def test_coordinator_stopped_with_sigterm_leaves_workers_reconnecting_for_resume
         "--listen", f"127.0.0.1:{port}", "--min-workers", "2", "--rounds", "3",
         "--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5",
         "--fed-eval-every", "0", "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics),
-        "--resume",
+        "--resume", "--log-json",
     ]  # fmt: skip
     first = Proc(args, "fed-server")
     procs.append(first)
     workers = [start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}") for i in range(2)]
-    first.wait_for_line(r"round 1 checkpointed", 120)
+    first.wait_for_event("checkpointed", round=1, timeout=120)
     first.signal(signal.SIGTERM)
     assert first.wait(60) == 0, first.output
     for w in workers:
         # Positive control: the stream really ended (the worker noticed and retries).
-        w.wait_for_line(r"not connected", 30)
+        w.wait_for_event("not_connected", timeout=30)
         assert w.popen.poll() is None, w.output  # still running: not told "it is over"
         assert "federation over" not in w.output
     second = Proc(args, "fed-server")
     procs.append(second)
-    second.wait_for_line(r"resuming from the checkpoint of round \d", 60)
+    second.wait_for_event("resumed")
     assert second.wait(180) == 0, second.output
     for w in workers:
         assert w.wait(30) == 0, w.output
-        assert w.count(r"federation over: training finished after 3 rounds") == 1, w.output
+        over = w.matching("federation_over", reason="training finished after 3 rounds")
+        assert len(over) == 1, w.output
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["workers"] == 2 for r in rows)

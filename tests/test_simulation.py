@@ -174,6 +174,7 @@ def test_hosts_share_the_clients_out() -> None:
     assert [client_name(i, 1000) for i in (0, 7, 999)] == ["client-000", "client-007", "client-999"]
 
 
+@pytest.mark.slow
 def test_virtual_workers_keep_no_model_and_train_a_bounded_number_at_once() -> None:
     x, y = load_mnist("train")
     spec = DataSpec(num_clients=12, max_examples=600)
@@ -273,6 +274,7 @@ async def _in_process(config: ServerConfig, spec: HostSpec) -> tuple[object, Any
     return outcome[0], report  # type: ignore[index]
 
 
+@pytest.mark.slow
 async def test_secagg_dp_and_policies_run_in_simulation(tmp_path: Path) -> None:
     """Every virtual worker enforces its policy and keeps its own ledger; secure aggregation
     and distributed client-level DP run as deployed."""

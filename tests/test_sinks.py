@@ -16,6 +16,7 @@ from test_coordinator import TIMEOUT, ScriptedTrainer, config, run_worker
 from fedcore.errors import ConfigError
 
 
+@pytest.mark.slow
 async def test_mlflow_and_tensorboard_record_every_round(
     coordinator_factory: Any, tmp_path: Path
 ) -> None:
@@ -113,6 +114,7 @@ def test_an_unusable_mlflow_store_is_refused_with_advice(tmp_path: Path) -> None
         MlflowSink(f"file://{tmp_path / 'mlruns'}", "fedcore", {}, "run")
 
 
+@pytest.mark.slow
 def test_tracker_libraries_load_only_when_their_flag_is_used() -> None:
     code = (
         "import sys, fedcore.server.cli, fedcore.server.coordinator\n"

@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
+from fedcore.codec import iter_chunks, make_header
+from fedcore.errors import PayloadError, ProtocolError
 from fedcore.server.engine.collectors import FitCollector
 from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
 from fedcore.server.transport.inbox import Inbox
 from fedcore.server.transport.upload_stream import StreamedUpload, layout_of
-
-from fedcore.codec import iter_chunks, make_header
-from fedcore.errors import PayloadError, ProtocolError
 from fedcore.strategy import (
     FedAdam,
     FedAvg,

@@ -45,6 +45,7 @@ def test_proximal_term_matches_the_explicit_objective(mu: float) -> None:
         np.testing.assert_allclose(value, get_weights(reference)[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_large_mu_keeps_the_model_near_the_global_one() -> None:
     data = _data()
     start = get_weights(build_model(ModelSpec("logreg"), seed=1))
@@ -61,6 +62,7 @@ def test_a_large_mu_keeps_the_model_near_the_global_one() -> None:
     assert drift(5.0) < 0.5 * drift(0.0)
 
 
+@pytest.mark.slow
 def test_fast_layout_changes_speed_not_results() -> None:
     """Channels-last training and evaluation give the weights and metrics of the default layout
     (up to float rounding), and get_weights still returns contiguous arrays."""

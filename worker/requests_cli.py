@@ -16,6 +16,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+# The verifier (sympy, fake tensors: half a second) loads on first use, not with fed-worker.
+from fedcore import plans
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanRejectedError
 from fedcore.plans.queue import queue_from
@@ -106,7 +108,7 @@ def _run(argv: Sequence[str]) -> None:
         from fedcore.plans import describe_plan, verify_program
 
         try:
-            verified = verify_program(queue.program(record.hash))
+            verified = plans.verify_program(queue.program(record.hash))
         except PlanRejectedError as exc:
             raise ConfigError(f"the queued plan fails verification here: {exc}") from None
         print(f"request     {record.id[:16]} for plan {record.hash[:16]}")
@@ -118,7 +120,7 @@ def _run(argv: Sequence[str]) -> None:
             print(f"approved    learning rates {record.lr_range[0]:g} to {record.lr_range[1]:g}")
         if record.rounds is not None:
             print(f"approved    for {record.rounds} round(s), {record.used} run")
-        for line in describe_plan(verified, train=record.train_config, secagg=record.secagg):
+        for line in plans.describe_plan(verified, train=record.train_config, secagg=record.secagg):
             print(line)
         return
     approve = args.command == "approve"

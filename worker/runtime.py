@@ -353,7 +353,12 @@ class Worker:
                 0.5, 1.0
             )
             attempt = min(attempt + 1, 30)
-            log.info("not connected (%s); retrying in %.1f s", reason, delay)
+            log.info(
+                "not connected (%s); retrying in %.1f s",
+                reason,
+                delay,
+                extra={"event": "not_connected", "retry_in": delay},
+            )
             await asyncio.sleep(delay)
 
     def _hello(self) -> pb.WorkerMessage:
@@ -401,7 +406,13 @@ class Worker:
                 raise
         self.worker_id = welcome.worker_id
         self._move(WorkerState.READY)
-        log.info("joined %s as %r (id %s)", self.server, self.name, welcome.worker_id)
+        log.info(
+            "joined %s as %r (id %s)",
+            self.server,
+            self.name,
+            welcome.worker_id,
+            extra={"event": "joined", "worker_id": welcome.worker_id},
+        )
         jobs: asyncio.Queue[Job] = asyncio.Queue()
 
         async def send(message: pb.WorkerMessage) -> None:
@@ -438,7 +449,11 @@ class Worker:
                     continue
                 kind = message.WhichOneof("body")
                 if kind == "shutdown":
-                    log.info("federation over: %s", message.shutdown.reason)
+                    log.info(
+                        "federation over: %s",
+                        message.shutdown.reason,
+                        extra={"event": "federation_over", "reason": message.shutdown.reason},
+                    )
                     self._move(WorkerState.FINISHED)
                     return True
                 if kind == "secagg":
@@ -610,6 +625,7 @@ class Worker:
             task.round,
             checked.model,
             self.trainer.num_examples,
+            extra={"event": "training", "round": task.round, "model": checked.model.name},
         )
         fit = await asyncio.to_thread(self.trainer.fit, checked.model, full, config)
         del full
@@ -660,6 +676,7 @@ class Worker:
             local.get("loss", float("nan")),
             100 * local.get("accuracy", float("nan")),
             local.get("train_seconds", float("nan")),
+            extra={"event": "update_sent", "round": task.round},
         )
 
     async def _evaluate(

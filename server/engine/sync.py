@@ -137,6 +137,12 @@ class SyncEngine:
                         round_number,
                         failure.worker.name,
                         failure.reason,
+                        extra={
+                            "event": "worker_dropped",
+                            "round": round_number,
+                            "worker": failure.worker.name,
+                            "reason": failure.reason,
+                        },
                     )
             if len(collector.results) >= needed_now:
                 aggregate = collector.aggregator.result()
@@ -302,7 +308,12 @@ class SyncEngine:
         for instruction, session in zip(instructions, selected, strict=True):
             task = ctx.fit_task(round_number, instruction, payload, setup)
             collector.add(ctx.issue(session, collector, task, payload))
-        log.info("round %d: %d worker(s) training", round_number, len(instructions))
+        log.info(
+            "round %d: %d worker(s) training",
+            round_number,
+            len(instructions),
+            extra={"event": "round_started", "round": round_number, "workers": len(instructions)},
+        )
         return collector
 
     async def _federated_evaluate(self, round_number: int) -> dict[str, float]:

@@ -218,4 +218,9 @@ class Checkpointer:
         """Write the checkpoint after ``round_number`` (in a thread: it fsyncs)."""
         checkpoint = Checkpoint(round_number, weights, metrics, states, self.fingerprint)
         path = await asyncio.to_thread(save_checkpoint, self.directory, checkpoint)
-        log.info("round %d checkpointed to %s", round_number, path)
+        log.info(
+            "round %d checkpointed to %s",
+            round_number,
+            path,
+            extra={"event": "checkpointed", "round": round_number},
+        )

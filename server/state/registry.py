@@ -328,6 +328,7 @@ class WorkerRegistry:
                 session.name,
                 reason,
                 len(self),
+                extra={"event": "worker_left", "worker": session.name, "reason": reason},
             )
         self.notify()
 

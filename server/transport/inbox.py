@@ -195,6 +195,7 @@ class Inbox:
                 "worker %r answered round %d after it ended; its update is discarded",
                 name,
                 ticket.round_number,
+                extra={"event": "late_answer", "worker": name, "round": ticket.round_number},
             )
             self._upload = _Upload(ticket, result, None, remaining)
         else:
@@ -319,6 +320,12 @@ class Inbox:
                 ticket.round_number,
                 self.session.name,
                 error.message,
+                extra={
+                    "event": "task_refused",
+                    "round": ticket.round_number,
+                    "worker": self.session.name,
+                    "reason": error.message,
+                },
             )
         else:
             log.warning(

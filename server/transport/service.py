@@ -276,6 +276,7 @@ class CoordinatorService:
             peer,
             session.num_examples,
             connected,
+            extra={"event": "worker_joined", "worker": session.name, "connected": connected},
         )
         if connected == QUIET_AFTER + 1:
             log.info(
