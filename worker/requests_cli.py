@@ -104,9 +104,6 @@ def _run(argv: Sequence[str]) -> None:
         return
     record = queue.find(args.hash)
     if args.command == "show":
-        # The verifier imports torch: only `show` pays for it (list, approve, deny start fast).
-        from fedcore.plans import describe_plan, verify_program
-
         try:
             verified = plans.verify_program(queue.program(record.hash))
         except PlanRejectedError as exc:
