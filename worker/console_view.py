@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import ConfigError, LedgerError, PlanError, PlanRejectedError
@@ -27,13 +27,40 @@ from fedcore.policy.ledger import Charge, PrivacyLedger, epsilon_of
 if TYPE_CHECKING:
     from fedcore.plans.load import VerifiedPlan
 
-    from .runtime import Worker
+    from .runtime import RunningTask, WorkerState
 
-__all__ = ["AuditEvent", "LedgerPoint", "OwnerView", "PlanReview", "StudyLedger", "WorkerNow"]
+__all__ = [
+    "AuditEvent",
+    "LedgerPoint",
+    "OwnerView",
+    "PlanReview",
+    "StudyLedger",
+    "WorkerNow",
+    "WorkerStatus",
+]
 
 _KEEP_VERIFIED = 16
 #: Charges plotted at most per study (the newest; the epsilon of each is exact).
 MAX_PLOTTED_CHARGES = 400
+
+
+class WorkerStatus(Protocol):
+    """What the console reads of the running :class:`~.runtime.Worker`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def state(self) -> WorkerState: ...
+    @property
+    def worker_id(self) -> str | None: ...
+    @property
+    def tasks_done(self) -> int: ...
+    @property
+    def tasks_refused(self) -> int: ...
+    @property
+    def current(self) -> RunningTask | None: ...
 
 
 @dataclass(frozen=True)
@@ -121,7 +148,7 @@ class OwnerView:
         *,
         queue: RequestQueue | None,
         policy: Policy,
-        worker: Worker,
+        worker: WorkerStatus,
         dataset: DatasetMetadata | None,
     ) -> None:
         self.queue = queue
