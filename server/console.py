@@ -65,16 +65,14 @@ def round_charts(rows: list[RoundMetrics]) -> list[Markup]:
             x_label="round",
             y_label="MB",
         ),
+        line_chart(
+            [_series("epsilon", "s3", rows, lambda r: r.epsilon)],
+            title="Client-level epsilon spent",
+            x_label="round",
+            y_label="epsilon",
+            empty="no client-level epsilon reported",
+        ),
     ]
-    if any(r.epsilon is not None for r in rows):
-        charts.append(
-            line_chart(
-                [_series("epsilon", "s3", rows, lambda r: r.epsilon)],
-                title="Client-level epsilon spent",
-                x_label="round",
-                y_label="epsilon",
-            )
-        )
     return charts
 
 

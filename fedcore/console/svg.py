@@ -65,6 +65,7 @@ def line_chart(
     y_label: str,
     limit: tuple[str, float] | None = None,
     show_labels: bool = False,
+    empty: str = "nothing yet",
     width: int = 640,
     height: int = 240,
 ) -> Markup:
@@ -90,7 +91,7 @@ def line_chart(
     if not points:
         out.append(
             f'<text class="empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">'
-            "nothing yet</text></svg>"
+            f"{escape(empty)}</text></svg>"
         )
         return Markup("".join(out))
     ys = [p.y for p in points] + ([limit[1]] if limit is not None else [])
