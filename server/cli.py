@@ -564,16 +564,17 @@ async def _serve(config: ServerConfig, console: ConsoleSettings | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, coordinator.stop)
-    # The web stack is imported only when a console is asked for.
-    stop_console = await _start_console(console, coordinator) if console is not None else None
+    stop_console = None
     try:
         run = asyncio.create_task(coordinator.run())
         ready = asyncio.create_task(coordinator.ready.wait())
         await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
-            # Scripts and tests read the port from this line.
+            # Scripts and tests read the port from this line (the first one printed).
             host = config.listen.rsplit(":", 1)[0]
             print(f"listening on {host}:{coordinator.port}", flush=True)
+            if console is not None:  # the web stack is imported only when asked for
+                stop_console = await _start_console(console, coordinator)
         ready.cancel()
         await run
     finally:
@@ -593,8 +594,9 @@ async def _start_console(
     logs = RecentLogs()
     fedcore_log = logging.getLogger("fedcore")
     logs.attach(fedcore_log)
-    name = f"{coordinator.config.model} · {coordinator.config.strategy}"
-    view = FederationView(name, coordinator.roster, logs)
+    model = str(coordinator.config.model)  # a shipped plan's is plan-<64 hex digits>
+    name = f"{model if len(model) <= 32 else model[:29] + '...'} · {coordinator.config.strategy}"
+    view = FederationView(name, coordinator.roster, logs, coordinator.reports.rows)
     coordinator.sinks.append(view)
     running = await start_network_console(settings, view, title=name)
     print(f"console on {running.url}", flush=True)

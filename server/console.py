@@ -29,6 +29,8 @@ __all__ = ["network_console", "round_charts", "start_network_console"]
 
 _TEMPLATES = Path(__file__).parent / "console_templates"
 _REFRESH_S = 5
+#: Rounds listed in a job's table (the charts plot them all).
+_TABLE_ROWS = 20
 
 
 def _series(
@@ -106,7 +108,7 @@ class _NetworkPages:
             session,
             "network_job.html",
             job=job,
-            rows=list(reversed(rows[-50:])),
+            rows=list(reversed(rows[-_TABLE_ROWS:])),
             charts=round_charts(rows),
             refresh=_REFRESH_S,
         )

@@ -71,18 +71,23 @@ class FederationView:
         name: the federation's name (model and strategy).
         roster: the coordinator's ``roster`` (who is connected).
         logs: the process's recent log lines.
+        rows: the rounds completed before the view was added (a resumed federation's).
     """
 
     JOB_ID = "federation"
 
     def __init__(
-        self, name: str, roster: Callable[[], list[ConnectedWorker]], logs: RecentLogs
+        self,
+        name: str,
+        roster: Callable[[], list[ConnectedWorker]],
+        logs: RecentLogs,
+        rows: Sequence[RoundMetrics] = (),
     ) -> None:
         self.name = name
         self._roster = roster
         self._logs = logs
         self._status: CoordinatorStatus | None = None
-        self._rounds: list[RoundMetrics] = []
+        self._rounds: list[RoundMetrics] = list(rows)[-MAX_ROUNDS_KEPT:]
 
     # ------------------------------------------------------------------ Sink
 

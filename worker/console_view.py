@@ -156,7 +156,9 @@ class OwnerView:
         self.worker = worker
         self.dataset = dataset
         self._verified: OrderedDict[str, VerifiedPlan] = OrderedDict()
-        self._ledger_cache: dict[tuple[str, int], tuple[LedgerPoint, ...]] = {}
+        # study -> (charges counted, their points): the ledger only grows, so a page computes
+        # the epsilon of the new charges only.
+        self._curves: dict[str, tuple[int, tuple[LedgerPoint, ...]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests
@@ -304,18 +306,18 @@ class OwnerView:
         return out
 
     def _curve(self, study: str, charges: list[Charge], delta: float) -> tuple[LedgerPoint, ...]:
-        key = (study, len(charges))
         with self._lock:
-            cached = self._ledger_cache.get(key)
-        if cached is not None:
-            return cached
-        first = max(len(charges) - MAX_PLOTTED_CHARGES, 0)
-        points = tuple(
+            counted, points = self._curves.get(study, (0, ()))
+        if counted > len(charges):  # a ledger restored from an older backup
+            counted, points = 0, ()
+        start = max(counted, len(charges) - MAX_PLOTTED_CHARGES)
+        new = tuple(
             LedgerPoint(i + 1, epsilon_of(charges[: i + 1], delta=delta), charges[i].what)
-            for i in range(first, len(charges))
+            for i in range(start, len(charges))
         )
+        points = (points + new)[-MAX_PLOTTED_CHARGES:]
         with self._lock:
-            self._ledger_cache[key] = points
+            self._curves[study] = (len(charges), points)
         return points
 
     # ------------------------------------------------------------------ audit
