@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,3 +359,19 @@ def test_charts_escape_labels_and_drop_non_finite_values() -> None:
     assert 'data-points="2"' in svg
     assert "budget 8" in svg
     assert 'data-points="0"' in line_chart([], title="t", x_label="x", y_label="y")
+
+
+def test_the_clis_load_the_web_stack_only_with_console() -> None:
+    """A worker or coordinator without --console pays nothing for the consoles at start-up."""
+    code = (
+        "import sys, fedcore.server.cli, fedcore.worker.cli\n"
+        "web = ('starlette', 'jinja2', 'uvicorn')\n"
+        "print(sorted(m for m in web if m in sys.modules))\n"
+        "import fedcore.worker.console, fedcore.server.console\n"
+        "print(sorted(m for m in web if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "['jinja2', 'starlette', 'uvicorn']"  # positive control
