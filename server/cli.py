@@ -616,11 +616,11 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-server")
-    config = config_from_args(args)
     if args.console is not None and args.console_tls_cert is None and args.console_tls_key is None:
         # The console serves the coordinator's own certificate unless given another.
         args.console_tls_cert, args.console_tls_key = args.tls_cert, args.tls_key
-    console = console_settings_from_args(args)
+    console = console_settings_from_args(args)  # before the model is built: fails fast
+    config = config_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
     asyncio.run(_serve(config, console))
 
