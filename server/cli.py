@@ -8,11 +8,12 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.compression import SCHEMES
+from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.errors import ConfigError
 from fedcore.heap import return_freed_memory
 from fedcore.models import available_models
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
+    add_console_flags(p, what="the network's: workers, rounds, logs")
     add_common_flags(p)
     return p
 
@@ -567,20 +569,53 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _serve(config: ServerConfig) -> None:
+async def _serve(config: ServerConfig, console: ConsoleSettings | None = None) -> None:
     coordinator = Coordinator(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, coordinator.stop)
-    run = asyncio.create_task(coordinator.run())
-    ready = asyncio.create_task(coordinator.ready.wait())
-    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done():
-        # Scripts and tests read the port from this line.
-        host = config.listen.rsplit(":", 1)[0]
-        print(f"listening on {host}:{coordinator.port}", flush=True)
-    ready.cancel()
-    await run
+    stop_console = None
+    try:
+        run = asyncio.create_task(coordinator.run())
+        ready = asyncio.create_task(coordinator.ready.wait())
+        await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            # Scripts and tests read the port from this line (the first one printed).
+            host = config.listen.rsplit(":", 1)[0]
+            print(f"listening on {host}:{coordinator.port}", flush=True)
+            if console is not None:  # the web stack is imported only when asked for
+                stop_console = await _start_console(console, coordinator)
+        ready.cancel()
+        await run
+    finally:
+        if stop_console is not None:
+            await stop_console()
+
+
+async def _start_console(
+    settings: ConsoleSettings, coordinator: Coordinator
+) -> Callable[[], Awaitable[None]]:
+    """Serve the network console over ``coordinator``; the coroutine function that stops it."""
+    from fedcore.console.logbuffer import RecentLogs
+
+    from .console import start_network_console
+    from .console_view import FederationView
+
+    logs = RecentLogs()
+    fedcore_log = logging.getLogger("fedcore")
+    logs.attach(fedcore_log)
+    model = str(coordinator.config.model)  # a shipped plan's is plan-<64 hex digits>
+    name = f"{model if len(model) <= 32 else model[:29] + '...'} · {coordinator.config.strategy}"
+    view = FederationView(name, coordinator.roster, logs, coordinator.reports.rows)
+    coordinator.sinks.append(view)
+    running = await start_network_console(settings, view, title=name)
+    print(f"console on {running.url}", flush=True)
+
+    async def stop() -> None:
+        await running.stop()
+        logs.detach(fedcore_log)
+
+    return stop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -591,9 +626,13 @@ def _run(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-server")
+    if args.console is not None and args.console_tls_cert is None and args.console_tls_key is None:
+        # The console serves the coordinator's own certificate unless given another.
+        args.console_tls_cert, args.console_tls_key = args.tls_cert, args.tls_key
+    console = console_settings_from_args(args)  # before the model is built: fails fast
     config = config_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, console))
 
 
 if __name__ == "__main__":

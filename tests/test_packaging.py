@@ -63,6 +63,11 @@ def test_wheel_maps_server_and_worker_into_fedcore(built_wheel: tuple[Path, str]
         "fedcore/py.typed",
         "fedcore/data/mnist/train-images-idx3-ubyte.gz",
         "fedcore/data/mnist/SHA256SUMS",
+        # The consoles' templates and stylesheet (package data, read at run time).
+        "fedcore/console/templates/base.html",
+        "fedcore/console/static/console.css",
+        "fedcore/worker/console_templates/owner_request.html",
+        "fedcore/server/console_templates/network_job.html",
     ):
         assert required in names, f"{required} missing from the wheel"
     top_level = {n.split("/", 1)[0] for n in names}

@@ -12,11 +12,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
+from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
 from fedcore.data.table import is_table_path, load_table, mock_csv
@@ -31,12 +32,16 @@ from fedcore.secagg.participation import ParticipationLog
 from fedcore.tls import ClientTLS, host_of, require_tls_or_loopback
 
 from .analytics import EXACT_ENV, QueryResponder, TableOnlyTrainer
+from .console_view import OwnerView
 from .frozen import FrozenStore
 from .owner_commands import owner_command
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .runtime import ChannelFactory, Worker, insecure_channel, tls_channel_factory
 from .trainer import TorchTrainer, Trainer
+
+if TYPE_CHECKING:
+    from fedcore.console.serve import RunningConsole
 
 __all__ = ["build_parser", "main"]
 
@@ -233,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where DP-SGD's accountant is kept across restarts (default with "
         "--dpsgd-max-epsilon: DATA.dpsgd-state.json beside --data)",
     )
+    add_console_flags(p, what="the data owner's: review plan requests, the ledger, the audit log")
     add_common_flags(p)
     return p
 
@@ -301,16 +307,29 @@ def _channel_factory(tls: ClientTLS | None) -> ChannelFactory:
     return insecure_channel if tls is None else tls_channel_factory(tls)
 
 
-async def _serve(worker: Worker) -> None:
+async def _serve(worker: Worker, console: tuple[ConsoleSettings, OwnerView] | None = None) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
+    running = await _start_console(*console) if console is not None else None
     try:
         await worker.run()
     except asyncio.CancelledError:
         log.info("stopped by signal")
+    finally:
+        if running is not None:
+            await running.stop()
+
+
+async def _start_console(settings: ConsoleSettings, view: OwnerView) -> RunningConsole:
+    from .console import start_owner_console  # the web stack is imported only when asked for
+
+    running = await start_owner_console(settings, view)
+    # Scripts and tests read the address from this line.
+    print(f"console on {running.url}", flush=True)
+    return running
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +349,7 @@ def _run(argv: Sequence[str] | None) -> None:
     if not args.server or not args.data:
         raise ConfigError("--server and --data are required (see fed-worker --help)")
     tls = _client_tls(args)
+    console = console_settings_from_args(args)  # a bad console setting fails before any work
     channel_factory = _channel_factory(tls)
     token = _token(args)
     if args.threads:
@@ -426,7 +446,11 @@ def _run(argv: Sequence[str] | None) -> None:
         identity=identity,
         participation=participation,
     )
-    asyncio.run(_serve(worker))
+    owner = None
+    if console is not None:
+        view = OwnerView(queue=plans.queue, policy=policy, worker=worker, dataset=dataset)
+        owner = (console, view)
+    asyncio.run(_serve(worker, owner))
 
 
 def _signing_key_path(args: argparse.Namespace, policy: Policy) -> Path | None:

@@ -91,7 +91,7 @@ from .secagg import SecAggRounds
 from .stream import JoinStream
 from .trainer import FitOutput, Trainer
 
-__all__ = ["Job", "Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
+__all__ = ["Job", "RunningTask", "Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
 
 log = logging.getLogger("fedcore.worker")
 
@@ -107,6 +107,15 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+@dataclass(frozen=True)
+class RunningTask:
+    """The task a worker runs now: its round, its kind (``fit``...) and when it started."""
+
+    round: int
+    kind: str
+    started: float
 
 
 class WorkerState(enum.Enum):
@@ -285,6 +294,8 @@ class Worker:
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
+        #: The task running now (read by the data owner's console); None between tasks.
+        self.current: RunningTask | None = None
         # Update compression keeps what it lost between rounds (error feedback).
         self._compressor: Compressor | None = None
         self._write_lock = asyncio.Lock()
@@ -559,9 +570,11 @@ class Worker:
         checked = job.checked
         assert checked is not None  # refused tasks are never queued
         self._move(WorkerState.WORKING)
+        self.current = RunningTask(checked.task.round, checked.kind, time.time())
         try:
             await self._run_task(call, checked, job)
         finally:
+            self.current = None
             if self.state is WorkerState.WORKING:
                 self._move(WorkerState.READY)
 

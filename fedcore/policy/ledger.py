@@ -117,6 +117,10 @@ class PrivacyLedger:
         )
         return study
 
+    def studies(self) -> list[str]:
+        """The studies the ledger file holds charges for (this one or others)."""
+        return sorted(self._read()["studies"])
+
     def charges(self) -> list[Charge]:
         """Every charge of this study so far."""
         return self._charges(self._study(self._read()))

@@ -1,0 +1,109 @@
+"""Sign-in, sessions and CSRF tokens, kept in memory (a restart signs everyone out).
+
+Every visitor gets a session (a random id in an ``HttpOnly``, ``SameSite=Strict`` cookie) and a
+CSRF token bound to it; every form carries the token and every POST is refused without it, the
+sign-in form included (no login CSRF). Signing in checks the owner's secret in constant time
+and issues a *new* session id (no session fixation). Failed sign-ins are throttled.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["SIGN_IN_FAILURES", "Session", "Sessions"]
+
+#: Failed sign-ins allowed per minute before every attempt is refused for the rest of it.
+SIGN_IN_FAILURES = 5
+_WINDOW_S = 60.0
+
+
+@dataclass
+class Session:
+    """One browser's session."""
+
+    id: str
+    csrf: str
+    expires: float
+    signed_in: bool = False
+    #: a message shown once on the next page (after an action redirects)
+    flash: list[str] = field(default_factory=list)
+
+    def csrf_ok(self, token: str) -> bool:
+        return hmac.compare_digest(self.csrf.encode(), token.encode())
+
+
+class Sessions:
+    """The console's sessions.
+
+    Args:
+        password: the secret that signs a person in.
+        ttl_s: a session's lifetime (signed in or not), from its last use.
+        max_sessions: sessions kept at most (the oldest is dropped): anonymous visitors cannot
+            grow the process's memory without bound.
+        clock: monotonic seconds (injected by tests).
+    """
+
+    def __init__(
+        self,
+        password: str,
+        *,
+        ttl_s: float = 8 * 3600.0,
+        max_sessions: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._password = password.encode()
+        self._ttl = ttl_s
+        self._max = max_sessions
+        self._clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._failures: deque[float] = deque()
+
+    def get(self, sid: str | None) -> Session | None:
+        """The live session ``sid`` (its lifetime renewed), or None."""
+        if not sid:
+            return None
+        session = self._sessions.get(sid)
+        now = self._clock()
+        if session is None or session.expires < now:
+            self._sessions.pop(sid, None)
+            return None
+        session.expires = now + self._ttl
+        self._sessions.move_to_end(sid)
+        return session
+
+    def new(self, *, signed_in: bool = False) -> Session:
+        session = Session(
+            secrets.token_urlsafe(32),
+            secrets.token_urlsafe(32),
+            self._clock() + self._ttl,
+            signed_in,
+        )
+        self._sessions[session.id] = session
+        while len(self._sessions) > self._max:
+            self._sessions.popitem(last=False)
+        return session
+
+    def throttled(self) -> bool:
+        """Too many failed sign-ins in the last minute: refuse attempts for now."""
+        now = self._clock()
+        while self._failures and self._failures[0] < now - _WINDOW_S:
+            self._failures.popleft()
+        return len(self._failures) >= SIGN_IN_FAILURES
+
+    def sign_in(self, session: Session, password: str) -> Session | None:
+        """A new signed-in session replacing ``session`` if ``password`` is the secret."""
+        if self.throttled():
+            return None
+        if not hmac.compare_digest(self._password, password.encode()):
+            self._failures.append(self._clock())
+            return None
+        self._sessions.pop(session.id, None)
+        return self.new(signed_in=True)
+
+    def sign_out(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)

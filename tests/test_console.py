@@ -1,0 +1,377 @@
+"""The consoles without a browser: sign-in, sessions, CSRF, escaping, headers, charts, and the
+owner's and network views, driven in memory through the ASGI apps (browser tests:
+tests/test_console_browser.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from console_asgi import Client
+from fedcore.server.console import network_console
+from fedcore.server.console_view import FederationView
+from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
+from fedcore.server.reporting.roster import ConnectedWorker
+from fedcore.worker.console import owner_console
+from fedcore.worker.console_view import OwnerView
+from fedcore.worker.runtime import RunningTask, WorkerState
+
+from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
+from fedcore.console.auth import SIGN_IN_FAILURES
+from fedcore.console.headers import CSP
+from fedcore.console.logbuffer import RecentLogs
+from fedcore.console.svg import Point, Series, line_chart
+from fedcore.errors import ConfigError
+from fedcore.plan import TrainConfig
+from fedcore.plans.queue import RequestQueue
+from fedcore.policy import load_policy
+from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
+from fedcore.policy.ledger import Charge, PrivacyLedger
+from fedcore.v1 import fedcore_pb2 as pb
+
+PASSWORD = "correct horse battery staple"
+HOSTILE = "<script>alert(1)</script>"
+
+
+@dataclass
+class FakeWorker:
+    name: str = "hospital-a"
+    server: str = "127.0.0.1:50051"
+    state: WorkerState = WorkerState.WORKING
+    worker_id: str | None = "w1"
+    tasks_done: int = 3
+    tasks_refused: int = 1
+    current: RunningTask | None = None
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[plans]\nrequire-approval = true\nrequests = "queue"\n'
+        '[budget]\nstudy = "mnist-2026"\nepsilon = 30.0\ndelta = 1e-5\nledger = "ledger.json"\n'
+    )
+    return path
+
+
+def _submit(queue: RequestQueue, name: str, digest: str) -> str:
+    """Queue a program as the worker does (the program is not a real graph: the owner's
+    review then reports it fails verification; listing and deciding do not verify)."""
+    train = TrainConfig(
+        epochs=1,
+        batch_size=8,
+        optimizer="sgd",
+        learning_rate=0.01,
+        extra={DP_CLIP_KEY: 1.0, DP_NOISE_MULTIPLIER_KEY: 1.1},
+    )
+    task = pb.Task(kind=pb.TASK_KIND_FIT, round=4, train=train.to_proto())
+    return queue.submit(pb.PlanProgram(name=name, hash=digest), task, coordinator="coord:50051").id
+
+
+@pytest.fixture
+def owner(policy_file: Path) -> tuple[Client, RequestQueue, str]:
+    policy = load_policy(policy_file)
+    assert policy.plans.requests is not None
+    assert policy.budget is not None
+    queue = RequestQueue(policy.plans.requests)
+    rid = _submit(queue, HOSTILE, "ab" * 32)
+    ledger = PrivacyLedger(policy.budget.ledger, study=policy.budget.study)
+    for i in (1, 2):
+        ledger.spend([Charge(1.0, what=f"round {i}: client-level DP")], delta=1e-5, budget=30)
+    view = OwnerView(queue=queue, policy=policy, worker=FakeWorker(), dataset=None)
+    app = owner_console(ConsoleSettings("127.0.0.1:0", PASSWORD), view).app()
+    return Client(app), queue, rid
+
+
+# ---------------------------------------------------------------------- sign-in
+
+
+async def test_every_page_needs_sign_in_and_signing_in_issues_a_new_session(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, _, rid = owner
+    for path in ("/", "/requests", f"/requests/{rid}", "/ledger", "/audit", "/dataset"):
+        reply = await client.get(path)
+        assert (reply.status, reply.headers["location"]) == (303, "/login"), path
+    before = dict(client.cookies)
+    wrong = await client.sign_in("not the password")
+    assert wrong.status == 403
+    assert "wrong password" in wrong.body
+    signed = await client.sign_in(PASSWORD)
+    assert signed.status == 303
+    assert client.cookies != before  # a new session id: no fixation
+    assert (await client.get("/")).status == 200
+
+
+async def test_failed_sign_ins_are_throttled(owner: tuple[Client, RequestQueue, str]) -> None:
+    client, _, _ = owner
+    for _ in range(SIGN_IN_FAILURES):
+        assert (await client.sign_in("guess")).status == 403
+    assert (await client.sign_in(PASSWORD)).status == 429
+    assert (await client.get("/")).status == 303
+
+
+async def test_sign_in_without_the_csrf_token_is_refused(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, _, _ = owner
+    await client.get("/login")
+    reply = await client.post("/login", {"password": PASSWORD})
+    assert reply.status == 403
+    assert "CSRF" in reply.body
+    assert (await client.get("/")).status == 303
+
+
+async def test_cookie_and_security_headers(owner: tuple[Client, RequestQueue, str]) -> None:
+    client, _, _ = owner
+    reply = await client.get("/login")
+    assert reply.headers["content-security-policy"] == CSP
+    assert "script-src" not in CSP
+    assert "default-src 'none'" in CSP
+    assert reply.headers["x-frame-options"] == "DENY"
+    assert reply.headers["cache-control"] == "no-store"
+    cookie = reply.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+
+
+async def test_a_rebound_host_name_is_refused(owner: tuple[Client, RequestQueue, str]) -> None:
+    client, _, _ = owner
+    assert (await client.get("/login")).status == 200
+    assert (await client.get("/login", host="attacker.example:8080")).status == 400
+
+
+# ---------------------------------------------------------------------- actions
+
+
+async def test_a_decision_without_the_csrf_token_is_refused_and_with_it_is_written(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, queue, rid = owner
+    await client.sign_in(PASSWORD)
+    page = await client.get(f"/requests/{rid}")
+    refused = await client.post(f"/requests/{rid}/deny", {"reason": "replayed"})
+    assert refused.status == 403
+    forged = await client.post(f"/requests/{rid}/deny", {"reason": "x", "csrf": "forged"})
+    assert forged.status == 403
+    record = queue.get(rid)
+    assert record is not None
+    assert record.status == "pending"
+    # Positive control: the same action with the session's token is the owner's decision.
+    done = await client.post(f"/requests/{rid}/deny", {"reason": "not for us", "csrf": page.csrf})
+    assert done.status == 303
+    record = queue.get(rid)
+    assert record is not None
+    assert (record.status, record.reason) == ("denied", "not for us")
+    shown = await client.get(f"/requests/{rid}")
+    assert "denied: not for us" in shown.body  # the flash message
+
+
+async def test_an_approval_bounds_rounds_and_learning_rates_as_the_cli_does(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, queue, rid = owner
+    await client.sign_in(PASSWORD)
+    csrf = (await client.get(f"/requests/{rid}")).csrf
+    bad = await client.post(f"/requests/{rid}/approve", {"csrf": csrf, "rounds": "0"})
+    assert bad.status == 303
+    assert "nothing was decided" in (await client.get(f"/requests/{rid}")).body
+    await client.post(
+        f"/requests/{rid}/approve",
+        {"csrf": csrf, "rounds": "5", "lr_low": "0.005", "lr_high": "0.02"},
+    )
+    record = queue.get(rid)
+    assert record is not None
+    assert (record.status, record.rounds, record.lr_range) == ("approved", 5, (0.005, 0.02))
+
+
+# ---------------------------------------------------------------------- what is shown
+
+
+async def test_a_hostile_plan_name_is_shown_as_text(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, _, rid = owner
+    await client.sign_in(PASSWORD)
+    for path in ("/requests", f"/requests/{rid}", "/", "/audit"):
+        body = (await client.get(path)).body
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body, path  # shown ...
+        assert "<script" not in body, path  # ... never as markup
+
+
+async def test_the_review_states_the_terms_in_words(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, _, rid = owner
+    await client.sign_in(PASSWORD)
+    body = (await client.get(f"/requests/{rid}")).body
+    assert "train 1 local epoch(s) per round" in body
+    assert "clipped to L2 norm 1, Gaussian noise of multiplier 1.1" in body
+    assert "in the clear: the coordinator sees this silo" in body
+    assert "mnist-2026 (budget epsilon 30 at delta 1e-05)" in body
+    assert "the coordinator at coord:50051" in body
+    assert "ab" * 32 in body
+    # Not a real program: the review says so rather than showing an unverified description.
+    assert "fails verification here" in body
+
+
+async def test_the_ledger_chart_plots_each_charge_under_the_budget(
+    owner: tuple[Client, RequestQueue, str], policy_file: Path
+) -> None:
+    client, _, _ = owner
+    await client.sign_in(PASSWORD)
+    body = (await client.get("/ledger")).body
+    assert 'data-points="2"' in body
+    assert "budget 30" in body
+    assert "round 2: client-level DP" in body
+    budget = load_policy(policy_file).budget
+    assert budget is not None
+    PrivacyLedger(budget.ledger, study=budget.study).spend(
+        [Charge(1.0, what="round 3: client-level DP")], delta=1e-5, budget=30
+    )
+    assert 'data-points="3"' in (await client.get("/ledger")).body
+
+
+async def test_the_audit_log_is_searchable(owner: tuple[Client, RequestQueue, str]) -> None:
+    client, queue, rid = owner
+    await client.sign_in(PASSWORD)
+    queue.decide(rid, approve=False, reason="wrong study")
+    everything = (await client.get("/audit")).body
+    assert "wrong study" in everything
+    assert "round 1: client-level DP" in everything
+    found = (await client.get("/audit?q=WRONG+study")).body
+    assert "wrong study" in found
+    assert "client-level DP" not in found
+
+
+async def test_the_overview_shows_the_current_task(
+    policy_file: Path,
+) -> None:
+    worker = FakeWorker(current=RunningTask(7, "fit", 0.0))
+    view = OwnerView(queue=None, policy=load_policy(policy_file), worker=worker, dataset=None)
+    client = Client(owner_console(ConsoleSettings("127.0.0.1:0", PASSWORD), view).app())
+    await client.sign_in(PASSWORD)
+    body = (await client.get("/")).body
+    assert "round 7: fit" in body
+    assert "3 done, 1 refused" in body
+    assert "does not ask for approvals" in body
+
+
+# ---------------------------------------------------------------------- network console
+
+
+def _metrics(n: int) -> RoundMetrics:
+    return RoundMetrics(
+        round=n,
+        workers=2,
+        failures=0,
+        duration_s=1.0,
+        bytes_sent=1000 * n,
+        bytes_received=900 * n,
+        accuracy=0.5 + 0.1 * n,
+        loss=1.0 / n,
+        epsilon=0.5 * n,
+        refused={HOSTILE: "awaiting approval"},
+    )
+
+
+async def test_the_network_console_shows_workers_rounds_and_logs() -> None:
+    logs = RecentLogs()
+    worker = ConnectedWorker("w1", HOSTILE, 400, "ready", None, ())
+    view = FederationView("logreg · fedavg", lambda: [worker], logs)
+    status = CoordinatorStatus("training", 3, 10, 1, 1, 0, 1, 3000, 2700, 3.0, None, 2)
+    view.update(status)
+    view.round_completed(_metrics(1))
+    view.round_completed(_metrics(2))
+    logs.emit(_record("round 2: worker 'x' refused its task"))
+    client = Client(
+        network_console(ConsoleSettings("127.0.0.1:0", PASSWORD), view, title="t").app()
+    )
+    assert (await client.get("/")).status == 303
+    await client.sign_in(PASSWORD)
+    overview = (await client.get("/")).body
+    assert "&lt;script&gt;" in overview
+    assert "<script" not in overview
+    assert "2 of 10" in overview
+    job = (await client.get("/jobs/federation")).body
+    assert len(re.findall(r'<svg class="chart"', job)) == 4  # accuracy, loss, bytes, epsilon
+    assert 'data-points="2"' in job
+    assert "<script" not in job
+    assert (await client.get("/jobs/other")).status == 404
+    assert "refused its task" in (await client.get("/logs?q=refused")).body
+    assert "refused its task" not in (await client.get("/logs?q=nothing-like-it")).body
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("fedcore.server", logging.WARNING, __file__, 1, message, None, None)
+
+
+# ---------------------------------------------------------------------- settings and charts
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_console_flags(parser, what="test")
+    return parser.parse_args(argv)
+
+
+def test_console_settings_refuse_what_is_unsafe(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(PASSWORD + "\n")
+    settings = console_settings_from_args(
+        _parse("--console", "127.0.0.1:0", "--console-password-file", str(secret))
+    )
+    assert settings is not None
+    assert settings.password == PASSWORD
+    assert not settings.tls
+    assert console_settings_from_args(_parse()) is None
+    with pytest.raises(ConfigError, match="needs --console-password-file"):
+        console_settings_from_args(_parse("--console", "127.0.0.1:0"))
+    with pytest.raises(ConfigError, match="without TLS"):
+        console_settings_from_args(
+            _parse("--console", "0.0.0.0:8080", "--console-password-file", str(secret))
+        )
+    short = tmp_path / "short"
+    short.write_text("hunter2")
+    with pytest.raises(ConfigError, match="fewer than"):
+        console_settings_from_args(
+            _parse("--console", "127.0.0.1:0", "--console-password-file", str(short))
+        )
+
+
+def test_charts_escape_labels_and_drop_non_finite_values() -> None:
+    svg = line_chart(
+        [Series(HOSTILE, (Point(1, 1.0, HOSTILE), Point(2, float("nan")), Point(3, 2.0)))],
+        title=HOSTILE,
+        x_label="round",
+        y_label="y",
+        limit=("budget", 8.0),
+        show_labels=True,
+    )
+    assert "<script" not in svg
+    assert "&lt;script&gt;" in svg
+    assert 'data-points="2"' in svg
+    assert "budget 8" in svg
+    assert 'data-points="0"' in line_chart([], title="t", x_label="x", y_label="y")
+
+
+def test_the_clis_load_the_web_stack_only_with_console() -> None:
+    """A worker or coordinator without --console pays nothing for the consoles at start-up."""
+    code = (
+        "import sys, fedcore.server.cli, fedcore.worker.cli\n"
+        "web = ('starlette', 'jinja2', 'uvicorn')\n"
+        "print(sorted(m for m in web if m in sys.modules))\n"
+        "import fedcore.worker.console, fedcore.server.console\n"
+        "print(sorted(m for m in web if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "['jinja2', 'starlette', 'uvicorn']"  # positive control

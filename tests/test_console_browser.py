@@ -1,0 +1,284 @@
+"""The consoles in a real browser (the system's headless Chromium, driven by Playwright) over
+one real federation: a coordinator with ``--console``, a worker trained freely, and a worker
+whose data owner approves plans in its ``--console``.
+
+Set ``FEDCORE_CONSOLE_SCREENSHOTS=docs/img`` to write the docs' screenshots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import BIN, Proc
+
+from fedcore.plan import TrainConfig
+from fedcore.plans.format import plan_hash
+from fedcore.plans.queue import RequestQueue
+from fedcore.policy import load_policy
+from fedcore.v1 import fedcore_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium; "
+        ".ci/run does) to run the consoles' browser tests",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402
+
+PASSWORD = "correct horse battery staple"
+HOSTILE = "<script>alert('xss')</script>"
+SHOTS = os.environ.get("FEDCORE_CONSOLE_SCREENSHOTS")
+_TIMEOUT_S = 120
+
+
+@dataclass
+class Federation:
+    server: Proc
+    owner: Proc
+    free: Proc
+    server_console: str
+    owner_console: str
+    policy: Path
+    digest: str
+
+
+@pytest.fixture(scope="module")
+def federation(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("consoles")
+    secret = root / "console-password"
+    secret.write_text(PASSWORD)
+    policy = root / "policy.toml"
+    policy.write_text(
+        '[plans]\nrequire-approval = true\nrequests = "plan-requests"\n'
+        '[budget]\nstudy = "mnist-2026"\nepsilon = 60.0\ndelta = 1e-5\n'
+        'ledger = "privacy-ledger.json"\n'
+    )
+    console = ["--console", "127.0.0.1:0", "--console-password-file", str(secret)]
+    started: list[Proc] = []
+    try:
+        # Rounds of a tiny model with client-level DP (charged to the owner's ledger); one
+        # result per round is enough, so rounds go on while the owner's plan waits. The
+        # federation outlives the tests and is stopped at teardown.
+        server = Proc(
+            [
+                str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--model", "logreg",
+                "--ship-plan", "--rounds", "5000", "--min-workers", "2", "--min-results", "1",
+                "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
+                "--dp-noise-multiplier", "1.0", "--dp-clip", "0.05",
+                "--eval-data", str(shards / "test.npz"), "--fed-eval-every", "0", *console,
+            ],
+            "fed-server",
+        )  # fmt: skip
+        started.append(server)
+        server_console = server.wait_for_line(r"console on (http://\S+)", _TIMEOUT_S).group(1)
+        port = server.wait_for_line(r"listening on [\d.]+:(\d+)", _TIMEOUT_S).group(1)
+        digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
+        worker = [str(BIN / "fed-worker"), "--server", f"127.0.0.1:{port}", "--threads", "1"]
+        free = Proc([*worker, "--data", str(shards / "shard-0.npz"), "--name", "free"], "free")
+        started.append(free)
+        owner = Proc(
+            [
+                *worker, "--data", str(shards / "shard-1.npz"), "--name", "owner",
+                "--policy", str(policy), *console,
+            ],
+            "owner",
+        )  # fmt: skip
+        started.append(owner)
+        owner_console = owner.wait_for_line(r"console on (http://\S+)", _TIMEOUT_S).group(1)
+        server.wait_for_line(r"'owner' refused .*awaiting approval", _TIMEOUT_S)
+        yield Federation(server, owner, free, server_console, owner_console, policy, digest)
+    finally:
+        for p in started:
+            p.signal(signal.SIGKILL)
+        for p in started:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    made = browser.new_context(viewport={"width": 1200, "height": 860})
+    made.set_default_timeout(_TIMEOUT_S * 1000)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Iterator[Page]:
+    opened = context.new_page()
+    dialogs: list[str] = []
+    opened.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    yield opened
+    assert not dialogs, f"a page ran script: {dialogs}"
+    opened.close()
+
+
+def _shot(page: Page, name: str) -> None:
+    if SHOTS:
+        page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
+
+
+def _sign_in(page: Page, base: str) -> None:
+    page.goto(base)
+    if page.url.endswith("/login"):
+        page.fill("input[name=password]", PASSWORD)
+        page.click("form.login button")
+    assert not page.url.endswith("/login"), page.content()
+
+
+def _points(page: Page, selector: str = "svg.chart") -> int:
+    return int(page.locator(selector).first.get_attribute("data-points") or 0)
+
+
+def _queue_renamed(fed: Federation, name: str) -> str:
+    """Queue the shipped program renamed ``name``, as the worker queues what a coordinator
+    sends (the name is the coordinator's to choose, and printable text passes the verifier)."""
+    rules = load_policy(fed.policy).plans
+    assert rules.requests is not None
+    queue = RequestQueue(rules.requests)
+    program = pb.PlanProgram()
+    program.CopyFrom(queue.program(fed.digest))
+    program.name = name
+    program.hash = plan_hash(program)
+    train = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", learning_rate=0.05)
+    task = pb.Task(kind=pb.TASK_KIND_FIT, round=1, train=train.to_proto())
+    return queue.submit(program, task, coordinator="127.0.0.1").id
+
+
+def _open_logreg_request(page: Page, fed: Federation) -> None:
+    page.goto(fed.owner_console + "requests")
+    page.locator("tr.request a.plan-name", has_text=re.compile(r"^logreg$")).first.click()
+    page.wait_for_selector("#summary")
+
+
+# ---------------------------------------------------------------------- the data owner
+
+
+def test_sign_in_approve_a_pending_plan_and_the_federation_proceeds_and_is_charged(
+    page: Page, federation: Federation
+) -> None:
+    fed = federation
+    page.goto(fed.owner_console + "requests")
+    assert page.url.endswith("/login")  # nothing without signing in
+    _sign_in(page, fed.owner_console)
+    _shot(page, "console-owner-overview.png")
+    page.goto(fed.owner_console + "ledger")
+    charged_before = _points(page)
+    _open_logreg_request(page, fed)
+    summary = page.locator("#summary").inner_text()
+    assert "What leaves the silo" in summary
+    assert (
+        "client-level: each update clipped to L2 norm 0.05, Gaussian noise of multiplier 1"
+        in summary
+    )
+    assert fed.digest in summary
+    _shot(page, "console-owner-request.png")
+    trained = fed.owner.count(r"round \d+: training plan-")
+    page.click("#approve button")
+    assert page.locator("#status").inner_text() == "approved"
+    # The federation proceeds with the owner: it trains the plan, round after round.
+    fed.owner.wait_for_nth_line(r"round \d+: training plan-", trained + 3, _TIMEOUT_S)
+    # A charge is written before the update it pays for leaves: once a round's training
+    # started, the round before it is charged.
+    page.goto(fed.owner_console + "ledger")
+    assert _points(page) > charged_before
+    _shot(page, "console-owner-ledger.png")
+
+
+def test_deny_with_a_reason_that_reaches_the_coordinator(
+    page: Page, federation: Federation
+) -> None:
+    fed = federation
+    _sign_in(page, fed.owner_console)
+    _open_logreg_request(page, fed)
+    page.fill("#deny input[name=reason]", "not for our patients")
+    page.click("#deny button")
+    assert page.locator("#status").inner_text() == "denied"
+    fed.server.wait_for_line(
+        rf"'owner' refused .*plan {fed.digest[:16]} was denied by the data owner: "
+        "not for our patients",
+        _TIMEOUT_S,
+    )
+
+
+def test_a_plan_named_with_a_script_is_rendered_inert(page: Page, federation: Federation) -> None:
+    rid = _queue_renamed(federation, HOSTILE)
+    _sign_in(page, federation.owner_console)
+    page.goto(federation.owner_console + "requests")
+    link = page.locator(f'a[href="/requests/{rid}"]')
+    assert link.inner_text() == HOSTILE  # shown as the text it is ...
+    assert page.locator("script").count() == 0  # ... never as an element
+    link.click()
+    assert f"{HOSTILE} (hash" in page.locator("#summary").inner_text()  # verified, as text
+    assert page.locator("script").count() == 0
+    # (the page fixture fails the test if any dialog opened)
+
+
+def test_an_action_replayed_without_its_csrf_token_is_refused(
+    page: Page, federation: Federation
+) -> None:
+    rid = _queue_renamed(federation, "replay target")
+    _sign_in(page, federation.owner_console)
+    page.goto(federation.owner_console + f"requests/{rid}")
+    url = federation.owner_console + f"requests/{rid}/approve"
+    # The browser's own session cookie goes with it: only the token is missing or wrong.
+    assert page.request.post(url, form={"rounds": ""}).status == 403
+    assert page.request.post(url, form={"rounds": "", "csrf": "guessed"}).status == 403
+    page.reload()
+    assert page.locator("#status").inner_text() == "pending"
+    # Positive control: the same request with the page's token is the owner's decision.
+    token = page.locator("#approve input[name=csrf]").get_attribute("value") or ""
+    assert page.request.post(url, form={"rounds": "", "csrf": token}).ok
+    page.reload()
+    assert page.locator("#status").inner_text() == "approved"
+
+
+# ---------------------------------------------------------------------- the network
+
+
+def test_the_network_console_shows_workers_rounds_and_logs(
+    page: Page, federation: Federation
+) -> None:
+    fed = federation
+    fed.server.wait_for_line(r"^\s+1\s+\d+\s+[\d.]+%", _TIMEOUT_S)  # round 1's metrics row
+    page.goto(fed.server_console)
+    assert page.url.endswith("/login")
+    _sign_in(page, fed.server_console)
+    workers = page.locator("#workers").inner_text()
+    assert "owner" in workers
+    assert "free" in workers
+    _shot(page, "console-network-overview.png")
+    page.click("#jobs a")
+    assert page.locator("svg.chart").count() == 4  # accuracy, loss, bytes, epsilon
+    assert _points(page) > 0
+    _shot(page, "console-network-job.png")
+    page.goto(fed.server_console + "logs?q=awaiting+approval")
+    assert "'owner' refused" in page.locator("#logs").inner_text()
