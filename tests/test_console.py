@@ -14,13 +14,6 @@ from pathlib import Path
 
 import pytest
 from console_asgi import Client
-from fedcore.server.console import network_console
-from fedcore.server.console_view import FederationView
-from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
-from fedcore.server.reporting.roster import ConnectedWorker
-from fedcore.worker.console import owner_console
-from fedcore.worker.console_view import OwnerView
-from fedcore.worker.runtime import RunningTask, WorkerState
 
 from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.console.auth import SIGN_IN_FAILURES
@@ -33,7 +26,14 @@ from fedcore.plans.queue import RequestQueue
 from fedcore.policy import load_policy
 from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
 from fedcore.policy.ledger import Charge, PrivacyLedger
+from fedcore.server.console import network_console
+from fedcore.server.console_view import FederationView
+from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
+from fedcore.server.reporting.roster import ConnectedWorker
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker.console import owner_console
+from fedcore.worker.console_view import OwnerView
+from fedcore.worker.runtime import RunningTask, WorkerState
 
 PASSWORD = "correct horse battery staple"
 HOSTILE = "<script>alert(1)</script>"
