@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--secagg-signed",
         action="store_true",
-        help="the signed mode against an active coordinator: the workers sign their keys "
+        help="the signed mode against an active coordinator, for training rounds and analytics "
+        "queries alike: the workers sign their keys "
         "with their silo keys (fed-worker --signing-key --roster) and check each other's "
         "view of the round before unmasking (docs/secure-aggregation.md)",
     )

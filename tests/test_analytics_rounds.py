@@ -397,3 +397,16 @@ async def test_a_signed_query_round_runs_the_same_driver_and_sums_exactly(tmp_pa
         await _ask(silos, "count()", 1.0, "unsigned-q")
     for s in silos:
         s.pump.cancel()
+
+
+def test_a_query_claiming_more_silos_than_the_policy_allows_is_refused(tmp_path: Path) -> None:
+    """[secure-aggregation] max-silos bounds a query's round as it bounds a training round."""
+    bounded = "honest-silos = 3\n[secure-aggregation]\nmax-silos = 4\n"
+    responder = _silo(tmp_path, 0, np.linspace(20, 80, 30), budget=5.0, analytics=bounded)
+    gate = responder._gate
+    assert gate is not None
+    assert gate.admit_query(_task(responder, silos=4)).noise_multiplier > 1  # the control
+    with pytest.raises(TaskRefused) as refused:
+        gate.admit_query(_task(responder, silos=5))
+    assert refused.value.rule == "secure-aggregation.max-silos"
+    assert "at most 4" in refused.value.reason

@@ -7,7 +7,10 @@ A :class:`QueryResponder` registers its check with the worker's :class:`~.gate.G
     secure round: peers ─▶ shares ─▶ (charge the ledger, add the noise share, mask) ─▶ QueryMasked
     unmasking request ─▶ unmasking shares
 
-or is refused with the rule and the reason (``QueryRefusal``). The query text is parsed
+or is refused with the rule and the reason (``QueryRefusal``). The secure round is the
+worker's one client (:class:`~fedcore.secagg.participant.Participant`, as for training);
+with a signing key it answers only signed rounds, recorded in its participation record
+(docs/secure-aggregation.md). The query text is parsed
 here, by this worker's own parser, against its own metadata; nothing named in the task is
 executed, and no row can be asked for: the only thing that leaves is a masked vector of
 noisy sums whose length depends on the query and the public schema alone.

@@ -171,14 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--signing-key",
         type=Path,
         help="signed secure aggregation: this silo's Ed25519 key (fed-certs writes "
-        "workers/NAME.signing.pem); needs --roster",
+        "workers/NAME.signing.pem); needs --roster; overrides the policy's [secure-aggregation] "
+        "signing-key",
     )
     s.add_argument(
         "--roster",
         type=Path,
         help="signed secure aggregation: the silos (names and signing-key fingerprints) this "
         "worker accepts as peers, agreed by the data owners (fed-certs writes roster.json); "
-        "rounds naming any other silo, or keys they did not sign, are refused",
+        "rounds naming any other silo, or keys they did not sign, are refused; overrides the "
+        "policy's [secure-aggregation] roster or peers",
     )
     s.add_argument(
         "--secagg-participation",

@@ -150,6 +150,7 @@ class SecAggClient:
         self._key_shares: dict[int, shamir.Share] = {}
         self._mask_peers: frozenset[int] = frozenset()
         self._request: UnmaskRequest | None = None
+        self._own_signature = b""  # on the request, kept to recognise it when relayed
 
     @property
     def signed(self) -> bool:
@@ -451,7 +452,8 @@ class SecAggClient:
         self._request = request
         self.state = ClientState.CHECKING
         statement = request_statement(self.setup, request, self.index)
-        return ConsistencySignature(self.index, self.identity.public, self.identity.sign(statement))
+        self._own_signature = self.identity.sign(statement)
+        return ConsistencySignature(self.index, self.identity.public, self._own_signature)
 
     def unmask_checked(self, signatures: Sequence[ConsistencySignature]) -> UnmaskResponse:
         """Phase 4 (signed mode): reveal shares only if every signature relayed is a
@@ -465,7 +467,6 @@ class SecAggClient:
         assert self._request is not None
         request = self._request
         group = self._mask_peers | {self.index}
-        mine = request_statement(self.setup, request, self.index)
         seen: set[int] = set()
         agreeing: set[int] = set()
         # Group members first; t valid signatures from the group suffice (an honest member
@@ -486,7 +487,7 @@ class SecAggClient:
             silo = self.setup.members[sig.index - 1]
             if sig.index == self.index:
                 # Ed25519 is deterministic: this worker's own signature is known exactly.
-                valid = sig.signature == self.identity.sign(mine)
+                valid = sig.signature == self._own_signature
             else:
                 statement = request_statement(self.setup, request, sig.index)
                 try:
