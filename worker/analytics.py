@@ -41,6 +41,7 @@ from fedcore.analytics.mechanism import (
     epsilon_for,
     noise_multiplier_for,
     noisy_share,
+    share_variance,
 )
 from fedcore.analytics.query import QueryError, parse_query
 from fedcore.analytics.rules import check_cost, check_query
@@ -276,6 +277,9 @@ class QueryResponder:
             delta=task.delta,
             vector_words=masked_words(current.layout.words),
             exact_test_mode=self.exact,
+            noise_variance=0.0
+            if self.exact
+            else share_variance(current.layout, current.noise_multiplier, current.divisor),
         )
         await send(self._message(accept=accept))
         keys = wire.keys_to_proto(task.query_id, current.client.advertise())

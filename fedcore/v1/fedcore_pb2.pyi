@@ -1460,6 +1460,7 @@ class QueryAccept(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     VECTOR_WORDS_FIELD_NUMBER: _builtins.int
     EXACT_TEST_MODE_FIELD_NUMBER: _builtins.int
+    NOISE_VARIANCE_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     noise_multiplier: _builtins.float
     """of the Gaussian mechanism on the sensitivity-scaled sums"""
@@ -1470,6 +1471,11 @@ class QueryAccept(_message.Message):
     """length of the masked vector it will send"""
     exact_test_mode: _builtins.bool
     """its operator turned the noise off (tests only)"""
+    noise_variance: _builtins.float
+    """The variance of the noise it adds to each word of its vector, in ring units squared (its
+    discrete Gaussian's sigma^2, which bounds the variance; 0 in exact test mode): the
+    answer's error bars come from the sum of these, not from an assumed share.
+    """
     def __init__(
         self,
         *,
@@ -1479,10 +1485,11 @@ class QueryAccept(_message.Message):
         delta: _builtins.float = ...,
         vector_words: _builtins.int = ...,
         exact_test_mode: _builtins.bool = ...,
+        noise_variance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "noise_variance", b"noise_variance", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
