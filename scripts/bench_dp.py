@@ -83,7 +83,6 @@ def client_level(
                 noise_multiplier=z,
                 clipping_norm=args.client_clip,
                 delta=DELTA,
-                rng=np.random.default_rng(1),
             )
             if private
             else None

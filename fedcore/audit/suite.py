@@ -41,7 +41,7 @@ Setting = Literal["ci", "full"]
 @functools.cache
 def _z(mechanism: Mechanism = "best", relation: Relation = "add-remove") -> float:
     """The multiplier of one Gaussian release at EPSILON, DELTA (the code's calibration; Rényi
-    DP for the mechanisms the code accounts by it: distributed DP, analytics)."""
+    DP for the mechanisms the code accounts by it: client-level DP, analytics)."""
     return calibrate_noise_multiplier(
         target_epsilon=EPSILON,
         delta=DELTA,
@@ -69,7 +69,7 @@ class Entry:
 
 def _fedavg(**kwargs: object) -> Callable[[], AuditedMechanism]:
     def build() -> AuditedMechanism:
-        z = _z("rdp" if kwargs.get("mode") == "distributed" else "best")
+        z = _z("rdp")  # client-level DP is accounted by Rényi DP (discrete Gaussian noise)
         return FedAvgRound(z, DELTA, **kwargs)  # type: ignore[arg-type]
 
     return build
@@ -78,7 +78,7 @@ def _fedavg(**kwargs: object) -> Callable[[], AuditedMechanism]:
 def _adaptive(count_noise: float, *, raw_bits: bool) -> Callable[[], AuditedMechanism]:
     def clipping() -> AdaptiveClipping:
         kind = RawBitsAdaptiveClipping if raw_bits else AdaptiveClipping
-        return kind(1.0, count_noise_std=count_noise * _z())
+        return kind(1.0, count_noise_std=count_noise * _z("rdp"))
 
     return _fedavg(adaptive=clipping)
 

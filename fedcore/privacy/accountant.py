@@ -37,6 +37,9 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from fedcore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "epsilon_of_history",
     "gaussian_event",
+    "rdp_epsilon_mixed",
 ]
 
 Mechanism = Literal["rdp", "pld", "best"]
@@ -185,9 +189,9 @@ def _pld(history: History, delta: float, relation: Relation) -> float:
     return _composed(_fresh("pld", relation), history, delta)
 
 
-def _rdp_replace_one(history: History, delta: float) -> float:
-    """The replace-one RDP bound through the weak triangle inequality (module docstring)."""
-    import numpy as np
+def _triangle_curve(history: History) -> npt.NDArray[np.float64]:
+    """The replace-one RDP of ``history`` at :data:`_TRIANGLE_ORDERS`, through the weak
+    triangle inequality (module docstring)."""
     from dp_accounting.rdp import rdp_privacy_accountant
 
     alphas = np.array(_TRIANGLE_ORDERS)
@@ -196,11 +200,44 @@ def _rdp_replace_one(history: History, delta: float) -> float:
     with _quiet_absl():
         for z, q, n in history:
             accountant.compose(gaussian_event(noise_multiplier=z, sample_rate=q, steps=n))
-    rdp = np.asarray(accountant.rdp)
+    rdp = np.asarray(accountant.rdp, dtype=np.float64)
     count = len(alphas)
     doubled, doubled_less_one = rdp[:count], rdp[count:]
-    replace = (alphas - 0.5) / (alphas - 1) * doubled + doubled_less_one
-    epsilon, _ = rdp_privacy_accountant.compute_epsilon(alphas, replace, delta)
+    curve: npt.NDArray[np.float64] = (alphas - 0.5) / (alphas - 1) * doubled + doubled_less_one
+    return curve
+
+
+def _rdp_replace_one(history: History, delta: float) -> float:
+    """The replace-one RDP bound through the weak triangle inequality (module docstring)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    curve = _triangle_curve(history)
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(np.array(_TRIANGLE_ORDERS), curve, delta)
+    return float(epsilon)
+
+
+def rdp_epsilon_mixed(*, add_remove: History, replace_one: History, delta: float) -> float:
+    """Rényi-DP epsilon at ``delta`` of releases stated for add/remove neighbours composed
+    with releases whose unit is a record replaced (a ledger holding both), at the orders of
+    the replace-one bound; without replace-one releases, exactly :func:`epsilon_of_history`
+    by ``"rdp"``."""
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+    if not replace_one:
+        return epsilon_of_history(add_remove, delta=delta, mechanism="rdp") if add_remove else 0.0
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    alphas = np.array(_TRIANGLE_ORDERS)
+    unsampled = [entry for entry in replace_one if entry[1] == 1]
+    sampled = [entry for entry in replace_one if entry[1] < 1]
+    plain = rdp_privacy_accountant.RdpAccountant(orders=list(alphas))
+    with _quiet_absl():
+        for z, q, n in [*add_remove, *_halved(unsampled)]:
+            plain.compose(gaussian_event(noise_multiplier=z, sample_rate=q, steps=n))
+    total = np.asarray(plain.rdp, dtype=np.float64)
+    if sampled:
+        total = total + _triangle_curve(sampled)
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(alphas, total, delta)
     return float(epsilon)
 
 

@@ -33,6 +33,7 @@ import concurrent.futures
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,18 @@ import numpy.typing as npt
 
 from fedcore.errors import ConfigError
 
-__all__ = ["SUM_SLACK_LIMIT", "check_sum_slack", "discrete_gaussian", "preload", "sum_slack"]
+__all__ = [
+    "SUM_SLACK_LIMIT",
+    "IntegerNoise",
+    "check_sum_slack",
+    "discrete_gaussian",
+    "preload",
+    "sum_slack",
+]
+
+#: ``(sigma, size) -> size`` draws of ``N_Z(0, sigma^2)``: :func:`discrete_gaussian`, or a
+#: stand-in an auditor injects (a build with less noise, to show it is caught).
+IntegerNoise = Callable[[float, int], npt.NDArray[np.int64]]
 
 #: The largest additive Rényi term (``tau * d``) a distributed release may carry.
 SUM_SLACK_LIMIT = 1e-30
