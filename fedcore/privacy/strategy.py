@@ -402,7 +402,7 @@ class DifferentialPrivacy(Strategy):
         if self.secure_aggregation:
             floats = [b for b in global_weights.values() if b.dtype.kind == "f"]
             largest = max((float(np.abs(b).max(initial=0.0)) for b in floats), default=0.0)
-            epsilon = max((float(np.finfo(b.dtype).eps) for b in floats), default=0.0)
+            epsilon = max((float(np.spacing(np.ones((), b.dtype))) for b in floats), default=0.0)
             error += n * (largest + clip) * epsilon
         return error
 
