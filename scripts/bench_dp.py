@@ -43,6 +43,7 @@ from fedcore.privacy import DifferentialPrivacy, privatize_update
 from fedcore.privacy.accountant import calibrate_noise_multiplier, epsilon_of_history
 from fedcore.privacy.client import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
+from fedcore.privacy.dpsgd import RELATION as DPSGD_RELATION
 from fedcore.strategy import FedAvg, FitResult, WeightedMeanAggregator, WorkerInfo
 from fedcore.training import evaluate, train
 from fedcore.weights import Weights
@@ -82,7 +83,6 @@ def client_level(
                 noise_multiplier=z,
                 clipping_norm=args.client_clip,
                 delta=DELTA,
-                rng=np.random.default_rng(1),
             )
             if private
             else None
@@ -181,7 +181,12 @@ def record_level(
         private = target > 0
         z = (
             calibrate_noise_multiplier(
-                target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, mechanism=mechanism
+                target_epsilon=target,
+                delta=DELTA,
+                sample_rate=q,
+                steps=steps,
+                mechanism=mechanism,
+                relation=DPSGD_RELATION,
             )
             if private
             else 0.0

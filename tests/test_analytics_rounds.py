@@ -25,6 +25,7 @@ from fedcore.policy import load_policy
 from fedcore.secagg import wire
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.simulation import make_identities
+from fedcore.server.analytics.frontend import answer_of
 from fedcore.server.analytics.rounds import QueryRound
 from fedcore.server.state.registry import SessionState
 from fedcore.v1 import fedcore_pb2 as pb
@@ -302,6 +303,41 @@ async def test_the_noise_share_follows_the_silos_policy_not_the_silo_count(
         errors.extend(((totals - truth) / std).tolist())
     # 300 draws of N(0, 3): their std is sqrt(3) = 1.73 within 4% (one standard error).
     assert 1.5 < float(np.std(errors)) < 2.0
+    for s in silos:
+        s.pump.cancel()
+
+
+@pytest.mark.parametrize(("analytics", "honest"), [("", 1), ("honest-silos = 3\n", 3)])
+async def test_the_answers_error_bars_are_the_noise_the_silos_added(
+    tmp_path: Path, analytics: str, honest: int
+) -> None:
+    """The coordinator's reported std against the empirical std of answers, for h = 1 (each
+    silo adds the whole noise) and h = n = 3 (each a third of the variance). Before, the
+    answer assumed h = n whatever the silos did: sqrt(3) too small at h = 1."""
+    rng = np.random.default_rng(11)
+    parts = [rng.uniform(20, 90, 40) for _ in range(3)]
+    responders = [
+        _silo(tmp_path, i, p, budget=1e9, analytics=analytics) for i, p in enumerate(parts)
+    ]
+    silos = [_Silo(f"silo-{i}", r) for i, r in enumerate(responders)]
+    text = "histogram(age, bins=50)"  # 50 independent noisy words per answer
+    layout = plan_layout(parse_query(text), SCHEMA)
+    z = noise_multiplier_for(1.0, 1e-6)
+    truth = sum(local_sums(layout, Table({"age": p}, len(p))).values for p in parts)
+    errors: list[float] = []
+    reported = set()
+    for k in range(6):
+        totals, round_ = await _ask(silos, text, 1.0, f"q{k}")
+        accepts = {silos[i - 1].name: a for i, a in round_.accepts.items()}
+        assert all(a.noise_variance > 0 for a in accepts.values())
+        answer = answer_of(layout, totals, accepts, z, 1e-6)
+        reported.add(round(answer.noise_std["bin"], 9))
+        errors.extend((totals - truth).tolist())
+    (std,) = reported
+    # 300 draws: the empirical std is within 15% of the truth with probability > 0.99.
+    assert 0.85 < float(np.std(errors)) / std < 1.15
+    assumed = float(noise_std(layout, z)[0])  # what the answer said before
+    assert std / assumed == pytest.approx(math.sqrt(3 / honest), rel=0.02)
     for s in silos:
         s.pump.cancel()
 

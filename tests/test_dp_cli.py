@@ -27,7 +27,7 @@ def test_budget_stop_and_per_silo_epsilon_through_real_processes(
     z, target = 3.0, 1.5
     expected = 0  # rounds the budget allows: every round takes all 3 workers (q = 1)
     while True:
-        acc = PrivacyAccountant()
+        acc = PrivacyAccountant(mechanism="rdp")  # client-level DP: discrete noise, Rényi DP
         acc.step(noise_multiplier=z, sample_rate=1.0, steps=expected + 1)
         if acc.get_epsilon(delta=1e-5) > target:
             break
@@ -52,7 +52,7 @@ def test_budget_stop_and_per_silo_epsilon_through_real_processes(
     epsilons = [float(r["epsilon"]) for r in rows]  # type: ignore[arg-type]
     assert epsilons == sorted(epsilons)
     assert epsilons[-1] <= target
-    reference = PrivacyAccountant()
+    reference = PrivacyAccountant(mechanism="rdp")
     reference.step(noise_multiplier=z, sample_rate=1.0, steps=expected)
     assert epsilons[-1] == pytest.approx(reference.get_epsilon(delta=1e-5))
     for r in rows:

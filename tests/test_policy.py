@@ -321,7 +321,9 @@ def test_guard_pays_each_round_until_the_budget_is_spent(tmp_path: Path) -> None
     assert guard.pay(plan) is not None
 
 
-def test_dpsgd_rounds_are_charged_as_opacus_counts_them(tmp_path: Path) -> None:
+def test_dpsgd_rounds_are_charged_as_opacus_counts_them_for_one_record_replaced(
+    tmp_path: Path,
+) -> None:
     text = '[budget]\nstudy = "s"\nepsilon = 100.0\ndelta = 1e-5\nledger = "l.json"\n'
     guard = PolicyGuard(
         load_policy(write_policy(tmp_path, text)),
@@ -330,7 +332,13 @@ def test_dpsgd_rounds_are_charged_as_opacus_counts_them(tmp_path: Path) -> None:
     )
     charges = guard.charges(PlanRequest.from_task(task(epochs=2), record_dp=guard.record_dp))
     assert charges == [
-        Charge(noise_multiplier=1.0, sample_rate=1 / 13, steps=26, what="round 3: DP-SGD")
+        Charge(
+            noise_multiplier=1.0,
+            sample_rate=1 / 13,
+            steps=26,
+            what="round 3: DP-SGD",
+            relation="replace-one",
+        )
     ]
 
 

@@ -18,9 +18,13 @@ from fedcore.privacy.discrete import (
 
 
 def test_draws_follow_the_discrete_gaussians_mass_function() -> None:
+    """40,000 draws: long enough to be drawn in chunks by several threads where there are
+    cores for them; the union follows the mass function and no chunk repeats another."""
     sigma = 2.0
-    draws = discrete_gaussian(sigma, 30_000)
+    draws = discrete_gaussian(sigma, 40_000)
     assert draws.dtype == np.int64
+    assert draws.shape == (40_000,)
+    assert not np.array_equal(draws[:20_000], draws[20_000:])
     support = np.arange(-12, 13)
     mass = np.exp(-(support**2) / (2 * sigma**2))
     mass /= mass.sum()

@@ -89,9 +89,7 @@ def test_aggregate_uses_uniform_weights_not_example_counts() -> None:
 def test_central_noise_uses_the_number_of_updates_actually_aggregated() -> None:
     """8 workers sampled, 5 deliver: the mean carries noise z C / 5, not z C / 8."""
     z, clip = 1.5, 2.0
-    dp = DifferentialPrivacy(
-        FedAvg(), noise_multiplier=z, clipping_norm=clip, rng=np.random.default_rng(7)
-    )
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=z, clipping_norm=clip)
     new, _ = _round(dp, 1, _workers(8), [np.zeros(D)] * 5)
     std = float(np.std(new["w"]))
     assert std == pytest.approx(z * clip / 5, rel=TOL)
@@ -157,8 +155,9 @@ def _sampled(rounds: int, workers: list[WorkerInfo], sampler: ClientSampler) -> 
 def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
     """Issue 22: 100 workers, 50 per round, 30 rounds. The cohort is computable from the
     configuration, so no amplification by sampling applies: the reported epsilon must be at
-    least the most-sampled worker's at q = 1 (22 rounds: 30.3 exactly for z = 1, where
-    accounting at q = 0.5 reported 20.7)."""
+    least the most-sampled worker's at q = 1 (22 rounds: 30.3 exactly for z = 1, 32.1 by Rényi
+    DP, which the discrete-Gaussian noise is accounted by; accounting at q = 0.5 reported
+    20.7)."""
     inner = FedAvg()
     inner.sampler = ClientSampler(fraction=0.5, seed=0)
     dp = DifferentialPrivacy(inner, noise_multiplier=z, clipping_norm=1.0)
@@ -168,7 +167,7 @@ def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
     counts = _sampled(30, workers, inner.sampler)
     most = max(counts.values())
     assert most == 22
-    exact_most = epsilon_of_history([(z, 1.0, most)], delta=1e-5, mechanism="pld")
+    exact_most = epsilon_of_history([(z, 1.0, most)], delta=1e-5, mechanism="rdp")
     amplified = epsilon_of_history([(z, 0.5, 30)], delta=1e-5, mechanism="rdp")
     reported = dp.privacy_metrics()["epsilon"]
     assert reported >= exact_most > amplified
@@ -178,7 +177,7 @@ def test_a_seeded_cohort_is_accounted_per_worker_at_full_rate(z: float) -> None:
     assert set(per_worker) == set(counts)
     for name, rounds in counts.items():
         assert per_worker[name] == pytest.approx(
-            epsilon_of_history([(z, 1.0, rounds)], delta=1e-5, mechanism="pld")
+            epsilon_of_history([(z, 1.0, rounds)], delta=1e-5, mechanism="rdp")
         )
 
 
@@ -216,7 +215,7 @@ def test_the_budget_stops_on_the_most_charged_worker() -> None:
     would give any sampled worker a 13th, although the average worker is far below."""
     inner = FedAvg()
     inner.sampler = ClientSampler(fraction=0.5, seed=3)
-    target = epsilon_of_history([(2.0, 1.0, 12)], delta=1e-5)
+    target = epsilon_of_history([(2.0, 1.0, 12)], delta=1e-5, mechanism="rdp")
     dp = DifferentialPrivacy(inner, noise_multiplier=2.0, clipping_norm=1.0, target_epsilon=target)
     workers = _workers(20)
     stopped = None
@@ -243,9 +242,12 @@ def test_calibration_assumes_a_worker_may_be_sampled_every_round() -> None:
     )
     _round(dp, 1, _workers(10), [np.zeros(D)] * 5)
     assert dp.noise_multiplier == pytest.approx(
-        calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=1.0, steps=30)
+        calibrate_noise_multiplier(
+            target_epsilon=8.0, delta=1e-5, sample_rate=1.0, steps=30, mechanism="rdp"
+        )
     )
-    assert epsilon_of_history([(dp.noise_multiplier, 1.0, 30)], delta=1e-5) <= 8.0
+    history = [(dp.noise_multiplier, 1.0, 30)]
+    assert epsilon_of_history(history, delta=1e-5, mechanism="rdp") <= 8.0
 
 
 def _rounds_until_stop(dp: DifferentialPrivacy, limit: int) -> int:
@@ -262,7 +264,7 @@ def test_budget_stop_triggers_at_the_right_round() -> None:
     # The reference: the last round count whose epsilon stays within the target.
     expected = 0
     while True:
-        acc = PrivacyAccountant()
+        acc = PrivacyAccountant(mechanism="rdp")
         acc.step(noise_multiplier=z, sample_rate=q, steps=expected + 1)
         if acc.get_epsilon(delta=1e-5) > target:
             break
@@ -298,7 +300,6 @@ def test_adaptive_clipping_tracks_the_median_and_is_accounted() -> None:
     adaptive = AdaptiveClipping(clip_norm=0.1, target_quantile=0.5, count_noise_std=2.0)
     dp = DifferentialPrivacy(
         FedAvg(), noise_multiplier=1.0, clipping_norm=0.1, adaptive=adaptive,
-        rng=np.random.default_rng(0),
     )  # fmt: skip
     deltas = [np.full(16, n / 4) for n in norms]
     global_ = {"w": np.zeros(16), "steps": np.zeros((), np.int64)}
@@ -315,8 +316,8 @@ def test_adaptive_clipping_tracks_the_median_and_is_accounted() -> None:
             results.append(FitResult(inst.worker, 1, upd.metrics))
         dp.aggregate_fit(r, global_, agg.result(), results, [])
     assert dp.clip_norm == pytest.approx(np.median(norms), rel=0.25)
-    # Accounted at z = 1 (update noise and count noise together), once per round.
-    reference = PrivacyAccountant()
+    # Accounted at z = 1 (update noise and count noise together), once per round, by Rényi DP.
+    reference = PrivacyAccountant(mechanism="rdp")
     reference.step(noise_multiplier=1.0, sample_rate=1.0, steps=60)
     assert dp.privacy_metrics()["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5))
 
@@ -328,7 +329,7 @@ def test_adaptive_clipping_reports_what_its_noise_really_costs() -> None:
     the one reported for z (main reported 39.8 where the noise cost 59.4)."""
     dp = DifferentialPrivacy(
         FedAvg(), noise_multiplier=1.0, clipping_norm=1.0,
-        adaptive=AdaptiveClipping(clip_norm=1.0), rng=np.random.default_rng(11),
+        adaptive=AdaptiveClipping(clip_norm=1.0),
     )  # fmt: skip
     new, _ = _round(dp, 1, _workers(20), [np.zeros(D)] * 20)
     n = 20
@@ -339,10 +340,12 @@ def test_adaptive_clipping_reports_what_its_noise_really_costs() -> None:
     real = (z_update**-2 + count_multiplier**-2) ** -0.5
     charged = dp.privacy_metrics()["noise_multiplier"]
     assert charged == 1.0
-    really = epsilon_of_history([(real, 1.0, 30)], delta=1e-5)
-    reported = epsilon_of_history([(charged, 1.0, 30)], delta=1e-5)
+    really = epsilon_of_history([(real, 1.0, 30)], delta=1e-5, mechanism="rdp")
+    reported = epsilon_of_history([(charged, 1.0, 30)], delta=1e-5, mechanism="rdp")
     assert really <= reported * (1 + 3 * TOL)
-    assert dp.privacy_metrics()["epsilon"] == epsilon_of_history([(charged, 1.0, 1)], delta=1e-5)
+    assert dp.privacy_metrics()["epsilon"] == epsilon_of_history(
+        [(charged, 1.0, 1)], delta=1e-5, mechanism="rdp"
+    )
 
 
 def test_secure_aggregation_feeds_one_presummed_update() -> None:
@@ -359,6 +362,35 @@ def test_secure_aggregation_feeds_one_presummed_update() -> None:
     np.testing.assert_allclose(new["w"], 0.001, atol=1e-6)
 
 
+def test_central_noise_is_exact_integer_noise_on_a_fine_grid() -> None:
+    """Issue 22 item 7, central mode: the released sum is a point of the 2^-20 C grid plus
+    discrete-Gaussian noise of sigma z (C/s + 2 sqrt(d)) ring units drawn through the injected
+    sampler (OpenDP's by default), never numpy's floating-point normal."""
+    draws: list[tuple[float, int]] = []
+
+    def sampler(sigma: float, size: int) -> np.ndarray:
+        draws.append((sigma, size))
+        return np.zeros(size, dtype=np.int64)
+
+    z, clip, d = 1.3, 0.5, 64
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=z, clipping_norm=clip, sampler=sampler)
+    dp.configure_fit(1, _workers(3), TrainConfig())
+    g = {"w": np.zeros(d), "steps": np.zeros((), np.int64)}
+    agg = dp.start_aggregation(1, g)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        agg.add({"w": rng.normal(0, 0.01, d), "steps": g["steps"]}, 1)
+    new = dp.aggregate_fit(1, g, agg.result(), [], [])
+    step = clip * 2.0**-20
+    assert draws == [(pytest.approx(z * (clip / step + 2 * np.sqrt(d))), d)]
+    grid = new["w"] * 3 / step
+    np.testing.assert_allclose(grid, np.rint(grid), atol=1e-6)
+    # With OpenDP's sampler the noise has the calibrated spread (std z C / n on the mean).
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=z, clipping_norm=clip)
+    new, _ = _round(dp, 1, _workers(4), [np.zeros(D)] * 4)
+    assert float(np.std(new["w"])) == pytest.approx(z * clip / 4, rel=TOL)
+
+
 def test_central_mode_reclips_what_it_can_see() -> None:
     dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1e-9, clipping_norm=1.0)
     dp.configure_fit(1, _workers(1), TrainConfig())
@@ -366,7 +398,8 @@ def test_central_mode_reclips_what_it_can_see() -> None:
     agg = dp.start_aggregation(1, g)
     agg.add({"w": np.full(D, 10.0), "steps": g["steps"]}, 1)  # a worker that did not clip
     new = dp.aggregate_fit(1, g, agg.result(), [], [])
-    assert float(np.linalg.norm(new["w"])) == pytest.approx(1.0, rel=1e-6)
+    # Re-clipped to 1, then rounded to the exact noise's grid of 2^-20 C.
+    assert float(np.linalg.norm(new["w"])) == pytest.approx(1.0, rel=1e-4)
 
 
 class _Median(Strategy):

@@ -44,6 +44,7 @@ from fedcore.analytics.mechanism import (
     epsilon_for,
     noise_multiplier_for,
     noisy_share,
+    share_variance,
 )
 from fedcore.analytics.query import QueryError, parse_query
 from fedcore.analytics.rules import check_cost, check_query
@@ -356,6 +357,9 @@ class QueryResponder:
             exact_test_mode=self.exact,
             budget_left=current.budget_left[0],
             budget_delta=current.budget_left[1],
+            noise_variance=0.0
+            if self.exact
+            else share_variance(current.layout, current.noise_multiplier, current.divisor),
         )
         await send(self._message(accept=accept))
 

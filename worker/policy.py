@@ -34,6 +34,7 @@ from fedcore.policy import (
     noisy_label_histogram,
 )
 from fedcore.policy.release import LABEL_HISTOGRAM, REPLACE_ONE_SENSITIVITY
+from fedcore.privacy.dpsgd import RELATION as DPSGD_RELATION
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = ["PolicyGuard"]
@@ -116,6 +117,7 @@ class PolicyGuard:
                     sample_rate=1.0 / steps_per_epoch,
                     steps=max(1, plan.epochs) * steps_per_epoch,
                     what=f"round {plan.round}: DP-SGD",
+                    relation=DPSGD_RELATION,
                 )
             ]
         return None

@@ -22,6 +22,12 @@ policy (:class:`~fedcore.policy.model.NoiseNetwork`): any ``h`` honest shares ca
 whole variance, whatever number of silos the coordinator claims. The default ``h = 1``
 adds the whole noise alone. The secure round's threshold is the number of silos, so
 nothing is unmasked unless every share is in.
+
+**Error bars from the noise actually added.** Each silo states its share's ``sigma^2`` in
+its acceptance (:func:`share_variance`; the discrete Gaussian's variance is at most its
+``sigma^2``, CKS20 Prop. 19); the answer's standard errors are the square root of their sum
+(:func:`answer_noise_std`), so silos that trust fewer others widen the bars as much as they
+widen the noise.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .encoding import FIXED_POINT
 from .layout import Layout
 
 __all__ = [
+    "answer_noise_std",
     "charge_for",
     "epsilon_for",
     "noise_multiplier_for",
@@ -49,6 +56,7 @@ __all__ = [
     "noisy_share",
     "ring_sensitivity",
     "ring_share_sigma",
+    "share_variance",
     "total_noise_std",
 ]
 
@@ -111,6 +119,25 @@ def ring_share_sigma(
     if divisor < 1:
         raise ConfigError(f"a query needs at least one honest silo, got {divisor}")
     return noise_multiplier * ring_sensitivity(layout, fixed) / math.sqrt(divisor)
+
+
+def share_variance(
+    layout: Layout, noise_multiplier: float, divisor: int, fixed: FixedPoint = FIXED_POINT
+) -> float:
+    """The variance (ring units squared) of one silo's noise on each word, at most: its
+    discrete Gaussian's ``sigma^2``."""
+    return ring_share_sigma(layout, noise_multiplier, divisor, fixed) ** 2
+
+
+def answer_noise_std(
+    layout: Layout, variances: list[float], fixed: FixedPoint = FIXED_POINT
+) -> npt.NDArray[np.float64]:
+    """The noise standard deviation on each released sum (its units) when the silos added
+    noise of ``variances`` (ring units squared, one per silo) to every word."""
+    for variance in variances:
+        if not (variance >= 0 and math.isfinite(variance)):
+            raise ConfigError(f"a silo reported a noise variance of {variance}")
+    return math.sqrt(math.fsum(variances)) / fixed.scale * layout.scale_vector()
 
 
 def noisy_share(

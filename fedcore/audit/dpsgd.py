@@ -5,10 +5,12 @@ round of the real DP-SGD training loop: Opacus' Poisson sampling, per-example cl
 noise, and the silo's accountant, whose report is the claim. The batch size covers the whole
 silo, so the sampling rate is 1 and one step is one Gaussian release.
 
-Neighbouring inputs: the silo's records with the canary record (``D``) or without (``D'``).
-The ordinary records have ``x = 0`` (their gradients only move the biases); the canary has a
-large ``x`` and label 1, so its clipped gradient moves the weights by ``C`` along
-``(-1, +1) / sqrt(2)``. The score is the trained weights' projection on that direction.
+Neighbouring inputs under DP-SGD's privacy unit, one record replaced (silo sizes are public):
+the silo's last record is the canary (``D``) or its mirror image (``D'``). The ordinary records
+have ``x = 0`` (their gradients only move the biases); the canary has a large ``x`` and label
+1, so its clipped gradient moves the weights by ``C`` along ``(-1, +1) / sqrt(2)``, and the
+mirror (``-x``) by ``C`` the other way: the two outputs differ by ``2 C``, the most a replaced
+record can move them. The score is the trained weights' projection on that direction.
 
 Opacus draws the noise from torch's default generator and fedcore samples the batches from
 the OS's CSPRNG. The adapter seeds the former from the harness (inside
@@ -70,13 +72,13 @@ class DPSGDSilo:
     def description(self) -> str:
         return (
             f"DPSGD (Opacus) one step at sampling rate 1, z={self.noise_multiplier:.4g}, "
-            f"{self.records} records; with vs without a canary record"
+            f"{self.records} records; a canary record replaced by its mirror image"
         )
 
     def _train(self, canary: bool, rng: np.random.Generator) -> tuple[nn.Linear, float]:
         """One round: the trained model and the epsilon the silo reports."""
-        x = [[0.0]] * self.records + ([[1000.0]] if canary else [])
-        y = [i % 2 for i in range(self.records)] + ([1] if canary else [])
+        x = [[0.0]] * self.records + [[1000.0 if canary else -1000.0]]
+        y = [i % 2 for i in range(self.records)] + [1]
         data = cast("Dataset[Batch]", TensorDataset(torch.tensor(x), torch.tensor(y)))
         model = nn.Linear(1, 2)
         nn.init.zeros_(model.weight)
@@ -98,7 +100,7 @@ class DPSGDSilo:
         if not math.isclose(reported, self._reported, rel_tol=1e-9):
             raise AssertionError(
                 f"the silo reported epsilon {reported} here and {self._reported} in a dry run "
-                "without the canary: the report depends on the data"
+                "with the mirrored canary: the report depends on the data"
             )
         weight = model.weight.detach().double().reshape(-1)
         return float(weight[1] - weight[0]) / math.sqrt(2)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from fedcore.plan import TrainConfig
 from fedcore.privacy import (
@@ -36,6 +37,7 @@ from fedcore.privacy import (
     DPMode,
     privatize_update,
 )
+from fedcore.privacy.discrete import IntegerNoise, discrete_gaussian
 from fedcore.strategy import FedAvg, FitResult, WorkerInfo
 from fedcore.weights import Weights
 
@@ -54,9 +56,11 @@ class RawBitsAdaptiveClipping(AdaptiveClipping):
         budget = noise_multiplier**-2 - (2 * self.count_noise_std) ** -2
         return float(budget**-0.5)
 
-    def update(self, unclipped: float, count: int, rng: np.random.Generator) -> float:
+    def update(
+        self, unclipped: float, count: int, sampler: IntegerNoise = discrete_gaussian
+    ) -> float:
         assert self.count_noise_std is not None
-        noisy = (unclipped + rng.normal(0.0, self.count_noise_std)) / count
+        noisy = (unclipped + int(sampler(self.count_noise_std, 1)[0])) / count
         self.clip_norm *= math.exp(-self.learning_rate * (noisy - self.target_quantile))
         return float(noisy)
 
@@ -96,7 +100,12 @@ class FedAvgRound:
             f"{clipping}, {self.workers} workers; canary update vs zero update"
         )
 
-    def _strategy(self, noise: np.random.Generator) -> DifferentialPrivacy:
+    def _sampler(self, sigma: float, size: int) -> npt.NDArray[np.int64]:
+        """The coordinator's exact noise, at ``noise_factor`` of its sigma (OpenDP draws from
+        its own CSPRNG: central rounds are not replayable from the harness's seed)."""
+        return discrete_gaussian(sigma * self.noise_factor, size)
+
+    def _strategy(self) -> DifferentialPrivacy:
         return DifferentialPrivacy(
             FedAvg(),
             noise_multiplier=self.noise_multiplier,
@@ -105,7 +114,7 @@ class FedAvgRound:
             adaptive=self.adaptive() if self.adaptive is not None else None,
             mode=self.mode,
             min_updates=self.workers if self.mode == "distributed" else 1,
-            rng=noise,
+            sampler=self._sampler,
         )
 
     def _round(
@@ -113,7 +122,7 @@ class FedAvgRound:
     ) -> tuple[Weights, dict[str, float], DifferentialPrivacy]:
         """One round: the released weights, the privacy report, the strategy."""
         noise = rng if self.noise_factor == 1 else ScaledNoise(rng.bit_generator, self.noise_factor)
-        dp = self._strategy(noise)
+        dp = self._strategy()
         start: Weights = {"w": np.zeros(2)}
         roster = [WorkerInfo(f"id{i}", f"worker-{i}", 1) for i in range(self.workers)]
         instructions = dp.configure_fit(1, roster, TrainConfig())

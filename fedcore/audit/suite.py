@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fedcore.privacy import AdaptiveClipping, calibrate_noise_multiplier
-from fedcore.privacy.accountant import Mechanism
+from fedcore.privacy.accountant import Mechanism, Relation
+from fedcore.privacy.dpsgd import RELATION as DPSGD_RELATION
 
 from .analytics import AnalyticsQuery, ExactMinCountRefusal
 from .dpsgd import DPSGDSilo
@@ -38,11 +39,16 @@ Setting = Literal["ci", "full"]
 
 
 @functools.cache
-def _z(mechanism: Mechanism = "best") -> float:
+def _z(mechanism: Mechanism = "best", relation: Relation = "add-remove") -> float:
     """The multiplier of one Gaussian release at EPSILON, DELTA (the code's calibration; Rényi
-    DP for the mechanisms the code accounts by it: distributed DP, analytics)."""
+    DP for the mechanisms the code accounts by it: client-level DP, analytics)."""
     return calibrate_noise_multiplier(
-        target_epsilon=EPSILON, delta=DELTA, sample_rate=1.0, steps=1, mechanism=mechanism
+        target_epsilon=EPSILON,
+        delta=DELTA,
+        sample_rate=1.0,
+        steps=1,
+        mechanism=mechanism,
+        relation=relation,
     )
 
 
@@ -63,7 +69,7 @@ class Entry:
 
 def _fedavg(**kwargs: object) -> Callable[[], AuditedMechanism]:
     def build() -> AuditedMechanism:
-        z = _z("rdp" if kwargs.get("mode") == "distributed" else "best")
+        z = _z("rdp")  # client-level DP is accounted by Rényi DP (discrete Gaussian noise)
         return FedAvgRound(z, DELTA, **kwargs)  # type: ignore[arg-type]
 
     return build
@@ -72,7 +78,7 @@ def _fedavg(**kwargs: object) -> Callable[[], AuditedMechanism]:
 def _adaptive(count_noise: float, *, raw_bits: bool) -> Callable[[], AuditedMechanism]:
     def clipping() -> AdaptiveClipping:
         kind = RawBitsAdaptiveClipping if raw_bits else AdaptiveClipping
-        return kind(1.0, count_noise_std=count_noise * _z())
+        return kind(1.0, count_noise_std=count_noise * _z("rdp"))
 
     return _fedavg(adaptive=clipping)
 
@@ -154,7 +160,7 @@ SUITE: tuple[Entry, ...] = (
     Entry(
         "dpsgd",
         "private",
-        lambda: DPSGDSilo(_z(), DELTA),
+        lambda: DPSGDSilo(_z(relation=DPSGD_RELATION), DELTA),
         30,
         2_000,
         "CI: a smoke run (about 50 ms a run); --full audits it",
@@ -162,7 +168,7 @@ SUITE: tuple[Entry, ...] = (
     Entry(
         "dpsgd-halved-noise",
         "leaky",
-        lambda: DPSGDSilo(_z(), DELTA, noise_factor=0.5),
+        lambda: DPSGDSilo(_z(relation=DPSGD_RELATION), DELTA, noise_factor=0.5),
         None,
         2_000,
         "control: trains at z/2, claims z",

@@ -7,6 +7,10 @@ worker and new federations of the same study keep counting. Epsilon comes from G
 ``dp-accounting`` library (Rényi DP accountant; Mironov 2017), never from a hand-written
 formula.
 
+Format 2 states each charge's neighbouring relation (``"replace-one"`` for DP-SGD, whose unit is
+one record replaced); a format-1 ledger is upgraded conservatively when read
+(:mod:`.ledger_upgrade`) and written back in format 2 with the next charge.
+
 Writes are atomic (temp file, fsync, rename, fsync of the folder) and every read-check-write
 holds an exclusive lock on ``LEDGER.lock``, so two workers of one silo sharing a ledger cannot
 both spend the last of a budget, and a crash leaves either the old or the new ledger, never a
@@ -29,14 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.atomic import write_atomically
 from fedcore.errors import LedgerError
-from fedcore.privacy.accountant import gaussian_event
+from fedcore.privacy.accountant import Relation, gaussian_event, rdp_epsilon_mixed
+
+from .ledger_upgrade import CURRENT_FORMAT, LEGACY_FORMATS, upgrade
 
 if TYPE_CHECKING:
     import dp_accounting
 
 __all__ = ["Charge", "PrivacyLedger", "epsilon_of"]
 
-_FORMAT = "fedcore-privacy-ledger/1"
+_FORMAT = CURRENT_FORMAT
 _LOCK_TIMEOUT_S = 30.0
 
 log = logging.getLogger("fedcore.policy")
@@ -45,12 +51,17 @@ log = logging.getLogger("fedcore.policy")
 @dataclass(frozen=True)
 class Charge:
     """One DP release: ``steps`` compositions of a Gaussian mechanism of noise multiplier
-    ``noise_multiplier``, each on a Poisson sample of rate ``sample_rate`` of the records."""
+    ``noise_multiplier``, each on a Poisson sample of rate ``sample_rate`` of the records.
+    ``relation``: the neighbours the multiplier is stated for. ``"add-remove"`` when it is
+    already in units of the release's own sensitivity (every charge but DP-SGD's);
+    ``"replace-one"`` for DP-SGD, whose clip norm bounds one record, not the difference
+    of two (see :mod:`fedcore.privacy.accountant`)."""
 
     noise_multiplier: float
     sample_rate: float = 1.0
     steps: int = 1
     what: str = ""
+    relation: Relation = "add-remove"
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
@@ -61,6 +72,10 @@ class Charge:
             raise LedgerError(f"a charge's sampling rate must be in (0, 1], got {self.sample_rate}")
         if self.steps < 1:
             raise LedgerError(f"a charge needs at least 1 step, got {self.steps}")
+        if self.relation not in ("add-remove", "replace-one"):
+            raise LedgerError(
+                f"a charge's relation must be add-remove or replace-one, got {self.relation!r}"
+            )
 
     def event(self) -> dp_accounting.DpEvent:
         return gaussian_event(
@@ -74,12 +89,22 @@ def epsilon_of(charges: Sequence[Charge], *, delta: float) -> float:
         raise LedgerError(f"delta must be in (0, 1), got {delta}")
     if not charges:
         return 0.0
+    if any(c.relation == "replace-one" for c in charges):
+        return rdp_epsilon_mixed(
+            add_remove=[_entry(c) for c in charges if c.relation == "add-remove"],
+            replace_one=[_entry(c) for c in charges if c.relation == "replace-one"],
+            delta=delta,
+        )
     from dp_accounting.rdp import rdp_privacy_accountant  # scipy: imported on first use
 
     accountant = rdp_privacy_accountant.RdpAccountant()
     for charge in charges:
         accountant.compose(charge.event())
     return float(accountant.get_epsilon(delta))
+
+
+def _entry(charge: Charge) -> tuple[float, float, int]:
+    return (charge.noise_multiplier, charge.sample_rate, charge.steps)
 
 
 class PrivacyLedger:
@@ -107,7 +132,18 @@ class PrivacyLedger:
                 f"the privacy ledger {self.path} is corrupt ({exc}); restore it from a backup. "
                 "Never delete it: the silo's spent privacy would be forgotten"
             ) from None
-        if not isinstance(document, dict) or document.get("format") != _FORMAT:
+        if not isinstance(document, dict):
+            raise LedgerError(f"{self.path} is not a fedcore privacy ledger ({_FORMAT})")
+        if document.get("format") in LEGACY_FORMATS:
+            log.warning(
+                "privacy ledger %s is in format %s: upgraded conservatively to %s (releases "
+                "under-charged then are re-charged; written back with the next charge)",
+                self.path,
+                document.get("format"),
+                _FORMAT,
+            )
+            return upgrade(document)
+        if document.get("format") != _FORMAT:
             raise LedgerError(f"{self.path} is not a fedcore privacy ledger ({_FORMAT})")
         return document
 

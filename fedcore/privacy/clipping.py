@@ -19,6 +19,8 @@ import numpy as np
 from fedcore.errors import ConfigError
 from fedcore.weights import Weights
 
+from .discrete import IntegerNoise, discrete_gaussian
+
 __all__ = ["COUNT_SENSITIVITY", "AdaptiveClipping", "ClippedUpdate", "clip_update", "l2_norm"]
 
 
@@ -86,7 +88,7 @@ class AdaptiveClipping:
     """Quantile-tracking clip norm (Andrew et al., NeurIPS 2021, Algorithm 1).
 
     Each round, every worker reports the bit ``b = [||update|| <= C]``; the coordinator
-    releases ``b_mean = (sum b + N(0, count_noise_std^2)) / n`` and moves the clip norm
+    releases ``b_mean = (sum b + N_Z(0, count_noise_std^2)) / n`` (exact integer noise) and moves the clip norm
     geometrically: ``C <- C * exp(-learning_rate * (b_mean - target_quantile))``.
 
     Releasing the noisy count costs privacy. The update sum (sensitivity ``C``, noise
@@ -140,15 +142,22 @@ class AdaptiveClipping:
             )
         return float(budget**-0.5)
 
-    def update(self, unclipped: float, count: int, rng: np.random.Generator) -> float:
+    def update(
+        self, unclipped: float, count: int, sampler: IntegerNoise = discrete_gaussian
+    ) -> float:
         """Move the clip norm after a round where ``unclipped`` of ``count`` updates fit.
 
-        Returns the noisy fraction of unclipped updates that was released.
+        Returns the noisy fraction of unclipped updates that was released. The count is an
+        integer (rounded: an honest bit moves it by exactly 1 whatever the others reported)
+        and gets exact discrete-Gaussian noise from ``sampler``.
         """
         if count < 1:
             raise ValueError("adaptive clipping needs at least one update")
         if self.count_noise_std is None:
             raise ConfigError("adaptive clipping's count noise is not set; call resolve() first")
-        noisy = (unclipped + rng.normal(0.0, self.count_noise_std)) / count
+        if not math.isfinite(unclipped):
+            raise ValueError(f"the unclipped count must be finite, got {unclipped}")
+        noise = int(sampler(self.count_noise_std, 1)[0])
+        noisy = (round(unclipped) + noise) / count
         self.clip_norm *= math.exp(-self.learning_rate * (noisy - self.target_quantile))
         return float(noisy)

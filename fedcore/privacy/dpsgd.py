@@ -7,6 +7,12 @@ its steps across rounds, so the ``(epsilon, delta)`` it reports after every roun
 whole federation has cost each of its records so far. Silos hold disjoint records, so a
 record's guarantee is its own silo's (parallel composition).
 
+The privacy unit is one record of the silo *replaced* by another: a silo's size is public (its
+hello states it), so add/remove neighbours, which Opacus' accountants assume, would be of a
+different, known size. A replaced record moves the clipped sum by up to ``2 C``; the accountant
+charges for that (``relation="replace-one"``, see :mod:`fedcore.privacy.accountant`), up to
+twice the add/remove figure.
+
 Use it as a :class:`~fedcore.worker.TorchTrainer` training loop::
 
     trainer = TorchTrainer(shard, train_fn=DPSGD(noise_multiplier=1.0, max_grad_norm=1.0))
@@ -40,7 +46,7 @@ from fedcore.errors import ConfigError, PrivacyBudgetExhausted
 from fedcore.plan import TrainConfig
 from fedcore.training import Batch, TrainResult, make_optimizer
 
-from .accountant import Mechanism, PrivacyAccountant
+from .accountant import Mechanism, PrivacyAccountant, Relation
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
@@ -50,7 +56,11 @@ log = logging.getLogger("fedcore.privacy")
 # Opacus is imported when a DP-SGD silo first trains, not here: it costs most of a second per
 # process (torch.distributed, scipy), which workers without DP-SGD never need.
 
-__all__ = ["DPSGD", "DPSGD_METRICS"]
+__all__ = ["DPSGD", "DPSGD_METRICS", "RELATION"]
+
+#: The neighbouring relation DP-SGD's epsilon is stated for (see the module docstring); a
+#: calibration for a DP-SGD silo must use it too.
+RELATION: Relation = "replace-one"
 
 _CSPRNG = "torchcsprng"
 
@@ -153,7 +163,7 @@ class DPSGD:
         self.max_grad_norm = max_grad_norm
         self.delta = delta
         self.max_epsilon = max_epsilon
-        self.accountant = PrivacyAccountant(mechanism=mechanism)
+        self.accountant = PrivacyAccountant(mechanism=mechanism, relation=RELATION)
         self.state_file = state_file
         if state_file is not None and state_file.exists():
             try:
@@ -179,7 +189,7 @@ class DPSGD:
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent so far by this silo's records, at ``delta``."""
+        """Epsilon spent so far by this silo's records (one replaced), at ``delta``."""
         return self.accountant.get_epsilon(delta=self.delta)
 
     def __call__(

@@ -12,7 +12,12 @@ dominate the average and break the sensitivity bound ``C``. The inner strategy s
 noised aggregate (post-processing), so server optimizers (FedAvgM, FedOpt) compose.
 
 The noise is added by the coordinator (``mode="central"``) or shared among the workers
-(``mode="distributed"``, see :mod:`fedcore.privacy.noise` for dropouts). Each worker is
+(``mode="distributed"``, see :mod:`fedcore.privacy.noise` for dropouts). Central noise is
+exact: the coordinator rounds the clipped sum to a grid of ``2^-20 C`` (the rounding covered
+in the sensitivity, as in distributed mode) and adds a discrete Gaussian there (OpenDP's
+sampler, :mod:`fedcore.privacy.discrete`); adaptive clipping's count too. Both modes are
+therefore accounted by Rényi DP, where the discrete Gaussian's privacy is proven (Canonne,
+Kamath and Steinke 2020); the continuous Gaussian's PLD is no proven bound for it. Each worker is
 accounted at ``q = 1`` over the rounds it was sampled in (a seeded cohort is no secret, so no
 amplification by sampling is claimed; see :mod:`fedcore.privacy.participation`); the reported
 epsilon is the largest worker's. With ``target_epsilon`` the federation ends before a round
@@ -48,11 +53,8 @@ from fedcore.weights import Weights
 from .accountant import Mechanism, calibrate_noise_multiplier
 from .client import UNCLIPPED_METRIC, ClientDP
 from .clipping import AdaptiveClipping, clip_update
-from .noise import (
-    add_gaussian_noise,
-    effective_noise_multiplier,
-    secure_generator,
-)
+from .discrete import IntegerNoise, discrete_gaussian
+from .noise import add_ring_noise, central_step, effective_noise_multiplier
 from .participation import ParticipationAccountant
 
 __all__ = ["DPMode", "DifferentialPrivacy", "PrivacyReporting", "UniformDeltaAggregator"]
@@ -163,9 +165,10 @@ class DifferentialPrivacy(Strategy):
             noise share is ``z C / sqrt(min_updates)``.
         adaptive: adaptive clipping settings (central mode only).
         secure_aggregation: updates arrive already summed (see :class:`UniformDeltaAggregator`).
-        mechanism: the accountant, ``"rdp"``, ``"pld"`` or ``"best"`` (the smaller of the two;
-            Rényi DP in distributed mode, whose discrete shares have no proven PLD).
-        rng: noise source (default: seeded from the OS CSPRNG).
+        mechanism: the accountant: ``"rdp"`` or ``"best"``, both Rényi DP (the noise is a
+            discrete Gaussian, whose privacy is proven in Rényi DP; ``"pld"`` is refused).
+        sampler: the exact noise source (default: OpenDP's discrete Gaussian; an auditor
+            injects a weaker one as a positive control).
     """
 
     def __init__(
@@ -182,7 +185,7 @@ class DifferentialPrivacy(Strategy):
         adaptive: AdaptiveClipping | None = None,
         secure_aggregation: bool = False,
         mechanism: Mechanism = "best",
-        rng: np.random.Generator | None = None,
+        sampler: IntegerNoise = discrete_gaussian,
     ) -> None:
         if strategy.async_settings is not None:
             raise ConfigError(
@@ -217,16 +220,16 @@ class DifferentialPrivacy(Strategy):
                 "adaptive clipping needs each worker's clipped/unclipped bit, which distributed "
                 "mode would reveal to the coordinator; use mode central or a fixed clip norm"
             )
-        if mode == "distributed":
-            # The workers' shares are discrete Gaussians under secure aggregation; their sum's
-            # privacy is proven in Rényi (concentrated) DP only (Kairouz et al. 2021), so the
-            # continuous Gaussian's PLD is no proven bound for it.
-            if mechanism == "pld":
-                raise ConfigError(
-                    "distributed DP is accounted by Rényi DP (its discrete-Gaussian shares have "
-                    "no proven PLD); use --dp-accountant rdp or best"
-                )
-            mechanism = "rdp"
+        # The noise is a discrete Gaussian (central: the coordinator's; distributed: the
+        # workers' shares under secure aggregation); its privacy is proven in Rényi
+        # (concentrated) DP (CKS20; Kairouz et al. 2021 for sums of shares), so the continuous
+        # Gaussian's PLD is no proven bound for it.
+        if mechanism == "pld":
+            raise ConfigError(
+                "client-level DP is accounted by Rényi DP (its discrete-Gaussian noise has no "
+                "proven PLD); use --dp-accountant rdp or best"
+            )
+        mechanism = "rdp"
         self.inner = strategy
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
@@ -238,7 +241,7 @@ class DifferentialPrivacy(Strategy):
         self.adaptive = adaptive
         self.secure_aggregation = secure_aggregation
         self.accountant = ParticipationAccountant(mechanism=mechanism)
-        self._rng = rng if rng is not None else secure_generator()
+        self._sampler = sampler
         self._rounds: dict[int, _Round] = {}
         self._report: dict[str, float] = {}
         if adaptive is not None:
@@ -352,12 +355,22 @@ class DifferentialPrivacy(Strategy):
         z = state.noise_multiplier
         noised = dict(aggregate)
         if self.mode == "central":
-            std = self._update_multiplier(z) * state.clip_norm / n
-            for name, base in global_weights.items():
-                if base.dtype.kind == "f":
-                    mean = np.subtract(aggregate[name], base, dtype=np.float64)
-                    add_gaussian_noise({name: mean}, std, self._rng)
-                    noised[name] = (base + mean).astype(base.dtype)
+            sums = {k: v.copy() for k, v in state.aggregator.delta_sum().items()}
+            step = central_step(
+                clip_norm=state.clip_norm,
+                float_error=self._sum_error(global_weights, n, state.clip_norm),
+            )
+            add_ring_noise(
+                sums,
+                noise_multiplier=self._update_multiplier(z),
+                sensitivity=state.clip_norm,
+                shares=1,
+                step=step,
+                sampler=self._sampler,
+            )
+            for name, total in sums.items():
+                base = global_weights[name]
+                noised[name] = np.add(base, total / n, dtype=np.float64).astype(base.dtype)
             charged = z
         else:
             charged = effective_noise_multiplier(
@@ -376,10 +389,22 @@ class DifferentialPrivacy(Strategy):
         }
         if self.adaptive is not None:
             unclipped = sum(r.metrics.get(UNCLIPPED_METRIC, 0.0) for r in results)
-            report["unclipped_fraction"] = self.adaptive.update(unclipped, n, self._rng)
+            report["unclipped_fraction"] = self.adaptive.update(unclipped, n, self._sampler)
         self._report = report
         del self._rounds[round_number]
         return self.inner.aggregate_fit(round_number, global_weights, noised, results, failures)
+
+    def _sum_error(self, global_weights: Weights, n: int, clip: float) -> float:
+        """A bound on each coordinate's floating-point error in the clipped sum: float64
+        summation of ``n`` deltas of norm at most ``clip``; under secure aggregation, the mean
+        arrives rounded to the model's dtype (around the public global weights), times ``n``."""
+        error = n * n * clip * 2.0**-52
+        if self.secure_aggregation:
+            floats = [b for b in global_weights.values() if b.dtype.kind == "f"]
+            largest = max((float(np.abs(b).max(initial=0.0)) for b in floats), default=0.0)
+            epsilon = max((float(np.spacing(np.ones((), b.dtype))) for b in floats), default=0.0)
+            error += n * (largest + clip) * epsilon
+        return error
 
     def privacy_metrics(self) -> dict[str, float]:
         return dict(self._report)

@@ -1471,6 +1471,7 @@ class QueryAccept(_message.Message):
     EXACT_TEST_MODE_FIELD_NUMBER: _builtins.int
     BUDGET_LEFT_FIELD_NUMBER: _builtins.int
     BUDGET_DELTA_FIELD_NUMBER: _builtins.int
+    NOISE_VARIANCE_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     noise_multiplier: _builtins.float
     """of the Gaussian mechanism on the sensitivity-scaled sums"""
@@ -1486,6 +1487,11 @@ class QueryAccept(_message.Message):
     depends on the releases asked of the silo (queries, rounds), never on its rows.
     """
     budget_delta: _builtins.float
+    noise_variance: _builtins.float
+    """The variance of the noise it adds to each word of its vector, in ring units squared (its
+    discrete Gaussian's sigma^2, which bounds the variance; 0 in exact test mode): the
+    answer's error bars come from the sum of these, not from an assumed share.
+    """
     def __init__(
         self,
         *,
@@ -1497,10 +1503,11 @@ class QueryAccept(_message.Message):
         exact_test_mode: _builtins.bool = ...,
         budget_left: _builtins.float = ...,
         budget_delta: _builtins.float = ...,
+        noise_variance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_delta", b"budget_delta", "budget_left", b"budget_left", "delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_delta", b"budget_delta", "budget_left", b"budget_left", "delta", b"delta", "epsilon", b"epsilon", "exact_test_mode", b"exact_test_mode", "noise_multiplier", b"noise_multiplier", "noise_variance", b"noise_variance", "query_id", b"query_id", "vector_words", b"vector_words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

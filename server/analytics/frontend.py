@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from fedcore.analytics.answer import Answer, SiloSpend, cells_from_totals
 from fedcore.analytics.layout import Layout, plan_layout
-from fedcore.analytics.mechanism import noise_multiplier_for, noise_std
+from fedcore.analytics.mechanism import answer_noise_std, noise_multiplier_for
 from fedcore.analytics.query import parse_query
 from fedcore.data.metadata import DatasetMetadata, FeatureInfo, normalize_tag
 from fedcore.errors import QueryRefusedError
@@ -23,7 +24,7 @@ from ..state.analytics import AnalyticsSettings
 from ..state.registry import SessionState, WorkerRegistry, WorkerSession
 from .rounds import QueryRound
 
-__all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry"]
+__all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry", "answer_of"]
 
 log = logging.getLogger("fedcore.server")
 
@@ -147,18 +148,25 @@ class AnalyticsFrontend:
                 outcome = await self._round.run(query.text())
             finally:
                 self._round = None
-        return _answer(layout, outcome.totals, outcome.accepts, z, delta)
+        return answer_of(layout, outcome.totals, outcome.accepts, z, delta)
 
 
-def _answer(
+def answer_of(
     layout: Layout,
     totals: np.ndarray,
     accepts: dict[str, pb.QueryAccept],
     z: float,
     delta: float,
 ) -> Answer:
+    """The scientist's answer from a round's unmasked ``totals`` and the silos' acceptances;
+    its error bars are the noise the silos say they added."""
     exact = any(a.exact_test_mode for a in accepts.values())
-    std = np.zeros(layout.words) if exact else noise_std(layout, z)
+    bad = [name for name, a in accepts.items() if not 0 <= a.noise_variance < math.inf]
+    if bad:
+        raise QueryRefusedError(f"silo(s) {', '.join(bad)} reported no valid noise variance")
+    # The noise the silos say they added (each sized from its own policy), not an assumed
+    # share: silos that trust fewer others add more.
+    std = answer_noise_std(layout, [a.noise_variance for a in accepts.values()])
     per_sum = dict(zip(layout.sums, std[: len(layout.sums)].tolist(), strict=True))
     if layout.query.statistic in ("histogram", "quantiles"):
         per_sum = {"bin": float(std[0])}

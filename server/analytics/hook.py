@@ -8,6 +8,7 @@ from ..state.analytics import AnalyticsSettings
 from ..state.registry import WorkerRegistry
 from ..transport.service import CoordinatorService
 from .frontend import AnalyticsFrontend
+from .refusals import RefusalLimiter
 from .service import AnalyticsService
 
 __all__ = ["serve_analytics"]
@@ -22,4 +23,7 @@ def serve_analytics(
         return None
     frontend = AnalyticsFrontend(settings, registry)
     service.analytics_handler = frontend.route
-    return AnalyticsService(frontend, Enrollment(settings.scientists, section="scientists"))
+    refusals = RefusalLimiter(limit=settings.refusal_limit, window=settings.refusal_window)
+    return AnalyticsService(
+        frontend, Enrollment(settings.scientists, section="scientists"), refusals
+    )

@@ -4,12 +4,15 @@ Every call must carry a data scientist's token (``x-fedcore-token`` metadata), c
 against the scientists' enrollment file (``fed-server --scientists``, written by
 ``fed-certs add-scientist``; re-read when it changes). Worker tokens live in another file
 and prove nothing here. Errors map to status codes: a bad query is INVALID_ARGUMENT, a
-refusal (with each silo's rule and reason) FAILED_PRECONDITION.
+refusal (with each silo's rule and reason) FAILED_PRECONDITION; both count toward the
+scientist's refusal limit (:mod:`.refusals`), past which their queries are RESOURCE_EXHAUSTED
+without reaching a silo.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, NoReturn
 
 import grpc
@@ -21,6 +24,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
 
 from .frontend import AnalyticsFrontend
+from .refusals import RefusalLimiter
 
 __all__ = ["AnalyticsService", "answer_to_proto"]
 
@@ -66,9 +70,12 @@ def answer_to_proto(answer: Answer) -> pb.QueryReply:
 class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
     """Datasets, Mock and Query for enrolled data scientists."""
 
-    def __init__(self, frontend: AnalyticsFrontend, scientists: Enrollment) -> None:
+    def __init__(
+        self, frontend: AnalyticsFrontend, scientists: Enrollment, refusals: RefusalLimiter
+    ) -> None:
         self.frontend = frontend
         self.scientists = scientists
+        self.refusals = refusals
 
     def register(self, server: grpc.aio.Server) -> None:
         fedcore_pb2_grpc.add_AnalyticsServicer_to_server(self, server)
@@ -122,6 +129,17 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
 
     async def Query(self, request: pb.QueryRequest, context: Context) -> pb.QueryReply:
         who = await self._who(context)
+        wait = self.refusals.blocked_for(who)
+        if wait is not None:
+            log.warning("query of %r not forwarded: over the refusal limit", who)
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.refusals.limit} of your queries were refused within "
+                f"{self.refusals.window:g} s (--analytics-refusal-limit); no silo was asked. "
+                f"Check the datasets' schemas and the silos' rules (docs/analytics.md) and ask "
+                f"again in {math.ceil(wait)} s",
+            )
         log.info("data scientist %r asks %r at epsilon %g", who, request.query, request.epsilon)
         try:
             answer = await self.frontend.query(
@@ -132,8 +150,10 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
             )
         except QueryRefusedError as exc:
             log.warning("query of %r not answered: %s", who, exc)
+            self.refusals.record(who)
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ConfigError as exc:  # QueryError, a bad epsilon or tag
+            self.refusals.record(who)
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return answer_to_proto(answer)
 

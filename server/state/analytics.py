@@ -22,6 +22,9 @@ class AnalyticsSettings:
         phase_timeout: seconds each step of a query's secure round may take.
         signed: run each query's round in the signed mode (``--secagg-signed``): the silos
             sign their keys and check each other's view of the round, as in training.
+        refusal_limit: refused queries a scientist may have within ``refusal_window``; past
+            it their queries are refused by the coordinator (RESOURCE_EXHAUSTED) unasked.
+        refusal_window: seconds the refusals are counted over (a sliding window).
     """
 
     scientists: Path
@@ -29,12 +32,20 @@ class AnalyticsSettings:
     default_delta: float = 1e-6
     phase_timeout: float = 30.0
     signed: bool = False
+    refusal_limit: int = 20
+    refusal_window: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.default_delta < 1:
             raise ConfigError(f"--analytics-delta must be in (0, 1), got {self.default_delta}")
         if not self.phase_timeout > 0:
             raise ConfigError("--analytics-phase-timeout must be positive")
+        if self.refusal_limit < 1:
+            raise ConfigError(
+                f"--analytics-refusal-limit must be at least 1, got {self.refusal_limit}"
+            )
+        if not self.refusal_window > 0:
+            raise ConfigError("--analytics-refusal-window must be positive")
 
 
 def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +78,22 @@ def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds each step of a query's secure round may take (default: %(default)s)",
     )
+    g.add_argument(
+        "--analytics-refusal-limit",
+        type=int,
+        default=AnalyticsSettings.refusal_limit,
+        metavar="N",
+        help="refused queries a data scientist may have within --analytics-refusal-window; "
+        "past it the coordinator refuses their queries itself, without asking the silos "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--analytics-refusal-window",
+        type=float,
+        default=AnalyticsSettings.refusal_window,
+        metavar="SECONDS",
+        help="the sliding window refusals are counted over (default: %(default)s)",
+    )
 
 
 def analytics_settings_from_args(args: argparse.Namespace) -> AnalyticsSettings | None:
@@ -79,5 +106,7 @@ def analytics_settings_from_args(args: argparse.Namespace) -> AnalyticsSettings 
         args.analytics_only,
         args.analytics_delta,
         args.analytics_phase_timeout,
+        refusal_limit=args.analytics_refusal_limit,
+        refusal_window=args.analytics_refusal_window,
         signed=bool(getattr(args, "secagg_signed", False)),
     )

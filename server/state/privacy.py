@@ -116,8 +116,9 @@ def add_dp_flags(parser: argparse.ArgumentParser) -> None:
         "--dp-accountant",
         choices=["best", "rdp", "pld"],
         default="best",
-        help="dp-accounting's Rényi DP or privacy-loss-distribution (PLD) accountant; best "
-        "reports the smaller of the two, both upper bounds (default: %(default)s)",
+        help="dp-accounting's accountant. Client-level DP's noise is a discrete Gaussian, "
+        "proven in Rényi DP: best and rdp both account it by Rényi DP, pld is refused "
+        "(docs/privacy.md) (default: %(default)s)",
     )
 
 
