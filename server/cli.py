@@ -24,6 +24,7 @@ from fedcore.tls import ServerTLS
 
 from .analytics.settings import add_analytics_flags, analytics_settings_from_args
 from .coordinator import Coordinator
+from .network import Network, NetworkSettings
 from .plans import add_plan_flags, plan_from_args
 from .state.config import ServerConfig
 from .state.privacy import add_dp_flags, dp_settings_from_args
@@ -449,6 +450,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
+    n = p.add_argument_group(
+        "standing network (docs/network.md)",
+        "With --serve the coordinator runs no federation of its own: it keeps serving, "
+        "workers join once and stay, and data scientists submit jobs with fed-job. The "
+        "federation flags above are then each job's to choose.",
+    )
+    n.add_argument(
+        "--serve",
+        action="store_true",
+        help="run a standing network until stopped (needs --scientists and --state-dir)",
+    )
+    n.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the network's job store (jobs.db), jobs' checkpoints and models, audit log",
+    )
+    n.add_argument(
+        "--max-running-jobs",
+        type=int,
+        default=NetworkSettings.max_running,
+        help="jobs run at once (default: %(default)s)",
+    )
+    n.add_argument(
+        "--approval-timeout",
+        type=float,
+        default=NetworkSettings.approval_timeout,
+        metavar="SECONDS",
+        help="how long a job waits for data owners' approval (default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 
@@ -573,7 +603,38 @@ async def _serve(config: ServerConfig) -> None:
     await run
 
 
+async def _serve_network(config: ServerConfig, settings: NetworkSettings) -> None:
+    network = Network(config, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, network.stop)
+    run = asyncio.create_task(network.run())
+    ready = asyncio.create_task(network.ready.wait())
+    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        host = config.listen.rsplit(":", 1)[0]
+        print(f"listening on {host}:{network.port}", flush=True)
+    ready.cancel()
+    await run
+
+
+def network_settings_from_args(args: argparse.Namespace) -> NetworkSettings | None:
+    """The standing network's settings with --serve; None for a one-shot federation."""
+    if not args.serve:
+        if args.state_dir is not None:
+            raise ConfigError("--state-dir is for a standing network: add --serve")
+        return None
+    if args.state_dir is None:
+        raise ConfigError("--serve needs --state-dir (where jobs survive restarts)")
+    return NetworkSettings(args.state_dir, args.max_running_jobs, args.approval_timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["audit"]:
+        from fedcore.auditlog_cli import audit_main
+
+        return audit_main("fed-server audit", args[1:])
     return run_cli("fed-server", lambda: _run(argv))
 
 
@@ -582,8 +643,12 @@ def _run(argv: Sequence[str] | None) -> None:
     args = parse_args_with_config(parser, argv)
     configure_logging(args, "fed-server")
     config = config_from_args(args)
+    network = network_settings_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
-    asyncio.run(_serve(config))
+    if network is not None:
+        asyncio.run(_serve_network(config, network))
+    else:
+        asyncio.run(_serve(config))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedcore.auditlog import AuditLog
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.data import load_shard
 from fedcore.data.metadata import DatasetMetadata, load_metadata, metadata_path_for
@@ -166,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="signed secure aggregation: this silo's Ed25519 key (fed-certs writes "
         "workers/NAME.signing.pem); needs --roster",
+    )
+    s.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="append every task this worker ran or refused, and every job's end, to this "
+        "hash-chained audit log (check it with `fed-worker audit verify FILE`)",
     )
     s.add_argument(
         "--roster",
@@ -414,6 +422,7 @@ def _run(argv: Sequence[str] | None) -> None:
         frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
         identity=_silo_identity(args, name),
         participation=_participation(args),
+        audit=AuditLog(args.audit_log) if args.audit_log is not None else None,
     )
     asyncio.run(_serve(worker))
 

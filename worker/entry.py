@@ -10,12 +10,17 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch ``requests`` to the queue's CLI, anything else to the worker's."""
+    """Dispatch ``requests`` to the queue's CLI, ``audit`` to the audit log's, anything else
+    to the worker's."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["requests"]:
         from .requests_cli import requests_main
 
         return requests_main(args[1:])
+    if args[:1] == ["audit"]:
+        from fedcore.auditlog_cli import audit_main
+
+        return audit_main("fed-worker audit", args[1:])
     from .cli import main as worker_main
 
     return worker_main(args)

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedcore.auditlog import AuditLog
 from fedcore.codec import (
     CHUNK_FIELD_IN_WORKER_MESSAGE,
     PayloadAssembler,
@@ -71,6 +72,7 @@ from fedcore.protocol import (
     check_protocol_version,
     max_message_bytes,
 )
+from fedcore.sanitize import printable
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.wire import MASKED_TENSOR
@@ -255,8 +257,11 @@ class Worker:
         frozen: FrozenStore | None = None,
         identity: SiloIdentity | None = None,
         participation: ParticipationLog | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.server = server
+        #: The data owner's hash-chained audit log (``fed-worker --audit-log``), or None.
+        self.audit = audit
         self.name = name
         self.trainer = trainer
         self.max_model_bytes = max_model_bytes
@@ -377,6 +382,8 @@ class Worker:
         if self.dataset is not None:
             hello.dataset.CopyFrom(self.dataset.to_proto())
         hello.frozen_sha256.extend(self.frozen.held())
+        if self.guard is not None:
+            hello.release_model = self.guard.policy.release_model
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -445,6 +452,15 @@ class Worker:
                     log.info("federation over: %s", message.shutdown.reason)
                     self._move(WorkerState.FINISHED)
                     return True
+                if kind == "job_end":
+                    # A standing network's job is over; this worker stays for the next one.
+                    end = message.job_end
+                    log.info(
+                        "job %s ended: %s", printable(end.job_id, 32), printable(end.reason, 200)
+                    )
+                    if self.audit is not None:
+                        self.audit.append("job-ended", job=end.job_id[:64], reason=end.reason[:200])
+                    continue
                 if kind == "secagg":
                     await self._secagg.handle(message.secagg)
                     continue
@@ -528,7 +544,24 @@ class Worker:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
+        self._record("refused", task, rule=refusal.rule, reason=refusal.reason[:300])
         await self._send_error(call, task.task_id, pb.ERROR_CODE_REFUSED, str(refusal))
+
+    def _record(self, event: str, task: pb.Task, **fields: object) -> None:
+        """An audit entry for ``task``: its job, round, kind, plan and DP terms."""
+        if self.audit is None:
+            return
+        self.audit.append(
+            event,
+            job=task.job_id[:64],
+            round=task.round,
+            kind="fit" if task.kind == pb.TASK_KIND_FIT else "evaluate",
+            model=task.model.name[:128],
+            plan=task.plan.hash[:64] if task.HasField("plan") else None,
+            terms={k: v for k, v in sorted(task.train.extra.items())[:32]},
+            secagg=task.HasField("secagg"),
+            **fields,
+        )
 
     # ------------------------------------------------------------------ tasks
 
@@ -577,6 +610,7 @@ class Worker:
                 return
             await runner(call, checked, job, weights)
             self.tasks_done += 1
+            self._record("ran", task)
         except TaskRefused as exc:
             if checked.secagg is not None:
                 await self._secagg.abandon(str(exc))

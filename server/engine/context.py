@@ -20,7 +20,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
 from ..state.config import ServerConfig
-from ..state.registry import Collector, Ticket, WorkerRegistry, WorkerSession
+from ..state.registry import Collector, Ticket, WorkerPool, WorkerSession
 from ..transport.inbox import SecAggRoute
 from ..transport.payloads import FrozenPayload, WeightsPayload
 from ..transport.service import CoordinatorService, TrafficCounters
@@ -43,10 +43,15 @@ class RoundContext:
         *,
         frozen: Weights | None = None,
         model_order: Sequence[str] = (),
+        workers: WorkerPool | None = None,
+        job_id: str = "",
     ) -> None:
         self.config = config
         self.strategy = strategy
-        self.registry: WorkerRegistry = service.registry
+        #: Whom rounds select from: the registry, or on a standing network the job's workers.
+        self.registry: WorkerPool = workers if workers is not None else service.registry
+        #: The job every task carries (empty: a one-shot federation).
+        self.job_id = job_id
         self.reports = reports
         self._service = service
         self._weights = weights
@@ -139,6 +144,7 @@ class RoundContext:
             weights=payload.header,
             secagg=secagg,
             plan=self.config.plan,  # a model shipped as a program (server/plans.py)
+            job_id=self.job_id,
         )
 
     def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
@@ -149,6 +155,7 @@ class RoundContext:
             model=self.config.model.to_proto(),
             weights=payload.header,
             plan=self.config.plan,
+            job_id=self.job_id,
         )
 
     def issue(

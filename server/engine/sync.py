@@ -145,7 +145,8 @@ class SyncEngine:
                 raise RoundFailedError(
                     f"round {round_number} cannot succeed: {len(collector.results)} valid "
                     f"result(s) of {needed_now} needed, and the other workers reported failures "
-                    f"that a retry of the same plan would repeat ({answers})"
+                    f"that a retry of the same plan would repeat ({answers})",
+                    answers={f.worker.name: f.reason for f in collector.failures},
                 )
         await ctx.reports.drain()
         attempts = cfg.limits.round_retries + 1
