@@ -93,13 +93,13 @@ class _JobLog:
     def round_completed(self, metrics: RoundMetrics) -> None:
         row = metrics.to_json()
         loss = metrics.train.get("loss")
-        self._store.log(
+        self._store.record_round(
             self._job_id,
+            metrics.round,
             f"round {metrics.round} completed: {metrics.workers} worker(s)"
             + (f", train loss {loss:.4f}" if loss is not None else ""),
             json.dumps(row),
         )
-        self._store.set_progress(self._job_id, metrics.round, json.dumps(row))
 
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         return None
@@ -260,10 +260,9 @@ class TrainingJob:
         # Rounds checkpointed after the store last heard of them (a kill in between): logged
         # now, once; the store then agrees with the checkpoint.
         for row in rows[self.record.rounds_done :]:
-            self.env.store.log(
-                self.record.id, f"round {row.round} completed", json.dumps(row.to_json())
+            self.env.store.record_round(
+                self.record.id, row.round, f"round {row.round} completed", json.dumps(row.to_json())
             )
-            self.env.store.set_progress(self.record.id, row.round, json.dumps(row.to_json()))
         self._note(f"resuming after round {checkpoint.round} (its checkpoint)")
         return {spec.name: checkpoint.weights[spec.name] for spec in signature}, rows
 

@@ -157,11 +157,19 @@ class JobStore:
             "UPDATE jobs SET state = ?, message = ? WHERE id = ?", (state, message, job_id)
         )
 
-    def set_progress(self, job_id: str, rounds_done: int, result: str) -> None:
-        self._db.execute(
-            "UPDATE jobs SET rounds_done = ?, result = ? WHERE id = ?",
-            (rounds_done, result, job_id),
-        )
+    def record_round(self, job_id: str, round_number: int, text: str, row: str) -> None:
+        """A completed round: its log line and the job's progress, in one transaction (a
+        kill between them would log the round again when the job resumes)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT INTO events (job_id, time, text, metrics) VALUES (?, ?, ?, ?)",
+                (job_id, time.time(), text, row),
+            )
+            self._db.execute(
+                "UPDATE jobs SET rounds_done = ?, result = ? WHERE id = ?",
+                (round_number, row, job_id),
+            )
 
     def set_result(self, job_id: str, result: str) -> None:
         self._db.execute("UPDATE jobs SET result = ? WHERE id = ?", (result, job_id))
