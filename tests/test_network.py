@@ -176,17 +176,17 @@ def test_scientists_studies_round_trip_through_the_enrollment_file(tmp_path: Pat
 
 
 class _FakeJob:
-    def __init__(self, record: JobRecord, started: list[str], release: asyncio.Event) -> None:
+    def __init__(self, record: JobRecord, started: asyncio.Queue[str], gate: asyncio.Event) -> None:
         self.record = record
         self._started = started
-        self._release = release
+        self._gate = gate
 
     async def run(self) -> None:
-        self._started.append(self.record.id)
-        await self._release.wait()
+        self._started.put_nowait(self.record.id)
+        await self._gate.wait()
 
     def stop(self) -> None:
-        self._release.set()
+        self._gate.set()
 
 
 async def test_the_scheduler_runs_at_most_max_running_and_serves_studies_fairly(
@@ -196,30 +196,29 @@ async def test_the_scheduler_runs_at_most_max_running_and_serves_studies_fairly(
     greedy = [_submit(store, "greedy") for _ in range(3)]
     other = _submit(store, "other")
     secure_a, secure_b = _submit(store, "x", secagg=True), _submit(store, "y", secagg=True)
-    started: list[str] = []
+    started: asyncio.Queue[str] = asyncio.Queue()
     gates = {r.id: asyncio.Event() for r in store.all()}
     scheduler = Scheduler(store, lambda r: _FakeJob(r, started, gates[r.id]), max_running=2)
     runner = asyncio.create_task(scheduler.run())
 
-    async def until(count: int) -> None:
-        while len(started) < count:
-            await asyncio.sleep(0)
+    async def next_started() -> str:
+        return await asyncio.wait_for(started.get(), 5)
 
-    await asyncio.wait_for(until(2), 5)
     # The other study's job overtakes the greedy study's second job.
-    assert started == [greedy[0].id, other.id]
+    assert [await next_started(), await next_started()] == [greedy[0].id, other.id]
     scheduler.stop(greedy[2].id)  # queued: stopped at once, never started
     assert store.get(greedy[2].id).state == "stopped"
     gates[greedy[0].id].set()
     gates[other.id].set()
-    await asyncio.wait_for(until(4), 5)
-    assert started[2:] == [greedy[1].id, secure_a.id]
+    assert {await next_started(), await next_started()} == {greedy[1].id, secure_a.id}
     gates[greedy[1].id].set()
-    await asyncio.sleep(0.05)
-    # Two securely aggregated jobs never run together.
-    assert secure_b.id not in started
+    for _ in range(10):  # a few turns of the loop: the scheduler looks at the queue again
+        await asyncio.sleep(0)
+    # Two securely aggregated jobs never run together: secure_b waits for secure_a.
+    assert started.empty()
+    assert set(scheduler.running) == {secure_a.id}
     gates[secure_a.id].set()
-    await asyncio.wait_for(until(5), 5)
+    assert await next_started() == secure_b.id
     runner.cancel()
     with pytest.raises(asyncio.CancelledError):
         await runner

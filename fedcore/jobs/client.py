@@ -137,10 +137,10 @@ class JobsClient:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
-    def pull(self, job_id: str) -> tuple[bytes, list[dict[str, Any]]]:
+    def pull(self, job_id: str) -> tuple[bytes, builtins.list[dict[str, Any]]]:
         """The final model (safetensors bytes) and every round's metrics rows."""
         data = bytearray()
-        rows: list[dict[str, Any]] = []
+        rows: builtins.list[dict[str, Any]] = []
         try:
             for chunk in self._call(self._stub.Pull, pb.JobRef(job_id=job_id), stream=True):
                 if chunk.metrics_json:

@@ -580,7 +580,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         )
 
     r = section("release", ("model",))
-    release_model = _or(r.string("model"), "allowed")
+    release_model = r.string("model") or "allowed"
     if release_model not in RELEASE_MODEL:
         raise r.fail("model", f"must be one of {', '.join(RELEASE_MODEL)}, got {release_model!r}")
     policy = Policy(
