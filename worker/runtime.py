@@ -291,8 +291,9 @@ class Worker:
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
-        # Update compression keeps what it lost between rounds (error feedback).
-        self._compressor: Compressor | None = None
+        # Update compression keeps what it lost between rounds (error feedback), per job: a
+        # standing network's jobs never share it (the one-shot federation's job id is "").
+        self._compressors: dict[str, Compressor] = {}
         self._write_lock = asyncio.Lock()
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
@@ -455,6 +456,7 @@ class Worker:
                 if kind == "job_end":
                     # A standing network's job is over; this worker stays for the next one.
                     end = message.job_end
+                    self._compressors.pop(end.job_id, None)
                     log.info(
                         "job %s ended: %s", printable(end.job_id, 32), printable(end.reason, 200)
                     )
@@ -671,7 +673,9 @@ class Worker:
             )
             what = "masked input"
         else:
-            update, is_delta = await asyncio.to_thread(self._encode_update, fit, weights, config)
+            update, is_delta = await asyncio.to_thread(
+                self._encode_update, fit, weights, config, task.job_id
+            )
             result = pb.TaskResult(
                 task_id=task.task_id,
                 num_examples=fit.num_examples,
@@ -680,8 +684,9 @@ class Worker:
                 update_kind=pb.UPDATE_KIND_DELTA if is_delta else pb.UPDATE_KIND_WEIGHTS,
             )
             what = "update"
-            if is_delta and self._compressor is not None:
-                what = f"{self._compressor.scheme}-compressed update"
+            compressor = self._compressors.get(task.job_id)
+            if is_delta and compressor is not None:
+                what = f"{compressor.scheme}-compressed update"
         await self._write(call, pb.WorkerMessage(result=result))
         for index, data in enumerate(iter_chunk_views(update, chunk_bytes)):
             # Pre-serialized: the stream's serializer passes bytes through.
@@ -710,15 +715,16 @@ class Worker:
         await self._write(call, pb.WorkerMessage(result=result))
 
     def _encode_update(
-        self, fit: FitOutput, received: Weights, config: TrainConfig
+        self, fit: FitOutput, received: Weights, config: TrainConfig, job: str
     ) -> tuple[Weights, bool]:
         """The update to send and whether it is a delta: compressed (with error feedback)
         when the plan asks for it, else as the trainer produced it."""
         scheme = scheme_from_code(config.extra.get(EXTRA_KEY, 0.0))
         if scheme == "none":
             return fit.weights, fit.is_delta
-        if self._compressor is None or self._compressor.scheme != scheme:
-            self._compressor = Compressor(scheme)
+        compressor = self._compressors.get(job)
+        if compressor is None or compressor.scheme != scheme:
+            compressor = self._compressors[job] = Compressor(scheme)
         if fit.is_delta:
             delta = fit.weights
         else:
@@ -726,7 +732,7 @@ class Worker:
                 name: np.subtract(array, received[name], dtype=array.dtype)
                 for name, array in fit.weights.items()
             }
-        return self._compressor.compress(delta), True
+        return compressor.compress(delta), True
 
     async def _send_error(
         self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
