@@ -38,6 +38,7 @@ class ApprovalWatch:
         self._since: float | None = None
         #: Why the job was denied ("" while it was not).
         self.denied = ""
+        self._noted = ""
 
     async def wait(self, failure: RoundFailedError, note: Callable[[str, str], None]) -> Verdict:
         """``retry`` (owners still deciding; waited a poll interval), ``denied`` (a silo's
@@ -62,11 +63,13 @@ class ApprovalWatch:
             )
             return "denied"
         total = max(len(self._workers.sessions()), len(approval))
-        note(
+        text = (
             f"awaiting approval at {len(approval)} of {total} silos ("
             + ", ".join(sorted(approval))
-            + "): their owners decide with `fed-worker requests approve|deny`",
-            "awaiting-approval",
+            + "): their owners decide with `fed-worker requests approve|deny`"
         )
+        if text != self._noted:  # one log line per change, not one per poll
+            note(text, "awaiting-approval")
+            self._noted = text
         await asyncio.sleep(self._poll)  # the decision is on the workers' disks: ask again
         return "retry"

@@ -83,9 +83,10 @@ class JobEnvironment:
 class _JobLog:
     """The job's :class:`~..reporting.sink.Sink`: completed rounds into the job store."""
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
+    def __init__(self, store: JobStore, job_id: str, rounds: int) -> None:
         self._store = store
         self._job_id = job_id
+        self._rounds = rounds
 
     def update(self, status: CoordinatorStatus) -> None:
         return None
@@ -100,6 +101,8 @@ class _JobLog:
             + (f", train loss {loss:.4f}" if loss is not None else ""),
             json.dumps(row),
         )
+        # Rounds complete: whatever the job waited for (approval) is over.
+        self._store.set_running(self._job_id, f"round {metrics.round} of {self._rounds} completed")
 
     def close(self, status: CoordinatorStatus, rows: Sequence[RoundMetrics]) -> None:
         return None
@@ -189,7 +192,7 @@ class TrainingJob:
             else None
         )
         reports = ReportPipeline(
-            strategy, evaluator, [_JobLog(store, job_id)], checkpointer, restored
+            strategy, evaluator, [_JobLog(store, job_id, config.rounds)], checkpointer, restored
         )
         self._reports = reports
         reports.end_requested = self._stop_requested
@@ -224,7 +227,6 @@ class TrainingJob:
                             break
                         if verdict == "failed":
                             raise
-                        self._note(f"running rounds {context.rounds_completed + 1}-{config.rounds}")
             await reports.drain()
         except asyncio.CancelledError:
             raise  # the coordinator is stopping: the job stays `running` and resumes later

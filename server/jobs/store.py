@@ -157,6 +157,14 @@ class JobStore:
             "UPDATE jobs SET state = ?, message = ? WHERE id = ?", (state, message, job_id)
         )
 
+    def set_running(self, job_id: str, message: str) -> None:
+        """Mark a job running, unless it has ended meanwhile (a late report)."""
+        self._db.execute(
+            "UPDATE jobs SET state = 'running', message = ? WHERE id = ? "
+            "AND state NOT IN ('completed', 'stopped', 'failed', 'denied')",
+            (message, job_id),
+        )
+
     def record_round(self, job_id: str, round_number: int, text: str, row: str) -> None:
         """A completed round: its log line and the job's progress, in one transaction (a
         kill between them would log the round again when the job resumes)."""
