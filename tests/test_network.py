@@ -248,3 +248,40 @@ async def test_approval_refusals_wait_a_denial_ends_and_other_failures_fail() ->
     await asyncio.sleep(0.01)
     assert await late.wait(waiting, lambda t, s: None) == "denied"
     assert "approval timeout" in late.denied
+
+
+# ---------------------------------------------------------------- per-job worker selection
+
+
+async def test_a_job_selects_workers_by_its_tags_model_and_secure_aggregation() -> None:
+    from fedcore.protocol import SECAGG_CAPABILITY
+    from fedcore.v1 import fedcore_pb2 as pb
+
+    registry = WorkerRegistry(10)
+
+    async def join(name: str, tags: list[str], model: str = "", secagg: bool = True) -> None:
+        hello = pb.Hello(
+            name=name,
+            num_examples=10,
+            capabilities=["fit", *([SECAGG_CAPABILITY] if secagg else [])],
+            dataset=pb.DatasetInfo(name=name, tags=tags, num_examples=10),
+            release_model="dp-only" if name == "c" else "",
+        )
+        if model:
+            hello.model.name = model
+        await registry.activate(registry.new_session(hello, "peer", None))
+
+    await join("a", ["mnist", "open"])
+    await join("b", ["mnist"], model="mnist-cnn")
+    await join("c", ["mnist"], secagg=False)
+    names = lambda pool: sorted(s.name for s in pool.idle())  # noqa: E731
+    assert names(JobWorkers(registry)) == ["a", "b", "c"]  # positive control
+    assert names(JobWorkers(registry, tags=("open",))) == ["a"]
+    assert names(JobWorkers(registry, model="mnist-mlp")) == ["a", "c"]
+    assert names(JobWorkers(registry, secagg=True)) == ["a", "b"]
+    pool = JobWorkers(registry, tags=("mnist",))
+    pool.excluded.add("b")
+    assert names(pool) == ["a", "c"]
+    assert pool.released == {"a": "allowed", "c": "dp-only"}
+    assert await pool.wait_for_idle(2, 0.1)
+    assert not await pool.wait_for_idle(3, 0.05)

@@ -199,7 +199,10 @@ class TrainingJob:
         if restored:
             reports.durable = weights
         workers = JobWorkers(
-            self.env.registry, tags=config.require_tags, secagg=config.secagg is not None
+            self.env.registry,
+            tags=config.require_tags,
+            secagg=config.secagg is not None,
+            model=config.model.name,
         )
         context = RoundContext(
             config, strategy, weights, self.env.service, reports, workers=workers, job_id=job_id

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedcore.auditlog import AuditLog
 from fedcore.enrollment import TOKEN_METADATA_KEY, Enrollment
@@ -143,6 +144,7 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
                 raise ConfigError(f"a job's kind is 'train' or 'query', not {request.kind!r}")
             if len(request.plan_file) > self.max_plan_bytes:
                 raise ConfigError("the plan file is larger than the network's --max-model-bytes")
+            plan = _plan_hash(request.plan_file) if request.plan_file else None
         except (ConfigError, ValueError, TypeError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         record = self.store.submit(
@@ -152,13 +154,11 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
             settings=settings,
             rounds=rounds,
         )
-        plan = None
         if request.plan_file:
+            # Verified when the job runs, as fed-server --plan verifies it; never imported.
             folder = job_folder(self.state_dir, record.id)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "plan.bin").write_bytes(request.plan_file)
-            program = pb.PlanFile.FromString(request.plan_file).program
-            plan = plan_hash(program)
         self.audit.append(
             "submitted",
             job=record.id,
@@ -232,6 +232,15 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
             yield pb.JobModelChunk(
                 data=data[start : start + _PULL_CHUNK], metrics_json=metrics if start == 0 else ""
             )
+
+
+def _plan_hash(data: bytes) -> str:
+    """The hash of the plan in a plan file's bytes (a protobuf PlanFile, nothing pickled)."""
+    try:
+        program = pb.PlanFile.FromString(data).program
+    except DecodeError:
+        raise ConfigError("the plan file is not a fed-plan export (PlanFile)") from None
+    return plan_hash(program)
 
 
 async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:

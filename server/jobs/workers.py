@@ -21,11 +21,17 @@ class JobWorkers:
     """The :class:`~..state.registry.WorkerPool` of one job over the network's registry."""
 
     def __init__(
-        self, registry: WorkerRegistry, *, tags: tuple[str, ...] = (), secagg: bool = False
+        self,
+        registry: WorkerRegistry,
+        *,
+        tags: tuple[str, ...] = (),
+        secagg: bool = False,
+        model: str = "",
     ) -> None:
         self._registry = registry
         self.tags = tags
         self.secagg = secagg
+        self.model = model
         #: Silos that refused the job (by name): never selected again for it.
         self.excluded: set[str] = set()
         #: The release policy of every silo the job could select, by name (a superset of those
@@ -39,6 +45,8 @@ class JobWorkers:
             return False
         if self.secagg and SECAGG_CAPABILITY not in session.capabilities:
             return False
+        if session.model_name and self.model and session.model_name != self.model:
+            return False  # started for another model: its gate would refuse every task
         return session.selectable and session.name not in self.excluded
 
     @property

@@ -176,6 +176,8 @@ class WorkerSession:
         self.peer = peer
         # Frozen parameters the worker holds (by digest): plans do not attach them again.
         self.frozen_held: set[str] = set(hello.frozen_sha256[:_MAX_FROZEN_HELD])
+        # The model it was started for ("" when any): a standing network's jobs select by it.
+        self.model_name = hello.model.name[:256] if hello.HasField("model") else ""
         # Its owner's [release] model policy (a standing network judges pulls by it).
         self.release_model = hello.release_model[:16] or "allowed"
         self.state = SessionState.JOINING
