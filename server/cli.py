@@ -36,7 +36,9 @@ log = logging.getLogger("fedcore.server")
 _DESCRIPTION = """\
 Run a fedcore coordinator. It waits for --min-workers workers (started with fed-worker
 --server HOST:PORT), runs --rounds rounds of federated training of --model, and tells the
-workers to shut down when done. Prints "listening on HOST:PORT" once ready.
+workers to shut down when done. With --serve it runs a standing network instead: workers
+join once and stay, data scientists submit jobs with fed-job (docs/network.md). Prints
+"listening on HOST:PORT" once ready.
 """
 
 _EPILOG = f"""\
@@ -58,6 +60,8 @@ examples:
   fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
   fed-server --min-workers 100 --dp-target-epsilon 8 --rounds 50 --dp-clip 0.5
   fed-server --min-workers 8 --secagg --dp-mode distributed --dp-noise-multiplier 1.0
+  fed-server --serve --state-dir state --scientists certs/scientists.json
+  fed-server audit verify state/audit.log
 """
 
 

@@ -156,10 +156,10 @@ class TrainingJob:
         try:
             config = self._config()
             strategy = prepare_strategy(config, None)
-        except (ConfigError, FedcoreError, OSError) as exc:
+            weights: Weights = get_weights(build_model(config.model, seed=config.seed), copy=False)
+        except (FedcoreError, OSError) as exc:  # ConfigError, ModelError, PlanError...
             self._finish("failed", f"invalid job: {exc}")
             return
-        weights: Weights = get_weights(build_model(config.model, seed=config.seed), copy=False)
         if isinstance(strategy, DifferentialPrivacy) and strategy.noise_multiplier:
             try:
                 check_noise_scale(
