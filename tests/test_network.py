@@ -285,3 +285,35 @@ async def test_a_job_selects_workers_by_its_tags_model_and_secure_aggregation() 
     assert pool.released == {"a": "allowed", "c": "dp-only"}
     assert await pool.wait_for_idle(2, 0.1)
     assert not await pool.wait_for_idle(3, 0.05)
+
+
+# ---------------------------------------------------------------- fed-job's settings
+
+
+def test_fed_job_reads_settings_from_flags_set_and_a_job_toml(tmp_path: Path) -> None:
+    from fedcore.jobs.cli import _settings, build_parser
+
+    job = tmp_path / "job.toml"
+    job.write_text('study = "cardio"\nrounds = 5\nrequire_tags = ["mnist"]\n')
+    args = build_parser().parse_args(
+        ["--server", "x:1", "submit", "--config", str(job), "--min-workers", "3",
+         "--set", "learning-rate=0.01", "--set", "strategy=fedprox"]
+    )  # fmt: skip
+    assert _settings(args) == (
+        "cardio",
+        "train",
+        {
+            "rounds": 5,
+            "require_tags": ["mnist"],
+            "min_workers": 3,
+            "learning_rate": 0.01,
+            "strategy": "fedprox",
+        },
+    )
+    query = build_parser().parse_args(
+        ["--server", "x:1", "submit", "--study", "onco", "--query", "count()", "--epsilon", "1"]
+    )
+    assert _settings(query) == ("onco", "query", {"query": "count()", "epsilon": 1.0, "tags": []})
+    nostudy = build_parser().parse_args(["--server", "x:1", "submit", "--rounds", "2"])
+    with pytest.raises(ConfigError, match="study"):
+        _settings(nostudy)

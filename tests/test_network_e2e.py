@@ -180,6 +180,17 @@ def test_a_scientist_sees_and_stops_only_their_own_studies_jobs(network: Network
             list(bob.jobs.logs(job_id))
         with pytest.raises(JobError, match="not in study 'cardio'"):
             bob.train("cardio", rounds=1, **MLP)
+    # The same through fed-job: bob's list holds no cardio job, his stop of one is refused.
+    fed_job = [
+        str(BIN / "fed-job"), "--server", f"127.0.0.1:{network.port}",
+        "--token-file", str(network.root / "certs" / "scientists" / "bob.token"),
+    ]  # fmt: skip
+    listed = subprocess.run([*fed_job, "list"], capture_output=True, text=True, check=True)
+    assert " onco " in listed.stdout
+    assert "cardio" not in listed.stdout
+    stopped = subprocess.run([*fed_job, "stop", job_id], capture_output=True, text=True)
+    assert stopped.returncode == 2
+    assert f"no job {job_id!r} in your studies" in stopped.stderr
 
 
 def test_pull_needs_every_silos_release_policy(network: Network, tmp_path: Path) -> None:
