@@ -29,6 +29,7 @@ from .jobs.job import JobEnvironment, TrainingJob
 from .jobs.query import QueryJob
 from .jobs.scheduler import RunnableJob, Scheduler
 from .jobs.service import JobsService
+from .jobs.spec import job_config
 from .jobs.store import JobRecord, JobStore
 from .state.config import ServerConfig
 from .state.registry import WorkerRegistry
@@ -103,6 +104,7 @@ class Network:
             self.audit,
             settings.state_dir,
             config.limits.max_model_bytes,
+            lambda job: job_config(config, job, "submitted"),
         )
         self.port: int | None = None
         self.ready = asyncio.Event()

@@ -119,6 +119,10 @@ def test_job_settings_replace_the_job_fields_and_keep_the_process_ones() -> None
         ({"listen": "0.0.0.0:1"}, "unknown training job setting"),
         ({"rounds": 0}, "--rounds must be at least 1"),
         ({"batch_size": 0}, "batch"),
+        ({"model_params": "oops"}, "invalid job settings"),
+        # Nothing a scientist names is imported on the coordinator.
+        ({"model": "os:system"}, "registered models"),
+        ({"strategy": "subprocess:Popen"}, "built-in"),
     ],
 )
 def test_bad_job_settings_are_refused(settings: dict[str, object], match: str) -> None:

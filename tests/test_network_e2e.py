@@ -180,6 +180,9 @@ def test_a_scientist_sees_and_stops_only_their_own_studies_jobs(network: Network
             list(bob.jobs.logs(job_id))
         with pytest.raises(JobError, match="not in study 'cardio'"):
             bob.train("cardio", rounds=1, **MLP)
+        # Settings the network would refuse are refused at submission; nothing is imported.
+        with pytest.raises(JobError, match="registered models"):
+            alice.train("cardio", rounds=1, model="os:system")
     # The same through fed-job: bob's list holds no cardio job, his stop of one is refused.
     fed_job = [
         str(BIN / "fed-job"), "--server", f"127.0.0.1:{network.port}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -77,13 +77,17 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         audit: AuditLog,
         state_dir: Path,
         max_plan_bytes: int,
+        check_training: Callable[[dict[str, Any]], object],
     ) -> None:
+        """``check_training``: raises ConfigError for a training job's settings the network
+        would refuse to run (checked at submission, so a bad job never waits in the queue)."""
         self.store = store
         self.scheduler = scheduler
         self.scientists = scientists
         self.audit = audit
         self.state_dir = state_dir
         self.max_plan_bytes = max_plan_bytes
+        self.check_training = check_training
 
     def register(self, server: grpc.aio.Server) -> None:
         fedcore_pb2_grpc.add_JobsServicer_to_server(self, server)
@@ -139,6 +143,8 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
                 check_query(settings)
                 rounds = 0
             elif request.kind == "train":
+                if not request.plan_file:  # a plan's model exists once the plan is verified
+                    self.check_training(settings)
                 rounds = rounds_of(settings)
             else:
                 raise ConfigError(f"a job's kind is 'train' or 'query', not {request.kind!r}")

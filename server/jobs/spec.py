@@ -15,8 +15,10 @@ from dataclasses import fields, replace
 from typing import Any
 
 from fedcore.errors import ConfigError
+from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.secagg.params import SecAggParams
+from fedcore.strategy.registry import BUILTIN_STRATEGIES
 from fedcore.v1 import fedcore_pb2 as pb
 
 from ..state.config import Output, ServerConfig
@@ -57,6 +59,25 @@ def _check_keys(settings: dict[str, Any], allowed: frozenset[str], what: str) ->
         )
 
 
+def _check_named(settings: dict[str, Any]) -> None:
+    """Nothing named by a job is imported: its model is one of the coordinator's registered
+    models (or a shipped plan) and its strategy a built-in one. ``fed-server``'s
+    ``package.module:factory`` paths are the operator's, never a data scientist's."""
+    model = settings.get("model", ServerConfig().model.name)
+    if not isinstance(model, str) or model not in available_models():
+        raise ConfigError(
+            f"a job's model is one of the network's registered models "
+            f"({', '.join(available_models())}) or a plan (fed-job submit --plan); "
+            f"not {str(model)[:80]!r}"
+        )
+    strategy = settings.get("strategy", ServerConfig.strategy)
+    if not isinstance(strategy, str) or strategy not in BUILTIN_STRATEGIES:
+        raise ConfigError(
+            f"a job's strategy is a built-in one ({', '.join(sorted(BUILTIN_STRATEGIES))}); "
+            f"not {str(strategy)[:80]!r}"
+        )
+
+
 def rounds_of(settings: dict[str, Any]) -> int:
     """The rounds a training job asks for (ServerConfig's default when it names none)."""
     return int(settings.get("rounds", ServerConfig.rounds))
@@ -84,6 +105,19 @@ def job_config(
         ConfigError: an unknown key, or settings ``fed-server`` would refuse too.
     """
     _check_keys(settings, JOB_KEYS, "training job")
+    try:
+        return _job_config(network, settings, job_id, plan)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type reached a constructor
+        raise ConfigError(f"invalid job settings: {exc}") from None
+
+
+def _job_config(
+    network: ServerConfig,
+    settings: dict[str, Any],
+    job_id: str,
+    plan: tuple[ModelSpec, pb.PlanProgram] | None,
+) -> ServerConfig:
+    _check_named(settings)
     top: dict[str, Any] = {k: settings[k] for k in _TOP if k in settings}
     if "model" in settings or "model_params" in settings:
         top["model"] = ModelSpec(
@@ -113,7 +147,4 @@ def job_config(
         device=out.device,
     )
     top["analytics"] = None
-    try:
-        return replace(network, **top)
-    except TypeError as exc:  # a value of the wrong type reached a constructor
-        raise ConfigError(f"invalid job settings: {exc}") from None
+    return replace(network, **top)
