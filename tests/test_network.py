@@ -289,6 +289,11 @@ async def test_a_job_selects_workers_by_its_tags_model_and_secure_aggregation() 
     assert pool.released == {"a": "allowed", "c": "dp-only"}
     assert await pool.wait_for_idle(2, 0.1)
     assert not await pool.wait_for_idle(3, 0.05)
+    # A stopped job waits for nobody: the wait ends at once, not at its timeout.
+    waiting = asyncio.create_task(pool.wait_for_idle(3, None))
+    await asyncio.sleep(0)
+    pool.stopped.set()
+    assert not await asyncio.wait_for(waiting, 5)
 
 
 # ---------------------------------------------------------------- fed-job's settings

@@ -117,9 +117,8 @@ class TrainingJob:
         self.folder = job_folder(env.state_dir, record.id)
         self._stop_requested = record.stop_requested
         self._reports: ReportPipeline | None = None
-        self._waiting: asyncio.Task[bool] | None = None
+        self._workers: JobWorkers | None = None
 
-    @property
     def stopping(self) -> bool:
         """Whether a stop was asked for (read anew: a stop arrives while the job awaits)."""
         return self._stop_requested
@@ -127,10 +126,10 @@ class TrainingJob:
     def stop(self) -> None:
         """End the job at the next round boundary (now, while it waits for workers)."""
         self._stop_requested = True
+        if self._workers is not None:
+            self._workers.stopped.set()
         if self._reports is not None:
             self._reports.end_requested = True
-        if self._waiting is not None:
-            self._waiting.cancel()
 
     def _note(self, text: str, state: str = "running") -> None:
         self.env.store.set_state(self.record.id, state, text)
@@ -204,6 +203,9 @@ class TrainingJob:
             secagg=config.secagg is not None,
             model=config.model.name,
         )
+        self._workers = workers
+        if self._stop_requested:
+            workers.stopped.set()
         context = RoundContext(
             config, strategy, weights, self.env.service, reports, workers=workers, job_id=job_id
         )
@@ -219,11 +221,13 @@ class TrainingJob:
                 self._note(f"running rounds {first}-{config.rounds}")
                 self.env.audit.append("ran", job=job_id, study=self.record.study, first=first)
                 reports.start_clock()
-                while not self.stopping:
+                while not self.stopping():
                     try:
                         await SyncEngine(context).run(context.rounds_completed + 1)
                         break
                     except RoundFailedError as exc:
+                        if self.stopping():
+                            break  # stopped while the round waited for workers: not a failure
                         # Owners still deciding: wait for them, then run the round again.
                         verdict = await approvals.wait(exc, self._note)
                         if verdict == "denied":
@@ -238,7 +242,7 @@ class TrainingJob:
             return
         if approvals.denied:
             self._finish("denied", approvals.denied, context, workers, reports)
-        elif self.stopping:
+        elif self.stopping():
             done = context.rounds_completed
             self._finish("stopped", f"stopped after round {done}", context, workers, reports)
         else:
@@ -275,17 +279,7 @@ class TrainingJob:
         """Wait until ``min_workers`` of the job's workers are idle; False when stopped."""
         tags = " ".join("#" + t for t in config.require_tags)
         self._note(f"waiting for {config.min_workers} worker(s){' tagged ' + tags if tags else ''}")
-        if self._stop_requested:
-            return False
-        self._waiting = asyncio.create_task(workers.wait_for_idle(config.min_workers, None))
-        try:
-            return await self._waiting
-        except asyncio.CancelledError:
-            if self.stopping:
-                return False
-            raise
-        finally:
-            self._waiting = None
+        return await workers.wait_for_idle(config.min_workers, None)
 
     def _finish(
         self,

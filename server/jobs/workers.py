@@ -32,6 +32,9 @@ class JobWorkers:
         self.tags = tags
         self.secagg = secagg
         self.model = model
+        #: Set when the job is stopped: waits for workers end at once (the round engine then
+        #: gives up its round, and the job ends at that round boundary).
+        self.stopped = asyncio.Event()
         #: Silos that refused the job (by name): never selected again for it.
         self.excluded: set[str] = set()
         #: The release policy of every silo the job could select, by name (a superset of those
@@ -66,14 +69,23 @@ class JobWorkers:
         await self._registry.wait_for_change(seen)
 
     async def wait_for_idle(self, count: int, timeout: float | None) -> bool:
-        """Wait until at least ``count`` of the job's workers are idle; False on timeout."""
+        """Wait until at least ``count`` of the job's workers are idle; False on timeout or
+        once the job is stopped."""
 
         async def wait() -> None:
-            while len(self.idle()) < count:
-                await self._registry.wait_for_change(self._registry.changes)
+            while len(self.idle()) < count and not self.stopped.is_set():
+                changed = asyncio.ensure_future(
+                    self._registry.wait_for_change(self._registry.changes)
+                )
+                stopped = asyncio.ensure_future(self.stopped.wait())
+                try:
+                    await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                    stopped.cancel()
 
         try:
             await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
             return False
-        return True
+        return len(self.idle()) >= count and not self.stopped.is_set()
