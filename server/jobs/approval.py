@@ -5,9 +5,13 @@ rule ``plans.approval`` ("awaiting approval ...") and queues the request
 (``fed-worker requests``). The decision lives on the worker's disk, so the job learns it by
 sending the round again: :meth:`ApprovalWatch.wait` turns a round that failed only on such
 refusals into the job state ``awaiting-approval`` ("awaiting approval at 2 of 3 silos"), waits
-a poll interval and asks the engine to retry; a denial ends the job with the owner's reason;
+a poll interval (doubling up to 30 s) and asks the engine to retry; a denial ends the job with the owner's reason;
 no decision within the approval timeout ends it too. A round failing for any other reason is
 the engine's failure, as in a one-shot federation.
+
+A retry sends the round to every selected silo again, so the silos that already admitted it
+train it again (and a DP job charges their ledgers again): the poll backs off, and owners
+should decide before a DP job is submitted.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ _RULE = "[plans.approval]:"
 class ApprovalWatch:
     """Decides what a job does with a failed round while owners decide."""
 
-    def __init__(self, workers: JobWorkers, timeout: float, poll: float = 1.0) -> None:
+    def __init__(
+        self, workers: JobWorkers, timeout: float, poll: float = 1.0, max_poll: float = 30.0
+    ) -> None:
         self._workers = workers
         self._timeout = timeout
         self._poll = poll
+        self._max_poll = max_poll
         self._since: float | None = None
         #: Why the job was denied ("" while it was not).
         self.denied = ""
@@ -72,4 +79,6 @@ class ApprovalWatch:
             note(text, "awaiting-approval")
             self._noted = text
         await asyncio.sleep(self._poll)  # the decision is on the workers' disks: ask again
+        # Each retry runs the round again on the silos that admitted it: back off.
+        self._poll = min(self._poll * 2, self._max_poll)
         return "retry"
