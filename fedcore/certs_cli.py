@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/scientists.json (fed-server --scientists); no CA needed",
     )
     sci.add_argument("--dir", type=Path, required=True)
+    sci.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a study the scientist works in (repeatable): on a standing network "
+        "(fed-server --serve) they submit, see and stop that study's jobs only",
+    )
     sci.add_argument("name")
     rsci = sub.add_parser("revoke-scientist", help="revoke a data scientist's token")
     rsci.add_argument("--dir", type=Path, required=True)
@@ -109,7 +117,7 @@ def _scientists(directory: Path) -> Enrollment:
     return Enrollment.empty(path, section="scientists")
 
 
-def _add_scientist(directory: Path, name: str) -> None:
+def _add_scientist(directory: Path, name: str, studies: Sequence[str] = ()) -> None:
     """A data scientist is a role of its own: a token in DIR/scientists/NAME.token, its hash
     in DIR/scientists.json; it can never join as a worker, nor a worker query."""
     _check_name(name)
@@ -117,7 +125,12 @@ def _add_scientist(directory: Path, name: str) -> None:
     token_path = directory / "scientists" / f"{name}.token"
     write_atomically(token_path, (secret + "\n").encode(), mode=0o600)
     enrollment = _scientists(directory)
-    enrollment.set(name, EnrollmentEntry(token_sha256=hash_token(secret), revoked=False))
+    for study in studies:
+        _check_name(study)
+    enrollment.set(
+        name,
+        EnrollmentEntry(token_sha256=hash_token(secret), revoked=False, studies=tuple(studies)),
+    )
     enrollment.save()
     print(f"enrolled data scientist {name!r}: {token_path}")
 
@@ -201,13 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             d: Path = args.dir
             if args.command == "add-scientist":
-                _add_scientist(d, args.name)
+                _add_scientist(d, args.name, args.study)
             elif args.command == "revoke-scientist":
                 scientists = _scientists(d)
                 found = scientists.entries.get(args.name)
                 if found is None:
                     raise ConfigError(f"data scientist {args.name!r} is not enrolled in {d}")
-                scientists.set(args.name, EnrollmentEntry(found.token_sha256, revoked=True))
+                scientists.set(args.name, dataclasses.replace(found, revoked=True))
                 scientists.save()
                 print(f"revoked data scientist {args.name!r}")
             elif args.command == "add-worker":

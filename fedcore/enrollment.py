@@ -68,6 +68,8 @@ class EnrollmentEntry:
     revoked: bool = False
     #: SHA-256 (hex) of the worker's certificate in DER; None: any certificate with its name.
     cert_sha256: str | None = None
+    #: A data scientist's studies (``fed-certs add-scientist --study``): the jobs they see.
+    studies: tuple[str, ...] = ()
 
 
 class Enrollment:
@@ -184,6 +186,7 @@ class Enrollment:
             self.section: {
                 name: {"token_sha256": e.token_sha256, "revoked": e.revoked}
                 | ({"cert_sha256": e.cert_sha256} if e.cert_sha256 is not None else {})
+                | ({"studies": list(e.studies)} if e.studies else {})
                 for name, e in sorted(self._entries.items())
             },
         }
@@ -214,7 +217,12 @@ def _parse(path: Path, section: str = "workers") -> dict[str, EnrollmentEntry]:
                 f"the enrollment file {path}: {name!r} has a malformed certificate fingerprint "
                 "(cert_sha256: 64 lowercase hex digits)"
             )
-        out[str(name)] = EnrollmentEntry(digest, bool(raw.get("revoked", False)), pinned)
+        studies = raw.get("studies", [])
+        if not isinstance(studies, list) or not all(isinstance(s, str) for s in studies):
+            raise ConfigError(f"the enrollment file {path}: {name!r} has malformed studies")
+        out[str(name)] = EnrollmentEntry(
+            digest, bool(raw.get("revoked", False)), pinned, tuple(studies)
+        )
     return out
 
 

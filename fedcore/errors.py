@@ -149,7 +149,15 @@ class CheckpointError(FedcoreError):
 
 
 class RoundFailedError(FedcoreError):
-    """A round could not gather enough valid results, even after its retries."""
+    """A round could not gather enough valid results, even after its retries.
+
+    ``answers``: the failures the workers answered with, by worker name (a refusal names its
+    rule: a standing network's job waits on ``plans.approval`` refusals, see server/jobs/).
+    """
+
+    def __init__(self, message: str, *, answers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.answers = dict(answers or {})
 
 
 class TrainingFailed(FedcoreError):

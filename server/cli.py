@@ -24,6 +24,7 @@ from fedcore.strategy import describe_strategies
 from fedcore.tls import ServerTLS
 
 from .coordinator import Coordinator
+from .network import Network, NetworkSettings
 from .plans import add_plan_flags, plan_from_args
 from .state.analytics import add_analytics_flags, analytics_settings_from_args
 from .state.config import Limits, ServerConfig
@@ -36,7 +37,9 @@ log = logging.getLogger("fedcore.server")
 _DESCRIPTION = """\
 Run a fedcore coordinator. It waits for --min-workers workers (started with fed-worker
 --server HOST:PORT), runs --rounds rounds of federated training of --model, and tells the
-workers to shut down when done. Prints "listening on HOST:PORT" once ready.
+workers to shut down when done. With --serve it runs a standing network instead: workers
+join once and stay, data scientists submit jobs with fed-job (docs/network.md). Prints
+"listening on HOST:PORT" once ready.
 """
 
 _EPILOG = f"""\
@@ -58,6 +61,8 @@ examples:
   fed-server --min-workers 8 --secagg --secagg-neighbours 6 --secagg-clip 0.5
   fed-server --min-workers 100 --dp-target-epsilon 8 --rounds 50 --dp-clip 0.5
   fed-server --min-workers 8 --secagg --dp-mode distributed --dp-noise-multiplier 1.0
+  fed-server --serve --state-dir state --scientists certs/scientists.json
+  fed-server audit verify state/audit.log
 """
 
 
@@ -461,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(p)
     add_analytics_flags(p)
     add_console_flags(p, what="the network's: workers, rounds, logs")
+    n = p.add_argument_group(
+        "standing network (docs/network.md)",
+        "With --serve the coordinator runs no federation of its own: it keeps serving, "
+        "workers join once and stay, and data scientists submit jobs with fed-job. The "
+        "federation flags above are then each job's to choose.",
+    )
+    n.add_argument(
+        "--serve",
+        action="store_true",
+        help="run a standing network until stopped (needs --scientists and --state-dir)",
+    )
+    n.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the network's job store (jobs.db), jobs' checkpoints and models, audit log",
+    )
+    n.add_argument(
+        "--max-running-jobs",
+        type=int,
+        default=NetworkSettings.max_running,
+        help="jobs run at once (default: %(default)s)",
+    )
     add_common_flags(p)
     return p
 
@@ -619,7 +646,38 @@ async def _start_console(
     return stop
 
 
+async def _serve_network(config: ServerConfig, settings: NetworkSettings) -> None:
+    network = Network(config, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, network.stop)
+    run = asyncio.create_task(network.run())
+    ready = asyncio.create_task(network.ready.wait())
+    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        host = config.listen.rsplit(":", 1)[0]
+        print(f"listening on {host}:{network.port}", flush=True)
+    ready.cancel()
+    await run
+
+
+def network_settings_from_args(args: argparse.Namespace) -> NetworkSettings | None:
+    """The standing network's settings with --serve; None for a one-shot federation."""
+    if not args.serve:
+        if args.state_dir is not None:
+            raise ConfigError("--state-dir is for a standing network: add --serve")
+        return None
+    if args.state_dir is None:
+        raise ConfigError("--serve needs --state-dir (where jobs survive restarts)")
+    return NetworkSettings(args.state_dir, args.max_running_jobs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["audit"]:
+        from fedcore.auditlog_cli import audit_main
+
+        return audit_main("fed-server audit", args[1:])
     return run_cli("fed-server", lambda: _run(argv))
 
 
@@ -632,8 +690,12 @@ def _run(argv: Sequence[str] | None) -> None:
         args.console_tls_cert, args.console_tls_key = args.tls_cert, args.tls_key
     console = console_settings_from_args(args)  # before the model is built: fails fast
     config = config_from_args(args)
+    network = network_settings_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
-    asyncio.run(_serve(config, console))
+    if network is not None:
+        asyncio.run(_serve_network(config, network))
+    else:
+        asyncio.run(_serve(config, console))
 
 
 if __name__ == "__main__":

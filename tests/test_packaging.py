@@ -57,6 +57,8 @@ def test_wheel_maps_server_and_worker_into_fedcore(built_wheel: tuple[Path, str]
         "fedcore/server/reporting/sink.py",
         "fedcore/server/state/registry.py",
         "fedcore/server/transport/service.py",
+        "fedcore/server/jobs/job.py",
+        "fedcore/jobs/cli.py",
         "fedcore/worker/runtime.py",
         "fedcore/v1/fedcore_pb2.py",
         "fedcore/v1/fedcore_pb2.pyi",
@@ -76,6 +78,7 @@ def test_wheel_maps_server_and_worker_into_fedcore(built_wheel: tuple[Path, str]
     for script in (
         "fed-server = fedcore.server.cli:main",
         "fed-worker = fedcore.worker.entry:main",
+        "fed-job = fedcore.jobs.cli:main",
     ):
         assert script in entry_points
 
@@ -102,7 +105,8 @@ def test_fed_query_and_the_worker_entry_start_without_torch() -> None:
     """Issue 27: each fed-query call took ~1.7 s (5 s during training) to import torch, which
     a query never uses. The worker package's names load on first use, the same way."""
     code = (
-        "import sys, fedcore.analytics.cli, fedcore.worker.entry, fedcore.worker, fedcore\n"
+        "import sys, fedcore.analytics.cli, fedcore.jobs.cli, fedcore.worker.entry\n"
+        "import fedcore.worker, fedcore\n"
         "print('torch' in sys.modules)\n"
         "fedcore.worker.Worker, fedcore.build_model, fedcore.data.load_shard\n"
         "print('torch' in sys.modules)\n"

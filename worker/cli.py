@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedcore.auditlog import AuditLog
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.data import load_shard
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="signed secure aggregation: this silo's Ed25519 key (fed-certs writes "
         "workers/NAME.signing.pem); needs --roster; overrides the policy's [secure-aggregation] "
         "signing-key",
+    )
+    s.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="append every task this worker ran or refused, and every job's end, to this "
+        "hash-chained audit log (check it with `fed-worker audit verify FILE`)",
     )
     s.add_argument(
         "--roster",
@@ -447,6 +455,7 @@ def _run(argv: Sequence[str] | None) -> None:
         frozen=FrozenStore(args.frozen_cache, args.frozen_weights),
         identity=identity,
         participation=participation,
+        audit=AuditLog(args.audit_log) if args.audit_log is not None else None,
     )
     owner = None
     if console is not None:

@@ -9,7 +9,8 @@ __all__ = ["owner_command"]
 
 
 def owner_command(args: Sequence[str]) -> int | None:
-    """Run a data owner's command (``requests``, ``ledger``); None when ``args`` is none."""
+    """Run a data owner's command (``requests``, ``ledger``, ``audit``); None when ``args`` is
+    none of them."""
     if args[:1] == ["requests"]:
         from .requests_cli import requests_main
 
@@ -18,4 +19,8 @@ def owner_command(args: Sequence[str]) -> int | None:
         from .ledger_cli import ledger_main
 
         return ledger_main(args[1:])
+    if args[:1] == ["audit"]:
+        from fedcore.auditlog_cli import audit_main
+
+        return audit_main("fed-worker audit", args[1:])
     return None

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedcore.auditlog import AuditLog
 from fedcore.codec import (
     CHUNK_FIELD_IN_WORKER_MESSAGE,
     PayloadAssembler,
@@ -72,6 +73,7 @@ from fedcore.protocol import (
     check_protocol_version,
     max_message_bytes,
 )
+from fedcore.sanitize import printable
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.participation import ParticipationLog
 from fedcore.secagg.wire import MASKED_TENSOR
@@ -263,8 +265,11 @@ class Worker:
         frozen: FrozenStore | None = None,
         identity: SiloIdentity | None = None,
         participation: ParticipationLog | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.server = server
+        #: The data owner's hash-chained audit log (``fed-worker --audit-log``), or None.
+        self.audit = audit
         self.name = name
         self.trainer = trainer
         self.max_model_bytes = max_model_bytes
@@ -296,8 +301,9 @@ class Worker:
         self.tasks_done = 0
         #: The task running now (read by the data owner's console); None between tasks.
         self.current: RunningTask | None = None
-        # Update compression keeps what it lost between rounds (error feedback).
-        self._compressor: Compressor | None = None
+        # Update compression keeps what it lost between rounds (error feedback), per job: a
+        # standing network's jobs never share it (the one-shot federation's job id is "").
+        self._compressors: dict[str, Compressor] = {}
         self._write_lock = asyncio.Lock()
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
@@ -389,6 +395,8 @@ class Worker:
         if self.dataset is not None:
             hello.dataset.CopyFrom(self.dataset.to_proto())
         hello.frozen_sha256.extend(self.frozen.held())
+        if self.guard is not None:
+            hello.release_model = self.guard.policy.release_model
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -467,6 +475,16 @@ class Worker:
                     )
                     self._move(WorkerState.FINISHED)
                     return True
+                if kind == "job_end":
+                    # A standing network's job is over; this worker stays for the next one.
+                    end = message.job_end
+                    self._compressors.pop(end.job_id, None)
+                    log.info(
+                        "job %s ended: %s", printable(end.job_id, 32), printable(end.reason, 200)
+                    )
+                    if self.audit is not None:
+                        self.audit.append("job-ended", job=end.job_id[:64], reason=end.reason[:200])
+                    continue
                 if kind == "secagg":
                     await self._secagg.handle(message.secagg)
                     continue
@@ -550,6 +568,7 @@ class Worker:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning("round %d: %s task %s", task.round, what, refusal)
+        self._record("refused", task, rule=refusal.rule, reason=refusal.reason[:300])
         # Awaiting the owner's decision is not a failure of the plan: the round waits for it.
         code = (
             pb.ERROR_CODE_AWAITING_APPROVAL
@@ -557,6 +576,22 @@ class Worker:
             else pb.ERROR_CODE_REFUSED
         )
         await self._send_error(call, task.task_id, code, str(refusal))
+
+    def _record(self, event: str, task: pb.Task, **fields: object) -> None:
+        """An audit entry for ``task``: its job, round, kind, plan and DP terms."""
+        if self.audit is None:
+            return
+        self.audit.append(
+            event,
+            job=task.job_id[:64],
+            round=task.round,
+            kind="fit" if task.kind == pb.TASK_KIND_FIT else "evaluate",
+            model=task.model.name[:128],
+            plan=task.plan.hash[:64] if task.HasField("plan") else None,
+            terms={k: v for k, v in sorted(task.train.extra.items())[:32]},
+            secagg=task.HasField("secagg"),
+            **fields,
+        )
 
     # ------------------------------------------------------------------ tasks
 
@@ -603,6 +638,7 @@ class Worker:
             runner = self._fit if checked.kind == "fit" else self._evaluate
             await runner(call, checked, job, weights)
             self.tasks_done += 1
+            self._record("ran", task)
         except TaskRefused as exc:
             if checked.secagg is not None:
                 await self._secagg.abandon(str(exc))
@@ -664,7 +700,9 @@ class Worker:
             )
             what = "masked input"
         else:
-            update, is_delta = await asyncio.to_thread(self._encode_update, fit, weights, config)
+            update, is_delta = await asyncio.to_thread(
+                self._encode_update, fit, weights, config, task.job_id
+            )
             result = pb.TaskResult(
                 task_id=task.task_id,
                 num_examples=fit.num_examples,
@@ -673,8 +711,9 @@ class Worker:
                 update_kind=pb.UPDATE_KIND_DELTA if is_delta else pb.UPDATE_KIND_WEIGHTS,
             )
             what = "update"
-            if is_delta and self._compressor is not None:
-                what = f"{self._compressor.scheme}-compressed update"
+            compressor = self._compressors.get(task.job_id)
+            if is_delta and compressor is not None:
+                what = f"{compressor.scheme}-compressed update"
         await self._write(call, pb.WorkerMessage(result=result))
         for index, data in enumerate(iter_chunk_views(update, chunk_bytes)):
             # Pre-serialized: the stream's serializer passes bytes through.
@@ -704,15 +743,16 @@ class Worker:
         await self._write(call, pb.WorkerMessage(result=result))
 
     def _encode_update(
-        self, fit: FitOutput, received: Weights, config: TrainConfig
+        self, fit: FitOutput, received: Weights, config: TrainConfig, job: str
     ) -> tuple[Weights, bool]:
         """The update to send and whether it is a delta: compressed (with error feedback)
         when the plan asks for it, else as the trainer produced it."""
         scheme = scheme_from_code(config.extra.get(EXTRA_KEY, 0.0))
         if scheme == "none":
             return fit.weights, fit.is_delta
-        if self._compressor is None or self._compressor.scheme != scheme:
-            self._compressor = Compressor(scheme)
+        compressor = self._compressors.get(job)
+        if compressor is None or compressor.scheme != scheme:
+            compressor = self._compressors[job] = Compressor(scheme)
         if fit.is_delta:
             delta = fit.weights
         else:
@@ -720,7 +760,7 @@ class Worker:
                 name: np.subtract(array, received[name], dtype=array.dtype)
                 for name, array in fit.weights.items()
             }
-        return self._compressor.compress(delta), True
+        return compressor.compress(delta), True
 
     async def _send_error(
         self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str

@@ -31,6 +31,7 @@ import grpc
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import ConfigError, FedcoreError, QueryRefusedError
+from fedcore.jobs.client import JobHandle, JobsClient
 from fedcore.tls import ClientTLS, require_tls_or_loopback
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
@@ -141,6 +142,17 @@ class AnalyticsClient:
             tags=[tags] if isinstance(tags, str) else list(tags),
         )
         return answer_from_proto(self._call(self._stub.Query, request))
+
+    @property
+    def jobs(self) -> JobsClient:
+        """The standing network's Jobs service on the same connection (``fed-job``)."""
+        return JobsClient(self._channel, self._metadata[0][1], timeout=self.timeout)
+
+    def train(self, study: str, *, plan_file: Path | None = None, **settings: Any) -> JobHandle:
+        """Submit a training job in ``study`` to a standing network (``fed-server --serve``);
+        ``settings`` are named like fed-server's flags (``rounds=5``, ``learning_rate=0.05``,
+        ``require_tags=["mnist"]``). Returns its handle: ``wait()``, ``metrics()``, ``pull()``."""
+        return self.jobs.submit(study, settings, plan_file=plan_file)
 
     def close(self) -> None:
         self._channel.close()

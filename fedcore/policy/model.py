@@ -133,7 +133,13 @@ _SECTIONS = (
     "coordinators",
     "plans",
     "analytics",
+    "release",
 )
+
+#: ``[release] model``: whether models trained on this silo's data may be released to the
+#: data scientist of a standing network's job (``dp-only``: only from a job with client-level
+#: differential privacy).
+RELEASE_MODEL = ("allowed", "dp-only", "never")
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,8 @@ class Policy:
     #: None: this worker answers no analytics queries.
     analytics: AnalyticsRules | None = None
     plans: PlanRules = field(default_factory=PlanRules)
+    #: ``[release] model``: one of :data:`RELEASE_MODEL`.
+    release_model: str = "allowed"
 
     @property
     def private(self) -> bool:
@@ -384,6 +392,8 @@ class Policy:
                 f"analytics queries on columns {columns}, epsilon <= {a.max_epsilon:g} per "
                 f"query at the budget's delta, delta <= {a.max_delta:g}; " + a.network.describe()
             )
+        if self.release_model != "allowed":
+            lines.append(f"trained models released: {self.release_model}")
         return lines or ["no restrictions"]
 
 
@@ -623,8 +633,21 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
             _network(a),
         )
 
+    r = section("release", ("model",))
+    release_model = r.string("model") or "allowed"
+    if release_model not in RELEASE_MODEL:
+        raise r.fail("model", f"must be one of {', '.join(RELEASE_MODEL)}, got {release_model!r}")
     policy = Policy(
-        models, training, privacy, budget, dataset, coordinators, str(path), analytics, plans=plans
+        models,
+        training,
+        privacy,
+        budget,
+        dataset,
+        coordinators,
+        str(path),
+        analytics,
+        plans=plans,
+        release_model=release_model,
     )
     if (
         policy.private

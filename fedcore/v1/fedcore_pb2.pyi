@@ -357,9 +357,12 @@ class Task(_message.Message):
     SECAGG_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     FROZEN_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     kind: Global___TaskKind.ValueType
+    job_id: _builtins.str
+    """The job the task belongs to on a standing network (empty: the one-shot federation's)."""
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -394,10 +397,11 @@ class Task(_message.Message):
         secagg: Global___SecAggSetup | None = ...,
         plan: Global___PlanProgram | None = ...,
         frozen: Global___FrozenWeights | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "model", b"model", "plan", b"plan", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "job_id", b"job_id", "kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1063,10 +1067,15 @@ class Hello(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     FROZEN_SHA256_FIELD_NUMBER: _builtins.int
+    RELEASE_MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     protocol_version: _builtins.int
     num_examples: _builtins.int
     software_version: _builtins.str
+    release_model: _builtins.str
+    """Its owner's release policy for trained models ("allowed", "dp-only", "never"; empty:
+    allowed), judged by a standing network before a job's model is pulled.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1095,10 +1104,11 @@ class Hello(_message.Message):
         software_version: _builtins.str = ...,
         dataset: Global___DatasetInfo | None = ...,
         frozen_sha256: _abc.Iterable[_builtins.str] | None = ...,
+        release_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "frozen_sha256", b"frozen_sha256", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "frozen_sha256", b"frozen_sha256", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "release_model", b"release_model", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1317,6 +1327,30 @@ class Shutdown(_message.Message):
 Global___Shutdown: _TypeAlias = Shutdown  # noqa: Y015
 
 @_typing.final
+class JobEnd(_message.Message):
+    """A job of a standing network is over (the worker stays connected for the next one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEnd: _TypeAlias = JobEnd  # noqa: Y015
+
+@_typing.final
 class WorkerMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1371,6 +1405,7 @@ class CoordinatorMessage(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_END_FIELD_NUMBER: _builtins.int
     ANALYTICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
@@ -1383,6 +1418,8 @@ class CoordinatorMessage(_message.Message):
     @_builtins.property
     def secagg(self) -> Global___SecAggCoordinatorMessage: ...
     @_builtins.property
+    def job_end(self) -> Global___JobEnd: ...
+    @_builtins.property
     def analytics(self) -> Global___AnalyticsCoordinatorMessage: ...
     def __init__(
         self,
@@ -1392,13 +1429,14 @@ class CoordinatorMessage(_message.Message):
         chunk: Global___PayloadChunk | None = ...,
         shutdown: Global___Shutdown | None = ...,
         secagg: Global___SecAggCoordinatorMessage | None = ...,
+        job_end: Global___JobEnd | None = ...,
         analytics: Global___AnalyticsCoordinatorMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "job_end", b"job_end", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analytics", b"analytics", "body", b"body", "chunk", b"chunk", "job_end", b"job_end", "secagg", b"secagg", "shutdown", b"shutdown", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown", "secagg", "analytics"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "task", "chunk", "shutdown", "secagg", "job_end", "analytics"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1898,3 +1936,224 @@ class QueryReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryReply: _TypeAlias = QueryReply  # noqa: Y015
+
+@_typing.final
+class JobSubmit(_message.Message):
+    """---------------------------------------------------------------- jobs (standing network)"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SETTINGS_JSON_FIELD_NUMBER: _builtins.int
+    PLAN_FILE_FIELD_NUMBER: _builtins.int
+    study: _builtins.str
+    kind: _builtins.str
+    """"train" or "query" """
+    settings_json: _builtins.str
+    """Training: the job's settings as a JSON object named like fed-server's flags
+    ({"rounds": 5, "model": "mnist-cnn", "learning_rate": 0.05, "require_tags": ["mnist"]}).
+    Query: {"query": "...", "epsilon": 0.5, "delta": 0, "tags": [...]}.
+    """
+    plan_file: _builtins.bytes
+    """optional: a fed-plan export file (PlanFile) to train"""
+    def __init__(
+        self,
+        *,
+        study: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        settings_json: _builtins.str = ...,
+        plan_file: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "plan_file", b"plan_file", "settings_json", b"settings_json", "study", b"study"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobSubmit: _TypeAlias = JobSubmit  # noqa: Y015
+
+@_typing.final
+class JobRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRef: _TypeAlias = JobRef  # noqa: Y015
+
+@_typing.final
+class JobListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobListRequest: _TypeAlias = JobListRequest  # noqa: Y015
+
+@_typing.final
+class JobInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STUDY_FIELD_NUMBER: _builtins.int
+    SCIENTIST_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ROUNDS_DONE_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    SETTINGS_JSON_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    study: _builtins.str
+    scientist: _builtins.str
+    kind: _builtins.str
+    state: _builtins.str
+    """queued, running, awaiting-approval, completed, stopped, failed, denied"""
+    message: _builtins.str
+    """what it waits for, why it ended"""
+    rounds_done: _builtins.int
+    rounds: _builtins.int
+    created: _builtins.float
+    """Unix time"""
+    settings_json: _builtins.str
+    result_json: _builtins.str
+    """the query's answer, or the last round's metrics"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        study: _builtins.str = ...,
+        scientist: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        message: _builtins.str = ...,
+        rounds_done: _builtins.int = ...,
+        rounds: _builtins.int = ...,
+        created: _builtins.float = ...,
+        settings_json: _builtins.str = ...,
+        result_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job_id", b"job_id", "kind", b"kind", "message", b"message", "result_json", b"result_json", "rounds", b"rounds", "rounds_done", b"rounds_done", "scientist", b"scientist", "settings_json", b"settings_json", "state", b"state", "study", b"study"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobInfo: _TypeAlias = JobInfo  # noqa: Y015
+
+@_typing.final
+class JobList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobInfo]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobList: _TypeAlias = JobList  # noqa: Y015
+
+@_typing.final
+class JobLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    follow: _builtins.bool
+    after: _builtins.int
+    """the sequence number of the last line already seen"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+        after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "follow", b"follow", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobLogsRequest: _TypeAlias = JobLogsRequest  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    METRICS_JSON_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    time: _builtins.float
+    text: _builtins.str
+    metrics_json: _builtins.str
+    """a completed round's metrics row, when the line reports one"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time: _builtins.float = ...,
+        text: _builtins.str = ...,
+        metrics_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics_json", b"metrics_json", "seq", b"seq", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class JobModelChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    METRICS_JSON_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    metrics_json: _builtins.str
+    """the first chunk: every round's metrics rows, as JSON"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        metrics_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "metrics_json", b"metrics_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobModelChunk: _TypeAlias = JobModelChunk  # noqa: Y015

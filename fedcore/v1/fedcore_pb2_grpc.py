@@ -266,3 +266,298 @@ class Analytics:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class JobsStub:
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Submit = channel.unary_unary(
+                '/fedcore.v1.Jobs/Submit',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobSubmit.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/fedcore.v1.Jobs/List',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobListRequest.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobList.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/fedcore.v1.Jobs/Status',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/fedcore.v1.Jobs/Logs',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobLogsRequest.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/fedcore.v1.Jobs/Stop',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/fedcore.v1.Jobs/Pull',
+                request_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+                response_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobModelChunk.FromString,
+                _registered_method=True)
+
+
+class JobsServicer:
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """The job's log lines from `after` on; with `follow`, then every new one until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pull(self, request, context):
+        """The final model (safetensors bytes in chunks) when every silo's release policy allows it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_JobsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobSubmit.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobListRequest.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobList.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobLogsRequest.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobEvent.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobInfo.SerializeToString,
+            ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=fedcore_dot_v1_dot_fedcore__pb2.JobRef.FromString,
+                    response_serializer=fedcore_dot_v1_dot_fedcore__pb2.JobModelChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedcore.v1.Jobs', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedcore.v1.Jobs', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Jobs:
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Jobs/Submit',
+            fedcore_dot_v1_dot_fedcore__pb2.JobSubmit.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Jobs/List',
+            fedcore_dot_v1_dot_fedcore__pb2.JobListRequest.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Jobs/Status',
+            fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedcore.v1.Jobs/Logs',
+            fedcore_dot_v1_dot_fedcore__pb2.JobLogsRequest.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcore.v1.Jobs/Stop',
+            fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedcore.v1.Jobs/Pull',
+            fedcore_dot_v1_dot_fedcore__pb2.JobRef.SerializeToString,
+            fedcore_dot_v1_dot_fedcore__pb2.JobModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -142,3 +142,88 @@ class AnalyticsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fedcore_pb2.QueryReply, _abc.Awaitable[_fedcore_pb2.QueryReply]]: ...
 
 def add_AnalyticsServicer_to_server(servicer: AnalyticsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class JobsStub:
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> JobsAsyncStub: ...
+    Submit: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.JobSubmit, _fedcore_pb2.JobInfo]
+    List: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.JobListRequest, _fedcore_pb2.JobList]
+    Status: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobInfo]
+    Logs: _grpc.UnaryStreamMultiCallable[_fedcore_pb2.JobLogsRequest, _fedcore_pb2.JobEvent]
+    """The job's log lines from `after` on; with `follow`, then every new one until it ends."""
+    Stop: _grpc.UnaryUnaryMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobInfo]
+    Pull: _grpc.UnaryStreamMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobModelChunk]
+    """The final model (safetensors bytes in chunks) when every silo's release policy allows it."""
+
+@_typing.type_check_only
+class JobsAsyncStub(JobsStub):
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Submit: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.JobSubmit, _fedcore_pb2.JobInfo]  # type: ignore[assignment]
+    List: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.JobListRequest, _fedcore_pb2.JobList]  # type: ignore[assignment]
+    Status: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobInfo]  # type: ignore[assignment]
+    Logs: _aio.UnaryStreamMultiCallable[_fedcore_pb2.JobLogsRequest, _fedcore_pb2.JobEvent]  # type: ignore[assignment]
+    """The job's log lines from `after` on; with `follow`, then every new one until it ends."""
+    Stop: _aio.UnaryUnaryMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobInfo]  # type: ignore[assignment]
+    Pull: _aio.UnaryStreamMultiCallable[_fedcore_pb2.JobRef, _fedcore_pb2.JobModelChunk]  # type: ignore[assignment]
+    """The final model (safetensors bytes in chunks) when every silo's release policy allows it."""
+
+class JobsServicer(metaclass=_abc_1.ABCMeta):
+    """A standing network's jobs (fed-server --serve; docs/network.md), for the same data
+    scientists' tokens: each scientist sees and acts on the jobs of their own studies only.
+    """
+
+    @_abc_1.abstractmethod
+    def Submit(
+        self,
+        request: _fedcore_pb2.JobSubmit,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.JobInfo, _abc.Awaitable[_fedcore_pb2.JobInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _fedcore_pb2.JobListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.JobList, _abc.Awaitable[_fedcore_pb2.JobList]]: ...
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _fedcore_pb2.JobRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.JobInfo, _abc.Awaitable[_fedcore_pb2.JobInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Logs(
+        self,
+        request: _fedcore_pb2.JobLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fedcore_pb2.JobEvent], _abc.AsyncIterator[_fedcore_pb2.JobEvent]]:
+        """The job's log lines from `after` on; with `follow`, then every new one until it ends."""
+
+    @_abc_1.abstractmethod
+    def Stop(
+        self,
+        request: _fedcore_pb2.JobRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedcore_pb2.JobInfo, _abc.Awaitable[_fedcore_pb2.JobInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Pull(
+        self,
+        request: _fedcore_pb2.JobRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fedcore_pb2.JobModelChunk], _abc.AsyncIterator[_fedcore_pb2.JobModelChunk]]:
+        """The final model (safetensors bytes in chunks) when every silo's release policy allows it."""
+
+def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,7 +11,7 @@ coordinator, and the coordinator reads the progress of a round from here.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.errors import ConfigError
@@ -20,7 +20,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
 from ..state.config import ServerConfig
-from ..state.registry import Collector, Ticket, WorkerRegistry, WorkerSession
+from ..state.registry import Collector, Ticket, WorkerPool, WorkerSession
 from ..transport.inbox import SecAggRoute
 from ..transport.payloads import FrozenPayload, WeightsPayload
 from ..transport.service import CoordinatorService, TrafficCounters
@@ -43,10 +43,15 @@ class RoundContext:
         *,
         frozen: Weights | None = None,
         model_order: Sequence[str] = (),
+        workers: WorkerPool | None = None,
+        job_id: str = "",
     ) -> None:
         self.config = config
         self.strategy = strategy
-        self.registry: WorkerRegistry = service.registry
+        #: Whom rounds select from: the registry, or on a standing network the job's workers.
+        self.registry: WorkerPool = workers if workers is not None else service.registry
+        #: The job every task carries (empty: a one-shot federation).
+        self.job_id = job_id
         self.reports = reports
         self._service = service
         self._weights = weights
@@ -61,6 +66,15 @@ class RoundContext:
         self.collector: RoundCollector | None = None
         #: The last round (or global update) whose model exists; its report may be pending.
         self.rounds_completed = 0
+        #: Told who the round is waiting on for their data owner's approval (the workers'
+        #: names, of how many asked), and told ``[]`` once it waits no more: a standing
+        #: network's job shows it as its state.
+        self.on_awaiting: Callable[[list[str], int], None] | None = None
+
+    def awaiting(self, names: list[str], issued: int) -> None:
+        """Report the workers the round waits on for approval (``[]``: none any more)."""
+        if self.on_awaiting is not None:
+            self.on_awaiting(names, issued)
 
     @property
     def weights(self) -> Weights:
@@ -139,6 +153,7 @@ class RoundContext:
             weights=payload.header,
             secagg=secagg,
             plan=self.config.plan,  # a model shipped as a program (server/plans.py)
+            job_id=self.job_id,
         )
 
     def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
@@ -149,6 +164,7 @@ class RoundContext:
             model=self.config.model.to_proto(),
             weights=payload.header,
             plan=self.config.plan,
+            job_id=self.job_id,
         )
 
     def issue(

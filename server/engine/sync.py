@@ -145,6 +145,7 @@ class SyncEngine:
                         },
                     )
             if len(collector.results) >= needed_now:
+                ctx.awaiting([], collector.issued)
                 aggregate = collector.aggregator.result()
                 ctx.apply(round_number, aggregate, collector.results, collector.failures)
                 return collector, attempt
@@ -160,6 +161,7 @@ class SyncEngine:
             if awaiting and left > 0 and isinstance(collector, SecAggCollector):
                 # A secure round's members are fixed when it starts: run it again once the
                 # owners had time to decide (not counted as a retry).
+                ctx.awaiting(awaiting, collector.issued)
                 log.warning(
                     "round %d: waiting for the data owner of %s to approve the plan",
                     round_number,
@@ -183,7 +185,8 @@ class SyncEngine:
                 raise RoundFailedError(
                     f"round {round_number} cannot succeed: {len(collector.results)} valid "
                     f"result(s) of {needed_now} needed, and the other workers reported failures "
-                    f"that a retry of the same plan would repeat ({answers}){waited}"
+                    f"that a retry of the same plan would repeat ({answers}){waited}",
+                    answers={f.worker.name: f.reason for f in collector.failures},
                 )
         await ctx.reports.drain()
         attempts = cfg.limits.round_retries + 1
@@ -211,7 +214,9 @@ class SyncEngine:
             awaiting = [f for f in collector.failures if f.awaiting]
             left = deadline - time.monotonic()
             if not awaiting or len(collector.results) >= min(needed, collector.issued) or left <= 0:
+                ctx.awaiting([], collector.issued)
                 return
+            ctx.awaiting([f.worker.name for f in awaiting], collector.issued)
             if not told:
                 log.warning(
                     "round %d: waiting up to %.0f s for the data owner of %s to decide on the "

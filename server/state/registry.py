@@ -210,6 +210,10 @@ class WorkerSession:
         self.peer = peer
         # Frozen parameters the worker holds (by digest): plans do not attach them again.
         self.frozen_held: set[str] = set(hello.frozen_sha256[:_MAX_FROZEN_HELD])
+        # The model it was started for ("" when any): a standing network's jobs select by it.
+        self.model_name = hello.model.name[:256] if hello.HasField("model") else ""
+        # Its owner's [release] model policy (a standing network judges pulls by it).
+        self.release_model = hello.release_model[:16] or "allowed"
         self.state = SessionState.JOINING
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         # Small control messages (secure aggregation) that overtake queued payload chunks.
@@ -280,6 +284,22 @@ class WorkerSession:
 
     def __repr__(self) -> str:
         return f"WorkerSession({self.name!r}, {self.state.value})"
+
+
+class WorkerPool(Protocol):
+    """What round engines select workers from: the whole registry, or a job's share of it
+    (``server/jobs/workers.py``)."""
+
+    @property
+    def changes(self) -> int: ...
+
+    def sessions(self) -> list[WorkerSession]: ...
+
+    def idle(self) -> list[WorkerSession]: ...
+
+    async def wait_for_change(self, seen: int) -> None: ...
+
+    async def wait_for_idle(self, count: int, timeout: float | None) -> bool: ...
 
 
 class WorkerRegistry:

@@ -78,16 +78,19 @@ class CoordinatorService:
         self,
         config: ServerConfig,
         registry: WorkerRegistry,
-        model: ModelSpec,
+        model: ModelSpec | None,
         signature: ModelSignature,
         authenticator: Authenticator | None = None,
     ) -> None:
+        """``model`` None: a standing network, where each job judges its workers' models
+        (server/jobs/workers.py) and any job may use secure aggregation."""
         self.config = config
         self.authenticator = authenticator or Authenticator(None, mutual_tls=False)
         self.registry = registry
         self.model = model
         self.signature = signature
         self.counters = TrafficCounters()
+        self.secagg_allowed = config.secagg is not None or model is None
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.limits.upload_slots)
         self.gate = HandshakeGate(config.limits.gate_limits)
@@ -102,7 +105,7 @@ class CoordinatorService:
         return self._upload_slots.locked()
 
     def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
-        if self.config.secagg is None:
+        if not self.secagg_allowed:
             raise ProtocolError("a secure-aggregation message arrived, but it is off")
         if self.secagg_handler is not None:
             self.secagg_handler(session, message)
@@ -166,6 +169,8 @@ class CoordinatorService:
                 f"worker {hello.name!r} cannot do secure aggregation, which this federation "
                 "requires; upgrade fedcore on the worker",
             )
+        if self.model is None:
+            return  # a standing network: jobs check models
         if hello.HasField("model") and hello.model.name and hello.model.name != self.model.name:
             raise _Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -263,7 +268,7 @@ class CoordinatorService:
                 heartbeat_interval_s=self.config.limits.heartbeat_interval,
                 max_message_bytes=max_message_bytes(self.config.limits.chunk_bytes),
                 chunk_bytes=self.config.limits.chunk_bytes,
-                model=self.model.to_proto(),
+                model=self.model.to_proto() if self.model is not None else None,
             )
         )
         await context.write(welcome)
