@@ -73,7 +73,7 @@ class Network:
             )
         self.config = config
         self.settings = settings
-        self.registry = WorkerRegistry(config.limits.max_workers)
+        self.registry = WorkerRegistry()  # tags are judged per job (jobs/workers.py)
         authenticator = Authenticator(
             Enrollment(config.security.enrolled) if config.security.enrolled is not None else None,
             mutual_tls=config.security.tls is not None and config.security.tls.mutual,

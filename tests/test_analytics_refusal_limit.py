@@ -26,7 +26,7 @@ from fedcore.protocol import ANALYTICS_CAPABILITY
 from fedcore.server.analytics.frontend import AnalyticsFrontend
 from fedcore.server.analytics.refusals import RefusalLimiter
 from fedcore.server.analytics.service import AnalyticsService
-from fedcore.server.analytics.settings import AnalyticsSettings
+from fedcore.server.state.analytics import AnalyticsSettings
 from fedcore.server.state.registry import WorkerRegistry, WorkerSession
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.worker.analytics import QueryResponder
@@ -100,7 +100,7 @@ async def service(tmp_path: Path) -> AsyncIterator[_Service]:
         tokens[who].write_text(f"token-{who}\n")
     scientists.save()
     settings = AnalyticsSettings(tmp_path / "scientists.json", refusal_limit=LIMIT)
-    registry = WorkerRegistry(max_workers=10)
+    registry = WorkerRegistry()
     frontend = AnalyticsFrontend(settings, registry)
     seen = [0]
     pumps = []
@@ -127,7 +127,8 @@ async def service(tmp_path: Path) -> AsyncIterator[_Service]:
         yield _Service(f"127.0.0.1:{port}", clock, seen, tokens)
     finally:
         await server.stop(None)
-        registry.close_all("test over")
+        for session in registry.sessions():
+            session.close("test over")
         await asyncio.gather(*pumps)
 
 

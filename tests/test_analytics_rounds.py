@@ -441,7 +441,7 @@ def test_a_query_claiming_more_silos_than_the_policy_allows_is_refused(tmp_path:
     responder = _silo(tmp_path, 0, np.linspace(20, 80, 30), budget=5.0, analytics=bounded)
     gate = responder._gate
     assert gate is not None
-    assert gate.admit_query(_task(responder, silos=4)).noise_multiplier > 1  # the control
+    assert gate.admit_query(_task(responder, silos=4)).charge.noise_multiplier > 1  # the control
     with pytest.raises(TaskRefused) as refused:
         gate.admit_query(_task(responder, silos=5))
     assert refused.value.rule == "secure-aggregation.max-silos"

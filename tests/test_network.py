@@ -270,7 +270,7 @@ async def test_a_job_selects_workers_by_its_tags_model_and_secure_aggregation() 
     from fedcore.protocol import SECAGG_CAPABILITY
     from fedcore.v1 import fedcore_pb2 as pb
 
-    registry = WorkerRegistry(10)
+    registry = WorkerRegistry()
 
     async def join(name: str, tags: list[str], model: str = "", secagg: bool = True) -> None:
         hello = pb.Hello(

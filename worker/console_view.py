@@ -221,16 +221,17 @@ class OwnerView:
                     "processes)",
                 )
             )
-        if terms.kind == "evaluate":
+        train = terms.train
+        if terms.kind == "evaluate" or train is None:
             rows.append(("It asks to", "evaluate the model on this silo's data (no training)"))
             leaves = "the evaluation's loss and accuracy"
         else:
             rows.append(
                 (
                     "It asks to",
-                    f"train {terms.epochs} local epoch(s) per round on this silo's data, in "
-                    f"batches of {terms.batch_size}, with {terms.optimizer} at learning rate "
-                    f"{terms.learning_rate:g}",
+                    f"train {train.epochs} local epoch(s) per round on this silo's data, in "
+                    f"batches of {train.batch_size}, with {train.optimizer} at learning rate "
+                    f"{train.learning_rate:g}",
                 )
             )
             leaves = "the trained parameters (the model's update), never a record"
@@ -239,11 +240,12 @@ class OwnerView:
         else:
             leaves += "; in the clear: the coordinator sees this silo's own update"
         rows.append(("What leaves the silo", leaves))
-        clip = terms.extra.get(DP_CLIP_KEY)
+        extra = train.extra if train is not None else {}
+        clip = extra.get(DP_CLIP_KEY)
         if clip is None:
             dp = "none asked for by the coordinator (this worker's own DP-SGD applies, if set)"
         else:
-            noise = terms.extra.get(DP_NOISE_MULTIPLIER_KEY)
+            noise = extra.get(DP_NOISE_MULTIPLIER_KEY)
             dp = f"client-level: each update clipped to L2 norm {clip:g}" + (
                 f", Gaussian noise of multiplier {noise:g}" if noise else ", no noise added"
             )
