@@ -102,10 +102,11 @@ class Session:
             return result, assembler.weights()
 
     async def refusal(self, task_id: str) -> str:
-        """The worker's refusal of ``task_id`` (fails on anything else)."""
+        """The worker's refusal of ``task_id`` (fails on anything else); a plan awaiting its
+        owner's approval is refused with its own code."""
         outcome, _ = await self.outcome(task_id)
         assert isinstance(outcome, pb.TaskError), f"expected a refusal, got {outcome}"
-        assert outcome.code == pb.ERROR_CODE_REFUSED, outcome
+        assert outcome.code in (pb.ERROR_CODE_REFUSED, pb.ERROR_CODE_AWAITING_APPROVAL), outcome
         return outcome.message
 
 

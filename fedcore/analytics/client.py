@@ -19,7 +19,6 @@ public metadata, mocks are made-up rows, queries return noisy aggregates).
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from fedcore.data.metadata import DatasetMetadata
 from fedcore.enrollment import TOKEN_METADATA_KEY
 from fedcore.errors import ConfigError, FedcoreError, QueryRefusedError
 from fedcore.jobs.client import JobHandle, JobsClient
-from fedcore.tls import ClientTLS, require_tls_or_loopback
+from fedcore.scientist import TOKEN_ENV, open_channel, read_token
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
 
@@ -42,7 +41,6 @@ from .query import QueryError
 __all__ = ["TOKEN_ENV", "AnalyticsClient", "DatasetEntry", "answer_from_proto", "connect"]
 
 #: Environment variable holding the data scientist's token when no token file is given.
-TOKEN_ENV = "FEDCORE_SCIENTIST_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -169,27 +167,6 @@ class AnalyticsClient:
         self.close()
 
 
-def read_token(token: str | None, token_file: str | Path | None) -> str:
-    """The token given, or read from ``token_file``, or from ``$FEDCORE_SCIENTIST_TOKEN``."""
-    if token:
-        return token
-    if token_file is not None:
-        try:
-            text = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from None
-        if not text:
-            raise ConfigError(f"the token file {token_file} is empty")
-        return text
-    env = os.environ.get(TOKEN_ENV, "").strip()
-    if env:
-        return env
-    raise ConfigError(
-        f"a data scientist's token is needed: --token-file (or ${TOKEN_ENV}); "
-        "get one with `fed-certs add-scientist`"
-    )
-
-
 def connect(
     server: str,
     *,
@@ -206,10 +183,7 @@ def connect(
     ``tls_ca`` (the CA that signed the coordinator's certificate) instead.
     """
     secret = read_token(token, token_file)
-    if tls_ca is None:
-        require_tls_or_loopback(server, tls=False, insecure=insecure, role="data scientist")
-        channel = grpc.insecure_channel(server)
-    else:
-        tls = ClientTLS(Path(tls_ca), server_name=tls_server_name)
-        channel = grpc.secure_channel(server, tls.credentials(), options=tls.channel_options())
+    channel = open_channel(
+        server, tls_ca=tls_ca, tls_server_name=tls_server_name, insecure=insecure
+    )
     return AnalyticsClient(channel, secret, timeout=timeout)

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcore.analytics.client import TOKEN_ENV, connect
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError
+from fedcore.scientist import TOKEN_ENV, open_channel, read_token
 from fedcore.toml_fields import read_toml
 
 from .client import JobsClient, JobStatus
@@ -128,14 +128,14 @@ def _line(status: JobStatus) -> str:
 
 
 def _run(args: argparse.Namespace) -> None:
-    with connect(
+    token = read_token(None, args.token_file)
+    with open_channel(
         args.server,
-        token_file=args.token_file,
         tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name,
         insecure=args.insecure,
-    ) as fed:
-        jobs: JobsClient = fed.jobs
+    ) as channel:
+        jobs = JobsClient(channel, token, timeout=300.0)
         if args.command == "submit":
             study, kind, settings = _settings(args)
             handle = jobs.submit(study, settings, kind=kind, plan_file=args.plan)
