@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, NoReturn
 
 import grpc
 
 from fedcore.analytics.answer import Answer
-from fedcore.enrollment import TOKEN_METADATA_KEY, Enrollment
+from fedcore.enrollment import Enrollment
 from fedcore.errors import ConfigError, QueryRefusedError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
 
+from ..transport.scientists import Context, abort, identify_scientist
 from .frontend import AnalyticsFrontend
 from .refusals import RefusalLimiter
 
 __all__ = ["AnalyticsService", "answer_to_proto"]
 
 log = logging.getLogger("fedcore.server")
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def answer_to_proto(answer: Answer) -> pb.QueryReply:
@@ -81,27 +79,9 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
         fedcore_pb2_grpc.add_AnalyticsServicer_to_server(self, server)
 
     async def _who(self, context: Context) -> str:
-        token = next(
-            (
-                value.decode() if isinstance(value, bytes) else str(value)
-                for key, value in context.invocation_metadata() or ()
-                if key == TOKEN_METADATA_KEY
-            ),
-            None,
+        name, _ = await identify_scientist(
+            context, self.scientists, "`fed-certs add-scientist` and pass it with --token-file"
         )
-        try:
-            self.scientists.reload()
-        except ConfigError as exc:
-            log.error("cannot read the scientists' enrollment: %s", exc)
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "cannot check identities now")
-        name = self.scientists.identify(token) if token else None
-        if name is None:
-            await _abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no valid data scientist token (x-fedcore-token); get one with "
-                "`fed-certs add-scientist` and pass it with --token-file",
-            )
         return name
 
     async def Datasets(self, request: pb.DatasetsRequest, context: Context) -> pb.DatasetsReply:
@@ -109,7 +89,7 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
         try:
             entries = self.frontend.silos(tuple(request.tags))
         except ConfigError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         reply = pb.DatasetsReply()
         for entry in entries:
             info = entry.dataset.with_mock_csv("").to_proto()
@@ -123,7 +103,7 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
         try:
             csv = self.frontend.mock(request.silo)
         except QueryRefusedError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         log.info("data scientist %r fetched the mock of %r", who, request.silo)
         return pb.MockReply(silo=request.silo, csv=csv)
 
@@ -132,7 +112,7 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
         wait = self.refusals.blocked_for(who)
         if wait is not None:
             log.warning("query of %r not forwarded: over the refusal limit", who)
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.refusals.limit} of your queries were refused within "
@@ -151,13 +131,8 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
         except QueryRefusedError as exc:
             log.warning("query of %r not answered: %s", who, exc)
             self.refusals.record(who)
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ConfigError as exc:  # QueryError, a bad epsilon or tag
             self.refusals.record(who)
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return answer_to_proto(answer)
-
-
-async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
-    await context.abort(code, details)
-    raise AssertionError("unreachable: abort raises")

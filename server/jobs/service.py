@@ -15,18 +15,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from fedcore.auditlog import AuditLog
-from fedcore.enrollment import TOKEN_METADATA_KEY, Enrollment
+from fedcore.enrollment import Enrollment
 from fedcore.errors import ConfigError
 from fedcore.plans.format import plan_hash
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
 
+from ..transport.scientists import Context, abort, identify_scientist
 from .job import job_folder
 from .release import release_refusal
 from .scheduler import Scheduler
@@ -37,7 +38,6 @@ __all__ = ["JobsService", "job_info"]
 
 log = logging.getLogger("fedcore.server")
 
-Context = grpc.aio.ServicerContext[Any, Any]
 
 _PULL_CHUNK = 1 << 20
 #: How often ``logs --follow`` looks for new lines (they are rows in the job store).
@@ -93,28 +93,9 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         fedcore_pb2_grpc.add_JobsServicer_to_server(self, server)
 
     async def _who(self, context: Context) -> Scientist:
-        token = next(
-            (
-                value.decode() if isinstance(value, bytes) else str(value)
-                for key, value in context.invocation_metadata() or ()
-                if key == TOKEN_METADATA_KEY
-            ),
-            None,
+        name, entry = await identify_scientist(
+            context, self.scientists, "`fed-certs add-scientist --study STUDY`"
         )
-        try:
-            self.scientists.reload()
-        except ConfigError as exc:
-            log.error("cannot read the scientists' enrollment: %s", exc)
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "cannot check identities now")
-        name = self.scientists.identify(token) if token else None
-        entry = self.scientists.get(name) if name is not None else None
-        if name is None or entry is None:
-            await _abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no valid data scientist token (x-fedcore-token); get one with "
-                "`fed-certs add-scientist --study STUDY`",
-            )
         return Scientist(name, frozenset(entry.studies))
 
     async def _job(self, job_id: str, who: Scientist, context: Context) -> JobRecord:
@@ -123,13 +104,13 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         except KeyError:
             record = None
         if record is None or record.study not in who.studies:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r} in your studies")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r} in your studies")
         return record
 
     async def Submit(self, request: pb.JobSubmit, context: Context) -> pb.JobInfo:
         who = await self._who(context)
         if request.study not in who.studies:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who.name} is not in study {request.study!r} (their studies: "
@@ -152,7 +133,7 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
                 raise ConfigError("the plan file is larger than the network's --max-model-bytes")
             plan = _plan_hash(request.plan_file) if request.plan_file else None
         except (ConfigError, ValueError, TypeError) as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         record = self.store.submit(
             study=request.study,
             scientist=who.name,
@@ -219,7 +200,7 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         folder = job_folder(self.state_dir, record.id)
         model = folder / "model.safetensors"
         if record.kind != "train" or not record.final or not model.exists():
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {record.id} has no model to pull (it is {record.state})",
@@ -228,7 +209,7 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         refusal = release_refusal(result.get("release", {}))
         if refusal is not None:
             self.audit.append("release-refused", job=record.id, scientist=who.name, reason=refusal)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, refusal)
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, refusal)
         data = model.read_bytes()
         self.audit.append(
             "released", job=record.id, scientist=who.name, bytes=len(data), study=record.study
@@ -247,8 +228,3 @@ def _plan_hash(data: bytes) -> str:
     except DecodeError:
         raise ConfigError("the plan file is not a fed-plan export (PlanFile)") from None
     return plan_hash(program)
-
-
-async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
-    await context.abort(code, details)
-    raise AssertionError("unreachable: abort raises")
