@@ -38,7 +38,7 @@ from fedcore.weights import Weights, signature_of
 
 from .analytics.hook import serve_analytics
 from .engine.context import RoundContext
-from .engine.evaluation import CentralEvaluator
+from .engine.evaluation import central_evaluator
 from .engine.fedbuff import FedBuffEngine
 from .engine.reports import ReportPipeline
 from .engine.sync import SyncEngine
@@ -144,16 +144,7 @@ class Coordinator:
         )
         # Federated analytics (server/analytics): its own service beside Join.
         self.analytics = serve_analytics(config.analytics, self.registry, self.service)
-        evaluator = (
-            CentralEvaluator(
-                config.model,
-                config.output.eval_data,
-                config.output.eval_batch_size,
-                config.output.device,
-            )
-            if config.output.eval_data is not None
-            else None
-        )
+        evaluator = central_evaluator(config)
         self.port: int | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()

@@ -11,7 +11,9 @@ from fedcore.plan import ModelSpec
 from fedcore.training import EvalResult, evaluate
 from fedcore.weights import Weights
 
-__all__ = ["CentralEvaluator"]
+from ..state.config import ServerConfig
+
+__all__ = ["CentralEvaluator", "central_evaluator"]
 
 
 class CentralEvaluator:
@@ -40,3 +42,11 @@ class CentralEvaluator:
         return evaluate(
             self._model, self._dataset, batch_size=self._batch_size, device=self._device
         )
+
+
+def central_evaluator(config: ServerConfig) -> CentralEvaluator | None:
+    """The coordinator's own evaluation (``--eval-data``), or None without it."""
+    out = config.output
+    if out.eval_data is None:
+        return None
+    return CentralEvaluator(config.model, out.eval_data, out.eval_batch_size, out.device)

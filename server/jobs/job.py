@@ -41,7 +41,7 @@ from fedcore.weights import Weights, signature_of
 
 from ..coordinator import prepare_strategy
 from ..engine.context import RoundContext
-from ..engine.evaluation import CentralEvaluator
+from ..engine.evaluation import central_evaluator
 from ..engine.reports import ReportPipeline
 from ..engine.sync import SyncEngine
 from ..plans import prepare_plan
@@ -179,16 +179,7 @@ class TrainingJob:
         except CheckpointError as exc:
             self._finish("failed", str(exc))
             return
-        evaluator = (
-            CentralEvaluator(
-                config.model,
-                config.output.eval_data,
-                config.output.eval_batch_size,
-                config.output.device,
-            )
-            if config.output.eval_data is not None
-            else None
-        )
+        evaluator = central_evaluator(config)
         reports = ReportPipeline(
             strategy, evaluator, [_JobLog(store, job_id, config.rounds)], checkpointer, restored
         )
