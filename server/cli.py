@@ -646,19 +646,30 @@ async def _start_console(
     return stop
 
 
-async def _serve_network(config: ServerConfig, settings: NetworkSettings) -> None:
+async def _serve_network(
+    config: ServerConfig, settings: NetworkSettings, console: ConsoleSettings | None = None
+) -> None:
     network = Network(config, settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, network.stop)
-    run = asyncio.create_task(network.run())
-    ready = asyncio.create_task(network.ready.wait())
-    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done():
-        host = config.listen.rsplit(":", 1)[0]
-        print(f"listening on {host}:{network.port}", flush=True)
-    ready.cancel()
-    await run
+    stop_console = None
+    try:
+        run = asyncio.create_task(network.run())
+        ready = asyncio.create_task(network.ready.wait())
+        await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            host = config.listen.rsplit(":", 1)[0]
+            print(f"listening on {host}:{network.port}", flush=True)
+            if console is not None:  # the web stack is imported only when asked for
+                from .console_serve import start_standing_console
+
+                stop_console = await start_standing_console(console, network)
+        ready.cancel()
+        await run
+    finally:
+        if stop_console is not None:
+            await stop_console()
 
 
 def network_settings_from_args(args: argparse.Namespace) -> NetworkSettings | None:
@@ -693,7 +704,7 @@ def _run(argv: Sequence[str] | None) -> None:
     network = network_settings_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
     if network is not None:
-        asyncio.run(_serve_network(config, network))
+        asyncio.run(_serve_network(config, network, console))
     else:
         asyncio.run(_serve(config, console))
 

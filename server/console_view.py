@@ -1,11 +1,12 @@
 """What the network console shows: a narrow, read-only view of a coordinator.
 
-:class:`NetworkView` is the interface the console's pages read: jobs (today one coordinator
-runs one federation, so one job), each job's rounds, the connected workers and recent logs.
-:class:`FederationView` implements it for today's :class:`~.coordinator.Coordinator` from its
-public reporting: it is a :class:`~.reporting.sink.Sink` (the progress snapshots and completed
-rounds every display receives) plus the coordinator's roster. A coordinator running several
-jobs implements the same protocol; the pages do not change.
+:class:`NetworkView` is the interface the console's pages read: jobs (of some studies, or
+all), each job's rounds and log, the connected workers and recent logs. :class:`FederationView`
+implements it for a one-shot :class:`~.coordinator.Coordinator` (one federation, one job) from
+its public reporting: it is a :class:`~.reporting.sink.Sink` (the progress snapshots and
+completed rounds every display receives) plus the coordinator's roster. A standing network's
+implementation is :class:`~.console_jobs.StandingNetworkView`, which also lets data scientists
+sign in (:class:`ScientistAccess`); the pages are the same.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fedcore.console.logbuffer import LogLine, RecentLogs
 from .reporting.metrics import CoordinatorStatus, RoundMetrics
 from .reporting.roster import ConnectedWorker
 
-__all__ = ["FederationView", "JobSummary", "NetworkView"]
+__all__ = ["FederationView", "JobLogEntry", "JobSummary", "NetworkView", "ScientistAccess"]
 
 #: Rounds kept per job for the charts (the newest).
 MAX_ROUNDS_KEPT = 2000
@@ -42,17 +43,35 @@ class JobSummary:
     bytes_received: int
     elapsed_s: float
     epsilon: float | None
+    #: A standing network's job: its study, who submitted it, ``train`` or ``query``, and
+    #: what it is doing in words ("awaiting approval at 1 of 2 silos (...)").
+    study: str = ""
+    scientist: str = ""
+    kind: str = "train"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobLogEntry:
+    """One line of a job's own log (what ``fed-job logs`` shows)."""
+
+    time: float
+    text: str
 
 
 class NetworkView(Protocol):
     """The network console's source (read-only; called on the event loop, must not block)."""
 
-    def jobs(self) -> list[JobSummary]:
-        """Every job, running or finished."""
+    def jobs(self, studies: frozenset[str] | None = None) -> list[JobSummary]:
+        """Every job, running or finished; only those of ``studies`` when given."""
         ...
 
     def job_rounds(self, job_id: str) -> list[RoundMetrics] | None:
         """The completed rounds of job ``job_id`` (None: no such job)."""
+        ...
+
+    def job_log(self, job_id: str) -> list[JobLogEntry]:
+        """Job ``job_id``'s own log, oldest first (empty when it keeps none)."""
         ...
 
     def workers(self) -> list[ConnectedWorker]:
@@ -61,6 +80,23 @@ class NetworkView(Protocol):
 
     def logs(self, query: str = "") -> list[LogLine]:
         """Recent log lines containing ``query``, newest first."""
+        ...
+
+
+class ScientistAccess(Protocol):
+    """Data scientists on a console (a standing network's): who holds a token, their studies
+    now, and the one thing they may do there, stop their own job (as ``fed-job stop``)."""
+
+    def identify(self, token: str) -> str | None:
+        """The enrolled, unrevoked scientist holding ``token`` (constant time), or None."""
+        ...
+
+    def studies(self, scientist: str) -> frozenset[str] | None:
+        """``scientist``'s studies as enrolled now; None once revoked or removed."""
+        ...
+
+    def stop(self, job_id: str, scientist: str) -> None:
+        """Stop job ``job_id`` for ``scientist`` (audited, like ``fed-job stop``)."""
         ...
 
 
@@ -104,9 +140,9 @@ class FederationView:
 
     # ------------------------------------------------------------------ NetworkView
 
-    def jobs(self) -> list[JobSummary]:
+    def jobs(self, studies: frozenset[str] | None = None) -> list[JobSummary]:
         s = self._status
-        if s is None:
+        if s is None or studies is not None:  # a one-shot federation belongs to no study
             return []
         epsilon = next((r.epsilon for r in reversed(self._rounds) if r.epsilon is not None), None)
         return [
@@ -129,6 +165,9 @@ class FederationView:
 
     def job_rounds(self, job_id: str) -> list[RoundMetrics] | None:
         return list(self._rounds) if job_id == self.JOB_ID else None
+
+    def job_log(self, job_id: str) -> list[JobLogEntry]:
+        return []  # a one-shot federation's log is the process's (the Logs page)
 
     def workers(self) -> list[ConnectedWorker]:
         return self._roster()

@@ -45,11 +45,17 @@ ActionHandler = Callable[[Request, Session, Mapping[str, str]], Awaitable[Respon
 
 @dataclass(frozen=True)
 class Page:
-    """A GET page; ``label``: its entry in the navigation (None: not listed)."""
+    """A GET page; ``label``: its entry in the navigation (None: not listed).
+
+    ``operator_only``: only for the holder of the console's own secret; a token holder
+    (:attr:`~.auth.Session.user`) neither sees it listed nor reaches it (404, as for a page
+    that does not exist).
+    """
 
     path: str
     handler: PageHandler
     label: str | None = None
+    operator_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Console:
         pages / actions: what it serves.
         tls: served over HTTPS (cookies are then ``Secure``, HSTS is sent).
         hosts: the ``Host`` names accepted (DNS rebinding); None: any.
+        sign_in_label: what the sign-in field asks for (a console whose ``sessions`` also
+            take tokens says so).
     """
 
     def __init__(
@@ -103,8 +111,10 @@ class Console:
         actions: Sequence[Action],
         tls: bool,
         hosts: Sequence[str] | None = None,
+        sign_in_label: str = "Password",
     ) -> None:
         self.title = title
+        self.sign_in_label = sign_in_label
         self.sessions = sessions
         self.tls = tls
         self.hosts = hosts
@@ -135,10 +145,16 @@ class Console:
         flash, session.flash = session.flash, []
         html = self.env.get_template(template).render(
             console_title=self.title,
-            nav=[(p.path, p.label) for p in self.pages if p.label],
+            nav=[
+                (p.path, p.label)
+                for p in self.pages
+                if p.label and not (p.operator_only and session.user is not None)
+            ],
             path=request.url.path,
             csrf=session.csrf,
             signed_in=session.signed_in,
+            user=session.user,
+            sign_in_label=self.sign_in_label,
             flash=flash,
             **context,
         )
@@ -165,6 +181,8 @@ class Console:
             session = self._session(request)
             if not session.signed_in:
                 return self._with_cookie(RedirectResponse("/login", 303), session)
+            if page.operator_only and session.user is not None:
+                return PlainTextResponse("not found", 404)
             return await page.handler(request, session)
 
         return endpoint
@@ -211,7 +229,11 @@ class Console:
         signed = self.sessions.sign_in(session, form.get("password", ""))
         if signed is None:
             return self.render(
-                request, session, "login.html", status_code=403, error="wrong password"
+                request,
+                session,
+                "login.html",
+                status_code=403,
+                error=f"wrong {self.sign_in_label.lower()}",
             )
         return self._with_cookie(RedirectResponse("/", 303), signed)
 

@@ -4,6 +4,11 @@ Every visitor gets a session (a random id in an ``HttpOnly``, ``SameSite=Strict`
 CSRF token bound to it; every form carries the token and every POST is refused without it, the
 sign-in form included (no login CSRF). Signing in checks the owner's secret in constant time
 and issues a *new* session id (no session fixation). Failed sign-ins are throttled.
+
+A console may also let token holders sign in (the network console's data scientists): the
+same field takes a token, which ``identify`` checks (in constant time, against every enrolled
+token); the session then belongs to that holder (:attr:`Session.user`), and the console's pages
+decide what the holder may see.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Session:
     csrf: str
     expires: float
     signed_in: bool = False
+    #: the token holder signed in (None: the holder of the console's own secret)
+    user: str | None = None
     #: a message shown once on the next page (after an action redirects)
     flash: list[str] = field(default_factory=list)
 
@@ -46,6 +53,8 @@ class Sessions:
         max_sessions: sessions kept at most (the oldest is dropped): anonymous visitors cannot
             grow the process's memory without bound.
         clock: monotonic seconds (injected by tests).
+        identify: the name of the holder of a token, or None (None: only ``password`` signs
+            in). It must compare in constant time.
     """
 
     def __init__(
@@ -55,11 +64,13 @@ class Sessions:
         ttl_s: float = 8 * 3600.0,
         max_sessions: int = 1024,
         clock: Callable[[], float] = time.monotonic,
+        identify: Callable[[str], str | None] | None = None,
     ) -> None:
         self._password = password.encode()
         self._ttl = ttl_s
         self._max = max_sessions
         self._clock = clock
+        self._identify = identify
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._failures: deque[float] = deque()
 
@@ -76,12 +87,13 @@ class Sessions:
         self._sessions.move_to_end(sid)
         return session
 
-    def new(self, *, signed_in: bool = False) -> Session:
+    def new(self, *, signed_in: bool = False, user: str | None = None) -> Session:
         session = Session(
             secrets.token_urlsafe(32),
             secrets.token_urlsafe(32),
             self._clock() + self._ttl,
             signed_in,
+            user,
         )
         self._sessions[session.id] = session
         while len(self._sessions) > self._max:
@@ -95,15 +107,19 @@ class Sessions:
             self._failures.popleft()
         return len(self._failures) >= SIGN_IN_FAILURES
 
-    def sign_in(self, session: Session, password: str) -> Session | None:
-        """A new signed-in session replacing ``session`` if ``password`` is the secret."""
+    def sign_in(self, session: Session, secret: str) -> Session | None:
+        """A new signed-in session replacing ``session`` if ``secret`` is the console's secret
+        or (with ``identify``) a token holder's."""
         if self.throttled():
             return None
-        if not hmac.compare_digest(self._password, password.encode()):
+        owner = hmac.compare_digest(self._password, secret.encode())
+        # Both checks run whatever the first says: the time taken tells nothing of which.
+        user = self._identify(secret) if self._identify is not None and secret else None
+        if not owner and user is None:
             self._failures.append(self._clock())
             return None
         self._sessions.pop(session.id, None)
-        return self.new(signed_in=True)
+        return self.new(signed_in=True, user=None if owner else user)
 
     def sign_out(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
