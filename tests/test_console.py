@@ -5,21 +5,25 @@ tests/test_console_browser.py)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from console_asgi import Client
 
+from fedcore.auditlog import AuditLog, verify
 from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.console.auth import SIGN_IN_FAILURES
 from fedcore.console.headers import CSP
 from fedcore.console.logbuffer import RecentLogs
 from fedcore.console.svg import Point, Series, line_chart
+from fedcore.enrollment import Enrollment, hash_token
 from fedcore.errors import ConfigError
 from fedcore.plan import TrainConfig
 from fedcore.plans.queue import RequestQueue
@@ -27,7 +31,11 @@ from fedcore.policy import load_policy
 from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
 from fedcore.policy.ledger import Charge, PrivacyLedger
 from fedcore.server.console import network_console
+from fedcore.server.console_jobs import StandingNetworkView
 from fedcore.server.console_view import FederationView
+from fedcore.server.jobs.scheduler import RunnableJob, Scheduler
+from fedcore.server.jobs.service import JobsService
+from fedcore.server.jobs.store import JobRecord, JobStore
 from fedcore.server.reporting.metrics import CoordinatorStatus, RoundMetrics
 from fedcore.server.reporting.roster import ConnectedWorker
 from fedcore.v1 import fedcore_pb2 as pb
@@ -263,6 +271,43 @@ async def test_the_overview_shows_the_current_task(
     assert "does not ask for approvals" in body
 
 
+async def test_the_audit_page_reads_the_hash_chained_log_and_says_whether_it_verifies(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.append("ran", job="job-1", round=1, kind="fit", model=HOSTILE)
+    log.append("refused", job="job-2", round=1, kind="fit", reason="not in the allow-list")
+    log.append("job-ended", job="job-1", reason="completed")
+    view = OwnerView(
+        queue=None,
+        policy=load_policy(policy_file),
+        worker=FakeWorker(),
+        dataset=None,
+        audit_log=path,
+    )
+    client = Client(owner_console(ConsoleSettings("127.0.0.1:0", PASSWORD), view).app())
+    await client.sign_in(PASSWORD)
+    # Positive control: the intact log verifies, and every entry is listed, markup as text.
+    page = (await client.get("/audit")).body
+    assert "Chain verifies: 3 entries" in page
+    assert "not in the allow-list" in page
+    assert "&lt;script&gt;" in page and "<script" not in page
+    found = (await client.get("/audit?q=ALLOW-LIST")).body
+    assert "not in the allow-list" in found
+    assert "job-ended" not in found
+    # An edit in the middle: the banner names the entry fed-worker audit verify names.
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("not in the allow-list", "allowed")
+    path.write_text("\n".join(lines) + "\n")
+    count, problem = verify(path)
+    assert problem is not None
+    broken = (await client.get("/audit")).body
+    assert f"Chain BROKEN at entry {problem.line}:" in broken
+    assert problem.line == 2 and count == 1
+    assert "audit log #2 (unverified)" in broken
+
+
 # ---------------------------------------------------------------------- network console
 
 
@@ -306,6 +351,184 @@ async def test_the_network_console_shows_workers_rounds_and_logs() -> None:
     assert (await client.get("/jobs/other")).status == 404
     assert "refused its task" in (await client.get("/logs?q=refused")).body
     assert "refused its task" not in (await client.get("/logs?q=nothing-like-it")).body
+
+
+# ---------------------------------------------------------------------- a standing network
+
+ALICE, BOB = "alice-token-" + "a" * 20, "bob-token-" + "b" * 20
+
+
+@dataclass
+class Network:
+    """A standing network's console over a real job store, enrolment and Jobs service (no
+    gRPC, no workers): alice works in study-a (and the markup-named study), bob in study-b."""
+
+    client: Client
+    store: JobStore
+    audit: Path
+    scientists: Path
+    job_a: str
+    job_b: str
+    hostile: str
+
+
+def _enrol(path: Path, *, alice_revoked: bool = False) -> None:
+    entries = {
+        "alice": {
+            "token_sha256": hash_token(ALICE),
+            "studies": ["study-a", HOSTILE],
+            "revoked": alice_revoked,
+        },
+        "bob": {"token_sha256": hash_token(BOB), "studies": ["study-b"]},
+    }
+    path.write_text(json.dumps({"version": 1, "scientists": entries}))
+
+
+def _no_job(record: JobRecord) -> RunnableJob:
+    raise AssertionError("the console tests run no job")
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[Network]:
+    store = JobStore(tmp_path / "jobs.db")
+    scientists = tmp_path / "scientists.json"
+    _enrol(scientists)
+    audit = tmp_path / "audit.log"
+    service = JobsService(
+        store,
+        Scheduler(store, _no_job, 1),
+        Enrollment(scientists, section="scientists"),
+        AuditLog(audit),
+        tmp_path,
+        1 << 20,
+        lambda settings: None,
+    )
+    a = store.submit(
+        study="study-a", scientist="alice", kind="train", settings={"model": "mlp"}, rounds=5
+    )
+    for n in (1, 2):
+        store.record_round(a.id, n, f"round {n} completed", json.dumps(_metrics(n).to_json()))
+    store.set_state(a.id, "awaiting-approval", "awaiting approval at 1 of 2 silos (hospital-b)")
+    b = store.submit(
+        study="study-b", scientist="bob", kind="train", settings={"model": "cnn"}, rounds=3
+    )
+    hostile = store.submit(
+        study=HOSTILE, scientist="alice", kind="train", settings={"model": HOSTILE}, rounds=1
+    )
+    logs = RecentLogs()
+    worker = ConnectedWorker("w1", "hospital-a", 400, "ready", None, ())
+    view = StandingNetworkView(
+        store, service.scientists, service.request_stop, lambda: [worker], logs
+    )
+    console = network_console(
+        ConsoleSettings("127.0.0.1:0", PASSWORD), view, title="t", scientists=view
+    )
+    yield Network(Client(console.app()), store, audit, scientists, a.id, b.id, hostile.id)
+    store.close()
+
+
+async def test_a_scientist_signs_in_with_their_token_and_sees_only_their_studies(
+    network: Network,
+) -> None:
+    client = network.client
+    assert (await client.sign_in("not a token nor the password")).status == 403
+    assert (await client.sign_in(ALICE)).status == 303
+    overview = (await client.get("/")).body
+    assert "signed in as alice" in overview
+    # Positive control: alice's own job is listed and its page shows its charts and log.
+    assert network.job_a in overview
+    job = await client.get(f"/jobs/{network.job_a}")
+    assert job.status == 200
+    assert len(re.findall(r'<svg class="chart"', job.body)) == 4
+    assert 'data-points="2"' in job.body
+    assert "awaiting approval at 1 of 2 silos" in job.body
+    assert "round 2 completed" in job.body  # the job's own log
+    # Bob's job: not listed, and its URL is as absent as a job that does not exist.
+    assert network.job_b not in overview
+    other = await client.get(f"/jobs/{network.job_b}")
+    missing = await client.get("/jobs/000000000000")
+    assert (other.status, other.body) == (missing.status, missing.body) == (404, "no such job")
+    # The network's workers and process logs are the operator's.
+    assert 'href="/workers"' not in overview
+    assert "hospital-a" not in overview
+    assert "1 worker(s) connected" in overview
+    assert (await client.get("/workers")).status == 404
+    assert (await client.get("/logs")).status == 404
+
+
+async def test_the_operator_sees_every_job_and_the_workers(network: Network) -> None:
+    client = network.client
+    await client.sign_in(PASSWORD)
+    overview = (await client.get("/")).body
+    assert network.job_a in overview and network.job_b in overview
+    assert "hospital-a" in overview
+    assert (await client.get(f"/jobs/{network.job_b}")).status == 200
+    assert (await client.get("/workers")).status == 200
+    # No stop for the operator: it is a scientist's action (fed-job stop).
+    assert "Stop this job" not in (await client.get(f"/jobs/{network.job_a}")).body
+
+
+async def test_job_and_study_names_carrying_markup_are_shown_as_text(network: Network) -> None:
+    client = network.client
+    await client.sign_in(ALICE)
+    for path in ("/", f"/jobs/{network.hostile}"):
+        body = (await client.get(path)).body
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body, path  # shown ...
+        assert "<script" not in body, path  # ... never as markup
+
+
+async def test_stopping_a_job_needs_the_csrf_token_and_its_own_scientist(
+    network: Network,
+) -> None:
+    client, store = network.client, network.store
+    await client.sign_in(ALICE)
+    page = await client.get(f"/jobs/{network.job_a}")
+    assert "Stop this job" in page.body
+    assert (await client.post(f"/jobs/{network.job_a}/stop", {})).status == 403
+    forged = await client.post(f"/jobs/{network.job_a}/stop", {"csrf": "forged"})
+    assert forged.status == 403
+    assert store.get(network.job_a).state == "awaiting-approval"
+    # Another study's job cannot be stopped, nor told apart from none, with a valid token.
+    other = await client.post(f"/jobs/{network.job_b}/stop", {"csrf": page.csrf})
+    assert other.status == 404
+    assert store.get(network.job_b).state == "queued"
+    # Positive control: the same request with the session's token stops alice's job, through
+    # the Jobs service's own stop (audited like fed-job stop).
+    done = await client.post(f"/jobs/{network.job_a}/stop", {"csrf": page.csrf})
+    assert done.status == 303
+    assert store.get(network.job_a).stop_requested
+    assert "stop requested" in (await client.get(f"/jobs/{network.job_a}")).body
+    entries = [json.loads(line) for line in network.audit.read_text().splitlines()]
+    assert [(e["event"], e["scientist"]) for e in entries] == [("stop-requested", "alice")]
+    assert verify(network.audit) == (1, None)
+
+
+async def test_a_colleague_and_the_operator_cannot_stop_from_the_console(
+    network: Network,
+) -> None:
+    # bob joins study-a: he sees alice's job, but the console's stop is its own scientist's.
+    entries = json.loads(network.scientists.read_text())
+    entries["scientists"]["bob"]["studies"] = ["study-a", "study-b"]
+    network.scientists.write_text(json.dumps(entries))
+    client = network.client
+    await client.sign_in(BOB)
+    page = await client.get(f"/jobs/{network.job_a}")
+    assert page.status == 200
+    assert "Stop this job" not in page.body
+    refused = await client.post(f"/jobs/{network.job_a}/stop", {"csrf": page.csrf})
+    assert refused.status == 403
+    assert not network.store.get(network.job_a).stop_requested
+
+
+async def test_a_revoked_scientist_is_signed_out_at_their_next_page(network: Network) -> None:
+    client = network.client
+    await client.sign_in(ALICE)
+    assert (await client.get("/")).status == 200
+    _enrol(network.scientists, alice_revoked=True)
+    # No wait: the enrolment is re-read at the next page, as it changed on disk.
+    assert (await client.get(f"/jobs/{network.job_a}")).status == 303
+    assert (await client.get("/")).headers["location"] == "/login"
+    assert (await client.sign_in(ALICE)).status == 403
 
 
 def _record(message: str) -> logging.LogRecord:

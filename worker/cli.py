@@ -459,7 +459,13 @@ def _run(argv: Sequence[str] | None) -> None:
     )
     owner = None
     if console is not None:
-        view = OwnerView(queue=plans.queue, policy=policy, worker=worker, dataset=dataset)
+        view = OwnerView(
+            queue=plans.queue,
+            policy=policy,
+            worker=worker,
+            dataset=dataset,
+            audit_log=args.audit_log,
+        )
         owner = (console, view)
     asyncio.run(_serve(worker, owner))
 

@@ -157,8 +157,10 @@ class _OwnerPages:
 
     async def audit(self, request: Request, session: Session) -> Response:
         query = request.query_params.get("q", "")[:200]
-        events = await asyncio.to_thread(self.view.audit, query)
-        return self.render(request, session, "owner_audit.html", events=events, query=query)
+        chain, events = await asyncio.to_thread(self.view.audit, query)
+        return self.render(
+            request, session, "owner_audit.html", chain=chain, events=events, query=query
+        )
 
     async def dataset(self, request: Request, session: Session) -> Response:
         d = self.view.dataset

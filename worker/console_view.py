@@ -2,7 +2,8 @@
 
 The request queue (:class:`~fedcore.plans.queue.RequestQueue`, the one ``fed-worker
 requests`` and the worker's gate use), the privacy ledger
-(:class:`~fedcore.policy.ledger.PrivacyLedger`), the running :class:`~.runtime.Worker` and the
+(:class:`~fedcore.policy.ledger.PrivacyLedger`), the worker's hash-chained audit log
+(``--audit-log``, :mod:`.console_audit`), the running :class:`~.runtime.Worker` and the
 dataset's metadata. Nothing here writes, except :meth:`OwnerView.decide`, which calls the
 queue's own ``decide`` exactly as the command line does. Every method may block on files:
 the console calls them in a thread.
@@ -15,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from fedcore.data.metadata import DatasetMetadata
@@ -24,6 +26,8 @@ from fedcore.policy import Policy
 from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
 from fedcore.policy.ledger import Charge, PrivacyLedger, epsilon_of
 
+from .console_audit import AuditEvent, ChainStatus, read_chain
+
 if TYPE_CHECKING:
     from fedcore.plans.load import VerifiedPlan
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuditEvent",
+    "ChainStatus",
     "LedgerPoint",
     "OwnerView",
     "PlanReview",
@@ -42,6 +47,8 @@ __all__ = [
 _KEEP_VERIFIED = 16
 #: Charges plotted at most per study (the newest; the epsilon of each is exact).
 MAX_PLOTTED_CHARGES = 400
+#: Audit events listed at most (the newest that match the search).
+MAX_AUDIT_EVENTS = 1000
 
 
 class WorkerStatus(Protocol):
@@ -97,19 +104,6 @@ class StudyLedger:
 
 
 @dataclass(frozen=True)
-class AuditEvent:
-    time: float | None
-    kind: str
-    text: str
-
-    @property
-    def clock(self) -> str:
-        if self.time is None:
-            return "-"
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
-
-
-@dataclass(frozen=True)
 class WorkerNow:
     name: str
     server: str
@@ -141,6 +135,7 @@ class OwnerView:
         policy: the worker's policy (its budget names the study and the ledger).
         worker: the running worker (state and current task).
         dataset: the local data's public description.
+        audit_log: the worker's hash-chained audit log (``--audit-log``; None: not kept).
     """
 
     def __init__(
@@ -150,8 +145,10 @@ class OwnerView:
         policy: Policy,
         worker: WorkerStatus,
         dataset: DatasetMetadata | None,
+        audit_log: Path | None = None,
     ) -> None:
         self.queue = queue
+        self.audit_log = audit_log
         self.policy = policy
         self.worker = worker
         self.dataset = dataset
@@ -324,10 +321,11 @@ class OwnerView:
 
     # ------------------------------------------------------------------ audit
 
-    def audit(self, query: str = "") -> list[AuditEvent]:
-        """The requests' and decisions' history and every ledger charge, newest first,
-        filtered by ``query`` (case-insensitive)."""
-        events: list[AuditEvent] = []
+    def audit(self, query: str = "") -> tuple[ChainStatus | None, list[AuditEvent]]:
+        """Whether the audit log's chain verifies (None: no ``--audit-log``), and its entries,
+        the requests' and decisions' history and every ledger charge, newest first, filtered
+        by ``query`` (case-insensitive)."""
+        chain, events = read_chain(self.audit_log) if self.audit_log else (None, [])
         for r in self.requests():
             events.append(
                 AuditEvent(
@@ -335,6 +333,7 @@ class OwnerView:
                     "request",
                     f"request {r.id[:16]} for plan {r.hash[:16]} ({r.name}) in round {r.round} "
                     f"by {r.coordinator}",
+                    "request queue",
                 )
             )
             if r.decided_at is not None:
@@ -343,6 +342,7 @@ class OwnerView:
                         float(r.decided_at),
                         r.status,
                         f"request {r.id[:16]} {r.status}" + (f": {r.reason}" if r.reason else ""),
+                        "request queue",
                     )
                 )
         try:
@@ -355,6 +355,7 @@ class OwnerView:
                             f"study {ledger.study} charge {i + 1}: {c.what} (noise multiplier "
                             f"{c.noise_multiplier:g}, sampling rate {c.sample_rate:g}, "
                             f"{c.steps} step(s))",
+                            "privacy ledger",
                         )
                     )
         except LedgerError as exc:
@@ -363,7 +364,8 @@ class OwnerView:
         events = [e for e in events if not needle or needle in f"{e.kind} {e.text}".lower()]
         # Charges carry no time: they follow the timed events, in ledger order.
         timed = sorted((e for e in events if e.time is not None), key=lambda e: -(e.time or 0))
-        return timed + [e for e in reversed(events) if e.time is None]
+        listed = timed + [e for e in reversed(events) if e.time is None]
+        return chain, listed[:MAX_AUDIT_EVENTS]
 
     # ------------------------------------------------------------------ worker
 
