@@ -1,15 +1,19 @@
 """The consoles in a real browser (the system's headless Chromium, driven by Playwright) over
 one real federation: a coordinator with ``--console``, a worker trained freely, and a worker
-whose data owner approves plans in its ``--console``.
+whose data owner approves plans in its ``--console``; and over a standing network
+(``fed-server --serve --console``) where a data scientist signs in with their token, follows
+the job they submitted with ``fed-job submit`` and stops it.
 
 Set ``FEDCORE_CONSOLE_SCREENSHOTS=docs/img`` to write the docs' screenshots.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, Proc
 
+import fedcore
+from fedcore.jobs import JobHandle
 from fedcore.plan import TrainConfig
 from fedcore.plans.format import plan_hash
 from fedcore.plans.queue import RequestQueue
@@ -282,3 +288,104 @@ def test_the_network_console_shows_workers_rounds_and_logs(
     _shot(page, "console-network-job.png")
     page.goto(fed.server_console + "logs?q=awaiting+approval")
     assert "'owner' refused" in page.locator("#logs").inner_text()
+
+
+# ---------------------------------------------------------------------- a standing network
+
+
+@dataclass
+class Standing:
+    console: str
+    port: int
+    certs: Path
+    alice_job: str
+    bob_job: str
+
+
+def _fed_job(port: int, certs: Path, who: str, *args: str) -> str:
+    token = certs / "scientists" / f"{who}.token"
+    return subprocess.run(
+        [str(BIN / "fed-job"), "--server", f"127.0.0.1:{port}", "--token-file", str(token),
+         "--json", *args],
+        check=True, capture_output=True, text=True, timeout=_TIMEOUT_S,
+    ).stdout  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def standing(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standing]:
+    root = tmp_path_factory.mktemp("standing")
+    certs = root / "certs"
+    for name, study in (("alice", "cardio"), ("bob", "onco")):
+        subprocess.run(
+            [str(BIN / "fed-certs"), "add-scientist", "--dir", str(certs), "--study", study, name],
+            check=True, capture_output=True, timeout=_TIMEOUT_S,
+        )  # fmt: skip
+    secret = root / "console-password"
+    secret.write_text(PASSWORD)
+    started: list[Proc] = []
+    try:
+        server = Proc(
+            [
+                str(BIN / "fed-server"), "--listen", "127.0.0.1:0", "--serve",
+                "--state-dir", str(root / "state"), "--scientists", str(certs / "scientists.json"),
+                "--eval-data", str(shards / "test.npz"),
+                "--console", "127.0.0.1:0", "--console-password-file", str(secret),
+            ],
+            "fed-server",
+        )  # fmt: skip
+        started.append(server)
+        port = int(server.wait_for_line(r"listening on [\d.]+:(\d+)", _TIMEOUT_S).group(1))
+        console = server.wait_for_line(r"console on (http://\S+)", _TIMEOUT_S).group(1)
+        for i in range(2):
+            worker = [
+                str(BIN / "fed-worker"), "--server", f"127.0.0.1:{port}",
+                "--data", str(shards / f"shard-{i}.npz"), "--name", f"silo-{i}", "--threads", "1",
+            ]  # fmt: skip
+            started.append(Proc(worker, f"silo-{i}"))
+        # Alice's job runs (one at a time: --max-running-jobs 1); bob's waits behind it.
+        job = ["submit", "--model", "logreg", "--rounds", "200", "--min-workers", "2",
+               "--set", "batch_size=32", "--set", "learning_rate=0.05"]  # fmt: skip
+        alice_job = json.loads(_fed_job(port, certs, "alice", *job, "--study", "cardio"))
+        bob_job = json.loads(_fed_job(port, certs, "bob", *job, "--study", "onco"))
+        yield Standing(console, port, certs, alice_job["job_id"], bob_job["job_id"])
+    finally:
+        for p in started:
+            p.signal(signal.SIGKILL)
+        for p in started:
+            p.kill()
+
+
+def test_a_scientist_signs_in_with_their_token_follows_their_job_and_stops_it(
+    page: Page, standing: Standing
+) -> None:
+    net = standing
+    token_file = net.certs / "scientists" / "alice.token"
+    with fedcore.connect(f"127.0.0.1:{net.port}", token_file=token_file) as alice:
+        # The job proceeds: wait for its second round in its own log (what fed-job logs reads).
+        for event in alice.jobs.logs(net.alice_job, follow=True, timeout=_TIMEOUT_S * 2):
+            if event.metrics_json and json.loads(event.metrics_json)["round"] >= 2:
+                break
+        else:
+            raise AssertionError("alice's job ended before its second round")
+        page.goto(net.console)
+        assert page.url.endswith("/login")
+        page.fill("input[name=password]", token_file.read_text().strip())
+        page.click("form.login button")
+        assert "signed in as alice" in page.locator("header").inner_text()
+        jobs = page.locator("#jobs").inner_text()
+        assert net.alice_job in jobs  # positive control: her own job ...
+        assert net.bob_job not in jobs  # ... and not bob's, nor the network's workers
+        assert page.locator("#workers").count() == 0
+        assert page.request.get(net.console + f"jobs/{net.bob_job}").status == 404
+        page.click(f'tr[data-job="{net.alice_job}"] a')
+        assert page.locator("svg.chart").count() == 4
+        assert _points(page) >= 2  # accuracy after rounds 1 and 2 at least
+        assert "round 2 completed" in page.locator("#job-log").inner_text()
+        _shot(page, "console-network-scientist-job.png")
+        page.click("form.stop button")
+        assert "stop requested" in page.locator(".flash").inner_text()
+        status = JobHandle(alice.jobs, net.alice_job).wait(timeout=_TIMEOUT_S)
+        assert status.state == "stopped"  # at its next round boundary, as fed-job stop does
+        page.reload()
+        assert page.locator("form.stop").count() == 0
+        assert "stop requested by alice" in page.locator("#job-log").inner_text()
