@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
-    add_console_flags(p, what="the network's: workers, rounds, logs")
+    add_console_flags(p, what="the network's: workers, jobs, logs; scientists' own jobs")
     n = p.add_argument_group(
         "standing network (docs/network.md)",
         "With --serve the coordinator runs no federation of its own: it keeps serving, "

@@ -95,7 +95,7 @@ def federation(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         owner = Proc(
             [
                 *worker, "--data", str(shards / "shard-1.npz"), "--name", "owner",
-                "--policy", str(policy), *console,
+                "--policy", str(policy), "--audit-log", str(root / "audit.log"), *console,
             ],
             "owner",
         )  # fmt: skip
@@ -217,6 +217,13 @@ def test_sign_in_approve_a_pending_plan_and_the_federation_proceeds_and_is_charg
     page.goto(fed.owner_console + "ledger")
     assert _points(page) > charged_before
     _shot(page, "console-owner-ledger.png")
+    # The audit page reads the worker's hash-chained log: the refusal while the plan waited,
+    # the rounds it ran since, and the chain verified as `fed-worker audit verify` does.
+    page.goto(fed.owner_console + "audit?q=plan-")
+    assert page.locator("#chain").inner_text().startswith("Chain verifies:")
+    assert page.locator("#audit tr.event.refused").count() >= 1
+    assert page.locator("#audit tr.event.ran").count() >= 1
+    _shot(page, "console-owner-audit.png")
 
 
 def test_deny_with_a_reason_that_reaches_the_coordinator(

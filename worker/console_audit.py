@@ -53,7 +53,7 @@ class ChainStatus:
 def _details(entry: dict[str, object]) -> str:
     parts = []
     for key, value in entry.items():
-        if key in _HEADER or value is None:
+        if key in _HEADER or value is None or value == "":
             continue
         shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         parts.append(f"{key}={shown}")
