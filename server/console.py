@@ -85,8 +85,6 @@ def round_charts(rows: list[RoundMetrics]) -> list[Markup]:
     return charts
 
 
-#: Job states that are over (a job in one has nothing left to stop).
-_OVER = frozenset({"completed", "stopped", "failed", "denied", "finished"})
 #: Lines of a job's own log shown (the newest).
 _LOG_LINES = 200
 
@@ -122,7 +120,10 @@ class _NetworkPages:
 
     def _job(self, viewer: _Viewer, job_id: str) -> JobSummary | None:
         """Job ``job_id`` if ``viewer`` may see it (another study's is as absent as none)."""
-        return next((j for j in self.view.jobs(viewer.studies) if j.id == job_id), None)
+        job = self.view.job(job_id)
+        if job is None or (viewer.studies is not None and job.study not in viewer.studies):
+            return None
+        return job
 
     async def overview(self, request: Request, session: Session) -> Response:
         viewer = self._viewer(session)
@@ -158,7 +159,7 @@ class _NetworkPages:
             log=self.view.job_log(job_id)[-_LOG_LINES:],
             can_stop=viewer.scientist is not None
             and viewer.scientist == job.scientist
-            and job.phase not in _OVER,
+            and not job.final,
             refresh=_REFRESH_S,
         )
 
@@ -178,7 +179,7 @@ class _NetworkPages:
                 f"{job.id}, stops it from the console",
                 403,
             )
-        if job.phase not in _OVER:
+        if not job.final:
             self.scientists.stop(job_id, viewer.scientist)
             session.flash.append(f"stop requested: job {job_id} ends at its next round boundary")
         return RedirectResponse(f"/jobs/{job_id}", 303)

@@ -37,6 +37,8 @@ log = logging.getLogger("fedcore.server")
 _ROW_FIELDS = frozenset(f.name for f in fields(RoundMetrics))
 #: Rounds plotted per job at most (the newest).
 MAX_ROUNDS_SHOWN = 2000
+#: Jobs the overview lists at most (the newest): each costs a read of its log.
+MAX_JOBS_LISTED = 100
 
 
 def _round(text: str) -> RoundMetrics | None:
@@ -93,7 +95,15 @@ class StandingNetworkView:
 
     def jobs(self, studies: frozenset[str] | None = None) -> list[JobSummary]:
         connected = len(self._roster())
-        return [self._summary(r, connected) for r in reversed(self._store.all(studies))]
+        newest = list(reversed(self._store.all(studies)))[:MAX_JOBS_LISTED]
+        return [self._summary(r, connected) for r in newest]
+
+    def job(self, job_id: str) -> JobSummary | None:
+        try:
+            record = self._store.get(job_id)
+        except KeyError:
+            return None
+        return self._summary(record, len(self._roster()))
 
     def _summary(self, record: JobRecord, connected: int) -> JobSummary:
         events = self._store.events(record.id)
@@ -119,6 +129,7 @@ class StandingNetworkView:
             scientist=record.scientist,
             kind=record.kind,
             message=record.message,
+            final=record.final,
         )
 
     def job_rounds(self, job_id: str) -> list[RoundMetrics] | None:

@@ -49,6 +49,8 @@ class JobSummary:
     scientist: str = ""
     kind: str = "train"
     message: str = ""
+    #: Over (completed, stopped, failed, denied; a federation finished): nothing to stop.
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,12 @@ class NetworkView(Protocol):
     """The network console's source (read-only; called on the event loop, must not block)."""
 
     def jobs(self, studies: frozenset[str] | None = None) -> list[JobSummary]:
-        """Every job, running or finished; only those of ``studies`` when given."""
+        """The jobs, running or finished, newest first (only those of ``studies`` when given;
+        a view may list only the newest ones)."""
+        ...
+
+    def job(self, job_id: str) -> JobSummary | None:
+        """Job ``job_id`` (None: no such job)."""
         ...
 
     def job_rounds(self, job_id: str) -> list[RoundMetrics] | None:
@@ -160,8 +167,12 @@ class FederationView:
                 s.bytes_received,
                 s.elapsed_s,
                 epsilon,
+                final=s.phase == "finished",
             )
         ]
+
+    def job(self, job_id: str) -> JobSummary | None:
+        return next((j for j in self.jobs() if j.id == job_id), None)
 
     def job_rounds(self, job_id: str) -> list[RoundMetrics] | None:
         return list(self._rounds) if job_id == self.JOB_ID else None
