@@ -308,6 +308,11 @@ async def test_the_audit_page_reads_the_hash_chained_log_and_says_whether_it_ver
     assert problem.line == 2
     assert count == 1
     assert "audit log #2 (unverified)" in broken
+    # A log the worker cannot read is not "intact".
+    path.unlink()
+    path.mkdir()
+    unreadable = (await client.get("/audit")).body
+    assert "Chain BROKEN at entry 1: the file cannot be read" in unreadable
 
 
 # ---------------------------------------------------------------------- network console
@@ -521,6 +526,14 @@ async def test_a_colleague_and_the_operator_cannot_stop_from_the_console(
     refused = await client.post(f"/jobs/{network.job_a}/stop", {"csrf": page.csrf})
     assert refused.status == 403
     assert not network.store.get(network.job_a).stop_requested
+
+
+async def test_wrong_tokens_are_throttled_with_the_password(network: Network) -> None:
+    client = network.client
+    for _ in range(SIGN_IN_FAILURES):
+        assert (await client.sign_in("alice-token-guess")).status == 403
+    assert (await client.sign_in(ALICE)).status == 429
+    assert (await client.get("/")).status == 303
 
 
 async def test_a_revoked_scientist_is_signed_out_at_their_next_page(network: Network) -> None:
