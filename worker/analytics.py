@@ -50,7 +50,7 @@ from fedcore.analytics.query import QueryError, parse_query
 from fedcore.analytics.rules import check_cost, check_query
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.data.table import Table
-from fedcore.errors import ConfigError, ProtocolError, SecAggError, TaskRefused
+from fedcore.errors import AwaitingApproval, ConfigError, ProtocolError, SecAggError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Charge, Policy
 from fedcore.privacy.discrete import preload
@@ -322,7 +322,12 @@ class QueryResponder:
             self.refusals[refusal.rule],
             refusal.rule,
         )
-        body = pb.QueryRefusal(query_id=query_id, rule=refusal.rule, reason=refusal.reason)
+        body = pb.QueryRefusal(
+            query_id=query_id,
+            rule=refusal.rule,
+            reason=refusal.reason,
+            awaiting_approval=isinstance(refusal, AwaitingApproval),
+        )
         await send(self._message(refusal=body))
 
     async def handle(self, message: pb.AnalyticsCoordinatorMessage, send: Send) -> None:
@@ -406,7 +411,7 @@ class QueryResponder:
             # ledger, so no model-distance rule applies.
             await asyncio.to_thread(self.participation.admit, setup, None, distributed_dp=True)
         try:
-            await asyncio.to_thread(gate.release_query, current.charge)
+            await asyncio.to_thread(gate.release_query, current.charge, task)
         except TaskRefused as refusal:
             await current.round.give_up(str(refusal), tell=True)
             await self._refuse(send, task.query_id, refusal)

@@ -22,7 +22,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from ..state.analytics import AnalyticsSettings
 from ..state.registry import SessionState, WorkerRegistry, WorkerSession
-from .rounds import QueryRound
+from .rounds import QueryOrigin, QueryRound
 
 __all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry", "answer_of"]
 
@@ -101,13 +101,21 @@ class AnalyticsFrontend:
         return {f.name: f for f in first}
 
     async def query(
-        self, text: str, *, epsilon: float, delta: float = 0.0, tags: tuple[str, ...] = ()
+        self,
+        text: str,
+        *,
+        epsilon: float,
+        delta: float = 0.0,
+        tags: tuple[str, ...] = (),
+        origin: QueryOrigin | None = None,
     ) -> Answer:
-        """Answer ``text`` over every silo tagged ``tags``.
+        """Answer ``text`` over every silo tagged ``tags`` (``origin``: its job and who asked,
+        as the silos are told).
 
         Raises:
             QueryError: the query does not parse or fit the schema.
-            QueryRefusedError: no silos, different schemas, or a silo refused or failed.
+            QueryRefusedError: no silos, different schemas, or a silo refused or failed
+                (:class:`~.rounds.QueryAwaitingApproval`: owners have not decided yet).
         """
         query = parse_query(text)
         delta = delta or self.settings.default_delta
@@ -136,6 +144,7 @@ class AnalyticsFrontend:
                 sessions=sessions,
                 phase_timeout=self.settings.phase_timeout,
                 signed=self.settings.signed,
+                origin=origin,
             )
             log.info(
                 "query %s: %r at epsilon %g over %d silo(s)",

@@ -45,6 +45,8 @@ class RoundContext:
         model_order: Sequence[str] = (),
         workers: WorkerPool | None = None,
         job_id: str = "",
+        scientist: str = "",
+        study: str = "",
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -52,6 +54,10 @@ class RoundContext:
         self.registry: WorkerPool = workers if workers is not None else service.registry
         #: The job every task carries (empty: a one-shot federation).
         self.job_id = job_id
+        #: Who asked for the job and in which study: every task names them to the data
+        #: owners (those approving every job see them in their request queue).
+        self.scientist = scientist
+        self.study = study
         self.reports = reports
         self._service = service
         self._weights = weights
@@ -154,6 +160,8 @@ class RoundContext:
             secagg=secagg,
             plan=self.config.plan,  # a model shipped as a program (server/plans.py)
             job_id=self.job_id,
+            scientist=self.scientist,
+            study=self.study,
         )
 
     def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
@@ -165,6 +173,8 @@ class RoundContext:
             weights=payload.header,
             plan=self.config.plan,
             job_id=self.job_id,
+            scientist=self.scientist,
+            study=self.study,
         )
 
     def issue(

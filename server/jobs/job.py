@@ -197,7 +197,15 @@ class TrainingJob:
         if self._stop_requested:
             workers.stopped.set()
         context = RoundContext(
-            config, strategy, weights, self.env.service, reports, workers=workers, job_id=job_id
+            config,
+            strategy,
+            weights,
+            self.env.service,
+            reports,
+            workers=workers,
+            job_id=job_id,
+            scientist=self.record.scientist,
+            study=self.record.study,
         )
         first = len(restored) + 1
         context.rounds_completed = first - 1
