@@ -294,6 +294,8 @@ class TrainingJob:
                     self.folder / "model.safetensors",
                     {"job": job_id, "rounds": str(len(rows))},
                 )
+            # A job that ended before its first checkpoint (denied, stopped) has no folder yet.
+            self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / "metrics.json").write_text(json.dumps(rows))
             epsilon = reports.rows[-1].epsilon if reports.rows else None
             release = release_terms(
