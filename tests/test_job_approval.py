@@ -9,6 +9,7 @@ import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from fedcore.server.jobs.job import JobEnvironment
 from fedcore.server.jobs.query import QueryJob
 from fedcore.server.jobs.store import JobStore
 from fedcore.server.state.registry import WorkerRegistry
+from fedcore.server.transport.traffic import TrafficCounters
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.worker.requests_cli import requests_main
 
@@ -197,13 +199,14 @@ def _query_job(tmp_path: Path, frontend: _Frontend, timeout: float) -> tuple[Que
         settings={"query": "count()", "epsilon": 0.5},
         rounds=0,
     )
+    service = SimpleNamespace(counters=TrafficCounters())  # the job counts its bytes there
     env = JobEnvironment(
         cfg,
-        None,
+        service,  # type: ignore[arg-type]
         WorkerRegistry(),
         store,
         AuditLog(tmp_path / "audit.log"),
-        tmp_path,  # type: ignore[arg-type]
+        tmp_path,
     )
     return QueryJob(record, env, frontend), store  # type: ignore[arg-type]
 
@@ -232,5 +235,6 @@ async def test_a_query_job_undecided_past_the_approval_timeout_ends_denied(
     record = store.get(job.record.id)
     assert record.state == "denied"
     assert "no decision within the approval timeout (0.2 s) at silo(s) clinic-1" in record.message
-    assert json.loads(record.result or "{}") == {}
+    # No answer; only the job's bytes (none: the fake frontend sent nothing).
+    assert json.loads(record.result or "{}") == {"bytes": {"sent": 0, "received": 0}}
     store.close()

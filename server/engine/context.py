@@ -23,7 +23,8 @@ from ..state.config import ServerConfig
 from ..state.registry import Collector, Ticket, WorkerPool, WorkerSession
 from ..transport.inbox import SecAggRoute
 from ..transport.payloads import FrozenPayload, WeightsPayload
-from ..transport.service import CoordinatorService, TrafficCounters
+from ..transport.service import CoordinatorService
+from ..transport.traffic import Traffic
 from .collectors import RoundCollector
 from .reports import ReportPipeline
 
@@ -88,8 +89,11 @@ class RoundContext:
         return self._weights
 
     @property
-    def counters(self) -> TrafficCounters:
-        """Bytes sent and received on all streams so far."""
+    def counters(self) -> Traffic:
+        """Bytes sent and received so far: the job's own on a standing network (open while
+        it runs: a query meanwhile counts in its own job), else all streams'."""
+        if self.job_id:
+            return self._service.counters.open(self.job_id)
         return self._service.counters
 
     @property

@@ -53,6 +53,7 @@ class QueryJob:
 
     async def run(self) -> None:
         job_id, store = self.record.id, self.env.store
+        self.env.service.counters.open(job_id)  # its messages' bytes, from now to its end
         if self.frontend is None:
             self._end("failed", "this network serves no analytics", None)
             return
@@ -66,9 +67,8 @@ class QueryJob:
         if answer is None:
             return  # stopped, or no decision in time: already recorded
         reply = MessageToDict(answer_to_proto(answer), preserving_proto_field_name=True)
-        store.set_result(job_id, json.dumps(reply))
         spent = {s.silo: s.epsilon for s in answer.spent}
-        self._end("completed", f"answered: {answer.statistic}", spent)
+        self._end("completed", f"answered: {answer.statistic}", spent, reply)
 
     async def _ask(self, frontend: AnalyticsFrontend) -> Answer | None:
         """The answer, asking again while owners decide; None once it ended otherwise."""
@@ -111,8 +111,17 @@ class QueryJob:
         self.env.store.set_state(self.record.id, state, text)
         self.env.store.log(self.record.id, text)
 
-    def _end(self, state: str, message: str, spent: dict[str, float] | None) -> None:
+    def _end(
+        self,
+        state: str,
+        message: str,
+        spent: dict[str, float] | None,
+        reply: dict[str, object] | None = None,
+    ) -> None:
+        """Record the end: the answer (``reply``) and the job's bytes, its state, the audit."""
         job_id = self.record.id
+        traffic = self.env.service.counters.close(job_id)
+        self.env.store.set_result(job_id, json.dumps({**(reply or {}), "bytes": traffic.to_json()}))
         self.env.store.set_state(job_id, state, message)
         self.env.store.log(job_id, f"{state}: {message}")
         self.env.audit.append(

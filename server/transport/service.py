@@ -8,7 +8,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -47,6 +46,7 @@ from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 from .limits import grpc_limit_options, max_concurrent_rpcs
 from .listen import EXCLUSIVE_BIND, bind_failure
 from .revocation import close_revoked
+from .traffic import StreamJobs, TrafficCounters
 from .untrusted import bound_announced_examples, clean_dataset
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
@@ -54,14 +54,6 @@ __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 log = logging.getLogger("fedcore.server")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-@dataclass
-class TrafficCounters:
-    """Bytes through all streams since start (messages as serialized on the wire)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 class _Abort(Exception):
@@ -307,7 +299,8 @@ class CoordinatorService:
             analytics=self.analytics_handler,
         )
         failure: list[_Abort] = []
-        reader = asyncio.create_task(self._read(session, inbox, context, failure))
+        jobs = StreamJobs()  # whose bytes each message is (read and written on this loop)
+        reader = asyncio.create_task(self._read(session, inbox, context, failure, jobs))
         watchdog = asyncio.create_task(self._watch(session, inbox))
         try:
             while True:
@@ -319,16 +312,19 @@ class CoordinatorService:
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:
                             urgent = session.urgent.popleft()
-                            self.counters.bytes_sent += urgent.ByteSize()
+                            self.counters.count(jobs.outgoing(urgent), sent=urgent.ByteSize())
                             await context.write(urgent)
                         await context.write(message)
-                        self.counters.bytes_sent += len(message)
+                        self.counters.count(jobs.payload(), sent=len(message))
                     # Hold no chunk (nor the model, through the payload) while idle.
                     item, message = None, b""
                     continue
-                size = len(item) if isinstance(item, bytes) else item.ByteSize()
+                if isinstance(item, bytes):
+                    job, size = jobs.payload(), len(item)
+                else:
+                    job, size = jobs.outgoing(item), item.ByteSize()
                 await context.write(item)
-                self.counters.bytes_sent += size
+                self.counters.count(job, sent=size)
         finally:
             reader.cancel()
             watchdog.cancel()
@@ -344,6 +340,7 @@ class CoordinatorService:
         inbox: Inbox,
         context: grpc.aio.ServicerContext[Any, Any],
         failure: list[_Abort],
+        jobs: StreamJobs,
     ) -> None:
         reason = "worker closed the stream"
         try:
@@ -353,12 +350,12 @@ class CoordinatorService:
                     break
                 session.last_seen = time.monotonic()
                 if isinstance(message, RawChunk):
-                    self.counters.bytes_received += message.wire_size
+                    self.counters.count(jobs.incoming(None), received=message.wire_size)
                     await inbox.on_chunk(message)
                     continue
                 if isinstance(message, Undecodable):
                     raise ProtocolError(message.describe())
-                self.counters.bytes_received += message.ByteSize()
+                self.counters.count(jobs.incoming(message), received=message.ByteSize())
                 await inbox.handle(message)
         except ProtocolError as exc:
             log.warning("worker %r broke the protocol: %s", session.name, exc)

@@ -1,0 +1,100 @@
+"""Bytes on the workers' streams, in total and per job.
+
+Every message on a worker's stream belongs to one job or to none (the hello, heartbeats,
+the welcome). The coordinator knows which without trusting the worker: a Task names its job,
+and what follows it on that stream belongs to the same job (its weights, the worker's result,
+upload and secure-aggregation messages: a worker runs one training task at a time); an
+analytics ``QueryTask`` names its job, and the query's later messages belong to it (a worker
+answers one query at a time). :class:`StreamJobs` keeps that per stream;
+:class:`TrafficCounters` adds each message's size to the totals and to its job, when the job
+is *open* (:meth:`TrafficCounters.open`, from its start to its end): a job id nobody runs
+(a stale round, a hostile worker) counts in the totals only, and ended jobs leave nothing
+behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedcore.v1 import fedcore_pb2 as pb
+
+__all__ = ["StreamJobs", "Traffic", "TrafficCounters"]
+
+
+@dataclass
+class Traffic:
+    """Bytes sent to and received from workers (messages as serialized on the wire)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"sent": self.bytes_sent, "received": self.bytes_received}
+
+
+@dataclass
+class TrafficCounters(Traffic):
+    """Bytes through all streams since start, and per open job."""
+
+    jobs: dict[str, Traffic] = field(default_factory=dict)
+
+    def count(self, job: str, *, sent: int = 0, received: int = 0) -> None:
+        """Add one message's bytes to the totals and to ``job`` if it is open."""
+        self.bytes_sent += sent
+        self.bytes_received += received
+        traffic = self.jobs.get(job) if job else None
+        if traffic is not None:
+            traffic.bytes_sent += sent
+            traffic.bytes_received += received
+
+    def open(self, job: str) -> Traffic:
+        """Start counting ``job``'s bytes (again: the same counter); the live counter."""
+        return self.jobs.setdefault(job, Traffic())
+
+    def close(self, job: str) -> Traffic:
+        """Stop counting ``job``; what it counted."""
+        return self.jobs.pop(job, None) or Traffic()
+
+    def of_job(self, job: str) -> Traffic | None:
+        """The live counter of open job ``job`` (None: not open)."""
+        return self.jobs.get(job)
+
+
+class StreamJobs:
+    """Which job each message of one worker's stream belongs to ("" for none)."""
+
+    def __init__(self) -> None:
+        #: The job of the last Task sent: its weights, result, upload and secure round.
+        self.task = ""
+        #: The job of the last QueryTask sent: the query's later messages, both ways.
+        self.query = ""
+
+    def outgoing(self, message: pb.CoordinatorMessage) -> str:
+        kind = message.WhichOneof("body")
+        if kind == "task":
+            self.task = message.task.job_id
+            return self.task
+        if kind == "analytics":
+            if message.analytics.WhichOneof("body") == "task":
+                self.query = message.analytics.task.job_id
+            return self.query
+        if kind in ("secagg", "chunk"):
+            return self.task
+        if kind == "job_end":
+            return message.job_end.job_id
+        return ""
+
+    def payload(self) -> str:
+        """Chunks follow the Task they belong to (the outbox keeps them together)."""
+        return self.task
+
+    def incoming(self, message: pb.WorkerMessage | None) -> str:
+        """``None``: a raw payload chunk (an upload)."""
+        if message is None:
+            return self.task
+        kind = message.WhichOneof("body")
+        if kind in ("result", "chunk", "error", "secagg"):
+            return self.task
+        if kind == "analytics":
+            return self.query
+        return ""
