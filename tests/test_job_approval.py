@@ -32,6 +32,7 @@ from fedcore.server.jobs.store import JobStore
 from fedcore.server.state.registry import WorkerRegistry
 from fedcore.server.transport.traffic import TrafficCounters
 from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker.console_view import OwnerView
 from fedcore.worker.requests_cli import requests_main
 
 ALWAYS = '[jobs]\napproval = "always"\n'
@@ -96,6 +97,13 @@ def test_every_job_waits_for_the_owner_who_sees_job_scientist_study_and_terms(
         gate.admit(_job_task(learning_rate=0.5))
     with pytest.raises(AwaitingApproval):
         gate.admit(_job_task("job-2"))
+    # The owner's web console reviews a job's request too (no program to verify).
+    review = OwnerView(queue=queue, policy=gate.policy, worker=None, dataset=None).review(  # type: ignore[arg-type]
+        request.id
+    )
+    assert review is not None
+    assert review.problem == ""
+    assert ("scientist", "alice (as the coordinator says)") in review.details
     job2 = next(r for r in queue.list() if r.job is not None and r.job.job == "job-2")
     queue.decide(job2.id, approve=False, reason="not for our patients")
     with pytest.raises(TaskRefused, match=r"denied by the data owner: not for our patients"):

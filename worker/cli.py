@@ -459,7 +459,10 @@ def _run(argv: Sequence[str] | None) -> None:
     )
     owner = None
     if console is not None:
-        view = OwnerView(queue=plans.queue, policy=policy, worker=worker, dataset=dataset)
+        # One queue holds plans' and (under [jobs] approval = "always") jobs' requests.
+        jobs = worker.gate.jobs
+        queue = plans.queue or (jobs.queue if jobs is not None else None)
+        view = OwnerView(queue=queue, policy=policy, worker=worker, dataset=dataset)
         owner = (console, view)
     asyncio.run(_serve(worker, owner))
 

@@ -46,6 +46,7 @@ from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, PlanError
 from fedcore.plan import TrainConfig
 from fedcore.policy import PlanRules, load_policy
+from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 
 from .format import plan_hash
@@ -172,21 +173,22 @@ class JobOrigin:
 
     @classmethod
     def of_task(cls, task: pb.Task) -> JobOrigin:
+        # The coordinator's words reach the owner's terminal and logs: printable, bounded.
         return cls(
-            task.job_id[:64],
-            task.scientist[:128],
-            task.study[:128],
-            model=task.model.name[:256],
-            plan=task.plan.hash[:64] if task.HasField("plan") else "",
+            printable(task.job_id, 64),
+            printable(task.scientist, 128),
+            printable(task.study, 128),
+            model=printable(task.model.name, 256),
+            plan=printable(task.plan.hash, 64) if task.HasField("plan") else "",
         )
 
     @classmethod
     def of_query(cls, task: pb.QueryTask) -> JobOrigin:
         return cls(
-            task.job_id[:64],
-            task.scientist[:128],
-            task.study[:128],
-            query=task.query[:4096],
+            printable(task.job_id, 64),
+            printable(task.scientist, 128),
+            printable(task.study, 128),
+            query=printable(task.query, 4096),
             epsilon=float(task.epsilon),
             delta=float(task.delta),
         )
