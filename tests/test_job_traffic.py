@@ -30,6 +30,8 @@ class _Context:
         self.written: list[pb.CoordinatorMessage | bytes] = []
         #: Set on every write and every read: the service made progress.
         self.changed = asyncio.Event()
+        #: The service handled everything pushed and waits for more.
+        self.idle = False
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
@@ -40,8 +42,14 @@ class _Context:
     def auth_context(self) -> dict[str, Any]:
         return {}
 
+    def push(self, message: object) -> None:
+        """The worker sends ``message``."""
+        self.idle = False
+        self.inbound.put_nowait(message)
+
     async def read(self) -> object:
-        self.changed.set()  # everything read before was handled
+        self.idle = self.inbound.empty()  # everything pushed before was handled
+        self.changed.set()
         return await self.inbound.get()
 
     async def write(self, message: pb.CoordinatorMessage | bytes) -> None:
@@ -74,7 +82,7 @@ async def test_a_querys_bytes_on_the_stream_of_a_training_job_count_in_its_own_j
     train, query = counters.open("train-A"), counters.open("query-Q")
     stream = _Context()
     join = asyncio.create_task(service.join(None, stream))  # type: ignore[arg-type]
-    stream.inbound.put_nowait(
+    stream.push(
         pb.WorkerMessage(
             hello=pb.Hello(name="silo-0", protocol_version=PROTOCOL_VERSION, num_examples=10)
         )
@@ -112,9 +120,9 @@ async def test_a_querys_bytes_on_the_stream_of_a_training_job_count_in_its_own_j
     keys = pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(keys=pb.SecAggKeys(round_id="r")))
     heartbeat = pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=1))
     for message in (accept, keys, heartbeat):
-        stream.inbound.put_nowait(message)
+        stream.push(message)
     received = _size(accept) + _size(keys) + _size(heartbeat)
-    await stream.until(lambda: counters.bytes_received >= received, "everything is read")
+    await stream.until(lambda: stream.idle, "everything is read")
 
     query_sent = _size(ask) + _size(peers)
     training_sent = sum(_size(m) for m in stream.written) - _size(welcome) - query_sent
@@ -128,7 +136,7 @@ async def test_a_querys_bytes_on_the_stream_of_a_training_job_count_in_its_own_j
     # A round of the training job counts its job's bytes: the query is not in it.
     context = RoundContext(config(), None, {}, service, None, job_id="train-A")  # type: ignore[arg-type]
     assert context.counters is train
-    stream.inbound.put_nowait(STREAM_END)  # the worker hangs up
+    stream.push(STREAM_END)  # the worker hangs up
     await asyncio.wait_for(join, 10)
 
 

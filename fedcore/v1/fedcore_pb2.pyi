@@ -994,6 +994,11 @@ class SecAggWorkerMessage(_message.Message):
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose secure round this message belongs to (the round's SecAggSetup.job; empty:
+    a one-shot federation's): the coordinator routes it to that job's round only.
+    """
     @_builtins.property
     def keys(self) -> Global___SecAggKeys: ...
     @_builtins.property
@@ -1012,10 +1017,11 @@ class SecAggWorkerMessage(_message.Message):
         unmask: Global___SecAggUnmaskShares | None = ...,
         abort: Global___SecAggAbort | None = ...,
         consistency: Global___SecAggConsistency | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "job_id", b"job_id", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["keys", "shares", "unmask", "abort", "consistency"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1032,6 +1038,9 @@ class SecAggCoordinatorMessage(_message.Message):
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job of the round (as in SecAggWorkerMessage): the worker keeps a round per job."""
     @_builtins.property
     def peers(self) -> Global___SecAggPeers: ...
     @_builtins.property
@@ -1050,10 +1059,11 @@ class SecAggCoordinatorMessage(_message.Message):
         unmask: Global___SecAggUnmaskRequest | None = ...,
         abort: Global___SecAggAbort | None = ...,
         signatures: Global___SecAggConsistencySignatures | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "job_id", b"job_id", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["peers", "shares", "unmask", "abort", "signatures"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

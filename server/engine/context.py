@@ -125,8 +125,8 @@ class RoundContext:
         return {name: merged[name] for name in self._model_order}
 
     def route_secagg(self, handler: SecAggRoute | None) -> None:
-        """Send secure-aggregation messages to ``handler`` (None: drop them)."""
-        self._service.secagg_handler = handler
+        """Send this job's secure-aggregation messages to ``handler`` (None: drop them)."""
+        self._service.route_secagg(self.job_id, handler)
 
     def payload(self) -> WeightsPayload:
         """The global model as a chunk stream to send after a Task."""

@@ -86,8 +86,8 @@ class CoordinatorService:
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.limits.upload_slots)
         self.gate = HandshakeGate(config.limits.gate_limits)
-        #: The running secure round's message handler (set by the coordinator per round).
-        self.secagg_handler: SecAggRoute | None = None
+        #: The running secure rounds' message handlers, by job id ("": a one-shot round).
+        self._secagg_handlers: dict[str, SecAggRoute] = {}
         #: Where workers' analytics messages go (set when analytics is served).
         self.analytics_handler: AnalyticsRoute | None = None
 
@@ -96,13 +96,37 @@ class CoordinatorService:
         """Every upload slot is held (an upload that arrives now waits for one)."""
         return self._upload_slots.locked()
 
-    def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
+    def route_secagg(self, job_id: str, handler: SecAggRoute | None) -> None:
+        """Send job ``job_id``'s secure-aggregation messages to ``handler`` (None: drop them).
+        Each job's round gets only the messages that name its job."""
+        if handler is None:
+            self._secagg_handlers.pop(job_id, None)
+        else:
+            self._secagg_handlers[job_id] = handler
+
+    def _route_secagg(
+        self, session: WorkerSession, message: pb.SecAggWorkerMessage, jobs: StreamJobs
+    ) -> None:
         if not self.secagg_allowed:
             raise ProtocolError("a secure-aggregation message arrived, but it is off")
-        if self.secagg_handler is not None:
-            self.secagg_handler(session, message)
+        if message.job_id not in jobs.given:
+            # Another job's round is never fed by a worker that holds no task of that job.
+            log.warning(
+                "refused a secure-aggregation message from %r for job %r: it was given no "
+                "task of that job",
+                session.name,
+                printable(message.job_id, 64),
+            )
+            return
+        handler = self._secagg_handlers.get(message.job_id)
+        if handler is not None:
+            handler(session, message)  # the round ignores a worker that is not its member
         else:
-            log.debug("dropping a secure-aggregation message from %r: no round", session.name)
+            log.debug(
+                "dropping a secure-aggregation message from %r: job %r runs no secure round",
+                session.name,
+                printable(message.job_id, 64),
+            )
 
     def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
@@ -289,17 +313,17 @@ class CoordinatorService:
                 session.name,
                 " ".join("#" + t for t in session.missing_tags),
             )
+        jobs = StreamJobs()  # whose bytes each message is (read and written on this loop)
         inbox = Inbox(
             session,
             signature=self.signature,
             max_model_bytes=self.config.limits.max_model_bytes,
             chunk_limit=self.config.limits.chunk_bytes,
             upload_slots=self._upload_slots,
-            secagg=self._route_secagg,
+            secagg=lambda who, message: self._route_secagg(who, message, jobs),
             analytics=self.analytics_handler,
         )
         failure: list[_Abort] = []
-        jobs = StreamJobs()  # whose bytes each message is (read and written on this loop)
         reader = asyncio.create_task(self._read(session, inbox, context, failure, jobs))
         watchdog = asyncio.create_task(self._watch(session, inbox))
         try:

@@ -61,18 +61,23 @@ class TrafficCounters(Traffic):
 
 
 class StreamJobs:
-    """Which job each message of one worker's stream belongs to ("" for none)."""
+    """Which job each message of one worker's stream belongs to ("" for none), and which
+    jobs' tasks the worker holds."""
 
     def __init__(self) -> None:
         #: The job of the last Task sent: its weights, result, upload and secure round.
         self.task = ""
         #: The job of the last QueryTask sent: the query's later messages, both ways.
         self.query = ""
+        #: Jobs this stream was given tasks of, until their JobEnd: the only jobs whose
+        #: secure rounds may hear from this worker.
+        self.given: set[str] = set()
 
     def outgoing(self, message: pb.CoordinatorMessage) -> str:
         kind = message.WhichOneof("body")
         if kind == "task":
             self.task = message.task.job_id
+            self.given.add(self.task)
             return self.task
         if kind == "analytics":
             if message.analytics.WhichOneof("body") == "task":
@@ -81,6 +86,7 @@ class StreamJobs:
         if kind in ("secagg", "chunk"):
             return self.task
         if kind == "job_end":
+            self.given.discard(message.job_end.job_id)
             return message.job_end.job_id
         return ""
 

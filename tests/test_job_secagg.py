@@ -1,0 +1,134 @@
+"""Secure aggregation routed by job id (issue 24): two securely aggregated jobs run at once on
+a standing network (in process, real gRPC) and each sums exactly its own workers' updates; a
+worker's secure message naming another job is refused; the worker keeps a round per job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights
+from test_job_traffic import _Context
+
+from fedcore.data.metadata import DatasetMetadata
+from fedcore.protocol import PROTOCOL_VERSION, STREAM_END
+from fedcore.server.network import Network, NetworkSettings
+from fedcore.server.state.analytics import AnalyticsSettings
+from fedcore.server.state.registry import SessionState, WorkerRegistry
+from fedcore.server.transport.auth import Authenticator
+from fedcore.server.transport.service import CoordinatorService
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.worker import Worker
+
+SECURE = {"rounds": 1, "min_workers": 3, "secagg": True, "secagg_clip": 4.0, "secagg_bits": 24}
+
+
+async def _final(network: Network, job_ids: list[str]) -> None:
+    """Wait (bounded) until every job in ``job_ids`` has ended."""
+    async with asyncio.timeout(TIMEOUT):
+        # The job store has no change signal; the wait is bounded above.
+        while not all(network.store.get(j).final for j in job_ids):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_two_secure_jobs_run_at_once_and_each_sums_its_own_workers(tmp_path: Path) -> None:
+    scientists = tmp_path / "scientists.json"  # nobody enrolled: the test submits to the store
+    scientists.write_text('{"version": 1, "scientists": {}}')
+    cfg = replace(config(min_workers=3), analytics=AnalyticsSettings(scientists))
+    network = Network(cfg, NetworkSettings(tmp_path / "state", max_running=2))
+    serving = asyncio.create_task(network.run())
+    workers: list[asyncio.Task[Any]] = []
+    try:
+        await asyncio.wait_for(network.ready.wait(), TIMEOUT)
+        offsets = {"a": [(1.0, 30), (-0.5, 10), (2.0, 20)], "b": [(3.0, 5), (0.5, 15), (-1.0, 10)]}
+        for tag, scripted in offsets.items():
+            for i, (offset, examples) in enumerate(scripted):
+                worker = Worker(
+                    f"127.0.0.1:{network.port}",
+                    f"{tag}{i}",
+                    ScriptedTrainer(offset, examples),
+                    backoff_initial=0.05,
+                    give_up_after=TIMEOUT,
+                    dataset=DatasetMetadata(f"{tag}{i}", tags=(tag,)),
+                )
+                workers.append(asyncio.create_task(worker.run()))
+        jobs = [
+            network.store.submit(
+                study="s",
+                scientist="alice",
+                kind="train",
+                settings={**SECURE, "require_tags": [tag]},
+                rounds=1,
+            ).id
+            for tag in offsets
+        ]
+        network.scheduler.wake()
+        await _final(network, jobs)
+        step = 4.0 / (2**23 - 1)
+        for job, scripted in zip(jobs, offsets.values(), strict=True):
+            record = network.store.get(job)
+            assert record.state == "completed", record.message
+            mean = sum(o * n for o, n in scripted) / sum(n for _, n in scripted)
+            model = load_file(tmp_path / "state" / "jobs" / job / "model.safetensors")
+            for name, w0 in initial_weights().items():
+                np.testing.assert_allclose(model[name], w0 + mean, rtol=0, atol=4 * step)
+        # They ran at once: each job started its rounds before the other one ended.
+        lines = {j: network.store.events(j, 0) for j in jobs}
+        started = [next(e.seq for e in lines[j] if "running rounds" in e.text) for j in jobs]
+        ended = [next(e.seq for e in lines[j] if e.text.startswith("completed")) for j in jobs]
+        assert max(started) < min(ended), lines
+    finally:
+        network.stop()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(serving, TIMEOUT)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+async def test_a_secure_message_naming_another_job_is_refused() -> None:
+    registry = WorkerRegistry()
+    service = CoordinatorService(
+        config(), registry, None, (), Authenticator(None, mutual_tls=False)
+    )
+    heard: dict[str, list[str]] = {"job-a": [], "job-b": []}
+    for job, names in heard.items():
+        service.route_secagg(job, lambda session, message, names=names: names.append(session.name))
+    stream = _Context()
+    join = asyncio.create_task(service.join(None, stream))  # type: ignore[arg-type]
+    hello = pb.Hello(name="silo-0", protocol_version=PROTOCOL_VERSION, num_examples=10)
+    stream.push(pb.WorkerMessage(hello=hello))
+    await stream.until(lambda: registry.by_name("silo-0") is not None, "the worker joined")
+    session = registry.by_name("silo-0")
+    assert session is not None
+    await stream.until(lambda: session.state is SessionState.IDLE, "the session is active")
+    session.send(pb.CoordinatorMessage(task=pb.Task(task_id="t", job_id="job-a")))
+    await stream.until(lambda: len(stream.written) == 2, "the task is written")
+
+    def keys(job: str) -> pb.WorkerMessage:
+        return pb.WorkerMessage(
+            secagg=pb.SecAggWorkerMessage(keys=pb.SecAggKeys(round_id="r"), job_id=job)
+        )
+
+    # Positive control: its own job's message reaches that job's round.
+    stream.push(keys("job-a"))
+    await stream.until(lambda: heard["job-a"] == ["silo-0"], "job a's round heard it")
+    # The attack: a message naming job b, whose round runs but which gave it no task.
+    stream.push(keys("job-b"))
+    stream.push(pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=1)))
+    await stream.until(lambda: stream.idle, "every message handled")
+    assert heard == {"job-a": ["silo-0"], "job-b": []}
+    # After job a's end the worker holds no task of it: its late messages are refused too.
+    session.send(pb.CoordinatorMessage(job_end=pb.JobEnd(job_id="job-a")))
+    await stream.until(lambda: len(stream.written) == 3, "the job end is written")
+    stream.push(keys("job-a"))
+    stream.push(pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=2)))
+    await stream.until(lambda: stream.idle, "every message handled")
+    assert heard["job-a"] == ["silo-0"]
+    stream.push(STREAM_END)
+    await asyncio.wait_for(join, 10)
