@@ -132,3 +132,36 @@ async def test_a_secure_message_naming_another_job_is_refused() -> None:
     assert heard["job-a"] == ["silo-0"]
     stream.push(STREAM_END)
     await asyncio.wait_for(join, 10)
+
+
+async def test_an_analytics_message_naming_a_job_it_was_not_asked_for_is_refused() -> None:
+    registry = WorkerRegistry()
+    service = CoordinatorService(
+        config(), registry, None, (), Authenticator(None, mutual_tls=False)
+    )
+    heard: list[str] = []
+    service.analytics_handler = lambda session, message: heard.append(message.job_id)
+    stream = _Context()
+    join = asyncio.create_task(service.join(None, stream))  # type: ignore[arg-type]
+    hello = pb.Hello(name="silo-0", protocol_version=PROTOCOL_VERSION, num_examples=10)
+    stream.push(pb.WorkerMessage(hello=hello))
+    await stream.until(lambda: registry.by_name("silo-0") is not None, "the worker joined")
+    session = registry.by_name("silo-0")
+    assert session is not None
+    await stream.until(lambda: session.state is SessionState.IDLE, "the session is active")
+    ask = pb.AnalyticsCoordinatorMessage(
+        task=pb.QueryTask(query_id="q", job_id="q-a"), job_id="q-a"
+    )
+    session.send_urgent(pb.CoordinatorMessage(analytics=ask))
+    await stream.until(lambda: len(stream.written) == 2, "the query is written")
+
+    def accept(job: str) -> pb.WorkerMessage:
+        body = pb.AnalyticsWorkerMessage(accept=pb.QueryAccept(query_id="q"), job_id=job)
+        return pb.WorkerMessage(analytics=body)
+
+    stream.push(accept("q-a"))  # positive control: the query it was asked
+    stream.push(accept("q-b"))  # the attack: another job's query, never asked of it
+    await stream.until(lambda: stream.idle, "every message handled")
+    assert heard == ["q-a"]
+    stream.push(STREAM_END)
+    await asyncio.wait_for(join, 10)

@@ -101,11 +101,14 @@ async def test_a_querys_bytes_on_the_stream_of_a_training_job_count_in_its_own_j
     session.send(task)
     session.send(payload)
     ask = pb.CoordinatorMessage(
-        analytics=pb.AnalyticsCoordinatorMessage(task=pb.QueryTask(query_id="q", job_id="query-Q"))
+        analytics=pb.AnalyticsCoordinatorMessage(
+            task=pb.QueryTask(query_id="q", job_id="query-Q"), job_id="query-Q"
+        )
     )
     peers = pb.CoordinatorMessage(
         analytics=pb.AnalyticsCoordinatorMessage(
-            secagg=pb.SecAggCoordinatorMessage(peers=pb.SecAggPeers(round_id="q"))
+            secagg=pb.SecAggCoordinatorMessage(peers=pb.SecAggPeers(round_id="q")),
+            job_id="query-Q",
         )
     )
     await stream.until(lambda: len(stream.written) >= 2, "the task is written")
@@ -115,9 +118,13 @@ async def test_a_querys_bytes_on_the_stream_of_a_training_job_count_in_its_own_j
     await stream.until(lambda: len(stream.written) == expected, "everything is written")
     # ... and the worker answers both: the query's acceptance, the training's secure keys.
     accept = pb.WorkerMessage(
-        analytics=pb.AnalyticsWorkerMessage(accept=pb.QueryAccept(query_id="q", epsilon=0.5))
+        analytics=pb.AnalyticsWorkerMessage(
+            accept=pb.QueryAccept(query_id="q", epsilon=0.5), job_id="query-Q"
+        )
     )
-    keys = pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(keys=pb.SecAggKeys(round_id="r")))
+    keys = pb.WorkerMessage(
+        secagg=pb.SecAggWorkerMessage(keys=pb.SecAggKeys(round_id="r"), job_id="train-A")
+    )
     heartbeat = pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=1))
     for message in (accept, keys, heartbeat):
         stream.push(message)

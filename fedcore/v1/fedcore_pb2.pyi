@@ -1644,6 +1644,11 @@ class AnalyticsWorkerMessage(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     MASKED_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The query's job (its QueryTask.job_id; empty: asked with fed-query): the coordinator
+    routes the message to that job's query only.
+    """
     @_builtins.property
     def accept(self) -> Global___QueryAccept: ...
     @_builtins.property
@@ -1659,10 +1664,11 @@ class AnalyticsWorkerMessage(_message.Message):
         refusal: Global___QueryRefusal | None = ...,
         masked: Global___QueryMasked | None = ...,
         secagg: Global___SecAggWorkerMessage | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "job_id", b"job_id", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accept", "refusal", "masked", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1676,6 +1682,9 @@ class AnalyticsCoordinatorMessage(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """as in AnalyticsWorkerMessage"""
     @_builtins.property
     def task(self) -> Global___QueryTask: ...
     @_builtins.property
@@ -1685,10 +1694,11 @@ class AnalyticsCoordinatorMessage(_message.Message):
         *,
         task: Global___QueryTask | None = ...,
         secagg: Global___SecAggCoordinatorMessage | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "job_id", b"job_id", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

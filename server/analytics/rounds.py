@@ -165,7 +165,7 @@ class QueryRound:
     # ------------------------------------------------------------------ phases
 
     def _send(self, index: int, **fields: object) -> None:
-        message = pb.AnalyticsCoordinatorMessage(**fields)  # type: ignore[arg-type]
+        message = pb.AnalyticsCoordinatorMessage(job_id=self.origin.job_id, **fields)  # type: ignore[arg-type]
         self.sessions[index].send_urgent(pb.CoordinatorMessage(analytics=message))
 
     def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:

@@ -128,6 +128,26 @@ class CoordinatorService:
                 printable(message.job_id, 64),
             )
 
+    def _analytics_route(self, jobs: StreamJobs) -> AnalyticsRoute | None:
+        """Where one stream's analytics messages go: the query of the job each names, only
+        when this worker was asked a query of that job on this stream."""
+        handler = self.analytics_handler
+        if handler is None:
+            return None
+
+        def route(session: WorkerSession, message: pb.AnalyticsWorkerMessage) -> None:
+            if jobs.query_job(message) is None:
+                log.warning(
+                    "refused an analytics message from %r for job %r: it was asked no query "
+                    "of that job",
+                    session.name,
+                    printable(message.job_id, 64),
+                )
+                return
+            handler(session, message)
+
+        return route
+
     def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
             self.join,
@@ -321,7 +341,7 @@ class CoordinatorService:
             chunk_limit=self.config.limits.chunk_bytes,
             upload_slots=self._upload_slots,
             secagg=lambda who, message: self._route_secagg(who, message, jobs),
-            analytics=self.analytics_handler,
+            analytics=self._analytics_route(jobs),
         )
         failure: list[_Abort] = []
         reader = asyncio.create_task(self._read(session, inbox, context, failure, jobs))

@@ -4,8 +4,8 @@ Every message on a worker's stream belongs to one job or to none (the hello, hea
 the welcome). The coordinator knows which without trusting the worker: a Task names its job,
 and what follows it on that stream belongs to the same job (its weights, the worker's result,
 upload and secure-aggregation messages: a worker runs one training task at a time); an
-analytics ``QueryTask`` names its job, and the query's later messages belong to it (a worker
-answers one query at a time). :class:`StreamJobs` keeps that per stream;
+analytics message names its query's job both ways (``AnalyticsCoordinatorMessage.job_id``),
+and the worker's are believed only for jobs it was asked a query of on this stream. :class:`StreamJobs` keeps that per stream;
 :class:`TrafficCounters` adds each message's size to the totals and to its job, when the job
 is *open* (:meth:`TrafficCounters.open`, from its start to its end): a job id nobody runs
 (a stale round, a hostile worker) counts in the totals only, and ended jobs leave nothing
@@ -14,11 +14,15 @@ behind.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = ["StreamJobs", "Traffic", "TrafficCounters"]
+
+#: Query jobs a stream remembers (a worker answers at most a few queries at once).
+_RECENT_QUERIES = 32
 
 
 @dataclass
@@ -67,8 +71,9 @@ class StreamJobs:
     def __init__(self) -> None:
         #: The job of the last Task sent: its weights, result, upload and secure round.
         self.task = ""
-        #: The job of the last QueryTask sent: the query's later messages, both ways.
-        self.query = ""
+        #: The jobs of the last queries sent (their QueryTask), newest last: the only jobs
+        #: whose queries may hear from this worker (a few at once; old ones are forgotten).
+        self.queries: collections.deque[str] = collections.deque(maxlen=_RECENT_QUERIES)
         #: Jobs this stream was given tasks of, until their JobEnd: the only jobs whose
         #: secure rounds may hear from this worker.
         self.given: set[str] = set()
@@ -80,9 +85,10 @@ class StreamJobs:
             self.given.add(self.task)
             return self.task
         if kind == "analytics":
-            if message.analytics.WhichOneof("body") == "task":
-                self.query = message.analytics.task.job_id
-            return self.query
+            job = message.analytics.job_id
+            if message.analytics.WhichOneof("body") == "task" and job not in self.queries:
+                self.queries.append(job)
+            return job
         if kind in ("secagg", "chunk"):
             return self.task
         if kind == "job_end":
@@ -102,5 +108,9 @@ class StreamJobs:
         if kind in ("result", "chunk", "error", "secagg"):
             return self.task
         if kind == "analytics":
-            return self.query
+            return self.query_job(message.analytics) or ""
         return ""
+
+    def query_job(self, message: pb.AnalyticsWorkerMessage) -> str | None:
+        """The job of a worker's analytics message, if it was asked a query of that job."""
+        return message.job_id if message.job_id in self.queries else None
