@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights
 from test_job_traffic import _Context
 
 from fedcore.data.metadata import DatasetMetadata
+from fedcore.errors import SecAggError
 from fedcore.protocol import PROTOCOL_VERSION, STREAM_END
 from fedcore.server.network import Network, NetworkSettings
 from fedcore.server.state.analytics import AnalyticsSettings
@@ -165,3 +167,46 @@ async def test_an_analytics_message_naming_a_job_it_was_not_asked_for_is_refused
     assert heard == ["q-a"]
     stream.push(STREAM_END)
     await asyncio.wait_for(join, 10)
+
+
+async def test_a_worker_keeps_a_secure_round_per_job() -> None:
+    """Job a's round survives job b's task on the same worker (it may still be unmasking);
+    each coordinator message reaches only the round of the job it names, and the worker's
+    own messages name their job."""
+    from fedcore.secagg import SecAggParams, wire
+    from fedcore.secagg.setup import make_setup
+    from fedcore.worker.secagg import SecAggRounds
+
+    sent: list[pb.WorkerMessage] = []
+
+    async def send(message: pb.WorkerMessage) -> None:
+        sent.append(message)
+
+    rounds = SecAggRounds(send, "silo-0")
+    params = {job: SecAggParams(job=job, phase_timeout=0.1) for job in ("job-a", "job-b")}
+    setups = {job: make_setup(p, 3, 30) for job, p in params.items()}
+    tasks = {
+        job: pb.Task(round=1, job_id=job, secagg=wire.setup_to_proto(setup))
+        for job, setup in setups.items()
+    }
+    for task in tasks.values():
+        await rounds.start(task)
+    assert [m.secagg.job_id for m in sent] == ["job-a", "job-b"]
+    assert all(m.secagg.WhichOneof("body") == "keys" for m in sent)  # nobody gave up
+
+    def abort(round_of: str, named: str, reason: str) -> pb.SecAggCoordinatorMessage:
+        body = pb.SecAggAbort(round_id=setups[round_of].round_id, reason=reason)
+        return pb.SecAggCoordinatorMessage(abort=body, job_id=named)
+
+    # The attack: job a's round's abort, named for job b, never reaches job a's round.
+    await rounds.handle(abort("job-a", "job-b", "forged"))
+    # Positive control: job b's own abort, named for job b, ends job b's round at once.
+    await rounds.handle(abort("job-b", "job-b", "b is over"))
+    weights = {"w": np.zeros(8, np.float32)}
+    with pytest.raises(SecAggError, match="b is over"):
+        await rounds.mask(tasks["job-b"], weights, weights, is_delta=False, examples=10)
+    # Job a's round was alive: it waited for its shares (none come here) and gave up on time.
+    with pytest.raises(SecAggError, match="no shares arrived in time") as late:
+        await rounds.mask(tasks["job-a"], weights, weights, is_delta=False, examples=10)
+    assert "forged" not in str(late.value)
+    assert sent[-1].secagg.job_id == "job-a"
