@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -210,3 +211,66 @@ async def test_a_worker_keeps_a_secure_round_per_job() -> None:
         await rounds.mask(tasks["job-a"], weights, weights, is_delta=False, examples=10)
     assert "forged" not in str(late.value)
     assert sent[-1].secagg.job_id == "job-a"
+
+
+class _Registry:
+    """The frontend's view of the connected silos (in memory)."""
+
+    def __init__(self, silos: list[Any]) -> None:
+        self._silos = silos
+
+    def sessions(self) -> list[Any]:
+        return self._silos
+
+    def by_name(self, name: str) -> Any:
+        return next((s for s in self._silos if s.name == name), None)
+
+
+async def test_two_query_jobs_run_at_once_each_round_hearing_its_own_job(
+    tmp_path: Path,
+) -> None:
+    from test_analytics_rounds import FEATURES, _Silo, _silo
+
+    from fedcore.protocol import ANALYTICS_CAPABILITY
+    from fedcore.server.analytics.frontend import AnalyticsFrontend
+    from fedcore.server.analytics.rounds import QueryOrigin
+
+    rng = np.random.default_rng(6)
+    parts = [rng.uniform(20, 90, 40) for _ in range(3)]
+    silos = [
+        _Silo(f"silo-{i}", _silo(tmp_path, i, ages, budget=50.0)) for i, ages in enumerate(parts)
+    ]
+    frontend = AnalyticsFrontend(
+        AnalyticsSettings(tmp_path / "scientists.json", phase_timeout=20.0),
+        _Registry(silos),  # type: ignore[arg-type]
+    )
+    seen: list[str] = []
+
+    def deliver(session: Any, message: pb.AnalyticsWorkerMessage) -> None:
+        seen.append(message.job_id)
+        frontend.route(session, message)  # routed by the job the message names
+
+    for s in silos:
+        s.capabilities = (ANALYTICS_CAPABILITY,)
+        s.dataset = DatasetMetadata(s.name, features=FEATURES)
+        s.round = SimpleNamespace(on_message=deliver)
+    try:
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                frontend.query("count()", epsilon=0.5, origin=QueryOrigin("job-1", "a", "s")),
+                frontend.query("count()", epsilon=0.5, origin=QueryOrigin("job-2", "b", "s")),
+            ),
+            TIMEOUT,
+        )
+    finally:
+        for s in silos:
+            s.pump.cancel()
+    truth = sum(len(p) for p in parts)
+    for answer in answers:
+        (cell,) = answer.cells
+        assert abs(cell.value - truth) < 6 * cell.std_error + 1
+    # The two rounds ran at once: job 2's messages came before job 1's last one.
+    assert seen.index("job-2") < len(seen) - 1 - seen[::-1].index("job-1")
+    # Both were answered (each silo charged twice), neither round took the other's messages.
+    for s in silos:
+        assert len(s.responder._gate.guard.ledger.charges()) == 2  # type: ignore[union-attr]
