@@ -103,6 +103,7 @@ class Network:
             settings.state_dir,
             config.limits.max_model_bytes,
             lambda job: job_config(config, job, "submitted"),
+            counters=self.service.counters,
         )
         self.port: int | None = None
         self.ready = asyncio.Event()

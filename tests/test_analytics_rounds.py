@@ -257,7 +257,8 @@ async def test_after_the_budget_every_refusal_is_the_same_whatever_the_data(
         assert gate is not None
         first = await _verdict(responder, _range_task(responder, 0, 100, 0.5))
         assert first.startswith("accepted")  # positive control: within the budget
-        gate.release_query(gate.admit_query(_range_task(responder, 0, 100, 0.5)).charge)  # spent
+        spent = _range_task(responder, 0, 100, 0.5)
+        gate.release_query(gate.admit_query(spent).charge, spent)
         for threshold in (10, 30, 50, 54, 56, 70):
             for epsilon in (0.5, 2.0):
                 task = _range_task(responder, threshold, threshold + 2, epsilon)

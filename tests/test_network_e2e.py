@@ -3,7 +3,8 @@ MNIST silos and two analytics silos that join once, two data scientists in two s
 
 The silos: ``silo-0`` and ``silo-1`` are tagged ``mnist`` and ``open`` and release models;
 ``silo-2`` is tagged ``mnist`` and ``owned``, releases models only from DP jobs and must approve every
-plan. The tests share the network (module scope) and run in file order; the last one kills
+plan; ``silo-3`` is tagged ``always`` only and its owner approves every job (``[jobs] approval =
+"always"``). The tests share the network (module scope) and run in file order; the last one kills
 the coordinator with SIGKILL and restarts it on the same state directory.
 """
 
@@ -119,6 +120,15 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--give-up-after", "600",
             ]  # fmt: skip
             net.started.append(Proc(args, f"silo-{i}"))
+        (root / "meta3.toml").write_text('name = "digits 3"\ntags = ["#always"]\n')
+        (root / "policy3.toml").write_text('[jobs]\napproval = "always"\n')
+        args = [
+            str(BIN / "fed-worker"), "--server", f"127.0.0.1:{net.port}",
+            "--data", str(shards / "shard-0.npz"), "--name", "silo-3",
+            "--threads", "1", "--metadata", str(root / "meta3.toml"),
+            "--policy", str(root / "policy3.toml"), "--give-up-after", "600",
+        ]  # fmt: skip
+        net.started.append(Proc(args, "silo-3"))
         for i in range(2):
             args = [
                 str(BIN / "fed-worker"), "--server", f"127.0.0.1:{net.port}",
@@ -126,7 +136,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--policy", str(root / f"tpolicy{i}.toml"),
             ]  # fmt: skip
             net.started.append(Proc(args, f"clinic-{i}", env=env))
-        net.server.wait_for_nth_line(r"worker '\S+' joined", 5, 400)
+        net.server.wait_for_nth_line(r"worker '\S+' joined", 6, 400)
         yield net
     finally:
         for p in net.started:
@@ -273,6 +283,37 @@ def test_a_plan_waits_for_the_owners_approval_and_a_denial_ends_its_job(
         assert status.state == "denied"
         assert "denied at silo silo-2" in status.message
         assert "not for our patients" in status.message
+
+
+@pytest.mark.timeout(600)
+def test_a_silo_that_approves_every_job_holds_it_until_its_owner_decides(network: Network) -> None:
+    policy = network.root / "policy3.toml"
+    requests = [str(BIN / "fed-worker"), "requests", "--policy", str(policy)]
+    terms = {"rounds": 1, "min_workers": 1, "require_tags": ["always"], **MLP}
+    with network.connect("alice") as alice:
+        approved = alice.train("cardio", **terms)
+        waiting = _log_line(approved, "awaiting approval")
+        assert waiting.startswith("awaiting approval at 1 of 1 silos (silo-3)")
+        assert approved.status().state == "awaiting-approval"
+        # The owner's queue names the job, the scientist and the study (no plan: a model).
+        listed = subprocess.run([*requests, "list"], check=True, capture_output=True, text=True)
+        assert f"job {approved.job_id[:16]} by 'alice' (study 'cardio')" in listed.stdout
+        subprocess.run(
+            [*requests, "approve", _pending_request(requests)], check=True, capture_output=True
+        )
+        assert approved.wait(timeout=120).state == "completed"
+
+        denied = alice.train("cardio", **terms)
+        _log_line(denied, "awaiting approval")
+        subprocess.run(
+            [*requests, "deny", _pending_request(requests), "--reason", "not this month"],
+            check=True,
+            capture_output=True,
+        )
+        status = denied.wait(timeout=120)
+        assert status.state == "denied", status.message
+        assert "denied at silo silo-3" in status.message
+        assert "not this month" in status.message
 
 
 def test_audit_chains_verify_and_an_edited_line_is_caught(network: Network, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from fedcore.analytics.query import QueryError, parse_query
 from fedcore.analytics.rules import check_cost, check_query
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.data.table import Table
-from fedcore.errors import ConfigError, ProtocolError, SecAggError, TaskRefused
+from fedcore.errors import AwaitingApproval, ConfigError, ProtocolError, SecAggError, TaskRefused
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.policy import Charge, Policy
 from fedcore.privacy.discrete import preload
@@ -309,10 +309,13 @@ class QueryResponder:
     # ------------------------------------------------------------------ the stream
 
     @staticmethod
-    def _message(**fields: object) -> pb.WorkerMessage:
-        return pb.WorkerMessage(analytics=pb.AnalyticsWorkerMessage(**fields))  # type: ignore[arg-type]
+    def _message(task: pb.QueryTask, **fields: object) -> pb.WorkerMessage:
+        """A message of ``task``'s query, naming its job (the coordinator routes by it)."""
+        body = pb.AnalyticsWorkerMessage(job_id=task.job_id, **fields)  # type: ignore[arg-type]
+        return pb.WorkerMessage(analytics=body)
 
-    async def _refuse(self, send: Send, query_id: str, refusal: TaskRefused) -> None:
+    async def _refuse(self, send: Send, task: pb.QueryTask, refusal: TaskRefused) -> None:
+        query_id = task.query_id
         self.refused += 1
         self.refusals[refusal.rule] += 1
         log.warning(
@@ -322,8 +325,13 @@ class QueryResponder:
             self.refusals[refusal.rule],
             refusal.rule,
         )
-        body = pb.QueryRefusal(query_id=query_id, rule=refusal.rule, reason=refusal.reason)
-        await send(self._message(refusal=body))
+        body = pb.QueryRefusal(
+            query_id=query_id,
+            rule=refusal.rule,
+            reason=refusal.reason,
+            awaiting_approval=isinstance(refusal, AwaitingApproval),
+        )
+        await send(self._message(task, refusal=body))
 
     async def handle(self, message: pb.AnalyticsCoordinatorMessage, send: Send) -> None:
         """One analytics message from the coordinator."""
@@ -331,7 +339,7 @@ class QueryResponder:
         if kind == "task":
             await self._start(message.task, send)
         elif kind == "secagg":
-            await self._secagg(message.secagg)
+            await self._secagg(message.secagg, message.job_id)
 
     async def _start(self, task: pb.QueryTask, send: Send) -> None:
         gate = self._gate
@@ -339,13 +347,13 @@ class QueryResponder:
             raise RuntimeError("QueryResponder.attach(gate) was not called")
         if task.query_id in self._open or len(self._open) >= _MAX_OPEN:
             refusal = TaskRefused("analytics.busy", "too many queries open on this worker")
-            await self._refuse(send, task.query_id, refusal)
+            await self._refuse(send, task, refusal)
             return
         log.info("query %s: %r at epsilon %g", task.query_id, task.query, task.epsilon)
         try:
             current = await asyncio.to_thread(self._admit, task, gate)
         except TaskRefused as refusal:
-            await self._refuse(send, task.query_id, refusal)
+            await self._refuse(send, task, refusal)
             return
         self._open[task.query_id] = current
         accept = pb.QueryAccept(
@@ -361,10 +369,10 @@ class QueryResponder:
             if self.exact
             else share_variance(current.layout, current.noise_multiplier, current.divisor),
         )
-        await send(self._message(accept=accept))
+        await send(self._message(task, accept=accept))
 
         async def send_secagg(message: pb.SecAggWorkerMessage) -> None:
-            await send(self._message(secagg=message))
+            await send(self._message(task, secagg=message))
 
         async def on_shares() -> None:
             await self._send_masked(current, send)
@@ -384,12 +392,13 @@ class QueryResponder:
             self.answered += 1
             log.info("query %s answered", current.task.query_id)
 
-    async def _secagg(self, message: pb.SecAggCoordinatorMessage) -> None:
+    async def _secagg(self, message: pb.SecAggCoordinatorMessage, job: str) -> None:
         kind = message.WhichOneof("body")
         if kind is None:
             return
         current = self._open.get(getattr(message, kind).round_id)
-        if current is not None and current.round is not None:
+        # Only the query's own job's messages reach its round.
+        if current is not None and current.round is not None and current.task.job_id == job:
             await current.round.handle(message)
 
     async def _send_masked(self, current: _Open, send: Send) -> None:
@@ -406,10 +415,10 @@ class QueryResponder:
             # ledger, so no model-distance rule applies.
             await asyncio.to_thread(self.participation.admit, setup, None, distributed_dp=True)
         try:
-            await asyncio.to_thread(gate.release_query, current.charge)
+            await asyncio.to_thread(gate.release_query, current.charge, task)
         except TaskRefused as refusal:
             await current.round.give_up(str(refusal), tell=True)
-            await self._refuse(send, task.query_id, refusal)
+            await self._refuse(send, task, refusal)
             return
         if self.exact:
             vector = current.scaled.copy()
@@ -429,4 +438,4 @@ class QueryResponder:
                 "query %s: %d sum(s) exceeded the fixed-point range", task.query_id, masked.clipped
             )
         data = masked.vector.astype("<u8", copy=False).tobytes()
-        await send(self._message(masked=pb.QueryMasked(query_id=task.query_id, masked=data)))
+        await send(self._message(task, masked=pb.QueryMasked(query_id=task.query_id, masked=data)))

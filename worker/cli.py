@@ -459,12 +459,11 @@ def _run(argv: Sequence[str] | None) -> None:
     )
     owner = None
     if console is not None:
+        # One queue holds plans' and (under [jobs] approval = "always") jobs' requests.
+        jobs = worker.gate.jobs
+        queue = plans.queue or (jobs.queue if jobs is not None else None)
         view = OwnerView(
-            queue=plans.queue,
-            policy=policy,
-            worker=worker,
-            dataset=dataset,
-            audit_log=args.audit_log,
+            queue=queue, policy=policy, worker=worker, dataset=dataset, audit_log=args.audit_log
         )
         owner = (console, view)
     asyncio.run(_serve(worker, owner))

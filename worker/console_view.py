@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import ConfigError, LedgerError, PlanError, PlanRejectedError
-from fedcore.plans.queue import PlanRequestRecord, RequestQueue
+from fedcore.plans.queue import JobOrigin, PlanRequestRecord, RequestQueue
 from fedcore.policy import Policy
 from fedcore.policy.check import DP_CLIP_KEY, DP_NOISE_MULTIPLIER_KEY
 from fedcore.policy.ledger import Charge, PrivacyLedger, epsilon_of
@@ -117,6 +117,20 @@ class WorkerNow:
 _DESCRIBED = re.compile(r"\s*(\S.*?)\s{2,}(.*)")
 
 
+def _job_lines(job: JobOrigin) -> tuple[tuple[str, str], ...]:
+    """A job's request (``[jobs] approval = "always"``) as the coordinator described it."""
+    rows = [
+        ("job", job.job or "(a one-shot federation)"),
+        ("scientist", f"{job.scientist} (as the coordinator says)"),
+        ("study", job.study),
+    ]
+    if job.query:
+        rows.append(("query", f"{job.query} at epsilon {job.epsilon:g}, delta {job.delta:g}"))
+    else:
+        rows.append(("model", job.model + (f" (plan {job.plan[:16]})" if job.plan else "")))
+    return tuple(rows)
+
+
 def _lines(lines: list[str]) -> tuple[tuple[str, str], ...]:
     """``describe_plan``'s ``"  key        value"`` lines as (key, value) pairs."""
     out: list[tuple[str, str]] = []
@@ -178,6 +192,8 @@ class OwnerView:
             return None
         if record is None:
             return None
+        if record.job is not None:  # a job's request ([jobs] approval): no program to verify
+            return PlanReview(record, self._terms(record, None), _job_lines(record.job))
         try:
             plan = self._verify(record.hash)
         except (PlanError, PlanRejectedError, ConfigError) as exc:

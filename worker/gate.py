@@ -19,6 +19,9 @@ are made. The checks, in order:
    The :class:`CheckedTask`'s kind is what the runtime runs: one table of kinds, here.
 3. **The data owner's policy** (``--policy``, :class:`~.policy.PolicyGuard`), including
    the privacy budget.
+4. **The owner's decision on the job** under ``[jobs] approval = "always"``
+   (:class:`~.job_approval.JobApprovals`): last, so a task the rules refuse never reaches
+   the owner's queue.
 
 Analytics queries (:mod:`fedcore.analytics`) carry no model: their check is registered with
 :meth:`Gate.register_query` (by :class:`~.analytics.QueryResponder`) and run by
@@ -62,6 +65,7 @@ from fedcore.errors import (
 from fedcore.frozen import is_digest
 from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.plans.queue import RequestQueue, caps_of
 from fedcore.policy import Charge, Policy, Refusal
 from fedcore.privacy import ClientDP
 from fedcore.privacy.client import UNCLIPPED_METRIC
@@ -73,6 +77,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights, describe_mismatch, signature_of, total_bytes
 
 from .frozen import FrozenStore
+from .job_approval import JobApprovals
 from .plans import PlanLibrary
 from .policy import PolicyGuard
 from .trainer import EvalOutput, FitOutput
@@ -331,6 +336,14 @@ class Gate:
         self.max_model_bytes = max_model_bytes
         self.guard = guard
         self.policy = guard.policy if guard is not None else Policy(source="default policy")
+        #: The owner's decisions on jobs (``[jobs] approval = "always"``); None: not asked.
+        self.jobs: JobApprovals | None = None
+        rules = self.policy.plans
+        if self.policy.job_approval == "always" and rules.requests is not None:
+            self.jobs = JobApprovals(
+                RequestQueue(rules.requests, caps_of(rules)),
+                coordinator=(guard.coordinator_identity or "") if guard is not None else "",
+            )
         self._query_check: QueryCheck | None = None
         # Digests of the global weights this worker has sent a masked input for.
         self._contributed: set[str] = set()
@@ -356,6 +369,8 @@ class Gate:
         admitted = self._query_check(task, self.policy)
         if self.budget_left(admitted.charge)[0] < 0:
             raise _budget_refusal(self.policy)
+        if self.jobs is not None:
+            self.jobs.check_query(task)
         return admitted
 
     def budget_left(self, charge: Charge) -> tuple[float, float]:
@@ -376,12 +391,16 @@ class Gate:
             ) from None
         return budget.epsilon - after, budget.delta
 
-    def release_query(self, charge: Charge) -> None:
-        """Write a query answer's charge to the ledger before the answer leaves.
+    def release_query(self, charge: Charge, task: pb.QueryTask) -> None:
+        """Write a query answer's charge to the ledger before the answer leaves (and, under
+        ``[jobs] approval = "always"``, use up the owner's approval of ``task``).
 
         Raises:
-            TaskRefused: the budget no longer allows it: send nothing.
+            TaskRefused: the budget, or the owner's approval, no longer allows it: send
+                nothing.
         """
+        if self.jobs is not None:
+            self.jobs.use_query(task)
         self._spend(charge)
 
     # ------------------------------------------------------------------ admission
@@ -401,6 +420,8 @@ class Gate:
         spec, signature = self._check_model(task)
         checked = check(Admission(task, spec, signature, self.policy))
         self._check_policy(task)
+        if self.jobs is not None:
+            self.jobs.check_task(task)
         return checked
 
     def _check_model(self, task: pb.Task) -> tuple[ModelSpec, ModelSignature]:

@@ -1,4 +1,6 @@
-"""``fed-worker requests list | show | approve | deny``: the data owner decides on plans.
+"""``fed-worker requests list | show | approve | deny``: the data owner decides on plans, and
+under ``[jobs] approval = "always"`` on every job and query (``show`` then prints the job, the
+scientist and study the coordinator named, and its terms).
 
 The queue is the one the worker's policy names (``[plans] requests``, beside the policy file
 by default), or ``--queue DIR``. A request is a plan and the terms it is to run under; it is
@@ -20,7 +22,7 @@ from pathlib import Path
 from fedcore import plans
 from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError, PlanRejectedError
-from fedcore.plans.queue import queue_from
+from fedcore.plans.queue import PlanRequestRecord, queue_from
 
 __all__ = ["DEFAULT_POLICY", "build_requests_parser", "requests_main"]
 
@@ -103,6 +105,9 @@ def _run(argv: Sequence[str]) -> None:
             print(record.line())
         return
     record = queue.find(args.hash)
+    if args.command == "show" and record.job is not None:
+        _show_job(record)
+        return
     if args.command == "show":
         try:
             verified = plans.verify_program(queue.program(record.hash))
@@ -128,10 +133,40 @@ def _run(argv: Sequence[str]) -> None:
         lr_range=args.lr_range if approve else None,
         rounds=args.rounds if approve else None,
     )
+    what = record.job.title() if record.job is not None else f"plan {record.hash[:16]}"
     print(
-        f"request {record.id[:16]} (plan {record.hash[:16]}) {record.status}"
+        f"request {record.id[:16]} ({what}) {record.status}"
         + (f": {record.reason}" if record.reason else "")
     )
+
+
+def _show_job(record: PlanRequestRecord) -> None:
+    """A job's request (``[jobs] approval = "always"``): the job, who asked, its terms."""
+    job = record.job
+    assert job is not None
+    print(f"request     {record.id[:16]} for {job.title()}")
+    print(f"status      {record.status}" + (f" ({record.reason})" if record.reason else ""))
+    print(f"job         {job.job or '(a one-shot federation)'}")
+    print(f"scientist   {job.scientist!r} in study {job.study!r} (as the coordinator says)")
+    print(f"requested   for round {record.round} by {record.coordinator[:80]!r}")
+    if job.query:
+        print(f"query       {job.query!r} at epsilon {job.epsilon:g}, delta {job.delta:g}")
+        print(f"approved    for {record.rounds or 1} answer(s), {record.used} given")
+        return
+    print(f"model       {job.model}" + (f" (plan {job.plan[:16]})" if job.plan else ""))
+    terms = record.terms
+    if terms.train is None:
+        print("terms       evaluation only")
+    else:
+        t = terms.train
+        print(
+            f"terms       {t.epochs} epoch(s), batch {t.batch_size}, {t.optimizer} at learning "
+            f"rate {t.learning_rate:g}, secure aggregation {'on' if terms.secagg else 'off'}"
+        )
+        for key, value in sorted(t.extra.items()):
+            print(f"            {key} = {value:g}")
+    if record.rounds is not None:
+        print(f"approved    for {record.rounds} round(s), {record.used} run")
 
 
 def requests_main(argv: Sequence[str]) -> int:

@@ -641,7 +641,7 @@ class Worker:
             self._record("ran", task)
         except TaskRefused as exc:
             if checked.secagg is not None:
-                await self._secagg.abandon(str(exc))
+                await self._secagg.abandon(task, str(exc))
             await self._refuse(call, task, exc)
         except SecAggError as exc:
             log.error("round %d: secure aggregation failed: %s", task.round, exc)

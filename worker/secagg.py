@@ -61,8 +61,11 @@ def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.ND
 
 
 class SecAggRounds:
-    """The worker's current secure round (at most one at a time), run by a
-    :class:`~fedcore.secagg.participant.Participant`."""
+    """The worker's secure rounds, at most one per job (by the task's job id: a worker idle
+    after one job's masked upload may take another job's task while the first job's round
+    is still unmasking), each run by a :class:`~fedcore.secagg.participant.Participant`.
+    Every message names its job; a coordinator message is handled by that job's round only.
+    """
 
     def __init__(
         self,
@@ -76,49 +79,60 @@ class SecAggRounds:
         self._name = worker_name
         self._identity = identity
         self._participation = participation
-        self._round: Participant | None = None
+        self._rounds: dict[str, Participant] = {}
 
-    async def _send_secagg(self, message: pb.SecAggWorkerMessage) -> None:
-        await self._send(pb.WorkerMessage(secagg=message))
+    def _sender(self, job: str) -> Callable[[pb.SecAggWorkerMessage], Awaitable[None]]:
+        async def send(message: pb.SecAggWorkerMessage) -> None:
+            message.job_id = job
+            await self._send(pb.WorkerMessage(secagg=message))
+
+        return send
 
     async def start(self, task: pb.Task, rules: ClientRules | None = None) -> None:
         """A fit task with a setup arrived (and passed the gate): new keys, sent at once.
         ``rules``: what this worker requires of the round (default: the safe defaults)."""
-        if self._round is not None:
-            await self._round.give_up("a new secure round started", tell=False)
+        job = task.job_id
+        previous = self._rounds.pop(job, None)
+        if previous is not None:
+            await previous.give_up("a new secure round started", tell=False)
         setup = wire.setup_from_proto(task.secagg)
         current = Participant(
             SecAggClient(setup, rules=rules, identity=self._identity),
-            self._send_secagg,
+            self._sender(job),
             label=f"round {task.round}",
-            on_end=lambda revealed: self._ended(current, revealed),
+            on_end=lambda revealed: self._ended(job, current, revealed),
         )
-        self._round = current
+        self._rounds[job] = current
         await current.start()
 
-    def _ended(self, current: Participant, revealed: bool) -> None:
+    def _ended(self, job: str, current: Participant, revealed: bool) -> None:
         # An abandoned round stays current: mask() reports why it was abandoned.
-        if revealed and self._round is current:
-            self._round = None
+        if revealed and self._rounds.get(job) is current:
+            del self._rounds[job]
 
-    async def abandon(self, reason: str) -> None:
-        """Leave the current round (telling the coordinator), e.g. when the policy refuses to
-        release this worker's update."""
-        current = self._round
+    async def abandon(self, task: pb.Task, reason: str) -> None:
+        """Leave ``task``'s job's round (telling the coordinator), e.g. when the policy
+        refuses to release this worker's update."""
+        current = self._rounds.pop(task.job_id, None)
         if current is not None:
-            self._round = None
             await current.give_up(reason, tell=True)
 
     async def handle(self, message: pb.SecAggCoordinatorMessage) -> None:
-        """One message of the coordinator's side of the protocol."""
-        if self._round is not None:
-            await self._round.handle(message)
+        """One message of the coordinator's side of the protocol, to its job's round."""
+        current = self._rounds.get(message.job_id)
+        if current is not None:
+            await current.handle(message)
+        else:
+            log.debug(
+                "ignoring a secure-aggregation message of job %r: no round of it",
+                message.job_id[:64],
+            )
 
     async def mask(
         self, task: pb.Task, received: Weights, updated: Weights, *, is_delta: bool, examples: int
     ) -> npt.NDArray[np.unsignedinteger]:
         """Phase 3: wait for this worker's shares, then quantize and mask the delta."""
-        current = self._round
+        current = self._rounds.get(task.job_id)
         if current is None or current.round_id != task.secagg.round_id:
             raise SecAggError("this secure round was abandoned before the update was ready")
         setup = current.client.setup

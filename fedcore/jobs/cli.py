@@ -14,6 +14,7 @@ from fedcore.cli_support import run_cli
 from fedcore.errors import ConfigError
 from fedcore.scientist import TOKEN_ENV, open_channel, read_token
 from fedcore.toml_fields import read_toml
+from fedcore.units import format_bytes
 
 from .client import JobsClient, JobStatus
 
@@ -121,9 +122,15 @@ def _settings(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
 
 def _line(status: JobStatus) -> str:
     rounds = f" {status.rounds_done}/{status.rounds}" if status.kind == "train" else ""
+    traffic = (
+        f"  [{format_bytes(status.bytes_sent)} sent, {format_bytes(status.bytes_received)} "
+        "received]"
+        if status.bytes_sent or status.bytes_received
+        else ""
+    )
     return (
         f"{status.job_id}  {status.study:<12} {status.scientist:<12} {status.kind:<5} "
-        f"{status.state:<17}{rounds}  {status.message}"
+        f"{status.state:<17}{rounds}  {status.message}{traffic}"
     )
 
 

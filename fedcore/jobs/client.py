@@ -57,6 +57,9 @@ class JobStatus:
     created: float
     settings: dict[str, Any]
     result: dict[str, Any]
+    #: Bytes of this job's messages on the workers' streams (its own only).
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     @property
     def final(self) -> bool:
@@ -76,6 +79,8 @@ class JobStatus:
             info.created,
             json.loads(info.settings_json or "{}"),
             json.loads(info.result_json or "{}"),
+            info.bytes_sent,
+            info.bytes_received,
         )
 
 

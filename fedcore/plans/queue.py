@@ -18,6 +18,12 @@ may widen the learning rate to a range (``--lr-range``) and bound the rounds it 
     plan-requests/<id>/decision.json          approved or denied, why, when, the lr range
     plan-requests/<id>/used.json              rounds run under the current approval
 
+Under ``[jobs] approval = "always"`` every job waits here too, not only shipped plans: its
+request (:meth:`RequestQueue.submit_job`) is the job (:class:`JobOrigin`: its id, the data
+scientist who asked and the study, as the coordinator says, the model or plan, and for an
+analytics query the query itself) under the same terms, and stores no program; its "hash" is
+the digest of the :class:`JobOrigin`.
+
 ``<id>`` is the SHA-256 of the plan's hash and its terms. The worker only ever creates a
 request and counts rounds; ``fed-worker requests approve|deny`` only ever writes a decision.
 Every file is written to a temporary name and renamed, so a reader never sees half a file
@@ -40,11 +46,13 @@ from fedcore.atomic import write_atomically
 from fedcore.errors import ConfigError, PlanError
 from fedcore.plan import TrainConfig
 from fedcore.policy import PlanRules, load_policy
+from fedcore.sanitize import printable
 from fedcore.v1 import fedcore_pb2 as pb
 
 from .format import plan_hash
 
 __all__ = [
+    "JobOrigin",
     "PlanRequestRecord",
     "QueueCaps",
     "QueueFull",
@@ -148,6 +156,81 @@ def _pinned(config: TrainConfig) -> TrainConfig:
     return TrainConfig(**values, extra=dict(sorted(config.extra.items())))
 
 
+@dataclass(frozen=True)
+class JobOrigin:
+    """A job as its data owner approves it (``[jobs] approval = "always"``): the job, who
+    asked and in which study (the coordinator's claims, shown as such), what it runs (a model
+    name, a plan's hash) and, for an analytics query, the query and its privacy terms."""
+
+    job: str
+    scientist: str
+    study: str
+    model: str = ""
+    plan: str = ""
+    query: str = ""
+    epsilon: float = 0.0
+    delta: float = 0.0
+
+    @classmethod
+    def of_task(cls, task: pb.Task) -> JobOrigin:
+        # The coordinator's words reach the owner's terminal and logs: printable, bounded.
+        return cls(
+            printable(task.job_id, 64),
+            printable(task.scientist, 128),
+            printable(task.study, 128),
+            model=printable(task.model.name, 256),
+            plan=printable(task.plan.hash, 64) if task.HasField("plan") else "",
+        )
+
+    @classmethod
+    def of_query(cls, task: pb.QueryTask) -> JobOrigin:
+        return cls(
+            printable(task.job_id, 64),
+            printable(task.scientist, 128),
+            printable(task.study, 128),
+            query=printable(task.query, 4096),
+            epsilon=float(task.epsilon),
+            delta=float(task.delta),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobOrigin:
+        return cls(
+            str(data.get("job", "")),
+            str(data.get("scientist", "")),
+            str(data.get("study", "")),
+            model=str(data.get("model", "")),
+            plan=str(data.get("plan", "")),
+            query=str(data.get("query", "")),
+            epsilon=float(data.get("epsilon", 0.0)),
+            delta=float(data.get("delta", 0.0)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "scientist": self.scientist,
+            "study": self.study,
+            "model": self.model,
+            "plan": self.plan,
+            "query": self.query,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+        }
+
+    def digest(self) -> str:
+        """What stands for a plan's hash in the job's requests (64 hex digits)."""
+        canonical = json.dumps({"job-request": self.to_json()}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def title(self) -> str:
+        """One line for ``fed-worker requests list``."""
+        job = f"job {self.job[:16]}" if self.job else "a one-shot federation"
+        who = f" by {self.scientist!r} (study {self.study!r})" if self.scientist else ""
+        what = f": query {self.query[:60]!r}" if self.query else f": model {self.model[:40]}"
+        return job + who + what
+
+
 def request_id(digest: str, terms: Terms) -> str:
     """A request's id: the plan's hash and its terms, hashed together."""
     canonical = json.dumps({"hash": digest, "terms": terms.to_json()}, sort_keys=True)
@@ -173,6 +256,8 @@ class PlanRequestRecord:
     #: rounds (fit tasks) the approval covers; None: no bound
     rounds: int | None = None
     used: int = 0
+    #: A job's request (``[jobs] approval = "always"``); None: a plan's.
+    job: JobOrigin | None = None
 
     @property
     def secagg(self) -> bool:
@@ -195,6 +280,9 @@ class PlanRequestRecord:
 
     def line(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.requested_at))
+        if self.job is not None:
+            text = f"{self.id[:16]}  {self.status:<8}  {when}  {self.job.title()}"
+            return text + (f"  ({self.reason!r})" if self.reason else "")
         text = f"{self.id[:16]}  plan {self.hash[:16]}  {self.status:<8}  {when}  {self.name!r}"
         return text + (f"  ({self.reason!r})" if self.reason else "")
 
@@ -245,6 +333,7 @@ class RequestQueue:
             status = "pending"
         lr = decision.get("lr_range")
         rounds = decision.get("rounds")
+        job = request.get("job")
         return PlanRequestRecord(
             id=rid,
             hash=str(request.get("hash", "")),
@@ -264,6 +353,7 @@ class RequestQueue:
             used=int(used.get("count", 0))
             if used.get("decided_at") == decision.get("decided_at")
             else 0,
+            job=JobOrigin.from_json(job) if isinstance(job, dict) else None,
         )
 
     def for_plan(self, digest: str) -> list[PlanRequestRecord]:
@@ -321,7 +411,40 @@ class RequestQueue:
         assert record is not None
         return record
 
-    def _check_caps(self, program: pb.PlanProgram, coordinator: str) -> None:
+    def submit_job(
+        self, origin: JobOrigin, terms: Terms, *, round: int = 0, coordinator: str = ""
+    ) -> PlanRequestRecord:
+        """Queue job ``origin`` under ``terms`` (``[jobs] approval = "always"``); idempotent.
+
+        Raises:
+            QueueFull: a cap would be exceeded; nothing was stored.
+        """
+        digest = origin.digest()
+        rid = request_id(digest, terms)
+        existing = self.get(rid)
+        if existing is not None:
+            return existing
+        self._check_caps(None, coordinator)
+        folder = self._dir(rid)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            folder / "request.json",
+            {
+                "id": rid,
+                "hash": digest,
+                "name": origin.title(),
+                "requested_at": time.time(),
+                "round": round,
+                "coordinator": coordinator,
+                "terms": terms.to_json(),
+                "job": origin.to_json(),
+            },
+        )
+        record = self.get(rid)
+        assert record is not None
+        return record
+
+    def _check_caps(self, program: pb.PlanProgram | None, coordinator: str) -> None:
         records = self.list()
         pending = sum(r.status == "pending" for r in records)
         if pending >= self.caps.max_pending:
@@ -343,6 +466,8 @@ class RequestQueue:
             if programs.is_dir()
             else 0
         )
+        if program is None:  # a job's request stores no program
+            return
         size = 0 if self._program_path(program.hash).exists() else program.ByteSize()
         if stored + size > self.caps.max_bytes:
             raise QueueFull(

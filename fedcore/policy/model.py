@@ -67,6 +67,10 @@ Every section is optional; an absent rule allows everything it would have restri
                                            # at most 16 GiB)
     sandbox-cpu-seconds = 3600             # its CPU time per task
     max-activation-bytes = 2_000_000_000   # a plan's tensors at most (default: 1/4 of memory)
+    [jobs]                                 # a standing network's jobs (docs/network.md)
+    approval = "always"                    # every job (and query) waits for the data owner's
+                                           # decision in the [plans] requests queue
+                                           # (default "plans": only shipped plans, as above)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
@@ -99,6 +103,7 @@ log = logging.getLogger("fedcore.policy")
 __all__ = [
     "BUFFER_KINDS",
     "DP_KINDS",
+    "JOB_APPROVAL",
     "AnalyticsRules",
     "BudgetRules",
     "DPKind",
@@ -134,7 +139,12 @@ _SECTIONS = (
     "plans",
     "analytics",
     "release",
+    "jobs",
 )
+
+#: ``[jobs] approval``: ``plans``: only shipped plans wait for the owner (``[plans]
+#: require-approval``); ``always``: every job's tasks, and every query, do.
+JOB_APPROVAL = ("plans", "always")
 
 #: ``[release] model``: whether models trained on this silo's data may be released to the
 #: data scientist of a standing network's job (``dp-only``: only from a job with client-level
@@ -328,6 +338,8 @@ class Policy:
     plans: PlanRules = field(default_factory=PlanRules)
     #: ``[release] model``: one of :data:`RELEASE_MODEL`.
     release_model: str = "allowed"
+    #: ``[jobs] approval``: one of :data:`JOB_APPROVAL`.
+    job_approval: str = "plans"
 
     @property
     def private(self) -> bool:
@@ -394,6 +406,10 @@ class Policy:
             )
         if self.release_model != "allowed":
             lines.append(f"trained models released: {self.release_model}")
+        if self.job_approval == "always":
+            lines.append(
+                f"every job and query needs the data owner's approval (queue {self.plans.requests})"
+            )
         return lines or ["no restrictions"]
 
 
@@ -637,6 +653,10 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     release_model = r.string("model") or "allowed"
     if release_model not in RELEASE_MODEL:
         raise r.fail("model", f"must be one of {', '.join(RELEASE_MODEL)}, got {release_model!r}")
+    j = section("jobs", ("approval",))
+    job_approval = j.string("approval") or "plans"
+    if job_approval not in JOB_APPROVAL:
+        raise j.fail("approval", f"must be one of {', '.join(JOB_APPROVAL)}, got {job_approval!r}")
     policy = Policy(
         models,
         training,
@@ -648,6 +668,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         analytics,
         plans=plans,
         release_model=release_model,
+        job_approval=job_approval,
     )
     if (
         policy.private

@@ -358,11 +358,18 @@ class Task(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     FROZEN_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    SCIENTIST_FIELD_NUMBER: _builtins.int
+    STUDY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     kind: Global___TaskKind.ValueType
     job_id: _builtins.str
     """The job the task belongs to on a standing network (empty: the one-shot federation's)."""
+    scientist: _builtins.str
+    """Who asked for the job, and in which study, as the coordinator says: shown to a data owner
+    who approves every job (`[jobs] approval = "always"`); a claim, not a proof.
+    """
+    study: _builtins.str
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -398,10 +405,12 @@ class Task(_message.Message):
         plan: Global___PlanProgram | None = ...,
         frozen: Global___FrozenWeights | None = ...,
         job_id: _builtins.str = ...,
+        scientist: _builtins.str = ...,
+        study: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "model", b"model", "plan", b"plan", "secagg", b"secagg", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "job_id", b"job_id", "kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "secagg", b"secagg", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "job_id", b"job_id", "kind", b"kind", "model", b"model", "plan", b"plan", "round", b"round", "scientist", b"scientist", "secagg", b"secagg", "study", b"study", "task_id", b"task_id", "train", b"train", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -985,6 +994,11 @@ class SecAggWorkerMessage(_message.Message):
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose secure round this message belongs to (the round's SecAggSetup.job; empty:
+    a one-shot federation's): the coordinator routes it to that job's round only.
+    """
     @_builtins.property
     def keys(self) -> Global___SecAggKeys: ...
     @_builtins.property
@@ -1003,10 +1017,11 @@ class SecAggWorkerMessage(_message.Message):
         unmask: Global___SecAggUnmaskShares | None = ...,
         abort: Global___SecAggAbort | None = ...,
         consistency: Global___SecAggConsistency | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "consistency", b"consistency", "job_id", b"job_id", "keys", b"keys", "shares", b"shares", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["keys", "shares", "unmask", "abort", "consistency"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1023,6 +1038,9 @@ class SecAggCoordinatorMessage(_message.Message):
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job of the round (as in SecAggWorkerMessage): the worker keeps a round per job."""
     @_builtins.property
     def peers(self) -> Global___SecAggPeers: ...
     @_builtins.property
@@ -1041,10 +1059,11 @@ class SecAggCoordinatorMessage(_message.Message):
         unmask: Global___SecAggUnmaskRequest | None = ...,
         abort: Global___SecAggAbort | None = ...,
         signatures: Global___SecAggConsistencySignatures | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "job_id", b"job_id", "peers", b"peers", "shares", b"shares", "signatures", b"signatures", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["peers", "shares", "unmask", "abort", "signatures"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1468,6 +1487,9 @@ class QueryTask(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     SILOS_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SCIENTIST_FIELD_NUMBER: _builtins.int
+    STUDY_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     query: _builtins.str
     """e.g. "mean(bmi) where age > 60 group by sex" """
@@ -1475,6 +1497,12 @@ class QueryTask(_message.Message):
     delta: _builtins.float
     silos: _builtins.int
     """silos that share the noise (each adds 1/silos of its variance)"""
+    job_id: _builtins.str
+    """The query's job on a standing network (empty: asked with fed-query), who asked and in
+    which study, as the coordinator says (see Task.scientist).
+    """
+    scientist: _builtins.str
+    study: _builtins.str
     @_builtins.property
     def secagg(self) -> Global___SecAggSetup:
         """threshold = silos: nothing is unmasked unless all took part"""
@@ -1488,10 +1516,13 @@ class QueryTask(_message.Message):
         delta: _builtins.float = ...,
         silos: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
+        job_id: _builtins.str = ...,
+        scientist: _builtins.str = ...,
+        study: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "query", b"query", "query_id", b"query_id", "secagg", b"secagg", "silos", b"silos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "job_id", b"job_id", "query", b"query", "query_id", b"query_id", "scientist", b"scientist", "secagg", b"secagg", "silos", b"silos", "study", b"study"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1558,19 +1589,25 @@ class QueryRefusal(_message.Message):
     QUERY_ID_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    AWAITING_APPROVAL_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     rule: _builtins.str
     reason: _builtins.str
+    awaiting_approval: _builtins.bool
+    """Not a refusal of the query itself: it waits for the data owner's decision on its job
+    ([jobs] approval = "always"); asked again once approved, it is answered.
+    """
     def __init__(
         self,
         *,
         query_id: _builtins.str = ...,
         rule: _builtins.str = ...,
         reason: _builtins.str = ...,
+        awaiting_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_approval", b"awaiting_approval", "query_id", b"query_id", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1607,6 +1644,11 @@ class AnalyticsWorkerMessage(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     MASKED_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The query's job (its QueryTask.job_id; empty: asked with fed-query): the coordinator
+    routes the message to that job's query only.
+    """
     @_builtins.property
     def accept(self) -> Global___QueryAccept: ...
     @_builtins.property
@@ -1622,10 +1664,11 @@ class AnalyticsWorkerMessage(_message.Message):
         refusal: Global___QueryRefusal | None = ...,
         masked: Global___QueryMasked | None = ...,
         secagg: Global___SecAggWorkerMessage | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "body", b"body", "job_id", b"job_id", "masked", b"masked", "refusal", b"refusal", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accept", "refusal", "masked", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -1639,6 +1682,9 @@ class AnalyticsCoordinatorMessage(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """as in AnalyticsWorkerMessage"""
     @_builtins.property
     def task(self) -> Global___QueryTask: ...
     @_builtins.property
@@ -1648,10 +1694,11 @@ class AnalyticsCoordinatorMessage(_message.Message):
         *,
         task: Global___QueryTask | None = ...,
         secagg: Global___SecAggCoordinatorMessage | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "job_id", b"job_id", "secagg", b"secagg", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -2022,6 +2069,8 @@ class JobInfo(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     SETTINGS_JSON_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     study: _builtins.str
     scientist: _builtins.str
@@ -2037,6 +2086,11 @@ class JobInfo(_message.Message):
     settings_json: _builtins.str
     result_json: _builtins.str
     """the query's answer, or the last round's metrics"""
+    bytes_sent: _builtins.int
+    """Bytes this job's messages took on the workers' streams so far (its tasks, weights,
+    uploads, secure-aggregation and analytics messages; never another job's).
+    """
+    bytes_received: _builtins.int
     def __init__(
         self,
         *,
@@ -2051,10 +2105,12 @@ class JobInfo(_message.Message):
         created: _builtins.float = ...,
         settings_json: _builtins.str = ...,
         result_json: _builtins.str = ...,
+        bytes_sent: _builtins.int = ...,
+        bytes_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job_id", b"job_id", "kind", b"kind", "message", b"message", "result_json", b"result_json", "rounds", b"rounds", "rounds_done", b"rounds_done", "scientist", b"scientist", "settings_json", b"settings_json", "state", b"state", "study", b"study"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_sent", b"bytes_sent", "created", b"created", "job_id", b"job_id", "kind", b"kind", "message", b"message", "result_json", b"result_json", "rounds", b"rounds", "rounds_done", b"rounds_done", "scientist", b"scientist", "settings_json", b"settings_json", "state", b"state", "study", b"study"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

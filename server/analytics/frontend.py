@@ -1,5 +1,6 @@
 """What the Analytics service does, without gRPC: search datasets, hand out mocks, answer
-queries (one at a time) over the connected silos that serve tables."""
+queries over the connected silos that serve tables: ``fed-query``'s one at a time, a standing
+network's query jobs at once (each round gets the messages naming its job)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from ..state.analytics import AnalyticsSettings
 from ..state.registry import SessionState, WorkerRegistry, WorkerSession
-from .rounds import QueryRound
+from .rounds import QueryOrigin, QueryRound
 
 __all__ = ["MIN_SILOS", "AnalyticsFrontend", "SiloEntry", "answer_of"]
 
@@ -46,12 +47,15 @@ class AnalyticsFrontend:
     def __init__(self, settings: AnalyticsSettings, registry: WorkerRegistry) -> None:
         self.settings = settings
         self.registry = registry
+        # fed-query's queries (no job) run one at a time; each job runs its own.
         self._lock = asyncio.Lock()
-        self._round: QueryRound | None = None
+        #: The running queries' rounds, by job id ("": fed-query's).
+        self._rounds: dict[str, QueryRound] = {}
 
     def route(self, session: WorkerSession, message: pb.AnalyticsWorkerMessage) -> None:
-        """A worker's analytics message: to the running query (dropped when there is none)."""
-        current = self._round
+        """A worker's analytics message: to the running query of the job it names (dropped
+        when there is none; the round ignores a silo it did not ask)."""
+        current = self._rounds.get(message.job_id)
         if current is not None:
             current.on_message(session, message)
 
@@ -101,53 +105,78 @@ class AnalyticsFrontend:
         return {f.name: f for f in first}
 
     async def query(
-        self, text: str, *, epsilon: float, delta: float = 0.0, tags: tuple[str, ...] = ()
+        self,
+        text: str,
+        *,
+        epsilon: float,
+        delta: float = 0.0,
+        tags: tuple[str, ...] = (),
+        origin: QueryOrigin | None = None,
     ) -> Answer:
-        """Answer ``text`` over every silo tagged ``tags``.
+        """Answer ``text`` over every silo tagged ``tags`` (``origin``: its job and who asked,
+        as the silos are told).
 
         Raises:
             QueryError: the query does not parse or fit the schema.
-            QueryRefusedError: no silos, different schemas, or a silo refused or failed.
+            QueryRefusedError: no silos, different schemas, or a silo refused or failed
+                (:class:`~.rounds.QueryAwaitingApproval`: owners have not decided yet).
         """
+        origin = origin or QueryOrigin()
+        if origin.job_id:
+            return await self._answer(text, epsilon, delta, tags, origin)
+        async with self._lock:
+            return await self._answer(text, epsilon, delta, tags, origin)
+
+    async def _answer(
+        self,
+        text: str,
+        epsilon: float,
+        delta: float,
+        tags: tuple[str, ...],
+        origin: QueryOrigin,
+    ) -> Answer:
+        if origin.job_id in self._rounds:
+            raise QueryRefusedError(f"job {origin.job_id} is already asking a query")
         query = parse_query(text)
         delta = delta or self.settings.default_delta
         z = noise_multiplier_for(epsilon, delta)
-        async with self._lock:
-            entries = self.silos(tags)
-            hint = f" tagged {' '.join('#' + t for t in tags)}" if tags else ""
-            if not entries:
-                raise QueryRefusedError(f"no connected silo{hint} serves a table")
-            if len(entries) < MIN_SILOS:
-                # Secure aggregation hides a silo's sums only among others' (its threshold
-                # is the number of silos, at least 2): one silo's answer would be its own.
-                raise QueryRefusedError(
-                    f"a query needs at least {MIN_SILOS} silos; only {entries[0].silo!r}"
-                    f"{hint} serves a table (connect more silos, or widen --tag)"
-                )
-            layout = plan_layout(query, self._schema(entries))
-            sessions = [s for e in entries if (s := self.registry.by_name(e.silo)) is not None]
-            query_id = uuid.uuid4().hex
-            self._round = QueryRound(
-                query_id,
-                layout,
-                epsilon=epsilon,
-                delta=delta,
-                noise_multiplier=z,
-                sessions=sessions,
-                phase_timeout=self.settings.phase_timeout,
-                signed=self.settings.signed,
+        entries = self.silos(tags)
+        hint = f" tagged {' '.join('#' + t for t in tags)}" if tags else ""
+        if not entries:
+            raise QueryRefusedError(f"no connected silo{hint} serves a table")
+        if len(entries) < MIN_SILOS:
+            # Secure aggregation hides a silo's sums only among others' (its threshold
+            # is the number of silos, at least 2): one silo's answer would be its own.
+            raise QueryRefusedError(
+                f"a query needs at least {MIN_SILOS} silos; only {entries[0].silo!r}"
+                f"{hint} serves a table (connect more silos, or widen --tag)"
             )
-            log.info(
-                "query %s: %r at epsilon %g over %d silo(s)",
-                query_id,
-                query.text(),
-                epsilon,
-                len(sessions),
-            )
-            try:
-                outcome = await self._round.run(query.text())
-            finally:
-                self._round = None
+        layout = plan_layout(query, self._schema(entries))
+        sessions = [s for e in entries if (s := self.registry.by_name(e.silo)) is not None]
+        query_id = uuid.uuid4().hex
+        round_ = QueryRound(
+            query_id,
+            layout,
+            epsilon=epsilon,
+            delta=delta,
+            noise_multiplier=z,
+            sessions=sessions,
+            phase_timeout=self.settings.phase_timeout,
+            signed=self.settings.signed,
+            origin=origin,
+        )
+        log.info(
+            "query %s: %r at epsilon %g over %d silo(s)",
+            query_id,
+            query.text(),
+            epsilon,
+            len(sessions),
+        )
+        self._rounds[origin.job_id] = round_
+        try:
+            outcome = await round_.run(query.text())
+        finally:
+            del self._rounds[origin.job_id]
         return answer_of(layout, outcome.totals, outcome.accepts, z, delta)
 
 

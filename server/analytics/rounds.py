@@ -34,9 +34,29 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from ..state.registry import SessionState, WorkerSession
 
-__all__ = ["QueryOutcome", "QueryRound"]
+__all__ = ["QueryAwaitingApproval", "QueryOrigin", "QueryOutcome", "QueryRound"]
 
 log = logging.getLogger("fedcore.server")
+
+
+class QueryAwaitingApproval(QueryRefusedError):
+    """Every silo that refused waits for its data owner's decision on the query's job
+    (``[jobs] approval = "always"``): asked again once they approve, the query is answered."""
+
+    def __init__(self, message: str, *, silos: list[str], asked: int) -> None:
+        super().__init__(message)
+        #: The silos whose owners have not decided, of ``asked``.
+        self.silos = silos
+        self.asked = asked
+
+
+@dataclass(frozen=True)
+class QueryOrigin:
+    """The job a query belongs to and who asked, named to the silos (empty: ``fed-query``)."""
+
+    job_id: str = ""
+    scientist: str = ""
+    study: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,8 +81,10 @@ class QueryRound:
         sessions: Sequence[WorkerSession],
         phase_timeout: float,
         signed: bool = False,
+        origin: QueryOrigin | None = None,
     ) -> None:
         self.query_id = query_id
+        self.origin = origin or QueryOrigin()
         self.layout = layout
         self.epsilon = epsilon
         self.delta = delta
@@ -81,6 +103,8 @@ class QueryRound:
         )
         self.accepts: dict[int, pb.QueryAccept] = {}
         self.refusals: dict[int, str] = {}
+        #: Silos (indexes) whose refusal only awaits their owner's decision.
+        self.awaiting: set[int] = set()
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ wire in
@@ -98,6 +122,8 @@ class QueryRound:
                 r = message.refusal
                 if r.query_id == self.query_id:
                     self.refusals[index] = f"[{r.rule}] {r.reason}"[:2000]
+                    if r.awaiting_approval:
+                        self.awaiting.add(index)
             elif kind == "masked":
                 self._masked(index, message.masked)
             else:
@@ -139,7 +165,7 @@ class QueryRound:
     # ------------------------------------------------------------------ phases
 
     def _send(self, index: int, **fields: object) -> None:
-        message = pb.AnalyticsCoordinatorMessage(**fields)  # type: ignore[arg-type]
+        message = pb.AnalyticsCoordinatorMessage(job_id=self.origin.job_id, **fields)  # type: ignore[arg-type]
         self.sessions[index].send_urgent(pb.CoordinatorMessage(analytics=message))
 
     def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
@@ -147,6 +173,19 @@ class QueryRound:
         self._send(index, secagg=message)
 
     def _failed(self) -> str | None:
+        if self.refusals and set(self.refusals) <= self.awaiting:
+            # Only owners' pending decisions so far: hear every silo, so that the job shows
+            # whom it awaits (a real refusal among the rest still ends the query now).
+            answered = set(self.refusals) | set(self.accepts)
+            if len(answered) < len(self.sessions):
+                return None
+            names = [self.sessions[i].name for i in sorted(self.awaiting)]
+            raise QueryAwaitingApproval(
+                f"the query awaits approval at {len(names)} of {len(self.sessions)} silos "
+                f"({', '.join(names)})",
+                silos=names,
+                asked=len(self.sessions),
+            )
         if self.refusals:
             return "; ".join(
                 f"silo {self.sessions[i].name!r}: {why}" for i, why in sorted(self.refusals.items())
@@ -209,6 +248,9 @@ class QueryRound:
             delta=self.delta,
             silos=len(self.sessions),
             secagg=wire.setup_to_proto(self.setup),
+            job_id=self.origin.job_id,
+            scientist=self.origin.scientist,
+            study=self.origin.study,
         )
         for i in self.sessions:
             self._send(i, task=task)

@@ -25,6 +25,7 @@ from fedcore.v1 import fedcore_pb2_grpc
 from ..transport.scientists import Context, abort, identify_scientist
 from .frontend import AnalyticsFrontend
 from .refusals import RefusalLimiter
+from .rounds import QueryOrigin
 
 __all__ = ["AnalyticsService", "answer_to_proto"]
 
@@ -127,6 +128,7 @@ class AnalyticsService(fedcore_pb2_grpc.AnalyticsServicer):
                 epsilon=request.epsilon,
                 delta=request.delta,
                 tags=tuple(request.tags),
+                origin=QueryOrigin(scientist=who),
             )
         except QueryRefusedError as exc:
             log.warning("query of %r not answered: %s", who, exc)

@@ -23,7 +23,8 @@ from ..state.config import ServerConfig
 from ..state.registry import Collector, Ticket, WorkerPool, WorkerSession
 from ..transport.inbox import SecAggRoute
 from ..transport.payloads import FrozenPayload, WeightsPayload
-from ..transport.service import CoordinatorService, TrafficCounters
+from ..transport.service import CoordinatorService
+from ..transport.traffic import Traffic
 from .collectors import RoundCollector
 from .reports import ReportPipeline
 
@@ -45,6 +46,8 @@ class RoundContext:
         model_order: Sequence[str] = (),
         workers: WorkerPool | None = None,
         job_id: str = "",
+        scientist: str = "",
+        study: str = "",
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -52,6 +55,10 @@ class RoundContext:
         self.registry: WorkerPool = workers if workers is not None else service.registry
         #: The job every task carries (empty: a one-shot federation).
         self.job_id = job_id
+        #: Who asked for the job and in which study: every task names them to the data
+        #: owners (those approving every job see them in their request queue).
+        self.scientist = scientist
+        self.study = study
         self.reports = reports
         self._service = service
         self._weights = weights
@@ -82,8 +89,11 @@ class RoundContext:
         return self._weights
 
     @property
-    def counters(self) -> TrafficCounters:
-        """Bytes sent and received on all streams so far."""
+    def counters(self) -> Traffic:
+        """Bytes sent and received so far: the job's own on a standing network (open while
+        it runs: a query meanwhile counts in its own job), else all streams'."""
+        if self.job_id:
+            return self._service.counters.open(self.job_id)
         return self._service.counters
 
     @property
@@ -115,8 +125,8 @@ class RoundContext:
         return {name: merged[name] for name in self._model_order}
 
     def route_secagg(self, handler: SecAggRoute | None) -> None:
-        """Send secure-aggregation messages to ``handler`` (None: drop them)."""
-        self._service.secagg_handler = handler
+        """Send this job's secure-aggregation messages to ``handler`` (None: drop them)."""
+        self._service.route_secagg(self.job_id, handler)
 
     def payload(self) -> WeightsPayload:
         """The global model as a chunk stream to send after a Task."""
@@ -154,6 +164,8 @@ class RoundContext:
             secagg=secagg,
             plan=self.config.plan,  # a model shipped as a program (server/plans.py)
             job_id=self.job_id,
+            scientist=self.scientist,
+            study=self.study,
         )
 
     def evaluate_task(self, round_number: int, payload: WeightsPayload) -> pb.Task:
@@ -165,6 +177,8 @@ class RoundContext:
             weights=payload.header,
             plan=self.config.plan,
             job_id=self.job_id,
+            scientist=self.scientist,
+            study=self.study,
         )
 
     def issue(

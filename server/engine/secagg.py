@@ -63,8 +63,12 @@ class SecAggCollector(FitCollector):
         needed: int,
         *,
         weight_norm: float | None = None,
+        job_id: str = "",
     ) -> None:
+        """``job_id``: the job whose round this is (empty: a one-shot federation's); every
+        message of the round carries it, and only its messages are routed here."""
         super().__init__(round_number, aggregator, global_weights)
+        self.job_id = job_id
         n = len(sessions)
         self.params = params
         self.needed = needed
@@ -185,6 +189,7 @@ class SecAggCollector(FitCollector):
 
     def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
         # Overtakes the weights' chunks: phases 1 and 2 overlap the download.
+        message.job_id = self.job_id
         self.sessions[index].send_urgent(pb.CoordinatorMessage(secagg=message))
 
     async def until(

@@ -291,6 +291,7 @@ class SyncEngine:
                 selected,
                 cfg.results_needed,
                 weight_norm=weight_norm,
+                job_id=ctx.job_id,
             )
             setup = secure.setup_proto()
             ctx.route_secagg(secure.on_message)

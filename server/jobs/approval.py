@@ -1,4 +1,7 @@
-"""A job waiting for data owners: plans (and terms) their owners have not decided on yet.
+"""A job waiting for data owners: plans, or jobs, their owners have not decided on yet.
+
+Owners decide on shipped plans (``[plans] require-approval``), or on every job
+(``[jobs] approval = "always"``); both answer alike, with their own rule.
 
 A worker whose owner requires approval answers a task it may not run yet with "awaiting
 approval" (``ERROR_CODE_AWAITING_APPROVAL``) and queues the request (``fed-worker
@@ -22,7 +25,16 @@ __all__ = ["ApprovalWatch", "Verdict"]
 
 Verdict = Literal["denied", "failed"]
 
-_RULE = "[plans.approval]:"
+#: How the refusals of owners' decisions are tagged (``TaskRefused``'s ``[rule]:``).
+_RULES = ("[plans.approval]:", "[jobs.approval]:")
+
+
+def _decision(reason: str) -> str | None:
+    """The owner's words in a refusal over a decision (None: another refusal)."""
+    for rule in _RULES:
+        if rule in reason:
+            return reason.split(rule, 1)[1].strip()
+    return None
 
 
 class ApprovalWatch:
@@ -55,14 +67,12 @@ class ApprovalWatch:
         """``denied`` when the round failed only on owners' decisions (a denial, or no decision
         within the timeout: :attr:`denied` says which), else ``failed``."""
         answers = failure.answers
-        approval = {n: r for n, r in answers.items() if _RULE in r}
+        approval = {n: d for n, r in answers.items() if (d := _decision(r)) is not None}
         if not approval or len(approval) != len(answers):
             return "failed"
-        denials = {n: r for n, r in approval.items() if "denied by the data owner" in r}
+        denials = {n: d for n, d in approval.items() if "denied by the data owner" in d}
         if denials:
-            self.denied = "; ".join(
-                f"denied at silo {n}: {r.split(_RULE, 1)[1].strip()}" for n, r in denials.items()
-            )
+            self.denied = "; ".join(f"denied at silo {n}: {d}" for n, d in denials.items())
         else:
             self.denied = (
                 f"no decision within the approval timeout ({self._timeout:g} s) at silo(s) "

@@ -151,6 +151,7 @@ class TrainingJob:
     async def run(self) -> None:
         """Run the job; its final state is in the store when this returns."""
         job_id, store = self.record.id, self.env.store
+        self.env.service.counters.open(job_id)  # its messages' bytes, from now to its end
         try:
             config = self._config()
             strategy = prepare_strategy(config, None)
@@ -197,7 +198,15 @@ class TrainingJob:
         if self._stop_requested:
             workers.stopped.set()
         context = RoundContext(
-            config, strategy, weights, self.env.service, reports, workers=workers, job_id=job_id
+            config,
+            strategy,
+            weights,
+            self.env.service,
+            reports,
+            workers=workers,
+            job_id=job_id,
+            scientist=self.record.scientist,
+            study=self.record.study,
         )
         first = len(restored) + 1
         context.rounds_completed = first - 1
@@ -276,6 +285,7 @@ class TrainingJob:
     ) -> None:
         """Record the job's end: its model and metrics, its state, JobEnd to its workers."""
         job_id, store = self.record.id, self.env.store
+        traffic = self.env.service.counters.close(job_id)
         epsilon: float | None = None
         if context is not None and reports is not None:
             rows = [r.to_json() for r in reports.rows]
@@ -286,13 +296,18 @@ class TrainingJob:
                     self.folder / "model.safetensors",
                     {"job": job_id, "rounds": str(len(rows))},
                 )
+            # A job that ended before its first checkpoint (denied, stopped) has no folder yet.
+            self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / "metrics.json").write_text(json.dumps(rows))
             epsilon = reports.rows[-1].epsilon if reports.rows else None
             release = release_terms(
                 workers.released if workers is not None else {},
                 private=context.config.dp is not None,
             )
-            store.set_result(job_id, json.dumps({"rows": len(rows), "release": release}))
+            store.set_result(
+                job_id,
+                json.dumps({"rows": len(rows), "release": release, "bytes": traffic.to_json()}),
+            )
         store.set_state(job_id, state, message)
         store.log(job_id, f"{state}: {message}")
         self.env.audit.append(

@@ -4,9 +4,11 @@ The queue is the job store's (ordered by submission; a job interrupted by a rest
 place). Whenever a job is submitted or ends, the scheduler starts queued jobs while fewer than
 ``max_running`` run: the first queued job of the study with the fewest running jobs, so one
 study's long queue does not starve another's. Jobs run as tasks of one task group; a queued
-job is only a row, so a long queue costs the coordinator nothing but its rows. Secure
-aggregation routes one round's messages at a time, so two securely aggregated training jobs
-never run together.
+job is only a row, so a long queue costs the coordinator nothing but its rows. Securely
+aggregated jobs run together like any others: every secure message names its job, the
+transport routes it to that job's round only, and a worker keeps a round per job
+(``server/transport/service.py``, ``worker/secagg.py``); a worker takes one training task at
+a time, so two jobs share no worker in a round.
 """
 
 from __future__ import annotations
@@ -69,18 +71,14 @@ class Scheduler:
         if free <= 0:
             return []
         per_study = collections.Counter(job.record.study for job in self.running.values())
-        secure = any(_secure(job.record) for job in self.running.values())
         chosen: list[JobRecord] = []
         queue = self.store.queued()
         while free > 0 and queue:
             # Fewest running jobs of its study first; submission order breaks ties.
             record = min(queue, key=lambda r: (per_study[r.study], r.seq))
             queue.remove(record)
-            if _secure(record) and secure:
-                continue
             chosen.append(record)
             per_study[record.study] += 1
-            secure = secure or _secure(record)
             free -= 1
         return chosen
 
@@ -109,10 +107,3 @@ class Scheduler:
         finally:
             self.running.pop(job_id, None)
             self.wake()
-
-
-def _secure(record: JobRecord) -> bool:
-    settings = record.settings
-    return record.kind == "train" and bool(
-        settings.get("secagg") or any(k.startswith("secagg_") for k in settings)
-    )

@@ -28,6 +28,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.v1 import fedcore_pb2_grpc
 
 from ..transport.scientists import Context, abort, identify_scientist
+from ..transport.traffic import Traffic, TrafficCounters
 from .job import job_folder
 from .release import release_refusal
 from .scheduler import Scheduler
@@ -50,7 +51,10 @@ class Scientist:
     studies: frozenset[str]
 
 
-def job_info(record: JobRecord) -> pb.JobInfo:
+def job_info(record: JobRecord, live: Traffic | None = None) -> pb.JobInfo:
+    """``record`` for its scientist; ``live``: the running job's bytes so far (an ended job's
+    are in its result)."""
+    traffic = live if live is not None else _final_traffic(record)
     return pb.JobInfo(
         job_id=record.id,
         study=record.study,
@@ -63,7 +67,17 @@ def job_info(record: JobRecord) -> pb.JobInfo:
         created=record.created,
         settings_json=json.dumps(record.settings),
         result_json=record.result,
+        bytes_sent=traffic.bytes_sent,
+        bytes_received=traffic.bytes_received,
     )
+
+
+def _final_traffic(record: JobRecord) -> Traffic:
+    try:
+        counted = json.loads(record.result or "{}").get("bytes", {})
+        return Traffic(int(counted.get("sent", 0)), int(counted.get("received", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return Traffic()
 
 
 class JobsService(fedcore_pb2_grpc.JobsServicer):
@@ -78,9 +92,11 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         state_dir: Path,
         max_plan_bytes: int,
         check_training: Callable[[dict[str, Any]], object],
+        counters: TrafficCounters | None = None,
     ) -> None:
         """``check_training``: raises ConfigError for a training job's settings the network
-        would refuse to run (checked at submission, so a bad job never waits in the queue)."""
+        would refuse to run (checked at submission, so a bad job never waits in the queue).
+        ``counters``: the workers' streams' bytes, whose running jobs' counts status shows."""
         self.store = store
         self.scheduler = scheduler
         self.scientists = scientists
@@ -88,6 +104,10 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         self.state_dir = state_dir
         self.max_plan_bytes = max_plan_bytes
         self.check_training = check_training
+        self.counters = counters or TrafficCounters()
+
+    def _info(self, record: JobRecord) -> pb.JobInfo:
+        return job_info(record, None if record.final else self.counters.of_job(record.id))
 
     def register(self, server: grpc.aio.Server) -> None:
         fedcore_pb2_grpc.add_JobsServicer_to_server(self, server)
@@ -157,15 +177,15 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
         )
         log.info("job %s submitted by %r in study %r", record.id, who.name, record.study)
         self.scheduler.wake()
-        return job_info(record)
+        return self._info(record)
 
     async def List(self, request: pb.JobListRequest, context: Context) -> pb.JobList:
         who = await self._who(context)
-        return pb.JobList(jobs=[job_info(r) for r in self.store.all(who.studies)])
+        return pb.JobList(jobs=[self._info(r) for r in self.store.all(who.studies)])
 
     async def Status(self, request: pb.JobRef, context: Context) -> pb.JobInfo:
         who = await self._who(context)
-        return job_info(await self._job(request.job_id, who, context))
+        return self._info(await self._job(request.job_id, who, context))
 
     async def Logs(
         self, request: pb.JobLogsRequest, context: Context
@@ -188,7 +208,7 @@ class JobsService(fedcore_pb2_grpc.JobsServicer):
     async def Stop(self, request: pb.JobRef, context: Context) -> pb.JobInfo:
         who = await self._who(context)
         record = await self._job(request.job_id, who, context)
-        return job_info(self.request_stop(record.id, who.name))
+        return self._info(self.request_stop(record.id, who.name))
 
     def request_stop(self, job_id: str, scientist: str) -> JobRecord:
         """Stop job ``job_id`` for ``scientist`` (already allowed to), audited; also the

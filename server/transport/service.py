@@ -8,7 +8,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -47,6 +46,7 @@ from .inbox import AnalyticsRoute, Inbox, SecAggRoute
 from .limits import grpc_limit_options, max_concurrent_rpcs
 from .listen import EXCLUSIVE_BIND, bind_failure
 from .revocation import close_revoked
+from .traffic import StreamJobs, TrafficCounters
 from .untrusted import bound_announced_examples, clean_dataset
 
 __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
@@ -54,14 +54,6 @@ __all__ = ["CoordinatorService", "TrafficCounters", "start_grpc_server"]
 log = logging.getLogger("fedcore.server")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-@dataclass
-class TrafficCounters:
-    """Bytes through all streams since start (messages as serialized on the wire)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 class _Abort(Exception):
@@ -94,8 +86,8 @@ class CoordinatorService:
         self.accepting = True
         self._upload_slots = asyncio.Semaphore(config.limits.upload_slots)
         self.gate = HandshakeGate(config.limits.gate_limits)
-        #: The running secure round's message handler (set by the coordinator per round).
-        self.secagg_handler: SecAggRoute | None = None
+        #: The running secure rounds' message handlers, by job id ("": a one-shot round).
+        self._secagg_handlers: dict[str, SecAggRoute] = {}
         #: Where workers' analytics messages go (set when analytics is served).
         self.analytics_handler: AnalyticsRoute | None = None
 
@@ -104,13 +96,57 @@ class CoordinatorService:
         """Every upload slot is held (an upload that arrives now waits for one)."""
         return self._upload_slots.locked()
 
-    def _route_secagg(self, session: WorkerSession, message: pb.SecAggWorkerMessage) -> None:
+    def route_secagg(self, job_id: str, handler: SecAggRoute | None) -> None:
+        """Send job ``job_id``'s secure-aggregation messages to ``handler`` (None: drop them).
+        Each job's round gets only the messages that name its job."""
+        if handler is None:
+            self._secagg_handlers.pop(job_id, None)
+        else:
+            self._secagg_handlers[job_id] = handler
+
+    def _route_secagg(
+        self, session: WorkerSession, message: pb.SecAggWorkerMessage, jobs: StreamJobs
+    ) -> None:
         if not self.secagg_allowed:
             raise ProtocolError("a secure-aggregation message arrived, but it is off")
-        if self.secagg_handler is not None:
-            self.secagg_handler(session, message)
+        if message.job_id not in jobs.given:
+            # Another job's round is never fed by a worker that holds no task of that job.
+            log.warning(
+                "refused a secure-aggregation message from %r for job %r: it was given no "
+                "task of that job",
+                session.name,
+                printable(message.job_id, 64),
+            )
+            return
+        handler = self._secagg_handlers.get(message.job_id)
+        if handler is not None:
+            handler(session, message)  # the round ignores a worker that is not its member
         else:
-            log.debug("dropping a secure-aggregation message from %r: no round", session.name)
+            log.debug(
+                "dropping a secure-aggregation message from %r: job %r runs no secure round",
+                session.name,
+                printable(message.job_id, 64),
+            )
+
+    def _analytics_route(self, jobs: StreamJobs) -> AnalyticsRoute | None:
+        """Where one stream's analytics messages go: the query of the job each names, only
+        when this worker was asked a query of that job on this stream."""
+        handler = self.analytics_handler
+        if handler is None:
+            return None
+
+        def route(session: WorkerSession, message: pb.AnalyticsWorkerMessage) -> None:
+            if jobs.query_job(message) is None:
+                log.warning(
+                    "refused an analytics message from %r for job %r: it was asked no query "
+                    "of that job",
+                    session.name,
+                    printable(message.job_id, 64),
+                )
+                return
+            handler(session, message)
+
+        return route
 
     def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
@@ -297,17 +333,18 @@ class CoordinatorService:
                 session.name,
                 " ".join("#" + t for t in session.missing_tags),
             )
+        jobs = StreamJobs()  # whose bytes each message is (read and written on this loop)
         inbox = Inbox(
             session,
             signature=self.signature,
             max_model_bytes=self.config.limits.max_model_bytes,
             chunk_limit=self.config.limits.chunk_bytes,
             upload_slots=self._upload_slots,
-            secagg=self._route_secagg,
-            analytics=self.analytics_handler,
+            secagg=lambda who, message: self._route_secagg(who, message, jobs),
+            analytics=self._analytics_route(jobs),
         )
         failure: list[_Abort] = []
-        reader = asyncio.create_task(self._read(session, inbox, context, failure))
+        reader = asyncio.create_task(self._read(session, inbox, context, failure, jobs))
         watchdog = asyncio.create_task(self._watch(session, inbox))
         try:
             while True:
@@ -319,16 +356,19 @@ class CoordinatorService:
                         # Control messages (secure aggregation) go between two chunks.
                         while session.urgent:
                             urgent = session.urgent.popleft()
-                            self.counters.bytes_sent += urgent.ByteSize()
+                            self.counters.count(jobs.outgoing(urgent), sent=urgent.ByteSize())
                             await context.write(urgent)
                         await context.write(message)
-                        self.counters.bytes_sent += len(message)
+                        self.counters.count(jobs.payload(), sent=len(message))
                     # Hold no chunk (nor the model, through the payload) while idle.
                     item, message = None, b""
                     continue
-                size = len(item) if isinstance(item, bytes) else item.ByteSize()
+                if isinstance(item, bytes):
+                    job, size = jobs.payload(), len(item)
+                else:
+                    job, size = jobs.outgoing(item), item.ByteSize()
                 await context.write(item)
-                self.counters.bytes_sent += size
+                self.counters.count(job, sent=size)
         finally:
             reader.cancel()
             watchdog.cancel()
@@ -344,6 +384,7 @@ class CoordinatorService:
         inbox: Inbox,
         context: grpc.aio.ServicerContext[Any, Any],
         failure: list[_Abort],
+        jobs: StreamJobs,
     ) -> None:
         reason = "worker closed the stream"
         try:
@@ -353,12 +394,12 @@ class CoordinatorService:
                     break
                 session.last_seen = time.monotonic()
                 if isinstance(message, RawChunk):
-                    self.counters.bytes_received += message.wire_size
+                    self.counters.count(jobs.incoming(None), received=message.wire_size)
                     await inbox.on_chunk(message)
                     continue
                 if isinstance(message, Undecodable):
                     raise ProtocolError(message.describe())
-                self.counters.bytes_received += message.ByteSize()
+                self.counters.count(jobs.incoming(message), received=message.ByteSize())
                 await inbox.handle(message)
         except ProtocolError as exc:
             log.warning("worker %r broke the protocol: %s", session.name, exc)
