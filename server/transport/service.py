@@ -23,7 +23,7 @@ from fedcore.errors import (
     ProtocolError,
     VersionMismatchError,
 )
-from fedcore.flow_control import SERVER_FLOW_CONTROL
+from fedcore.flow_control import FLOW_CONTROL_OPTIONS
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
@@ -437,8 +437,8 @@ async def start_grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             EXCLUSIVE_BIND,
-            # One upload fills 1 Gbit/s x 200 ms; at most 32 MiB per stream (fedcore.flow_control).
-            *SERVER_FLOW_CONTROL,
+            # Windows sized to each link's bandwidth-delay product (fedcore.flow_control).
+            *FLOW_CONTROL_OPTIONS,
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
