@@ -42,10 +42,11 @@ _LIMITS = [
 ]
 
 
-# The server's flow-control options under test. "today": the coordinator's (no BDP probing, so
-# gRPC's default window, which grows to one message while the handler waits for it);
-# "window-32m": a fixed 32 MiB window (1 Gbit/s x 200 ms = 25 MB in flight); "bdp": gRPC's
-# defaults (BDP probing grows the window with the measured bandwidth-delay product).
+# The server's flow-control options under test. "today": the coordinator's until issue 28 (no
+# BDP probing, so gRPC's default window, which grows to one message while the handler waits for
+# it); "window-32m": a fixed 32 MiB window (1 Gbit/s x 200 ms = 25 MB in flight); "bdp": gRPC's
+# defaults (BDP probing grows the window with the measured bandwidth-delay product), the
+# coordinator's since (fedcore/flow_control.py).
 OPTIONS: dict[str, list[tuple[str, int]]] = {
     "today": [("grpc.http2.bdp_probe", 0)],
     "window-32m": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 32 << 20)],

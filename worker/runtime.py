@@ -64,6 +64,7 @@ from fedcore.errors import (
     TaskRefused,
     TrainingFailed,
 )
+from fedcore.flow_control import FLOW_CONTROL_OPTIONS
 from fedcore.model_catalog import ModelCatalog
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import (
@@ -146,6 +147,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", _MAX_RECEIVE),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    *FLOW_CONTROL_OPTIONS,
 ]
 
 

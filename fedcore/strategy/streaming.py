@@ -8,17 +8,17 @@ it arrives; no upload is staged whole, so any number of uploads proceed at once 
 coordinator holds the sum, the global model and the chunks in flight.
 
 An upload that is cut off, or found bad part-way, is taken back out *exactly*: the stream
-keeps a journal of the values it folded, in an unlinked temporary file (so the coordinator's
-memory stays O(model) however many uploads are in flight), and :meth:`UpdateStream.abort`
-subtracts the same integers again (:mod:`.fixed_point`). A committed stream's journal is
-dropped at once.
+keeps a journal of the values it folded (:mod:`.journal`: the received pieces by reference up
+to a memory budget shared by the sum's streams, past it an unlinked temporary file, so the
+coordinator's memory stays O(model) however many uploads are in flight), and
+:meth:`UpdateStream.abort` subtracts the same integers again (:mod:`.fixed_point`). A
+committed stream's journal is dropped at once, mostly unwritten.
 """
 
 from __future__ import annotations
 
 import enum
-import tempfile
-from typing import BinaryIO
+import weakref
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ import numpy.typing as npt
 from fedcore.errors import PayloadError
 
 from .fixed_point import FixedPointSum
+from .journal import Journal, JournalBudget
 
 __all__ = ["UpdateAccess", "UpdateStream"]
 
@@ -48,33 +49,40 @@ class UpdateStream:
     still arriving cannot leave part of it in the sum.
     """
 
-    def __init__(self, total: FixedPointSum, weight: float, *, journal_dir: str | None) -> None:
+    def __init__(
+        self,
+        total: FixedPointSum,
+        weight: float,
+        *,
+        journal_dir: str | None = None,
+        journal: JournalBudget | None = None,
+    ) -> None:
+        """``journal``: the memory budget (and spill folder) this stream's take-back journal
+        shares; by default one per ``total`` (:data:`~.journal.DEFAULT_JOURNAL_MEMORY`,
+        spilling to ``journal_dir``)."""
         self._sum = total
         self.weight = float(weight)
         with total.lock:
             total.reserve(self.weight)
-        self._journal_dir = journal_dir
-        self._journal: BinaryIO | None = None  # opened at the first piece
-        self._pieces: list[tuple[str, int, np.dtype[np.generic], int]] = []
+            budget = journal if journal is not None else _shared_budget(total, journal_dir)
+        self._journal = Journal(budget)
         self.state = "open"
 
     def fold(self, name: str, start: int, values: npt.NDArray[np.generic]) -> bool:
         """Fold ``values`` (elements ``start..`` of tensor ``name``); False when the stream
         was closed meanwhile. Refuses (PayloadError) a piece out of range: nothing of it is
-        folded, and the caller aborts the stream."""
-        flat = np.ascontiguousarray(values).reshape(-1)
+        folded, and the caller aborts the stream. A read-only ``values`` over ``bytes`` is
+        journalled by reference (:mod:`.journal`)."""
+        flat = values.reshape(-1)
         with self._sum.lock:
             if self.state != "open":
                 return False
-            if self._journal is None:
-                self._journal = tempfile.TemporaryFile(dir=self._journal_dir)  # noqa: SIM115
             self._sum.fold(name, start, flat, self.weight, +1)
             try:
-                self._journal.write(flat.data)
+                self._journal.append(name, start, flat)
             except OSError as exc:
                 self._sum.fold(name, start, flat, self.weight, -1)
                 raise PayloadError(f"the upload journal could not be written: {exc}") from exc
-            self._pieces.append((name, start, flat.dtype, flat.size))
         return True
 
     def commit(self) -> bool:
@@ -83,7 +91,7 @@ class UpdateStream:
             if self.state != "open":
                 return False
             self.state = "committed"
-            self._close_journal()
+            self._journal.close()
         return True
 
     def abort(self) -> None:
@@ -91,18 +99,20 @@ class UpdateStream:
         with self._sum.lock:
             if self.state != "open":
                 return
-            if self._journal is not None:
-                journal = self._journal
-                journal.seek(0)
-                for name, start, dtype, size in self._pieces:
-                    values = np.frombuffer(journal.read(size * dtype.itemsize), dtype=dtype)
-                    self._sum.fold(name, start, values, self.weight, -1)
+            for name, start, values in self._journal.replay():
+                self._sum.fold(name, start, values, self.weight, -1)
             self._sum.release(self.weight)
             self.state = "aborted"
-            self._close_journal()
-
-    def _close_journal(self) -> None:
-        if self._journal is not None:
             self._journal.close()
-            self._journal = None
-        self._pieces.clear()
+
+
+# One journal budget per sum, for streams opened without one: the round's uploads share it.
+_BUDGETS: weakref.WeakKeyDictionary[FixedPointSum, JournalBudget] = weakref.WeakKeyDictionary()
+
+
+def _shared_budget(total: FixedPointSum, journal_dir: str | None) -> JournalBudget:
+    """The default budget of ``total``'s streams (the caller holds ``total.lock``)."""
+    budget = _BUDGETS.get(total)
+    if budget is None or budget.directory != journal_dir:
+        budget = _BUDGETS[total] = JournalBudget(directory=journal_dir)
+    return budget

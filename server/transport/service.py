@@ -22,6 +22,7 @@ from fedcore.errors import (
     ProtocolError,
     VersionMismatchError,
 )
+from fedcore.flow_control import FLOW_CONTROL_OPTIONS
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
@@ -477,9 +478,8 @@ async def start_grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             EXCLUSIVE_BIND,
-            # No flow-control window growth: while one upload holds the upload slot, the other
-            # streams' unread updates wait in the workers, not in this process (memory O(model)).
-            ("grpc.http2.bdp_probe", 0),
+            # Windows sized to each link's bandwidth-delay product (fedcore.flow_control).
+            *FLOW_CONTROL_OPTIONS,
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))

@@ -1,0 +1,156 @@
+"""The take-back journal: pieces in memory up to a shared budget, past it in a spill file.
+
+* an upload cut after any chunk is taken back exactly whether its journal is all in memory,
+  all spilled or split between the two (with a positive control: without the take-back the
+  sum differs, so the harness reaches the journal);
+* memory held stays within the round's budget however many streams are open, and is given
+  back when a stream ends;
+* a piece its caller may change is copied; a received chunk is kept by reference;
+* a spill that cannot be written refuses the piece and leaves the sum as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcore.codec import iter_chunks
+from fedcore.errors import PayloadError
+from fedcore.server.transport.upload_stream import StreamedUpload, layout_of
+from fedcore.strategy.fixed_point import FixedPointSum
+from fedcore.strategy.journal import JournalBudget
+from fedcore.strategy.streaming import UpdateStream
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights, signature_of
+
+RNG = np.random.default_rng(11)
+MODEL: Weights = {
+    "a": RNG.normal(0, 0.1, 40).astype(np.float32),
+    "n": np.array([3, 9], np.int64),
+    "b": RNG.normal(0, 0.1, 25).astype(np.float64),
+}
+SIGNATURE = signature_of(MODEL)
+TOTAL = sum(a.nbytes for a in MODEL.values())
+CHUNK = 37  # odd: chunks cut elements in two
+HONEST = [
+    ({k: (v + RNG.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in MODEL.items()}, n)
+    for n in (12, 5)
+]
+CUT = {k: v * np.asarray(7, v.dtype) for k, v in MODEL.items()}
+
+
+def _sum() -> FixedPointSum:
+    total = FixedPointSum(100.0)
+    for name, array in MODEL.items():
+        total.declare(name, array.shape, array.dtype)
+    return total
+
+
+def _upload(total: FixedPointSum, n: int, budget: JournalBudget) -> StreamedUpload:
+    return StreamedUpload(
+        SIGNATURE,
+        total_bytes=TOTAL,
+        chunk_bytes=CHUNK,
+        stream=UpdateStream(total, n, journal=budget),
+        base=None,
+        what="test upload",
+    )
+
+
+def _chunks(update: Weights) -> list[pb.PayloadChunk]:
+    return [
+        pb.PayloadChunk(index=i, data=bytes(d)) for i, d in enumerate(iter_chunks(update, CHUNK))
+    ]
+
+
+def _honest(total: FixedPointSum, budget: JournalBudget) -> None:
+    for update, n in HONEST:
+        upload = _upload(total, n, budget)
+        for chunk in _chunks(update):
+            upload.add(chunk)
+        assert upload.complete
+        assert upload.stream.commit()
+
+
+def _expected() -> bytes:
+    total = _sum()
+    _honest(total, JournalBudget(1 << 20))
+    return total.digest_bytes()
+
+
+@pytest.mark.parametrize("memory", [0, 3 * CHUNK, 1 << 20], ids=["spilled", "split", "memory"])
+def test_a_cut_after_any_chunk_is_taken_back_exactly(memory: int) -> None:
+    expected = _expected()
+    chunks = _chunks(CUT)
+    assert len(chunks) > 8
+    for cut in range(len(chunks) + 1):
+        total, budget = _sum(), JournalBudget(memory)
+        upload = _upload(total, 40, budget)
+        for chunk in chunks[:cut]:
+            upload.add(chunk)
+        _honest(total, budget)  # others fold and commit while it is in flight
+        if cut:  # positive control: the cut part is in the sum until taken back
+            assert total.digest_bytes() != expected
+        upload.abort()
+        assert total.digest_bytes() == expected, f"cut after {cut} chunks"
+        assert budget.held == 0
+
+
+def test_memory_held_stays_within_the_shared_budget() -> None:
+    limit = 4 * CHUNK
+    total, budget = _sum(), JournalBudget(limit)
+    uploads = [_upload(total, 10, budget) for _ in range(4)]
+    chunks = _chunks(CUT)
+    peak = 0
+    for index in range(len(chunks)):
+        for upload in uploads:
+            upload.add(chunks[index])
+            peak = max(peak, budget.held)
+    assert 0 < peak <= limit
+    for upload in uploads[:2]:
+        upload.stream.commit()
+    for upload in uploads[2:]:
+        upload.abort()
+    assert budget.held == 0
+
+
+def test_a_piece_its_owner_may_change_is_copied_and_a_received_one_is_not() -> None:
+    total, budget = _sum(), JournalBudget(1 << 20)
+    stream = UpdateStream(total, 4, journal=budget)
+    values = np.full(10, 0.5, np.float32)
+    stream.fold("a", 0, values)
+    assert budget.held == values.nbytes  # a copy of what was folded
+    values[:] = 1000.0  # the owner reuses its buffer
+    stream.abort()
+    assert total.digest_bytes() == _sum().digest_bytes()
+    # A read-only view of received bytes is kept as it is: charged the whole buffer once.
+    received = np.full(16, 0.25, np.float32).tobytes()
+    stream = UpdateStream(total, 4, journal=budget)
+    stream.fold("a", 0, np.frombuffer(received, np.float32, count=8))
+    # The coordinator's path: a view into the received message (fedcore.codec.RawChunk).
+    view = memoryview(memoryview(received)[32:]).cast("B")
+    stream.fold("a", 8, np.frombuffer(view, np.float32, count=8))
+    assert budget.held == len(received)
+    stream.abort()
+    assert total.digest_bytes() == _sum().digest_bytes()
+
+
+def test_a_spill_that_cannot_be_written_refuses_the_piece_and_leaves_the_sum(
+    tmp_path: object,
+) -> None:
+    missing = str(tmp_path) + "/no-such-folder"
+    values = np.full(10, 0.5, np.float32)
+    # Positive control: the same piece folds when the spill folder exists.
+    total = _sum()
+    UpdateStream(total, 4, journal=JournalBudget(0, directory=str(tmp_path))).fold("a", 0, values)
+    assert total.digest_bytes() != _sum().digest_bytes()
+    total = _sum()
+    stream = UpdateStream(total, 4, journal=JournalBudget(0, directory=missing))
+    with pytest.raises(PayloadError, match="journal could not be written"):
+        stream.fold("a", 0, values)
+    assert total.digest_bytes() == _sum().digest_bytes()
+
+
+def test_layout_of_the_test_model_has_every_dtype() -> None:
+    # The harness exercises float32, int64 and float64 pieces (and elements cut in two).
+    assert {str(d) for _, d in layout_of(SIGNATURE).values()} == {"float32", "int64", "float64"}
