@@ -1,0 +1,190 @@
+"""Start the suite's ``fed-*`` processes by forking them from a zygote (``tests/zygote.py``).
+
+A fresh ``fed-worker`` or ``fed-server`` spends seconds of CPU importing torch before it does
+anything; the suite starts about two hundred of them on two cores. :func:`popen` forks
+``fed-*`` console scripts from a process that imported torch once (:class:`Zygote`) and
+returns a :class:`ForkedProcess`, which behaves like the ``subprocess.Popen`` it replaces;
+anything else, and everything when ``FEDCORE_TEST_EXEC=1``, is started with plain exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["ForkedProcess", "Zygote", "popen"]
+
+BIN = Path(sys.executable).parent
+ZYGOTE = Path(__file__).with_name("zygote.py")
+
+#: Environment variables read when the preloaded modules are imported (or by the interpreter
+#: at start): a child whose value differs from the zygote's is exec'd, not forked.
+_IMPORT_TIME = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH", "COVERAGE", "LD_")
+_PER_CHILD = {"PYTHONPATH", "PYTHONUNBUFFERED"}  # the child applies these itself
+
+
+class ForkedProcess:
+    """A child of the zygote, with the part of ``subprocess.Popen``'s interface tests use."""
+
+    def __init__(self, args: list[str], conn: socket.socket, stdout: IO[str]) -> None:
+        self.args = args
+        self.stdout: IO[str] | None = stdout
+        self.returncode: int | None = None
+        self._conn = conn
+        self._buffer = b""
+        message = self._message(60.0)
+        if message is None or "pid" not in message:
+            conn.close()
+            stdout.close()
+            raise OSError(f"zygote could not start {args[0]}: {message}")
+        self.pid: int = message["pid"]
+
+    def _message(self, timeout: float | None) -> dict[str, Any] | None:
+        """The zygote's next message; None when none came within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                return None
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                return {"error": "the zygote closed the connection"}
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def _status(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            message = self._message(timeout)
+            if message is not None:
+                if "returncode" not in message:
+                    raise OSError(f"zygote lost {self.args[0]} (pid {self.pid}): {message}")
+                self.returncode = int(message["returncode"])
+                self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._status(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._status(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        # As Popen: nothing once the return code is known (the pid may be reused by then).
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """The pytest process's fork server, started on its first use and stopped by :meth:`close`
+    (or when this process dies: the zygote then kills the children it still has)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._dir = ""
+
+    def _start(self) -> str:
+        if self._proc is None:
+            self._dir = tempfile.mkdtemp(prefix="fedcore-zygote-")
+            path = os.path.join(self._dir, "socket")
+            env = {k: v for k, v in os.environ.items() if k not in _PER_CHILD}
+            self._proc = subprocess.Popen(
+                [sys.executable, str(ZYGOTE), path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=True,  # a ^C to the test run's group is not the zygote's
+            )
+            assert self._proc.stdout is not None
+            # Bounded: torch imports in seconds idle, a minute or more on a loaded machine.
+            ready, _, _ = select.select([self._proc.stdout], [], [], 300)
+            line = self._proc.stdout.readline() if ready else ""
+            if line != "ready\n":
+                self.close()
+                raise OSError(f"the test zygote did not start (said {line!r})")
+        return os.path.join(self._dir, "socket")
+
+    def forkable(self, args: list[str], env: dict[str, str]) -> bool:
+        """Whether ``args`` is a ``fed-*`` console script the zygote can run as exec would."""
+        if os.environ.get("FEDCORE_TEST_EXEC") == "1":
+            return False
+        script = Path(args[0])
+        if script.parent != BIN or not script.name.startswith("fed-") or not script.is_file():
+            return False
+        return all(
+            env.get(k) == os.environ.get(k)
+            for k in {*env, *os.environ}
+            if k.startswith(_IMPORT_TIME) and k not in _PER_CHILD
+        )
+
+    def spawn(self, args: list[str], env: dict[str, str], cwd: str) -> ForkedProcess:
+        """Fork ``args`` with ``env`` in ``cwd``, its stdout and stderr on one text pipe."""
+        path = self._start()
+        read, write = os.pipe()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            request = json.dumps({"argv": args, "env": env, "cwd": cwd}).encode() + b"\n"
+            socket.send_fds(conn, [request], [write])
+        except OSError:
+            conn.close()
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        return ForkedProcess(args, conn, open(read, encoding="utf-8", errors="replace"))  # noqa: SIM115
+
+    def close(self) -> None:
+        """Stop the zygote (it kills the children still running) and remove its socket."""
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(30)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+        if self._dir:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._dir, "socket"))
+                os.rmdir(self._dir)
+            self._dir = ""
+
+
+#: This pytest process's zygote (``tests/conftest.py`` closes it at the session's end).
+ZYGOTE_SERVER = Zygote()
+
+
+def popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str] | ForkedProcess:
+    """``args`` started with its stdout and stderr on one text pipe: forked from the zygote
+    when it is a ``fed-*`` console script, else (and with ``FEDCORE_TEST_EXEC=1``) exec'd."""
+    if ZYGOTE_SERVER.forkable(args, env):
+        return ZYGOTE_SERVER.spawn(args, env, os.getcwd())
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )

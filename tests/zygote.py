@@ -1,0 +1,263 @@
+"""A fork server ("zygote") for the test suite's ``fed-*`` processes.
+
+Run as ``python tests/zygote.py SOCKET`` by :class:`forked.Zygote` (one per pytest process).
+It imports torch, numpy and ``torch._dynamo`` once (seconds of CPU a fresh ``fed-worker`` or
+``fed-server`` pays at every start), then forks a child per request on the unix socket
+``SOCKET``: the child becomes what exec'ing the console script would have made, a separate OS
+process with its own session, its output on the pipe the request passed, the request's argv,
+environment and working directory, fresh random seeds and default signal handlers.
+
+Nothing that imports grpc is imported before the fork (grpc's threads and its fork handlers
+are not ours to reason about), so no fedcore module is: ``import fedcore`` imports grpc.
+
+Protocol, one connection per child: the client sends one JSON line ``{"argv", "env",
+"cwd"}`` with the child's output pipe as SCM_RIGHTS; the zygote answers ``{"pid": N}`` (or
+``{"error": "..."}``), then ``{"returncode": N}`` (negative: killed by that signal) when the
+child ends. A connection closed early, or the zygote's stdin closing (the test process went
+away), kills the child's process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+#: Imported once in the zygote; each must leave grpc (and fedcore, which imports it) out.
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch._dynamo",  # torch's optimizers import it on their first step (about 1.4 s)
+    "torch.optim",
+    "torch.nn.functional",
+    "torch.utils.data",
+    "google.protobuf.message",
+    "cryptography.hazmat.primitives.asymmetric.x25519",
+    "rich.console",
+    "asyncio",
+    "sqlite3",
+    "ssl",
+)
+
+#: Most bytes of one request (argv, environment and working directory as JSON).
+MAX_REQUEST = 1 << 20
+
+
+@dataclass
+class Request:
+    """What one child runs."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+def preload() -> None:
+    """Import :data:`PRELOAD`, and check the zygote is still safe to fork from."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("grpc", "fedcore"))
+    assert not leaked, f"imported before fork: {leaked[:5]}"
+    # No Python thread may hold a lock at fork. (numpy's OpenBLAS keeps a native pool; it
+    # stops it around fork with its own pthread_atfork handler.)
+    assert threading.active_count() == 1, threading.enumerate()
+
+
+def serve(path: str) -> Request | None:
+    """Fork a child per request until stdin closes; the request in a child, None in the
+    zygote when it is done."""
+    children: dict[int, socket.socket] = {}  # pid -> its request's connection
+    pending: dict[socket.socket, None] = {}  # connections whose child has not started
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written
+    signal.set_wakeup_fd(wake_w)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    print("ready", flush=True)
+    try:
+        while True:
+            ready, _, _ = select.select([listener, wake_r, sys.stdin, *children.values()], [], [])
+            if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+                return None  # the test process closed our stdin (or died)
+            if wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                _reap(children)
+            for conn in [c for c in children.values() if c in ready]:
+                _abandoned(children, conn)
+            if listener in ready:
+                conn, _ = listener.accept()
+                pending[conn] = None
+                request, fd = _receive(conn)
+                del pending[conn]
+                if request is None:
+                    conn.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    # The child: none of the zygote's descriptors but the output pipe stay.
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for other in [listener, conn, *children.values()]:
+                        other.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    _become(request, fd)
+                    return request
+                os.close(fd)
+                children[pid] = conn
+                _send(conn, {"pid": pid})
+    finally:
+        if os.getpid() == _ZYGOTE_PID:
+            for pid in children:
+                _kill_group(pid)
+            _reap(children)
+
+
+_ZYGOTE_PID = os.getpid()
+
+
+def _receive(conn: socket.socket) -> tuple[Request | None, int]:
+    """One request and its output pipe; ``(None, -1)`` when it is malformed."""
+    data = b""
+    fds: list[int] = []
+    while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+        chunk, got, _, _ = socket.recv_fds(conn, 65536, 1)
+        fds += got
+        if not chunk:
+            break
+        data += chunk
+    try:
+        raw: Any = json.loads(data)
+        request = Request(argv=list(raw["argv"]), env=dict(raw["env"]), cwd=str(raw["cwd"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        _send(conn, {"error": f"bad request: {exc}"})
+        request = None
+    if request is None or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        if request is not None:
+            _send(conn, {"error": f"expected one output pipe, got {len(fds)}"})
+        return None, -1
+    return request, fds[0]
+
+
+def _send(conn: socket.socket, message: dict[str, object]) -> None:
+    with contextlib.suppress(OSError):  # the client went away: nothing to tell
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Collect every ended child and tell its client its return code (as ``Popen``'s)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
+            conn.close()
+
+
+def _abandoned(children: dict[int, socket.socket], conn: socket.socket) -> None:
+    """A client closed its connection while its child runs: kill the child's group."""
+    with contextlib.suppress(OSError):
+        if conn.recv(1):
+            return  # clients send nothing after the request; ignore stray bytes
+    for pid, c in children.items():
+        if c is conn:
+            _kill_group(pid)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _become(request: Request, out: int) -> None:
+    """Make this forked child the process ``request.argv`` would have started."""
+    import numpy as np
+    import torch
+
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    # A fresh interpreter's handlers: SIGINT raises KeyboardInterrupt, the rest by default
+    # (Python itself ignores SIGPIPE and SIGXFSZ; the zygote changed only SIGCHLD).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # sys.path as the interpreter builds it for a script: its directory, $PYTHONPATH, then
+    # the zygote's own (stdlib, site-packages and what their .pth files add).
+    script = os.path.realpath(request.argv[0])
+    extra = [p for p in request.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.path.dirname(script), *extra, *sys.path[1:]]
+    import importlib
+
+    importlib.invalidate_caches()
+    sys.argv = list(request.argv)
+    # New streams on the new fds, buffered as in a fresh process ($PYTHONUNBUFFERED: none).
+    unbuffered = bool(request.env.get("PYTHONUNBUFFERED"))
+    encoding = sys.stdout.encoding
+    sys.stdin = sys.__stdin__ = open(0, encoding=encoding, closefd=False)  # noqa: SIM115
+    sys.stdout = sys.__stdout__ = _stream(1, encoding, "strict", unbuffered, line=False)
+    sys.stderr = sys.__stderr__ = _stream(2, encoding, "backslashreplace", unbuffered, line=True)
+    # Random state: Python's random reseeds itself at fork; numpy's global generator and
+    # torch's default generator would otherwise repeat the zygote's in every child (a fresh
+    # process seeds both from the OS).
+    np.random.seed()
+    torch.seed()
+
+
+def _stream(fd: int, encoding: str, errors: str, unbuffered: bool, *, line: bool) -> TextIO:
+    raw = io.FileIO(fd, "w", closefd=False)
+    binary = raw if unbuffered else io.BufferedWriter(raw)
+    return io.TextIOWrapper(
+        binary, encoding, errors, line_buffering=line, write_through=unbuffered
+    )
+
+
+def run(request: Request) -> None:
+    """Run the console script ``request.argv[0]`` names, as its wrapper would."""
+    from importlib.metadata import entry_points
+
+    name = Path(request.argv[0]).name
+    found = entry_points(group="console_scripts", name=name)
+    if not found:
+        print(f"zygote: no console script {name!r}", file=sys.stderr)
+        sys.exit(127)
+    (entry,) = found
+    sys.exit(entry.load()())
+
+
+def main() -> None:
+    """``zygote.py SOCKET``: preload, serve until stdin closes; in a child, run its script."""
+    preload()
+    request = serve(sys.argv[1])
+    if request is not None:
+        run(request)  # the interpreter's own exit path: SystemExit, atexit, flushing
+
+
+if __name__ == "__main__":
+    main()
