@@ -153,7 +153,7 @@ class Zygote:
             raise
         finally:
             os.close(write)
-        return ForkedProcess(args, conn, open(read, encoding="utf-8", errors="replace"))  # noqa: SIM115
+        return ForkedProcess(args, conn, open(read, encoding="utf-8", errors="replace"))
 
     def close(self) -> None:
         """Stop the zygote (it kills the children still running) and remove its socket."""

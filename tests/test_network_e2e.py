@@ -55,6 +55,9 @@ class Network:
                 "3",
                 "--round-timeout",
                 "60",
+                # The approval test's job learns of the owner's decision within a second.
+                "--approval-poll",
+                "1",
             ],
             "fed-server",
         )

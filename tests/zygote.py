@@ -30,7 +30,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 #: Imported once in the zygote; each must leave grpc (and fedcore, which imports it) out.
 PRELOAD = (
@@ -121,10 +121,13 @@ def serve(path: str) -> Request | None:
                 children[pid] = conn
                 _send(conn, {"pid": pid})
     finally:
-        if os.getpid() == _ZYGOTE_PID:
+        if os.getpid() == _ZYGOTE_PID:  # not in a child on its way out of this function
             for pid in children:
                 _kill_group(pid)
-            _reap(children)
+            for pid, conn in children.items():  # reaped before the zygote ends: none left
+                with contextlib.suppress(ChildProcessError):
+                    _, status = os.waitpid(pid, 0)
+                    _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
 
 
 _ZYGOTE_PID = os.getpid()
@@ -208,21 +211,21 @@ def _become(request: Request, out: int) -> None:
     # A fresh interpreter's handlers: SIGINT raises KeyboardInterrupt, the rest by default
     # (Python itself ignores SIGPIPE and SIGXFSZ; the zygote changed only SIGCHLD).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    # sys.path as the interpreter builds it for a script: its directory, $PYTHONPATH, then
-    # the zygote's own (stdlib, site-packages and what their .pth files add).
-    script = os.path.realpath(request.argv[0])
+    # sys.path as the interpreter builds it: the script's directory ('' for -c), $PYTHONPATH,
+    # then the zygote's own (stdlib, site-packages and what their .pth files add).
+    first = "" if _code(request) else os.path.dirname(os.path.realpath(request.argv[0]))
     extra = [p for p in request.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = [os.path.dirname(script), *extra, *sys.path[1:]]
+    sys.path[:] = [first, *extra, *sys.path[1:]]
     import importlib
 
     importlib.invalidate_caches()
     sys.argv = list(request.argv)
-    # New streams on the new fds, buffered as in a fresh process ($PYTHONUNBUFFERED: none).
+    # New streams on fds 1 and 2, buffered as in a fresh process ($PYTHONUNBUFFERED: none);
+    # sys.stdin already reads fd 0, now /dev/null (the zygote only ever select()ed on it).
     unbuffered = bool(request.env.get("PYTHONUNBUFFERED"))
     encoding = sys.stdout.encoding
-    sys.stdin = sys.__stdin__ = open(0, encoding=encoding, closefd=False)  # noqa: SIM115
-    sys.stdout = sys.__stdout__ = _stream(1, encoding, "strict", unbuffered, line=False)
-    sys.stderr = sys.__stderr__ = _stream(2, encoding, "backslashreplace", unbuffered, line=True)
+    sys.stdout = _stream(1, encoding, "strict", unbuffered, line=False)
+    sys.stderr = _stream(2, encoding, "backslashreplace", unbuffered, line=True)
     # Random state: Python's random reseeds itself at fork; numpy's global generator and
     # torch's default generator would otherwise repeat the zygote's in every child (a fresh
     # process seeds both from the OS).
@@ -230,18 +233,31 @@ def _become(request: Request, out: int) -> None:
     torch.seed()
 
 
-def _stream(fd: int, encoding: str, errors: str, unbuffered: bool, *, line: bool) -> TextIO:
+def _stream(
+    fd: int, encoding: str, errors: str, unbuffered: bool, *, line: bool
+) -> io.TextIOWrapper:
     raw = io.FileIO(fd, "w", closefd=False)
     binary = raw if unbuffered else io.BufferedWriter(raw)
-    return io.TextIOWrapper(
-        binary, encoding, errors, line_buffering=line, write_through=unbuffered
-    )
+    return io.TextIOWrapper(binary, encoding, errors, line_buffering=line, write_through=unbuffered)
+
+
+def _code(request: Request) -> str | None:
+    """The program of ``python -c CODE ...`` (what tests/test_zygote.py inspects children
+    with); None for a console script."""
+    argv = request.argv
+    return argv[2] if len(argv) >= 3 and argv[1] == "-c" else None
 
 
 def run(request: Request) -> None:
-    """Run the console script ``request.argv[0]`` names, as its wrapper would."""
+    """Run the console script ``request.argv[0]`` names, as its wrapper would (or the
+    program of ``python -c``)."""
     from importlib.metadata import entry_points
 
+    code = _code(request)
+    if code is not None:
+        sys.argv = ["-c", *request.argv[3:]]
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+        return
     name = Path(request.argv[0]).name
     found = entry_points(group="console_scripts", name=name)
     if not found:
