@@ -40,9 +40,16 @@ PRELOAD = (
     "torch.optim",
     "torch.nn.functional",
     "torch.utils.data",
+    "opacus",  # a DP-SGD worker's (scipy with it)
+    "dp_accounting",  # a DP coordinator's accountant
+    "safetensors.numpy",
     "google.protobuf.message",
+    "google.protobuf.json_format",
     "cryptography.hazmat.primitives.asymmetric.x25519",
+    "cryptography.x509",
     "rich.console",
+    "rich.live",
+    "rich.table",
     "asyncio",
     "sqlite3",
     "ssl",
