@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -102,8 +103,13 @@ class Zygote:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
         self._dir = ""
+        self._lock = threading.Lock()  # a test may start processes from several threads
 
     def _start(self) -> str:
+        with self._lock:
+            return self._started()
+
+    def _started(self) -> str:
         if self._proc is None:
             self._dir = tempfile.mkdtemp(prefix="fedcore-zygote-")
             path = os.path.join(self._dir, "socket")

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,8 @@ def preload() -> None:
 def serve(path: str) -> Request | None:
     """Fork a child per request until stdin closes; the request in a child, None in the
     zygote when it is done."""
-    children: dict[int, socket.socket] = {}  # pid -> its request's connection
-    pending: dict[socket.socket, None] = {}  # connections whose child has not started
+    children: dict[int, socket.socket] = {}  # pid -> its request's connection, until reaped
+    watched: dict[socket.socket, int] = {}  # connections whose client is still there -> pid
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written
@@ -96,20 +97,20 @@ def serve(path: str) -> Request | None:
     print("ready", flush=True)
     try:
         while True:
-            ready, _, _ = select.select([listener, wake_r, sys.stdin, *children.values()], [], [])
+            ready, _, _ = select.select([listener, wake_r, sys.stdin, *watched], [], [])
             if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
                 return None  # the test process closed our stdin (or died)
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-                _reap(children)
-            for conn in [c for c in children.values() if c in ready]:
-                _abandoned(children, conn)
+                for conn in _reap(children):
+                    watched.pop(conn, None)
+            for conn in [c for c in watched if c in ready]:
+                if _abandoned(conn):
+                    _kill(watched.pop(conn))
             if listener in ready:
                 conn, _ = listener.accept()
-                pending[conn] = None
                 request, fd = _receive(conn)
-                del pending[conn]
                 if request is None:
                     conn.close()
                     continue
@@ -126,11 +127,12 @@ def serve(path: str) -> Request | None:
                     return request
                 os.close(fd)
                 children[pid] = conn
+                watched[conn] = pid
                 _send(conn, {"pid": pid})
     finally:
         if os.getpid() == _ZYGOTE_PID:  # not in a child on its way out of this function
             for pid in children:
-                _kill_group(pid)
+                _kill(pid)
             for pid, conn in children.items():  # reaped before the zygote ends: none left
                 with contextlib.suppress(ChildProcessError):
                     _, status = os.waitpid(pid, 0)
@@ -170,34 +172,37 @@ def _send(conn: socket.socket, message: dict[str, object]) -> None:
         conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _reap(children: dict[int, socket.socket]) -> None:
-    """Collect every ended child and tell its client its return code (as ``Popen``'s)."""
+def _reap(children: dict[int, socket.socket]) -> list[socket.socket]:
+    """Collect every ended child and tell its client its return code (as ``Popen``'s); the
+    connections so closed."""
+    closed: list[socket.socket] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return closed
         if pid == 0:
-            return
+            return closed
         conn = children.pop(pid, None)
         if conn is not None:
             _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
             conn.close()
+            closed.append(conn)
 
 
-def _abandoned(children: dict[int, socket.socket], conn: socket.socket) -> None:
-    """A client closed its connection while its child runs: kill the child's group."""
-    with contextlib.suppress(OSError):
-        if conn.recv(1):
-            return  # clients send nothing after the request; ignore stray bytes
-    for pid, c in children.items():
-        if c is conn:
-            _kill_group(pid)
+def _abandoned(conn: socket.socket) -> bool:
+    """Whether the client closed ``conn`` (it sends nothing after its request)."""
+    try:
+        return not conn.recv(1)
+    except OSError:
+        return True
 
 
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+def _kill(pid: int) -> None:
+    """Kill a child (not reaped yet, so ``pid`` is still its) and its process group."""
+    for kill in (os.killpg, os.kill):  # before its setsid() the group is not its own yet
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 def _become(request: Request, out: int) -> None:
@@ -227,6 +232,12 @@ def _become(request: Request, out: int) -> None:
 
     importlib.invalidate_caches()
     sys.argv = list(request.argv)
+    # A __main__ of its own, as exec'd: multiprocessing's spawn (the worker's plan sandbox)
+    # re-runs the script it names, not this file.
+    main = types.ModuleType("__main__")
+    if not _code(request):
+        main.__file__ = request.argv[0]
+    sys.modules["__main__"] = main
     # New streams on fds 1 and 2, buffered as in a fresh process ($PYTHONUNBUFFERED: none);
     # sys.stdin already reads fd 0, now /dev/null (the zygote only ever select()ed on it).
     unbuffered = bool(request.env.get("PYTHONUNBUFFERED"))
@@ -263,7 +274,7 @@ def run(request: Request) -> None:
     code = _code(request)
     if code is not None:
         sys.argv = ["-c", *request.argv[3:]]
-        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+        exec(compile(code, "<string>", "exec"), vars(sys.modules["__main__"]))
         return
     name = Path(request.argv[0]).name
     found = entry_points(group="console_scripts", name=name)
