@@ -30,7 +30,10 @@ ZYGOTE = Path(__file__).with_name("zygote.py")
 
 #: Environment variables read when the preloaded modules are imported (or by the interpreter
 #: at start): a child whose value differs from the zygote's is exec'd, not forked.
-_IMPORT_TIME = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH", "COVERAGE", "LD_")
+_IMPORT_TIME = (
+    *("PYTHON", "COVERAGE", "LD_", "LANG", "LC_"),  # the interpreter's, stdio's encoding
+    *("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA"),  # torch's
+)
 _PER_CHILD = {"PYTHONPATH", "PYTHONUNBUFFERED"}  # the child applies these itself
 
 
@@ -103,6 +106,7 @@ class Zygote:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
         self._dir = ""
+        self._env: dict[str, str] = {}  # the zygote's environment
         self._lock = threading.Lock()  # a test may start processes from several threads
 
     def _start(self) -> str:
@@ -113,7 +117,7 @@ class Zygote:
         if self._proc is None:
             self._dir = tempfile.mkdtemp(prefix="fedcore-zygote-")
             path = os.path.join(self._dir, "socket")
-            env = {k: v for k, v in os.environ.items() if k not in _PER_CHILD}
+            env = self._env = {k: v for k, v in os.environ.items() if k not in _PER_CHILD}
             self._proc = subprocess.Popen(
                 [sys.executable, str(ZYGOTE), path],
                 stdin=subprocess.PIPE,
@@ -138,9 +142,11 @@ class Zygote:
         script = Path(args[0])
         if script.parent != BIN or not script.name.startswith("fed-") or not script.is_file():
             return False
+        # Compared with the environment the zygote started (or will start) with.
+        zygote = self._env if self._proc is not None else os.environ
         return all(
-            env.get(k) == os.environ.get(k)
-            for k in {*env, *os.environ}
+            env.get(k) == zygote.get(k)
+            for k in {*env, *zygote}
             if k.startswith(_IMPORT_TIME) and k not in _PER_CHILD
         )
 

@@ -100,6 +100,26 @@ def test_a_forked_console_script_says_what_the_exec_d_one_says(tmp_path: Path) -
     assert child.wait(60) == exec_d.returncode == 2
 
 
+def test_what_the_zygote_cannot_reproduce_is_exec_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = [str(BIN / "fed-server"), "--help"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH="/x", FEDCORE_X="1")
+    assert forked.ZYGOTE_SERVER.forkable(server, env)  # per-child settings and fedcore's own
+    # Read while the zygote imported torch, or by the interpreter at start: not the child's.
+    for name in ["OMP_NUM_THREADS", "PYTHONHASHSEED", "LC_ALL", "TORCH_LOGS"]:
+        other = f"{os.environ.get(name, '')}7"  # not what the zygote has
+        assert not forked.ZYGOTE_SERVER.forkable(server, dict(env, **{name: other}))
+    assert not forked.ZYGOTE_SERVER.forkable([sys.executable, "-c", "pass"], env)
+    assert not forked.ZYGOTE_SERVER.forkable([str(BIN / "python"), "-c", "pass"], env)
+    monkeypatch.setenv("FEDCORE_TEST_EXEC", "1")
+    assert not forked.ZYGOTE_SERVER.forkable(server, env)
+    child = forked.popen(server, env)
+    assert isinstance(child, subprocess.Popen)
+    assert child.stdout is not None
+    with child.stdout:
+        assert "usage: fed-server" in child.stdout.read()
+    assert child.wait(60) == 0
+
+
 def test_signals_reach_the_child_and_the_zygote_takes_its_children_with_it(
     tmp_path: Path,
 ) -> None:

@@ -27,6 +27,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import types
 from dataclasses import dataclass
@@ -220,6 +221,7 @@ def _become(request: Request, out: int) -> None:
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
+    tempfile.tempdir = None  # from $TMPDIR again, on first use
     # A fresh interpreter's handlers: SIGINT raises KeyboardInterrupt, the rest by default
     # (Python itself ignores SIGPIPE and SIGXFSZ; the zygote changed only SIGCHLD).
     signal.signal(signal.SIGINT, signal.default_int_handler)
