@@ -98,6 +98,11 @@ class ForkedProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def __del__(self) -> None:
+        # Quietly, as a Popen whose child ended is dropped (closing the connection of a child
+        # still running has the zygote kill it: no test leaves processes behind).
+        self._conn.close()
+
 
 class Zygote:
     """The pytest process's fork server, started on its first use and stopped by :meth:`close`
