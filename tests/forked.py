@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ForkedProcess", "Zygote", "popen"]
+__all__ = ["ForkedProcess", "Zygote", "popen", "run"]
 
 BIN = Path(sys.executable).parent
 ZYGOTE = Path(__file__).with_name("zygote.py")
@@ -40,9 +40,12 @@ _PER_CHILD = {"PYTHONPATH", "PYTHONUNBUFFERED"}  # the child applies these itsel
 class ForkedProcess:
     """A child of the zygote, with the part of ``subprocess.Popen``'s interface tests use."""
 
-    def __init__(self, args: list[str], conn: socket.socket, stdout: IO[str]) -> None:
+    def __init__(
+        self, args: list[str], conn: socket.socket, stdout: IO[str], stderr: IO[str] | None
+    ) -> None:
         self.args = args
         self.stdout: IO[str] | None = stdout
+        self.stderr = stderr
         self.returncode: int | None = None
         self._conn = conn
         self._buffer = b""
@@ -50,6 +53,8 @@ class ForkedProcess:
         if message is None or "pid" not in message:
             conn.close()
             stdout.close()
+            if stderr is not None:
+                stderr.close()
             raise OSError(f"zygote could not start {args[0]}: {message}")
         self.pid: int = message["pid"]
 
@@ -155,22 +160,28 @@ class Zygote:
             if k.startswith(_IMPORT_TIME) and k not in _PER_CHILD
         )
 
-    def spawn(self, args: list[str], env: dict[str, str], cwd: str) -> ForkedProcess:
-        """Fork ``args`` with ``env`` in ``cwd``, its stdout and stderr on one text pipe."""
+    def spawn(
+        self, args: list[str], env: dict[str, str], cwd: str, *, stderr: bool = False
+    ) -> ForkedProcess:
+        """Fork ``args`` with ``env`` in ``cwd``, its stdout and stderr on one text pipe (on
+        two with ``stderr``)."""
         path = self._start()
-        read, write = os.pipe()
+        pipes = [os.pipe() for _ in range(1 + stderr)]
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(path)
             request = json.dumps({"argv": args, "env": env, "cwd": cwd}).encode() + b"\n"
-            socket.send_fds(conn, [request], [write])
+            socket.send_fds(conn, [request], [write for _, write in pipes])
         except OSError:
             conn.close()
-            os.close(read)
+            for read, _ in pipes:
+                os.close(read)
             raise
         finally:
-            os.close(write)
-        return ForkedProcess(args, conn, open(read, encoding="utf-8", errors="replace"))
+            for _, write in pipes:
+                os.close(write)
+        out, *err = (open(read, encoding="utf-8", errors="replace") for read, _ in pipes)  # noqa: SIM115
+        return ForkedProcess(args, conn, out, err[0] if err else None)
 
     def close(self) -> None:
         """Stop the zygote (it kills the children still running) and remove its socket."""
@@ -205,3 +216,41 @@ def popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str] | Forke
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
+
+
+def run(
+    args: list[str], *, check: bool = False, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(args, capture_output=True, text=True)``, forking ``fed-*`` console
+    scripts from the zygote as :func:`popen` does."""
+    env = dict(os.environ)
+    if not ZYGOTE_SERVER.forkable(args, env):
+        return subprocess.run(
+            args, capture_output=True, text=True, check=check, timeout=timeout, env=env
+        )
+    child = ZYGOTE_SERVER.spawn(args, env, os.getcwd(), stderr=True)
+    streams = [child.stdout, child.stderr]
+    texts = ["", ""]
+
+    def read(i: int) -> None:
+        stream = streams[i]
+        assert stream is not None
+        with stream:
+            texts[i] = stream.read()
+
+    # Both pipes drained on threads, as Popen.communicate does: neither may fill and block.
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+    for reader in readers:
+        reader.start()
+    try:
+        code = child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise
+    for reader in readers:
+        reader.join(30)  # a grandchild could hold a pipe open: not forever
+    done = subprocess.CompletedProcess(args, code, texts[0], texts[1])
+    if check:
+        done.check_returncode()
+    return done

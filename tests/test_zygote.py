@@ -98,6 +98,9 @@ def test_a_forked_console_script_says_what_the_exec_d_one_says(tmp_path: Path) -
     with child.stdout:
         assert child.stdout.read() == exec_d.stdout + exec_d.stderr
     assert child.wait(60) == exec_d.returncode == 2
+    ran = forked.run(args)  # subprocess.run's stand-in: stdout and stderr apart
+    assert (ran.returncode, ran.stdout, ran.stderr) == (2, exec_d.stdout, exec_d.stderr)
+    assert "--rounds" in ran.stderr
 
 
 def test_what_the_zygote_cannot_reproduce_is_exec_d(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ Nothing that imports grpc is imported before the fork (grpc's threads and its fo
 are not ours to reason about), so no fedcore module is: ``import fedcore`` imports grpc.
 
 Protocol, one connection per child: the client sends one JSON line ``{"argv", "env",
-"cwd"}`` with the child's output pipe as SCM_RIGHTS; the zygote answers ``{"pid": N}`` (or
+"cwd"}`` with the child's output pipe (or its stdout's, then its stderr's) as SCM_RIGHTS; it answers ``{"pid": N}`` (or
 ``{"error": "..."}``), then ``{"returncode": N}`` (negative: killed by that signal) when the
 child ends. A connection closed early, or the zygote's stdin closing (the test process went
 away), kills the child's process group.
@@ -111,7 +111,7 @@ def serve(path: str) -> Request | None:
                     _kill(watched.pop(conn))
             if listener in ready:
                 conn, _ = listener.accept()
-                request, fd = _receive(conn)
+                request, fds = _receive(conn)
                 if request is None:
                     conn.close()
                     continue
@@ -124,9 +124,10 @@ def serve(path: str) -> Request | None:
                         other.close()
                     os.close(wake_r)
                     os.close(wake_w)
-                    _become(request, fd)
+                    _become(request, fds)
                     return request
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
                 children[pid] = conn
                 watched[conn] = pid
                 _send(conn, {"pid": pid})
@@ -143,12 +144,13 @@ def serve(path: str) -> Request | None:
 _ZYGOTE_PID = os.getpid()
 
 
-def _receive(conn: socket.socket) -> tuple[Request | None, int]:
-    """One request and its output pipe; ``(None, -1)`` when it is malformed."""
+def _receive(conn: socket.socket) -> tuple[Request | None, list[int]]:
+    """One request and its output pipes (stdout and stderr, or one for both); ``(None, [])``
+    when it is malformed."""
     data = b""
     fds: list[int] = []
     while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-        chunk, got, _, _ = socket.recv_fds(conn, 65536, 1)
+        chunk, got, _, _ = socket.recv_fds(conn, 65536, 2)
         fds += got
         if not chunk:
             break
@@ -159,13 +161,13 @@ def _receive(conn: socket.socket) -> tuple[Request | None, int]:
     except (ValueError, KeyError, TypeError) as exc:
         _send(conn, {"error": f"bad request: {exc}"})
         request = None
-    if request is None or len(fds) != 1:
+    if request is None or len(fds) not in (1, 2):
         for fd in fds:
             os.close(fd)
         if request is not None:
-            _send(conn, {"error": f"expected one output pipe, got {len(fds)}"})
-        return None, -1
-    return request, fds[0]
+            _send(conn, {"error": f"expected one or two output pipes, got {len(fds)}"})
+        return None, []
+    return request, fds
 
 
 def _send(conn: socket.socket, message: dict[str, object]) -> None:
@@ -206,7 +208,7 @@ def _kill(pid: int) -> None:
             kill(pid, signal.SIGKILL)
 
 
-def _become(request: Request, out: int) -> None:
+def _become(request: Request, out: list[int]) -> None:
     """Make this forked child the process ``request.argv`` would have started."""
     import numpy as np
     import torch
@@ -215,9 +217,10 @@ def _become(request: Request, out: int) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    os.dup2(out[0], 1)
+    os.dup2(out[-1], 2)
+    for fd in out:
+        os.close(fd)
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
