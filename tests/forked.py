@@ -2,9 +2,10 @@
 
 A fresh ``fed-worker`` or ``fed-server`` spends seconds of CPU importing torch before it does
 anything; the suite starts about two hundred of them on two cores. :func:`popen` forks
-``fed-*`` console scripts from a process that imported torch once (:class:`Zygote`) and
-returns a :class:`ForkedProcess`, which behaves like the ``subprocess.Popen`` it replaces;
-anything else, and everything when ``FEDCORE_TEST_EXEC=1``, is started with plain exec.
+the ``fed-*`` console scripts that import torch from a process that imported it once
+(:class:`Zygote`) and returns a :class:`ForkedProcess`, which behaves like the
+``subprocess.Popen`` it replaces (:func:`run` stands for ``subprocess.run``); anything else,
+and everything when ``FEDCORE_TEST_EXEC=1``, is started with plain exec.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ _IMPORT_TIME = (
     *("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "CUDA"),  # torch's
 )
 _PER_CHILD = {"PYTHONPATH", "PYTHONUNBUFFERED"}  # the child applies these itself
+
+#: The console scripts that import torch, worth forking. The others (and the data owner's
+#: ``fed-worker requests|ledger|audit``) start in under a second exec'd, faster than a child
+#: of the zygote ends: its interpreter still tears down torch's modules at exit.
+_TORCH_SCRIPTS = {"fed-server", "fed-worker", "fed-data", "fed-sim", "fed-plan", "fed-audit"}
+_OWNER_COMMANDS = {"requests", "ledger", "audit"}
 
 
 class ForkedProcess:
@@ -146,11 +153,14 @@ class Zygote:
         return os.path.join(self._dir, "socket")
 
     def forkable(self, args: list[str], env: dict[str, str]) -> bool:
-        """Whether ``args`` is a ``fed-*`` console script the zygote can run as exec would."""
+        """Whether ``args`` is a console script that imports torch, which the zygote can run
+        as exec would."""
         if os.environ.get("FEDCORE_TEST_EXEC") == "1":
             return False
         script = Path(args[0])
-        if script.parent != BIN or not script.name.startswith("fed-") or not script.is_file():
+        if script.parent != BIN or script.name not in _TORCH_SCRIPTS or not script.is_file():
+            return False
+        if script.name == "fed-worker" and args[1:2] and args[1] in _OWNER_COMMANDS:
             return False
         # Compared with the environment the zygote started (or will start) with.
         zygote = self._env if self._proc is not None else os.environ

@@ -112,6 +112,10 @@ def test_what_the_zygote_cannot_reproduce_is_exec_d(monkeypatch: pytest.MonkeyPa
         other = f"{os.environ.get(name, '')}7"  # not what the zygote has
         assert not forked.ZYGOTE_SERVER.forkable(server, dict(env, **{name: other}))
     assert not forked.ZYGOTE_SERVER.forkable([sys.executable, "-c", "pass"], env)
+    # Scripts without torch start faster exec'd than a forked child (with torch) ends.
+    assert not forked.ZYGOTE_SERVER.forkable([str(BIN / "fed-job"), "list"], env)
+    assert not forked.ZYGOTE_SERVER.forkable([str(BIN / "fed-worker"), "requests", "list"], env)
+    assert forked.ZYGOTE_SERVER.forkable([str(BIN / "fed-worker"), "--help"], env)
     assert not forked.ZYGOTE_SERVER.forkable([str(BIN / "python"), "-c", "pass"], env)
     monkeypatch.setenv("FEDCORE_TEST_EXEC", "1")
     assert not forked.ZYGOTE_SERVER.forkable(server, env)
