@@ -242,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(its other results are kept; 0: do not wait) (default: %(default)s)",
     )
     r.add_argument(
+        "--approval-poll",
+        type=float,
+        default=Limits.approval_poll,
+        help="most seconds between two asks of a worker awaiting its owner's approval (the "
+        "first after 2 s, then doubling) (default: %(default)s)",
+    )
+    r.add_argument(
         "--join-timeout",
         type=float,
         help="seconds to wait for --min-workers before round 1 (default: forever)",
@@ -529,6 +536,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         round_timeout=args.round_timeout,
         round_retries=args.round_retries,
         approval_timeout=args.approval_timeout,
+        approval_poll=args.approval_poll,
         join_timeout=args.join_timeout,
         strategy=args.strategy,
         strategy_options=options,

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import forked
 import numpy as np
 import pytest
 from raw_client import RawClient
@@ -41,6 +42,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (-slow[item.path], first[item.path]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zygote() -> Iterator[forked.Zygote]:
+    """This pytest process's fork server for ``fed-*`` processes (started on first use)."""
+    yield forked.ZYGOTE_SERVER
+    forked.ZYGOTE_SERVER.close()
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 IID shards of 400 MNIST training examples, and a 1,000-example test set."""
@@ -60,9 +68,8 @@ class Proc:
     def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
+        # fed-* scripts are forked from the zygote (tests/forked.py), the rest exec'd.
+        self.popen = forked.popen(args, env)
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []  # --log-json records, in order
         self._cond = threading.Condition()

@@ -20,7 +20,12 @@ def _rows(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_federation_runs_to_completion(shards: Path, tmp_path: Path, procs: list[Proc]) -> None:
+def test_federation_runs_to_completion(
+    shards: Path, tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real console scripts, exec'd: what users run (the rest of the suite forks most
+    # fed-* processes from the test zygote, tests/forked.py).
+    monkeypatch.setenv("FEDCORE_TEST_EXEC", "1")
     config = tmp_path / "federation.toml"
     config.write_text('rounds = 3\nmin-workers = 3\nmodel = "mnist-mlp"\nfed-eval-every = 3\n')
     metrics, model = tmp_path / "metrics.jsonl", tmp_path / "model.safetensors"

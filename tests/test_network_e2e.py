@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import BIN, Proc
 
@@ -56,6 +57,9 @@ class Network:
                 "3",
                 "--round-timeout",
                 "60",
+                # The approval test's job learns of the owner's decision within a second.
+                "--approval-poll",
+                "1",
             ],
             "fed-server",
         )
@@ -66,9 +70,7 @@ class Network:
 
 
 def _audit_verify(command: str, log: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / command), "audit", "verify", str(log)], capture_output=True, text=True
-    )
+    return forked.run([str(BIN / command), "audit", "verify", str(log)])
 
 
 def _table(root: Path, i: int) -> Path:
@@ -92,10 +94,9 @@ def _table(root: Path, i: int) -> Path:
 def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     root = tmp_path_factory.mktemp("network")
     for name, study in (("alice", "cardio"), ("bob", "onco")):
-        subprocess.run(
+        forked.run(
             [str(BIN / "fed-certs"), "add-scientist", "--dir", str(root / "certs"), "--study", study, name],
             check=True,
-            capture_output=True,
         )  # fmt: skip
     net = Network(root, 0, None)  # type: ignore[arg-type]
     try:
@@ -198,10 +199,10 @@ def test_a_scientist_sees_and_stops_only_their_own_studies_jobs(network: Network
         str(BIN / "fed-job"), "--server", f"127.0.0.1:{network.port}",
         "--token-file", str(network.root / "certs" / "scientists" / "bob.token"),
     ]  # fmt: skip
-    listed = subprocess.run([*fed_job, "list"], capture_output=True, text=True, check=True)
+    listed = forked.run([*fed_job, "list"], check=True)
     assert " onco " in listed.stdout
     assert "cardio" not in listed.stdout
-    stopped = subprocess.run([*fed_job, "stop", job_id], capture_output=True, text=True)
+    stopped = forked.run([*fed_job, "stop", job_id])
     assert stopped.returncode == 2
     assert f"no job {job_id!r} in your studies" in stopped.stderr
 
@@ -243,7 +244,7 @@ def _log_line(handle: JobHandle, text: str, timeout: float = 300.0) -> str:
 
 def _pending_request(requests: list[str]) -> str:
     """The id of the one pending request in the owner's queue (``fed-worker requests list``)."""
-    listed = subprocess.run([*requests, "list"], check=True, capture_output=True, text=True)
+    listed = forked.run([*requests, "list"], check=True)
     pending = [line.split()[0] for line in listed.stdout.splitlines() if "  pending" in line]
     assert len(pending) == 1, listed.stdout
     return pending[0]
@@ -254,10 +255,9 @@ def test_a_plan_waits_for_the_owners_approval_and_a_denial_ends_its_job(
     network: Network, tmp_path: Path
 ) -> None:
     plan = tmp_path / "plan.bin"
-    subprocess.run(
+    forked.run(
         [str(BIN / "fed-plan"), "export", "logreg", "--out", str(plan), "--input-shape", "1,28,28"],
         check=True,
-        capture_output=True,
     )
     policy = network.root / "policy2.toml"
     requests = [str(BIN / "fed-worker"), "requests", "--policy", str(policy)]
@@ -269,15 +269,14 @@ def test_a_plan_waits_for_the_owners_approval_and_a_denial_ends_its_job(
         assert waiting.startswith("awaiting approval at 1 of 1 silos (silo-2)")
         assert approved.status().state == "awaiting-approval"
         request_id = _pending_request(requests)
-        subprocess.run([*requests, "approve", request_id], check=True, capture_output=True)
+        forked.run([*requests, "approve", request_id], check=True)
         assert approved.wait(timeout=120).state == "completed"
 
         denied = alice.train("cardio", plan_file=plan, learning_rate=0.02, **terms)
         _log_line(denied, "awaiting approval")
-        subprocess.run(
+        forked.run(
             [*requests, "deny", _pending_request(requests), "--reason", "not for our patients"],
             check=True,
-            capture_output=True,
         )
         status = denied.wait(timeout=120)
         assert status.state == "denied"

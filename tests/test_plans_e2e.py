@@ -86,6 +86,7 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
         procs,
         "--model", "logreg", "--ship-plan", "--rounds", "2", "--min-workers", "2",
         "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--metrics-out", str(metrics),
+        "--approval-poll", "1",  # asked again every second: the round sees the approval at once
     )  # fmt: skip
     digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
     free = start_worker(procs, port, shards / "shard-0.npz", "free")

@@ -46,3 +46,11 @@ def test_the_cli_flags_fill_the_groups() -> None:
     assert config.recovery.checkpoint_dir == Path("ckpt")
     with pytest.raises(ConfigError, match="--resume needs --checkpoint-dir"):
         config_from_args(build_parser().parse_args(["--resume"]))
+
+
+def test_the_approval_wait_backs_off_to_approval_poll() -> None:
+    assert Limits().approval_poll == 30.0  # a person approves: asking every 30 s at most is enough
+    args = build_parser().parse_args(["--approval-poll", "0.5"])
+    assert config_from_args(args).limits.approval_poll == 0.5
+    with pytest.raises(ConfigError, match="--approval-poll must be positive"):
+        Limits(approval_poll=0)

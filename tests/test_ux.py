@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import forked
 import numpy as np
 import pytest
 from conftest import BIN
@@ -247,9 +248,7 @@ async def test_full_precision_update_to_a_compressed_federation_is_refused(
 
 @pytest.mark.slow
 def test_help_reads_like_documentation() -> None:
-    text = subprocess.run(
-        [str(BIN / "fed-server"), "--help"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
+    text = forked.run([str(BIN / "fed-server"), "--help"], timeout=60, check=True).stdout
     for flag in ("--compression", "--metrics-port", "--progress", "--log-json"):
         assert flag in text
     assert "error feedback" in text

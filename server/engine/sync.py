@@ -35,9 +35,9 @@ __all__ = ["SyncEngine"]
 
 log = logging.getLogger("fedcore.server")
 
-#: Seconds before asking a worker awaiting its owner's approval again, doubling up to the most.
+#: Seconds before asking a worker awaiting its owner's approval again, doubling up to
+#: ``--approval-poll`` (``Limits.approval_poll``).
 APPROVAL_POLL_FIRST = 2.0
-APPROVAL_POLL_MOST = 30.0
 
 
 class SyncEngine:
@@ -167,7 +167,7 @@ class SyncEngine:
                     round_number,
                     ", ".join(repr(n) for n in awaiting),
                 )
-                await asyncio.sleep(min(APPROVAL_POLL_MOST, left))
+                await asyncio.sleep(min(cfg.limits.approval_poll, left))
                 attempt -= 1
                 continue
             accounted = len(collector.results) + len(collector.failures) == collector.issued
@@ -208,7 +208,8 @@ class SyncEngine:
         privacy is spent twice. A secure round's members are fixed: it is rerun instead."""
         ctx = self.context
         needed = ctx.config.results_needed
-        delay = APPROVAL_POLL_FIRST
+        most = ctx.config.limits.approval_poll
+        delay = min(APPROVAL_POLL_FIRST, most)
         told = False
         while not isinstance(collector, SecAggCollector):
             awaiting = [f for f in collector.failures if f.awaiting]
@@ -228,7 +229,7 @@ class SyncEngine:
                 )
                 told = True
             await asyncio.sleep(min(delay, left))
-            delay = min(2 * delay, APPROVAL_POLL_MOST)
+            delay = min(2 * delay, most)
             idle = {s.worker_id: s for s in ctx.registry.idle()}
             again = [f for f in awaiting if f.worker.worker_id in idle]
             if not again:

@@ -41,6 +41,9 @@ class Limits:
     round_retries: int = 3
     #: Seconds a round waits for data owners to decide on a plan awaiting their approval.
     approval_timeout: float = 3600.0
+    #: Most seconds between two asks of a worker awaiting approval (the first after 2 s at
+    #: most, then doubling): how late a round learns of an owner's decision.
+    approval_poll: float = 30.0
     join_timeout: float | None = None
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
@@ -76,6 +79,8 @@ class Limits:
             raise ConfigError("--round-retries cannot be negative")
         if self.approval_timeout < 0:
             raise ConfigError("--approval-timeout cannot be negative (0: do not wait)")
+        if self.approval_poll <= 0:
+            raise ConfigError("--approval-poll must be positive")
         if not 1024 <= self.chunk_bytes <= 64 * 1024 * 1024:
             raise ConfigError("--chunk-bytes must be between 1 KiB and 64 MiB")
         if self.upload_slots < 1:
