@@ -85,6 +85,11 @@ def _reference(key: str, updates: list[Weights]) -> Weights:
     return out
 
 
+def _add_all(upload: StreamedUpload, chunks: list[pb.PayloadChunk]) -> None:
+    for chunk in chunks:
+        upload.add(chunk)
+
+
 def _chunks(update: Weights) -> list[pb.PayloadChunk]:
     return [
         pb.PayloadChunk(index=i, data=bytes(d)) for i, d in enumerate(iter_chunks(update, CHUNK))
@@ -112,7 +117,8 @@ def _aggregator(key: str) -> SpoolingAggregator:
 def _assert_same(a: Weights, b: Weights) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
@@ -198,8 +204,7 @@ def test_a_poisoned_chunk_is_refused(poison: float) -> None:
     bad["big"][BIG - 5] = poison
     upload = _upload(aggregator)
     with pytest.raises(PayloadError, match="NaN or Inf"):
-        for chunk in _chunks(bad):
-            upload.add(chunk)
+        _add_all(upload, _chunks(bad))
     upload.abort()  # what the inbox does on a refused chunk
     # Positive control: the clean update goes through the same harness.
     clean = _upload(aggregator)

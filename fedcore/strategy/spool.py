@@ -31,6 +31,12 @@ __all__ = ["RANGE_BYTES", "SpooledUpdate"]
 RANGE_BYTES = 1 << 18
 
 
+def _finite_squares(flat: npt.NDArray[np.generic]) -> bool:
+    floats: npt.NDArray[np.floating] = flat  # type: ignore[assignment]
+    # einsum's own loop, not BLAS: a threaded BLAS dot crawls on a loaded machine.
+    return bool(np.isfinite(np.einsum("i,i->", floats, floats)))
+
+
 class SpooledUpdate:
     """One update written piece by piece to an unlinked temporary file (a
     :class:`~.base.PieceSink`).
@@ -71,7 +77,7 @@ class SpooledUpdate:
         dtype = spec[1]
         flat = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
         # A finite sum of squares proves every element finite; only then is it looked at whole.
-        finite = dtype.kind != "f" or np.isfinite(np.dot(flat, flat)) or np.isfinite(flat).all()
+        finite = dtype.kind != "f" or _finite_squares(flat) or bool(np.isfinite(flat).all())
         if not finite:
             raise PayloadError(f"tensor {name!r} contains NaN or Inf; the update is refused")
         with self._lock:
@@ -121,18 +127,23 @@ class SpooledUpdate:
             self._close()
 
     def read(self, name: str, start: int, count: int) -> npt.NDArray[np.generic]:
-        """Elements ``start..start+count`` of tensor ``name`` (flat), from a committed update."""
-        if self.state != "committed":
-            raise ValueError(f"only a committed update can be read, this one is {self.state}")
+        """Elements ``start..start+count`` of tensor ``name`` (flat), once every element is in
+        (committed, or complete and still open). Holds the update's lock, so an abort from
+        another thread waits for the read to end."""
         dtype = self.layout[name][1]
-        if count == 0:
-            return np.empty(0, dtype=dtype)
-        assert self._file is not None
-        out = np.empty(count, dtype=dtype)
-        want = count * dtype.itemsize
-        got = os.preadv(
-            self._file.fileno(), [out.data.cast("B")], self._offsets[name] + start * dtype.itemsize
-        )
+        with self._lock:
+            if not (self.state == "committed" or (self.state == "open" and self.complete)):
+                raise ValueError(f"only a complete update can be read, this one is {self.state}")
+            out = np.empty(count, dtype=dtype)
+            if count == 0:
+                return out
+            assert self._file is not None
+            want = count * dtype.itemsize
+            got = os.preadv(
+                self._file.fileno(),
+                [out.data.cast("B")],
+                self._offsets[name] + start * dtype.itemsize,
+            )
         if got != want:
             raise OSError(f"the update spool returned {got} bytes of {want}")
         return out
