@@ -5,6 +5,7 @@
   round unmasks the others' sum exactly;
 * an input still streaming when phase 3 closes is taken back out and cannot commit later;
 * a second input from the same participant is refused (with its positive control);
+* N inputs in flight hold one ring vector, not N inputs;
 * the coordinator's secure rounds take the streaming path end to end.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +24,7 @@ from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, 
 from fedcore.errors import PayloadError, SecAggError
 from fedcore.secagg import SecAggParams
 from fedcore.secagg.client import ClientRules, SecAggClient
-from fedcore.secagg.ring import MaskedInputStream
+from fedcore.secagg.ring import MaskedInputStream, RingSum
 from fedcore.secagg.server import AggregateResult, SecAggServer
 from fedcore.secagg.setup import make_setup
 from fedcore.secagg.wire import MASKED_TENSOR
@@ -202,3 +204,44 @@ async def test_the_coordinators_secure_rounds_stream(
     step = PARAMS.clip / (2 ** (PARAMS.bits - 1) - 1)
     for name, w0 in initial_weights().items():
         np.testing.assert_allclose(result.weights[name], w0 + mean_offset, rtol=0, atol=4 * step)
+
+
+def test_memory_stays_one_ring_vector_with_n_inputs_in_flight() -> None:
+    """8 masked inputs of 2M words (8 MB each) in flight at once, chunks interleaved: the
+    coordinator holds the ring vector and a chunk, not the 8 inputs staging would."""
+    words, n_inputs, chunk = 2_000_000, 8, 1 << 20
+    rng = np.random.default_rng(1)
+    vectors = [rng.integers(0, 2**32, words, dtype=np.uint32) for _ in range(n_inputs)]
+    payloads = [[v.tobytes()[lo : lo + chunk] for lo in range(0, v.nbytes, chunk)] for v in vectors]
+    expected = np.zeros(words, np.uint32)
+    for v in vectors:
+        np.add(expected, v, out=expected)
+    del vectors
+    vector_bytes = words * 4
+    tracemalloc.start()
+    try:
+        ring = RingSum(words, np.dtype(np.uint32))
+        uploads = []
+        for u in range(n_inputs):
+            signature = (TensorSignature(MASKED_TENSOR, "uint32", (words,)),)
+            stream = ring.open(u + 1, lambda index: True)
+            uploads.append(
+                StreamedUpload(
+                    signature,
+                    total_bytes=vector_bytes,
+                    chunk_bytes=chunk,
+                    stream=stream,
+                    base=None,
+                    what=f"input {u}",
+                )
+            )
+        for index in range(len(payloads[0])):
+            for upload, chunks in zip(uploads, payloads, strict=True):
+                upload.add(pb.PayloadChunk(index=index, data=chunks[index]))
+        for upload in uploads:
+            assert upload.stream.commit()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ring.vector.tobytes() == expected.tobytes()
+    assert peak < 1.5 * vector_bytes, f"peak {peak / vector_bytes:.2f} ring vectors"
