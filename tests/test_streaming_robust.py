@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -337,3 +339,15 @@ def test_memory_is_o_n_times_range_not_n_models() -> None:
     assert peak < 1.75 * model_bytes, f"peak {peak / model_bytes:.2f} models"
     control, _ = measure(BufferingAggregator(lambda us: us[0]))
     assert control > n_uploads * model_bytes, f"control {control / model_bytes:.2f} models"
+
+
+def test_a_round_whose_rule_never_runs_leaves_no_file_open() -> None:
+    aggregator = _aggregator("median")
+    aggregator.add({k: v.copy() for k, v in UPDATES[0].items()}, 10)
+    upload = _upload(aggregator)
+    _add_all(upload, _chunks(UPDATES[1]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del aggregator, upload  # the round failed: result() is never called
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -122,6 +123,8 @@ class MaskedInputStream:
                 )
             if self._journal is None:
                 self._journal = tempfile.TemporaryFile(dir=ring.journal_dir)  # noqa: SIM115
+                # An aborted round drops its streams: their journals close with them.
+                weakref.finalize(self, self._journal.close)
             try:
                 self._journal.write(words.data)
             except OSError as exc:

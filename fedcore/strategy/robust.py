@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 Rule = Callable[[list[Weights]], Weights]
-#: A coordinate-wise rule: values stacked along axis 0 (one row per update, float64) ->
-#: one value per column.
+#: A coordinate-wise rule: values stacked along axis 0 (one row per update; integers as
+#: float64) -> one value per column.
 Combine = Callable[[np.ndarray], np.ndarray]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import weakref
 from typing import BinaryIO
 
 import numpy as np
@@ -91,6 +92,8 @@ class SpooledUpdate:
                 )
             if self._file is None:
                 self._file = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115
+                # A round that fails never reads its updates: their files close with them.
+                weakref.finalize(self, self._file.close)
             try:
                 os.pwrite(
                     self._file.fileno(), flat.data, self._offsets[name] + start * dtype.itemsize
