@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -296,3 +297,24 @@ def test_memory_stays_o_model_with_n_uploads_in_flight() -> None:
     # Each update (norm 0.01 (i+1) sqrt(2e6) > 1) was clipped to norm 1.
     assert l2_norm(aggregator.delta_sum()) == pytest.approx(n_uploads, rel=1e-6)
     assert peak < 2.25 * model_bytes, f"peak {peak / model_bytes:.2f} models"
+
+
+def test_an_abort_while_the_norm_is_computed_ends_the_upload_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    aggregator = _aggregator()
+    upload = _upload(aggregator)
+    chunks = _chunks(UPDATES[1])
+    _add_all(upload, chunks[:-1])
+    stream = upload.stream
+    original = aggregator.scale_of
+
+    def abort_midway(read: Any) -> float:
+        read("big", 0, 10)  # positive control: readable while complete and open
+        stream.abort()  # the round ends in another thread
+        return original(read)
+
+    monkeypatch.setattr(aggregator, "scale_of", abort_midway)
+    upload.add(chunks[-1])  # no error: the upload just ends
+    assert not aggregator.commit(stream, 10)
+    assert aggregator.units == 0

@@ -189,7 +189,12 @@ class _ClippedStream:
         if not self._spool.fold(name, start, values):
             return False
         if self._spool.complete and self._scale is None:
-            self._scale = self._owner.scale_of(self._read)
+            try:
+                self._scale = self._owner.scale_of(self._read)
+            except ValueError:
+                if self._spool.state == "open":
+                    raise
+                return False  # aborted meanwhile (the round ended): nothing to count
         return True
 
     def _read(self, name: str, lo: int, hi: int) -> npt.NDArray[np.generic]:
