@@ -11,6 +11,7 @@ centrally or shared among workers (:mod:`.noise`), and the coordinator wraps its
 from __future__ import annotations
 
 from .accountant import Mechanism, PrivacyAccountant, calibrate_noise_multiplier
+from .aggregation import UniformDeltaAggregator
 from .client import ClientDP, PrivatizedUpdate, privatize_update
 from .clipping import AdaptiveClipping, ClippedUpdate, clip_update, l2_norm
 from .noise import (
@@ -19,7 +20,7 @@ from .noise import (
     effective_noise_multiplier,
     secure_generator,
 )
-from .strategy import DifferentialPrivacy, DPMode, PrivacyReporting, UniformDeltaAggregator
+from .strategy import DifferentialPrivacy, DPMode, PrivacyReporting
 
 __all__ = [
     "AdaptiveClipping",

@@ -45,14 +45,16 @@ from fedcore.strategy import (
     FitResult,
     Strategy,
     StrategyState,
+    UpdateAccess,
     UpdateAggregator,
     WorkerInfo,
 )
 from fedcore.weights import Weights
 
 from .accountant import Mechanism, calibrate_noise_multiplier
+from .aggregation import UniformDeltaAggregator
 from .client import UNCLIPPED_METRIC, ClientDP
-from .clipping import AdaptiveClipping, clip_update
+from .clipping import AdaptiveClipping
 from .discrete import IntegerNoise, discrete_gaussian
 from .noise import add_ring_noise, central_step, effective_noise_multiplier
 from .participation import ParticipationAccountant
@@ -75,70 +77,6 @@ class PrivacyReporting(Protocol):
     def worker_epsilons(self) -> dict[str, float]:
         """Each worker's epsilon so far, by name."""
         ...
-
-
-class UniformDeltaAggregator(UpdateAggregator):
-    """Sums deltas from the global weights, each update weighing 1 (bounded weights).
-
-    ``presummed=True`` is for secure aggregation, where the aggregator receives one update —
-    the mean of ``num_examples`` unit-weight updates — instead of one per worker. With
-    ``enforce_clip`` (central mode without secure aggregation, where single updates are
-    visible) the coordinator clips each delta again, so a worker that skips clipping gains
-    nothing.
-    """
-
-    def __init__(
-        self, global_weights: Weights, *, presummed: bool = False, enforce_clip: float | None = None
-    ) -> None:
-        self._global = global_weights
-        self._presummed = presummed
-        self._enforce_clip = enforce_clip
-        self._sum: dict[str, np.ndarray] = {}
-        self._count = 0
-        self.units = 0  # unit-weight updates folded in (n)
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def add(self, update: Weights, num_examples: int, *, staleness: int = 0) -> None:
-        units = num_examples if self._presummed else 1
-        if units < 1:
-            raise ValueError("an update must stand for at least one worker")
-        delta = {
-            name: np.subtract(update[name], base, dtype=np.float64)
-            for name, base in self._global.items()
-            if base.dtype.kind == "f"
-        }
-        if self._enforce_clip is not None:
-            delta = clip_update(delta, self._enforce_clip).update
-        for name, d in delta.items():
-            if units != 1:
-                d *= units
-            total = self._sum.get(name)
-            if total is None:
-                self._sum[name] = d
-            else:
-                np.add(total, d, out=total)
-        self.units += units
-        self._count += 1
-
-    def delta_sum(self) -> dict[str, np.ndarray]:
-        """The sum of the unit-weight deltas (float64)."""
-        return self._sum
-
-    def result(self) -> Weights:
-        """Global weights plus the mean delta (without noise; the wrapper adds it)."""
-        if self.units == 0:
-            raise ValueError("no updates to aggregate")
-        out: Weights = {}
-        for name, base in self._global.items():
-            total = self._sum.get(name)
-            if total is None:
-                out[name] = base.copy()
-            else:
-                out[name] = np.add(base, total / self.units, dtype=np.float64).astype(base.dtype)
-        return out
 
 
 @dataclass
@@ -169,7 +107,13 @@ class DifferentialPrivacy(Strategy):
             discrete Gaussian, whose privacy is proven in Rényi DP; ``"pld"`` is refused).
         sampler: the exact noise source (default: OpenDP's discrete Gaussian; an auditor
             injects a weaker one as a positive control).
+
+    Updates stream (``UpdateAccess.STREAM``) whatever the inner strategy declares: the
+    wrapper's own aggregator spools each upload and clips it from the values received
+    (:mod:`.aggregation`), so the clip the accounting assumes is the one enforced.
     """
+
+    update_access = UpdateAccess.STREAM
 
     def __init__(
         self,

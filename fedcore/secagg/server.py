@@ -17,8 +17,9 @@ Participants are known by their index (1..n). The sets of Bonawitz et al.: U1 ad
 keys, U2 completed key sharing, U3 sent a masked input, U5 answered the unmasking request.
 Every ``close_*`` checks that at least ``t`` remain; if not, the round aborts with
 :class:`~fedcore.errors.SecAggAbortedError` and nothing is revealed (no unmasking request was
-sent, so the coordinator holds only masked vectors). Masked inputs are summed as they arrive:
-the coordinator keeps one ring vector, however many workers report.
+sent, so the coordinator holds only masked vectors). Masked inputs are summed as they arrive,
+whole (:meth:`SecAggServer.add_masked`) or chunk by chunk (:meth:`SecAggServer.open_masked`,
+:mod:`.ring`): the coordinator keeps one ring vector, however many workers report at once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .messages import (
 )
 from .params import harary_neighbours
 from .quantize import COUNT_WORDS, decode_count
+from .ring import MaskedInputStream, RingSum
 
 __all__ = ["AggregateResult", "SecAggServer", "ServerState"]
 
@@ -111,7 +113,8 @@ class SecAggServer:
         self._outgoing: dict[int, list[EncryptedShare]] = {}
         self.u2: frozenset[int] = frozenset()
         self.u3: set[int] = set()
-        self._sum: npt.NDArray[np.unsignedinteger] | None = None
+        self._ring: RingSum | None = None  # phase 3's running sum
+        self._streaming: set[int] = set()  # who opened a streamed input (one try each)
         self.request: UnmaskRequest | None = None
         self._consistency: dict[int, ConsistencySignature] = {}
         self.u4: frozenset[int] = frozenset()
@@ -136,7 +139,9 @@ class SecAggServer:
     def abort(self, reason: str) -> NoReturn:
         """Abandon the round; raises :class:`SecAggAbortedError`."""
         self.state = ServerState.ABORTED
-        self._sum = None
+        if self._ring is not None:
+            self._ring.abandon()
+            self._ring = None
         self.abort_reason = reason
         raise SecAggAbortedError(
             f"secure aggregation aborted ({reason}); nothing was unmasked and the global "
@@ -214,31 +219,53 @@ class SecAggServer:
                 if share.recipient in inbox:
                     inbox[share.recipient].append(share)
         self._outgoing.clear()
+        self._ring = RingSum(self.vector_words, self.setup.fixed_point.dtype)
         self.state = ServerState.INPUTS
         return inbox
 
     # ------------------------------------------------------------------ phase 3
 
     def add_masked(self, index: int, vector: npt.NDArray[np.unsignedinteger]) -> None:
-        """Fold one masked input into the running sum."""
+        """Fold one whole masked input into the running sum."""
         self._expect(ServerState.INPUTS, "accept a masked input")
         dtype = self.setup.fixed_point.dtype
-        if index not in self.u2 or index in self.u3:
-            raise SecAggError(f"unexpected masked input from participant {index}")
+        self._check_sender(index)
         if vector.shape != (self.vector_words,) or vector.dtype != dtype:
             raise SecAggError(
                 f"participant {index} sent a masked input of {vector.dtype}{list(vector.shape)}, "
                 f"expected {dtype}[{self.vector_words}]"
             )
-        if self._sum is None:
-            self._sum = np.array(vector, dtype=dtype, copy=True)
-        else:
-            np.add(self._sum, vector, out=self._sum)
+        assert self._ring is not None
+        self._ring.add(vector)
         self.u3.add(index)
 
+    def open_masked(self, index: int) -> MaskedInputStream:
+        """A stream that adds participant ``index``'s masked input to the running sum chunk
+        by chunk; its :meth:`~.ring.MaskedInputStream.commit` adds ``index`` to U3 if phase 3
+        is still open, and a stream still under way when phase 3 closes is taken back out."""
+        self._expect(ServerState.INPUTS, "accept a masked input")
+        self._check_sender(index)
+        self._streaming.add(index)
+        assert self._ring is not None
+        return self._ring.open(index, self._commit_input)
+
+    def _check_sender(self, index: int) -> None:
+        if index not in self.u2 or index in self.u3 or index in self._streaming:
+            raise SecAggError(f"unexpected masked input from participant {index}")
+
+    def _commit_input(self, index: int) -> bool:
+        # Called under the ring's lock, so phase 3 cannot close half-way through.
+        if self.state is not ServerState.INPUTS or index in self.u3:
+            return False
+        self.u3.add(index)
+        return True
+
     def close_inputs(self) -> UnmaskRequest:
-        """End phase 3: ask for self-mask shares of U3 and key shares of U2 \\ U3."""
+        """End phase 3 (inputs still streaming are taken back out): ask for self-mask shares
+        of U3 and key shares of U2 \\ U3."""
         self._expect(ServerState.INPUTS, "close phase 3")
+        assert self._ring is not None
+        self._ring.close()
         self._check_count(len(self.u3), "masked input")
         self.request = UnmaskRequest(frozenset(self.u3), frozenset(self.u2 - self.u3))
         self.state = ServerState.CONSISTENCY if self.setup.signed else ServerState.UNMASKING
@@ -296,9 +323,9 @@ class SecAggServer:
         """Reconstruct the missing secrets, strip every mask, decode the sum."""
         self._expect(ServerState.UNMASKING, "finish")
         assert self.request is not None
-        assert self._sum is not None
+        assert self._ring is not None
         self._check_count(len(self._responses), "unmasking")
-        total = self._sum
+        total = self._ring.vector
         plus: list[bytes] = []  # seeds whose PRG is added back (subtracted masks)
         minus: list[bytes] = []  # seeds whose PRG is subtracted
         for u in sorted(self.request.survivors):
@@ -317,7 +344,7 @@ class SecAggServer:
                 # v added sign(v, u) * PRG(s_vu); take it back out.
                 (minus if pairwise_sign(v, u) > 0 else plus).append(seed)
         prg.apply_masks(total, plus=plus, minus=minus)
-        self._sum = None
+        self._ring = None
         fp = self.setup.fixed_point
         d = self.vector_words - COUNT_WORDS
         count = decode_count(total[d:])

@@ -26,6 +26,7 @@ from .base import (
     Failure,
     FitInstruction,
     FitResult,
+    PieceSink,
     Strategy,
     StrategyState,
     StreamingAggregator,
@@ -46,7 +47,14 @@ from .registry import (
     strategy_by_name,
     strategy_options,
 )
-from .robust import BufferingAggregator, CoordinateMedian, Krum, MultiKrum, TrimmedMean
+from .robust import (
+    BufferingAggregator,
+    CoordinateMedian,
+    Krum,
+    MultiKrum,
+    SpoolingAggregator,
+    TrimmedMean,
+)
 from .sampling import ClientSampler
 from .streaming import UpdateAccess, UpdateStream
 
@@ -70,7 +78,9 @@ __all__ = [
     "FitResult",
     "Krum",
     "MultiKrum",
+    "PieceSink",
     "ServerOptimizer",
+    "SpoolingAggregator",
     "StalenessWeightedAggregator",
     "Strategy",
     "StrategyState",

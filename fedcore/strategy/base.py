@@ -29,9 +29,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import ConfigError
@@ -49,6 +50,7 @@ __all__ = [
     "Failure",
     "FitInstruction",
     "FitResult",
+    "PieceSink",
     "Strategy",
     "StrategyState",
     "StreamingAggregator",
@@ -150,6 +152,24 @@ class UpdateAggregator(ABC):
 Layout = dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]]
 
 
+class PieceSink(Protocol):
+    """One update taken piece by piece (what :meth:`StreamingAggregator.open` returns):
+    :class:`~.streaming.UpdateStream` for the weighted sums, a spooled update
+    (:mod:`.spool`) for the rules that need every update or the whole norm."""
+
+    def fold(self, name: str, start: int, values: npt.NDArray[np.generic]) -> bool:
+        """Take elements ``start..`` of tensor ``name``; False when closed meanwhile."""
+        ...
+
+    def commit(self) -> bool:
+        """Keep what was folded; False when the stream was aborted first."""
+        ...
+
+    def abort(self) -> None:
+        """Take back, exactly, everything folded so far."""
+        ...
+
+
 class StreamingAggregator(UpdateAggregator):
     """An aggregator that also takes updates piece by piece (:mod:`.streaming`): what a
     strategy declaring ``update_access = UpdateAccess.STREAM`` returns from
@@ -165,11 +185,11 @@ class StreamingAggregator(UpdateAggregator):
         any update."""
 
     @abstractmethod
-    def open(self, layout: Layout, num_examples: int) -> UpdateStream:
+    def open(self, layout: Layout, num_examples: int) -> PieceSink:
         """A stream for one update of ``layout`` weighing ``num_examples``."""
 
     @abstractmethod
-    def commit(self, stream: UpdateStream, num_examples: int) -> bool:
+    def commit(self, stream: PieceSink, num_examples: int) -> bool:
         """Count a fully folded stream as one update; False when it was aborted first (the
         round closed meanwhile)."""
 
@@ -192,7 +212,7 @@ class WeightedMeanAggregator(StreamingAggregator):
         self._fixed = FixedPointSum(weight_budget) if weight_budget is not None else None
         self._exact: ExactSum | None = None
         self._journal_dir = journal_dir
-        self._open: set[UpdateStream] = set()
+        self._open: set[PieceSink] = set()
         self._dtypes: dict[str, np.dtype[np.generic]] = {}
         self._total_weight = 0
         self._count = 0
@@ -231,7 +251,7 @@ class WeightedMeanAggregator(StreamingAggregator):
             self._dtypes = {name: dtype for name, (_, dtype) in layout.items()}
         return stream
 
-    def commit(self, stream: UpdateStream, num_examples: int) -> bool:
+    def commit(self, stream: PieceSink, num_examples: int) -> bool:
         self._open.discard(stream)
         if not stream.commit():
             return False

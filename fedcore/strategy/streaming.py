@@ -34,10 +34,11 @@ __all__ = ["UpdateAccess", "UpdateStream"]
 class UpdateAccess(enum.Enum):
     """How a strategy's aggregation needs the round's updates (and so its memory)."""
 
-    #: Piece by piece, as chunks arrive (weighted sums): O(model) however many workers.
+    #: Piece by piece, as chunks arrive: weighted sums fold into O(model) however many
+    #: workers; median, trimmed mean and the DP wrapper spool pieces to disk (:mod:`.spool`).
     STREAM = "stream"
-    #: Each update whole, kept until the round's rule runs on all of them (coordinate-wise
-    #: median, trimmed mean, Krum, custom rules): O(workers x model).
+    #: Each update whole, kept until the round's rule runs on all of them (Krum, custom
+    #: rules): O(workers x model).
     WHOLE = "whole"
 
 

@@ -5,6 +5,10 @@ The round's collector replaces plain aggregation without touching the strategy: 
 masked inputs, unmasks the total, and feeds the strategy's aggregator *one* update, the
 example-weighted mean (global weights + mean delta) with the summed example count. Any
 strategy that only needs the weighted mean works unchanged.
+
+Masked inputs stream: each arriving chunk is added to the ring sum at once
+(:mod:`fedcore.secagg.ring`), so the round's uploads proceed in parallel, take no upload slot,
+and the coordinator holds one ring vector; an input cut off part-way is subtracted again.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from fedcore.strategy import FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, TensorSignature, Weights, signature_of
 
-from ..state.registry import SessionState, Ticket, WorkerSession
+from ..state.registry import SessionState, Ticket, UploadSink, WorkerSession
+from ..transport.upload_stream import StreamedUpload
 from .collectors import FitCollector
 from .secagg_checks import bounded_count, bounded_mean
 
@@ -156,6 +161,41 @@ class SecAggCollector(FitCollector):
             except SecAggError as exc:
                 self.fail(ticket, str(exc))
                 raise ProtocolError(f"secure aggregation: {exc}") from None
+            self._metrics[index] = dict(result.metrics)
+            ticket.resolve(True)
+            self._changed.set()
+
+    def open_stream(
+        self, ticket: Ticket, result: pb.TaskResult, signature: ModelSignature
+    ) -> UploadSink | None:
+        """Add the masked input to the ring sum chunk by chunk (None outside phase 3 or for
+        a second input: staged whole, :meth:`accept` refuses it with the reason)."""
+        index = self._index.get(ticket.session.worker_id)
+        if index is None or ticket.future.done() or not self.driver.accepting_inputs:
+            return None
+        try:
+            stream = self.server.open_masked(index)
+        except SecAggError:
+            return None
+        return StreamedUpload(
+            signature,
+            total_bytes=result.update.total_bytes,
+            chunk_bytes=result.update.chunk_bytes,
+            stream=stream,
+            base=None,
+            what=f"masked input from worker {ticket.session.name!r}",
+        )
+
+    async def finish_stream(self, ticket: Ticket, result: pb.TaskResult, sink: UploadSink) -> None:
+        """Count a complete masked input (its sender joins U3), unless phase 3 closed first
+        (then it was taken back out of the sum)."""
+        assert isinstance(sink, StreamedUpload)
+        async with self.lock, self.driver.inputs_lock:
+            if ticket.future.done() or not sink.stream.commit():
+                sink.abort()
+                self.fail(ticket, "masked input arrived outside of phase 3")
+                return
+            index = self._index[ticket.session.worker_id]
             self._metrics[index] = dict(result.metrics)
             ticket.resolve(True)
             self._changed.set()

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from fedcore.codec import ChunkLike
 from fedcore.errors import PayloadError
-from fedcore.strategy import UpdateStream
+from fedcore.strategy import PieceSink
 from fedcore.weights import ModelSignature, Weights
 
 __all__ = ["StreamedUpload", "layout_of"]
@@ -37,7 +37,7 @@ class StreamedUpload:
         *,
         total_bytes: int,
         chunk_bytes: int,
-        stream: UpdateStream,
+        stream: PieceSink,
         base: Weights | None,
         what: str,
     ) -> None:
