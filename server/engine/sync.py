@@ -27,6 +27,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from ..reporting.metrics import RoundMetrics
 from ..state.privacy import privacy_metrics, public_train_metrics
+from .approvals import APPROVAL_POLL_FIRST, APPROVAL_POLL_MOST
 from .collectors import EvaluateCollector, FitCollector
 from .context import RoundContext
 from .secagg import SecAggCollector
@@ -35,9 +36,6 @@ __all__ = ["SyncEngine"]
 
 log = logging.getLogger("fedcore.server")
 
-#: Seconds before asking a worker awaiting its owner's approval again, doubling up to the most.
-APPROVAL_POLL_FIRST = 2.0
-APPROVAL_POLL_MOST = 30.0
 
 
 class SyncEngine:
