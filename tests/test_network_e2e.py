@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -55,6 +56,7 @@ class Network:
                 "3",
                 "--round-timeout",
                 "60",
+                "--log-json",
             ],
             "fed-server",
         )
@@ -116,7 +118,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--threads", "1", "--metadata", str(root / f"meta{i}.toml"),
                 "--policy", str(root / f"policy{i}.toml"),
                 "--audit-log", str(root / f"audit-silo-{i}.log"),
-                "--give-up-after", "600",
+                "--give-up-after", "600", "--log-json",
             ]  # fmt: skip
             net.started.append(Proc(args, f"silo-{i}"))
         for i in range(2):
@@ -126,7 +128,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--policy", str(root / f"tpolicy{i}.toml"),
             ]  # fmt: skip
             net.started.append(Proc(args, f"clinic-{i}", env=env))
-        net.server.wait_for_nth_line(r"worker '\S+' joined", 5, 400)
+        net.server.wait_for_event("worker_joined", n=5, timeout=400)
         yield net
     finally:
         for p in net.started:
@@ -162,7 +164,7 @@ def test_two_scientists_run_two_training_jobs_and_a_query_that_complete(network:
     # The workers stayed: a job ends with JobEnd, never with a Shutdown.
     for proc in network.started[1:4]:
         assert proc.popen.poll() is None
-        assert proc.count(r"job \w+ ended: completed") >= 1
+        assert proc.matching("job_ended", reason=re.compile(r"^completed"))
 
 
 def test_a_scientist_sees_and_stops_only_their_own_studies_jobs(network: Network) -> None:
@@ -309,7 +311,7 @@ def test_a_killed_coordinator_resumes_its_job_with_no_round_lost_or_doubled(
         network.server.signal(signal.SIGKILL)
         network.server.wait(30)
     restarted = network.start_server(f"127.0.0.1:{network.port}")
-    restarted.wait_for_line(rf"job {job.job_id} was running when the coordinator stopped")
+    restarted.wait_for_event("job_resumed", job=job.job_id)
     with network.connect("alice") as alice:
         resumed = JobHandle(alice.jobs, job.job_id)
         status = resumed.wait(timeout=240)

@@ -37,7 +37,6 @@ __all__ = ["SyncEngine"]
 log = logging.getLogger("fedcore.server")
 
 
-
 class SyncEngine:
     """Runs rounds ``first_round..config.rounds`` one after another."""
 
@@ -225,6 +224,19 @@ class SyncEngine:
                     len(collector.results),
                 )
                 told = True
+            for failure in awaiting:
+                log.info(
+                    "round %d: asking %r again in %.0f s",
+                    round_number,
+                    failure.worker.name,
+                    min(delay, left),
+                    extra={
+                        "event": "awaiting_approval",
+                        "round": round_number,
+                        "worker": failure.worker.name,
+                        "retry_in": round(min(delay, left), 1),
+                    },
+                )
             await asyncio.sleep(min(delay, left))
             delay = min(2 * delay, APPROVAL_POLL_MOST)
             idle = {s.worker_id: s for s in ctx.registry.idle()}

@@ -296,6 +296,11 @@ class CoordinatorService:
                 "worker %r lacks the required tag(s) %s: it stays connected but is never selected",
                 session.name,
                 " ".join("#" + t for t in session.missing_tags),
+                extra={
+                    "event": "tags_missing",
+                    "worker": session.name,
+                    "tags": sorted(session.missing_tags),
+                },
             )
         inbox = Inbox(
             session,
