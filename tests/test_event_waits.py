@@ -68,14 +68,13 @@ def test_no_test_waits_on_log_prose() -> None:
     ]
     assert offenders == [], (
         "wait on a --log-json event with Proc.wait_for_event (emit one with extra={'event': "
-        "...} where the message is logged), not on a regex over log prose:\n"
-        + "\n".join(offenders)
+        "...} where the message is logged), not on a regex over log prose:\n" + "\n".join(offenders)
     )
 
 
 def test_the_guard_sees_prose_waits_and_lets_script_lines_through() -> None:
     """Positive control: each form the guard looks for is caught in a sample module."""
-    sample = '''
+    sample = """
 async def t(server, worker, digest):
     port = int(server.wait_for_line(r"listening on [\\d.]+:(\\d+)", 60).group(1))
     url = worker.wait_for_line(r"console on (http://\\S+)").group(1)
@@ -85,6 +84,6 @@ async def t(server, worker, digest):
     assert worker.count(rf"training plan-{digest}") == 2
     assert server.output.count("prose a person reads") == 1
     assert page.locator("script").count() == 0
-'''
+"""
     assert [line for line, _ in prose_waits(sample)] == [5, 6, 7, 8]
     assert prose_waits(sample)[3][1] == "training plan-"
