@@ -21,7 +21,8 @@ def test_an_approval_ends_the_wait_and_a_later_denial_leaves_the_worker_out() ->
     waits = ApprovalWaits(timeout=3600)
     waits.awaiting("w1", "owner", now=0.0)
     waits.settled("w1")  # it trained: approved
-    assert waits.names() == [] and waits.deadline() is None
+    assert waits.names() == []
+    assert waits.deadline() is None
     assert waits.may_ask("w1", 0.0)
     assert waits.refused("w1", "denied by the data owner")
     assert not waits.may_ask("w1", 1e9)
