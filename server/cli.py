@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.compression import SCHEMES
@@ -605,27 +606,49 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _serve(config: ServerConfig, console: ConsoleSettings | None = None) -> None:
-    coordinator = Coordinator(config)
+class _Served(Protocol):
+    """A coordinator or a standing network, as the command line runs it."""
+
+    ready: asyncio.Event
+    port: int | None
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> object: ...
+
+
+async def _run_announced(
+    served: _Served, listen: str, on_ready: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Run ``served`` to its end (SIGINT and SIGTERM stop it) and, once it listens, print the
+    line scripts and tests read the port from (the first one printed), then call ``on_ready``."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, coordinator.stop)
-    stop_console = None
+        loop.add_signal_handler(sig, served.stop)
+    run = asyncio.create_task(served.run())
+    ready = asyncio.create_task(served.ready.wait())
+    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        print(f"listening on {listen.rsplit(':', 1)[0]}:{served.port}", flush=True)
+        if on_ready is not None:
+            await on_ready()
+    ready.cancel()
+    await run
+
+
+async def _serve(config: ServerConfig, console: ConsoleSettings | None = None) -> None:
+    coordinator = Coordinator(config)
+    stops: list[Callable[[], Awaitable[None]]] = []
+
+    async def start_console() -> None:
+        if console is not None:  # the web stack is imported only when asked for
+            stops.append(await _start_console(console, coordinator))
+
     try:
-        run = asyncio.create_task(coordinator.run())
-        ready = asyncio.create_task(coordinator.ready.wait())
-        await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            # Scripts and tests read the port from this line (the first one printed).
-            host = config.listen.rsplit(":", 1)[0]
-            print(f"listening on {host}:{coordinator.port}", flush=True)
-            if console is not None:  # the web stack is imported only when asked for
-                stop_console = await _start_console(console, coordinator)
-        ready.cancel()
-        await run
+        await _run_announced(coordinator, config.listen, start_console)
     finally:
-        if stop_console is not None:
-            await stop_console()
+        for stop in stops:
+            await stop()
 
 
 async def _start_console(
@@ -658,26 +681,19 @@ async def _serve_network(
     config: ServerConfig, settings: NetworkSettings, console: ConsoleSettings | None = None
 ) -> None:
     network = Network(config, settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, network.stop)
-    stop_console = None
-    try:
-        run = asyncio.create_task(network.run())
-        ready = asyncio.create_task(network.ready.wait())
-        await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            host = config.listen.rsplit(":", 1)[0]
-            print(f"listening on {host}:{network.port}", flush=True)
-            if console is not None:  # the web stack is imported only when asked for
-                from .console_serve import start_standing_console
+    stops: list[Callable[[], Awaitable[None]]] = []
 
-                stop_console = await start_standing_console(console, network)
-        ready.cancel()
-        await run
+    async def start_console() -> None:
+        if console is not None:  # the web stack is imported only when asked for
+            from .console_serve import start_standing_console
+
+            stops.append(await start_standing_console(console, network))
+
+    try:
+        await _run_announced(network, config.listen, start_console)
     finally:
-        if stop_console is not None:
-            await stop_console()
+        for stop in stops:
+            await stop()
 
 
 def network_settings_from_args(args: argparse.Namespace) -> NetworkSettings | None:

@@ -84,7 +84,11 @@ class Network:
         self.store = JobStore(settings.state_dir / "jobs.db")
         self.audit = AuditLog(settings.state_dir / "audit.log")
         for record in self.store.recover():
-            log.info("job %s was running when the coordinator stopped: it resumes", record.id)
+            log.info(
+                "job %s was running when the coordinator stopped: it resumes",
+                record.id,
+                extra={"event": "job_resumed", "job": record.id},
+            )
             self.audit.append("resumed", job=record.id, rounds_done=record.rounds_done)
         self.environment = JobEnvironment(
             config,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -97,6 +98,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                 "--analytics-only",
                 "--progress",
                 "plain",
+                "--log-json",
             ],
             "fed-server",
         )
@@ -115,12 +117,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                     f"clinic-{i}",
                     "--policy",
                     str(root / f"policy{i}.toml"),
+                    "--log-json",
                 ],
                 f"clinic-{i}",
                 env=env,
             )
             started.append(worker)
-        server.wait_for_nth_line(r"worker 'clinic-\d' joined", SILOS, 90)
+        server.wait_for_event(
+            "worker_joined", n=SILOS, worker=re.compile(r"^clinic-\d$"), timeout=90
+        )
         worker_token = root / "worker.token"
         worker_token.write_text("not-a-scientist-token\n")
         yield Federation(

@@ -82,14 +82,18 @@ def federation(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
                 "--dp-noise-multiplier", "1.0", "--dp-clip", "0.05",
                 "--eval-data", str(shards / "test.npz"), "--fed-eval-every", "0", *console,
+                "--log-json",
             ],
             "fed-server",
         )  # fmt: skip
         started.append(server)
         server_console = server.wait_for_line(r"console on (http://\S+)", _TIMEOUT_S).group(1)
         port = server.wait_for_line(r"listening on [\d.]+:(\d+)", _TIMEOUT_S).group(1)
-        digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
-        worker = [str(BIN / "fed-worker"), "--server", f"127.0.0.1:{port}", "--threads", "1"]
+        digest = str(server.wait_for_event("plan_shipped")["plan"])
+        worker = [
+            str(BIN / "fed-worker"), "--server", f"127.0.0.1:{port}", "--threads", "1",
+            "--log-json",
+        ]  # fmt: skip
         free = Proc([*worker, "--data", str(shards / "shard-0.npz"), "--name", "free"], "free")
         started.append(free)
         owner = Proc(
@@ -101,7 +105,8 @@ def federation(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         )  # fmt: skip
         started.append(owner)
         owner_console = owner.wait_for_line(r"console on (http://\S+)", _TIMEOUT_S).group(1)
-        server.wait_for_line(r"'owner' refused .*awaiting approval", _TIMEOUT_S)
+        awaiting = re.compile("awaiting approval")
+        server.wait_for_event("task_refused", worker="owner", reason=awaiting, timeout=_TIMEOUT_S)
         yield Federation(server, owner, free, server_console, owner_console, policy, digest)
     finally:
         for p in started:
@@ -207,11 +212,13 @@ def test_sign_in_approve_a_pending_plan_and_the_federation_proceeds_and_is_charg
     )
     assert fed.digest in summary
     _shot(page, "console-owner-request.png")
-    trained = fed.owner.count(r"round \d+: training plan-")
+    trained = len(fed.owner.matching("training", model=f"plan-{fed.digest}"))
     page.click("#approve button")
     assert page.locator("#status").inner_text() == "approved"
     # The federation proceeds with the owner: it trains the plan, round after round.
-    fed.owner.wait_for_nth_line(r"round \d+: training plan-", trained + 3, _TIMEOUT_S)
+    fed.owner.wait_for_event(
+        "training", n=trained + 3, model=f"plan-{fed.digest}", timeout=_TIMEOUT_S
+    )
     # A charge is written before the update it pays for leaves: once a round's training
     # started, the round before it is charged.
     page.goto(fed.owner_console + "ledger")
@@ -235,11 +242,10 @@ def test_deny_with_a_reason_that_reaches_the_coordinator(
     page.fill("#deny input[name=reason]", "not for our patients")
     page.click("#deny button")
     assert page.locator("#status").inner_text() == "denied"
-    fed.server.wait_for_line(
-        rf"'owner' refused .*plan {fed.digest[:16]} was denied by the data owner: "
-        "not for our patients",
-        _TIMEOUT_S,
+    denied = re.compile(
+        rf"plan {fed.digest[:16]} was denied by the data owner: not for our patients"
     )
+    fed.server.wait_for_event("task_refused", worker="owner", reason=denied, timeout=_TIMEOUT_S)
 
 
 def test_a_plan_named_with_a_script_is_rendered_inert(page: Page, federation: Federation) -> None:
@@ -281,7 +287,7 @@ def test_the_network_console_shows_workers_rounds_and_logs(
     page: Page, federation: Federation
 ) -> None:
     fed = federation
-    fed.server.wait_for_line(r"^\s+1\s+\d+\s+[\d.]+%", _TIMEOUT_S)  # round 1's metrics row
+    fed.server.wait_for_event("round_completed", round=1, timeout=_TIMEOUT_S)
     page.goto(fed.server_console)
     assert page.url.endswith("/login")
     _sign_in(page, fed.server_console)

@@ -4,6 +4,7 @@ data owner's file with other contents is refused, and rounds move only trainable
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -94,24 +95,26 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     a2.wait_for_event("update_sent", timeout=90)
     # c's data owner names a base model with other contents: c refuses the plans.
     c = start_worker(procs, port, shards / "shard-1.npz", "c", "--frozen-weights", str(bad))
-    c.wait_for_line(r"differ from the data owner's file", 90)
+    differ = re.compile(r"differ from the data owner's file")
+    c.wait_for_event("task_refused", rule="frozen.weights", reason=differ, timeout=90)
     # The coordinator logs the refusal once it arrives: stop it only after that (a stop
     # racing the refusal's arrival lost the line on a fast machine).
-    server.wait_for_line(r"differ from the data owner's file", 90)
+    server.wait_for_event("task_refused", worker="c", reason=differ, timeout=90)
     server.signal(signal.SIGTERM)
     assert server.wait(60) == 0, server.output
 
     # Cache miss: a received the frozen parameters once; after its restart, a cache hit.
-    assert a.count(rf"frozen parameters {digest[:12]} received \(0\.6 MB\), cached") == 1
+    received = a.matching("frozen_received", digest=digest, cached=True)
+    assert [round(r["bytes"] / 1e6, 1) for r in received] == [0.6]
     assert (cache_a / f"{digest}.bin").exists()
-    assert "loaded from the cache" in a2.output
-    assert "received (" not in a2.output
+    assert a2.matching("frozen_loaded", digest=digest)
+    assert a2.matching("frozen_received") == []
     # The data owner's file is used, never a download.
-    assert "received (" not in b.output
+    assert b.matching("frozen_received") == []
     assert len(b.matching("update_sent")) >= 2
     # A damaged cache entry is refused, deleted and fetched again.
     assert "damaged" in d.output
-    assert d.count(r"received \(0\.6 MB\), cached") == 1
+    assert len(d.matching("frozen_received", digest=digest, cached=True)) == 1
     # The refusal reaches the coordinator with its reason; c never trains.
     assert "differ from the data owner's file" in server.output
     assert c.matching("update_sent") == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ class Network:
                 # The approval test's job learns of the owner's decision within a second.
                 "--approval-poll",
                 "1",
+                "--log-json",
             ],
             "fed-server",
         )
@@ -118,7 +120,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--threads", "1", "--metadata", str(root / f"meta{i}.toml"),
                 "--policy", str(root / f"policy{i}.toml"),
                 "--audit-log", str(root / f"audit-silo-{i}.log"),
-                "--give-up-after", "600",
+                "--give-up-after", "600", "--log-json",
             ]  # fmt: skip
             net.started.append(Proc(args, f"silo-{i}"))
         (root / "meta3.toml").write_text('name = "digits 3"\ntags = ["#always"]\n')
@@ -127,7 +129,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             str(BIN / "fed-worker"), "--server", f"127.0.0.1:{net.port}",
             "--data", str(shards / "shard-0.npz"), "--name", "silo-3",
             "--threads", "1", "--metadata", str(root / "meta3.toml"),
-            "--policy", str(root / "policy3.toml"), "--give-up-after", "600",
+            "--policy", str(root / "policy3.toml"), "--give-up-after", "600", "--log-json",
         ]  # fmt: skip
         net.started.append(Proc(args, "silo-3"))
         for i in range(2):
@@ -137,7 +139,7 @@ def network(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 "--policy", str(root / f"tpolicy{i}.toml"),
             ]  # fmt: skip
             net.started.append(Proc(args, f"clinic-{i}", env=env))
-        net.server.wait_for_nth_line(r"worker '\S+' joined", 6, 400)
+        net.server.wait_for_event("worker_joined", n=6, timeout=400)
         yield net
     finally:
         for p in net.started:
@@ -173,7 +175,7 @@ def test_two_scientists_run_two_training_jobs_and_a_query_that_complete(network:
     # The workers stayed: a job ends with JobEnd, never with a Shutdown.
     for proc in network.started[1:4]:
         assert proc.popen.poll() is None
-        assert proc.count(r"job \w+ ended: completed") >= 1
+        assert proc.matching("job_ended", reason=re.compile(r"^completed"))
 
 
 def test_a_scientist_sees_and_stops_only_their_own_studies_jobs(network: Network) -> None:
@@ -349,7 +351,7 @@ def test_a_killed_coordinator_resumes_its_job_with_no_round_lost_or_doubled(
         network.server.signal(signal.SIGKILL)
         network.server.wait(30)
     restarted = network.start_server(f"127.0.0.1:{network.port}")
-    restarted.wait_for_line(rf"job {job.job_id} was running when the coordinator stopped")
+    restarted.wait_for_event("job_resumed", job=job.job_id)
     with network.connect("alice") as alice:
         resumed = JobHandle(alice.jobs, job.job_id)
         status = resumed.wait(timeout=240)

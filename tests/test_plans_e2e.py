@@ -88,21 +88,23 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
         "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--metrics-out", str(metrics),
         "--approval-poll", "1",  # asked again every second: the round sees the approval at once
     )  # fmt: skip
-    digest = server.wait_for_line(r"shipping plan ([0-9a-f]{64})").group(1)
+    digest = server.wait_for_event("plan_shipped")["plan"]
     free = start_worker(procs, port, shards / "shard-0.npz", "free")
     owner = start_worker(procs, port, shards / "shard-1.npz", "owner", "--policy", str(policy))
     # Positive control: the owner's worker reached the approval check and refused for now.
     # Bounds for a busy machine (workers start torch and verify the plan first).
-    server.wait_for_line(rf"'owner' refused .*awaiting approval: plan {digest[:16]}", 180)
-    server.wait_for_line(r"round 1: waiting up to \d+ s for the data owner of 'owner'", 60)
+    waiting = re.compile(rf"awaiting approval: plan {digest[:16]}")
+    server.wait_for_event("task_refused", worker="owner", reason=waiting, timeout=180)
+    server.wait_for_event("awaiting_approval", round=1, worker="owner", timeout=60)
     # The owner's log names the command that shows the request, runnable as it stands.
-    hint = owner.wait_for_line(r"fed-worker requests (--queue .+ show [0-9a-f]{16})", 60)
-    hint = hint.group(1)
-    assert "pending" in _run_requests(capsys, *shlex.split(hint))
+    queued = owner.wait_for_event("plan_request_queued", plan=digest, timeout=60)
+    hint = f"fed-worker requests --queue {shlex.quote(queued['queue'])} show {queued['request']}"
+    assert hint in owner.output
+    assert "pending" in _run_requests(capsys, *shlex.split(hint)[2:])
     assert server.popen.poll() is None
     assert owner.popen.poll() is None
-    assert free.count(r"training plan-") == 1
-    assert owner.count(r"training plan-") == 0
+    assert len(free.matching("training", model=f"plan-{digest}")) == 1
+    assert owner.matching("training") == []
 
     assert "approved" in _requests(capsys, policy, "approve", digest[:12])
     assert server.wait(150) == 0, server.output
@@ -114,4 +116,4 @@ def test_a_plan_awaiting_approval_holds_the_round_until_the_owner_approves(
     ]
     assert owner.wait(60) == 0
     assert free.wait(60) == 0
-    assert owner.count(rf"training plan-{digest}") == 2
+    assert len(owner.matching("training", model=f"plan-{digest}")) == 2

@@ -132,7 +132,7 @@ def test_a_worker_without_the_required_tag_is_never_selected(
         *FAST,
     )
     untagged = start_worker(procs, port, tmp_path / "shard-1.npz", "untagged")
-    server.wait_for_line(r"worker 'untagged' lacks the required tag\(s\) #mnist", 60)
+    server.wait_for_event("tags_missing", worker="untagged", tags=["mnist"], timeout=60)
     tagged = start_worker(procs, port, tmp_path / "shard-0.npz", "tagged")
     assert server.wait(120) == 0, server.output
     assert tagged.wait(30) == 0, tagged.output

@@ -86,17 +86,17 @@ def test_workers_killed_before_and_after_their_masked_input_are_survived(
     ]
     before = start_worker(procs, port, tmp_path / "big.npz", "killed-before", *relaxed)
     after = start_worker(procs, port, tmp_path / "small.npz", "killed-after", *relaxed)
-    before.wait_for_line(r"sent key shares", 60)
+    before.wait_for_event("secagg_phase", phase="key_shares", timeout=60)
     before.signal(signal.SIGKILL)
-    after.wait_for_line(r"round 1: sent masked input", 60)
+    after.wait_for_event("update_sent", round=1, timeout=60)  # its masked input
     after.signal(signal.SIGKILL)
     assert server.wait(180) == 0, server.output
     assert all(w.wait(30) == 0 for w in survivors)
-    assert "sent unmasking shares" not in after.output
+    assert after.matching("secagg_phase", phase="unmask") == []
     rows = _rows(metrics)
     assert [r["round"] for r in rows] == [1, 2]
     # Round 1: the killed-after worker's input counts (its self mask was removed with the
     # survivors' shares); the killed-before worker's pairwise masks were reconstructed away.
-    assert "securely aggregated 3 masked input(s) (1 worker(s) dropped, t=2)" in server.output
+    assert server.matching("secagg_aggregated", round=1, inputs=3, dropped=1, threshold=2)
     assert rows[0]["workers"] == 3
     assert rows[1]["workers"] == 2

@@ -73,7 +73,11 @@ class FrozenStore:
             weights = self._cache.load(digest) if self._cache is not None else None
             if weights is None:
                 raise PayloadError(f"frozen parameters {digest[:12]} are not held here")
-            log.info("frozen parameters %s loaded from the cache", digest[:12])
+            log.info(
+                "frozen parameters %s loaded from the cache",
+                digest[:12],
+                extra={"event": "frozen_loaded", "digest": digest},
+            )
             self._memory = (digest, weights)
             return weights
 
@@ -84,10 +88,18 @@ class FrozenStore:
             if self._cache is not None:
                 self._cache.store(digest, verified)
             self._memory = (digest, verified)
+            size = sum(a.nbytes for a in verified.values())
+            cached = self._cache is not None
             log.info(
                 "frozen parameters %s received (%.1f MB)%s",
                 digest[:12],
-                sum(a.nbytes for a in verified.values()) / 1e6,
-                ", cached" if self._cache is not None else "",
+                size / 1e6,
+                ", cached" if cached else "",
+                extra={
+                    "event": "frozen_received",
+                    "digest": digest,
+                    "bytes": size,
+                    "cached": cached,
+                },
             )
             return verified

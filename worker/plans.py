@@ -236,13 +236,20 @@ class PlanLibrary:
             record = self.queue.submit(verified.program, task, coordinator=self.coordinator)
         except QueueFull as exc:
             raise TaskRefused("plans.queue", str(exc), by="policy") from None
+        queue = str(self.queue.root.resolve())
         log.warning(
             "plan %s (%r) awaits the data owner's approval under new terms: "
             "fed-worker requests --queue %s show %s",
             verified.hash[:16],
             verified.program.name[:60],
-            shlex.quote(str(self.queue.root.resolve())),
+            shlex.quote(queue),
             record.id[:16],
+            extra={
+                "event": "plan_request_queued",
+                "plan": verified.hash,
+                "request": record.id[:16],
+                "queue": queue,
+            },
         )
         return record
 

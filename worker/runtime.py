@@ -481,8 +481,12 @@ class Worker:
                     # A standing network's job is over; this worker stays for the next one.
                     end = message.job_end
                     self._compressors.pop(end.job_id, None)
+                    job_id, reason = printable(end.job_id, 32), printable(end.reason, 200)
                     log.info(
-                        "job %s ended: %s", printable(end.job_id, 32), printable(end.reason, 200)
+                        "job %s ended: %s",
+                        job_id,
+                        reason,
+                        extra={"event": "job_ended", "job": job_id, "reason": reason},
                     )
                     if self.audit is not None:
                         self.audit.append("job-ended", job=end.job_id[:64], reason=end.reason[:200])
@@ -569,7 +573,18 @@ class Worker:
     async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
-        log.warning("round %d: %s task %s", task.round, what, refusal)
+        log.warning(
+            "round %d: %s task %s",
+            task.round,
+            what,
+            refusal,
+            extra={
+                "event": "task_refused",
+                "round": task.round,
+                "rule": refusal.rule,
+                "reason": refusal.reason,
+            },
+        )
         self._record("refused", task, rule=refusal.rule, reason=refusal.reason[:300])
         # Awaiting the owner's decision is not a failure of the plan: the round waits for it.
         code = (

@@ -86,6 +86,17 @@ async def _read_form(request: Request) -> dict[str, str]:
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
+async def _posted_form(request: Request, session: Session) -> dict[str, str] | Response:
+    """The posted form when it carries ``session``'s CSRF token; else the refusal to send."""
+    try:
+        form = await _read_form(request)
+    except _FormTooLarge:
+        return PlainTextResponse("form too large", 413)
+    if not session.csrf_ok(form.get("csrf", "")):
+        return PlainTextResponse("refused: missing or wrong CSRF token", 403)
+    return form
+
+
 class Console:
     """One console: its title, pages, actions and templates.
 
@@ -192,12 +203,9 @@ class Console:
             session = self.sessions.get(request.cookies.get(self.cookie))
             if session is None or not session.signed_in:
                 return PlainTextResponse("sign in first", 403)
-            try:
-                form = await _read_form(request)
-            except _FormTooLarge:
-                return PlainTextResponse("form too large", 413)
-            if not session.csrf_ok(form.get("csrf", "")):
-                return PlainTextResponse("refused: missing or wrong CSRF token", 403)
+            form = await _posted_form(request, session)
+            if isinstance(form, Response):
+                return form
             return await action.handler(request, session, form)
 
         return endpoint
@@ -212,12 +220,9 @@ class Console:
 
     async def _login(self, request: Request) -> Response:
         session = self._session(request)
-        try:
-            form = await _read_form(request)
-        except _FormTooLarge:
-            return PlainTextResponse("form too large", 413)
-        if not session.csrf_ok(form.get("csrf", "")):
-            return PlainTextResponse("refused: missing or wrong CSRF token", 403)
+        form = await _posted_form(request, session)
+        if isinstance(form, Response):
+            return form
         if self.sessions.throttled():
             return self.render(
                 request,
@@ -240,9 +245,9 @@ class Console:
     async def _logout(self, request: Request) -> Response:
         session = self.sessions.get(request.cookies.get(self.cookie))
         if session is not None:
-            form = await _read_form(request)
-            if not session.csrf_ok(form.get("csrf", "")):
-                return PlainTextResponse("refused: missing or wrong CSRF token", 403)
+            form = await _posted_form(request, session)
+            if isinstance(form, Response):
+                return form
             self.sessions.sign_out(session)
         return RedirectResponse("/login", 303)
 

@@ -114,7 +114,12 @@ class Participant:
             if kind == "peers":
                 shares = client.share_keys(wire.directory_from_proto(body))
                 await self._send(pb.SecAggWorkerMessage(shares=wire.shares_to_proto(rid, shares)))
-                log.info("%s: sent key shares to %d peer(s)", self.label, len(shares))
+                log.info(
+                    "%s: sent key shares to %d peer(s)",
+                    self.label,
+                    len(shares),
+                    extra={"event": "secagg_phase", "phase": "key_shares", "peers": len(shares)},
+                )
             elif kind == "shares":
                 client.receive_shares(wire.shares_from_proto(body))
                 self.settled.set()
@@ -123,7 +128,11 @@ class Participant:
                 signature = client.consistency(wire.request_from_proto(body))
                 consistency = wire.consistency_to_proto(rid, signature)
                 await self._send(pb.SecAggWorkerMessage(consistency=consistency))
-                log.info("%s: signed the unmasking request", self.label)
+                log.info(
+                    "%s: signed the unmasking request",
+                    self.label,
+                    extra={"event": "secagg_phase", "phase": "consistency"},
+                )
             elif kind == "unmask":
                 await self._reveal(client.unmask(wire.request_from_proto(body)))
             elif kind == "signatures":
@@ -136,5 +145,9 @@ class Participant:
     async def _reveal(self, response: UnmaskResponse) -> None:
         unmask = wire.response_to_proto(self.round_id, response)
         await self._send(pb.SecAggWorkerMessage(unmask=unmask))
-        log.info("%s: sent unmasking shares", self.label)
+        log.info(
+            "%s: sent unmasking shares",
+            self.label,
+            extra={"event": "secagg_phase", "phase": "unmask"},
+        )
         self._end(True)

@@ -8,6 +8,11 @@ results arriving meanwhile wait for the new buffer. Results older than ``max_sta
 dropped. A "round" is one global update: the federation stops after ``--rounds`` of them, and
 writes one metrics line for each.
 
+A worker whose data owner has not approved the plan yet is not a failure: it is asked again,
+backing off, until it trains, while the other workers go on. Once its owner denies the plan
+(even after approving it), or ``--approval-timeout`` passes without a decision, it is left out
+of the federation (:class:`~.approvals.ApprovalWaits`).
+
 Federated evaluation does not run in this mode (workers are never idle); use ``--eval-data``.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -27,6 +33,7 @@ from fedcore.weights import Weights
 from ..reporting.metrics import RoundMetrics
 from ..state.registry import Ticket
 from ..transport.payloads import WeightsPayload
+from .approvals import ApprovalWaits
 from .collectors import FitCollector
 from .context import RoundContext
 
@@ -159,6 +166,9 @@ class FedBuffEngine:
         # worker id -> the model version whose plan its policy refused: not asked again
         # until the global model changes (a refusal would otherwise come straight back).
         self.refused_at: dict[str, int] = {}
+        self.approvals = ApprovalWaits(
+            context.config.limits.approval_timeout, context.config.limits.approval_poll
+        )
         self._encoded: tuple[int, WeightsPayload] | None = None
         self._update_started = time.perf_counter()
         counters = context.counters
@@ -179,7 +189,10 @@ class FedBuffEngine:
                 seen = ctx.registry.changes
                 self._dispatch_idle()
                 now = time.perf_counter()
-                next_deadline = min(self.in_flight.values(), default=now + patience)
+                ask = self.approvals.next_ask(now)
+                next_deadline = min(
+                    [*self.in_flight.values(), now + patience if ask is None else ask]
+                )
                 wakers = [
                     asyncio.create_task(ctx.registry.wait_for_change(seen)),
                     asyncio.create_task(_until_set(self.collector.full)),
@@ -195,7 +208,9 @@ class FedBuffEngine:
                 finally:
                     for waker in wakers:
                         waker.cancel()
-                if self._settle():
+                if self._settle() or self.approvals.deadline() is not None:
+                    # An owner still deciding is no stall: its wait is bounded by its own
+                    # timeout, after which it is left out.
                     last_progress = time.perf_counter()
                 elif time.perf_counter() - last_progress > patience:
                     raise RoundFailedError(
@@ -212,10 +227,12 @@ class FedBuffEngine:
 
     def _dispatch_idle(self) -> None:
         ctx = self.context
+        now = time.perf_counter()
         idle = {
             s.worker_id: s
             for s in ctx.registry.idle()
             if self.refused_at.get(s.worker_id) != self.version
+            and self.approvals.may_ask(s.worker_id, now)
         }
         if not idle:
             return
@@ -241,6 +258,7 @@ class FedBuffEngine:
                 outcome = ticket.future.result()
                 if outcome is True:
                     answered = True
+                    self.approvals.settled(ticket.session.worker_id)
                 elif outcome == _STALE:
                     answered = True
                     self.dropped += 1
@@ -253,14 +271,60 @@ class FedBuffEngine:
                 continue
             del self.in_flight[ticket]
         for failure in self.collector.failures:
-            if failure.refused:
-                self.refused_at[failure.worker.worker_id] = self.version
-        self.failures.extend(self.collector.failures)
+            if failure.awaiting:
+                self._awaiting(failure, now)
+            else:
+                if failure.refused and not self._left_out(failure):
+                    self.refused_at[failure.worker.worker_id] = self.version
+                self.failures.append(failure)
         self.collector.failures.clear()
+        ctx = self.context
+        self.approvals.keep_only({s.worker_id for s in ctx.registry.sessions()})
+        ctx.awaiting(self.approvals.names(), len(ctx.registry.sessions()))
         # Keep only the model versions some worker is still training from.
         live = {t.round_number - 1 for t in self.in_flight} | {self.version}
         self.bases = {v: w for v, w in self.bases.items() if v in live}
         return answered
+
+    def _awaiting(self, failure: Failure, now: float) -> None:
+        """A worker's owner has not decided on the plan yet: ask it again later, or leave it
+        out once ``--approval-timeout`` has passed."""
+        worker = failure.worker
+        retry_in = self.approvals.awaiting(worker.worker_id, worker.name, now)
+        if retry_in is None:
+            reason = self.approvals.left_out[worker.worker_id]
+            self.failures.append(replace(failure, reason=reason, awaiting=False))
+            self._log_left_out(worker.name, reason)
+            return
+        log.info(
+            "update %d: the data owner of %r has not decided on the plan; asking again in "
+            "%.0f s (fed-worker requests approve)",
+            self.version + 1,
+            worker.name,
+            retry_in,
+            extra={
+                "event": "awaiting_approval",
+                "round": self.version + 1,
+                "worker": worker.name,
+                "retry_in": round(retry_in, 1),
+            },
+        )
+
+    def _left_out(self, failure: Failure) -> bool:
+        """True when ``failure`` (a refusal) denies a plan its owner was deciding on: the
+        worker takes no further part."""
+        if not self.approvals.refused(failure.worker.worker_id, failure.reason):
+            return False
+        self._log_left_out(failure.worker.name, failure.reason)
+        return True
+
+    def _log_left_out(self, name: str, reason: str) -> None:
+        log.warning(
+            "leaving %r out of the federation: %s",
+            name,
+            reason,
+            extra={"event": "worker_left_out", "worker": name, "reason": reason},
+        )
 
     async def _apply(self) -> None:
         """Turn the full buffer into the next global model and open the next buffer."""

@@ -163,6 +163,18 @@ class ReportPipeline:
         metrics.elapsed_s = round(self.elapsed_s(fit_done), 3)
         metrics.peak_rss_bytes = peak_rss_bytes()
         self.rows.append(metrics)
+        log.info(
+            "round %d completed: %d result(s), %d failure(s)",
+            metrics.round,
+            metrics.workers,
+            metrics.failures,
+            extra={
+                "event": "round_completed",
+                "round": metrics.round,
+                "workers": metrics.workers,
+                "failures": metrics.failures,
+            },
+        )
         for sink in self._sinks:
             sink.round_completed(metrics)
         if self._strategy.on_round_end(metrics.round, weights, metrics.to_json()):

@@ -299,4 +299,11 @@ class SecAggCollector(FitCollector):
             dropped,
             self.server.threshold,
             ", ".join(f"{k} {v:.3f} s" for k, v in self.phase_seconds.items()),
+            extra={
+                "event": "secagg_aggregated",
+                "round": self.round_number,
+                "inputs": len(result.contributors),
+                "dropped": dropped,
+                "threshold": self.server.threshold,
+            },
         )

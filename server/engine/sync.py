@@ -27,6 +27,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 
 from ..reporting.metrics import RoundMetrics
 from ..state.privacy import privacy_metrics, public_train_metrics
+from .approvals import APPROVAL_POLL_FIRST
 from .collectors import EvaluateCollector, FitCollector
 from .context import RoundContext
 from .secagg import SecAggCollector
@@ -34,10 +35,6 @@ from .secagg import SecAggCollector
 __all__ = ["SyncEngine"]
 
 log = logging.getLogger("fedcore.server")
-
-#: Seconds before asking a worker awaiting its owner's approval again, doubling up to
-#: ``--approval-poll`` (``Limits.approval_poll``).
-APPROVAL_POLL_FIRST = 2.0
 
 
 class SyncEngine:
@@ -228,6 +225,19 @@ class SyncEngine:
                     len(collector.results),
                 )
                 told = True
+            for failure in awaiting:
+                log.info(
+                    "round %d: asking %r again in %.0f s",
+                    round_number,
+                    failure.worker.name,
+                    min(delay, left),
+                    extra={
+                        "event": "awaiting_approval",
+                        "round": round_number,
+                        "worker": failure.worker.name,
+                        "retry_in": round(min(delay, left), 1),
+                    },
+                )
             await asyncio.sleep(min(delay, left))
             delay = min(2 * delay, most)
             idle = {s.worker_id: s for s in ctx.registry.idle()}

@@ -333,6 +333,11 @@ class CoordinatorService:
                 "worker %r lacks the required tag(s) %s: it stays connected but is never selected",
                 session.name,
                 " ".join("#" + t for t in session.missing_tags),
+                extra={
+                    "event": "tags_missing",
+                    "worker": session.name,
+                    "tags": sorted(session.missing_tags),
+                },
             )
         jobs = StreamJobs()  # whose bytes each message is (read and written on this loop)
         inbox = Inbox(
