@@ -48,6 +48,8 @@ def prose_waits(source: str) -> list[tuple[int, str]]:
             isinstance(func, ast.Attribute)
             and func.attr == "count"
             and isinstance(func.value, ast.Name)  # proc.count(...), not text.count or x.y.count
+            and len(node.args) == 1  # Proc.count(pattern), not counters.count("job", sent=...)
+            and not node.keywords
         ):
             pattern = _pattern(node.args[0] if node.args else None)
             if pattern is None:
