@@ -61,7 +61,7 @@ from ..reporting.sink import Sink
 from ..state.checkpoint import Checkpointer
 from ..state.config import Recovery, ServerConfig
 from ..state.noise_check import check_noise_scale
-from ..state.registry import WorkerRegistry
+from ..state.registry import WorkerPool, WorkerRegistry
 from ..transport.service import CoordinatorService
 from .approval import ApprovalWatch
 from .release import release_terms
@@ -282,13 +282,20 @@ class TrainingJob:
                 sum(a.nbytes for a in frozen.values()) / 1e6,
                 sum(a.nbytes for a in rounds_see.values()) / 1e6,
             )
-        workers = JobWorkers(
-            self.env.registry,
-            tags=config.require_tags,
-            secagg=config.secagg is not None,
-            model=config.model.name,
+        # A standing network's job judges its share of the workers (tags, capabilities,
+        # refusals); a one-shot network's registry holds only the job's workers already (its
+        # hello checks the model and secure aggregation, its registry the tags).
+        workers = (
+            JobWorkers(
+                self.env.registry,
+                tags=config.require_tags,
+                secagg=config.secagg is not None,
+                model=config.model.name,
+            )
+            if self.env.standing
+            else None
         )
-        if self._stop_requested:
+        if workers is not None and self._stop_requested:
             workers.stopped.set()
         context = RoundContext(
             config,
@@ -360,17 +367,16 @@ class TrainingJob:
             except (FedcoreError, OSError) as exc:  # ConfigError, ModelError, PlanError...
                 self._finish("failed", f"invalid job: {exc}", exc)
                 return
-        context, reports, workers = self.context, self.reports, self._workers
+        context, reports = self.context, self.reports
         assert context is not None, "prepared above"
         assert reports is not None, "prepared above"
-        assert workers is not None, "prepared above"
         config = context.config
         approvals = ApprovalWatch(config.limits.approval_timeout, self._note)
         context.on_awaiting = approvals.awaiting
         try:
             if context.rounds_completed >= config.rounds:
                 log.info("the checkpoint already holds all %d rounds", config.rounds)
-            elif await self._wait_for_workers(workers, config):
+            elif await self._wait_for_workers(context.registry, config):
                 await self._rounds(context, reports, approvals)
             await reports.drain()
         except asyncio.CancelledError:
@@ -386,7 +392,7 @@ class TrainingJob:
         else:
             self._finish("completed", f"completed {done} round(s)")
 
-    async def _wait_for_workers(self, workers: JobWorkers, config: ServerConfig) -> bool:
+    async def _wait_for_workers(self, workers: WorkerPool, config: ServerConfig) -> bool:
         """Wait until ``min_workers`` of the job's workers are idle; False when stopped.
 
         Raises:
