@@ -89,6 +89,11 @@ class Coordinator:
         return self.job.reports
 
     @property
+    def start_round(self) -> int:
+        """The first round to run: 1, or the one after the checkpoint's with ``--resume``."""
+        return self.job.first_round
+
+    @property
     def weights(self) -> Weights:
         """The global model (frozen parameters included): the last completed round's."""
         return self.context.model_weights(self.context.weights)

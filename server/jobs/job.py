@@ -210,6 +210,8 @@ class TrainingJob:
         self._workers: JobWorkers | None = None
         #: What the job is doing (for progress displays).
         self.phase = "waiting for workers"
+        #: The first round to run: 1, or the one after a resumed checkpoint's.
+        self.first_round = 1
         #: Why the job failed (None: it did not); a one-shot federation raises it.
         self.failure: FedcoreError | OSError | None = None
 
@@ -310,6 +312,7 @@ class TrainingJob:
             job_id=self.record.id if self.env.standing else "",
         )
         context.rounds_completed = done
+        self.first_round = done + 1
         self.start, self.reports, self.context, self._workers = start, reports, context, workers
 
     def _checkpointer(self, config: ServerConfig, strategy: Strategy) -> Checkpointer | None:
