@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2
 from fedcore.auditlog import AuditLog
 from fedcore.enrollment import Enrollment
 from fedcore.errors import ConfigError
+from fedcore.flags import setting
 from fedcore.plan import ModelSpec
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature
@@ -68,8 +69,11 @@ class NetworkSettings:
     ``--approval-timeout`` (``Limits.approval_timeout``), as for a one-shot federation.
     """
 
-    state_dir: Path | None = None
-    max_running: int = 1
+    state_dir: Path | None = setting(
+        None,
+        "the network's job store (jobs.db), jobs' checkpoints and models, audit log",
+    )
+    max_running: int = setting(1, "jobs run at once", flag="--max-running-jobs")
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
