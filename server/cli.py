@@ -311,21 +311,33 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _serve(config: ServerConfig, console: ConsoleSettings | None = None) -> None:
-    coordinator = Coordinator(config)
+async def _serve(
+    config: ServerConfig,
+    network: NetworkSettings | None = None,
+    console: ConsoleSettings | None = None,
+) -> None:
+    """Run a one-shot federation (``network`` None) or a standing network until it ends or a
+    signal stops it."""
+    coordinator: Coordinator | None = None
+    if network is None:
+        coordinator = Coordinator(config)  # one job on a network of its own
+        served = coordinator.network
+    else:
+        served = Network(config, network)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, coordinator.stop)
+        loop.add_signal_handler(sig, served.stop)
     stop_console = None
     try:
-        run = asyncio.create_task(coordinator.run())
-        ready = asyncio.create_task(coordinator.ready.wait())
+        run = asyncio.create_task(coordinator.run() if coordinator is not None else served.run())
+        ready = asyncio.create_task(served.ready.wait())
         await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             # Scripts and tests read the port from this line (the first one printed).
             host = config.listen.rsplit(":", 1)[0]
-            print(f"listening on {host}:{coordinator.port}", flush=True)
-            if console is not None:  # the web stack is imported only when asked for
+            print(f"listening on {host}:{served.port}", flush=True)
+            # The web stack is imported only when asked for.
+            if console is not None and coordinator is not None:
                 stop_console = await _start_console(console, coordinator)
         ready.cancel()
         await run
@@ -360,21 +372,6 @@ async def _start_console(
     return stop
 
 
-async def _serve_network(config: ServerConfig, settings: NetworkSettings) -> None:
-    network = Network(config, settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, network.stop)
-    run = asyncio.create_task(network.run())
-    ready = asyncio.create_task(network.ready.wait())
-    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done():
-        host = config.listen.rsplit(":", 1)[0]
-        print(f"listening on {host}:{network.port}", flush=True)
-    ready.cancel()
-    await run
-
-
 def network_settings_from_args(args: argparse.Namespace) -> NetworkSettings | None:
     """The standing network's settings with --serve; None for a one-shot federation."""
     if not args.serve:
@@ -406,10 +403,7 @@ def _run(argv: Sequence[str] | None) -> None:
     config = config_from_args(args)
     network = network_settings_from_args(args)
     return_freed_memory(max_message_bytes(config.limits.chunk_bytes))
-    if network is not None:
-        asyncio.run(_serve_network(config, network))
-    else:
-        asyncio.run(_serve(config, console))
+    asyncio.run(_serve(config, network, console))
 
 
 if __name__ == "__main__":
