@@ -156,5 +156,6 @@ def _job_config(
     top["analytics"] = None
     # A job waits for its workers as long as it takes (a one-shot's --join-timeout is the
     # process's wait for its one job's workers): other jobs run meanwhile.
-    top["limits"] = replace(network.limits, join_timeout=None)
+    if network.limits.join_timeout is not None:
+        top["limits"] = replace(network.limits, join_timeout=None)
     return replace(network, **top)
