@@ -24,7 +24,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from ..state.config import Output, ServerConfig
 from ..state.privacy import DPSettings
 
-__all__ = ["JOB_KEYS", "QUERY_KEYS", "check_query", "job_config", "rounds_of"]
+__all__ = ["JOB_FLAGS", "JOB_KEYS", "QUERY_KEYS", "check_query", "job_config", "rounds_of"]
 
 _TOP = ("rounds", "min_workers", "min_results", "strategy", "strategy_options", "seed")
 _TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name not in ("extra", "trainable"))
@@ -46,6 +46,13 @@ JOB_KEYS = frozenset(
         *_SECAGG,
     }
 )
+#: The ``fed-server`` flag of each job setting: a job TOML's key is the setting's name, a
+#: one-shot federation's flag this (tests/test_settings_flags.py checks both mean the same).
+JOB_FLAGS = {key: "--" + key.replace("_", "-") for key in sorted(JOB_KEYS)} | {
+    "learning_rate": "--lr",
+    "require_tags": "--require-tag",
+    "dp_clip_learning_rate": "--dp-clip-lr",
+}
 #: Every key an analytics query job's settings may hold.
 QUERY_KEYS = frozenset({"query", "epsilon", "delta", "tags"})
 
@@ -147,4 +154,8 @@ def _job_config(
         device=out.device,
     )
     top["analytics"] = None
+    # A job waits for its workers as long as it takes (a one-shot's --join-timeout is the
+    # process's wait for its one job's workers): other jobs run meanwhile.
+    if network.limits.join_timeout is not None:
+        top["limits"] = replace(network.limits, join_timeout=None)
     return replace(network, **top)

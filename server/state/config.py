@@ -9,6 +9,7 @@ from typing import Any
 from fedcore.compression import SCHEMES
 from fedcore.data.metadata import normalize_tag
 from fedcore.errors import ConfigError
+from fedcore.flags import setting
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
@@ -37,40 +38,79 @@ def split_listen(listen: str) -> tuple[str, int]:
 class Limits:
     """Timeouts and limits (``fed-server --help``, "timeouts and limits")."""
 
-    round_timeout: float = 600.0
-    round_retries: int = 3
-    #: Seconds a round waits for data owners to decide on a plan awaiting their approval.
-    approval_timeout: float = 3600.0
-    #: Most seconds between two asks of a worker awaiting approval (the first after 2 s at
-    #: most, then doubling): how late a round learns of an owner's decision.
-    approval_poll: float = 30.0
-    join_timeout: float | None = None
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 60.0
-    upload_idle_timeout: float = 30.0
-    handshake_timeout: float = 10.0
+    round_timeout: float = setting(600.0, "seconds a round waits for results")
+    round_retries: int = setting(3, "retries of a round with too few results")
+    approval_timeout: float = setting(
+        3600.0,
+        "seconds a round waits for a worker whose data owner has not yet approved the plan "
+        "(its other results are kept; 0: do not wait)",
+    )
+    approval_poll: float = setting(
+        30.0,
+        "most seconds between two asks of a worker awaiting its owner's approval (the first "
+        "after 2 s, then doubling): how late a round learns of an owner's decision",
+    )
+    join_timeout: float | None = setting(
+        None, "seconds to wait for --min-workers before round 1 (default: forever)"
+    )
+    heartbeat_interval: float = setting(5.0, "seconds between worker heartbeats")
+    heartbeat_timeout: float = setting(60.0, "drop a worker silent this long")
+    upload_idle_timeout: float = setting(
+        30.0,
+        "drop a worker whose upload holds an upload slot this long without sending a chunk, so "
+        "one stalled connection cannot block the others",
+    )
+    handshake_timeout: float = setting(10.0, "seconds a new stream has to send its hello")
     shutdown_grace: float = 5.0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
-    max_workers: int = 1000
-    upload_slots: int = 1
+    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "payload chunk size; bounds every gRPC message")
+    max_model_bytes: int = setting(DEFAULT_MAX_MODEL_BYTES, "largest model or update accepted")
+    max_workers: int = setting(1000, "most workers connected at once")
+    upload_slots: int = setting(
+        1,
+        "updates staged whole in memory at once besides the running sum; uploads to a "
+        "streaming strategy (the FedAvg family) take no slot: they are folded into the sum "
+        "chunk by chunk, all at once",
+    )
     # Limits against hostile workers (see docs/coordinator-hardening.md).
-    #: Streams open at once that have not sent their hello, in total and per peer host.
-    max_pending_handshakes: int = 128
-    max_pending_per_host: int = 32
+    max_pending_handshakes: int = setting(
+        128, "streams open at once that have not sent their hello yet; more are refused"
+    )
+    max_pending_per_host: int = setting(32, "the same, per peer host")
     #: New streams per second one host may open (token bucket; 0: unlimited), and its burst.
-    handshake_rate: float = 20.0
-    handshake_burst: int = 100
-    #: gRPC: streams per connection, idle and age of a connection in seconds (0: off).
-    max_streams_per_connection: int = 8
-    max_connection_idle: float = 300.0
-    max_connection_age: float = 3600.0
-    #: An upload holding a slot must average this many bytes/s after --upload-idle-timeout.
-    upload_min_rate: float = 16384.0
-    #: Most examples one worker may claim (its hello and its results are clamped to it).
-    max_examples: int = 10_000_000
-    #: Seconds between two checks of the --enrolled file for revocations.
-    enrollment_poll: float = 1.0
+    handshake_rate: float = setting(
+        20.0,
+        "new streams per second one host may open on average; 0 = unlimited",
+        metavar="PER_S",
+    )
+    handshake_burst: int = setting(
+        100, "new streams one host may open at once after a quiet period"
+    )
+    max_streams_per_connection: int = setting(8, "HTTP/2 streams one connection may have open")
+    max_connection_idle: float = setting(
+        300.0, "close a connection without any RPC for this long; 0 = never", metavar="SECONDS"
+    )
+    max_connection_age: float = setting(
+        3600.0,
+        "after this long a connection may open no new stream (its open streams go on); 0 = never",
+        metavar="SECONDS",
+    )
+    upload_min_rate: float = setting(
+        16384.0,
+        "an upload that holds an upload slot longer than --upload-idle-timeout must average at "
+        "least this rate, or its worker is dropped; 0 = no minimum",
+        metavar="BYTES_PER_S",
+    )
+    max_examples: int = setting(
+        10_000_000,
+        "most examples one worker may claim: a hello above it is clamped, and a result "
+        "claiming more than its hello (or this) is clamped, logged, and still aggregated",
+    )
+    enrollment_poll: float = setting(
+        1.0,
+        "how often the --enrolled file is re-read; a revoked or removed worker is "
+        "disconnected at the next check",
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         if self.round_timeout <= 0:
@@ -119,24 +159,49 @@ class Output:
     """Evaluation and what the coordinator writes (``fed-server --help``, "evaluation and
     output"): metrics, the model, progress and the experiment trackers."""
 
-    eval_data: Path | None = None
+    eval_data: Path | None = setting(
+        None, "test set for centralized evaluation (.npz with x, y, or an IDX directory)"
+    )
     # Small batches keep activations in cache: 10k MNIST test images evaluate in 2.8 s at 128
     # against 4.5 s at 1000 on one thread (mnist-cnn).
     eval_batch_size: int = 128
-    #: Federated evaluation every N rounds (0: never). None at construction picks the default:
-    #: every round without a centralized test set (``eval_data``), else never.
-    fed_eval_every: int | None = None
-    metrics_out: Path | None = None
-    save_model: Path | None = None
-    # "auto": a live display when stdout is a terminal, plain lines otherwise.
-    progress: str = "auto"
-    metrics_port: int | None = None
+    #: None at construction picks the default: every round without ``eval_data``, else never.
+    fed_eval_every: int | None = setting(
+        None,
+        "federated evaluation on the workers every N rounds (0 = never; default: every round "
+        "without --eval-data, else never)",
+    )
+    metrics_out: Path | None = setting(None, "write one JSON object per round to this file")
+    save_model: Path | None = setting(None, "write the final global weights here (safetensors)")
+    progress: str = setting(
+        "auto",
+        "live: a progress panel redrawn in place and a summary table at the end; plain: a "
+        "table row per round and a 'summary key=value ...' line, for scripts; auto: live when "
+        "stdout is a terminal",
+        choices=("auto", "live", "plain"),
+    )
+    metrics_port: int | None = setting(
+        None,
+        "serve Prometheus metrics on http://LISTEN-HOST:PORT/metrics (rounds, workers, bytes, "
+        "round durations, accuracy, epsilon); 0 picks a free port (default: off)",
+        metavar="PORT",
+    )
     # Experiment trackers (server/reporting/mlflow.py, tensorboard.py).
-    mlflow_uri: str | None = None
-    mlflow_experiment: str = "fedcore"
-    tensorboard_dir: Path | None = None
-    threads: int | None = None
-    device: str = "cpu"
+    mlflow_uri: str | None = setting(
+        None,
+        "log the settings and every round's metrics to an MLflow tracking store, e.g. "
+        "sqlite:///mlflow.db or http://host:5000 (needs fedcore[tracking])",
+        metavar="URI",
+    )
+    mlflow_experiment: str = setting("fedcore", "the MLflow experiment of the run", metavar="NAME")
+    tensorboard_dir: Path | None = setting(
+        None,
+        "write every round's metrics as TensorBoard event files here (tensorboard --logdir "
+        "DIR; needs fedcore[tracking])",
+        metavar="DIR",
+    )
+    threads: int | None = setting(None, "torch threads for centralized evaluation")
+    device: str = setting("cpu", "device for centralized evaluation")
 
     def __post_init__(self) -> None:
         if self.fed_eval_every is None:
@@ -156,17 +221,33 @@ class Output:
 class Security:
     """Transport security and authentication (see fedcore.tls, fedcore.enrollment)."""
 
+    #: From ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` (server/cli.py).
     tls: ServerTLS | None = None
-    enrolled: Path | None = None
-    insecure: bool = False
+    enrolled: Path | None = setting(
+        None,
+        "enrolled workers (JSON written by fed-certs): only they may join, proving their name "
+        "with a token and/or their mTLS certificate; re-read when it changes",
+    )
+    insecure: bool = setting(
+        False,
+        "allow plaintext, or no worker authentication, on an address other machines can "
+        "reach (default: refused)",
+    )
 
 
 @dataclass
 class Recovery:
     """Crash recovery (see server/state/checkpoint.py)."""
 
-    checkpoint_dir: Path | None = None
-    resume: bool = False
+    checkpoint_dir: Path | None = setting(
+        None,
+        "write the global model, strategy state, round number and metrics here atomically "
+        "after every round",
+    )
+    resume: bool = setting(
+        False,
+        "continue from the checkpoint in --checkpoint-dir (a fresh start if there is none)",
+    )
 
     def __post_init__(self) -> None:
         if self.resume and self.checkpoint_dir is None:
@@ -194,20 +275,53 @@ class ServerConfig:
     model: ModelSpec = field(default_factory=lambda: ModelSpec("mnist-cnn"))
     # A model shipped as a program (server/plans.py): sent with every task; model names it.
     plan: pb.PlanProgram | None = None
-    listen: str = "127.0.0.1:50051"
-    rounds: int = 3
-    min_workers: int = 2
-    min_results: int | None = None
-    strategy: str = "fedavg"  # a built-in name or package.module:Class
+    listen: str = setting(
+        "127.0.0.1:50051",
+        "address to serve on, port included (0 picks a free one); a port another process "
+        "holds is refused",
+        metavar="HOST:PORT",
+    )
+    rounds: int = setting(3, "training rounds")
+    min_workers: int = setting(2, "workers that must be connected before round 1")
+    min_results: int | None = setting(
+        None,
+        "valid results a round needs to count; later rounds start once this many workers are "
+        "ready (default: --min-workers)",
+    )
+    strategy: str = setting(
+        "fedavg",
+        "aggregation strategy: a built-in name (listed below) or package.module:Class",
+        metavar="NAME",
+    )
     strategy_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
+    seed: int = setting(0, "seed of the initial model and of local shuffling")
     #: Only workers whose dataset carries all these tags are selected (``--require-tag``).
-    require_tags: tuple[str, ...] = ()
+    require_tags: tuple[str, ...] = setting(
+        (),
+        "select only workers whose dataset metadata carries this tag (e.g. mnist or '#mnist'); "
+        "repeat for several; others stay connected and listed but never train",
+        flag="--require-tag",
+        metavar="TAG",
+    )
     # Trainable parameter patterns (see fedcore.frozen); empty: the whole model trains.
-    trainable: tuple[str, ...] = ()
+    trainable: tuple[str, ...] = setting(
+        (),
+        "train only the parameters whose names match this pattern (fnmatch, e.g. 'net.3.*'; "
+        "repeat for several), or @requires-grad: those the model factory leaves trainable "
+        "(LoRA adapters from peft); the rest is frozen and sent to each worker once "
+        "(default: the whole model trains)",
+        metavar="PATTERN",
+    )
     # Workers send their deltas as float16 or int8 (with error feedback); see fedcore.compression.
-    compression: str = "none"
+    compression: str = setting(
+        "none",
+        "workers send their update as a float16 delta (2x fewer bytes) or an int8 delta with "
+        "one scale per tensor (about 4x fewer), keeping the rounding error for their next "
+        "update (error feedback); the coordinator validates and restores float32 before "
+        "aggregating",
+        choices=tuple(SCHEMES),
+    )
     #: Secure aggregation settings; None runs plain aggregation.
     secagg: SecAggParams | None = None
     dp: DPSettings | None = None
