@@ -23,13 +23,16 @@ async def start_standing_console(
     settings: ConsoleSettings, network: Network
 ) -> Callable[[], Awaitable[None]]:
     """Serve the console over ``network``'s jobs; the coroutine function that stops it."""
+    jobs = network.jobs
+    if jobs is None:  # a one-shot network has no Jobs service: its console is the coordinator's
+        raise ValueError("the standing network's console needs a network that serves jobs")
     logs = RecentLogs()
     fedcore_log = logging.getLogger("fedcore")
     logs.attach(fedcore_log)
     view = StandingNetworkView(
         network.store,
-        network.jobs.scientists,
-        network.jobs.request_stop,
+        jobs.scientists,
+        jobs.request_stop,
         lambda: connected_workers(network.registry.sessions()),
         logs,
     )
