@@ -146,6 +146,5 @@ def _immutable_owner(values: npt.NDArray[np.generic]) -> bytes | None:
 
 def _unlinked_file(directory: str | None) -> int:
     """A file descriptor for a new temporary file that no path names (gone when closed)."""
-    fd, path = tempfile.mkstemp(prefix="fedcore-journal-", dir=directory)
-    os.unlink(path)
-    return fd
+    with tempfile.TemporaryFile(prefix="fedcore-journal-", dir=directory) as file:
+        return os.dup(file.fileno())  # the file lives on while this descriptor is open
