@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from interleaved import stream_interleaved
 
 from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import PayloadError, ProtocolError
@@ -384,22 +385,9 @@ def test_memory_stays_o_model_with_n_uploads_in_flight() -> None:
     try:
         aggregator = WeightedMeanAggregator()
         aggregator.expect(10.0 * n_uploads)
-        uploads = [
-            StreamedUpload(
-                signature,
-                total_bytes=model_bytes,
-                chunk_bytes=chunk,
-                stream=aggregator.open(layout_of(signature), 10),
-                base=None,
-                what=f"upload {i}",
-            )
-            for i in range(n_uploads)
-        ]
-        for index in range(len(payloads[0])):
-            for upload, chunks in zip(uploads, payloads, strict=True):
-                upload.add(pb.PayloadChunk(index=index, data=chunks[index]))
-        for upload in uploads:
-            assert aggregator.commit(upload.stream, 10)
+        stream_interleaved(
+            aggregator, signature, payloads, total_bytes=model_bytes, chunk_bytes=chunk
+        )
         _, peak = tracemalloc.get_traced_memory()
         result = aggregator.result()
     finally:

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
+from interleaved import stream_interleaved
 
 from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import PayloadError
@@ -305,22 +306,9 @@ def test_memory_is_o_n_times_range_not_n_models() -> None:
         tracemalloc.start()
         try:
             if isinstance(aggregator, StreamingAggregator):
-                uploads = [
-                    StreamedUpload(
-                        signature,
-                        total_bytes=model_bytes,
-                        chunk_bytes=chunk,
-                        stream=aggregator.open(layout_of(signature), 10),
-                        base=None,
-                        what=f"upload {i}",
-                    )
-                    for i in range(n_uploads)
-                ]
-                for index in range(len(payloads[0])):
-                    for upload, chunks in zip(uploads, payloads, strict=True):
-                        upload.add(pb.PayloadChunk(index=index, data=chunks[index]))
-                for upload in uploads:
-                    assert aggregator.commit(upload.stream, 10)
+                stream_interleaved(
+                    aggregator, signature, payloads, total_bytes=model_bytes, chunk_bytes=chunk
+                )
             else:
                 for chunks in payloads:
                     aggregator.add({"w": np.frombuffer(b"".join(chunks), np.float32).copy()}, 10)

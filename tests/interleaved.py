@@ -1,0 +1,40 @@
+"""Uploads streamed into an aggregator chunk by chunk and interleaved across workers, as the
+coordinator's inbox delivers concurrent uploads (the streaming tests' memory measurements)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedcore.server.transport.upload_stream import StreamedUpload, layout_of
+from fedcore.strategy import StreamingAggregator
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import ModelSignature
+
+
+def stream_interleaved(
+    aggregator: StreamingAggregator,
+    signature: ModelSignature,
+    payloads: Sequence[Sequence[bytes]],
+    *,
+    total_bytes: int,
+    chunk_bytes: int,
+    weight: float = 10,
+) -> None:
+    """Open one stream per payload, add chunk 0 of every upload, then chunk 1, ..., and commit
+    each (asserting it was accepted)."""
+    uploads = [
+        StreamedUpload(
+            signature,
+            total_bytes=total_bytes,
+            chunk_bytes=chunk_bytes,
+            stream=aggregator.open(layout_of(signature), weight),
+            base=None,
+            what=f"upload {i}",
+        )
+        for i in range(len(payloads))
+    ]
+    for index in range(len(payloads[0])):
+        for upload, chunks in zip(uploads, payloads, strict=True):
+            upload.add(pb.PayloadChunk(index=index, data=chunks[index]))
+    for upload in uploads:
+        assert aggregator.commit(upload.stream, weight)
