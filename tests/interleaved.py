@@ -3,8 +3,10 @@ coordinator's inbox delivers concurrent uploads (the streaming tests' memory mea
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
+from fedcore.server.transport.inbox import Inbox
 from fedcore.server.transport.upload_stream import StreamedUpload, layout_of
 from fedcore.strategy import StreamingAggregator
 from fedcore.v1 import fedcore_pb2 as pb
@@ -38,3 +40,15 @@ def stream_interleaved(
             upload.add(pb.PayloadChunk(index=index, data=chunks[index]))
     for upload in uploads:
         assert aggregator.commit(upload.stream, weight)
+
+
+async def feed_interleaved(
+    inboxes: Sequence[tuple[Inbox, pb.WorkerMessage, Sequence[pb.PayloadChunk]]],
+) -> None:
+    """Every upload's result first (so each starts before any finishes: staged uploads wait
+    for a slot here), then chunk 0 of every upload, chunk 1, ..."""
+    for inbox, result, _ in inboxes:
+        await asyncio.wait_for(inbox.handle(result), timeout=1)
+    for index in range(len(inboxes[0][2])):
+        for inbox, _, chunks in inboxes:
+            await asyncio.wait_for(inbox.on_chunk(chunks[index]), timeout=5)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from interleaved import stream_interleaved
+from interleaved import feed_interleaved, stream_interleaved
 
 from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import PayloadError, ProtocolError
@@ -269,12 +269,7 @@ async def _interleaved(streaming: bool) -> FitCollector:
             upload_slots=slots,
         )
         inboxes.append((inbox, _result(f"t{i}", update, n), _chunks(update)))
-    # Every upload starts before any finishes: staged uploads wait for the one slot here.
-    for inbox, result, _ in inboxes:
-        await asyncio.wait_for(inbox.handle(result), timeout=1)
-    for index in range(len(inboxes[0][2])):
-        for inbox, _, chunks in inboxes:
-            await asyncio.wait_for(inbox.on_chunk(chunks[index]), timeout=5)
+    await feed_interleaved(inboxes)
     return collector
 
 
