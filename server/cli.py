@@ -342,7 +342,8 @@ async def _serve(
                 else:
                     from .console_serve import start_standing_console
 
-                    stops.append(await start_standing_console(console, served))
+                    # Its pages read the job store: it stops before the network closes it.
+                    served.on_close.append(await start_standing_console(console, served))
         ready.cancel()
         await run
     finally:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +153,8 @@ class Network:
         #: What :meth:`serving` tells the workers when it ends: why the federation is over
         #: (a ``Shutdown``: they exit), or None: nothing, so they keep reconnecting.
         self.farewell: str | None = None
+        #: Awaited when serving ends, before the job store closes (a console reading it stops).
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     def _make_job(self, record: JobRecord) -> RunnableJob:
         if record.kind == "query":
@@ -218,6 +220,8 @@ class Network:
                     await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             await self._say_goodbye(self.farewell)
             await server.stop(self.config.limits.shutdown_grace)
+            for close in self.on_close:
+                await close()
             self.store.close()
 
     async def _say_goodbye(self, reason: str | None) -> None:

@@ -361,6 +361,11 @@ def standing(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         alice_job = json.loads(_fed_job(port, certs, "alice", *job, "--study", "cardio"))
         bob_job = json.loads(_fed_job(port, certs, "bob", *job, "--study", "onco"))
         yield Standing(console, port, certs, alice_job["job_id"], bob_job["job_id"])
+        # A clean stop with the console up: the console stops before the job store it reads
+        # closes (a page served in between was a 500), and nothing is left unhandled.
+        server.signal(signal.SIGTERM)
+        assert server.wait(_TIMEOUT_S) == 0, server.output
+        assert "Traceback" not in server.output
     finally:
         for p in started:
             p.signal(signal.SIGKILL)
