@@ -184,54 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="aggregate updates with secure aggregation (masked, quantized deltas)",
     )
-    s.add_argument(
-        "--secagg-threshold",
-        type=float,
-        default=0.5,
-        help="Shamir threshold t: a count >= 2, or a fraction f < 1 of each sharing group "
-        "(t = floor(f*m)+1); a round survives while t workers remain (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-neighbours",
-        type=int,
-        default=0,
-        help="SecAgg+: share with this many neighbours of a random regular graph "
-        "(about 2*log2(n) suffices); 0 = with every worker (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-bits",
-        type=int,
-        default=16,
-        help="signed fixed-point bits per coordinate (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-clip",
-        type=float,
-        default=1.0,
-        help="clipping range: every coordinate of a worker's delta (trained minus received "
-        "weights) is clipped to [-CLIP, CLIP] (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-phase-timeout",
-        type=float,
-        default=30.0,
-        help="seconds the coordinator waits for each key, share and unmasking phase "
-        "(default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-signed",
-        action="store_true",
-        help="the signed mode against an active coordinator, for training rounds and analytics "
-        "queries alike: the workers sign their keys "
-        "with their silo keys (fed-worker --signing-key --roster) and check each other's "
-        "view of the round before unmasking (docs/secure-aggregation.md)",
-    )
-    s.add_argument(
-        "--secagg-job",
-        default="",
-        help="signed mode: the job name every key is bound to, and that workers key their "
-        "participation records by (default: none; each round's fresh id still binds them)",
-    )
+    add_flags(s, SecAggParams)
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
@@ -289,19 +242,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         plan=shipped[1] if shipped else None,
         strategy_options=options,
         train=TrainConfig(**train, seed=args.seed),
-        secagg=(
-            SecAggParams(
-                threshold=args.secagg_threshold,
-                neighbours=args.secagg_neighbours,
-                bits=args.secagg_bits,
-                clip=args.secagg_clip,
-                phase_timeout=args.secagg_phase_timeout,
-                signed=args.secagg_signed,
-                job=args.secagg_job,
-            )
-            if args.secagg
-            else None
-        ),
+        secagg=SecAggParams(**flag_values(SecAggParams, args)) if args.secagg else None,
         dp=dp_settings_from_args(args),
         analytics=analytics_settings_from_args(args),
         limits=Limits(**flag_values(Limits, args)),
