@@ -34,6 +34,7 @@ from fedcore.server.state.privacy import DPSettings
 
 GROUPS = (
     ServerConfig,
+    TrainConfig,
     Limits,
     Output,
     Security,
@@ -164,9 +165,6 @@ _UNSOURCED = {
     "model": "ServerConfig.model is a ModelSpec made of --model and --model-params",
     "model_params": "JSON, part of ServerConfig.model",
     "strategy_options": "JSON or a [strategy] table, not one value",
-    # TrainConfig (fedcore.plan) is the plan's wire format; its flags read its defaults, and
-    # test_the_training_flags_default_to_train_config holds them to it.
-    **{flag.removeprefix("--").replace("-", "_"): "TrainConfig" for flag in TRAIN_FLAGS.values()},
     "plan_input_shape": "server/plans.py: a --ship-plan export option, no setting",
     "log_level": "fedcore.cli_support: every CLI's own logging flag",
 }
