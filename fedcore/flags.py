@@ -12,7 +12,11 @@ A field without :func:`setting` has no flag. The flag is ``--`` and the field's 
 dashes unless ``flag`` names another; its value lands where argparse puts the flag's (so a
 ``--config`` TOML names it like the flag: ``require-tag`` for ``--require-tag``). A ``bool``
 field is a switch (``store_true``), an optional field takes its type, a ``tuple[str, ...]``
-field is a repeatable flag. The help ends with the default, read from the field.
+field is a repeatable flag, a ``Literal[...]`` field takes one of its values. The help ends
+with the default, read from the field. A required field takes its flag's help as
+``field(metadata=setting_metadata(help, ...))`` (a ``dataclasses.field`` call, so type checkers
+see it has no default): its flag is optional, absent reads as None, and the caller decides what
+that means (usually: the group is off, as without ``--scientists``).
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from typing import Any, Protocol
 __all__ = [
     "FlagGroup",
     "add_flags",
+    "flag_default",
     "flag_dest",
     "flag_fields",
     "flag_name",
     "flag_values",
     "setting",
+    "setting_metadata",
 ]
 
 _SCALARS: dict[Any, type] = {int: int, float: float, str: str, Path: Path}
@@ -44,6 +50,24 @@ class FlagGroup(Protocol):
     def add_argument(self, *names: str, **options: Any) -> object: ...
 
 
+def setting_metadata(
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: Sequence[str] | None = None,
+    show_default: bool = True,
+) -> dict[str, Any]:
+    """A field's flag, as ``dataclasses.field`` metadata (see the module's docstring)."""
+    return {
+        "help": help,
+        "flag": flag,
+        "metavar": metavar,
+        "choices": choices,
+        "show_default": show_default,
+    }
+
+
 def setting(
     default: Any,
     help: str,
@@ -53,15 +77,16 @@ def setting(
     choices: Sequence[str] | None = None,
     show_default: bool = True,
 ) -> Any:
-    """A dataclass field with its flag's help (see the module's docstring)."""
-    metadata = {
-        "help": help,
-        "flag": flag,
-        "metavar": metavar,
-        "choices": choices,
-        "show_default": show_default,
-    }
+    """A dataclass field with its default and its flag's help (see the module's docstring)."""
+    metadata = setting_metadata(
+        help, flag=flag, metavar=metavar, choices=choices, show_default=show_default
+    )
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_default(field: dataclasses.Field[Any]) -> Any:
+    """The value of ``field``'s flag when it is not given (None for a required field)."""
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -79,18 +104,20 @@ def flag_dest(field: dataclasses.Field[Any]) -> str:
     return flag_name(field).removeprefix("--").replace("-", "_")
 
 
-def _kind(hint: Any) -> tuple[str, type | None]:
-    """("switch" | "list" | "value", the value's type) for a field's type hint."""
+def _kind(hint: Any) -> tuple[str, type | None, tuple[str, ...] | None]:
+    """("switch" | "list" | "value", the value's type, its choices) for a field's type hint."""
     if hint is bool:
-        return "switch", None
+        return "switch", None, None
     if hint in _SCALARS:
-        return "value", _SCALARS[hint]
+        return "value", _SCALARS[hint], None
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal and all(isinstance(a, str) for a in args):
+        return "value", str, args
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
         return _kind(inner)
     if typing.get_origin(hint) is tuple and args == (str, ...):
-        return "list", str
+        return "list", str, None
     raise TypeError(f"no flag for a field of type {hint!r}")
 
 
@@ -101,24 +128,27 @@ def add_flags(group: FlagGroup, cls: type, *, only: Sequence[str] | None = None)
     by_name = {f.name: f for f in flag_fields(cls)}
     for name in only if only is not None else list(by_name):
         field = by_name[name]
-        kind, value_type = _kind(hints[field.name])
+        kind, value_type, literal = _kind(hints[field.name])
         meta = field.metadata
         text = str(meta["help"])
         if kind == "switch":
             group.add_argument(flag_name(field), action="store_true", help=text)
             continue
-        if meta["show_default"] and field.default not in (None, ()):
+        default = flag_default(field)
+        if meta["show_default"] and default not in (None, ()):
             text += " (default: %(default)s)"
         options: dict[str, Any] = {"help": text, "type": value_type}
         if meta["metavar"] is not None:
             options["metavar"] = meta["metavar"]
-        if meta["choices"] is not None:
-            options["choices"] = list(meta["choices"])
+        # Explicit choices fix the order --help lists them in; a Literal's are its values.
+        choices = meta["choices"] if meta["choices"] is not None else literal
+        if choices is not None:
+            options["choices"] = list(choices)
         if kind == "list":
             # argparse appends to its default: a fresh list, made a tuple by flag_values.
             group.add_argument(flag_name(field), action="append", default=[], **options)
         else:
-            group.add_argument(flag_name(field), default=field.default, **options)
+            group.add_argument(flag_name(field), default=default, **options)
 
 
 def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcore.errors import ConfigError
+from fedcore.flags import setting
 from fedcore.v1 import fedcore_pb2 as pb
 
 __all__ = ["PROXIMAL_MU", "ModelSpec", "TrainConfig"]
@@ -51,12 +52,13 @@ class ModelSpec:
 class TrainConfig:
     """Local training settings sent with every fit task."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    # Each field's help is its fed-server flag's (fedcore.flags); seed is --seed's.
+    epochs: int = setting(1, "local epochs per round")
+    batch_size: int = setting(32, "")
+    optimizer: str = setting("sgd", "", choices=("sgd", "adam"))
+    learning_rate: float = setting(0.05, "learning rate", flag="--lr")
+    momentum: float = setting(0.0, "SGD momentum")
+    weight_decay: float = setting(0.0, "")
     seed: int = 0
     extra: dict[str, float] = field(default_factory=dict)
     #: The parameters to train, the others stay as received (empty: all). Not sent: the worker

@@ -14,7 +14,7 @@ from pathlib import Path
 from fedcore.cli_support import add_common_flags, configure_logging, parse_args_with_config, run_cli
 from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.errors import ConfigError
-from fedcore.flags import add_flags, flag_fields, flag_values
+from fedcore.flags import add_flags, flag_fields, flag_name, flag_values
 from fedcore.heap import return_freed_memory
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
@@ -51,14 +51,7 @@ _LIMITS = (
     "upload_slots",
 )
 #: The local training flags, by TrainConfig field (its seed is --seed).
-TRAIN_FLAGS = {
-    "epochs": "--epochs",
-    "batch_size": "--batch-size",
-    "optimizer": "--optimizer",
-    "learning_rate": "--lr",
-    "momentum": "--momentum",
-    "weight_decay": "--weight-decay",
-}
+TRAIN_FLAGS = {f.name: flag_name(f) for f in flag_fields(TrainConfig)}
 
 _DESCRIPTION = """\
 Run a fedcore coordinator. It waits for --min-workers workers (started with fed-worker
@@ -126,35 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(g, ServerConfig, only=("seed", "require_tags", "trainable"))
     t = p.add_argument_group("local training (sent to workers in every plan)")
-    # Defaults from TrainConfig (TRAIN_FLAGS: which flag sets which field).
-    train = TrainConfig()
-    t.add_argument(
-        "--epochs",
-        type=int,
-        default=train.epochs,
-        help="local epochs per round (default: %(default)s)",
-    )
-    t.add_argument(
-        "--batch-size", type=int, default=train.batch_size, help="(default: %(default)s)"
-    )
-    t.add_argument(
-        "--optimizer",
-        choices=["sgd", "adam"],
-        default=train.optimizer,
-        help="(default: %(default)s)",
-    )
-    t.add_argument(
-        "--lr",
-        type=float,
-        default=train.learning_rate,
-        help="learning rate (default: %(default)s)",
-    )
-    t.add_argument(
-        "--momentum", type=float, default=train.momentum, help="SGD momentum (default: %(default)s)"
-    )
-    t.add_argument(
-        "--weight-decay", type=float, default=train.weight_decay, help="(default: %(default)s)"
-    )
+    add_flags(t, TrainConfig)
     add_flags(t, ServerConfig, only=("compression",))
     add_flags(p.add_argument_group("evaluation and output"), Output)
     add_flags(p.add_argument_group("timeouts and limits"), Limits, only=_LIMITS)
@@ -184,54 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="aggregate updates with secure aggregation (masked, quantized deltas)",
     )
-    s.add_argument(
-        "--secagg-threshold",
-        type=float,
-        default=0.5,
-        help="Shamir threshold t: a count >= 2, or a fraction f < 1 of each sharing group "
-        "(t = floor(f*m)+1); a round survives while t workers remain (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-neighbours",
-        type=int,
-        default=0,
-        help="SecAgg+: share with this many neighbours of a random regular graph "
-        "(about 2*log2(n) suffices); 0 = with every worker (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-bits",
-        type=int,
-        default=16,
-        help="signed fixed-point bits per coordinate (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-clip",
-        type=float,
-        default=1.0,
-        help="clipping range: every coordinate of a worker's delta (trained minus received "
-        "weights) is clipped to [-CLIP, CLIP] (default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-phase-timeout",
-        type=float,
-        default=30.0,
-        help="seconds the coordinator waits for each key, share and unmasking phase "
-        "(default: %(default)s)",
-    )
-    s.add_argument(
-        "--secagg-signed",
-        action="store_true",
-        help="the signed mode against an active coordinator, for training rounds and analytics "
-        "queries alike: the workers sign their keys "
-        "with their silo keys (fed-worker --signing-key --roster) and check each other's "
-        "view of the round before unmasking (docs/secure-aggregation.md)",
-    )
-    s.add_argument(
-        "--secagg-job",
-        default="",
-        help="signed mode: the job name every key is bound to, and that workers key their "
-        "participation records by (default: none; each round's fresh id still binds them)",
-    )
+    add_flags(s, SecAggParams)
     add_dp_flags(p)
     add_plan_flags(p)
     add_analytics_flags(p)
@@ -279,29 +197,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--strategy-options must be a JSON object")
     model = ModelSpec(args.model, params)
     shipped = plan_from_args(args, model, seed=args.seed, max_bytes=args.max_model_bytes * 2)
-    train = {
-        name: getattr(args, flag.removeprefix("--").replace("-", "_"))
-        for name, flag in TRAIN_FLAGS.items()
-    }
     return ServerConfig(
         **flag_values(ServerConfig, args),
         model=shipped[0] if shipped else model,
         plan=shipped[1] if shipped else None,
         strategy_options=options,
-        train=TrainConfig(**train, seed=args.seed),
-        secagg=(
-            SecAggParams(
-                threshold=args.secagg_threshold,
-                neighbours=args.secagg_neighbours,
-                bits=args.secagg_bits,
-                clip=args.secagg_clip,
-                phase_timeout=args.secagg_phase_timeout,
-                signed=args.secagg_signed,
-                job=args.secagg_job,
-            )
-            if args.secagg
-            else None
-        ),
+        train=TrainConfig(**flag_values(TrainConfig, args), seed=args.seed),
+        secagg=SecAggParams(**flag_values(SecAggParams, args)) if args.secagg else None,
         dp=dp_settings_from_args(args),
         analytics=analytics_settings_from_args(args),
         limits=Limits(**flag_values(Limits, args)),

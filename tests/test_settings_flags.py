@@ -4,20 +4,47 @@ submit (job TOML, ``fed-job submit --set``) is a fed-server flag with the same m
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
-from fedcore.flags import flag_dest, flag_fields, flag_values
+from fedcore.console import ConsoleSettings, console_settings_from_args
+from fedcore.flags import (
+    add_flags,
+    flag_default,
+    flag_dest,
+    flag_fields,
+    flag_name,
+    flag_values,
+    setting_metadata,
+)
+from fedcore.flags import setting as flag_setting
 from fedcore.plan import TrainConfig
+from fedcore.secagg import SecAggParams
 from fedcore.server import ServerConfig
 from fedcore.server.cli import TRAIN_FLAGS, build_parser, config_from_args
 from fedcore.server.jobs.spec import JOB_FLAGS, JOB_KEYS, job_config
 from fedcore.server.network import NetworkSettings
+from fedcore.server.state.analytics import AnalyticsSettings
 from fedcore.server.state.config import Limits, Output, Recovery, Security
+from fedcore.server.state.privacy import DPSettings
 
-GROUPS = (ServerConfig, Limits, Output, Security, Recovery, NetworkSettings)
+GROUPS = (
+    ServerConfig,
+    TrainConfig,
+    Limits,
+    Output,
+    Security,
+    Recovery,
+    NetworkSettings,
+    SecAggParams,
+    DPSettings,
+    AnalyticsSettings,
+    ConsoleSettings,
+)
 
 
 def _defaults() -> Any:
@@ -28,7 +55,7 @@ def _defaults() -> Any:
 def test_every_flag_defaults_to_its_dataclass_field(cls: type) -> None:
     assert flag_fields(cls), "the harness sees no flag of this group"
     parsed = flag_values(cls, _defaults())
-    assert parsed == {f.name: f.default for f in flag_fields(cls)}
+    assert parsed == {f.name: flag_default(f) for f in flag_fields(cls)}
 
 
 def test_the_training_flags_default_to_train_config() -> None:
@@ -54,6 +81,142 @@ def test_a_flag_reaches_its_field() -> None:
     assert config.output.progress == "plain"
     assert config.security.insecure is True
     assert config != ServerConfig()
+
+
+PASSWORD = "correct horse battery"
+
+#: Per group: flags that set every one of its fields to a value other than its default (with
+#: what they need: --secagg, enough workers), and where the group lands in the config.
+_GROUP_ARGV: dict[type, list[str]] = {
+    SecAggParams: [
+        *("--secagg", "--min-workers", "4", "--secagg-threshold", "3"),
+        *("--secagg-neighbours", "2", "--secagg-bits", "20", "--secagg-clip", "0.5"),
+        *("--secagg-phase-timeout", "9", "--secagg-signed", "--secagg-job", "j1"),
+    ],
+    DPSettings: [
+        *("--min-workers", "10", "--dp-noise-multiplier", "1.5", "--dp-target-epsilon", "4"),
+        *("--dp-clip", "0.7", "--dp-delta", "1e-6", "--dp-mode", "distributed"),
+        *("--dp-adaptive-quantile", "0.5", "--dp-clip-lr", "0.1", "--dp-count-noise", "5"),
+        *("--dp-accountant", "rdp"),
+    ],
+    AnalyticsSettings: [
+        *("--scientists", "s.json", "--analytics-only", "--analytics-delta", "1e-7"),
+        *("--analytics-phase-timeout", "5", "--analytics-refusal-limit", "3"),
+        *("--analytics-refusal-window", "60"),
+    ],
+    ConsoleSettings: [
+        *("--console", "127.0.0.1:0", "--console-tls-cert", "c.pem"),
+        *("--console-tls-key", "k.pem"),
+    ],
+}
+_EXPECTED: dict[type, object] = {
+    SecAggParams: SecAggParams(3.0, 2, 20, 0.5, 9.0, signed=True, job="j1"),
+    DPSettings: DPSettings(
+        clip=0.7,
+        noise_multiplier=1.5,
+        target_epsilon=4.0,
+        delta=1e-6,
+        mode="distributed",
+        adaptive_quantile=0.5,
+        clip_learning_rate=0.1,
+        count_noise=5.0,
+        accountant="rdp",
+    ),
+    AnalyticsSettings: AnalyticsSettings(
+        Path("s.json"),
+        only=True,
+        default_delta=1e-7,
+        phase_timeout=5.0,
+        refusal_limit=3,
+        refusal_window=60.0,
+    ),
+    ConsoleSettings: ConsoleSettings("127.0.0.1:0", PASSWORD, Path("c.pem"), Path("k.pem")),
+}
+
+
+def _group_of(cls: type, argv: list[str], tmp_path: Path) -> object:
+    """The ``cls`` settings fed-server builds from ``argv``."""
+    if cls is ConsoleSettings:
+        secret = tmp_path / "secret"
+        secret.write_text(PASSWORD)
+        argv = [*argv, "--console-password-file", str(secret)]
+        return console_settings_from_args(build_parser().parse_args(argv))
+    config = config_from_args(build_parser().parse_args(argv))
+    return {
+        SecAggParams: config.secagg,
+        DPSettings: config.dp,
+        AnalyticsSettings: config.analytics,
+    }[cls]
+
+
+@pytest.mark.parametrize("cls", list(_GROUP_ARGV), ids=lambda c: c.__name__)
+def test_each_groups_flags_build_its_settings(cls: type, tmp_path: Path) -> None:
+    argv = _GROUP_ARGV[cls]
+    # Every flag of the group is given, and every one changes its field.
+    assert {a for a in argv if a.startswith("--")} >= {flag_name(f) for f in flag_fields(cls)}
+    built = _group_of(cls, argv, tmp_path)
+    assert built == _EXPECTED[cls]
+    for f in flag_fields(cls):
+        assert getattr(built, f.name) != flag_default(f), f.name
+
+
+#: fed-server flags with a default that no settings dataclass declares, and why.
+_UNSOURCED = {
+    "model": "ServerConfig.model is a ModelSpec made of --model and --model-params",
+    "model_params": "JSON, part of ServerConfig.model",
+    "strategy_options": "JSON or a [strategy] table, not one value",
+    "plan_input_shape": "server/plans.py: a --ship-plan export option, no setting",
+    "log_level": "fedcore.cli_support: every CLI's own logging flag",
+}
+
+
+def _unsourced_defaults(parser: argparse.ArgumentParser) -> set[str]:
+    """Flags of ``parser`` with a default that comes from no settings field (nor the list)."""
+    declared = {flag_dest(f) for cls in GROUPS for f in flag_fields(cls)}
+    defaults = vars(parser.parse_args([]))
+    return {
+        dest
+        for dest, value in defaults.items()
+        if value not in (None, False, []) and dest not in declared and dest not in _UNSOURCED
+    }
+
+
+def test_no_fed_server_default_is_written_twice() -> None:
+    """A hand-written ``add_argument(..., default=...)`` for a setting fails here: declare
+    the setting with ``fedcore.flags.setting`` in its dataclass instead."""
+    assert _unsourced_defaults(build_parser()) == set()
+
+
+def test_the_guard_sees_a_hand_written_default() -> None:
+    """Positive control: a flag whose default is written by hand beside its field is found."""
+    parser = build_parser()
+    parser.add_argument("--dp-foo", type=float, default=2.0)
+    assert _unsourced_defaults(parser) == {"dp_foo"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    path: Path = dataclasses.field(metadata=setting_metadata("turns it on", metavar="FILE"))
+    mode: Literal["a", "b"] = flag_setting("a", "a mode", flag="--sample-mode")
+    order: Literal["x", "y", "z"] = flag_setting("y", "ordered", choices=("z", "y", "x"))
+
+
+def test_required_and_literal_settings() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, _Sample)
+    off = parser.parse_args([])
+    assert off.path is None  # a required field's flag is optional: absent reads as None
+    assert flag_values(_Sample, off) == {"path": None, "mode": "a", "order": "y"}
+    on = parser.parse_args(["--path", "f", "--sample-mode", "b", "--order", "x"])
+    assert _Sample(**flag_values(_Sample, on)) == _Sample(Path("f"), "b", "x")
+    with pytest.raises(TypeError):
+        _Sample()  # type: ignore[call-arg]  # the dataclass field has no default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--path", "f", "--sample-mode", "c"])  # a Literal's values only
+    text = parser.format_help()
+    assert "{a,b}" in text
+    assert "{z,y,x}" in text  # explicit choices keep their order
+    assert "FILE" in text
 
 
 def test_a_setting_without_help_has_no_flag() -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import ConfigError
+from fedcore.flags import add_flags, flag_values, setting, setting_metadata
 from fedcore.tls import host_of, is_loopback
 
 __all__ = [
@@ -31,10 +32,22 @@ class ConsoleSettings:
         tls_cert / tls_key: served over HTTPS with these (PEM); required off loopback.
     """
 
-    listen: str
+    listen: str = field(
+        metadata=setting_metadata(
+            "serve the web console here, e.g. 127.0.0.1:8080 (default: off); off loopback "
+            "it needs --console-tls-cert and --console-tls-key",
+            flag="--console",
+            metavar="HOST:PORT",
+        )
+    )
+    #: Read from ``--console-password-file``: the flag names a file, not the secret.
     password: str
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = setting(
+        None, "the console's HTTPS certificate (PEM)", flag="--console-tls-cert"
+    )
+    tls_key: Path | None = setting(
+        None, "the private key of --console-tls-cert", flag="--console-tls-key"
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -93,14 +106,9 @@ def read_password(path: Path) -> str:
 
 
 def add_console_flags(parser: argparse.ArgumentParser, *, what: str) -> None:
-    """``--console HOST:PORT`` and its sign-in and TLS flags."""
+    """``--console HOST:PORT`` and its sign-in and TLS flags (from :class:`ConsoleSettings`)."""
     g = parser.add_argument_group(f"web console ({what}; docs/consoles.md)")
-    g.add_argument(
-        "--console",
-        metavar="HOST:PORT",
-        help="serve the web console here, e.g. 127.0.0.1:8080 (default: off); off loopback "
-        "it needs --console-tls-cert and --console-tls-key",
-    )
+    add_flags(g, ConsoleSettings, only=("listen",))
     g.add_argument(
         "--console-password-file",
         type=Path,
@@ -108,8 +116,7 @@ def add_console_flags(parser: argparse.ArgumentParser, *, what: str) -> None:
         help="file holding the secret that signs a person in to the console (required with "
         f"--console; at least {MIN_PASSWORD_CHARS} characters)",
     )
-    g.add_argument("--console-tls-cert", type=Path, help="the console's HTTPS certificate (PEM)")
-    g.add_argument("--console-tls-key", type=Path, help="the private key of --console-tls-cert")
+    add_flags(g, ConsoleSettings, only=("tls_cert", "tls_key"))
 
 
 def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings | None:
@@ -123,10 +130,8 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings | No
             "--console needs --console-password-file: nothing is shown without signing in"
         )
     settings = ConsoleSettings(
-        args.console,
-        read_password(args.console_password_file),
-        args.console_tls_cert,
-        args.console_tls_key,
+        password=read_password(args.console_password_file),
+        **flag_values(ConsoleSettings, args),
     )
     _ = settings.port  # a malformed address fails at start, not when serving
     return settings

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedcore.errors import ConfigError
+from fedcore.flags import setting
 
 __all__ = ["SecAggParams", "harary_neighbours"]
 
 
 @dataclass(frozen=True)
 class SecAggParams:
-    """What ``fed-server --secagg`` is told.
+    """What ``fed-server --secagg`` is told (each field's help is its ``--secagg-*`` flag's).
 
     Args:
         threshold: the Shamir threshold ``t``: a count (>= 2), or a fraction in (0, 1) of the
@@ -31,13 +32,45 @@ class SecAggParams:
         job: what signed rounds are bound to and workers key their participation by.
     """
 
-    threshold: float = 0.5
-    neighbours: int = 0
-    bits: int = 16
-    clip: float = 1.0
-    phase_timeout: float = 30.0
-    signed: bool = False
-    job: str = ""
+    threshold: float = setting(
+        0.5,
+        "Shamir threshold t: a count >= 2, or a fraction f < 1 of each sharing group "
+        "(t = floor(f*m)+1); a round survives while t workers remain",
+        flag="--secagg-threshold",
+    )
+    neighbours: int = setting(
+        0,
+        "SecAgg+: share with this many neighbours of a random regular graph "
+        "(about 2*log2(n) suffices); 0 = with every worker",
+        flag="--secagg-neighbours",
+    )
+    bits: int = setting(16, "signed fixed-point bits per coordinate", flag="--secagg-bits")
+    clip: float = setting(
+        1.0,
+        "clipping range: every coordinate of a worker's delta (trained minus received "
+        "weights) is clipped to [-CLIP, CLIP]",
+        flag="--secagg-clip",
+    )
+    phase_timeout: float = setting(
+        30.0,
+        "seconds the coordinator waits for each key, share and unmasking phase",
+        flag="--secagg-phase-timeout",
+    )
+    signed: bool = setting(
+        False,
+        "the signed mode against an active coordinator, for training rounds and analytics "
+        "queries alike: the workers sign their keys "
+        "with their silo keys (fed-worker --signing-key --roster) and check each other's "
+        "view of the round before unmasking (docs/secure-aggregation.md)",
+        flag="--secagg-signed",
+    )
+    job: str = setting(
+        "",
+        "signed mode: the job name every key is bound to, and that workers key their "
+        "participation records by (default: none; each round's fresh id still binds them)",
+        flag="--secagg-job",
+        show_default=False,
+    )
 
     def __post_init__(self) -> None:
         if not (

@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from fedcore.errors import ConfigError
+from fedcore.flags import flag_fields, flag_name
 from fedcore.models import available_models
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.secagg.params import SecAggParams
@@ -48,11 +49,13 @@ JOB_KEYS = frozenset(
 )
 #: The ``fed-server`` flag of each job setting: a job TOML's key is the setting's name, a
 #: one-shot federation's flag this (tests/test_settings_flags.py checks both mean the same).
-JOB_FLAGS = {key: "--" + key.replace("_", "-") for key in sorted(JOB_KEYS)} | {
-    "learning_rate": "--lr",
-    "require_tags": "--require-tag",
-    "dp_clip_learning_rate": "--dp-clip-lr",
-}
+JOB_FLAGS = (
+    {key: "--" + key.replace("_", "-") for key in sorted(JOB_KEYS)}
+    | {"learning_rate": "--lr", "require_tags": "--require-tag"}
+    # The DP and secure aggregation flags are their settings fields' (fedcore.flags).
+    | {f"dp_{f.name}": flag_name(f) for f in flag_fields(DPSettings)}
+    | {f"secagg_{f.name}": flag_name(f) for f in flag_fields(SecAggParams) if f.name != "job"}
+)
 #: Every key an analytics query job's settings may hold.
 QUERY_KEYS = frozenset({"query", "epsilon", "delta", "tags"})
 

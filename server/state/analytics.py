@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import ConfigError
+from fedcore.flags import add_flags, flag_values, setting, setting_metadata
 
 __all__ = ["AnalyticsSettings", "add_analytics_flags", "analytics_settings_from_args"]
 
@@ -27,13 +28,41 @@ class AnalyticsSettings:
         refusal_window: seconds the refusals are counted over (a sliding window).
     """
 
-    scientists: Path
-    only: bool = False
-    default_delta: float = 1e-6
-    phase_timeout: float = 30.0
+    scientists: Path = field(
+        metadata=setting_metadata(
+            "enrolled data scientists (scientists.json written by fed-certs add-scientist); "
+            "turns the Analytics service on",
+            metavar="FILE",
+        )
+    )
+    only: bool = setting(
+        False,
+        "serve queries only: no training rounds; run until stopped (SIGINT/SIGTERM)",
+        flag="--analytics-only",
+    )
+    default_delta: float = setting(
+        1e-6, "delta of queries that state none", flag="--analytics-delta"
+    )
+    phase_timeout: float = setting(
+        30.0,
+        "seconds each step of a query's secure round may take",
+        flag="--analytics-phase-timeout",
+    )
+    #: From ``--secagg-signed``: one switch for training's and analytics' rounds.
     signed: bool = False
-    refusal_limit: int = 20
-    refusal_window: float = 3600.0
+    refusal_limit: int = setting(
+        20,
+        "refused queries a data scientist may have within --analytics-refusal-window; "
+        "past it the coordinator refuses their queries itself, without asking the silos",
+        flag="--analytics-refusal-limit",
+        metavar="N",
+    )
+    refusal_window: float = setting(
+        3600.0,
+        "the sliding window refusals are counted over",
+        flag="--analytics-refusal-window",
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.default_delta < 1:
@@ -49,64 +78,22 @@ class AnalyticsSettings:
 
 
 def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``--scientists`` and ``--analytics-*`` flags, built from :class:`AnalyticsSettings`."""
     g = parser.add_argument_group(
         "federated analytics (docs/analytics.md)",
         "Serve authenticated data scientists: dataset search by tag, mock previews, and "
         "aggregate queries answered under secure aggregation with each silo's DP noise.",
     )
-    g.add_argument(
-        "--scientists",
-        type=Path,
-        metavar="FILE",
-        help="enrolled data scientists (scientists.json written by fed-certs add-scientist); "
-        "turns the Analytics service on",
-    )
-    g.add_argument(
-        "--analytics-only",
-        action="store_true",
-        help="serve queries only: no training rounds; run until stopped (SIGINT/SIGTERM)",
-    )
-    g.add_argument(
-        "--analytics-delta",
-        type=float,
-        default=1e-6,
-        help="delta of queries that state none (default: %(default)s)",
-    )
-    g.add_argument(
-        "--analytics-phase-timeout",
-        type=float,
-        default=30.0,
-        help="seconds each step of a query's secure round may take (default: %(default)s)",
-    )
-    g.add_argument(
-        "--analytics-refusal-limit",
-        type=int,
-        default=AnalyticsSettings.refusal_limit,
-        metavar="N",
-        help="refused queries a data scientist may have within --analytics-refusal-window; "
-        "past it the coordinator refuses their queries itself, without asking the silos "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--analytics-refusal-window",
-        type=float,
-        default=AnalyticsSettings.refusal_window,
-        metavar="SECONDS",
-        help="the sliding window refusals are counted over (default: %(default)s)",
-    )
+    add_flags(g, AnalyticsSettings)
 
 
 def analytics_settings_from_args(args: argparse.Namespace) -> AnalyticsSettings | None:
+    """The settings the flags ask for; None without ``--scientists``."""
     if args.scientists is None:
         if args.analytics_only:
             raise ConfigError("--analytics-only needs --scientists (who may ask queries)")
         return None
     return AnalyticsSettings(
-        args.scientists,
-        args.analytics_only,
-        args.analytics_delta,
-        args.analytics_phase_timeout,
-        refusal_limit=args.analytics_refusal_limit,
-        refusal_window=args.analytics_refusal_window,
+        **flag_values(AnalyticsSettings, args),
         signed=bool(getattr(args, "secagg_signed", False)),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.errors import ConfigError
+from fedcore.flags import add_flags, flag_values, setting
 from fedcore.privacy import AdaptiveClipping, DifferentialPrivacy, DPMode, PrivacyReporting
 from fedcore.privacy.accountant import Mechanism
 from fedcore.privacy.client import UNCLIPPED_METRIC
@@ -33,19 +34,64 @@ __all__ = [
 _PRIVATE_METRICS = frozenset({UNCLIPPED_METRIC, *DPSGD_METRICS})
 
 
+#: The "differential privacy" group of ``fed-server --help``.
+_GROUP = "differential privacy (client-level DP-FedAvg: protects each worker's whole data)"
+
+
 @dataclass(frozen=True)
 class DPSettings:
     """Client-level DP of a federation (see ``fed-server --help``, "differential privacy")."""
 
-    clip: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    mode: DPMode = "central"
-    adaptive_quantile: float | None = None
-    clip_learning_rate: float = 0.2
-    count_noise: float | None = None
-    accountant: Mechanism = "best"
+    clip: float = setting(
+        1.0,
+        "L2 clip norm of every update (the initial one with --dp-adaptive-quantile)",
+        flag="--dp-clip",
+    )
+    noise_multiplier: float | None = setting(
+        None,
+        "turn DP on: Gaussian noise std on the sum of updates = this x --dp-clip",
+        flag="--dp-noise-multiplier",
+    )
+    target_epsilon: float | None = setting(
+        None,
+        "privacy budget: stop before a round would exceed it; without "
+        "--dp-noise-multiplier the multiplier is calibrated to spend it over --rounds",
+        flag="--dp-target-epsilon",
+    )
+    delta: float = setting(
+        1e-5,
+        "delta of the (epsilon, delta) guarantee; keep it below 1/workers",
+        flag="--dp-delta",
+    )
+    mode: DPMode = setting(
+        "central",
+        "who adds the noise: the coordinator, or each worker its share before secure "
+        "aggregation masks it (needs --secagg)",
+        flag="--dp-mode",
+    )
+    adaptive_quantile: float | None = setting(
+        None,
+        "adaptive clipping (Andrew et al. 2021): the clip norm tracks this quantile of "
+        "update norms, e.g. 0.5 (central mode)",
+        flag="--dp-adaptive-quantile",
+    )
+    clip_learning_rate: float = setting(
+        0.2, "adaptive clipping's geometric learning rate", flag="--dp-clip-lr"
+    )
+    count_noise: float | None = setting(
+        None,
+        "noise std on adaptive clipping's unclipped count (default: max(workers/20, "
+        "2 x noise multiplier))",
+        flag="--dp-count-noise",
+    )
+    accountant: Mechanism = setting(
+        "best",
+        "dp-accounting's accountant. Client-level DP's noise is a discrete Gaussian, "
+        "proven in Rényi DP: best and rdp both account it by Rényi DP, pld is refused "
+        "(docs/privacy.md)",
+        flag="--dp-accountant",
+        choices=("best", "rdp", "pld"),  # the order --help has always listed
+    )
 
     def __post_init__(self) -> None:
         if self.noise_multiplier is None and self.target_epsilon is None:
@@ -58,85 +104,30 @@ class DPSettings:
             raise ConfigError(f"--dp-delta must be in (0, 1), got {self.delta}")
 
 
+#: The order of the ``--dp-*`` flags in ``fed-server --help``.
+_DP_FLAG_ORDER = (
+    "noise_multiplier",
+    "target_epsilon",
+    "clip",
+    "delta",
+    "mode",
+    "adaptive_quantile",
+    "clip_learning_rate",
+    "count_noise",
+    "accountant",
+)
+
+
 def add_dp_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``--dp-*`` flags of ``fed-server``."""
-    g = parser.add_argument_group(
-        "differential privacy (client-level DP-FedAvg: protects each worker's whole data)"
-    )
-    g.add_argument(
-        "--dp-noise-multiplier",
-        type=float,
-        help="turn DP on: Gaussian noise std on the sum of updates = this x --dp-clip",
-    )
-    g.add_argument(
-        "--dp-target-epsilon",
-        type=float,
-        help="privacy budget: stop before a round would exceed it; without "
-        "--dp-noise-multiplier the multiplier is calibrated to spend it over --rounds",
-    )
-    g.add_argument(
-        "--dp-clip",
-        type=float,
-        default=1.0,
-        help="L2 clip norm of every update (the initial one with --dp-adaptive-quantile) "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--dp-delta",
-        type=float,
-        default=1e-5,
-        help="delta of the (epsilon, delta) guarantee; keep it below 1/workers (default: %(default)s)",
-    )
-    g.add_argument(
-        "--dp-mode",
-        choices=["central", "distributed"],
-        default="central",
-        help="who adds the noise: the coordinator, or each worker its share before secure "
-        "aggregation masks it (needs --secagg) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--dp-adaptive-quantile",
-        type=float,
-        help="adaptive clipping (Andrew et al. 2021): the clip norm tracks this quantile of "
-        "update norms, e.g. 0.5 (central mode)",
-    )
-    g.add_argument(
-        "--dp-clip-lr",
-        type=float,
-        default=0.2,
-        help="adaptive clipping's geometric learning rate (default: %(default)s)",
-    )
-    g.add_argument(
-        "--dp-count-noise",
-        type=float,
-        help="noise std on adaptive clipping's unclipped count (default: max(workers/20, "
-        "2 x noise multiplier))",
-    )
-    g.add_argument(
-        "--dp-accountant",
-        choices=["best", "rdp", "pld"],
-        default="best",
-        help="dp-accounting's accountant. Client-level DP's noise is a discrete Gaussian, "
-        "proven in Rényi DP: best and rdp both account it by Rényi DP, pld is refused "
-        "(docs/privacy.md) (default: %(default)s)",
-    )
+    """The ``--dp-*`` flags of ``fed-server``, built from :class:`DPSettings`."""
+    add_flags(parser.add_argument_group(_GROUP), DPSettings, only=_DP_FLAG_ORDER)
 
 
 def dp_settings_from_args(args: argparse.Namespace) -> DPSettings | None:
     """The settings the flags ask for, or None when DP is off."""
     if args.dp_noise_multiplier is None and args.dp_target_epsilon is None:
         return None
-    return DPSettings(
-        clip=args.dp_clip,
-        noise_multiplier=args.dp_noise_multiplier,
-        target_epsilon=args.dp_target_epsilon,
-        delta=args.dp_delta,
-        mode=args.dp_mode,
-        adaptive_quantile=args.dp_adaptive_quantile,
-        clip_learning_rate=args.dp_clip_lr,
-        count_noise=args.dp_count_noise,
-        accountant=args.dp_accountant,
-    )
+    return DPSettings(**flag_values(DPSettings, args))
 
 
 def wrap_strategy(
