@@ -38,7 +38,13 @@ from fedcore.privacy import (
     privatize_update,
 )
 from fedcore.privacy.discrete import IntegerNoise, discrete_gaussian
-from fedcore.strategy import FedAvg, FitResult, WorkerInfo
+from fedcore.strategy import (
+    FedAvg,
+    FitResult,
+    StreamingAggregator,
+    UpdateAggregator,
+    WorkerInfo,
+)
 from fedcore.weights import Weights
 
 from .mechanism import Claim, ScaledNoise
@@ -85,6 +91,9 @@ class FedAvgRound:
     adaptive: Callable[[], AdaptiveClipping] | None = None
     noise_factor: float = 1.0
     mode: DPMode = "central"
+    #: The canary worker skips its own clip (and noise share) and sends its update raw: in
+    #: central mode the coordinator's clip of each streamed update must still bound it.
+    lying_worker: bool = False
 
     @functools.cached_property
     def claim(self) -> Claim:
@@ -127,13 +136,18 @@ class FedAvgRound:
         roster = [WorkerInfo(f"id{i}", f"worker-{i}", 1) for i in range(self.workers)]
         instructions = dp.configure_fit(1, roster, TrainConfig())
         aggregator = dp.start_aggregation(1, start)
+        if isinstance(aggregator, StreamingAggregator):  # as the coordinator starts a round
+            aggregator.expect(float(self.workers))
         results = []
         for i, instruction in enumerate(instructions):
             request = ClientDP.from_extra(instruction.config.extra)
             assert request is not None
             trained = {"w": np.array([10.0 * self.clip_norm, 0.0])} if canary and i == 0 else start
             update = privatize_update(start, trained, request, rng=noise)
-            aggregator.add({"w": np.add(start["w"], update.delta["w"])}, 1)
+            sent = np.add(start["w"], update.delta["w"])
+            if self.lying_worker and canary and i == 0:
+                sent = trained["w"]
+            _upload(aggregator, sent)
             results.append(FitResult(instruction.worker, 1, update.metrics))
         released = dp.aggregate_fit(1, start, aggregator.result(), results, [])
         return released, dp.privacy_metrics(), dp
@@ -155,3 +169,17 @@ class FedAvgRound:
         # D: the canary's bit is 0 (clipped); D': its zero update's bit is 1.
         missing = n - report["unclipped_fraction"] * n
         return noisy_sum / z_update**2 + missing / sigma_b**2
+
+
+def _upload(aggregator: UpdateAggregator, values: npt.NDArray[np.float64]) -> None:
+    """One worker's update as the coordinator takes it: a streaming strategy's (the DP
+    wrapper's) piece by piece, one element per piece, then committed; otherwise whole."""
+    if not isinstance(aggregator, StreamingAggregator):
+        aggregator.add({"w": values}, 1)
+        return
+    stream = aggregator.open({"w": (values.shape, values.dtype)}, 1)
+    for start in range(values.size):
+        if not stream.fold("w", start, values[start : start + 1]):
+            raise AssertionError("an audit upload's stream was closed while it was folded")
+    if not aggregator.commit(stream, 1):
+        raise AssertionError("an audit upload's stream was not committed")

@@ -111,6 +111,22 @@ SUITE: tuple[Entry, ...] = (
         "count noise 2z",
     ),
     Entry(
+        "dp-fedavg-lying-worker",
+        "private",
+        _fedavg(lying_worker=True),
+        500,
+        20_000,
+        "the canary's worker skips its clip: the coordinator clips the streamed update",
+    ),
+    Entry(
+        "dp-fedavg-lying-worker-unchecked",
+        "leaky",
+        _fedavg(mode="distributed", lying_worker=True),
+        500,
+        20_000,
+        "control: the same worker where nobody re-clips (distributed noise trusts workers)",
+    ),
+    Entry(
         "dp-fedavg-halved-noise",
         "leaky",
         _fedavg(noise_factor=0.5),
