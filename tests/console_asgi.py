@@ -28,6 +28,8 @@ class Reply:
 class Client:
     app: ASGIApp
     host: str = "127.0.0.1:8080"
+    #: the client's address as the server sees it
+    address: str = "127.0.0.1"
     cookies: dict[str, str] = field(default_factory=dict)
 
     async def request(
@@ -52,7 +54,7 @@ class Client:
             "query_string": query.encode(),
             "root_path": "",
             "headers": headers,
-            "client": ("127.0.0.1", 50000),
+            "client": (self.address, 50000),
             "server": ("127.0.0.1", 8080),
         }
         sent = False

@@ -20,7 +20,7 @@ from console_asgi import Client
 from fedcore.auditlog import AuditLog, verify
 from fedcore.console import ConsoleSettings, add_console_flags, console_settings_from_args
 from fedcore.console.app import MAX_FORM_BYTES
-from fedcore.console.auth import SIGN_IN_FAILURES
+from fedcore.console.auth import SIGN_IN_FAILURES, SIGN_IN_FAILURES_ALL
 from fedcore.console.headers import CSP
 from fedcore.console.logbuffer import RecentLogs
 from fedcore.console.svg import Point, Series, line_chart
@@ -124,6 +124,38 @@ async def test_failed_sign_ins_are_throttled(owner: tuple[Client, RequestQueue, 
         assert (await client.sign_in("guess")).status == 403
     assert (await client.sign_in(PASSWORD)).status == 429
     assert (await client.get("/")).status == 303
+
+
+async def test_a_guesser_elsewhere_does_not_lock_the_owner_out(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    guesser, _, _ = owner
+    owner_client = Client(guesser.app, address="10.0.0.2")
+    guesser.address = "10.0.0.66"
+    for _ in range(SIGN_IN_FAILURES):
+        assert (await guesser.sign_in("guess")).status == 403
+    assert (await guesser.sign_in(PASSWORD)).status == 429  # control: the guesser is throttled
+    assert (await owner_client.sign_in(PASSWORD)).status == 303
+    assert (await owner_client.get("/")).status == 200
+
+
+async def test_guessing_from_many_addresses_is_throttled_for_all(
+    owner: tuple[Client, RequestQueue, str],
+) -> None:
+    client, _, _ = owner
+    per_address = SIGN_IN_FAILURES - 1  # no single address reaches its own limit
+    guessers = [
+        Client(client.app, address=f"10.1.0.{i}")
+        for i in range(-(-SIGN_IN_FAILURES_ALL // per_address))
+    ]
+    failed = 0
+    for guesser in guessers:
+        for _ in range(per_address):
+            if failed == SIGN_IN_FAILURES_ALL:
+                break
+            assert (await guesser.sign_in("guess")).status == 403
+            failed += 1
+    assert (await Client(client.app, address="10.2.0.1").sign_in(PASSWORD)).status == 429
 
 
 async def test_sign_in_without_the_csrf_token_is_refused(

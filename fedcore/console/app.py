@@ -223,7 +223,10 @@ class Console:
         form = await _posted_form(request, session)
         if isinstance(form, Response):
             return form
-        if self.sessions.throttled():
+        # Behind a reverse proxy every client has the proxy's address: the throttle is then
+        # one for all, as the ceiling is.
+        address = request.client.host if request.client is not None else ""
+        if self.sessions.throttled(address):
             return self.render(
                 request,
                 session,
@@ -231,7 +234,7 @@ class Console:
                 status_code=429,
                 error="too many failed attempts: wait a minute",
             )
-        signed = self.sessions.sign_in(session, form.get("password", ""))
+        signed = self.sessions.sign_in(session, form.get("password", ""), address)
         if signed is None:
             return self.render(
                 request,
