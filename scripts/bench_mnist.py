@@ -135,7 +135,7 @@ def parse_spec(spec: str, base: RunConfig) -> RunConfig:
 def server_capabilities() -> dict[str, Any]:
     """What the installed fed-server supports, read from its --help."""
     text = subprocess.run(
-        [str(BIN / "fed-server"), "--help"], capture_output=True, text=True, timeout=60, check=True
+        [str(BIN / "fed-server"), "--help"], capture_output=True, text=True, timeout=600, check=True
     ).stdout
     flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
     strategies: list[str] = []
