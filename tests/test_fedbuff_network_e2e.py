@@ -1,14 +1,16 @@
 """A FedBuff job on a standing network survives its coordinator (issue 24): real processes,
 ``fed-server --serve`` and two MNIST silos; the coordinator is killed with SIGKILL after two
 global updates and restarted on the same state folder. The job resumes from its last
-checkpointed update: every update is in its log exactly once, and its bytes go on from what
-the rounds before the kill moved, so the job's bytes are the sum of its rounds'."""
+checkpointed update: every update is in its log exactly once, its bytes go on from what the
+rounds before the kill moved (the job's bytes are the sum of its rounds'), and the epsilon
+its rows show for each DP-SGD silo never goes down."""
 
 from __future__ import annotations
 
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import forked
 import pytest
@@ -56,7 +58,11 @@ def test_a_fedbuff_job_resumes_after_a_sigkill_with_each_update_once(
     token = tmp_path / "certs" / "scientists" / "alice.token"
     server, port = _server(tmp_path, "127.0.0.1:0", procs)
     for i in range(2):
-        start_worker(procs, port, shards / f"shard-{i}.npz", f"silo-{i}", "--give-up-after", "300")
+        # DP-SGD silos: each one's own accountant charges every task it starts.
+        dpsgd = ["--dpsgd-noise-multiplier", "1.0", "--dpsgd-state", str(tmp_path / f"{i}.json")]
+        start_worker(
+            procs, port, shards / f"shard-{i}.npz", f"silo-{i}", "--give-up-after", "300", *dpsgd
+        )
     server.wait_for_event("worker_joined", n=2, timeout=120)
 
     with fedcore.connect(f"127.0.0.1:{port}", token_file=token) as alice:
@@ -96,3 +102,15 @@ def test_a_fedbuff_job_resumes_after_a_sigkill_with_each_update_once(
     after_restart = sum(r["bytes_sent"] for r in rows[resumed_at:])
     assert status.bytes_sent > after_restart
     assert status.bytes_sent >= before.bytes_sent
+    # The DP-SGD silo's epsilon, as the rows show it, never goes down, across the restart too
+    # (the checkpoint's rows carry it), and stays out of the averaged train metrics.
+    for silo in ("silo-0", "silo-1"):
+        shown = [r["privacy"]["silos"][silo]["epsilon"] for r in rows if silo in _silos(r)]
+        assert shown, f"{silo} reported no epsilon"
+        assert shown == sorted(shown)
+        assert all(silo in _silos(r) for r in rows[len(rows) - len(shown) :])
+    assert all("dpsgd_epsilon" not in r["train"] for r in rows)
+
+
+def _silos(row: dict[str, Any]) -> dict[str, Any]:
+    return dict((row.get("privacy") or {}).get("silos", {}))
