@@ -27,7 +27,9 @@ a one-shot ``fed-server --rounds N ...`` is one job, from its flags, on a networ
    log records what ran; a one-shot network then tells its workers the federation is over.
 
 A stop (``fed-job stop``) ends the job at the next round boundary. Cancelling :meth:`run`
-(the coordinator stopping) leaves the job ``running`` in the store: the next start resumes it.
+(the coordinator stopping) leaves the job ``running`` in the store: the next start resumes it,
+synchronous and asynchronous (FedBuff) jobs alike, and its bytes count on from what its
+recorded rounds moved (the store adds each round's with its row).
 """
 
 from __future__ import annotations
