@@ -13,6 +13,16 @@ backing off, until it trains, while the other workers go on. Once its owner deni
 (even after approving it), or ``--approval-timeout`` passes without a decision, it is left out
 of the federation (:class:`~.approvals.ApprovalWaits`).
 
+With ``--checkpoint-dir`` (every job on a standing network) each global update is checkpointed
+as a synchronous round is (:meth:`~.reports.ReportPipeline.make_durable`): the new model,
+the update counter, the strategy's state and the metrics rows are on disk before that model
+leaves for any worker. A restarted coordinator goes on from the last checkpointed update;
+results that were in flight when it stopped are lost with its process (their workers trained
+from a model version the new process never issued, and reconnect as new sessions), so no
+update is applied twice and none is skipped. Their workers' own privacy charges stand: a
+DP-SGD silo's epsilon comes from its own accountant, and each row carries the largest every
+silo has reported so far, across restarts (the rows are in the checkpoint).
+
 Federated evaluation does not run in this mode (workers are never idle); use ``--eval-data``.
 """
 
@@ -22,6 +32,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +42,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
 from ..reporting.metrics import RoundMetrics
+from ..state.privacy import privacy_metrics, public_train_metrics
 from ..state.registry import Ticket
 from ..transport.payloads import WeightsPayload
 from .approvals import ApprovalWaits
@@ -150,15 +162,16 @@ def _rebase(
 
 
 class FedBuffEngine:
-    """Runs the federation asynchronously until ``config.rounds`` global updates are made."""
+    """Runs the federation asynchronously until ``config.rounds`` global updates are made,
+    from the ``context.rounds_completed`` already made (a resumed checkpoint's)."""
 
     def __init__(self, context: RoundContext, settings: AsyncSettings) -> None:
         self.context = context
         self.settings = settings
-        self.version = 0  # global updates made so far
-        self.bases: dict[int, Weights] = {0: context.weights}
+        self.version = context.rounds_completed  # global updates made so far
+        self.bases: dict[int, Weights] = {self.version: context.weights}
         self.collector = BufferCollector(
-            self, context.strategy.start_aggregation(1, context.weights)
+            self, context.strategy.start_aggregation(self.version + 1, context.weights)
         )
         self.in_flight: dict[Ticket, float] = {}  # ticket -> deadline
         self.failures: list[Failure] = []
@@ -173,6 +186,11 @@ class FedBuffEngine:
         self._update_started = time.perf_counter()
         counters = context.counters
         self._bytes = (counters.bytes_sent, counters.bytes_received)
+        # DP-SGD silos' (epsilon, delta) as last reported, restored rows' included: a silo's
+        # spend only grows, so a row never shows less than an earlier one (or a restart) did.
+        rows = context.reports.rows
+        restored = rows[-1].privacy if rows and rows[-1].privacy else {}
+        self.silos: dict[str, dict[str, float]] = dict(restored.get("silos", {}))
 
     @property
     def finished(self) -> bool:
@@ -345,7 +363,7 @@ class FedBuffEngine:
             duration_s=0.0,
             bytes_sent=counters.bytes_sent - self._bytes[0],
             bytes_received=counters.bytes_received - self._bytes[1],
-            train=weighted_metrics(results),
+            train=weighted_metrics(public_train_metrics(results)),
             refused={f.worker.name: f.reason for f in self.failures if f.refused},
             staleness={
                 "mean": round(float(np.mean(staleness)), 3),
@@ -361,6 +379,9 @@ class FedBuffEngine:
             max(staleness),
         )
         self._bytes = (counters.bytes_sent, counters.bytes_received)
+        metrics.privacy = self._privacy(results)
+        # The update's model leaves (the next tasks) only once its checkpoint is on disk.
+        await ctx.reports.make_durable(metrics, ctx.model_weights(weights))
         ctx.reports.submit(metrics, ctx.model_weights(weights), self._update_started, applied)
         self._update_started = applied
         self.failures, self.dropped = [], 0
@@ -369,3 +390,15 @@ class FedBuffEngine:
             collector.shut()
         else:
             collector.refill(ctx.strategy.start_aggregation(self.version + 1, weights), weights)
+
+    def _privacy(self, results: list[FitResult]) -> dict[str, Any] | None:
+        """The update's privacy line: every DP-SGD silo's largest reported (epsilon, delta)
+        so far, this update's results included."""
+        reported = privacy_metrics(self.context.strategy, results) or {}
+        for name, spent in reported.get("silos", {}).items():
+            known = self.silos.get(name)
+            if known is None or spent["epsilon"] >= known["epsilon"]:
+                self.silos[name] = dict(spent)
+        if self.silos:
+            reported["silos"] = dict(sorted(self.silos.items()))
+        return reported or None

@@ -27,7 +27,9 @@ a one-shot ``fed-server --rounds N ...`` is one job, from its flags, on a networ
    log records what ran; a one-shot network then tells its workers the federation is over.
 
 A stop (``fed-job stop``) ends the job at the next round boundary. Cancelling :meth:`run`
-(the coordinator stopping) leaves the job ``running`` in the store: the next start resumes it.
+(the coordinator stopping) leaves the job ``running`` in the store: the next start resumes it,
+synchronous and asynchronous (FedBuff) jobs alike, and its bytes count on from what its
+recorded rounds moved (the store adds each round's with its row).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from ..state.config import Recovery, ServerConfig
 from ..state.noise_check import check_noise_scale
 from ..state.registry import WorkerPool, WorkerRegistry
 from ..transport.service import CoordinatorService
+from ..transport.traffic import Traffic
 from .approval import ApprovalWatch
 from .release import release_terms
 from .spec import job_config
@@ -178,6 +181,8 @@ class _JobLog:
             f"round {metrics.round} completed: {metrics.workers} worker(s)"
             + (f", train loss {loss:.4f}" if loss is not None else ""),
             json.dumps(row),
+            bytes_sent=metrics.bytes_sent,
+            bytes_received=metrics.bytes_received,
         )
         # Rounds complete: whatever the job waited for (approval) is over.
         self._store.set_running(self._job_id, f"round {metrics.round} of {self._rounds} completed")
@@ -350,6 +355,8 @@ class TrainingJob:
                     row.round,
                     f"round {row.round} completed",
                     json.dumps(row.to_json()),
+                    bytes_sent=row.bytes_sent,
+                    bytes_received=row.bytes_received,
                 )
             self._note(f"resuming after round {checkpoint.round} (its checkpoint)")
         log.info(
@@ -366,14 +373,19 @@ class TrainingJob:
     async def run(self) -> None:
         """Run the job; its final state is in the store (and a failure in :attr:`failure`)
         when this returns."""
-        if self.env.standing:
-            self.env.service.counters.open(self.record.id)  # its messages' bytes, to its end
         if self.context is None:
             try:
                 self.prepare(job_start(self.submitted_config()))
             except (FedcoreError, OSError) as exc:  # ConfigError, ModelError, PlanError...
                 self._finish("failed", f"invalid job: {exc}", exc)
                 return
+        if self.env.standing:
+            # Its messages' bytes, to its end, on from what its rounds moved before a restart
+            # (prepare recorded the rounds the checkpoint holds).
+            record = self.env.store.get(self.record.id)
+            self.env.service.counters.open(
+                self.record.id, Traffic(record.bytes_sent, record.bytes_received)
+            )
         context, reports = self.context, self.reports
         assert context is not None, "prepared above"
         assert reports is not None, "prepared above"
@@ -457,7 +469,11 @@ class TrainingJob:
         store.log(job_id, f"{state}: {message}")
         if not self.env.standing:
             return  # the one-shot network reports, saves and tells its workers itself
-        traffic = self.env.service.counters.close(job_id)
+        self.env.service.counters.close(job_id)
+        # The job's bytes are its rounds' (each added as it was recorded, across restarts):
+        # what no round used (results in flight at its end or at a kill) is in no row.
+        record = store.get(job_id)
+        traffic = Traffic(record.bytes_sent, record.bytes_received)
         context, reports, folder = self.context, self.reports, self.folder
         assert folder is not None
         epsilon: float | None = None

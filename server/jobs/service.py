@@ -73,8 +73,12 @@ def job_info(record: JobRecord, live: Traffic | None = None) -> pb.JobInfo:
 
 
 def _final_traffic(record: JobRecord) -> Traffic:
+    """An ended job's bytes (its result's); a job not running now (queued again after a
+    restart), what its recorded rounds moved."""
     try:
-        counted = json.loads(record.result or "{}").get("bytes", {})
+        counted = json.loads(record.result or "{}").get("bytes")
+        if counted is None:
+            return Traffic(record.bytes_sent, record.bytes_received)
         return Traffic(int(counted.get("sent", 0)), int(counted.get("received", 0)))
     except (ValueError, TypeError, AttributeError):
         return Traffic()

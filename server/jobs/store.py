@@ -5,7 +5,9 @@ so a ``kill -9`` loses no job: on restart, :meth:`JobStore.recover` puts the job
 running back at the head of the queue (they resume from their last checkpoint) and queued jobs
 keep their place (the queue is ordered by submission sequence). Job logs are rows too
 (:meth:`log`, :meth:`events`), so ``fed-job logs`` survives restarts. Only what a job *is*
-lives here; a running job's model and strategy state are its checkpoint's.
+lives here; a running job's model and strategy state are its checkpoint's. A job's bytes are
+the sum of its rounds' (:meth:`record_round` adds each round's in the same transaction as its
+row), so a job resumed after a restart counts on from there.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     rounds INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     stop_requested INTEGER NOT NULL DEFAULT 0,
-    result TEXT NOT NULL DEFAULT ''
+    result TEXT NOT NULL DEFAULT '',
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    bytes_received INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -51,6 +55,13 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 """
+
+#: Columns added since the first release, with their definitions: a store written before
+#: them gains them when it is opened.
+_ADDED_COLUMNS = {
+    "bytes_sent": "INTEGER NOT NULL DEFAULT 0",
+    "bytes_received": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class JobRecord:
     created: float
     stop_requested: bool
     result: str
+    #: Bytes the job's recorded rounds moved, in all, across restarts.
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     @property
     def final(self) -> bool:
@@ -96,6 +110,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         self._db.close()
@@ -103,7 +121,7 @@ class JobStore:
     def _rows(self, sql: str, *args: object) -> Iterator[JobRecord]:
         for row in self._db.execute(
             "SELECT id, seq, study, scientist, kind, settings, state, message, rounds_done, "
-            f"rounds, created, stop_requested, result FROM jobs {sql}",
+            f"rounds, created, stop_requested, result, bytes_sent, bytes_received FROM jobs {sql}",
             args,
         ):
             yield JobRecord(
@@ -120,6 +138,8 @@ class JobStore:
                 row[10],
                 bool(row[11]),
                 row[12],
+                row[13],
+                row[14],
             )
 
     def submit(
@@ -165,9 +185,19 @@ class JobStore:
             (message, job_id),
         )
 
-    def record_round(self, job_id: str, round_number: int, text: str, row: str) -> None:
-        """A completed round: its log line and the job's progress, in one transaction (a
-        kill between them would log the round again when the job resumes)."""
+    def record_round(
+        self,
+        job_id: str,
+        round_number: int,
+        text: str,
+        row: str,
+        *,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+    ) -> None:
+        """A completed round: its log line, the job's progress and its bytes added to the
+        job's, in one transaction (a kill between them would log the round again, or count
+        its bytes twice, when the job resumes)."""
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
@@ -175,8 +205,9 @@ class JobStore:
                 (job_id, time.time(), text, row),
             )
             self._db.execute(
-                "UPDATE jobs SET rounds_done = ?, result = ? WHERE id = ?",
-                (round_number, row, job_id),
+                "UPDATE jobs SET rounds_done = ?, result = ?, bytes_sent = bytes_sent + ?, "
+                "bytes_received = bytes_received + ? WHERE id = ?",
+                (round_number, row, bytes_sent, bytes_received, job_id),
             )
 
     def set_result(self, job_id: str, result: str) -> None:

@@ -48,9 +48,4 @@ def prepare_strategy(config: ServerConfig, strategy: Strategy | None) -> Strateg
             f"--compression {config.compression} is not supported with the asynchronous "
             f"strategy {config.strategy}; use a synchronous strategy or drop --compression"
         )
-    if config.recovery.checkpoint_dir is not None and chosen.async_settings is not None:
-        raise ConfigError(
-            f"--checkpoint-dir does not support the asynchronous strategy "
-            f"{config.strategy!r} yet; use a synchronous strategy or drop --checkpoint-dir"
-        )
     return chosen

@@ -9,7 +9,8 @@ and the worker's are believed only for jobs it was asked a query of on this stre
 :class:`TrafficCounters` adds each message's size to the totals and to its job, when the job
 is *open* (:meth:`TrafficCounters.open`, from its start to its end): a job id nobody runs
 (a stale round, a hostile worker) counts in the totals only, and ended jobs leave nothing
-behind.
+behind. A job resumed after a restart opens its counter at what its recorded rounds moved
+before (:mod:`fedcore.server.jobs.store`), so its bytes go on across restarts.
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ class TrafficCounters(Traffic):
             traffic.bytes_sent += sent
             traffic.bytes_received += received
 
-    def open(self, job: str) -> Traffic:
-        """Start counting ``job``'s bytes (again: the same counter); the live counter."""
-        return self.jobs.setdefault(job, Traffic())
+    def open(self, job: str, start: Traffic | None = None) -> Traffic:
+        """Start counting ``job``'s bytes from ``start`` (a resumed job's so far; default
+        none); the live counter. Opened again, the same counter, ``start`` ignored."""
+        traffic = self.jobs.get(job)
+        if traffic is None:
+            traffic = self.jobs[job] = Traffic()
+            if start is not None:
+                traffic.bytes_sent, traffic.bytes_received = start.bytes_sent, start.bytes_received
+        return traffic
 
     def close(self, job: str) -> Traffic:
         """Stop counting ``job``; what it counted."""
