@@ -1,0 +1,218 @@
+"""A worker takes several jobs' training tasks at once when its owner allows it (issue 24,
+``[jobs] max-tasks``): the policy key, the coordinator's selection (capped, one task per job,
+one-shot unchanged), bytes per job with two tasks in flight, the ledger under concurrent
+charges, and two secure jobs summing exactly on the same three workers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_coordinator import MODEL, TIMEOUT, ScriptedTrainer, config
+from test_job_secagg import SECURE, _final
+
+from fedcore.data.metadata import DatasetMetadata
+from fedcore.errors import PolicyError
+from fedcore.models import build_model, get_weights
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.policy import Charge, Policy, PrivacyLedger, epsilon_of, parse_policy
+from fedcore.protocol import SECAGG_CAPABILITY
+from fedcore.server.jobs.workers import JobWorkers
+from fedcore.server.network import Network, NetworkSettings
+from fedcore.server.state.analytics import AnalyticsSettings
+from fedcore.server.state.registry import (
+    MAX_TASKS_PER_WORKER,
+    IllegalTransition,
+    Ticket,
+    WorkerRegistry,
+    WorkerSession,
+)
+from fedcore.server.transport.traffic import StreamJobs
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights
+from fedcore.worker import Worker
+from fedcore.worker.policy import PolicyGuard
+from fedcore.worker.trainer import FitOutput
+
+# ---------------------------------------------------------------- the owner's policy
+
+
+def test_max_tasks_defaults_to_one_and_is_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    assert parse_policy({}, path).max_tasks == 1
+    policy = parse_policy({"jobs": {"max-tasks": 3}}, path)
+    assert policy.max_tasks == 3
+    assert "up to 3 tasks of different jobs at once" in policy.describe()
+    for bad in (0, 65, "2"):
+        with pytest.raises(PolicyError, match="max-tasks"):
+            parse_policy({"jobs": {"max-tasks": bad}}, path)
+
+
+# ---------------------------------------------------------------- the coordinator's selection
+
+
+async def _join(registry: WorkerRegistry, name: str, max_tasks: int) -> WorkerSession:
+    hello = pb.Hello(
+        name=name, num_examples=10, capabilities=["fit", SECAGG_CAPABILITY], max_tasks=max_tasks
+    )
+    session = registry.new_session(hello, "peer", None)
+    await registry.activate(session)
+    return session
+
+
+def _give(session: WorkerSession, job: str, task_id: str) -> None:
+    session.assign(Ticket(task_id, 1, pb.TASK_KIND_FIT, session, job_id=job))
+
+
+async def test_a_job_is_offered_workers_with_room_and_never_two_of_its_own_tasks() -> None:
+    registry = WorkerRegistry()
+    one = await _join(registry, "one", 0)  # an older worker announces nothing: one task
+    two = await _join(registry, "two", 2)
+    many = await _join(registry, "many", 10**6)  # a claim; the coordinator caps it
+    assert (one.max_tasks, two.max_tasks, many.max_tasks) == (1, 2, MAX_TASKS_PER_WORKER)
+    a, b, c = (JobWorkers(registry, job_id=j) for j in ("a", "b", "c"))
+    names = lambda pool: sorted(s.name for s in pool.idle())  # noqa: E731
+    assert names(a) == ["many", "one", "two"]  # positive control: all idle
+
+    for session in (one, two, many):
+        _give(session, "a", f"{session.name}-a")
+    assert names(a) == []  # never a second task of job a on any worker
+    assert names(b) == ["many", "two"]  # room left where the owner allows more
+    assert registry.idle() == []  # a one-shot round still waits for IDLE workers
+    with pytest.raises(IllegalTransition):
+        _give(two, "a", "two-a2")
+    _give(two, "b", "two-b")
+    assert names(c) == ["many"]  # "two" is full
+    with pytest.raises(IllegalTransition):
+        _give(two, "c", "two-c")
+    for i in range(MAX_TASKS_PER_WORKER - 1):
+        _give(many, f"job{i}", f"many-{i}")
+    assert names(JobWorkers(registry, job_id="z")) == []  # capped, whatever it claimed
+
+    # An answer frees a place at once, and wakes whoever waits for workers.
+    waiting = asyncio.create_task(c.wait_for_idle(1, TIMEOUT))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert two.finish_ticket("two-a") is not None
+    assert await asyncio.wait_for(waiting, TIMEOUT)
+    assert names(c) == ["two"] and names(a) == ["two"]
+    two.finish_ticket("two-b")
+    assert registry.idle() == [two]  # holding nothing: IDLE again
+
+    # A worker that leaves fails every task it held.
+    held = list(many.tickets.values())
+    many.close("gone")
+    assert all(isinstance(t.future.result(), ConnectionError) for t in held)
+
+
+def test_bytes_of_two_tasks_in_flight_are_counted_to_their_own_jobs() -> None:
+    jobs = StreamJobs()
+    for task_id, job in (("ta", "a"), ("tb", "b")):
+        assert jobs.outgoing(pb.CoordinatorMessage(task=pb.Task(task_id=task_id, job_id=job)))
+        assert jobs.payload() == job  # its weights follow it
+    secure = pb.SecAggCoordinatorMessage(job_id="a")
+    assert jobs.outgoing(pb.CoordinatorMessage(secagg=secure)) == "a"
+    # Job b's answer comes first, then job a's upload: each counted to its own job.
+    error = pb.WorkerMessage(error=pb.TaskError(task_id="tb"))
+    assert jobs.incoming(error) == "b"
+    assert jobs.incoming(pb.WorkerMessage(result=pb.TaskResult(task_id="ta"))) == "a"
+    assert jobs.incoming(None) == "a"  # its chunks
+    assert jobs.incoming(pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(job_id="b"))) == "b"
+    # A task it was never given, and a secure message for a job it holds none of: no job.
+    assert jobs.incoming(pb.WorkerMessage(result=pb.TaskResult(task_id="tz"))) == ""
+    assert jobs.incoming(pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(job_id="x"))) == ""
+
+
+# ---------------------------------------------------------------- the worker's ledger
+
+
+def test_concurrent_charges_neither_overspend_nor_get_lost(tmp_path: Path) -> None:
+    """Two jobs' tasks charge the silo's ledger from two threads at once."""
+    ledger = PrivacyLedger(tmp_path / "ledger.json", study="s")
+    charge = [Charge(noise_multiplier=4.0)]
+    budget = epsilon_of(charge * 10, delta=1e-5) + 1e-9  # room for exactly 10 charges
+    with ThreadPoolExecutor(8) as pool:
+        spent = list(pool.map(lambda _: ledger.spend(charge, delta=1e-5, budget=budget), range(24)))
+    accepted = [s for s in spent if s is not None]
+    assert len(accepted) == 10  # none lost (a lost write would let an 11th in)
+    assert len(ledger.charges()) == 10
+    assert ledger.epsilon(delta=1e-5) <= budget
+
+
+# ---------------------------------------------------------------- two secure jobs, same workers
+
+
+class _Together(ScriptedTrainer):
+    """Trains only while the other job's task trains too: a barrier across the worker's
+    task threads, which breaks (and fails the task) when they take turns instead."""
+
+    def __init__(self, offset: float, examples: int) -> None:
+        super().__init__(offset, examples)
+        self.barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        self.barrier.wait()
+        return super().fit(model, weights, config)
+
+
+async def test_two_secure_jobs_share_three_workers_at_once_and_each_sums_exactly(
+    tmp_path: Path,
+) -> None:
+    scientists = tmp_path / "scientists.json"
+    scientists.write_text('{"version": 1, "scientists": {}}')
+    cfg = replace(config(min_workers=3), analytics=AnalyticsSettings(scientists))
+    network = Network(cfg, NetworkSettings(tmp_path / "state", max_running=2))
+    serving = asyncio.create_task(network.run())
+    workers: list[asyncio.Task[Any]] = []
+    scripted = [(1.0, 30), (-0.5, 10), (2.0, 20)]
+    try:
+        await asyncio.wait_for(network.ready.wait(), TIMEOUT)
+        for i, (offset, examples) in enumerate(scripted):
+            worker = Worker(
+                f"127.0.0.1:{network.port}",
+                f"silo{i}",
+                _Together(offset, examples),
+                backoff_initial=0.05,
+                give_up_after=TIMEOUT,
+                guard=PolicyGuard(Policy(max_tasks=2), num_examples=examples),
+                dataset=DatasetMetadata(f"silo{i}", tags=("s",)),
+            )
+            workers.append(asyncio.create_task(worker.run()))
+        # Different initial models: a worker sends one masked update per global model
+        # (secure-aggregation.once-per-model), whichever job asks.
+        seeds = (1, 2)
+        jobs = [
+            network.store.submit(
+                study="s",
+                scientist="alice",
+                kind="train",
+                settings={**SECURE, "seed": seed},
+                rounds=1,
+            ).id
+            for seed in seeds
+        ]
+        network.scheduler.wake()
+        await _final(network, jobs)
+        step = 4.0 / (2**23 - 1)
+        mean = sum(o * n for o, n in scripted) / sum(n for _, n in scripted)
+        for job, seed in zip(jobs, seeds, strict=True):
+            record = network.store.get(job)
+            assert record.state == "completed", record.message
+            model = load_file(tmp_path / "state" / "jobs" / job / "model.safetensors")
+            for name, w0 in get_weights(build_model(MODEL, seed=seed)).items():
+                np.testing.assert_allclose(model[name], w0 + mean, rtol=0, atol=4 * step)
+    finally:
+        network.stop()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(serving, TIMEOUT)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
