@@ -103,7 +103,8 @@ async def test_a_job_is_offered_workers_with_room_and_never_two_of_its_own_tasks
     assert not waiting.done()
     assert two.finish_ticket("two-a") is not None
     assert await asyncio.wait_for(waiting, TIMEOUT)
-    assert names(c) == ["two"] and names(a) == ["two"]
+    assert names(c) == ["two"]
+    assert names(a) == ["two"]
     two.finish_ticket("two-b")
     assert registry.idle() == [two]  # holding nothing: IDLE again
 
