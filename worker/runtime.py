@@ -739,7 +739,12 @@ class Worker:
             task.round,
             checked.model,
             self.trainer.num_examples,
-            extra={"event": "training", "round": task.round, "model": checked.model.name},
+            extra={
+                "event": "training",
+                "round": task.round,
+                "model": checked.model.name,
+                "job": printable(task.job_id, 32),
+            },
         )
         fit = await asyncio.to_thread(self.trainer.fit, checked.model, full, config)
         del full
@@ -794,7 +799,7 @@ class Worker:
             local.get("loss", float("nan")),
             100 * local.get("accuracy", float("nan")),
             local.get("train_seconds", float("nan")),
-            extra={"event": "update_sent", "round": task.round},
+            extra={"event": "update_sent", "round": task.round, "job": printable(task.job_id, 32)},
         )
 
     async def _evaluate(
