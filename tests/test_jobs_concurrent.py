@@ -148,6 +148,41 @@ def test_concurrent_charges_neither_overspend_nor_get_lost(tmp_path: Path) -> No
     assert ledger.epsilon(delta=1e-5) <= budget
 
 
+# ---------------------------------------------------------------- the worker's trainer
+
+
+def test_two_tasks_training_at_once_each_train_their_own_model() -> None:
+    """The trainer keeps one model for the next task; a task that trains meanwhile gets its
+    own copy, or one task's weights would be loaded into the other's model mid-training."""
+    from fedcore.data import ArrayDataset
+    from fedcore.training import TrainResult
+    from fedcore.worker import TorchTrainer
+
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    def together(net: Any, data: Any, config: TrainConfig, device: Any) -> TrainResult:
+        barrier.wait()  # both tasks have loaded their weights: now "train" (change nothing)
+        return TrainResult(num_examples=4, loss=0.0, accuracy=0.0, seconds=0.0)
+
+    spec = ModelSpec("logreg")
+    trainer = TorchTrainer(
+        ArrayDataset(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64)),
+        model=spec,
+        train_fn=together,
+    )
+    base = get_weights(build_model(spec, seed=0))
+    sent = [{k: v + np.float32(i) for k, v in base.items()} for i in (1, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        fits = list(pool.map(lambda w: trainer.fit(spec, w, TrainConfig()), sent))
+    for weights, fit in zip(sent, fits, strict=True):
+        for name, array in weights.items():
+            np.testing.assert_array_equal(fit.weights[name], array)
+    # Alone, a task trains the kept model as before.
+    barrier = threading.Barrier(1)
+    alone = trainer.fit(spec, sent[0], TrainConfig())
+    np.testing.assert_array_equal(alone.weights["linear.bias"], sent[0]["linear.bias"])
+
+
 # ---------------------------------------------------------------- two secure jobs, same workers
 
 
