@@ -9,13 +9,15 @@ control is the worker allowed two tasks running another job's task to completion
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import Proc, start_worker
-from hostile import Session, fit_task, hostile_coordinator
+from hostile import CHUNK, Session, fit_task, hostile_coordinator
 
+from fedcore.codec import PayloadAssembler, make_header
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec
 from fedcore.secagg import SecAggParams
@@ -94,3 +96,49 @@ async def test_a_worker_refuses_tasks_beyond_its_owners_bound_and_runs_those_wit
 
         await _shutdown(s2, two)
         await _shutdown(s1, one)
+
+
+async def test_two_tasks_uploads_leave_whole_and_a_task_amid_anothers_payload_is_refused(
+    shards: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[jobs]\nmax-tasks = 2\n")
+    async with hostile_coordinator() as (coordinator, port):
+        worker = start_worker(procs, port, shards / "shard-0.npz", "two", "--policy", str(policy))
+        s = await asyncio.wait_for(coordinator.session_of("two"), 90)
+        w0 = get_weights(build_model(ModelSpec("mnist-mlp"), seed=0))  # ~7 chunks an update
+        sent = {}
+        for job in ("a", "b"):
+            task = fit_task("mnist-mlp")
+            task.job_id = job
+            sent[await s.send_task(task, w0)] = job
+        # Both train at once; each result is followed by all of its chunks, nothing between
+        # but heartbeats (a result amid another upload would break the coordinator's read).
+        done = set()
+        while len(done) < 2:
+            message = await s.next()
+            assert message.WhichOneof("body") == "result", message
+            result = message.result
+            assembler = PayloadAssembler(result.update, max_bytes=1 << 30, max_chunk_bytes=CHUNK)
+            assert assembler.expected_chunks > 1
+            while not assembler.complete:
+                chunk = await s.next()
+                assert chunk.WhichOneof("body") == "chunk", chunk
+                assembler.add(chunk.chunk)
+            assert set(assembler.weights()) == set(w0)
+            done.add(sent[result.task_id])
+        assert done == {"a", "b"}
+
+        # A coordinator that starts a task amid another's payload: the worker reads no
+        # further on that stream (it cannot tell whose chunks follow) and reconnects.
+        reconnect: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        coordinator.sessions["two"] = reconnect  # the next stream's session lands here
+        first = _task("c")
+        first.weights.CopyFrom(make_header(_logreg(), CHUNK // 8))  # 4+ chunks, none sent
+        await s.send(pb.CoordinatorMessage(task=first))
+        await s.send_task(_task("d"), _logreg())
+        await asyncio.to_thread(
+            worker.wait_for_event, "not_connected", reason=re.compile("amid another"), timeout=60
+        )
+        again = await asyncio.wait_for(reconnect, 90)
+        await _shutdown(again, worker)

@@ -391,7 +391,7 @@ class Worker:
                 "not connected (%s); retrying in %.1f s",
                 reason,
                 delay,
-                extra={"event": "not_connected", "retry_in": delay},
+                extra={"event": "not_connected", "retry_in": delay, "reason": reason},
             )
             await asyncio.sleep(delay)
 
