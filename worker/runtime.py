@@ -655,8 +655,8 @@ class Worker:
             while True:
                 task = asyncio.create_task(self._run_job(call, await jobs.get(), slots))
                 running.add(task)
+                # Dropped once done, and with it the job's model-sized buffers.
                 task.add_done_callback(running.discard)
-                # No local keeps a job: its model-sized buffers are freed when it ends.
                 del task
         finally:
             for task in list(running):
