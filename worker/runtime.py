@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -317,6 +318,8 @@ class Worker:
         # Held while one task's result (and its update's chunks) or error is written: the
         # coordinator reads one upload at a time on a stream.
         self._upload_lock = asyncio.Lock()
+        # The tasks this session's stream holds (a new one per stream).
+        self._slots = TaskSlots(self.max_tasks)
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
         self._participation = participation
@@ -460,7 +463,8 @@ class Worker:
         )
         if self.analytics is not None:
             self.analytics.reset()
-        slots = TaskSlots(self.max_tasks)  # a new stream: the coordinator forgot the old tasks
+        # A new stream: the coordinator forgot the old one's tasks.
+        slots = self._slots = TaskSlots(self.max_tasks)
         runner = asyncio.create_task(self._run_jobs(call, jobs, slots))
         # The job whose payloads are arriving; None once they are all in. Its CheckedTask is
         # None when the gate refused it: its payloads are read and dropped.
@@ -585,7 +589,7 @@ class Worker:
         try:
             slots.take(task.task_id, task.job_id)
         except TaskRefused as exc:  # before the gate: nothing of it is asked of the owner
-            await self._refuse(call, task, exc)
+            await self._refuse(call, task, exc, held=False)
             return None
         checked = await self._admit(call, task)
         if checked is None:
@@ -605,7 +609,11 @@ class Worker:
             # would count it as a failure of the plan itself, which a retry would repeat.
             raise _Disconnected(f"{exc}; reconnecting to receive them") from None
 
-    async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
+    async def _refuse(
+        self, call: JoinStream, task: pb.Task, refusal: TaskRefused, *, held: bool = True
+    ) -> None:
+        """Tell the coordinator why ``task`` is refused (``held``: its slot is freed; False
+        for a task refused for want of one, whose id may be a held task's)."""
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning(
@@ -627,7 +635,7 @@ class Worker:
             if isinstance(refusal, AwaitingApproval)
             else pb.ERROR_CODE_REFUSED
         )
-        await self._send_error(call, task.task_id, code, str(refusal))
+        await self._send_error(call, task.task_id, code, str(refusal), held=held)
 
     def _record(self, event: str, task: pb.Task, **fields: object) -> None:
         """An audit entry for ``task``: its job, round, kind, plan and DP terms."""
@@ -671,9 +679,7 @@ class Worker:
         try:
             await self._run_task(call, checked, job)
         finally:
-            # No await since its answer was written: the coordinator's next task for this
-            # worker cannot be read before the slot is free.
-            slots.release(task_id)
+            slots.release(task_id)  # freed by its answer already, unless none was written
             del self.running[task_id]
             if not self.running and self.state is WorkerState.WORKING:
                 self._move(WorkerState.READY)
@@ -784,13 +790,14 @@ class Worker:
             compressor = self._compressors.get(task.job_id)
             if is_delta and compressor is not None:
                 what = f"{compressor.scheme}-compressed update"
-        async with self._upload_lock:
-            await self._write(call, pb.WorkerMessage(result=result))
-            for index, data in enumerate(iter_chunk_views(update, chunk_bytes)):
-                # Pre-serialized: the stream's serializer passes bytes through.
-                await self._write(
-                    call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
-                )
+        chunks = (
+            # Pre-serialized: the stream's serializer passes bytes through.
+            encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
+            for index, data in enumerate(iter_chunk_views(update, chunk_bytes))
+        )
+        await self._answer(
+            call, task.task_id, itertools.chain([pb.WorkerMessage(result=result)], chunks)
+        )
         log.info(
             "round %d: sent %s of %s (training loss %.4f, accuracy %.2f%%, %.1f s)",
             task.round,
@@ -811,8 +818,7 @@ class Worker:
         result = pb.TaskResult(
             task_id=checked.task_id, num_examples=ev.num_examples, metrics=ev.metrics
         )
-        async with self._upload_lock:
-            await self._write(call, pb.WorkerMessage(result=result))
+        await self._answer(call, checked.task_id, [pb.WorkerMessage(result=result)])
 
     def _encode_update(
         self, fit: FitOutput, received: Weights, config: TrainConfig, job: str
@@ -835,11 +841,37 @@ class Worker:
         return compressor.compress(delta), True
 
     async def _send_error(
-        self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
+        self,
+        call: JoinStream,
+        task_id: str,
+        code: pb.ErrorCode.ValueType,
+        message: str,
+        *,
+        held: bool = True,
     ) -> None:
         error = pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
-        async with self._upload_lock:  # never amid another task's upload
-            await self._write(call, error)
+        await self._answer(call, task_id if held else None, [error])
+
+    async def _answer(
+        self,
+        call: JoinStream,
+        task_id: str | None,
+        messages: Iterable[pb.WorkerMessage | bytes],
+    ) -> None:
+        """Write a task's answer (its result and update's chunks, or its error) whole, never
+        amid another task's, and free its slot (``task_id``; None: none) just before the last
+        message leaves. Not after: the coordinator may send the next task the moment that
+        message arrives, and its read may run before this coroutine resumes from the write."""
+        async with self._upload_lock:
+            last: pb.WorkerMessage | bytes | None = None
+            for message in messages:
+                if last is not None:
+                    await self._write(call, last)
+                last = message
+            if task_id is not None:
+                self._slots.release(task_id)
+            if last is not None:
+                await self._write(call, last)
 
     async def _write(self, call: JoinStream, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:
