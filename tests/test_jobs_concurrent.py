@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_coordinator import MODEL, TIMEOUT, ScriptedTrainer, config
+from test_coordinator import MODEL, TIMEOUT, ScriptedTrainer, config, run_worker
 from test_job_secagg import SECURE, _final
 
 from fedcore.data.metadata import DatasetMetadata
@@ -130,6 +130,31 @@ def test_bytes_of_two_tasks_in_flight_are_counted_to_their_own_jobs() -> None:
     # A task it was never given, and a secure message for a job it holds none of: no job.
     assert jobs.incoming(pb.WorkerMessage(result=pb.TaskResult(task_id="tz"))) == ""
     assert jobs.incoming(pb.WorkerMessage(secagg=pb.SecAggWorkerMessage(job_id="x"))) == ""
+
+
+# ---------------------------------------------------------------- the worker's own count
+
+
+async def test_a_worker_slow_to_resume_after_its_answer_is_given_its_next_task(
+    coordinator_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An honest coordinator sends a worker its next task the moment the last answer
+    arrives; the worker may read it before its own write call returns. The task's slot is
+    free by then, so a one-shot federation is never refused by its own workers."""
+    from fedcore.worker.stream import JoinStream
+
+    original = JoinStream.write
+
+    async def resumes_late(self: JoinStream, message: pb.WorkerMessage | bytes) -> None:
+        await original(self, message)
+        await asyncio.sleep(0.05)  # the fault: the reader runs before this write returns
+
+    monkeypatch.setattr(JoinStream, "write", resumes_late)
+    coordinator, task = await coordinator_factory(config(rounds=3, min_workers=1, fed_eval_every=1))
+    worker = await run_worker(coordinator.port, "a", ScriptedTrainer(1.0, 30))
+    result = await asyncio.wait_for(task, TIMEOUT)
+    assert [r.workers for r in result.rounds] == [1, 1, 1]
+    assert worker.tasks_refused == 0
 
 
 # ---------------------------------------------------------------- the worker's ledger
