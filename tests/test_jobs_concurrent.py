@@ -173,6 +173,44 @@ def test_concurrent_charges_neither_overspend_nor_get_lost(tmp_path: Path) -> No
     assert ledger.epsilon(delta=1e-5) <= budget
 
 
+def test_two_jobs_masking_near_identical_models_at_once_are_not_both_admitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The participation record refuses a second masked input over (nearly) the same model;
+    two jobs' tasks admit from two threads at once, and the check and its record must be one
+    step. The fault: each thread waits for the other between its check and its record."""
+    import fedcore.secagg.participation as participation
+    from fedcore.errors import SecAggRefusedError
+    from fedcore.secagg import SecAggParams
+    from fedcore.secagg.setup import make_setup
+
+    both = threading.Barrier(2, timeout=1.0)
+    entry = participation._Entry
+
+    def checked_then_meet(*args: Any) -> Any:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait()  # under the record's lock the other thread cannot get here: times out
+        return entry(*args)
+
+    monkeypatch.setattr(participation, "_Entry", checked_then_meet)
+    record = participation.ParticipationLog(tmp_path / "p.json", min_distance=1e-4)
+    model = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    setups = [make_setup(SecAggParams(job=job), 3, 10) for job in ("a", "b")]
+
+    def admit(setup: Any) -> str:
+        try:
+            record.admit(setup, model, distributed_dp=False)
+        except SecAggRefusedError:
+            return "refused"
+        return "admitted"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(admit, setups))
+    assert outcomes == ["admitted", "refused"]
+    monkeypatch.undo()
+    assert len(participation.ParticipationLog(tmp_path / "p.json", min_distance=1e-4)) == 1
+
+
 # ---------------------------------------------------------------- the worker's trainer
 
 
