@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -253,6 +255,8 @@ class _Together(ScriptedTrainer):
     """Trains only while the other job's task trains too: a barrier across the worker's
     task threads, which breaks (and fails the task) when they take turns instead."""
 
+    concurrent = True
+
     def __init__(self, offset: float, examples: int) -> None:
         super().__init__(offset, examples)
         self.barrier = threading.Barrier(2, timeout=TIMEOUT)
@@ -262,43 +266,63 @@ class _Together(ScriptedTrainer):
         return super().fit(model, weights, config)
 
 
-async def test_two_secure_jobs_share_three_workers_at_once_and_each_sums_exactly(
-    tmp_path: Path,
-) -> None:
-    scientists = tmp_path / "scientists.json"
+@contextlib.asynccontextmanager
+async def _network(tmp_path: Path, trainers: list[ScriptedTrainer]) -> AsyncIterator[Network]:
+    """A standing network in process (real gRPC) and one worker per trainer, each allowed two
+    tasks at once."""
+    scientists = tmp_path / "scientists.json"  # nobody enrolled: the tests submit to the store
     scientists.write_text('{"version": 1, "scientists": {}}')
     cfg = replace(config(min_workers=3), analytics=AnalyticsSettings(scientists))
     network = Network(cfg, NetworkSettings(tmp_path / "state", max_running=2))
     serving = asyncio.create_task(network.run())
     workers: list[asyncio.Task[Any]] = []
-    scripted = [(1.0, 30), (-0.5, 10), (2.0, 20)]
     try:
         await asyncio.wait_for(network.ready.wait(), TIMEOUT)
-        for i, (offset, examples) in enumerate(scripted):
+        for i, trainer in enumerate(trainers):
             worker = Worker(
                 f"127.0.0.1:{network.port}",
                 f"silo{i}",
-                _Together(offset, examples),
+                trainer,
                 backoff_initial=0.05,
                 give_up_after=TIMEOUT,
-                guard=PolicyGuard(Policy(max_tasks=2), num_examples=examples),
+                guard=PolicyGuard(Policy(max_tasks=2), num_examples=trainer.num_examples),
                 dataset=DatasetMetadata(f"silo{i}", tags=("s",)),
             )
             workers.append(asyncio.create_task(worker.run()))
+        yield network
+    finally:
+        network.stop()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(serving, TIMEOUT)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+def _submit(network: Network, settings: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
+    jobs = [
+        network.store.submit(
+            study="s",
+            scientist="alice",
+            kind="train",
+            settings={**settings, "seed": seed},
+            rounds=1,
+        ).id
+        for seed in seeds
+    ]
+    network.scheduler.wake()
+    return jobs
+
+
+async def test_two_secure_jobs_share_three_workers_at_once_and_each_sums_exactly(
+    tmp_path: Path,
+) -> None:
+    scripted = [(1.0, 30), (-0.5, 10), (2.0, 20)]
+    async with _network(tmp_path, [_Together(o, n) for o, n in scripted]) as network:
         # Different initial models: a worker sends one masked update per global model
         # (secure-aggregation.once-per-model), whichever job asks.
         seeds = (1, 2)
-        jobs = [
-            network.store.submit(
-                study="s",
-                scientist="alice",
-                kind="train",
-                settings={**SECURE, "seed": seed},
-                rounds=1,
-            ).id
-            for seed in seeds
-        ]
-        network.scheduler.wake()
+        jobs = _submit(network, SECURE, seeds)
         await _final(network, jobs)
         step = 4.0 / (2**23 - 1)
         mean = sum(o * n for o, n in scripted) / sum(n for _, n in scripted)
@@ -308,10 +332,39 @@ async def test_two_secure_jobs_share_three_workers_at_once_and_each_sums_exactly
             model = load_file(tmp_path / "state" / "jobs" / job / "model.safetensors")
             for name, w0 in get_weights(build_model(MODEL, seed=seed)).items():
                 np.testing.assert_allclose(model[name], w0 + mean, rtol=0, atol=4 * step)
-    finally:
-        network.stop()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(serving, TIMEOUT)
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+
+
+class _Counting(ScriptedTrainer):
+    """Counts the fits running at once (each lasts a while, so two tasks would overlap)."""
+
+    def __init__(self, offset: float, examples: int) -> None:
+        super().__init__(offset, examples)
+        self.running = self.peak = 0
+        self._lock = threading.Lock()
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(0.2)  # a long fit: the window in which another task's would overlap
+            return super().fit(model, weights, config)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+async def test_a_trainer_that_is_not_concurrent_is_called_one_task_at_a_time(
+    tmp_path: Path, concurrent: bool
+) -> None:
+    trainers = [_Counting(1.0, 10) for _ in range(3)]
+    for trainer in trainers:
+        trainer.concurrent = concurrent
+    async with _network(tmp_path, trainers) as network:
+        jobs = _submit(network, {"rounds": 1, "min_workers": 3}, (1, 2))
+        await _final(network, jobs)
+        assert all(network.store.get(j).state == "completed" for j in jobs)
+    # Both jobs' tasks were held at once either way; only a concurrent trainer overlapped.
+    peaks = [t.peak for t in trainers]
+    assert max(peaks) == 2 if concurrent else peaks == [1, 1, 1], peaks

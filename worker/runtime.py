@@ -33,10 +33,11 @@ import enum
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -116,6 +117,7 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ class Worker:
         self._upload_lock = asyncio.Lock()
         # The tasks this session's stream holds (a new one per stream).
         self._slots = TaskSlots(self.max_tasks)
+        # Taken around a trainer's calls unless it declares itself ``concurrent``.
+        self._trainer_lock = threading.Lock()
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
         self._participation = participation
@@ -752,7 +756,7 @@ class Worker:
                 "job": printable(task.job_id, 32),
             },
         )
-        fit = await asyncio.to_thread(self.trainer.fit, checked.model, full, config)
+        fit = await asyncio.to_thread(self._trained, self.trainer.fit, checked.model, full, config)
         del full
         if task.HasField("frozen"):
             fit = _trainable_part(fit, weights)
@@ -813,12 +817,20 @@ class Worker:
         self, call: JoinStream, checked: CheckedTask, job: Job, weights: Weights
     ) -> None:
         full = await self._model_weights(job, weights)
-        ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, full)
+        ev = await asyncio.to_thread(self._trained, self.trainer.evaluate, checked.model, full)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
         result = pb.TaskResult(
             task_id=checked.task_id, num_examples=ev.num_examples, metrics=ev.metrics
         )
         await self._answer(call, checked.task_id, [pb.WorkerMessage(result=result)])
+
+    def _trained(self, method: Callable[..., _T], *args: Any) -> _T:
+        """``method(*args)`` of the trainer (in a worker thread): one call at a time unless
+        the trainer is ``concurrent``."""
+        if self.trainer.concurrent:
+            return method(*args)
+        with self._trainer_lock:
+            return method(*args)
 
     def _encode_update(
         self, fit: FitOutput, received: Weights, config: TrainConfig, job: str

@@ -59,7 +59,12 @@ class EvalOutput:
 
 
 class Trainer(ABC):
-    """Runs plans on local data. Methods are called from a worker thread, one at a time."""
+    """Runs plans on local data. Methods are called from a worker thread, one at a time,
+    unless the trainer declares ``concurrent`` (then the tasks of up to ``[jobs] max-tasks``
+    jobs train at once, each in its own thread)."""
+
+    #: Whether ``fit`` and ``evaluate`` may run for several tasks at once.
+    concurrent: bool = False
 
     @property
     @abstractmethod
@@ -131,7 +136,8 @@ def _describe(data: Dataset[Batch], role: str) -> str:
 
 
 class TorchTrainer(Trainer):
-    """Trains registered (or user) PyTorch models on a local dataset.
+    """Trains registered (or user) PyTorch models on a local dataset; concurrent tasks each
+    train their own copy of the model (``train_fn`` and ``eval_fn`` must allow it).
 
     Args:
         train_data: the local training set.
@@ -144,6 +150,8 @@ class TorchTrainer(Trainer):
             a limited child process (worker/sandbox.py) when the data is held in memory, the
             device is the CPU and the loops are the default ones; otherwise in this process.
     """
+
+    concurrent = True
 
     def __init__(
         self,
@@ -357,6 +365,8 @@ class EchoTrainer(Trainer):
 
     For protocol benchmarks and load tests, where only the transport is being measured.
     """
+
+    concurrent = True
 
     def __init__(self, step: float = 0.0) -> None:
         self.step = step
