@@ -63,7 +63,8 @@ class NetworkSettings:
     Args:
         state_dir: the job store, the jobs' checkpoints and models, the audit log; None: a
             one-shot network (one job, from ``fed-server``'s flags).
-        max_running: jobs run at once (a worker still takes one training task at a time).
+        max_running: jobs run at once (a worker takes one training task at a time unless its
+            owner's ``[jobs] max-tasks`` allows more).
 
     How long a job waits for its silos' owners to decide is the process's
     ``--approval-timeout`` (``Limits.approval_timeout``), as for a one-shot federation.

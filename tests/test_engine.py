@@ -47,7 +47,7 @@ async def test_a_straggler_finishing_after_its_deadline_wakes_wait_for_idle_at_o
         await asyncio.sleep(0)
     assert not waiting.done()  # control: a BUSY worker is not idle
     started = time.perf_counter()
-    session.finish_ticket()  # its late result arrived: BUSY -> IDLE, nothing else happens
+    session.finish_ticket("t1")  # its late result arrived: BUSY -> IDLE, nothing else happens
     assert await asyncio.wait_for(waiting, 5) is True
     assert time.perf_counter() - started < 5
     assert registry.idle() == [session]

@@ -16,7 +16,11 @@ data owner's ``--policy``) is answered with ``ERROR_CODE_REFUSED`` and the rule 
 :class:`~.gate.CheckedTask` the gate returns, and every result passes the gate again on its
 way out (the privacy charge, then what may be released).
 
-Training runs in a thread so heartbeats keep flowing on the same stream. A connection that
+Training runs in a thread so heartbeats keep flowing on the same stream; up to the owner's
+``[jobs] max-tasks`` tasks of different jobs run at once, each in its own thread (one by
+default). A task beyond that bound is refused (:class:`~.task_slots.TaskSlots`), whatever
+the coordinator believes, and one task's result and its chunks leave together, never
+interleaved with another's. A connection that
 cannot be made, or breaks, is retried with exponential backoff and jitter; a refusal that a
 retry cannot fix (wrong protocol version, wrong model, bad name) ends the worker with
 :class:`~fedcore.errors.RejectedError`.
@@ -26,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -92,6 +98,7 @@ from .policy import PolicyGuard
 from .privacy import apply_client_dp
 from .secagg import SecAggRounds
 from .stream import JoinStream
+from .task_slots import TaskSlots
 from .trainer import FitOutput, Trainer
 
 __all__ = ["Job", "RunningTask", "Worker", "WorkerState", "insecure_channel", "tls_channel_factory"]
@@ -110,6 +117,7 @@ _PERMANENT = {
 _MAX_RECEIVE = max_message_bytes(64 * 1024 * 1024)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -301,18 +309,32 @@ class Worker:
         self.state = WorkerState.DISCONNECTED
         self.worker_id: str | None = None
         self.tasks_done = 0
-        #: The task running now (read by the data owner's console); None between tasks.
-        self.current: RunningTask | None = None
+        #: The tasks running now, by task id (read by the data owner's console).
+        self.running: dict[str, RunningTask] = {}
+        #: How many tasks (of different jobs) run at once: the owner's ``[jobs] max-tasks``.
+        self.max_tasks = guard.policy.max_tasks if guard is not None else 1
         # Update compression keeps what it lost between rounds (error feedback), per job: a
         # standing network's jobs never share it (the one-shot federation's job id is "").
         self._compressors: dict[str, Compressor] = {}
         self._write_lock = asyncio.Lock()
+        # Held while one task's result (and its update's chunks) or error is written: the
+        # coordinator reads one upload at a time on a stream.
+        self._upload_lock = asyncio.Lock()
+        # The tasks this session's stream holds (a new one per stream).
+        self._slots = TaskSlots(self.max_tasks)
+        # Taken around a trainer's calls unless it declares itself ``concurrent``.
+        self._trainer_lock = threading.Lock()
         # Signed secure aggregation (fed-worker --signing-key --roster), else unsigned.
         self._identity = identity
         self._participation = participation
         self._secagg = SecAggRounds(
             _not_connected, name, identity=identity, participation=participation
         )
+
+    @property
+    def current(self) -> RunningTask | None:
+        """The longest-running task now (the console's "current task"); None when idle."""
+        return next(iter(self.running.values()), None)
 
     def _move(self, new: WorkerState) -> None:
         if new is not self.state and new not in _ALLOWED[self.state]:
@@ -376,7 +398,7 @@ class Worker:
                 "not connected (%s); retrying in %.1f s",
                 reason,
                 delay,
-                extra={"event": "not_connected", "retry_in": delay},
+                extra={"event": "not_connected", "retry_in": delay, "reason": reason},
             )
             await asyncio.sleep(delay)
 
@@ -399,6 +421,7 @@ class Worker:
         hello.frozen_sha256.extend(self.frozen.held())
         if self.guard is not None:
             hello.release_model = self.guard.policy.release_model
+        hello.max_tasks = self.max_tasks
         return pb.WorkerMessage(hello=hello)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
@@ -444,7 +467,9 @@ class Worker:
         )
         if self.analytics is not None:
             self.analytics.reset()
-        runner = asyncio.create_task(self._run_jobs(call, jobs))
+        # A new stream: the coordinator forgot the old one's tasks.
+        slots = self._slots = TaskSlots(self.max_tasks)
+        runner = asyncio.create_task(self._run_jobs(call, jobs, slots))
         # The job whose payloads are arriving; None once they are all in. Its CheckedTask is
         # None when the gate refused it: its payloads are read and dropped.
         pending: Job | None = None
@@ -499,7 +524,10 @@ class Worker:
                         await self.analytics.handle(message.analytics, send)
                     continue
                 if kind == "task":
-                    checked = await self._admit(call, message.task)
+                    if pending is not None:
+                        # The coordinator sends a task's payloads right after it, whole.
+                        raise _Disconnected("the coordinator sent a task amid another's payloads")
+                    checked = await self._admit_within(call, message.task, slots)
                     if checked is not None and checked.secagg is not None:
                         await self._secagg.start(checked.task, checked.secagg_rules)
                     job = await self._start_task(call, message.task, checked, welcome)
@@ -557,6 +585,21 @@ class Worker:
 
     # ------------------------------------------------------------------ the gate
 
+    async def _admit_within(
+        self, call: JoinStream, task: pb.Task, slots: TaskSlots
+    ) -> CheckedTask | None:
+        """:meth:`_admit` for a task within the owner's ``[jobs] max-tasks`` (held in
+        ``slots`` until its answer is written); None after a refusal."""
+        try:
+            slots.take(task.task_id, task.job_id)
+        except TaskRefused as exc:  # before the gate: nothing of it is asked of the owner
+            await self._refuse(call, task, exc, held=False)
+            return None
+        checked = await self._admit(call, task)
+        if checked is None:
+            slots.release(task.task_id)
+        return checked
+
     async def _admit(self, call: JoinStream, task: pb.Task) -> CheckedTask | None:
         """The checked task, or None after telling the coordinator why it was refused."""
         try:
@@ -570,7 +613,11 @@ class Worker:
             # would count it as a failure of the plan itself, which a retry would repeat.
             raise _Disconnected(f"{exc}; reconnecting to receive them") from None
 
-    async def _refuse(self, call: JoinStream, task: pb.Task, refusal: TaskRefused) -> None:
+    async def _refuse(
+        self, call: JoinStream, task: pb.Task, refusal: TaskRefused, *, held: bool = True
+    ) -> None:
+        """Tell the coordinator why ``task`` is refused (``held``: its slot is freed; False
+        for a task refused for want of one, whose id may be a held task's)."""
         self.tasks_refused += 1
         what = "training" if task.kind == pb.TASK_KIND_FIT else "evaluation"
         log.warning(
@@ -592,7 +639,7 @@ class Worker:
             if isinstance(refusal, AwaitingApproval)
             else pb.ERROR_CODE_REFUSED
         )
-        await self._send_error(call, task.task_id, code, str(refusal))
+        await self._send_error(call, task.task_id, code, str(refusal), held=held)
 
     def _record(self, event: str, task: pb.Task, **fields: object) -> None:
         """An audit entry for ``task``: its job, round, kind, plan and DP terms."""
@@ -612,22 +659,33 @@ class Worker:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _run_jobs(self, call: JoinStream, jobs: asyncio.Queue[Job]) -> None:
-        while True:
-            # No local keeps a finished job: its model-sized buffer is freed before the next
-            # round's weights arrive.
-            await self._run_job(call, await jobs.get())
+    async def _run_jobs(self, call: JoinStream, jobs: asyncio.Queue[Job], slots: TaskSlots) -> None:
+        """Run each admitted task as it arrives, at once: admission kept them within
+        ``[jobs] max-tasks`` and to one per job."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                task = asyncio.create_task(self._run_job(call, await jobs.get(), slots))
+                running.add(task)
+                # Dropped once done, and with it the job's model-sized buffers.
+                task.add_done_callback(running.discard)
+                del task
+        finally:
+            for task in list(running):
+                task.cancel()
 
-    async def _run_job(self, call: JoinStream, job: Job) -> None:
+    async def _run_job(self, call: JoinStream, job: Job, slots: TaskSlots) -> None:
         checked = job.checked
         assert checked is not None  # refused tasks are never queued
+        task_id = checked.task_id
         self._move(WorkerState.WORKING)
-        self.current = RunningTask(checked.task.round, checked.kind, time.time())
+        self.running[task_id] = RunningTask(checked.task.round, checked.kind, time.time())
         try:
             await self._run_task(call, checked, job)
         finally:
-            self.current = None
-            if self.state is WorkerState.WORKING:
+            slots.release(task_id)  # freed by its answer already, unless none was written
+            del self.running[task_id]
+            if not self.running and self.state is WorkerState.WORKING:
                 self._move(WorkerState.READY)
 
     async def _model_weights(self, job: Job, weights: Weights) -> Weights:
@@ -691,9 +749,14 @@ class Worker:
             task.round,
             checked.model,
             self.trainer.num_examples,
-            extra={"event": "training", "round": task.round, "model": checked.model.name},
+            extra={
+                "event": "training",
+                "round": task.round,
+                "model": checked.model.name,
+                "job": printable(task.job_id, 32),
+            },
         )
-        fit = await asyncio.to_thread(self.trainer.fit, checked.model, full, config)
+        fit = await asyncio.to_thread(self._trained, self.trainer.fit, checked.model, full, config)
         del full
         if task.HasField("frozen"):
             fit = _trainable_part(fit, weights)
@@ -731,12 +794,14 @@ class Worker:
             compressor = self._compressors.get(task.job_id)
             if is_delta and compressor is not None:
                 what = f"{compressor.scheme}-compressed update"
-        await self._write(call, pb.WorkerMessage(result=result))
-        for index, data in enumerate(iter_chunk_views(update, chunk_bytes)):
+        chunks = (
             # Pre-serialized: the stream's serializer passes bytes through.
-            await self._write(
-                call, encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
-            )
+            encode_chunk_message(CHUNK_FIELD_IN_WORKER_MESSAGE, index, data)
+            for index, data in enumerate(iter_chunk_views(update, chunk_bytes))
+        )
+        await self._answer(
+            call, task.task_id, itertools.chain([pb.WorkerMessage(result=result)], chunks)
+        )
         log.info(
             "round %d: sent %s of %s (training loss %.4f, accuracy %.2f%%, %.1f s)",
             task.round,
@@ -745,19 +810,27 @@ class Worker:
             local.get("loss", float("nan")),
             100 * local.get("accuracy", float("nan")),
             local.get("train_seconds", float("nan")),
-            extra={"event": "update_sent", "round": task.round},
+            extra={"event": "update_sent", "round": task.round, "job": printable(task.job_id, 32)},
         )
 
     async def _evaluate(
         self, call: JoinStream, checked: CheckedTask, job: Job, weights: Weights
     ) -> None:
         full = await self._model_weights(job, weights)
-        ev = await asyncio.to_thread(self.trainer.evaluate, checked.model, full)
+        ev = await asyncio.to_thread(self._trained, self.trainer.evaluate, checked.model, full)
         ev = await asyncio.to_thread(self.gate.release_evaluation, checked, ev)
         result = pb.TaskResult(
             task_id=checked.task_id, num_examples=ev.num_examples, metrics=ev.metrics
         )
-        await self._write(call, pb.WorkerMessage(result=result))
+        await self._answer(call, checked.task_id, [pb.WorkerMessage(result=result)])
+
+    def _trained(self, method: Callable[..., _T], *args: Any) -> _T:
+        """``method(*args)`` of the trainer (in a worker thread): one call at a time unless
+        the trainer is ``concurrent``."""
+        if self.trainer.concurrent:
+            return method(*args)
+        with self._trainer_lock:
+            return method(*args)
 
     def _encode_update(
         self, fit: FitOutput, received: Weights, config: TrainConfig, job: str
@@ -780,11 +853,37 @@ class Worker:
         return compressor.compress(delta), True
 
     async def _send_error(
-        self, call: JoinStream, task_id: str, code: pb.ErrorCode.ValueType, message: str
+        self,
+        call: JoinStream,
+        task_id: str,
+        code: pb.ErrorCode.ValueType,
+        message: str,
+        *,
+        held: bool = True,
     ) -> None:
-        await self._write(
-            call, pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
-        )
+        error = pb.WorkerMessage(error=pb.TaskError(task_id=task_id, code=code, message=message))
+        await self._answer(call, task_id if held else None, [error])
+
+    async def _answer(
+        self,
+        call: JoinStream,
+        task_id: str | None,
+        messages: Iterable[pb.WorkerMessage | bytes],
+    ) -> None:
+        """Write a task's answer (its result and update's chunks, or its error) whole, never
+        amid another task's, and free its slot (``task_id``; None: none) just before the last
+        message leaves. Not after: the coordinator may send the next task the moment that
+        message arrives, and its read may run before this coroutine resumes from the write."""
+        async with self._upload_lock:
+            last: pb.WorkerMessage | bytes | None = None
+            for message in messages:
+                if last is not None:
+                    await self._write(call, last)
+                last = message
+            if task_id is not None:
+                self._slots.release(task_id)
+            if last is not None:
+                await self._write(call, last)
 
     async def _write(self, call: JoinStream, message: pb.WorkerMessage | bytes) -> None:
         async with self._write_lock:

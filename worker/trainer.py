@@ -11,10 +11,11 @@ loop::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,12 @@ class EvalOutput:
 
 
 class Trainer(ABC):
-    """Runs plans on local data. Methods are called from a worker thread, one at a time."""
+    """Runs plans on local data. Methods are called from a worker thread, one at a time,
+    unless the trainer declares ``concurrent`` (then the tasks of up to ``[jobs] max-tasks``
+    jobs train at once, each in its own thread)."""
+
+    #: Whether ``fit`` and ``evaluate`` may run for several tasks at once.
+    concurrent: bool = False
 
     @property
     @abstractmethod
@@ -130,7 +136,8 @@ def _describe(data: Dataset[Batch], role: str) -> str:
 
 
 class TorchTrainer(Trainer):
-    """Trains registered (or user) PyTorch models on a local dataset.
+    """Trains registered (or user) PyTorch models on a local dataset; concurrent tasks each
+    train their own copy of the model (``train_fn`` and ``eval_fn`` must allow it).
 
     Args:
         train_data: the local training set.
@@ -143,6 +150,8 @@ class TorchTrainer(Trainer):
             a limited child process (worker/sandbox.py) when the data is held in memory, the
             device is the CPU and the loops are the default ones; otherwise in this process.
     """
+
+    concurrent = True
 
     def __init__(
         self,
@@ -171,6 +180,10 @@ class TorchTrainer(Trainer):
         # The parameters the model's factory left trainable (peft freezes a base model): what
         # a task that names no trainable parameters trains.
         self._factory_trainable: frozenset[str] = frozenset()
+        # Tasks of different jobs may train at once ([jobs] max-tasks): one of them uses the
+        # cached model, the others a copy of their own, dropped when their task ends.
+        self._lease_lock = threading.Lock()
+        self._cached_lent = False
         self._announced: tuple[ModelSpec, ModelSignature] | None = None
         self._checked: ModelSpec | None = None
         if model is not None:
@@ -210,18 +223,41 @@ class TorchTrainer(Trainer):
     def announced_model(self) -> tuple[ModelSpec, ModelSignature] | None:
         return self._announced
 
+    def _build(self, spec: ModelSpec) -> nn.Module:
+        model = self._plans.build(spec) if self._plans is not None else None
+        try:
+            model = model if model is not None else self._catalog.build(spec)
+        except ModelError as exc:
+            raise ModelMismatchError(str(exc)) from None
+        return model.to(self._device)
+
     def _model_for(self, spec: ModelSpec) -> nn.Module:
         if self._cached is None or self._cached[0] != spec:
-            model = self._plans.build(spec) if self._plans is not None else None
-            try:
-                model = model if model is not None else self._catalog.build(spec)
-            except ModelError as exc:
-                raise ModelMismatchError(str(exc)) from None
-            self._cached = (spec, model.to(self._device))
+            model = self._build(spec)
+            self._cached = (spec, model)
             self._factory_trainable = frozenset(
                 name for name, p in model.named_parameters() if p.requires_grad
             )
         return self._cached[1]
+
+    @contextlib.contextmanager
+    def _leased(self, spec: ModelSpec) -> Iterator[tuple[nn.Module, frozenset[str]]]:
+        """A model of ``spec`` no other task uses meanwhile, and its factory's trainable
+        parameters: the cached one when free, else a fresh copy."""
+        with self._lease_lock:
+            shared = not self._cached_lent
+            if shared:
+                net, trainable = self._model_for(spec), self._factory_trainable
+                self._cached_lent = True
+        if not shared:
+            net = self._build(spec)
+            trainable = frozenset(name for name, p in net.named_parameters() if p.requires_grad)
+        try:
+            yield net, trainable
+        finally:
+            if shared:
+                with self._lease_lock:
+                    self._cached_lent = False
 
     def check_data(self, model: ModelSpec) -> None:
         """The training and evaluation sets must fit ``model`` (a model this worker's catalog
@@ -248,10 +284,9 @@ class TorchTrainer(Trainer):
         # Never import the same modules from two threads at once.
         self._warm.join(timeout=600)
 
-    def _load(self, model: ModelSpec, weights: Weights) -> nn.Module:
-        """The model with ``weights`` loaded; a plan's constants as shipped (nothing a graph
+    def _load(self, net: nn.Module, model: ModelSpec, weights: Weights) -> nn.Module:
+        """``net`` with ``weights`` loaded; a plan's constants as shipped (nothing a graph
         wrote in an earlier task is kept)."""
-        net = self._model_for(model)
         set_weights(net, weights)
         state = self._plans.state(model) if self._plans is not None else None
         if state is not None:
@@ -284,14 +319,15 @@ class TorchTrainer(Trainer):
         sandboxed = self._sandboxed(model)
         if sandboxed is not None:
             return self._fit_sandboxed(*sandboxed, model, weights, config)
-        net = self._load(model, weights)
-        # Frozen parameters get no gradient, so no optimizer step or weight decay moves them.
-        # Set for every task: the model outlives it, and the next may train other parameters.
-        keep = set(config.trainable) if config.trainable else self._factory_trainable
-        for name, parameter in net.named_parameters():
-            parameter.requires_grad_(name in keep)
-        result = self._train_fn(net, self._train_data, config, self._device)
-        updated = get_weights(net)
+        with self._leased(model) as (net, factory_trainable):
+            self._load(net, model, weights)
+            # Frozen parameters get no gradient, so no optimizer step or weight decay moves
+            # them. Set for every task: the model outlives it, and the next may train others.
+            keep = set(config.trainable) if config.trainable else factory_trainable
+            for name, parameter in net.named_parameters():
+                parameter.requires_grad_(name in keep)
+            result = self._train_fn(net, self._train_data, config, self._device)
+            updated = get_weights(net)
         state = self._plans.state(model) if self._plans is not None else None
         if state is not None:  # only what the data owner accepted leaves
             updated = state.upload(updated, weights)
@@ -317,8 +353,8 @@ class TorchTrainer(Trainer):
             assert verified is not None
             ran = sandboxed[0].run(verified.program, weights, None, verified.signature)
             return EvalOutput(ran.num_examples, ran.metrics)
-        net = self._load(model, weights)
-        result = self._eval_fn(net, self._eval_data, self._device)
+        with self._leased(model) as (net, _):
+            result = self._eval_fn(self._load(net, model, weights), self._eval_data, self._device)
         return EvalOutput(result.num_examples, {"loss": result.loss, "accuracy": result.accuracy})
 
 
@@ -329,6 +365,8 @@ class EchoTrainer(Trainer):
 
     For protocol benchmarks and load tests, where only the transport is being measured.
     """
+
+    concurrent = True
 
     def __init__(self, step: float = 0.0) -> None:
         self.step = step

@@ -71,6 +71,8 @@ Every section is optional; an absent rule allows everything it would have restri
     approval = "always"                    # every job (and query) waits for the data owner's
                                            # decision in the [plans] requests queue
                                            # (default "plans": only shipped plans, as above)
+    max-tasks = 2                          # training tasks of different jobs run at once
+                                           # (default 1: one after another)
     [analytics]                            # answer federated-analytics queries on a table
     allowed-columns = ["age", "bmi", "sex"]  # columns queries may read (default: all declared)
     max-epsilon = 1.0                      # per query, at the budget's delta (default 1.0);
@@ -104,6 +106,7 @@ __all__ = [
     "BUFFER_KINDS",
     "DP_KINDS",
     "JOB_APPROVAL",
+    "MAX_TASKS_LIMIT",
     "AnalyticsRules",
     "BudgetRules",
     "DPKind",
@@ -145,6 +148,8 @@ _SECTIONS = (
 #: ``[jobs] approval``: ``plans``: only shipped plans wait for the owner (``[plans]
 #: require-approval``); ``always``: every job's tasks, and every query, do.
 JOB_APPROVAL = ("plans", "always")
+#: ``[jobs] max-tasks`` at most: each task holds a model, its update and a training thread.
+MAX_TASKS_LIMIT = 64
 
 #: ``[release] model``: whether models trained on this silo's data may be released to the
 #: data scientist of a standing network's job (``dp-only``: only from a job with client-level
@@ -340,6 +345,8 @@ class Policy:
     release_model: str = "allowed"
     #: ``[jobs] approval``: one of :data:`JOB_APPROVAL`.
     job_approval: str = "plans"
+    #: ``[jobs] max-tasks``: training tasks (of different jobs) this worker runs at once.
+    max_tasks: int = 1
 
     @property
     def private(self) -> bool:
@@ -410,6 +417,8 @@ class Policy:
             lines.append(
                 f"every job and query needs the data owner's approval (queue {self.plans.requests})"
             )
+        if self.max_tasks > 1:
+            lines.append(f"up to {self.max_tasks} tasks of different jobs at once")
         return lines or ["no restrictions"]
 
 
@@ -653,10 +662,17 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
     release_model = r.string("model") or "allowed"
     if release_model not in RELEASE_MODEL:
         raise r.fail("model", f"must be one of {', '.join(RELEASE_MODEL)}, got {release_model!r}")
-    j = section("jobs", ("approval",))
+    j = section("jobs", ("approval", "max-tasks"))
     job_approval = j.string("approval") or "plans"
     if job_approval not in JOB_APPROVAL:
         raise j.fail("approval", f"must be one of {', '.join(JOB_APPROVAL)}, got {job_approval!r}")
+    max_tasks = _or(j.integer("max-tasks", minimum=1), 1)
+    if max_tasks > MAX_TASKS_LIMIT:
+        raise j.fail(
+            "max-tasks",
+            f"is at most {MAX_TASKS_LIMIT} (each task holds its own model and update), "
+            f"got {max_tasks}",
+        )
     policy = Policy(
         models,
         training,
@@ -669,6 +685,7 @@ def parse_policy(document: dict[str, Any], path: Path) -> Policy:
         plans=plans,
         release_model=release_model,
         job_approval=job_approval,
+        max_tasks=max_tasks,
     )
     if (
         policy.private

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,9 @@ class ParticipationLog:
         self.min_distance = min_distance
         self.allow_with_dp = allow_with_dp
         self._key, self._entries = self._load()
+        # Tasks of several jobs (and queries) admit from their own threads: each check and
+        # its record are one step, or two near-identical models could both pass.
+        self._lock = threading.Lock()
 
     def _load(self) -> tuple[bytes, list[_Entry]]:
         if not self.path.exists():
@@ -163,6 +167,12 @@ class ParticipationLog:
         """Record a contribution in this round (over ``model``, the flat global weights; None
         for a query), on disk; raise :class:`SecAggRefusedError` if the round, or a model
         near this one, was already used."""
+        with self._lock:
+            self._admit(setup, model, distributed_dp=distributed_dp)
+
+    def _admit(
+        self, setup: RoundSetup, model: npt.NDArray[np.floating] | None, *, distributed_dp: bool
+    ) -> None:
         if setup.signed:
             for e in self._entries:
                 if e.same_round(self.study, setup):

@@ -1087,6 +1087,7 @@ class Hello(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     FROZEN_SHA256_FIELD_NUMBER: _builtins.int
     RELEASE_MODEL_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     protocol_version: _builtins.int
     num_examples: _builtins.int
@@ -1094,6 +1095,11 @@ class Hello(_message.Message):
     release_model: _builtins.str
     """Its owner's release policy for trained models ("allowed", "dp-only", "never"; empty:
     allowed), judged by a standing network before a job's model is pulled.
+    """
+    max_tasks: _builtins.int
+    """How many training tasks its owner lets it run at once ([jobs] max-tasks; 0: one). A
+    standing network gives it at most that many (capped by the coordinator's own maximum:
+    the number is the worker's claim), never two of one job; the worker refuses the excess.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -1124,10 +1130,11 @@ class Hello(_message.Message):
         dataset: Global___DatasetInfo | None = ...,
         frozen_sha256: _abc.Iterable[_builtins.str] | None = ...,
         release_model: _builtins.str = ...,
+        max_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "frozen_sha256", b"frozen_sha256", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "release_model", b"release_model", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "dataset", b"dataset", "frozen_sha256", b"frozen_sha256", "max_tasks", b"max_tasks", "model", b"model", "model_signature", b"model_signature", "name", b"name", "num_examples", b"num_examples", "protocol_version", b"protocol_version", "release_model", b"release_model", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -191,7 +191,9 @@ class RoundContext:
         """Give ``task`` to ``session``: a ticket for ``collector``, then the plan and its
         weights on the worker's stream."""
         task.task_id = uuid.uuid4().hex
-        ticket = Ticket(task.task_id, task.round, task.kind, session, collector=collector)
+        ticket = Ticket(
+            task.task_id, task.round, task.kind, session, job_id=task.job_id, collector=collector
+        )
         session.assign(ticket)
         frozen = self._frozen
         attach = frozen is not None and frozen.digest not in session.frozen_held

@@ -298,6 +298,7 @@ class TrainingJob:
                 tags=config.require_tags,
                 secagg=config.secagg is not None,
                 model=config.model.name,
+                job_id=self.record.id,
             )
             if self.env.standing
             else None

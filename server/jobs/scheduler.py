@@ -7,8 +7,9 @@ study's long queue does not starve another's. Jobs run as tasks of one task grou
 job is only a row, so a long queue costs the coordinator nothing but its rows. Securely
 aggregated jobs run together like any others: every secure message names its job, the
 transport routes it to that job's round only, and a worker keeps a round per job
-(``server/transport/service.py``, ``worker/secagg.py``); a worker takes one training task at
-a time, so two jobs share no worker in a round.
+(``server/transport/service.py``, ``worker/secagg.py``). A worker takes one training task
+at a time unless its owner allows more (``[jobs] max-tasks``, judged per job in
+``workers.py``), and never two of one job.
 """
 
 from __future__ import annotations

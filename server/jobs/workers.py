@@ -2,8 +2,11 @@
 
 On a standing network workers join once, whatever jobs will come; whether a worker may take a
 job's tasks is decided here, per job: it carries every tag the job requires, it can do secure
-aggregation when the job asks for it, and its owner has not refused the job. A worker busy
-with another job's task is not idle, so it takes one training task at a time.
+aggregation when the job asks for it, and its owner has not refused the job. A worker is
+*idle for a job* while it holds fewer tasks than its owner allows (``[jobs] max-tasks`` in
+its hello, capped by the coordinator: :meth:`~..state.registry.WorkerSession.can_take`) and
+none of this job: by default one task at a time; with a higher bound, several jobs' rounds
+run on it at once, never two of one job.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ class JobWorkers:
         tags: tuple[str, ...] = (),
         secagg: bool = False,
         model: str = "",
+        job_id: str = "",
     ) -> None:
         self._registry = registry
+        self.job_id = job_id
         self.tags = tags
         self.secagg = secagg
         self.model = model
@@ -60,7 +65,10 @@ class JobWorkers:
         return [s for s in self._registry.sessions() if self.eligible(s)]
 
     def idle(self) -> list[WorkerSession]:
-        idle = [s for s in self._registry.idle() if self.eligible(s)]
+        """The job's workers that may take one of its tasks now."""
+        idle = [
+            s for s in self._registry.sessions() if s.can_take(self.job_id) and self.eligible(s)
+        ]
         for session in idle:
             self.released[session.name] = session.release_model
         return idle

@@ -12,7 +12,12 @@ a round: they are never selected.
 
 A session is BUSY from the moment a task is assigned until its result (or error) arrives,
 even if the round that asked for it has already ended: a late result is then discarded and
-the worker becomes IDLE again, ready for the next round. Every transition wakes whoever waits
+the worker becomes IDLE again, ready for the next round. A worker whose owner allows it
+(``[jobs] max-tasks``, announced in its hello) may hold several tasks at once, of different
+jobs: a standing network's jobs offer it a task while it holds fewer than its bound, capped
+at :data:`MAX_TASKS_PER_WORKER` since the number is the worker's claim
+(:meth:`WorkerSession.can_take`); it is BUSY while it holds any. A one-shot federation's
+rounds select IDLE workers only, one task each. Every transition wakes whoever waits
 on the registry (:meth:`WorkerRegistry.wait_for_idle`), so a straggler that finishes after its
 round's deadline is available to the next round at once.
 
@@ -40,6 +45,7 @@ from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, Weights
 
 __all__ = [
+    "MAX_TASKS_PER_WORKER",
     "QUIET_AFTER",
     "ChunkStream",
     "Collector",
@@ -58,6 +64,9 @@ log = logging.getLogger("fedcore.server")
 #: connected; beyond, at DEBUG (100 simulated clients would print 200 lines): the roster
 #: before round 1 and the status line count them.
 QUIET_AFTER = 10
+#: The most tasks a coordinator gives one worker at once, whatever its hello claims: each
+#: task's payload, upload and secure round cost the coordinator too.
+MAX_TASKS_PER_WORKER = 8
 
 
 def crowd_level(connected: int) -> int:
@@ -169,6 +178,8 @@ class Ticket:
     round_number: int
     kind: int  # pb.TaskKind
     session: WorkerSession
+    # The job the task belongs to ("": a one-shot federation's).
+    job_id: str = ""
     future: asyncio.Future[object] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -214,11 +225,14 @@ class WorkerSession:
         self.model_name = hello.model.name[:256] if hello.HasField("model") else ""
         # Its owner's [release] model policy (a standing network judges pulls by it).
         self.release_model = hello.release_model[:16] or "allowed"
+        # How many tasks (of different jobs) it may hold at once: its claim, capped.
+        self.max_tasks = min(max(hello.max_tasks, 1), MAX_TASKS_PER_WORKER)
         self.state = SessionState.JOINING
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         # Small control messages (secure aggregation) that overtake queued payload chunks.
         self.urgent: collections.deque[pb.CoordinatorMessage] = collections.deque()
-        self.ticket: Ticket | None = None
+        # The tasks it holds, by task id: at most ``max_tasks``, of different jobs.
+        self.tickets: dict[str, Ticket] = {}
         self.last_seen = time.monotonic()
         self.closed = asyncio.Event()
         self._on_change = on_change
@@ -238,19 +252,43 @@ class WorkerSession:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"worker {self.name!r}: {self.state.value} -> {new.value}")
         self.state = new
-        if self._on_change is not None:
-            self._on_change()
+        self._changed()
+
+    def can_take(self, job_id: str) -> bool:
+        """Whether a task of ``job_id`` may be given now: the session is open, holds fewer
+        tasks than its bound and none of that job."""
+        if self.state not in (SessionState.IDLE, SessionState.BUSY):
+            return False
+        held = self.tickets.values()
+        return len(self.tickets) < self.max_tasks and all(t.job_id != job_id for t in held)
 
     def assign(self, ticket: Ticket) -> None:
-        self.transition(SessionState.BUSY)
-        self.ticket = ticket
-
-    def finish_ticket(self) -> Ticket | None:
-        """Detach the current ticket and become IDLE."""
-        ticket, self.ticket = self.ticket, None
         if self.state is SessionState.BUSY:
-            self.transition(SessionState.IDLE)
+            if not self.can_take(ticket.job_id):
+                raise IllegalTransition(f"worker {self.name!r} cannot take another task now")
+            self.tickets[ticket.task_id] = ticket
+            self._changed()
+            return
+        self.transition(SessionState.BUSY)
+        self.tickets[ticket.task_id] = ticket
+
+    def ticket(self, task_id: str) -> Ticket | None:
+        """The task ``task_id`` it holds, if any."""
+        return self.tickets.get(task_id)
+
+    def finish_ticket(self, task_id: str) -> Ticket | None:
+        """Detach ticket ``task_id``; IDLE once it holds none."""
+        ticket = self.tickets.pop(task_id, None)
+        if self.state is SessionState.BUSY:
+            if self.tickets:
+                self._changed()  # room for another job's task
+            else:
+                self.transition(SessionState.IDLE)
         return ticket
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     def send(self, item: Outgoing) -> None:
         if self.state is not SessionState.CLOSED:
@@ -276,9 +314,9 @@ class WorkerSession:
         if self.state is SessionState.CLOSED:
             return
         self.transition(SessionState.CLOSED)
-        if self.ticket is not None:
-            self.ticket.resolve(ConnectionError(f"worker {self.name!r} left: {reason}"))
-            self.ticket = None
+        tickets, self.tickets = self.tickets, {}
+        for ticket in tickets.values():
+            ticket.resolve(ConnectionError(f"worker {self.name!r} left: {reason}"))
         self.outbox.put_nowait(None)
         self.closed.set()
 

@@ -155,8 +155,8 @@ class Inbox:
             raise ProtocolError("empty or unknown message")
 
     def _ticket_for(self, task_id: str) -> Ticket:
-        ticket = self.session.ticket
-        if ticket is None or ticket.task_id != task_id:
+        ticket = self.session.ticket(task_id)
+        if ticket is None:
             raise ProtocolError(f"result for task {task_id!r}, which this worker was not given")
         return ticket
 
@@ -167,7 +167,7 @@ class Inbox:
         if ticket.kind == pb.TASK_KIND_EVALUATE:
             if result.HasField("update"):
                 raise ProtocolError("an evaluation result must not carry an update")
-            self.session.finish_ticket()
+            self.session.finish_ticket(ticket.task_id)
             if collector is not None and not ticket.stale:
                 collector.check_result(result)
                 await collector.accept(ticket, result, None)
@@ -291,7 +291,7 @@ class Inbox:
         upload, self._upload = self._upload, None
         assert upload is not None
         try:
-            self.session.finish_ticket()
+            self.session.finish_ticket(upload.ticket.task_id)
             collector = upload.ticket.collector
             if upload.sink is not None and collector is not None:
                 await collector.finish_stream(upload.ticket, upload.result, upload.sink)
@@ -335,7 +335,7 @@ class Inbox:
                 error.message,
                 code,
             )
-        self.session.finish_ticket()
+        self.session.finish_ticket(ticket.task_id)
         if ticket.collector is not None and not ticket.stale:
             reason = f"refused: {error.message}" if refused else f"worker error: {error.message}"
             ticket.collector.fail(ticket, reason, refused=refused, answered=True, awaiting=awaiting)

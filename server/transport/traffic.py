@@ -2,8 +2,10 @@
 
 Every message on a worker's stream belongs to one job or to none (the hello, heartbeats,
 the welcome). The coordinator knows which without trusting the worker: a Task names its job,
-and what follows it on that stream belongs to the same job (its weights, the worker's result,
-upload and secure-aggregation messages: a worker runs one training task at a time); an
+and its weights follow it on that stream; the worker's result or error names the task (its
+job is the task's, as the coordinator gave it), and the upload's chunks follow the result
+(a worker holding tasks of several jobs sends one upload at a time); a secure-aggregation
+message names its job, believed only for jobs the worker was given tasks of; an
 analytics message names its query's job both ways (``AnalyticsCoordinatorMessage.job_id``),
 and the worker's are believed only for jobs it was asked a query of on this stream. :class:`StreamJobs` keeps that per stream;
 :class:`TrafficCounters` adds each message's size to the totals and to its job, when the job
@@ -24,6 +26,8 @@ __all__ = ["StreamJobs", "Traffic", "TrafficCounters"]
 
 #: Query jobs a stream remembers (a worker answers at most a few queries at once).
 _RECENT_QUERIES = 32
+#: Unanswered tasks a stream remembers (a worker holds at most a few at once).
+_OPEN_TASKS = 64
 
 
 @dataclass
@@ -76,8 +80,12 @@ class StreamJobs:
     jobs' tasks the worker holds."""
 
     def __init__(self) -> None:
-        #: The job of the last Task sent: its weights, result, upload and secure round.
+        #: The job of the last Task sent: its weights.
         self.task = ""
+        #: The jobs of the tasks sent and not answered yet, by task id (oldest first).
+        self.open_tasks: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: The job of the upload under way: its chunks.
+        self.upload = ""
         #: The jobs of the last queries sent (their QueryTask), newest last: the only jobs
         #: whose queries may hear from this worker (a few at once; old ones are forgotten).
         self.queries: collections.deque[str] = collections.deque(maxlen=_RECENT_QUERIES)
@@ -90,13 +98,18 @@ class StreamJobs:
         if kind == "task":
             self.task = message.task.job_id
             self.given.add(self.task)
+            self.open_tasks[message.task.task_id] = self.task
+            while len(self.open_tasks) > _OPEN_TASKS:
+                self.open_tasks.popitem(last=False)
             return self.task
         if kind == "analytics":
             job = message.analytics.job_id
             if message.analytics.WhichOneof("body") == "task" and job not in self.queries:
                 self.queries.append(job)
             return job
-        if kind in ("secagg", "chunk"):
+        if kind == "secagg":
+            return message.secagg.job_id
+        if kind == "chunk":
             return self.task
         if kind == "job_end":
             self.given.discard(message.job_end.job_id)
@@ -110,10 +123,18 @@ class StreamJobs:
     def incoming(self, message: pb.WorkerMessage | None) -> str:
         """``None``: a raw payload chunk (an upload)."""
         if message is None:
-            return self.task
+            return self.upload
         kind = message.WhichOneof("body")
-        if kind in ("result", "chunk", "error", "secagg"):
-            return self.task
+        if kind == "result":
+            self.upload = self.open_tasks.pop(message.result.task_id, "")
+            return self.upload
+        if kind == "error":
+            return self.open_tasks.pop(message.error.task_id, "")
+        if kind == "chunk":
+            return self.upload
+        if kind == "secagg":
+            job = message.secagg.job_id
+            return job if job in self.given else ""
         if kind == "analytics":
             return self.query_job(message.analytics) or ""
         return ""
