@@ -186,19 +186,20 @@ async def test_a_secure_round_with_a_zero_count_completes_with_the_honest_mean(
     round: it weighs by the announced counts and the model moves by the honest mean."""
     caplog.set_level(logging.WARNING, "fedcore.server")
     params = SecAggParams(clip=4.0, bits=24, phase_timeout=10.0)
-    honest_quantize = SecAggClient.quantize
+    honest_quantize = SecAggClient.quantize_onto
     lock, liars = threading.Lock(), []
 
-    def quantize(self: SecAggClient, delta: Any, num_examples: int) -> Any:
-        vector, clipped = honest_quantize(self, delta, num_examples)
+    def quantize_onto(self: SecAggClient, vector: Any, delta: Any, num_examples: int) -> int:
+        # Onto the mask expanded ahead, or onto zeros: either way the count words move.
+        clipped = honest_quantize(self, vector, delta, num_examples)
         with lock:
             if not liars:  # the first worker to mask lies (workers mask in threads)
                 liars.append(self)
                 ring = 1 << self.setup.fixed_point.ring_bits
                 vector[delta.size] = (int(vector[delta.size]) - 60) % ring
-        return vector, clipped
+        return clipped
 
-    monkeypatch.setattr(SecAggClient, "quantize", quantize)
+    monkeypatch.setattr(SecAggClient, "quantize_onto", quantize_onto)
     coordinator, task = await coordinator_factory(config(rounds=1, min_workers=3, secagg=params))
     trainers = [ScriptedTrainer(1.0, 30), ScriptedTrainer(-0.5, 10), ScriptedTrainer(2.0, 20)]
     await asyncio.gather(
