@@ -24,6 +24,11 @@ Targets (issues 4 and 14): at n=8, d=1e6 over real processes a secure round cost
 
     bench_secagg.py [--quick] [--workers 4 8 ...] [--sizes 1e5 1e6 1e7] [--dropouts 0 0.1 0.3]
                     [--process-workers 8] [--process-sizes 1e6] [--rounds 3] [--out F]
+                    [--processes-only] [--old-code REF [--code REF] [--pairs K]]
+
+``--old-code REF`` runs every process measurement with that commit's fedcore too, old then new
+in each of ``--pairs`` pairs (alternated, so both see the same load); each entry records the
+load average and the coordinator's seconds per secure phase (from its JSON log).
 """
 
 from __future__ import annotations
@@ -404,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the process rounds with this commit's fedcore, alternated with this one",
     )
     p.add_argument(
+        "--code",
+        metavar="GIT_REF",
+        help="run the new side's process rounds with this commit's fedcore (default: this tree)",
+    )
+    p.add_argument(
         "--pairs", type=_count, default=1, help="process measurements per code (alternated)"
     )
     p.add_argument(
@@ -487,7 +497,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["processes"] = processes
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-secagg-")))
-        codes: list[tuple[str, Path | None]] = [("new", None)]
+        new = None if args.code is None else stack.enter_context(benchlib.old_code(args.code))
+        codes: list[tuple[str, Path | None]] = [("new", new)]
         if args.old_code is not None:
             # Old first in each pair, then new: alternated, so both see the same load.
             codes.insert(0, ("old", stack.enter_context(benchlib.old_code(args.old_code))))
