@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -269,6 +270,137 @@ def measure_in_process(n: int, d: int, dropout: float, neighbours: int) -> dict[
     }
 
 
+# ---------------------------------------------------------------------------- breakdown
+
+
+def _timed(step: Any, reps: int = 3) -> float:
+    """Median milliseconds of ``step()`` (run once first: warm caches and allocator)."""
+    step()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return round(1e3 * statistics.median(times), 2)
+
+
+def measure_breakdown(n: int = 8, d: int = 1_000_000) -> dict[str, Any]:
+    """Milliseconds per step of one secure round at ``n``, ``d``, in this process, with
+    whichever fedcore it imported (old code has no mask expanded ahead, no blockwise update):
+    a worker's share step, its mask expansion ahead of the update, its masking once the
+    update is ready; the coordinator's streamed fold of the n inputs (2 MiB chunks), its
+    unmasking (reconstruction and the self masks stripped) and the update it builds."""
+    import random
+
+    from fedcore.secagg.client import SecAggClient
+    from fedcore.secagg.quantize import COUNT_WORDS
+    from fedcore.secagg.ring import RingSum
+    from fedcore.secagg.server import SecAggServer
+    from fedcore.secagg.setup import make_setup
+    from fedcore.server.engine import secagg_checks
+    from fedcore.weights import signature_of
+
+    setup = make_setup(SecAggParams(), n, 10 * n)
+    fp = setup.fixed_point
+    words = d + COUNT_WORDS
+    delta = np.random.default_rng(0).normal(0, 0.01, d).astype(np.float32)
+    global_weights = {"w": np.zeros(d, np.float32)}
+    ahead = hasattr(SecAggClient, "prepare_mask")
+
+    def ready_round() -> tuple[SecAggServer, dict[int, Any]]:
+        clients = {u: SecAggClient(setup) for u in range(1, n + 1)}
+        server = SecAggServer(setup, n, words, rng=random.Random(0))
+        for u, c in clients.items():
+            server.add_keys(u, c.advertise())
+        directories = server.close_keys()
+        for u, c in clients.items():
+            server.add_shares(u, c.share_keys(directories[u]))
+        inboxes = server.close_shares()
+        for u, c in clients.items():
+            c.receive_shares(inboxes[u])
+        return server, clients
+
+    def shares() -> None:  # every worker's keys and shares, and the coordinator's relay
+        ready_round()
+
+    def expand() -> None:
+        _, clients = ready_round()
+        started = time.perf_counter()
+        if ahead:
+            clients[1].prepare_mask(words)
+        expand_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        clients[1].mask(delta, 10)
+        mask_s.append(time.perf_counter() - started)
+
+    expand_s: list[float] = []
+    mask_s: list[float] = []
+    shares_ms = _timed(shares)
+    for _ in range(4):
+        expand()
+    masked: list[Any] = []
+    server, clients = ready_round()
+    for c in clients.values():
+        if ahead:
+            c.prepare_mask(words)
+        masked.append(c.mask(delta, 10).vector.tobytes())
+    chunk = 2 * 1024 * 1024
+
+    def fold() -> None:
+        ring = RingSum(words, fp.dtype)
+        for u, data in enumerate(masked, start=1):
+            stream = ring.open(u, lambda index: True)
+            step = chunk // fp.dtype.itemsize
+            for start in range(0, words, step):
+                piece = np.frombuffer(data, fp.dtype, min(step, words - start), start * 4)
+                stream.fold("", start, piece)
+            stream.commit()
+
+    fold_ms = _timed(fold)
+    for u, data in enumerate(masked, start=1):
+        server.add_masked(u, np.frombuffer(data, fp.dtype).copy())
+    request = server.close_inputs()
+    for u in server.recipients_of_shares_request():
+        server.add_unmask(u, clients[u].unmask(request))
+    started = time.perf_counter()
+    result = server.finish()
+    finish_ms = round(1e3 * (time.perf_counter() - started), 2)
+
+    def update() -> None:
+        if hasattr(secagg_checks, "bounded_update"):
+            signature = signature_of(global_weights)
+            secagg_checks.bounded_update(
+                1, result.words, fp, result.weight_norm, 10 * n, global_weights, signature
+            )
+        else:
+            mean = secagg_checks.bounded_mean(
+                1,
+                fp.decode(result.ring_sum[:d]),
+                result.weight_norm,
+                10 * n,
+                clip=fp.clip,
+                step=1 / fp.scale,
+            )
+            g = global_weights["w"]
+            (g.astype(np.float64) + mean).astype(g.dtype)
+
+    return {
+        "n": n,
+        "d": d,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "worker_ms": {
+            "keys_and_shares_whole_round": shares_ms,
+            "mask_expanded_ahead": round(1e3 * statistics.median(expand_s[1:]), 2),
+            "masking_once_trained": round(1e3 * statistics.median(mask_s[1:]), 2),
+        },
+        "coordinator_ms": {
+            "fold_all_inputs": fold_ms,
+            "unmask": finish_ms,
+            "update": _timed(update),
+        },
+    }
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -417,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs", type=_count, default=1, help="process measurements per code (alternated)"
     )
     p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only the per-step milliseconds of a round at n=8, d=1e6 (old code too, with "
+        "--old-code), each code in its own process",
+    )
+    p.add_argument("--breakdown-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
         "--processes-only",
         action="store_true",
         help="skip the masking throughput and in-process sections (the signed mode's cost too)",
@@ -539,9 +678,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`measure_breakdown` in a child per code (old first, then new, ``--pairs`` times)."""
+    report: dict[str, Any] = {"n": 8, "d": 1_000_000, "runs": []}
+    with contextlib.ExitStack() as stack:
+        codes: list[tuple[str, Path | None]] = [
+            (
+                "new",
+                None if args.code is None else stack.enter_context(benchlib.old_code(args.code)),
+            )
+        ]
+        if args.old_code is not None:
+            codes.insert(0, ("old", stack.enter_context(benchlib.old_code(args.old_code))))
+        cwd = stack.enter_context(benchlib.neutral_folder())
+        for _ in range(args.pairs):
+            for code, tree in codes:
+                _progress(f"breakdown: {code}")
+                out = subprocess.run(
+                    benchlib.python(str(Path(__file__).resolve()), "--breakdown-child"),
+                    cwd=cwd,
+                    env=benchlib.code_env(tree),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                report["runs"].append({"code": code, **json.loads(out)})
+                if args.out is not None:
+                    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args)
+    if args.breakdown_child:
+        print(json.dumps(measure_breakdown()))
+        return 0
+    report = breakdown(args) if args.breakdown else run(args)
     print(json.dumps(report, indent=2))
     return 0
 
