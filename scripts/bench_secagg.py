@@ -426,10 +426,12 @@ def measure_processes(
     secagg: bool,
     signed: bool = False,
     tree: Path | None = None,
+    link: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics
     (``signed``: the signed secure-aggregation mode, keys from ``fed-certs``; ``tree``: the
-    fedcore every process runs, None for this one)."""
+    fedcore every process runs, None for this one; ``link``: (RTT ms, Mbit/s) of an emulated
+    link in front of each worker, as ``bench_wan.py`` builds them, None for loopback)."""
     kind = "signed" if signed else "secure" if secagg else "plain"
     tag = f"{kind}-{workers}-{params}-{'old' if tree is not None else 'new'}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -443,6 +445,8 @@ def measure_processes(
                 raise RuntimeError("fed-certs init failed")
     metrics_path = tmp / f"metrics-{tag}.jsonl"
     timeout = overhead._transfer_timeout(workers, 8 * params, rounds + 1)
+    if link is not None:  # every transfer in turn at the link's rate, twice over
+        timeout += 2 * (rounds + 1) * workers * (8 * 8 * params / (link[1] * 1e6) + link[0] / 1e3)
     children: list[benchlib.Child] = []
     argv = [
         str(benchlib.LIBRARY), "run-module", "fedcore.server", "--listen", "127.0.0.1:0",
@@ -455,7 +459,7 @@ def measure_processes(
         argv.append("--secagg")
     if signed:
         argv.append("--secagg-signed")
-    with benchlib.neutral_folder() as cwd:
+    with benchlib.neutral_folder() as cwd, contextlib.ExitStack() as stack:
         try:
             env = benchlib.code_env(tree)
             server_log = tmp / f"server-{tag}.log"
@@ -465,7 +469,15 @@ def measure_processes(
             children.append(server)
             server.check_imports(tree or benchlib.REPO, overhead._START_TIMEOUT)
             address = server.wait_for_line(overhead.LISTENING, overhead._START_TIMEOUT)
-            for i in range(workers):
+            dials = [address] * workers
+            if link is not None:
+                import bench_wan
+
+                net = bench_wan.Net(link[0], (link[1],) * workers)
+                links = bench_wan.Links(net, tmp / f"links-{tag}.log", cwd)
+                stack.callback(links.close)
+                dials = links(address, workers)
+            for i, dial in enumerate(dials):
                 children.append(
                     benchlib.Child(
                         f"echo worker {i}",
@@ -473,7 +485,7 @@ def measure_processes(
                             str(overhead.SCRIPT),
                             "echo-worker",
                             "--server",
-                            address,
+                            dial,
                             "--name",
                             f"e{i}",
                             # The model must change every round: a worker masks one update per
@@ -544,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--code",
         metavar="GIT_REF",
         help="run the new side's process rounds with this commit's fedcore (default: this tree)",
+    )
+    p.add_argument(
+        "--link",
+        nargs=2,
+        type=float,
+        metavar=("RTT_MS", "MBIT"),
+        help="process rounds with each worker behind an emulated link (bench_wan.py's)",
     )
     p.add_argument(
         "--pairs", type=_count, default=1, help="process measurements per code (alternated)"
@@ -646,13 +665,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for pair in range(args.pairs):
                     for code, tree in codes:
                         entry: dict[str, Any] = {"n": n, "d": d, "code": code, "pair": pair}
+                        if args.link is not None:
+                            entry["link"] = {"rtt_ms": args.link[0], "mbit": args.link[1]}
                         entry["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
                         for secure in (False, True):
                             what = "secure" if secure else "plain"
                             _progress(f"processes: n={n} d={d} {code} {what} (pair {pair})")
                             entry[what] = measure_processes(
                                 n, d, preset["rounds"], tmp / f"{code}-{pair}", secagg=secure,
-                                tree=tree,
+                                tree=tree, link=None if args.link is None else tuple(args.link),
                             )  # fmt: skip
                         ratio = (
                             entry["secure"]["seconds_per_round"]
