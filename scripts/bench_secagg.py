@@ -387,6 +387,7 @@ def measure_breakdown(n: int = 8, d: int = 1_000_000) -> dict[str, Any]:
     return {
         "n": n,
         "d": d,
+        "imported": str(Path(sys.modules[SecAggClient.__module__].__file__ or "").resolve()),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "worker_ms": {
             "keys_and_shares_whole_round": shares_ms,
@@ -723,7 +724,11 @@ def breakdown(args: argparse.Namespace) -> dict[str, Any]:
                     text=True,
                     check=True,
                 ).stdout
-                report["runs"].append({"code": code, **json.loads(out)})
+                run = json.loads(out)
+                root = (tree or benchlib.REPO).resolve()
+                if not Path(run["imported"]).is_relative_to(root):
+                    raise benchlib.BenchError(f"the {code} breakdown imported {run['imported']}")
+                report["runs"].append({"code": code, **run})
                 if args.out is not None:
                     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
