@@ -61,6 +61,7 @@ from fedcore.secagg.params import SecAggParams
 from fedcore.secagg.simulation import Simulation
 from fedcore.strategy import WeightedMeanAggregator
 
+SCRIPT = Path(__file__).resolve()
 _PHASES = re.compile(r"phases (.*)$")
 _PHASE = re.compile(r"(\w+) ([0-9.]+) s")
 _QUICK = {
@@ -428,11 +429,13 @@ def measure_processes(
     signed: bool = False,
     tree: Path | None = None,
     link: tuple[float, float] | None = None,
+    train_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """One federation of ``1 + rounds`` rounds of echo workers; the timed rounds' metrics
     (``signed``: the signed secure-aggregation mode, keys from ``fed-certs``; ``tree``: the
     fedcore every process runs, None for this one; ``link``: (RTT ms, Mbit/s) of an emulated
-    link in front of each worker, as ``bench_wan.py`` builds them, None for loopback)."""
+    link in front of each worker, as ``bench_wan.py`` builds them, None for loopback;
+    ``train_seconds``: each worker's fit takes that long, as training would, before echoing)."""
     kind = "signed" if signed else "secure" if secagg else "plain"
     tag = f"{kind}-{workers}-{params}-{'old' if tree is not None else 'new'}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -479,22 +482,20 @@ def measure_processes(
                 stack.callback(links.close)
                 dials = links(address, workers)
             for i, dial in enumerate(dials):
+                # The model must change every round: a worker masks one update per global
+                # model (and plain rounds pay the same copy).
+                role = (
+                    [
+                        str(overhead.SCRIPT), "echo-worker", "--server", dial, "--name", f"e{i}",
+                        "--step", "1e-3", *(["--certs", str(certs)] if signed else []),
+                    ]
+                    if not train_seconds
+                    else [str(SCRIPT), "--training-worker", dial, f"e{i}", str(train_seconds)]
+                )  # fmt: skip
                 children.append(
                     benchlib.Child(
                         f"echo worker {i}",
-                        benchlib.python(
-                            str(overhead.SCRIPT),
-                            "echo-worker",
-                            "--server",
-                            dial,
-                            "--name",
-                            f"e{i}",
-                            # The model must change every round: a worker masks one update per
-                            # global model (and plain rounds pay the same copy).
-                            "--step",
-                            "1e-3",
-                            *(["--certs", str(certs)] if signed else []),
-                        ),
+                        benchlib.python(*role),
                         tmp / f"echo-{tag}-{i}.log",
                         cwd=cwd,
                         env=env,
@@ -565,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("RTT_MS", "MBIT"),
         help="process rounds with each worker behind an emulated link (bench_wan.py's)",
     )
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=0.0,
+        help="process rounds whose workers take this long to 'train' (sleep) before echoing",
+    )
+    p.add_argument("--training-worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument(
         "--pairs", type=_count, default=1, help="process measurements per code (alternated)"
     )
@@ -668,6 +676,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         entry: dict[str, Any] = {"n": n, "d": d, "code": code, "pair": pair}
                         if args.link is not None:
                             entry["link"] = {"rtt_ms": args.link[0], "mbit": args.link[1]}
+                        entry["train_seconds"] = args.train_seconds
                         entry["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
                         for secure in (False, True):
                             what = "secure" if secure else "plain"
@@ -675,6 +684,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             entry[what] = measure_processes(
                                 n, d, preset["rounds"], tmp / f"{code}-{pair}", secagg=secure,
                                 tree=tree, link=None if args.link is None else tuple(args.link),
+                                train_seconds=args.train_seconds,
                             )  # fmt: skip
                         ratio = (
                             entry["secure"]["seconds_per_round"]
@@ -734,8 +744,29 @@ def breakdown(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def training_worker_main(server: str, name: str, seconds: float) -> int:
+    """An echo worker whose fit takes ``seconds`` first (in its thread, as training would):
+    what the secure phases may overlap."""
+    import asyncio
+
+    from fedcore.worker import EchoTrainer, Worker
+
+    class Training(EchoTrainer):
+        def fit(self, model: Any, weights: Any, config: Any) -> Any:
+            time.sleep(seconds)
+            return super().fit(model, weights, config)
+
+    benchlib.report_imports()
+    overhead._worker_heap()
+    asyncio.run(Worker(server, name, Training(1e-3), give_up_after=60.0).run())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.training_worker:
+        server, name, seconds = args.training_worker
+        return training_worker_main(server, name, float(seconds))
     if args.breakdown_child:
         print(json.dumps(measure_breakdown()))
         return 0
