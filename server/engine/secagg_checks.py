@@ -111,7 +111,7 @@ def bounded_update(
             x *= factor  # as bounded_mean
             outside += int(np.count_nonzero(np.abs(x) > limit))
             np.clip(x, -clip, clip, out=x)
-            x += base[start:stop]
+            np.add(x, base[start:stop], out=x)
             np.copyto(out[start:stop], x, casting="unsafe")
         update[spec.name] = out.reshape(spec.shape)
         offset += spec.num_elements
