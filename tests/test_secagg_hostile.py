@@ -23,10 +23,11 @@ from fedcore.errors import SecAggAbortedError, SecAggError
 from fedcore.secagg import SecAggParams, shamir
 from fedcore.secagg.client import SecAggClient
 from fedcore.secagg.messages import UnmaskResponse
-from fedcore.secagg.quantize import COUNT_WORDS
+from fedcore.secagg.quantize import COUNT_WORDS, FixedPoint
 from fedcore.secagg.server import AggregateResult, SecAggServer
 from fedcore.secagg.setup import make_setup
-from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean
+from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean, bounded_update
+from fedcore.weights import signature_of
 
 PARAMS = SecAggParams(clip=1.0, bits=16, phase_timeout=5.0)
 D = 32
@@ -178,6 +179,43 @@ def test_a_masked_count_that_sums_to_zero_or_lies_neither_crashes_nor_skews(
     assert "outside the clipping range" in caplog.text
 
 
+@pytest.mark.parametrize("ring_bits", [32, 64])
+def test_the_blockwise_update_equals_decoding_bounding_and_adding_whole_vectors(
+    ring_bits: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator builds the round's update block by block: bit for bit what decoding
+    the whole ring sum, bounding the mean and adding it to the global weights gives, across
+    tensors and block boundaries, with out-of-range coordinates clipped and counted once."""
+    caplog.set_level(logging.WARNING, "fedcore.server")
+    fp = FixedPoint(16, 0.5, ring_bits)
+    rng = np.random.default_rng(7)
+    weights = {
+        "a": rng.normal(0, 1, (300, 301)).astype(np.float32),
+        "b": rng.normal(0, 1, 70_001).astype(np.float64),
+    }
+    d = sum(w.size for w in weights.values())
+    values = rng.integers(-(fp.levels * 3), fp.levels * 3, d).astype(np.int64)
+    values[:5] = fp.levels * 200  # far outside: a lying worker's input
+    words = values.astype(fp.dtype)
+    count, weight_norm = 30, 40.0
+    mean = bounded_mean(1, fp.decode(words), weight_norm, count, clip=fp.clip, step=1.0 / fp.scale)
+    whole, offset = {}, 0
+    for name, g in weights.items():
+        part = mean[offset : offset + g.size].reshape(g.shape)
+        whole[name] = (g.astype(np.float64) + part).astype(g.dtype)
+        offset += g.size
+    caplog.clear()
+    update = bounded_update(1, words, fp, weight_norm, count, weights, signature_of(weights))
+    for name, w in whole.items():
+        assert update[name].dtype == w.dtype
+        assert update[name].shape == w.shape
+        assert update[name].tobytes() == w.tobytes(), name
+    raw = fp.decode(words) * (weight_norm / count)  # bounded_mean clipped ``mean`` in place
+    outside = int(np.count_nonzero(np.abs(raw) > fp.clip * 1.01 + 1 / fp.scale))
+    assert outside >= 5
+    assert f"{outside} coordinate(s) of the unmasked mean lie outside" in caplog.text
+
+
 async def test_a_secure_round_with_a_zero_count_completes_with_the_honest_mean(
     coordinator_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -186,19 +224,20 @@ async def test_a_secure_round_with_a_zero_count_completes_with_the_honest_mean(
     round: it weighs by the announced counts and the model moves by the honest mean."""
     caplog.set_level(logging.WARNING, "fedcore.server")
     params = SecAggParams(clip=4.0, bits=24, phase_timeout=10.0)
-    honest_quantize = SecAggClient.quantize
+    honest_quantize = SecAggClient.quantize_onto
     lock, liars = threading.Lock(), []
 
-    def quantize(self: SecAggClient, delta: Any, num_examples: int) -> Any:
-        vector, clipped = honest_quantize(self, delta, num_examples)
+    def quantize_onto(self: SecAggClient, vector: Any, delta: Any, num_examples: int) -> int:
+        # Onto the mask expanded ahead, or onto zeros: either way the count words move.
+        clipped = honest_quantize(self, vector, delta, num_examples)
         with lock:
             if not liars:  # the first worker to mask lies (workers mask in threads)
                 liars.append(self)
                 ring = 1 << self.setup.fixed_point.ring_bits
                 vector[delta.size] = (int(vector[delta.size]) - 60) % ring
-        return vector, clipped
+        return clipped
 
-    monkeypatch.setattr(SecAggClient, "quantize", quantize)
+    monkeypatch.setattr(SecAggClient, "quantize_onto", quantize_onto)
     coordinator, task = await coordinator_factory(config(rounds=1, min_workers=3, secagg=params))
     trainers = [ScriptedTrainer(1.0, 30), ScriptedTrainer(-0.5, 10), ScriptedTrainer(2.0, 20)]
     await asyncio.gather(

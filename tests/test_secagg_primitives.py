@@ -187,6 +187,45 @@ def test_quantize_clips_and_counts_and_decodes_signed() -> None:
     np.testing.assert_allclose(fp.decode(out), np.clip(x, -0.5, 0.5), atol=1 / fp.scale)
 
 
+def _reference_quantize(
+    fp: FixedPoint, x: np.ndarray, weight: float, seed: bytes
+) -> tuple[np.ndarray, int]:
+    """The quantizer written plainly, whole vector at a time (clip, scale, floor, add 16 noise
+    bits of the same keystream, shift, wrap)."""
+    noise = prg.Keystream(seed)
+    values = x.astype(np.float64)
+    clipped = int(np.count_nonzero(np.abs(values) > fp.clip))
+    values = np.clip(values, -fp.clip, fp.clip) * (weight * fp.scale * 65536)
+    fixed = np.floor(values).astype(np.int64)
+    block = 1 << 16
+    for start in range(0, x.size, block):  # the keystream is read a block at a time
+        n = min(block, x.size - start)
+        fixed[start : start + n] += noise.words(n, np.uint16)
+    return (fixed >> 16).astype(fp.dtype), clipped
+
+
+@pytest.mark.parametrize(("bits", "ring_bits"), [(16, 32), (16, 64), (40, 64)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_blockwise_quantizer_matches_the_plain_one_bit_for_bit(
+    bits: int, ring_bits: int, dtype: type
+) -> None:
+    """Across blocks, with clipped coordinates in some blocks only, and onto a vector that
+    already holds words (``accumulate``, as onto a mask expanded ahead): modular sums."""
+    fp = FixedPoint(bits=bits, clip=1.0, ring_bits=ring_bits)
+    rng = np.random.default_rng(bits + ring_bits)
+    x = rng.uniform(-0.9, 0.9, 150_001).astype(dtype)
+    x[70_000:70_010] = 5.0  # the second block clips, the others do not
+    seed = bytes(range(32))
+    expected, expected_clipped = _reference_quantize(fp, x, 0.3, seed)
+    out = np.empty(x.size, fp.dtype)
+    assert fp.quantize(x, 0.3, seed, out) == expected_clipped == 10
+    assert out.tobytes() == expected.tobytes()
+    base = rng.integers(0, 2**ring_bits, x.size, dtype=fp.dtype)
+    onto = base.copy()
+    fp.quantize(x, 0.3, seed, onto, accumulate=True)
+    assert onto.tobytes() == (base + expected).tobytes()
+
+
 def test_example_counts_round_trip_through_two_words() -> None:
     words = np.zeros(2, np.uint32)
     total = np.zeros(2, np.uint32)

@@ -29,6 +29,7 @@ from fedcore.secagg.server import AggregateResult, SecAggServer
 from fedcore.secagg.setup import make_setup
 from fedcore.secagg.wire import MASKED_TENSOR
 from fedcore.server.transport.upload_stream import StreamedUpload
+from fedcore.strategy.journal import DEFAULT_JOURNAL_MEMORY
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import TensorSignature
 
@@ -206,9 +207,11 @@ async def test_the_coordinators_secure_rounds_stream(
         np.testing.assert_allclose(result.weights[name], w0 + mean_offset, rtol=0, atol=4 * step)
 
 
-def test_memory_stays_one_ring_vector_with_n_inputs_in_flight() -> None:
+@pytest.mark.parametrize("journal_memory", [0, DEFAULT_JOURNAL_MEMORY])
+def test_memory_stays_one_ring_vector_with_n_inputs_in_flight(journal_memory: int) -> None:
     """8 masked inputs of 2M words (8 MB each) in flight at once, chunks interleaved: the
-    coordinator holds the ring vector and a chunk, not the 8 inputs staging would."""
+    coordinator holds the ring vector, a chunk and at most the journals' memory budget
+    (received chunks kept by reference), not the 8 inputs staging would."""
     words, n_inputs, chunk = 2_000_000, 8, 1 << 20
     rng = np.random.default_rng(1)
     vectors = [rng.integers(0, 2**32, words, dtype=np.uint32) for _ in range(n_inputs)]
@@ -220,7 +223,7 @@ def test_memory_stays_one_ring_vector_with_n_inputs_in_flight() -> None:
     vector_bytes = words * 4
     tracemalloc.start()
     try:
-        ring = RingSum(words, np.dtype(np.uint32))
+        ring = RingSum(words, np.dtype(np.uint32), journal_memory=journal_memory)
         uploads = []
         for u in range(n_inputs):
             signature = (TensorSignature(MASKED_TENSOR, "uint32", (words,)),)
@@ -244,4 +247,30 @@ def test_memory_stays_one_ring_vector_with_n_inputs_in_flight() -> None:
     finally:
         tracemalloc.stop()
     assert ring.vector.tobytes() == expected.tobytes()
-    assert peak < 1.5 * vector_bytes, f"peak {peak / vector_bytes:.2f} ring vectors"
+    bound = 1.5 * vector_bytes + journal_memory
+    assert peak < bound, f"peak {peak / vector_bytes:.2f} ring vectors"
+
+
+@pytest.mark.parametrize("journal_memory", [0, 3 * CHUNK, DEFAULT_JOURNAL_MEMORY])
+def test_a_cut_input_leaves_the_ring_exact_whether_its_journal_is_in_memory_or_spilled(
+    journal_memory: int,
+) -> None:
+    """The take-back journal keeps received chunks by reference up to its budget, then spills
+    to disk: a cut after every chunk leaves exactly the committed input, in memory (the
+    default), split between the two, and all spilled. The positive control: the committed
+    input alone is in the sum, so a take-back that missed a piece would show."""
+    kept, cut = (RNG.integers(0, 2**32, 50, dtype=np.uint32) for _ in range(2))
+    chunks = _chunks(cut)
+    for after in range(len(chunks) + 1):
+        ring = RingSum(kept.size, np.dtype(np.uint32), journal_memory=journal_memory)
+        whole = _upload(ring.open(1, lambda index: True), kept)
+        for chunk in _chunks(kept):
+            whole.add(chunk)
+        cut_off = _upload(ring.open(2, lambda index: True), cut)
+        for chunk in chunks[:after]:
+            cut_off.add(chunk)
+        if after:
+            assert ring.vector.tobytes() != kept.tobytes()  # the cut input's words are in it
+        cut_off.stream.abort()
+        assert whole.stream.commit()
+        assert ring.vector.tobytes() == kept.tobytes(), f"cut after {after} chunk(s)"

@@ -3,9 +3,11 @@ worker's one secure-round client (:class:`~fedcore.secagg.participant.Participan
 analytics queries run too).
 
 A fit task that carries a ``SecAggSetup`` starts a round: the keys go out at once, the key
-directory and the shares addressed to this worker are answered as they arrive (while training
-runs in its thread), and when training is done the delta is quantized, masked and sent as the
-task's result. The unmasking request is answered once. Any failure, or a request an honest
+directory and the shares addressed to this worker are answered as they arrive (while the model
+downloads and training runs in its thread). Once the shares are in, the whole mask (self mask
+and pairwise masks: it does not depend on the update) is expanded in a thread, overlapping the
+download and training too, so that when training is done the delta is only quantized onto it
+and sent as the task's result. The unmasking request is answered once. Any failure, or a request an honest
 worker must refuse, abandons the round and forgets its secrets. No flag is needed: the worker
 announces the capability and follows the coordinator's setup.
 
@@ -24,12 +26,14 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import numpy.typing as npt
 
-from fedcore.errors import SecAggError
+from fedcore.codec import header_signature
+from fedcore.errors import FedcoreError, SecAggError
 from fedcore.secagg import wire
 from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
 from fedcore.secagg.identity import SiloIdentity
 from fedcore.secagg.participant import Participant
 from fedcore.secagg.participation import ParticipationLog
+from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -60,6 +64,24 @@ def flat_delta(updated: Weights, received: Weights, *, is_delta: bool) -> npt.ND
     return out
 
 
+def _input_words(header: pb.PayloadHeader) -> int | None:
+    """The masked input's length for a task's weights (the delta and the count words); None
+    for a header that does not parse (the gate refused such a task before its round started:
+    a header it admitted matches the model, within ``--max-model-bytes``)."""
+    try:
+        return sum(t.num_elements for t in header_signature(header)) + COUNT_WORDS
+    except (KeyError, ValueError, FedcoreError):
+        return None
+
+
+async def _prepare(client: SecAggClient, words: int) -> None:
+    """Expand ``client``'s mask in a thread; a round abandoned meanwhile just has none."""
+    try:
+        await asyncio.to_thread(client.prepare_mask, words)
+    except SecAggError as exc:
+        log.debug("no mask prepared ahead: %s", exc)
+
+
 class SecAggRounds:
     """The worker's secure rounds, at most one per job (by the task's job id: a worker idle
     after one job's masked upload may take another job's task while the first job's round
@@ -80,6 +102,9 @@ class SecAggRounds:
         self._identity = identity
         self._participation = participation
         self._rounds: dict[str, Participant] = {}
+        # Each round's mask being expanded ahead of the update (a strong reference: the event
+        # loop keeps only weak ones to its tasks).
+        self._preparing: dict[str, asyncio.Task[None]] = {}
 
     def _sender(self, job: str) -> Callable[[pb.SecAggWorkerMessage], Awaitable[None]]:
         async def send(message: pb.SecAggWorkerMessage) -> None:
@@ -95,11 +120,21 @@ class SecAggRounds:
         previous = self._rounds.pop(job, None)
         if previous is not None:
             await previous.give_up("a new secure round started", tell=False)
+        self._preparing.pop(job, None)
         setup = wire.setup_from_proto(task.secagg)
+        client = SecAggClient(setup, rules=rules, identity=self._identity)
+        words = _input_words(task.weights)
+
+        async def on_shares() -> None:
+            # Not awaited here: the stream's other messages (the model's chunks) keep flowing.
+            if words is not None:
+                self._preparing[job] = asyncio.create_task(_prepare(client, words))
+
         current = Participant(
-            SecAggClient(setup, rules=rules, identity=self._identity),
+            client,
             self._sender(job),
             label=f"round {task.round}",
+            on_shares=on_shares,
             on_end=lambda revealed: self._ended(job, current, revealed),
         )
         self._rounds[job] = current
@@ -158,6 +193,9 @@ class SecAggRounds:
                 raise
             del model
         delta = await asyncio.to_thread(flat_delta, updated, received, is_delta=is_delta)
+        preparing = self._preparing.pop(task.job_id, None)
+        if preparing is not None:
+            await preparing  # mask() falls back to expanding the mask itself if it failed
         masked = await asyncio.to_thread(current.client.mask, delta, examples)
         if masked.clipped:
             log.warning(

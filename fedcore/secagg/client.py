@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import os
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -151,6 +152,9 @@ class SecAggClient:
         self._mask_peers: frozenset[int] = frozenset()
         self._request: UnmaskRequest | None = None
         self._own_signature = b""  # on the request, kept to recognise it when relayed
+        # The whole mask, expanded ahead of the update (prepare_mask): as secret as the seeds.
+        self._prepared: npt.NDArray[np.unsignedinteger] | None = None
+        self._prepared_lock = threading.Lock()
 
     @property
     def signed(self) -> bool:
@@ -171,6 +175,8 @@ class SecAggClient:
         self._self_seed = b""
         self._self_mask_shares.clear()
         self._key_shares.clear()
+        with self._prepared_lock:
+            self._prepared = None
 
     def _fail(self, error: SecAggError) -> SecAggError:
         self.abort()
@@ -404,27 +410,67 @@ class SecAggClient:
         self, delta: npt.NDArray[np.floating], num_examples: int
     ) -> tuple[npt.NDArray[np.unsignedinteger], int]:
         """The plain ring vector: the weighted, quantized delta and the example count."""
+        vector = np.zeros(delta.size + COUNT_WORDS, dtype=self.setup.fixed_point.dtype)
+        return vector, self.quantize_onto(vector, delta, num_examples)
+
+    def quantize_onto(
+        self,
+        vector: npt.NDArray[np.unsignedinteger],
+        delta: npt.NDArray[np.floating],
+        num_examples: int,
+    ) -> int:
+        """Add the weighted, quantized delta and the example count to ``vector`` (ring words,
+        ``delta.size + COUNT_WORDS`` of them) in place; return how many coordinates were
+        clipped."""
         if num_examples < 1:
             raise SecAggError("a masked input needs at least one example")
         fp = self.setup.fixed_point
         count = min(num_examples, int(self.setup.weight_norm))
         weight = min(count / self.setup.weight_norm, 1.0)
-        vector = np.empty(delta.size + COUNT_WORDS, dtype=fp.dtype)
-        clipped = fp.quantize(delta, weight, self._rounding_seed, vector[: delta.size])
-        encode_count(count, vector[delta.size :])
-        return vector, clipped
+        clipped = fp.quantize(
+            delta, weight, self._rounding_seed, vector[: delta.size], accumulate=True
+        )
+        words = np.zeros(COUNT_WORDS, dtype=fp.dtype)
+        encode_count(count, words)
+        tail = vector[delta.size :]
+        np.add(tail, words, out=tail)
+        return clipped
+
+    def prepare_mask(self, words: int) -> None:
+        """Phase 3, ahead of the update: expand ``PRG(b_u) + sum +/-PRG(s_uv)`` over ``words``
+        ring words (the input's length with its count words). The mask depends only on this
+        round's seeds, fixed once phase 2 ends, never on the update: so it can be computed
+        while the model downloads or trains (in a thread), and :meth:`mask` then only
+        quantizes onto it. Kept as secret as the seeds: :meth:`abort` forgets it."""
+        self._expect(ClientState.READY, "prepare a mask")
+        plus, minus = self.pairwise_seeds()
+        mask = np.zeros(words, dtype=self.setup.fixed_point.dtype)
+        prg.apply_masks(mask, plus=[self._self_seed, *plus], minus=minus)
+        with self._prepared_lock:
+            # An abort (on another thread) while it was computed leaves nothing behind.
+            if self.state is ClientState.READY:
+                self._prepared = mask
 
     def mask(self, delta: npt.NDArray[np.floating], num_examples: int) -> MaskedInput:
         """Phase 3: quantize ``delta`` (flat) weighted by ``num_examples``, add
-        ``PRG(b_u)`` and ``+/-PRG(s_uv)`` for every neighbour that completed phase 2."""
+        ``PRG(b_u)`` and ``+/-PRG(s_uv)`` for every neighbour that completed phase 2 (onto
+        the mask :meth:`prepare_mask` expanded, when it has this input's length)."""
         self._expect(ClientState.READY, "mask an input")
-        vector, clipped = self.quantize(delta, num_examples)
-        self.mask_vector(vector)
-        return MaskedInput(vector, clipped)
+        with self._prepared_lock:
+            prepared, self._prepared = self._prepared, None
+        if prepared is None or prepared.size != delta.size + COUNT_WORDS:
+            vector, clipped = self.quantize(delta, num_examples)
+            self.mask_vector(vector)
+            return MaskedInput(vector, clipped)
+        clipped = self.quantize_onto(prepared, delta, num_examples)
+        self.state = ClientState.MASKED
+        return MaskedInput(prepared, clipped)
 
     def mask_vector(self, vector: npt.NDArray[np.unsignedinteger]) -> None:
         """Phase 3 on an already quantized ring vector (in place)."""
         self._expect(ClientState.READY, "mask an input")
+        with self._prepared_lock:
+            self._prepared = None
         plus, minus = self.pairwise_seeds()
         prg.apply_masks(vector, plus=[self._self_seed, *plus], minus=minus)
         self.state = ClientState.MASKED

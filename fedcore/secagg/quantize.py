@@ -93,9 +93,12 @@ class FixedPoint:
         weight: float,
         noise_seed: bytes,
         out: npt.NDArray[np.unsignedinteger],
+        *,
+        accumulate: bool = False,
     ) -> int:
-        """Write ``SR(clip(values) * weight * scale)`` as ring words into ``out``; return how
-        many coordinates were clipped.
+        """Write ``SR(clip(values) * weight * scale)`` as ring words into ``out`` (``accumulate``:
+        add them to ``out`` instead, modulo ``2^k``, e.g. onto a mask computed beforehand);
+        return how many coordinates were clipped.
 
         Stochastic rounding in integers: ``y = floor(x * 2^16)``, then
         ``q = (y + r) >> 16`` with ``r`` uniform in ``[0, 2^16)`` (16-bit words of the AES-CTR
@@ -110,19 +113,34 @@ class FixedPoint:
         factor = weight * self.scale * (1 << _NOISE_BITS)
         clipped = 0
         noise = prg.Keystream(noise_seed)
+        # Every pass writes into buffers made once, each a block long (they stay in cache).
+        scaled = np.empty(min(_BLOCK, flat.size), np.float64)
+        fixed = np.empty(scaled.size, np.int64)
+        words = fixed.view(np.uint64) if self.ring_bits == 64 else np.empty(scaled.size, self.dtype)
         for start in range(0, flat.size, _BLOCK):
-            block = flat[start : start + _BLOCK].astype(np.float64)
+            block = flat[start : start + _BLOCK]
             n = block.size
-            over = np.abs(block) > self.clip
-            if over.any():
-                clipped += int(np.count_nonzero(over))
-                np.clip(block, -self.clip, self.clip, out=block)
-            block *= factor
-            np.floor(block, out=block)
-            fixed = block.astype(np.int64)
-            fixed += noise.words(n, np.uint16)
-            fixed >>= _NOISE_BITS
-            out[start : start + n] = fixed.astype(self.dtype)  # two's complement mod 2^k
+            x, y, q = scaled[:n], fixed[:n], words[:n]
+            # Two reductions decide whether any coordinate needs clipping (almost never; a NaN
+            # fails both comparisons and takes the careful path too).
+            if not (block.max() <= self.clip and block.min() >= -self.clip):
+                x[...] = block
+                clipped += int(np.count_nonzero(np.abs(x) > self.clip))
+                np.clip(x, -self.clip, self.clip, out=x)
+                x *= factor
+            else:
+                np.multiply(block, factor, out=x, dtype=np.float64)
+            np.floor(x, out=x)
+            np.copyto(y, x, casting="unsafe")
+            np.add(y, noise.words(n, np.uint16), out=y)
+            np.right_shift(y, _NOISE_BITS, out=y)
+            if q.base is not fixed:
+                np.copyto(q, y, casting="unsafe")  # two's complement mod 2^k
+            target = out[start : start + n]
+            if accumulate:
+                np.add(target, q, out=target)
+            else:
+                target[...] = q
         return clipped
 
     def decode(self, total: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.float64]:

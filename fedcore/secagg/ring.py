@@ -4,30 +4,28 @@ Masked inputs are vectors over the ring of integers mod ``2**bits`` (``bits`` of
 fixed point's unsigned dtype), and they only ever meet by addition: so an input can be added
 piece by piece as its chunks arrive, and the coordinator holds one ring vector however many
 inputs stream at once. An input cut off part-way is taken back out exactly by modular
-subtraction: each stream journals the words it added to an unlinked temporary file (disk,
-not memory) and subtracts them again on :meth:`MaskedInputStream.abort`. Only a complete
+subtraction: each stream journals the words it added (:mod:`fedcore.strategy.journal`, as the
+plain fold does: the received chunks kept by reference, no copy, up to a memory budget the
+round's streams share, then an unlinked temporary file) and subtracts them again on
+:meth:`MaskedInputStream.abort`. Only a complete
 input that the round still accepts joins U3 (:meth:`MaskedInputStream.commit`); phase 3
 closing takes every input still under way back out first (:meth:`RingSum.close`).
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
-import weakref
 from collections.abc import Callable
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
 from fedcore.errors import PayloadError
+from fedcore.strategy.journal import DEFAULT_JOURNAL_MEMORY, Journal, JournalBudget
 
 __all__ = ["MaskedInputStream", "RingSum"]
 
 UIntArray = npt.NDArray[np.unsignedinteger]
-#: Words read back from a journal at a time when an input is taken out.
-_BLOCK = 1 << 16
 
 
 class RingSum:
@@ -37,13 +35,20 @@ class RingSum:
     """
 
     def __init__(
-        self, words: int, dtype: np.dtype[np.unsignedinteger], *, journal_dir: str | None = None
+        self,
+        words: int,
+        dtype: np.dtype[np.unsignedinteger],
+        *,
+        journal_dir: str | None = None,
+        journal_memory: int = DEFAULT_JOURNAL_MEMORY,
     ) -> None:
+        """``journal_memory``: bytes of received pieces the streams' journals may keep in
+        memory, all together; beyond it they spill to ``journal_dir``."""
         self.words = words
         self.dtype = np.dtype(dtype)
         self.vector: UIntArray = np.zeros(words, dtype=self.dtype)
         self.lock = threading.Lock()
-        self.journal_dir = journal_dir
+        self.journal = JournalBudget(journal_memory, directory=journal_dir)
         self._open: set[MaskedInputStream] = set()
         self.closed = False
 
@@ -102,7 +107,7 @@ class MaskedInputStream:
         self.index = index
         self._ring = ring
         self._on_commit = on_commit
-        self._journal: BinaryIO | None = None
+        self._journal = Journal(ring.journal)
         self.received = 0
         self.state = "open"
 
@@ -121,12 +126,8 @@ class MaskedInputStream:
                     f"a piece of {words.size} words at {start} does not follow the "
                     f"{self.received} received, or overruns the {ring.words} of a masked input"
                 )
-            if self._journal is None:
-                self._journal = tempfile.TemporaryFile(dir=ring.journal_dir)  # noqa: SIM115
-                # An aborted round drops its streams: their journals close with them.
-                weakref.finalize(self, self._journal.close)
             try:
-                self._journal.write(words.data)
+                self._journal.append("", start, words)
             except OSError as exc:
                 raise PayloadError(f"the upload journal could not be written: {exc}") from exc
             ring.fold(start, words, +1)
@@ -145,7 +146,7 @@ class MaskedInputStream:
                 return False
             self.state = "committed"
             ring.discard(self)
-            self._close_journal()
+            self._journal.close()
         return True
 
     def abort(self) -> None:
@@ -157,19 +158,9 @@ class MaskedInputStream:
         """:meth:`abort` with the ring's lock already held."""
         if self.state != "open":
             return
-        if self._journal is not None and not self._ring.closed:
-            journal = self._journal
-            journal.seek(0)
-            dtype = self._ring.dtype
-            for start in range(0, self.received, _BLOCK):
-                count = min(_BLOCK, self.received - start)
-                words = np.frombuffer(journal.read(count * dtype.itemsize), dtype=dtype)
-                self._ring.fold(start, words, -1)
+        if not self._ring.closed:
+            for _, start, words in self._journal.replay():
+                self._ring.fold(start, words.view(self._ring.dtype), -1)
         self.state = "aborted"
         self._ring.discard(self)
-        self._close_journal()
-
-    def _close_journal(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        self._journal.close()

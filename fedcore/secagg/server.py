@@ -25,6 +25,7 @@ whole (:meth:`SecAggServer.add_masked`) or chunk by chunk (:meth:`SecAggServer.o
 from __future__ import annotations
 
 import enum
+import functools
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from .messages import (
     UnmaskResponse,
 )
 from .params import harary_neighbours
-from .quantize import COUNT_WORDS, decode_count
+from .quantize import COUNT_WORDS, FixedPoint, decode_count
 from .ring import MaskedInputStream, RingSum
 
 __all__ = ["AggregateResult", "SecAggServer", "ServerState"]
@@ -69,12 +70,21 @@ class AggregateResult:
     """The unmasked sum: ``sum_u w_u * delta_u`` (weights ``n_u / weight_norm``), the summed
     example count, and who contributed."""
 
-    weighted_sum: npt.NDArray[np.float64]
     ring_sum: npt.NDArray[np.unsignedinteger]
     num_examples: int
     contributors: frozenset[int]
-
+    fixed_point: FixedPoint
     weight_norm: float = 1.0
+
+    @property
+    def words(self) -> npt.NDArray[np.unsignedinteger]:
+        """The ring sum of the inputs' values (without the count words)."""
+        return self.ring_sum[: self.ring_sum.size - COUNT_WORDS]
+
+    @functools.cached_property
+    def weighted_sum(self) -> npt.NDArray[np.float64]:
+        """The sum decoded (on first use: a training round decodes it block by block)."""
+        return self.fixed_point.decode(self.words)
 
     @property
     def mean(self) -> npt.NDArray[np.float64]:
@@ -345,14 +355,11 @@ class SecAggServer:
                 (minus if pairwise_sign(v, u) > 0 else plus).append(seed)
         prg.apply_masks(total, plus=plus, minus=minus)
         self._ring = None
-        fp = self.setup.fixed_point
-        d = self.vector_words - COUNT_WORDS
-        count = decode_count(total[d:])
+        count = decode_count(total[self.vector_words - COUNT_WORDS :])
         self.state = ServerState.DONE
-        result = AggregateResult(
-            fp.decode(total[:d]), total, count, frozenset(self.u3), self.setup.weight_norm
+        return AggregateResult(
+            total, count, frozenset(self.u3), self.setup.fixed_point, self.setup.weight_norm
         )
-        return result
 
     def _reconstruct(self, owner: int, kind: str) -> bytes:
         what = "self mask" if kind == "self_mask_shares" else "masking key"

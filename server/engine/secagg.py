@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from fedcore.errors import ProtocolError, SecAggError
 from fedcore.secagg import wire
 from fedcore.secagg.driver import Phase, RoundDriver
@@ -36,7 +34,7 @@ from fedcore.weights import ModelSignature, TensorSignature, Weights, signature_
 from ..state.registry import SessionState, Ticket, UploadSink, WorkerSession
 from ..transport.upload_stream import StreamedUpload
 from .collectors import FitCollector
-from .secagg_checks import bounded_count, bounded_mean
+from .secagg_checks import bounded_count, bounded_update
 
 __all__ = ["MASKED_TENSOR", "SecAggCollector"]
 
@@ -269,22 +267,17 @@ class SecAggCollector(FitCollector):
             result.weight_norm,
         )
         fp = self.setup.fixed_point
-        mean = bounded_mean(
+        # One update for the strategy: the weighted mean, as full weights (off the loop).
+        update = await asyncio.to_thread(
+            bounded_update,
             self.round_number,
-            result.weighted_sum,
+            result.words,
+            fp,
             result.weight_norm,
             count,
-            clip=fp.clip,
-            step=1.0 / fp.scale,
+            self.global_weights,
+            self._signature,
         )
-        # One update for the strategy: the weighted mean, as full weights.
-        update: Weights = {}
-        offset = 0
-        for spec in self._signature:
-            g = self.global_weights[spec.name]
-            part = mean[offset : offset + spec.num_elements].reshape(spec.shape)
-            offset += spec.num_elements
-            update[spec.name] = (g.astype(np.float64) + part).astype(g.dtype)
         await asyncio.to_thread(self.aggregator.add, update, count)
         for i in sorted(result.contributors):
             info = self.sessions[i].info

@@ -22,7 +22,13 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["bounded_count", "bounded_mean"]
+from fedcore.secagg.quantize import FixedPoint
+from fedcore.weights import ModelSignature, Weights
+
+#: Coordinates decoded at a time by :func:`bounded_update` (its float64 buffer stays in cache).
+_BLOCK = 1 << 16
+
+__all__ = ["bounded_count", "bounded_mean", "bounded_update"]
 
 log = logging.getLogger("fedcore.server")
 
@@ -71,3 +77,50 @@ def bounded_mean(
         )
     np.clip(mean, -clip, clip, out=mean)
     return mean
+
+
+def bounded_update(
+    round_number: int,
+    words: npt.NDArray[np.unsignedinteger],
+    fixed_point: FixedPoint,
+    weight_norm: float,
+    count: int,
+    global_weights: Weights,
+    signature: ModelSignature,
+) -> Weights:
+    """Global weights plus the bounded mean delta (:func:`bounded_mean` of the decoded ring
+    sum ``words``), as full weights, computed block by block: the same values as decoding,
+    bounding and adding whole vectors, without their model-sized float64 temporaries (each a
+    fresh mapping whose pages fault in on every round)."""
+    clip = fixed_point.clip
+    limit = clip * 1.01 + 1.0 / fixed_point.scale
+    signed = words.view(np.int32 if fixed_point.ring_bits == 32 else np.int64)
+    scale, factor = fixed_point.scale, weight_norm / count
+    buffer = np.empty(min(_BLOCK, max(words.size, 1)), np.float64)
+    update: Weights = {}
+    outside = 0
+    offset = 0
+    for spec in signature:
+        base = np.asarray(global_weights[spec.name]).reshape(-1)
+        out = np.empty(spec.num_elements, dtype=base.dtype)
+        for start in range(0, spec.num_elements, _BLOCK):
+            stop = min(start + _BLOCK, spec.num_elements)
+            x = buffer[: stop - start]
+            np.copyto(x, signed[offset + start : offset + stop], casting="unsafe")
+            x /= scale  # as FixedPoint.decode
+            x *= factor  # as bounded_mean
+            outside += int(np.count_nonzero(np.abs(x) > limit))
+            np.clip(x, -clip, clip, out=x)
+            np.add(x, base[start:stop], out=x)
+            np.copyto(out[start:stop], x, casting="unsafe")
+        update[spec.name] = out.reshape(spec.shape)
+        offset += spec.num_elements
+    if outside:
+        log.warning(
+            "round %d: %d coordinate(s) of the unmasked mean lie outside the clipping range "
+            "+-%g (a worker sent an out-of-range input); they are clipped",
+            round_number,
+            outside,
+            clip,
+        )
+    return update
