@@ -44,6 +44,8 @@ from fedcore.strategy.streaming import UpdateStream
 
 REPO = Path(__file__).resolve().parent.parent
 _OLD_FILES = ("fedcore/strategy/fixed_point.py", "fedcore/strategy/streaming.py")
+# Modules the old streaming may import relatively (absent from older commits: skipped).
+_OLD_OPTIONAL = ("fedcore/strategy/journal.py",)
 
 
 def load_old(ref: str, into: Path) -> tuple[ModuleType, ModuleType]:
@@ -51,14 +53,15 @@ def load_old(ref: str, into: Path) -> tuple[ModuleType, ModuleType]:
     package = into / "oldstrategy"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for path in _OLD_FILES:
-        source = subprocess.run(
+    for path in (*_OLD_FILES, *_OLD_OPTIONAL):
+        shown = subprocess.run(
             ["git", "-C", str(REPO), "show", f"{ref}:{path}"],
-            check=True,
+            check=path in _OLD_FILES,
             capture_output=True,
             text=True,
-        ).stdout
-        (package / Path(path).name).write_text(source)
+        )
+        if shown.returncode == 0:
+            (package / Path(path).name).write_text(shown.stdout)
     sys.path.insert(0, str(into))
     return (
         importlib.import_module("oldstrategy.fixed_point"),
