@@ -14,17 +14,12 @@ written, which cost a third of a round at d=1e7, N=8 (``scripts/bench_overhead.p
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import logging
-import mmap
 import sys
 
-import numpy as np
-import numpy.typing as npt
-
-__all__ = ["HUGE_BUFFER_BYTES", "return_freed_memory", "threshold_for", "zeroed_buffer"]
+__all__ = ["return_freed_memory", "threshold_for"]
 
 log = logging.getLogger("fedcore")
 
@@ -58,24 +53,3 @@ def return_freed_memory(message_bytes: int) -> bool:
     ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
     log.debug("malloc thresholds fixed at %d bytes: %s", threshold, ok)
     return ok
-
-
-#: Buffers at least this large are mapped on their own, with transparent huge pages asked for.
-HUGE_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def zeroed_buffer(nbytes: int) -> npt.NDArray[np.uint8]:
-    """``nbytes`` zero bytes, writable; a model-sized one in pages of its own.
-
-    A model-sized buffer is written once per round (a received model, the exact sum). Mapped
-    in 4 KiB pages, each first write faults and the kernel zeroes the page: at d = 1e7 the
-    coordinator's int64 sum alone is 20,000 faults a round. A mapping of its own asks for
-    transparent huge pages (``MADV_HUGEPAGE``, honoured where the kernel's THP mode is
-    ``madvise`` or ``always``): 2 MiB per fault. Freed (unmapped) with the last array over it.
-    """
-    if nbytes < HUGE_BUFFER_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return np.zeros(nbytes, dtype=np.uint8)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # a kernel without THP: the mapping works the same
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(mapping, dtype=np.uint8)

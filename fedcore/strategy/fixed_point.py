@@ -38,7 +38,6 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcore.errors import PayloadError
-from fedcore.heap import zeroed_buffer
 
 __all__ = ["FLOAT_CAP_BITS", "SUM_BITS", "FixedPointSum"]
 
@@ -94,7 +93,7 @@ class FixedPointSum:
                 raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, the sum has {known}")
             return
         size = math.prod(shape)
-        self._acc[name] = zeroed_buffer(size * 8).view(np.int64)
+        self._acc[name] = np.zeros(size, dtype=np.int64)
         if self._digits.size < min(size, _BLOCK):
             self._digits = np.empty(min(size, _BLOCK), dtype=np.int64)
         self._shapes[name] = tuple(shape)
@@ -194,7 +193,7 @@ class FixedPointSum:
         for name, acc in self._acc.items():
             dtype = np.dtype(np.float64) if dtypes is None else dtypes[name]
             scale = 2.0 ** -self._exponents[name] / divisor
-            result = zeroed_buffer(acc.size * dtype.itemsize).view(dtype)
+            result = np.empty(acc.size, dtype=dtype)
             for lo in range(0, acc.size, _BLOCK):
                 hi = min(lo + _BLOCK, acc.size)
                 v = scratch[: hi - lo]
