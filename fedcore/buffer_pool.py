@@ -58,7 +58,7 @@ class BufferPool:
         if mapping is None:
             mapping = mmap.mmap(-1, nbytes)
         array = np.frombuffer(mapping, dtype=np.uint8)
-        anchor = array.base
+        anchor: object = array.base  # numpy types it as an array; it is the memoryview
         if not isinstance(anchor, memoryview):  # not numpy's layout we rely on: no reuse
             return array
         weakref.finalize(anchor, self._give_back, mapping)
