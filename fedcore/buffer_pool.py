@@ -35,8 +35,9 @@ class BufferPool:
             raise ValueError(f"keep must be >= 0, got {keep}")
         self._keep = keep
         self._free: list[mmap.mmap] = []
-        # Finalizers run in whichever thread drops the last reference.
-        self._lock = threading.Lock()
+        # Finalizers run in whichever thread drops the last reference, and may run inside
+        # take() itself (a garbage collection while it holds the lock): re-entrant.
+        self._lock = threading.RLock()
         #: Buffers handed out again rather than mapped anew.
         self.reused = 0
 
