@@ -45,11 +45,10 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcore.buffer_pool import BufferPool
-from fedcore.codec import PayloadAssembler, iter_chunks, make_header
+from fedcore.codec import PayloadAssembler, RawChunk, iter_chunks, make_header
 from fedcore.strategy.fixed_point import FixedPointSum
 from fedcore.strategy.journal import JournalBudget
 from fedcore.strategy.streaming import UpdateStream
-from fedcore.v1 import fedcore_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 _OLD_FILES = ("fedcore/strategy/fixed_point.py", "fedcore/strategy/streaming.py")
@@ -84,8 +83,10 @@ def receiver(
     """One received model: its chunks as the wire delivers them, assembled and checked."""
     weights = {"w": update}
     header = make_header(weights, chunk_bytes)
+    # As the wire's fast path hands them over: views of the received bytes (a protobuf
+    # message would copy its bytes field at every read).
     chunks = [
-        pb.PayloadChunk(index=i, data=c) for i, c in enumerate(iter_chunks(weights, chunk_bytes))
+        RawChunk(i, memoryview(c), len(c)) for i, c in enumerate(iter_chunks(weights, chunk_bytes))
     ]
 
     def run() -> None:
