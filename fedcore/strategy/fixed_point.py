@@ -26,8 +26,8 @@ of squares bounds each square, and the margin covers the dot's rounding); only a
 fails it is checked element by element. Work per cache-sized block of a piece: that dot, one
 multiply written straight into int64 scratch (numpy casts in its buffered loop), one integer
 add. The check runs block by block, just before the block's conversion, so a piece is read
-from memory once (measured 8% faster than a dot over the whole piece first); no model-sized
-temporary is made.
+from memory once (8% faster than a dot over the whole piece first in one loaded measurement;
+within the load's noise in ``scripts/bench_fold.py``); no model-sized temporary is made.
 """
 
 from __future__ import annotations
