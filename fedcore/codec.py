@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from fedcore.buffer_pool import BufferPool
 from fedcore.errors import PayloadError
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import (
@@ -282,6 +283,8 @@ class PayloadAssembler:
         max_chunk_bytes: the largest chunk accepted (the gRPC message limit bounds it too).
         expected: when given, the payload must have exactly this signature.
         what: words naming the payload in error messages ("update from worker 'a'").
+        buffers: where the payload's buffer comes from (a receiver of one model a round
+            reuses the last round's, :mod:`fedcore.buffer_pool`); by default a fresh one.
     """
 
     def __init__(
@@ -292,8 +295,10 @@ class PayloadAssembler:
         max_chunk_bytes: int,
         expected: ModelSignature | None = None,
         what: str = "payload",
+        buffers: BufferPool | None = None,
     ) -> None:
         self._what = what
+        self._buffers = buffers
         self.signature = self._validate_header(header, max_bytes, max_chunk_bytes)
         if expected is not None:
             check_signature(expected, self.signature, context=f"{what} does not fit the model")
@@ -307,7 +312,11 @@ class PayloadAssembler:
 
     def _storage(self) -> npt.NDArray[np.uint8]:
         if self._buffer is None:
-            self._buffer = np.empty(self.total_bytes, dtype=np.uint8)
+            self._buffer = (
+                np.empty(self.total_bytes, dtype=np.uint8)
+                if self._buffers is None
+                else self._buffers.take(self.total_bytes)
+            )
         return self._buffer
 
     @property

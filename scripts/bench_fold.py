@@ -1,5 +1,6 @@
 """What the coordinator spends per element of an upload: the float add floor, the exact fold,
-and the streamed fold with its take-back journal, old code and new in one process.
+and the streamed fold with its take-back journal, old code and new in one process; and what a
+worker spends per element of the model it receives.
 
 One float32 update of ``--params`` elements arrives in ``--chunk-bytes`` pieces, as a streamed
 upload does. Timed, best of ``--repeats`` (interleaved, so a burst of load hits every row):
@@ -12,7 +13,11 @@ upload does. Timed, best of ``--repeats`` (interleaved, so a burst of load hits 
 * ``stream_old`` / ``stream_new``: ``UpdateStream.fold`` for every piece and ``commit`` (the
   fold plus the journal: old, every piece written to a temporary file; new, pieces kept by
   reference within the round's memory budget); ``stream_new_spilled``: the new journal with no
-  memory budget (every piece written, as past the budget).
+  memory budget (every piece written, as past the budget);
+* ``receive_fresh`` / ``receive_reused``: what a worker spends per element of the global
+  model it receives (``PayloadAssembler``: each chunk copied into the model's buffer and
+  checked finite): into a fresh buffer every round (the old code), or into last round's
+  buffer again (``fedcore.buffer_pool``, the new worker).
 
 The old code is read from git (``--old-code``, default the commit before this change) into a
 temporary package, so both run in this process on the same data. Prints JSON: ns per element
@@ -37,13 +42,18 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from fedcore.buffer_pool import BufferPool
+from fedcore.codec import PayloadAssembler, RawChunk, iter_chunks, make_header
 from fedcore.strategy.fixed_point import FixedPointSum
 from fedcore.strategy.journal import JournalBudget
 from fedcore.strategy.streaming import UpdateStream
 
 REPO = Path(__file__).resolve().parent.parent
 _OLD_FILES = ("fedcore/strategy/fixed_point.py", "fedcore/strategy/streaming.py")
+# Modules the old streaming may import relatively (absent from older commits: skipped).
+_OLD_OPTIONAL = ("fedcore/strategy/journal.py",)
 
 
 def load_old(ref: str, into: Path) -> tuple[ModuleType, ModuleType]:
@@ -51,19 +61,43 @@ def load_old(ref: str, into: Path) -> tuple[ModuleType, ModuleType]:
     package = into / "oldstrategy"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for path in _OLD_FILES:
-        source = subprocess.run(
+    for path in (*_OLD_FILES, *_OLD_OPTIONAL):
+        shown = subprocess.run(
             ["git", "-C", str(REPO), "show", f"{ref}:{path}"],
-            check=True,
+            check=path in _OLD_FILES,
             capture_output=True,
             text=True,
-        ).stdout
-        (package / Path(path).name).write_text(source)
+        )
+        if shown.returncode == 0:
+            (package / Path(path).name).write_text(shown.stdout)
     sys.path.insert(0, str(into))
     return (
         importlib.import_module("oldstrategy.fixed_point"),
         importlib.import_module("oldstrategy.streaming"),
     )
+
+
+def receiver(
+    update: npt.NDArray[np.float32], chunk_bytes: int, pool: BufferPool | None
+) -> Callable[[], None]:
+    """One received model: its chunks as the wire delivers them, assembled and checked."""
+    weights = {"w": update}
+    header = make_header(weights, chunk_bytes)
+    # As the wire's fast path hands them over: views of the received bytes (a protobuf
+    # message would copy its bytes field at every read).
+    chunks = [
+        RawChunk(i, memoryview(c), len(c)) for i, c in enumerate(iter_chunks(weights, chunk_bytes))
+    ]
+
+    def run() -> None:
+        assembler = PayloadAssembler(
+            header, max_bytes=update.nbytes, max_chunk_bytes=chunk_bytes, buffers=pool
+        )
+        for chunk in chunks:
+            assembler.add(chunk)
+        assembler.weights()
+
+    return run
 
 
 def bench(params: int, chunk_bytes: int, repeats: int, old_ref: str) -> dict[str, Any]:
@@ -125,6 +159,8 @@ def bench(params: int, chunk_bytes: int, repeats: int, old_ref: str) -> dict[str
             "stream_old": streamer(old_streaming, journal_dir=None),
             "stream_new": streamer(new),
             "stream_new_spilled": streamer(new, journal=JournalBudget(0)),
+            "receive_fresh": receiver(update, chunk_bytes, None),
+            "receive_reused": receiver(update, chunk_bytes, BufferPool()),
         }
         best = dict.fromkeys(rows, float("inf"))
         for _ in range(repeats):

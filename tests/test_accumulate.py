@@ -209,3 +209,31 @@ def test_one_limb_sum_cannot_overflow_at_its_bounds() -> None:
         s.add({"w": np.ones(4, np.float32)}, 1)
     with pytest.raises(PayloadError, match="beyond the exact sum's range"):
         FixedPointSum(10).add({"w": np.full(2, 2.0**FLOAT_CAP_BITS, np.float32)}, 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -(2.0**24)])
+@pytest.mark.parametrize("where", ["first block", "last block"])
+def test_one_limb_fold_refusing_any_block_of_a_piece_leaves_no_trace(
+    bad: float, where: str
+) -> None:
+    """The fold checks each cache-sized block as it goes; a bad element in a later block
+    takes the blocks already folded back out, so the refused piece leaves no trace."""
+    from fedcore.strategy.fixed_point import FixedPointSum
+
+    size = 3 * 2**15 + 17  # several of the fold's 2**15-element blocks, the last one short
+    rng = np.random.default_rng(5)
+    s = FixedPointSum(10)
+    s.declare("w", (size,), np.dtype(np.float32))
+    s.reserve(3)
+    s.fold("w", 0, rng.normal(size=size).astype(np.float32), 1.0, +1)
+    before = s.digest_bytes()
+    piece = rng.normal(size=size - 5).astype(np.float32)
+    # Positive control: the clean piece changes the sum, and taking it back restores it.
+    s.fold("w", 5, piece, 2.0, +1)
+    assert s.digest_bytes() != before
+    s.fold("w", 5, piece, 2.0, -1)
+    assert s.digest_bytes() == before
+    piece[0 if where == "first block" else -1] = bad
+    with pytest.raises(PayloadError, match=r"NaN or Inf|beyond the exact sum's range"):
+        s.fold("w", 5, piece, 2.0, +1)
+    assert s.digest_bytes() == before

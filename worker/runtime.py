@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 
 from fedcore.auditlog import AuditLog
+from fedcore.buffer_pool import BufferPool
 from fedcore.codec import (
     CHUNK_FIELD_IN_WORKER_MESSAGE,
     PayloadAssembler,
@@ -316,6 +317,8 @@ class Worker:
         # Update compression keeps what it lost between rounds (error feedback), per job: a
         # standing network's jobs never share it (the one-shot federation's job id is "").
         self._compressors: dict[str, Compressor] = {}
+        # The global model arrives every round at the same size: its buffer is reused.
+        self._buffers = BufferPool()
         self._write_lock = asyncio.Lock()
         # Held while one task's result (and its update's chunks) or error is written: the
         # coordinator reads one upload at a time on a stream.
@@ -569,6 +572,7 @@ class Worker:
                 max_bytes=self.max_model_bytes,
                 max_chunk_bytes=limit,
                 what=f"round {task.round} weights",
+                buffers=self._buffers,
             )
             frozen = None
             if task.frozen.attached:  # read (and dropped) for a refused task too

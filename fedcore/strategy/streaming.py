@@ -18,6 +18,7 @@ committed stream's journal is dropped at once, mostly unwritten.
 from __future__ import annotations
 
 import enum
+import threading
 import weakref
 
 import numpy as np
@@ -67,6 +68,10 @@ class UpdateStream:
             total.reserve(self.weight)
             budget = journal if journal is not None else _shared_budget(total, journal_dir)
         self._journal = Journal(budget)
+        # Orders this stream's fold, commit and abort; taken before the sum's lock, which is
+        # held only while the sum changes. So one stream's journal write (a page-cache copy
+        # past the memory budget, as costly as the fold) runs while other streams fold.
+        self._lock = threading.Lock()
         self.state = "open"
 
     def fold(self, name: str, start: int, values: npt.NDArray[np.generic]) -> bool:
@@ -75,20 +80,22 @@ class UpdateStream:
         folded, and the caller aborts the stream. A read-only ``values`` over ``bytes`` is
         journalled by reference (:mod:`.journal`)."""
         flat = values.reshape(-1)
-        with self._sum.lock:
+        with self._lock:
             if self.state != "open":
                 return False
-            self._sum.fold(name, start, flat, self.weight, +1)
+            with self._sum.lock:
+                self._sum.fold(name, start, flat, self.weight, +1)
             try:
                 self._journal.append(name, start, flat)
             except OSError as exc:
-                self._sum.fold(name, start, flat, self.weight, -1)
+                with self._sum.lock:
+                    self._sum.fold(name, start, flat, self.weight, -1)
                 raise PayloadError(f"the upload journal could not be written: {exc}") from exc
         return True
 
     def commit(self) -> bool:
         """Keep everything folded; False when the stream was aborted first."""
-        with self._sum.lock:
+        with self._lock:
             if self.state != "open":
                 return False
             self.state = "committed"
@@ -97,12 +104,13 @@ class UpdateStream:
 
     def abort(self) -> None:
         """Take back, exactly, every piece folded so far."""
-        with self._sum.lock:
+        with self._lock:
             if self.state != "open":
                 return
-            for name, start, values in self._journal.replay():
-                self._sum.fold(name, start, values, self.weight, -1)
-            self._sum.release(self.weight)
+            with self._sum.lock:
+                for name, start, values in self._journal.replay():
+                    self._sum.fold(name, start, values, self.weight, -1)
+                self._sum.release(self.weight)
             self.state = "aborted"
             self._journal.close()
 
