@@ -238,9 +238,11 @@ _BLAS = (np.dtype("<f4"), np.dtype("<f8"))
 def _zeros(size: int) -> Int64Array:
     """``size`` zeroed int64 in an anonymous mapping of their own, whose pages
     :func:`_drop` can give back while the rest is still in use (a small sum: plain zeros)."""
-    if size * 8 < 16 * mmap.PAGESIZE:
+    if size * 8 < 16 * mmap.PAGESIZE or not hasattr(mmap, "MAP_PRIVATE"):
         return np.zeros(size, dtype=np.int64)
-    return np.frombuffer(mmap.mmap(-1, size * 8), dtype=np.int64)
+    # Private: a shared anonymous mapping is shmem, whose pages madvise would not free.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return np.frombuffer(mmap.mmap(-1, size * 8, flags=flags), dtype=np.int64)
 
 
 def _drop(acc: Int64Array, lo: int, hi: int) -> None:
