@@ -28,8 +28,9 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 #: malloc arenas: gRPC's threads and the fold's worker threads each got one of their own (up
 #: to 8 per core), each keeping freed chunk buffers: 2 models of the coordinator's peak at
-#: N = 8, d = 1e7 (docs/benchmarks.md). The main thread's arena and one shared by the rest.
-_ARENAS = 2
+#: N = 8, d = 1e7 (docs/benchmarks.md). One arena: the allocations that matter are a few large
+#: buffers per chunk, so threads seldom wait on its lock.
+_ARENAS = 1
 _MIN_THRESHOLD = 1024 * 1024
 _MAX_THRESHOLD = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit systems
 
