@@ -22,7 +22,7 @@ while it reads slower than the links deliver.
 Why not gRPC's BDP probing (the previous default): it sizes each connection's window from its
 measured bandwidth-delay product, and on a coordinator starved of CPU the measured round trip
 is the coordinator's own delay, so the windows grew to several MiB per stream on loopback
-(8.2 to 10.6 models above the baseline at N = 8, d = 1e7, against 5.3 to 5.7 with probing
+(8.0 to 10.8 models above the baseline at N = 8, d = 1e7, against 5.3 to 5.7 with probing
 off; docs/benchmarks.md) without any gain where links are the bottleneck. gRPC Python exposes
 no coordinator-wide memory quota, so the bound is per stream, chosen here.
 
