@@ -7,11 +7,12 @@ each upload in flight. The coordinator reads a stream's next chunk only once the
 folded (``server/transport/service.py`` awaits the fold before reading again), so a stream
 never holds more unread bytes than its window plus the message being read.
 
-**Default (``--stream-window 0``): gRPC's own window, BDP probing off.** A stream then gets
-gRPC's 64 KiB window, grown by one message while the coordinator waits for that message: at
-most about one chunk unread per stream. With N uploads in flight the coordinator holds at most
-N x (chunk + 64 KiB) unread, however fast the links. One message per round trip is plenty for
-cross-silo links up to a few MB of bandwidth-delay product (100 Mbit/s x 50 ms: 0.6 MB).
+**Default (``--stream-window`` 1 MiB): a fixed window, BDP probing off.** A stream may have
+1 MiB in flight past what the coordinator read, plus the message being read: with N uploads
+in flight the coordinator holds at most N x (1 MiB + chunk) unread, however fast the links.
+1 MiB per round trip fills a 100 Mbit/s x 50 ms link (0.6 MB in flight) while the coordinator
+folds the last chunk. ``--stream-window 0`` is gRPC's own 64 KiB: one message per round trip,
+which held such a link to 1.24x the bare echo (docs/benchmarks.md).
 
 **``--stream-window BYTES``: a fixed window for long fat links.** To fill a link one stream
 needs a window of at least its bandwidth-delay product (1 Gbit/s x 200 ms: 25 MB), which one
@@ -42,8 +43,8 @@ __all__ = [
 #: Channel arguments of the worker's channel: BDP probing (gRPC's default, stated here).
 FLOW_CONTROL_OPTIONS: list[tuple[str, int]] = [("grpc.http2.bdp_probe", 1)]
 
-#: ``--stream-window`` default: gRPC's window (64 KiB plus the message being read).
-DEFAULT_STREAM_WINDOW = 0
+#: ``--stream-window`` default: enough for 100 Mbit/s x 50 ms links, small on a loopback.
+DEFAULT_STREAM_WINDOW = 1024 * 1024
 #: The largest HTTP/2 window (RFC 9113, 6.9.1: 2**31 - 1), rounded down to a MiB.
 MAX_STREAM_WINDOW = 2047 * 1024 * 1024
 

@@ -3,10 +3,10 @@
 A real grpc.aio server with the coordinator's flow-control options reads one message of each
 of N streams and then stops reading, as a coordinator busy folding does. Each client dials it
 through a counting TCP relay, so the test sees every byte the server's transport accepted:
-what arrived but was not read. With the default (``--stream-window 0``) that stays under
-N x (chunk + 256 KiB) however much the clients try to send; the positive controls (a fixed
-8 MiB window, and the BDP probing the coordinator used before) let far more in, so the
-harness does reach the windows. After the server reads again every byte arrives.
+what arrived but was not read. With the default ``--stream-window`` that stays under
+N x (chunk + window + 256 KiB) however much the clients try to send; the positive controls
+(a fixed 8 MiB window, and the BDP probing the coordinator used before) let far more in, so
+the harness does reach the windows. After the server reads again every byte arrives.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import pytest
 
-from fedcore.flow_control import server_flow_control
+from fedcore.flow_control import DEFAULT_STREAM_WINDOW, server_flow_control
 
 CHUNK = 1024 * 1024
 STREAMS = 6
 MESSAGES = 16  # per stream: far more than any window in the default
-BOUND = STREAMS * (CHUNK + 256 * 1024)
+BOUND = STREAMS * (CHUNK + DEFAULT_STREAM_WINDOW + 256 * 1024)
 METHOD = "/fedcore.test.Window/Upload"
 # A relay that forwarded nothing new for this long has met the windows.
 QUIET_S = 0.5

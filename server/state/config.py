@@ -75,9 +75,9 @@ class Limits:
     stream_window: int = setting(
         DEFAULT_STREAM_WINDOW,
         "HTTP/2 window of each worker stream, in bytes: how far a worker may send ahead of "
-        "what the coordinator has read (0: one chunk at a time, gRPC's own window); raise it "
-        "to the bandwidth-delay product of a long fat link (e.g. 33554432 for 1 Gbit/s x "
-        "200 ms) at the cost of up to workers x this many unread bytes in memory",
+        "what the coordinator has read (0: gRPC's own 64 KiB); raise it to the "
+        "bandwidth-delay product of a long fat link (e.g. 33554432 for 1 Gbit/s x 200 ms) at "
+        "the cost of up to workers x this many unread bytes in memory",
         metavar="BYTES",
     )
     # Limits against hostile workers (see docs/coordinator-hardening.md).
