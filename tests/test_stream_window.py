@@ -4,7 +4,7 @@ A real grpc.aio server with the coordinator's flow-control options reads one mes
 of N streams and then stops reading, as a coordinator busy folding does. Each client dials it
 through a counting TCP relay, so the test sees every byte the server's transport accepted:
 what arrived but was not read. With the default ``--stream-window`` that stays under
-N x (chunk + window + 256 KiB) however much the clients try to send; the positive controls
+N x (chunk + window + 512 KiB) however much the clients try to send; the positive controls
 (a fixed 8 MiB window, and the BDP probing the coordinator used before) let far more in, so
 the harness does reach the windows. After the server reads again every byte arrives.
 """
@@ -24,7 +24,7 @@ from fedcore.flow_control import DEFAULT_STREAM_WINDOW, server_flow_control
 CHUNK = 1024 * 1024
 STREAMS = 6
 MESSAGES = 16  # per stream: far more than any window in the default
-BOUND = STREAMS * (CHUNK + DEFAULT_STREAM_WINDOW + 256 * 1024)
+BOUND = STREAMS * (CHUNK + DEFAULT_STREAM_WINDOW + 512 * 1024)
 METHOD = "/fedcore.test.Window/Upload"
 # A relay that forwarded nothing new for this long has met the windows.
 QUIET_S = 0.5
@@ -46,13 +46,15 @@ class _Relay:
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool
     ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-                if count:
-                    self.delivered += len(data)
-        writer.close()
+        try:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                    if count:
+                        self.delivered += len(data)
+        finally:
+            writer.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -60,6 +62,12 @@ class _Relay:
             task = asyncio.create_task(pipe)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop relaying; every pipe task ends before the test does."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def start(self) -> tuple[asyncio.Server, int]:
         server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -127,6 +135,8 @@ async def _run(options: list[tuple[str, int]]) -> tuple[int, list[int]]:
         for channel in channels:
             await channel.close()
         listener.close()
+        await relay.close()
+        await listener.wait_closed()
         await server.stop(None)
 
 
