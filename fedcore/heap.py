@@ -25,6 +25,12 @@ log = logging.getLogger("fedcore")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+#: malloc arenas: gRPC's threads and the fold's worker threads each got one of their own (up
+#: to 8 per core), each keeping freed chunk buffers: 2 models of the coordinator's peak at
+#: N = 8, d = 1e7 (docs/benchmarks.md). One arena: the allocations that matter are a few large
+#: buffers per chunk, so threads seldom wait on its lock.
+_ARENAS = 1
 _MIN_THRESHOLD = 1024 * 1024
 _MAX_THRESHOLD = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit systems
 
@@ -36,7 +42,8 @@ def threshold_for(message_bytes: int) -> int:
 
 def return_freed_memory(message_bytes: int) -> bool:
     """Fix glibc's mmap and trim thresholds just above ``message_bytes`` (the largest message
-    the process handles, see :func:`threshold_for`); False where there is no glibc."""
+    the process handles, see :func:`threshold_for`) and cap its arenas (call it before any
+    thread starts); False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
@@ -50,6 +57,10 @@ def return_freed_memory(message_bytes: int) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     threshold = threshold_for(message_bytes)
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    ok = (
+        bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+        and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+        and bool(mallopt(_M_ARENA_MAX, _ARENAS))
+    )
     log.debug("malloc thresholds fixed at %d bytes: %s", threshold, ok)
     return ok

@@ -273,7 +273,8 @@ class WeightedMeanAggregator(StreamingAggregator):
             raise ValueError("no updates to aggregate")
         if self._fixed is not None:
             with self._fixed.lock:
-                return self._fixed.total(self._total_weight, self._dtypes)
+                # The round's last use of its sum: its memory goes as the result is made.
+                return self._fixed.total(self._total_weight, self._dtypes, release=True)
         assert self._exact is not None
         return self._exact.total(self._total_weight, self._dtypes)
 

@@ -33,6 +33,7 @@ within the load's noise in ``scripts/bench_fold.py``); no model-sized temporary 
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 from collections.abc import Mapping
 
@@ -76,6 +77,7 @@ class FixedPointSum:
         # Conversion scratch, grown to the largest tensor up to one block (a small model's
         # sum stays small).
         self._digits: Int64Array = np.empty(0, dtype=np.int64)
+        self._released = False
         self.lock = threading.Lock()
 
     @property
@@ -95,7 +97,7 @@ class FixedPointSum:
                 raise ValueError(f"tensor {name!r} has shape {tuple(shape)}, the sum has {known}")
             return
         size = math.prod(shape)
-        self._acc[name] = np.zeros(size, dtype=np.int64)
+        self._acc[name] = _zeros(size)
         if self._digits.size < min(size, _BLOCK):
             self._digits = np.empty(min(size, _BLOCK), dtype=np.int64)
         self._shapes[name] = tuple(shape)
@@ -129,6 +131,8 @@ class FixedPointSum:
         :attr:`lock` when other threads may fold too, and has reserved ``weight``."""
         flat = values.reshape(-1)
         acc = self._acc[name]
+        if self._released:
+            raise RuntimeError("the sum was released by total(release=True)")
         if start < 0 or start + flat.size > acc.size:
             raise ValueError(f"elements {start}..{start + flat.size} are outside {name!r}")
         factor = float(weight) * 2.0 ** self._exponents[name]
@@ -183,13 +187,22 @@ class FixedPointSum:
         self.release(weight)
 
     def total(
-        self, divisor: float = 1.0, dtypes: Mapping[str, np.dtype[np.generic]] | None = None
+        self,
+        divisor: float = 1.0,
+        dtypes: Mapping[str, np.dtype[np.generic]] | None = None,
+        *,
+        release: bool = False,
     ) -> dict[str, npt.NDArray[np.generic]]:
         """``sum / divisor`` per tensor in ``dtypes[name]`` (default float64; integer dtypes
         round to nearest): the int64 to float64 once, then scaled, a function of the sum
-        alone."""
+        alone. ``release``: the sum's last use; its memory goes back to the system block by
+        block as it is converted, so the result and the sum (two int64 per element) are never
+        held whole at once, and the sum can no longer be used."""
         if not divisor > 0:
             raise ValueError(f"divisor must be positive, got {divisor}")
+        if self._released:
+            raise RuntimeError("the sum was released by total(release=True)")
+        self._released = release
         out: dict[str, npt.NDArray[np.generic]] = {}
         scratch = np.empty(min(_BLOCK, max((a.size for a in self._acc.values()), default=0)))
         for name, acc in self._acc.items():
@@ -203,11 +216,15 @@ class FixedPointSum:
                 if dtype.kind != "f":
                     np.rint(v, out=v)
                 np.copyto(result[lo:hi], v, casting="unsafe")
+                if release:
+                    _drop(acc, lo, hi)
             out[name] = result.reshape(self._shapes[name])
         return out
 
     def digest_bytes(self) -> bytes:
         """The accumulators in name order: equal bytes, equal sums."""
+        if self._released:
+            raise RuntimeError("the sum was released by total(release=True)")
         return b"".join(
             name.encode() + b"\0" + acc.astype("<i8").tobytes()
             for name, acc in sorted(self._acc.items())
@@ -235,3 +252,27 @@ class FixedPointSum:
 
 
 _BLAS = (np.dtype("<f4"), np.dtype("<f8"))
+
+
+def _zeros(size: int) -> Int64Array:
+    """``size`` zeroed int64 in an anonymous mapping of their own, whose pages
+    :func:`_drop` can give back while the rest is still in use (a small sum: plain zeros)."""
+    if size * 8 < 16 * mmap.PAGESIZE or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(size, dtype=np.int64)
+    # Private: a shared anonymous mapping is shmem, whose pages madvise would not free.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return np.frombuffer(mmap.mmap(-1, size * 8, flags=flags), dtype=np.int64)
+
+
+def _drop(acc: Int64Array, lo: int, hi: int) -> None:
+    """Give the whole pages of ``acc[lo:hi]`` back to the system (they read as zeros after);
+    a no-op where ``acc`` is not a mapping of its own or there is no madvise."""
+    base: object = acc.base
+    mapping = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    first = -(-lo * 8 // page) * page  # whole pages only: the next block may share one
+    end = len(mapping) if hi == acc.size else hi * 8 // page * page
+    if end > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, end - first)

@@ -208,8 +208,8 @@ class TrainingJob:
         self.env = env
         self.sinks: list[Sink] = [] if sinks is None else sinks
         self._stop_requested = record.stop_requested
-        #: Set by :meth:`prepare`: the job's settings, its reports, its rounds' context.
-        self.start: JobStart | None = None
+        #: Set by :meth:`prepare`: its reports, its rounds' context. (The JobStart is not
+        #: kept: it holds the initial model, a whole model the rounds have replaced.)
         self.reports: ReportPipeline | None = None
         self.context: RoundContext | None = None
         self._workers: JobWorkers | None = None
@@ -321,7 +321,7 @@ class TrainingJob:
         )
         context.rounds_completed = done
         self.first_round = done + 1
-        self.start, self.reports, self.context, self._workers = start, reports, context, workers
+        self.reports, self.context, self._workers = reports, context, workers
 
     def _checkpointer(self, config: ServerConfig, strategy: Strategy) -> Checkpointer | None:
         directory = config.recovery.checkpoint_dir

@@ -10,6 +10,7 @@ from fedcore.compression import SCHEMES
 from fedcore.data.metadata import normalize_tag
 from fedcore.errors import ConfigError
 from fedcore.flags import setting
+from fedcore.flow_control import DEFAULT_STREAM_WINDOW, MAX_STREAM_WINDOW
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from fedcore.secagg.params import SecAggParams
@@ -71,6 +72,14 @@ class Limits:
         "streaming strategy (the FedAvg family) take no slot: they are folded into the sum "
         "chunk by chunk, all at once",
     )
+    stream_window: int = setting(
+        DEFAULT_STREAM_WINDOW,
+        "HTTP/2 window of each worker stream, in bytes: how far a worker may send ahead of "
+        "what the coordinator has read (0: gRPC's own 64 KiB); raise it to the "
+        "bandwidth-delay product of a long fat link (e.g. 33554432 for 1 Gbit/s x 200 ms) at "
+        "the cost of up to workers x this many unread bytes in memory",
+        metavar="BYTES",
+    )
     # Limits against hostile workers (see docs/coordinator-hardening.md).
     max_pending_handshakes: int = setting(
         128, "streams open at once that have not sent their hello yet; more are refused"
@@ -123,6 +132,8 @@ class Limits:
             raise ConfigError("--approval-poll must be positive")
         if not 1024 <= self.chunk_bytes <= 64 * 1024 * 1024:
             raise ConfigError("--chunk-bytes must be between 1 KiB and 64 MiB")
+        if not 0 <= self.stream_window <= MAX_STREAM_WINDOW:
+            raise ConfigError(f"--stream-window must be between 0 and {MAX_STREAM_WINDOW}")
         if self.upload_slots < 1:
             raise ConfigError("--upload-slots must be at least 1")
         if self.heartbeat_timeout <= self.heartbeat_interval:

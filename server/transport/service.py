@@ -22,7 +22,7 @@ from fedcore.errors import (
     ProtocolError,
     VersionMismatchError,
 )
-from fedcore.flow_control import FLOW_CONTROL_OPTIONS
+from fedcore.flow_control import server_flow_control
 from fedcore.plan import ModelSpec
 from fedcore.protocol import (
     PROTOCOL_VERSION,
@@ -483,8 +483,8 @@ async def start_grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             EXCLUSIVE_BIND,
-            # Windows sized to each link's bandwidth-delay product (fedcore.flow_control).
-            *FLOW_CONTROL_OPTIONS,
+            # How far a worker may send ahead of the folds (fedcore.flow_control).
+            *server_flow_control(service.config.limits.stream_window),
         ],
     )
     server.add_generic_rpc_handlers((service.rpc_handler(),))
