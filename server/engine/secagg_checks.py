@@ -53,6 +53,16 @@ def bounded_count(
     return max(high, 1)
 
 
+def _warn_outside(round_number: int, outside: int, clip: float) -> None:
+    log.warning(
+        "round %d: %d coordinate(s) of the unmasked mean lie outside the clipping range "
+        "+-%g (a worker sent an out-of-range input); they are clipped",
+        round_number,
+        outside,
+        clip,
+    )
+
+
 def bounded_mean(
     round_number: int,
     weighted_sum: npt.NDArray[np.float64],
@@ -68,13 +78,7 @@ def bounded_mean(
     # Stochastic rounding may land a step or so past the range: only more is a warning.
     outside = int(np.count_nonzero(np.abs(mean) > clip * 1.01 + step))
     if outside:
-        log.warning(
-            "round %d: %d coordinate(s) of the unmasked mean lie outside the clipping range "
-            "+-%g (a worker sent an out-of-range input); they are clipped",
-            round_number,
-            outside,
-            clip,
-        )
+        _warn_outside(round_number, outside, clip)
     np.clip(mean, -clip, clip, out=mean)
     return mean
 
@@ -116,11 +120,5 @@ def bounded_update(
         update[spec.name] = out.reshape(spec.shape)
         offset += spec.num_elements
     if outside:
-        log.warning(
-            "round %d: %d coordinate(s) of the unmasked mean lie outside the clipping range "
-            "+-%g (a worker sent an out-of-range input); they are clipped",
-            round_number,
-            outside,
-            clip,
-        )
+        _warn_outside(round_number, outside, clip)
     return update
