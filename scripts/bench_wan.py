@@ -57,7 +57,12 @@ _MBIT = 1e6
 # A ceiling below this share of the transfer floor leaves the link the bottleneck; above it
 # the proxies' CPU shares the blame, and at 1 or more it alone sets the round.
 _MIXED_SHARE = 0.5
-_QUICK: dict[str, list[Any]] = {"workers": [2], "sizes": [1_000_000], "rtt_ms": [50.0], "rate_mbit": [100.0]}
+_QUICK: dict[str, list[Any]] = {
+    "workers": [2],
+    "sizes": [1_000_000],
+    "rtt_ms": [50.0],
+    "rate_mbit": [100.0],
+}
 # Flags of each fedcore variant: (fed-server flags, echo-worker flags); "{n}" is N, "{quorum}"
 # the silos on the fastest links and "{deadline}" the round deadline (see Point.deadline).
 # "plain" and "secagg" change the model every round (a worker masks one update per model).
