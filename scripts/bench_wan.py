@@ -14,6 +14,7 @@ at the slowest link's rate plus two round trips), the ratios, and every process'
                  [--rounds 3] [--ceiling] [--old-code REF] [--code REF] [--quick] [--out F]
     bench_wan.py --grid issue28 --list          # the preset's points, numbered
     bench_wan.py --grid issue28 --pick 0-1 5    # run some of them (split a long grid)
+    bench_wan.py table REPORT.json [...]        # a Markdown table of reports' points
     bench_wan.py links --upstream HOST:PORT --rtt-ms MS --rate-mbit R [R ...]
 
 ``--straggler-mbit R`` adds, for every point, the same federation with silo 0 on an R Mbit/s
@@ -223,11 +224,17 @@ def _progress(message: str) -> None:
 
 
 def _flags(flags: Sequence[str], point: Point, deadline: float | None) -> list[str]:
-    values = {"n": point.workers, "quorum": point.quorum(), "deadline": point.deadline(deadline)}
+    values = {
+        "n": point.workers,
+        "quorum": point.quorum(),
+        "deadline": point.deadline(deadline),
+    }
     return [f.format(**values) for f in flags]
 
 
-def measure_ceiling(workers: int, params: int, rounds: int, tmp: Path) -> dict[str, Any]:
+def measure_ceiling(
+    workers: int, params: int, rounds: int, tmp: Path
+) -> dict[str, Any]:
     """The bare echo through ``workers`` proxies with no delay and no rate limit: the most the
     one link process and the machine's cores carry for this (N, d)."""
     from fedcore.protocol import DEFAULT_CHUNK_BYTES
@@ -237,7 +244,13 @@ def measure_ceiling(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
         links = Links(net, tmp / f"links-{workers}-{params}-ceiling.log", cwd)
         try:
             echo = overhead.measure_floor(
-                workers, params, rounds, tmp, DEFAULT_CHUNK_BYTES, barrier=True, route=links
+                workers,
+                params,
+                rounds,
+                tmp,
+                DEFAULT_CHUNK_BYTES,
+                barrier=True,
+                route=links,
             )
         finally:
             link_stats = links.close()
@@ -253,7 +266,9 @@ def measure_ceiling(workers: int, params: int, rounds: int, tmp: Path) -> dict[s
     return echo
 
 
-def bound(point: Point, echo_seconds: float, ceiling: dict[str, Any] | None) -> dict[str, Any]:
+def bound(
+    point: Point, echo_seconds: float, ceiling: dict[str, Any] | None
+) -> dict[str, Any]:
     """Whether the links or this machine's CPU set the point's round: the ceiling's round
     against the bytes' share of the physical floor (the ``proxy_share``)."""
     transfer = point.net.transfer_floor(4 * point.params)
@@ -263,7 +278,9 @@ def bound(point: Point, echo_seconds: float, ceiling: dict[str, Any] | None) -> 
     share = ceiling["seconds_per_round"] / transfer
     verdict["ceiling_seconds_per_round"] = ceiling["seconds_per_round"]
     verdict["proxy_share"] = round(share, 3)
-    verdict["verdict"] = "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
+    verdict["verdict"] = (
+        "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
+    )
     verdict["echo_over_ceiling_plus_rtts"] = _ratio(
         echo_seconds, ceiling["seconds_per_round"] + 2 * point.net.rtt_ms / 1000
     )
@@ -382,7 +399,10 @@ def issue28() -> list[Point]:
         for d in sizes
     ]
     straggler = Point(
-        8, 2_500_000, Net(50.0, (10.0, *(100.0,) * 7)), ("default", "deadline", "fedbuff")
+        8,
+        2_500_000,
+        Net(50.0, (10.0, *(100.0,) * 7)),
+        ("default", "deadline", "fedbuff"),
     )
     return first + [p for p in rest if p not in first] + [straggler]
 
@@ -406,7 +426,9 @@ def grid(args: argparse.Namespace) -> list[Point]:
     """Every point to run, in order."""
     if args.grid is not None:
         points = GRIDS[args.grid]()
-        return [points[i] for i in pick(args.pick, len(points))] if args.pick else points
+        return (
+            [points[i] for i in pick(args.pick, len(points))] if args.pick else points
+        )
     q = _QUICK if args.quick else {}
     points = []
     for n in q.get("workers", args.workers):
@@ -425,8 +447,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     ceilings: dict[tuple[int, int], dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wan-")))
-        old = None if args.old_code is None else stack.enter_context(old_code(args.old_code))
+        tmp = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wan-"))
+        )
+        old = (
+            None
+            if args.old_code is None
+            else stack.enter_context(old_code(args.old_code))
+        )
         code = None if args.code is None else stack.enter_context(old_code(args.code))
         for point in grid(args):
             key = (point.workers, point.params)
@@ -455,7 +483,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         "error": str(exc),
                     }
                 )
-            if args.out is not None:  # what is measured so far survives an interrupted run
+            if (
+                args.out is not None
+            ):  # what is measured so far survives an interrupted run
                 _write(args.out, _report(entries, ceilings, args, started))
     return _report(entries, ceilings, args, started)
 
@@ -472,7 +502,9 @@ def _report(
 ) -> dict[str, Any]:
     return {
         "results": entries,
-        "ceilings": [{"workers": n, "params": d, **c} for (n, d), c in ceilings.items()],
+        "ceilings": [
+            {"workers": n, "params": d, **c} for (n, d), c in ceilings.items()
+        ],
         "meta": {
             "timed_rounds": args.rounds,
             "warmup_rounds": 1,
@@ -500,6 +532,85 @@ def _uptime() -> str:
     return f"{when} load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+# ---------------------------------------------------------------------------- the table
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.0f}"
+
+
+def table_row(entry: dict[str, Any]) -> str:
+    """One point as a Markdown row: its links, the floor, the ceiling's verdict, the echo, each
+    variant (seconds, its ratio to the echo), the coordinator's peak and the load average."""
+    net, model = entry["net"], entry["model_bytes"]
+    rates = "+".join(
+        f"{k}x{r:g}" if k > 1 else f"{r:g}"
+        for r, k in sorted(
+            {r: net["rates_mbit"].count(r) for r in net["rates_mbit"]}.items(), key=str
+        )
+    )
+    bound_ = entry.get("bound", {})
+    ceiling = (
+        f"{bound_['ceiling_seconds_per_round']:.2f} s ({bound_['verdict']})"
+        if "verdict" in bound_
+        else "-"
+    )
+    echo = entry["bare_echo"]
+    runs = []
+    for variant, run in entry["fedcore"].items():
+        ratio = entry["ratios"][variant]
+        runs.append(
+            f"{variant} {run['seconds_per_round']:.2f} s ({ratio['to_bare_echo']:.2f}x)"
+            + (f", {run['failures']} late" if run["failures"] else "")
+        )
+    peaks = "; ".join(
+        f"{_mb(run['peak_rss_bytes'])} MB "
+        f"(+{entry['ratios'][v]['coordinator_peak_above_baseline_models']:.1f} models)"
+        for v, run in entry["fedcore"].items()
+    )
+    workers = [
+        p for run in entry["fedcore"].values() for p in run["worker_peak_rss_bytes"]
+    ]
+    links = [
+        entry["bare_echo"]["links"],
+        *(r["links"] for r in entry["fedcore"].values()),
+    ]
+    load = entry["load_average"]
+    loads = sorted([*load["before"][:1], *load["after"][:1]])
+    return (
+        f"| {entry['workers']} | {entry['params']:.2g} ({model / 1e6:.0f} MB) | "
+        f"{net['rtt_ms']:g} ms | {rates} | {entry['physical_floor_seconds']:.2f} s | {ceiling} | "
+        f"{echo['seconds_per_round']:.2f} s ({entry['bare_echo_ratio_to_physical_floor']:.2f}x) | "
+        f"{'; '.join(runs)} | {peaks} | {_mb(max(workers))} MB | "
+        f"{_mb(max(link['peak_rss_bytes'] for link in links))} MB, "
+        f"{max(link['cpu_seconds'] for link in links):.0f} s | "
+        f"{loads[0]:.1f}-{loads[-1]:.1f} |"
+    )
+
+
+TABLE_HEAD = (
+    "| N | d | RTT | Mbit/s | floor | ceiling (bound) | bare echo (x floor) "
+    "| fedcore (x echo) | coordinator peak | worker peak | link process, CPU | load |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_main(paths: Sequence[Path]) -> int:
+    """Print every measured point of ``paths`` as one Markdown table (failed points listed
+    after it)."""
+    print(TABLE_HEAD)
+    failed = []
+    for path in paths:
+        for entry in json.loads(path.read_text(encoding="utf-8"))["results"]:
+            if "error" in entry:
+                failed.append(f"{path.name}: {entry['error']}")
+            else:
+                print(table_row(entry))
+    for line in failed:
+        print(f"\nfailed: {line}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -521,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench_wan.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("--workers", type=_count, nargs="+", default=[4, 8], help="values of N")
+    p.add_argument(
+        "--workers", type=_count, nargs="+", default=[4, 8], help="values of N"
+    )
     p.add_argument(
         "--sizes",
         type=_count,
@@ -529,9 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[2_500_000, 10_000_000],
         help="model sizes d in float32 parameters",
     )
-    p.add_argument("--rtt-ms", type=float, nargs="+", default=[50.0], help="round-trip times")
     p.add_argument(
-        "--rate-mbit", type=_positive, nargs="+", default=[100.0], help="link rates, each way"
+        "--rtt-ms", type=float, nargs="+", default=[50.0], help="round-trip times"
+    )
+    p.add_argument(
+        "--rate-mbit",
+        type=_positive,
+        nargs="+",
+        default=[100.0],
+        help="link rates, each way",
     )
     p.add_argument(
         "--straggler-mbit",
@@ -551,7 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the deadline variant's --round-timeout (default: twice the fastest links' floor)",
     )
-    p.add_argument("--grid", choices=sorted(GRIDS), help="a preset grid instead of the axes")
+    p.add_argument(
+        "--grid", choices=sorted(GRIDS), help="a preset grid instead of the axes"
+    )
     p.add_argument(
         "--pick",
         nargs="+",
@@ -559,24 +680,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I[-J]",
         help="run only these points of --grid (see --list), in this order",
     )
-    p.add_argument("--list", action="store_true", help="print the points to run and exit")
+    p.add_argument(
+        "--list", action="store_true", help="print the points to run and exit"
+    )
     p.add_argument(
         "--ceiling",
         action="store_true",
         help="also measure the echo through unlimited proxies once per (N, d)",
     )
-    p.add_argument("--rounds", type=_count, default=3, help="timed rounds after one warm-up")
-    p.add_argument("--old-code", metavar="GIT_REF", help="also run this commit's default flags")
     p.add_argument(
-        "--code", metavar="GIT_REF", help="run the variants with this commit's fedcore (e.g. main)"
+        "--rounds", type=_count, default=3, help="timed rounds after one warm-up"
+    )
+    p.add_argument(
+        "--old-code", metavar="GIT_REF", help="also run this commit's default flags"
+    )
+    p.add_argument(
+        "--code",
+        metavar="GIT_REF",
+        help="run the variants with this commit's fedcore (e.g. main)",
     )
     p.add_argument("--quick", action="store_true", help="N=2, d=1e6, 50 ms, 100 Mbit/s")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
-    roles = p.add_subparsers(dest="role", metavar="ROLE", help="internal roles (processes)")
-    links = roles.add_parser("links", help="the emulated links in front of the coordinator")
+    roles = p.add_subparsers(
+        dest="role", metavar="ROLE", help="internal roles (processes)"
+    )
+    links = roles.add_parser(
+        "links", help="the emulated links in front of the coordinator"
+    )
     links.add_argument("--upstream", required=True)
     links.add_argument("--rtt-ms", type=float, required=True)
     links.add_argument("--rate-mbit", type=_positive, nargs="+", required=True)
+    tab = roles.add_parser("table", help="a Markdown table of reports written by --out")
+    tab.add_argument("reports", type=Path, nargs="+")
     return p
 
 
@@ -584,12 +719,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.role == "links":
         return links_main(args.upstream, args.rtt_ms, args.rate_mbit)
+    if args.role == "table":
+        return table_main(args.reports)
     try:
         if args.list:
             points = grid(args)
             indices = pick(args.pick, len(points)) if args.pick and args.grid else None
             for i, point in zip(indices or range(len(points)), points, strict=True):
-                print(f"{i:3d}  {point.name()}  variants={list(point.variants or args.variant)}")
+                print(
+                    f"{i:3d}  {point.name()}  variants={list(point.variants or args.variant)}"
+                )
             return 0
         report = run_benchmark(args)
     except BenchError as exc:
