@@ -232,9 +232,7 @@ def _flags(flags: Sequence[str], point: Point, deadline: float | None) -> list[s
     return [f.format(**values) for f in flags]
 
 
-def measure_ceiling(
-    workers: int, params: int, rounds: int, tmp: Path
-) -> dict[str, Any]:
+def measure_ceiling(workers: int, params: int, rounds: int, tmp: Path) -> dict[str, Any]:
     """The bare echo through ``workers`` proxies with no delay and no rate limit: the most the
     one link process and the machine's cores carry for this (N, d)."""
     from fedcore.protocol import DEFAULT_CHUNK_BYTES
@@ -266,9 +264,7 @@ def measure_ceiling(
     return echo
 
 
-def bound(
-    point: Point, echo_seconds: float, ceiling: dict[str, Any] | None
-) -> dict[str, Any]:
+def bound(point: Point, echo_seconds: float, ceiling: dict[str, Any] | None) -> dict[str, Any]:
     """Whether the links or this machine's CPU set the point's round: the ceiling's round
     against the bytes' share of the physical floor (the ``proxy_share``)."""
     transfer = point.net.transfer_floor(4 * point.params)
@@ -278,9 +274,7 @@ def bound(
     share = ceiling["seconds_per_round"] / transfer
     verdict["ceiling_seconds_per_round"] = ceiling["seconds_per_round"]
     verdict["proxy_share"] = round(share, 3)
-    verdict["verdict"] = (
-        "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
-    )
+    verdict["verdict"] = "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
     verdict["echo_over_ceiling_plus_rtts"] = _ratio(
         echo_seconds, ceiling["seconds_per_round"] + 2 * point.net.rtt_ms / 1000
     )
@@ -426,9 +420,7 @@ def grid(args: argparse.Namespace) -> list[Point]:
     """Every point to run, in order."""
     if args.grid is not None:
         points = GRIDS[args.grid]()
-        return (
-            [points[i] for i in pick(args.pick, len(points))] if args.pick else points
-        )
+        return [points[i] for i in pick(args.pick, len(points))] if args.pick else points
     q = _QUICK if args.quick else {}
     points = []
     for n in q.get("workers", args.workers):
@@ -447,14 +439,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     ceilings: dict[tuple[int, int], dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
-        tmp = Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wan-"))
-        )
-        old = (
-            None
-            if args.old_code is None
-            else stack.enter_context(old_code(args.old_code))
-        )
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wan-")))
+        old = None if args.old_code is None else stack.enter_context(old_code(args.old_code))
         code = None if args.code is None else stack.enter_context(old_code(args.code))
         for point in grid(args):
             key = (point.workers, point.params)
@@ -483,9 +469,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         "error": str(exc),
                     }
                 )
-            if (
-                args.out is not None
-            ):  # what is measured so far survives an interrupted run
+            if args.out is not None:  # what is measured so far survives an interrupted run
                 _write(args.out, _report(entries, ceilings, args, started))
     return _report(entries, ceilings, args, started)
 
@@ -502,9 +486,7 @@ def _report(
 ) -> dict[str, Any]:
     return {
         "results": entries,
-        "ceilings": [
-            {"workers": n, "params": d, **c} for (n, d), c in ceilings.items()
-        ],
+        "ceilings": [{"workers": n, "params": d, **c} for (n, d), c in ceilings.items()],
         "meta": {
             "timed_rounds": args.rounds,
             "warmup_rounds": 1,
@@ -568,9 +550,7 @@ def table_row(entry: dict[str, Any]) -> str:
         f"(+{entry['ratios'][v]['coordinator_peak_above_baseline_models']:.1f} models)"
         for v, run in entry["fedcore"].items()
     )
-    workers = [
-        p for run in entry["fedcore"].values() for p in run["worker_peak_rss_bytes"]
-    ]
+    workers = [p for run in entry["fedcore"].values() for p in run["worker_peak_rss_bytes"]]
     links = [
         entry["bare_echo"]["links"],
         *(r["links"] for r in entry["fedcore"].values()),
@@ -632,9 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench_wan.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument(
-        "--workers", type=_count, nargs="+", default=[4, 8], help="values of N"
-    )
+    p.add_argument("--workers", type=_count, nargs="+", default=[4, 8], help="values of N")
     p.add_argument(
         "--sizes",
         type=_count,
@@ -642,9 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[2_500_000, 10_000_000],
         help="model sizes d in float32 parameters",
     )
-    p.add_argument(
-        "--rtt-ms", type=float, nargs="+", default=[50.0], help="round-trip times"
-    )
+    p.add_argument("--rtt-ms", type=float, nargs="+", default=[50.0], help="round-trip times")
     p.add_argument(
         "--rate-mbit",
         type=_positive,
@@ -670,9 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the deadline variant's --round-timeout (default: twice the fastest links' floor)",
     )
-    p.add_argument(
-        "--grid", choices=sorted(GRIDS), help="a preset grid instead of the axes"
-    )
+    p.add_argument("--grid", choices=sorted(GRIDS), help="a preset grid instead of the axes")
     p.add_argument(
         "--pick",
         nargs="+",
@@ -680,20 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I[-J]",
         help="run only these points of --grid (see --list), in this order",
     )
-    p.add_argument(
-        "--list", action="store_true", help="print the points to run and exit"
-    )
+    p.add_argument("--list", action="store_true", help="print the points to run and exit")
     p.add_argument(
         "--ceiling",
         action="store_true",
         help="also measure the echo through unlimited proxies once per (N, d)",
     )
-    p.add_argument(
-        "--rounds", type=_count, default=3, help="timed rounds after one warm-up"
-    )
-    p.add_argument(
-        "--old-code", metavar="GIT_REF", help="also run this commit's default flags"
-    )
+    p.add_argument("--rounds", type=_count, default=3, help="timed rounds after one warm-up")
+    p.add_argument("--old-code", metavar="GIT_REF", help="also run this commit's default flags")
     p.add_argument(
         "--code",
         metavar="GIT_REF",
@@ -701,12 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="N=2, d=1e6, 50 ms, 100 Mbit/s")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
-    roles = p.add_subparsers(
-        dest="role", metavar="ROLE", help="internal roles (processes)"
-    )
-    links = roles.add_parser(
-        "links", help="the emulated links in front of the coordinator"
-    )
+    roles = p.add_subparsers(dest="role", metavar="ROLE", help="internal roles (processes)")
+    links = roles.add_parser("links", help="the emulated links in front of the coordinator")
     links.add_argument("--upstream", required=True)
     links.add_argument("--rtt-ms", type=float, required=True)
     links.add_argument("--rate-mbit", type=_positive, nargs="+", required=True)
@@ -726,9 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             points = grid(args)
             indices = pick(args.pick, len(points)) if args.pick and args.grid else None
             for i, point in zip(indices or range(len(points)), points, strict=True):
-                print(
-                    f"{i:3d}  {point.name()}  variants={list(point.variants or args.variant)}"
-                )
+                print(f"{i:3d}  {point.name()}  variants={list(point.variants or args.variant)}")
             return 0
         report = run_benchmark(args)
     except BenchError as exc:
