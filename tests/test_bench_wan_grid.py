@@ -73,3 +73,35 @@ def test_an_unlimited_link_is_written_as_json() -> None:
     assert net.physical_floor(40_000_000) == 0.0
     described = json.loads(json.dumps(net.describe(), allow_nan=False))
     assert described == {"rtt_ms": 0.0, "rates_mbit": [None, None], "distinct": []}
+
+
+def test_table_row_names_links_verdict_ratios_and_late_results() -> None:
+    run = {
+        "seconds_per_round": 3.5,
+        "failures": 2,
+        "peak_rss_bytes": 400e6,
+        "worker_peak_rss_bytes": [300e6, 310e6],
+        "links": {"peak_rss_bytes": 50e6, "cpu_seconds": 4.0},
+    }
+    entry = {
+        "workers": 8,
+        "params": 2_500_000,
+        "model_bytes": 10_000_000,
+        "net": {"rtt_ms": 50.0, "rates_mbit": [10.0, *[100.0] * 7]},
+        "physical_floor_seconds": 16.1,
+        "bound": {"ceiling_seconds_per_round": 0.5, "verdict": "link"},
+        "bare_echo": {
+            "seconds_per_round": 16.0,
+            "links": {"peak_rss_bytes": 45e6, "cpu_seconds": 1.0},
+        },
+        "bare_echo_ratio_to_physical_floor": 0.99,
+        "fedcore": {"deadline": run},
+        "ratios": {
+            "deadline": {"to_bare_echo": 0.219, "coordinator_peak_above_baseline_models": 9.5}
+        },
+        "load_average": {"before": [3.0, 2.0, 1.0], "after": [5.5, 3.0, 1.0]},
+    }
+    row = bench_wan.table_row(entry)
+    assert row.startswith("| 8 | 2.5e+06 (10 MB) | 50 ms | 10+7x100 | 16.10 s | 0.50 s (link) |")
+    assert "deadline 3.50 s (0.22x), 2 late" in row
+    assert "400 MB (+9.5 models) | 310 MB | 50 MB, 4 s | 3.0-5.5 |" in row
