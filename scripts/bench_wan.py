@@ -275,10 +275,34 @@ def bound(point: Point, echo_seconds: float, ceiling: dict[str, Any] | None) -> 
     verdict["ceiling_seconds_per_round"] = ceiling["seconds_per_round"]
     verdict["proxy_share"] = round(share, 3)
     verdict["verdict"] = "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
-    verdict["echo_over_ceiling_plus_rtts"] = _ratio(
-        echo_seconds, ceiling["seconds_per_round"] + 2 * point.net.rtt_ms / 1000
+    verdict["echo_over_ceiling_plus_rtts"] = (
+        _ratio(echo_seconds, ceiling["seconds_per_round"] + 2 * point.net.rtt_ms / 1000)
+        if echo_seconds
+        else None
     )
     return verdict
+
+
+def _echo(point: Point, rounds: int, tmp: Path, cwd: Path, timeout: float) -> dict[str, Any]:
+    """The bare grpc.aio echo through the point's links, and the link process's figures."""
+    from fedcore.protocol import DEFAULT_CHUNK_BYTES
+
+    links = Links(point.net, tmp / f"links-{point.workers}-{point.params}-echo.log", cwd)
+    try:
+        echo = overhead.measure_floor(
+            point.workers,
+            point.params,
+            rounds,
+            tmp,
+            DEFAULT_CHUNK_BYTES,
+            barrier=True,
+            route=links,
+            timeout=timeout,
+        )
+    finally:
+        echo_links = links.close()
+    echo["links"] = echo_links
+    return echo
 
 
 def measure_point(
@@ -291,35 +315,23 @@ def measure_point(
     *,
     deadline: float | None = None,
     ceiling: dict[str, Any] | None = None,
+    echo: bool = True,
 ) -> dict[str, Any]:
-    """The bare echo and every variant (and the old code's default) for one point;
-    ``code``: the tree the variants run (None: this one); ``ceiling``: its (N, d)'s
-    :func:`measure_ceiling`, to say whether the point is CPU-bound."""
-    from fedcore.protocol import DEFAULT_CHUNK_BYTES
-
+    """The bare echo (unless not ``echo``: many rounds of a straggler's echo take minutes) and
+    every variant (and the old code's default) for one point; ``code``: the tree the variants
+    run (None: this one); ``ceiling``: its (N, d)'s :func:`measure_ceiling`, to say whether
+    the point is CPU-bound."""
     workers, params, net = point.workers, point.params, point.net
     model_bytes = 4 * params
     name = point.name()
     load_before = os.getloadavg()
     timeout = _timeout(net, workers, model_bytes, rounds)
     runs: dict[str, Any] = {}
+    bare: dict[str, Any] | None = None
     with neutral_folder() as cwd:
-        links = Links(net, tmp / f"links-{workers}-{params}-echo.log", cwd)
-        try:
-            echo = overhead.measure_floor(
-                workers,
-                params,
-                rounds,
-                tmp,
-                DEFAULT_CHUNK_BYTES,
-                barrier=True,
-                route=links,
-                timeout=timeout,
-            )
-        finally:
-            link_stats = links.close()
-        echo["links"] = link_stats
-        _progress(f"{name}: bare echo {echo['seconds_per_round']:.3f} s/round")
+        if echo:
+            bare = _echo(point, rounds, tmp, cwd, timeout)
+            _progress(f"{name}: bare echo {bare['seconds_per_round']:.3f} s/round")
         plan = [(v, code) for v in variants] + ([("old-default", old)] if old else [])
         for variant, tree in plan:
             server_flags, worker_flags = VARIANTS[variant.removeprefix("old-")]
@@ -348,14 +360,14 @@ def measure_point(
                 f"{fed['peak_rss_bytes'] / 1e6:.0f} MB, {fed['failures']} failure(s)"
             )
     floor = net.physical_floor(model_bytes)
-    echo_s = echo["seconds_per_round"]
+    echo_s = 0.0 if bare is None else bare["seconds_per_round"]
     return {
         "workers": workers,
         "params": params,
         "model_bytes": model_bytes,
         "net": net.describe(),
         "physical_floor_seconds": round(floor, 4),
-        "bare_echo": echo,
+        "bare_echo": bare,
         "bare_echo_ratio_to_physical_floor": _ratio(echo_s, floor),
         "bound": bound(point, echo_s, ceiling),
         "fedcore": runs,
@@ -450,13 +462,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 entries.append(
                     measure_point(
                         point,
-                        point.variants or args.variant,
+                        args.variant if args.variant_given else point.variants or args.variant,
                         args.rounds,
                         tmp,
                         old,
                         code,
                         deadline=args.round_deadline,
                         ceiling=ceilings.get(key),
+                        echo=not args.skip_echo,
                     )
                 )
             except BenchError as exc:  # one point failing keeps the others
@@ -538,11 +551,17 @@ def table_row(entry: dict[str, Any]) -> str:
         else "-"
     )
     echo = entry["bare_echo"]
+    echo_cell = (
+        "-"
+        if echo is None
+        else f"{echo['seconds_per_round']:.2f} s ({entry['bare_echo_ratio_to_physical_floor']:.2f}x)"
+    )
     runs = []
     for variant, run in entry["fedcore"].items():
         ratio = entry["ratios"][variant]
         runs.append(
-            f"{variant} {run['seconds_per_round']:.2f} s ({ratio['to_bare_echo']:.2f}x)"
+            f"{variant} {run['seconds_per_round']:.2f} s"
+            + ("" if ratio["to_bare_echo"] is None else f" ({ratio['to_bare_echo']:.2f}x)")
             + (f", {run['failures']} late" if run["failures"] else "")
         )
     peaks = "; ".join(
@@ -551,16 +570,15 @@ def table_row(entry: dict[str, Any]) -> str:
         for v, run in entry["fedcore"].items()
     )
     workers = [p for run in entry["fedcore"].values() for p in run["worker_peak_rss_bytes"]]
-    links = [
-        entry["bare_echo"]["links"],
-        *(r["links"] for r in entry["fedcore"].values()),
-    ]
+    links = [r["links"] for r in entry["fedcore"].values()]
+    if echo is not None:
+        links.append(echo["links"])
     load = entry["load_average"]
     loads = sorted([*load["before"][:1], *load["after"][:1]])
     return (
         f"| {entry['workers']} | {entry['params']:.2g} ({model / 1e6:.0f} MB) | "
         f"{net['rtt_ms']:g} ms | {rates} | {entry['physical_floor_seconds']:.2f} s | {ceiling} | "
-        f"{echo['seconds_per_round']:.2f} s ({entry['bare_echo_ratio_to_physical_floor']:.2f}x) | "
+        f"{echo_cell} | "
         f"{'; '.join(runs)} | {peaks} | {_mb(max(workers))} MB | "
         f"{_mb(max(link['peak_rss_bytes'] for link in links))} MB, "
         f"{max(link['cpu_seconds'] for link in links):.0f} s | "
@@ -656,6 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="print the points to run and exit")
     p.add_argument(
+        "--skip-echo",
+        action="store_true",
+        help="run no bare echo (a long run of a straggler's variants; no ratios to the echo)",
+    )
+    p.add_argument(
         "--ceiling",
         action="store_true",
         help="also measure the echo through unlimited proxies once per (N, d)",
@@ -681,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A preset point's own variants give way to a --variant named on the command line.
+    args.variant_given = "--variant" in (sys.argv[1:] if argv is None else argv)
     if args.role == "links":
         return links_main(args.upstream, args.rtt_ms, args.rate_mbit)
     if args.role == "table":
@@ -688,9 +713,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.list:
             points = grid(args)
-            indices = pick(args.pick, len(points)) if args.pick and args.grid else None
-            for i, point in zip(indices or range(len(points)), points, strict=True):
-                print(f"{i:3d}  {point.name()}  variants={list(point.variants or args.variant)}")
+            every = len(GRIDS[args.grid]()) if args.grid else len(points)
+            indices = pick(args.pick, every) if args.pick and args.grid else range(every)
+            for i, point in zip(indices, points, strict=True):
+                variants = args.variant if args.variant_given else point.variants or args.variant
+                print(f"{i:3d}  {point.name()}  variants={list(variants)}")
             return 0
         report = run_benchmark(args)
     except BenchError as exc:

@@ -105,3 +105,8 @@ def test_table_row_names_links_verdict_ratios_and_late_results() -> None:
     assert row.startswith("| 8 | 2.5e+06 (10 MB) | 50 ms | 10+7x100 | 16.10 s | 0.50 s (link) |")
     assert "deadline 3.50 s (0.22x), 2 late" in row
     assert "400 MB (+9.5 models) | 310 MB | 50 MB, 4 s | 3.0-5.5 |" in row
+    # --skip-echo: no echo, no ratio to it.
+    skipped = {**entry, "bare_echo": None, "ratios": {"deadline": {**entry["ratios"]["deadline"]}}}
+    skipped["ratios"]["deadline"]["to_bare_echo"] = None
+    row = bench_wan.table_row(skipped)
+    assert "| 0.50 s (link) | - | deadline 3.50 s, 2 late |" in row
