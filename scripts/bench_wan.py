@@ -6,7 +6,7 @@ and a token-bucket rate per direction, bounded buffers, flow control end to end)
 coordinator's side is unlimited. For every point of the grid, in one run: fedcore with each
 requested ``--variant`` of flags, the bare echo (each client echoes once the whole model
 arrived, as a worker must) through the same links, the physical floor (the model down and up
-at the slowest link's rate plus two round trips), the ratios, and every process's peak memory
+at the slowest link's rate plus one round trip), the ratios, and every process's peak memory
 (coordinator, workers, echo server and clients, the link process and its CPU time).
 
     bench_wan.py [--workers 4 8] [--sizes 2.5e6 1e7] [--rtt-ms 50] [--rate-mbit 100]
@@ -107,13 +107,16 @@ class Net:
 
     def physical_floor(self, model_bytes: int) -> float:
         """Seconds for a round that only moves bytes: the model down and up at the slowest
-        link's rate, plus two round trips (the task out, the result back)."""
+        link's rate, plus one round trip: the task's last byte reaches a silo half a round trip
+        after it left, and its result's last byte the coordinator half a round trip after it
+        left. (Until issue 28's grid this counted two round trips; at 200 ms the bare echo
+        ran 0.2 s under that.)"""
         slowest = min(self.rates_mbit) * _MBIT
-        return 2 * model_bytes * 8 / slowest + 2 * self.rtt_ms / 1000
+        return 2 * model_bytes * 8 / slowest + self.rtt_ms / 1000
 
     def transfer_floor(self, model_bytes: int) -> float:
         """The floor's byte part: the model down and up at the slowest link's rate."""
-        return self.physical_floor(model_bytes) - 2 * self.rtt_ms / 1000
+        return self.physical_floor(model_bytes) - self.rtt_ms / 1000
 
     def describe(self) -> dict[str, Any]:
         # JSON has no infinity: an unlimited link's rate is written as null.
@@ -275,8 +278,8 @@ def bound(point: Point, echo_seconds: float, ceiling: dict[str, Any] | None) -> 
     verdict["ceiling_seconds_per_round"] = ceiling["seconds_per_round"]
     verdict["proxy_share"] = round(share, 3)
     verdict["verdict"] = "cpu" if share >= 1 else "mixed" if share >= _MIXED_SHARE else "link"
-    verdict["echo_over_ceiling_plus_rtts"] = (
-        _ratio(echo_seconds, ceiling["seconds_per_round"] + 2 * point.net.rtt_ms / 1000)
+    verdict["echo_over_ceiling_plus_rtt"] = (
+        _ratio(echo_seconds, ceiling["seconds_per_round"] + point.net.rtt_ms / 1000)
         if echo_seconds
         else None
     )
@@ -550,11 +553,13 @@ def table_row(entry: dict[str, Any]) -> str:
         if "verdict" in bound_
         else "-"
     )
+    # The floor from the links, so that reports written before its change read alike.
+    floor = Net(net["rtt_ms"], tuple(net["rates_mbit"])).physical_floor(model)
     echo = entry["bare_echo"]
     echo_cell = (
         "-"
         if echo is None
-        else f"{echo['seconds_per_round']:.2f} s ({entry['bare_echo_ratio_to_physical_floor']:.2f}x)"
+        else f"{echo['seconds_per_round']:.2f} s ({_ratio(echo['seconds_per_round'], floor):.2f}x)"
     )
     runs = []
     for variant, run in entry["fedcore"].items():
@@ -577,7 +582,7 @@ def table_row(entry: dict[str, Any]) -> str:
     loads = sorted([*load["before"][:1], *load["after"][:1]])
     return (
         f"| {entry['workers']} | {entry['params']:.2g} ({model / 1e6:.0f} MB) | "
-        f"{net['rtt_ms']:g} ms | {rates} | {entry['physical_floor_seconds']:.2f} s | {ceiling} | "
+        f"{net['rtt_ms']:g} ms | {rates} | {floor:.2f} s | {ceiling} | "
         f"{echo_cell} | "
         f"{'; '.join(runs)} | {peaks} | {_mb(max(workers))} MB | "
         f"{_mb(max(link['peak_rss_bytes'] for link in links))} MB, "
