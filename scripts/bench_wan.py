@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "plain": ((), ("--step", "1e-3")),
     "secagg": (("--secagg",), ("--step", "1e-3")),
     "fedbuff": (("--strategy", "fedbuff"), ()),
+    # FedBuff stages each upload whole in an upload slot (its aggregator does not stream):
+    # with one slot, a slow silo's upload holds back every other.
+    "fedbuff-slots": (("--strategy", "fedbuff", "--upload-slots", "{n}"), ()),
 }
 
 
