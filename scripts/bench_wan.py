@@ -601,17 +601,25 @@ TABLE_HEAD = (
 )
 
 
+def _table_order(entry: dict[str, Any]) -> tuple[bool, int, float, float, int]:
+    rates = entry["net"]["rates_mbit"]
+    uneven = len(set(rates)) > 1
+    return (uneven, entry["workers"], max(rates), entry["net"]["rtt_ms"], entry["params"])
+
+
 def table_main(paths: Sequence[Path]) -> int:
-    """Print every measured point of ``paths`` as one Markdown table (failed points listed
-    after it)."""
+    """Print every measured point of ``paths`` as one Markdown table, ordered by N, rate,
+    round trip and d, uneven links last (failed points listed after it)."""
     print(TABLE_HEAD)
-    failed = []
+    failed, measured = [], []
     for path in paths:
         for entry in json.loads(path.read_text(encoding="utf-8"))["results"]:
             if "error" in entry:
                 failed.append(f"{path.name}: {entry['error']}")
             else:
-                print(table_row(entry))
+                measured.append(entry)
+    for entry in sorted(measured, key=_table_order):
+        print(table_row(entry))
     for line in failed:
         print(f"\nfailed: {line}")
     return 0
