@@ -62,7 +62,8 @@ bench-secagg: $(STAMP)
 	mkdir -p build && $(PY) scripts/bench_secagg.py --quick --out build/bench_secagg.json
 
 # Every silo behind its own emulated link (delay, rate): fedcore vs a bare grpc.aio echo;
-# e.g. make bench-wan ARGS="--workers 8 --rtt-ms 50 200 --variant default slots".
+# e.g. make bench-wan ARGS="--workers 8 --rtt-ms 50 200 --variant default slots", or issue 28's
+# grid a few points at a time: ARGS="--grid issue28 --list", then ARGS="--grid issue28 --pick 0-1 --ceiling".
 bench-wan: $(STAMP)
 	mkdir -p build && $(PY) scripts/bench_wan.py --out build/bench_wan.json $(ARGS)
 
