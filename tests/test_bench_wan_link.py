@@ -151,10 +151,14 @@ def test_the_physical_floor_is_set_by_the_slowest_link() -> None:
 
     even = bench_wan.Net(50.0, (100.0,) * 8)
     straggler = bench_wan.Net(50.0, (10.0, *(100.0,) * 7))
-    # 10 MB down and up at 100 Mbit/s (0.8 s each) plus two round trips of 50 ms.
-    assert even.physical_floor(10_000_000) == pytest.approx(1.7)
-    assert straggler.physical_floor(10_000_000) == pytest.approx(16.1)
+    # 10 MB down and up at 100 Mbit/s (0.8 s each) plus one round trip of 50 ms (half of it
+    # for the task's last byte, half for the result's).
+    assert even.physical_floor(10_000_000) == pytest.approx(1.65)
+    assert straggler.physical_floor(10_000_000) == pytest.approx(16.05)
     args = bench_wan.build_parser().parse_args(
         ["--workers", "8", "--sizes", "2.5e6", "--straggler-mbit", "10"]
     )
-    assert bench_wan.grid(args) == [(8, 2_500_000, even), (8, 2_500_000, straggler)]
+    assert bench_wan.grid(args) == [
+        bench_wan.Point(8, 2_500_000, even),
+        bench_wan.Point(8, 2_500_000, straggler),
+    ]
