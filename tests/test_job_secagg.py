@@ -5,8 +5,6 @@ worker's secure message naming another job is refused; the worker keeps a round 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,52 +12,30 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from standing_network import Silo, standing_network, until_final
 from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights
 from test_job_traffic import _Context
 
 from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import SecAggError
 from fedcore.protocol import PROTOCOL_VERSION, STREAM_END
-from fedcore.server.network import Network, NetworkSettings
 from fedcore.server.state.analytics import AnalyticsSettings
 from fedcore.server.state.registry import SessionState, WorkerRegistry
 from fedcore.server.transport.auth import Authenticator
 from fedcore.server.transport.service import CoordinatorService
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.worker import Worker
 
 SECURE = {"rounds": 1, "min_workers": 3, "secagg": True, "secagg_clip": 4.0, "secagg_bits": 24}
 
 
-async def _final(network: Network, job_ids: list[str]) -> None:
-    """Wait (bounded) until every job in ``job_ids`` has ended."""
-    async with asyncio.timeout(TIMEOUT):
-        # The job store has no change signal; the wait is bounded above.
-        while not all(network.store.get(j).final for j in job_ids):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-
-
 async def test_two_secure_jobs_run_at_once_and_each_sums_its_own_workers(tmp_path: Path) -> None:
-    scientists = tmp_path / "scientists.json"  # nobody enrolled: the test submits to the store
-    scientists.write_text('{"version": 1, "scientists": {}}')
-    cfg = replace(config(min_workers=3), analytics=AnalyticsSettings(scientists))
-    network = Network(cfg, NetworkSettings(tmp_path / "state", max_running=2))
-    serving = asyncio.create_task(network.run())
-    workers: list[asyncio.Task[Any]] = []
-    try:
-        await asyncio.wait_for(network.ready.wait(), TIMEOUT)
-        offsets = {"a": [(1.0, 30), (-0.5, 10), (2.0, 20)], "b": [(3.0, 5), (0.5, 15), (-1.0, 10)]}
-        for tag, scripted in offsets.items():
-            for i, (offset, examples) in enumerate(scripted):
-                worker = Worker(
-                    f"127.0.0.1:{network.port}",
-                    f"{tag}{i}",
-                    ScriptedTrainer(offset, examples),
-                    backoff_initial=0.05,
-                    give_up_after=TIMEOUT,
-                    dataset=DatasetMetadata(f"{tag}{i}", tags=(tag,)),
-                )
-                workers.append(asyncio.create_task(worker.run()))
+    offsets = {"a": [(1.0, 30), (-0.5, 10), (2.0, 20)], "b": [(3.0, 5), (0.5, 15), (-1.0, 10)]}
+    silos = [
+        Silo(f"{tag}{i}", ScriptedTrainer(offset, examples), (tag,))
+        for tag, scripted in offsets.items()
+        for i, (offset, examples) in enumerate(scripted)
+    ]
+    async with standing_network(tmp_path, silos) as network:
         jobs = [
             network.store.submit(
                 study="s",
@@ -71,7 +47,7 @@ async def test_two_secure_jobs_run_at_once_and_each_sums_its_own_workers(tmp_pat
             for tag in offsets
         ]
         network.scheduler.wake()
-        await _final(network, jobs)
+        await until_final(network, jobs)
         step = 4.0 / (2**23 - 1)
         for job, scripted in zip(jobs, offsets.values(), strict=True):
             record = network.store.get(job)
@@ -85,13 +61,6 @@ async def test_two_secure_jobs_run_at_once_and_each_sums_its_own_workers(tmp_pat
         started = [next(e.seq for e in lines[j] if "running rounds" in e.text) for j in jobs]
         ended = [next(e.seq for e in lines[j] if e.text.startswith("completed")) for j in jobs]
         assert max(started) < min(ended), lines
-    finally:
-        network.stop()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(serving, TIMEOUT)
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
 
 
 async def test_a_secure_message_naming_another_job_is_refused() -> None:

@@ -9,27 +9,24 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from standing_network import Silo, standing_network, until_final
 from test_coordinator import MODEL, TIMEOUT, ScriptedTrainer, config, run_worker
-from test_job_secagg import SECURE, _final
+from test_job_secagg import SECURE
 
-from fedcore.data.metadata import DatasetMetadata
 from fedcore.errors import PolicyError
 from fedcore.models import build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
-from fedcore.policy import Charge, Policy, PrivacyLedger, epsilon_of, parse_policy
+from fedcore.policy import Charge, PrivacyLedger, epsilon_of, parse_policy
 from fedcore.protocol import SECAGG_CAPABILITY
 from fedcore.server.jobs.workers import JobWorkers
-from fedcore.server.network import Network, NetworkSettings
-from fedcore.server.state.analytics import AnalyticsSettings
+from fedcore.server.network import Network
 from fedcore.server.state.registry import (
     MAX_TASKS_PER_WORKER,
     IllegalTransition,
@@ -40,8 +37,6 @@ from fedcore.server.state.registry import (
 from fedcore.server.transport.traffic import StreamJobs
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
-from fedcore.worker import Worker
-from fedcore.worker.policy import PolicyGuard
 from fedcore.worker.trainer import FitOutput
 
 # ---------------------------------------------------------------- the owner's policy
@@ -266,37 +261,9 @@ class _Together(ScriptedTrainer):
         return super().fit(model, weights, config)
 
 
-@contextlib.asynccontextmanager
-async def _network(tmp_path: Path, trainers: list[ScriptedTrainer]) -> AsyncIterator[Network]:
-    """A standing network in process (real gRPC) and one worker per trainer, each allowed two
-    tasks at once."""
-    scientists = tmp_path / "scientists.json"  # nobody enrolled: the tests submit to the store
-    scientists.write_text('{"version": 1, "scientists": {}}')
-    cfg = replace(config(min_workers=3), analytics=AnalyticsSettings(scientists))
-    network = Network(cfg, NetworkSettings(tmp_path / "state", max_running=2))
-    serving = asyncio.create_task(network.run())
-    workers: list[asyncio.Task[Any]] = []
-    try:
-        await asyncio.wait_for(network.ready.wait(), TIMEOUT)
-        for i, trainer in enumerate(trainers):
-            worker = Worker(
-                f"127.0.0.1:{network.port}",
-                f"silo{i}",
-                trainer,
-                backoff_initial=0.05,
-                give_up_after=TIMEOUT,
-                guard=PolicyGuard(Policy(max_tasks=2), num_examples=trainer.num_examples),
-                dataset=DatasetMetadata(f"silo{i}", tags=("s",)),
-            )
-            workers.append(asyncio.create_task(worker.run()))
-        yield network
-    finally:
-        network.stop()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(serving, TIMEOUT)
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+def _silos(trainers: list[ScriptedTrainer]) -> list[Silo]:
+    """One worker per trainer, each allowed two tasks at once."""
+    return [Silo(f"silo{i}", t, ("s",), max_tasks=2) for i, t in enumerate(trainers)]
 
 
 def _submit(network: Network, settings: dict[str, Any], seeds: tuple[int, ...]) -> list[str]:
@@ -318,12 +285,14 @@ async def test_two_secure_jobs_share_three_workers_at_once_and_each_sums_exactly
     tmp_path: Path,
 ) -> None:
     scripted = [(1.0, 30), (-0.5, 10), (2.0, 20)]
-    async with _network(tmp_path, [_Together(o, n) for o, n in scripted]) as network:
+    async with standing_network(
+        tmp_path, _silos([_Together(o, n) for o, n in scripted])
+    ) as network:
         # Different initial models: a worker sends one masked update per global model
         # (secure-aggregation.once-per-model), whichever job asks.
         seeds = (1, 2)
         jobs = _submit(network, SECURE, seeds)
-        await _final(network, jobs)
+        await until_final(network, jobs)
         step = 4.0 / (2**23 - 1)
         mean = sum(o * n for o, n in scripted) / sum(n for _, n in scripted)
         for job, seed in zip(jobs, seeds, strict=True):
@@ -361,9 +330,9 @@ async def test_a_trainer_that_is_not_concurrent_is_called_one_task_at_a_time(
     trainers = [_Counting(1.0, 10) for _ in range(3)]
     for trainer in trainers:
         trainer.concurrent = concurrent
-    async with _network(tmp_path, trainers) as network:
+    async with standing_network(tmp_path, _silos(trainers)) as network:
         jobs = _submit(network, {"rounds": 1, "min_workers": 3}, (1, 2))
-        await _final(network, jobs)
+        await until_final(network, jobs)
         assert all(network.store.get(j).state == "completed" for j in jobs)
     # Both jobs' tasks were held at once either way; only a concurrent trainer overlapped.
     peaks = [t.peak for t in trainers]
