@@ -91,6 +91,9 @@ def test_frozen_parameters_travel_once(shards: Path, tmp_path: Path, procs: list
     # Worker a restarts mid-federation, right after its first update: its cache survives.
     a.wait_for_event("update_sent", timeout=90)
     a.kill()
+    # Restart once the coordinator has dropped the old connection: a worker joining under a
+    # name still connected is refused and backs off (seconds, growing), which is not the test.
+    server.wait_for_event("worker_left", worker="a", timeout=90)
     a2 = start_worker(procs, port, shards / "shard-0.npz", "a", "--frozen-cache", str(cache_a))
     a2.wait_for_event("update_sent", timeout=90)
     # c's data owner names a base model with other contents: c refuses the plans.
