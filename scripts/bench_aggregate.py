@@ -82,7 +82,7 @@ def _run(
 def bench(params: int, num_updates: int, repeats: int) -> dict[str, object]:
     rng = np.random.default_rng(0)
     shapes = {"conv.weight": params // 2, "fc.weight": params - params // 2 - 10, "fc.bias": 10}
-    updates = [
+    updates: list[Weights] = [
         {k: rng.normal(0.0, 0.05, size=n).astype(np.float32) for k, n in shapes.items()}
         for _ in range(num_updates)
     ]

@@ -30,7 +30,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from fedcore.data.shards import ArrayDataset
 from fedcore.models import build_model, get_weights, set_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.privacy import DifferentialPrivacy, privatize_update
-from fedcore.privacy.accountant import calibrate_noise_multiplier, epsilon_of_history
+from fedcore.privacy.accountant import Mechanism, calibrate_noise_multiplier, epsilon_of_history
 from fedcore.privacy.client import ClientDP
 from fedcore.privacy.dpsgd import DPSGD
 from fedcore.privacy.dpsgd import RELATION as DPSGD_RELATION
@@ -107,7 +107,7 @@ def client_level(
                     request = ClientDP.from_extra(instructions[0].config.extra)
                     assert request is not None
                     p = privatize_update(weights, updated, request, rng=rng)
-                    aggregator.add({k: weights[k] + p.delta[k] for k in weights}, 1)
+                    aggregator.add({k: np.add(weights[k], p.delta[k]) for k in weights}, 1)
                 else:
                     aggregator.add(updated, local.num_examples)
                 results.append(FitResult(workers[i], local.num_examples, {}))
@@ -169,12 +169,14 @@ def record_level(
         momentum=args.silo_momentum,
     )
     runs = []
-    settings = [
+    # "-": no accountant (a silo without DP-SGD); only ever read when the target is positive.
+    settings: list[tuple[float, str]] = [
         (target, mechanism)
         for target in args.silo_epsilon
         for mechanism in (args.silo_accountants if target > 0 else ["-"])
     ]
-    for target, mechanism in settings:
+    for target, name in settings:
+        mechanism = cast(Mechanism, name)
         size = min(len(s) for s in shards)
         q = 1 / math.ceil(size / args.silo_batch)
         steps = args.silo_rounds * args.silo_epochs * round(1 / q)

@@ -223,7 +223,7 @@ async def _floor_client(server: str, chunk_bytes: int, timeout: float, batch: in
     """Echo the messages the floor server sends, on the same stream, until it ends it: each one
     as it arrives, or (``batch`` > 1) each ``batch`` of them once all arrived."""
     async with grpc.aio.insecure_channel(server, options=_grpc_options(chunk_bytes)) as channel:
-        call: Any = channel.stream_stream(FLOOR_METHOD)()
+        call: Any = channel.stream_stream(FLOOR_METHOD, None, None)(None)
         await call.write(b"hello")
         held: list[bytes] = []
         while True:

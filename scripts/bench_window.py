@@ -92,7 +92,7 @@ async def _measure(address: str, spec: LinkSpec, total: int) -> dict[str, Any]:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{link_port}", options=_LIMITS) as channel:
             await asyncio.wait_for(channel.channel_ready(), 30)
-            call: Any = channel.stream_stream(METHOD)()
+            call: Any = channel.stream_stream(METHOD, None, None)(None)
             await call.write(json.dumps([total, total]).encode())
             message = bytes(CHUNK)
             started = time.perf_counter()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def main() -> int:
         text=True,
         env=env,
     )
-    workers: list[subprocess.Popen[str]] = []
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         assert server.stdout is not None
         first = server.stdout.readline()
@@ -134,7 +135,8 @@ def main() -> int:
                 print(f"demo: a worker failed; see {out}/worker-*.log", file=sys.stderr)
                 return 2
     finally:
-        for proc in [server, *workers]:
+        everyone: list[subprocess.Popen[Any]] = [server, *workers]
+        for proc in everyone:
             if proc.poll() is None:
                 proc.kill()
 

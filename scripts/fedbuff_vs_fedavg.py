@@ -144,7 +144,8 @@ def _federation(args: argparse.Namespace, strategy: str, options: dict[str, Any]
             w.send_signal(signal.SIGINT)
             w.wait(timeout=60)
     finally:
-        for proc in [server, *workers]:
+        everyone: list[subprocess.Popen[Any]] = [server, *workers]
+        for proc in everyone:
             if proc.poll() is None:
                 proc.kill()
     rows = _rows(metrics)

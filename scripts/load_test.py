@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ended = time.monotonic()
             worker_codes = [p.wait(60) for p in procs]
         finally:
-            for p in [server, *procs]:
+            everyone: list[subprocess.Popen[Any]] = [server, *procs]
+            for p in everyone:
                 if p.poll() is None:
                     p.kill()
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]

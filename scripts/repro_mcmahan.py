@@ -66,7 +66,8 @@ class StopAtTarget(FedAvg):
 
 
 def _metrics_path(args: argparse.Namespace, row: str, lr: float) -> Path:
-    return args.out / f"{row}-lr{lr:g}.jsonl"
+    out: Path = args.out
+    return out / f"{row}-lr{lr:g}.jsonl"
 
 
 def _config(args: argparse.Namespace, row: str, lr: float, test_set: Path) -> ServerConfig:

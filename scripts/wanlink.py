@@ -212,7 +212,7 @@ class Link:
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         upstream_writer: asyncio.StreamWriter | None = None
         try:
             _small_buffers(writer)
@@ -228,7 +228,7 @@ class Link:
         except* (ConnectionError, OSError):
             pass  # either end went away: so does the other (closed below)
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             for w in (writer, upstream_writer):
                 if w is not None:
                     w.close()

@@ -78,4 +78,4 @@ class RawClient:
 
     async def close(self) -> None:
         self.call.cancel()
-        await self.channel.close()
+        await self.channel.close(None)
