@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +27,9 @@ __all__ = [
     "total_bytes",
 ]
 
-Weights = dict[str, npt.NDArray[np.generic]]
+# Any dtype: a tensor of any numeric type; Any (not np.generic) so that a dict of float32
+# arrays is a Weights too (dict is invariant in its values).
+Weights = dict[str, npt.NDArray[Any]]
 
 
 @dataclass(frozen=True, slots=True)
