@@ -1,0 +1,294 @@
+"""Issue 28: FedBuff uploads stream to disk as they arrive and fold at fold time.
+
+* with one upload slot, an upload left open part-way does not stop another worker's upload
+  from being folded and counted (uploads no longer wait for a slot);
+* a streamed update folds bit for bit as the same update through ``accept`` (weights and
+  deltas, staleness 0 and 2);
+* an upload cut after any chunk leaves the next global model as if it was never sent, and
+  its spool file is closed;
+* a chunk with NaN or Inf is refused with a clear error and nothing is folded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedcore.codec import iter_chunks, make_header
+from fedcore.errors import PayloadError
+from fedcore.server.engine.fedbuff import BufferCollector
+from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
+from fedcore.server.transport.inbox import Inbox
+from fedcore.server.transport.upload_stream import StreamedUpload
+from fedcore.strategy import AsyncSettings, FedBuff
+from fedcore.strategy.spool import SpooledUpdate
+from fedcore.v1 import fedcore_pb2 as pb
+from fedcore.weights import Weights, signature_of
+
+RNG = np.random.default_rng(28)
+# Three model versions: updates trained from version 0 arrive at version 2 (staleness 2).
+V0: Weights = {
+    "conv": RNG.normal(0, 0.1, (3, 5)).astype(np.float32),
+    "steps": np.array([40, 7], np.int64),
+    "big": RNG.normal(0, 0.1, 3000).astype(np.float32),
+    "half": RNG.normal(0, 0.1, 9).astype(np.float64),
+}
+V2: Weights = {k: (v + np.asarray(1, v.dtype)).astype(v.dtype) for k, v in V0.items()}
+SIGNATURE = signature_of(V0)
+CHUNK = 1021  # odd: chunks cut float32, float64 and int64 elements in two
+TOTAL = sum(a.nbytes for a in V0.values())
+N_CHUNKS = -(-TOTAL // CHUNK)
+STRATEGY = FedBuff(buffer_size=10, max_staleness=5, staleness_exponent=0.5)
+WAIT = 5.0  # bound on every in-process step (each takes milliseconds)
+
+
+def _update(seed: int, base: Weights) -> Weights:
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype)
+        if v.dtype.kind == "f"
+        else v + rng.integers(-3, 4, v.shape)
+        for k, v in base.items()
+    }
+
+
+def _collector(version: int = 2) -> BufferCollector:
+    """A buffer at model ``version`` (the global model V2), models 0 and 2 still trained from.
+
+    The engine is a stand-in holding what the collector reads of it: the version counter,
+    the model versions and the settings."""
+    current = V2 if version == 2 else V0
+    engine: Any = SimpleNamespace(
+        version=version,
+        bases={0: V0, version: current},
+        settings=AsyncSettings(STRATEGY.async_settings.buffer_size, 5),
+        context=SimpleNamespace(weights=current),
+    )
+    return BufferCollector(engine, STRATEGY.start_aggregation(version + 1, current))
+
+
+def _ticket(collector: BufferCollector, name: str, *, trained_from: int) -> Ticket:
+    session = WorkerSession(name, pb.Hello(name=name, num_examples=1000), "test")
+    session.transition(SessionState.IDLE)
+    ticket = Ticket(f"t-{name}", trained_from + 1, pb.TASK_KIND_FIT, session, collector=collector)
+    session.assign(ticket)
+    return ticket
+
+
+def _result(ticket: Ticket, update: Weights, kind: int = pb.UPDATE_KIND_WEIGHTS) -> pb.TaskResult:
+    return pb.TaskResult(
+        task_id=ticket.task_id,
+        num_examples=10,
+        update=make_header(update, CHUNK),
+        update_kind=kind,
+    )
+
+
+def _chunks(update: Weights) -> list[pb.PayloadChunk]:
+    chunks = [
+        pb.PayloadChunk(index=i, data=bytes(d)) for i, d in enumerate(iter_chunks(update, CHUNK))
+    ]
+    assert len(chunks) == N_CHUNKS
+    return chunks
+
+
+def _open(collector: BufferCollector, ticket: Ticket, result: pb.TaskResult) -> StreamedUpload:
+    sink = collector.open_stream(ticket, result, SIGNATURE)
+    assert isinstance(sink, StreamedUpload), "FedBuff must take uploads as streams"
+    return sink
+
+
+async def _stream(
+    collector: BufferCollector, ticket: Ticket, update: Weights, kind: int
+) -> StreamedUpload:
+    result = _result(ticket, update, kind)
+    sink = _open(collector, ticket, result)
+    for chunk in _chunks(update):
+        await asyncio.to_thread(sink.add, chunk)
+    await asyncio.wait_for(collector.finish_stream(ticket, result, sink), WAIT)
+    return sink
+
+
+def _bytes(weights: Weights) -> dict[str, bytes]:
+    return {k: v.dtype.str.encode() + v.tobytes() for k, v in weights.items()}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _inbox(ticket: Ticket, slots: asyncio.Semaphore) -> Inbox:
+    return Inbox(
+        ticket.session,
+        signature=SIGNATURE,
+        max_model_bytes=4 * TOTAL,
+        chunk_limit=CHUNK,
+        upload_slots=slots,
+    )
+
+
+async def _concurrent_uploads() -> None:
+    collector = _collector()
+    slots = asyncio.Semaphore(1)  # the default --upload-slots
+    slow = _ticket(collector, "slow", trained_from=2)
+    fast = _ticket(collector, "fast", trained_from=0)
+    slow_update, fast_update = _update(1, V2), _update(2, V0)
+    slow_inbox, fast_inbox = _inbox(slow, slots), _inbox(fast, slots)
+    slow_chunks = _chunks(slow_update)
+    # The straggler announces its update and sends a third of it, then pauses.
+    await asyncio.wait_for(
+        slow_inbox.handle(pb.WorkerMessage(result=_result(slow, slow_update))), 1
+    )
+    for chunk in slow_chunks[: N_CHUNKS // 3]:
+        await asyncio.wait_for(slow_inbox.on_chunk(chunk), 1)
+    # Meanwhile another silo uploads its whole update: it is folded and counted at once.
+    await asyncio.wait_for(
+        fast_inbox.handle(pb.WorkerMessage(result=_result(fast, fast_update))), 1
+    )
+    for chunk in _chunks(fast_update):
+        await asyncio.wait_for(fast_inbox.on_chunk(chunk), 1)
+    assert await asyncio.wait_for(fast.future, WAIT) is True
+    assert collector.aggregator.count == 1
+    assert [r.staleness for r in collector.results] == [2]
+    assert not slow.future.done()
+    # The straggler goes on and is counted too.
+    for chunk in slow_chunks[N_CHUNKS // 3 :]:
+        await asyncio.wait_for(slow_inbox.on_chunk(chunk), 1)
+    assert await asyncio.wait_for(slow.future, WAIT) is True
+    assert sorted(r.staleness for r in collector.results) == [0, 2]
+    # The same two updates through accept: the same global model.
+    reference = _collector()
+    for ticket, update in ((fast, fast_update), (slow, slow_update)):
+        twin = _ticket(reference, ticket.session.name, trained_from=ticket.round_number - 1)
+        await reference.accept(
+            twin, _result(twin, update), {k: v.copy() for k, v in update.items()}
+        )
+    assert _bytes(collector.aggregator.result()) == _bytes(reference.aggregator.result())
+
+
+def test_an_upload_left_open_does_not_block_another_silos_with_one_slot() -> None:
+    asyncio.run(_concurrent_uploads())
+
+
+@pytest.mark.parametrize("kind", [pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA])
+@pytest.mark.parametrize("trained_from", [2, 0])
+def test_a_streamed_update_folds_bit_for_bit_as_an_accepted_one(
+    kind: int, trained_from: int
+) -> None:
+    base = V2 if trained_from == 2 else V0
+    trained = _update(7, base)
+    sent = (
+        trained
+        if kind == pb.UPDATE_KIND_WEIGHTS
+        else {k: (v - base[k]).astype(v.dtype) for k, v in trained.items()}
+    )
+    first = _update(8, V2)  # one update already in the buffer, through accept
+
+    async def run(streamed: bool) -> tuple[dict[str, bytes], list[int]]:
+        collector = _collector()
+        earlier = _ticket(collector, "earlier", trained_from=2)
+        await collector.accept(
+            earlier, _result(earlier, first), {k: v.copy() for k, v in first.items()}
+        )
+        ticket = _ticket(collector, "w", trained_from=trained_from)
+        if streamed:
+            await _stream(collector, ticket, sent, kind)
+        else:
+            copy = {k: v.copy() for k, v in sent.items()}
+            await collector.accept(ticket, _result(ticket, sent, kind), copy)
+        assert ticket.future.result() is True
+        return _bytes(collector.aggregator.result()), [r.staleness for r in collector.results]
+
+    streamed, accepted = asyncio.run(run(True)), asyncio.run(run(False))
+    assert streamed == accepted
+    assert streamed[1] == [0, 2 - trained_from]
+
+
+def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_spool() -> None:
+    kept, cut_update = _update(3, V0), _update(4, V2)
+
+    async def run(cut: int | None) -> dict[str, bytes]:
+        """``kept`` streamed, and ``cut_update`` stopped after ``cut`` chunks (None: not
+        sent; N_CHUNKS: all sent, but its ticket failed before the fold)."""
+        collector = _collector()
+        ticket = _ticket(collector, "kept", trained_from=0)
+        await _stream(collector, ticket, kept, pb.UPDATE_KIND_WEIGHTS)
+        if cut is not None:
+            fds = _open_fds()
+            cut_ticket = _ticket(collector, "cut", trained_from=2)
+            result = _result(cut_ticket, cut_update)
+            sink = _open(collector, cut_ticket, result)
+            for chunk in _chunks(cut_update)[:cut]:
+                await asyncio.to_thread(sink.add, chunk)
+            spool = sink.stream
+            assert isinstance(spool, SpooledUpdate)
+            collector.fail(cut_ticket, "cut")  # its stream ended or its round timed out
+            if cut < N_CHUNKS:
+                sink.abort()  # what the inbox does when the ticket resolves mid-upload
+                assert spool.state == "aborted"
+            else:
+                await asyncio.wait_for(collector.finish_stream(cut_ticket, result, sink), WAIT)
+                assert spool.state == "closed"
+            assert _open_fds() == fds, f"the spool's file is still open (cut at {cut})"
+            assert collector.aggregator.count == 1
+        return _bytes(collector.aggregator.result())
+
+    without = asyncio.run(run(None))
+    for cut in range(N_CHUNKS + 1):
+        assert asyncio.run(run(cut)) == without, f"cut after {cut} chunks"
+
+    # Positive control: the same upload, completed, moves the model (and frees its spool).
+    async def completed() -> dict[str, bytes]:
+        collector = _collector()
+        await _stream(collector, _ticket(collector, "kept", trained_from=0), kept, 1)
+        fds = _open_fds()
+        sink = await _stream(collector, _ticket(collector, "cut", trained_from=2), cut_update, 1)
+        assert isinstance(sink.stream, SpooledUpdate)
+        assert sink.stream.state == "closed"
+        assert _open_fds() == fds
+        return _bytes(collector.aggregator.result())
+
+    assert asyncio.run(completed())["big"] != without["big"]
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(poison: float) -> None:
+    async def run() -> None:
+        collector = _collector()
+        slots = asyncio.Semaphore(1)
+        bad = _update(5, V2)
+        bad["big"][2500] = poison
+        ticket = _ticket(collector, "bad", trained_from=2)
+        inbox = _inbox(ticket, slots)
+        fds = _open_fds()
+        await inbox.handle(pb.WorkerMessage(result=_result(ticket, bad)))
+        chunks = _chunks(bad)
+        # The chunk holding big[2500] ("big" follows "conv" and "steps" in the payload).
+        poisoned = (15 * 4 + 2 * 8 + 2500 * 4) // CHUNK
+        for chunk in chunks[:poisoned]:
+            await asyncio.wait_for(inbox.on_chunk(chunk), 1)
+        with pytest.raises(PayloadError, match=r"worker 'bad'.*'big' contains NaN or Inf"):
+            await asyncio.wait_for(inbox.on_chunk(chunks[poisoned]), 1)
+        await asyncio.wait_for(inbox.drain(), WAIT)
+        assert ticket.future.result() is None  # failed, not counted
+        assert _open_fds() == fds  # its spool was dropped
+        assert len(collector.failures) == 1
+        assert "NaN or Inf" in collector.failures[0].reason
+        assert collector.aggregator.count == 0
+        assert collector.results == []
+        # Positive control: a clean update through the same harness is folded.
+        clean = _update(5, V2)
+        good = _ticket(collector, "good", trained_from=2)
+        inbox = _inbox(good, slots)
+        await inbox.handle(pb.WorkerMessage(result=_result(good, clean)))
+        for chunk in _chunks(clean):
+            await asyncio.wait_for(inbox.on_chunk(chunk), 1)
+        assert good.future.result() is True
+        assert collector.aggregator.count == 1
+
+    asyncio.run(run())
