@@ -6,21 +6,26 @@
   deltas, staleness 0 and 2);
 * an upload cut after any chunk leaves the next global model as if it was never sent, and
   its spool file is closed;
-* a chunk with NaN or Inf is refused with a clear error and nothing is folded.
+* a chunk with NaN or Inf is refused with a clear error and nothing is folded;
+* through the in-process coordinator, a straggler's open upload does not hold up the updates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from test_coordinator import TIMEOUT, ScriptedTrainer, config, initial_weights, run_worker
 
 from fedcore.codec import iter_chunks, make_header
 from fedcore.errors import PayloadError
+from fedcore.plan import ModelSpec, TrainConfig
+from fedcore.server.engine import fedbuff as fedbuff_engine
 from fedcore.server.engine.fedbuff import BufferCollector
 from fedcore.server.state.registry import SessionState, Ticket, WorkerSession
 from fedcore.server.transport.inbox import Inbox
@@ -29,6 +34,7 @@ from fedcore.strategy import AsyncSettings, FedBuff
 from fedcore.strategy.spool import SpooledUpdate
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights, signature_of
+from fedcore.worker import FitOutput
 
 RNG = np.random.default_rng(28)
 # Three model versions: updates trained from version 0 arrive at version 2 (staleness 2).
@@ -122,6 +128,21 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.fixture
+def spools(monkeypatch: pytest.MonkeyPatch) -> list[SpooledUpdate]:
+    """Every spool the collector makes, kept alive: a spool dropped without being closed
+    would otherwise be closed by its finalizer and look freed."""
+    made: list[SpooledUpdate] = []
+
+    class Recorded(SpooledUpdate):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(fedbuff_engine, "SpooledUpdate", Recorded)
+    return made
+
+
 def _inbox(ticket: Ticket, slots: asyncio.Semaphore) -> Inbox:
     return Inbox(
         ticket.session,
@@ -209,33 +230,35 @@ def test_a_streamed_update_folds_bit_for_bit_as_an_accepted_one(
     assert streamed[1] == [0, 2 - trained_from]
 
 
-def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_spool() -> None:
+def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_spool(
+    spools: list[SpooledUpdate],
+) -> None:
     kept, cut_update = _update(3, V0), _update(4, V2)
 
     async def run(cut: int | None) -> dict[str, bytes]:
-        """``kept`` streamed, and ``cut_update`` stopped after ``cut`` chunks (None: not
-        sent; N_CHUNKS: all sent, but its ticket failed before the fold)."""
+        """``kept`` streamed, then ``cut_update`` through the inbox, cut after ``cut`` chunks
+        (None: never sent; N_CHUNKS: every chunk sent, but its round was over first)."""
         collector = _collector()
-        ticket = _ticket(collector, "kept", trained_from=0)
-        await _stream(collector, ticket, kept, pb.UPDATE_KIND_WEIGHTS)
+        await _stream(collector, _ticket(collector, "kept", trained_from=0), kept, 1)
         if cut is not None:
             fds = _open_fds()
-            cut_ticket = _ticket(collector, "cut", trained_from=2)
-            result = _result(cut_ticket, cut_update)
-            sink = _open(collector, cut_ticket, result)
-            for chunk in _chunks(cut_update)[:cut]:
-                await asyncio.to_thread(sink.add, chunk)
-            spool = sink.stream
-            assert isinstance(spool, SpooledUpdate)
-            collector.fail(cut_ticket, "cut")  # its stream ended or its round timed out
+            ticket = _ticket(collector, "cut", trained_from=2)
+            inbox = _inbox(ticket, asyncio.Semaphore(1))
+            await inbox.handle(pb.WorkerMessage(result=_result(ticket, cut_update)))
+            chunks = _chunks(cut_update)
+            for chunk in chunks[: min(cut, N_CHUNKS - 1)]:
+                await asyncio.wait_for(inbox.on_chunk(chunk), 1)
             if cut < N_CHUNKS:
-                sink.abort()  # what the inbox does when the ticket resolves mid-upload
-                assert spool.state == "aborted"
+                # What the registry does when the worker's stream ends (or its task times out).
+                collector.fail(ticket, "connection lost")
+                await asyncio.wait_for(inbox.drain(), WAIT)
             else:
-                await asyncio.wait_for(collector.finish_stream(cut_ticket, result, sink), WAIT)
-                assert spool.state == "closed"
+                ticket.stale = True  # the federation ended: the engine marks tickets stale
+                await asyncio.wait_for(inbox.on_chunk(chunks[-1]), WAIT)
+            assert spools[-1].state in ("aborted", "closed"), f"cut at {cut}"
             assert _open_fds() == fds, f"the spool's file is still open (cut at {cut})"
             assert collector.aggregator.count == 1
+            assert [r.worker.name for r in collector.results] == ["kept"]
         return _bytes(collector.aggregator.result())
 
     without = asyncio.run(run(None))
@@ -251,13 +274,16 @@ def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_sp
         assert isinstance(sink.stream, SpooledUpdate)
         assert sink.stream.state == "closed"
         assert _open_fds() == fds
+        assert collector.aggregator.count == 2
         return _bytes(collector.aggregator.result())
 
     assert asyncio.run(completed())["big"] != without["big"]
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
-def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(poison: float) -> None:
+def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(
+    poison: float, spools: list[SpooledUpdate]
+) -> None:
     async def run() -> None:
         collector = _collector()
         slots = asyncio.Semaphore(1)
@@ -276,7 +302,8 @@ def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(poison: float) ->
             await asyncio.wait_for(inbox.on_chunk(chunks[poisoned]), 1)
         await asyncio.wait_for(inbox.drain(), WAIT)
         assert ticket.future.result() is None  # failed, not counted
-        assert _open_fds() == fds  # its spool was dropped
+        assert spools[-1].state == "aborted"
+        assert _open_fds() == fds  # its spool's file is closed
         assert len(collector.failures) == 1
         assert "NaN or Inf" in collector.failures[0].reason
         assert collector.aggregator.count == 0
@@ -292,3 +319,51 @@ def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(poison: float) ->
         assert collector.aggregator.count == 1
 
     asyncio.run(run())
+
+
+class GatedTrainer(ScriptedTrainer):
+    """Adds ``offset``; its first fit waits for ``gate`` (bounded by the test timeout)."""
+
+    def __init__(self, offset: float, gate: threading.Event) -> None:
+        super().__init__(offset, 10)
+        self.gate = gate
+
+    def fit(self, model: ModelSpec, weights: Weights, config: TrainConfig) -> FitOutput:
+        assert self.gate.wait(TIMEOUT), "the gate never opened"
+        return super().fit(model, weights, config)
+
+
+async def test_a_federation_goes_on_while_a_straggler_holds_its_upload_open(
+    coordinator_factory: Any, raw_clients: Any
+) -> None:
+    """Through the coordinator, one upload slot (the default): a worker sends a tenth of its
+    update and stops; another trains two global updates meanwhile. With uploads staged in
+    slots the second waited for the straggler's slot until the idle timeout (60 s here)."""
+    strategy = FedBuff(buffer_size=1, staleness_exponent=0.0)
+    cfg = config(rounds=2, heartbeat_timeout=60, upload_idle_timeout=60, upload_slots=1)
+    coordinator, task = await coordinator_factory(cfg, strategy=strategy)
+    straggler = raw_clients(coordinator.port)
+    gate = threading.Event()
+    fast = asyncio.create_task(run_worker(coordinator.port, "fast", GatedTrainer(1.0, gate)))
+    await straggler.hello("straggler")
+    handed, weights = await straggler.receive_task()
+    header = make_header(weights, 1024)
+    await straggler.send(
+        pb.WorkerMessage(
+            result=pb.TaskResult(
+                task_id=handed.task_id,
+                num_examples=10,
+                update=header,
+                update_kind=pb.UPDATE_KIND_WEIGHTS,
+            )
+        )
+    )
+    chunks = list(iter_chunks(weights, 1024))
+    for i, data in enumerate(chunks[: len(chunks) // 10]):
+        await straggler.send(pb.WorkerMessage(chunk=pb.PayloadChunk(index=i, data=data)))
+    gate.set()  # the fast worker trains and uploads only now, behind the open upload
+    result = await asyncio.wait_for(task, 15)
+    await asyncio.wait_for(fast, TIMEOUT)
+    assert [r.workers for r in result.rounds] == [1, 1]
+    for name, w0 in initial_weights().items():
+        np.testing.assert_allclose(result.weights[name], w0 + 2.0, atol=1e-5)

@@ -8,6 +8,14 @@ results arriving meanwhile wait for the new buffer. Results older than ``max_sta
 dropped. A "round" is one global update: the federation stops after ``--rounds`` of them, and
 writes one metrics line for each.
 
+Uploads take no upload slot: each is spooled to an unlinked temporary file as its chunks
+arrive, every chunk checked (in place, finite; :mod:`fedcore.strategy.spool`), so any number
+of uploads proceed at once, a straggler's slow upload included, with O(chunk) memory each and
+one model on disk per upload in flight. A complete upload is read back and folded under the
+collector's lock, one at a time, exactly as a staged update would be: rebased onto the global
+model current at that moment, weighted by its staleness then. An upload cut off or refused
+part-way only deletes its spool: nothing of it was folded.
+
 A worker whose data owner has not approved the plan yet is not a failure: it is asked again,
 backing off, until it trains, while the other workers go on. Once its owner denies the plan
 (even after approving it), or ``--approval-timeout`` passes without a decision, it is left out
