@@ -321,6 +321,30 @@ def test_a_chunk_with_nan_or_inf_is_refused_and_nothing_folded(
     asyncio.run(run())
 
 
+def test_an_update_out_of_the_exact_sums_range_fails_its_worker_and_folds_nothing(
+    spools: list[SpooledUpdate],
+) -> None:
+    async def run() -> None:
+        collector = _collector()
+        huge = _update(6, V2)
+        huge["big"][7] = 1e15  # finite, but beyond the exact sum's 2**44 per term
+        ticket = _ticket(collector, "huge", trained_from=2)
+        with pytest.raises(PayloadError, match="range"):
+            await _stream(collector, ticket, huge, pb.UPDATE_KIND_WEIGHTS)
+        assert ticket.future.result() is None
+        assert "range" in collector.failures[0].reason
+        assert collector.aggregator.count == 0
+        assert spools[-1].state == "closed"
+        # Positive control: the same update in range is folded.
+        huge["big"][7] = 1.0
+        ok = _ticket(collector, "ok", trained_from=2)
+        await _stream(collector, ok, huge, pb.UPDATE_KIND_WEIGHTS)
+        assert ok.future.result() is True
+        assert collector.aggregator.count == 1
+
+    asyncio.run(run())
+
+
 class GatedTrainer(ScriptedTrainer):
     """Adds ``offset``; its first fit waits for ``gate`` (bounded by the test timeout)."""
 
