@@ -65,16 +65,19 @@ def _update(seed: int, base: Weights) -> Weights:
     }
 
 
-def _collector(version: int = 2) -> BufferCollector:
-    """A buffer at model ``version`` (the global model V2), models 0 and 2 still trained from.
+def _collector(
+    *, version: int = 2, bases: dict[int, Weights] | None = None, buffer_size: int = 10
+) -> BufferCollector:
+    """A buffer at model ``version`` (default: V2, models 0 and 2 still trained from).
 
     The engine is a stand-in holding what the collector reads of it: the version counter,
     the model versions and the settings."""
-    current = V2 if version == 2 else V0
+    bases = {0: V0, 2: V2} if bases is None else bases
+    current = bases[version]
     engine: Any = SimpleNamespace(
         version=version,
-        bases={0: V0, version: current},
-        settings=AsyncSettings(STRATEGY.async_settings.buffer_size, 5),
+        bases=bases,
+        settings=AsyncSettings(buffer_size, STRATEGY.async_settings.max_staleness),
         context=SimpleNamespace(weights=current),
     )
     return BufferCollector(engine, STRATEGY.start_aggregation(version + 1, current))
@@ -230,6 +233,48 @@ def test_a_streamed_update_folds_bit_for_bit_as_an_accepted_one(
     streamed, accepted = asyncio.run(run(True)), asyncio.run(run(False))
     assert streamed == accepted
     assert streamed[1] == [0, 2 - trained_from]
+
+
+def test_an_upload_completed_while_the_buffer_is_full_folds_onto_the_next_model() -> None:
+    """Buffer of one: the first update fills it; the second upload completes before the
+    engine made model 3, waits, and is then rebased onto model 3 with staleness 1, as
+    ``accept`` would fold it there."""
+    v3 = {k: (v + np.asarray(2, v.dtype)).astype(v.dtype) for k, v in V0.items()}
+    late = _update(9, V2)
+
+    async def streamed() -> tuple[dict[str, bytes], list[int]]:
+        collector = _collector(buffer_size=1)
+        await _stream(collector, _ticket(collector, "first", trained_from=2), _update(8, V2), 1)
+        assert collector.full.is_set()
+        ticket = _ticket(collector, "late", trained_from=2)
+        result = _result(ticket, late)
+        sink = _open(collector, ticket, result)
+        for chunk in _chunks(late):
+            sink.add(chunk)
+        folding = asyncio.create_task(collector.finish_stream(ticket, result, sink))
+        for _ in range(10):  # let it run up to the buffer's gate (no threads before it)
+            await asyncio.sleep(0)
+        assert not folding.done()
+        assert not ticket.future.done()
+        # The engine makes model 3 (FedBuffEngine._apply) and opens the next buffer.
+        collector.engine.version = 3
+        collector.engine.bases[3] = v3
+        collector.refill(STRATEGY.start_aggregation(4, v3), v3)
+        await asyncio.wait_for(folding, WAIT)
+        assert ticket.future.result() is True
+        return _bytes(collector.aggregator.result()), [r.staleness for r in collector.results]
+
+    async def accepted() -> tuple[dict[str, bytes], list[int]]:
+        collector = _collector(version=3, bases={0: V0, 2: V2, 3: v3}, buffer_size=1)
+        ticket = _ticket(collector, "late", trained_from=2)
+        await collector.accept(
+            ticket, _result(ticket, late), {k: v.copy() for k, v in late.items()}
+        )
+        return _bytes(collector.aggregator.result()), [r.staleness for r in collector.results]
+
+    got, want = asyncio.run(streamed()), asyncio.run(accepted())
+    assert got == want
+    assert got[1] == [1]
 
 
 def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_spool(
