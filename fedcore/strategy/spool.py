@@ -8,6 +8,9 @@ later reads the spooled updates back one range of elements at a time. The coordi
 holds one range per update (O(updates x range)) and its result, never whole updates; the disk
 holds one model per spooled update. Aborting an upload closes its file: nothing of it was
 counted anywhere, so nothing needs taking back.
+
+FedBuff's engine spools the same way so that its uploads need no upload slot: each is read
+back whole (:meth:`SpooledUpdate.weights`), one at a time, when it is folded into the buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcore.errors import PayloadError
+from fedcore.weights import Weights
 
 from .base import Layout
 
@@ -150,6 +154,14 @@ class SpooledUpdate:
         if got != want:
             raise OSError(f"the update spool returned {got} bytes of {want}")
         return out
+
+    def weights(self) -> Weights:
+        """The whole update read back, each tensor in its shape (one model in memory), once
+        every element is in (see :meth:`read`)."""
+        return {
+            name: self.read(name, 0, self._sizes[name]).reshape(shape)
+            for name, (shape, _) in self.layout.items()
+        }
 
     def _close(self) -> None:
         if self._file is not None:

@@ -8,6 +8,14 @@ results arriving meanwhile wait for the new buffer. Results older than ``max_sta
 dropped. A "round" is one global update: the federation stops after ``--rounds`` of them, and
 writes one metrics line for each.
 
+Uploads take no upload slot: each is spooled to an unlinked temporary file as its chunks
+arrive, every chunk checked (in place, finite; :mod:`fedcore.strategy.spool`), so any number
+of uploads proceed at once, a straggler's slow upload included, with O(chunk) memory each and
+one model on disk per upload in flight. A complete upload is read back and folded under the
+collector's lock, one at a time, exactly as a staged update would be: rebased onto the global
+model current at that moment, weighted by its staleness then. An upload cut off or refused
+part-way only deletes its spool: nothing of it was folded.
+
 A worker whose data owner has not approved the plan yet is not a failure: it is asked again,
 backing off, until it trains, while the other workers go on. Once its owner denies the plan
 (even after approving it), or ``--approval-timeout`` passes without a decision, it is left out
@@ -31,20 +39,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from fedcore.errors import ProtocolError, RoundFailedError
+from fedcore.errors import PayloadError, ProtocolError, RoundFailedError
 from fedcore.strategy import AsyncSettings, Failure, FitResult, UpdateAggregator, weighted_metrics
+from fedcore.strategy.spool import SpooledUpdate
 from fedcore.v1 import fedcore_pb2 as pb
-from fedcore.weights import Weights
+from fedcore.weights import ModelSignature, Weights
 
 from ..reporting.metrics import RoundMetrics
 from ..state.privacy import privacy_metrics, public_train_metrics
-from ..state.registry import Ticket
+from ..state.registry import Ticket, UploadSink
 from ..transport.payloads import WeightsPayload
+from ..transport.upload_stream import StreamedUpload, layout_of
 from .approvals import ApprovalWaits
 from .collectors import FitCollector
 from .context import RoundContext
@@ -84,8 +95,51 @@ class BufferCollector(FitCollector):
         self._open.set()  # results waiting for a buffer are discarded
 
     async def accept(self, ticket: Ticket, result: pb.TaskResult, update: Weights | None) -> None:
+        """Fold a result staged whole (kept for callers that hold one; uploads stream)."""
         if update is None:
             raise ProtocolError("a training result must carry an update")
+        await self._fold(ticket, result, lambda: update)
+
+    def open_stream(
+        self, ticket: Ticket, result: pb.TaskResult, signature: ModelSignature
+    ) -> UploadSink | None:
+        """Spool this upload to disk as its chunks arrive, each checked (finite, in shape);
+        it takes no upload slot. It is folded once complete (:meth:`finish_stream`)."""
+        return StreamedUpload(
+            signature,
+            total_bytes=result.update.total_bytes,
+            chunk_bytes=result.update.chunk_bytes,
+            stream=SpooledUpdate(layout_of(signature)),
+            # Weights or delta is settled by the rebase at fold time, as for a staged update.
+            base=None,
+            what=f"update from worker {ticket.session.name!r}",
+        )
+
+    async def finish_stream(self, ticket: Ticket, result: pb.TaskResult, sink: UploadSink) -> None:
+        """Fold a complete spooled upload as :meth:`accept` folds a staged one, then delete
+        its spool (dropped unread when it is late or too stale)."""
+        assert isinstance(sink, StreamedUpload)
+        spool = sink.stream
+        assert isinstance(spool, SpooledUpdate)
+        try:
+            try:
+                kept = spool.commit()
+            except PayloadError as exc:
+                self.fail(ticket, str(exc))
+                raise
+            if not kept:  # taken back meanwhile: its round ended
+                log.info("discarding a late update from %r", ticket.session.name)
+                return
+            await self._fold(ticket, result, spool.weights)
+        finally:
+            spool.close()
+
+    async def _fold(
+        self, ticket: Ticket, result: pb.TaskResult, read: Callable[[], Weights]
+    ) -> None:
+        """Fold the update ``read`` returns (called at most once, off the event loop) into
+        the buffer, rebased onto the global model current now, weighted by its staleness
+        now; a full buffer waits for the engine's next model first."""
         async with self.lock:
             # A full buffer waits for the engine's next model (the lock keeps the others out).
             await self._open.wait()
@@ -107,22 +161,20 @@ class BufferCollector(FitCollector):
             base = (
                 None if result.update_kind == pb.UPDATE_KIND_DELTA else engine.bases[base_version]
             )
-            await asyncio.to_thread(
-                _rebase,
-                update,
-                self.global_weights,
-                base,
-                self.aggregator,
-                int(result.num_examples),
-                staleness,
-            )
+            current, aggregator = self.global_weights, self.aggregator
+            examples = int(result.num_examples)
+
+            def read_and_rebase() -> None:
+                _rebase(read(), current, base, aggregator, examples, staleness)
+
+            try:
+                await asyncio.to_thread(read_and_rebase)
+            except PayloadError as exc:
+                # Out of the exact sum's range: the buffer is untouched, the worker failed.
+                self.fail(ticket, str(exc))
+                raise
             self.results.append(
-                FitResult(
-                    ticket.session.info,
-                    int(result.num_examples),
-                    dict(result.metrics),
-                    staleness=staleness,
-                )
+                FitResult(ticket.session.info, examples, dict(result.metrics), staleness=staleness)
             )
             if self.aggregator.count >= engine.settings.buffer_size:
                 # Closed before resolving: the engine makes the next model before it hands

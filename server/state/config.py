@@ -70,7 +70,7 @@ class Limits:
         1,
         "updates staged whole in memory at once besides the running sum; uploads to a "
         "streaming strategy (the FedAvg family) take no slot: they are folded into the sum "
-        "chunk by chunk, all at once",
+        "chunk by chunk, all at once; nor do FedBuff's (spooled to disk until folded)",
     )
     stream_window: int = setting(
         DEFAULT_STREAM_WINDOW,
