@@ -42,8 +42,14 @@ linktree:
 	ln -s ../../../server build/typecheck/fedcore/server
 	ln -s ../../../worker build/typecheck/fedcore/worker
 
+# The package, then tests/, scripts/ and examples/: these import their neighbours as top-level
+# modules (pytest's rootdir imports; the sys.path entries some add for scripts/ and examples/),
+# and mypy reads them so too. The cache lives beside the link tree, which linktree rebuilds.
+MYPY := ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml --cache-dir ../mypy_cache
+
 typecheck: $(STAMP) linktree
-	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p fedcore
+	cd build/typecheck && MYPYPATH=. $(MYPY) -p fedcore
+	cd build/typecheck && MYPYPATH=.:../../tests:../../scripts:../../examples $(MYPY) ../../tests ../../scripts ../../examples
 
 # The documentation site (docs/ + mkdocs.yml) into build/site; strict: a broken link, anchor or
 # API reference fails the build.

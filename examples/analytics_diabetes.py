@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def main() -> None:
     subprocess.run(
         [BIN / "fed-certs", "add-scientist", "--dir", root / "certs", "alice"], check=True
     )
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[subprocess.Popen[Any]] = []  # the coordinator's output as text, workers' none
     try:
         server = subprocess.Popen(
             [

@@ -97,7 +97,8 @@ def federation(
         if server.wait() != 0:
             raise SystemExit(f"the coordinator failed; worker logs are in {out}")
     finally:
-        for proc in [server, *workers]:
+        everyone: list[subprocess.Popen[Any]] = [server, *workers]
+        for proc in everyone:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

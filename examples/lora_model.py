@@ -66,10 +66,11 @@ def _build(layers: int, hidden: int, rank: int, full: bool) -> LoraClassifier:
         num_attention_heads=4,
         intermediate_size=4 * hidden,
         max_position_embeddings=64,
-        num_labels=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    # Set, not passed: transformers 5 takes num_labels only through untyped **kwargs.
+    config.num_labels = 2
     base = BertForSequenceClassification(config)
     if full:
         return LoraClassifier(base)

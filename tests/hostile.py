@@ -185,7 +185,7 @@ def fit_task(
     **train: Any,
 ) -> pb.Task:
     """A fit task; ``train`` overrides TrainConfig fields (``extra`` too)."""
-    config = dict(epochs=1, batch_size=64, optimizer="sgd", learning_rate=0.1)
+    config: dict[str, Any] = dict(epochs=1, batch_size=64, optimizer="sgd", learning_rate=0.1)
     config.update(train)
     return pb.Task(
         round=round,

@@ -20,7 +20,7 @@ def stream_interleaved(
     *,
     total_bytes: int,
     chunk_bytes: int,
-    weight: float = 10,
+    weight: int = 10,
 ) -> None:
     """Open one stream per payload, add chunk 0 of every upload, then chunk 1, ..., and commit
     each (asserting it was accepted)."""

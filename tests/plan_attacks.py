@@ -79,6 +79,8 @@ class RowInBuffer(nn.Module):
     """Attack 1: a buffer named like normalisation statistics receives a training row,
     through an in-place write on a view (torch.export records no buffer mutation)."""
 
+    running_mean: torch.Tensor  # registered as a buffer below
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(784, 10)
@@ -91,6 +93,8 @@ class RowInBuffer(nn.Module):
 
 class EmptyLeak(nn.Module):
     """Attack 2: uninitialised memory (the worker's freed heap) copied into a buffer."""
+
+    stats: torch.Tensor  # registered as a buffer below
 
     def __init__(self) -> None:
         super().__init__()

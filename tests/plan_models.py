@@ -15,6 +15,8 @@ EXAMPLE = torch.zeros(2, 1, 28, 28)
 class RowInBuffer(nn.Module):
     """Copies the first training row of each batch into a buffer named like a statistic."""
 
+    running_mean: torch.Tensor  # registered as a buffer below
+
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(784, 10)

@@ -204,7 +204,8 @@ def test_one_limb_sum_cannot_overflow_at_its_bounds() -> None:
     for _ in range(3):
         s.add({"w": np.full(4, cap, np.float32)}, 2**20)
     got = s.total(budget)["w"]
-    np.testing.assert_allclose(got, float(cap), rtol=1e-12)
+    # total() is typed NDArray[np.generic]; without dtypes it is float64, so astype copies.
+    np.testing.assert_allclose(got.astype(np.float64), float(cap), rtol=1e-12)
     with pytest.raises(ValueError, match="weight budget"):
         s.add({"w": np.ones(4, np.float32)}, 1)
     with pytest.raises(PayloadError, match="beyond the exact sum's range"):

@@ -139,7 +139,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 
 
 def _clamped(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip(x, lo, hi)
+    clamped: np.ndarray = np.clip(x, lo, hi)
+    return clamped
 
 
 def test_search_by_tag_and_mock_fetch_return_metadata_and_the_mock_only(
@@ -261,7 +262,7 @@ def test_raw_rows_cannot_be_requested_and_only_scientists_may_ask(
                 fed.query(text, epsilon=0.1)
     channel = grpc.insecure_channel(f"127.0.0.1:{federation.port}")
     try:
-        rows = channel.unary_unary("/fedcore.v1.Analytics/Rows")
+        rows = channel.unary_unary("/fedcore.v1.Analytics/Rows", None, None)
         with pytest.raises(grpc.RpcError) as err:
             rows(b"", timeout=10)
         assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -62,12 +62,16 @@ class _Silo:
             await self.responder.handle(message.analytics, self._reply)
 
 
+#: A silo's [analytics] table by default: sums over at least three silos.
+HONEST_SILOS = "honest-silos = 3\n"
+
+
 def _silo(
     tmp_path: Path,
     i: int,
     ages: np.ndarray,
     budget: float,
-    analytics: str = "honest-silos = 3\n",
+    analytics: str = HONEST_SILOS,
     identity: SiloIdentity | None = None,
 ) -> QueryResponder:
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,7 @@ def test_the_gate_refuses_a_hostile_coordinators_queries(tmp_path: Path) -> None
     gate = responder._gate
     assert gate is not None
     assert gate.admit_query(_task(responder)).charge.noise_multiplier > 1  # positive control
-    attacks = [
+    attacks: list[tuple[dict[str, object], str]] = [
         ({"threshold": 2}, "secure-aggregation.setup"),  # unmask a sum without every silo
         ({"silos": 2, "threshold": 2}, "secure-aggregation.setup"),  # a group below 3
         ({"query": "rows()"}, "analytics.query"),
@@ -407,7 +411,8 @@ async def test_a_silo_tells_the_scientist_its_budget_left(tmp_path: Path) -> Non
     charge = responder._open["q"].charge
     ledger = PrivacyLedger(tmp_path / "ledger0.json", study="s")
     expected = 5.0 - epsilon_of([*ledger.charges(), charge], delta=1e-5)
-    assert (accept.budget_left, accept.budget_delta) == (pytest.approx(expected), 1e-5)
+    assert accept.budget_left == pytest.approx(expected)
+    assert accept.budget_delta == 1e-5
     assert 0 < accept.budget_left < 5.0
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from fedcore import atomic
 from fedcore.atomic import write_atomically
 from fedcore.errors import LedgerError
 from fedcore.policy import Charge, PrivacyLedger
@@ -23,7 +22,7 @@ def _crash_before_rename(monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)  # the os module fedcore.atomic calls
 
 
 def test_a_write_replaces_the_file_with_its_mode_and_syncs_file_and_folder(
@@ -31,7 +30,12 @@ def test_a_write_replaces_the_file_with_its_mode_and_syncs_file_and_folder(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     target = tmp_path / "sub" / "state.json"
     write_atomically(target, b"one")
     write_atomically(target, [b"tw", memoryview(b"o")], mode=0o600)

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_table_row_names_links_verdict_ratios_and_late_results() -> None:
         "worker_peak_rss_bytes": [300e6, 310e6],
         "links": {"peak_rss_bytes": 50e6, "cpu_seconds": 4.0},
     }
-    entry = {
+    entry: dict[str, Any] = {
         "workers": 8,
         "params": 2_500_000,
         "model_bytes": 10_000_000,
@@ -108,7 +109,11 @@ def test_table_row_names_links_verdict_ratios_and_late_results() -> None:
     assert "deadline 3.50 s (0.22x), 2 late" in row
     assert "400 MB (+9.5 models) | 310 MB | 50 MB, 4 s | 3.0-5.5 |" in row
     # --skip-echo: no echo, no ratio to it.
-    skipped = {**entry, "bare_echo": None, "ratios": {"deadline": {**entry["ratios"]["deadline"]}}}
+    skipped: dict[str, Any] = {
+        **entry,
+        "bare_echo": None,
+        "ratios": {"deadline": {**entry["ratios"]["deadline"]}},
+    }
     skipped["ratios"]["deadline"]["to_bare_echo"] = None
     row = bench_wan.table_row(skipped)
     assert "| 0.50 s (link) | - | deadline 3.50 s, 2 late |" in row

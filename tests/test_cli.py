@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BIN, Proc, start_server, start_worker
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 FAST = ["--model", "mnist-mlp", "--lr", "0.1", "--heartbeat-interval", "0.5"]
 
 
-def _rows(path: Path) -> list[dict[str, object]]:
+def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -52,8 +53,8 @@ def test_federation_runs_to_completion(
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["workers"] == 3 and r["failures"] == 0 for r in rows)
     assert rows[-1]["accuracy"] > 0.75  # 1,200 examples, 3 rounds of the MLP
-    assert rows[-1]["federated"]["accuracy"] > 0.75  # type: ignore[index]
-    assert all(int(r["bytes_sent"]) >= 3 * 199_210 * 4 for r in rows)  # type: ignore[call-overload]
+    assert rows[-1]["federated"]["accuracy"] > 0.75
+    assert all(int(r["bytes_sent"]) >= 3 * 199_210 * 4 for r in rows)
     # The table on the console, and the final model in safetensors format.
     assert "accuracy" in server.output
     assert "round" in server.output

@@ -26,10 +26,8 @@ from fedcore.weights import Weights, signature_of
 DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
 
-def _assemble(header: pb.PayloadHeader, chunks: list[bytes], **kw: object) -> Weights:
-    assembler = PayloadAssembler(
-        header, max_bytes=1 << 30, max_chunk_bytes=header.chunk_bytes or 1, **kw
-    )  # type: ignore[arg-type]
+def _assemble(header: pb.PayloadHeader, chunks: list[bytes]) -> Weights:
+    assembler = PayloadAssembler(header, max_bytes=1 << 30, max_chunk_bytes=header.chunk_bytes or 1)
     for i, data in enumerate(chunks):
         assembler.add(pb.PayloadChunk(index=i, data=data))
     return assembler.weights()
@@ -91,7 +89,10 @@ def _header(**fields: object) -> pb.PayloadHeader:
             ),
             "twice",
         ),
-        (_header(tensors=[pb.TensorSpec(name="w", dtype=99, shape=[4])]), "unsupported dtype"),
+        (
+            _header(tensors=[pb.TensorSpec(name="w", dtype=pb.DType.ValueType(99), shape=[4])]),
+            "unsupported dtype",
+        ),
         (_header(tensors=[pb.TensorSpec(name="", dtype=pb.DTYPE_FLOAT32, shape=[4])]), "empty"),
         (
             # A lying shape: 2^62 elements. Refused from arithmetic alone, nothing allocated.

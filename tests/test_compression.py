@@ -17,7 +17,7 @@ from fedcore.compression import (
     scheme_from_code,
 )
 from fedcore.errors import ConfigError, ModelMismatchError, PayloadError
-from fedcore.weights import signature_of
+from fedcore.weights import Weights, signature_of
 
 
 def _delta(seed: int = 0) -> dict[str, np.ndarray]:
@@ -126,6 +126,6 @@ def test_refusals_name_the_problem_and_the_fix() -> None:
     with pytest.raises(PayloadError, match=r"exceeds the float16 range.*--compression int8"):
         Compressor("float16").compress({"w": np.array([1e6], dtype=np.float32)})
     sig = signature_of({"w": np.zeros(2, np.float32)})
-    bad = {"w": np.zeros(2, np.int8), SCALES_NAME: np.array([-1.0], np.float32)}
+    bad: Weights = {"w": np.zeros(2, np.int8), SCALES_NAME: np.array([-1.0], np.float32)}
     with pytest.raises(PayloadError, match="negative or non-finite scale"):
         decompress(bad, sig, "int8")

@@ -131,7 +131,8 @@ def test_secure_mode_draws_from_the_csprng_and_uses_opacus_secure_noise(
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(kwargs)
-        return real(*args, **kwargs)
+        noise: torch.Tensor = real(*args, **kwargs)  # opacus is untyped
+        return noise
 
     monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
     loop = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=True, mechanism="rdp")

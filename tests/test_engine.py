@@ -143,7 +143,7 @@ def test_client_level_dp_warns_at_start_when_the_noise_drowns_the_model(
 
 
 def test_weights_rms_counts_floating_point_coordinates_only() -> None:
-    weights = {
+    weights: Weights = {
         "w": np.array([3.0, -4.0], np.float32),
         "b": np.zeros(2, np.float64),
         "n": np.array([100], np.int64),

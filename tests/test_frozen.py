@@ -7,6 +7,7 @@ import json
 import re
 import signal
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from conftest import Proc, start_server, start_worker
 from hostile import fit_task
 from safetensors.numpy import load_file, save_file
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fedcore.codec import make_header
 from fedcore.errors import ConfigError, PayloadError, TaskRefused
@@ -219,7 +220,11 @@ def test_trainable_patterns_and_a_shipped_plan_do_not_mix() -> None:
 
 def test_a_task_without_trainable_names_trains_what_the_factory_left_trainable() -> None:
     # The worker keeps its model between tasks: what one task froze must not stay frozen.
-    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    # cast: torch types TensorDataset's items as tuple[Tensor, ...] whatever it holds; two here.
+    data = cast(
+        "Dataset[tuple[torch.Tensor, torch.Tensor]]",
+        TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))),
+    )
     trainer = TorchTrainer(data, model=SPEC)
     start = get_weights(build_model(SPEC, seed=0))
     head = ("net.5.weight", "net.5.bias")

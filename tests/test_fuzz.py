@@ -186,7 +186,7 @@ def _mutate(messages: list[pb.WorkerMessage], mutation: tuple[Any, ...]) -> None
         elif kind == "chunk_bytes":
             result.update.chunk_bytes = args[0]
         elif kind == "dtype" and len(result.update.tensors) > args[0]:
-            result.update.tensors[args[0]].dtype = args[1]  # type: ignore[assignment]
+            result.update.tensors[args[0]].dtype = args[1]
         elif kind == "shape" and len(result.update.tensors) > args[0]:
             del result.update.tensors[args[0]].shape[:]
             result.update.tensors[args[0]].shape.extend(args[1])
@@ -195,7 +195,7 @@ def _mutate(messages: list[pb.WorkerMessage], mutation: tuple[Any, ...]) -> None
         elif kind == "num_examples":
             result.num_examples = args[0]
         elif kind == "update_kind":
-            result.update_kind = args[0]  # type: ignore[assignment]
+            result.update_kind = args[0]
 
 
 async def _play(

@@ -302,6 +302,7 @@ def test_distributed_noise_under_secure_aggregation_is_exact_on_the_rounds_grid(
     checked = _gate().admit(task)
     assert checked.dp is not None
     step = checked.dp.ring_step
+    assert step is not None  # a secure round's ring
     assert step == pytest.approx(fixed.clip / fixed.levels)  # one ring unit, weight 1
     received = {k: np.zeros_like(v) for k, v in LOGREG.items()}
     updated = {k: np.full_like(v, 0.01) for k, v in LOGREG.items()}

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from hostile import evaluate_task, fit_task
-from test_analytics_rounds import SCHEMA, _Silo, _silo
+from test_analytics_rounds import HONEST_SILOS, SCHEMA, _Silo, _silo
 from test_coordinator import config
 from test_gate import LOGREG, _gate, _with_weights
 
@@ -143,9 +143,7 @@ async def test_a_query_waits_for_the_owner_is_answered_once_approved_and_once_on
     rng = np.random.default_rng(5)
     always = 'honest-silos = 3\n[jobs]\napproval = "always"\n'
     responders = [
-        _silo(
-            tmp_path, i, rng.uniform(20, 90, 30), 5.0, **({"analytics": always} if i == 2 else {})
-        )
+        _silo(tmp_path, i, rng.uniform(20, 90, 30), 5.0, always if i == 2 else HONEST_SILOS)
         for i in range(3)
     ]
     silos = [_Silo(f"silo-{i}", r) for i, r in enumerate(responders)]

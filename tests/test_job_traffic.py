@@ -68,7 +68,7 @@ class _Context:
         raise AssertionError(f"stream aborted: {details}")
 
 
-def _size(message: pb.CoordinatorMessage | bytes) -> int:
+def _size(message: pb.CoordinatorMessage | pb.WorkerMessage | bytes) -> int:
     return len(message) if isinstance(message, bytes) else message.ByteSize()
 
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,10 @@ async def test_a_job_is_offered_workers_with_room_and_never_two_of_its_own_tasks
     many = await _join(registry, "many", 10**6)  # a claim; the coordinator caps it
     assert (one.max_tasks, two.max_tasks, many.max_tasks) == (1, 2, MAX_TASKS_PER_WORKER)
     a, b, c = (JobWorkers(registry, job_id=j) for j in ("a", "b", "c"))
-    names = lambda pool: sorted(s.name for s in pool.idle())  # noqa: E731
+
+    def names(pool: JobWorkers) -> list[str]:
+        return sorted(s.name for s in pool.idle())
+
     assert names(a) == ["many", "one", "two"]  # positive control: all idle
 
     for session in (one, two, many):
@@ -261,7 +265,7 @@ class _Together(ScriptedTrainer):
         return super().fit(model, weights, config)
 
 
-def _silos(trainers: list[ScriptedTrainer]) -> list[Silo]:
+def _silos(trainers: Sequence[ScriptedTrainer]) -> list[Silo]:
     """One worker per trainer, each allowed two tasks at once."""
     return [Silo(f"silo{i}", t, ("s",), max_tasks=2) for i, t in enumerate(trainers)]
 

@@ -26,7 +26,7 @@ from fedcore.jobs import JobHandle
 pytestmark = pytest.mark.slow
 
 TRIOS = ("pair", "single")
-JOB = {
+JOB: dict[str, Any] = {
     "model": "logreg",
     "rounds": 2,
     "min_workers": 3,

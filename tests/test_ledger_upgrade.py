@@ -19,7 +19,7 @@ DELTA = 1e-5
 
 #: A format-1 ledger as a worker before the fix wrote it: a label histogram charged at its
 #: noise std (add/remove), a query, a DP-SGD round and a client-level training round.
-V1 = {
+V1: dict[str, Any] = {
     "format": "fedcore-privacy-ledger/1",
     "studies": {
         "s": {
@@ -55,7 +55,7 @@ V1 = {
 }
 
 
-_V1_CHARGES: list[dict[str, Any]] = V1["studies"]["s"]["charges"]  # type: ignore[index]
+_V1_CHARGES: list[dict[str, Any]] = V1["studies"]["s"]["charges"]
 
 
 def _write(path: Path, document: dict[str, object]) -> None:

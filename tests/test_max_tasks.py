@@ -115,7 +115,7 @@ async def test_two_tasks_uploads_leave_whole_and_a_task_amid_anothers_payload_is
             sent[await s.send_task(task, w0)] = job
         # Both train at once; each result is followed by all of its chunks, nothing between
         # but heartbeats (a result amid another upload would break the coordinator's read).
-        done = set()
+        done: set[str] = set()
         while len(done) < 2:
             message = await s.next()
             assert message.WhichOneof("body") == "result", message

@@ -8,7 +8,13 @@ import torch
 
 import fedcore.models as models_module
 from fedcore.errors import ModelError, ModelMismatchError
-from fedcore.models import build_model, get_weights, register_model, set_weights
+from fedcore.models import (
+    LogisticRegression,
+    build_model,
+    get_weights,
+    register_model,
+    set_weights,
+)
 from fedcore.plan import ModelSpec
 from fedcore.weights import num_parameters, signature_of
 
@@ -70,6 +76,7 @@ def test_bad_model_specs_explain_themselves(spec: ModelSpec, message: str) -> No
 
 def test_set_weights_refuses_mismatched_shapes() -> None:
     model = build_model(ModelSpec("logreg"))
+    assert isinstance(model, LogisticRegression)
     weights = get_weights(build_model(ModelSpec("logreg", {"num_classes": 5})))
     with pytest.raises(ModelMismatchError, match=r"'linear.weight' is float32\[5, 784\]"):
         set_weights(model, weights)

@@ -283,7 +283,10 @@ async def test_a_job_selects_workers_by_its_tags_model_and_secure_aggregation() 
     await join("a", ["mnist", "open"])
     await join("b", ["mnist"], model="mnist-cnn")
     await join("c", ["mnist"], secagg=False)
-    names = lambda pool: sorted(s.name for s in pool.idle())  # noqa: E731
+
+    def names(pool: JobWorkers) -> list[str]:
+        return sorted(s.name for s in pool.idle())
+
     assert names(JobWorkers(registry)) == ["a", "b", "c"]  # positive control
     assert names(JobWorkers(registry, tags=("open",))) == ["a"]
     assert names(JobWorkers(registry, model="mnist-mlp")) == ["a", "c"]

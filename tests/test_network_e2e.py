@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import forked
 import pytest
@@ -29,7 +30,7 @@ from fedcore.jobs import JobError, JobHandle
 
 pytestmark = pytest.mark.slow
 
-MLP = {"model": "mnist-mlp", "epochs": 1, "batch_size": 32, "learning_rate": 0.05}
+MLP: dict[str, Any] = {"model": "mnist-mlp", "epochs": 1, "batch_size": 32, "learning_rate": 0.05}
 
 
 @dataclass

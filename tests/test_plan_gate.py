@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 import torch
@@ -102,7 +103,15 @@ def test_approval_queue_waits_approves_denies_and_survives_restarts(
     assert queue.find(record.hash[:8]).status == "denied"
 
 
-def _approval_rules(tmp_path: Path, **caps: int) -> PlanRules:
+class _Caps(TypedDict, total=False):
+    """The request queue's caps (PlanRules' defaults where left out)."""
+
+    max_pending: int
+    max_queue_bytes: int
+    max_requests_per_day: int
+
+
+def _approval_rules(tmp_path: Path, **caps: Unpack[_Caps]) -> PlanRules:
     return PlanRules(require_approval=True, requests=tmp_path / "queue", **caps)
 
 

@@ -38,7 +38,9 @@ class StatisticAlsoWritten(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(1)
-        self.norm.running_mean[:4].copy_(flat[0, :4])
+        running_mean = self.norm.running_mean
+        assert running_mean is not None  # track_running_stats is on
+        running_mean[:4].copy_(flat[0, :4])
         out: torch.Tensor = self.norm(flat)[:, :10]
         return out
 

@@ -506,6 +506,8 @@ def test_the_two_old_buffer_keys_read_as_the_one_accept_buffers(
 class _CounterOfData(nn.Module):
     """A "counter" fed with the data (through an intermediate written in place)."""
 
+    num_batches_tracked: torch.Tensor  # registered as a buffer below
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(784, 10)
@@ -572,6 +574,9 @@ def test_every_allowed_operator_that_yields_uninitialised_memory_is_rewritten() 
 
 class _StatsInEvaluation(nn.Module):
     """Batch statistics updated in evaluation too (the test set's, this time)."""
+
+    running_mean: torch.Tensor  # registered as buffers below
+    running_var: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -152,7 +152,7 @@ def test_state_dict_round_trip_and_mechanism_change() -> None:
 def test_parameters_are_keyword_only_and_checked() -> None:
     acc = PrivacyAccountant()
     with pytest.raises(TypeError):
-        acc.step(1.0, 0.1)  # type: ignore[misc]
+        acc.step(1.0, 0.1)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="noise multiplier"):
         acc.step(noise_multiplier=0.0, sample_rate=0.1)
     with pytest.raises(ConfigError, match="sampling rate"):

@@ -69,7 +69,7 @@ def test_every_worker_update_leaves_clipped(
 
 
 def test_clipping_scales_down_along_the_update() -> None:
-    update = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float64)}
+    update: Weights = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float64)}
     result = clip_update(update, 1.0)
     assert result.norm == 5.0
     assert result.clipped

@@ -63,7 +63,10 @@ class MomentumAvg(FedAvg):
 def test_checkpoint_round_trip_and_atomic_replace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float64)}
+    weights: Weights = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.ones(2, np.float64),
+    }
     states = {"strategy": {"m": {"w": np.full(3, 0.5, np.float32)}, "n": np.int64(3), "x": None}}
     first = Checkpoint(1, weights, [{"round": 1}], states, {"model": "m"})
     save_checkpoint(tmp_path, first)

@@ -82,8 +82,8 @@ async def test_tls_federation_completes_and_plaintext_clients_cannot_talk_to_it(
     )
     async with grpc.aio.insecure_channel(f"localhost:{coordinator.port}") as channel:
         call: Any = channel.stream_stream(
-            JOIN_METHOD, request_serializer=serialize_worker_message
-        )()
+            JOIN_METHOD, request_serializer=serialize_worker_message, response_deserializer=None
+        )(None)
         hello = pb.Hello(name="plain", protocol_version=PROTOCOL_VERSION, num_examples=1)
 
         async def handshake() -> None:

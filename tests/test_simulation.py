@@ -8,6 +8,7 @@ sums updates exactly, so the order in which they arrive does not matter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import sys
@@ -49,6 +50,7 @@ from fedcore.simulation.cli import build_parser
 from fedcore.simulation.cli import main as fed_sim
 from fedcore.simulation.clients import shard_dataset
 from fedcore.training import TrainResult
+from fedcore.weights import Weights
 from fedcore.worker import FitOutput
 
 RAY_IMPORTED_WITH_FEDCORE = "ray" in sys.modules
@@ -152,7 +154,7 @@ def test_a_saved_model_file_is_the_same_bytes_every_time(tmp_path: Path) -> None
 
     from fedcore.server.reporting.metrics import save_weights
 
-    weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.int64)}
+    weights: Weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.int64)}
     metadata = {f"key-{i}": f"value-{i}" for i in range(12)}
     digests = set()
     for i in range(6):
@@ -160,7 +162,7 @@ def test_a_saved_model_file_is_the_same_bytes_every_time(tmp_path: Path) -> None
         save_weights(weights, path, dict(reversed(metadata.items())) if i % 2 else metadata)
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
-    with safe_open(str(path), "np") as f:  # type: ignore[no-untyped-call]
+    with safe_open(str(path), "np") as f:
         assert f.metadata() == metadata
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
         assert model_sha256(tensors) == model_sha256(weights)
@@ -177,8 +179,9 @@ def test_hosts_share_the_clients_out() -> None:
 @pytest.mark.slow
 def test_virtual_workers_keep_no_model_and_train_a_bounded_number_at_once() -> None:
     x, y = load_mnist("train")
+    labels = y.astype(np.int64)
     spec = DataSpec(num_clients=12, max_examples=600)
-    shards = client_shards(spec, y[:600].astype(np.int64))
+    shards = client_shards(spec, labels[:600])
     slots = threading.BoundedSemaphore(2)
     running, most = 0, 0
     lock = threading.Lock()
@@ -202,7 +205,10 @@ def test_virtual_workers_keep_no_model_and_train_a_bounded_number_at_once() -> N
 
     trainers = [
         TransientTrainer(
-            lambda idx=idx: shard_dataset(x, y, idx), len(idx), slots, train_fn=counting_train
+            functools.partial(shard_dataset, x, labels, idx),
+            len(idx),
+            slots,
+            train_fn=counting_train,
         )
         for idx in shards
     ]

@@ -128,7 +128,11 @@ def _run_round(
 
 def _weighted_mean(updates: list[tuple[Weights, int]]) -> dict[str, np.ndarray]:
     total = sum(k for _, k in updates)
-    return {n: sum(u[n].astype(np.float64) * k for u, k in updates) / total for n in updates[0][0]}
+    # A float64 zero to start from (not sum's int 0), so each sum is typed as an array.
+    return {
+        n: sum((u[n].astype(np.float64) * k for u, k in updates), np.zeros(())) / total
+        for n in updates[0][0]
+    }
 
 
 def _global(seed: int = 99) -> Weights:

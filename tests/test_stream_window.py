@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from fedcore.flow_control import DEFAULT_STREAM_WINDOW, server_flow_control
+from fedcore.protocol import STREAM_END
 
 CHUNK = 1024 * 1024
 STREAMS = 6
@@ -97,7 +98,7 @@ async def _run(options: list[tuple[str, int]]) -> tuple[int, list[int]]:
         got = len(await context.read())
         first_read.release()
         await resume.wait()  # "folding": nothing read, so nothing may pile up past the window
-        while (message := await context.read()) is not grpc.aio.EOF:
+        while (message := await context.read()) is not STREAM_END:
             got += len(message)
         yield got.to_bytes(8, "big")
 
@@ -118,7 +119,7 @@ async def _run(options: list[tuple[str, int]]) -> tuple[int, list[int]]:
     try:
 
         async def send(channel: grpc.aio.Channel) -> int:
-            call: Any = channel.stream_stream(METHOD)()
+            call: Any = channel.stream_stream(METHOD, None, None)(None)
             for _ in range(MESSAGES):
                 await call.write(bytes(CHUNK))
             await call.done_writing()
@@ -133,7 +134,7 @@ async def _run(options: list[tuple[str, int]]) -> tuple[int, list[int]]:
         return unread, totals
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
         listener.close()
         await relay.close()
         await listener.wait_closed()

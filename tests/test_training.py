@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fedcore.data import ArrayDataset, load_mnist
-from fedcore.models import build_model, get_weights
+from fedcore.models import MnistCNN, build_model, get_weights
 from fedcore.plan import ModelSpec, TrainConfig
 from fedcore.training import train
 
@@ -38,7 +38,7 @@ def test_proximal_term_matches_the_explicit_objective(mu: float) -> None:
         prox = sum(
             ((p - a) ** 2).sum() for p, a in zip(reference.parameters(), anchors, strict=True)
         )
-        (loss + mu / 2 * prox).backward()
+        (loss + mu / 2 * prox).backward()  # type: ignore[no-untyped-call]  # torch: unannotated
         optimizer.step()
     train(model, data, config)
     for name, value in get_weights(model).items():
@@ -75,6 +75,7 @@ def test_fast_layout_changes_speed_not_results() -> None:
     for layout in ("channels_last", "default"):
         torch.manual_seed(0)
         model = build_model(ModelSpec("mnist-cnn"))
+        assert isinstance(model, MnistCNN)
         initial = get_weights(model)
         if layout == "default":
             with pytest.MonkeyPatch.context() as mp:
@@ -112,6 +113,7 @@ def test_fast_layout_is_channels_last_for_conv_models_on_the_cpu_only() -> None:
 
     cpu = torch.device("cpu")
     model = build_model(ModelSpec("mnist-cnn"))
+    assert isinstance(model, MnistCNN)
     with training.fast_layout(model, cpu) as layout:
         assert layout == torch.channels_last
         assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
