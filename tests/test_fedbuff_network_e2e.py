@@ -22,7 +22,7 @@ from fedcore.jobs import JobHandle
 pytestmark = pytest.mark.slow
 
 ROUNDS = 6
-JOB = {
+JOB: dict[str, Any] = {
     "strategy": "fedbuff",
     "rounds": ROUNDS,
     "min_workers": 2,

@@ -139,7 +139,7 @@ async def test_a_silos_epsilon_never_goes_down_across_a_restart(
     spent_b = before["silos"]["b"]["epsilon"]
     assert spent_b >= 3.0
 
-    only_a = {"a": DPSGDTrainer(1.0, 10, spent=10.0, step=0.5)}
+    only_a: dict[str, ScriptedTrainer] = {"a": DPSGDTrainer(1.0, 10, spent=10.0, step=0.5)}
     _, result = await _federation(
         coordinator_factory, only_a, rounds=4, checkpoint_dir=ckpt, resume=True
     )

@@ -91,7 +91,9 @@ def _ticket(collector: BufferCollector, name: str, *, trained_from: int) -> Tick
     return ticket
 
 
-def _result(ticket: Ticket, update: Weights, kind: int = pb.UPDATE_KIND_WEIGHTS) -> pb.TaskResult:
+def _result(
+    ticket: Ticket, update: Weights, kind: pb.UpdateKind.ValueType = pb.UPDATE_KIND_WEIGHTS
+) -> pb.TaskResult:
     return pb.TaskResult(
         task_id=ticket.task_id,
         num_examples=10,
@@ -115,7 +117,7 @@ def _open(collector: BufferCollector, ticket: Ticket, result: pb.TaskResult) -> 
 
 
 async def _stream(
-    collector: BufferCollector, ticket: Ticket, update: Weights, kind: int
+    collector: BufferCollector, ticket: Ticket, update: Weights, kind: pb.UpdateKind.ValueType
 ) -> StreamedUpload:
     result = _result(ticket, update, kind)
     sink = _open(collector, ticket, result)
@@ -204,7 +206,7 @@ def test_an_upload_left_open_does_not_block_another_silos_with_one_slot() -> Non
 @pytest.mark.parametrize("kind", [pb.UPDATE_KIND_WEIGHTS, pb.UPDATE_KIND_DELTA])
 @pytest.mark.parametrize("trained_from", [2, 0])
 def test_a_streamed_update_folds_bit_for_bit_as_an_accepted_one(
-    kind: int, trained_from: int
+    kind: pb.UpdateKind.ValueType, trained_from: int
 ) -> None:
     base = V2 if trained_from == 2 else V0
     trained = _update(7, base)
@@ -244,7 +246,12 @@ def test_an_upload_completed_while_the_buffer_is_full_folds_onto_the_next_model(
 
     async def streamed() -> tuple[dict[str, bytes], list[int]]:
         collector = _collector(buffer_size=1)
-        await _stream(collector, _ticket(collector, "first", trained_from=2), _update(8, V2), 1)
+        await _stream(
+            collector,
+            _ticket(collector, "first", trained_from=2),
+            _update(8, V2),
+            pb.UPDATE_KIND_WEIGHTS,
+        )
         assert collector.full.is_set()
         ticket = _ticket(collector, "late", trained_from=2)
         result = _result(ticket, late)
@@ -286,7 +293,9 @@ def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_sp
         """``kept`` streamed, then ``cut_update`` through the inbox, cut after ``cut`` chunks
         (None: never sent; N_CHUNKS: every chunk sent, but its round was over first)."""
         collector = _collector()
-        await _stream(collector, _ticket(collector, "kept", trained_from=0), kept, 1)
+        await _stream(
+            collector, _ticket(collector, "kept", trained_from=0), kept, pb.UPDATE_KIND_WEIGHTS
+        )
         if cut is not None:
             fds = _open_fds()
             ticket = _ticket(collector, "cut", trained_from=2)
@@ -315,9 +324,13 @@ def test_a_cut_at_any_chunk_leaves_the_next_model_as_without_it_and_frees_the_sp
     # Positive control: the same upload, completed, moves the model (and frees its spool).
     async def completed() -> dict[str, bytes]:
         collector = _collector()
-        await _stream(collector, _ticket(collector, "kept", trained_from=0), kept, 1)
+        await _stream(
+            collector, _ticket(collector, "kept", trained_from=0), kept, pb.UPDATE_KIND_WEIGHTS
+        )
         fds = _open_fds()
-        sink = await _stream(collector, _ticket(collector, "cut", trained_from=2), cut_update, 1)
+        sink = await _stream(
+            collector, _ticket(collector, "cut", trained_from=2), cut_update, pb.UPDATE_KIND_WEIGHTS
+        )
         assert isinstance(sink.stream, SpooledUpdate)
         assert sink.stream.state == "closed"
         assert _open_fds() == fds

@@ -22,6 +22,7 @@ from fedcore.protocol import PROTOCOL_VERSION, STREAM_END
 from fedcore.server.state.analytics import AnalyticsSettings
 from fedcore.server.state.registry import SessionState, WorkerRegistry
 from fedcore.server.transport.auth import Authenticator
+from fedcore.server.transport.inbox import SecAggRoute
 from fedcore.server.transport.service import CoordinatorService
 from fedcore.v1 import fedcore_pb2 as pb
 
@@ -69,8 +70,12 @@ async def test_a_secure_message_naming_another_job_is_refused() -> None:
         config(), registry, None, (), Authenticator(None, mutual_tls=False)
     )
     heard: dict[str, list[str]] = {"job-a": [], "job-b": []}
+
+    def hear(names: list[str]) -> SecAggRoute:
+        return lambda session, message: names.append(session.name)
+
     for job, names in heard.items():
-        service.route_secagg(job, lambda session, message, names=names: names.append(session.name))
+        service.route_secagg(job, hear(names))
     stream = _Context()
     join = asyncio.create_task(service.join(None, stream))  # type: ignore[arg-type]
     hello = pb.Hello(name="silo-0", protocol_version=PROTOCOL_VERSION, num_examples=10)
@@ -206,7 +211,8 @@ async def test_two_query_jobs_run_at_once_each_round_hearing_its_own_job(
 
     rng = np.random.default_rng(6)
     parts = [rng.uniform(20, 90, 40) for _ in range(3)]
-    silos = [
+    # Test doubles of sessions: given below the attributes the analytics route reads.
+    silos: list[Any] = [
         _Silo(f"silo-{i}", _silo(tmp_path, i, ages, budget=50.0)) for i, ages in enumerate(parts)
     ]
     frontend = AnalyticsFrontend(
@@ -242,4 +248,4 @@ async def test_two_query_jobs_run_at_once_each_round_hearing_its_own_job(
     assert seen.index("job-2") < len(seen) - 1 - seen[::-1].index("job-1")
     # Both were answered (each silo charged twice), neither round took the other's messages.
     for s in silos:
-        assert len(s.responder._gate.guard.ledger.charges()) == 2  # type: ignore[union-attr]
+        assert len(s.responder._gate.guard.ledger.charges()) == 2

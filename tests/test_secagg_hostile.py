@@ -27,7 +27,7 @@ from fedcore.secagg.quantize import COUNT_WORDS, FixedPoint
 from fedcore.secagg.server import AggregateResult, SecAggServer
 from fedcore.secagg.setup import make_setup
 from fedcore.server.engine.secagg_checks import bounded_count, bounded_mean, bounded_update
-from fedcore.weights import signature_of
+from fedcore.weights import Weights, signature_of
 
 PARAMS = SecAggParams(clip=1.0, bits=16, phase_timeout=5.0)
 D = 32
@@ -189,7 +189,7 @@ def test_the_blockwise_update_equals_decoding_bounding_and_adding_whole_vectors(
     caplog.set_level(logging.WARNING, "fedcore.server")
     fp = FixedPoint(16, 0.5, ring_bits)
     rng = np.random.default_rng(7)
-    weights = {
+    weights: Weights = {
         "a": rng.normal(0, 1, (300, 301)).astype(np.float32),
         "b": rng.normal(0, 1, 70_001).astype(np.float64),
     }
@@ -225,7 +225,7 @@ async def test_a_secure_round_with_a_zero_count_completes_with_the_honest_mean(
     caplog.set_level(logging.WARNING, "fedcore.server")
     params = SecAggParams(clip=4.0, bits=24, phase_timeout=10.0)
     honest_quantize = SecAggClient.quantize_onto
-    lock, liars = threading.Lock(), []
+    lock, liars = threading.Lock(), list[SecAggClient]()
 
     def quantize_onto(self: SecAggClient, vector: Any, delta: Any, num_examples: int) -> int:
         # Onto the mask expanded ahead, or onto zeros: either way the count words move.

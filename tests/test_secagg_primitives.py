@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -213,7 +214,7 @@ def test_the_blockwise_quantizer_matches_the_plain_one_bit_for_bit(
     already holds words (``accumulate``, as onto a mask expanded ahead): modular sums."""
     fp = FixedPoint(bits=bits, clip=1.0, ring_bits=ring_bits)
     rng = np.random.default_rng(bits + ring_bits)
-    x = rng.uniform(-0.9, 0.9, 150_001).astype(dtype)
+    x: npt.NDArray[np.floating] = rng.uniform(-0.9, 0.9, 150_001).astype(dtype)
     x[70_000:70_010] = 5.0  # the second block clips, the others do not
     seed = bytes(range(32))
     expected, expected_clipped = _reference_quantize(fp, x, 0.3, seed)

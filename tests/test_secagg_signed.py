@@ -92,7 +92,7 @@ def test_a_peer_shown_another_round_fails_verification() -> None:
     ids = make_identities(NAMES)
     for change in ({"threshold": 4}, {"members": ("a", "c", "b", "d", "e")}, {"round_number": 4}):
         mine = _setup()
-        theirs = dataclasses.replace(mine, **change)  # type: ignore[arg-type]
+        theirs = dataclasses.replace(mine, **change)
         victim = SecAggClient(mine, identity=ids["a"])
         server = SecAggServer(mine, 5, D + COUNT_WORDS)
         server.add_keys(1, victim.advertise())

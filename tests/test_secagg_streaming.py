@@ -127,7 +127,12 @@ def test_streamed_inputs_unmask_to_the_plain_sum_as_whole_ones_do() -> None:
 
 def test_an_input_cut_after_any_chunk_is_subtracted_and_its_sender_dropped() -> None:
     sizes: list[int] = []
-    _round(lambda server, masked: (sizes.append(len(_chunks(masked[1]))), _whole(server, masked)))
+
+    def count_chunks(server: SecAggServer, masked: dict[int, np.ndarray]) -> None:
+        sizes.append(len(_chunks(masked[1])))
+        _whole(server, masked)
+
+    _round(count_chunks)
     for cut in range(sizes[0] + 1):
 
         def feed(server: SecAggServer, masked: dict[int, np.ndarray], cut: int = cut) -> None:

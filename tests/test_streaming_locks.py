@@ -63,7 +63,7 @@ def test_a_stalled_journal_does_not_block_other_streams() -> None:
     assert slow.commit()
     assert fast.commit()
     # Every fold counted once: 1 x values + 2 x (values twice).
-    np.testing.assert_allclose(total.total()["w"], 5 * values)
+    np.testing.assert_allclose(np.asarray(total.total()["w"], np.float64), 5 * values)
 
 
 def test_an_abort_during_another_streams_journal_write_is_exact() -> None:
@@ -82,4 +82,4 @@ def test_an_abort_during_another_streams_journal_write_is_exact() -> None:
     slow_thread.join(WAIT)
     assert slow.commit()
     assert not cut.commit()
-    np.testing.assert_allclose(total.total()["w"], values)
+    np.testing.assert_allclose(np.asarray(total.total()["w"], np.float64), values)
