@@ -11,11 +11,12 @@
   last user's longer content, is read only within what its new user wrote: a cut after any
   chunk is taken back exactly (with a positive control: a take-back that reads the file to
   its end breaks the sum); a write that fails part-way leaves the journal consistent; an idle
-  pool keeps at most its bound.
+  pool keeps at most its bound, and a pool dropped without closing closes its files.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 
@@ -215,7 +216,7 @@ def test_a_reused_spill_file_replays_only_its_new_users_bytes(memory: int) -> No
         _honest(total, budget)
         if cut and pool.lent[1:]:
             reused = pool.lent[1]
-            assert reused.fd == pool.lent[0].fd  # the same file, again
+            assert reused is pool.lent[0]  # the same file, again
             assert pool.reused >= 1
             assert 0 < reused.length <= reused.size()
             stale = reused.size() - reused.length
@@ -288,3 +289,16 @@ def test_an_idle_pool_keeps_at_most_its_bound() -> None:
         pool.give(file)
     pool.close()
     assert (pool.free, pool.kept_bytes) == (0, 0)
+
+
+def test_a_dropped_pool_closes_its_files() -> None:
+    pool = SpillPool()
+    file = pool.take()
+    fd = file.fd
+    pool.give(file)
+    del file
+    os.fstat(fd)  # positive control: the idle file the pool keeps is open
+    del pool
+    gc.collect()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -60,12 +61,14 @@ Piece = tuple[str, int, npt.NDArray[np.generic]]
 
 class SpillFile:
     """An unlinked temporary file lent to one journal: written from offset 0, and read only
-    within what this user wrote (a reused file holds older bytes past that)."""
+    within what this user wrote (a reused file holds older bytes past that). Closed by
+    :meth:`close`, or once unreachable (a pool or journal dropped without closing)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         #: Bytes this user wrote, from offset 0: the only bytes :meth:`read` gives.
         self.length = 0
+        self._closer = weakref.finalize(self, os.close, fd)
 
     def append(self, data: memoryview) -> int:
         """Write ``data`` after what this user wrote and return its offset. Raises OSError
@@ -93,6 +96,9 @@ class SpillFile:
         """The file's size, what earlier users wrote included."""
         return os.fstat(self.fd).st_size
 
+    def close(self) -> None:
+        self._closer()
+
 
 class SpillPool:
     """Unlinked spill files in ``directory`` (default ``TMPDIR``), lent to journals and kept
@@ -115,7 +121,7 @@ class SpillPool:
         self.keep_bytes = keep_bytes
         self.keep_files = keep_files
         self.directory = directory
-        self._free: list[tuple[int, int]] = []  # (fd, size), the last given back at the end
+        self._free: list[tuple[SpillFile, int]] = []  # (file, size), the last given back last
         self._kept = 0
         self._lock = threading.Lock()
         #: Files lent again rather than created.
@@ -136,10 +142,11 @@ class SpillPool:
         when it cannot be created)."""
         with self._lock:
             if self._free:
-                fd, size = self._free.pop()
+                file, size = self._free.pop()
                 self._kept -= size
                 self.reused += 1
-                return SpillFile(fd)
+                file.length = 0  # a new user: nothing written yet, nothing readable
+                return file
         return SpillFile(_unlinked_file(self.directory))
 
     def give(self, file: SpillFile) -> None:
@@ -152,19 +159,19 @@ class SpillPool:
                     if size > room:  # keep what fits: those pages are reused next round
                         os.ftruncate(file.fd, room)
                         size = room
-                    self._free.append((file.fd, size))
+                    self._free.append((file, size))
                     self._kept += size
                     return
         except OSError:
             pass  # a file that cannot be measured or cut is not kept
-        os.close(file.fd)
+        file.close()
 
     def close(self) -> None:
         """Close every idle file."""
         with self._lock:
             free, self._free, self._kept = self._free, [], 0
-        for fd, _ in free:
-            os.close(fd)
+        for file, _ in free:
+            file.close()
 
 
 class JournalBudget:
