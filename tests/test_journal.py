@@ -214,26 +214,25 @@ def test_a_reused_spill_file_replays_only_its_new_users_bytes(memory: int) -> No
         for chunk in chunks[:cut]:
             upload.add(chunk)
         _honest(total, budget)
-        if cut and pool.lent[1:]:
+        assert pool.reused >= 1  # an upload of this round overwrote the earlier one's file
+        if memory == 0 and 0 < cut < len(chunks):
+            # The cut upload spilled its first piece, so it took the idle file.
             reused = pool.lent[1]
-            assert reused is pool.lent[0]  # the same file, again
-            assert pool.reused >= 1
-            assert 0 < reused.length <= reused.size()
+            assert reused is pool.lent[0]
             stale = reused.size() - reused.length
-            if memory == 0 and cut < len(chunks):
-                # Positive control: the old bytes are there, and a take-back that reads the
-                # file to its end (past what this upload wrote) leaves the sum wrong.
-                assert stale > 0
-                with pytest.raises(ValueError, match="outside"):
-                    reused.read(reused.length, stale)
-                # Such a take-back subtracts the tail too: the honest sum minus the tail.
-                raw = os.pread(reused.fd, reused.size(), 0)
-                tail = _as_update(bytes(reused.length) + raw[reused.length :])
-                leaky = _sum()
-                _honest(leaky, _budget(0))
-                for name, values in tail.items():
-                    leaky.fold(name, 0, values, 40, -1)
-                assert leaky.digest_bytes() != expected
+            # Positive control: the old bytes are there past what this upload wrote, ...
+            assert stale > 0
+            with pytest.raises(ValueError, match="outside"):
+                reused.read(reused.length, stale)
+            # ... and a take-back that read the file to its end would subtract them too,
+            # leaving the honest sum minus the tail.
+            raw = os.pread(reused.fd, reused.size(), 0)
+            tail = _as_update(bytes(reused.length) + raw[reused.length :])
+            leaky = _sum()
+            _honest(leaky, _budget(0))
+            for name, values in tail.items():
+                leaky.fold(name, 0, values, 40, -1)
+            assert leaky.digest_bytes() != expected
         upload.abort()
         assert total.digest_bytes() == expected, f"cut after {cut} chunks"
         assert budget.held == 0
