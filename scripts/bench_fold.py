@@ -13,7 +13,9 @@ upload does. Timed, best of ``--repeats`` (interleaved, so a burst of load hits 
 * ``stream_old`` / ``stream_new``: ``UpdateStream.fold`` for every piece and ``commit`` (the
   fold plus the journal: old, every piece written to a temporary file; new, pieces kept by
   reference within the round's memory budget); ``stream_new_spilled``: the new journal with no
-  memory budget (every piece written, as past the budget);
+  memory budget (every piece written, as past the budget), its spill file reused from the last
+  repeat (``SpillPool``, as round after round); ``stream_new_spilled_fresh``: the same into a
+  fresh temporary file every time (a pool that keeps nothing: the spill before the pool);
 * ``receive_fresh`` / ``receive_reused``: what a worker spends per element of the global
   model it receives (``PayloadAssembler``: each chunk copied into the model's buffer and
   checked finite): into a fresh buffer every round (the old code), or into last round's
@@ -47,7 +49,7 @@ import numpy.typing as npt
 from fedcore.buffer_pool import BufferPool
 from fedcore.codec import PayloadAssembler, RawChunk, iter_chunks, make_header
 from fedcore.strategy.fixed_point import FixedPointSum
-from fedcore.strategy.journal import JournalBudget
+from fedcore.strategy.journal import JournalBudget, SpillPool
 from fedcore.strategy.streaming import UpdateStream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +160,10 @@ def bench(params: int, chunk_bytes: int, repeats: int, old_ref: str) -> dict[str
             "fold_new": folder(new),
             "stream_old": streamer(old_streaming, journal_dir=None),
             "stream_new": streamer(new),
-            "stream_new_spilled": streamer(new, journal=JournalBudget(0)),
+            "stream_new_spilled": streamer(new, journal=JournalBudget(0, pool=SpillPool())),
+            "stream_new_spilled_fresh": streamer(
+                new, journal=JournalBudget(0, pool=SpillPool(keep_bytes=0, keep_files=0))
+            ),
             "receive_fresh": receiver(update, chunk_bytes, None),
             "receive_reused": receiver(update, chunk_bytes, BufferPool()),
         }

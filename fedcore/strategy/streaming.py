@@ -9,8 +9,9 @@ coordinator holds the sum, the global model and the chunks in flight.
 
 An upload that is cut off, or found bad part-way, is taken back out *exactly*: the stream
 keeps a journal of the values it folded (:mod:`.journal`: the received pieces by reference up
-to a memory budget shared by the sum's streams, past it an unlinked temporary file, so the
-coordinator's memory stays O(model) however many uploads are in flight), and
+to a memory budget shared by the sum's streams, past it an unlinked spill file reused across
+uploads and rounds, so the coordinator's memory stays O(model) however many uploads are in
+flight), and
 :meth:`UpdateStream.abort` subtracts the same integers again (:mod:`.fixed_point`). A
 committed stream's journal is dropped at once, mostly unwritten.
 """
