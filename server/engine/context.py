@@ -189,7 +189,8 @@ class RoundContext:
         payload: WeightsPayload,
     ) -> Ticket:
         """Give ``task`` to ``session``: a ticket for ``collector``, then the plan and its
-        weights on the worker's stream."""
+        weights on the worker's stream (a secure round's weights behind the ticket's gate,
+        which its collector opens; a resolved ticket opens it too)."""
         task.task_id = uuid.uuid4().hex
         ticket = Ticket(
             task.task_id, task.round, task.kind, session, job_id=task.job_id, collector=collector
@@ -200,6 +201,11 @@ class RoundContext:
         if frozen is not None:
             task.frozen.CopyFrom(frozen.plan(attached=attach))
         session.send(pb.CoordinatorMessage(task=task))
+        if task.HasField("secagg"):
+            # A secure round's weights follow the worker's key directory (the round opens the
+            # gate): bytes of the model already in the link would hold the directory back.
+            ticket.gate = gate = session.hold()
+            ticket.future.add_done_callback(lambda _: gate.open())
         if frozen is not None and attach:
             session.send(frozen.payload)
             # Sent once per session: a worker that loses them reconnects and says so in its hello.
