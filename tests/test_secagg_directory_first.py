@@ -188,7 +188,9 @@ async def test_the_directory_is_written_before_the_model_and_a_plain_round_is_un
             _keys(silo, collector)
         for silo in fed.silos:
             await _model_written(silo, fed, models=2 if silo is fed.silos[0] else 1)
-            assert silo.kinds()[start[id(silo)] :] == ["task", "peers"] + ["chunk"] * fed.chunks
+            assert silo.kinds()[start[id(silo)] :] == ["task", "chunk", "peers"] + ["chunk"] * (
+                fed.chunks - 1
+            )
         await _stop(round_task)
 
 
@@ -201,7 +203,7 @@ async def test_a_keys_phase_that_fails_releases_every_model_and_the_streams_go_o
         _keys(first, collector)  # one of three: below the threshold of 2
         for silo in fed.silos:
             await _model_written(silo, fed)
-            assert silo.kinds() == ["task", "abort"] + ["chunk"] * fed.chunks
+            assert silo.kinds() == ["task", "chunk", "abort"] + ["chunk"] * (fed.chunks - 1)
         await asyncio.wait_for(round_task, 10)
         assert not collector.results
         await _next_round_works(fed, fed.silos[1])
@@ -218,9 +220,9 @@ async def test_a_member_dropped_in_phase_1_gets_its_model_after_its_abort() -> N
         for silo in fed.silos:
             await _model_written(silo, fed)
         for silo in fed.silos[:2]:
-            assert silo.kinds() == ["task", "peers"] + ["chunk"] * fed.chunks
-        assert late.kinds() == ["task", "abort"] + ["chunk"] * fed.chunks
-        assert "no keys in time" in late.stream.written[2].secagg.abort.reason  # type: ignore[union-attr]
+            assert silo.kinds() == ["task", "chunk", "peers"] + ["chunk"] * (fed.chunks - 1)
+        assert late.kinds() == ["task", "chunk", "abort"] + ["chunk"] * (fed.chunks - 1)
+        assert "no keys in time" in late.stream.written[3].secagg.abort.reason  # type: ignore[union-attr]
         await _stop(round_task)
         await _next_round_works(fed, late)
 
@@ -247,7 +249,7 @@ async def test_a_session_closed_while_its_model_is_held_ends_its_writer() -> Non
         await gone.stream.until(lambda: "task" in gone.kinds(), "task")
         gone.session.close("the coordinator is shutting down")
         await asyncio.wait_for(gone.join, 10)  # the writer did not wait at the gate
-        assert gone.kinds() == ["task"]
+        assert gone.kinds() == ["task", "chunk"]
         await _stop(round_task)
 
 
