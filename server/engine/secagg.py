@@ -6,6 +6,11 @@ masked inputs, unmasks the total, and feeds the strategy's aggregator *one* upda
 example-weighted mean (global weights + mean delta) with the summed example count. Any
 strategy that only needs the weighted mean works unchanged.
 
+Each worker's model, after its first chunk, waits on the stream for that worker's key
+directory (the gate ``RoundContext.issue`` queues, opened by ``SecAggCollector.send`` or when
+the round ends): model bytes already in the link would hold the directory back, and with it
+phases 2 and 3.
+
 Masked inputs stream: each arriving chunk is added to the ring sum at once
 (:mod:`fedcore.secagg.ring`), so the round's uploads proceed in parallel, take no upload slot,
 and the coordinator holds one ring vector; an input cut off part-way is subtracted again.
