@@ -1,10 +1,12 @@
 """A secure round's model waits for the key directory, per worker (issue 28, stop 33).
 
 Over a long link the model's bytes already in flight hold back any message queued after them,
-so the coordinator holds each worker's model until that worker's key directory is written:
+so the coordinator sends the model's first chunk with the task (it keeps the link busy during
+the keys' round trip) and holds the rest until that worker's key directory is written:
 
-* in a secure round the directory is written before any chunk of the model (fails on the
-  old coordinator, which wrote the model at once), and a plain round's order is unchanged;
+* in a secure round the directory is written before the model's second chunk (fails on the
+  old coordinator, which wrote the whole model at once), and a plain round's order is
+  unchanged;
 * a round whose keys phase fails, a member dropped in phase 1, a round cancelled mid-phase
   (coordinator shutdown) and a session closed while its model is held leave no writer
   waiting, and the stream carries on: the next task's model is written;
