@@ -52,7 +52,9 @@ class RawClient:
         assembler = PayloadAssembler(task.weights, max_bytes=1 << 30, max_chunk_bytes=1 << 26)
         while not assembler.complete:
             msg = await asyncio.wait_for(self.call.read(), TIMEOUT)
-            assembler.add(msg.chunk)
+            # Control messages (secure aggregation) come before or between the chunks.
+            if msg.WhichOneof("body") == "chunk":
+                assembler.add(msg.chunk)
         return task, assembler.weights()
 
     async def send_update(self, task_id: str, weights: Weights, examples: int = 10) -> None:

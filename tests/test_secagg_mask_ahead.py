@@ -1,11 +1,13 @@
-"""The worker expands its whole mask ahead of its update (issue 28): once its shares arrive,
-in a thread, while the model downloads and trains; the update is then only quantized onto it.
+"""The worker expands its whole mask ahead of its update (issue 28): once the key directory is
+in (stop 33; before: once its shares arrived), in a thread, while the model downloads and
+trains; the update is then only quantized onto it.
 
 * the masked input is the same ring vector either way: a round mixing both unmasks to the
   exact plain sum;
 * a mask of the wrong length is never used (the worker expands one itself);
 * an abort forgets a prepared mask, and a mask prepared after an abort is never kept;
-* through the worker's glue, the PRG runs when the shares arrive, not when the update is ready
+* through the worker's glue, the PRG runs when the directory arrives, before the relayed
+  shares, not when the update is ready
   (positive control: a task whose header gives no length expands the mask at masking time).
 """
 
@@ -111,7 +113,7 @@ async def _worker_round(
 ) -> tuple[int, int]:
     """Worker 1 through :class:`SecAggRounds` (the glue ``fed-worker`` runs), peers 2..N in
     memory; the round must unmask to the honest mean. Returns the mask expansions worker 1
-    made before its update was ready, and while masking it."""
+    made before the relayed shares arrived, and while masking its update."""
     from fedcore.worker.secagg import SecAggRounds
 
     counted = _CountedPRG(monkeypatch)
@@ -134,6 +136,9 @@ async def _worker_round(
     await rounds.handle(
         pb.SecAggCoordinatorMessage(peers=wire.directory_to_proto(rid, directories[1]))
     )
+    # The shares are not relayed yet: wait, bounded, for an expansion ahead of them.
+    await asyncio.to_thread(counted.first.wait, 2.0)
+    before = counted.calls
     server.add_shares(1, wire.shares_from_proto(sent[-1].secagg.shares))
     for u, c in peers.items():
         server.add_shares(u, c.share_keys(directories[u]))
@@ -141,9 +146,6 @@ async def _worker_round(
     for u, c in peers.items():
         c.receive_shares(inboxes[u])
     await rounds.handle(pb.SecAggCoordinatorMessage(shares=wire.shares_to_proto(rid, inboxes[1])))
-    # The update is not ready yet ("training"): wait, bounded, for an expansion ahead of it.
-    await asyncio.to_thread(counted.first.wait, 2.0)
-    before = counted.calls
     received: Weights = {"w": np.zeros(D, np.float32)}
     updated: Weights = {"w": DELTAS[0]}
     vector = await asyncio.wait_for(
@@ -165,7 +167,7 @@ async def _worker_round(
     return before, masking
 
 
-async def test_the_worker_expands_its_mask_when_the_shares_arrive_not_after_training(
+async def test_the_worker_expands_its_mask_when_the_directory_arrives_not_after_training(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     header = pb.PayloadHeader(

@@ -3,13 +3,16 @@ worker's one secure-round client (:class:`~fedcore.secagg.participant.Participan
 analytics queries run too).
 
 A fit task that carries a ``SecAggSetup`` starts a round: the keys go out at once, the key
-directory and the shares addressed to this worker are answered as they arrive (while the model
-downloads and training runs in its thread). Once the shares are in, the whole mask (self mask
-and pairwise masks: it does not depend on the update) is expanded in a thread, overlapping the
-download and training too, so that when training is done the delta is only quantized onto it
-and sent as the task's result. The unmasking request is answered once. Any failure, or a request an honest
-worker must refuse, abandons the round and forgets its secrets. No flag is needed: the worker
-announces the capability and follows the coordinator's setup.
+directory and the shares addressed to this worker are answered as they arrive (the coordinator
+sends the directory after the model's first chunk and before the rest, and the shares while
+the model downloads and training runs in its thread). Once the directory is answered, the
+whole mask (self mask and the pairwise masks of every peer it lists: it does not depend on the
+update) is expanded in a thread, overlapping the download and training; when the relayed
+shares show a peer dropped out meanwhile, its pair is taken out again. When training is done
+the delta is only quantized onto the mask and sent as the task's result. The unmasking request
+is answered once. Any failure, or a request an honest worker must refuse, abandons the round
+and forgets its secrets. No flag is needed: the worker announces the capability and follows
+the coordinator's setup.
 
 With a :class:`~fedcore.secagg.identity.SiloIdentity` (``fed-worker --signing-key --roster``)
 the worker runs only the signed mode: it signs its keys, refuses peers the roster does not
@@ -125,7 +128,7 @@ class SecAggRounds:
         client = SecAggClient(setup, rules=rules, identity=self._identity)
         words = _input_words(task.weights)
 
-        async def on_shares() -> None:
+        async def on_directory() -> None:
             # Not awaited here: the stream's other messages (the model's chunks) keep flowing.
             if words is not None:
                 self._preparing[job] = asyncio.create_task(_prepare(client, words))
@@ -134,7 +137,7 @@ class SecAggRounds:
             client,
             self._sender(job),
             label=f"round {task.round}",
-            on_shares=on_shares,
+            on_directory=on_directory,
             on_end=lambda revealed: self._ended(job, current, revealed),
         )
         self._rounds[job] = current

@@ -154,6 +154,9 @@ class SecAggClient:
         self._own_signature = b""  # on the request, kept to recognise it when relayed
         # The whole mask, expanded ahead of the update (prepare_mask): as secret as the seeds.
         self._prepared: npt.NDArray[np.unsignedinteger] | None = None
+        # The neighbours whose pairwise masks it holds (all of the directory's, when expanded
+        # before the relayed shares named those that completed phase 2).
+        self._prepared_peers: frozenset[int] = frozenset()
         self._prepared_lock = threading.Lock()
 
     @property
@@ -394,9 +397,13 @@ class SecAggClient:
 
     def pairwise_seeds(self) -> tuple[list[bytes], list[bytes]]:
         """The pairwise mask seeds this worker adds and subtracts."""
+        return self._seeds(self._mask_peers)
+
+    def _seeds(self, peers: frozenset[int]) -> tuple[list[bytes], list[bytes]]:
+        """The pairwise mask seeds shared with ``peers``: those added, those subtracted."""
         plus: list[bytes] = []
         minus: list[bytes] = []
-        for v in sorted(self._mask_peers):
+        for v in sorted(peers):
             seed = crypto.agree(
                 self._mask.private,
                 self._peers[v].mask_public,
@@ -439,17 +446,24 @@ class SecAggClient:
     def prepare_mask(self, words: int) -> None:
         """Phase 3, ahead of the update: expand ``PRG(b_u) + sum +/-PRG(s_uv)`` over ``words``
         ring words (the input's length with its count words). The mask depends only on this
-        round's seeds, fixed once phase 2 ends, never on the update: so it can be computed
-        while the model downloads or trains (in a thread), and :meth:`mask` then only
-        quantizes onto it. Kept as secret as the seeds: :meth:`abort` forgets it."""
-        self._expect(ClientState.READY, "prepare a mask")
-        plus, minus = self.pairwise_seeds()
+        round's seeds, never on the update: so it can be computed while the model downloads
+        or trains (in a thread), and :meth:`mask` then only quantizes onto it. Once the key
+        directory is in (SHARED) the pairwise masks are those of every neighbour it lists;
+        :meth:`mask` takes out again those of neighbours that did not complete phase 2 (rare).
+        Kept as secret as the seeds: :meth:`abort` forgets it."""
+        if self.state not in (ClientState.SHARED, ClientState.READY):
+            raise SecAggRefusedError(
+                f"cannot prepare a mask in state {self.state.value} of round {self.setup.round_id}"
+            )
+        # receive_shares sets the peers before the state (on the event loop): read in order.
+        peers = self._mask_peers if self.state is ClientState.READY else frozenset(self._peers)
+        plus, minus = self._seeds(peers)
         mask = np.zeros(words, dtype=self.setup.fixed_point.dtype)
         prg.apply_masks(mask, plus=[self._self_seed, *plus], minus=minus)
         with self._prepared_lock:
             # An abort (on another thread) while it was computed leaves nothing behind.
-            if self.state is ClientState.READY:
-                self._prepared = mask
+            if self.state in (ClientState.SHARED, ClientState.READY):
+                self._prepared, self._prepared_peers = mask, peers
 
     def mask(self, delta: npt.NDArray[np.floating], num_examples: int) -> MaskedInput:
         """Phase 3: quantize ``delta`` (flat) weighted by ``num_examples``, add
@@ -462,6 +476,12 @@ class SecAggClient:
             vector, clipped = self.quantize(delta, num_examples)
             self.mask_vector(vector)
             return MaskedInput(vector, clipped)
+        # Ring addition commutes: removing a pair's mask gives the very vector expanded
+        # without it.
+        if self._prepared_peers != self._mask_peers:
+            gone_plus, gone_minus = self._seeds(self._prepared_peers - self._mask_peers)
+            new_plus, new_minus = self._seeds(self._mask_peers - self._prepared_peers)
+            prg.apply_masks(prepared, plus=[*gone_minus, *new_plus], minus=[*gone_plus, *new_minus])
         clipped = self.quantize_onto(prepared, delta, num_examples)
         self.state = ClientState.MASKED
         return MaskedInput(prepared, clipped)

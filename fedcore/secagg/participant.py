@@ -4,7 +4,7 @@ the coordinator's phase messages. Training (``worker.secagg``) and analytics
 its shares (training masks its update when training ends; a query masks its noisy sums at
 once) and in what they do when the round ends::
 
-    start: keys ──▶ peers: shares ──▶ shares: on_shares ──▶ ... masked input (the caller) ...
+    start: keys ──▶ peers: shares, on_directory ──▶ shares: on_shares ──▶ ... masked input ...
           ──▶ unmask: (signed mode: a consistency signature ──▶ signatures:) unmasking shares
 
 Any failure, or a request an honest worker must refuse, abandons the round (telling the
@@ -43,6 +43,8 @@ class Participant:
         client: this worker's state machine for the round.
         send: sends one message to the coordinator.
         label: names the round in logs.
+        on_directory: awaited once this worker sent its shares for the key directory (its
+            seeds are drawn: a mask may be expanded ahead).
         on_shares: awaited once this worker holds its shares (phase 3 may start); a
             :class:`SecAggError` it raises abandons the round.
         on_end: called once when the round ends: True once the unmasking shares are sent,
@@ -55,12 +57,14 @@ class Participant:
         send: SendSecAgg,
         *,
         label: str,
+        on_directory: Callable[[], Awaitable[None]] = _nothing,
         on_shares: Callable[[], Awaitable[None]] = _nothing,
         on_end: Callable[[bool], None] = lambda revealed: None,
     ) -> None:
         self.client = client
         self._send = send
         self.label = label
+        self._on_directory = on_directory
         self._on_shares = on_shares
         self._on_end = on_end
         #: Set once this worker holds its shares, or the round was abandoned.
@@ -120,6 +124,7 @@ class Participant:
                     len(shares),
                     extra={"event": "secagg_phase", "phase": "key_shares", "peers": len(shares)},
                 )
+                await self._on_directory()
             elif kind == "shares":
                 client.receive_shares(wire.shares_from_proto(body))
                 self.settled.set()

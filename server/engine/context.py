@@ -11,7 +11,8 @@ coordinator, and the coordinator reads the progress of a round from here.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from fedcore.compression import EXTRA_KEY, scheme_code
 from fedcore.errors import ConfigError
@@ -28,7 +29,24 @@ from ..transport.traffic import Traffic
 from .collectors import RoundCollector
 from .reports import ReportPipeline
 
-__all__ = ["RoundContext"]
+__all__ = ["AHEAD_OF_DIRECTORY", "PayloadPart", "RoundContext"]
+
+
+#: Chunks of a secure round's model sent with its task, before the worker's key directory.
+AHEAD_OF_DIRECTORY = 1
+
+
+@dataclass(frozen=True)
+class PayloadPart:
+    """Chunks ``start`` to ``stop`` (excluded) of ``payload``, as a chunk stream."""
+
+    payload: WeightsPayload
+    start: int
+    stop: int
+
+    def messages(self) -> Iterator[bytes]:
+        for index in range(self.start, self.stop):
+            yield self.payload.message(index)
 
 
 class RoundContext:
@@ -189,7 +207,8 @@ class RoundContext:
         payload: WeightsPayload,
     ) -> Ticket:
         """Give ``task`` to ``session``: a ticket for ``collector``, then the plan and its
-        weights on the worker's stream."""
+        weights on the worker's stream (a secure round's weights after the first chunk behind
+        the ticket's gate, which its collector opens; a resolved ticket opens it too)."""
         task.task_id = uuid.uuid4().hex
         ticket = Ticket(
             task.task_id, task.round, task.kind, session, job_id=task.job_id, collector=collector
@@ -204,5 +223,15 @@ class RoundContext:
             session.send(frozen.payload)
             # Sent once per session: a worker that loses them reconnects and says so in its hello.
             session.frozen_held.add(frozen.digest)
-        session.send(payload)
+        if not task.HasField("secagg"):
+            session.send(payload)
+            return ticket
+        # A secure round's model after its first chunk waits for the worker's key directory
+        # (the round opens the gate): model bytes already in the link would hold the directory
+        # back. The first chunk keeps the link busy during the keys' round trip.
+        head = min(AHEAD_OF_DIRECTORY, payload.chunks)
+        session.send(PayloadPart(payload, 0, head))
+        ticket.gate = gate = session.hold()
+        ticket.future.add_done_callback(lambda _: gate.open())
+        session.send(PayloadPart(payload, head, payload.chunks))
         return ticket

@@ -6,6 +6,11 @@ masked inputs, unmasks the total, and feeds the strategy's aggregator *one* upda
 example-weighted mean (global weights + mean delta) with the summed example count. Any
 strategy that only needs the weighted mean works unchanged.
 
+Each worker's model, after its first chunk, waits on the stream for that worker's key
+directory (the gate ``RoundContext.issue`` queues, opened by ``SecAggCollector.send`` or when
+the round ends): model bytes already in the link would hold the directory back, and with it
+phases 2 and 3.
+
 Masked inputs stream: each arriving chunk is added to the ring sum at once
 (:mod:`fedcore.secagg.ring`), so the round's uploads proceed in parallel, take no upload slot,
 and the coordinator holds one ring vector; an input cut off part-way is subtracted again.
@@ -31,7 +36,7 @@ from fedcore.strategy import FitResult, UpdateAggregator
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import ModelSignature, TensorSignature, Weights, signature_of
 
-from ..state.registry import SessionState, Ticket, UploadSink, WorkerSession
+from ..state.registry import PayloadGate, SessionState, Ticket, UploadSink, WorkerSession
 from ..transport.upload_stream import StreamedUpload
 from .collectors import FitCollector
 from .secagg_checks import bounded_count, bounded_update
@@ -108,6 +113,8 @@ class SecAggCollector(FitCollector):
         self._gave_up: set[int] = set()
         self._changed = asyncio.Event()
         self._round_deadline = 0.0
+        # Each worker's model waits here for its key directory (see RoundContext.issue).
+        self._gates: dict[int, PayloadGate] = {}
 
     @property
     def phase_seconds(self) -> dict[str, float]:
@@ -124,9 +131,13 @@ class SecAggCollector(FitCollector):
 
     def add(self, ticket: Ticket) -> None:
         """Track a ticket, and wake the phase loop when it resolves (result, error,
-        disconnect)."""
+        disconnect); its payload's gate opens with the first message of the round that
+        worker gets after its keys (the key directory, or an abort)."""
         super().add(ticket)
         ticket.future.add_done_callback(lambda _: self._changed.set())
+        index = self._index.get(ticket.session.worker_id)
+        if ticket.gate is not None and index is not None:
+            self._gates[index] = ticket.gate
 
     def check_result(self, result: pb.TaskResult) -> None:
         if result.update_kind != pb.UPDATE_KIND_MASKED:
@@ -226,9 +237,17 @@ class SecAggCollector(FitCollector):
     # ------------------------------------------------------------------ RoundTransport
 
     def send(self, index: int, message: pb.SecAggCoordinatorMessage) -> None:
-        # Overtakes the weights' chunks: phases 1 and 2 overlap the download.
+        # Overtakes the weights' chunks: phases 1 and 2 overlap the download. The directory
+        # (or an abort) is the first message after the keys: the model, held until now,
+        # follows it on the stream.
         message.job_id = self.job_id
         self.sessions[index].send_urgent(pb.CoordinatorMessage(secagg=message))
+        self._open(index)
+
+    def _open(self, index: int) -> None:
+        gate = self._gates.pop(index, None)
+        if gate is not None:
+            gate.open()
 
     async def until(
         self, phase: Phase, done: Callable[[int], bool], members: Sequence[int]
@@ -253,6 +272,9 @@ class SecAggCollector(FitCollector):
             self.results.clear()
             self.driver.abort(everyone, str(exc))
         finally:
+            # However the round ended (even cancelled), no model stays held.
+            for index in list(self._gates):
+                self._open(index)
             self.settle(timeout)
 
     async def _run(self, everyone: list[int]) -> None:

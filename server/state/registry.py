@@ -50,6 +50,7 @@ __all__ = [
     "ChunkStream",
     "Collector",
     "Outgoing",
+    "PayloadGate",
     "SessionState",
     "Ticket",
     "UploadSink",
@@ -81,6 +82,27 @@ class ChunkStream(Protocol):
     def messages(self) -> Iterator[bytes]:
         """Serialized ``CoordinatorMessage(chunk=...)`` messages, in order."""
         ...
+
+
+class PayloadGate:
+    """Queued in a session's outbox (:meth:`WorkerSession.hold`): what was queued after it
+    waits until it opens, while urgent messages still go. A secure round's model waits so for
+    the worker's key directory: once bytes of the model are in the link, nothing overtakes them.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        """Let what follows go (idempotent)."""
+        if not self._open:
+            self._open = True
+            self._wake()
 
 
 # What the writer of a stream sends: a message, bytes already serialized, weights to stream
@@ -187,6 +209,8 @@ class Ticket:
     collector: Collector | None = None
     # Set when the round that asked for it has ended; its result will be dropped.
     stale: bool = False
+    # Holds the task's payload on the stream until the round opens it (a secure round).
+    gate: PayloadGate | None = None
 
     def resolve(self, value: object) -> None:
         if not self.future.done():
@@ -228,9 +252,13 @@ class WorkerSession:
         # How many tasks (of different jobs) it may hold at once: its claim, capped.
         self.max_tasks = min(max(hello.max_tasks, 1), MAX_TASKS_PER_WORKER)
         self.state = SessionState.JOINING
-        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        # What the writer sends, in order; a PayloadGate holds what follows it.
+        self.outbox: asyncio.Queue[Outgoing | PayloadGate] = asyncio.Queue()
         # Small control messages (secure aggregation) that overtake queued payload chunks.
         self.urgent: collections.deque[pb.CoordinatorMessage] = collections.deque()
+        # The gate the writer waits at (None: none), and what wakes it there.
+        self._held: PayloadGate | None = None
+        self._signal = asyncio.Event()
         # The tasks it holds, by task id: at most ``max_tasks``, of different jobs.
         self.tickets: dict[str, Ticket] = {}
         self.last_seen = time.monotonic()
@@ -290,7 +318,7 @@ class WorkerSession:
         if self._on_change is not None:
             self._on_change()
 
-    def send(self, item: Outgoing) -> None:
+    def send(self, item: Outgoing | PayloadGate) -> None:
         if self.state is not SessionState.CLOSED:
             self.outbox.put_nowait(item)
 
@@ -299,14 +327,34 @@ class WorkerSession:
         if self.state is not SessionState.CLOSED:
             self.urgent.append(message)
             self.outbox.put_nowait(_WAKE)
+            self._signal.set()
+
+    def hold(self) -> PayloadGate:
+        """Queue a gate: what is queued after it waits until it opens."""
+        gate = PayloadGate(self._signal.set)
+        self.send(gate)
+        return gate
 
     async def next_outgoing(self) -> Outgoing:
-        """What the stream's writer sends next: urgent messages first, then the outbox."""
+        """What the stream's writer sends next: urgent messages first, then the outbox (up
+        to a closed gate; None once the session closed while the writer waited there)."""
         while True:
             if self.urgent:
                 return self.urgent.popleft()
+            held = self._held
+            if held is not None:
+                if self.state is SessionState.CLOSED:
+                    return None
+                if not held.is_open:
+                    # Nothing can be missed between the checks and the wait: one loop.
+                    self._signal.clear()
+                    await self._signal.wait()
+                    continue
+                self._held = None
             item = await self.outbox.get()
-            if item is not _WAKE:
+            if isinstance(item, PayloadGate):
+                self._held = item
+            elif item is not _WAKE:
                 return item
 
     def close(self, reason: str) -> None:
@@ -318,6 +366,7 @@ class WorkerSession:
         for ticket in tickets.values():
             ticket.resolve(ConnectionError(f"worker {self.name!r} left: {reason}"))
         self.outbox.put_nowait(None)
+        self._signal.set()
         self.closed.set()
 
     def __repr__(self) -> str:
