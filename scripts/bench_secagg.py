@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
@@ -64,7 +64,20 @@ from fedcore.strategy import WeightedMeanAggregator
 SCRIPT = Path(__file__).resolve()
 _PHASES = re.compile(r"phases (.*)$")
 _PHASE = re.compile(r"(\w+) ([0-9.]+) s")
-_QUICK = {
+
+
+class Preset(TypedDict):
+    """What one run measures: worker counts, model sizes, dropout rates, rounds."""
+
+    workers: list[int]
+    sizes: list[int]
+    dropouts: list[float]
+    process_workers: list[int]
+    process_sizes: list[int]
+    rounds: int
+
+
+_QUICK: Preset = {
     "workers": [4, 8, 16],
     "sizes": [100_000, 1_000_000],
     "dropouts": [0.0, 0.3],
@@ -72,7 +85,7 @@ _QUICK = {
     "process_sizes": [1_000_000],
     "rounds": 3,
 }
-_FULL = {
+_FULL: Preset = {
     "workers": [4, 8, 16, 32, 64],
     "sizes": [100_000, 1_000_000, 10_000_000],
     "dropouts": [0.0, 0.1, 0.3],
@@ -600,10 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    preset = dict(_QUICK if args.quick else _FULL)
-    for key in preset:
-        if getattr(args, key, None) is not None:
-            preset[key] = getattr(args, key)
+    # A flag given on the command line replaces the preset's value.
+    given = {
+        key: getattr(args, key)
+        for key in Preset.__annotations__
+        if getattr(args, key, None) is not None
+    }
+    # argparse's values are Any: the flags have the preset's types.
+    preset = cast(Preset, {**(_QUICK if args.quick else _FULL), **given})
     started = time.perf_counter()
     report: dict[str, Any] = {
         "machine": {
@@ -663,7 +680,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     processes: list[dict[str, Any]] = []
     report["processes"] = processes
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-secagg-")))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-secagg-")))
         new = None if args.code is None else stack.enter_context(benchlib.old_code(args.code))
         codes: list[tuple[str, Path | None]] = [("new", new)]
         if args.old_code is not None:
@@ -682,7 +699,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             what = "secure" if secure else "plain"
                             _progress(f"processes: n={n} d={d} {code} {what} (pair {pair})")
                             entry[what] = measure_processes(
-                                n, d, preset["rounds"], tmp / f"{code}-{pair}", secagg=secure,
+                                n, d, preset["rounds"], work / f"{code}-{pair}", secagg=secure,
                                 tree=tree, link=None if args.link is None else tuple(args.link),
                                 train_seconds=args.train_seconds,
                             )  # fmt: skip
