@@ -30,10 +30,10 @@ BIN = Path(sys.executable).parent
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with the most ``slow`` tests first, the rest after in their usual order.
 
-    ``make test`` hands whole files to two processes (``--dist loadfile
+    ``make test`` hands whole files to three processes (``--dist loadfile
     --no-loadscope-reorder``) in this order: the long federations start at once and the many
-    quick files fill the end, so neither process is left with one long file when the other
-    is done (xdist's own order, most tests first, started them last).
+    quick files fill the end, so no process is left with one long file when the others are
+    done (xdist's own order, most tests first, started them last).
     """
     slow: dict[Path, int] = {}
     for item in items:

@@ -102,7 +102,11 @@ class ForkedProcess:
     def send_signal(self, sig: int) -> None:
         # As Popen: nothing once the return code is known (the pid may be reused by then).
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            # It may end between the poll and the kill (its status reaches us through the
+            # zygote, a moment later): a signal to a process already gone is no error, as
+            # with Popen.send_signal.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
