@@ -27,6 +27,7 @@ from fedcore.secagg.client import ClientRules, ClientState, SecAggClient
 from fedcore.secagg.quantize import COUNT_WORDS
 from fedcore.secagg.server import SecAggServer
 from fedcore.secagg.setup import make_setup
+from fedcore.secagg.simulation import exchange_shares
 from fedcore.v1 import fedcore_pb2 as pb
 from fedcore.weights import Weights
 
@@ -45,14 +46,7 @@ def _ready_round() -> tuple[SecAggServer, dict[int, SecAggClient]]:
         for u in range(1, N + 1)
     }
     server = SecAggServer(setup, N, D + COUNT_WORDS, rng=random.Random(0))
-    for u, c in clients.items():
-        server.add_keys(u, c.advertise())
-    directories = server.close_keys()
-    for u, c in clients.items():
-        server.add_shares(u, c.share_keys(directories[u]))
-    inboxes = server.close_shares()
-    for u, c in clients.items():
-        c.receive_shares(inboxes[u])
+    exchange_shares(server, clients)
     return server, clients
 
 

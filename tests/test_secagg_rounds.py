@@ -14,7 +14,7 @@ from fedcore.errors import SecAggAbortedError, SecAggError, SecAggRefusedError
 from fedcore.secagg import ClientState, SecAggClient, SecAggParams, ServerState
 from fedcore.secagg.messages import EncryptedShare, UnmaskRequest
 from fedcore.secagg.setup import make_setup
-from fedcore.secagg.simulation import PHASES, Simulation
+from fedcore.secagg.simulation import PHASES, Simulation, exchange_shares
 
 D = 2_000
 
@@ -172,14 +172,8 @@ def _ready_clients(n: int = 4) -> tuple[dict[int, SecAggClient], object]:
     setup = make_setup(SecAggParams(), n, 100)
     clients = {u: SecAggClient(setup) for u in range(1, n + 1)}
     server = SecAggServer(setup, n, 10)
-    for u, c in clients.items():
-        server.add_keys(u, c.advertise())
-    directories = server.close_keys()
-    for u, c in clients.items():
-        server.add_shares(u, c.share_keys(directories[u]))
-    inboxes = server.close_shares()
-    for u, c in clients.items():
-        c.receive_shares(inboxes[u])
+    exchange_shares(server, clients)
+    for c in clients.values():
         c.mask(np.zeros(8), 5)
     return clients, server
 

@@ -20,7 +20,7 @@ from .server import AggregateResult, SecAggServer
 from .setup import make_setup
 from .shamir import SHARE_BYTES
 
-__all__ = ["PHASES", "Simulation", "make_identities"]
+__all__ = ["PHASES", "Simulation", "exchange_shares", "make_identities"]
 
 # Simulations explore any group and threshold (the protocol's maths); real workers enforce
 # the safe defaults of ClientRules.
@@ -35,6 +35,19 @@ def make_identities(names: Sequence[str]) -> dict[str, SiloIdentity]:
     keys = {name: generate_signing_key() for name in names}
     roster = Roster({name: fingerprint(raw_public(key)) for name, key in keys.items()})
     return {name: SiloIdentity(name, key, roster) for name, key in keys.items()}
+
+
+def exchange_shares(server: SecAggServer, clients: Mapping[int, SecAggClient]) -> None:
+    """Phases 1 and 2 in memory, every client present: the keys, the directory, the shares and
+    their relay. Each client is then ready to mask its input."""
+    for u, c in clients.items():
+        server.add_keys(u, c.advertise())
+    directories = server.close_keys()
+    for u, c in clients.items():
+        server.add_shares(u, c.share_keys(directories[u]))
+    inboxes = server.close_shares()
+    for u, c in clients.items():
+        c.receive_shares(inboxes[u])
 
 
 @dataclass

@@ -220,7 +220,7 @@ class Journal:
         self._held = 0
         self._last_owner: bytes | None = None
         self._file: SpillFile | None = None  # taken from the pool at the first spill
-        self._spilled: list[tuple[str, int, np.dtype[np.generic], int, int]] = []
+        self._spilled: list[tuple[str, int, np.dtype[np.generic], int]] = []
 
     @property
     def spilled_bytes(self) -> int:
@@ -242,15 +242,18 @@ class Journal:
             return
         if self._file is None:
             self._file = self._budget.pool.take()
-        offset = self._file.append(np.ascontiguousarray(values).data.cast("B"))
-        self._spilled.append((name, start, values.dtype, values.size, offset))
+        self._file.append(np.ascontiguousarray(values).data.cast("B"))
+        self._spilled.append((name, start, values.dtype, values.size))
 
     def replay(self) -> Iterator[Piece]:
         """Every piece appended (in no particular order: integer sums commute)."""
         yield from self._memory
         if self._file is not None:
-            for name, start, dtype, size, offset in self._spilled:
-                raw = self._file.read(offset, dtype.itemsize * size)
+            offset = 0  # the pieces lie one after another, from offset 0
+            for name, start, dtype, size in self._spilled:
+                nbytes = dtype.itemsize * size
+                raw = self._file.read(offset, nbytes)
+                offset += nbytes
                 yield name, start, np.frombuffer(raw, dtype=dtype)
 
     def close(self) -> None:

@@ -272,9 +272,8 @@ class SecAggCollector(FitCollector):
             self.results.clear()
             self.driver.abort(everyone, str(exc))
         finally:
-            # However the round ended (even cancelled), no model stays held.
-            for index in list(self._gates):
-                self._open(index)
+            # However the round ended (even cancelled), settle resolves every ticket, and a
+            # resolved ticket opens its gate (RoundContext.issue): no model stays held.
             self.settle(timeout)
 
     async def _run(self, everyone: list[int]) -> None:

@@ -9,8 +9,8 @@ proceed at once, no slot is taken, and an upload cut off or found bad part-way i
 out exactly; FedBuff's uploads likewise take no slot, each spooled to disk until it is
 folded (:mod:`..engine.fedbuff`). Otherwise payloads are staged whole in an *upload slot* (a
 semaphore): at most ``upload_slots`` updates are held in memory besides the running sum,
-whatever the number of workers. A slot is lost by an upload that stalls or trickles (see :meth:`Inbox.too_slow`),
-and given back the moment the upload's round ends (its ticket resolves): the rest of a late
+whatever the number of workers. A slot is lost by an upload that stalls or trickles (see
+:meth:`Inbox.too_slow`), and given back the moment the upload's round ends (its ticket resolves): the rest of a late
 upload is read and dropped (a late streamed upload likewise, once taken back out).
 """
 
